@@ -1,0 +1,313 @@
+"""Backbone factory: any timm model name, or ``torchvision:NAME``, as a frozen-able feature-map extractor.
+
+The preprocessing contract (input size, resize, interpolation, mean, std) is read from the backbone's own pretrained
+config, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from service.preprocess import PreprocessSpec
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+class BackboneError(RuntimeError):
+    """A backbone cannot be built as asked; the message says what to do instead."""
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """A content hash of a module's parameters and buffers, independent of how the weights were obtained."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(str(t.dtype).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load weights without unpickling code: safetensors, or ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"Weights file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(
+            f"Cannot read weights from {path}: {exc}. Give a state dict saved with torch.save or safetensors."
+        ) from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path} does not hold a state dict (a mapping of names to tensors).")
+    return state
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], classifier_prefixes: tuple[str, ...], path) -> None:
+    """Load ``state`` strictly, except that the classifier may be absent or of another size."""
+    own = model.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    filtered = {
+        k: v
+        for k, v in state.items()
+        if not (k.startswith(classifier_prefixes) and (k not in own or own[k].shape != v.shape))
+    }
+    result = model.load_state_dict(filtered, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(classifier_prefixes)]
+    if missing or result.unexpected_keys:
+        raise BackboneError(
+            f"Weights in {path} do not fit this architecture: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(result.unexpected_keys)} unexpected keys "
+            f"(e.g. {result.unexpected_keys[:3]}). Check --backbone matches the weights."
+        )
+
+
+class BatchNormFrozen(nn.Module):
+    """A backbone whose BatchNorm layers stay in eval mode even when the module is put in train mode.
+
+    A frozen (or partly unfrozen) pretrained backbone must keep its running statistics: small fine-tuning batches
+    would otherwise move them, and weights with folded BatchNorm (identity running stats) would be wrecked.
+    """
+
+    def __init__(self, body: nn.Module, forward_fn: str | None = None) -> None:
+        super().__init__()
+        self.body = body
+        self._forward_fn = forward_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = getattr(self.body, self._forward_fn) if self._forward_fn else self.body
+        return fn(x)
+
+    def train(self, mode: bool = True) -> BatchNormFrozen:
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+
+@dataclass
+class Backbone:
+    """A feature-map extractor and what travels with it."""
+
+    name: str
+    features: BatchNormFrozen  # normalised NCHW image -> NCHW feature map
+    num_features: int
+    stages: list[tuple[str, nn.Module]]  # ordered input -> output, for --unfreeze
+    preprocess: PreprocessSpec
+    weights: str  # "random", "pretrained:<source>", or a file path
+    weights_sha256: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def freeze(self, unfreeze_last: int = 0) -> list[str]:
+        """Freeze every parameter, then unfreeze the last ``unfreeze_last`` stages. Returns the unfrozen names."""
+        if unfreeze_last < 0 or unfreeze_last > len(self.stages):
+            raise BackboneError(
+                f"--unfreeze {unfreeze_last} is out of range: {self.name} has {len(self.stages)} stages "
+                f"({', '.join(n for n, _ in self.stages)})."
+            )
+        for p in self.features.parameters():
+            p.requires_grad_(False)
+        names = []
+        for stage_name, stage in self.stages[len(self.stages) - unfreeze_last :]:
+            for p in stage.parameters():
+                p.requires_grad_(True)
+            names.append(stage_name)
+        self.features.eval()
+        return names
+
+    def stage_state_dict(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of the named stages, keyed as in ``features.state_dict()``."""
+        modules = [m for n, m in self.stages if n in names]
+        ids = {id(t) for m in modules for t in (*m.parameters(), *m.buffers())}
+        named = (*self.features.named_parameters(), *self.features.named_buffers())
+        return {n: t.detach().clone() for n, t in named if id(t) in ids}
+
+
+def _offline_message(name: str, exc: Exception) -> str:
+    return (
+        f"Could not download pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
+        "If this machine is offline, pass --weights PATH with a local state dict for this architecture "
+        "(e.g. --backbone torchvision:mobilenet_v2 --weights ../shared/weights/mobilenet_v2_imagenet.pth), "
+        "or --no-pretrained to train from random weights (much lower accuracy)."
+    )
+
+
+def _sidecar_preprocess(weights: Path | None) -> dict | None:
+    """Preprocessing from a JSON file beside a local weights file (``weights.json``), if it has one."""
+    if weights is None:
+        return None
+    sidecar = weights.with_suffix(".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        pre = json.loads(sidecar.read_text()).get("preprocessing")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(pre, dict) or not {"mean", "std", "center_crop", "resize"} <= pre.keys():
+        return None
+    return {
+        "input_size": int(pre["center_crop"]),
+        "resize": int(pre["resize"]),
+        "interpolation": str(pre.get("interpolation", "bilinear")).lower(),
+        "mean": tuple(pre["mean"]),
+        "std": tuple(pre["std"]),
+    }
+
+
+def _build_torchvision(name: str, pretrained: bool, weights: Path | None):
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise BackboneError(
+            f"Invalid torchvision backbone {name!r}.{_suggest(name, available)} "
+            f"See torchvision.models.list_models() for the {len(available)} available."
+        )
+    model = torchvision.models.get_model(name, weights=None)
+    default = torchvision.models.get_model_weights(name).DEFAULT
+    source = "random"
+    if weights is not None:
+        _load_weights(model, load_state_dict_file(weights), ("fc.", "classifier.", "head.", "heads."), weights)
+        source = str(weights)
+    elif pretrained:
+        try:
+            model.load_state_dict(default.get_state_dict(progress=True, check_hash=True))
+        except Exception as exc:
+            raise BackboneError(_offline_message(f"torchvision:{name}", exc)) from exc
+        source = f"pretrained:torchvision:{default}"
+
+    transforms = default.transforms()
+    pre = _sidecar_preprocess(weights) or {
+        "input_size": int(transforms.crop_size[0]),
+        "resize": int(transforms.resize_size[0]),
+        "interpolation": transforms.interpolation.value,
+        "mean": tuple(transforms.mean),
+        "std": tuple(transforms.std),
+    }
+
+    if isinstance(getattr(model, "features", None), nn.Sequential):
+        body = model.features
+        stages = [(f"features.{i}", m) for i, m in enumerate(body)]
+    elif hasattr(model, "layer4"):
+        children = [(n, m) for n, m in model.named_children() if n not in ("avgpool", "fc")]
+        body = nn.Sequential(dict(children))  # type: ignore[arg-type]
+        stem = nn.Sequential(*[m for n, m in children if not n.startswith("layer")])
+        stages = [("stem", stem)] + [(n, m) for n, m in children if n.startswith("layer")]
+    else:
+        raise BackboneError(
+            f"torchvision:{name} has no convolutional feature map that headstart knows how to take "
+            "(it supports models with .features, such as mobilenet/efficientnet/convnext, and ResNet-style "
+            "models). Use a timm model name instead."
+        )
+    return BatchNormFrozen(body), stages, pre, source
+
+
+def _build_timm(name: str, pretrained: bool, weights: Path | None):
+    import timm
+    from timm.data import resolve_data_config
+
+    if not timm.is_model(name):
+        raise BackboneError(
+            f"Invalid backbone {name!r}: not a timm model name nor torchvision:NAME."
+            f"{_suggest(name, timm.list_models())} timm.list_models('*{name}*') lists similar names."
+        )
+    source = "random"
+    try:
+        model = timm.create_model(name, pretrained=pretrained and weights is None)
+    except Exception as exc:
+        if pretrained and weights is None:
+            raise BackboneError(_offline_message(name, exc)) from exc
+        raise
+    if pretrained and weights is None:
+        source = f"pretrained:timm:{model.pretrained_cfg.get('hf_hub_id') or name}"
+    if weights is not None:
+        classifier = model.pretrained_cfg.get("classifier", "fc")
+        prefixes = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
+        _load_weights(model, load_state_dict_file(weights), prefixes, weights)
+        source = str(weights)
+    model.reset_classifier(0, "")
+    cfg = resolve_data_config({}, model=model)
+    size = int(cfg["input_size"][-1])
+    pre = _sidecar_preprocess(weights) or {
+        "input_size": size,
+        "resize": int(math.floor(size / float(cfg.get("crop_pct", 0.875)))),
+        "interpolation": cfg.get("interpolation", "bilinear"),
+        "mean": tuple(cfg["mean"]),
+        "std": tuple(cfg["std"]),
+    }
+    stage_names = [info["module"] for info in getattr(model, "feature_info", [])]
+    stages = [(n, model.get_submodule(n)) for n in stage_names if n]
+    if not stages:
+        stages = [(n, m) for n, m in model.named_children()]
+    return BatchNormFrozen(model, "forward_features"), stages, pre, source
+
+
+def build_backbone(name: str = "resnet50", *, pretrained: bool = True, weights: str | Path | None = None) -> Backbone:
+    """Build a backbone that maps normalised images to a feature map.
+
+    ``name`` is a timm model name or ``torchvision:NAME``. ``weights`` is a local state dict (safetensors or a
+    torch.save'd dict of tensors) that replaces the download; ``pretrained=False`` leaves random weights.
+    """
+    weights_path = Path(weights) if weights else None
+    if name.startswith(TORCHVISION_PREFIX):
+        features, stages, pre, source = _build_torchvision(name[len(TORCHVISION_PREFIX) :], pretrained, weights_path)
+    else:
+        features, stages, pre, source = _build_timm(name, pretrained, weights_path)
+    if pre["interpolation"] not in ("nearest", "bilinear", "bicubic", "lanczos"):
+        pre["interpolation"] = "bilinear"
+    spec = PreprocessSpec(
+        input_size=pre["input_size"],
+        resize=max(pre["resize"], pre["input_size"]),
+        interpolation=pre["interpolation"],
+        mean=tuple(float(v) for v in pre["mean"]),
+        std=tuple(float(v) for v in pre["std"]),
+    )
+    features.eval()
+    with torch.no_grad():
+        probe = features(torch.zeros(1, 3, spec.input_size, spec.input_size))
+    if probe.ndim != 4:
+        raise BackboneError(
+            f"Backbone {name!r} gives features of shape {tuple(probe.shape)}, not a spatial feature map "
+            "(N, C, H, W). headstart needs a convolutional backbone (ResNet, MobileNet, EfficientNet, ConvNeXt...)."
+        )
+    for p in features.parameters():
+        p.requires_grad_(False)
+    return Backbone(
+        name=name,
+        features=features,
+        num_features=int(probe.shape[1]),
+        stages=stages,
+        preprocess=spec,
+        weights=source,
+        weights_sha256=state_dict_sha256(features),
+        extra={"feature_map": list(probe.shape[2:])},
+    )

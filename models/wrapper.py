@@ -1,0 +1,48 @@
+"""The whole classifier as one module: RGB pixels in [0, 255] → class probabilities and a spatial class map."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.heads import ClassifierHead
+
+
+class PixelNormalize(nn.Module):
+    """x in [0, 255] → (x / 255 - mean) / std, folded into one multiply-add so the exported graph stays tiny."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+class Classifier(nn.Module):
+    """normalise → backbone feature map → global average pool → head.
+
+    ``forward`` returns ``(probabilities (N, K), class_map (N, K, H, W))``: the class map holds per-cell
+    probabilities from the same head (class activation mapping), used by the localization endpoint.
+    """
+
+    def __init__(self, normalize: PixelNormalize, features: nn.Module, head: ClassifierHead) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.features = features
+        self.head = head
+
+    def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.features(self.normalize(pixels))
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.feature_map(pixels).mean(dim=(2, 3)))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.feature_map(pixels)
+        probs = torch.softmax(self.head(fmap.mean(dim=(2, 3))), dim=1)
+        class_map = torch.softmax(self.head.forward_map(fmap), dim=1)
+        return probs, class_map

@@ -1,0 +1,1 @@
+"""Training side of headstart: data checks, augmentation, feature cache, head training, evaluation, export, CLI."""

@@ -1,0 +1,146 @@
+"""The `headstart` command: train, evaluate, predict, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("headstart")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a new head on a frozen pretrained backbone",
+                       description="Train a classifier head on a frozen pretrained backbone from an image folder "
+                       "(one subfolder per class, optionally inside train/ val/ test/).")  # fmt: skip
+    p.add_argument("data_dir", help="image folder: one subfolder per class, optionally inside train/ and val/")
+    p.add_argument("--out", required=True, help="run directory to write")
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", default="resnet50", help="timm model name or torchvision:NAME (default resnet50)")
+    g.add_argument("--weights", help="local state dict (.pth/.safetensors) instead of downloading pretrained weights")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random backbone weights")
+    g.add_argument("--unfreeze", type=int, default=0, help="fine-tune the last N backbone stages afterwards")
+    g.add_argument("--finetune-epochs", type=int, default=5)
+    g.add_argument("--finetune-lr", type=float, default=1e-4, help="backbone learning rate (head gets 10x)")
+    g = p.add_argument_group("data and augmentation")
+    g.add_argument("--val-fraction", type=float, default=0.2, help="validation share when there is no val/ folder")
+    g.add_argument("--augment", default="heavy", choices=["none", "light", "heavy"])
+    g.add_argument("--views", type=int, default=8, help="augmented views per training image (features cached)")
+    g.add_argument("--cache-dir", help="feature cache (default $HEADSTART_CACHE or ~/.cache/headstart)")
+    g.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="for augmented training views; auto = bf16 where the CPU has bf16 units")
+    g = p.add_argument_group("head")
+    g.add_argument("--hidden", type=int, default=0, help="hidden layer width (0 = linear head)")
+    g.add_argument("--dropout", type=float, default=0.2)
+    g.add_argument("--activation", default="relu", choices=["relu", "leaky_relu"])
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--patience", type=int, default=10, help="early stopping on validation loss")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--class-weights", default="auto", choices=["auto", "on", "off"],
+                   help="class-weighted loss; auto = when classes are unbalanced (ratio > 1.5)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _cmd_train(args) -> int:
+    from training.train import TrainConfig, train
+
+    keys = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in keys})
+    train(cfg)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from training.data import scan_eval_folder
+    from training.evaluate import write_evaluation
+    from training.predict import predict_paths
+    from training.runs import load_run, write_json
+
+    run = load_run(args.run_dir, weights=args.weights)
+    report = scan_eval_folder(args.data_dir, run.labels)
+    log.info("%s", report.format())
+    samples = report.splits["eval"]
+    out = Path(args.out) if args.out else run.run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    probs = predict_paths(run.model, [s.path for s in samples], run.spec)
+    metrics = write_evaluation(out, probs, np.array([s.label for s in samples]), run.labels,
+                               [s.path for s in samples], run.spec)  # fmt: skip
+    metrics = {"split": str(Path(args.data_dir).resolve()), **metrics, "data": report.to_dict()}
+    write_json(out / "metrics.json", metrics)
+    summary = {k: metrics[k] for k in ("num_images", "accuracy", "macro_f1", "calibration_error")}
+    print(json.dumps({**summary, "out": str(out)}))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from service.preprocess import ImageError
+    from training.predict import predict_paths, top_k
+    from training.runs import load_run
+
+    run = load_run(args.model, weights=args.weights)
+    status = 0
+    for image in args.images:
+        try:
+            probs = predict_paths(run.model, [Path(image)], run.spec)[0]
+        except (ImageError, OSError) as exc:
+            print(json.dumps({"image": image, "error": str(exc)}))
+            status = 1
+            continue
+        print(json.dumps({"image": image, "predictions": top_k(probs, run.labels, args.top_k)}))
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headstart", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    p = sub.add_parser("evaluate", help="metrics and plots of a trained run on a labelled folder")
+    p.add_argument("run_dir")
+    p.add_argument("data_dir", help="labelled folder: one subfolder per class")
+    p.add_argument("--out", help="output folder (default RUN_DIR/eval)")
+    p.add_argument("--weights", help="backbone weights file, if it moved since training")
+    p = sub.add_parser("predict", help="top-k labels and scores as JSON lines")
+    p.add_argument("model", help="run directory")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--weights", help="backbone weights file, if it moved since training")
+    return parser
+
+
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)  # fmt: skip
+    from models.backbone import BackboneError
+    from training.data import DatasetError
+    from training.runs import RunError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (BackboneError, DatasetError, RunError, ValueError) as exc:
+        print(f"headstart {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"headstart {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

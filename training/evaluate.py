@@ -1,0 +1,165 @@
+"""Metrics and plots for a classifier's predictions: one implementation for training, `evaluate` and export."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from service.preprocess import PreprocessSpec, decode_image, resize_and_crop
+
+
+def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins (Guo et al. 2017)."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == targets
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        mask = (conf > lo) & (conf <= hi)
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
+    return float(ece)
+
+
+def compute_metrics(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str]) -> dict:
+    """accuracy, top-k, per-class precision/recall/F1, macro F1, log loss, calibration error, confusion matrix."""
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    k = len(labels)
+    n = len(targets)
+    if n == 0:
+        raise ValueError("No images to evaluate.")
+    pred = probs.argmax(axis=1)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (targets, pred), 1)
+    per_class = {}
+    f1s = []
+    for c, name in enumerate(labels):
+        tp = cm[c, c]
+        support = int(cm[c].sum())
+        predicted = int(cm[:, c].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {
+            "precision": float(precision),
+            "recall": float(recall),
+            "f1": float(f1),
+            "support": support,
+        }
+        if support:
+            f1s.append(f1)
+    ranks = np.argsort(-probs, axis=1)
+    metrics = {
+        "num_images": n,
+        "accuracy": float((pred == targets).mean()),
+        "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
+        "log_loss": float(-np.log(np.clip(probs[np.arange(n), targets], 1e-12, 1.0)).mean()),
+        "calibration_error": expected_calibration_error(probs, targets),
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+    }
+    for top in sorted({min(5, k), 3} - {1}):
+        if top < k:
+            metrics[f"top{top}_accuracy"] = float((ranks[:, :top] == targets[:, None]).any(axis=1).mean())
+    return metrics
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion_matrix(cm: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str = "") -> None:
+    plt = _plt()
+    cm = np.asarray(cm)
+    size = max(4.0, 0.5 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix")
+    thresh = cm.max() / 2 if cm.size else 0
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > thresh else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_training_curves(history: list[dict], path: Path) -> None:
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    for key, ax in (("loss", ax1), ("accuracy", ax2)):
+        for split in ("train", "val"):
+            values = [h.get(f"{split}_{key}") for h in history]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    phases = [h["epoch"] for h in history if h.get("phase") == "finetune"]
+    if phases:
+        for ax in (ax1, ax2):
+            ax.axvline(phases[0] - 0.5, color="gray", linestyle="--")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_worst_predictions(
+    paths: Sequence[Path],
+    probs: np.ndarray,
+    targets: np.ndarray,
+    labels: Sequence[str],
+    spec: PreprocessSpec,
+    path: Path,
+    max_images: int = 16,
+) -> int:
+    """Grid of the misclassified images with the most confident wrong predictions. Returns how many were drawn."""
+    plt = _plt()
+    pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(pred != targets)
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][:max_images]
+    cols = 4
+    rows = max(1, int(np.ceil(len(wrong) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), wrong, strict=False):
+        ax.imshow(resize_and_crop(decode_image(paths[i]), spec))
+        ax.set_title(
+            f"true {labels[targets[i]]}\npred {labels[pred[i]]} {probs[i, pred[i]]:.2f}", fontsize=9, color="darkred"
+        )
+    if not len(wrong):
+        axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return len(wrong)
+
+
+def write_evaluation(
+    out_dir: Path,
+    probs: np.ndarray,
+    targets: np.ndarray,
+    labels: Sequence[str],
+    paths: Sequence[Path],
+    spec: PreprocessSpec,
+    prefix: str = "",
+) -> dict:
+    """metrics + confusion matrix PNG + worst-predictions PNG into ``out_dir``; returns the metrics."""
+    metrics = compute_metrics(probs, targets, labels)
+    plot_confusion_matrix(metrics["confusion_matrix"], labels, out_dir / f"{prefix}confusion_matrix.png")
+    plot_worst_predictions(paths, probs, targets, labels, spec, out_dir / f"{prefix}worst_predictions.png")
+    return metrics

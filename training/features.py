@@ -1,0 +1,176 @@
+"""Feature extraction with an on-disk cache.
+
+A frozen backbone means every image's features can be computed once: K augmented views per training image plus the
+clean validation images. Each image's features are one ``.npy`` file keyed by a hash of everything that determines
+them (image bytes, backbone, weights, augmentation recipe, views, seed, precision), written atomically, so a changed
+input invalidates exactly what it should, an interrupted run resumes where it stopped, and a truncated file is
+detected and recomputed. Runs may share a cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from service.preprocess import PreprocessSpec, decode_image
+from training.augment import augmented_views
+from training.data import Sample
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("HEADSTART_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "headstart"
+    )
+    return Path(base) / "features"
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 units (AMX tiles or AVX-512 BF16), where bf16 convolutions run several times
+    faster than fp32 (measured 3-4x for MobileNetV2 here with channels_last)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    except OSError:
+        return False
+
+
+class FeatureCache:
+    """A directory of ``<key>.npy`` arrays with atomic writes and validation on read. ``root=None`` disables it."""
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = Path(root) if root is not None else None
+        self.recomputed_corrupt = 0
+
+    def _path(self, key: str) -> Path:
+        assert self.root is not None
+        return self.root / key[:2] / f"{key}.npy"
+
+    def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        if self.root is None:
+            return None
+        path = self._path(key)
+        if not path.exists():
+            return None
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if arr.shape != shape or arr.dtype != np.float32 or not np.isfinite(arr).all():
+                raise ValueError(f"shape {arr.shape} dtype {arr.dtype}, expected {shape} float32")
+            return arr
+        except (OSError, ValueError, EOFError) as exc:
+            log.warning("feature cache file %s is unreadable (%s); recomputing it", path, exc)
+            self.recomputed_corrupt += 1
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, key: str, arr: np.ndarray) -> None:
+        if self.root is None:
+            return
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def cache_namespace(**parts) -> str:
+    """Hash of everything besides the image that determines its features."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _item_key(namespace: str, sample: Sample, views: int, seed: int) -> str:
+    return hashlib.sha256(f"{namespace}:{sample.sha256}:{views}:{seed}".encode()).hexdigest()
+
+
+def _item_seed(seed: int, sample: Sample) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{sample.sha256}".encode()).digest()[:4], "little")
+
+
+def pooled_features_fn(model: torch.nn.Module, bf16: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """pixels (N, 3, S, S) float32 → pooled features (N, C) float32, channels_last, optional bf16 autocast."""
+    model = model.eval().to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def run(pixels: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(pixels).contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+        with ctx:
+            fmap = model(x)
+        return fmap.float().mean(dim=(2, 3)).numpy()
+
+    return run
+
+
+def extract_features(
+    run_model: Callable[[np.ndarray], np.ndarray],
+    samples: Sequence[Sample],
+    *,
+    spec: PreprocessSpec,
+    pipeline,
+    views: int,
+    num_features: int,
+    cache: FeatureCache,
+    namespace: str,
+    seed: int = 0,
+    batch_size: int = 64,
+    desc: str = "features",
+    progress: bool = True,
+) -> np.ndarray:
+    """Features (N, views, C) for ``samples``; cached per image. ``pipeline=None`` means eval preprocessing."""
+    out = np.empty((len(samples), views, num_features), np.float32)
+    todo: list[int] = []
+    for i, sample in enumerate(samples):
+        cached = cache.get(_item_key(namespace, sample, views, seed), (views, num_features))
+        if cached is None:
+            todo.append(i)
+        else:
+            out[i] = cached
+    if not todo:
+        return out
+
+    per_chunk = max(1, batch_size // views)
+    chunks = [todo[k : k + per_chunk] for k in range(0, len(todo), per_chunk)]
+
+    def prepare(chunk: list[int]) -> np.ndarray:
+        # decoding and augmentation release the GIL (PIL, OpenCV): run them beside the model
+        return np.concatenate(
+            [
+                augmented_views(decode_image(samples[i].path), pipeline, spec, views, _item_seed(seed, samples[i]))
+                for i in chunk
+            ]
+        )
+
+    bar = tqdm(total=len(todo) * views, desc=desc, unit="img", disable=not progress, leave=False)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(prepare, chunks[0])
+        for n, chunk in enumerate(chunks):
+            pixels = pending.result()
+            if n + 1 < len(chunks):
+                pending = pool.submit(prepare, chunks[n + 1])
+            feats = run_model(pixels).reshape(len(chunk), views, num_features)
+            for j, i in enumerate(chunk):
+                out[i] = feats[j]
+                cache.put(_item_key(namespace, samples[i], views, seed), feats[j])
+            bar.update(len(chunk) * views)
+    bar.close()
+    return out

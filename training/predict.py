@@ -1,0 +1,31 @@
+"""Batched inference of a torch Classifier on image files, through the serving preprocessing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import Classifier
+from service.preprocess import PreprocessSpec, decode_image, preprocess
+
+
+@torch.inference_mode()
+def predict_paths(
+    model: Classifier, paths: Sequence[Path], spec: PreprocessSpec, batch_size: int = 32
+) -> np.ndarray:
+    """Class probabilities (N, K) in fp32 for image files, preprocessed exactly as the service does."""
+    model.eval()
+    out = []
+    for start in range(0, len(paths), batch_size):
+        pixels = np.stack([preprocess(decode_image(p), spec) for p in paths[start : start + batch_size]])
+        out.append(torch.softmax(model.logits(torch.from_numpy(pixels)), dim=1).numpy())
+    k = model.head.cfg.num_classes
+    return np.concatenate(out) if out else np.zeros((0, k), np.float32)
+
+
+def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
+    order = np.argsort(-probs)[: max(1, min(k, len(labels)))]
+    return [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in order]

@@ -80,6 +80,8 @@ def _open(source: bytes | str | Path) -> Image.Image:
         fp = io.BytesIO(source)
     else:
         fp = Path(source)
+        if not fp.is_file():
+            raise ImageError(f"{fp} does not exist or is not a file.")
     try:
         with warnings.catch_warnings():
             # PIL warns (instead of raising) between MAX_IMAGE_PIXELS and twice that; we check ourselves below.
@@ -92,7 +94,7 @@ def _open(source: bytes | str | Path) -> Image.Image:
             "The data is not an image format that can be read (JPEG, PNG, GIF, BMP, TIFF, WebP are)."
         ) from exc
     except OSError as exc:
-        raise ImageError(f"The image cannot be opened: {exc}.") from exc
+        raise ImageError(f"The image is corrupt or truncated and cannot be opened: {exc}.") from exc
     return img
 
 
@@ -110,7 +112,9 @@ def decode_image(source: bytes | str | Path, *, max_pixels: int = MAX_IMAGE_PIXE
             "Downscale it before sending."
         )
     if min(width, height) < MIN_IMAGE_SIDE:
-        raise ImageError(f"The image is {width}x{height}; each side must be at least {MIN_IMAGE_SIDE} pixels.")
+        raise ImageError(
+            f"The image is {width}x{height}; each side must be at least {MIN_IMAGE_SIDE} pixels."
+        )
     try:
         if getattr(img, "is_animated", False):
             img.seek(0)
@@ -164,6 +168,8 @@ def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
 
 def preprocess_batch(images: list[Image.Image], spec: PreprocessSpec) -> np.ndarray:
-    return np.stack([preprocess(img, spec) for img in images]) if images else np.zeros(
-        (0, 3, spec.input_size, spec.input_size), np.float32
+    return (
+        np.stack([preprocess(img, spec) for img in images])
+        if images
+        else np.zeros((0, 3, spec.input_size, spec.input_size), np.float32)
     )

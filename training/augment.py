@@ -41,12 +41,23 @@ def build_augmentation(preset: str, spec: PreprocessSpec) -> A.Compose | None:
         transforms = [
             A.RandomResizedCrop(size=size, scale=(0.25, 1.0), interpolation=interp),
             A.HorizontalFlip(p=0.5),
-            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-15, 15), shear=(-5, 5),
-                     interpolation=interp, p=0.5),
+            A.Affine(
+                scale=(0.9, 1.1),
+                translate_percent=(-0.05, 0.05),
+                rotate=(-15, 15),
+                shear=(-5, 5),
+                interpolation=interp,
+                p=0.5,
+            ),
             A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.8),
             A.OneOf([A.GaussianBlur(blur_limit=(3, 7)), A.GaussNoise(std_range=(0.02, 0.08))], p=0.3),
-            A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.05, 0.2), hole_width_range=(0.05, 0.2),
-                            fill=0, p=0.3),
+            A.CoarseDropout(
+                num_holes_range=(1, 3),
+                hole_height_range=(0.05, 0.2),
+                hole_width_range=(0.05, 0.2),
+                fill=0,
+                p=0.3,
+            ),
         ]
     return A.Compose(transforms)
 

@@ -15,23 +15,37 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a new head on a frozen pretrained backbone",
                        description="Train a classifier head on a frozen pretrained backbone from an image folder "
                        "(one subfolder per class, optionally inside train/ val/ test/).")  # fmt: skip
-    p.add_argument("data_dir", help="image folder: one subfolder per class, optionally inside train/ and val/")
+    p.add_argument(
+        "data_dir", help="image folder: one subfolder per class, optionally inside train/ and val/"
+    )
     p.add_argument("--out", required=True, help="run directory to write")
     g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", default="resnet50", help="timm model name or torchvision:NAME (default resnet50)")
-    g.add_argument("--weights", help="local state dict (.pth/.safetensors) instead of downloading pretrained weights")
+    g.add_argument(
+        "--backbone", default="resnet50", help="timm model name or torchvision:NAME (default resnet50)"
+    )
+    g.add_argument(
+        "--weights", help="local state dict (.pth/.safetensors) instead of downloading pretrained weights"
+    )
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random backbone weights")
     g.add_argument("--unfreeze", type=int, default=0, help="fine-tune the last N backbone stages afterwards")
     g.add_argument("--finetune-epochs", type=int, default=5)
     g.add_argument("--finetune-lr", type=float, default=1e-4, help="backbone learning rate (head gets 10x)")
     g = p.add_argument_group("data and augmentation")
-    g.add_argument("--val-fraction", type=float, default=0.2, help="validation share when there is no val/ folder")
+    g.add_argument(
+        "--val-fraction", type=float, default=0.2, help="validation share when there is no val/ folder"
+    )
     g.add_argument("--augment", default="heavy", choices=["none", "light", "heavy"])
-    g.add_argument("--views", type=int, default=8, help="augmented views per training image (features cached)")
+    g.add_argument(
+        "--views", type=int, default=8, help="augmented views per training image (features cached)"
+    )
     g.add_argument("--cache-dir", help="feature cache (default $HEADSTART_CACHE or ~/.cache/headstart)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="for augmented training views; auto = bf16 where the CPU has bf16 units")
+    g.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="for augmented training views; auto = bf16 where the CPU has bf16 units",
+    )
     g = p.add_argument_group("head")
     g.add_argument("--hidden", type=int, default=0, help="hidden layer width (0 = linear head)")
     g.add_argument("--dropout", type=float, default=0.2)
@@ -43,8 +57,12 @@ def _add_train(sub) -> None:
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--class-weights", default="auto", choices=["auto", "on", "off"],
-                   help="class-weighted loss; auto = when classes are unbalanced (ratio > 1.5)")
+    g.add_argument(
+        "--class-weights",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="class-weighted loss; auto = when classes are unbalanced (ratio > 1.5)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -67,7 +67,9 @@ class DatasetReport:
         width = max(len(x) for x in self.labels) + 2
         lines.append("  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits))
         for label in self.labels:
-            lines.append("  " + label.ljust(width) + "".join(str(counts[s].get(label, 0)).rjust(8) for s in splits))
+            lines.append(
+                "  " + label.ljust(width) + "".join(str(counts[s].get(label, 0)).rjust(8) for s in splits)
+            )
         lines.append("  " + "total".ljust(width) + "".join(str(len(self.splits[s])).rjust(8) for s in splits))
         if self.ignored:
             lines.append(f"  ignored {len(self.ignored)} files that are not images:")
@@ -93,7 +95,9 @@ def _check_file(path: Path) -> tuple[str, str]:
 
 
 def _list_class_dirs(folder: Path) -> list[Path]:
-    return sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+    return sorted(
+        (d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name
+    )
 
 
 def _list_files(class_dir: Path) -> list[Path]:
@@ -110,27 +114,35 @@ def _check_tree(
     ignored = [(str(p), r) for p, (status, r) in results.items() if status == "ignored"]
     corrupt = [(str(p), r) for p, (status, r) in results.items() if status == "corrupt"]
     good = {
-        split: {c: [(p, results[p][1]) for p in paths if results[p][0] == "ok"] for c, paths in per_class.items()}
+        split: {
+            c: [(p, results[p][1]) for p in paths if results[p][0] == "ok"] for c, paths in per_class.items()
+        }
         for split, per_class in files.items()
     }
     return good, ignored, corrupt
 
 
 def scan_image_folder(
-    root: str | Path, *, val_fraction: float = 0.2, seed: int = 0, labels: list[str] | None = None, workers: int = 4
+    root: str | Path,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    labels: list[str] | None = None,
+    workers: int = 4,
 ) -> DatasetReport:
     """Discover, check and split an image-folder data set. ``labels`` fixes the label order (e.g. a trained run's)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"Data folder {root} does not exist or is not a folder.")
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
-    if split_dirs and "train" not in split_dirs and labels is None:
+    if split_dirs and "train" not in split_dirs:
         raise DatasetError(f"{root} has {sorted(split_dirs)} folders but no train/ folder. Add train/.")
     if not split_dirs:
         split_dirs = {"all": root}
 
     files: dict[str, dict[str, list[Path]]] = {
-        split: {d.name: _list_files(d) for d in _list_class_dirs(folder)} for split, folder in split_dirs.items()
+        split: {d.name: _list_files(d) for d in _list_class_dirs(folder)}
+        for split, folder in split_dirs.items()
     }
     if not any(files.values()):
         raise DatasetError(
@@ -144,7 +156,9 @@ def scan_image_folder(
     if labels is None:
         labels = sorted(c for c, items in good[train_key].items() if items)
         if len(labels) < 2:
-            raise DatasetError(f"Found {len(labels)} class(es) with images in {root}; a classifier needs at least 2.")
+            raise DatasetError(
+                f"Found {len(labels)} class(es) with images in {root}; a classifier needs at least 2."
+            )
         for split, per_class in good.items():
             extra = sorted(c for c, items in per_class.items() if items and c not in labels)
             if extra:
@@ -169,44 +183,48 @@ def scan_image_folder(
     def samples(per_class: dict[str, list[tuple[Path, str]]]) -> list[Sample]:
         return [Sample(p, index[c], h) for c, items in per_class.items() if c in index for p, h in items]
 
-    if "all" in good:
+    split_from = "all" if "all" in good else ("train" if "val" not in good else None)
+    if split_from:
         if not 0.0 < val_fraction < 1.0:
             raise DatasetError(f"--val-fraction must be between 0 and 1, got {val_fraction}.")
         rng = random.Random(seed)
         train, val = [], []
         for c in labels:
-            items = sorted(good["all"].get(c, []))
+            items = sorted(good[split_from].get(c, []))
             rng.shuffle(items)
             n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction)))
             val += [Sample(p, index[c], h) for p, h in items[:n_val]]
             train += [Sample(p, index[c], h) for p, h in items[n_val:]]
         splits = {"train": train, "val": val}
-        split_source = f"random stratified split, seed={seed}, val_fraction={val_fraction}"
+        if "test" in good:
+            splits["test"] = samples(good["test"])
+        where = "" if split_from == "all" else " of train/ (no val/ folder)"
+        split_source = f"random stratified split{where}, seed={seed}, val_fraction={val_fraction}"
     else:
         splits = {s: samples(good[s]) for s in SPLITS if s in good}
         split_source = "train/val folders"
-        if "val" not in splits:
-            warnings.append("no val/ folder: validation metrics will be missing.")
-        else:
-            missing = [labels[k] for k in range(len(labels)) if not any(s.label == k for s in splits["val"])]
-            if missing and "train" in splits:
-                warnings.append(f"classes {missing} have no validation images; their metrics are undefined.")
+        missing = [labels[k] for k in range(len(labels)) if not any(s.label == k for s in splits["val"])]
+        if missing:
+            warnings.append(f"classes {missing} have no validation images; their metrics are undefined.")
 
     duplicates: list[tuple[str, str]] = []
-    if "train" in splits:
-        train_hashes = {s.sha256: s.path for s in splits["train"]}
-        for split in ("val", "test"):
-            for s in splits.get(split, []):
-                if s.sha256 in train_hashes:
-                    duplicates.append((str(train_hashes[s.sha256]), str(s.path)))
-        if duplicates:
-            warnings.append(
-                f"{len(duplicates)} images appear in train and in val/test (identical bytes): a leak that inflates "
-                "validation accuracy. Remove them from one side: " + "; ".join(f"{a} == {b}" for a, b in duplicates[:5])
-            )
-        counts = Counter(s.label for s in splits["train"])
-        if counts and max(counts.values()) > 1.5 * min(counts.get(k, 0) for k in range(len(labels))):
-            warnings.append("classes are unbalanced in train: " + ", ".join(f"{labels[k]}={counts[k]}" for k in range(len(labels))))
+    train_hashes = {s.sha256: s.path for s in splits["train"]}
+    for split in ("val", "test"):
+        for s in splits.get(split, []):
+            if s.sha256 in train_hashes:
+                duplicates.append((str(train_hashes[s.sha256]), str(s.path)))
+    if duplicates:
+        warnings.append(
+            f"{len(duplicates)} images appear in train and in val/test (identical bytes): a leak that inflates "
+            "validation accuracy. Remove them from one side: "
+            + "; ".join(f"{a} == {b}" for a, b in duplicates[:5])
+        )
+    counts = Counter(s.label for s in splits["train"])
+    if counts and max(counts.values()) > 1.5 * min(counts.get(k, 0) for k in range(len(labels))):
+        warnings.append(
+            "classes are unbalanced in train: "
+            + ", ".join(f"{labels[k]}={counts[k]}" for k in range(len(labels)))
+        )
     if corrupt:
         warnings.append(f"{len(corrupt)} corrupt images were skipped (listed above).")
 
@@ -233,4 +251,6 @@ def scan_eval_folder(root: str | Path, labels: list[str], workers: int = 4) -> D
     if not samples:
         raise DatasetError(f"{root} has no readable images.")
     warnings = [f"{len(corrupt)} corrupt images were skipped (listed above)."] if corrupt else []
-    return DatasetReport(root, list(labels), {"eval": samples}, "evaluation folder", ignored, corrupt, [], warnings)
+    return DatasetReport(
+        root, list(labels), {"eval": samples}, "evaluation folder", ignored, corrupt, [], warnings
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int
     correct = probs.argmax(axis=1) == targets
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         mask = (conf > lo) & (conf <= hi)
         if mask.any():
             ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
@@ -76,7 +77,9 @@ def _plt():
     return plt
 
 
-def plot_confusion_matrix(cm: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str = "") -> None:
+def plot_confusion_matrix(
+    cm: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str = ""
+) -> None:
     plt = _plt()
     cm = np.asarray(cm)
     size = max(4.0, 0.5 * len(labels) + 2)
@@ -139,7 +142,9 @@ def plot_worst_predictions(
     for ax, i in zip(axes.ravel(), wrong, strict=False):
         ax.imshow(resize_and_crop(decode_image(paths[i]), spec))
         ax.set_title(
-            f"true {labels[targets[i]]}\npred {labels[pred[i]]} {probs[i, pred[i]]:.2f}", fontsize=9, color="darkred"
+            f"true {labels[targets[i]]}\npred {labels[pred[i]]} {probs[i, pred[i]]:.2f}",
+            fontsize=9,
+            color="darkred",
         )
     if not len(wrong):
         axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")

@@ -155,7 +155,9 @@ def extract_features(
         # decoding and augmentation release the GIL (PIL, OpenCV): run them beside the model
         return np.concatenate(
             [
-                augmented_views(decode_image(samples[i].path), pipeline, spec, views, _item_seed(seed, samples[i]))
+                augmented_views(
+                    decode_image(samples[i].path), pipeline, spec, views, _item_seed(seed, samples[i])
+                )
                 for i in chunk
             ]
         )

@@ -68,7 +68,9 @@ def save_torch(path: Path, obj) -> None:
         raise
 
 
-def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     from safetensors.torch import save
 
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
@@ -93,7 +95,9 @@ class LoadedRun:
 
 def check_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
-        raise RunError(f"Run directory {run_dir} does not exist. Train one with: headstart train DATA_DIR --out {run_dir}")
+        raise RunError(
+            f"Run directory {run_dir} does not exist. Train one with: headstart train DATA_DIR --out {run_dir}"
+        )
     missing = [f for f in REQUIRED if not (run_dir / f).is_file()]
     if missing:
         raise RunError(
@@ -115,16 +119,20 @@ def load_run(run_dir: str | Path, weights: str | Path | None = None) -> LoadedRu
         backbone = build_backbone(bb["name"], pretrained=bb["pretrained"], weights=weights)
     except BackboneError as exc:
         raise RunError(f"Cannot rebuild the backbone of {run_dir}: {exc}") from exc
-    if bb.get("weights_sha256") and backbone.weights_sha256 != bb["weights_sha256"]:
+    random_init = not bb["pretrained"] and not weights
+    if not random_init and bb.get("weights_sha256") and backbone.weights_sha256 != bb["weights_sha256"]:
         raise RunError(
             f"The backbone weights differ from the ones this run was trained with (sha256 "
             f"{backbone.weights_sha256[:12]} != {bb['weights_sha256'][:12]}). Pass the original file with --weights."
         )
-    if (run_dir / BACKBONE_TAIL).is_file():
-        tail = load_safetensors(run_dir / BACKBONE_TAIL)
-        result = backbone.features.load_state_dict(tail, strict=False)
+    tail_path = run_dir / BACKBONE_TAIL
+    if random_init and not tail_path.is_file():
+        raise RunError(f"{run_dir} was trained from random backbone weights but {BACKBONE_TAIL} is missing.")
+    if tail_path.is_file():
+        tail = load_safetensors(tail_path)
+        result = backbone.features.load_state_dict(tail, strict=random_init)
         if result.unexpected_keys:
-            raise RunError(f"{run_dir / BACKBONE_TAIL} has keys the backbone lacks: {result.unexpected_keys[:3]}")
+            raise RunError(f"{tail_path} has keys the backbone lacks: {result.unexpected_keys[:3]}")
     head = ClassifierHead(HeadConfig(**config["head"]))
     head.load_state_dict(load_safetensors(run_dir / HEAD))
     model = Classifier(PixelNormalize(spec.mean, spec.std), backbone.features, head).eval()

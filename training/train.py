@@ -94,7 +94,11 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
         if cfg.overwrite:
             shutil.rmtree(run_dir)
         elif cfg.resume:
-            old = yaml.safe_load((run_dir / runs.CONFIG).read_text()) if (run_dir / runs.CONFIG).exists() else None
+            old = (
+                yaml.safe_load((run_dir / runs.CONFIG).read_text())
+                if (run_dir / runs.CONFIG).exists()
+                else None
+            )
             if old is not None:
                 changed = {
                     k: (old["options"].get(k), getattr(cfg, k))
@@ -117,7 +121,11 @@ def _class_weights(train_labels: np.ndarray, num_classes: int, mode: str) -> tup
     counts = np.bincount(train_labels, minlength=num_classes).astype(np.float64)
     imbalance = float(counts.max() / max(counts.min(), 1))
     use = mode == "on" or (mode == "auto" and imbalance > 1.5)
-    info = {"counts": counts.astype(int).tolist(), "imbalance_ratio": round(imbalance, 3), "weighted_loss": use}
+    info = {
+        "counts": counts.astype(int).tolist(),
+        "imbalance_ratio": round(imbalance, 3),
+        "weighted_loss": use,
+    }
     if not use:
         return None, info
     weights = counts.sum() / (num_classes * np.maximum(counts, 1))
@@ -157,8 +165,14 @@ def fit_head(
             state = ck["state"]
             log.info("resuming head training after epoch %d", state["epoch"])
     n = len(train_y)
-    bar = tqdm(total=cfg.epochs, initial=state["epoch"], desc="train head", unit="epoch", disable=not cfg.progress,
-               leave=False)
+    bar = tqdm(
+        total=cfg.epochs,
+        initial=state["epoch"],
+        desc="train head",
+        unit="epoch",
+        disable=not cfg.progress,
+        leave=False,
+    )
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         head.train()
         perm = torch.randperm(n, generator=gen)
@@ -249,8 +263,12 @@ def finetune(
         perm = torch.randperm(len(train), generator=gen).tolist()
         total, seen = 0.0, 0
         bs = min(32, cfg.batch_size)
-        bar = tqdm(range(0, len(perm), bs), desc=f"finetune {state['epoch'] + 1}/{cfg.finetune_epochs}",
-                   disable=not cfg.progress, leave=False)
+        bar = tqdm(
+            range(0, len(perm), bs),
+            desc=f"finetune {state['epoch'] + 1}/{cfg.finetune_epochs}",
+            disable=not cfg.progress,
+            leave=False,
+        )
         for start in bar:
             idx = perm[start : start + bs]
             pixels = np.concatenate([
@@ -401,6 +419,9 @@ def train(cfg: TrainConfig) -> Path:
         )  # fmt: skip
         history += ft_history
         runs.save_safetensors(run_dir / runs.BACKBONE_TAIL, backbone.stage_state_dict(unfrozen))
+    if not cfg.pretrained and not cfg.weights:
+        # random weights cannot be rebuilt later: keep the whole backbone with the run
+        runs.save_safetensors(run_dir / runs.BACKBONE_TAIL, backbone.features.state_dict())
 
     # 4. evaluation on validation images
     model = Classifier(PixelNormalize(spec.mean, spec.std), backbone.features, head).eval()
@@ -441,4 +462,3 @@ def train(cfg: TrainConfig) -> Path:
         metrics["calibration_error"], run_dir,
     )  # fmt: skip
     return run_dir
-

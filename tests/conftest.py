@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("HEADSTART_SHARED", ROOT.parent / "shared"))
+HYMENOPTERA = SHARED / "data" / "hymenoptera"
+COCO128 = SHARED / "data" / "coco128"
+MOBILENET = SHARED / "weights" / "mobilenet_v2_imagenet.pth"
+PHOTOS = SHARED / "photos"
+
+# A tiny timm test model with random weights: fast enough for many small end-to-end runs.
+TINY_BACKBONE = ["--backbone", "test_resnet", "--no-pretrained"]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tests
+
+
+def require_shared() -> None:
+    if not MOBILENET.exists() or not HYMENOPTERA.exists():
+        pytest.fail(f"shared assets not found at {SHARED}; clone with ../shared beside the repository")
+
+
+def synthetic_image(label: int, rng: np.random.Generator, size: int = 96) -> Image.Image:
+    """Class 0: a red square, class 1: a blue disc, class 2: a green bar, on noisy grey, at random places."""
+    img = rng.integers(90, 160, size=(size, size, 3), dtype=np.uint8)
+    s = size // 3
+    x, y = rng.integers(0, size - s, size=2)
+    if label == 0:
+        img[y : y + s, x : x + s] = (220, 30, 30)
+    elif label == 1:
+        yy, xx = np.mgrid[:size, :size]
+        img[(yy - y - s // 2) ** 2 + (xx - x - s // 2) ** 2 < (s // 2) ** 2] = (30, 30, 220)
+    else:
+        img[y : y + s // 3, :] = (30, 200, 30)
+    return Image.fromarray(img)
+
+
+def make_image_folder(
+    root: Path, per_class: dict[str, int], seed: int = 0, splits: dict[str, float] | None = None
+) -> Path:
+    """Class-per-subfolder JPEGs; with ``splits`` (e.g. {"train": .7, "val": .3}) inside split folders."""
+    rng = np.random.default_rng(seed)
+    for label, (name, count) in enumerate(per_class.items()):
+        for i in range(count):
+            if splits:
+                split = "train" if i < round(count * splits["train"]) else "val"
+                folder = root / split / name
+            else:
+                folder = root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            synthetic_image(label, rng).save(folder / f"{name}_{i:03d}.jpg", quality=92)
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "data", {"red": 16, "blue": 16}, splits={"train": 0.75, "val": 0.25})
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"

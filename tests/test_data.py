@@ -1,0 +1,115 @@
+"""Data-set checks before training: splits, corrupt files, non-images, leaks, bad layouts."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.data import DatasetError, scan_eval_folder, scan_image_folder
+
+from .conftest import HYMENOPTERA, make_image_folder
+
+
+def test_real_folder_layout_counts_gif_and_space():
+    report = scan_image_folder(HYMENOPTERA)
+    assert report.labels == ["ants", "bees"]
+    assert report.counts() == {"train": {"ants": 124, "bees": 121}, "val": {"ants": 70, "bees": 83}}
+    names = {s.path.name for s in report.splits["train"]}
+    assert "ant photos.jpg" in names  # file name with a space
+    assert any(s.path.suffix == ".gif" for split in report.splits.values() for s in split)
+    assert not report.corrupt and not report.ignored
+
+
+def test_random_split_is_stratified_and_reproducible(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"a": 20, "b": 10})
+    r1 = scan_image_folder(root, val_fraction=0.2, seed=3)
+    r2 = scan_image_folder(root, val_fraction=0.2, seed=3)
+    r3 = scan_image_folder(root, val_fraction=0.2, seed=4)
+    assert r1.counts() == {"train": {"a": 16, "b": 8}, "val": {"a": 4, "b": 2}}
+    assert [s.path for s in r1.splits["val"]] == [s.path for s in r2.splits["val"]]
+    assert [s.path for s in r1.splits["val"]] != [s.path for s in r3.splits["val"]]
+    assert "random stratified split" in r1.split_source
+
+
+def test_train_without_val_is_split(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"a": 10, "b": 10})
+    shutil.move(str(root), str(tmp_path / "train"))
+    (tmp_path / "d").mkdir()
+    shutil.move(str(tmp_path / "train"), str(tmp_path / "d" / "train"))
+    report = scan_image_folder(tmp_path / "d", val_fraction=0.3)
+    assert report.counts()["val"] == {"a": 3, "b": 3}
+    assert "no val/ folder" in report.split_source
+
+
+def test_corrupt_non_image_and_odd_modes(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"a": 6, "b": 6}, splits={"train": 0.5, "val": 0.5})
+    (root / "train" / "a" / "notes.txt").write_text("not an image")
+    (root / "train" / "a" / ".DS_Store").write_bytes(b"\0\1")
+    good = (root / "train" / "a" / "a_000.jpg").read_bytes()
+    (root / "train" / "a" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "train" / "b" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 50)
+    (root / "train" / "b" / "empty.jpg").write_bytes(b"")
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(arr).convert("P").save(root / "train" / "b" / "palette.png")
+    Image.fromarray(arr).convert("CMYK").save(root / "train" / "b" / "cmyk.jpg")
+    Image.fromarray(arr).convert("RGBA").save(root / "train" / "b" / "rgba.png")
+    Image.fromarray(arr[..., 0].astype(np.uint16) * 257).save(root / "train" / "b" / "sixteen.png")
+    report = scan_image_folder(root)
+    corrupt = {p.split("/")[-1] for p, _ in report.corrupt}
+    assert corrupt == {"truncated.jpg", "garbage.png", "empty.jpg"}
+    assert [p.split("/")[-1] for p, _ in report.ignored] == ["notes.txt"]
+    assert report.counts()["train"] == {"a": 3, "b": 7}
+    text = report.format()
+    assert "truncated.jpg" in text and "notes.txt" in text and "corrupt" in text
+
+
+def test_duplicate_across_train_and_val_is_a_warning(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"a": 6, "b": 6}, splits={"train": 0.5, "val": 0.5})
+    shutil.copy(root / "train" / "a" / "a_000.jpg", root / "val" / "a" / "copy.jpg")
+    report = scan_image_folder(root)
+    assert len(report.duplicates) == 1
+    assert any("leak" in w for w in report.warnings)
+
+
+def test_class_only_in_val_is_an_error(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"a": 6, "b": 6}, splits={"train": 0.5, "val": 0.5})
+    make_image_folder(tmp_path / "extra", {"c": 2})
+    shutil.copytree(tmp_path / "extra" / "c", root / "val" / "c")
+    with pytest.raises(DatasetError, match=r"\['c'\].*none in train"):
+        scan_image_folder(root)
+
+
+def test_class_with_one_image_is_an_error(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"a": 6, "lonely": 1})
+    with pytest.raises(DatasetError, match="lonely.*fewer than 2"):
+        scan_image_folder(root)
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "No class folders"),
+        (lambda p: (p / "val" / "a").mkdir(parents=True), "no train/"),
+        (lambda p: make_image_folder(p, {"only": 4}), "at least 2"),
+    ],
+    ids=["missing", "empty", "no-train", "one-class"],
+)
+def test_bad_layouts(tmp_path, setup, message):
+    root = tmp_path / "d"
+    setup(root)
+    with pytest.raises(DatasetError, match=message):
+        scan_image_folder(root)
+
+
+def test_eval_folder_uses_model_labels(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"b": 3})
+    report = scan_eval_folder(root, ["a", "b"])
+    assert {s.label for s in report.splits["eval"]} == {1}
+    make_image_folder(tmp_path / "d", {"zebra": 2})
+    with pytest.raises(DatasetError, match="zebra"):
+        scan_eval_folder(root, ["a", "b"])

@@ -1,0 +1,235 @@
+"""`headstart train/evaluate/predict` end to end on small synthetic folders, plus the real hymenoptera check."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models import build_backbone
+from models.backbone import BackboneError
+from training import runs
+from training.cli import main
+from training.features import FeatureCache
+from training.runs import RunError, load_run
+from training.train import TrainConfig, train
+
+from .conftest import HYMENOPTERA, MOBILENET, PHOTOS, make_image_folder, require_shared
+
+
+def tiny_config(data, out, cache, **kw) -> TrainConfig:
+    defaults = dict(backbone="test_resnet", pretrained=False, views=3, epochs=30, patience=30, progress=False,
+                    batch_size=8, lr=1e-2)  # fmt: skip
+    return TrainConfig(data_dir=str(data), out=str(out), cache_dir=str(cache), **{**defaults, **kw})
+
+
+def head_tensors(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / runs.HEAD))
+
+
+def test_train_writes_a_complete_run(tiny_folder, tmp_path, cache_dir):
+    run_dir = train(tiny_config(tiny_folder, tmp_path / "run", cache_dir))
+    for name in (*runs.REQUIRED, "augmentation.json", "data_report.json", "history.json"):
+        assert (run_dir / name).is_file(), name
+    for png in ("confusion_matrix.png", "training_curves.png", "worst_predictions.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["accuracy"] >= 0.75  # colour shapes are separable even with random features
+    assert set(metrics["per_class"]) == {"blue", "red"}
+    assert {"precision", "recall", "f1", "support"} <= set(metrics["per_class"]["red"])
+    assert 0 <= metrics["calibration_error"] <= 1
+    assert json.loads((run_dir / "labels.json").read_text()) == ["blue", "red"]
+    aug = json.loads((run_dir / "augmentation.json").read_text())
+    assert aug["preset"] == "heavy" and "RandomResizedCrop" in json.dumps(aug["pipeline"])
+    assert not (run_dir / runs.CHECKPOINT).exists()
+
+
+def test_same_seed_same_result_and_cache_reuse(tiny_folder, tmp_path, cache_dir):
+    a = train(tiny_config(tiny_folder, tmp_path / "a", cache_dir))
+    files = sorted(cache_dir.rglob("*.npy"))
+    assert len(files) == 32  # 24 train images (3 views each, one file) + 8 val images
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    b = train(tiny_config(tiny_folder, tmp_path / "b", cache_dir))
+    assert [f.stat().st_mtime_ns for f in files] == mtimes  # nothing recomputed
+    for key, value in head_tensors(a).items():
+        assert torch.equal(value, head_tensors(b)[key])
+
+
+def test_cache_invalidation_on_changed_image_and_recipe(tiny_folder, tmp_path, cache_dir):
+    train(tiny_config(tiny_folder, tmp_path / "a", cache_dir))
+    before = {f.name for f in cache_dir.rglob("*.npy")}
+    victim = tiny_folder / "train" / "red" / "red_000.jpg"
+    make_image_folder(tmp_path / "other", {"x": 1}, seed=9)
+    victim.write_bytes((tmp_path / "other" / "x" / "x_000.jpg").read_bytes())
+    train(tiny_config(tiny_folder, tmp_path / "b", cache_dir))
+    after = {f.name for f in cache_dir.rglob("*.npy")}
+    assert len(after - before) == 1  # exactly the changed image
+    train(tiny_config(tiny_folder, tmp_path / "c", cache_dir, augment="light"))
+    assert len({f.name for f in cache_dir.rglob("*.npy")} - after) == 24  # new recipe: train views only
+
+
+def test_truncated_cache_file_is_recomputed(tiny_folder, tmp_path, cache_dir):
+    a = train(tiny_config(tiny_folder, tmp_path / "a", cache_dir))
+    for f in sorted(cache_dir.rglob("*.npy"))[:3]:
+        f.write_bytes(f.read_bytes()[:100])
+    b = train(tiny_config(tiny_folder, tmp_path / "b", cache_dir))
+    assert json.loads((b / "metrics.json").read_text())["training"]["feature_cache_recomputed_corrupt"] == 3
+    for key, value in head_tensors(a).items():
+        assert torch.equal(value, head_tensors(b)[key])
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def interrupt_after(monkeypatch, target, name, calls):
+    original = getattr(target, name)
+    count = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise Interrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, wrapper)
+
+
+@pytest.mark.parametrize("where", ["features", "head"])
+def test_resume_after_interruption_gives_the_same_result(where, tiny_folder, tmp_path, monkeypatch):
+    reference = train(tiny_config(tiny_folder, tmp_path / "ref", tmp_path / "cache_ref"))
+    cfg = tiny_config(tiny_folder, tmp_path / "run", tmp_path / "cache")
+    with monkeypatch.context() as m:
+        if where == "features":
+            interrupt_after(m, FeatureCache, "put", 10)
+        else:
+            interrupt_after(m, runs, "save_torch", 7)
+        with pytest.raises(Interrupt):
+            train(cfg)
+    assert not (tmp_path / "run" / runs.DONE).exists()
+    if where == "head":
+        assert (tmp_path / "run" / runs.CHECKPOINT).exists()
+    with pytest.raises(RunError, match="--resume"):
+        train(cfg)
+    cfg.resume = True
+    train(cfg)
+    for key, value in head_tensors(reference).items():
+        assert torch.equal(value, head_tensors(tmp_path / "run")[key]), key
+    ref_hist = json.loads((reference / "history.json").read_text())
+    assert json.loads((tmp_path / "run" / "history.json").read_text()) == ref_hist
+
+
+def test_resume_refuses_changed_options(tiny_folder, tmp_path, cache_dir):
+    train(tiny_config(tiny_folder, tmp_path / "run", cache_dir))
+    with pytest.raises(RunError, match="lr"):
+        train(tiny_config(tiny_folder, tmp_path / "run", cache_dir, lr=0.1, resume=True))
+
+
+def test_class_weights_when_unbalanced(tmp_path, cache_dir):
+    data = make_image_folder(tmp_path / "d", {"many": 30, "few": 8})
+    run_dir = train(tiny_config(data, tmp_path / "run", cache_dir, views=1, augment="none"))
+    info = json.loads((run_dir / "metrics.json").read_text())["training"]["class_weights"]
+    assert info["weighted_loss"] is True and info["weights"][0] > info["weights"][1]  # "few" sorts first
+
+
+def test_hidden_head_unfreeze_and_reload(tiny_folder, tmp_path, cache_dir):
+    cfg = tiny_config(tiny_folder, tmp_path / "run", cache_dir, hidden=16, activation="leaky_relu", unfreeze=1,
+                      finetune_epochs=2)  # fmt: skip
+    run_dir = train(cfg)
+    assert (run_dir / runs.BACKBONE_TAIL).is_file()
+    run = load_run(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["training"]["finetune"]["unfrozen_stages"] == ["layer4"]
+    # the reloaded model reproduces the run's validation accuracy
+    from training.predict import predict_paths
+
+    val = sorted((tiny_folder / "val").rglob("*.jpg"))
+    probs = predict_paths(run.model, val, run.spec)
+    targets = np.array([run.labels.index(p.parent.name) for p in val])
+    assert (probs.argmax(1) == targets).mean() == pytest.approx(metrics["accuracy"])
+
+
+def test_backbone_batchnorm_stays_in_eval_mode():
+    bb = build_backbone("test_resnet", pretrained=False)
+    bb.freeze(2)
+    bb.features.train()
+    bns = [m for m in bb.features.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and not any(m.training for m in bns)
+    before = [m.running_mean.clone() for m in bns]
+    bb.features(torch.randn(4, 3, 64, 64) * 5 + 3)
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns, strict=True))
+    trainable = {n.split(".")[1] for n, p in bb.features.named_parameters() if p.requires_grad}
+    assert trainable == {"layer3", "layer4"}
+
+
+def test_backbone_errors(monkeypatch, tmp_path):
+    with pytest.raises(BackboneError, match="resnet50"):
+        build_backbone("resnt50", pretrained=False)
+    from torchvision.models._api import WeightsEnum
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(BackboneError, match="--weights PATH.*--no-pretrained"):
+        build_backbone("torchvision:mobilenet_v2")
+    bad = tmp_path / "bad.pth"
+    torch.save({"features.0.weight": torch.zeros(3)}, bad)
+    with pytest.raises(BackboneError, match="do not fit"):
+        build_backbone("torchvision:mobilenet_v2", weights=bad)
+    with pytest.raises(BackboneError, match="vit_b_16 has no convolutional feature map"):
+        build_backbone("torchvision:vit_b_16", pretrained=False)
+    with pytest.raises(BackboneError, match="not a spatial feature map"):
+        build_backbone("test_vit", pretrained=False)
+
+
+def test_cli_errors_are_clear(tiny_folder, tmp_path, capsys):
+    assert main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), "--backbone", "test_resnet",
+                 "--no-pretrained"]) == 2  # fmt: skip
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "nothing"), "x.jpg"]) == 2
+    assert "headstart train" in capsys.readouterr().err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.yaml").write_text("{}")
+    assert main(["evaluate", str(tmp_path / "half"), str(tiny_folder / "val")]) == 2
+    assert "incomplete" in capsys.readouterr().err
+
+
+def test_cli_train_evaluate_predict(tiny_folder, tmp_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    args = ["train", str(tiny_folder), "--out", str(out), "--backbone", "test_resnet", "--no-pretrained",
+            "--views", "2", "--cache-dir", str(cache_dir), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), str(tiny_folder / "val"), "--out", str(tmp_path / "ev")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_images"] == 8 and (tmp_path / "ev" / "confusion_matrix.png").is_file()
+    image = next((tiny_folder / "val" / "red").glob("*.jpg"))
+    assert main(["predict", str(out), str(image), str(tmp_path / "nope.jpg"), "--top-k", "2"]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["label"] for p in lines[0]["predictions"]] and len(lines[0]["predictions"]) == 2
+    assert sum(p["score"] for p in lines[0]["predictions"]) == pytest.approx(1.0, abs=1e-5)
+    assert "does not exist" in lines[1]["error"]
+
+
+@pytest.mark.slow
+def test_hymenoptera_with_shared_mobilenet_reaches_093(tmp_path):
+    """The real check: real photos, real pretrained features, default recipe."""
+    require_shared()
+    cfg = TrainConfig(data_dir=str(HYMENOPTERA), out=str(tmp_path / "run"), backbone="torchvision:mobilenet_v2",
+                      weights=str(MOBILENET), cache_dir=str(tmp_path / "cache"), progress=False)  # fmt: skip
+    run_dir = train(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["num_images"] == 153
+    assert metrics["accuracy"] >= 0.93, metrics["accuracy"]
+    preprocess = json.loads((run_dir / "preprocess.json").read_text())
+    assert preprocess["resize"] == 256 and preprocess["input_size"] == 224  # from the weights' own config
+    run = load_run(run_dir)
+    from training.predict import predict_paths
+
+    probs = predict_paths(run.model, [PHOTOS / "cat.bmp"], run.spec)
+    assert probs.shape == (1, 2) and np.isclose(probs.sum(), 1.0, atol=1e-5)

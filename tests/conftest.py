@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ PHOTOS = SHARED / "photos"
 TINY_BACKBONE = ["--backbone", "test_resnet", "--no-pretrained"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tests
+# a private BentoML model store for the test session (set before bentoml is first imported)
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="headstart-tests-bentoml-")
 
 
 def require_shared() -> None:
@@ -65,3 +68,27 @@ def tiny_folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_run(tmp_path_factory) -> Path:
+    """The real end-to-end run: hymenoptera + the shared ImageNet MobileNetV2, default recipe (about 30 s)."""
+    require_shared()
+    from training.train import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("hymenoptera")
+    cfg = TrainConfig(data_dir=str(HYMENOPTERA), out=str(tmp / "run"), backbone="torchvision:mobilenet_v2",
+                      weights=str(MOBILENET), cache_dir=str(tmp / "cache"), progress=False)  # fmt: skip
+    return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A small trained run on synthetic images with the tiny random backbone."""
+    from training.train import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    data = make_image_folder(tmp / "data", {"red": 16, "blue": 16}, splits={"train": 0.75, "val": 0.25})
+    cfg = TrainConfig(data_dir=str(data), out=str(tmp / "run"), backbone="test_resnet", pretrained=False, views=2,
+                      epochs=20, batch_size=8, lr=1e-2, cache_dir=str(tmp / "cache"), progress=False)  # fmt: skip
+    return train(cfg)

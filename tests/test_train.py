@@ -18,7 +18,7 @@ from training.features import FeatureCache
 from training.runs import RunError, load_run
 from training.train import TrainConfig, train
 
-from .conftest import HYMENOPTERA, MOBILENET, PHOTOS, make_image_folder, require_shared
+from .conftest import PHOTOS, make_image_folder
 
 
 def tiny_config(data, out, cache, **kw) -> TrainConfig:
@@ -217,18 +217,14 @@ def test_cli_train_evaluate_predict(tiny_folder, tmp_path, cache_dir, capsys):
 
 
 @pytest.mark.slow
-def test_hymenoptera_with_shared_mobilenet_reaches_093(tmp_path):
+def test_hymenoptera_with_shared_mobilenet_reaches_093(hymenoptera_run):
     """The real check: real photos, real pretrained features, default recipe."""
-    require_shared()
-    cfg = TrainConfig(data_dir=str(HYMENOPTERA), out=str(tmp_path / "run"), backbone="torchvision:mobilenet_v2",
-                      weights=str(MOBILENET), cache_dir=str(tmp_path / "cache"), progress=False)  # fmt: skip
-    run_dir = train(cfg)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((hymenoptera_run / "metrics.json").read_text())
     assert metrics["num_images"] == 153
     assert metrics["accuracy"] >= 0.93, metrics["accuracy"]
-    preprocess = json.loads((run_dir / "preprocess.json").read_text())
+    preprocess = json.loads((hymenoptera_run / "preprocess.json").read_text())
     assert preprocess["resize"] == 256 and preprocess["input_size"] == 224  # from the weights' own config
-    run = load_run(run_dir)
+    run = load_run(hymenoptera_run)
     from training.predict import predict_paths
 
     probs = predict_paths(run.model, [PHOTOS / "cat.bmp"], run.spec)

@@ -104,21 +104,51 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from service.preprocess import ImageError
-    from training.predict import predict_paths, top_k
-    from training.runs import load_run
+    """Predict with a run directory (PyTorch), or a bundle directory / model-store tag (ONNX Runtime)."""
+    from service.preprocess import ImageError, decode_image
 
-    run = load_run(args.model, weights=args.weights)
+    model_ref = Path(args.model)
+    if (model_ref / "config.yaml").is_file():
+        from service.inference import top_k
+        from training.predict import predict_paths
+        from training.runs import load_run
+
+        run = load_run(model_ref, weights=args.weights)
+
+        def classify(path: Path) -> list[dict]:
+            return top_k(predict_paths(run.model, [path], run.spec)[0], run.labels, args.top_k)
+    else:
+        from service.bundle import load_bundle
+        from service.inference import classify_images
+
+        bundle = load_bundle(args.model, variant=args.variant, device=args.device)
+
+        def classify(path: Path) -> list[dict]:
+            return classify_images(bundle, [decode_image(path)], args.top_k)[0]
+
     status = 0
     for image in args.images:
         try:
-            probs = predict_paths(run.model, [Path(image)], run.spec)[0]
+            predictions = classify(Path(image))
         except (ImageError, OSError) as exc:
             print(json.dumps({"image": image, "error": str(exc)}))
             status = 1
             continue
-        print(json.dumps({"image": image, "predictions": top_k(probs, run.labels, args.top_k)}))
+        print(json.dumps({"image": image, "predictions": predictions}))
     return status
+
+
+def _cmd_export(args) -> int:
+    from training.export import export_bundle
+
+    result = export_bundle(
+        args.run_dir, args.out, int8=args.int8, force=args.force, name=args.name, store=args.store,
+        weights=args.weights,
+    )  # fmt: skip
+    m = result.manifest
+    print(json.dumps({"bundle": str(result.bundle_dir), "tag": result.tag, "verification": m["verification"],
+                      "int8": m["int8"]}))  # fmt: skip
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,14 +162,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default RUN_DIR/eval)")
     p.add_argument("--weights", help="backbone weights file, if it moved since training")
     p = sub.add_parser("predict", help="top-k labels and scores as JSON lines")
-    p.add_argument("model", help="run directory")
+    p.add_argument("model", help="run directory, bundle directory, or model-store tag NAME[:VERSION]")
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--weights", help="backbone weights file, if it moved since training (run directories)")
+    p.add_argument("--variant", default="fp32", choices=["fp32", "int8"], help="bundle model to use")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime device")
+    p = sub.add_parser("export", help="verified ONNX bundle (+ int8), imported into the BentoML model store")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="bundle directory (default RUN_DIR/bundle)")
+    p.add_argument(
+        "--int8", action="store_true", help="also a static int8 model, calibrated on training images"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="keep the int8 model even if it loses > 1 accuracy point"
+    )
+    p.add_argument("--name", help="model name in the store (default: the run directory's name)")
+    p.add_argument(
+        "--no-store", dest="store", action="store_false", help="do not import into the BentoML store"
+    )
     p.add_argument("--weights", help="backbone weights file, if it moved since training")
     return parser
 
 
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,12 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
                         stream=sys.stderr)  # fmt: skip
     from models.backbone import BackboneError
+    from service.bundle import BundleError
     from training.data import DatasetError
+    from training.export import ExportError
     from training.runs import RunError
 
     try:
         return COMMANDS[args.command](args)
-    except (BackboneError, DatasetError, RunError, ValueError) as exc:
+    except (BackboneError, BundleError, DatasetError, ExportError, RunError, ValueError) as exc:
         print(f"headstart {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,8 +15,6 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -107,16 +105,37 @@ def _item_seed(seed: int, sample: Sample) -> int:
 
 
 def pooled_features_fn(model: torch.nn.Module, bf16: bool) -> Callable[[np.ndarray], np.ndarray]:
-    """pixels (N, 3, S, S) float32 → pooled features (N, C) float32, channels_last, optional bf16 autocast."""
-    model = model.eval().to(memory_format=torch.channels_last)
+    """pixels (N, 3, S, S) float32 → pooled features (N, C) float32.
+
+    The frozen backbone is traced and frozen with TorchScript (conv/BatchNorm folding, oneDNN fusion) in
+    channels_last; with ``bf16`` its weights are cast to bfloat16. Measured on this 2-core CPU for MobileNetV2:
+    eager fp32 58 img/s, frozen fp32 122, autocast bf16 160, frozen bf16 248. If tracing fails (an unusual model),
+    the eager model is used.
+    """
+    import copy
+    import warnings
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    net = copy.deepcopy(model).eval().to(dtype=dtype, memory_format=torch.channels_last)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    run_net: Callable = net
+    example = torch.zeros(2, 3, 64, 64, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.freeze(torch.jit.trace(net, example, check_trace=False))
+            if not bf16:
+                traced = torch.jit.optimize_for_inference(traced)
+            traced(example)
+            run_net = traced
+    except Exception as exc:
+        log.debug("TorchScript tracing failed (%s); using the eager backbone", exc)
 
     @torch.inference_mode()
     def run(pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(pixels).contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-        with ctx:
-            fmap = model(x)
-        return fmap.float().mean(dim=(2, 3)).numpy()
+        x = torch.from_numpy(pixels).to(dtype).contiguous(memory_format=torch.channels_last)
+        return run_net(x).float().mean(dim=(2, 3)).numpy()
 
     return run
 
@@ -149,30 +168,22 @@ def extract_features(
         return out
 
     per_chunk = max(1, batch_size // views)
-    chunks = [todo[k : k + per_chunk] for k in range(0, len(todo), per_chunk)]
-
-    def prepare(chunk: list[int]) -> np.ndarray:
-        # decoding and augmentation release the GIL (PIL, OpenCV): run them beside the model
-        return np.concatenate(
-            [
-                augmented_views(
-                    decode_image(samples[i].path), pipeline, spec, views, _item_seed(seed, samples[i])
-                )
-                for i in chunk
-            ]
-        )
-
     bar = tqdm(total=len(todo) * views, desc=desc, unit="img", disable=not progress, leave=False)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(prepare, chunks[0])
-        for n, chunk in enumerate(chunks):
-            pixels = pending.result()
-            if n + 1 < len(chunks):
-                pending = pool.submit(prepare, chunks[n + 1])
-            feats = run_model(pixels).reshape(len(chunk), views, num_features)
-            for j, i in enumerate(chunk):
-                out[i] = feats[j]
-                cache.put(_item_key(namespace, samples[i], views, seed), feats[j])
-            bar.update(len(chunk) * views)
+    # Decoding and augmentation run in line with the model: on 2 cores a prefetch thread only competes with
+    # torch's own threads (measured: no faster).
+    for start in range(0, len(todo), per_chunk):
+        chunk = todo[start : start + per_chunk]
+        pixels = np.concatenate([
+            augmented_views(decode_image(samples[i].path), pipeline, spec, views, _item_seed(seed, samples[i]))
+            for i in chunk
+        ])  # fmt: skip
+        feats = np.concatenate(
+            [run_model(pixels[k : k + batch_size]) for k in range(0, len(pixels), batch_size)]
+        )
+        feats = feats.reshape(len(chunk), views, num_features)
+        for j, i in enumerate(chunk):
+            out[i] = feats[j]
+            cache.put(_item_key(namespace, samples[i], views, seed), feats[j])
+        bar.update(len(chunk) * views)
     bar.close()
     return out

@@ -24,8 +24,3 @@ def predict_paths(
         out.append(torch.softmax(model.logits(torch.from_numpy(pixels)), dim=1).numpy())
     k = model.head.cfg.num_classes
     return np.concatenate(out) if out else np.zeros((0, k), np.float32)
-
-
-def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
-    order = np.argsort(-probs)[: max(1, min(k, len(labels)))]
-    return [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in order]

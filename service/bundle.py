@@ -1,0 +1,217 @@
+"""The exported bundle: ``model.onnx`` (+ ``model.int8.onnx``) and ``manifest.json``, loaded for ONNX Runtime.
+
+Torch-free. A bundle is refused unless every file matches the manifest's sha256, the manifest embedded in the ONNX
+file equals the one beside it, and the label count matches the model's output shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FP32 = "model.onnx"
+MODEL_INT8 = "model.int8.onnx"
+METADATA_KEY = "headstart_manifest"
+#: Fields of manifest.json that are not embedded in the ONNX file (a file cannot contain its own hash).
+EXTERNAL_ONLY = ("files",)
+_TAG = re.compile(r"^[a-z0-9][a-z0-9_.-]*(:[a-z0-9][a-z0-9_.-]*)?$")
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, tampered with or inconsistent; the message says which file and what to do."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def embedded_view(manifest: dict) -> dict:
+    """The part of a manifest that is embedded in the ONNX file's metadata."""
+    return {k: v for k, v in manifest.items() if k not in EXTERNAL_ONLY}
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def choose_providers(device: str = "auto") -> list[str]:
+    """ONNX Runtime providers for ``device`` in auto | cpu | cuda. ``cuda`` fails loudly when it cannot be used."""
+    available = available_providers()
+    if device not in ("auto", "cpu", "cuda"):
+        raise BundleError(f"Invalid device {device!r}. Use auto, cpu or cuda.")
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise BundleError(
+                "A GPU was requested (device=cuda) but ONNX Runtime's CUDA provider is not available "
+                f"(available: {available}). Install onnxruntime-gpu with a matching CUDA, or use device=cpu."
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+@dataclass
+class Bundle:
+    """A verified bundle with an ONNX Runtime session."""
+
+    path: Path
+    manifest: dict
+    session: object
+    variant: str  # "fp32" or "int8"
+    providers: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest["labels"]
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.manifest["preprocess"])
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """pixels (N, 3, S, S) float32 in [0, 255] → (probabilities (N, K), class map (N, K, H, W))."""
+        probs, class_map = self.session.run(None, {self.manifest["input"]["name"]: pixels})
+        return probs, class_map
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        return self.session.run(
+            [self.manifest["outputs"][0]["name"]], {self.manifest["input"]["name"]: pixels}
+        )[0]
+
+
+def read_manifest(bundle_dir: Path) -> dict:
+    path = bundle_dir / MANIFEST
+    if not path.is_file():
+        raise BundleError(
+            f"{bundle_dir} is not a headstart bundle: {MANIFEST} is missing. Create one with headstart export."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc}); re-export the bundle.") from exc
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(
+            f"{path} has schema_version {manifest.get('schema_version') if isinstance(manifest, dict) else None}; "
+            f"this headstart reads version {SCHEMA_VERSION}. Re-export the bundle with this version."
+        )
+    return manifest
+
+
+def verify_files(bundle_dir: Path, manifest: dict) -> None:
+    files = manifest.get("files") or {}
+    if MODEL_FP32 not in files:
+        raise BundleError(f"{bundle_dir / MANIFEST} lists no {MODEL_FP32}; re-export the bundle.")
+    for name, expected in files.items():
+        path = bundle_dir / name
+        if Path(name).name != name:
+            raise BundleError(f"{bundle_dir / MANIFEST} names a file outside the bundle: {name!r}.")
+        if not path.is_file():
+            raise BundleError(f"{path} is missing from the bundle; re-export it.")
+        actual = sha256_file(path)
+        if actual != expected["sha256"]:
+            raise BundleError(
+                f"{path} does not match its manifest (sha256 {actual[:12]}... != {expected['sha256'][:12]}...): "
+                "the file was modified or corrupted. Re-export the bundle; do not serve it."
+            )
+
+
+def resolve_bundle_path(ref: str | Path) -> Path:
+    """A bundle directory, or a BentoML model-store tag (``name`` or ``name:version``) → its directory."""
+    path = Path(ref)
+    if path.is_dir():
+        return path
+    text = str(ref)
+    if not _TAG.match(text):
+        raise BundleError(
+            f"{text!r} is neither a bundle directory nor a valid model tag (name[:version], lower-case letters, "
+            "digits, '-', '_' and '.')."
+        )
+    try:
+        import bentoml
+        from bentoml.exceptions import NotFound
+    except ImportError as exc:
+        raise BundleError(
+            f"{text!r} is not a directory, and bentoml is not installed to look it up as a tag."
+        ) from exc
+    try:
+        return Path(bentoml.models.get(text).path)
+    except NotFound as exc:
+        raise BundleError(
+            f"No model {text!r} in the BentoML model store ({os.environ.get('BENTOML_HOME', '~/bentoml')}). "
+            "List models with: bentoml models list"
+        ) from exc
+
+
+def load_bundle(
+    ref: str | Path, *, variant: str = "fp32", device: str = "auto", threads: int | None = None
+) -> Bundle:
+    """Load and verify a bundle (directory or store tag) into an ONNX Runtime session."""
+    import onnxruntime as ort
+
+    bundle_dir = resolve_bundle_path(ref)
+    manifest = read_manifest(bundle_dir)
+    verify_files(bundle_dir, manifest)
+    filename = {"fp32": MODEL_FP32, "int8": MODEL_INT8}.get(variant)
+    if filename is None:
+        raise BundleError(f"Invalid variant {variant!r}. Use fp32 or int8.")
+    if filename not in manifest["files"]:
+        raise BundleError(f"{bundle_dir} has no int8 model; export with --int8 or use the fp32 variant.")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = choose_providers(device)
+    try:
+        session = ort.InferenceSession(str(bundle_dir / filename), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise BundleError(f"ONNX Runtime cannot load {bundle_dir / filename}: {exc}") from exc
+    in_use = session.get_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in in_use:
+        raise BundleError(f"device=cuda was requested but ONNX Runtime runs on {in_use}.")
+    embedded = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if embedded is None:
+        raise BundleError(f"{bundle_dir / filename} carries no embedded manifest; re-export the bundle.")
+    if json.loads(embedded) != embedded_view(manifest):
+        raise BundleError(
+            f"The manifest embedded in {bundle_dir / filename} differs from {bundle_dir / MANIFEST}; "
+            "the bundle was edited by hand. Re-export it."
+        )
+    outputs = session.get_outputs()
+    num_classes = outputs[0].shape[-1]
+    if isinstance(num_classes, int) and num_classes != len(manifest["labels"]):
+        raise BundleError(
+            f"{bundle_dir / filename} outputs {num_classes} classes but the manifest has "
+            f"{len(manifest['labels'])} labels. Re-export the bundle."
+        )
+    log.info(
+        "loaded %s:%s (%s) from %s on %s", manifest["name"], manifest["version"], variant, bundle_dir, in_use
+    )
+    return Bundle(bundle_dir, manifest, session, variant, in_use)

@@ -1,0 +1,26 @@
+"""Classification through a verified bundle: the same code for `headstart predict` and the HTTP service."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from service.bundle import Bundle
+from service.preprocess import preprocess
+
+
+def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
+    """The ``k`` best classes of one probability vector as ``{"label", "index", "score"}``, best first."""
+    order = np.argsort(-probs, kind="stable")[: max(1, min(k, len(labels)))]
+    return [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in order]
+
+
+def classify_images(bundle: Bundle, images: Sequence[Image.Image], k: int = 5) -> list[list[dict]]:
+    """Top-k predictions for decoded RGB images, one list per image."""
+    if not images:
+        return []
+    spec = bundle.spec
+    probs = bundle.predict(np.stack([preprocess(img, spec) for img in images]))
+    return [top_k(p, bundle.labels, k) for p in probs]

@@ -1,0 +1,196 @@
+"""`headstart export`: verified, self-describing bundles; tamper detection; int8; the BentoML model store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from service.bundle import BundleError, embedded_view, load_bundle
+from service.inference import classify_images
+from service.preprocess import decode_image
+from training.cli import main
+from training.export import ExportError, export_bundle
+from training.predict import predict_paths
+from training.runs import RunError, load_run
+
+from .conftest import HYMENOPTERA, PHOTOS
+
+REAL_IMAGES = [
+    *sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:4],
+    *sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[:4],
+    PHOTOS / "cat.bmp",
+    PHOTOS / "hot_dog.jpg",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    return export_bundle(tiny_run, out, name="tiny-test")
+
+
+def test_bundle_layout_and_manifest(tiny_bundle, tiny_run):
+    files = {p.name for p in tiny_bundle.bundle_dir.iterdir()}
+    assert files == {"model.onnx", "manifest.json"}
+    manifest = json.loads((tiny_bundle.bundle_dir / "manifest.json").read_text())
+    assert manifest["labels"] == ["blue", "red"]
+    assert manifest["task"] == "classify" and manifest["schema_version"] == 1
+    assert manifest["preprocess"] == json.loads((tiny_run / "preprocess.json").read_text())
+    assert manifest["backbone"]["weights_sha256"]
+    assert manifest["verification"]["top1_agreement"] == 1.0
+    assert manifest["files"]["model.onnx"]["sha256"]
+    # the same manifest (less the file hashes, which cannot live inside the file they hash) is in the ONNX file
+    model = onnx.load(str(tiny_bundle.bundle_dir / "model.onnx"))
+    embedded = {p.key: p.value for p in model.metadata_props}["headstart_manifest"]
+    assert json.loads(embedded) == embedded_view(manifest)
+    onnx.checker.check_model(model)
+    # dynamic batch axis, pixels in, probabilities and class map out
+    assert model.graph.input[0].name == "pixels"
+    assert [o.name for o in model.graph.output] == ["probabilities", "class_map"]
+
+
+def test_onnx_matches_pytorch_on_real_images(tiny_bundle, tiny_run):
+    run = load_run(tiny_run)
+    bundle = load_bundle(tiny_bundle.bundle_dir, device="cpu")
+    torch_probs = predict_paths(run.model, REAL_IMAGES, run.spec)
+    for batch in (1, len(REAL_IMAGES)):  # dynamic batch
+        preds = [p for i in range(0, len(REAL_IMAGES), batch)
+                 for p in classify_images(bundle, [decode_image(x) for x in REAL_IMAGES[i : i + batch]], k=2)]  # fmt: skip
+        onnx_probs = np.array(
+            [[next(p["score"] for p in ps if p["index"] == k) for k in range(2)] for ps in preds]
+        )
+        assert np.abs(onnx_probs - torch_probs).max() < 1e-4
+        assert (onnx_probs.argmax(1) == torch_probs.argmax(1)).all()
+    probs, class_map = bundle.run(np.zeros((3, 3, run.spec.input_size, run.spec.input_size), np.float32))
+    assert probs.shape == (3, 2) and class_map.shape[:2] == (3, 2)
+    assert np.allclose(class_map.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_bundle_is_in_the_model_store(tiny_bundle):
+    import bentoml
+
+    assert tiny_bundle.tag.startswith("tiny-test:")
+    tags = [str(m.tag) for m in bentoml.models.list()]
+    assert tiny_bundle.tag in tags
+    stored = bentoml.models.get(tiny_bundle.tag)
+    assert stored.info.metadata["labels"] == ["blue", "red"]
+    bundle = load_bundle(tiny_bundle.tag, device="cpu")  # by tag, verified like a directory
+    assert bundle.version == tiny_bundle.manifest["version"]
+    assert load_bundle("tiny-test", device="cpu").version  # latest version by name
+
+
+def test_predict_cli_same_answers_for_run_bundle_and_tag(tiny_bundle, tiny_run, capsys):
+    images = [str(p) for p in REAL_IMAGES[:3]]
+    answers = []
+    for ref in (str(tiny_run), str(tiny_bundle.bundle_dir), tiny_bundle.tag):
+        assert main(["predict", ref, *images, "--top-k", "2"]) == 0
+        answers.append([json.loads(line)["predictions"] for line in capsys.readouterr().out.splitlines()])
+    for other in answers[1:]:
+        for a, b in zip(answers[0], other, strict=True):
+            assert [p["label"] for p in a] == [p["label"] for p in b]
+            assert np.allclose([p["score"] for p in a], [p["score"] for p in b], atol=1e-4)
+
+
+def copy_bundle(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tampered_bundles_are_refused(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle.bundle_dir, tmp_path / "flip")
+    data = bytearray((b / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (b / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model.onnx does not match its manifest"):
+        load_bundle(b)
+
+    b = copy_bundle(tiny_bundle.bundle_dir, tmp_path / "labels")
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["labels"] = ["cat", "dog"]
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="differs from"):
+        load_bundle(b)
+
+    b = copy_bundle(tiny_bundle.bundle_dir, tmp_path / "nomanifest")
+    (b / "manifest.json").unlink()
+    with pytest.raises(BundleError, match=r"manifest.json is missing"):
+        load_bundle(b)
+
+    b = copy_bundle(tiny_bundle.bundle_dir, tmp_path / "badjson")
+    (b / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(b)
+
+    b = copy_bundle(tiny_bundle.bundle_dir, tmp_path / "escape")
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["files"]["../../etc/passwd"] = {"sha256": "0"}
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(b)
+
+    with pytest.raises(BundleError, match="No model 'no-such-model:v1' in the BentoML model store"):
+        load_bundle("no-such-model:v1")
+    with pytest.raises(BundleError, match="neither a bundle directory nor a valid model tag"):
+        load_bundle("../Not A Tag")
+    with pytest.raises(BundleError, match="no int8 model"):
+        load_bundle(tiny_bundle.bundle_dir, variant="int8")
+
+
+def test_export_bad_runs_write_nothing(tmp_path, tiny_run):
+    with pytest.raises(RunError, match="does not exist"):
+        export_bundle(tmp_path / "nope", tmp_path / "out", store=False)
+    half = tmp_path / "half"
+    shutil.copytree(tiny_run, half)
+    (half / "DONE").unlink()
+    with pytest.raises(RunError, match="incomplete"):
+        export_bundle(half, tmp_path / "out", store=False)
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_failed_export_keeps_previous_bundle_and_store(tiny_run, tmp_path, monkeypatch):
+    import bentoml
+
+    import training.export as export_mod
+
+    first = export_bundle(tiny_run, tmp_path / "b", name="keep-me")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+    tags_before = sorted(str(m.tag) for m in bentoml.models.list())
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(export_mod, "import_to_store", boom)
+    with pytest.raises(OSError, match="simulated"):
+        export_bundle(tiny_run, tmp_path / "b", name="keep-me")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+    assert sorted(str(m.tag) for m in bentoml.models.list()) == tags_before
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary directory left
+    assert load_bundle(first.tag).version == first.manifest["version"]
+
+
+def test_int8_refused_when_accuracy_drops_too_much(tiny_run, tmp_path):
+    with pytest.raises(ExportError, match="--force"):
+        export_bundle(tiny_run, tmp_path / "q", int8=True, store=False, max_int8_drop=-1.0)
+    assert not (tmp_path / "q").exists()
+    forced = export_bundle(tiny_run, tmp_path / "q", int8=True, store=False, max_int8_drop=-1.0, force=True)
+    assert (forced.bundle_dir / "model.int8.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_int8_on_shared_mobilenet_keeps_accuracy(hymenoptera_run, tmp_path):
+    result = export_bundle(hymenoptera_run, tmp_path / "bundle", int8=True, store=False)
+    info = result.manifest["int8"]
+    assert info["accuracy_fp32"] - info["accuracy_int8"] <= 0.01
+    assert info["top1_agreement"] >= 0.97
+    assert result.manifest["verification"]["top1_agreement"] == 1.0
+    assert result.manifest["verification"]["onnx_accuracy"] == pytest.approx(
+        json.loads((hymenoptera_run / "metrics.json").read_text())["accuracy"], abs=1 / 153 + 1e-9
+    )
+    bundle = load_bundle(result.bundle_dir, variant="int8", device="cpu")
+    preds = classify_images(bundle, [decode_image(p) for p in REAL_IMAGES[:8]], k=1)
+    assert [p[0]["label"] for p in preds][:4].count("ants") >= 3

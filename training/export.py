@@ -1,0 +1,367 @@
+"""`headstart export`: a self-describing, verified ONNX bundle (+ optional int8), imported into the BentoML store.
+
+Nothing is reported as exported before it is verified: the ONNX checker passes, ONNX Runtime agrees with PyTorch on
+real validation images (100% top-1 agreement for fp32), and for int8 the accuracy drop stays within the limit. The
+bundle is written to a temporary directory and moved into place only then, so a failure leaves nothing half-written
+and a previous bundle untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import service
+from service.bundle import (
+    MANIFEST,
+    METADATA_KEY,
+    MODEL_FP32,
+    MODEL_INT8,
+    SCHEMA_VERSION,
+    embedded_view,
+    load_bundle,
+    sha256_file,
+)
+from service.preprocess import decode_image, preprocess
+from training import runs
+from training.predict import predict_paths
+
+log = logging.getLogger("headstart")
+
+INPUT_NAME = "pixels"
+OUTPUT_NAMES = ("probabilities", "class_map")
+MAX_CHECK_IMAGES = 200
+MAX_CALIBRATION_IMAGES = 128
+
+
+class ExportError(RuntimeError):
+    """The export failed a check; nothing was written."""
+
+
+@dataclass
+class ExportResult:
+    bundle_dir: Path
+    manifest: dict
+    tag: str | None
+
+
+def model_name(text: str) -> str:
+    """A BentoML-safe model name: lower-case letters, digits, '-', '_' and '.'."""
+    name = re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-._")
+    if not name:
+        raise ExportError(
+            f"Cannot make a model name from {text!r}; pass --name (letters, digits, '-', '_', '.')."
+        )
+    return name
+
+
+def _split_paths(run: runs.LoadedRun, split: str) -> tuple[list[Path], np.ndarray]:
+    data = json.loads((run.run_dir / runs.SPLITS).read_text())
+    items = data.get(split, [])
+    paths = [Path(p) for p, _ in items]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise ExportError(
+            f"{len(missing)} {split} images of the run are gone (e.g. {missing[0]}); export verifies on them. "
+            "Restore the data set or retrain."
+        )
+    return paths, np.array([label for _, label in items], dtype=np.int64)
+
+
+def _subsample(paths: list[Path], targets: np.ndarray, limit: int) -> tuple[list[Path], np.ndarray]:
+    if len(paths) <= limit:
+        return paths, targets
+    idx = np.linspace(0, len(paths) - 1, limit).round().astype(int)
+    return [paths[i] for i in idx], targets[idx]
+
+
+def export_onnx(model: torch.nn.Module, path: Path, input_size: int, opset: int = 18) -> None:
+    """Export ``model`` (pixels → probabilities, class map) with a dynamic batch axis."""
+    model.eval()
+    example = torch.rand(2, 3, input_size, input_size) * 255
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+        program.save(str(path))
+    except Exception as exc:  # the dynamo exporter fails on some models: fall back to the TorchScript one
+        log.warning("dynamo ONNX export failed (%s); using the TorchScript exporter", exc)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={
+                INPUT_NAME: {0: "batch"},
+                OUTPUT_NAMES[0]: {0: "batch"},
+                OUTPUT_NAMES[1]: {0: "batch"},
+            },
+            opset_version=17,
+        )
+
+
+def embed_manifest(path: Path, manifest: dict) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = json.dumps(embedded_view(manifest), sort_keys=True)
+    model.doc_string = f"headstart {manifest['task']} model {manifest['name']}:{manifest['version']}"
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def _ort_probs(session, paths: list[Path], spec, batch_size: int = 32) -> np.ndarray:
+    out = []
+    for start in range(0, len(paths), batch_size):
+        pixels = np.stack([preprocess(decode_image(p), spec) for p in paths[start : start + batch_size]])
+        out.append(session.run([OUTPUT_NAMES[0]], {INPUT_NAME: pixels})[0])
+    return np.concatenate(out)
+
+
+class _Calibration:
+    """ONNX Runtime CalibrationDataReader over preprocessed training images."""
+
+    def __init__(self, paths: list[Path], spec, batch_size: int = 16) -> None:
+        self.batches = iter(
+            np.stack([preprocess(decode_image(p), spec) for p in paths[i : i + batch_size]])
+            for i in range(0, len(paths), batch_size)
+        )
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+    def rewind(self):  # pragma: no cover - not used by the MinMax calibrator
+        raise NotImplementedError
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration_paths: list[Path], spec) -> None:
+    """Static QDQ int8: per-channel int8 weights, uint8 activations (the fast path on x86 VNNI/AMX)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = int8_path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    reader = _Calibration(calibration_paths, spec)
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return reader.get_next()
+
+    quantize_static(
+        str(pre),
+        str(int8_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    pre.unlink(missing_ok=True)
+
+
+def export_bundle(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    int8: bool = False,
+    force: bool = False,
+    name: str | None = None,
+    store: bool = True,
+    weights: str | None = None,
+    max_int8_drop: float = 0.01,
+) -> ExportResult:
+    """Export, verify and (optionally) import a run into the BentoML model store. Returns the bundle."""
+    import onnxruntime as ort
+
+    run = runs.load_run(run_dir, weights=weights)
+    out = Path(out) if out else run.run_dir / "bundle"
+    name = model_name(name or run.run_dir.resolve().name)
+    version = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S") + secrets.token_hex(3)
+    val_paths, val_targets = _subsample(*_split_paths(run, "val"), MAX_CHECK_IMAGES)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp creates 0700; the bundle is meant to be read by a serving user
+    try:
+        fp32 = tmp / MODEL_FP32
+        export_onnx(run.model, fp32, run.spec.input_size)
+        session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+        outputs = {o.name: o.shape for o in session.get_outputs()}
+        fmap = run.config["backbone"]["feature_map"]
+
+        # parity with PyTorch on real validation images
+        torch_probs = predict_paths(run.model, val_paths, run.spec)
+        ort_probs = _ort_probs(session, val_paths, run.spec)
+        max_diff = float(np.abs(torch_probs - ort_probs).max())
+        agreement = float((torch_probs.argmax(1) == ort_probs.argmax(1)).mean())
+        log.info("ONNX Runtime vs PyTorch on %d validation images: max |Δp| %.2e, top-1 agreement %.2f%%",
+                 len(val_paths), max_diff, 100 * agreement)  # fmt: skip
+        if agreement < 1.0 or max_diff > 1e-3:
+            raise ExportError(
+                f"ONNX Runtime disagrees with PyTorch (top-1 agreement {agreement:.2%}, max |Δp| {max_diff:.2e}); "
+                "the export is not trustworthy and was not written."
+            )
+        fp32_accuracy = float((ort_probs.argmax(1) == val_targets).mean())
+        verification = {
+            "images": len(val_paths),
+            "max_abs_prob_diff": max_diff,
+            "top1_agreement": agreement,
+            "onnx_accuracy": fp32_accuracy,
+        }
+
+        int8_info = None
+        if int8:
+            train_paths, _ = _subsample(*_split_paths(run, "train"), MAX_CALIBRATION_IMAGES)
+            quantize_int8(fp32, tmp / MODEL_INT8, train_paths, run.spec)
+            q_session = ort.InferenceSession(str(tmp / MODEL_INT8), providers=["CPUExecutionProvider"])
+            q_probs = _ort_probs(q_session, val_paths, run.spec)
+            int8_accuracy = float((q_probs.argmax(1) == val_targets).mean())
+            int8_info = {
+                "calibration_images": len(train_paths),
+                "accuracy_fp32": fp32_accuracy,
+                "accuracy_int8": int8_accuracy,
+                "top1_agreement": float((q_probs.argmax(1) == ort_probs.argmax(1)).mean()),
+                "max_abs_prob_diff": float(np.abs(q_probs - ort_probs).max()),
+                "scheme": "static QDQ, per-channel int8 weights, uint8 activations (MinMax calibration)",
+            }
+            drop = fp32_accuracy - int8_accuracy
+            log.info("int8: accuracy %.4f vs fp32 %.4f (drop %.2f points), top-1 agreement %.2f%%",
+                     int8_accuracy, fp32_accuracy, 100 * drop, 100 * int8_info["top1_agreement"])  # fmt: skip
+            if drop > max_int8_drop and not force:
+                raise ExportError(
+                    f"int8 loses {100 * drop:.1f} accuracy points on the validation images ({fp32_accuracy:.4f} → "
+                    f"{int8_accuracy:.4f}), more than the {100 * max_int8_drop:.0f}-point limit. The int8 model was "
+                    "not kept and nothing was written. Export without --int8, or pass --force to keep it anyway."
+                )
+
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": name,
+            "version": version,
+            "task": run.config.get("task", "classify"),
+            "labels": run.labels,
+            "backbone": {
+                "name": run.config["backbone"]["name"],
+                "weights": run.config["backbone"]["weights"],
+                "weights_sha256": run.config["backbone"]["weights_sha256"],
+                "feature_map": fmap,
+            },
+            "head": run.config["head"],
+            "preprocess": run.spec.to_dict(),
+            "input": {
+                "name": INPUT_NAME,
+                "shape": ["batch", 3, run.spec.input_size, run.spec.input_size],
+                "dtype": "float32",
+                "range": [0, 255],
+                "color": "RGB",
+            },
+            "outputs": [
+                {"name": OUTPUT_NAMES[0], "shape": ["batch", len(run.labels)], "what": "class probabilities"},
+                {
+                    "name": OUTPUT_NAMES[1],
+                    "shape": ["batch", len(run.labels), *fmap],
+                    "what": "per-cell class probabilities (class activation map) on the feature grid",
+                },
+            ],
+            "metrics": {
+                k: run.metrics[k] for k in ("accuracy", "macro_f1", "calibration_error", "num_images")
+            },
+            "verification": verification,
+            "int8": int8_info,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "headstart": {
+                "version": _version(),
+                "torch": str(torch.__version__),
+                "onnxruntime": ort.__version__,
+            },
+        }
+        if set(outputs) != set(OUTPUT_NAMES):
+            raise ExportError(f"exported outputs {sorted(outputs)} are not {OUTPUT_NAMES}")
+        embed_manifest(fp32, manifest)
+        if int8:
+            embed_manifest(tmp / MODEL_INT8, manifest)
+        files = [MODEL_FP32] + ([MODEL_INT8] if int8 else [])
+        manifest["files"] = {
+            f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files
+        }
+        runs.write_json(tmp / MANIFEST, manifest)
+        load_bundle(tmp, device="cpu")  # the bundle must load through the serving code before it counts
+
+        tag = import_to_store(tmp, manifest) if store else None
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s -> %s%s", run.run_dir, out, f" and model store tag {tag}" if tag else "")
+    return ExportResult(out, manifest, tag)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is swapped out only after the move succeeded."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{secrets.token_hex(3)}")
+        target.rename(old)
+        try:
+            new.rename(target)
+        except BaseException:
+            old.rename(target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)
+
+
+def import_to_store(bundle_dir: Path, manifest: dict) -> str:
+    """Copy a verified bundle into the BentoML model store as NAME:VERSION with the manifest as metadata."""
+    import bentoml
+
+    metadata = {
+        "headstart_schema_version": manifest["schema_version"],
+        "task": manifest["task"],
+        "labels": manifest["labels"],
+        "backbone": manifest["backbone"]["name"],
+        "input_size": manifest["preprocess"]["input_size"],
+        "accuracy": manifest["metrics"]["accuracy"],
+        "files": {k: v["sha256"] for k, v in manifest["files"].items()},
+    }
+    with bentoml.models.create(
+        f"{manifest['name']}:{manifest['version']}",
+        metadata=metadata,
+        labels={"framework": "onnx", "task": manifest["task"], "exported_by": "headstart"},
+    ) as model:
+        for f in (MANIFEST, *manifest["files"]):
+            shutil.copy2(bundle_dir / f, Path(model.path) / f)
+    return str(model.tag)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("headstart")
+    except Exception:
+        return getattr(service, "__version__", "unknown")

@@ -3,7 +3,9 @@
 For ResNet-50 (random weights: speed does not depend on them) and the shared MobileNetV2, each wrapped exactly as
 headstart exports it (normalisation + backbone + head, two outputs). Reports images/s at batch 1 and 32, the ratio to
 torch eager fp32, and the fraction of this CPU's peak reached, from the model's FLOPs and matmuls measured in the same
-run (fp32 with torch, int8 with ONNX Runtime's MatMulInteger). Also the int8/fp32 top-1 agreement on the real
+run (fp32: the best of torch, numpy and ONNX Runtime; int8: the larger of ONNX Runtime's MatMulInteger and 4x the
+fp32 figure, VNNI's int8/fp32 ratio). Large convolutions can run as efficiently as a plain matmul, so a share may
+come close to 100%. Also the int8/fp32 top-1 agreement on the real
 hymenoptera validation images for a trained MobileNetV2 head.
 
     .venv/bin/python benchmarks/inference.py [--threads 2]
@@ -46,35 +48,67 @@ def model_gflop(model: torch.nn.Module, size: int) -> float:
 
 
 def peak_fp32_gflops(threads: int) -> float:
+    """Best fp32 matmul of torch (MKL), numpy and ONNX Runtime (MLAS) at 2048² and 4096²."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    return max(2 * 2048**3 / (t * 1e9) for t in _times(lambda: a @ b, 5))
+    best = 0.0
+    for n in (2048, 4096):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        an, bn = a.numpy(), b.numpy()
+        for fn in (lambda a=a, b=b: a @ b, lambda an=an, bn=bn: an @ bn):
+            best = max(best, *(2 * n**3 / (t * 1e9) for t in _times(fn, 5)))
+        best = max(best, _ort_matmul_peak("MatMul", threads, n))
+    return best
 
 
 def peak_int8_gops(threads: int) -> float:
-    """uint8 x int8 MatMulInteger in ONNX Runtime (the kernel its QDQ convolutions use)."""
+    """uint8 x int8 MatMulInteger in ONNX Runtime (the kernel family its QDQ convolutions use)."""
+    return _ort_matmul_peak("MatMulInteger", threads, 4096)
+
+
+def _ort_matmul_peak(op: str, threads: int, n: int) -> float:
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    n = 2048
-    graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b"], ["c"])],
-        "mm",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
-        [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])],
-        [
-            helper.make_tensor(
-                "b", TensorProto.INT8, [n, n], np.random.randint(-127, 127, n * n).astype(np.int8)
-            )
-        ],
+    integer = op == "MatMulInteger"
+    a_type, b_type = (
+        (TensorProto.UINT8, TensorProto.INT8) if integer else (TensorProto.FLOAT, TensorProto.FLOAT)
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    b_np = (
+        np.random.randint(-127, 127, (n, n)).astype(np.int8)
+        if integer
+        else np.random.randn(n, n).astype(np.float32)
+    )
+    graph = helper.make_graph(
+        [helper.make_node(op, ["a", "b"], ["c"])],
+        "mm",
+        [helper.make_tensor_value_info("a", a_type, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.INT32 if integer else TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor("b", b_type, [n, n], b_np.ravel())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
         onnx.save(model, f.name)
         sess = ort.InferenceSession(f.name, _ort_options(threads), providers=["CPUExecutionProvider"])
-    a = np.random.randint(0, 255, (n, n)).astype(np.uint8)
+    a = (
+        np.random.randint(0, 255, (n, n)).astype(np.uint8)
+        if integer
+        else np.random.randn(n, n).astype(np.float32)
+    )
     return max(2 * n**3 / (t * 1e9) for t in _times(lambda: sess.run(None, {"a": a}), 5))
+
+
+def int8_agreement_on_hymenoptera() -> dict:
+    """Train a head on the shared MobileNetV2 (feature cache reused between runs), export with --int8."""
+    from training.export import export_bundle
+    from training.train import TrainConfig, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(data_dir=str(SHARED / "data" / "hymenoptera"), out=f"{tmp}/run",
+                          backbone="torchvision:mobilenet_v2", weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
+                          progress=False)  # fmt: skip
+        run_dir = train(cfg)
+        return export_bundle(run_dir, f"{tmp}/bundle", int8=True, store=False).manifest["int8"]
 
 
 def _times(fn, repeats: int) -> list[float]:
@@ -118,10 +152,12 @@ def main() -> None:
     hym = SHARED / "data" / "hymenoptera"
     calib_paths = sorted((hym / "train").rglob("*.jp*g"))[::4][:64]
     peak32 = peak_fp32_gflops(args.threads)
-    peak8 = peak_int8_gops(args.threads)
-    print(
-        f"measured peak: fp32 matmul {peak32:.0f} GFLOP/s (torch), int8 matmul {peak8:.0f} GOP/s (ONNX Runtime)"
-    )
+    measured8 = peak_int8_gops(args.threads)
+    # AVX-512 VNNI does 4 int8 multiply-adds per fp32 FMA lane: the int8 roof is 4x the fp32 one. The measured
+    # MatMulInteger often falls short of it (and of ONNX Runtime's own int8 convolutions), so take the larger.
+    peak8 = max(measured8, 4 * peak32)
+    print(f"fp32 peak: best matmul {peak32:.0f} GFLOP/s; int8 peak: max(MatMulInteger {measured8:.0f}, "
+          f"4 x fp32 = {4 * peak32:.0f}) = {peak8:.0f} GOP/s")  # fmt: skip
 
     rows = []
     models = [("resnet50", "resnet50", None), ("mobilenet_v2", "torchvision:mobilenet_v2",
@@ -162,7 +198,7 @@ def main() -> None:
                       flush=True)  # fmt: skip
 
     print()
-    print("| model | batch | runtime | images/s | vs torch eager fp32 | share of peak |")
+    print("| model | batch | runtime | images/s | vs torch eager fp32 | vs measured matmul peak |")
     print("|---|---|---|---|---|---|")
     for label, batch, k, ips, ratio, share, gflop in rows:
         print(f"| {label} ({gflop:.2f} GFLOP/img) | {batch} | {k} | {ips:.1f} | {ratio:.2f}x | {share:.0%} |")
@@ -174,6 +210,10 @@ def main() -> None:
     print()
     print(f"ResNet-50 batch 32: ONNX Runtime fp32 {r50['ONNX Runtime fp32']:.2f}x (target >= 2x), "
           f"int8 {r50['ONNX Runtime int8']:.2f}x (target >= 6x) the torch eager fp32 speed")  # fmt: skip
+    info = int8_agreement_on_hymenoptera()
+    print(f"MobileNetV2 head on hymenoptera val ({info['calibration_images']} calibration images): fp32 accuracy "
+          f"{info['accuracy_fp32']:.4f}, int8 {info['accuracy_int8']:.4f}, int8/fp32 top-1 agreement "
+          f"{info['top1_agreement']:.2%} (target >= 99%)")  # fmt: skip
     print(f"other CPU use before the run: {busy:.0%}, after: {check_idle():.0%}")
 
 

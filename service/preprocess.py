@@ -82,6 +82,8 @@ def _open(source: bytes | str | Path) -> Image.Image:
         fp = Path(source)
         if not fp.is_file():
             raise ImageError(f"{fp} does not exist or is not a file.")
+        if fp.stat().st_size == 0:
+            raise ImageError("The image is empty (0 bytes). Send the file's contents.")
     try:
         with warnings.catch_warnings():
             # PIL warns (instead of raising) between MAX_IMAGE_PIXELS and twice that; we check ourselves below.

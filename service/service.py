@@ -1,0 +1,151 @@
+"""The headstart BentoML service: classification on ONNX Runtime (CPU or GPU), no torch.
+
+Model selection, in order:
+- ``HEADSTART_MODEL``: a model-store tag (``name`` or ``name:version``) or a bundle directory;
+- otherwise the tag ``headstart:latest``.
+A tag is declared at class scope, so ``bentoml build`` packs that model into the bento.
+
+``HEADSTART_DEVICE`` = auto (CUDA when available, else CPU) | cpu | cuda (fail if CUDA cannot be used).
+``HEADSTART_VARIANT`` = fp32 | int8.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import bentoml
+from bentoml.exceptions import InvalidArgument
+from bentoml.validators import ContentType
+from pydantic import BaseModel, Field
+
+from service.bundle import Bundle, BundleError, load_bundle
+from service.inference import classify_images
+from service.limits import MAX_REQUEST_BYTES, RequestSizeLimit
+from service.preprocess import ImageError, decode_image
+
+log = logging.getLogger("headstart.service")
+
+DEFAULT_TAG = "headstart:latest"
+MODEL_REF = os.environ.get("HEADSTART_MODEL", DEFAULT_TAG)
+MODEL_IS_PATH = os.sep in MODEL_REF or Path(MODEL_REF).is_dir()
+MAX_BATCH_SIZE = 32
+MAX_LATENCY_MS = 200
+MAX_TOP_K = 1000
+ImageFile = Annotated[Path, ContentType("image/*")]
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction]
+    model: ModelInfo
+
+
+class BatchItem(BaseModel):
+    """One image of a batch: predictions, or an error for that image alone."""
+
+    predictions: list[Prediction] = Field(default_factory=list)
+    model: ModelInfo
+    error: str | None = None
+
+
+class InfoResponse(BaseModel):
+    name: str
+    version: str
+    task: str
+    labels: list[str]
+    input_size: int
+    preprocess: dict
+    backbone: str
+    metrics: dict
+    providers: list[str]
+    variant: str
+    max_request_bytes: int
+
+
+def _decode(path: Path):
+    try:
+        return decode_image(Path(path))
+    except ImageError as exc:
+        raise InvalidArgument(str(exc)) from exc
+
+
+def open_bundle() -> Bundle:
+    device = os.environ.get("HEADSTART_DEVICE", "auto")
+    variant = os.environ.get("HEADSTART_VARIANT", "fp32")
+    threads = int(os.environ["HEADSTART_THREADS"]) if os.environ.get("HEADSTART_THREADS") else None
+    try:
+        return load_bundle(MODEL_REF, variant=variant, device=device, threads=threads)
+    except BundleError as exc:
+        log.error("headstart cannot start: %s", exc)
+        raise
+
+
+@bentoml.service(name="headstart", traffic={"timeout": 60}, workers=1)
+class Headstart:
+    if not MODEL_IS_PATH:
+        model_ref = bentoml.models.BentoModel(MODEL_REF)
+
+    def __init__(self) -> None:
+        self.bundle = open_bundle()
+        self.model = ModelInfo(name=self.bundle.name, version=self.bundle.version)
+        log.info("headstart serving %s:%s (%s) with ONNX Runtime providers %s", self.bundle.name,
+                 self.bundle.version, self.bundle.variant, self.bundle.providers)  # fmt: skip
+
+    @bentoml.api(route="/classify")
+    def classify(self, image: ImageFile, top_k: int = 5) -> ClassifyResponse:
+        """Top-k labels for one uploaded image (JPEG, PNG, GIF, BMP, TIFF, WebP).
+
+        ``top_k`` is 1 to 1000; values above the number of labels return every label.
+        """
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}.")
+        predictions = classify_images(self.bundle, [_decode(image)], top_k)[0]
+        return ClassifyResponse(predictions=[Prediction(**p) for p in predictions], model=self.model)
+
+    @bentoml.api(route="/classify_batch", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def classify_batch(self, images: list[ImageFile]) -> list[BatchItem]:
+        """Top-5 labels for each of several images; requests are merged into batches by the server.
+
+        An image that cannot be decoded gets an ``error`` in its own entry; the others are still answered.
+        """
+        decoded, errors = [], []
+        for path in images:
+            try:
+                decoded.append(decode_image(Path(path)))
+                errors.append(None)
+            except ImageError as exc:
+                errors.append(str(exc))
+        results = iter(classify_images(self.bundle, decoded, 5))
+        return [
+            BatchItem(model=self.model, error=err)
+            if err
+            else BatchItem(predictions=[Prediction(**p) for p in next(results)], model=self.model)
+            for err in errors
+        ]
+
+    @bentoml.api(route="/info")
+    def info(self) -> InfoResponse:
+        """Labels, task, model name and version, training metrics, ONNX Runtime providers in use, input size."""
+        m = self.bundle.manifest
+        return InfoResponse(
+            name=m["name"], version=m["version"], task=m["task"], labels=m["labels"],
+            input_size=m["preprocess"]["input_size"], preprocess=m["preprocess"], backbone=m["backbone"]["name"],
+            metrics=m["metrics"], providers=self.bundle.providers, variant=self.bundle.variant,
+            max_request_bytes=MAX_REQUEST_BYTES,
+        )  # fmt: skip
+
+
+Headstart.add_asgi_middleware(RequestSizeLimit)

@@ -170,15 +170,21 @@ def resolve_bundle_path(ref: str | Path) -> Path:
         ) from exc
 
 
+def verify_bundle(ref: str | Path) -> Path:
+    """Resolve a bundle directory or tag and check its files against the manifest; returns the directory."""
+    bundle_dir = resolve_bundle_path(ref)
+    verify_files(bundle_dir, read_manifest(bundle_dir))
+    return bundle_dir
+
+
 def load_bundle(
     ref: str | Path, *, variant: str = "fp32", device: str = "auto", threads: int | None = None
 ) -> Bundle:
     """Load and verify a bundle (directory or store tag) into an ONNX Runtime session."""
     import onnxruntime as ort
 
-    bundle_dir = resolve_bundle_path(ref)
+    bundle_dir = verify_bundle(ref)
     manifest = read_manifest(bundle_dir)
-    verify_files(bundle_dir, manifest)
     filename = {"fp32": MODEL_FP32, "int8": MODEL_INT8}.get(variant)
     if filename is None:
         raise BundleError(f"Invalid variant {variant!r}. Use fp32 or int8.")

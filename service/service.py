@@ -1,9 +1,8 @@
 """The headstart BentoML service: classification on ONNX Runtime (CPU or GPU), no torch.
 
-Model selection, in order:
-- ``HEADSTART_MODEL``: a model-store tag (``name`` or ``name:version``) or a bundle directory;
-- otherwise the tag ``headstart:latest``.
-A tag is declared at class scope, so ``bentoml build`` packs that model into the bento.
+Model selection: ``HEADSTART_MODEL``, a model-store tag (``name`` or ``name:version``) or a bundle directory;
+otherwise the newest model that `headstart export` put in the BentoML model store. A tag is declared at class
+scope, so ``bentoml build`` packs that model into the bento (and the container finds it without any variable).
 
 ``HEADSTART_DEVICE`` = auto (CUDA when available, else CPU) | cpu | cuda (fail if CUDA cannot be used).
 ``HEADSTART_VARIANT`` = fp32 | int8.
@@ -21,16 +20,36 @@ from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
 from pydantic import BaseModel, Field
 
-from service.bundle import Bundle, BundleError, load_bundle
+from service.bundle import Bundle, BundleError, load_bundle, verify_bundle
 from service.inference import classify_images
 from service.limits import MAX_REQUEST_BYTES, RequestSizeLimit
 from service.preprocess import ImageError, decode_image
 
 log = logging.getLogger("headstart.service")
 
-DEFAULT_TAG = "headstart:latest"
-MODEL_REF = os.environ.get("HEADSTART_MODEL", DEFAULT_TAG)
+
+def default_model_ref() -> str:
+    """``HEADSTART_MODEL``, else the newest model exported by headstart in the model store.
+
+    Inside a built bento the store holds exactly the model packed at build time, so a container needs no variable.
+    """
+    ref = os.environ.get("HEADSTART_MODEL")
+    if ref:
+        return ref
+    models = [m for m in bentoml.models.list() if m.info.labels.get("exported_by") == "headstart"]
+    if not models:
+        raise BundleError(
+            "No model to serve: set HEADSTART_MODEL to a model-store tag or a bundle directory, or export one with "
+            "`headstart export RUN_DIR` (it goes into the BentoML model store)."
+        )
+    return str(max(models, key=lambda m: m.info.creation_time).tag)
+
+
+MODEL_REF = default_model_ref()
 MODEL_IS_PATH = os.sep in MODEL_REF or Path(MODEL_REF).is_dir()
+# Verify the bundle's files when the service is imported: `bentoml serve` then refuses to start at once, instead of
+# restarting a worker that can never load the model.
+verify_bundle(MODEL_REF)
 MAX_BATCH_SIZE = 32
 MAX_LATENCY_MS = 200
 MAX_TOP_K = 1000
@@ -115,7 +134,9 @@ class Headstart:
         predictions = classify_images(self.bundle, [_decode(image)], top_k)[0]
         return ClassifyResponse(predictions=[Prediction(**p) for p in predictions], model=self.model)
 
-    @bentoml.api(route="/classify_batch", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    @bentoml.api(
+        route="/classify_batch", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS
+    )
     def classify_batch(self, images: list[ImageFile]) -> list[BatchItem]:
         """Top-5 labels for each of several images; requests are merged into batches by the server.
 

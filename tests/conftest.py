@@ -92,3 +92,19 @@ def tiny_run(tmp_path_factory) -> Path:
     cfg = TrainConfig(data_dir=str(data), out=str(tmp / "run"), backbone="test_resnet", pretrained=False, views=2,
                       epochs=20, batch_size=8, lr=1e-2, cache_dir=str(tmp / "cache"), progress=False)  # fmt: skip
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tmp_path_factory):
+    from training.export import export_bundle
+
+    return export_bundle(tiny_run, tmp_path_factory.mktemp("bundle") / "tiny", name="tiny-test")
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_bundle(hymenoptera_run, tmp_path_factory):
+    """The real ants/bees classifier exported with --int8 (fp32 + int8 ONNX) and imported as ants-bees."""
+    from training.export import export_bundle
+
+    return export_bundle(hymenoptera_run, tmp_path_factory.mktemp("bundle") / "ants-bees", int8=True,
+                         name="ants-bees")  # fmt: skip

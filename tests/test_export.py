@@ -27,12 +27,6 @@ REAL_IMAGES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_bundle(tiny_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle") / "tiny"
-    return export_bundle(tiny_run, out, name="tiny-test")
-
-
 def test_bundle_layout_and_manifest(tiny_bundle, tiny_run):
     files = {p.name for p in tiny_bundle.bundle_dir.iterdir()}
     assert files == {"model.onnx", "manifest.json"}
@@ -182,8 +176,8 @@ def test_int8_refused_when_accuracy_drops_too_much(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_on_shared_mobilenet_keeps_accuracy(hymenoptera_run, tmp_path):
-    result = export_bundle(hymenoptera_run, tmp_path / "bundle", int8=True, store=False)
+def test_int8_on_shared_mobilenet_keeps_accuracy(hymenoptera_bundle, hymenoptera_run):
+    result = hymenoptera_bundle
     info = result.manifest["int8"]
     assert info["accuracy_fp32"] - info["accuracy_int8"] <= 0.01
     assert info["top1_agreement"] >= 0.97

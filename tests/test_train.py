@@ -192,7 +192,10 @@ def test_cli_errors_are_clear(tiny_folder, tmp_path, capsys):
                  "--no-pretrained"]) == 2  # fmt: skip
     assert "does not exist" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nothing"), "x.jpg"]) == 2
-    assert "headstart train" in capsys.readouterr().err
+    assert "does not exist. Give a run directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), "x.jpg"]) == 2
+    assert "not a headstart bundle" in capsys.readouterr().err
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.yaml").write_text("{}")
     assert main(["evaluate", str(tmp_path / "half"), str(tiny_folder / "val")]) == 2

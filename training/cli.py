@@ -108,6 +108,13 @@ def _cmd_predict(args) -> int:
     from service.preprocess import ImageError, decode_image
 
     model_ref = Path(args.model)
+    if not model_ref.exists() and ("/" in args.model or "\\" in args.model):
+        from service.bundle import BundleError
+
+        raise BundleError(
+            f"{args.model} does not exist. Give a run directory (headstart train --out), a bundle directory "
+            "(headstart export --out) or a model-store tag NAME[:VERSION]."
+        )
     if (model_ref / "config.yaml").is_file():
         from service.inference import top_k
         from training.predict import predict_paths

@@ -1,0 +1,317 @@
+"""The BentoML service at three levels: the class called directly, its ASGI app, and a real `bentoml serve`."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.preprocess import decode_image, preprocess
+from training.predict import predict_paths
+from training.runs import load_run
+
+from .conftest import ROOT
+from .images import ANT, BEE, bad_images, exif_rotated, good_variants
+
+pytestmark = pytest.mark.slow  # these use the real hymenoptera classifier
+
+
+def import_service(model_ref: str):
+    os.environ["HEADSTART_MODEL"] = model_ref
+    import service.service as module
+
+    return importlib.reload(module)
+
+
+@pytest.fixture(scope="module")
+def svc_module(hymenoptera_bundle):
+    return import_service(str(hymenoptera_bundle.bundle_dir))
+
+
+@pytest.fixture(scope="module")
+def svc(svc_module):
+    return svc_module.Headstart()
+
+
+@pytest.fixture(scope="module")
+def client(svc_module):
+    from starlette.testclient import TestClient
+
+    with TestClient(svc_module.Headstart.to_asgi(), raise_server_exceptions=False) as c:
+        yield c
+
+
+# ---------------------------------------------------------------- the class, called directly
+
+
+def test_class_classifies_real_photos(svc, hymenoptera_bundle):
+    bee = svc.classify(BEE, top_k=2)
+    assert [p.label for p in bee.predictions] == ["bees", "ants"]
+    assert bee.predictions[0].score > 0.9
+    assert svc.classify(ANT, top_k=1).predictions[0].label == "ants"
+    assert bee.model.name == "ants-bees" and bee.model.version == hymenoptera_bundle.manifest["version"]
+    info = svc.info()
+    assert info.labels == ["ants", "bees"] and info.providers == ["CPUExecutionProvider"]
+    assert info.metrics["accuracy"] >= 0.93 and info.input_size == 224
+
+
+def test_service_preprocessing_is_training_preprocessing(svc, hymenoptera_run, monkeypatch):
+    """Byte-identical model input on real images, and the same probabilities as the trained PyTorch model."""
+    seen = []
+    original = svc.bundle.predict
+    monkeypatch.setattr(svc.bundle, "predict", lambda pixels: seen.append(pixels.copy()) or original(pixels))
+    run = load_run(hymenoptera_run)
+    images = [BEE, ANT, *sorted((ROOT.parent / "shared" / "photos").glob("*.bmp"))]
+    for path in images:
+        svc.classify(path, top_k=2)
+    training_pixels = [preprocess(decode_image(p), run.spec) for p in images]
+    for served, trained in zip(seen, training_pixels, strict=True):
+        assert served.shape == (1, *trained.shape)
+        assert served[0].tobytes() == trained.tobytes()
+    torch_probs = predict_paths(run.model, images, run.spec)
+    served_bee = {p.label: p.score for p in svc.classify(BEE, top_k=2).predictions}
+    assert abs(served_bee["bees"] - torch_probs[0, 1]) < 1e-4
+
+
+def test_exif_rotation_is_applied(svc, tmp_path):
+    rotated, upright = exif_rotated()
+    (tmp_path / "rotated.jpg").write_bytes(rotated)
+    upright.save(tmp_path / "upright.png")
+    a = svc.classify(tmp_path / "rotated.jpg", top_k=2).predictions
+    b = svc.classify(tmp_path / "upright.png", top_k=2).predictions
+    assert a[0].label == b[0].label == "bees"
+    assert abs(a[0].score - b[0].score) < 0.02  # JPEG re-encoding differs slightly; orientation must not
+
+
+# ---------------------------------------------------------------- the ASGI app
+
+
+def post_image(client, data: bytes, content_type: str = "image/jpeg", **fields):
+    return client.post("/classify", files={"image": ("upload", data, content_type)}, data=fields)
+
+
+@pytest.mark.parametrize("name", list(good_variants()))
+def test_asgi_accepts_every_image_mode(client, name):
+    data, ctype = good_variants()[name]
+    resp = post_image(client, data, ctype, top_k="1")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["predictions"][0]["label"] in ("ants", "bees")
+    assert set(body) == {"predictions", "model"}
+
+
+@pytest.mark.parametrize("name", list(bad_images()))
+def test_asgi_bad_images_are_400_with_a_message(client, name):
+    data, ctype, message = bad_images()[name]
+    resp = post_image(client, data, ctype)
+    assert resp.status_code == 400, resp.text
+    assert message in resp.text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "message"),
+    [
+        ({}, 400, "image"),  # empty body
+        ({"data": {"top_k": "1"}}, 400, "Field required"),  # missing field
+        (
+            {"files": {"image": ("a.jpg", BEE.read_bytes(), "image/jpeg")}, "data": {"top_k": "0"}},
+            400,
+            "top_k",
+        ),
+        (
+            {"files": {"image": ("a.jpg", BEE.read_bytes(), "image/jpeg")}, "data": {"top_k": "99999"}},
+            400,
+            "top_k",
+        ),
+        (
+            {"files": {"image": ("a.jpg", BEE.read_bytes(), "image/jpeg")}, "data": {"top_k": "many"}},
+            400,
+            "top_k",
+        ),
+        ({"files": {"image": ("a.txt", b"hello", "text/plain")}}, 400, "content type"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "JSON"),
+        (
+            {"content": b"x" * (33 * 1024 * 1024), "headers": {"content-type": "image/jpeg"}},
+            413,
+            "larger than",
+        ),
+    ],
+    ids=[
+        "empty-body",
+        "missing-image",
+        "top_k-0",
+        "top_k-huge",
+        "top_k-text",
+        "text-file",
+        "bad-json",
+        "too-big",
+    ],
+)
+def test_asgi_bad_requests(client, kwargs, status, message):
+    resp = client.post("/classify", **kwargs)
+    assert resp.status_code == status, resp.text
+    assert message in resp.text
+
+
+def test_asgi_top_k_above_label_count_returns_all_labels(client):
+    resp = post_image(client, BEE.read_bytes(), top_k="50")
+    assert [p["label"] for p in resp.json()["predictions"]] == ["bees", "ants"]
+
+
+def test_asgi_batch_answers_each_image(client):
+    files = [("images", ("a.jpg", BEE.read_bytes(), "image/jpeg")), ("images", ("b.jpg", ANT.read_bytes(), "image/jpeg")),
+             ("images", ("c.jpg", b"broken", "image/jpeg"))]  # fmt: skip
+    resp = client.post("/classify_batch", files=files)
+    assert resp.status_code == 200, resp.text
+    items = resp.json()
+    assert [i["predictions"][0]["label"] for i in items[:2]] == ["bees", "ants"]
+    assert items[2]["predictions"] == [] and "not an image" in items[2]["error"]
+    assert client.post("/classify_batch").status_code == 400
+
+
+def test_asgi_info_health_and_openapi(client):
+    info = client.post("/info").json()
+    assert info["labels"] == ["ants", "bees"] and info["task"] == "classify"
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+    spec = client.get("/docs.json").json()
+    for route in ("/classify", "/classify_batch", "/info"):
+        assert route in spec["paths"], route
+    assert "multipart/form-data" in json.dumps(spec["paths"]["/classify"])
+
+
+# ---------------------------------------------------------------- a real `bentoml serve`
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env: dict, port: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:Headstart", "--host", "127.0.0.1",
+           "--port", str(port)]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"server not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(hymenoptera_bundle, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = {**os.environ, "HEADSTART_MODEL": hymenoptera_bundle.tag, "HEADSTART_DEVICE": "cpu"}
+    proc = start_server(env, port, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url, log)
+        yield url, proc, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_served_classify_with_bentoml_client(server):
+    import bentoml
+
+    url, _, _ = server
+    with bentoml.SyncHTTPClient(url) as client:
+        result = client.classify(image=BEE, top_k=1)
+        assert result["predictions"][0]["label"] == "bees"
+        batch = client.classify_batch(images=[BEE, ANT])
+        assert [b["predictions"][0]["label"] for b in batch] == ["bees", "ants"]
+        assert client.info()["name"] == "ants-bees"
+
+
+def test_served_bad_inputs_over_plain_http(server):
+    url, proc, _ = server
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for name, (data, ctype, message) in bad_images().items():
+            resp = http.post("/classify", files={"image": ("x", data, ctype)})
+            assert resp.status_code == 400 and message in resp.text, (name, resp.status_code, resp.text)
+        for name, (data, ctype) in good_variants().items():
+            resp = http.post("/classify", files={"image": ("x", data, ctype)}, data={"top_k": "1"})
+            assert resp.status_code == 200, (name, resp.text)
+        assert http.post("/classify").status_code == 400
+        assert http.post("/classify", files={"image": ("x", BEE.read_bytes(), "image/jpeg")},
+                         data={"top_k": "-3"}).status_code == 400  # fmt: skip
+        big = http.post(
+            "/classify", content=b"\0" * (40 * 1024 * 1024), headers={"content-type": "image/jpeg"}
+        )
+        assert big.status_code == 413
+        assert http.get("/healthz").status_code == 200
+        assert http.get("/readyz").status_code == 200
+        metrics = http.get("/metrics")
+        assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
+    assert proc.poll() is None  # still running
+
+
+def test_serve_refuses_a_tampered_bundle(hymenoptera_bundle, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(hymenoptera_bundle.bundle_dir, bad)
+    data = bytearray((bad / "model.onnx").read_bytes())
+    data[-100] ^= 0xFF
+    (bad / "model.onnx").write_bytes(bytes(data))
+    port, log = free_port(), tmp_path / "server.log"
+    proc = start_server({**os.environ, "HEADSTART_MODEL": str(bad)}, port, log)
+    try:
+        assert proc.wait(timeout=90) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "does not match its manifest" in log.read_text()
+
+
+def test_cuda_requested_without_gpu_fails_loudly(hymenoptera_bundle):
+    from service.bundle import BundleError, available_providers, load_bundle
+
+    if "CUDAExecutionProvider" in available_providers():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(BundleError, match="GPU was requested"):
+        load_bundle(hymenoptera_bundle.bundle_dir, device="cuda")
+
+
+def test_bentoml_build_packs_model_and_dockerfile(hymenoptera_bundle, tmp_path):
+    import tarfile
+
+    env = {**os.environ, "HEADSTART_MODEL": hymenoptera_bundle.tag}
+    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    archive = tmp_path / "bento.bento"
+    subprocess.run([sys.executable, "-m", "bentoml", "export", tag, str(archive)], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        name, version = hymenoptera_bundle.tag.split(":")
+        assert f"./models/{name}/{version}/model.onnx" in names
+        assert "./env/docker/Dockerfile" in names
+        requirements = tar.extractfile("./env/python/requirements.txt").read().decode()
+    assert "onnxruntime" in requirements and "torch" not in requirements
+    assert not any(n.startswith("./src/training") or n.startswith("./src/models") for n in names)

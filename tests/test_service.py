@@ -91,6 +91,18 @@ def test_exif_rotation_is_applied(svc, tmp_path):
     assert abs(a[0].score - b[0].score) < 0.02  # JPEG re-encoding differs slightly; orientation must not
 
 
+@pytest.mark.parametrize("name", list(bad_images()))
+def test_class_bad_images_raise_invalid_argument(svc, name, tmp_path):
+    from bentoml.exceptions import InvalidArgument
+
+    data, _, message = bad_images()[name]
+    (tmp_path / "upload").write_bytes(data)
+    with pytest.raises(InvalidArgument, match=message):
+        svc.classify(tmp_path / "upload")
+    with pytest.raises(InvalidArgument, match="top_k"):
+        svc.classify(BEE, top_k=0)
+
+
 # ---------------------------------------------------------------- the ASGI app
 
 

@@ -1,0 +1,196 @@
+"""HTTP serving under load vs the same pipeline in process.
+
+Starts `bentoml serve` with a bundle (by default: trains the hymenoptera MobileNetV2 head and exports it), drives
+/classify from concurrent clients on 127.0.0.1 with real JPEGs for a bounded time per level, and measures in the same
+run the in-process pipeline (decode, preprocess, ONNX Runtime, batch 1) without HTTP. Prints requests/s,
+p50/p95/p99 latency and errors per level, and the ratio HTTP / in-process. Targets: zero errors; at concurrency 32
+HTTP throughput >= 0.8 of in-process; at concurrency 1 p50 latency within 15 ms of in-process.
+
+    .venv/bin/python benchmarks/serve_load.py [--model TAG_OR_BUNDLE] [--seconds 15] [--levels 1 8 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ROOT, SHARED, check_idle
+
+IMAGES = sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg"))
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def make_bundle(tmp: str) -> str:
+    from training.export import export_bundle
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(data_dir=str(SHARED / "data" / "hymenoptera"), out=f"{tmp}/run", backbone="torchvision:mobilenet_v2",
+                      weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"), progress=False)  # fmt: skip
+    return str(export_bundle(train(cfg), f"{tmp}/bundle", store=False).bundle_dir)
+
+
+def in_process(model: str, seconds: float) -> tuple[float, float]:
+    """images/s and p50 latency (ms) of decode + preprocess + ONNX Runtime, one image at a time."""
+    from service.bundle import load_bundle
+    from service.inference import classify_images
+    from service.preprocess import decode_image
+
+    bundle = load_bundle(model, device="cpu")
+    payloads = [p.read_bytes() for p in IMAGES]
+    for data in payloads[:5]:
+        classify_images(bundle, [decode_image(data)], 5)
+    latencies = []
+    end = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        classify_images(bundle, [decode_image(payloads[i % len(payloads)])], 5)
+        latencies.append(time.perf_counter() - start)
+        i += 1
+    return len(latencies) / sum(latencies), 1000 * statistics.median(latencies)
+
+
+async def drive(url: str, concurrency: int, seconds: float) -> dict:
+    import httpx
+
+    payloads = [(p.name, p.read_bytes(), p.parent.name) for p in IMAGES]
+    latencies: list[float] = []
+    errors = wrong_label = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker(k: int, client: httpx.AsyncClient) -> None:
+        nonlocal errors, wrong_label
+        i = k
+        while time.perf_counter() < stop:
+            name, data, _ = payloads[i % len(payloads)]
+            i += concurrency
+            start = time.perf_counter()
+            try:
+                resp = await client.post(
+                    "/classify", files={"image": (name, data, "image/jpeg")}, data={"top_k": "1"}
+                )
+                if resp.status_code != 200:
+                    errors += 1
+                    continue
+                resp.json()["predictions"][0]["label"]
+            except Exception:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - start)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k, client) for k in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "p50": 1000 * percentile(latencies, 50),
+        "p95": 1000 * percentile(latencies, 95),
+        "p99": 1000 * percentile(latencies, 99),
+        "errors": errors,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="bundle directory or model-store tag (default: train and export one)")
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
+    args = parser.parse_args()
+    busy = check_idle()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or make_bundle(tmp)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = Path(tmp) / "server.log"
+        env = {
+            **os.environ,
+            "HEADSTART_MODEL": model,
+            "HEADSTART_DEVICE": os.environ.get("HEADSTART_DEVICE", "cpu"),
+        }
+        server = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service.service:Headstart", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            import httpx
+
+            for _ in range(180):
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            else:
+                sys.exit(f"server did not start:\n{log.read_text()[-2000:]}")
+            info = httpx.post(f"{url}/info", timeout=10).json()
+            print(
+                f"model {info['name']}:{info['version']} ({info['backbone']}), providers {info['providers']}"
+            )
+            rss_before = _rss(server.pid)
+            results = {}
+            for level in args.levels:
+                results[level] = asyncio.run(drive(url, level, args.seconds))
+                r = results[level]
+                print(
+                    f"  concurrency {level}: {r['rps']:.1f} req/s, p50 {r['p50']:.1f} ms, errors {r['errors']}",
+                    flush=True,
+                )
+            rss_after = _rss(server.pid)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        ips, p50_local = in_process(model, args.seconds)
+
+    print()
+    print(
+        f"in-process pipeline (decode + preprocess + ONNX Runtime, batch 1): {ips:.1f} img/s, p50 {p50_local:.1f} ms"
+    )
+    print()
+    print(
+        "| concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | errors | HTTP / in-process throughput |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for level, r in results.items():
+        print(f"| {level} | {r['requests']} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
+              f"{r['errors']} | {r['rps'] / ips:.2f} |")  # fmt: skip
+    print()
+    errors = sum(r["errors"] for r in results.values())
+    print(f"errors: {errors} (target 0)")
+    if 32 in results:
+        print(f"concurrency 32: HTTP / in-process throughput {results[32]['rps'] / ips:.2f} (target >= 0.8)")
+    if 1 in results:
+        print(f"concurrency 1: p50 {results[1]['p50']:.1f} ms vs in-process {p50_local:.1f} ms: "
+              f"+{results[1]['p50'] - p50_local:.1f} ms (target <= 15 ms)")  # fmt: skip
+    print(f"server RSS before/after load: {rss_before / 2**20:.0f} / {rss_after / 2**20:.0f} MiB")
+    print(f"other CPU use before the run: {busy:.0%}")
+
+
+def _rss(pid: int) -> int:
+    """Resident memory of a process and its children (bentoml serve runs the service in a child process)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+if __name__ == "__main__":
+    main()

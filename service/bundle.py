@@ -178,7 +178,7 @@ def verify_bundle(ref: str | Path) -> Path:
 
 
 def load_bundle(
-    ref: str | Path, *, variant: str = "fp32", device: str = "auto", threads: int | None = None
+    ref: str | Path, *, variant: str = "fp32", device: str = "auto", threads: int | None = None, spinning: bool = True
 ) -> Bundle:
     """Load and verify a bundle (directory or store tag) into an ONNX Runtime session."""
     import onnxruntime as ort
@@ -193,6 +193,9 @@ def load_bundle(
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        # idle ONNX Runtime threads otherwise busy-wait, taking CPU from HTTP handling between requests
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = choose_providers(device)
     try:

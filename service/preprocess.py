@@ -121,7 +121,7 @@ def decode_image(source: bytes | str | Path, *, max_pixels: int = MAX_IMAGE_PIXE
         if getattr(img, "is_animated", False):
             img.seek(0)
         img.load()
-        img = ImageOps.exif_transpose(img) or img
+        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to rotate
         return to_rgb(img)
     except ImageError:
         raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -62,26 +63,30 @@ def in_process(model: str, seconds: float) -> tuple[float, float]:
     return len(latencies) / sum(latencies), 1000 * statistics.median(latencies)
 
 
-def multipart(name: str, data: bytes, top_k: int = 1) -> tuple[bytes, str]:
+def multipart(name: str, data: bytes, field: str = "image", top_k: int | None = 1) -> tuple[bytes, str]:
     """A ready-made multipart body: the client does no encoding work while the clock runs."""
     boundary = "headstartbenchmarkboundary"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n{top_k}\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n{top_k}\r\n' if top_k else ""
+    part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
     )
+    body = (head + part).encode() + data + f"\r\n--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-async def drive(url: str, concurrency: int, seconds: float) -> dict:
-    """``concurrency`` clients posting real JPEGs to /classify for ``seconds``; every answer's label is checked."""
+async def drive(url: str, concurrency: int, seconds: float, endpoint: str = "classify") -> dict:
+    """``concurrency`` clients posting one real JPEG per request to ``endpoint`` for ``seconds``; answers checked."""
     import aiohttp
 
-    bodies = [(*multipart(p.name, p.read_bytes()), p.parent.name) for p in IMAGES]
+    batch = endpoint == "classify_batch"
+    bodies = [
+        (
+            *multipart(p.name, p.read_bytes(), "images" if batch else "image", None if batch else 1),
+            p.parent.name,
+        )
+        for p in IMAGES
+    ]
     latencies: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
@@ -95,9 +100,11 @@ async def drive(url: str, concurrency: int, seconds: float) -> dict:
             start = time.perf_counter()
             try:
                 async with session.post(
-                    f"{url}/classify", data=body, headers={"Content-Type": ctype}
+                    f"{url}/{endpoint}", data=body, headers={"Content-Type": ctype}
                 ) as resp:
-                    payload = await resp.json()
+                    payload = json.loads(await resp.text())
+                    if batch and resp.status == 200:
+                        payload = payload[0]
                     if resp.status != 200 or payload["predictions"][0]["label"] not in ("ants", "bees"):
                         errors += 1
                         continue
@@ -128,6 +135,8 @@ def main() -> None:
     parser.add_argument("--model", help="bundle directory or model-store tag (default: train and export one)")
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--endpoint", default="classify", choices=["classify", "classify_batch"],
+                        help="classify_batch: one image per request, merged by adaptive batching")  # fmt: skip
     args = parser.parse_args()
     busy = check_idle()
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,7 +173,7 @@ def main() -> None:
             rss_before = _rss(server.pid)
             results = {}
             for level in args.levels:
-                results[level] = asyncio.run(drive(url, level, args.seconds))
+                results[level] = asyncio.run(drive(url, level, args.seconds, args.endpoint))
                 r = results[level]
                 print(
                     f"  concurrency {level}: {r['rps']:.1f} req/s, p50 {r['p50']:.1f} ms, errors {r['errors']}",

@@ -66,7 +66,11 @@ def in_process(model: str, seconds: float) -> tuple[float, float]:
 def multipart(name: str, data: bytes, field: str = "image", top_k: int | None = 1) -> tuple[bytes, str]:
     """A ready-made multipart body: the client does no encoding work while the clock runs."""
     boundary = "headstartbenchmarkboundary"
-    head = f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n{top_k}\r\n' if top_k else ""
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n{top_k}\r\n'
+        if top_k is not None
+        else ""
+    )
     part = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
         "Content-Type: image/jpeg\r\n\r\n"

@@ -146,8 +146,11 @@ def verify_files(bundle_dir: Path, manifest: dict) -> None:
 def resolve_bundle_path(ref: str | Path) -> Path:
     """A bundle directory, or a BentoML model-store tag (``name`` or ``name:version``) → its directory."""
     path = Path(ref)
-    if path.is_dir():
-        return path
+    try:
+        if path.is_dir():
+            return path
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise BundleError(f"{str(ref)[:80]!r}... is not a usable path: {exc.strerror}.") from exc
     text = str(ref)
     if not _TAG.match(text):
         raise BundleError(
@@ -178,7 +181,12 @@ def verify_bundle(ref: str | Path) -> Path:
 
 
 def load_bundle(
-    ref: str | Path, *, variant: str = "fp32", device: str = "auto", threads: int | None = None, spinning: bool = True
+    ref: str | Path,
+    *,
+    variant: str = "fp32",
+    device: str = "auto",
+    threads: int | None = None,
+    spinning: bool = True,
 ) -> Bundle:
     """Load and verify a bundle (directory or store tag) into an ONNX Runtime session."""
     import onnxruntime as ort

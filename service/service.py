@@ -21,8 +21,8 @@ from bentoml.validators import ContentType
 from pydantic import BaseModel, Field
 
 from service.bundle import Bundle, BundleError, load_bundle, verify_bundle
+from service.guard import MAX_REQUEST_BYTES, RequestGuard
 from service.inference import classify_images
-from service.limits import MAX_REQUEST_BYTES, RequestSizeLimit
 from service.preprocess import ImageError, decode_image
 
 log = logging.getLogger("headstart.service")
@@ -181,4 +181,4 @@ class Headstart:
         )  # fmt: skip
 
 
-Headstart.add_asgi_middleware(RequestSizeLimit)
+Headstart.add_asgi_middleware(RequestGuard)

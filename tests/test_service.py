@@ -5,11 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,7 +15,7 @@ from service.preprocess import decode_image, preprocess
 from training.predict import predict_paths
 from training.runs import load_run
 
-from .conftest import ROOT
+from .conftest import ROOT, free_port, start_server
 from .images import ANT, BEE, bad_images, exif_rotated, good_variants
 
 pytestmark = pytest.mark.slow  # these use the real hymenoptera classifier
@@ -200,50 +197,6 @@ def test_asgi_info_health_and_openapi(client):
 
 
 # ---------------------------------------------------------------- a real `bentoml serve`
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(env: dict, port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:Headstart", "--host", "127.0.0.1",
-           "--port", str(port)]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"server not ready after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def server(hymenoptera_bundle, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {**os.environ, "HEADSTART_MODEL": hymenoptera_bundle.tag, "HEADSTART_DEVICE": "cpu"}
-    proc = start_server(env, port, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, log)
-        yield url, proc, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_served_classify_with_bentoml_client(server):

@@ -1,0 +1,319 @@
+"""Reliability: hostile HTTP input, load, training and export faults, untrusted files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import runs
+
+from .bad_requests import corpus
+from .conftest import ROOT, make_image_folder
+from .images import ANT, BEE
+
+SOAK_SECONDS = float(os.environ.get("HEADSTART_SOAK_SECONDS", "20"))
+
+
+# ---------------------------------------------------------------- hostile HTTP input
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "method", "path", "kwargs", "status"), corpus(), ids=[c[0] for c in corpus()]
+)
+def test_hostile_requests_get_4xx_with_a_message(server, name, method, path, kwargs, status):
+    url, proc, _ = server
+    with httpx.Client(base_url=url, timeout=60) as http:
+        if method == "RAW":
+            code, text = send_raw(url, kwargs["raw"], hang_up=kwargs.get("close", False))
+        else:
+            resp = http.request(method, path, **kwargs)
+            code, text = resp.status_code, resp.text
+        assert code == status, (code, text[:300])
+        if method != "RAW" and status not in (404, 405):  # RAW: some are refused by the HTTP parser itself
+            assert "error" in text
+        assert http.get("/readyz").status_code == 200
+    assert proc.poll() is None
+
+
+def send_raw(url: str, data: bytes, hang_up: bool = False) -> tuple[int | None, str]:
+    """Send bytes over a plain socket; returns the status code and body (None if the client hung up first)."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+        sock.sendall(data)
+        if hang_up:
+            return None, ""
+        response = b""
+        while b"\r\n\r\n" not in response or len(response) < 12:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode(errors="replace")
+
+
+def test_corpus_is_big_enough():
+    assert len(corpus()) >= 25
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error(server, tmp_path):
+    """Property-based requests generated from the service's own OpenAPI schema: no 5xx."""
+    url, proc, _ = server
+    cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/docs.json", "--checks", "not_a_server_error",
+           "--max-examples", "40", "--seed", "7"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert re.search(r"\d+ generated, \d+ passed", out.stdout), out.stdout[-2000:]
+    assert httpx.get(f"{url}/readyz").status_code == 200 and proc.poll() is None
+
+
+@pytest.mark.slow
+def test_uploaded_file_names_never_reach_the_file_system(server):
+    url, _, _ = server
+    target = Path("/tmp/headstart-pwned.jpg")
+    target.unlink(missing_ok=True)
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for name in (
+            "../../../../../../tmp/headstart-pwned.jpg",
+            "/tmp/headstart-pwned.jpg",
+            "..\\..\\x.jpg",
+        ):
+            resp = http.post("/classify", files={"image": (name, BEE.read_bytes(), "image/jpeg")})
+            assert resp.status_code == 200
+    assert not target.exists()
+
+
+# ---------------------------------------------------------------- load and soak
+
+
+def server_rss(proc: subprocess.Popen) -> int:
+    import psutil
+
+    p = psutil.Process(proc.pid)
+    return sum(x.memory_info().rss for x in [p, *p.children(recursive=True)])
+
+
+@pytest.mark.slow
+def test_short_soak_mixed_traffic(server):
+    """A bounded soak on loopback: good and bad requests at concurrency 16; every good one answered correctly."""
+    from .images import bad_images
+
+    url, proc, log = server
+    bad = list(bad_images().values())
+    good = [(BEE.read_bytes(), "bees"), (ANT.read_bytes(), "ants")]
+
+    def client(k: int, seconds: float) -> tuple[int, int, int]:
+        ok = wrong = server_errors = 0
+        end = time.time() + seconds
+        i = k
+        with httpx.Client(base_url=url, timeout=60) as http:
+            while time.time() < end:
+                i += 1
+                if i % 4 == 0:
+                    data, ctype, _ = bad[i % len(bad)]
+                    resp = http.post("/classify", files={"image": ("x", data, ctype)})
+                    server_errors += resp.status_code >= 500
+                    wrong += resp.status_code != 400
+                else:
+                    data, label = good[i % 2]
+                    resp = http.post(
+                        "/classify", files={"image": ("x.jpg", data, "image/jpeg")}, data={"top_k": "1"}
+                    )
+                    server_errors += resp.status_code >= 500
+                    if resp.status_code == 200 and resp.json()["predictions"][0]["label"] == label:
+                        ok += 1
+                    else:
+                        wrong += 1
+        return ok, wrong, server_errors
+
+    with ThreadPoolExecutor(16) as pool:  # warm-up: allocator pools and caches fill
+        list(pool.map(lambda k: client(k, 5), range(16)))
+    errors_before = log.read_text().count("Traceback")
+    rss_before = server_rss(proc)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda k: client(k, SOAK_SECONDS), range(16)))
+    rss_after = server_rss(proc)
+    ok = sum(r[0] for r in results)
+    assert ok > 100
+    assert sum(r[1] for r in results) == 0, "a good request was answered wrongly or a bad one not with 400"
+    assert sum(r[2] for r in results) == 0
+    growth = (rss_after - rss_before) / 2**20
+    # A gross-leak bound only: RSS still rises for a minute or two after start under load and then levels off
+    # (benchmarks/soak.py samples the curve); a leak of ~100 KB per request would exceed this in 20 s.
+    assert growth < 160, f"server RSS grew {growth:.0f} MiB during the soak: a leak"
+    # the only tracebacks in the log are the client's own bad images (BentoML logs 4xx with their cause)
+    new_log = log.read_text()
+    assert "status=500" not in new_log
+    assert new_log.count("Traceback") >= errors_before
+    assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+# ---------------------------------------------------------------- training faults
+
+
+def train_cmd(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "training.cli", "train", str(data), "--out", str(out), "--backbone", "test_resnet",
+            "--no-pretrained", "--views", "4", "--batch-size", "8", "--lr", "0.01", "--epochs", "150",
+            "--patience", "150", "--cache-dir", str(cache), "--no-progress", *extra]  # fmt: skip
+
+
+def heads_equal(a: Path, b: Path) -> bool:
+    ta, tb = load_file(str(a / runs.HEAD)), load_file(str(b / runs.HEAD))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.fixture(scope="module")
+def fault_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    data = make_image_folder(root / "data", {"red": 40, "blue": 40}, splits={"train": 0.75, "val": 0.25})
+    reference = root / "reference"
+    subprocess.run(train_cmd(data, reference, root / "ref-cache"), check=True, cwd=ROOT, capture_output=True)
+    return data, reference
+
+
+def kill_when(cmd: list[str], condition, timeout: float = 120) -> None:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if condition():
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return
+            if proc.poll() is not None:
+                raise AssertionError("the run finished before the kill point; make it longer")
+            time.sleep(0.01)
+        raise AssertionError("kill point never reached")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("phase", ["features", "head"])
+def test_sigkill_then_resume_gives_the_same_result(fault_data, tmp_path, phase):
+    data, reference = fault_data
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    cmd = train_cmd(data, out, cache)
+    if phase == "features":
+        kill_when(cmd, lambda: len(list(cache.rglob("*.npy"))) >= 10)
+        assert not (out / runs.CHECKPOINT).exists()
+    else:
+        kill_when(cmd, lambda: (out / runs.CHECKPOINT).exists())
+    assert not (out / runs.DONE).exists()
+    # whatever the kill left behind in the cache is either complete or ignored (temporary names)
+    for f in cache.rglob("*.npy"):
+        np.load(f, allow_pickle=False)
+    subprocess.run([*cmd, "--resume"], check=True, cwd=ROOT, capture_output=True)
+    assert (out / runs.DONE).exists()
+    assert heads_equal(out, reference)
+
+
+def test_two_runs_sharing_a_cache_at_once(fault_data, tmp_path):
+    data, reference = fault_data
+    cache = tmp_path / "shared-cache"
+    procs = [subprocess.Popen(train_cmd(data, tmp_path / f"run{i}", cache), cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for i in range(2)]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    for i in range(2):
+        assert heads_equal(tmp_path / f"run{i}", reference)
+    assert not list(cache.rglob("*.tmp"))
+    for f in cache.rglob("*.npy"):
+        np.load(f, allow_pickle=False)
+
+
+# ---------------------------------------------------------------- export faults
+
+
+@pytest.mark.parametrize("where", ["embed_manifest", "quantize_int8", "_replace_dir"])
+def test_failed_export_leaves_previous_bundle_and_store(tiny_run, tmp_path, monkeypatch, where):
+    import bentoml
+
+    import training.export as export_mod
+
+    export_mod.export_bundle(tiny_run, tmp_path / "b", name="fault-test", int8=where == "quantize_int8")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+    tags = sorted(str(m.tag) for m in bentoml.models.list())
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(export_mod, where, fail)
+    with pytest.raises(OSError, match="simulated"):
+        export_mod.export_bundle(tiny_run, tmp_path / "b", name="fault-test", int8=where == "quantize_int8")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+    if where != "_replace_dir":  # the store import happens before the final move
+        assert sorted(str(m.tag) for m in bentoml.models.list()) == tags
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+# ---------------------------------------------------------------- untrusted files
+
+
+def test_no_pickle_is_loaded_from_user_files():
+    """torch.load always with weights_only=True; no pickle/np.load(allow_pickle=True) anywhere in the product."""
+    sources = [p for d in ("service", "training", "models") for p in (ROOT / d).rglob("*.py")]
+    assert sources
+    for path in sources:
+        text = path.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{path}: {call}"
+        assert "import pickle" not in text and "cloudpickle" not in text, path
+        assert "allow_pickle=True" not in text, path
+        assert "eval(" not in text.replace("model.eval(", "").replace(".eval()", ""), path
+
+
+def test_pickled_weights_file_is_refused(tmp_path):
+    from models import build_backbone
+    from models.backbone import BackboneError
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": Evil()}, path)
+    with pytest.raises(BackboneError, match="Cannot read weights"):
+        build_backbone("test_resnet", weights=path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_manifest_cannot_point_outside_the_bundle(tiny_bundle, tmp_path):
+    from service.bundle import BundleError, load_bundle
+
+    bad = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.bundle_dir, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"] = {"/etc/hostname": {"sha256": "0"}, **manifest["files"]}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(bad)
+
+
+def test_model_name_from_environment_is_checked(monkeypatch):
+    """HEADSTART_MODEL goes through verify_bundle: an existing directory must be a bundle, anything else a tag."""
+    from service.bundle import BundleError, verify_bundle
+
+    for ref in ("../../etc", "/", "x; rm -rf /", "UPPER:case", "a" * 300 + "/x", "name:../../x"):
+        with pytest.raises(BundleError):
+            verify_bundle(ref)

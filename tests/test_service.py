@@ -128,8 +128,9 @@ def test_asgi_bad_images_are_400_with_a_message(client, name):
 @pytest.mark.parametrize(
     ("kwargs", "status", "message"),
     [
-        ({}, 400, "image"),  # empty body
-        ({"data": {"top_k": "1"}}, 400, "Field required"),  # missing field
+        ({}, 415, "multipart/form-data"),  # empty body
+        ({"data": {"top_k": "1"}}, 415, "multipart/form-data"),  # a form without the file
+        ({"files": {"top_k": (None, "1")}}, 400, "Field required"),  # multipart without the image field
         (
             {"files": {"image": ("a.jpg", BEE.read_bytes(), "image/jpeg")}, "data": {"top_k": "0"}},
             400,
@@ -146,7 +147,11 @@ def test_asgi_bad_images_are_400_with_a_message(client, name):
             "top_k",
         ),
         ({"files": {"image": ("a.txt", b"hello", "text/plain")}}, 400, "content type"),
-        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "JSON"),
+        (
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            415,
+            "multipart/form-data",
+        ),
         (
             {"content": b"x" * (33 * 1024 * 1024), "headers": {"content-type": "image/jpeg"}},
             413,
@@ -155,6 +160,7 @@ def test_asgi_bad_images_are_400_with_a_message(client, name):
     ],
     ids=[
         "empty-body",
+        "form-no-file",
         "missing-image",
         "top_k-0",
         "top_k-huge",
@@ -183,7 +189,7 @@ def test_asgi_batch_answers_each_image(client):
     items = resp.json()
     assert [i["predictions"][0]["label"] for i in items[:2]] == ["bees", "ants"]
     assert items[2]["predictions"] == [] and "not an image" in items[2]["error"]
-    assert client.post("/classify_batch").status_code == 400
+    assert client.post("/classify_batch").status_code == 415
 
 
 def test_asgi_info_health_and_openapi(client):
@@ -220,7 +226,7 @@ def test_served_bad_inputs_over_plain_http(server):
         for name, (data, ctype) in good_variants().items():
             resp = http.post("/classify", files={"image": ("x", data, ctype)}, data={"top_k": "1"})
             assert resp.status_code == 200, (name, resp.text)
-        assert http.post("/classify").status_code == 400
+        assert http.post("/classify").status_code == 415
         assert http.post("/classify", files={"image": ("x", BEE.read_bytes(), "image/jpeg")},
                          data={"top_k": "-3"}).status_code == 400  # fmt: skip
         big = http.post(

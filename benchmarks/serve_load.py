@@ -15,15 +15,12 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, SHARED, check_idle
+from _common import SHARED, check_idle, rss_mib, running_server
 
 IMAGES = sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg"))
 
@@ -145,48 +142,22 @@ def main() -> None:
     busy = check_idle()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_bundle(tmp)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        log = Path(tmp) / "server.log"
-        env = {
-            **os.environ,
-            "HEADSTART_MODEL": model,
-            "HEADSTART_DEVICE": os.environ.get("HEADSTART_DEVICE", "cpu"),
-        }
-        server = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.service:Headstart", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
+        device = os.environ.get("HEADSTART_DEVICE", "cpu")
+        with running_server(model, Path(tmp), HEADSTART_DEVICE=device) as (url, server, _):
             import httpx
 
-            for _ in range(180):
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
-            else:
-                sys.exit(f"server did not start:\n{log.read_text()[-2000:]}")
             info = httpx.post(f"{url}/info", timeout=10).json()
             print(
                 f"model {info['name']}:{info['version']} ({info['backbone']}), providers {info['providers']}"
             )
-            rss_before = _rss(server.pid)
+            rss_before = rss_mib(server.pid)
             results = {}
             for level in args.levels:
                 results[level] = asyncio.run(drive(url, level, args.seconds, args.endpoint))
                 r = results[level]
-                print(
-                    f"  concurrency {level}: {r['rps']:.1f} req/s, p50 {r['p50']:.1f} ms, errors {r['errors']}",
-                    flush=True,
-                )
-            rss_after = _rss(server.pid)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+                print(f"  concurrency {level}: {r['rps']:.1f} req/s, p50 {r['p50']:.1f} ms, errors {r['errors']}",
+                      flush=True)  # fmt: skip
+            rss_after = rss_mib(server.pid)
         ips, p50_local = in_process(model, args.seconds)
 
     print()
@@ -209,16 +180,8 @@ def main() -> None:
     if 1 in results:
         print(f"concurrency 1: p50 {results[1]['p50']:.1f} ms vs in-process {p50_local:.1f} ms: "
               f"+{results[1]['p50'] - p50_local:.1f} ms (target <= 15 ms)")  # fmt: skip
-    print(f"server RSS before/after load: {rss_before / 2**20:.0f} / {rss_after / 2**20:.0f} MiB")
+    print(f"server RSS before/after load: {rss_before:.0f} / {rss_after:.0f} MiB")
     print(f"other CPU use before the run: {busy:.0%}")
-
-
-def _rss(pid: int) -> int:
-    """Resident memory of a process and its children (bentoml serve runs the service in a child process)."""
-    import psutil
-
-    proc = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
 
 
 if __name__ == "__main__":

@@ -11,15 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, SHARED, check_idle
+from _common import SHARED, check_idle, rss_mib, running_server
 from serve_load import make_bundle, multipart
 
 GOOD = sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg"))
@@ -35,13 +31,6 @@ def bad_bodies() -> list[tuple[bytes, str]]:
         (b"junk", "multipart/form-data; boundary=zz"),
         multipart("a.jpg", jpeg, top_k=0),
     ]
-
-
-def rss_mib(pid: int) -> float:
-    import psutil
-
-    p = psutil.Process(pid)
-    return sum(x.memory_info().rss for x in [p, *p.children(recursive=True)]) / 2**20
 
 
 async def soak(url: str, concurrency: int, seconds: float, pid: int, interval: float, expected: dict) -> dict:
@@ -102,25 +91,9 @@ def main() -> None:
     busy = check_idle()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_bundle(tmp)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        log = Path(tmp) / "server.log"
-        env = {**os.environ, "HEADSTART_MODEL": model}
-        server = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.service:Headstart", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
+        with running_server(model, Path(tmp)) as (url, server, log):
             import httpx
 
-            for _ in range(180):
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
             # the reference answer for each image: the server's own, one request at a time, before the load
             expected = {
                 p.name: httpx.post(f"{url}/classify", files={"image": (p.name, p.read_bytes(), "image/jpeg")},
@@ -132,9 +105,6 @@ def main() -> None:
             )
             healthy = httpx.get(f"{url}/readyz", timeout=5).status_code == 200
             text = log.read_text()
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     total = sum(stats[k] for k in ("good_ok", "good_wrong", "bad_4xx", "bad_other", "exceptions"))
     print(f"{total} requests in {stats['seconds']:.0f} s at concurrency {args.concurrency} "
           f"({total / stats['seconds']:.1f} req/s), other CPU use before: {busy:.0%}")  # fmt: skip

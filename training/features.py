@@ -10,10 +10,10 @@ detected and recomputed. Runs may share a cache directory.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from service.preprocess import PreprocessSpec, decode_image
 from training.augment import augmented_views
 from training.data import Sample
+from training.runs import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +78,9 @@ class FeatureCache:
     def put(self, key: str, arr: np.ndarray) -> None:
         if self.root is None:
             return
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+        atomic_write_bytes(self._path(key), buf.getvalue())
 
 
 def cache_namespace(**parts) -> str:

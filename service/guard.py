@@ -33,7 +33,8 @@ class RequestRejected(Exception):
 def check_multipart(
     content_type: bytes, body: bytes, file_fields: set[str], allowed: set[str] | None = None
 ) -> None:
-    """Raise RequestRejected unless ``body`` is well-formed multipart whose ``file_fields`` parts are files."""
+    """Raise RequestRejected unless ``body`` is well-formed multipart whose ``file_fields`` parts are uploaded files
+    and whose fields are all in ``allowed`` (when given)."""
     ctype, params = parse_options_header(content_type)
     if ctype != b"multipart/form-data":
         raise RequestRejected(

@@ -46,16 +46,23 @@ def default_model_ref() -> str:
 
 
 MODEL_REF = default_model_ref()
-MODEL_IS_PATH = os.sep in MODEL_REF or Path(MODEL_REF).is_dir()
 # Verify the bundle's files when the service is imported: `bentoml serve` then refuses to start at once, instead of
 # restarting a worker that can never load the model.
 verify_bundle(MODEL_REF)
+MODEL_IS_PATH = os.sep in MODEL_REF or Path(MODEL_REF).is_dir()
 #: Adaptive batching limits of /classify_batch, chosen by measurement (benchmarks/RESULTS.md): BentoML answers 503
 #: to requests it predicts cannot finish within max_latency_ms, which at 200 ms rejected most requests under load on
 #: 2 cores; 10 s rejects none, while the batching window itself still adapts to traffic.
 MAX_BATCH_SIZE = int(os.environ.get("HEADSTART_MAX_BATCH_SIZE", "32"))
 MAX_LATENCY_MS = int(os.environ.get("HEADSTART_MAX_LATENCY_MS", "10000"))
 MAX_TOP_K = 1000
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_GPU = os.environ.get("HEADSTART_DEVICE", "auto") == "cuda"
+#: CPU serving: one worker process per core, so request handling (Python, GIL-bound) runs on every core, with the
+#: cores shared among the workers' ONNX Runtime threads. Measured on 2 cores at concurrency 32: 2 workers x 1 thread
+#: served 1.36x the requests of 1 worker x 2 threads (benchmarks/RESULTS.md). One worker on a GPU.
+WORKERS = int(os.environ.get("HEADSTART_WORKERS") or (1 if _GPU else CPUS))
+THREADS = int(os.environ.get("HEADSTART_THREADS") or max(1, CPUS // WORKERS))
 ImageFile = Annotated[Path, ContentType("image/*")]
 
 
@@ -113,15 +120,6 @@ def open_bundle() -> Bundle:
     except BundleError as exc:
         log.error("headstart cannot start: %s", exc)
         raise
-
-
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-_GPU = os.environ.get("HEADSTART_DEVICE", "auto") == "cuda"
-#: CPU serving: one worker process per core, so request handling (Python, GIL-bound) runs on every core, with the
-#: cores shared among the workers' ONNX Runtime threads. Measured on 2 cores at concurrency 32: 2 workers x 1 thread
-#: served 1.7x the requests of 1 worker x 2 threads (benchmarks/RESULTS.md). One worker on a GPU.
-WORKERS = int(os.environ.get("HEADSTART_WORKERS") or (1 if _GPU else CPUS))
-THREADS = int(os.environ.get("HEADSTART_THREADS") or max(1, CPUS // WORKERS))
 
 
 @bentoml.service(name="headstart", traffic={"timeout": 60}, workers=WORKERS)

@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +72,6 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
     extract_batch_size: int = 8  # small batches keep activations in cache: ~2x faster than 64 on this CPU
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.views < 1:
@@ -343,7 +342,7 @@ def train(cfg: TrainConfig) -> Path:
     bf16 = _use_bf16(cfg)
     head_cfg = HeadConfig(backbone.num_features, len(labels), cfg.hidden, cfg.dropout, cfg.activation)
 
-    options = {k: v for k, v in asdict(cfg).items() if k not in ("extra",)}
+    options = asdict(cfg)
     options["weights"] = str(Path(cfg.weights).resolve()) if cfg.weights else None
     config = {
         "headstart_run": 1,

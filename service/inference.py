@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from service.bundle import Bundle
-from service.preprocess import preprocess
+from service.preprocess import preprocess_batch
 
 
 def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
@@ -21,6 +21,5 @@ def classify_images(bundle: Bundle, images: Sequence[Image.Image], k: int = 5) -
     """Top-k predictions for decoded RGB images, one list per image."""
     if not images:
         return []
-    spec = bundle.spec
-    probs = bundle.predict(np.stack([preprocess(img, spec) for img in images]))
+    probs = bundle.predict(preprocess_batch(images, bundle.spec))
     return [top_k(p, bundle.labels, k) for p in probs]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -169,9 +170,16 @@ def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def preprocess_batch(images: list[Image.Image], spec: PreprocessSpec) -> np.ndarray:
+def preprocess_batch(images: Sequence[Image.Image], spec: PreprocessSpec) -> np.ndarray:
+    """Decoded images → float32 (N, 3, S, S), the model's input."""
     return (
         np.stack([preprocess(img, spec) for img in images])
-        if images
+        if len(images)
         else np.zeros((0, 3, spec.input_size, spec.input_size), np.float32)
     )
+
+
+def load_batches(paths: Sequence[str | Path], spec: PreprocessSpec, batch_size: int) -> Iterator[np.ndarray]:
+    """Image files → model input, ``batch_size`` images at a time (decoded with :func:`decode_image`)."""
+    for start in range(0, len(paths), batch_size):
+        yield preprocess_batch([decode_image(p) for p in paths[start : start + batch_size]], spec)

@@ -32,7 +32,7 @@ from service.bundle import (
     load_bundle,
     sha256_file,
 )
-from service.preprocess import decode_image, preprocess
+from service.preprocess import load_batches
 from training import runs
 from training.predict import predict_paths
 
@@ -135,21 +135,19 @@ def embed_manifest(path: Path, manifest: dict) -> None:
 
 
 def _ort_probs(session, paths: list[Path], spec, batch_size: int = 32) -> np.ndarray:
-    out = []
-    for start in range(0, len(paths), batch_size):
-        pixels = np.stack([preprocess(decode_image(p), spec) for p in paths[start : start + batch_size]])
-        out.append(session.run([OUTPUT_NAMES[0]], {INPUT_NAME: pixels})[0])
-    return np.concatenate(out)
+    return np.concatenate(
+        [
+            session.run([OUTPUT_NAMES[0]], {INPUT_NAME: pixels})[0]
+            for pixels in load_batches(paths, spec, batch_size)
+        ]
+    )
 
 
 class _Calibration:
     """ONNX Runtime CalibrationDataReader over preprocessed training images."""
 
     def __init__(self, paths: list[Path], spec, batch_size: int = 16) -> None:
-        self.batches = iter(
-            np.stack([preprocess(decode_image(p), spec) for p in paths[i : i + batch_size]])
-            for i in range(0, len(paths), batch_size)
-        )
+        self.batches = load_batches(paths, spec, batch_size)
 
     def get_next(self):
         batch = next(self.batches, None)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from models import Classifier
-from service.preprocess import PreprocessSpec, decode_image, preprocess
+from service.preprocess import PreprocessSpec, load_batches
 
 
 @torch.inference_mode()
@@ -19,8 +19,7 @@ def predict_paths(
     """Class probabilities (N, K) in fp32 for image files, preprocessed exactly as the service does."""
     model.eval()
     out = []
-    for start in range(0, len(paths), batch_size):
-        pixels = np.stack([preprocess(decode_image(p), spec) for p in paths[start : start + batch_size]])
+    for pixels in load_batches(paths, spec, batch_size):
         out.append(torch.softmax(model.logits(torch.from_numpy(pixels)), dim=1).numpy())
     k = model.head.cfg.num_classes
     return np.concatenate(out) if out else np.zeros((0, k), np.float32)

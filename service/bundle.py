@@ -12,6 +12,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,7 @@ class Bundle:
     def labels(self) -> list[str]:
         return self.manifest["labels"]
 
-    @property
+    @cached_property
     def spec(self) -> PreprocessSpec:
         return PreprocessSpec.from_dict(self.manifest["preprocess"])
 
@@ -173,11 +174,12 @@ def resolve_bundle_path(ref: str | Path) -> Path:
         ) from exc
 
 
-def verify_bundle(ref: str | Path) -> Path:
-    """Resolve a bundle directory or tag and check its files against the manifest; returns the directory."""
+def verify_bundle(ref: str | Path) -> tuple[Path, dict]:
+    """Resolve a bundle directory or tag and check its files against the manifest; returns (directory, manifest)."""
     bundle_dir = resolve_bundle_path(ref)
-    verify_files(bundle_dir, read_manifest(bundle_dir))
-    return bundle_dir
+    manifest = read_manifest(bundle_dir)
+    verify_files(bundle_dir, manifest)
+    return bundle_dir, manifest
 
 
 def load_bundle(
@@ -191,8 +193,7 @@ def load_bundle(
     """Load and verify a bundle (directory or store tag) into an ONNX Runtime session."""
     import onnxruntime as ort
 
-    bundle_dir = verify_bundle(ref)
-    manifest = read_manifest(bundle_dir)
+    bundle_dir, manifest = verify_bundle(ref)
     filename = {"fp32": MODEL_FP32, "int8": MODEL_INT8}.get(variant)
     if filename is None:
         raise BundleError(f"Invalid variant {variant!r}. Use fp32 or int8.")

@@ -342,16 +342,15 @@ def train(cfg: TrainConfig) -> Path:
     bf16 = _use_bf16(cfg)
     head_cfg = HeadConfig(backbone.num_features, len(labels), cfg.hidden, cfg.dropout, cfg.activation)
 
-    options = asdict(cfg)
-    options["weights"] = str(Path(cfg.weights).resolve()) if cfg.weights else None
+    weights_path = str(Path(cfg.weights).resolve()) if cfg.weights else None
     config = {
         "headstart_run": 1,
         "task": "classify",
-        "options": {**options, "weights": cfg.weights},
+        "options": asdict(cfg),
         "backbone": {
             "name": backbone.name,
             "pretrained": cfg.pretrained,
-            "weights_path": options["weights"],
+            "weights_path": weights_path,
             "weights": backbone.weights,
             "weights_sha256": backbone.weights_sha256,
             "num_features": backbone.num_features,

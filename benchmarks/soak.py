@@ -87,11 +87,17 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--interval", type=float, default=15)
+    parser.add_argument(
+        "--no-memory-arena",
+        action="store_true",
+        help="serve with HEADSTART_MEMORY_ARENA=0 (flat memory, lower throughput)",
+    )
     args = parser.parse_args()
     busy = check_idle()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_bundle(tmp)
-        with running_server(model, Path(tmp)) as (url, server, log):
+        env = {"HEADSTART_MEMORY_ARENA": "0"} if args.no_memory_arena else {}
+        with running_server(model, Path(tmp), **env) as (url, server, log):
             import httpx
 
             # the reference answer for each image: the server's own, one request at a time, before the load
@@ -112,9 +118,11 @@ def main() -> None:
           f"{stats['bad_other']} did not; 5xx: {stats['server_errors']}; client exceptions: {stats['exceptions']}")  # fmt: skip
     print("server RSS (MiB) over time: " + ", ".join(f"{t:.0f}s {m:.0f}" for t, m in stats["rss"]))
     first, last = stats["rss"][1][1], stats["rss"][-1][1]
-    print(
-        f"RSS after the first interval {first:.0f} MiB, at the end {last:.0f} MiB ({last - first:+.0f} MiB)"
-    )
+    third = next(m for t, m in stats["rss"] if t >= stats["seconds"] / 3)
+    good = stats["good_ok"] + stats["good_wrong"]
+    print(f"RSS after the first interval {first:.0f} MiB, at the end {last:.0f} MiB ({last - first:+.0f} MiB); "
+          f"over the last two thirds {last - third:+.0f} MiB ({(last - third) * 2**20 / max(1, good * 2 / 3):+.0f} "
+          f"bytes per good request)")  # fmt: skip
     print(f"server healthy afterwards: {healthy}; 'status=500' in server log: {text.count('status=500')}")
 
 

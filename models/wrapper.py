@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.heads import ClassifierHead
+from models.heads import ClassifierHead, GridHead
 
 
 class PixelNormalize(nn.Module):
@@ -46,3 +46,28 @@ class Classifier(nn.Module):
         probs = torch.softmax(self.head(fmap.mean(dim=(2, 3))), dim=1)
         class_map = torch.softmax(self.head.forward_map(fmap), dim=1)
         return probs, class_map
+
+
+class Detector(nn.Module):
+    """normalise → backbone feature map → grid head → decoded boxes.
+
+    ``forward`` returns ``(probabilities (N, K), boxes (N, M, 4), scores (N, M, K))`` with M = S·S·B predictors:
+    boxes are x1 y1 x2 y2 in input pixels, scores objectness × class probability, and ``probabilities`` the
+    image-level score of each class (its best predictor), which is what `classify` answers for a detector.
+    """
+
+    def __init__(
+        self, normalize: PixelNormalize, features: nn.Module, head: GridHead, input_size: int
+    ) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.features = features
+        self.head = head
+        self.input_size = input_size
+
+    def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.features(self.normalize(pixels))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        boxes, scores = self.head.decode(self.head(self.feature_map(pixels)), self.input_size)
+        return scores.amax(dim=1), boxes, scores

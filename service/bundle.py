@@ -97,10 +97,18 @@ class Bundle:
     def version(self) -> str:
         return self.manifest["version"]
 
-    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """pixels (N, 3, S, S) float32 in [0, 255] → (probabilities (N, K), class map (N, K, H, W))."""
-        probs, class_map = self.session.run(None, {self.manifest["input"]["name"]: pixels})
-        return probs, class_map
+    @property
+    def task(self) -> str:
+        return self.manifest.get("task", "classify")
+
+    def run(self, pixels: np.ndarray) -> list[np.ndarray]:
+        """pixels (N, 3, S, S) float32 in [0, 255] → every output, in the manifest's order.
+
+        A classifier gives (probabilities (N, K), class map (N, K, H, W)); a detector (probabilities (N, K),
+        boxes (N, M, 4), scores (N, M, K)).
+        """
+        names = [o["name"] for o in self.manifest["outputs"]]
+        return self.session.run(names, {self.manifest["input"]["name"]: pixels})
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run(
@@ -189,8 +197,14 @@ def load_bundle(
     device: str = "auto",
     threads: int | None = None,
     spinning: bool = True,
+    memory_arena: bool = True,
 ) -> Bundle:
-    """Load and verify a bundle (directory or store tag) into an ONNX Runtime session."""
+    """Load and verify a bundle (directory or store tag) into an ONNX Runtime session.
+
+    ``memory_arena=False`` turns off ONNX Runtime's CPU memory arena. The arena keeps the buffers of the largest
+    batch it has run and reuses them (about 1.5x the throughput with varying batch sizes), so a server's memory
+    rises to a plateau set by its largest batch; without it, memory stays at its start-up level.
+    """
     import onnxruntime as ort
 
     bundle_dir, manifest = verify_bundle(ref)
@@ -206,6 +220,7 @@ def load_bundle(
         # idle ONNX Runtime threads otherwise busy-wait, taking CPU from HTTP handling between requests
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = memory_arena
     providers = choose_providers(device)
     try:
         session = ort.InferenceSession(str(bundle_dir / filename), options, providers=providers)

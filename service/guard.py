@@ -20,6 +20,8 @@ MAX_REQUEST_BYTES = int(os.environ.get("HEADSTART_MAX_REQUEST_BYTES", 32 * 1024 
 FILE_ROUTES: dict[str, tuple[set[str], set[str]]] = {
     "/classify": ({"image"}, {"image", "top_k"}),
     "/classify_batch": ({"images"}, {"images"}),
+    "/localize": ({"image"}, {"image", "conf", "iou", "max_detections"}),
+    "/localize_image": ({"image"}, {"image", "conf", "iou", "max_detections"}),
 }
 
 

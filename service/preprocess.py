@@ -31,13 +31,22 @@ INTERPOLATIONS = {
 }
 
 
+FITS = ("crop", "pad")
+#: Letterbox padding colour (the grey YOLO detectors use).
+PAD_VALUE = (114, 114, 114)
+
+
 class ImageError(ValueError):
     """The bytes given cannot be used as an image. The message says why and what to do."""
 
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """How an image becomes model input: resize the shorter side to ``resize``, centre-crop ``input_size``.
+    """How an image becomes model input.
+
+    ``fit="crop"`` (classifiers): resize the shorter side to ``resize``, centre-crop ``input_size``.
+    ``fit="pad"`` (detectors, which must see the whole image): resize the longer side to ``input_size`` and pad the
+    rest evenly with grey (letterbox); ``resize`` is not used.
 
     ``mean``/``std`` are applied inside the model to pixels scaled to [0, 1]; they are recorded here so the
     manifest describes the whole pipeline.
@@ -51,8 +60,11 @@ class PreprocessSpec:
     color: str = "RGB"
     pixel_range: tuple[float, float] = field(default=(0.0, 255.0))
     layout: str = "NCHW"
+    fit: str = "crop"
 
     def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise ValueError(f"Invalid fit {self.fit!r}. Use one of {FITS}.")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"Invalid interpolation {self.interpolation!r}. Use one of {sorted(INTERPOLATIONS)}."
@@ -153,12 +165,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
-    """Resize the shorter side to ``spec.resize`` and take the centred ``spec.input_size`` square."""
-    width, height = img.size
+def resized_size(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:
+    """The (width, height) an image of ``size`` is resized to before the crop or the padding."""
+    width, height = size
+    if spec.fit == "pad":
+        scale = spec.input_size / max(width, height)
+        return max(1, min(spec.input_size, round(width * scale))), max(
+            1, min(spec.input_size, round(height * scale))
+        )
     scale = spec.resize / min(width, height)
-    new_w, new_h = max(spec.input_size, round(width * scale)), max(spec.input_size, round(height * scale))
+    return max(spec.input_size, round(width * scale)), max(spec.input_size, round(height * scale))
+
+
+def resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """The model's ``input_size`` square: centre crop after resizing the shorter side, or letterbox (``fit``)."""
+    new_w, new_h = resized_size(img.size, spec)
     img = img.resize((new_w, new_h), INTERPOLATIONS[spec.interpolation])
+    if spec.fit == "pad":
+        canvas = Image.new("RGB", (spec.input_size, spec.input_size), PAD_VALUE)
+        canvas.paste(img, ((spec.input_size - new_w) // 2, (spec.input_size - new_h) // 2))
+        return canvas
     left = (new_w - spec.input_size) // 2
     top = (new_h - spec.input_size) // 2
     return img.crop((left, top, left + spec.input_size, top + spec.input_size))

@@ -10,22 +10,28 @@ scope, so ``bentoml build`` packs that model into the bento (and the container f
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import bentoml
 from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from service.bundle import Bundle, BundleError, load_bundle, verify_bundle
 from service.guard import MAX_REQUEST_BYTES, RequestGuard
-from service.inference import classify_images
+from service.inference import classify_images, top_k
+from service.localize import LocalizeError, LocalizeParams, draw_detections, encode_jpeg, localize_images
 from service.preprocess import ImageError, decode_image
 
 log = logging.getLogger("headstart.service")
+T = TypeVar("T")
 
 
 def default_model_ref() -> str:
@@ -90,6 +96,31 @@ class BatchItem(BaseModel):
     error: str | None = None
 
 
+class Box(BaseModel):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class Detection(BaseModel):
+    label: str
+    index: int
+    confidence: float
+    box: Box
+
+
+class LocalizeResponse(BaseModel):
+    """Detections in original-image pixels (after EXIF rotation), best first, after non-maximum suppression."""
+
+    detections: list[Detection]
+    grid: list[int]
+    image_size: list[int]
+    method: str
+    predictions: list[Prediction]
+    model: ModelInfo
+
+
 class InfoResponse(BaseModel):
     name: str
     version: str
@@ -111,12 +142,22 @@ def _decode(path: Path):
         raise InvalidArgument(str(exc)) from exc
 
 
+def _params(conf: float, iou: float, max_detections: int) -> LocalizeParams:
+    try:
+        return LocalizeParams(conf=conf, iou=iou, max_detections=max_detections)
+    except LocalizeError as exc:
+        raise InvalidArgument(str(exc)) from exc
+
+
 def open_bundle() -> Bundle:
     device = os.environ.get("HEADSTART_DEVICE", "auto")
     variant = os.environ.get("HEADSTART_VARIANT", "fp32")
     spinning = os.environ.get("HEADSTART_SPINNING", "1") not in ("0", "false", "no")
+    arena = os.environ.get("HEADSTART_MEMORY_ARENA", "1") not in ("0", "false", "no")
     try:
-        return load_bundle(MODEL_REF, variant=variant, device=device, threads=THREADS, spinning=spinning)
+        return load_bundle(
+            MODEL_REF, variant=variant, device=device, threads=THREADS, spinning=spinning, memory_arena=arena
+        )
     except BundleError as exc:
         log.error("headstart cannot start: %s", exc)
         raise
@@ -130,8 +171,16 @@ class Headstart:
     def __init__(self) -> None:
         self.bundle = open_bundle()
         self.model = ModelInfo(name=self.bundle.name, version=self.bundle.version)
+        # Decoding, inference and drawing all run on this one thread. BentoML hands each request to whichever thread
+        # of its pool is free, and glibc keeps a heap per thread, each grown to the largest request it has handled:
+        # spread over the pool, memory rose in steps for minutes (benchmarks/RESULTS.md, soak). On one thread it
+        # stays flat, at no cost in throughput: BentoML runs one request per worker at a time anyway.
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="headstart-inference")
         log.info("headstart serving %s:%s (%s) with ONNX Runtime providers %s", self.bundle.name,
                  self.bundle.version, self.bundle.variant, self.bundle.providers)  # fmt: skip
+
+    def _on_worker(self, fn: Callable[..., T], *args) -> T:
+        return self._worker.submit(fn, *args).result()
 
     @bentoml.api(route="/classify")
     def classify(self, image: ImageFile, top_k: int = 5) -> ClassifyResponse:
@@ -141,7 +190,7 @@ class Headstart:
         """
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}.")
-        predictions = classify_images(self.bundle, [_decode(image)], top_k)[0]
+        predictions = self._on_worker(lambda: classify_images(self.bundle, [_decode(image)], top_k)[0])
         return ClassifyResponse(predictions=[Prediction(**p) for p in predictions], model=self.model)
 
     @bentoml.api(
@@ -152,6 +201,16 @@ class Headstart:
 
         An image that cannot be decoded gets an ``error`` in its own entry; the others are still answered.
         """
+        results, errors = self._on_worker(self._classify_many, images)
+        results = iter(results)
+        return [
+            BatchItem(model=self.model, error=err)
+            if err
+            else BatchItem(predictions=[Prediction(**p) for p in next(results)], model=self.model)
+            for err in errors
+        ]
+
+    def _classify_many(self, images: list[Path]) -> tuple[list[list[dict]], list[str | None]]:
         decoded, errors = [], []
         for path in images:
             try:
@@ -159,13 +218,41 @@ class Headstart:
                 errors.append(None)
             except ImageError as exc:
                 errors.append(str(exc))
-        results = iter(classify_images(self.bundle, decoded, 5))
-        return [
-            BatchItem(model=self.model, error=err)
-            if err
-            else BatchItem(predictions=[Prediction(**p) for p in next(results)], model=self.model)
-            for err in errors
-        ]
+        return classify_images(self.bundle, decoded, 5), errors
+
+    @bentoml.api(route="/localize")
+    def localize(
+        self, image: ImageFile, conf: float = 0.25, iou: float = 0.45, max_detections: int = 100
+    ) -> LocalizeResponse:
+        """Where each class is in one image: boxes in original pixels with label and confidence, after NMS.
+
+        ``conf`` (0-1): lowest confidence kept; ``iou`` (0-1): overlap above which a weaker box of the same class is
+        suppressed; ``max_detections``: 1 to 1000. ``method`` is ``cam`` for a classifier (class activation map on
+        the backbone grid) and ``trained`` for a detector. ``predictions`` are the top-5 image-level scores of the
+        same model run.
+        """
+        params = _params(conf, iou, max_detections)
+        result = self._on_worker(lambda: localize_images(self.bundle, [_decode(image)], params)[0])
+        return LocalizeResponse(
+            detections=result["detections"], grid=result["grid"], image_size=result["image_size"],
+            method=result["method"], predictions=[Prediction(**p) for p in top_k(result["scores"], self.bundle.labels, 5)],
+            model=self.model,
+        )  # fmt: skip
+
+    @bentoml.api(route="/localize_image")
+    def localize_image(
+        self, image: ImageFile, conf: float = 0.25, iou: float = 0.45, max_detections: int = 100
+    ) -> Annotated[Image.Image, ContentType("image/jpeg")]:
+        """The uploaded image (EXIF-rotated) with the boxes of `/localize` and their labels drawn on it, as JPEG."""
+        params = _params(conf, iou, max_detections)
+
+        def draw() -> bytes:
+            img = _decode(image)
+            return encode_jpeg(
+                draw_detections(img, localize_images(self.bundle, [img], params)[0]["detections"])
+            )
+
+        return Image.open(io.BytesIO(self._on_worker(draw)))
 
     @bentoml.api(route="/info")
     def info(self) -> InfoResponse:

@@ -13,10 +13,13 @@ log = logging.getLogger("headstart")
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a new head on a frozen pretrained backbone",
-                       description="Train a classifier head on a frozen pretrained backbone from an image folder "
-                       "(one subfolder per class, optionally inside train/ val/ test/).")  # fmt: skip
+                       description="Train a head on a frozen pretrained backbone: a classifier from an image folder "
+                       "(one subfolder per class, optionally inside train/ val/ test/), or a YOLO-style grid "
+                       "detector from a YOLO-format data set (a folder with data.yaml, or the yaml itself). "
+                       "Defaults marked * differ by task: classifier / detector.")  # fmt: skip
     p.add_argument(
-        "data_dir", help="image folder: one subfolder per class, optionally inside train/ and val/"
+        "data_dir",
+        help="image folder: one subfolder per class, optionally inside train/ and val/; or a YOLO data set",
     )
     p.add_argument("--out", required=True, help="run directory to write")
     g = p.add_argument_group("backbone")
@@ -47,15 +50,19 @@ def _add_train(sub) -> None:
         help="for augmented training views; auto = bf16 where the CPU has bf16 units",
     )
     g = p.add_argument_group("head")
-    g.add_argument("--hidden", type=int, default=0, help="hidden layer width (0 = linear head)")
-    g.add_argument("--dropout", type=float, default=0.2)
+    g.add_argument("--hidden", type=int, help="* hidden width: 0 (linear head) / 256")
+    g.add_argument("--dropout", type=float, help="* 0.2 / 0.1")
     g.add_argument("--activation", default="relu", choices=["relu", "leaky_relu"])
+    g = p.add_argument_group("detection (YOLO-format data sets only)")
+    g.add_argument("--input-size", type=int, help="square input, letterboxed (default 320: a 10x10 grid)")
+    g.add_argument("--boxes-per-cell", type=int, help="box predictors per grid cell (default 2)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--patience", type=int, default=10, help="early stopping on validation loss")
-    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--epochs", type=int, help="* 100 / 60")
+    g.add_argument("--patience", type=int, help="* early stopping: 10 epochs without a better val loss / "
+                   "15 epochs without a better val mAP@0.5")  # fmt: skip
+    g.add_argument("--batch-size", type=int, help="* 128 / 32")
     g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, help="* 1e-4 / 5e-4")
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument(
         "--class-weights",
@@ -70,12 +77,33 @@ def _add_train(sub) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+DETECT_ONLY = ("input_size", "boxes_per_cell")
+CLASSIFY_ONLY = ("unfreeze", "activation", "label_smoothing", "class_weights")
+
+
 def _cmd_train(args) -> int:
+    from training.detect_data import find_data_yaml
+
+    given = {k: v for k, v in vars(args).items() if v is not None}  # unset options take the task's default
+    if find_data_yaml(args.data_dir) is not None:
+        from training.detect import DetectConfig, train_detector
+
+        defaults = build_parser().parse_args(["train", "x", "--out", "x"])
+        changed = [k for k in CLASSIFY_ONLY if getattr(args, k) != getattr(defaults, k)]
+        if changed:
+            raise ValueError(f"--{changed[0].replace('_', '-')} applies to classification only; "
+                             f"{args.data_dir} is a YOLO detection data set.")  # fmt: skip
+        keys = DetectConfig.__dataclass_fields__
+        train_detector(DetectConfig(**{k: v for k, v in given.items() if k in keys}))
+        return 0
     from training.train import TrainConfig, train
 
+    for key in DETECT_ONLY:
+        if key in given:
+            raise ValueError(f"--{key.replace('_', '-')} applies to YOLO detection data sets (with a data.yaml); "
+                             f"{args.data_dir} has none.")  # fmt: skip
     keys = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in keys})
-    train(cfg)
+    train(TrainConfig(**{k: v for k, v in given.items() if k in keys}))
     return 0
 
 
@@ -116,32 +144,38 @@ def _cmd_predict(args) -> int:
             "(headstart export --out) or a model-store tag NAME[:VERSION]."
         )
     if (model_ref / "config.yaml").is_file():
-        from service.inference import top_k
-        from training.predict import predict_paths
+        from training.predict import RunModel
         from training.runs import load_run
 
-        run = load_run(model_ref, weights=args.weights)
-
-        def classify(path: Path) -> list[dict]:
-            return top_k(predict_paths(run.model, [path], run.spec)[0], run.labels, args.top_k)
+        model = RunModel(load_run(model_ref, weights=args.weights))
     else:
         from service.bundle import load_bundle
-        from service.inference import classify_images
 
-        bundle = load_bundle(args.model, variant=args.variant, device=args.device)
+        model = load_bundle(args.model, variant=args.variant, device=args.device)
+    from service.inference import classify_images
+    from service.localize import LocalizeParams, localize_images
 
-        def classify(path: Path) -> list[dict]:
-            return classify_images(bundle, [decode_image(path)], args.top_k)[0]
+    params = LocalizeParams(conf=args.conf) if args.localize else None
+
+    def classify(path: Path) -> dict:
+        img = decode_image(path)
+        out = {"predictions": classify_images(model, [img], args.top_k)[0]}
+        if params is not None:
+            result = localize_images(model, [img], params)[0]
+            out.update(
+                detections=result["detections"], method=result["method"], image_size=result["image_size"]
+            )
+        return out
 
     status = 0
     for image in args.images:
         try:
-            predictions = classify(Path(image))
+            result = classify(Path(image))
         except (ImageError, OSError) as exc:
             print(json.dumps({"image": image, "error": str(exc)}))
             status = 1
             continue
-        print(json.dumps({"image": image, "predictions": predictions}))
+        print(json.dumps({"image": image, **result}))
     return status
 
 
@@ -172,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory, bundle directory, or model-store tag NAME[:VERSION]")
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--localize", action="store_true", help="also print boxes (CAM for classifiers)")
+    p.add_argument("--conf", type=float, default=0.25, help="lowest box confidence with --localize")
     p.add_argument("--weights", help="backbone weights file, if it moved since training (run directories)")
     p.add_argument("--variant", default="fp32", choices=["fp32", "int8"], help="bundle model to use")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime device")

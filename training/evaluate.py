@@ -168,3 +168,59 @@ def write_evaluation(
     plot_confusion_matrix(metrics["confusion_matrix"], labels, out_dir / f"{prefix}confusion_matrix.png")
     plot_worst_predictions(paths, probs, targets, labels, spec, out_dir / f"{prefix}worst_predictions.png")
     return metrics
+
+
+def plot_detection_curves(history: list[dict], path: Path) -> None:
+    """Training loss (and its parts) per epoch, validation mAP where it was measured."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    for key in ("train_loss", "coord", "objectness", "class"):
+        ax1.plot(epochs, [h[key] for h in history], label=key)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss per image")
+    ax1.set_yscale("log")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    for key, label in (("val_map50", "mAP@0.5"), ("val_map50_95", "mAP@0.5:0.95")):
+        points = [(h["epoch"], h[key]) for h in history if key in h]
+        if points:
+            ax2.plot(*zip(*points, strict=True), marker="o", label=label)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_detections(
+    paths: Sequence[Path], preds: Sequence[dict], truth: Sequence[dict], labels: Sequence[str], path: Path,
+    conf: float = 0.25, max_images: int = 12,
+) -> None:  # fmt: skip
+    """Validation images with ground truth (white, dashed) and predictions above ``conf`` (red, labelled)."""
+    plt = _plt()
+    from matplotlib.patches import Rectangle
+
+    n = min(len(paths), max_images)
+    cols = 4
+    rows = max(1, int(np.ceil(n / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, p, pred, gt in zip(axes.ravel(), paths[:n], preds[:n], truth[:n], strict=False):
+        ax.imshow(decode_image(p))
+        for x1, y1, x2, y2 in gt["boxes"]:
+            ax.add_patch(
+                Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="white", linestyle="--", lw=1.2)
+            )
+        for (x1, y1, x2, y2), s, k in zip(pred["boxes"], pred["scores"], pred["labels"], strict=True):
+            if s >= conf:
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="red", lw=1.5))
+                ax.text(x1, y1, f"{labels[k]} {s:.2f}", color="white", fontsize=7, va="bottom",
+                        bbox={"facecolor": "red", "alpha": 0.7, "pad": 1, "lw": 0})  # fmt: skip
+        ax.set_title(Path(p).name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -40,6 +40,7 @@ log = logging.getLogger("headstart")
 
 INPUT_NAME = "pixels"
 OUTPUT_NAMES = ("probabilities", "class_map")
+DETECT_OUTPUT_NAMES = ("probabilities", "boxes", "scores")
 MAX_CHECK_IMAGES = 200
 MAX_CALIBRATION_IMAGES = 128
 
@@ -85,8 +86,10 @@ def _subsample(paths: list[Path], targets: np.ndarray, limit: int) -> tuple[list
     return [paths[i] for i in idx], targets[idx]
 
 
-def export_onnx(model: torch.nn.Module, path: Path, input_size: int, opset: int = 18) -> None:
-    """Export ``model`` (pixels → probabilities, class map) with a dynamic batch axis."""
+def export_onnx(
+    model: torch.nn.Module, path: Path, input_size: int, opset: int = 18, output_names=OUTPUT_NAMES
+) -> None:
+    """Export ``model`` (pixels → probabilities, class map; or a detector's outputs) with a dynamic batch axis."""
     model.eval()
     example = torch.rand(2, 3, input_size, input_size) * 255
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -96,7 +99,7 @@ def export_onnx(model: torch.nn.Module, path: Path, input_size: int, opset: int 
             (example,),
             dynamo=True,
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(output_names),
             dynamic_shapes=({0: batch},),
             opset_version=opset,
             optimize=True,
@@ -111,12 +114,8 @@ def export_onnx(model: torch.nn.Module, path: Path, input_size: int, opset: int 
             str(path),
             dynamo=False,
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={
-                INPUT_NAME: {0: "batch"},
-                OUTPUT_NAMES[0]: {0: "batch"},
-                OUTPUT_NAMES[1]: {0: "batch"},
-            },
+            output_names=list(output_names),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}},
             opset_version=17,
         )
 
@@ -132,6 +131,60 @@ def embed_manifest(path: Path, manifest: dict) -> None:
     model.doc_string = f"headstart {manifest['task']} model {manifest['name']}:{manifest['version']}"
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
+
+
+@torch.inference_mode()
+def _torch_outputs(model: torch.nn.Module, paths: list[Path], spec, batch_size: int = 32) -> list[np.ndarray]:
+    outs = [[o.numpy() for o in model(torch.from_numpy(px))] for px in load_batches(paths, spec, batch_size)]
+    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+
+
+def _ort_outputs(session, paths: list[Path], spec, batch_size: int = 32) -> list[np.ndarray]:
+    outs = [session.run(None, {INPUT_NAME: px}) for px in load_batches(paths, spec, batch_size)]
+    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+
+
+def _verify_detector(run: runs.LoadedRun, session, paths: list[Path]) -> dict:
+    """ONNX Runtime against PyTorch on the run's validation images: every output of every predictor."""
+    ref, got = _torch_outputs(run.model, paths, run.spec), _ort_outputs(session, paths, run.spec)
+    diffs = {
+        name: float(np.abs(a - b).max()) for name, a, b in zip(DETECT_OUTPUT_NAMES, ref, got, strict=True)
+    }
+    agreement = float((ref[0].argmax(1) == got[0].argmax(1)).mean())
+    log.info("ONNX Runtime vs PyTorch on %d validation images: max |Δ| %s, top-1 agreement %.2f%%", len(paths),
+             {k: f"{v:.2e}" for k, v in diffs.items()}, 100 * agreement)  # fmt: skip
+    # boxes are in input pixels (0.05 px is invisible); scores and probabilities are probabilities
+    if agreement < 1.0 or diffs["scores"] > 1e-3 or diffs["probabilities"] > 1e-3 or diffs["boxes"] > 0.05:
+        raise ExportError(
+            f"ONNX Runtime disagrees with PyTorch (max differences {diffs}, top-1 agreement {agreement:.2%}); "
+            "the export is not trustworthy and was not written."
+        )
+    return {"images": len(paths), "max_abs_diff": diffs, "top1_agreement": agreement}
+
+
+def _verify_classifier(
+    run: runs.LoadedRun, session, val_paths: list[Path], val_targets: np.ndarray
+) -> tuple[dict, np.ndarray]:
+    """ONNX Runtime against PyTorch on the run's validation images: 100% top-1 agreement, |Δp| at most 1e-3."""
+    torch_probs = predict_paths(run.model, val_paths, run.spec)
+    ort_probs = _ort_probs(session, val_paths, run.spec)
+    max_diff = float(np.abs(torch_probs - ort_probs).max())
+    agreement = float((torch_probs.argmax(1) == ort_probs.argmax(1)).mean())
+    log.info("ONNX Runtime vs PyTorch on %d validation images: max |Δp| %.2e, top-1 agreement %.2f%%",
+             len(val_paths), max_diff, 100 * agreement)  # fmt: skip
+    if agreement < 1.0 or max_diff > 1e-3:
+        raise ExportError(
+            f"ONNX Runtime disagrees with PyTorch (top-1 agreement {agreement:.2%}, max |Δp| {max_diff:.2e}); "
+            "the export is not trustworthy and was not written."
+        )
+    fp32_accuracy = float((ort_probs.argmax(1) == val_targets).mean())
+    verification = {
+        "images": len(val_paths),
+        "max_abs_prob_diff": max_diff,
+        "top1_agreement": agreement,
+        "onnx_accuracy": fp32_accuracy,
+    }
+    return verification, ort_probs
 
 
 def _ort_probs(session, paths: list[Path], spec, batch_size: int = 32) -> np.ndarray:
@@ -182,6 +235,31 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_paths: list[Path
     pre.unlink(missing_ok=True)
 
 
+def _describe_outputs(task: str, num_classes: int, fmap: list[int], head: dict) -> list[dict]:
+    if task == "detect":
+        predictors = fmap[0] * fmap[1] * head["boxes_per_cell"]
+        return [
+            {"name": "probabilities", "shape": ["batch", num_classes],
+             "what": "image-level class scores: each class's best predictor (objectness x class probability)"},
+            {"name": "boxes", "shape": ["batch", predictors, 4],
+             "what": f"x1 y1 x2 y2 in input pixels of every grid predictor ({fmap[0]}x{fmap[1]} cells x "
+                     f"{head['boxes_per_cell']} boxes)"},
+            {"name": "scores", "shape": ["batch", predictors, num_classes],
+             "what": "objectness x class probability per predictor and class"},
+        ]  # fmt: skip
+    return [
+        {"name": OUTPUT_NAMES[0], "shape": ["batch", num_classes], "what": "class probabilities"},
+        {"name": OUTPUT_NAMES[1], "shape": ["batch", num_classes, *fmap],
+         "what": "per-cell class probabilities (class activation map) on the feature grid"},
+    ]  # fmt: skip
+
+
+def _manifest_metrics(task: str, metrics: dict) -> dict:
+    keys = ("map50", "map50_95", "num_images", "num_boxes") if task == "detect" else (
+        "accuracy", "macro_f1", "calibration_error", "num_images")  # fmt: skip
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
 def export_bundle(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -197,6 +275,9 @@ def export_bundle(
     import onnxruntime as ort
 
     run = runs.load_run(run_dir, weights=weights)
+    task = run.config.get("task", "classify")
+    if task == "detect" and int8:
+        raise ExportError("--int8 is available for classifiers only; export the detector without --int8.")
     out = Path(out) if out else run.run_dir / "bundle"
     name = model_name(name or run.run_dir.resolve().name)
     version = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S") + secrets.token_hex(3)
@@ -206,30 +287,17 @@ def export_bundle(
     tmp.chmod(0o755)  # mkdtemp creates 0700; the bundle is meant to be read by a serving user
     try:
         fp32 = tmp / MODEL_FP32
-        export_onnx(run.model, fp32, run.spec.input_size)
+        output_names = DETECT_OUTPUT_NAMES if task == "detect" else OUTPUT_NAMES
+        export_onnx(run.model, fp32, run.spec.input_size, output_names=output_names)
         session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
         outputs = {o.name: o.shape for o in session.get_outputs()}
         fmap = run.config["backbone"]["feature_map"]
 
-        # parity with PyTorch on real validation images
-        torch_probs = predict_paths(run.model, val_paths, run.spec)
-        ort_probs = _ort_probs(session, val_paths, run.spec)
-        max_diff = float(np.abs(torch_probs - ort_probs).max())
-        agreement = float((torch_probs.argmax(1) == ort_probs.argmax(1)).mean())
-        log.info("ONNX Runtime vs PyTorch on %d validation images: max |Δp| %.2e, top-1 agreement %.2f%%",
-                 len(val_paths), max_diff, 100 * agreement)  # fmt: skip
-        if agreement < 1.0 or max_diff > 1e-3:
-            raise ExportError(
-                f"ONNX Runtime disagrees with PyTorch (top-1 agreement {agreement:.2%}, max |Δp| {max_diff:.2e}); "
-                "the export is not trustworthy and was not written."
-            )
-        fp32_accuracy = float((ort_probs.argmax(1) == val_targets).mean())
-        verification = {
-            "images": len(val_paths),
-            "max_abs_prob_diff": max_diff,
-            "top1_agreement": agreement,
-            "onnx_accuracy": fp32_accuracy,
-        }
+        if task == "detect":
+            verification = _verify_detector(run, session, val_paths)
+        else:
+            verification, ort_probs = _verify_classifier(run, session, val_paths, val_targets)
+            fp32_accuracy = verification["onnx_accuracy"]
 
         int8_info = None
         if int8:
@@ -277,17 +345,8 @@ def export_bundle(
                 "range": [0, 255],
                 "color": "RGB",
             },
-            "outputs": [
-                {"name": OUTPUT_NAMES[0], "shape": ["batch", len(run.labels)], "what": "class probabilities"},
-                {
-                    "name": OUTPUT_NAMES[1],
-                    "shape": ["batch", len(run.labels), *fmap],
-                    "what": "per-cell class probabilities (class activation map) on the feature grid",
-                },
-            ],
-            "metrics": {
-                k: run.metrics[k] for k in ("accuracy", "macro_f1", "calibration_error", "num_images")
-            },
+            "outputs": _describe_outputs(task, len(run.labels), fmap, run.config["head"]),
+            "metrics": _manifest_metrics(task, run.metrics),
             "verification": verification,
             "int8": int8_info,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -297,8 +356,8 @@ def export_bundle(
                 "onnxruntime": ort.__version__,
             },
         }
-        if set(outputs) != set(OUTPUT_NAMES):
-            raise ExportError(f"exported outputs {sorted(outputs)} are not {OUTPUT_NAMES}")
+        if set(outputs) != set(output_names):
+            raise ExportError(f"exported outputs {sorted(outputs)} are not {output_names}")
         embed_manifest(fp32, manifest)
         if int8:
             embed_manifest(tmp / MODEL_INT8, manifest)

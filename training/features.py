@@ -58,7 +58,7 @@ class FeatureCache:
         assert self.root is not None
         return self.root / key[:2] / f"{key}.npy"
 
-    def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    def get(self, key: str, shape: tuple[int, ...] | None, dtype=np.float32) -> np.ndarray | None:
         if self.root is None:
             return None
         path = self._path(key)
@@ -66,8 +66,8 @@ class FeatureCache:
             return None
         try:
             arr = np.load(path, allow_pickle=False)
-            if arr.shape != shape or arr.dtype != np.float32 or not np.isfinite(arr).all():
-                raise ValueError(f"shape {arr.shape} dtype {arr.dtype}, expected {shape} float32")
+            if (shape is not None and arr.shape != shape) or arr.dtype != dtype or not np.isfinite(arr).all():
+                raise ValueError(f"shape {arr.shape} dtype {arr.dtype}, expected {shape} {np.dtype(dtype)}")
             return arr
         except (OSError, ValueError, EOFError) as exc:
             log.warning("feature cache file %s is unreadable (%s); recomputing it", path, exc)
@@ -75,11 +75,11 @@ class FeatureCache:
             path.unlink(missing_ok=True)
             return None
 
-    def put(self, key: str, arr: np.ndarray) -> None:
+    def put(self, key: str, arr: np.ndarray, dtype=np.float32) -> None:
         if self.root is None:
             return
         buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+        np.save(buf, np.ascontiguousarray(arr, dtype=dtype), allow_pickle=False)
         atomic_write_bytes(self._path(key), buf.getvalue())
 
 
@@ -96,8 +96,10 @@ def _item_seed(seed: int, sample: Sample) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{sample.sha256}".encode()).digest()[:4], "little")
 
 
-def pooled_features_fn(model: torch.nn.Module, bf16: bool) -> Callable[[np.ndarray], np.ndarray]:
-    """pixels (N, 3, S, S) float32 → pooled features (N, C) float32.
+def pooled_features_fn(
+    model: torch.nn.Module, bf16: bool, pool: bool = True
+) -> Callable[[np.ndarray], np.ndarray]:
+    """pixels (N, 3, S, S) float32 → pooled features (N, C) float32 (``pool=False``: feature maps (N, C, H, W)).
 
     The frozen backbone is traced and frozen with TorchScript (conv/BatchNorm folding, oneDNN fusion) in
     channels_last; with ``bf16`` its weights are cast to bfloat16. ``benchmarks/feature_extraction.py`` measures the
@@ -127,7 +129,8 @@ def pooled_features_fn(model: torch.nn.Module, bf16: bool) -> Callable[[np.ndarr
     @torch.inference_mode()
     def run(pixels: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(pixels).to(dtype).contiguous(memory_format=torch.channels_last)
-        return run_net(x).float().mean(dim=(2, 3)).numpy()
+        out = run_net(x).float()
+        return (out.mean(dim=(2, 3)) if pool else out.contiguous()).numpy()
 
     return run
 

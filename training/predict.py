@@ -23,3 +23,22 @@ def predict_paths(
         out.append(torch.softmax(model.logits(torch.from_numpy(pixels)), dim=1).numpy())
     k = model.head.cfg.num_classes
     return np.concatenate(out) if out else np.zeros((0, k), np.float32)
+
+
+class RunModel:
+    """A trained run's PyTorch model behind the interface of :class:`service.bundle.Bundle` (``run``, ``predict``,
+    ``spec``, ``labels``, ``manifest``), so `headstart predict` answers through the service's own code paths."""
+
+    def __init__(self, run) -> None:
+        self.model = run.model.eval()
+        self.spec = run.spec
+        self.labels = run.labels
+        task = run.config.get("task", "classify")
+        self.manifest = {"task": task, "backbone": {"feature_map": run.config["backbone"]["feature_map"]}}
+
+    @torch.inference_mode()
+    def run(self, pixels: np.ndarray) -> list[np.ndarray]:
+        return [out.numpy() for out in self.model(torch.from_numpy(pixels))]
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        return self.run(pixels)[0]

@@ -91,7 +91,7 @@ class LoadedRun:
     config: dict
     labels: list[str]
     spec: PreprocessSpec
-    model: Classifier
+    model: torch.nn.Module  # Classifier, or Detector for task: detect
     metrics: dict
 
 
@@ -135,8 +135,13 @@ def load_run(run_dir: str | Path, weights: str | Path | None = None) -> LoadedRu
         result = backbone.features.load_state_dict(tail, strict=random_init)
         if result.unexpected_keys:
             raise RunError(f"{tail_path} has keys the backbone lacks: {result.unexpected_keys[:3]}")
-    head = ClassifierHead(HeadConfig(**config["head"]))
-    head.load_state_dict(load_safetensors(run_dir / HEAD))
-    model = Classifier(PixelNormalize(spec.mean, spec.std), backbone.features, head).eval()
+    if config.get("task") == "detect":
+        from training.detect import build_detector
+
+        model = build_detector(config, spec, backbone.features, load_safetensors(run_dir / HEAD))
+    else:
+        head = ClassifierHead(HeadConfig(**config["head"]))
+        head.load_state_dict(load_safetensors(run_dir / HEAD))
+        model = Classifier(PixelNormalize(spec.mean, spec.std), backbone.features, head).eval()
     metrics = json.loads((run_dir / METRICS).read_text())
     return LoadedRun(run_dir, config, labels, spec, model, metrics)

@@ -1,0 +1,273 @@
+"""Localization: where in the image, from one model run (torch-free, shared by the service and `headstart`).
+
+Two decoders turn a model's grid outputs into boxes in original-image pixels:
+
+- ``cam``: any classifier bundle. Its ``class_map`` output holds per-cell class probabilities on the backbone's
+  feature grid (class activation mapping). For every class whose image-level probability reaches ``conf``, the map is
+  upsampled, normalised to [0, 1] between its lowest and highest cell, and thresholded at ``region``; each connected
+  region becomes a box scored by the class probability times the region's peak relative to the map's peak.
+- ``trained``: a detector bundle (``task: detect``). Its ``boxes`` output holds every grid predictor's box in input
+  pixels and its ``scores`` output the objectness times class probability per class.
+
+Both then map boxes back through the preprocessing (resize and centre crop, or letterbox) to the original image,
+after EXIF rotation, clip them to the image, and keep the best per class with non-maximum suppression.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from service.bundle import Bundle
+from service.preprocess import PreprocessSpec, preprocess_batch, resized_size, to_rgb
+
+#: Upsampling of the CAM grid before thresholding: 4 sub-cells per feature cell and axis.
+CAM_UPSAMPLE = 4
+
+
+class LocalizeError(ValueError):
+    """A localization parameter is out of range; the message names it and the valid range."""
+
+
+@dataclass(frozen=True)
+class LocalizeParams:
+    conf: float = 0.25
+    iou: float = 0.45
+    max_detections: int = 100
+    region: float = 0.6
+
+    def __post_init__(self) -> None:
+        for name in ("conf", "iou", "region"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0) or value != value:
+                raise LocalizeError(f"{name} must be a number between 0 and 1, got {value!r}.")
+        if not 1 <= self.max_detections <= 1000:
+            raise LocalizeError(f"max_detections must be between 1 and 1000, got {self.max_detections}.")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """input pixel = original pixel * scale - offset, per axis; ``size`` is the original (width, height)."""
+
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+    size: tuple[int, int]
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """(M, 4) x1 y1 x2 y2 in input pixels → original pixels, clipped to the image."""
+        out = np.empty(boxes.shape, dtype=np.float64)
+        out[:, [0, 2]] = ((boxes[:, [0, 2]] + self.offset_x) / self.scale_x).clip(0, self.size[0])
+        out[:, [1, 3]] = ((boxes[:, [1, 3]] + self.offset_y) / self.scale_y).clip(0, self.size[1])
+        return out
+
+
+def geometry(size: tuple[int, int], spec: PreprocessSpec) -> Geometry:
+    """How :func:`service.preprocess.preprocess` placed an image of ``size`` in the model input."""
+    width, height = size
+    new_w, new_h = resized_size(size, spec)
+    if spec.fit == "pad":  # letterbox: centred, padded
+        offset_x, offset_y = -((spec.input_size - new_w) // 2), -((spec.input_size - new_h) // 2)
+    else:  # centre crop
+        offset_x, offset_y = (new_w - spec.input_size) // 2, (new_h - spec.input_size) // 2
+    return Geometry(new_w / width, new_h / height, offset_x, offset_y, size)
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one x1 y1 x2 y2 box with each of (M, 4) boxes."""
+    x1 = np.maximum(box[0], boxes[:, 0])
+    y1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[2], boxes[:, 2])
+    y2 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by per-class non-maximum suppression, best score first."""
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    suppressed = np.zeros(len(order), bool)
+    for rank, i in enumerate(order):
+        if suppressed[rank]:
+            continue
+        keep.append(int(i))
+        rest = order[rank + 1 :]
+        same = classes[rest] == classes[i]
+        overlap = np.zeros(len(rest), bool)
+        if same.any():
+            overlap[same] = box_iou(boxes[i], boxes[rest[same]]) > iou
+        suppressed[rank + 1 :] |= overlap
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _upsample(grid: np.ndarray, factor: int) -> np.ndarray:
+    """Bilinear upsampling of an (H, W) map by ``factor``, sample points at sub-cell centres."""
+    h, w = grid.shape
+    ys = (np.arange(h * factor) + 0.5) / factor - 0.5
+    xs = (np.arange(w * factor) + 0.5) / factor - 0.5
+    rows = np.stack([np.interp(xs, np.arange(w), grid[r]) for r in range(h)])
+    return np.stack([np.interp(ys, np.arange(h), rows[:, c]) for c in range(w * factor)], axis=1)
+
+
+def _regions(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """8-connected regions of a boolean mask as (rows, cols) index arrays."""
+    seen = np.zeros_like(mask)
+    h, w = mask.shape
+    regions = []
+    for r0, c0 in zip(*np.nonzero(mask), strict=True):
+        if seen[r0, c0]:
+            continue
+        stack, rows, cols = [(r0, c0)], [], []
+        seen[r0, c0] = True
+        while stack:
+            r, c = stack.pop()
+            rows.append(r)
+            cols.append(c)
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    rr, cc = r + dr, c + dc
+                    if 0 <= rr < h and 0 <= cc < w and mask[rr, cc] and not seen[rr, cc]:
+                        seen[rr, cc] = True
+                        stack.append((rr, cc))
+        regions.append((np.asarray(rows), np.asarray(cols)))
+    return regions
+
+
+def cam_boxes(
+    probs: np.ndarray, class_map: np.ndarray, input_size: int, params: LocalizeParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class activation maps of one image → (boxes in input pixels, scores, classes), before NMS."""
+    boxes, scores, classes = [], [], []
+    # per-cell softmax saturates near an object; centred log-probabilities are the per-cell logits minus their mean
+    # (the log-sum-exp cancels), the contrast between classes that class activation mapping looks at
+    log_p = np.log(np.clip(class_map.astype(np.float64), 1e-30, None))
+    contrast = log_p - log_p.mean(axis=0, keepdims=True)
+    for k in np.nonzero(probs >= params.conf)[0]:
+        grid = _upsample(contrast[k], CAM_UPSAMPLE)
+        low, peak = float(grid.min()), float(grid.max())
+        if peak - low < 1e-6:  # a flat map says nothing about where
+            continue
+        norm = (grid - low) / (peak - low)
+        step = input_size / grid.shape[1], input_size / grid.shape[0]
+        for rows, cols in _regions(norm >= params.region):
+            strength = float(norm[rows, cols].max())
+            boxes.append([cols.min() * step[0], rows.min() * step[1], (cols.max() + 1) * step[0],
+                          (rows.max() + 1) * step[1]])  # fmt: skip
+            scores.append(float(probs[k]) * strength)
+            classes.append(int(k))
+    return (
+        np.asarray(boxes, np.float64).reshape(-1, 4),
+        np.asarray(scores, np.float64),
+        np.asarray(classes, np.int64),
+    )
+
+
+def trained_boxes(
+    boxes: np.ndarray, scores: np.ndarray, params: LocalizeParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A detector's (M, 4) boxes and (M, K) class scores of one image → candidates above ``conf``, before NMS."""
+    cells, classes = np.nonzero(scores >= params.conf)
+    return (
+        boxes[cells].astype(np.float64),
+        scores[cells, classes].astype(np.float64),
+        classes.astype(np.int64),
+    )
+
+
+def decode(
+    outputs: Sequence[np.ndarray], task: str, geom: Geometry, labels: Sequence[str], input_size: int,
+    params: LocalizeParams,
+) -> list[dict]:  # fmt: skip
+    """One image's model outputs → detections in original pixels, best first, after NMS."""
+    if task == "detect":
+        boxes, scores, classes = trained_boxes(outputs[1], outputs[2], params)
+    else:
+        boxes, scores, classes = cam_boxes(outputs[0], outputs[1], input_size, params)
+    if len(boxes) == 0:
+        return []
+    boxes = geom.to_original(boxes)
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, scores, classes = boxes[valid], scores[valid], classes[valid]
+    keep = nms(boxes, scores, classes, params.iou)[: params.max_detections]
+    return [
+        {
+            "label": labels[classes[i]],
+            "index": int(classes[i]),
+            "confidence": float(scores[i]),
+            "box": dict(zip(("x1", "y1", "x2", "y2"), (round(float(v), 2) for v in boxes[i]), strict=True)),
+        }
+        for i in keep
+    ]
+
+
+def localize_images(
+    bundle: Bundle, images: Sequence[Image.Image], params: LocalizeParams | None = None
+) -> list[dict]:
+    """Decoded images → one ``{"detections", "grid", "image_size", "method", "scores"}`` per image.
+
+    ``scores`` are the image-level class scores of the same run (what `classify` answers), so a client needs one
+    request for both what and where.
+    """
+    params = params or LocalizeParams()
+    if not images:
+        return []
+    spec = bundle.spec
+    outputs = bundle.run(preprocess_batch(images, spec))
+    task = bundle.manifest.get("task", "classify")
+    grid = list(bundle.manifest["backbone"]["feature_map"])
+    results = []
+    for n, img in enumerate(images):
+        per_image = [out[n] for out in outputs]
+        detections = decode(per_image, task, geometry(img.size, spec), bundle.labels, spec.input_size, params)
+        results.append({
+            "detections": detections,
+            "grid": grid,
+            "image_size": list(img.size),
+            "method": "trained" if task == "detect" else "cam",
+            "scores": per_image[0],
+        })  # fmt: skip
+    return results
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]  # fmt: skip
+
+
+def draw_detections(img: Image.Image, detections: Sequence[dict]) -> Image.Image:
+    """A copy of the image (RGB) with each detection's box and ``label confidence`` drawn on it."""
+    canvas = to_rgb(img).copy()
+    draw = ImageDraw.Draw(canvas)
+    width = max(2, round(max(canvas.size) / 300))
+    font = _font(max(12, round(max(canvas.size) / 40)))
+    for det in reversed(detections):  # best drawn last, on top
+        color = PALETTE[det["index"] % len(PALETTE)]
+        b = det["box"]
+        draw.rectangle((b["x1"], b["y1"], b["x2"], b["y2"]), outline=color, width=width)
+        text = f"{det['label']} {det['confidence']:.2f}"
+        left, top, right, bottom = draw.textbbox((b["x1"], b["y1"]), text, font=font)
+        y = b["y1"] - (bottom - top) - 2 * width if b["y1"] - (bottom - top) - 2 * width >= 0 else b["y1"]
+        draw.rectangle((b["x1"], y, b["x1"] + (right - left) + 2 * width, y + (bottom - top) + 2 * width),
+                       fill=color)  # fmt: skip
+        draw.text((b["x1"] + width, y + width - (top - b["y1"])), text, fill=(255, 255, 255), font=font)
+    return canvas
+
+
+def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()

@@ -1,0 +1,271 @@
+"""YOLO-format detection data sets (Ultralytics / Roboflow exports): ``data.yaml`` plus image and label folders.
+
+``data.yaml`` names the classes (``names``: a list, or a mapping index → name) and the image folders (``train``,
+optionally ``val``; relative to ``path``, itself relative to the yaml file). Each image ``.../images/.../x.jpg`` has
+its labels in ``.../labels/.../x.txt``, one ``class cx cy w h`` line per object, normalised to [0, 1].
+
+Everything that is not usable is reported, never fatal: images without a label file are background images (kept:
+they teach the model where nothing is), label files without an image are listed, malformed label lines are
+reported with file and line and skipped, corrupt images are skipped.
+"""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from training.data import IMAGE_EXTENSIONS, DatasetError, _check_file
+
+
+@dataclass
+class DetSample:
+    path: Path
+    sha256: str
+    classes: np.ndarray  # (M,) int64
+    boxes: np.ndarray  # (M, 4) float32, YOLO cx cy w h normalised to the (EXIF-rotated) image
+
+    @property
+    def is_background(self) -> bool:
+        return len(self.classes) == 0
+
+
+@dataclass
+class DetectionReport:
+    root: Path
+    yaml_path: Path
+    labels: list[str]
+    splits: dict[str, list[DetSample]] = field(default_factory=dict)
+    split_source: str = "data.yaml"
+    background: list[str] = field(default_factory=list)
+    orphan_labels: list[str] = field(default_factory=list)
+    malformed: list[str] = field(default_factory=list)
+    corrupt: list[tuple[str, str]] = field(default_factory=list)
+
+    def box_counts(self, split: str) -> list[int]:
+        counts = [0] * len(self.labels)
+        for s in self.splits.get(split, []):
+            for c in s.classes:
+                counts[int(c)] += 1
+        return counts
+
+    def format(self) -> str:
+        lines = [
+            f"detection data set {self.yaml_path} ({len(self.labels)} classes, split: {self.split_source})"
+        ]
+        for split, items in self.splits.items():
+            boxes = sum(len(s.classes) for s in items)
+            lines.append(f"  {split:<6} {len(items):5d} images, {boxes:6d} boxes, "
+                         f"{sum(s.is_background for s in items)} background")  # fmt: skip
+        if self.background:
+            lines.append(f"  {len(self.background)} image(s) without a label file, used as background: "
+                         + ", ".join(self.background[:5]) + (" ..." if len(self.background) > 5 else ""))  # fmt: skip
+        if self.orphan_labels:
+            lines.append(f"  {len(self.orphan_labels)} label file(s) without an image, ignored: "
+                         + ", ".join(self.orphan_labels[:5]) + (" ..." if len(self.orphan_labels) > 5 else ""))  # fmt: skip
+        for line in self.malformed[:20]:
+            lines.append(f"  malformed label skipped: {line}")
+        if len(self.malformed) > 20:
+            lines.append(f"  ... {len(self.malformed) - 20} more malformed label lines")
+        for path, why in self.corrupt:
+            lines.append(f"  corrupt image skipped: {path}: {why}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "root": str(self.root),
+            "yaml": str(self.yaml_path),
+            "labels": self.labels,
+            "split_source": self.split_source,
+            "splits": {
+                split: {
+                    "images": len(items),
+                    "boxes": sum(len(s.classes) for s in items),
+                    "boxes_per_class": self.box_counts(split),
+                }
+                for split, items in self.splits.items()
+            },
+            "background_images": self.background,
+            "orphan_label_files": self.orphan_labels,
+            "malformed_label_lines": self.malformed,
+            "corrupt": [{"path": p, "reason": r} for p, r in self.corrupt],
+        }
+
+
+def find_data_yaml(data: str | Path) -> Path | None:
+    """The data set's yaml: ``data`` itself, or ``data.yaml`` / ``dataset.yaml`` inside the folder ``data``."""
+    data = Path(data)
+    if data.is_file() and data.suffix in (".yaml", ".yml"):
+        return data
+    for name in ("data.yaml", "data.yml", "dataset.yaml"):
+        if (data / name).is_file():
+            return data / name
+    return None
+
+
+def _names(raw, yaml_path: Path) -> list[str]:
+    if isinstance(raw, dict):
+        try:
+            keys = sorted(int(k) for k in raw)
+        except (TypeError, ValueError) as exc:
+            raise DatasetError(f"{yaml_path}: 'names' keys must be class indices 0..K-1.") from exc
+        if keys != list(range(len(keys))):
+            raise DatasetError(
+                f"{yaml_path}: 'names' must number the classes 0..{len(keys) - 1} without gaps."
+            )
+        return [str(raw[k] if k in raw else raw[str(k)]) for k in keys]
+    if isinstance(raw, list) and raw:
+        return [str(n) for n in raw]
+    raise DatasetError(f"{yaml_path} has no 'names' list of class names (e.g. names: [cat, dog]).")
+
+
+def label_path(image: Path) -> Path:
+    """``.../images/.../x.jpg`` → ``.../labels/.../x.txt`` (the Ultralytics convention)."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    else:
+        return image.with_suffix(".txt")
+    return Path(*parts).with_suffix(".txt")
+
+
+def parse_labels(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A label file → (classes (M,), boxes (M, 4) cx cy w h, problems as ``file:line: reason``)."""
+    classes, boxes, problems = [], [], []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return np.zeros(0, np.int64), np.zeros((0, 4), np.float32), [f"{path}: unreadable ({exc})"]
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"{path}:{n}"
+        if len(fields) != 5:
+            problems.append(f"{where}: expected 'class cx cy w h' (5 values), got {len(fields)}")
+            continue
+        try:
+            cls = int(fields[0])
+            cx, cy, w, h = (float(v) for v in fields[1:])
+        except ValueError:
+            problems.append(f"{where}: not numbers: {line.strip()[:60]!r}")
+            continue
+        if not 0 <= cls < num_classes:
+            problems.append(f"{where}: class {cls} is not in 0..{num_classes - 1}")
+            continue
+        if not all(np.isfinite([cx, cy, w, h])) or w <= 0 or h <= 0:
+            problems.append(f"{where}: width and height must be positive numbers")
+            continue
+        x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+        tol = 0.01
+        if x1 < -tol or y1 < -tol or x2 > 1 + tol or y2 > 1 + tol:
+            problems.append(
+                f"{where}: box ({cx}, {cy}, {w}, {h}) is outside the image (values are normalised)"
+            )
+            continue
+        x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(1.0, x2), min(1.0, y2)
+        classes.append(cls)
+        boxes.append([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
+    return np.asarray(classes, np.int64), np.asarray(boxes, np.float32).reshape(-1, 4), problems
+
+
+def _image_files(entry, base: Path, yaml_path: Path) -> list[Path]:
+    entries = entry if isinstance(entry, list) else [entry]
+    files: list[Path] = []
+    for item in entries:
+        path = (base / str(item)).resolve() if not Path(str(item)).is_absolute() else Path(str(item))
+        if path.is_dir():
+            files += sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+        elif path.is_file() and path.suffix == ".txt":  # a list of image paths
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    p = Path(line.strip())
+                    files.append(p if p.is_absolute() else (path.parent / p).resolve())
+        else:
+            raise DatasetError(
+                f"{yaml_path}: image folder {path} does not exist. Fix 'path', 'train' or 'val'."
+            )
+    return files
+
+
+def scan_yolo_dataset(
+    data: str | Path, *, val_fraction: float = 0.2, seed: int = 0, workers: int = 4
+) -> DetectionReport:
+    """Read and check a YOLO-format data set; returns its train/val splits and everything that was skipped."""
+    yaml_path = find_data_yaml(data)
+    if yaml_path is None:
+        raise DatasetError(
+            f"{data} has no data.yaml; a YOLO-format data set needs one with 'names' and 'train'."
+        )
+    try:
+        spec = yaml.safe_load(yaml_path.read_text())
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{yaml_path} is not valid YAML: {exc}") from exc
+    if not isinstance(spec, dict) or "train" not in spec:
+        raise DatasetError(f"{yaml_path} needs 'train' (an image folder) and 'names'.")
+    labels = _names(spec.get("names"), yaml_path)
+    base = (yaml_path.parent / str(spec.get("path") or ".")).resolve()
+    report = DetectionReport(root=base, yaml_path=yaml_path, labels=labels)
+
+    split_files = {"train": _image_files(spec["train"], base, yaml_path)}
+    if spec.get("val") and spec["val"] != spec["train"]:
+        split_files["val"] = _image_files(spec["val"], base, yaml_path)
+
+    def load(path: Path) -> tuple[Path, str, str, DetSample | None, list[str]]:
+        status, info = _check_file(path)
+        if status != "ok":
+            return path, status, info, None, []
+        lpath = label_path(path)
+        if not lpath.is_file():
+            return (
+                path,
+                "background",
+                "",
+                DetSample(path, info, np.zeros(0, np.int64), np.zeros((0, 4), np.float32)),
+                [],
+            )
+        classes, boxes, problems = parse_labels(lpath, len(labels))
+        return path, "ok", "", DetSample(path, info, classes, boxes), problems
+
+    image_stems: set[Path] = set()
+    with ThreadPoolExecutor(workers) as pool:
+        for split, files in split_files.items():
+            samples = []
+            for path, status, info, sample, problems in pool.map(load, files):
+                image_stems.add(label_path(path))
+                report.malformed += problems
+                if status == "corrupt":
+                    report.corrupt.append((str(path), info))
+                elif sample is not None:
+                    if status == "background":
+                        report.background.append(str(path))
+                    samples.append(sample)
+            report.splits[split] = samples
+    label_dirs = {label_path(f).parent for files in split_files.values() for f in files}
+    for folder in sorted(label_dirs):
+        if folder.is_dir():
+            report.orphan_labels += sorted(str(p) for p in folder.glob("*.txt") if p not in image_stems)
+
+    if "val" not in report.splits:
+        if not 0.0 < val_fraction < 1.0:
+            raise DatasetError(f"{yaml_path} names no 'val' images; --val-fraction must be in (0, 1).")
+        items = list(report.splits["train"])
+        random.Random(seed).shuffle(items)
+        n_val = max(1, round(len(items) * val_fraction))
+        report.splits = {"train": items[n_val:], "val": items[:n_val]}
+        report.split_source = f"random {val_fraction:.0%} of train (seed {seed})"
+    if not report.splits["train"] or not any(len(s.classes) for s in report.splits["train"]):
+        raise DatasetError(f"{yaml_path}: no training image has a usable box; check the label files.")
+    if not report.splits["val"]:
+        raise DatasetError(
+            f"{yaml_path}: no validation images. Add 'val' to the yaml or lower --val-fraction."
+        )
+    return report

@@ -29,6 +29,7 @@ from service.guard import MAX_REQUEST_BYTES, RequestGuard
 from service.inference import classify_images, top_k
 from service.localize import LocalizeError, LocalizeParams, draw_detections, encode_jpeg, localize_images
 from service.preprocess import ImageError, decode_image
+from service.webpage import WebPage
 
 log = logging.getLogger("headstart.service")
 T = TypeVar("T")
@@ -267,3 +268,4 @@ class Headstart:
 
 
 Headstart.add_asgi_middleware(RequestGuard)
+Headstart.add_asgi_middleware(WebPage)

@@ -285,9 +285,9 @@ def yolo_loss(
     classes = F.cross_entropy(raw[obj][:, 5:], tcls[obj], reduction="sum") if obj.any() else raw.sum() * 0
     total = (lambda_coord * coord + objectness + classes) / n
     return total, {
-        "coord": float(coord) / n,
-        "objectness": float(objectness) / n,
-        "class": float(classes) / n,
+        "coord": coord.item() / n,
+        "objectness": objectness.item() / n,
+        "class": classes.item() / n,
     }
 
 
@@ -318,7 +318,10 @@ def ground_truth_in_pixels(samples: list[DetSample], sizes: list[tuple[int, int]
 
 
 def mean_average_precision(preds: list[dict], truth: list[dict], labels: list[str]) -> dict:
-    """mAP@0.5, mAP@0.5:0.95 and per-class AP (torchmetrics' COCO evaluation with the pycocotools backend)."""
+    """mAP@0.5, mAP@0.5:0.95 and per-class AP (torchmetrics' COCO evaluation with the pycocotools backend).
+
+    ``per_class`` covers the classes present in the ground truth, with their number of boxes.
+    """
     from torchmetrics.detection import MeanAveragePrecision
 
     def tensors(items: list[dict], with_scores: bool) -> list[dict]:
@@ -342,6 +345,8 @@ def mean_average_precision(preds: list[dict], truth: list[dict], labels: list[st
     per_class = {}
     classes = res["classes"].reshape(-1).tolist()
     for i, k in enumerate(classes):
+        if counts[int(k)] == 0:  # predicted but absent from the ground truth: no AP (pycocotools says -1)
+            continue
         per_class[labels[int(k)]] = {
             "boxes": int(counts[int(k)]),
             "ap50": float(res50["map_per_class"].reshape(-1)[i]),
@@ -378,7 +383,7 @@ def fit_grid_head(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
             for k in parts_sum:
                 parts_sum[k] += parts[k] * len(idx)
         sched.step()

@@ -402,7 +402,7 @@ def import_to_store(bundle_dir: Path, manifest: dict) -> str:
         "labels": manifest["labels"],
         "backbone": manifest["backbone"]["name"],
         "input_size": manifest["preprocess"]["input_size"],
-        "accuracy": manifest["metrics"]["accuracy"],
+        **manifest["metrics"],
         "files": {k: v["sha256"] for k, v in manifest["files"].items()},
     }
     with bentoml.models.create(

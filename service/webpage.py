@@ -1,0 +1,173 @@
+"""A one-page web UI served by the service at ``/ui``: drop or pick an image, see the top classes and the boxes.
+
+Plain HTML and JavaScript, no build step and nothing fetched from elsewhere (the page works offline and inside a
+container). It calls the service's own ``/info`` and ``/localize``; the boxes are drawn over the image as the
+browser shows it (EXIF-rotated, like the boxes the service returns).
+"""
+
+from __future__ import annotations
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>headstart</title>
+<style>
+  body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 60rem; padding: 1rem; color: #222; }
+  h1 { font-size: 1.4rem; margin: 0 0 .25rem; }
+  #model { color: #666; font-size: .9rem; margin-bottom: 1rem; }
+  #drop { border: 2px dashed #999; border-radius: .5rem; padding: 1.5rem; text-align: center; cursor: pointer; }
+  #drop.over { border-color: #0a7; background: #efffe9; }
+  #controls { margin: .75rem 0; display: flex; gap: 1rem; align-items: center; }
+  #result { display: flex; gap: 1.5rem; flex-wrap: wrap; align-items: flex-start; }
+  #stage { position: relative; display: inline-block; max-width: 100%; }
+  #stage img { display: block; max-width: 100%; max-height: 70vh; }
+  .box { position: absolute; border: 2px solid; box-sizing: border-box; pointer-events: none; }
+  .box span { position: absolute; left: -2px; top: -1.3em; color: #fff; font-size: .75rem; padding: 0 .25em;
+              white-space: nowrap; }
+  #predictions { list-style: none; padding: 0; margin: 0; min-width: 14rem; }
+  #predictions li { display: flex; justify-content: space-between; gap: 1rem; padding: .2rem 0;
+                    border-bottom: 1px solid #eee; }
+  #error { color: #b00; margin: .5rem 0; }
+</style>
+</head>
+<body>
+<h1>headstart</h1>
+<div id="model">loading model information…</div>
+<label id="drop" for="file">Drop an image here, or click to pick one
+  <input id="file" type="file" accept="image/*" hidden>
+</label>
+<div id="controls">
+  <label>confidence ≥ <input id="conf" type="range" min="0.05" max="0.95" step="0.05" value="0.25">
+    <output id="conf-value">0.25</output></label>
+  <span id="status"></span>
+</div>
+<div id="error" role="alert"></div>
+<div id="result">
+  <div id="stage"></div>
+  <ol id="predictions"></ol>
+</div>
+<script>
+"use strict";
+const COLORS = ["#e6194b", "#3cb44b", "#0082c8", "#f58230", "#911eb4", "#46f0f0", "#f032e6", "#d2f53c",
+                "#008080", "#aa6e28"];
+const $ = (id) => document.getElementById(id);
+let current = null;
+
+fetch("info").then((r) => r.json()).then((info) => {
+  $("model").textContent = `${info.name}:${info.version} · ${info.task} · ${info.labels.length} classes · ` +
+    `${info.backbone} · ${info.providers.join(", ")}`;
+}).catch(() => { $("model").textContent = "model information unavailable"; });
+
+async function analyse(file) {
+  current = file;
+  $("error").textContent = "";
+  $("status").textContent = "analysing…";
+  const form = new FormData();
+  form.append("image", file, file.name || "image");
+  form.append("conf", $("conf").value);
+  let body;
+  try {
+    const resp = await fetch("localize", { method: "POST", body: form });
+    body = await resp.json();
+    if (!resp.ok) {
+      const message = Array.isArray(body) ? body.map((e) => e.error || e.msg).join("; ") : (body.error || resp.status);
+      throw new Error(message);
+    }
+  } catch (err) {
+    $("status").textContent = "";
+    $("error").textContent = `The service could not analyse this file: ${err.message}`;
+    return;
+  }
+  show(file, body);
+}
+
+function show(file, body) {
+  const stage = $("stage");
+  stage.replaceChildren();
+  const img = document.createElement("img");
+  img.alt = file.name || "uploaded image";
+  img.src = URL.createObjectURL(file);
+  stage.appendChild(img);
+  const [w, h] = body.image_size;
+  for (const det of body.detections) {
+    const b = det.box;
+    const div = document.createElement("div");
+    div.className = "box";
+    div.dataset.label = det.label;
+    const color = COLORS[det.index % COLORS.length];
+    div.style.borderColor = color;
+    div.style.left = `${(100 * b.x1) / w}%`;
+    div.style.top = `${(100 * b.y1) / h}%`;
+    div.style.width = `${(100 * (b.x2 - b.x1)) / w}%`;
+    div.style.height = `${(100 * (b.y2 - b.y1)) / h}%`;
+    const tag = document.createElement("span");
+    tag.style.background = color;
+    tag.textContent = `${det.label} ${det.confidence.toFixed(2)}`;
+    div.appendChild(tag);
+    stage.appendChild(div);
+  }
+  const list = $("predictions");
+  list.replaceChildren(...body.predictions.map((p) => {
+    const li = document.createElement("li");
+    li.className = "prediction";
+    li.dataset.label = p.label;
+    const name = document.createElement("span");
+    name.textContent = p.label;
+    const score = document.createElement("span");
+    score.textContent = `${(100 * p.score).toFixed(1)}%`;
+    li.append(name, score);
+    return li;
+  }));
+  $("status").textContent = `${body.detections.length} box(es), method: ${body.method}`;
+}
+
+$("file").addEventListener("change", (e) => { if (e.target.files.length) analyse(e.target.files[0]); });
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  if (e.dataTransfer.files.length) analyse(e.dataTransfer.files[0]);
+});
+$("conf").addEventListener("input", () => { $("conf-value").textContent = $("conf").value; });
+$("conf").addEventListener("change", () => { if (current) analyse(current); });
+</script>
+</body>
+</html>
+"""
+
+PAGE_BYTES = PAGE.encode()
+
+
+class WebPage:
+    """ASGI middleware answering ``GET /ui`` with the page; everything else goes to the service."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("path") == "/ui/":  # the page's links are relative to /ui
+            await self._respond(send, 308, b"", "text/plain; charset=utf-8", [(b"location", b"/ui")])
+            return
+        if scope["type"] == "http" and scope.get("path") == "/ui":
+            if scope.get("method") not in ("GET", "HEAD"):
+                await self._respond(
+                    send, 405, b"Use GET /ui.\n", "text/plain; charset=utf-8", [(b"allow", b"GET")]
+                )
+                return
+            body = PAGE_BYTES if scope.get("method") == "GET" else b""
+            await self._respond(send, 200, body, "text/html; charset=utf-8", [], length=len(PAGE_BYTES))
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _respond(
+        send, status: int, body: bytes, ctype: str, extra: list, length: int | None = None
+    ) -> None:
+        headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body) if length is None else
+                   length).encode()), (b"cache-control", b"no-cache"), *extra]  # fmt: skip
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -13,11 +13,12 @@ PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>headstart</title>
+<link rel="icon" href="data:,">
 <style>
   body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 60rem; padding: 1rem; color: #222; }
   h1 { font-size: 1.4rem; margin: 0 0 .25rem; }
   #model { color: #666; font-size: .9rem; margin-bottom: 1rem; }
-  #drop { border: 2px dashed #999; border-radius: .5rem; padding: 1.5rem; text-align: center; cursor: pointer; }
+  #drop { display: block; border: 2px dashed #999; border-radius: .5rem; padding: 1.5rem; text-align: center; cursor: pointer; }
   #drop.over { border-color: #0a7; background: #efffe9; }
   #controls { margin: .75rem 0; display: flex; gap: 1rem; align-items: center; }
   #result { display: flex; gap: 1.5rem; flex-wrap: wrap; align-items: flex-start; }
@@ -55,7 +56,8 @@ const COLORS = ["#e6194b", "#3cb44b", "#0082c8", "#f58230", "#911eb4", "#46f0f0"
 const $ = (id) => document.getElementById(id);
 let current = null;
 
-fetch("info").then((r) => r.json()).then((info) => {
+fetch("info", { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" })
+  .then((r) => r.json()).then((info) => {
   $("model").textContent = `${info.name}:${info.version} · ${info.task} · ${info.labels.length} classes · ` +
     `${info.backbone} · ${info.providers.join(", ")}`;
 }).catch(() => { $("model").textContent = "model information unavailable"; });

@@ -1,0 +1,93 @@
+"""The web page at /ui, driven in headless Chromium (Debian's chromium + chromium-driver) against `bentoml serve`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import httpx
+import pytest
+
+from .images import BEE
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        if os.environ.get("CI"):
+            pytest.fail(
+                "CI must test the web page: install Debian's chromium and chromium-driver (.ci/run does)"
+            )
+        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="headstart-chromium-")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", "--window-size=1200,900"):  # fmt: skip
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_page_is_served(server):
+    url, _, _ = server
+    resp = httpx.get(f"{url}/ui", timeout=10)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+    assert '<input id="file" type="file"' in resp.text
+    assert httpx.get(f"{url}/ui/", timeout=10, follow_redirects=False).headers["location"] == "/ui"
+    assert httpx.post(f"{url}/ui", timeout=10).status_code == 405
+
+
+def test_picking_an_image_shows_top_classes_and_boxes(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _, _ = server
+    browser.get(f"{url}/ui")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: "ants-bees" in d.find_element(By.ID, "model").text)  # /info answered
+    browser.find_element(By.ID, "file").send_keys(str(BEE))
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#predictions li.prediction")))
+    labels = [
+        li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "li.prediction")
+    ]
+    assert labels[0] == "bees" and set(labels) == {"ants", "bees"}
+    boxes = browser.find_elements(By.CSS_SELECTOR, "#stage .box")
+    assert boxes and boxes[0].get_attribute("data-label") == "bees"
+    img = browser.find_element(By.CSS_SELECTOR, "#stage img")
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
+    box, pic = boxes[0].rect, img.rect  # the box is drawn over the picture
+    assert pic["x"] - 1 <= box["x"] and box["x"] + box["width"] <= pic["x"] + pic["width"] + 1
+    assert pic["y"] - 1 <= box["y"] and box["y"] + box["height"] <= pic["y"] + pic["height"] + 1
+    assert "method: cam" in browser.find_element(By.ID, "status").text
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe
+
+
+def test_a_file_that_is_not_an_image_shows_the_services_message(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _, _ = server
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    browser.get(f"{url}/ui")
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").text)
+    assert "could not analyse" in browser.find_element(By.ID, "error").text

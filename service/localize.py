@@ -117,28 +117,39 @@ def _upsample(grid: np.ndarray, factor: int) -> np.ndarray:
     return np.stack([np.interp(ys, np.arange(h), rows[:, c]) for c in range(w * factor)], axis=1)
 
 
-def _regions(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """8-connected regions of a boolean mask as (rows, cols) index arrays."""
-    seen = np.zeros_like(mask)
-    h, w = mask.shape
-    regions = []
-    for r0, c0 in zip(*np.nonzero(mask), strict=True):
-        if seen[r0, c0]:
-            continue
-        stack, rows, cols = [(r0, c0)], [], []
-        seen[r0, c0] = True
-        while stack:
-            r, c = stack.pop()
-            rows.append(r)
-            cols.append(c)
-            for dr in (-1, 0, 1):
-                for dc in (-1, 0, 1):
-                    rr, cc = r + dr, c + dc
-                    if 0 <= rr < h and 0 <= cc < w and mask[rr, cc] and not seen[rr, cc]:
-                        seen[rr, cc] = True
-                        stack.append((rr, cc))
-        regions.append((np.asarray(rows), np.asarray(cols)))
-    return regions
+def _regions(values: np.ndarray, threshold: float) -> list[tuple[int, int, int, int, float]]:
+    """8-connected regions of ``values >= threshold`` as (row0, row1, col0, col1, peak), inclusive bounds.
+
+    Runs of each row are joined to the overlapping (or diagonally touching) runs of the row above with union-find:
+    a few hundred Python steps for a 28 x 28 map, where a cell-by-cell flood fill took milliseconds.
+    """
+    mask = values >= threshold
+    runs: list[tuple[int, int, int]] = []  # (row, start, end exclusive)
+    row_runs: list[list[int]] = []
+    for r in range(mask.shape[0]):
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], mask[r].view(np.int8), [0]))))
+        row_runs.append(list(range(len(runs), len(runs) + len(edges) // 2)))
+        runs += [(r, int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    parent = list(range(len(runs)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for r in range(1, mask.shape[0]):
+        for i in row_runs[r]:
+            for j in row_runs[r - 1]:
+                if runs[j][1] <= runs[i][2] and runs[i][1] <= runs[j][2]:  # overlap, diagonal contact included
+                    parent[find(i)] = find(j)
+    regions: dict[int, list[float]] = {}
+    for i, (r, a, b) in enumerate(runs):
+        peak = float(values[r, a:b].max())
+        box = regions.setdefault(find(i), [r, r, a, b - 1, peak])
+        box[0], box[1] = min(box[0], r), max(box[1], r)
+        box[2], box[3], box[4] = min(box[2], a), max(box[3], b - 1), max(box[4], peak)
+    return [(int(r0), int(r1), int(c0), int(c1), peak) for r0, r1, c0, c1, peak in regions.values()]
 
 
 def cam_boxes(
@@ -157,11 +168,9 @@ def cam_boxes(
             continue
         norm = (grid - low) / (peak - low)
         step = input_size / grid.shape[1], input_size / grid.shape[0]
-        for rows, cols in _regions(norm >= params.region):
-            strength = float(norm[rows, cols].max())
-            boxes.append([cols.min() * step[0], rows.min() * step[1], (cols.max() + 1) * step[0],
-                          (rows.max() + 1) * step[1]])  # fmt: skip
-            scores.append(float(probs[k]) * strength)
+        for r0, r1, c0, c1, peak in _regions(norm, params.region):
+            boxes.append([c0 * step[0], r0 * step[1], (c1 + 1) * step[0], (r1 + 1) * step[1]])
+            scores.append(float(probs[k]) * peak)
             classes.append(int(k))
     return (
         np.asarray(boxes, np.float64).reshape(-1, 4),

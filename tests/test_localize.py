@@ -474,3 +474,42 @@ def test_localize_bad_parameters_are_4xx_with_a_message(server, route, field, va
                       data={field: value}, timeout=30)  # fmt: skip
     assert resp.status_code == 400, (resp.status_code, resp.text)
     assert needle in resp.text
+
+
+def _flood_fill_regions(values: np.ndarray, threshold: float) -> set[tuple[int, int, int, int, float]]:
+    """Reference: cell-by-cell 8-connected flood fill; region bounds (row0, row1, col0, col1) and peak value."""
+    mask = values >= threshold
+    seen = np.zeros_like(mask)
+    out = set()
+    for r0, c0 in zip(*np.nonzero(mask), strict=True):
+        if seen[r0, c0]:
+            continue
+        stack, cells = [(r0, c0)], []
+        seen[r0, c0] = True
+        while stack:
+            r, c = stack.pop()
+            cells.append((r, c))
+            for rr in range(r - 1, r + 2):
+                for cc in range(c - 1, c + 2):
+                    if (
+                        0 <= rr < mask.shape[0]
+                        and 0 <= cc < mask.shape[1]
+                        and mask[rr, cc]
+                        and not seen[rr, cc]
+                    ):
+                        seen[rr, cc] = True
+                        stack.append((rr, cc))
+        rows, cols = zip(*cells, strict=True)
+        out.add((min(rows), max(rows), min(cols), max(cols), float(values[list(rows), list(cols)].max())))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_region_labelling_matches_a_flood_fill(seed):
+    from service.localize import _regions
+
+    rng = np.random.default_rng(seed)
+    values = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30))))
+    threshold = float(rng.uniform(0.3, 0.9))
+    got = _regions(values, threshold)
+    assert len(got) == len(set(got)) and set(got) == _flood_fill_regions(values, threshold)

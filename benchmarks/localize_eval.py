@@ -2,6 +2,7 @@
 
 1. Train the YOLO-style grid head on the first 100 coco128 images (by file name) and evaluate on the last 28:
    mAP@0.5, mAP@0.5:0.95 (torchmetrics / pycocotools) and AP per class with at least 5 boxes in those 28 images.
+   The head after the last epoch is evaluated (no epoch is picked by its score on the 28 evaluation images).
 2. Baseline, in the same run on the same 28 images: every class seen in training predicted in every image at its
    mean training box, scored by its share of the training boxes.
 3. Latency of `localize` against `classify` on the same exported model, one image at a time: in process (decode +
@@ -135,7 +136,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DetectConfig(data_dir=str(COCO), out=f"{tmp}/run", backbone="torchvision:mobilenet_v2", weights=str(WEIGHTS),
                            input_size=args.input_size, views=args.views, epochs=args.epochs, hidden=args.hidden,
-                           augment=args.augment, seed=args.seed, cache_dir=f"{tmp}/cache", progress=False)  # fmt: skip
+                           augment=args.augment, seed=args.seed, cache_dir=f"{tmp}/cache", progress=False,
+                           select="last")  # fmt: skip
         t0 = time.perf_counter()
         run = train_detector(cfg, report)
         seconds = time.perf_counter() - t0

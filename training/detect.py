@@ -69,6 +69,7 @@ class DetectConfig:
     dropout: float = 0.1
     epochs: int = 60
     patience: int = 15
+    select: str = "best"  # best: the epoch with the best val mAP@0.5 (early stopping); last: the final epoch
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 5e-4
@@ -99,6 +100,8 @@ class DetectConfig:
             raise ValueError("--views, --epochs, --batch-size and --patience must be at least 1.")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"Invalid --precision {self.precision!r}. Use auto, fp32 or bf16.")
+        if self.select not in ("best", "last"):
+            raise ValueError(f"Invalid select {self.select!r}: best or last.")
         if self.resume:
             raise ValueError("--resume is for classification runs; rerun a detection run with --overwrite.")
 
@@ -405,12 +408,14 @@ def fit_grid_head(
                     epoch,
                     0,
                 )
-            else:
+            elif cfg.select == "best":
                 stale += cfg.eval_every
                 if stale >= cfg.patience:
                     history.append(row)
                     break
         history.append(row)
+    if cfg.select == "last":
+        best, best_epoch = copy.deepcopy(head.state_dict()), history[-1]["epoch"]
     return (
         best,
         history,

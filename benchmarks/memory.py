@@ -1,0 +1,110 @@
+"""Where a server's memory goes: ONNX Runtime's memory arena, and requests spread over many threads.
+
+Each case runs in a fresh process for ``--seconds`` and prints resident memory (RSS) every few seconds and the
+throughput, so the ratios are measured in one run on one machine:
+
+- ``arena`` / ``no-arena``: one thread runs decode + preprocess + ONNX Runtime on random batch sizes 1-32 (as
+  adaptive batching produces), with the CPU memory arena on (the default) and off (HEADSTART_MEMORY_ARENA=0).
+- ``spread`` / ``one-thread``: 16 threads send single images, either each running the work itself (as BentoML's
+  thread pool did) or handing it to one inference thread (what the service does now).
+
+    .venv/bin/python benchmarks/memory.py --model BUNDLE [--seconds 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from _common import SHARED, check_idle
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg"))
+
+
+def child(case: str, model: str, seconds: float) -> None:
+    import psutil
+
+    sys.path.insert(0, str(ROOT))
+    from service.bundle import load_bundle
+    from service.inference import classify_images
+    from service.preprocess import decode_image
+
+    bundle = load_bundle(
+        model, threads=2 if case in ("arena", "no-arena") else 1, memory_arena=case != "no-arena"
+    )
+    data = [p.read_bytes() for p in IMAGES]
+    proc = psutil.Process()
+    samples, count, stop = [], [0], time.perf_counter() + seconds
+    start_rss = proc.memory_info().rss / 2**20
+
+    def batches() -> None:
+        rng = random.Random(0)
+        while time.perf_counter() < stop:
+            n = rng.randint(1, 32)
+            classify_images(bundle, [decode_image(data[(count[0] + i) % len(data)]) for i in range(n)])
+            count[0] += n
+
+    worker = ThreadPoolExecutor(1)
+
+    def single(k: int) -> None:
+        i = k
+        while time.perf_counter() < stop:
+            i += 16
+            blob = data[i % len(data)]
+            if case == "spread":
+                classify_images(bundle, [decode_image(blob)])
+            else:
+                worker.submit(lambda b=blob: classify_images(bundle, [decode_image(b)])).result()
+            count[0] += 1
+
+    threads = [threading.Thread(target=batches)] if case in ("arena", "no-arena") else [
+        threading.Thread(target=single, args=(k,)) for k in range(16)]  # fmt: skip
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    while time.perf_counter() < stop:
+        time.sleep(min(5.0, max(0.0, stop - time.perf_counter())))
+        samples.append((round(time.perf_counter() - t0), round(proc.memory_info().rss / 2**20)))
+    for t in threads:
+        t.join()
+    print(json.dumps({"case": case, "start": round(start_rss), "samples": samples,
+                      "images_per_s": count[0] / (time.perf_counter() - t0)}))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="bundle directory or model-store tag")
+    parser.add_argument("--seconds", type=float, default=40)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.model, args.seconds)
+        return
+    busy = check_idle()
+    print(f"other CPU use before: {busy:.0%}; {args.seconds:.0f} s per case, RSS in MiB")
+    results = {}
+    for case in ("arena", "no-arena", "spread", "one-thread"):
+        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--seconds", str(args.seconds),
+                              "--child", case], capture_output=True, text=True, check=True).stdout  # fmt: skip
+        results[case] = json.loads(out.strip().splitlines()[-1])
+        r = results[case]
+        curve = ", ".join(f"{t}s {m}" for t, m in r["samples"])
+        print(f"{case:<11} {r['images_per_s']:6.1f} img/s  RSS at start {r['start']}, then {curve}")
+    for a, b in (("arena", "no-arena"), ("one-thread", "spread")):
+        ra, rb = results[a], results[b]
+        print(f"{a} / {b}: throughput {ra['images_per_s'] / rb['images_per_s']:.2f}x, final RSS "
+              f"{ra['samples'][-1][1] / rb['samples'][-1][1]:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -5,8 +5,9 @@ throughput, so the ratios are measured in one run on one machine:
 
 - ``arena`` / ``no-arena``: one thread runs decode + preprocess + ONNX Runtime on random batch sizes 1-32 (as
   adaptive batching produces), with the CPU memory arena on (the default) and off (HEADSTART_MEMORY_ARENA=0).
-- ``spread`` / ``one-thread``: 16 threads send single images, either each running the work itself (as BentoML's
-  thread pool did) or handing it to one inference thread (what the service does now).
+- ``spread`` / ``one-thread``: 16 threads send single images, one at a time (as BentoML runs a worker's requests),
+  either each running the work itself under a lock (as BentoML's thread pool did) or handing it to one inference
+  thread (what the service does now).
 
     .venv/bin/python benchmarks/memory.py --model BUNDLE [--seconds 40]
 """
@@ -53,6 +54,7 @@ def child(case: str, model: str, seconds: float) -> None:
             count[0] += n
 
     worker = ThreadPoolExecutor(1)
+    lock = threading.Lock()
 
     def single(k: int) -> None:
         i = k
@@ -60,7 +62,8 @@ def child(case: str, model: str, seconds: float) -> None:
             i += 16
             blob = data[i % len(data)]
             if case == "spread":
-                classify_images(bundle, [decode_image(blob)])
+                with lock:
+                    classify_images(bundle, [decode_image(blob)])
             else:
                 worker.submit(lambda b=blob: classify_images(bundle, [decode_image(b)])).result()
             count[0] += 1

@@ -513,3 +513,18 @@ def test_region_labelling_matches_a_flood_fill(seed):
     threshold = float(rng.uniform(0.3, 0.9))
     got = _regions(values, threshold)
     assert len(got) == len(set(got)) and set(got) == _flood_fill_regions(values, threshold)
+
+
+@pytest.mark.slow
+def test_evaluate_a_detector_on_a_yolo_data_set(detector_run, tmp_path):
+    import subprocess
+    import sys
+
+    run, _ = detector_run
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "evaluate", str(run), str(COCO128), "--out",
+                           str(tmp_path / "eval")], capture_output=True, text=True, check=True)  # fmt: skip
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["num_images"] == 128 and 0 <= summary["map50_95"] <= summary["map50"] <= 1
+    assert (tmp_path / "eval" / "predictions.png").is_file()
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["data"]["background_images"] and saved["map50"] == summary["map50"]

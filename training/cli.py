@@ -116,6 +116,8 @@ def _cmd_evaluate(args) -> int:
     from training.runs import load_run, write_json
 
     run = load_run(args.run_dir, weights=args.weights)
+    if run.config.get("task") == "detect":
+        return _evaluate_detector(run, args)
     report = scan_eval_folder(args.data_dir, run.labels)
     log.info("%s", report.format())
     samples = report.splits["eval"]
@@ -127,6 +129,33 @@ def _cmd_evaluate(args) -> int:
     metrics = {"split": str(Path(args.data_dir).resolve()), **metrics, "data": report.to_dict()}
     write_json(out / "metrics.json", metrics)
     summary = {k: metrics[k] for k in ("num_images", "accuracy", "macro_f1", "calibration_error")}
+    print(json.dumps({**summary, "out": str(out)}))
+    return 0
+
+
+def _evaluate_detector(run, args) -> int:
+    """mAP of a detection run on every image of a YOLO-format data set (all its splits)."""
+    from training.detect import evaluate_detector
+    from training.detect_data import scan_yolo_dataset
+    from training.evaluate import plot_detections
+    from training.runs import write_json
+
+    report = scan_yolo_dataset(args.data_dir)
+    log.info("%s", report.format())
+    if report.labels != run.labels:
+        raise ValueError(
+            f"{report.yaml_path} names other classes than the run was trained on; cannot evaluate."
+        )
+    samples = [s for split in report.splits.values() for s in split]
+    out = Path(args.out) if args.out else run.run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics, preds, truth = evaluate_detector(run.model, samples, run.spec, run.labels)
+    plot_detections([s.path for s in samples], preds, truth, run.labels, out / "predictions.png")
+    write_json(
+        out / "metrics.json",
+        {"split": str(Path(args.data_dir).resolve()), **metrics, "data": report.to_dict()},
+    )
+    summary = {k: metrics[k] for k in ("num_images", "num_boxes", "map50", "map50_95")}
     print(json.dumps({**summary, "out": str(out)}))
     return 0
 

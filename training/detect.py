@@ -561,3 +561,23 @@ def build_detector(config: dict, spec: PreprocessSpec, features: nn.Module, head
     head = GridHead(GridHeadConfig.from_dict(config["head"]))
     head.load_state_dict(head_state)
     return Detector(PixelNormalize(spec.mean, spec.std), features, head, spec.input_size).eval()
+
+
+@torch.inference_mode()
+def evaluate_detector(
+    model: Detector, samples: list[DetSample], spec: PreprocessSpec, labels: list[str], batch_size: int = 16
+) -> tuple[dict, list[dict], list[dict]]:
+    """mAP of a detector on samples (images preprocessed as the service does); returns metrics, predictions, truth."""
+    model.eval()
+    boxes, scores, sizes = [], [], []
+    for start in range(0, len(samples), batch_size):
+        images = [decode_image(s.path) for s in samples[start : start + batch_size]]
+        sizes += [img.size for img in images]
+        _, b, s = model(torch.from_numpy(np.stack([preprocess(img, spec) for img in images])))
+        boxes.append(b.numpy())
+        scores.append(s.numpy())
+    preds = predictions_in_pixels(np.concatenate(boxes), np.concatenate(scores), sizes, spec)
+    truth = ground_truth_in_pixels(samples, sizes)
+    metrics = mean_average_precision(preds, truth, labels)
+    metrics.update(num_images=len(samples), num_boxes=int(sum(len(s.classes) for s in samples)))
+    return metrics, preds, truth

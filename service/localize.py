@@ -141,7 +141,9 @@ def _regions(values: np.ndarray, threshold: float) -> list[tuple[int, int, int, 
     for r in range(1, mask.shape[0]):
         for i in row_runs[r]:
             for j in row_runs[r - 1]:
-                if runs[j][1] <= runs[i][2] and runs[i][1] <= runs[j][2]:  # overlap, diagonal contact included
+                if (
+                    runs[j][1] <= runs[i][2] and runs[i][1] <= runs[j][2]
+                ):  # overlap, diagonal contact included
                     parent[find(i)] = find(j)
     regions: dict[int, list[float]] = {}
     for i, (r, a, b) in enumerate(runs):

@@ -366,7 +366,7 @@ def _use_bf16(precision: str) -> bool:
 
 
 def fit_grid_head(
-    head: GridHead, train_maps: np.ndarray, targets: tuple, val_maps: np.ndarray, val_eval, cfg: DetectConfig,
+    head: GridHead, train_maps: np.ndarray, targets: tuple, val_maps: np.ndarray, measure_val, cfg: DetectConfig,
 ) -> tuple[dict, list[dict], dict]:  # fmt: skip
     """Adam with cosine decay; mAP@0.5 on validation every ``eval_every`` epochs selects the best state."""
     obj, tbox, tcls = targets
@@ -397,7 +397,7 @@ def fit_grid_head(
         }
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             head.eval()
-            metrics = val_eval(head, val_maps)
+            metrics = measure_val(head, val_maps)
             row.update(val_map50=metrics["map50"], val_map50_95=metrics["map50_95"])
             log.info("epoch %d: loss %.3f val mAP@0.5 %.4f mAP@0.5:0.95 %.4f", epoch, row["train_loss"],
                      metrics["map50"], metrics["map50_95"])  # fmt: skip
@@ -512,12 +512,12 @@ def train_detector(cfg: DetectConfig, report: DetectionReport | None = None) -> 
     *targets, dropped = build_targets(train_targets, grid, anchors)
     truth = ground_truth_in_pixels(val_set, val_sizes)
 
-    def val_eval(h: GridHead, maps: np.ndarray) -> dict:
+    def measure_val(h: GridHead, maps: np.ndarray) -> dict:
         boxes, scores = decode_head(h, maps, spec.input_size)
         return mean_average_precision(predictions_in_pixels(boxes, scores, val_sizes, spec), truth, labels)
 
     head = GridHead(head_cfg)
-    best, history, summary = fit_grid_head(head, train_maps, tuple(targets), val_maps, val_eval, cfg)
+    best, history, summary = fit_grid_head(head, train_maps, tuple(targets), val_maps, measure_val, cfg)
     head.load_state_dict(best)
     head.eval()
     head_seconds = time.perf_counter() - t_head

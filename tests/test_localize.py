@@ -528,3 +528,12 @@ def test_evaluate_a_detector_on_a_yolo_data_set(detector_run, tmp_path):
     assert (tmp_path / "eval" / "predictions.png").is_file()
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["data"]["background_images"] and saved["map50"] == summary["map50"]
+
+
+def test_task_specific_options_are_refused_for_the_other_task(tiny_folder, tmp_path):
+    from training.cli import main
+
+    assert main(["train", str(tiny_folder), "--out", str(tmp_path / "a"), "--input-size", "320"]) != 0
+    yolo = _yolo_set(tmp_path / "set")
+    assert main(["train", str(yolo), "--out", str(tmp_path / "b"), "--unfreeze", "1"]) != 0
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

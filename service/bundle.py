@@ -97,10 +97,6 @@ class Bundle:
     def version(self) -> str:
         return self.manifest["version"]
 
-    @property
-    def task(self) -> str:
-        return self.manifest.get("task", "classify")
-
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:
         """pixels (N, 3, S, S) float32 in [0, 255] → every output, in the manifest's order.
 
@@ -202,7 +198,7 @@ def load_bundle(
     """Load and verify a bundle (directory or store tag) into an ONNX Runtime session.
 
     ``memory_arena=False`` turns off ONNX Runtime's CPU memory arena. The arena keeps the buffers of the largest
-    batch it has run and reuses them (about 1.5x the throughput with varying batch sizes), so a server's memory
+    batch it has run and reuses them (1.3x the throughput with varying batch sizes: benchmarks/memory.py), so a server's memory
     rises to a plateau set by its largest batch; without it, memory stays at its start-up level.
     """
     import onnxruntime as ort

@@ -15,7 +15,6 @@ after EXIF rotation, clip them to the image, and keep the best per class with no
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -276,9 +275,3 @@ def draw_detections(img: Image.Image, detections: Sequence[dict]) -> Image.Image
                        fill=color)  # fmt: skip
         draw.text((b["x1"] + width, y + width - (top - b["y1"])), text, fill=(255, 255, 255), font=font)
     return canvas
-
-
-def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()

@@ -10,7 +10,6 @@ scope, so ``bentoml build`` packs that model into the bento (and the container f
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from pydantic import BaseModel, Field
 from service.bundle import Bundle, BundleError, load_bundle, verify_bundle
 from service.guard import MAX_REQUEST_BYTES, RequestGuard
 from service.inference import classify_images, top_k
-from service.localize import LocalizeError, LocalizeParams, draw_detections, encode_jpeg, localize_images
+from service.localize import LocalizeError, LocalizeParams, draw_detections, localize_images
 from service.preprocess import ImageError, decode_image
 from service.webpage import WebPage
 
@@ -174,8 +173,8 @@ class Headstart:
         self.model = ModelInfo(name=self.bundle.name, version=self.bundle.version)
         # Decoding, inference and drawing all run on this one thread. BentoML hands each request to whichever thread
         # of its pool is free, and glibc keeps a heap per thread, each grown to the largest request it has handled:
-        # spread over the pool, memory rose in steps for minutes (benchmarks/RESULTS.md, soak). On one thread it
-        # stays flat, at no cost in throughput: BentoML runs one request per worker at a time anyway.
+        # spread over the pool, memory rose in steps for minutes. On one thread it stays flat, at the same throughput
+        # (benchmarks/RESULTS.md, "Memory"): BentoML runs one request per worker at a time anyway.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="headstart-inference")
         log.info("headstart serving %s:%s (%s) with ONNX Runtime providers %s", self.bundle.name,
                  self.bundle.version, self.bundle.variant, self.bundle.providers)  # fmt: skip
@@ -247,13 +246,13 @@ class Headstart:
         """The uploaded image (EXIF-rotated) with the boxes of `/localize` and their labels drawn on it, as JPEG."""
         params = _params(conf, iou, max_detections)
 
-        def draw() -> bytes:
+        def draw() -> Image.Image:
             img = _decode(image)
-            return encode_jpeg(
-                draw_detections(img, localize_images(self.bundle, [img], params)[0]["detections"])
-            )
+            drawn = draw_detections(img, localize_images(self.bundle, [img], params)[0]["detections"])
+            drawn.format = "JPEG"  # BentoML encodes a returned image in its format
+            return drawn
 
-        return Image.open(io.BytesIO(self._on_worker(draw)))
+        return self._on_worker(draw)
 
     @bentoml.api(route="/info")
     def info(self) -> InfoResponse:

@@ -3,9 +3,10 @@
 Two decoders turn a model's grid outputs into boxes in original-image pixels:
 
 - ``cam``: any classifier bundle. Its ``class_map`` output holds per-cell class probabilities on the backbone's
-  feature grid (class activation mapping). For every class whose image-level probability reaches ``conf``, the map is
-  upsampled, normalised to [0, 1] between its lowest and highest cell, and thresholded at ``region``; each connected
-  region becomes a box scored by the class probability times the region's peak relative to the map's peak.
+  feature grid (class activation mapping). For every class whose image-level probability reaches ``conf``, the
+  class's per-cell log-probability against the others (the centred per-cell logits) is upsampled, normalised to
+  [0, 1] between its lowest and highest value, and thresholded at ``region``; each connected region becomes a box
+  scored by the class probability times the region's (normalised) peak.
 - ``trained``: a detector bundle (``task: detect``). Its ``boxes`` output holds every grid predictor's box in input
   pixels and its ``scores`` output the objectness times class probability per class.
 
@@ -26,6 +27,8 @@ from service.preprocess import PreprocessSpec, preprocess_batch, resized_size, t
 
 #: Upsampling of the CAM grid before thresholding: 4 sub-cells per feature cell and axis.
 CAM_UPSAMPLE = 4
+#: Most candidate boxes that go into NMS (the best-scoring ones): a detector at conf=0 has S·S·B·K candidates.
+MAX_CANDIDATES = 2000
 
 
 class LocalizeError(ValueError):
@@ -203,6 +206,9 @@ def decode(
         boxes, scores, classes = cam_boxes(outputs[0], outputs[1], input_size, params)
     if len(boxes) == 0:
         return []
+    if len(scores) > MAX_CANDIDATES:
+        top = np.argpartition(-scores, MAX_CANDIDATES)[:MAX_CANDIDATES]
+        boxes, scores, classes = boxes[top], scores[top], classes[top]
     boxes = geom.to_original(boxes)
     valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     boxes, scores, classes = boxes[valid], scores[valid], classes[valid]

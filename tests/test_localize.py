@@ -537,3 +537,24 @@ def test_task_specific_options_are_refused_for_the_other_task(tiny_folder, tmp_p
     yolo = _yolo_set(tmp_path / "set")
     assert main(["train", str(yolo), "--out", str(tmp_path / "b"), "--unfreeze", "1"]) != 0
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_detector_with_a_random_backbone_trains_exports_and_serves(tmp_path):
+    """The fast end-to-end path with the tiny random timm backbone: train, export, decode through the service."""
+    from service.bundle import load_bundle
+    from training.cli import main
+
+    yolo = _yolo_set(tmp_path / "set")
+    run = tmp_path / "run"
+    assert main(["train", str(yolo), "--out", str(run), "--backbone", "test_resnet", "--no-pretrained",
+                 "--input-size", "64", "--views", "2", "--epochs", "3", "--hidden", "16",
+                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0  # fmt: skip
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "detect" and math.isfinite(metrics["map50"])
+    assert main(["export", str(run), "--out", str(tmp_path / "bundle"), "--no-store"]) == 0
+    bundle = load_bundle(tmp_path / "bundle")
+    result = localize_images(bundle, [Image.new("RGB", (90, 50), (10, 200, 30))], LocalizeParams(conf=0.0))[0]
+    assert result["method"] == "trained" and result["image_size"] == [90, 50]
+    for d in result["detections"]:
+        assert 0 <= d["box"]["x1"] < d["box"]["x2"] <= 90 and 0 <= d["box"]["y1"] < d["box"]["y2"] <= 50
+    assert main(["export", str(run), "--out", str(tmp_path / "b8"), "--no-store", "--int8"]) != 0

@@ -424,6 +424,18 @@ def test_detector_served_by_the_service_class(detector_bundle):
     jpeg = svc.localize_image(image, conf=0.05)
     assert jpeg.format == "JPEG" and jpeg.size == Image.open(image).size
     assert svc.info().task == "detect"
+    # bad thresholds: 400 from the class and from its ASGI app
+    from bentoml.exceptions import InvalidArgument
+    from starlette.testclient import TestClient
+
+    with pytest.raises(InvalidArgument, match="iou"):
+        svc.localize(image, iou=1.5)
+    with TestClient(module.Headstart.to_asgi(), raise_server_exceptions=False) as client:
+        resp = client.post("/localize", files={"image": ("a.jpg", image.read_bytes(), "image/jpeg")},
+                           data={"max_detections": "0"})  # fmt: skip
+        assert resp.status_code == 400 and "max_detections" in resp.text
+        resp = client.post("/localize_image", files={"image": ("a.jpg", image.read_bytes(), "image/jpeg")})
+        assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"
 
 
 # ---------------------------------------------------------------- over HTTP (real bentoml serve, classifier)

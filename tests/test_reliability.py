@@ -317,3 +317,19 @@ def test_model_name_from_environment_is_checked(monkeypatch):
     for ref in ("../../etc", "/", "x; rm -rf /", "UPPER:case", "a" * 300 + "/x", "name:../../x"):
         with pytest.raises(BundleError):
             verify_bundle(ref)
+
+
+def test_stale_temporary_cache_files_are_swept(tmp_path):
+    """A writer killed mid-write leaves `.NAME.XXXX.tmp`; the next cache to open removes it once it is old."""
+    from training.features import FeatureCache
+
+    folder = tmp_path / "ab"
+    folder.mkdir(parents=True)
+    stale, fresh, data = folder / ".abc.npy.1.tmp", folder / ".abd.npy.2.tmp", folder / "abe.npy"
+    for f in (stale, fresh, data):
+        f.write_bytes(b"x")
+    old = time.time() - 2 * FeatureCache.STALE_TMP_SECONDS
+    os.utime(stale, (old, old))
+    cache = FeatureCache(tmp_path)
+    assert cache.removed_stale == 1
+    assert not stale.exists() and fresh.exists() and data.exists()

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -50,9 +51,30 @@ def cpu_has_bf16() -> bool:
 class FeatureCache:
     """A directory of ``<key>.npy`` arrays with atomic writes and validation on read. ``root=None`` disables it."""
 
+    #: Temporary files older than this are left over from a killed writer and are removed when a cache opens.
+    STALE_TMP_SECONDS = 3600
+
     def __init__(self, root: str | Path | None) -> None:
         self.root = Path(root) if root is not None else None
         self.recomputed_corrupt = 0
+        self.removed_stale = 0
+        if self.root is not None and self.root.is_dir():
+            cutoff = (
+                time.time() - self.STALE_TMP_SECONDS
+            )  # younger ones may belong to a run writing right now
+            for tmp in self.root.glob("*/.*.tmp"):
+                try:
+                    if tmp.stat().st_mtime < cutoff:
+                        tmp.unlink()
+                        self.removed_stale += 1
+                except OSError:
+                    pass
+            if self.removed_stale:
+                log.info(
+                    "removed %d stale temporary files from the feature cache %s",
+                    self.removed_stale,
+                    self.root,
+                )
 
     def _path(self, key: str) -> Path:
         assert self.root is not None

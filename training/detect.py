@@ -528,9 +528,8 @@ def train_detector(cfg: DetectConfig, report: DetectionReport | None = None) -> 
     plot_detection_curves(history, run_dir / "training_curves.png")
     plot_detections([s.path for s in val_set], preds, truth, labels, run_dir / "val_predictions.png")
     runs.save_safetensors(run_dir / runs.HEAD, head.state_dict(), metadata={"labels": json.dumps(labels)})
-    if (
-        not cfg.pretrained and not cfg.weights
-    ):  # random weights cannot be rebuilt later: keep them with the run
+    # random weights cannot be rebuilt later: keep them with the run
+    if not cfg.pretrained and not cfg.weights:
         runs.save_safetensors(run_dir / runs.BACKBONE_TAIL, backbone.features.state_dict())
     runs.write_json(run_dir / runs.HISTORY, history)
     metrics = {

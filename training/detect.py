@@ -438,7 +438,7 @@ def decode_head(
 def train_detector(cfg: DetectConfig, report: DetectionReport | None = None) -> Path:
     """The whole detection training job; returns the run directory. ``report`` overrides the data split."""
     from training.evaluate import plot_detection_curves, plot_detections
-    from training.train import _prepare_run_dir
+    from training.train import _prepare_run_dir, backbone_record, seconds_record
 
     cfg.validate()
     t0 = time.perf_counter()
@@ -468,16 +468,7 @@ def train_detector(cfg: DetectConfig, report: DetectionReport | None = None) -> 
         "headstart_run": 1,
         "task": "detect",
         "options": asdict(cfg),
-        "backbone": {
-            "name": backbone.name,
-            "pretrained": cfg.pretrained,
-            "weights_path": str(Path(cfg.weights).resolve()) if cfg.weights else None,
-            "weights": backbone.weights,
-            "weights_sha256": backbone.weights_sha256,
-            "num_features": backbone.num_features,
-            "feature_map": list(grid),
-            "stages": [n for n, _ in backbone.stages],
-        },
+        "backbone": backbone_record(backbone, cfg.pretrained, cfg.weights, list(grid)),
         "head": head_cfg.to_dict(),
         "data": {"root": str(report.root), "yaml": str(report.yaml_path), "split": report.split_source},
         "features": {"views": views, "train_precision": "bf16" if bf16 else "fp32", "val_precision": "fp32"},
@@ -546,11 +537,7 @@ def train_detector(cfg: DetectConfig, report: DetectionReport | None = None) -> 
             "train_images": len(train_set),
             "val_images": len(val_set),
             "feature_cache_recomputed_corrupt": cache.recomputed_corrupt,
-            "seconds": {
-                "features": round(feature_seconds, 2),
-                "head": round(head_seconds, 2),
-                "total": round(time.perf_counter() - t0, 2),
-            },
+            "seconds": seconds_record(feature_seconds, head_seconds, t0),
         },
     }
     runs.write_json(run_dir / runs.METRICS, metrics)

@@ -307,6 +307,29 @@ def finetune(
     return unfrozen, state["history"], summary
 
 
+def backbone_record(backbone, pretrained: bool, weights: str | None, feature_map: list[int]) -> dict:
+    """The backbone as a run's config.yaml records it: enough for `load_run` to rebuild and verify it."""
+    return {
+        "name": backbone.name,
+        "pretrained": pretrained,
+        "weights_path": str(Path(weights).resolve()) if weights else None,
+        "weights": backbone.weights,
+        "weights_sha256": backbone.weights_sha256,
+        "num_features": backbone.num_features,
+        "feature_map": list(feature_map),
+        "stages": [n for n, _ in backbone.stages],
+    }
+
+
+def seconds_record(features: float, head: float, started: float) -> dict:
+    """Where a training run's time went, for metrics.json."""
+    return {
+        "features": round(features, 2),
+        "head": round(head, 2),
+        "total": round(time.perf_counter() - started, 2),
+    }
+
+
 def _use_bf16(cfg: TrainConfig) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and cpu_has_bf16())
 
@@ -342,21 +365,11 @@ def train(cfg: TrainConfig) -> Path:
     bf16 = _use_bf16(cfg)
     head_cfg = HeadConfig(backbone.num_features, len(labels), cfg.hidden, cfg.dropout, cfg.activation)
 
-    weights_path = str(Path(cfg.weights).resolve()) if cfg.weights else None
     config = {
         "headstart_run": 1,
         "task": "classify",
         "options": asdict(cfg),
-        "backbone": {
-            "name": backbone.name,
-            "pretrained": cfg.pretrained,
-            "weights_path": weights_path,
-            "weights": backbone.weights,
-            "weights_sha256": backbone.weights_sha256,
-            "num_features": backbone.num_features,
-            "feature_map": backbone.extra["feature_map"],
-            "stages": [n for n, _ in backbone.stages],
-        },
+        "backbone": backbone_record(backbone, cfg.pretrained, cfg.weights, backbone.extra["feature_map"]),
         "head": head_cfg.to_dict(),
         "data": {"root": str(Path(cfg.data_dir).resolve()), "split": report.split_source},
         "features": {"views": views, "train_precision": "bf16" if bf16 else "fp32", "val_precision": "fp32"},
@@ -448,11 +461,7 @@ def train(cfg: TrainConfig) -> Path:
             "train_images": len(train_set),
             "val_images": len(val_set),
             "feature_cache_recomputed_corrupt": cache.recomputed_corrupt,
-            "seconds": {
-                "features": round(feature_seconds, 2),
-                "head": round(head_seconds, 2),
-                "total": round(time.perf_counter() - t0, 2),
-            },
+            "seconds": seconds_record(feature_seconds, head_seconds, t0),
         },
     }
     runs.write_json(run_dir / runs.METRICS, metrics)

@@ -41,6 +41,8 @@ from training.augment import _CV2_INTERPOLATION, PRESETS
 from training.detect_data import DetectionReport, DetSample, scan_yolo_dataset
 from training.features import (
     FeatureCache,
+    _item_key,
+    _item_seed,
     cache_namespace,
     cpu_has_bf16,
     default_cache_dir,
@@ -190,8 +192,9 @@ def detection_views(
 
 
 def _sample_key(namespace: str, sample: DetSample, views: int, seed: int) -> str:
+    """The classifier cache's per-image key, with the image's boxes in it (cached targets depend on them)."""
     boxes = hashlib.sha256(sample.classes.tobytes() + sample.boxes.tobytes()).hexdigest()
-    return hashlib.sha256(f"{namespace}:{sample.sha256}:{boxes}:{views}:{seed}".encode()).hexdigest()
+    return _item_key(f"{namespace}:{boxes}", sample, views, seed)
 
 
 def extract_detection_features(
@@ -209,10 +212,9 @@ def extract_detection_features(
         meta = cache.get(key + "-targets", None)
         if cached is None or meta is None:
             img = decode_image(sample.path)
-            item_seed = int.from_bytes(
-                hashlib.sha256(f"{seed}:{sample.sha256}".encode()).digest()[:4], "little"
+            pixels, view_targets = detection_views(
+                img, sample, pipeline, spec, views, _item_seed(seed, sample)
             )
-            pixels, view_targets = detection_views(img, sample, pipeline, spec, views, item_seed)
             cached = np.concatenate(
                 [run_model(pixels[k : k + batch_size]) for k in range(0, views, batch_size)]
             ).astype(np.float16)
@@ -540,8 +542,7 @@ def train_detector(cfg: DetectConfig, report: DetectionReport | None = None) -> 
             "seconds": seconds_record(feature_seconds, head_seconds, t0),
         },
     }
-    runs.write_json(run_dir / runs.METRICS, metrics)
-    runs.atomic_write_bytes(run_dir / runs.DONE, b"ok\n")
+    runs.finish_run(run_dir, metrics)
     log.info("done in %.1fs: val mAP@0.5 %.4f, mAP@0.5:0.95 %.4f (%d images) -> %s", time.perf_counter() - t0,
              evaluation["map50"], evaluation["map50_95"], len(val_set), run_dir)  # fmt: skip
     return run_dir

@@ -53,6 +53,12 @@ def write_json(path: Path, data) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
+def finish_run(run_dir: Path, metrics: dict) -> None:
+    """Write metrics.json, then the DONE marker last: a run directory without DONE never counts as trained."""
+    write_json(run_dir / METRICS, metrics)
+    atomic_write_bytes(run_dir / DONE, b"ok\n")
+
+
 def write_yaml(path: Path, data) -> None:
     atomic_write_bytes(path, yaml.safe_dump(data, sort_keys=False).encode())
 

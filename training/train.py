@@ -464,8 +464,7 @@ def train(cfg: TrainConfig) -> Path:
             "seconds": seconds_record(feature_seconds, head_seconds, t0),
         },
     }
-    runs.write_json(run_dir / runs.METRICS, metrics)
-    runs.atomic_write_bytes(run_dir / runs.DONE, b"ok\n")
+    runs.finish_run(run_dir, metrics)
     (run_dir / runs.CHECKPOINT).unlink(missing_ok=True)
     log.info(
         "done in %.1fs: val accuracy %.4f (%d images), macro F1 %.4f, calibration error %.4f -> %s",

@@ -1,53 +1,141 @@
-"""ASGI middleware in front of the BentoML app: request size limit and strict uploads for the image routes.
+"""The request gatekeeper: ASGI middleware in front of the BentoML app.
 
-BentoML 1.4 has no request-size setting; it answers 500 to malformed multipart bodies; and for a file field that
-holds text instead of a file it tries to download that text as a URL (a JSON body can likewise name a path on the
-server). None of that reaches BentoML here: image routes take multipart/form-data whose image fields are uploaded
-files, a malformed body is a 400, anything else a 415, and bodies over the limit a 413, each with a message.
+BentoML 1.4 has no request-size or field limits, answers 500 to malformed multipart bodies and to many odd fields
+(more than 1000 parts, a number of thousands of digits, deeply nested brackets, a 245-byte file name), tries to
+download the text of a file field as a URL, and picks a parser from a case-sensitive, first-of-duplicates Content-Type.
+None of that reaches it. Here, before BentoML parses anything:
+
+- framing headers are canonical: a duplicated Content-Type or Content-Length is refused (proxies and BentoML would
+  disagree on which one counts); the media type is compared case-insensitively;
+- load is shed before a body is read: at most ``MAX_CONCURRENCY`` requests to the model routes per worker, holding
+  at most ``MAX_INFLIGHT_BYTES`` of bodies, else 503 with ``Retry-After``;
+- every body is bounded (``MAX_REQUEST_BYTES``, chunked bodies included): 413;
+- a model route takes multipart/form-data only, with exactly the fields of :data:`ENDPOINTS`: files as uploaded files
+  (any declared type: the bytes decide what an image is), other fields as short text, each at most as often as the
+  endpoint takes it. What passes is rebuilt as a canonical body (our boundary, safe file names, no part headers but
+  ours), so BentoML only ever sees what was vouched for;
+- routes that take no input (``/info``) take an empty body (or ``{}``);
+- each request gets a deadline and a disconnect flag (:func:`current_request`), so work queued for a client that has
+  left or timed out is dropped instead of run.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import os
+import secrets
+import time
+from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 #: Largest request body accepted, in bytes (HEADSTART_MAX_REQUEST_BYTES, default 32 MiB).
 MAX_REQUEST_BYTES = int(os.environ.get("HEADSTART_MAX_REQUEST_BYTES", 32 * 1024 * 1024))
-#: Routes that take image uploads: their file fields, and all the fields they accept.
-FILE_ROUTES: dict[str, tuple[set[str], set[str]]] = {
-    "/classify": ({"image"}, {"image", "top_k"}),
-    "/classify_batch": ({"images"}, {"images"}),
-    "/localize": ({"image"}, {"image", "conf", "iou", "max_detections"}),
-    "/localize_image": ({"image"}, {"image", "conf", "iou", "max_detections"}),
+#: Requests to the model routes one worker holds at once (queued or running); more get 503 + Retry-After.
+MAX_CONCURRENCY = int(os.environ.get("HEADSTART_MAX_CONCURRENCY", 64))
+#: Bytes of request bodies one worker holds at once; more get 503 + Retry-After.
+MAX_INFLIGHT_BYTES = int(os.environ.get("HEADSTART_MAX_INFLIGHT_BYTES", 256 * 1024 * 1024))
+#: Seconds a request may take in all (BentoML's traffic timeout uses the same figure); queued work past it is dropped.
+REQUEST_TIMEOUT_S = float(os.environ.get("HEADSTART_REQUEST_TIMEOUT", 60))
+#: Images one /classify_batch request may carry (the server merges requests into batches of its own).
+MAX_BATCH_IMAGES = int(os.environ.get("HEADSTART_MAX_BATCH_IMAGES", 32))
+#: Longest value of a text field: numbers need a few characters.
+MAX_FIELD_BYTES = 64
+RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What one route takes: file fields (at most ``max_files`` uploads each) and short text fields."""
+
+    route: str
+    files: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()
+    max_files: int = 1
+
+    @property
+    def takes_input(self) -> bool:
+        return bool(self.files or self.fields)
+
+
+#: Every API route of the service and its fields. tests/test_service.py checks that the service's own signatures
+#: match this table, so adding a parameter to an endpoint cannot silently make the guard reject it.
+ENDPOINTS: dict[str, Endpoint] = {
+    e.route: e
+    for e in (
+        Endpoint("/classify", files=("image",), fields=("top_k",)),
+        Endpoint("/classify_batch", files=("images",), max_files=MAX_BATCH_IMAGES),
+        Endpoint("/localize", files=("image",), fields=("conf", "iou", "max_detections")),
+        Endpoint("/localize_image", files=("image",), fields=("conf", "iou", "max_detections")),
+        Endpoint("/info"),
+    )
 }
 
 
 class RequestRejected(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
-def check_multipart(
-    content_type: bytes, body: bytes, file_fields: set[str], allowed: set[str] | None = None
-) -> None:
-    """Raise RequestRejected unless ``body`` is well-formed multipart whose ``file_fields`` parts are uploaded files
-    and whose fields are all in ``allowed`` (when given)."""
+@dataclass
+class RequestState:
+    """One admitted request, as the code that serves it can see it (:func:`current_request`)."""
+
+    deadline: float
+    disconnected: bool = False
+
+    def abandoned(self) -> bool:
+        """True once the client has left or the request's time is up: its result can no longer be delivered."""
+        return self.disconnected or time.monotonic() > self.deadline
+
+
+_CURRENT: contextvars.ContextVar[RequestState | None] = contextvars.ContextVar(
+    "headstart_request", default=None
+)
+
+
+def current_request() -> RequestState | None:
+    """The state of the request being served (``None`` outside a request, e.g. in a merged batch)."""
+    return _CURRENT.get()
+
+
+@dataclass
+class _Part:
+    name: str = ""
+    filename: bytes | None = None
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+
+def _reject_if(condition: bool, message: str, status: int = 400) -> None:
+    if condition:
+        raise RequestRejected(status, message)
+
+
+def parse_upload(
+    content_type: bytes, body: bytes, endpoint: Endpoint
+) -> list[tuple[str, bytes | None, bytes]]:
+    """The parts of a multipart upload to ``endpoint`` as (field, filename or None, value); raises RequestRejected
+    for anything but well-formed multipart/form-data with the endpoint's fields, each within its limits."""
     ctype, params = parse_options_header(content_type)
-    if ctype != b"multipart/form-data":
-        raise RequestRejected(
-            415, "Send the image as multipart/form-data (a file upload), e.g. curl -F image=@photo.jpg"
-        )
+    _reject_if(
+        ctype.lower() != b"multipart/form-data",
+        "Send the image as multipart/form-data (a file upload), e.g. curl -F image=@photo.jpg",
+        415,
+    )
     boundary = params.get(b"boundary")
-    if not boundary:
-        raise RequestRejected(400, "The multipart/form-data Content-Type has no boundary parameter.")
-    problems: list[str] = []
-    header = {"field": b"", "value": b""}
-    part: dict[bytes, bytes] = {}
+    _reject_if(not boundary, "The multipart/form-data Content-Type has no boundary parameter.")
+    allowed = ", ".join((*endpoint.files, *endpoint.fields)) or "no fields"
+    parts: list[_Part] = []
+    counts: dict[str, int] = {}
+    header = {"field": b"", "value": b""}  # python-multipart bounds a part's header size itself
+    headers: dict[bytes, bytes] = {}
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         header["field"] += data[start:end]
@@ -56,48 +144,153 @@ def check_multipart(
         header["value"] += data[start:end]
 
     def on_header_end() -> None:
-        part[header["field"].lower()] = header["value"]
+        headers[header["field"].lower()] = header["value"]
         header["field"], header["value"] = b"", b""
 
     def on_headers_finished() -> None:
-        disposition, options = parse_options_header(part.get(b"content-disposition", b""))
+        disposition, options = parse_options_header(headers.get(b"content-disposition", b""))
         name = options.get(b"name", b"").decode("latin-1")
-        if disposition != b"form-data" or not name:
-            problems.append("a part has no Content-Disposition: form-data name")
-        elif allowed is not None and name not in allowed:
-            problems.append(f"unknown field {name!r}; this endpoint takes {', '.join(sorted(allowed))}")
-        elif name in file_fields and b"filename" not in options:
-            problems.append(
-                f"field {name!r} must be an uploaded file, not text (URLs and paths are not fetched)"
-            )
-        part.clear()
+        headers.clear()
+        _reject_if(
+            disposition.lower() != b"form-data" or not name,
+            "A part has no Content-Disposition: form-data name.",
+        )
+        _reject_if(
+            name not in endpoint.files and name not in endpoint.fields,
+            f"Unknown field {name[:40]!r}; this endpoint takes {allowed}.",
+        )
+        counts[name] = counts.get(name, 0) + 1
+        limit = endpoint.max_files if name in endpoint.files else 1
+        _reject_if(
+            counts[name] > limit,
+            f"Field {name!r} is given more than {limit} time{'s' if limit > 1 else ''}"
+            + (f"; send at most {limit} images per request." if limit > 1 else "."),
+        )
+        filename = options.get(b"filename")
+        _reject_if(
+            name in endpoint.files and filename is None,
+            f"Field {name!r} must be an uploaded file, not text (URLs and paths are not fetched), "
+            f"e.g. curl -F {name}=@photo.jpg",
+        )
+        parts.append(_Part(name, filename))
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part = parts[-1]
+        part.size += end - start
+        _reject_if(
+            part.name in endpoint.fields and part.size > MAX_FIELD_BYTES,
+            f"Field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes; it takes a number.",
+        )
+        part.chunks.append(data[start:end])
 
     parser = MultipartParser(boundary, {
         "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished,
+        "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
     })  # fmt: skip
     try:
         parser.write(body)
         parser.finalize()
     except MultipartParseError as exc:
         raise RequestRejected(400, f"Malformed multipart/form-data body: {exc}.") from exc
-    if problems:
-        raise RequestRejected(400, "; ".join(dict.fromkeys(problems)) + ".")
+    for name in endpoint.files:
+        _reject_if(
+            name not in counts,
+            f"Field {name!r} is missing: upload the image as a file, e.g. -F {name}=@photo.jpg",
+        )
+    out = []
+    for part in parts:
+        value = b"".join(part.chunks)
+        if part.name in endpoint.fields:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestRejected(
+                    400, f"Field {part.name!r} is not UTF-8 text; it takes a number."
+                ) from None
+        out.append((part.name, part.filename if part.name in endpoint.files else None, value))
+    return out
+
+
+def canonical_multipart(parts: list[tuple[str, bytes | None, bytes]]) -> tuple[bytes, bytes]:
+    """(Content-Type, body) of a multipart body holding ``parts`` with nothing but the headers BentoML needs.
+
+    Uploaded files are named ``upload`` (BentoML makes the client's file name part of a temporary file's name: 245
+    bytes or more failed with a 500) and typed application/octet-stream: the decoder identifies images by content.
+    """
+    while True:  # a random 32-hex boundary that occurs in no value
+        boundary = b"headstart-" + secrets.token_hex(16).encode()
+        if not any(boundary in value for _, _, value in parts):
+            break
+    out = []
+    for name, filename, value in parts:
+        disposition = f'form-data; name="{name}"' + ('; filename="upload"' if filename is not None else "")
+        out.append(b"--" + boundary + b"\r\nContent-Disposition: " + disposition.encode())
+        if filename is not None:
+            out.append(b"\r\nContent-Type: application/octet-stream")
+        out += [b"\r\n\r\n", value, b"\r\n"]
+    out.append(b"--" + boundary + b"--\r\n")
+    return b"multipart/form-data; boundary=" + boundary, b"".join(out)
+
+
+def _single_headers(scope) -> dict[bytes, bytes]:
+    headers: dict[bytes, bytes] = {}
+    for key, value in scope.get("headers", []):
+        key = key.lower()
+        if key in (b"content-type", b"content-length") and key in headers:
+            raise RequestRejected(
+                400, f"The request has more than one {key.decode().title()} header; send one."
+            )
+        headers[key] = value
+    return headers
 
 
 class RequestGuard:
-    def __init__(self, app, max_bytes: int = MAX_REQUEST_BYTES) -> None:
+    def __init__(
+        self,
+        app,
+        max_bytes: int = MAX_REQUEST_BYTES,
+        max_concurrency: int = MAX_CONCURRENCY,
+        max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
+        timeout: float = REQUEST_TIMEOUT_S,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_concurrency = max_concurrency
+        self.max_inflight_bytes = max_inflight_bytes
+        self.timeout = timeout
+        self.inflight = 0
+        self.inflight_bytes = 0
 
     @staticmethod
-    async def _reject(send, status: int, message: str) -> None:
-        body = json.dumps({"error": message}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+    async def _reject(send, exc: RequestRejected) -> None:
+        body = json.dumps({"error": exc.message}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *exc.headers,
+        ]
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _read_body(self, receive) -> bytes:
+    def _too_large(self) -> RequestRejected:
+        return RequestRejected(
+            413,
+            f"Request body larger than {self.max_bytes} bytes. Send smaller images (or fewer per request).",
+        )
+
+    def _busy(self, why: str) -> RequestRejected:
+        return RequestRejected(
+            503,
+            f"The server is busy ({why}); retry in {RETRY_AFTER_S} s.",
+            ((b"retry-after", str(RETRY_AFTER_S).encode()),),
+        )
+
+    def _reserve(self, size: int) -> None:
+        if self.inflight_bytes + size > self.max_inflight_bytes:
+            raise self._busy("too many request bytes in flight")
+        self.inflight_bytes += size
+
+    async def _read_body(self, receive, reserved: list[int]) -> bytes:
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -106,66 +299,101 @@ class RequestGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                raise RequestRejected(413, self._too_large())
+                raise self._too_large()
+            if size > reserved[0]:  # a chunked body, or more than its Content-Length said
+                self._reserve(size - reserved[0])
+                reserved[0] = size
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
-
-    def _too_large(self) -> str:
-        return f"Request body larger than {self.max_bytes} bytes. Send smaller images (or fewer per request)."
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers", []))
         try:
+            headers = _single_headers(scope)
             length = headers.get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-                raise RequestRejected(413 if length.isdigit() else 400, self._too_large())
-            route = FILE_ROUTES.get(scope.get("path", "").rstrip("/"))
-            ctype = headers.get(b"content-type", b"")
-            multipart = parse_options_header(ctype)[0] == b"multipart/form-data"
-            if scope.get("method") != "POST" or (route is None and not multipart):
-                await self.app(scope, self._limited(receive), send)
-                return
-            body = await self._read_body(receive)
-            check_multipart(ctype, body, *(route or (set(), None)))
+            if length is not None and not length.isdigit():
+                raise RequestRejected(400, "The Content-Length header is not a number.")
+            if length is not None and int(length) > self.max_bytes:
+                raise self._too_large()
         except RequestRejected as exc:
-            await self._reject(send, exc.status, exc.message)
+            await self._reject(send, exc)
             return
-        except _BodyTooLarge:
-            await self._reject(send, 413, self._too_large())
+        endpoint = ENDPOINTS.get(scope.get("path", "").rstrip("/"))
+        if scope.get("method") != "POST":
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, self._replay(body, receive), send)
+        heavy = endpoint is not None and endpoint.takes_input
+        reserved = [0]
+        admitted = False
+        try:
+            if heavy:
+                if self.inflight >= self.max_concurrency:
+                    raise self._busy(f"{self.max_concurrency} requests in progress")
+                self.inflight += 1
+                admitted = True
+            self._reserve(int(length or 0))
+            reserved[0] = int(length or 0)
+            scope = self._canonical(scope, headers, await self._read_body(receive, reserved), endpoint)
+            await self._serve(scope, receive, send)
+        except RequestRejected as exc:
+            await self._reject(send, exc)
+        finally:
+            self.inflight_bytes -= reserved[0]
+            if admitted:
+                self.inflight -= 1
 
-    @staticmethod
-    def _replay(body: bytes, receive):
-        sent = False
+    def _canonical(self, scope, headers: dict[bytes, bytes], body: bytes, endpoint: Endpoint | None) -> dict:
+        """The scope (with the body under ``headstart.body``) that BentoML gets, or RequestRejected."""
+        ctype = headers.get(b"content-type", b"")
+        if endpoint is None:  # not an API route: BentoML answers 404/405 without reading the body
+            pass
+        elif endpoint.takes_input:
+            ctype, body = canonical_multipart(parse_upload(ctype, body, endpoint))
+        else:
+            if body.strip() not in (b"", b"{}"):
+                media = parse_options_header(ctype)[0].lower()
+                if media != b"multipart/form-data" or parse_upload(ctype, body, endpoint):
+                    raise RequestRejected(400, f"{endpoint.route} takes no input; send an empty body.")
+            ctype, body = b"application/json", b"{}"
+        kept = [
+            (k, v)
+            for k, v in scope.get("headers", [])
+            if k.lower() not in (b"content-type", b"content-length")
+        ]
+        kept += [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
+        return {**scope, "headers": kept, "headstart.body": body}
 
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+    async def _serve(self, scope, receive, send) -> None:
+        """Run the app on the canonical body, with the request's state set and the client watched for leaving.
 
-        return replay
+        The body is handed over once and not kept here: a waiting request holds no second copy.
+        """
+        state = RequestState(deadline=time.monotonic() + self.timeout)
+        token = _CURRENT.set(state)
+        pending: list[bytes] = [scope.pop("headstart.body")]
+        watcher: asyncio.Task | None = None
 
-    def _limited(self, receive):
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        async def watch():
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
+            if message["type"] == "http.disconnect":
+                state.disconnected = True
             return message
 
-        return limited
+        async def replay():
+            nonlocal watcher
+            if pending:
+                return {"type": "http.request", "body": pending.pop(), "more_body": False}
+            if watcher is None:
+                watcher = asyncio.ensure_future(watch())
+            return await asyncio.shield(watcher)
 
-
-class _BodyTooLarge(Exception):
-    pass
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            _CURRENT.reset(token)
+            if not watcher.done():
+                watcher.cancel()

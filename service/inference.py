@@ -19,7 +19,12 @@ def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
 
 def classify_images(bundle: Bundle, images: Sequence[Image.Image], k: int = 5) -> list[list[dict]]:
     """Top-k predictions for decoded RGB images, one list per image."""
-    if not images:
+    return classify_arrays(bundle, list(preprocess_batch(images, bundle.spec)), k)
+
+
+def classify_arrays(bundle: Bundle, arrays: Sequence[np.ndarray], k: int = 5) -> list[list[dict]]:
+    """Top-k predictions for preprocessed images (each 3 x S x S, from :func:`service.preprocess.preprocess`)."""
+    if not len(arrays):
         return []
-    probs = bundle.predict(preprocess_batch(images, bundle.spec))
+    probs = bundle.predict(np.stack(arrays))
     return [top_k(p, bundle.labels, k) for p in probs]

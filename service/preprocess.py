@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,10 +35,6 @@ INTERPOLATIONS = {
 FITS = ("crop", "pad")
 #: Letterbox padding colour (the grey YOLO detectors use).
 PAD_VALUE = (114, 114, 114)
-
-
-class ImageError(ValueError):
-    """The bytes given cannot be used as an image. The message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -86,40 +83,54 @@ class PreprocessSpec:
         return cls(**known)
 
 
-def _open(source: bytes | str | Path) -> Image.Image:
+#: Formats decoded, identified by their bytes (never by file name or declared content type). Pillow reads about 40
+#: formats, some through legacy or external decoders (EPS runs Ghostscript); only these are let through. JPEG includes
+#: MPO, the multi-picture JPEG many phone cameras write; PPM includes PGM, Netpbm formats some data sets use.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+Image.init()  # registers every plugin: Image.open(formats=...) fails on one that is not loaded yet
+#: Longest side over shortest side accepted. A few hundred bytes of PNG can declare a 2 x 30,000,000 image, within
+#: the pixel limit but useless to a square model; panoramas and long screenshots stay well below 100.
+MAX_ASPECT_RATIO = float(os.environ.get("HEADSTART_MAX_ASPECT_RATIO", 100))
+#: Progressive JPEG decoding costs about scans x pixels: 500 repeated scans (33 KB) made one 2048 x 2048 image cost
+#: 1.3 s of CPU here (benchmarks/RESULTS.md, "Hostile input"). Camera and web JPEGs have 1 to about 12 scans; the
+#: budget (about 1.3 s on this CPU) still admits a 64 MP image with 30 scans.
+MAX_JPEG_SCANS = 100
+MAX_JPEG_SCAN_PIXELS = 2_000_000_000
+_CHUNK = 1 << 20
+
+
+class ImageError(ValueError):
+    """The bytes given cannot be used as an image. The message says why and what to do."""
+
+
+def _open(source: bytes | str | Path) -> BinaryIO:
+    """A file object for ``source``, after the checks that need no decoder."""
     if isinstance(source, bytes | bytearray | memoryview):
         if len(source) == 0:
             raise ImageError("The image is empty (0 bytes). Send the file's contents.")
-        fp = io.BytesIO(source)
-    else:
-        fp = Path(source)
-        if not fp.is_file():
-            raise ImageError(f"{fp} does not exist or is not a file.")
-        if fp.stat().st_size == 0:
-            raise ImageError("The image is empty (0 bytes). Send the file's contents.")
-    try:
-        with warnings.catch_warnings():
-            # PIL warns (instead of raising) between MAX_IMAGE_PIXELS and twice that; we check ourselves below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp)
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"The image is too large to decode safely ({exc}).") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageError(
-            "The data is not an image format that can be read (JPEG, PNG, GIF, BMP, TIFF, WebP are)."
-        ) from exc
-    except OSError as exc:
-        raise ImageError(f"The image is corrupt or truncated and cannot be opened: {exc}.") from exc
-    return img
+        return io.BytesIO(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ImageError(f"{path} does not exist or is not a file.")
+    if path.stat().st_size == 0:
+        raise ImageError("The image is empty (0 bytes). Send the file's contents.")
+    return path.open("rb")
 
 
-def decode_image(source: bytes | str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode an image fully into RGB with EXIF orientation applied.
+def count_jpeg_scans(fp: BinaryIO) -> int:
+    """Start-of-scan markers in a JPEG stream: an upper bound on its scans (an EXIF thumbnail adds its own)."""
+    count, tail = 0, b""
+    fp.seek(0)
+    while chunk := fp.read(_CHUNK):
+        block = tail + chunk
+        count += block.count(b"\xff\xda")  # in entropy-coded data 0xFF is always followed by 0x00 or RSTn
+        tail = block[-1:]
+    fp.seek(0)
+    return count
 
-    Palette, grayscale, RGBA (composited on white), CMYK and 16-bit images are converted; animated images give their
-    first frame. Raises :class:`ImageError` for empty, unreadable, truncated, too large or degenerate images.
-    """
-    img = _open(source)
+
+def _check_work(img: Image.Image, fp: BinaryIO, max_pixels: int) -> None:
+    """Refuse, before decoding, an image whose decoding would cost more memory or time than allowed."""
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError(
@@ -130,16 +141,74 @@ def decode_image(source: bytes | str | Path, *, max_pixels: int = MAX_IMAGE_PIXE
         raise ImageError(
             f"The image is {width}x{height}; each side must be at least {MIN_IMAGE_SIDE} pixels."
         )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(
+            f"The image is {width}x{height}, more than {MAX_ASPECT_RATIO:g} times longer than wide. "
+            "Crop it to the part that matters before sending."
+        )
+    if img.format in ("JPEG", "MPO"):
+        scans = count_jpeg_scans(fp)
+        if scans > MAX_JPEG_SCANS or scans * width * height > MAX_JPEG_SCAN_PIXELS:
+            raise ImageError(
+                f"The JPEG has {scans} scans for {width}x{height} pixels: more decoding work than allowed (at most "
+                f"{MAX_JPEG_SCANS} scans and {MAX_JPEG_SCAN_PIXELS:.0e} pixel-scans). Re-save it as a JPEG with any "
+                "image program before sending."
+            )
+
+
+def decode_image(source: bytes | str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image fully into RGB with EXIF orientation applied.
+
+    The format is identified by the bytes, from :data:`ALLOWED_FORMATS`; the work is bounded before decoding
+    (pixels, aspect ratio, JPEG scans). Palette, grayscale, RGBA (composited on white), CMYK and 16-bit images are
+    converted; animated images give their first frame. Raises :class:`ImageError`, and nothing else, for any input
+    that cannot be used: empty, another format, corrupt, truncated, too large or degenerate.
+    """
+    fp = _open(source)
     try:
-        if getattr(img, "is_animated", False):
-            img.seek(0)
-        img.load()
-        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to rotate
-        return to_rgb(img)
+        with warnings.catch_warnings():
+            # PIL warns (instead of raising) between MAX_IMAGE_PIXELS and twice that, which we check ourselves, and
+            # for every oddity of a damaged TIFF or EXIF block: a damaged file decodes or raises, never logs.
+            warnings.simplefilter("ignore")
+            img = Image.open(fp, formats=ALLOWED_FORMATS)
+            _check_work(img, fp, max_pixels)
+            if getattr(img, "is_animated", False):
+                img.seek(0)
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to rotate
+            return to_rgb(img)
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"The image is corrupt or truncated and cannot be decoded: {exc}.") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(
+            "The data is not an image format that can be read (JPEG, PNG, GIF, BMP, TIFF, WebP are)."
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"The image is too large to decode safely ({exc}).") from exc
+    except MemoryError as exc:
+        raise ImageError("The image is too large to decode in the memory available. Downscale it.") from exc
+    except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, IndexError, ...
+        raise ImageError(
+            f"The image is corrupt or truncated and cannot be decoded ({type(exc).__name__}: {exc})."
+        ) from exc
+    finally:
+        fp.close()
+
+
+def _to_uint8(img: Image.Image) -> np.ndarray:
+    """Single-channel 16-bit, 32-bit or float pixels to 8 bits, a band of rows at a time (bounded temporaries)."""
+    arr = np.asarray(img)
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, _CHUNK // max(1, arr.shape[1]))
+    if img.mode.startswith("I;16"):
+        for y in range(0, arr.shape[0], rows):  # round(x * 255 / 65535), exactly: x / 257 never ends in .5
+            out[y : y + rows] = (arr[y : y + rows].astype(np.uint32) + 128) // 257
+        return out
+    lo, hi = float(arr.min()), float(arr.max())
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    for y in range(0, arr.shape[0], rows):
+        out[y : y + rows] = np.clip((arr[y : y + rows].astype(np.float64) - lo) * scale, 0, 255).round()
+    return out
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -148,13 +217,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        if mode.startswith("I;16"):
-            lo, hi = 0.0, 65535.0
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        arr8 = np.clip((arr - lo) * scale, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
+        return Image.fromarray(_to_uint8(img), mode="L").convert("RGB")
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
         mode = "RGBA"
@@ -178,16 +241,23 @@ def resized_size(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]
 
 
 def resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
-    """The model's ``input_size`` square: centre crop after resizing the shorter side, or letterbox (``fit``)."""
+    """The model's ``input_size`` square: centre crop after resizing the shorter side, or letterbox (``fit``).
+
+    The crop is taken in the source's coordinates and only that box is resampled, so the memory used is bounded by
+    the output size, whatever the image's shape (resizing a 2 x 20,000 image whole before cropping would allocate
+    256 x 2,560,000 pixels).
+    """
     new_w, new_h = resized_size(img.size, spec)
-    img = img.resize((new_w, new_h), INTERPOLATIONS[spec.interpolation])
+    resample = INTERPOLATIONS[spec.interpolation]
+    size = spec.input_size
     if spec.fit == "pad":
-        canvas = Image.new("RGB", (spec.input_size, spec.input_size), PAD_VALUE)
-        canvas.paste(img, ((spec.input_size - new_w) // 2, (spec.input_size - new_h) // 2))
+        canvas = Image.new("RGB", (size, size), PAD_VALUE)
+        canvas.paste(img.resize((new_w, new_h), resample), ((size - new_w) // 2, (size - new_h) // 2))
         return canvas
-    left = (new_w - spec.input_size) // 2
-    top = (new_h - spec.input_size) // 2
-    return img.crop((left, top, left + spec.input_size, top + spec.input_size))
+    sx, sy = img.width / new_w, img.height / new_h
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return img.resize((size, size), resample, box=box)
 
 
 def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:

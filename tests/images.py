@@ -63,3 +63,81 @@ def bad_images() -> dict[str, tuple[bytes, str, str]]:
         "decompression-bomb": (encode(Image.new("L", (20000, 20000)), "PNG"), "image/png", "too large"),
         "1x1": (encode(Image.new("RGB", (1, 1)), "PNG"), "image/png", "at least"),
     }
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def progressive_jpeg_with_repeated_scans(side: int = 2048, repeats: int = 500) -> bytes:
+    """A valid progressive JPEG whose last scan is repeated: each repeat costs a pass over every pixel (33 KB for
+    2048 x 2048 x 500 took 1.3 s to decode here)."""
+    data = encode(Image.new("RGB", (side, side), (120, 30, 200)), "JPEG", progressive=True, quality=50)
+    last_scan = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last_scan:-2] * repeats + data[-2:]
+
+
+def hostile_images() -> dict[str, tuple[bytes, str, str]]:
+    """name → (bytes, content type, expected message fragment): inputs that crashed, inflated or stalled a worker
+    before the decode step bounded its work; each must be a 400 answered at once."""
+    ihdr_short = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", b"\0\0\0\x10\0")  # Pillow: ValueError
+    return {
+        "png-truncated-ihdr": (ihdr_short, "image/png", "corrupt"),
+        "ppm-bad-header": (b"P6\n3e 2\n255\n" + b"\0" * 18, "image/x-portable-pixmap", "corrupt"),
+        "aspect-2x30000": (encode(Image.new("L", (2, 30000)), "PNG"), "image/png", "times longer"),
+        "jpeg-500-scans": (progressive_jpeg_with_repeated_scans(), "image/jpeg", "scans"),
+        "ico": (encode(photo().resize((64, 64)), "ICO"), "image/x-icon", "not an image format"),
+        "tga": (encode(photo().resize((64, 64)), "TGA"), "image/x-tga", "not an image format"),
+        "sgi": (encode(photo().resize((64, 64)), "SGI"), "image/sgi", "not an image format"),
+        "pcx": (encode(photo().resize((64, 64)), "PCX"), "image/x-pcx", "not an image format"),
+        "eps": (encode(photo().resize((64, 64)), "EPS"), "application/postscript", "not an image format"),
+    }
+
+
+def large_16bit_png(side: int = 8000) -> bytes:
+    """64 MP of 16-bit grey (a gradient, about 1 MB of PNG): the largest image accepted, in the mode whose
+    conversion used 24 bytes per pixel of float64 temporaries."""
+    ramp = (np.arange(side, dtype=np.uint32) * 65535 // (side - 1)).astype(np.uint16)
+    return encode(Image.fromarray(np.broadcast_to(ramp, (side, side)).copy()), "PNG", compress_level=1)
+
+
+def seed_images(seed: int = 0) -> list[tuple[str, bytes]]:
+    """Small valid images in every format the decoder takes: the seeds of :func:`mutants`."""
+    base = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    return [("jpeg", encode(base, "JPEG")), ("progressive", encode(base, "JPEG", progressive=True)),
+            ("png", encode(base, "PNG")), ("gif", encode(base, "GIF")), ("bmp", encode(base, "BMP")),
+            ("tiff", encode(base, "TIFF")), ("tiff-lzw", encode(base, "TIFF", compression="tiff_lzw")),
+            ("webp", encode(base, "WEBP")), ("mpo", encode(base, "MPO", save_all=True, append_images=[base])),
+            ("ppm", encode(base, "PPM"))]  # fmt: skip
+
+
+def mutants(seed: int, count: int) -> list[tuple[str, bytes]]:
+    """``count`` of :func:`seed_images` with 1 to 4 random byte changes, insertions, deletions or truncations
+    each; the same list for the same seed."""
+    import random
+
+    rng = random.Random(seed)
+    seeds = seed_images(seed)
+    out = []
+    for i in range(count):
+        name, data = seeds[i % len(seeds)]
+        d = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            op, pos = rng.random(), rng.randrange(len(d))
+            if op < 0.5:
+                d[pos] = rng.randrange(256)
+            elif op < 0.7:
+                d[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            elif op < 0.85:
+                del d[pos : pos + rng.randint(1, 8)]
+            elif op < 0.95:
+                d[pos] ^= 1 << rng.randrange(8)
+            else:
+                del d[pos:]
+            if not d:
+                d = bytearray(data[:1])
+        out.append((f"{name}-{i}", bytes(d)))
+    return out

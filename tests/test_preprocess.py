@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocess import ImageError, PreprocessSpec, decode_image, preprocess
+from service.preprocess import (
+    ImageError,
+    PreprocessSpec,
+    count_jpeg_scans,
+    decode_image,
+    preprocess,
+    resize_and_crop,
+    resized_size,
+    to_rgb,
+)
 
 from .conftest import HYMENOPTERA, PHOTOS
+from .images import hostile_images, mutants, photo, seed_images
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -118,3 +129,62 @@ def test_spec_round_trip_and_validation():
         PreprocessSpec(interpolation="cubic-ish")
     with pytest.raises(ValueError, match="resize"):
         PreprocessSpec(input_size=224, resize=200)
+
+
+# ---------------------------------------------------------------- hostile input
+
+
+def test_every_allowed_format_decodes_whatever_the_file_is_called(tmp_path):
+    for name, data in seed_images():
+        path = tmp_path / f"{name}.txt"  # the name says nothing: the bytes decide
+        path.write_bytes(data)
+        assert decode_image(data).size == decode_image(path).size == (32, 24), name
+
+
+def test_mutation_fuzz_raises_nothing_but_image_error():
+    """Pillow raises ValueError, struct.error, IndexError, TypeError, ... on damaged headers: each must become the
+    image's own ImageError (a 400 in the service, a skipped file in training), never escape."""
+    decoded = refused = 0
+    for name, data in mutants(seed=3, count=3000):
+        try:
+            decode_image(data)
+            decoded += 1
+        except ImageError:
+            refused += 1
+        except Exception as exc:  # pragma: no cover - the failure this test exists to catch
+            raise AssertionError(f"{name}: {type(exc).__name__}: {exc}") from exc
+    assert decoded > 300 and refused > 300  # the fuzz reaches both outcomes
+
+
+@pytest.mark.parametrize("name", list(hostile_images()))
+def test_hostile_images_are_refused_before_decoding(name):
+    data, _, message = hostile_images()[name]
+    start = time.perf_counter()
+    with pytest.raises(ImageError, match=message):
+        decode_image(data)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_a_normal_progressive_jpeg_is_within_the_scan_budget():
+    data = encode(photo(), "JPEG", progressive=True)
+    assert 2 <= count_jpeg_scans(io.BytesIO(data)) <= 12
+    decode_image(data)
+
+
+def test_16bit_conversion_is_exact_and_banded():
+    values = np.arange(0, 65536, dtype=np.uint16).reshape(256, 256)
+    out = np.asarray(to_rgb(Image.fromarray(values)))[..., 0]
+    assert np.array_equal(out, np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8))
+
+
+def test_crop_box_resize_samples_the_same_pixels_as_resize_then_crop():
+    """Preprocessing resamples only the crop box (memory bounded by the output), the same centre crop as resizing
+    the whole image first: within rounding (1 level) for bilinear on real photos, any shape."""
+    for size in [(500, 375), (375, 500), (3000, 40), (40, 3000), (257, 256)]:
+        img = photo().resize(size)
+        spec = PreprocessSpec()
+        new_w, new_h = resized_size(img.size, spec)
+        left, top = (new_w - 224) // 2, (new_h - 224) // 2
+        whole = img.resize((new_w, new_h), Image.Resampling.BILINEAR).crop((left, top, left + 224, top + 224))
+        diff = np.abs(np.asarray(resize_and_crop(img, spec), np.int16) - np.asarray(whole, np.int16))
+        assert diff.max() <= 1, size

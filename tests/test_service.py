@@ -130,7 +130,7 @@ def test_asgi_bad_images_are_400_with_a_message(client, name):
     [
         ({}, 415, "multipart/form-data"),  # empty body
         ({"data": {"top_k": "1"}}, 415, "multipart/form-data"),  # a form without the file
-        ({"files": {"top_k": (None, "1")}}, 400, "Field required"),  # multipart without the image field
+        ({"files": {"top_k": (None, "1")}}, 400, "'image' is missing"),  # multipart without the image field
         (
             {"files": {"image": ("a.jpg", BEE.read_bytes(), "image/jpeg")}, "data": {"top_k": "0"}},
             400,
@@ -146,7 +146,7 @@ def test_asgi_bad_images_are_400_with_a_message(client, name):
             400,
             "top_k",
         ),
-        ({"files": {"image": ("a.txt", b"hello", "text/plain")}}, 400, "content type"),
+        ({"files": {"image": ("a.txt", b"hello", "text/plain")}}, 400, "not an image format"),
         (
             {"content": b"{not json", "headers": {"content-type": "application/json"}},
             415,
@@ -174,6 +174,27 @@ def test_asgi_bad_requests(client, kwargs, status, message):
     resp = client.post("/classify", **kwargs)
     assert resp.status_code == status, resp.text
     assert message in resp.text
+
+
+def test_the_guards_endpoint_table_matches_the_service(svc_module):
+    """Adding a parameter to an endpoint without the guard knowing would make every request using it a 400."""
+    from service.guard import ENDPOINTS
+
+    apis = svc_module.Headstart.apis
+    assert {f"/{name}" for name in apis} == set(ENDPOINTS)
+    for name, api in apis.items():
+        endpoint = ENDPOINTS[f"/{name}"]
+        fields = set(api.input_spec.model_fields)
+        assert fields == {*endpoint.files, *endpoint.fields}, name
+        assert set(getattr(api.input_spec, "multipart_fields", ())) == set(endpoint.files), name
+
+
+@pytest.mark.parametrize("ctype", ["application/octet-stream", "text/plain", None])
+def test_asgi_an_image_is_known_by_its_bytes_not_its_declared_type(client, ctype):
+    files = {"image": ("photo", BEE.read_bytes(), ctype) if ctype else ("photo", BEE.read_bytes())}
+    resp = client.post("/classify", files=files, data={"top_k": "2"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == post_image(client, BEE.read_bytes(), top_k="2").json()
 
 
 def test_asgi_top_k_above_label_count_returns_all_labels(client):

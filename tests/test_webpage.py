@@ -91,3 +91,25 @@ def test_a_file_that_is_not_an_image_shows_the_services_message(server, browser,
     browser.find_element(By.ID, "file").send_keys(str(bad))
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").text)
     assert "could not analyse" in browser.find_element(By.ID, "error").text
+
+
+def test_a_photo_with_a_long_non_ascii_name_and_no_extension_is_analysed(server, browser, tmp_path):
+    """The browser sends such a file as application/octet-stream (no extension to guess from) with its 250-byte
+    name; the service knows the image by its bytes and never uses the name."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _, _ = server
+    photo = tmp_path / ("蜂の写真" * 20 + "x" * 10)  # 250 bytes of UTF-8, the most most file systems allow
+    photo.write_bytes(BEE.read_bytes())
+    browser.get(f"{url}/ui")
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    WebDriverWait(browser, 30).until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, "#predictions li.prediction"))
+    )
+    labels = [
+        li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "li.prediction")
+    ]
+    assert labels[0] == "bees"
+    assert not browser.find_element(By.ID, "error").text

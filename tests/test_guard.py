@@ -1,0 +1,268 @@
+"""The request gatekeeper on its own, in front of a stand-in app: canonical headers and bodies, limits, load shedding,
+abandoned requests. (The same cases against a real `bentoml serve`: tests/test_reliability.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from service.guard import (
+    ENDPOINTS,
+    MAX_BATCH_IMAGES,
+    MAX_FIELD_BYTES,
+    RequestGuard,
+    RequestRejected,
+    current_request,
+    parse_upload,
+)
+
+from .bad_requests import BOUNDARY, raw_multipart
+
+JPEG = b"\xff\xd8\xff\xe0 pretend jpeg bytes"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}".encode()
+
+
+class Recorder:
+    """An ASGI app that records what reached it and answers 200 (optionally after waiting for ``release``)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict, bytes]] = []
+        self.states = []
+        self.release: asyncio.Event | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        message = await receive()
+        self.states.append(current_request())
+        self.seen.append((dict(scope["headers"]), message.get("body", b"")))
+        if self.release is not None:
+            await self.release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def call(
+    guard, path: str, body: bytes, headers: list[tuple[bytes, bytes]], chunks: int = 1, method: str = "POST"
+):
+    """Send one request through ``guard``; returns (status, headers, body)."""
+    return asyncio.run(_call(guard, path, body, headers, chunks, method))
+
+
+async def _call(guard, path, body, headers, chunks=1, method="POST", disconnect: asyncio.Event | None = None):
+    size = max(1, -(-len(body) // chunks))
+    pieces = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
+    messages = [
+        {"type": "http.request", "body": p, "more_body": i < len(pieces) - 1} for i, p in enumerate(pieces)
+    ]
+    sent: list[dict] = []
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        if disconnect is not None:
+            await disconnect.wait()
+        else:
+            await asyncio.Event().wait()  # a client that stays connected
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": headers}
+    await guard(scope, receive, send)
+    start = sent[0]
+    return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def upload(parts, ctype: bytes = MULTIPART, path: str = "/classify", guard=None, chunks: int = 1):
+    app = Recorder()
+    status, headers, body = call(
+        guard or RequestGuard(app), path, raw_multipart(parts), [(b"content-type", ctype)], chunks
+    )
+    return status, body, app
+
+
+def test_an_image_declared_as_octet_stream_or_untyped_reaches_the_service_as_a_file():
+    for ctype in ("application/octet-stream", None, "text/plain"):
+        status, _, app = upload([("image", "photo", JPEG, ctype)])
+        assert status == 200
+        headers, body = app.seen[0]
+        assert b'name="image"; filename="upload"' in body and JPEG in body
+
+
+def test_the_body_is_rebuilt_with_our_boundary_and_safe_file_names():
+    name = "蜜蜂の写真" * 30 + ".jpg"  # 450 bytes of UTF-8: BentoML put it in a temporary file's name
+    status, _, app = upload([("image", name, JPEG, "image/jpeg"), ("top_k", None, b"3", None)])
+    assert status == 200
+    headers, body = app.seen[0]
+    ctype = headers[b"content-type"]
+    assert ctype.startswith(b"multipart/form-data; boundary=headstart-")
+    assert headers[b"content-length"] == str(len(body)).encode()
+    assert BOUNDARY.encode() not in body and "蜜蜂".encode() not in body
+    parts = parse_upload(ctype, body, ENDPOINTS["/classify"])
+    assert parts == [("image", b"upload", JPEG), ("top_k", None, b"3")]
+
+
+def test_media_type_is_case_insensitive_and_canonicalised():
+    status, _, app = upload(
+        [("image", "a.jpg", JPEG, None)], ctype=f"Multipart/Form-Data; boundary={BOUNDARY}".encode()
+    )
+    assert status == 200
+    assert app.seen[0][0][b"content-type"].startswith(b"multipart/form-data; boundary=")
+
+
+@pytest.mark.parametrize("header", [b"content-type", b"content-length"])
+def test_a_duplicated_framing_header_is_refused(header):
+    app = Recorder()
+    body = raw_multipart([("image", "a.jpg", JPEG, None)])
+    value = MULTIPART if header == b"content-type" else str(len(body)).encode()
+    headers = [
+        (b"content-type", MULTIPART),
+        (header, value),
+        (header, b"text/plain" if header == b"content-type" else b"1"),
+    ]
+    status, _, text = call(RequestGuard(app), "/classify", body, headers)
+    assert status == 400 and b"more than one" in text
+    assert not app.seen
+
+
+@pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        ([("image", "a.jpg", JPEG, None)] * 2, b"more than 1 time"),
+        ([("image", "a.jpg", JPEG, None), *[("top_k", None, b"1", None)] * 1001], b"more than 1 time"),
+        ([("image", "a.jpg", JPEG, None), ("top_k", None, b"1" * 5000, None)], b"longer than 64 bytes"),
+        ([("image", "a.jpg", JPEG, None), ("top_k", None, b"[" * 100_000, None)], b"longer than 64 bytes"),
+        ([("image", "a.jpg", JPEG, None), ("top_k", None, b"x" * (2 << 20), None)], b"longer than 64 bytes"),
+        ([("image", "a.jpg", JPEG, None), ("top_k", None, b"\xff\xfe", None)], b"not UTF-8"),
+        ([("image", None, b"http://169.254.169.254/latest", None)], b"must be an uploaded file"),
+        ([("top_k", None, b"3", None)], b"'image' is missing"),
+        ([("image", "a.jpg", JPEG, None), ("picture", "b.jpg", JPEG, None)], b"Unknown field"),
+    ],
+    ids=["image-twice", "1002-parts", "long-number", "nested-brackets", "1-MiB-text", "binary-text", "url", "missing",
+         "unknown-field"],
+)  # fmt: skip
+def test_fields_are_refused_beyond_what_the_endpoint_takes(parts, message):
+    status, text, app = upload(parts)
+    assert status == 400, text
+    assert message in text
+    assert not app.seen
+
+
+def test_a_batch_takes_at_most_the_stated_number_of_images():
+    ok = [("images", f"{i}.jpg", JPEG, None) for i in range(MAX_BATCH_IMAGES)]
+    assert upload(ok, path="/classify_batch")[0] == 200
+    status, text, _ = upload([*ok, ok[0]], path="/classify_batch")
+    assert status == 400 and f"at most {MAX_BATCH_IMAGES} images".encode() in text
+
+
+def test_part_headers_are_bounded():
+    body = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="a"\r\nX-Pad: {"p" * 10_000}\r\n\r\nx\r\n--{BOUNDARY}--\r\n'
+    status, _, text = call(
+        RequestGuard(Recorder()), "/classify", body.encode(), [(b"content-type", MULTIPART)]
+    )
+    assert status == 400 and b"header size" in text
+
+
+def test_a_chunked_body_over_the_limit_is_413_on_every_route():
+    for path in ("/info", "/classify", "/nowhere"):
+        app = Recorder()
+        status, _, text = call(
+            RequestGuard(app, max_bytes=1000), path, b"{" + b" " * 5000 + b"}", [], chunks=10
+        )
+        assert status == 413 and b"larger than 1000 bytes" in text, path
+        assert not app.seen
+
+
+def test_routes_without_input_take_an_empty_body_only():
+    for body, status in [(b"", 200), (b"{}", 200), (b'{"x": 1}', 400), (b"[" * 10_000, 400)]:
+        app = Recorder()
+        got, _, text = call(RequestGuard(app), "/info", body, [(b"content-type", b"application/json")])
+        assert got == status, (body[:20], text)
+        if status == 200:
+            assert app.seen[0][1] == b"{}"
+
+
+def test_over_the_concurrency_limit_requests_get_503_with_retry_after_before_their_body_is_read():
+    async def scenario():
+        app = Recorder()
+        app.release = asyncio.Event()
+        guard = RequestGuard(app, max_concurrency=2)
+        body = raw_multipart([("image", "a.jpg", JPEG, None)])
+        headers = [(b"content-type", MULTIPART)]
+        held = [asyncio.ensure_future(_call(guard, "/classify", body, headers)) for _ in range(2)]
+        while len(app.seen) < 2:
+            await asyncio.sleep(0.001)
+        status, resp_headers, text = await _call(guard, "/classify", body, headers)
+        info = await _call(guard, "/info", b"", [])  # routes without input are not counted
+        app.release.set()
+        done = [await h for h in held]
+        after = await _call(guard, "/classify", body, headers)
+        return (
+            status,
+            resp_headers,
+            text,
+            info[0],
+            [d[0] for d in done],
+            after[0],
+            guard.inflight,
+            guard.inflight_bytes,
+        )
+
+    status, headers, text, info, done, after, inflight, inflight_bytes = asyncio.run(scenario())
+    assert status == 503 and headers[b"retry-after"] == b"1" and b"busy" in text
+    assert info == 200 and done == [200, 200] and after == 200
+    assert inflight == 0 and inflight_bytes == 0
+
+
+def test_bodies_in_flight_are_bounded_in_bytes():
+    app = Recorder()
+    guard = RequestGuard(app, max_inflight_bytes=1000)
+    body = raw_multipart([("image", "a.jpg", b"x" * 2000, None)])
+    for headers, chunks in (([(b"content-length", str(len(body)).encode())], 1), ([], 4)):
+        status, resp_headers, text = call(
+            guard, "/classify", body, [(b"content-type", MULTIPART), *headers], chunks
+        )
+        assert status == 503 and resp_headers[b"retry-after"] == b"1", text
+    assert guard.inflight_bytes == 0 and guard.inflight == 0
+
+
+def test_the_request_state_tells_when_the_client_has_left_or_time_is_up():
+    async def scenario():
+        app = Recorder()
+        app.release = asyncio.Event()
+        left = asyncio.Event()
+        guard = RequestGuard(app, timeout=60)
+        body = raw_multipart([("image", "a.jpg", JPEG, None)])
+        task = asyncio.ensure_future(
+            _call(guard, "/classify", body, [(b"content-type", MULTIPART)], disconnect=left)
+        )
+        while not app.states:
+            await asyncio.sleep(0.001)
+        state = app.states[0]
+        before = state.abandoned()
+        left.set()
+        await asyncio.sleep(0.01)
+        after = state.abandoned()
+        app.release.set()
+        await task
+        short = RequestGuard(Recorder(), timeout=-1)
+        await _call(short, "/classify", body, [(b"content-type", MULTIPART)])
+        return before, after, short.app.states[0].abandoned()
+
+    before, after, timed_out = asyncio.run(scenario())
+    assert before is False and after is True and timed_out is True
+    assert current_request() is None
+
+
+def test_rejections_are_json_with_an_error_message():
+    status, text, _ = upload([("top_k", None, b"3", None)])
+    assert status == 400 and "error" in json.loads(text)
+
+
+def test_the_parser_refuses_anything_but_multipart_form_data():
+    with pytest.raises(RequestRejected) as err:
+        parse_upload(b"application/json", b"{}", ENDPOINTS["/classify"])
+    assert err.value.status == 415
+    assert MAX_FIELD_BYTES == 64

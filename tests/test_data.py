@@ -11,6 +11,7 @@ from PIL import Image
 from training.data import DatasetError, scan_eval_folder, scan_image_folder
 
 from .conftest import HYMENOPTERA, make_image_folder
+from .images import hostile_images
 
 
 def test_real_folder_layout_counts_gif_and_space():
@@ -52,6 +53,9 @@ def test_corrupt_non_image_and_odd_modes(tmp_path):
     (root / "train" / "a" / "truncated.jpg").write_bytes(good[: len(good) // 3])
     (root / "train" / "b" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 50)
     (root / "train" / "b" / "empty.jpg").write_bytes(b"")
+    for name, (data, _, _) in hostile_images().items():  # decoder crashes and bombs: skipped, named, no abort
+        if name in ("png-truncated-ihdr", "ppm-bad-header", "aspect-2x30000"):
+            (root / "train" / "b" / f"hostile-{name}.{'ppm' if 'ppm' in name else 'png'}").write_bytes(data)
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
     Image.fromarray(arr).convert("P").save(root / "train" / "b" / "palette.png")
@@ -60,7 +64,8 @@ def test_corrupt_non_image_and_odd_modes(tmp_path):
     Image.fromarray(arr[..., 0].astype(np.uint16) * 257).save(root / "train" / "b" / "sixteen.png")
     report = scan_image_folder(root)
     corrupt = {p.split("/")[-1] for p, _ in report.corrupt}
-    assert corrupt == {"truncated.jpg", "garbage.png", "empty.jpg"}
+    assert corrupt == {"truncated.jpg", "garbage.png", "empty.jpg", "hostile-png-truncated-ihdr.png",
+                       "hostile-ppm-bad-header.ppm", "hostile-aspect-2x30000.png"}  # fmt: skip
     assert [p.split("/")[-1] for p, _ in report.ignored] == ["notes.txt"]
     assert report.counts()["train"] == {"a": 3, "b": 7}
     text = report.format()

@@ -146,6 +146,61 @@ def test_export_bad_runs_write_nothing(tmp_path, tiny_run):
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
+def test_export_refuses_to_replace_the_run_or_what_is_not_a_bundle(tiny_run, tmp_path):
+    run = tmp_path / "work" / "run"
+    shutil.copytree(tiny_run, run)
+    for out in (
+        run,
+        run.parent,
+        tmp_path,
+    ):  # the run itself, or a folder holding it: never, even with --force
+        for force in (False, True):
+            with pytest.raises(ExportError, match="is the run directory or holds it"):
+                export_bundle(run, out, store=False, force=force)
+    assert (run / "DONE").is_file()
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "keep.jpg").write_bytes(b"precious")
+    with pytest.raises(ExportError, match="not a headstart bundle"):
+        export_bundle(run, other, store=False)
+    assert (other / "keep.jpg").read_bytes() == b"precious"
+    assert main(["export", str(run), "--out", str(other), "--no-store"]) != 0
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(ExportError, match="not a headstart bundle"):
+        export_bundle(run, a_file, store=False)
+    assert a_file.read_text() == "mine"
+    # an empty folder, an earlier bundle, or anything with --force is replaced
+    (tmp_path / "empty").mkdir()
+    export_bundle(run, tmp_path / "empty", store=False)
+    export_bundle(run, tmp_path / "empty", store=False)
+    export_bundle(run, other, store=False, force=True)
+    assert (other / "manifest.json").is_file() and not (other / "keep.jpg").exists()
+
+
+def test_written_files_follow_the_users_umask(tiny_run, tmp_path):
+    import os
+    import stat
+
+    from training import runs
+
+    old = os.umask(0o077)
+    try:
+        bundle = export_bundle(tiny_run, tmp_path / "private", store=False).bundle_dir
+        runs.write_json(tmp_path / "private.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o700
+    for f in (*bundle.iterdir(), tmp_path / "private.json"):
+        assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
+    os.umask(0o022)
+    try:
+        runs.write_json(tmp_path / "shared.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "shared.json").stat().st_mode) == 0o644
+
+
 def test_failed_export_keeps_previous_bundle_and_store(tiny_run, tmp_path, monkeypatch):
     import bentoml
 

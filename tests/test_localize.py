@@ -181,6 +181,26 @@ def test_yolo_reader_errors_name_the_problem(tmp_path):
         scan_yolo_dataset(root)
 
 
+def test_evaluation_reads_the_test_split_else_val_else_train(tmp_path):
+    """Ultralytics data sets for evaluation often define only 'val' or 'test'; evaluation says which it used."""
+    from training.data import DatasetError
+    from training.detect_data import scan_yolo_eval_split
+
+    root = _yolo_set(tmp_path / "set")
+    names = "names: [cat, dog]\n"
+    for yaml_text, split in [("val: images/train\n", "val"), ("test: images/train\nval: images/nowhere\n", "test"),
+                             ("train: images/train\n", "train")]:  # fmt: skip
+        (root / "data.yaml").write_text(yaml_text + names)
+        report = scan_yolo_eval_split(root)
+        assert list(report.splits) == [split] and len(report.splits[split]) == 6
+        assert split in report.split_source and [p.rsplit("/", 1)[-1] for p, _ in report.corrupt] == [
+            "broken.jpg"
+        ]
+    (root / "data.yaml").write_text(names)
+    with pytest.raises(DatasetError, match="'test', 'val' or 'train'"):
+        scan_yolo_eval_split(root)
+
+
 def test_coco128_is_read_as_the_data_set_describes_it():
     require_shared()
     from training.detect_data import scan_yolo_dataset

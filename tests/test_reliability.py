@@ -196,7 +196,7 @@ def test_client_errors_are_logged_as_one_line_without_a_traceback(server):
 
 
 def test_corpus_is_big_enough():
-    assert len(corpus()) >= 25
+    assert len(corpus()) >= 60
 
 
 @pytest.mark.slow

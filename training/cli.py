@@ -134,19 +134,21 @@ def _cmd_evaluate(args) -> int:
 
 
 def _evaluate_detector(run, args) -> int:
-    """mAP of a detection run on every image of a YOLO-format data set (all its splits)."""
+    """mAP of a detection run on a YOLO-format data set's 'test' split, else 'val', else 'train'."""
     from training.detect import evaluate_detector
-    from training.detect_data import scan_yolo_dataset
+    from training.detect_data import scan_yolo_eval_split
     from training.evaluate import plot_detections
     from training.runs import write_json
 
-    report = scan_yolo_dataset(args.data_dir)
+    report = scan_yolo_eval_split(args.data_dir)
+    (split,) = report.splits
     log.info("%s", report.format())
+    log.info("evaluating on the %s", report.split_source)
     if report.labels != run.labels:
         raise ValueError(
             f"{report.yaml_path} names other classes than the run was trained on; cannot evaluate."
         )
-    samples = [s for split in report.splits.values() for s in split]
+    samples = report.splits[split]
     out = Path(args.out) if args.out else run.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     metrics, preds, truth = evaluate_detector(run.model, samples, run.spec, run.labels)
@@ -155,7 +157,7 @@ def _evaluate_detector(run, args) -> int:
         out / "metrics.json",
         {"split": str(Path(args.data_dir).resolve()), **metrics, "data": report.to_dict()},
     )
-    summary = {k: metrics[k] for k in ("num_images", "num_boxes", "map50", "map50_95")}
+    summary = {"split": split, **{k: metrics[k] for k in ("num_images", "num_boxes", "map50", "map50_95")}}
     print(json.dumps({**summary, "out": str(out)}))
     return 0
 
@@ -247,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8", action="store_true", help="also a static int8 model, calibrated on training images"
     )
     p.add_argument(
-        "--force", action="store_true", help="keep the int8 model even if it loses > 1 accuracy point"
+        "--force",
+        action="store_true",
+        help="keep the int8 model even if it loses > 1 accuracy point; replace an --out that is not a bundle",
     )
     p.add_argument("--name", help="model name in the store (default: the run directory's name)")
     p.add_argument(

@@ -196,10 +196,8 @@ def _image_files(entry, base: Path, yaml_path: Path) -> list[Path]:
     return files
 
 
-def scan_yolo_dataset(
-    data: str | Path, *, val_fraction: float = 0.2, seed: int = 0, workers: int = 4
-) -> DetectionReport:
-    """Read and check a YOLO-format data set; returns its train/val splits and everything that was skipped."""
+def _read_yaml(data: str | Path) -> tuple[Path, dict, list[str], Path]:
+    """(data.yaml path, its contents, class names, the folder its paths are relative to)."""
     yaml_path = find_data_yaml(data)
     if yaml_path is None:
         raise DatasetError(
@@ -209,15 +207,15 @@ def scan_yolo_dataset(
         spec = yaml.safe_load(yaml_path.read_text())
     except yaml.YAMLError as exc:
         raise DatasetError(f"{yaml_path} is not valid YAML: {exc}") from exc
-    if not isinstance(spec, dict) or "train" not in spec:
-        raise DatasetError(f"{yaml_path} needs 'train' (an image folder) and 'names'.")
+    if not isinstance(spec, dict):
+        raise DatasetError(f"{yaml_path} needs 'names' and image folders ('train', 'val', 'test').")
     labels = _names(spec.get("names"), yaml_path)
-    base = (yaml_path.parent / str(spec.get("path") or ".")).resolve()
-    report = DetectionReport(root=base, yaml_path=yaml_path, labels=labels)
+    return yaml_path, spec, labels, (yaml_path.parent / str(spec.get("path") or ".")).resolve()
 
-    split_files = {"train": _image_files(spec["train"], base, yaml_path)}
-    if spec.get("val") and spec["val"] != spec["train"]:
-        split_files["val"] = _image_files(spec["val"], base, yaml_path)
+
+def _scan_splits(report: DetectionReport, split_files: dict[str, list[Path]], workers: int) -> None:
+    """Check every image and label file of ``split_files`` into ``report`` (corrupt, background, orphans, ...)."""
+    n_labels = len(report.labels)
 
     def load(path: Path) -> tuple[Path, str, str, DetSample | None, list[str]]:
         status, info = _check_file(path)
@@ -232,7 +230,7 @@ def scan_yolo_dataset(
                 DetSample(path, info, np.zeros(0, np.int64), np.zeros((0, 4), np.float32)),
                 [],
             )
-        classes, boxes, problems = parse_labels(lpath, len(labels))
+        classes, boxes, problems = parse_labels(lpath, n_labels)
         return path, "ok", "", DetSample(path, info, classes, boxes), problems
 
     image_stems: set[Path] = set()
@@ -253,6 +251,38 @@ def scan_yolo_dataset(
     for folder in sorted(label_dirs):
         if folder.is_dir():
             report.orphan_labels += sorted(str(p) for p in folder.glob("*.txt") if p not in image_stems)
+
+
+def scan_yolo_eval_split(data: str | Path, *, workers: int = 4) -> DetectionReport:
+    """The images to evaluate on: data.yaml's 'test' split, else 'val', else 'train' (as Ultralytics data sets for
+    evaluation often define only one); the report's only split is named after the one used."""
+    yaml_path, spec, labels, base = _read_yaml(data)
+    split = next((s for s in ("test", "val", "train") if spec.get(s)), None)
+    if split is None:
+        raise DatasetError(
+            f"{yaml_path} names no images: give 'test', 'val' or 'train' (an image folder or list)."
+        )
+    report = DetectionReport(
+        root=base, yaml_path=yaml_path, labels=labels, split_source=f"'{split}' of data.yaml"
+    )
+    _scan_splits(report, {split: _image_files(spec[split], base, yaml_path)}, workers)
+    if not report.splits[split]:
+        raise DatasetError(f"{yaml_path}: the '{split}' split has no readable image.")
+    return report
+
+
+def scan_yolo_dataset(
+    data: str | Path, *, val_fraction: float = 0.2, seed: int = 0, workers: int = 4
+) -> DetectionReport:
+    """Read and check a YOLO-format data set for training: its train/val splits and everything that was skipped."""
+    yaml_path, spec, labels, base = _read_yaml(data)
+    if "train" not in spec:
+        raise DatasetError(f"{yaml_path} needs 'train' (an image folder) and 'names' to train on.")
+    report = DetectionReport(root=base, yaml_path=yaml_path, labels=labels)
+    split_files = {"train": _image_files(spec["train"], base, yaml_path)}
+    if spec.get("val") and spec["val"] != spec["train"]:
+        split_files["val"] = _image_files(spec["val"], base, yaml_path)
+    _scan_splits(report, split_files, workers)
 
     if "val" not in report.splits:
         if not 0.0 < val_fraction < 1.0:

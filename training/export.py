@@ -279,12 +279,15 @@ def export_bundle(
     if task == "detect" and int8:
         raise ExportError("--int8 is available for classifiers only; export the detector without --int8.")
     out = Path(out) if out else run.run_dir / "bundle"
+    check_destination(out, run.run_dir, force)
     name = model_name(name or run.run_dir.resolve().name)
     version = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S") + secrets.token_hex(3)
     val_paths, val_targets = _subsample(*_split_paths(run, "val"), MAX_CHECK_IMAGES)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp creates 0700; the bundle is meant to be read by a serving user
+    tmp.chmod(
+        0o777 & ~runs.umask()
+    )  # mkdtemp creates 0700; give the mode mkdir would, as the user's umask says
     try:
         fp32 = tmp / MODEL_FP32
         output_names = DETECT_OUTPUT_NAMES if task == "detect" else OUTPUT_NAMES
@@ -377,6 +380,34 @@ def export_bundle(
     return ExportResult(out, manifest, tag)
 
 
+def is_bundle(path: Path) -> bool:
+    """Whether ``path`` is a directory that headstart export wrote (of any schema version)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "schema_version" in manifest and "files" in manifest
+
+
+def check_destination(out: Path, run_dir: Path, force: bool) -> None:
+    """Refuse an --out that export would destroy: the run itself or a folder holding it (always), and anything but
+    an earlier bundle or an empty directory (without --force)."""
+    target, run = out.resolve(), run_dir.resolve()
+    if run == target or run.is_relative_to(target):
+        raise ExportError(
+            f"--out {out} is the run directory or holds it; export replaces --out whole. Choose a new folder, "
+            f"e.g. --out {run / 'bundle'}."
+        )
+    if force or not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir() and not out.is_symlink() and (is_bundle(out) or not any(out.iterdir())):
+        return
+    raise ExportError(
+        f"--out {out} exists and is not a headstart bundle; export would replace it. Choose another folder, or "
+        "pass --force to replace it."
+    )
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     """Move ``new`` to ``target``; an existing ``target`` is swapped out only after the move succeeded."""
     if target.exists():
@@ -387,7 +418,10 @@ def _replace_dir(new: Path, target: Path) -> None:
         except BaseException:
             old.rename(target)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
     else:
         new.rename(target)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -34,11 +35,20 @@ class RunError(RuntimeError):
     """A run directory is missing, incomplete or inconsistent."""
 
 
+def umask() -> int:
+    """The process's umask (read by setting and restoring it: the only way POSIX offers)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; run files are meant to be shared
+        os.fchmod(
+            fd, 0o666 & ~umask()
+        )  # mkstemp creates 0600; give the mode open() would, as the user's umask says
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -65,15 +75,9 @@ def write_yaml(path: Path, data) -> None:
 
 def save_torch(path: Path, obj) -> None:
     """torch.save atomically (checkpoints hold only tensors and plain values: loadable with weights_only=True)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_safetensors(

@@ -1,0 +1,84 @@
+"""Cost of hostile images: headstart's decode + preprocess against a naive Pillow pipeline, in one run.
+
+Each case runs in a fresh process (peak RSS is per process) and reports wall time, peak RSS above the interpreter's
+own, and the outcome. The naive pipeline is what headstart did before its decode step bounded the work: open with
+every Pillow format, decode, convert 16-bit through float64, resize the whole image, then crop.
+
+    .venv/bin/python benchmarks/hostile_input.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from _common import ROOT, SHARED, check_idle
+
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[3])
+import numpy as np
+from PIL import Image
+from service.preprocess import PreprocessSpec, decode_image, preprocess, resized_size, INTERPOLATIONS
+from tests.images import hostile_images, large_16bit_png
+import io
+
+def naive(data, spec):
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    if img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * 255.0 / 65535.0, 0, 255).round().astype(np.uint8)).convert("RGB")
+    img = img.convert("RGB")
+    w, h = resized_size(img.size, spec)
+    img = img.resize((w, h), INTERPOLATIONS[spec.interpolation])
+    left, top = (w - spec.input_size) // 2, (h - spec.input_size) // 2
+    return np.asarray(img.crop((left, top, left + spec.input_size, top + spec.input_size)), np.float32)
+
+case, how = sys.argv[1], sys.argv[2]
+if case == "photo (cat_720p.jpg)":
+    data = open(sys.argv[4], "rb").read()
+elif case == "64 MP 16-bit PNG":
+    data = large_16bit_png()
+else:
+    data = hostile_images()[case][0]
+spec = PreprocessSpec()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+try:
+    preprocess(decode_image(data), spec) if how == "headstart" else naive(data, spec)
+    outcome = "decoded"
+except Exception as exc:
+    outcome = f"{type(exc).__name__}: {str(exc)[:60]}"
+elapsed = time.perf_counter() - start
+peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+print(json.dumps({"seconds": elapsed, "peak_mib": peak, "outcome": outcome, "bytes": len(data)}))
+"""
+
+CASES = ["photo (cat_720p.jpg)", "aspect-2x30000", "jpeg-500-scans", "png-truncated-ihdr", "64 MP 16-bit PNG"]
+
+
+def run(case: str, how: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, case, how, str(ROOT), str(SHARED / "photos" / "cat_720p.jpg")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    if out.returncode:
+        return {"seconds": float("nan"), "peak_mib": float("nan"), "outcome": f"crashed ({out.returncode})"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    check_idle()
+    print(
+        f"{'case':<22} {'input':>9} | {'naive s':>8} {'MiB':>6} {'outcome':<34} | {'headstart s':>11} {'MiB':>5} outcome"
+    )
+    for case in CASES:
+        naive, ours = run(case, "naive"), run(case, "headstart")
+        print(f"{case:<22} {ours.get('bytes', 0):>9} | {naive['seconds']:8.3f} {naive['peak_mib']:6.0f} "
+              f"{naive['outcome'][:34]:<34} | {ours['seconds']:11.3f} {ours['peak_mib']:5.0f} {ours['outcome'][:50]}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

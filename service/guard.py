@@ -348,11 +348,10 @@ class RequestGuard:
     def _canonical(self, scope, headers: dict[bytes, bytes], body: bytes, endpoint: Endpoint | None) -> dict:
         """The scope (with the body under ``headstart.body``) that BentoML gets, or RequestRejected."""
         ctype = headers.get(b"content-type", b"")
-        if endpoint is None:  # not an API route: BentoML answers 404/405 without reading the body
-            pass
-        elif endpoint.takes_input:
+        # (not an API route: the body goes on as it came, and BentoML answers 404/405 without reading it)
+        if endpoint is not None and endpoint.takes_input:
             ctype, body = canonical_multipart(parse_upload(ctype, body, endpoint))
-        else:
+        elif endpoint is not None:
             if body.strip() not in (b"", b"{}"):
                 media = parse_options_header(ctype)[0].lower()
                 if media != b"multipart/form-data" or parse_upload(ctype, body, endpoint):
@@ -374,7 +373,6 @@ class RequestGuard:
         state = RequestState(deadline=time.monotonic() + self.timeout)
         token = _CURRENT.set(state)
         pending: list[bytes] = [scope.pop("headstart.body")]
-        watcher: asyncio.Task | None = None
 
         async def watch():
             message = await receive()
@@ -383,12 +381,9 @@ class RequestGuard:
             return message
 
         async def replay():
-            nonlocal watcher
             if pending:
                 return {"type": "http.request", "body": pending.pop(), "more_body": False}
-            if watcher is None:
-                watcher = asyncio.ensure_future(watch())
-            return await asyncio.shield(watcher)
+            return await asyncio.shield(watcher)  # after the body, the next message is the client leaving
 
         watcher = asyncio.ensure_future(watch())
         try:

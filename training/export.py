@@ -285,9 +285,8 @@ def export_bundle(
     val_paths, val_targets = _subsample(*_split_paths(run, "val"), MAX_CHECK_IMAGES)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    tmp.chmod(
-        0o777 & ~runs.umask()
-    )  # mkdtemp creates 0700; give the mode mkdir would, as the user's umask says
+    # mkdtemp creates 0700; give the mode mkdir would, as the user's umask says
+    tmp.chmod(0o777 & ~runs.umask())
     try:
         fp32 = tmp / MODEL_FP32
         output_names = DETECT_OUTPUT_NAMES if task == "detect" else OUTPUT_NAMES

@@ -78,6 +78,35 @@ def test_service_preprocessing_is_training_preprocessing(svc, hymenoptera_run, m
     assert abs(served_bee["bees"] - torch_probs[0, 1]) < 1e-4
 
 
+def test_work_for_an_abandoned_request_is_dropped_not_run(svc, monkeypatch):
+    """A request whose client left (or whose time ran out) while it waited for the inference thread is not run."""
+    import time
+
+    from service import guard
+
+    ran = []
+    original = svc.bundle.predict
+    monkeypatch.setattr(svc.bundle, "predict", lambda pixels: ran.append(1) or original(pixels))
+    for state in (guard.RequestState(deadline=time.monotonic() + 60, disconnected=True),
+                  guard.RequestState(deadline=time.monotonic() - 1)):  # fmt: skip
+        token = guard._CURRENT.set(state)
+        try:
+            with pytest.raises(svc_module_exception(svc), match="left or the request timed out"):
+                svc.classify(BEE, top_k=1)
+        finally:
+            guard._CURRENT.reset(token)
+    assert not ran
+    token = guard._CURRENT.set(guard.RequestState(deadline=time.monotonic() + 60))
+    try:
+        assert svc.classify(BEE, top_k=1).predictions[0].label == "bees" and ran
+    finally:
+        guard._CURRENT.reset(token)
+
+
+def svc_module_exception(svc):
+    return importlib.import_module(type(svc).__module__).RequestAbandoned
+
+
 def test_exif_rotation_is_applied(svc, tmp_path):
     rotated, upright = exif_rotated()
     (tmp_path / "rotated.jpg").write_bytes(rotated)

@@ -209,9 +209,13 @@ class Headstart:
         log.info("headstart serving %s:%s (%s) with ONNX Runtime providers %s", self.bundle.name,
                  self.bundle.version, self.bundle.variant, self.bundle.providers)  # fmt: skip
 
-    def _on_worker(self, fn: Callable[..., T], *args) -> T:
-        """Run ``fn`` on the inference thread, unless by its turn the client has left or the time is up."""
-        request = current_request()
+    def _on_worker(self, fn: Callable[..., T], *args, one_request: bool = True) -> T:
+        """Run ``fn`` on the inference thread, unless by its turn the client has left or the time is up.
+
+        ``one_request=False`` for merged batches: BentoML's batch dispatcher runs in a task created during whichever
+        request started it, so the request state it sees belongs to some earlier, long-finished request.
+        """
+        request = current_request() if one_request else None
 
         def run() -> T:
             if request is not None and request.abandoned():
@@ -239,7 +243,7 @@ class Headstart:
 
         An image that cannot be decoded gets an ``error`` in its own entry; the others are still answered.
         """
-        results, errors = self._on_worker(self._classify_many, images)
+        results, errors = self._on_worker(self._classify_many, images, one_request=False)
         results = iter(results)
         return [
             BatchItem(model=self.model, error=err)

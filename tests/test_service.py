@@ -96,6 +96,12 @@ def test_work_for_an_abandoned_request_is_dropped_not_run(svc, monkeypatch):
         finally:
             guard._CURRENT.reset(token)
     assert not ran
+    # a merged batch runs in BentoML's dispatcher task, whose context is that of whichever request started it
+    token = guard._CURRENT.set(guard.RequestState(deadline=time.monotonic() - 1))
+    try:
+        assert svc.classify_batch([BEE])[0].predictions[0].label == "bees" and ran
+    finally:
+        guard._CURRENT.reset(token)
     token = guard._CURRENT.set(guard.RequestState(deadline=time.monotonic() + 60))
     try:
         assert svc.classify(BEE, top_k=1).predictions[0].label == "bees" and ran

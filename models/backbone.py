@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from service.errors import HeadstartError
 from service.preprocess import PreprocessSpec
 
 TORCHVISION_PREFIX = "torchvision:"
 
 
-class BackboneError(RuntimeError):
+class BackboneError(HeadstartError, RuntimeError):
     """A backbone cannot be built as asked; the message says what to do instead."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.errors import HeadstartError
 from service.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ EXTERNAL_ONLY = ("files",)
 _TAG = re.compile(r"^[a-z0-9][a-z0-9_.-]*(:[a-z0-9][a-z0-9_.-]*)?$")
 
 
-class BundleError(RuntimeError):
+class BundleError(HeadstartError, RuntimeError):
     """A bundle is missing, tampered with or inconsistent; the message says which file and what to do."""
 
 

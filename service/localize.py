@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from service.bundle import Bundle
+from service.errors import HeadstartError
 from service.preprocess import PreprocessSpec, preprocess_batch, resized_size, to_rgb
 
 #: Upsampling of the CAM grid before thresholding: 4 sub-cells per feature cell and axis.
@@ -31,7 +32,7 @@ CAM_UPSAMPLE = 4
 MAX_CANDIDATES = 2000
 
 
-class LocalizeError(ValueError):
+class LocalizeError(HeadstartError, ValueError):
     """A localization parameter is out of range; the message names it and the valid range."""
 
 

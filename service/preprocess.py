@@ -18,6 +18,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service.errors import HeadstartError
+
 #: Largest image (in pixels) that is decoded. Larger images are refused rather than risking memory exhaustion
 #: (decompression bombs). 64 MP covers every camera photo; override with HEADSTART_MAX_IMAGE_PIXELS.
 MAX_IMAGE_PIXELS = int(os.environ.get("HEADSTART_MAX_IMAGE_PIXELS", 64_000_000))
@@ -99,7 +101,7 @@ MAX_JPEG_SCAN_PIXELS = 2_000_000_000
 _CHUNK = 1 << 20
 
 
-class ImageError(ValueError):
+class ImageError(HeadstartError, ValueError):
     """The bytes given cannot be used as an image. The message says why and what to do."""
 
 

@@ -243,3 +243,38 @@ def test_int8_on_shared_mobilenet_keeps_accuracy(hymenoptera_bundle, hymenoptera
     bundle = load_bundle(result.bundle_dir, variant="int8", device="cpu")
     preds = classify_images(bundle, [decode_image(p) for p in REAL_IMAGES[:8]], k=1)
     assert [p[0]["label"] for p in preds][:4].count("ants") >= 3
+
+
+def test_help_and_predicting_with_a_bundle_import_no_torch(tiny_bundle):
+    """`headstart --help` and `headstart predict BUNDLE` run in a serving environment: no torch is imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from training.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        "assert 'torch' not in sys.modules, 'help imported torch'\n"
+        f"rc = main(['predict', {str(tiny_bundle.bundle_dir)!r}, {str(PHOTOS / 'cat.bmp')!r}, 'no-such.jpg'])\n"
+        "assert 'torch' not in sys.modules, 'predict BUNDLE imported torch'\n"
+        "print('rc', rc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "rc 1"  # the missing file is reported in its own line, the photo is classified
+    assert json.loads(lines[0])["predictions"] and "error" in json.loads(lines[1])
+
+
+def test_every_user_error_shares_one_base_class():
+    from models.backbone import BackboneError
+    from service.bundle import BundleError
+    from service.errors import HeadstartError
+    from service.localize import LocalizeError
+    from service.preprocess import ImageError
+    from training.data import DatasetError
+
+    for cls in (BackboneError, BundleError, DatasetError, ExportError, ImageError, LocalizeError, RunError):
+        assert issubclass(cls, HeadstartError), cls
+    assert issubclass(ImageError, ValueError) and issubclass(BundleError, RuntimeError)  # as before

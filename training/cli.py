@@ -268,15 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
                         stream=sys.stderr)  # fmt: skip
-    from models.backbone import BackboneError
-    from service.bundle import BundleError
-    from training.data import DatasetError
-    from training.export import ExportError
-    from training.runs import RunError
+    from service.errors import HeadstartError  # torch-free: `headstart predict BUNDLE` never imports torch
 
     try:
         return COMMANDS[args.command](args)
-    except (BackboneError, BundleError, DatasetError, ExportError, RunError, ValueError) as exc:
+    except (HeadstartError, ValueError) as exc:
         print(f"headstart {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

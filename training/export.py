@@ -32,6 +32,7 @@ from service.bundle import (
     load_bundle,
     sha256_file,
 )
+from service.errors import HeadstartError
 from service.preprocess import load_batches
 from training import runs
 from training.predict import predict_paths
@@ -45,7 +46,7 @@ MAX_CHECK_IMAGES = 200
 MAX_CALIBRATION_IMAGES = 128
 
 
-class ExportError(RuntimeError):
+class ExportError(HeadstartError, RuntimeError):
     """The export failed a check; nothing was written."""
 
 

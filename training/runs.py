@@ -14,6 +14,7 @@ import yaml
 
 from models import Classifier, ClassifierHead, HeadConfig, PixelNormalize, build_backbone
 from models.backbone import BackboneError
+from service.errors import HeadstartError
 from service.preprocess import PreprocessSpec
 
 CONFIG = "config.yaml"
@@ -31,7 +32,7 @@ DONE = "DONE"
 REQUIRED = (CONFIG, LABELS, PREPROCESS, HEAD, METRICS, DONE)
 
 
-class RunError(RuntimeError):
+class RunError(HeadstartError, RuntimeError):
     """A run directory is missing, incomplete or inconsistent."""
 
 

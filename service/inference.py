@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from service.bundle import Bundle
-from service.preprocess import preprocess_batch
+from service.preprocess import preprocess
 
 
 def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
@@ -19,7 +19,7 @@ def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
 
 def classify_images(bundle: Bundle, images: Sequence[Image.Image], k: int = 5) -> list[list[dict]]:
     """Top-k predictions for decoded RGB images, one list per image."""
-    return classify_arrays(bundle, list(preprocess_batch(images, bundle.spec)), k)
+    return classify_arrays(bundle, [preprocess(img, bundle.spec) for img in images], k)
 
 
 def classify_arrays(bundle: Bundle, arrays: Sequence[np.ndarray], k: int = 5) -> list[list[dict]]:

@@ -392,8 +392,8 @@ def is_bundle(path: Path) -> bool:
 def check_destination(out: Path, run_dir: Path, force: bool) -> None:
     """Refuse an --out that export would destroy: the run itself or a folder holding it (always), and anything but
     an earlier bundle or an empty directory (without --force)."""
-    target, run = out.resolve(), run_dir.resolve()
-    if run == target or run.is_relative_to(target):
+    run = run_dir.resolve()
+    if run.is_relative_to(out.resolve()):  # the run itself, or a folder holding it
         raise ExportError(
             f"--out {out} is the run directory or holds it; export replaces --out whole. Choose a new folder, "
             f"e.g. --out {run / 'bundle'}."

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -141,12 +142,12 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 90)
     raise AssertionError(f"server not ready after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
-def server(hymenoptera_bundle, tmp_path_factory):
+@contextlib.contextmanager
+def serving(model: str, log: Path, **env: str):
+    """A ready `bentoml serve` of ``model`` on a free port (extra HEADSTART_* settings in ``env``), stopped on exit;
+    yields (url, process, log file)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {**os.environ, "HEADSTART_MODEL": hymenoptera_bundle.tag, "HEADSTART_DEVICE": "cpu"}
-    proc = start_server(env, port, log)
+    proc = start_server({**os.environ, "HEADSTART_MODEL": model, "HEADSTART_DEVICE": "cpu", **env}, port, log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, url, log)
@@ -157,3 +158,9 @@ def server(hymenoptera_bundle, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(hymenoptera_bundle, tmp_path_factory):
+    with serving(hymenoptera_bundle.tag, tmp_path_factory.mktemp("serve") / "server.log") as running:
+        yield running

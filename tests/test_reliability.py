@@ -181,38 +181,38 @@ def test_memory_and_cpu_bombs_are_answered_at_once_within_a_memory_bound(server)
 
 @pytest.mark.slow
 def test_a_server_at_its_concurrency_limit_answers_503_with_retry_after(hymenoptera_bundle, tmp_path):
-    """One worker that holds one request at a time: requests arriving while a slow one (a 64 MP image, about 1 s)
-    is served are shed at once with 503 and Retry-After; once it is done, requests are served again."""
-    from .conftest import free_port, start_server, wait_ready
+    """One worker that holds one request at a time: while a request is admitted (here one whose body is still
+    arriving, which the gatekeeper counts before reading it), others are shed at once with 503 and Retry-After;
+    once it is done, requests are served again."""
+    import socket
+    from urllib.parse import urlparse
 
-    port, log = free_port(), tmp_path / "server.log"
-    env = {**os.environ, "HEADSTART_MODEL": hymenoptera_bundle.tag, "HEADSTART_DEVICE": "cpu",
-           "HEADSTART_WORKERS": "1", "HEADSTART_MAX_CONCURRENCY": "1"}  # fmt: skip
-    proc = start_server(env, port, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, log)
-        big = large_16bit_png()
-        with httpx.Client(base_url=url, timeout=120) as http, ThreadPoolExecutor(1) as pool:
-            slow = pool.submit(http.post, "/classify", files={"image": ("big.png", big, "image/png")})
-            shed = []
-            while (
-                not slow.done()
-            ):  # every request sent while the slow one is served is shed (a few may come before)
-                shed.append(
-                    http.post("/classify", files={"image": ("a.jpg", BEE.read_bytes(), "image/jpeg")})
-                )
-                time.sleep(0.05)
-            assert slow.result().status_code == 200
-            again = http.post("/classify", files={"image": ("a.jpg", BEE.read_bytes(), "image/jpeg")})
-        refused = [r for r in shed if r.status_code == 503]
-        assert refused and all(r.status_code in (200, 503) for r in shed), [r.text for r in shed]
-        assert all(r.headers["retry-after"] == "1" and "busy" in r.json()["error"] for r in refused)
-        assert again.status_code == 200 and again.json()["predictions"][0]["label"] == "bees"
-        assert httpx.get(f"{url}/readyz").status_code == 200  # health checks are not counted
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    from .conftest import serving
+
+    body = raw_multipart([("image", "a.jpg", BEE.read_bytes(), "image/jpeg")])
+    head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    bee = {"image": ("a.jpg", BEE.read_bytes(), "image/jpeg")}
+    with serving(hymenoptera_bundle.tag, tmp_path / "server.log", HEADSTART_WORKERS="1",
+                 HEADSTART_MAX_CONCURRENCY="1") as (url, _, _):  # fmt: skip
+        u = urlparse(url)
+        with (
+            socket.create_connection((u.hostname, u.port), timeout=60) as held,
+            httpx.Client(base_url=url) as http,
+        ):
+            held.sendall(head + body[:-10])  # admitted, waiting for the rest of its body
+            time.sleep(0.5)
+            shed = [http.post("/classify", files=bee) for _ in range(3)]
+            assert http.get("/readyz").status_code == 200  # health checks are not counted
+            held.sendall(body[-10:])
+            response = b""
+            while chunk := held.recv(65536):
+                response += chunk
+            again = http.post("/classify", files=bee)
+    assert [r.status_code for r in shed] == [503] * 3, [r.text for r in shed]
+    assert all(r.headers["retry-after"] == "1" and "busy" in r.json()["error"] for r in shed)
+    assert response.split(b" ", 2)[1] == b"200" and b'"bees"' in response, response[:300]
+    assert again.status_code == 200 and again.json()["predictions"][0]["label"] == "bees"
 
 
 @pytest.mark.slow

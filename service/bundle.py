@@ -12,23 +12,22 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from service.contract import MANIFEST_SCHEMA_VERSION, ContractError, Manifest
 from service.errors import HeadstartError
 from service.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = MANIFEST_SCHEMA_VERSION
 MANIFEST = "manifest.json"
 MODEL_FP32 = "model.onnx"
 MODEL_INT8 = "model.int8.onnx"
 METADATA_KEY = "headstart_manifest"
-#: Fields of manifest.json that are not embedded in the ONNX file (a file cannot contain its own hash).
-EXTERNAL_ONLY = ("files",)
+EXTERNAL_ONLY = Manifest.EXTERNAL_ONLY
 _TAG = re.compile(r"^[a-z0-9][a-z0-9_.-]*(:[a-z0-9][a-z0-9_.-]*)?$")
 
 
@@ -74,65 +73,68 @@ def choose_providers(device: str = "auto") -> list[str]:
 
 @dataclass
 class Bundle:
-    """A verified bundle with an ONNX Runtime session."""
+    """A verified bundle with an ONNX Runtime session; a :class:`service.contract.Model`."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest
     session: object
     variant: str  # "fp32" or "int8"
     providers: list[str] = field(default_factory=list)
 
     @property
-    def labels(self) -> list[str]:
-        return self.manifest["labels"]
+    def task(self) -> str:
+        return self.manifest.task
 
-    @cached_property
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest.labels)
+
+    @property
     def spec(self) -> PreprocessSpec:
-        return PreprocessSpec.from_dict(self.manifest["preprocess"])
+        return self.manifest.preprocess
+
+    @property
+    def feature_map(self) -> list[int]:
+        return self.manifest.feature_map
 
     @property
     def name(self) -> str:
-        return self.manifest["name"]
+        return self.manifest.name
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self.manifest.version
 
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:
-        """pixels (N, 3, S, S) float32 in [0, 255] → every output, in the manifest's order.
-
-        A classifier gives (probabilities (N, K), class map (N, K, H, W)); a detector (probabilities (N, K),
-        boxes (N, M, 4), scores (N, M, K)).
-        """
-        names = [o["name"] for o in self.manifest["outputs"]]
-        return self.session.run(names, {self.manifest["input"]["name"]: pixels})
+        """pixels (N, 3, S, S) float32 in [0, 255] → every output, in the manifest's order."""
+        return self.session.run(self.manifest.output_names, {self.manifest.input_name: pixels})
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run(
-            [self.manifest["outputs"][0]["name"]], {self.manifest["input"]["name"]: pixels}
-        )[0]
+        return self.session.run(self.manifest.output_names[:1], {self.manifest.input_name: pixels})[0]
 
 
-def read_manifest(bundle_dir: Path) -> dict:
+def read_manifest_dict(bundle_dir: Path) -> dict:
+    """manifest.json as written (the embedded copy in each ONNX file must equal it, less ``files``)."""
     path = bundle_dir / MANIFEST
     if not path.is_file():
         raise BundleError(
             f"{bundle_dir} is not a headstart bundle: {MANIFEST} is missing. Create one with headstart export."
         )
     try:
-        manifest = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path} is not valid JSON ({exc}); re-export the bundle.") from exc
-    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(
-            f"{path} has schema_version {manifest.get('schema_version') if isinstance(manifest, dict) else None}; "
-            f"this headstart reads version {SCHEMA_VERSION}. Re-export the bundle with this version."
-        )
-    return manifest
 
 
-def verify_files(bundle_dir: Path, manifest: dict) -> None:
-    files = manifest.get("files") or {}
+def read_manifest(bundle_dir: Path) -> Manifest:
+    try:
+        return Manifest.from_dict(read_manifest_dict(bundle_dir), source=str(bundle_dir / MANIFEST))
+    except ContractError as exc:
+        raise BundleError(str(exc)) from exc
+
+
+def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
+    files = manifest.files
     if MODEL_FP32 not in files:
         raise BundleError(f"{bundle_dir / MANIFEST} lists no {MODEL_FP32}; re-export the bundle.")
     for name, expected in files.items():
@@ -179,7 +181,7 @@ def resolve_bundle_path(ref: str | Path) -> Path:
         ) from exc
 
 
-def verify_bundle(ref: str | Path) -> tuple[Path, dict]:
+def verify_bundle(ref: str | Path) -> tuple[Path, Manifest]:
     """Resolve a bundle directory or tag and check its files against the manifest; returns (directory, manifest)."""
     bundle_dir = resolve_bundle_path(ref)
     manifest = read_manifest(bundle_dir)
@@ -208,7 +210,7 @@ def load_bundle(
     filename = {"fp32": MODEL_FP32, "int8": MODEL_INT8}.get(variant)
     if filename is None:
         raise BundleError(f"Invalid variant {variant!r}. Use fp32 or int8.")
-    if filename not in manifest["files"]:
+    if filename not in manifest.files:
         raise BundleError(f"{bundle_dir} has no int8 model; export with --int8 or use the fp32 variant.")
     options = ort.SessionOptions()
     if threads:
@@ -229,19 +231,17 @@ def load_bundle(
     embedded = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if embedded is None:
         raise BundleError(f"{bundle_dir / filename} carries no embedded manifest; re-export the bundle.")
-    if json.loads(embedded) != embedded_view(manifest):
+    if json.loads(embedded) != embedded_view(read_manifest_dict(bundle_dir)):
         raise BundleError(
             f"The manifest embedded in {bundle_dir / filename} differs from {bundle_dir / MANIFEST}; "
             "the bundle was edited by hand. Re-export it."
         )
     outputs = session.get_outputs()
     num_classes = outputs[0].shape[-1]
-    if isinstance(num_classes, int) and num_classes != len(manifest["labels"]):
+    if isinstance(num_classes, int) and num_classes != len(manifest.labels):
         raise BundleError(
             f"{bundle_dir / filename} outputs {num_classes} classes but the manifest has "
-            f"{len(manifest['labels'])} labels. Re-export the bundle."
+            f"{len(manifest.labels)} labels. Re-export the bundle."
         )
-    log.info(
-        "loaded %s:%s (%s) from %s on %s", manifest["name"], manifest["version"], variant, bundle_dir, in_use
-    )
+    log.info("loaded %s:%s (%s) from %s on %s", manifest.name, manifest.version, variant, bundle_dir, in_use)
     return Bundle(bundle_dir, manifest, session, variant, in_use)

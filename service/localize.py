@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from service.bundle import Bundle
+from service.contract import Model
 from service.errors import HeadstartError
 from service.preprocess import PreprocessSpec, preprocess_batch, resized_size, to_rgb
 
@@ -226,7 +226,7 @@ def decode(
 
 
 def localize_images(
-    bundle: Bundle, images: Sequence[Image.Image], params: LocalizeParams | None = None
+    model: Model, images: Sequence[Image.Image], params: LocalizeParams | None = None
 ) -> list[dict]:
     """Decoded images → one ``{"detections", "grid", "image_size", "method", "scores"}`` per image.
 
@@ -236,14 +236,13 @@ def localize_images(
     params = params or LocalizeParams()
     if not images:
         return []
-    spec = bundle.spec
-    outputs = bundle.run(preprocess_batch(images, spec))
-    task = bundle.manifest.get("task", "classify")
-    grid = list(bundle.manifest["backbone"]["feature_map"])
+    spec = model.spec
+    outputs = model.run(preprocess_batch(images, spec))
+    task, grid = model.task, model.feature_map
     results = []
     for n, img in enumerate(images):
         per_image = [out[n] for out in outputs]
-        detections = decode(per_image, task, geometry(img.size, spec), bundle.labels, spec.input_size, params)
+        detections = decode(per_image, task, geometry(img.size, spec), model.labels, spec.input_size, params)
         results.append({
             "detections": detections,
             "grid": grid,

@@ -303,9 +303,9 @@ class Headstart:
         """Labels, task, model name and version, training metrics, ONNX Runtime providers in use, input size."""
         m = self.bundle.manifest
         return InfoResponse(
-            name=m["name"], version=m["version"], task=m["task"], labels=m["labels"],
-            input_size=m["preprocess"]["input_size"], preprocess=m["preprocess"], backbone=m["backbone"]["name"],
-            metrics=m["metrics"], providers=self.bundle.providers, variant=self.bundle.variant,
+            name=m.name, version=m.version, task=m.task, labels=list(m.labels),
+            input_size=m.preprocess.input_size, preprocess=m.preprocess.to_dict(), backbone=m.backbone["name"],
+            metrics=m.metrics, providers=self.bundle.providers, variant=self.bundle.variant,
             max_request_bytes=MAX_REQUEST_BYTES,
         )  # fmt: skip
 

@@ -63,20 +63,20 @@ def check(name: str, run_dir: Path) -> None:
 
 def test_classifier_on_hymenoptera_learns_the_reference_head(tmp_path):
     require_shared()
-    from training.train import TrainConfig, train
+    from training.tasks import ClassifyConfig, train
 
-    cfg = TrainConfig(data_dir=str(HYMENOPTERA), out=str(tmp_path / "run"), backbone="torchvision:mobilenet_v2",
+    cfg = ClassifyConfig(data_dir=str(HYMENOPTERA), out=str(tmp_path / "run"), backbone="torchvision:mobilenet_v2",
                       weights=str(MOBILENET), views=2, epochs=8, cache_dir=str(tmp_path / "cache"),
                       progress=False)  # fmt: skip
     check("classify-hymenoptera", train(cfg))
 
 
 def test_classifier_with_hidden_layer_and_unfreezing_learns_the_reference_weights(tmp_path):
-    from training.train import TrainConfig, train
+    from training.tasks import ClassifyConfig, train
 
     data = make_image_folder(tmp_path / "data", {"red": 12, "blue": 12, "green": 12}, seed=3,
                              splits={"train": 0.75, "val": 0.25})  # fmt: skip
-    cfg = TrainConfig(data_dir=str(data), out=str(tmp_path / "run"), backbone="test_resnet", pretrained=False,
+    cfg = ClassifyConfig(data_dir=str(data), out=str(tmp_path / "run"), backbone="test_resnet", pretrained=False,
                       views=2, hidden=16, epochs=6, batch_size=8, label_smoothing=0.1, unfreeze=1,
                       finetune_epochs=2, cache_dir=str(tmp_path / "cache"), progress=False)  # fmt: skip
     check("classify-unfreeze-synthetic", train(cfg))
@@ -84,7 +84,7 @@ def test_classifier_with_hidden_layer_and_unfreezing_learns_the_reference_weight
 
 def test_detector_on_coco128_learns_the_reference_head(tmp_path):
     require_shared()
-    from training.detect import DetectConfig, train_detector
+    from training.tasks import DetectConfig, train
     from training.detect_data import scan_yolo_dataset
 
     report = scan_yolo_dataset(COCO128, val_fraction=0.2)
@@ -93,4 +93,4 @@ def test_detector_on_coco128_learns_the_reference_head(tmp_path):
     cfg = DetectConfig(data_dir=str(COCO128), out=str(tmp_path / "run"), backbone="torchvision:mobilenet_v2",
                        weights=str(MOBILENET), input_size=224, views=2, hidden=32, epochs=6, eval_every=2,
                        cache_dir=str(tmp_path / "cache"), progress=False)  # fmt: skip
-    check("detect-coco128", train_detector(cfg, report))
+    check("detect-coco128", train(cfg, report))

@@ -12,7 +12,7 @@ from PIL import Image
 from service.preprocess import PreprocessSpec, preprocess
 
 PRESETS = ("none", "light", "heavy")
-_CV2_INTERPOLATION = {
+CV2_INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
     "bilinear": cv2.INTER_LINEAR,
     "bicubic": cv2.INTER_CUBIC,
@@ -31,7 +31,7 @@ def build_augmentation(preset: str, spec: PreprocessSpec) -> A.Compose | None:
     if preset == "none":
         return None
     size = (spec.input_size, spec.input_size)
-    interp = _CV2_INTERPOLATION[spec.interpolation]
+    interp = CV2_INTERPOLATION[spec.interpolation]
     if preset == "light":
         transforms = [
             A.RandomResizedCrop(size=size, scale=(0.5, 1.0), interpolation=interp),
@@ -62,9 +62,10 @@ def build_augmentation(preset: str, spec: PreprocessSpec) -> A.Compose | None:
     return A.Compose(transforms)
 
 
-def recipe(preset: str, pipeline: A.Compose | None, spec: PreprocessSpec) -> dict:
+def recipe(task: str, preset: str, pipeline: A.Compose | None, spec: PreprocessSpec) -> dict:
     """A JSON-able description of the augmentation, stored with the run and part of the feature-cache key."""
     return {
+        "task": task,
         "preset": preset,
         "albumentations_version": A.__version__,
         "pipeline": A.to_dict(pipeline) if pipeline is not None else None,

@@ -31,6 +31,11 @@ class Sample:
     label: int
     sha256: str
 
+    @property
+    def identity(self) -> str:
+        """What the cached features of its views depend on: the image bytes."""
+        return self.sha256
+
 
 @dataclass
 class DatasetReport:
@@ -82,7 +87,7 @@ class DatasetReport:
         return "\n".join(lines)
 
 
-def _check_file(path: Path) -> tuple[str, str]:
+def check_file(path: Path) -> tuple[str, str]:
     """Decode a file fully. Returns ("ok", sha256), ("ignored", reason) or ("corrupt", reason)."""
     data = path.read_bytes()
     looks_like_image = path.suffix.lower() in IMAGE_EXTENSIONS
@@ -111,7 +116,7 @@ def _check_tree(
     """Decode every file in parallel; return the good (path, sha256) per split and class, the ignored, the corrupt."""
     all_paths = [p for per_class in files.values() for paths in per_class.values() for p in paths]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = dict(zip(all_paths, pool.map(_check_file, all_paths), strict=True))
+        results = dict(zip(all_paths, pool.map(check_file, all_paths), strict=True))
     ignored = [(str(p), r) for p, (status, r) in results.items() if status == "ignored"]
     corrupt = [(str(p), r) for p, (status, r) in results.items() if status == "corrupt"]
     good = {

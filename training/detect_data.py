@@ -11,6 +11,7 @@ reported with file and line and skipped, corrupt images are skipped.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from training.data import IMAGE_EXTENSIONS, DatasetError, _check_file
+from training.data import IMAGE_EXTENSIONS, DatasetError, check_file
 
 
 @dataclass
@@ -32,6 +33,12 @@ class DetSample:
     @property
     def is_background(self) -> bool:
         return len(self.classes) == 0
+
+    @property
+    def identity(self) -> str:
+        """What the cached features of its views depend on: the image bytes and the boxes."""
+        boxes = hashlib.sha256(self.classes.tobytes() + self.boxes.tobytes()).hexdigest()
+        return f"{self.sha256}:{boxes}"
 
 
 @dataclass
@@ -218,7 +225,7 @@ def _scan_splits(report: DetectionReport, split_files: dict[str, list[Path]], wo
     n_labels = len(report.labels)
 
     def load(path: Path) -> tuple[Path, str, str, DetSample | None, list[str]]:
-        status, info = _check_file(path)
+        status, info = check_file(path)
         if status != "ok":
             return path, status, info, None, []
         lpath = label_path(path)

@@ -17,14 +17,14 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
-from service.preprocess import PreprocessSpec, decode_image
-from training.augment import augmented_views
-from training.data import Sample
+from service.preprocess import decode_image
 from training.runs import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,23 @@ def default_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "headstart"
     )
     return Path(base) / "features"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` → the device training runs on; ``cuda`` without a usable GPU is an error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"Invalid --device {device!r}. Use auto, cpu or cuda.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no usable GPU (torch.cuda.is_available() is "
+                         "False). Install a CUDA build of torch, or use --device cpu.")  # fmt: skip
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether augmented training views are extracted in bf16: asked for, or ``auto`` where bf16 units exist."""
+    if precision != "auto":
+        return precision == "bf16"
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
 
 
 def cpu_has_bf16() -> bool:
@@ -110,38 +127,43 @@ def cache_namespace(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _item_key(namespace: str, sample: Sample, views: int, seed: int) -> str:
-    return hashlib.sha256(f"{namespace}:{sample.sha256}:{views}:{seed}".encode()).hexdigest()
+def item_key(namespace: str, identity: str, views: int, seed: int) -> str:
+    """The cache key of one image's views: the namespace and the image's identity (its bytes, and for detection
+    its boxes)."""
+    return hashlib.sha256(f"{namespace}:{identity}:{views}:{seed}".encode()).hexdigest()
 
 
-def _item_seed(seed: int, sample: Sample) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{sample.sha256}".encode()).digest()[:4], "little")
+def item_seed(seed: int, image_sha256: str) -> int:
+    """The augmentation seed of one image: the same image gets the same views in every run with this seed."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{image_sha256}".encode()).digest()[:4], "little")
 
 
-def pooled_features_fn(
-    model: torch.nn.Module, bf16: bool, pool: bool = True
+def features_fn(
+    model: torch.nn.Module, bf16: bool, pool: bool = True, device: torch.device | str = "cpu"
 ) -> Callable[[np.ndarray], np.ndarray]:
     """pixels (N, 3, S, S) float32 → pooled features (N, C) float32 (``pool=False``: feature maps (N, C, H, W)).
 
     The frozen backbone is traced and frozen with TorchScript (conv/BatchNorm folding, oneDNN fusion) in
     channels_last; with ``bf16`` its weights are cast to bfloat16. ``benchmarks/feature_extraction.py`` measures the
     variants (MobileNetV2, batch 8, 2 cores: eager fp32 55 img/s, traced fp32 131, traced bf16 193). If tracing
-    fails (an unusual model), the eager model is used.
+    fails (an unusual model), the eager model is used. On ``device`` cuda the model runs there; results come back
+    to the CPU.
     """
     import copy
     import warnings
 
+    device = torch.device(device)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    net = copy.deepcopy(model).eval().to(dtype=dtype, memory_format=torch.channels_last)
+    net = copy.deepcopy(model).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
     for p in net.parameters():
         p.requires_grad_(False)
     run_net: Callable = net
-    example = torch.zeros(2, 3, 64, 64, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    example = torch.zeros(2, 3, 64, 64, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
             traced = torch.jit.freeze(torch.jit.trace(net, example, check_trace=False))
-            if not bf16:
+            if not bf16 and device.type == "cpu":
                 traced = torch.jit.optimize_for_inference(traced)
             traced(example)
             run_net = traced
@@ -150,39 +172,49 @@ def pooled_features_fn(
 
     @torch.inference_mode()
     def run(pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(pixels).to(dtype).contiguous(memory_format=torch.channels_last)
+        x = torch.from_numpy(pixels).to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         out = run_net(x).float()
-        return (out.mean(dim=(2, 3)) if pool else out.contiguous()).numpy()
+        return (out.mean(dim=(2, 3)) if pool else out.contiguous()).cpu().numpy()
 
     return run
 
 
+#: make_views(image, sample, seed) → (pixels (V, 3, S, S) float32, named arrays to cache beside the features)
+ViewsFn = Callable[[Image.Image, Any, int], tuple[np.ndarray, dict[str, np.ndarray]]]
+
+
 def extract_features(
     run_model: Callable[[np.ndarray], np.ndarray],
-    samples: Sequence[Sample],
+    samples: Sequence[Any],
+    make_views: ViewsFn,
     *,
-    spec: PreprocessSpec,
-    pipeline,
     views: int,
-    num_features: int,
+    shape: tuple[int, ...],
     cache: FeatureCache,
     namespace: str,
+    dtype=np.float32,
+    extras: tuple[str, ...] = (),
     seed: int = 0,
     batch_size: int = 64,
     desc: str = "features",
     progress: bool = True,
-) -> np.ndarray:
-    """Features (N, views, C) for ``samples``; cached per image. ``pipeline=None`` means eval preprocessing."""
-    out = np.empty((len(samples), views, num_features), np.float32)
+) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+    """Features (N, views, *shape) of ``samples`` and, per sample, the named ``extras`` its views came with (e.g.
+    the boxes after augmentation). Cached per image under :func:`item_key` of the sample's ``identity``; a sample's
+    views come from ``make_views`` with its :func:`item_seed`."""
+    out = np.empty((len(samples), views, *shape), dtype)
+    found: list[dict[str, np.ndarray]] = [{} for _ in samples]
     todo: list[int] = []
     for i, sample in enumerate(samples):
-        cached = cache.get(_item_key(namespace, sample, views, seed), (views, num_features))
-        if cached is None:
+        key = item_key(namespace, sample.identity, views, seed)
+        cached = cache.get(key, (views, *shape), dtype)
+        parts = {name: cache.get(f"{key}-{name}", None) for name in extras}
+        if cached is None or any(v is None for v in parts.values()):
             todo.append(i)
         else:
-            out[i] = cached
+            out[i], found[i] = cached, parts
     if not todo:
-        return out
+        return out, found
 
     per_chunk = max(1, batch_size // views)
     bar = tqdm(total=len(todo) * views, desc=desc, unit="img", disable=not progress, leave=False)
@@ -190,17 +222,19 @@ def extract_features(
     # torch's own threads (measured: no faster).
     for start in range(0, len(todo), per_chunk):
         chunk = todo[start : start + per_chunk]
-        pixels = np.concatenate([
-            augmented_views(decode_image(samples[i].path), pipeline, spec, views, _item_seed(seed, samples[i]))
-            for i in chunk
-        ])  # fmt: skip
+        made = [make_views(decode_image(samples[i].path), samples[i], item_seed(seed, samples[i].sha256))
+                for i in chunk]  # fmt: skip
+        pixels = np.concatenate([pixels for pixels, _ in made])
         feats = np.concatenate(
             [run_model(pixels[k : k + batch_size]) for k in range(0, len(pixels), batch_size)]
-        )
-        feats = feats.reshape(len(chunk), views, num_features)
+        ).astype(dtype, copy=False)
+        feats = feats.reshape(len(chunk), views, *shape)
         for j, i in enumerate(chunk):
-            out[i] = feats[j]
-            cache.put(_item_key(namespace, samples[i], views, seed), feats[j])
+            key = item_key(namespace, samples[i].identity, views, seed)
+            out[i], found[i] = feats[j], made[j][1]
+            cache.put(key, feats[j], dtype)
+            for name, arr in found[i].items():
+                cache.put(f"{key}-{name}", arr)
         bar.update(len(chunk) * views)
     bar.close()
-    return out
+    return out, found

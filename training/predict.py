@@ -1,4 +1,4 @@
-"""Batched inference of a torch Classifier on image files, through the serving preprocessing."""
+"""A trained run's PyTorch model on image files, through the serving preprocessing."""
 
 from __future__ import annotations
 
@@ -18,23 +18,24 @@ def predict_paths(
 ) -> np.ndarray:
     """Class probabilities (N, K) in fp32 for image files, preprocessed exactly as the service does."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for pixels in load_batches(paths, spec, batch_size):
-        out.append(torch.softmax(model.logits(torch.from_numpy(pixels)), dim=1).numpy())
+        out.append(torch.softmax(model.logits(torch.from_numpy(pixels).to(device)), dim=1).cpu().numpy())
     k = model.head.cfg.num_classes
     return np.concatenate(out) if out else np.zeros((0, k), np.float32)
 
 
 class RunModel:
-    """A trained run's PyTorch model behind the interface of :class:`service.bundle.Bundle` (``run``, ``predict``,
-    ``spec``, ``labels``, ``manifest``), so `headstart predict` answers through the service's own code paths."""
+    """A trained run (:class:`training.load.LoadedRun`) as a :class:`service.contract.Model`, so `headstart predict`
+    answers for a run directory through the service's own code paths."""
 
     def __init__(self, run) -> None:
         self.model = run.model.eval()
         self.spec = run.spec
         self.labels = run.labels
-        task = run.config.get("task", "classify")
-        self.manifest = {"task": task, "backbone": {"feature_map": run.config["backbone"]["feature_map"]}}
+        self.task = run.task
+        self.feature_map = list(run.record.backbone.feature_map)
 
     @torch.inference_mode()
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:

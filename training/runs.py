@@ -1,21 +1,19 @@
-"""The run directory: what training writes, and how evaluate/predict/export load it back."""
+"""The run directory: its files, written atomically, and its record (config.yaml) through the contract."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from models import Classifier, ClassifierHead, HeadConfig, PixelNormalize, build_backbone
-from models.backbone import BackboneError
+from service.contract import ContractError, RunRecord
 from service.errors import HeadstartError
-from service.preprocess import PreprocessSpec
 
 CONFIG = "config.yaml"
 LABELS = "labels.json"
@@ -96,14 +94,43 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-@dataclass
-class LoadedRun:
-    run_dir: Path
-    config: dict
-    labels: list[str]
-    spec: PreprocessSpec
-    model: torch.nn.Module  # Classifier, or Detector for task: detect
-    metrics: dict
+def prepare_run_dir(run_dir: Path, result_options: dict, *, resume: bool, overwrite: bool) -> None:
+    """Create the run directory; an existing non-empty one only with ``overwrite`` (emptied) or ``resume`` (the
+    options that determine the result must equal the interrupted run's)."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite:
+            shutil.rmtree(run_dir)
+        elif resume:
+            if (run_dir / CONFIG).exists():
+                old = read_record(run_dir).options
+                changed = {k: (old.get(k), v) for k, v in result_options.items() if old.get(k) != v}
+                if changed:
+                    raise RunError(
+                        f"--resume with different options than the interrupted run: {changed} (old, new). "
+                        "Use the same options, or --overwrite to start again."
+                    )
+        else:
+            raise RunError(
+                f"Run directory {run_dir} already exists. Use --resume to continue it or --overwrite to replace it."
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_record(run_dir: Path, record: RunRecord) -> None:
+    write_yaml(run_dir / CONFIG, record.to_dict())
+
+
+def read_record(run_dir: Path) -> RunRecord:
+    """The run's config.yaml through the contract (refused, naming the version, if written by another schema)."""
+    path = run_dir / CONFIG
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RunError(f"Cannot read {path}: {exc}. Retrain the run.") from exc
+    try:
+        return RunRecord.from_dict(data, source=str(path))
+    except ContractError as exc:
+        raise RunError(str(exc)) from exc
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -117,42 +144,3 @@ def check_run_dir(run_dir: Path) -> None:
             f"Run directory {run_dir} is incomplete (missing {', '.join(missing)}): training did not finish. "
             f"Finish it with: headstart train DATA_DIR --out {run_dir} --resume"
         )
-
-
-def load_run(run_dir: str | Path, weights: str | Path | None = None) -> LoadedRun:
-    """Rebuild the trained classifier from a run directory (backbone weights are checked by content hash)."""
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir)
-    config = yaml.safe_load((run_dir / CONFIG).read_text())
-    labels = json.loads((run_dir / LABELS).read_text())
-    spec = PreprocessSpec.from_dict(json.loads((run_dir / PREPROCESS).read_text()))
-    bb = config["backbone"]
-    weights = weights or bb.get("weights_path")
-    try:
-        backbone = build_backbone(bb["name"], pretrained=bb["pretrained"], weights=weights)
-    except BackboneError as exc:
-        raise RunError(f"Cannot rebuild the backbone of {run_dir}: {exc}") from exc
-    random_init = not bb["pretrained"] and not weights
-    if not random_init and bb.get("weights_sha256") and backbone.weights_sha256 != bb["weights_sha256"]:
-        raise RunError(
-            f"The backbone weights differ from the ones this run was trained with (sha256 "
-            f"{backbone.weights_sha256[:12]} != {bb['weights_sha256'][:12]}). Pass the original file with --weights."
-        )
-    tail_path = run_dir / BACKBONE_TAIL
-    if random_init and not tail_path.is_file():
-        raise RunError(f"{run_dir} was trained from random backbone weights but {BACKBONE_TAIL} is missing.")
-    if tail_path.is_file():
-        tail = load_safetensors(tail_path)
-        result = backbone.features.load_state_dict(tail, strict=random_init)
-        if result.unexpected_keys:
-            raise RunError(f"{tail_path} has keys the backbone lacks: {result.unexpected_keys[:3]}")
-    if config.get("task") == "detect":
-        from training.detect import build_detector
-
-        model = build_detector(config, spec, backbone.features, load_safetensors(run_dir / HEAD))
-    else:
-        head = ClassifierHead(HeadConfig(**config["head"]))
-        head.load_state_dict(load_safetensors(run_dir / HEAD))
-        model = Classifier(PixelNormalize(spec.mean, spec.std), backbone.features, head).eval()
-    metrics = json.loads((run_dir / METRICS).read_text())
-    return LoadedRun(run_dir, config, labels, spec, model, metrics)

@@ -1,0 +1,88 @@
+"""Training options: one dataclass per task, one place for each default and its help text.
+
+:class:`RunConfig` holds what every task shares; a task's config subclasses it, adds its own options and sets its
+own defaults. The `headstart train` command line is generated from these fields (``training/cli.py``), so an option,
+its default and its help are written once, here or in the task's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+AUGMENT_PRESETS = ("none", "light", "heavy")
+
+
+def option(default: Any, help: str, *, group: str = "optimisation", choices: tuple | None = None,
+           flag: str | None = None, type: type | None = None, cli: bool = True) -> Any:  # fmt: skip
+    """A config field with what the command line needs: its help, group, choices and (for booleans) flag."""
+    meta = {"help": help, "group": group, "choices": choices, "flag": flag, "type": type, "cli": cli}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Options every task shares. Subclasses set ``task`` and may override defaults (see :func:`option`)."""
+
+    task = "base"
+    #: options a ``--resume`` must not change: they determine the result
+    RESULT_KEYS = ("backbone", "pretrained", "weights", "val_fraction", "augment", "views", "hidden", "dropout",
+                   "epochs", "patience", "batch_size", "lr", "weight_decay", "precision", "seed")  # fmt: skip
+
+    data_dir: str = option("", "the data set", cli=False)
+    out: str = option("", "run directory to write", cli=False)
+    backbone: str = option("resnet50", "timm model name or torchvision:NAME", group="backbone")
+    pretrained: bool = option(True, "random backbone weights", group="backbone", flag="--no-pretrained")
+    weights: str | None = option(None, "local state dict (.pth/.safetensors) instead of downloading pretrained "
+                                 "weights", group="backbone", type=str)  # fmt: skip
+    val_fraction: float = option(0.2, "validation share when the data set has no validation split", group="data")
+    augment: str = option("heavy", "augmentation preset", group="data", choices=AUGMENT_PRESETS)
+    views: int = option(8, "augmented views per training image (features cached)", group="data")
+    hidden: int = option(0, "hidden width of the head", group="head")
+    dropout: float = option(0.2, "dropout in the head", group="head")
+    epochs: int = option(100, "most epochs of head training")
+    patience: int = option(10, "early stopping: epochs without a better validation score")
+    batch_size: int = option(128, "head-training batch size")
+    lr: float = option(1e-3, "head learning rate (AdamW, cosine decay)")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    precision: str = option("auto", "for augmented training views; auto = bf16 where the CPU (or GPU) has bf16 "
+                            "units; validation is always fp32", group="data", choices=PRECISIONS)  # fmt: skip
+    seed: int = option(0, "seed of the split, the augmentations and the head")
+    cache_dir: str | None = option(None, "feature cache (default $HEADSTART_CACHE or ~/.cache/headstart)",
+                                   group="data", type=str)  # fmt: skip
+    no_cache: bool = option(False, "do not read or write the feature cache", group="data", flag="--no-cache")
+    resume: bool = option(False, "continue an interrupted run in --out", group="run", flag="--resume")
+    overwrite: bool = option(False, "replace an existing run in --out", group="run", flag="--overwrite")
+    progress: bool = option(True, "no progress bars", group="run", flag="--no-progress")
+    #: small batches keep activations in cache: ~2x faster than 64 on this CPU
+    extract_batch_size: int = option(8, "feature-extraction batch", cli=False)
+    device: str = option("auto", "where features are extracted and the head trained; auto = cuda when a GPU is "
+                         "visible", group="run", choices=DEVICES)  # fmt: skip
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid option and the valid values."""
+        for name in ("augment", "precision", "device"):
+            f = self.__dataclass_fields__[name]
+            if getattr(self, name) not in f.metadata["choices"]:
+                raise ValueError(f"Invalid --{name} {getattr(self, name)!r}. Use one of {', '.join(f.metadata['choices'])}.")
+        if min(self.views, self.epochs, self.patience, self.batch_size, self.extract_batch_size) < 1:
+            raise ValueError("--views, --epochs, --patience and --batch-size must be at least 1.")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}.")
+        if self.hidden < 0:
+            raise ValueError(f"--hidden must be >= 0, got {self.hidden}.")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: choose one.")
+
+    def options(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def result_options(self) -> dict:
+        return {k: getattr(self, k) for k in self.RESULT_KEYS}
+
+
+def cli_fields(config_type: type[RunConfig]) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_type) if f.metadata.get("cli", False)}

@@ -1,0 +1,223 @@
+"""The training engine: the job every task runs, written once.
+
+``train(cfg)`` validates the options, prepares the run directory, scans the data, builds and freezes the backbone,
+records the run (``config.yaml`` and the other run files), extracts and caches the frozen features of every
+augmented view, lets the task fit its head (``training/loop.py``: seeded batches, early stopping, best state,
+resume), lets it evaluate and plot, saves the weights and finishes the run (``DONE`` last).
+
+A task (``training/tasks/``) supplies only what differs: its config, data scanning, input preprocessing and
+augmentation, views and their targets, the head and its loss, its metrics and plots, and how to rebuild its model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from models import Backbone, PixelNormalize, build_backbone
+from service.contract import BackboneRecord, RunRecord
+from service.preprocess import PreprocessSpec
+from training import runs
+from training.augment import recipe, recipe_key
+from training.config import RunConfig
+from training.features import (
+    FeatureCache,
+    ViewsFn,
+    cache_namespace,
+    default_cache_dir,
+    extract_features,
+    features_fn,
+    resolve_device,
+    use_bf16,
+)
+
+log = logging.getLogger("headstart")
+
+
+@dataclass
+class Features:
+    """One split's cached features: (N, views, *shape) and per image the extras its views came with."""
+
+    samples: list
+    values: np.ndarray
+    extras: list[dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """What a task extracts per view: pooled vectors or maps, their shape and dtype, and the extras it caches."""
+
+    shape: tuple[int, ...]
+    pool: bool
+    feature_map: list[int]
+    dtype: Any = np.float32
+    extras: tuple[str, ...] = ()
+
+
+@dataclass
+class Job:
+    """Everything a task needs while it trains, in one place."""
+
+    cfg: Any
+    run_dir: Path
+    report: Any
+    backbone: Backbone
+    spec: PreprocessSpec
+    net: nn.Module  # normalisation + frozen backbone features
+    pipeline: Any
+    views: int
+    device: torch.device
+    bf16: bool
+    started: float
+    train: Features | None = None
+    val: Features | None = None
+    cache: FeatureCache | None = None
+    history: list[dict] = field(default_factory=list)
+    training: dict = field(default_factory=dict)  # what the task reports under metrics.json's "training"
+
+    @property
+    def labels(self) -> list[str]:
+        return self.report.labels
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / runs.CHECKPOINT
+
+
+class Task(Protocol):
+    """What a task supplies to the engine (see ``training/tasks/classify.py`` for the smallest complete one)."""
+
+    name: str
+    config: type[RunConfig]
+    headline: tuple[str, ...]  # the metrics the end-of-run log line shows
+
+    def scan(self, cfg) -> Any:
+        """The checked data set: ``labels``, ``splits`` (``train`` and ``val``: samples with ``path``, ``sha256``
+        and ``identity``), ``split_source``, ``format()`` and ``to_dict()``."""
+
+    def data_record(self, cfg, report) -> dict: ...
+
+    def split_row(self, sample) -> list: ...
+
+    def input_spec(self, cfg, backbone: Backbone) -> PreprocessSpec: ...
+
+    def augmentation(self, preset: str, spec: PreprocessSpec) -> Any: ...
+
+    def layout(self, backbone: Backbone, net: nn.Module, spec: PreprocessSpec) -> FeatureLayout: ...
+
+    def make_views(self, job: Job, train: bool) -> ViewsFn: ...
+
+    def head_config(self, cfg, num_features: int, labels: list[str]) -> Any: ...
+
+    def fit(self, job: Job, head_cfg) -> nn.Module:
+        """Train the head on ``job.train``/``job.val``; extend ``job.history`` and ``job.training``."""
+
+    def evaluate(self, job: Job, head: nn.Module) -> dict:
+        """Metrics on the validation split; write the task's plots and reports into ``job.run_dir``."""
+
+    def build_model(self, record: RunRecord, spec: PreprocessSpec, features: nn.Module, head_state: dict) -> nn.Module:
+        """The whole trained model (pixels in [0, 255] → outputs) from a run's record and weights."""
+
+
+def backbone_record(backbone: Backbone, pretrained: bool, weights: str | None, feature_map: list[int]) -> BackboneRecord:
+    return BackboneRecord(name=backbone.name, pretrained=pretrained,
+                          weights_path=str(Path(weights).resolve()) if weights else None, weights=backbone.weights,
+                          weights_sha256=backbone.weights_sha256, num_features=backbone.num_features,
+                          feature_map=tuple(feature_map), stages=tuple(n for n, _ in backbone.stages))  # fmt: skip
+
+
+def train(task: Task, cfg: RunConfig, report=None) -> Path:
+    """Run the whole training job of ``task``; returns the run directory. ``report`` overrides the data scan."""
+    cfg.validate()
+    started = time.perf_counter()
+    run_dir = Path(cfg.out)
+    runs.prepare_run_dir(run_dir, cfg.result_options(), resume=cfg.resume, overwrite=cfg.overwrite)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    report = report or task.scan(cfg)
+    log.info("%s", report.format())
+
+    backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights)
+    backbone.freeze(0)
+    spec = task.input_spec(cfg, backbone)
+    net = nn.Sequential(PixelNormalize(spec.mean, spec.std), backbone.features).eval()
+    pipeline = task.augmentation(cfg.augment, spec)
+    job = Job(cfg, run_dir, report, backbone, spec, net, pipeline, 1 if pipeline is None else cfg.views, device,
+              use_bf16(cfg.precision, device), started)  # fmt: skip
+    layout = task.layout(backbone, net, spec)
+    head_cfg = task.head_config(cfg, backbone.num_features, report.labels)
+    aug = recipe(task.name, cfg.augment, pipeline, spec)
+    _write_run_files(task, job, layout, head_cfg, aug)
+
+    t_features = time.perf_counter()
+    _extract(task, job, layout, recipe_key(aug))
+    feature_seconds = time.perf_counter() - t_features
+
+    t_head = time.perf_counter()
+    head = task.fit(job, head_cfg)
+    head.eval()
+    head_seconds = time.perf_counter() - t_head
+
+    evaluation = task.evaluate(job, head)
+    runs.save_safetensors(run_dir / runs.HEAD, head.state_dict(), metadata={"labels": json.dumps(job.labels)})
+    if not cfg.pretrained and not cfg.weights:  # random weights cannot be rebuilt later: keep them with the run
+        runs.save_safetensors(run_dir / runs.BACKBONE_TAIL, backbone.features.state_dict())
+    runs.write_json(run_dir / runs.HISTORY, job.history)
+    seconds = {"features": round(feature_seconds, 2), "head": round(head_seconds, 2),
+               "total": round(time.perf_counter() - started, 2)}  # fmt: skip
+    metrics = {"split": "val", "task": task.name, **evaluation, "training": {
+        **job.training, "views": job.views, "train_images": len(report.splits["train"]),
+        "val_images": len(report.splits["val"]), "device": device.type,
+        "feature_cache_recomputed_corrupt": job.cache.recomputed_corrupt, "seconds": seconds,
+    }}  # fmt: skip
+    runs.finish_run(run_dir, metrics)
+    job.checkpoint.unlink(missing_ok=True)
+    summary = ", ".join(f"{k} {evaluation[k]:.4f}" for k in task.headline if k in evaluation)
+    log.info("done in %.1fs: val %s (%d images) -> %s", time.perf_counter() - started, summary,
+             len(report.splits["val"]), run_dir)  # fmt: skip
+    return run_dir
+
+
+def _write_run_files(task: Task, job: Job, layout: FeatureLayout, head_cfg, aug: dict) -> None:
+    cfg, report, run_dir = job.cfg, job.report, job.run_dir
+    record = RunRecord(
+        task=task.name, options=cfg.options(),
+        backbone=backbone_record(job.backbone, cfg.pretrained, cfg.weights, layout.feature_map),
+        head=head_cfg.to_dict(), data=task.data_record(cfg, report),
+        features={"views": job.views, "train_precision": "bf16" if job.bf16 else "fp32", "val_precision": "fp32"},
+        versions={"torch": str(torch.__version__)},
+    )  # fmt: skip
+    runs.write_record(run_dir, record)
+    runs.write_json(run_dir / runs.LABELS, report.labels)
+    runs.write_json(run_dir / runs.PREPROCESS, job.spec.to_dict())
+    runs.write_json(run_dir / runs.AUGMENTATION, json.loads(json.dumps(aug, default=str)))
+    runs.write_json(run_dir / runs.DATA_REPORT, report.to_dict())
+    runs.write_json(run_dir / runs.SPLITS, {
+        split: [[str(s.path.resolve()), *task.split_row(s)] for s in items] for split, items in report.splits.items()
+    })  # fmt: skip
+
+
+def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
+    """Features of every training view (augmented, bf16 where it pays) and of the clean validation images (fp32)."""
+    cfg, b = job.cfg, job.backbone
+    job.cache = FeatureCache(None if cfg.no_cache else (cfg.cache_dir or default_cache_dir()))
+    ns = dict(task=task.name, backbone=b.name, weights=b.weights_sha256, spec=job.spec.to_dict())
+    common = dict(shape=layout.shape, dtype=layout.dtype, extras=layout.extras, cache=job.cache, seed=cfg.seed,
+                  batch_size=cfg.extract_batch_size, progress=cfg.progress)  # fmt: skip
+    for split, train in (("train", True), ("val", False)):
+        bf16 = job.bf16 and train
+        samples = job.report.splits[split]
+        values, extras = extract_features(
+            features_fn(job.net, bf16, pool=layout.pool, device=job.device), samples, task.make_views(job, train),
+            views=job.views if train else 1, desc=f"{split} features",
+            namespace=cache_namespace(**ns, recipe=aug_key if train else "eval", bf16=bf16), **common,
+        )  # fmt: skip
+        setattr(job, split, Features(samples, values, extras))

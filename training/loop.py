@@ -1,0 +1,161 @@
+"""The epoch loop every training phase runs: seeded batches, validation, best state, early stopping, resume.
+
+One loop for the head on cached features (any task) and for fine-tuning unfrozen stages. After each epoch the whole
+state (model, optimizer, schedule, random generators, best state, history) goes to the run's checkpoint, so an
+interrupted run resumes at the epoch it reached and ends exactly as an uninterrupted one would. A phase that finished
+keeps its result in the checkpoint and is not run again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from training import runs
+
+log = logging.getLogger("headstart")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a phase runs: ``monitor`` (a key of the validation row) selects the best epoch, ``mode`` says whether
+    lower (min) or higher (max) is better, by more than ``min_delta``. Early stopping after ``patience`` epochs
+    without improvement (None: never); ``select="last"`` keeps the final state instead of the best."""
+
+    phase: str
+    epochs: int
+    batch_size: int
+    seed: int
+    monitor: str
+    mode: str = "min"
+    min_delta: float = 0.0
+    patience: int | None = None
+    eval_every: int = 1
+    select: str = "best"
+
+
+@dataclass
+class Phase:
+    """What a task gives the loop. ``step(indices, epoch)`` (epoch counted from 0) trains on one batch and returns the sums to average over the
+    epoch's rows (``None`` skips the batch); ``evaluate()`` returns the validation row; ``epoch_row`` makes the
+    history row from the epoch number, the averaged sums and the validation row (if measured)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    num_samples: int
+    step: Callable[[torch.Tensor, int], dict[str, float] | None]
+    evaluate: Callable[[], dict[str, float]]
+    epoch_row: Callable[[int, dict[str, float], dict[str, float] | None], dict]
+    scheduler: object | None = None
+    keep: Callable[[], dict[str, torch.Tensor]] | None = None  # the state that counts as "the model"
+    restore: Callable[[dict[str, torch.Tensor]], None] | None = None
+
+
+@dataclass
+class FitResult:
+    best: dict[str, torch.Tensor]
+    history: list[dict]
+    summary: dict = field(default_factory=dict)
+
+
+def _improved(score: float, best: float, schedule: Schedule) -> bool:
+    if schedule.mode == "min":
+        return score < best - schedule.min_delta
+    return score > best + schedule.min_delta
+
+
+def _snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def fit(phase: Phase, schedule: Schedule, checkpoint: Path | None, progress: bool = True) -> FitResult:
+    """Run ``phase`` for ``schedule``; resumable from ``checkpoint``. Returns the selected state and history."""
+    keep = phase.keep or phase.model.state_dict
+    restore = phase.restore or phase.model.load_state_dict
+    gen = torch.Generator().manual_seed(schedule.seed)
+    worst = float("inf") if schedule.mode == "min" else float("-inf")
+    state = {"epoch": 0, "best_score": worst, "best_epoch": 0, "stale": 0, "history": [], "stopped": False}
+    best = _snapshot(keep())
+    saved = _load_phase(checkpoint, schedule.phase)
+    if saved is not None:
+        restore(saved["model"])
+        phase.optimizer.load_state_dict(saved["optimizer"])
+        if phase.scheduler is not None:
+            phase.scheduler.load_state_dict(saved["scheduler"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        best, state = saved["best"], saved["state"]
+        log.info("resuming %s training after epoch %d", schedule.phase, state["epoch"])
+    bar = tqdm(total=schedule.epochs, initial=state["epoch"], desc=schedule.phase, unit="epoch",
+               disable=not progress, leave=False)  # fmt: skip
+    while state["epoch"] < schedule.epochs and not state["stopped"]:
+        epoch = state["epoch"] + 1
+        sums = _train_epoch(phase, schedule, torch.randperm(phase.num_samples, generator=gen), state["epoch"])
+        if phase.scheduler is not None:
+            phase.scheduler.step()
+        val = None
+        if epoch % schedule.eval_every == 0 or epoch == schedule.epochs:
+            phase.model.eval()
+            val = phase.evaluate()
+            score = val[schedule.monitor]
+            if _improved(score, state["best_score"], schedule):
+                state.update(best_score=score, best_epoch=epoch, stale=0)
+                best = _snapshot(keep())
+            else:
+                state["stale"] += schedule.eval_every
+                state["stopped"] = schedule.patience is not None and state["stale"] >= schedule.patience
+            bar.set_postfix({k: f"{v:.4f}" for k, v in val.items()})
+        state["epoch"] = epoch
+        state["history"].append(phase.epoch_row(epoch, sums, val))
+        if checkpoint is not None:
+            _save_phase(checkpoint, schedule.phase, {
+                "model": keep(), "optimizer": phase.optimizer.state_dict(),
+                "scheduler": phase.scheduler.state_dict() if phase.scheduler is not None else None,
+                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "best": best, "state": state,
+            })  # fmt: skip
+        bar.update(1)
+    bar.close()
+    if schedule.select == "last":
+        best, state["best_epoch"] = _snapshot(keep()), state["epoch"]
+    summary = {"epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
+               f"best_{schedule.monitor}": state["best_score"], "early_stopped": state["stopped"]}  # fmt: skip
+    return FitResult(best, state["history"], summary)
+
+
+def _train_epoch(phase: Phase, schedule: Schedule, order: torch.Tensor, epoch: int) -> dict[str, float]:
+    phase.model.train()
+    sums: dict[str, float] = {}
+    for start in range(0, len(order), schedule.batch_size):
+        stats = phase.step(order[start : start + schedule.batch_size], epoch)
+        for k, v in (stats or {}).items():
+            sums[k] = sums.get(k, 0.0) + v
+    return sums
+
+
+def _load_phase(checkpoint: Path | None, name: str) -> dict | None:
+    if checkpoint is None or not checkpoint.exists():
+        return None
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return saved.get("phases", {}).get(name)
+
+
+def _save_phase(checkpoint: Path, name: str, data: dict) -> None:
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint.exists() else {}
+    saved.setdefault("phases", {})[name] = _to_cpu(data)
+    runs.save_torch(checkpoint, saved)
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj

@@ -1,0 +1,222 @@
+"""Classification: an image folder (a class per subfolder) → a head on pooled frozen features.
+
+What differs from the engine's job: pooled feature vectors, cross-entropy with optional class weights and label
+smoothing, the best epoch by validation loss, optional fine-tuning of the last backbone stages, and accuracy, F1,
+calibration, confusion matrix and worst predictions as metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from models import Classifier, ClassifierHead, HeadConfig, PixelNormalize
+from models.heads import ACTIVATIONS
+from service.preprocess import decode_image
+from training import runs
+from training.augment import augmented_views, build_augmentation
+from training.config import RunConfig, option
+from training.data import DatasetError, scan_image_folder
+from training.engine import FeatureLayout, Job
+from training.evaluate import plot_training_curves, write_evaluation
+from training.loop import Phase, Schedule, fit
+from training.predict import predict_paths
+
+log = logging.getLogger("headstart")
+
+
+@dataclass
+class ClassifyConfig(RunConfig):
+    task = "classify"
+    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "activation", "label_smoothing", "class_weights", "unfreeze",
+                   "finetune_epochs", "finetune_lr")  # fmt: skip
+
+    activation: str = option("relu", "head activation", group="head", choices=tuple(ACTIVATIONS))
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
+    class_weights: str = option("auto", "class-weighted loss; auto = when classes are unbalanced (ratio > 1.5)",
+                                choices=("auto", "on", "off"))  # fmt: skip
+    unfreeze: int = option(0, "fine-tune the last N backbone stages afterwards", group="backbone")
+    finetune_epochs: int = option(5, "epochs of fine-tuning with --unfreeze", group="backbone")
+    finetune_lr: float = option(1e-4, "backbone learning rate when fine-tuning (the head gets 10x)", group="backbone")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.class_weights not in ("auto", "on", "off"):
+            raise ValueError(f"Invalid --class-weights {self.class_weights!r}. Use auto, on or off.")
+        if self.unfreeze < 0 or self.finetune_epochs < 0:
+            raise ValueError("--unfreeze and --finetune-epochs must be >= 0.")
+
+
+def class_weights(train_labels: np.ndarray, num_classes: int, mode: str) -> tuple[torch.Tensor | None, dict]:
+    """Inverse-frequency weights when asked for (``on``), or (``auto``) when the largest class is 1.5x the smallest."""
+    counts = np.bincount(train_labels, minlength=num_classes).astype(np.float64)
+    imbalance = float(counts.max() / max(counts.min(), 1))
+    use = mode == "on" or (mode == "auto" and imbalance > 1.5)
+    info = {"counts": counts.astype(int).tolist(), "imbalance_ratio": round(imbalance, 3), "weighted_loss": use}
+    if not use:
+        return None, info
+    weights = counts.sum() / (num_classes * np.maximum(counts, 1))
+    info["weights"] = [round(float(w), 4) for w in weights]
+    log.info("classes are unbalanced (ratio %.2f): using class-weighted loss %s", imbalance, info["weights"])
+    return torch.tensor(weights, dtype=torch.float32), info
+
+
+class ClassifyTask:
+    name = "classify"
+    config = ClassifyConfig
+    headline = ("accuracy", "macro_f1", "calibration_error")
+
+    def scan(self, cfg: ClassifyConfig):
+        report = scan_image_folder(cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        if not report.splits.get("val"):
+            raise DatasetError(
+                f"{report.root} has no validation images. Add a val/ folder next to train/, or put the class "
+                "folders directly in the data folder to get an automatic split (--val-fraction)."
+            )
+        return report
+
+    def data_record(self, cfg, report) -> dict:
+        return {"root": str(Path(cfg.data_dir).resolve()), "split": report.split_source}
+
+    def split_row(self, sample) -> list:
+        return [sample.label]
+
+    def input_spec(self, cfg, backbone):
+        return backbone.preprocess
+
+    def augmentation(self, preset, spec):
+        return build_augmentation(preset, spec)
+
+    def layout(self, backbone, net, spec) -> FeatureLayout:
+        return FeatureLayout(shape=(backbone.num_features,), pool=True, feature_map=backbone.extra["feature_map"])
+
+    def make_views(self, job: Job, train: bool):
+        pipeline, views = (job.pipeline, job.views) if train else (None, 1)
+        return lambda img, sample, seed: (augmented_views(img, pipeline, job.spec, views, seed), {})
+
+    def head_config(self, cfg, num_features, labels) -> HeadConfig:
+        return HeadConfig(num_features, len(labels), cfg.hidden, cfg.dropout, cfg.activation)
+
+    def fit(self, job: Job, head_cfg: HeadConfig) -> ClassifierHead:
+        cfg, device = job.cfg, job.device
+        train_y = np.array([s.label for s in job.train.samples])
+        weights, job.training["class_weights"] = class_weights(train_y, len(job.labels), cfg.class_weights)
+        weights = None if weights is None else weights.to(device)
+        head = ClassifierHead(head_cfg).to(device)
+        x = torch.from_numpy(job.train.values.reshape(-1, head_cfg.in_features)).to(device)
+        y = torch.from_numpy(np.repeat(train_y, job.views)).to(device)
+        val_x = torch.from_numpy(job.val.values[:, 0]).to(device)
+        val_y = torch.tensor([s.label for s in job.val.samples]).to(device)
+        loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+        opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        def step(idx: torch.Tensor, epoch: int) -> dict | None:
+            if len(idx) < 2 and cfg.hidden:  # BatchNorm1d needs 2 samples
+                return None
+            idx = idx.to(device)
+            logits = head(x[idx])
+            loss = loss_fn(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return {"loss": loss.item() * len(idx), "correct": int((logits.argmax(1) == y[idx]).sum()), "seen": len(idx)}
+
+        @torch.no_grad()
+        def evaluate() -> dict:
+            logits = head(val_x)
+            return {"val_loss": float(nn.functional.cross_entropy(logits, val_y)),
+                    "val_accuracy": float((logits.argmax(1) == val_y).float().mean())}  # fmt: skip
+
+        def row(epoch: int, sums: dict, val: dict | None) -> dict:
+            seen = max(sums.get("seen", 0), 1)
+            return {"epoch": epoch, "phase": "head", "train_loss": sums.get("loss", 0.0) / seen,
+                    "train_accuracy": sums.get("correct", 0) / seen, **(val or {})}  # fmt: skip
+
+        phase = Phase(head, opt, len(y), step, evaluate, row,
+                      scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs))  # fmt: skip
+        schedule = Schedule("head", cfg.epochs, cfg.batch_size, cfg.seed, monitor="val_loss", mode="min",
+                            min_delta=1e-4, patience=cfg.patience)  # fmt: skip
+        result = fit(phase, schedule, job.checkpoint, cfg.progress)
+        head.load_state_dict(result.best)
+        head.eval()
+        job.history += result.history
+        job.training["head"] = result.summary
+        job.training["finetune"] = self._finetune(job, head, weights) if cfg.unfreeze else None
+        return head
+
+    def _finetune(self, job: Job, head: ClassifierHead, weights: torch.Tensor | None) -> dict:
+        """Fine-tune the last ``--unfreeze`` backbone stages with the head, augmenting on the fly."""
+        cfg, spec, device = job.cfg, job.spec, job.device
+        unfrozen = job.backbone.freeze(cfg.unfreeze)
+        model = Classifier(PixelNormalize(spec.mean, spec.std), job.backbone.features, head).to(device)
+        tail = [p for p in job.backbone.features.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            [{"params": tail, "lr": cfg.finetune_lr}, {"params": head.parameters(), "lr": cfg.finetune_lr * 10}],
+            weight_decay=cfg.weight_decay,
+        )
+        loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        train, val = job.train.samples, job.val.samples
+        pipeline = job.pipeline or build_augmentation("light", spec)
+        targets = torch.tensor([s.label for s in train]).to(device)
+        val_targets = np.array([s.label for s in val])
+
+        def step(idx: torch.Tensor, epoch: int) -> dict:
+            idx = idx.tolist()
+            pixels = np.concatenate([
+                augmented_views(decode_image(train[i].path), pipeline, spec, 1, cfg.seed * 100003 + epoch * 7919 + i)
+                for i in idx
+            ])  # fmt: skip
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16):
+                logits = model.logits(torch.from_numpy(pixels).to(device))
+            loss = loss_fn(logits.float(), targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return {"loss": loss.item() * len(idx), "seen": len(idx)}
+
+        def evaluate() -> dict:
+            probs = predict_paths(model, [s.path for s in val], spec)
+            return {"val_loss": float(-np.log(np.clip(probs[np.arange(len(val)), val_targets], 1e-12, 1)).mean()),
+                    "val_accuracy": float((probs.argmax(1) == val_targets).mean())}  # fmt: skip
+
+        offset = len(job.history)
+
+        def row(epoch: int, sums: dict, val: dict | None) -> dict:
+            return {"epoch": offset + epoch, "phase": "finetune",
+                    "train_loss": sums.get("loss", 0.0) / max(sums.get("seen", 0), 1), **(val or {})}  # fmt: skip
+
+        phase = Phase(model, opt, len(train), step, evaluate, row,
+                      keep=lambda: {k: v for k, v in model.state_dict().items() if k in trainable},
+                      restore=lambda state: model.load_state_dict(state, strict=False))  # fmt: skip
+        schedule = Schedule("finetune", cfg.finetune_epochs, min(32, cfg.batch_size), cfg.seed + 1,
+                            monitor="val_loss", mode="min")  # fmt: skip
+        result = fit(phase, schedule, job.checkpoint, cfg.progress)
+        model.load_state_dict(result.best, strict=False)
+        model.eval()
+        job.history += result.history
+        runs.save_safetensors(job.run_dir / runs.BACKBONE_TAIL, job.backbone.stage_state_dict(unfrozen))
+        return {"unfrozen_stages": unfrozen, **result.summary}
+
+    def evaluate(self, job: Job, head: ClassifierHead) -> dict:
+        val, spec = job.val.samples, job.spec
+        if job.cfg.unfreeze:
+            model = Classifier(PixelNormalize(spec.mean, spec.std), job.backbone.features, head).eval()
+            probs = predict_paths(model, [s.path for s in val], spec)
+        else:
+            with torch.no_grad():
+                probs = torch.softmax(head(torch.from_numpy(job.val.values[:, 0]).to(job.device)), dim=1).cpu().numpy()
+        targets = np.array([s.label for s in val])
+        metrics = write_evaluation(job.run_dir, probs, targets, job.labels, [s.path for s in val], spec)
+        plot_training_curves(job.history, job.run_dir / "training_curves.png")
+        return metrics
+
+    def build_model(self, record, spec, features, head_state) -> Classifier:
+        head = ClassifierHead(HeadConfig(**record.head))
+        head.load_state_dict(head_state)
+        return Classifier(PixelNormalize(spec.mean, spec.std), features, head)

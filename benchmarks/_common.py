@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,6 @@ def check_idle(limit: float = 0.15, seconds: float = 1.0) -> float:
     With 2 cores, OpenMP busy-waiting makes torch collapse whenever another process runs, so a benchmark taken on a
     busy machine is flagged rather than trusted.
     """
-    import time
 
     busy0, total0 = _cpu_times()
     time.sleep(seconds)
@@ -52,39 +49,16 @@ def check_idle(limit: float = 0.15, seconds: float = 1.0) -> float:
 
 @contextlib.contextmanager
 def running_server(model: str, workdir: Path, **env: str):
-    """`bentoml serve` of the headstart service with ``model`` on a free loopback port, until the block ends.
+    """`bentoml serve` of the headstart service with ``model`` on a free loopback port, until the block ends
+    (``service.devserver``, the helper the tests use). Yields (url, process, log path); exits with the server log if
+    it does not become ready."""
+    from service.devserver import ServerFailed, serving
 
-    Yields (url, process, log path); exits with the server log if it does not become ready.
-    """
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = Path(workdir) / "server.log"
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:Headstart", "--host", "127.0.0.1", "--port",
-           str(port)]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HEADSTART_MODEL": model, **env},
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(180):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                break
-            time.sleep(0.5)
-        else:
-            sys.exit(f"server did not start:\n{log.read_text()[-2000:]}")
-        if proc.poll() is not None:
-            sys.exit(f"server exited:\n{log.read_text()[-2000:]}")
-        yield url, proc, log
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        with serving(model, Path(workdir) / "server.log", timeout=90, **env) as running:
+            yield running
+    except ServerFailed as exc:
+        sys.exit(str(exc))
 
 
 def rss_mib(pid: int) -> float:

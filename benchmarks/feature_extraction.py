@@ -19,7 +19,7 @@ from _common import SHARED, check_idle, machine_line
 
 from models import PixelNormalize, build_backbone
 from service.preprocess import decode_image, preprocess
-from training.features import pooled_features_fn
+from training.features import features_fn
 
 
 def eager_fn(net, bf16: bool):
@@ -56,8 +56,8 @@ def main() -> None:
     variants = {
         "eager fp32 (autocast off)": eager_fn(net, False),
         "eager bf16 autocast": eager_fn(net, True),
-        "traced fp32 (headstart, val)": pooled_features_fn(net, False),
-        "traced bf16 (headstart, train views)": pooled_features_fn(net, True),
+        "traced fp32 (headstart, val)": features_fn(net, False),
+        "traced bf16 (headstart, train views)": features_fn(net, True),
     }
     reference = None
     rows = []

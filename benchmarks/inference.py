@@ -25,7 +25,7 @@ from _common import SHARED, check_idle, machine_line
 
 from models import Classifier, ClassifierHead, HeadConfig, PixelNormalize, build_backbone
 from service.preprocess import decode_image, preprocess
-from training.export import INPUT_NAME, export_onnx, quantize_int8
+from training.onnx_io import INPUT_NAME, export_onnx, quantize_int8
 
 
 def throughput(fn, batch: np.ndarray, repeats: int) -> float:
@@ -101,14 +101,14 @@ def _ort_matmul_peak(op: str, threads: int, n: int) -> float:
 def int8_agreement_on_hymenoptera() -> dict:
     """Train a head on the shared MobileNetV2 (feature cache reused between runs), export with --int8."""
     from training.export import export_bundle
-    from training.train import TrainConfig, train
+    from training.tasks import ClassifyConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(data_dir=str(SHARED / "data" / "hymenoptera"), out=f"{tmp}/run",
+        cfg = ClassifyConfig(data_dir=str(SHARED / "data" / "hymenoptera"), out=f"{tmp}/run",
                           backbone="torchvision:mobilenet_v2", weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
                           progress=False)  # fmt: skip
         run_dir = train(cfg)
-        return export_bundle(run_dir, f"{tmp}/bundle", int8=True, store=False).manifest["int8"]
+        return export_bundle(run_dir, f"{tmp}/bundle", int8=True, store=False).manifest.int8
 
 
 def _times(fn, repeats: int) -> list[float]:

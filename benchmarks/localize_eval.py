@@ -42,7 +42,7 @@ def split_report(train_n: int = 80, val_n: int = 20, test_n: int = 28):
 
 def mean_box_baseline(report, test) -> tuple[list[dict], list[dict]]:
     from service.preprocess import decode_image
-    from training.detect import ground_truth_in_pixels
+    from training.detect_eval import ground_truth_in_pixels
 
     fit = report.splits["train"] + report.splits["val"]
     classes = np.concatenate([s.classes for s in fit])
@@ -130,9 +130,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from training.detect import DetectConfig, evaluate_detector, mean_average_precision, train_detector
+    from training.detect_eval import evaluate_detector, mean_average_precision
     from training.export import export_bundle
-    from training.runs import load_run
+    from training.load import load_run
+    from training.tasks import DetectConfig, train
 
     busy = check_idle()
     print(machine_line() + f"; other CPU use before: {busy:.0%}")
@@ -143,7 +144,7 @@ def main() -> None:
                            augment=args.augment, seed=args.seed, cache_dir=f"{tmp}/cache", progress=False,
                            )  # fmt: skip
         t0 = time.perf_counter()
-        run = train_detector(cfg, report)
+        run = train(cfg, report)
         seconds = time.perf_counter() - t0
         train_metrics = json.loads((run / "metrics.json").read_text())
         loaded = load_run(run)

@@ -32,9 +32,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def make_bundle(tmp: str) -> str:
     from training.export import export_bundle
-    from training.train import TrainConfig, train
+    from training.tasks import ClassifyConfig, train
 
-    cfg = TrainConfig(data_dir=str(SHARED / "data" / "hymenoptera"), out=f"{tmp}/run", backbone="torchvision:mobilenet_v2",
+    cfg = ClassifyConfig(data_dir=str(SHARED / "data" / "hymenoptera"), out=f"{tmp}/run", backbone="torchvision:mobilenet_v2",
                       weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"), progress=False)  # fmt: skip
     return str(export_bundle(train(cfg), f"{tmp}/bundle", store=False).bundle_dir)
 

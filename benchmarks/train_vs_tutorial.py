@@ -89,10 +89,10 @@ def tutorial_baseline(data: Path, weights: Path, epochs: int) -> tuple[float, fl
 def headstart_run(data: Path, weights: Path) -> tuple[float, float, dict]:
     import json
 
-    from training.train import TrainConfig, train
+    from training.tasks import ClassifyConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(data_dir=str(data), out=f"{tmp}/run", backbone="torchvision:mobilenet_v2",
+        cfg = ClassifyConfig(data_dir=str(data), out=f"{tmp}/run", backbone="torchvision:mobilenet_v2",
                           weights=str(weights), cache_dir=f"{tmp}/cache", progress=False)  # fmt: skip
         start = time.perf_counter()
         run_dir = train(cfg)

@@ -42,14 +42,6 @@ def state_dict_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Load weights without unpickling code: safetensors, or ``torch.load(weights_only=True)``."""
     path = Path(path)

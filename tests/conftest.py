@@ -2,17 +2,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from service import devserver
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HEADSTART_SHARED", ROOT.parent / "shared"))
@@ -80,10 +77,10 @@ def cache_dir(tmp_path: Path) -> Path:
 def hymenoptera_run(tmp_path_factory) -> Path:
     """The real end-to-end run: hymenoptera + the shared ImageNet MobileNetV2, default recipe (about 30 s)."""
     require_shared()
-    from training.train import TrainConfig, train
+    from training.tasks import ClassifyConfig, train
 
     tmp = tmp_path_factory.mktemp("hymenoptera")
-    cfg = TrainConfig(data_dir=str(HYMENOPTERA), out=str(tmp / "run"), backbone="torchvision:mobilenet_v2",
+    cfg = ClassifyConfig(data_dir=str(HYMENOPTERA), out=str(tmp / "run"), backbone="torchvision:mobilenet_v2",
                       weights=str(MOBILENET), cache_dir=str(tmp / "cache"), progress=False)  # fmt: skip
     return train(cfg)
 
@@ -91,11 +88,11 @@ def hymenoptera_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A small trained run on synthetic images with the tiny random backbone."""
-    from training.train import TrainConfig, train
+    from training.tasks import ClassifyConfig, train
 
     tmp = tmp_path_factory.mktemp("tiny")
     data = make_image_folder(tmp / "data", {"red": 16, "blue": 16}, splits={"train": 0.75, "val": 0.25})
-    cfg = TrainConfig(data_dir=str(data), out=str(tmp / "run"), backbone="test_resnet", pretrained=False, views=2,
+    cfg = ClassifyConfig(data_dir=str(data), out=str(tmp / "run"), backbone="test_resnet", pretrained=False, views=2,
                       epochs=20, batch_size=8, lr=1e-2, cache_dir=str(tmp / "cache"), progress=False)  # fmt: skip
     return train(cfg)
 
@@ -116,51 +113,27 @@ def hymenoptera_bundle(hymenoptera_run, tmp_path_factory):
                          name="ants-bees")  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(env: dict, port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:Headstart", "--host", "127.0.0.1",
-           "--port", str(port)]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"server not ready after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
 @contextlib.contextmanager
 def serving(model: str, log: Path, **env: str):
     """A ready `bentoml serve` of ``model`` on a free port (extra HEADSTART_* settings in ``env``), stopped on exit;
-    yields (url, process, log file)."""
-    port = free_port()
-    proc = start_server({**os.environ, "HEADSTART_MODEL": model, "HEADSTART_DEVICE": "cpu", **env}, port, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, log)
-        yield url, proc, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    yields (url, process, log file). The service runs on the CPU in tests."""
+    with devserver.serving(model, log, **{"HEADSTART_DEVICE": "cpu", **env}) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")
 def server(hymenoptera_bundle, tmp_path_factory):
     with serving(hymenoptera_bundle.tag, tmp_path_factory.mktemp("serve") / "server.log") as running:
         yield running
+
+
+#: Fixtures that train on the real shared data or start `bentoml serve`: a test using one is end to end.
+END_TO_END_FIXTURES = {"hymenoptera_run", "hymenoptera_bundle", "server", "detector_run", "detector_bundle"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests by layer: end-to-end tests are marked ``slow`` (by the fixtures they use, or by hand), so
+    ``pytest -m "not slow"`` runs the fast tests of one part each."""
+    for item in items:
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__.endswith("reference"):
+            item.add_marker(pytest.mark.slow)

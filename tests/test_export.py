@@ -14,8 +14,9 @@ from service.inference import classify_images
 from service.preprocess import decode_image
 from training.cli import main
 from training.export import ExportError, export_bundle
+from training.load import load_run
 from training.predict import predict_paths
-from training.runs import RunError, load_run
+from training.runs import RunError
 
 from .conftest import HYMENOPTERA, PHOTOS
 
@@ -73,7 +74,7 @@ def test_bundle_is_in_the_model_store(tiny_bundle):
     stored = bentoml.models.get(tiny_bundle.tag)
     assert stored.info.metadata["labels"] == ["blue", "red"]
     bundle = load_bundle(tiny_bundle.tag, device="cpu")  # by tag, verified like a directory
-    assert bundle.version == tiny_bundle.manifest["version"]
+    assert bundle.version == tiny_bundle.manifest.version
     assert load_bundle("tiny-test", device="cpu").version  # latest version by name
 
 
@@ -219,7 +220,7 @@ def test_failed_export_keeps_previous_bundle_and_store(tiny_run, tmp_path, monke
     assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
     assert sorted(str(m.tag) for m in bentoml.models.list()) == tags_before
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary directory left
-    assert load_bundle(first.tag).version == first.manifest["version"]
+    assert load_bundle(first.tag).version == first.manifest.version
 
 
 def test_int8_refused_when_accuracy_drops_too_much(tiny_run, tmp_path):
@@ -233,11 +234,11 @@ def test_int8_refused_when_accuracy_drops_too_much(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_int8_on_shared_mobilenet_keeps_accuracy(hymenoptera_bundle, hymenoptera_run):
     result = hymenoptera_bundle
-    info = result.manifest["int8"]
+    info = result.manifest.int8
     assert info["accuracy_fp32"] - info["accuracy_int8"] <= 0.01
     assert info["top1_agreement"] >= 0.97
-    assert result.manifest["verification"]["top1_agreement"] == 1.0
-    assert result.manifest["verification"]["onnx_accuracy"] == pytest.approx(
+    assert result.manifest.verification["top1_agreement"] == 1.0
+    assert result.manifest.verification["onnx_accuracy"] == pytest.approx(
         json.loads((hymenoptera_run / "metrics.json").read_text())["accuracy"], abs=1 / 153 + 1e-9
     )
     bundle = load_bundle(result.bundle_dir, variant="int8", device="cpu")

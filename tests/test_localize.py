@@ -217,7 +217,7 @@ def test_coco128_is_read_as_the_data_set_describes_it():
 def test_targets_and_loss_reward_the_right_prediction():
     import torch
 
-    from training.detect import anchor_shapes, build_targets, yolo_loss
+    from training.detect_loss import anchor_shapes, build_targets, yolo_loss
 
     targets = [np.array([[1, 0.55, 0.3, 0.2, 0.4], [0, 0.56, 0.31, 0.5, 0.1]], np.float32)]
     anchors = anchor_shapes(targets, 2)
@@ -241,7 +241,7 @@ def test_targets_and_loss_reward_the_right_prediction():
 
 def test_detection_augmentation_moves_boxes_with_the_pixels():
     """A white box on black, flipped and scaled by the heavy pipeline: the target box still covers white pixels."""
-    from training.detect import build_detection_augmentation, detection_views
+    from training.detect_augment import build_detection_augmentation, detection_views
     from training.detect_data import DetSample
 
     spec = PreprocessSpec(input_size=128, resize=128, fit="pad")
@@ -288,7 +288,7 @@ def scene_bundle(tmp_path_factory):
     """A classifier trained (the normal CLI path) to tell four photos apart wherever they are pasted."""
     require_shared()
     from training.export import export_bundle
-    from training.train import TrainConfig, train
+    from training.tasks import ClassifyConfig, train
 
     tmp = tmp_path_factory.mktemp("scenes")
     rng = np.random.default_rng(1)
@@ -298,7 +298,7 @@ def scene_bundle(tmp_path_factory):
             (tmp / "data" / split / name).mkdir(parents=True)
             for i in range(n):
                 scene(photo, rng)[0].save(tmp / "data" / split / name / f"{i}.png")
-    run = train(TrainConfig(data_dir=str(tmp / "data"), out=str(tmp / "run"), backbone="torchvision:mobilenet_v2",
+    run = train(ClassifyConfig(data_dir=str(tmp / "data"), out=str(tmp / "run"), backbone="torchvision:mobilenet_v2",
                             weights=str(MOBILENET), augment="none", cache_dir=str(tmp / "cache"), progress=False))  # fmt: skip
     return export_bundle(run, tmp / "bundle", store=False).bundle_dir, photos
 
@@ -338,12 +338,12 @@ def _coco_split(first: int, last: int):
 
 
 def _train_small_detector(out, cache):
-    from training.detect import DetectConfig, train_detector
+    from training.tasks import DetectConfig, train
 
     cfg = DetectConfig(data_dir=str(COCO128), out=str(out), backbone="torchvision:mobilenet_v2", weights=str(MOBILENET),
                        input_size=256, views=2, hidden=64, epochs=12, eval_every=4, cache_dir=str(cache),
                        progress=False)  # fmt: skip
-    return train_detector(cfg, _coco_split(48, 16))
+    return train(cfg, _coco_split(48, 16))
 
 
 @pytest.fixture(scope="module")
@@ -383,9 +383,9 @@ def test_detector_export_and_service_decoding(detector_bundle):
     from service.preprocess import decode_image
 
     m = detector_bundle.manifest
-    assert m["task"] == "detect" and [o["name"] for o in m["outputs"]] == ["probabilities", "boxes", "scores"]
-    assert m["preprocess"]["fit"] == "pad" and m["verification"]["top1_agreement"] == 1.0
-    assert "map50" in m["metrics"]
+    assert m.task == "detect" and m.output_names == ["probabilities", "boxes", "scores"]
+    assert m.preprocess.fit == "pad" and m.verification["top1_agreement"] == 1.0
+    assert "map50" in m.metrics
     bundle = load_bundle(detector_bundle.bundle_dir)
     paths = sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[-6:]
     images = [decode_image(p) for p in paths]

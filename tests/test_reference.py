@@ -61,6 +61,17 @@ def check(name: str, run_dir: Path) -> None:
     assert got["metrics"] == want["metrics"]
 
 
+def coco128_report(first: int, last: int):
+    """coco128 with a fixed split: the first ``first`` images (by name) to train on, the last ``last`` to validate."""
+    from training.detect_data import scan_yolo_dataset
+
+    report = scan_yolo_dataset(COCO128, val_fraction=0.2)
+    samples = sorted((s for v in report.splits.values() for s in v), key=lambda s: s.path.name)
+    report.splits = {"train": samples[:first], "val": samples[-last:]}
+    report.split_source = f"first {first} / last {last}"
+    return report
+
+
 def test_classifier_on_hymenoptera_learns_the_reference_head(tmp_path):
     require_shared()
     from training.tasks import ClassifyConfig, train
@@ -85,12 +96,8 @@ def test_classifier_with_hidden_layer_and_unfreezing_learns_the_reference_weight
 def test_detector_on_coco128_learns_the_reference_head(tmp_path):
     require_shared()
     from training.tasks import DetectConfig, train
-    from training.detect_data import scan_yolo_dataset
 
-    report = scan_yolo_dataset(COCO128, val_fraction=0.2)
-    samples = sorted((s for v in report.splits.values() for s in v), key=lambda s: s.path.name)
-    report.splits = {"train": samples[:40], "val": samples[-12:]}
     cfg = DetectConfig(data_dir=str(COCO128), out=str(tmp_path / "run"), backbone="torchvision:mobilenet_v2",
                        weights=str(MOBILENET), input_size=224, views=2, hidden=32, epochs=6, eval_every=2,
                        cache_dir=str(tmp_path / "cache"), progress=False)  # fmt: skip
-    check("detect-coco128", train(cfg, report))
+    check("detect-coco128", train(cfg, coco128_report(40, 12)))

@@ -11,11 +11,12 @@ import sys
 import httpx
 import pytest
 
+from service.devserver import free_port, start
 from service.preprocess import decode_image, preprocess
+from training.load import load_run
 from training.predict import predict_paths
-from training.runs import load_run
 
-from .conftest import ROOT, free_port, start_server
+from .conftest import ROOT
 from .images import ANT, BEE, bad_images, exif_rotated, good_variants
 
 pytestmark = pytest.mark.slow  # these use the real hymenoptera classifier
@@ -54,7 +55,7 @@ def test_class_classifies_real_photos(svc, hymenoptera_bundle):
     assert [p.label for p in bee.predictions] == ["bees", "ants"]
     assert bee.predictions[0].score > 0.9
     assert svc.classify(ANT, top_k=1).predictions[0].label == "ants"
-    assert bee.model.name == "ants-bees" and bee.model.version == hymenoptera_bundle.manifest["version"]
+    assert bee.model.name == "ants-bees" and bee.model.version == hymenoptera_bundle.manifest.version
     info = svc.info()
     assert info.labels == ["ants", "bees"] and info.providers == ["CPUExecutionProvider"]
     assert info.metrics["accuracy"] >= 0.93 and info.input_size == 224
@@ -305,7 +306,7 @@ def test_serve_refuses_a_tampered_bundle(hymenoptera_bundle, tmp_path):
     data[-100] ^= 0xFF
     (bad / "model.onnx").write_bytes(bytes(data))
     port, log = free_port(), tmp_path / "server.log"
-    proc = start_server({**os.environ, "HEADSTART_MODEL": str(bad)}, port, log)
+    proc = start(str(bad), port, log)
     try:
         assert proc.wait(timeout=90) != 0
     finally:

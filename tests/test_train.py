@@ -15,16 +15,17 @@ from models.backbone import BackboneError
 from training import runs
 from training.cli import main
 from training.features import FeatureCache
-from training.runs import RunError, load_run
-from training.train import TrainConfig, train
+from training.load import load_run
+from training.runs import RunError
+from training.tasks import ClassifyConfig, train
 
 from .conftest import PHOTOS, make_image_folder
 
 
-def tiny_config(data, out, cache, **kw) -> TrainConfig:
+def tiny_config(data, out, cache, **kw) -> ClassifyConfig:
     defaults = dict(backbone="test_resnet", pretrained=False, views=3, epochs=30, patience=30, progress=False,
                     batch_size=8, lr=1e-2)  # fmt: skip
-    return TrainConfig(data_dir=str(data), out=str(out), cache_dir=str(cache), **{**defaults, **kw})
+    return ClassifyConfig(data_dir=str(data), out=str(out), cache_dir=str(cache), **{**defaults, **kw})
 
 
 def head_tensors(run_dir) -> dict[str, torch.Tensor]:
@@ -232,3 +233,65 @@ def test_hymenoptera_with_shared_mobilenet_reaches_093(hymenoptera_run):
 
     probs = predict_paths(run.model, [PHOTOS / "cat.bmp"], run.spec)
     assert probs.shape == (1, 2) and np.isclose(probs.sum(), 1.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the engine: devices, and resuming any task
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_device_cuda_without_a_gpu_is_refused_before_anything_is_written(tiny_folder, tmp_path, cache_dir, capsys):
+    args = ["train", str(tiny_folder), "--out", str(tmp_path / "run"), "--backbone", "test_resnet",
+            "--no-pretrained", "--device", "cuda"]  # fmt: skip
+    assert main(args) == 2
+    assert "--device cuda was asked for but torch sees no usable GPU" in capsys.readouterr().err
+    assert not any((tmp_path / "run").iterdir())
+
+
+def test_auto_device_on_a_machine_without_gpu_is_the_cpu(tiny_folder, tmp_path, cache_dir):
+    from training.features import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    run_dir = train(tiny_config(tiny_folder, tmp_path / "run", cache_dir, epochs=2))
+    assert json.loads((run_dir / "metrics.json").read_text())["training"]["device"] == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent GPU machine)")
+def test_training_on_cuda_extracts_fits_and_finetunes_there_like_the_cpu(tiny_folder, tmp_path):
+    """The same run on the GPU and on the CPU: the same files, and heads that agree (not bit for bit: other kernels)."""
+    runs_ = {d: train(tiny_config(tiny_folder, tmp_path / d, tmp_path / f"cache-{d}", device=d, precision="fp32",
+                                  unfreeze=1, finetune_epochs=1, hidden=8)) for d in ("cpu", "cuda")}  # fmt: skip
+    metrics = {d: json.loads((r / "metrics.json").read_text()) for d, r in runs_.items()}
+    assert metrics["cuda"]["training"]["device"] == "cuda"
+    assert abs(metrics["cuda"]["accuracy"] - metrics["cpu"]["accuracy"]) <= 0.25
+    files = {d: sorted(p.name for p in r.iterdir()) for d, r in runs_.items()}
+    assert files["cuda"] == files["cpu"]
+    model = load_run(runs_["cuda"]).model  # a GPU-trained run loads and predicts on the CPU
+    pixels = torch.rand(2, 3, 224, 224) * 255
+    assert torch.isfinite(model(pixels)[0]).all()
+
+
+def test_a_detection_run_resumes_after_interruption_with_the_same_head(tmp_path, monkeypatch):
+    """The engine gives every task --resume: here a grid detector, interrupted during head training."""
+    from .conftest import COCO128, MOBILENET, require_shared
+    from .test_reference import coco128_report
+
+    require_shared()
+    from training.tasks import DetectConfig
+
+    def config(out, **kw):
+        return DetectConfig(data_dir=str(COCO128), out=str(out), backbone="torchvision:mobilenet_v2",
+                            weights=str(MOBILENET), input_size=128, views=1, hidden=16, epochs=6, eval_every=2,
+                            cache_dir=str(tmp_path / "cache"), progress=False, **kw)  # fmt: skip
+
+    reference = train(config(tmp_path / "ref"), coco128_report(16, 8))
+    with monkeypatch.context() as m:
+        interrupt_after(m, runs, "save_torch", 3)
+        with pytest.raises(Interrupt):
+            train(config(tmp_path / "run"), coco128_report(16, 8))
+    assert (tmp_path / "run" / runs.CHECKPOINT).exists() and not (tmp_path / "run" / runs.DONE).exists()
+    train(config(tmp_path / "run", resume=True), coco128_report(16, 8))
+    for key, value in head_tensors(reference).items():
+        assert torch.equal(value, head_tensors(tmp_path / "run")[key]), key
+    assert json.loads((tmp_path / "run" / "history.json").read_text()) == json.loads(
+        (reference / "history.json").read_text())

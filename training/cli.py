@@ -11,99 +11,71 @@ from pathlib import Path
 log = logging.getLogger("headstart")
 
 
+GROUPS = {"backbone": "backbone", "data": "data and augmentation", "head": "head",
+          "detection": "detection (YOLO-format data sets only)", "optimisation": "optimisation", "run": "run"}
+
+
+def _train_options() -> dict[str, dict]:
+    """Every option of every task's config: its field, the tasks that have it and each task's default."""
+    from training.config import CONFIGS, cli_fields
+
+    options: dict[str, dict] = {}
+    for name, config in CONFIGS.items():
+        for key, f in cli_fields(config).items():
+            entry = options.setdefault(key, {"field": f, "defaults": {}})
+            entry["defaults"][name] = f.default
+    return options
+
+
 def _add_train(sub) -> None:
+    """`headstart train`'s options, generated from the task configs (training/config.py, training/tasks/)."""
     p = sub.add_parser("train", help="train a new head on a frozen pretrained backbone",
                        description="Train a head on a frozen pretrained backbone: a classifier from an image folder "
                        "(one subfolder per class, optionally inside train/ val/ test/), or a YOLO-style grid "
-                       "detector from a YOLO-format data set (a folder with data.yaml, or the yaml itself). "
-                       "Defaults marked * differ by task: classifier / detector.")  # fmt: skip
+                       "detector from a YOLO-format data set (a folder with data.yaml, or the yaml itself).")  # fmt: skip
     p.add_argument(
         "data_dir",
         help="image folder: one subfolder per class, optionally inside train/ and val/; or a YOLO data set",
     )
     p.add_argument("--out", required=True, help="run directory to write")
-    g = p.add_argument_group("backbone")
-    g.add_argument(
-        "--backbone", default="resnet50", help="timm model name or torchvision:NAME (default resnet50)"
-    )
-    g.add_argument(
-        "--weights", help="local state dict (.pth/.safetensors) instead of downloading pretrained weights"
-    )
-    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random backbone weights")
-    g.add_argument("--unfreeze", type=int, default=0, help="fine-tune the last N backbone stages afterwards")
-    g.add_argument("--finetune-epochs", type=int, default=5)
-    g.add_argument("--finetune-lr", type=float, default=1e-4, help="backbone learning rate (head gets 10x)")
-    g = p.add_argument_group("data and augmentation")
-    g.add_argument(
-        "--val-fraction", type=float, default=0.2, help="validation share when there is no val/ folder"
-    )
-    g.add_argument("--augment", default="heavy", choices=["none", "light", "heavy"])
-    g.add_argument(
-        "--views", type=int, default=8, help="augmented views per training image (features cached)"
-    )
-    g.add_argument("--cache-dir", help="feature cache (default $HEADSTART_CACHE or ~/.cache/headstart)")
-    g.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    g.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16"],
-        help="for augmented training views; auto = bf16 where the CPU has bf16 units",
-    )
-    g = p.add_argument_group("head")
-    g.add_argument("--hidden", type=int, help="* hidden width: 0 (linear head) / 256")
-    g.add_argument("--dropout", type=float, help="* 0.2 / 0.1")
-    g.add_argument("--activation", default="relu", choices=["relu", "leaky_relu"])
-    g = p.add_argument_group("detection (YOLO-format data sets only)")
-    g.add_argument("--input-size", type=int, help="square input, letterboxed (default 320: a 10x10 grid)")
-    g.add_argument("--boxes-per-cell", type=int, help="box predictors per grid cell (default 2)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help="* 100 / 60")
-    g.add_argument("--patience", type=int, help="* early stopping: 10 epochs without a better val loss / "
-                   "15 epochs without a better val mAP@0.5")  # fmt: skip
-    g.add_argument("--batch-size", type=int, help="* 128 / 32")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, help="* 1e-4 / 5e-4")
-    g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument(
-        "--class-weights",
-        default="auto",
-        choices=["auto", "on", "off"],
-        help="class-weighted loss; auto = when classes are unbalanced (ratio > 1.5)",
-    )
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("run")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-DETECT_ONLY = ("input_size", "boxes_per_cell")
-CLASSIFY_ONLY = ("unfreeze", "activation", "label_smoothing", "class_weights")
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    for key, entry in _train_options().items():
+        f, defaults = entry["field"], entry["defaults"]
+        meta = f.metadata
+        if len(set(map(repr, defaults.values()))) > 1:
+            default = "default " + ", ".join(f"{task}: {v}" for task, v in defaults.items())
+        else:
+            default = "" if f.default is None else f"default {f.default}"
+        only = "" if len(defaults) > 1 else f"{next(iter(defaults))} only"
+        note = "; ".join(x for x in (default, only) if x)
+        kwargs: dict = {"dest": key, "default": argparse.SUPPRESS}
+        if meta["flag"]:  # a boolean switch: giving the flag flips the default
+            kwargs.update(action="store_const", const=not f.default, help=meta["help"] + (f" ({only})" if only else ""))
+            groups[meta["group"]].add_argument(meta["flag"], **kwargs)
+            continue
+        kind = meta["type"] or type(f.default)
+        kwargs.update(type=kind, help=f"{meta['help']} ({note})" if note else meta["help"])
+        if meta["choices"]:
+            kwargs["choices"] = list(meta["choices"])
+        groups[meta["group"]].add_argument("--" + key.replace("_", "-"), **kwargs)
 
 
 def _cmd_train(args) -> int:
+    from training.config import CONFIGS
     from training.detect_data import find_data_yaml
 
-    given = {k: v for k, v in vars(args).items() if v is not None}  # unset options take the task's default
-    if find_data_yaml(args.data_dir) is not None:
-        from training.detect import DetectConfig, train_detector
+    config = CONFIGS["detect" if find_data_yaml(args.data_dir) is not None else "classify"]
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
+    fields = config.__dataclass_fields__
+    foreign = [k for k in given if k not in fields]
+    if foreign:
+        flag = _train_options()[foreign[0]]["field"].metadata["flag"] or "--" + foreign[0].replace("_", "-")
+        kind = "a YOLO detection data set (it has a data.yaml)" if config.task == "detect" else (
+            "an image folder for classification (no data.yaml)")  # fmt: skip
+        raise ValueError(f"{flag} does not apply to {args.data_dir}: it is {kind}.")
+    from training.tasks import train
 
-        defaults = build_parser().parse_args(["train", "x", "--out", "x"])
-        changed = [k for k in CLASSIFY_ONLY if getattr(args, k) != getattr(defaults, k)]
-        if changed:
-            raise ValueError(f"--{changed[0].replace('_', '-')} applies to classification only; "
-                             f"{args.data_dir} is a YOLO detection data set.")  # fmt: skip
-        keys = DetectConfig.__dataclass_fields__
-        train_detector(DetectConfig(**{k: v for k, v in given.items() if k in keys}))
-        return 0
-    from training.train import TrainConfig, train
-
-    for key in DETECT_ONLY:
-        if key in given:
-            raise ValueError(f"--{key.replace('_', '-')} applies to YOLO detection data sets (with a data.yaml); "
-                             f"{args.data_dir} has none.")  # fmt: skip
-    keys = TrainConfig.__dataclass_fields__
-    train(TrainConfig(**{k: v for k, v in given.items() if k in keys}))
+    train(config(**given))
     return 0
 
 
@@ -112,11 +84,12 @@ def _cmd_evaluate(args) -> int:
 
     from training.data import scan_eval_folder
     from training.evaluate import write_evaluation
+    from training.load import load_run
     from training.predict import predict_paths
-    from training.runs import load_run, write_json
+    from training.runs import write_json
 
     run = load_run(args.run_dir, weights=args.weights)
-    if run.config.get("task") == "detect":
+    if run.task == "detect":
         return _evaluate_detector(run, args)
     report = scan_eval_folder(args.data_dir, run.labels)
     log.info("%s", report.format())
@@ -135,8 +108,8 @@ def _cmd_evaluate(args) -> int:
 
 def _evaluate_detector(run, args) -> int:
     """mAP of a detection run on a YOLO-format data set's 'test' split, else 'val', else 'train'."""
-    from training.detect import evaluate_detector
     from training.detect_data import scan_yolo_eval_split
+    from training.detect_eval import evaluate_detector
     from training.evaluate import plot_detections
     from training.runs import write_json
 
@@ -175,8 +148,8 @@ def _cmd_predict(args) -> int:
             "(headstart export --out) or a model-store tag NAME[:VERSION]."
         )
     if (model_ref / "config.yaml").is_file():
+        from training.load import load_run
         from training.predict import RunModel
-        from training.runs import load_run
 
         model = RunModel(load_run(model_ref, weights=args.weights))
     else:
@@ -218,8 +191,8 @@ def _cmd_export(args) -> int:
         weights=args.weights,
     )  # fmt: skip
     m = result.manifest
-    print(json.dumps({"bundle": str(result.bundle_dir), "tag": result.tag, "verification": m["verification"],
-                      "int8": m["int8"]}))  # fmt: skip
+    print(json.dumps({"bundle": str(result.bundle_dir), "tag": result.tag, "verification": m.verification,
+                      "int8": m.int8}))  # fmt: skip
     return 0
 
 

@@ -1,8 +1,8 @@
-"""Training options: one dataclass per task, one place for each default and its help text.
+"""Training options: one dataclass per task, one place for each default and its help text. Torch-free.
 
 :class:`RunConfig` holds what every task shares; a task's config subclasses it, adds its own options and sets its
 own defaults. The `headstart train` command line is generated from these fields (``training/cli.py``), so an option,
-its default and its help are written once, here or in the task's config.
+its default and its help are written once, here.
 """
 
 from __future__ import annotations
@@ -82,6 +82,71 @@ class RunConfig:
 
     def result_options(self) -> dict:
         return {k: getattr(self, k) for k in self.RESULT_KEYS}
+
+
+# ---------------------------------------------------------------- the tasks' own options
+
+
+def task_default(name: str, value: Any) -> Any:
+    """The shared option ``name`` (its help, group and choices from :class:`RunConfig`) with a task's own default."""
+    return dataclasses.field(default=value, metadata=RunConfig.__dataclass_fields__[name].metadata)
+
+
+@dataclass
+class ClassifyConfig(RunConfig):
+    task = "classify"
+    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "activation", "label_smoothing", "class_weights", "unfreeze",
+                   "finetune_epochs", "finetune_lr")  # fmt: skip
+
+    activation: str = option("relu", "head activation", group="head", choices=("relu", "leaky_relu"))
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
+    class_weights: str = option("auto", "class-weighted loss; auto = when classes are unbalanced (ratio > 1.5)",
+                                choices=("auto", "on", "off"))  # fmt: skip
+    unfreeze: int = option(0, "fine-tune the last N backbone stages afterwards", group="backbone")
+    finetune_epochs: int = option(5, "epochs of fine-tuning with --unfreeze", group="backbone")
+    finetune_lr: float = option(1e-4, "backbone learning rate when fine-tuning (the head gets 10x)", group="backbone")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.class_weights not in ("auto", "on", "off"):
+            raise ValueError(f"Invalid --class-weights {self.class_weights!r}. Use auto, on or off.")
+        if self.unfreeze < 0 or self.finetune_epochs < 0:
+            raise ValueError("--unfreeze and --finetune-epochs must be >= 0.")
+
+
+@dataclass
+class DetectConfig(RunConfig):
+    task = "detect"
+    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "input_size", "boxes_per_cell", "select", "lambda_coord",
+                   "lambda_noobj", "eval_every")  # fmt: skip
+
+    hidden: int = task_default("hidden", 256)
+    dropout: float = task_default("dropout", 0.1)
+    epochs: int = task_default("epochs", 60)
+    patience: int = task_default("patience", 15)
+    batch_size: int = task_default("batch_size", 32)
+    weight_decay: float = task_default("weight_decay", 5e-4)
+    input_size: int = option(320, "square input, letterboxed (320: a 10x10 grid at stride 32)", group="detection")
+    boxes_per_cell: int = option(2, "box predictors per grid cell", group="detection")
+    select: str = option("best", "best: the epoch with the best validation mAP@0.5 (early stopping); last: the "
+                         "final epoch", group="detection", choices=("best", "last"))  # fmt: skip
+    lambda_coord: float = option(5.0, "weight of the box loss", group="detection")
+    lambda_noobj: float = option(0.5, "weight of the objectness loss of predictors without an object",
+                                 group="detection")  # fmt: skip
+    eval_every: int = option(5, "epochs between validation mAP measurements", group="detection")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.input_size < 64 or self.input_size % 32:
+            raise ValueError(f"--input-size must be a multiple of 32, at least 64; got {self.input_size}.")
+        if self.eval_every < 1:
+            raise ValueError(f"--eval-every must be at least 1, got {self.eval_every}.")
+        if self.select not in ("best", "last"):
+            raise ValueError(f"Invalid --select {self.select!r}: best or last.")
+
+
+#: every task's config by task name (the task itself, with torch, is in training/tasks/)
+CONFIGS: dict[str, type[RunConfig]] = {"classify": ClassifyConfig, "detect": DetectConfig}
 
 
 def cli_fields(config_type: type[RunConfig]) -> dict[str, dataclasses.Field]:

@@ -8,6 +8,7 @@ and a previous bundle untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -22,26 +23,26 @@ import numpy as np
 import torch
 
 import service
-from service.bundle import (
-    MANIFEST,
-    METADATA_KEY,
-    MODEL_FP32,
-    MODEL_INT8,
-    SCHEMA_VERSION,
-    embedded_view,
-    load_bundle,
-    sha256_file,
-)
+from service.bundle import MANIFEST, MODEL_FP32, MODEL_INT8, load_bundle, sha256_file
+from service.contract import Manifest
 from service.errors import HeadstartError
-from service.preprocess import load_batches
 from training import runs
+from training.load import LoadedRun, load_run
+from training.onnx_io import (
+    DETECT_OUTPUT_NAMES,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    embed_manifest,
+    export_onnx,
+    ort_outputs,
+    ort_probs,
+    quantize_int8,
+    torch_outputs,
+)
 from training.predict import predict_paths
 
 log = logging.getLogger("headstart")
 
-INPUT_NAME = "pixels"
-OUTPUT_NAMES = ("probabilities", "class_map")
-DETECT_OUTPUT_NAMES = ("probabilities", "boxes", "scores")
 MAX_CHECK_IMAGES = 200
 MAX_CALIBRATION_IMAGES = 128
 
@@ -53,7 +54,7 @@ class ExportError(HeadstartError, RuntimeError):
 @dataclass
 class ExportResult:
     bundle_dir: Path
-    manifest: dict
+    manifest: Manifest
     tag: str | None
 
 
@@ -67,7 +68,7 @@ def model_name(text: str) -> str:
     return name
 
 
-def _split_paths(run: runs.LoadedRun, split: str) -> tuple[list[Path], np.ndarray]:
+def _split_paths(run: LoadedRun, split: str) -> tuple[list[Path], np.ndarray]:
     data = json.loads((run.run_dir / runs.SPLITS).read_text())
     items = data.get(split, [])
     paths = [Path(p) for p, _ in items]
@@ -87,67 +88,9 @@ def _subsample(paths: list[Path], targets: np.ndarray, limit: int) -> tuple[list
     return [paths[i] for i in idx], targets[idx]
 
 
-def export_onnx(
-    model: torch.nn.Module, path: Path, input_size: int, opset: int = 18, output_names=OUTPUT_NAMES
-) -> None:
-    """Export ``model`` (pixels → probabilities, class map; or a detector's outputs) with a dynamic batch axis."""
-    model.eval()
-    example = torch.rand(2, 3, input_size, input_size) * 255
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    try:
-        program = torch.onnx.export(
-            model,
-            (example,),
-            dynamo=True,
-            input_names=[INPUT_NAME],
-            output_names=list(output_names),
-            dynamic_shapes=({0: batch},),
-            opset_version=opset,
-            optimize=True,
-            verbose=False,
-        )
-        program.save(str(path))
-    except Exception as exc:  # the dynamo exporter fails on some models: fall back to the TorchScript one
-        log.warning("dynamo ONNX export failed (%s); using the TorchScript exporter", exc)
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=False,
-            input_names=[INPUT_NAME],
-            output_names=list(output_names),
-            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}},
-            opset_version=17,
-        )
-
-
-def embed_manifest(path: Path, manifest: dict) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    del model.metadata_props[:]
-    entry = model.metadata_props.add()
-    entry.key = METADATA_KEY
-    entry.value = json.dumps(embedded_view(manifest), sort_keys=True)
-    model.doc_string = f"headstart {manifest['task']} model {manifest['name']}:{manifest['version']}"
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
-
-
-@torch.inference_mode()
-def _torch_outputs(model: torch.nn.Module, paths: list[Path], spec, batch_size: int = 32) -> list[np.ndarray]:
-    outs = [[o.numpy() for o in model(torch.from_numpy(px))] for px in load_batches(paths, spec, batch_size)]
-    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
-
-
-def _ort_outputs(session, paths: list[Path], spec, batch_size: int = 32) -> list[np.ndarray]:
-    outs = [session.run(None, {INPUT_NAME: px}) for px in load_batches(paths, spec, batch_size)]
-    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
-
-
-def _verify_detector(run: runs.LoadedRun, session, paths: list[Path]) -> dict:
+def _verify_detector(run: LoadedRun, session, paths: list[Path]) -> dict:
     """ONNX Runtime against PyTorch on the run's validation images: every output of every predictor."""
-    ref, got = _torch_outputs(run.model, paths, run.spec), _ort_outputs(session, paths, run.spec)
+    ref, got = torch_outputs(run.model, paths, run.spec), ort_outputs(session, paths, run.spec)
     diffs = {
         name: float(np.abs(a - b).max()) for name, a, b in zip(DETECT_OUTPUT_NAMES, ref, got, strict=True)
     }
@@ -164,13 +107,13 @@ def _verify_detector(run: runs.LoadedRun, session, paths: list[Path]) -> dict:
 
 
 def _verify_classifier(
-    run: runs.LoadedRun, session, val_paths: list[Path], val_targets: np.ndarray
+    run: LoadedRun, session, val_paths: list[Path], val_targets: np.ndarray
 ) -> tuple[dict, np.ndarray]:
     """ONNX Runtime against PyTorch on the run's validation images: 100% top-1 agreement, |Δp| at most 1e-3."""
     torch_probs = predict_paths(run.model, val_paths, run.spec)
-    ort_probs = _ort_probs(session, val_paths, run.spec)
-    max_diff = float(np.abs(torch_probs - ort_probs).max())
-    agreement = float((torch_probs.argmax(1) == ort_probs.argmax(1)).mean())
+    onnx_probs = ort_probs(session, val_paths, run.spec)
+    max_diff = float(np.abs(torch_probs - onnx_probs).max())
+    agreement = float((torch_probs.argmax(1) == onnx_probs.argmax(1)).mean())
     log.info("ONNX Runtime vs PyTorch on %d validation images: max |Δp| %.2e, top-1 agreement %.2f%%",
              len(val_paths), max_diff, 100 * agreement)  # fmt: skip
     if agreement < 1.0 or max_diff > 1e-3:
@@ -178,62 +121,47 @@ def _verify_classifier(
             f"ONNX Runtime disagrees with PyTorch (top-1 agreement {agreement:.2%}, max |Δp| {max_diff:.2e}); "
             "the export is not trustworthy and was not written."
         )
-    fp32_accuracy = float((ort_probs.argmax(1) == val_targets).mean())
+    fp32_accuracy = float((onnx_probs.argmax(1) == val_targets).mean())
     verification = {
         "images": len(val_paths),
         "max_abs_prob_diff": max_diff,
         "top1_agreement": agreement,
         "onnx_accuracy": fp32_accuracy,
     }
-    return verification, ort_probs
+    return verification, onnx_probs
 
 
-def _ort_probs(session, paths: list[Path], spec, batch_size: int = 32) -> np.ndarray:
-    return np.concatenate(
-        [
-            session.run([OUTPUT_NAMES[0]], {INPUT_NAME: pixels})[0]
-            for pixels in load_batches(paths, spec, batch_size)
-        ]
-    )
+def _int8_model(
+    run: LoadedRun, fp32: Path, path: Path, fp32_probs: np.ndarray, val_paths: list[Path], val_targets: np.ndarray,
+    max_drop: float | None,
+) -> dict:  # fmt: skip
+    """Quantize to ``path``, calibrated on training images; measure it on the validation images against the fp32
+    model. More than ``max_drop`` accuracy lost (None: no limit) fails the export."""
+    import onnxruntime as ort
 
-
-class _Calibration:
-    """ONNX Runtime CalibrationDataReader over preprocessed training images."""
-
-    def __init__(self, paths: list[Path], spec, batch_size: int = 16) -> None:
-        self.batches = load_batches(paths, spec, batch_size)
-
-    def get_next(self):
-        batch = next(self.batches, None)
-        return None if batch is None else {INPUT_NAME: batch}
-
-    def rewind(self):  # pragma: no cover - not used by the MinMax calibrator
-        raise NotImplementedError
-
-
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration_paths: list[Path], spec) -> None:
-    """Static QDQ int8: per-channel int8 weights, uint8 activations (the fast path on x86 VNNI/AMX)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    pre = int8_path.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-    reader = _Calibration(calibration_paths, spec)
-
-    class Reader(CalibrationDataReader):
-        def get_next(self):
-            return reader.get_next()
-
-    quantize_static(
-        str(pre),
-        str(int8_path),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-    pre.unlink(missing_ok=True)
+    train_paths, _ = _subsample(*_split_paths(run, "train"), MAX_CALIBRATION_IMAGES)
+    quantize_int8(fp32, path, train_paths, run.spec)
+    q_probs = ort_probs(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), val_paths, run.spec)
+    fp32_accuracy = float((fp32_probs.argmax(1) == val_targets).mean())
+    int8_accuracy = float((q_probs.argmax(1) == val_targets).mean())
+    info = {
+        "calibration_images": len(train_paths),
+        "accuracy_fp32": fp32_accuracy,
+        "accuracy_int8": int8_accuracy,
+        "top1_agreement": float((q_probs.argmax(1) == fp32_probs.argmax(1)).mean()),
+        "max_abs_prob_diff": float(np.abs(q_probs - fp32_probs).max()),
+        "scheme": "static QDQ, per-channel int8 weights, uint8 activations (MinMax calibration)",
+    }
+    drop = fp32_accuracy - int8_accuracy
+    log.info("int8: accuracy %.4f vs fp32 %.4f (drop %.2f points), top-1 agreement %.2f%%",
+             int8_accuracy, fp32_accuracy, 100 * drop, 100 * info["top1_agreement"])  # fmt: skip
+    if max_drop is not None and drop > max_drop:
+        raise ExportError(
+            f"int8 loses {100 * drop:.1f} accuracy points on the validation images ({fp32_accuracy:.4f} → "
+            f"{int8_accuracy:.4f}), more than the {100 * max_drop:.0f}-point limit. The int8 model was "
+            "not kept and nothing was written. Export without --int8, or pass --force to keep it anyway."
+        )
+    return info
 
 
 def _describe_outputs(task: str, num_classes: int, fmap: list[int], head: dict) -> list[dict]:
@@ -275,8 +203,8 @@ def export_bundle(
     """Export, verify and (optionally) import a run into the BentoML model store. Returns the bundle."""
     import onnxruntime as ort
 
-    run = runs.load_run(run_dir, weights=weights)
-    task = run.config.get("task", "classify")
+    run = load_run(run_dir, weights=weights)
+    task = run.task
     if task == "detect" and int8:
         raise ExportError("--int8 is available for classifiers only; export the detector without --int8.")
     out = Path(out) if out else run.run_dir / "bundle"
@@ -294,81 +222,39 @@ def export_bundle(
         export_onnx(run.model, fp32, run.spec.input_size, output_names=output_names)
         session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
         outputs = {o.name: o.shape for o in session.get_outputs()}
-        fmap = run.config["backbone"]["feature_map"]
+        fmap = list(run.record.backbone.feature_map)
 
+        int8_info = None
         if task == "detect":
             verification = _verify_detector(run, session, val_paths)
         else:
-            verification, ort_probs = _verify_classifier(run, session, val_paths, val_targets)
-            fp32_accuracy = verification["onnx_accuracy"]
+            verification, fp32_probs = _verify_classifier(run, session, val_paths, val_targets)
+            if int8:
+                int8_info = _int8_model(run, fp32, tmp / MODEL_INT8, fp32_probs, val_paths, val_targets,
+                                        max_drop=None if force else max_int8_drop)  # fmt: skip
 
-        int8_info = None
-        if int8:
-            train_paths, _ = _subsample(*_split_paths(run, "train"), MAX_CALIBRATION_IMAGES)
-            quantize_int8(fp32, tmp / MODEL_INT8, train_paths, run.spec)
-            q_session = ort.InferenceSession(str(tmp / MODEL_INT8), providers=["CPUExecutionProvider"])
-            q_probs = _ort_probs(q_session, val_paths, run.spec)
-            int8_accuracy = float((q_probs.argmax(1) == val_targets).mean())
-            int8_info = {
-                "calibration_images": len(train_paths),
-                "accuracy_fp32": fp32_accuracy,
-                "accuracy_int8": int8_accuracy,
-                "top1_agreement": float((q_probs.argmax(1) == ort_probs.argmax(1)).mean()),
-                "max_abs_prob_diff": float(np.abs(q_probs - ort_probs).max()),
-                "scheme": "static QDQ, per-channel int8 weights, uint8 activations (MinMax calibration)",
-            }
-            drop = fp32_accuracy - int8_accuracy
-            log.info("int8: accuracy %.4f vs fp32 %.4f (drop %.2f points), top-1 agreement %.2f%%",
-                     int8_accuracy, fp32_accuracy, 100 * drop, 100 * int8_info["top1_agreement"])  # fmt: skip
-            if drop > max_int8_drop and not force:
-                raise ExportError(
-                    f"int8 loses {100 * drop:.1f} accuracy points on the validation images ({fp32_accuracy:.4f} → "
-                    f"{int8_accuracy:.4f}), more than the {100 * max_int8_drop:.0f}-point limit. The int8 model was "
-                    "not kept and nothing was written. Export without --int8, or pass --force to keep it anyway."
-                )
-
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "name": name,
-            "version": version,
-            "task": run.config.get("task", "classify"),
-            "labels": run.labels,
-            "backbone": {
-                "name": run.config["backbone"]["name"],
-                "weights": run.config["backbone"]["weights"],
-                "weights_sha256": run.config["backbone"]["weights_sha256"],
-                "feature_map": fmap,
-            },
-            "head": run.config["head"],
-            "preprocess": run.spec.to_dict(),
-            "input": {
-                "name": INPUT_NAME,
-                "shape": ["batch", 3, run.spec.input_size, run.spec.input_size],
-                "dtype": "float32",
-                "range": [0, 255],
-                "color": "RGB",
-            },
-            "outputs": _describe_outputs(task, len(run.labels), fmap, run.config["head"]),
-            "metrics": _manifest_metrics(task, run.metrics),
-            "verification": verification,
-            "int8": int8_info,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "headstart": {
-                "version": _version(),
-                "torch": str(torch.__version__),
-                "onnxruntime": ort.__version__,
-            },
-        }
+        bb = run.record.backbone
+        manifest = Manifest(
+            name=name, version=version, task=task, labels=tuple(run.labels),
+            backbone={"name": bb.name, "weights": bb.weights, "weights_sha256": bb.weights_sha256, "feature_map": fmap},
+            head=run.record.head, preprocess=run.spec,
+            input={"name": INPUT_NAME, "shape": ["batch", 3, run.spec.input_size, run.spec.input_size],
+                   "dtype": "float32", "range": [0, 255], "color": "RGB"},
+            outputs=tuple(_describe_outputs(task, len(run.labels), fmap, run.record.head)),
+            metrics=_manifest_metrics(task, run.metrics), verification=verification, int8=int8_info,
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            headstart={"version": _version(), "torch": str(torch.__version__), "onnxruntime": ort.__version__},
+        )  # fmt: skip
         if set(outputs) != set(output_names):
             raise ExportError(f"exported outputs {sorted(outputs)} are not {output_names}")
         embed_manifest(fp32, manifest)
         if int8:
             embed_manifest(tmp / MODEL_INT8, manifest)
         files = [MODEL_FP32] + ([MODEL_INT8] if int8 else [])
-        manifest["files"] = {
+        manifest = dataclasses.replace(manifest, files={
             f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files
-        }
-        runs.write_json(tmp / MANIFEST, manifest)
+        })  # fmt: skip
+        runs.write_json(tmp / MANIFEST, manifest.to_dict())
         load_bundle(tmp, device="cpu")  # the bundle must load through the serving code before it counts
 
         tag = import_to_store(tmp, manifest) if store else None
@@ -426,25 +312,25 @@ def _replace_dir(new: Path, target: Path) -> None:
         new.rename(target)
 
 
-def import_to_store(bundle_dir: Path, manifest: dict) -> str:
+def import_to_store(bundle_dir: Path, manifest: Manifest) -> str:
     """Copy a verified bundle into the BentoML model store as NAME:VERSION with the manifest as metadata."""
     import bentoml
 
     metadata = {
-        "headstart_schema_version": manifest["schema_version"],
-        "task": manifest["task"],
-        "labels": manifest["labels"],
-        "backbone": manifest["backbone"]["name"],
-        "input_size": manifest["preprocess"]["input_size"],
-        **manifest["metrics"],
-        "files": {k: v["sha256"] for k, v in manifest["files"].items()},
+        "headstart_schema_version": manifest.schema_version,
+        "task": manifest.task,
+        "labels": list(manifest.labels),
+        "backbone": manifest.backbone["name"],
+        "input_size": manifest.preprocess.input_size,
+        **manifest.metrics,
+        "files": {k: v["sha256"] for k, v in manifest.files.items()},
     }
     with bentoml.models.create(
-        f"{manifest['name']}:{manifest['version']}",
+        f"{manifest.name}:{manifest.version}",
         metadata=metadata,
-        labels={"framework": "onnx", "task": manifest["task"], "exported_by": "headstart"},
+        labels={"framework": "onnx", "task": manifest.task, "exported_by": "headstart"},
     ) as model:
-        for f in (MANIFEST, *manifest["files"]):
+        for f in (MANIFEST, *manifest.files):
             shutil.copy2(bundle_dir / f, Path(model.path) / f)
     return str(model.tag)
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.tasks.classify import ClassifyConfig, ClassifyTask
-from training.tasks.detect import DetectConfig, DetectTask
+from training.config import ClassifyConfig, DetectConfig
+from training.engine import train as run_engine
+from training.tasks.classify import ClassifyTask
+from training.tasks.detect import DetectTask
 
 TASKS = {"classify": ClassifyTask(), "detect": DetectTask()}
 
-__all__ = ["TASKS", "ClassifyConfig", "ClassifyTask", "DetectConfig", "DetectTask", "task_for_data", "task_named"]
+__all__ = ["TASKS", "ClassifyConfig", "ClassifyTask", "DetectConfig", "DetectTask", "task_named", "train"]
 
 
 def task_named(name: str):
@@ -18,15 +20,7 @@ def task_named(name: str):
     return TASKS[name]
 
 
-def task_for_data(data_dir: str | Path):
-    """The task a data set asks for: detection for a YOLO-format data set (a data.yaml), else classification."""
-    from training.detect_data import find_data_yaml
-
-    return TASKS["detect"] if find_data_yaml(data_dir) is not None else TASKS["classify"]
-
-
 def train(cfg, report=None) -> Path:
-    """Train ``cfg`` (a task's config) with the engine; returns the run directory."""
-    from training.engine import train as run_engine
-
+    """Train ``cfg`` (a task's config from training/config.py) with the engine; returns the run directory.
+    ``report`` (the task's scanned data set) replaces the scan, e.g. to fix the split."""
     return run_engine(task_named(cfg.task), cfg, report)

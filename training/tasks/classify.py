@@ -8,7 +8,6 @@ calibration, confusion matrix and worst predictions as metrics.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,10 @@ import torch
 from torch import nn
 
 from models import Classifier, ClassifierHead, HeadConfig, PixelNormalize
-from models.heads import ACTIVATIONS
 from service.preprocess import decode_image
 from training import runs
 from training.augment import augmented_views, build_augmentation
-from training.config import RunConfig, option
+from training.config import ClassifyConfig
 from training.data import DatasetError, scan_image_folder
 from training.engine import FeatureLayout, Job
 from training.evaluate import plot_training_curves, write_evaluation
@@ -28,28 +26,6 @@ from training.loop import Phase, Schedule, fit
 from training.predict import predict_paths
 
 log = logging.getLogger("headstart")
-
-
-@dataclass
-class ClassifyConfig(RunConfig):
-    task = "classify"
-    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "activation", "label_smoothing", "class_weights", "unfreeze",
-                   "finetune_epochs", "finetune_lr")  # fmt: skip
-
-    activation: str = option("relu", "head activation", group="head", choices=tuple(ACTIVATIONS))
-    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
-    class_weights: str = option("auto", "class-weighted loss; auto = when classes are unbalanced (ratio > 1.5)",
-                                choices=("auto", "on", "off"))  # fmt: skip
-    unfreeze: int = option(0, "fine-tune the last N backbone stages afterwards", group="backbone")
-    finetune_epochs: int = option(5, "epochs of fine-tuning with --unfreeze", group="backbone")
-    finetune_lr: float = option(1e-4, "backbone learning rate when fine-tuning (the head gets 10x)", group="backbone")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.class_weights not in ("auto", "on", "off"):
-            raise ValueError(f"Invalid --class-weights {self.class_weights!r}. Use auto, on or off.")
-        if self.unfreeze < 0 or self.finetune_epochs < 0:
-            raise ValueError("--unfreeze and --finetune-epochs must be >= 0.")
 
 
 def class_weights(train_labels: np.ndarray, num_classes: int, mode: str) -> tuple[torch.Tensor | None, dict]:

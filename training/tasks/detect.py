@@ -9,7 +9,6 @@ validation mAP@0.5 every ``eval_every`` epochs selects the best epoch (``trainin
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ import torch
 from models.heads import GridHead, GridHeadConfig
 from models.wrapper import Detector, PixelNormalize
 from service.preprocess import PreprocessSpec
-from training.config import RunConfig, option
+from training.config import DetectConfig
 from training.detect_augment import build_detection_augmentation, detection_views
 from training.detect_data import scan_yolo_dataset
 from training.detect_eval import (
@@ -32,37 +31,6 @@ from training.evaluate import plot_detection_curves, plot_detections
 from training.loop import Phase, Schedule, fit
 
 log = logging.getLogger("headstart.detect")
-
-
-@dataclass
-class DetectConfig(RunConfig):
-    task = "detect"
-    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "input_size", "boxes_per_cell", "select", "lambda_coord",
-                   "lambda_noobj", "eval_every")  # fmt: skip
-
-    hidden: int = option(256, "hidden width of the head", group="head")
-    dropout: float = option(0.1, "dropout in the head", group="head")
-    epochs: int = option(60, "most epochs of head training")
-    patience: int = option(15, "early stopping: epochs without a better validation score")
-    batch_size: int = option(32, "head-training batch size")
-    weight_decay: float = option(5e-4, "AdamW weight decay")
-    input_size: int = option(320, "square input, letterboxed (320: a 10x10 grid at stride 32)", group="detection")
-    boxes_per_cell: int = option(2, "box predictors per grid cell", group="detection")
-    select: str = option("best", "best: the epoch with the best validation mAP@0.5 (early stopping); last: the "
-                         "final epoch", group="detection", choices=("best", "last"))  # fmt: skip
-    lambda_coord: float = option(5.0, "weight of the box loss", group="detection")
-    lambda_noobj: float = option(0.5, "weight of the objectness loss of predictors without an object",
-                                 group="detection")  # fmt: skip
-    eval_every: int = option(5, "epochs between validation mAP measurements", group="detection")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.input_size < 64 or self.input_size % 32:
-            raise ValueError(f"--input-size must be a multiple of 32, at least 64; got {self.input_size}.")
-        if self.eval_every < 1:
-            raise ValueError(f"--eval-every must be at least 1, got {self.eval_every}.")
-        if self.select not in ("best", "last"):
-            raise ValueError(f"Invalid --select {self.select!r}: best or last.")
 
 
 def _unpack(meta: np.ndarray, views: int) -> tuple[tuple[int, int], list[np.ndarray]]:

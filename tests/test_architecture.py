@@ -1,0 +1,180 @@
+"""The house rules that keep the code easy to change, checked on the source (fast, no training).
+
+- the floors are one-way: ``service/`` (torch-free) ← ``models/`` ← ``training/``;
+- no circle of imports and no private name crossing files;
+- one table of endpoints: the service's routes, the request guard and the README agree;
+- one config: `headstart train`'s options are the task configs' fields, refused for the other task with a message;
+- one contract: run records and manifests of another schema version are refused with a message naming it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+PACKAGES = ("service", "models", "training")
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def project_imports(top_level_only: bool) -> dict[str, list[tuple[str, list[str]]]]:
+    """Per project module: (imported module, imported names) of each import statement."""
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            nodes = tree.body if top_level_only else list(ast.walk(tree))
+            found = []
+            for node in nodes:
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    found.append((node.module, [a.name for a in node.names]))
+                elif isinstance(node, ast.Import):
+                    found += [(a.name, []) for a in node.names]
+            out[module_name(path)] = found
+    return out
+
+
+def test_the_floors_are_one_way():
+    allowed = {"service": {"service"}, "models": {"service", "models"}, "training": set(PACKAGES)}
+    forbidden_libs = {"service": {"torch", "torchvision", "timm"}}
+    for module, imports in project_imports(top_level_only=False).items():
+        floor = module.split(".")[0]
+        for target, _ in imports:
+            top = target.split(".")[0]
+            if top in PACKAGES:
+                assert top in allowed[floor], f"{module} imports {target}: {floor}/ must not depend on {top}/"
+            assert top not in forbidden_libs.get(floor, ()), f"{module} imports {top}; service/ is torch-free"
+
+
+def test_no_private_name_crosses_files():
+    for module, imports in project_imports(top_level_only=False).items():
+        for target, names in imports:
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            assert not private, f"{module} imports private {private} from {target}: make it public or move it"
+
+
+def test_no_circle_of_imports():
+    imports = project_imports(top_level_only=False)  # imports inside functions count too
+    graph = {m: set() for m in imports}
+    for module, imps in imports.items():
+        for target, names in imps:  # `from training import runs` imports the module training.runs
+            graph[module] |= {t for t in (target, *(f"{target}.{n}" for n in names)) if t in imports and t != module}
+    for start in graph:  # depth-first search for a path back to ``start``
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                assert nxt != start, f"import circle: {' -> '.join([*path, nxt])}"
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+
+
+def test_readme_endpoint_table_matches_the_guard_and_the_service():
+    """The README's endpoint table names each route of ENDPOINTS (which the service's signatures are checked
+    against in test_service.py) with exactly its fields."""
+    from service.guard import ENDPOINTS
+
+    readme = (ROOT / "README.md").read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `POST (/\w+)` \| ([^|]*) \|", readme, re.M)}
+    assert set(rows) == set(ENDPOINTS), "README endpoint table and service.guard.ENDPOINTS name other routes"
+    for route, endpoint in ENDPOINTS.items():
+        if rows[route].startswith("as `"):  # "as `/localize`": the same fields as that route
+            rows[route] = rows[rows[route][4:].split("`")[0]]
+        named = set(re.findall(r"`(\w+)` \(", rows[route]))
+        assert named == {*endpoint.files, *endpoint.fields}, f"README row of {route} names {sorted(named)}"
+
+
+def test_train_options_are_the_task_configs_fields():
+    from training.cli import build_parser
+    from training.config import CONFIGS, cli_fields
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    dests = {a.dest for a in train._actions} - {"help", "data_dir", "out"}
+    assert dests == {k for config in CONFIGS.values() for k in cli_fields(config)}
+    # nothing given: the task's own defaults apply (no argparse default leaks into the config)
+    args = parser.parse_args(["train", "data", "--out", "run"])
+    assert set(vars(args)) == {"command", "verbose", "data_dir", "out"}
+
+
+@pytest.mark.parametrize(("option", "task"), [("--input-size", "classify"), ("--unfreeze", "detect"),
+                                              ("--label-smoothing", "detect"), ("--eval-every", "classify")])  # fmt: skip
+def test_an_option_of_the_other_task_is_refused_with_a_message(option, task, tiny_folder, tmp_path, capsys):
+    from training.cli import main
+
+    data = tiny_folder
+    if task == "detect":  # the task is chosen by the data set: a data.yaml makes it detection
+        data = tmp_path / "yolo"
+        data.mkdir()
+        (data / "data.yaml").write_text("train: images\nnames: [cat]\n")
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), option, "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{option} does not apply to {data}" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_record_and_manifest_of_another_schema_version_are_refused(tiny_run, tiny_bundle, tmp_path):
+    import shutil
+
+    import yaml
+
+    from service.bundle import BundleError, load_bundle
+    from training.load import load_run
+    from training.runs import RunError
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    record = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**record, "headstart_run": 7}))
+    with pytest.raises(RunError, match=r"schema version 7; this headstart reads version 1"):
+        load_run(run)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.bundle_dir, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
+    with pytest.raises(BundleError, match=r"schema version 2; this headstart reads version 1\. Re-export"):
+        load_bundle(bundle)
+
+
+def test_records_round_trip_through_the_contract(tiny_run, tiny_bundle):
+    import yaml
+
+    from service.contract import Manifest, RunRecord
+
+    data = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert RunRecord.from_dict(data).to_dict() == data
+    manifest = json.loads((tiny_bundle.bundle_dir / "manifest.json").read_text())
+    assert Manifest.from_dict(manifest).to_dict() == manifest
+    assert tiny_bundle.manifest.to_dict() == manifest
+
+
+def test_a_bundle_and_a_run_are_both_models(tiny_run, tiny_bundle):
+    from service.bundle import load_bundle
+    from service.contract import Model
+    from training.load import load_run
+    from training.predict import RunModel
+
+    bundle, run = load_bundle(tiny_bundle.bundle_dir), RunModel(load_run(tiny_run))
+    for model in (bundle, run):
+        assert isinstance(model, Model)
+    assert (bundle.task, bundle.labels, bundle.spec, bundle.feature_map) == (run.task, run.labels, run.spec,
+                                                                             run.feature_map)  # fmt: skip
+
+
+def test_help_and_the_train_command_line_import_no_torch():
+    code = ("import sys\nfrom training.cli import build_parser\nbuild_parser().parse_args(['train', 'd', '--out', "
+            "'r', '--epochs', '3'])\nassert 'torch' not in sys.modules")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

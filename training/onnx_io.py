@@ -1,0 +1,130 @@
+"""ONNX files: the graph written from a torch model, the manifest embedded in it, static int8 quantization, and
+ONNX Runtime (or torch) run over image files for the export's checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.bundle import METADATA_KEY
+from service.contract import Manifest
+from service.preprocess import load_batches
+
+log = logging.getLogger("headstart")
+
+INPUT_NAME = "pixels"
+OUTPUT_NAMES = ("probabilities", "class_map")
+DETECT_OUTPUT_NAMES = ("probabilities", "boxes", "scores")
+
+
+def export_onnx(
+    model: torch.nn.Module, path: Path, input_size: int, opset: int = 18, output_names=OUTPUT_NAMES
+) -> None:
+    """Export ``model`` (pixels → probabilities, class map; or a detector's outputs) with a dynamic batch axis."""
+    model.eval()
+    example = torch.rand(2, 3, input_size, input_size) * 255
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=list(output_names),
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+        program.save(str(path))
+    except Exception as exc:  # the dynamo exporter fails on some models: fall back to the TorchScript one
+        log.warning("dynamo ONNX export failed (%s); using the TorchScript exporter", exc)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=list(output_names),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}},
+            opset_version=17,
+        )
+
+
+def embed_manifest(path: Path, manifest: Manifest) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = json.dumps(manifest.embedded(), sort_keys=True)
+    model.doc_string = f"headstart {manifest.task} model {manifest.name}:{manifest.version}"
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+@torch.inference_mode()
+def torch_outputs(model: torch.nn.Module, paths: list[Path], spec, batch_size: int = 32) -> list[np.ndarray]:
+    """Every output of a torch model on image files (preprocessed as the service does), concatenated."""
+    outs = [[o.numpy() for o in model(torch.from_numpy(px))] for px in load_batches(paths, spec, batch_size)]
+    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+
+
+def ort_outputs(session, paths: list[Path], spec, batch_size: int = 32) -> list[np.ndarray]:
+    """Every output of an ONNX Runtime session on image files, concatenated."""
+    outs = [session.run(None, {INPUT_NAME: px}) for px in load_batches(paths, spec, batch_size)]
+    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+
+
+def ort_probs(session, paths: list[Path], spec, batch_size: int = 32) -> np.ndarray:
+    """The first output (class probabilities) of an ONNX Runtime session on image files."""
+    return np.concatenate(
+        [
+            session.run([OUTPUT_NAMES[0]], {INPUT_NAME: pixels})[0]
+            for pixels in load_batches(paths, spec, batch_size)
+        ]
+    )
+
+
+class Calibration:
+    """ONNX Runtime CalibrationDataReader over preprocessed training images."""
+
+    def __init__(self, paths: list[Path], spec, batch_size: int = 16) -> None:
+        self.batches = load_batches(paths, spec, batch_size)
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+    def rewind(self):  # pragma: no cover - not used by the MinMax calibrator
+        raise NotImplementedError
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration_paths: list[Path], spec) -> None:
+    """Static QDQ int8: per-channel int8 weights, uint8 activations (the fast path on x86 VNNI/AMX)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = int8_path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    reader = Calibration(calibration_paths, spec)
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return reader.get_next()
+
+    quantize_static(
+        str(pre),
+        str(int8_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    pre.unlink(missing_ok=True)

@@ -178,3 +178,23 @@ def test_help_and_the_train_command_line_import_no_torch():
     code = ("import sys\nfrom training.cli import build_parser\nbuild_parser().parse_args(['train', 'd', '--out', "
             "'r', '--epochs', '3'])\nassert 'torch' not in sys.modules")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_a_run_and_a_bundle_manifest_written_before_the_engine_still_load():
+    """tests/reference/ holds a run directory and a bundle manifest written by b8f400a, the last commit with two
+    trainers and untyped records: both read through the contract unchanged."""
+    from service.contract import Manifest
+    from service.preprocess import decode_image, preprocess
+    from tests.conftest import MOBILENET, PHOTOS, require_shared
+    from training.load import load_run
+    from training.predict import RunModel
+
+    require_shared()
+    reference = ROOT / "tests" / "reference"
+    run = load_run(reference / "run-b8f400a", weights=MOBILENET)  # its weights path was on another machine
+    assert run.task == "classify" and run.labels == ["blue", "red"] and run.record.options["epochs"] == 5
+    model = RunModel(run)
+    probs = model.predict(preprocess(decode_image(next(PHOTOS.glob("*.jpg"))), model.spec)[None])
+    assert probs.shape == (1, 2) and abs(float(probs.sum()) - 1) < 1e-5
+    manifest = json.loads((reference / "manifest-b8f400a.json").read_text())
+    assert Manifest.from_dict(manifest).to_dict() == manifest

@@ -155,9 +155,19 @@ def scan_image_folder(
             f"No class folders found in {root}. Put one subfolder per class (e.g. {root}/cats/*.jpg), "
             "optionally inside train/ and val/."
         )
-
     good, ignored, corrupt = _check_tree(files, workers)
+    labels = _labels(good, root, labels)
+    splits, split_source, warnings = _split(good, labels, val_fraction, seed)
+    duplicates = _leaks(splits)
+    warnings += _warnings(splits, labels, duplicates, corrupt)
+    return DatasetReport(root, list(labels), splits, split_source, ignored, corrupt, duplicates, warnings)
 
+
+Checked = dict[str, dict[str, list[tuple[Path, str]]]]  # split → class → (path, sha256) of readable images
+
+
+def _labels(good: Checked, root: Path, labels: list[str] | None) -> list[str]:
+    """The class names (sorted folder names of train/, unless given), each with at least 2 readable images."""
     train_key = "train" if "train" in good else "all"
     if labels is None:
         labels = sorted(c for c, items in good[train_key].items() if items)
@@ -172,9 +182,6 @@ def scan_image_folder(
                     f"Classes {extra} have images in {split}/ but none in train/. Add training images for them "
                     "or remove them."
                 )
-    index = {name: i for i, name in enumerate(labels)}
-    warnings: list[str] = []
-
     totals = Counter()
     for per_class in good.values():
         for c, items in per_class.items():
@@ -185,40 +192,50 @@ def scan_image_folder(
             f"Classes {too_few} have fewer than 2 readable images; each class needs at least 2 "
             "(one to train, one to validate). Add images or remove the class folder."
         )
+    return labels
+
+
+def _split(
+    good: Checked, labels: list[str], val_fraction: float, seed: int
+) -> tuple[dict[str, list[Sample]], str, list[str]]:
+    """The train/val(/test) samples: the split folders as they are, else a stratified random split."""
+    index = {name: i for i, name in enumerate(labels)}
 
     def samples(per_class: dict[str, list[tuple[Path, str]]]) -> list[Sample]:
         return [Sample(p, index[c], h) for c, items in per_class.items() if c in index for p, h in items]
 
     split_from = "all" if "all" in good else ("train" if "val" not in good else None)
-    if split_from:
-        if not 0.0 < val_fraction < 1.0:
-            raise DatasetError(f"--val-fraction must be between 0 and 1, got {val_fraction}.")
-        rng = random.Random(seed)
-        train, val = [], []
-        for c in labels:
-            items = sorted(good[split_from].get(c, []))
-            rng.shuffle(items)
-            n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction)))
-            val += [Sample(p, index[c], h) for p, h in items[:n_val]]
-            train += [Sample(p, index[c], h) for p, h in items[n_val:]]
-        splits = {"train": train, "val": val}
-        if "test" in good:
-            splits["test"] = samples(good["test"])
-        where = "" if split_from == "all" else " of train/ (no val/ folder)"
-        split_source = f"random stratified split{where}, seed={seed}, val_fraction={val_fraction}"
-    else:
+    if not split_from:
         splits = {s: samples(good[s]) for s in SPLITS if s in good}
-        split_source = "train/val folders"
         missing = [labels[k] for k in range(len(labels)) if not any(s.label == k for s in splits["val"])]
-        if missing:
-            warnings.append(f"classes {missing} have no validation images; their metrics are undefined.")
+        warnings = [f"classes {missing} have no validation images; their metrics are undefined."] if missing else []
+        return splits, "train/val folders", warnings
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetError(f"--val-fraction must be between 0 and 1, got {val_fraction}.")
+    rng = random.Random(seed)
+    train, val = [], []
+    for c in labels:
+        items = sorted(good[split_from].get(c, []))
+        rng.shuffle(items)
+        n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction)))
+        val += [Sample(p, index[c], h) for p, h in items[:n_val]]
+        train += [Sample(p, index[c], h) for p, h in items[n_val:]]
+    splits = {"train": train, "val": val}
+    if "test" in good:
+        splits["test"] = samples(good["test"])
+    where = "" if split_from == "all" else " of train/ (no val/ folder)"
+    return splits, f"random stratified split{where}, seed={seed}, val_fraction={val_fraction}", []
 
-    duplicates: list[tuple[str, str]] = []
+
+def _leaks(splits: dict[str, list[Sample]]) -> list[tuple[str, str]]:
+    """(train path, val/test path) of images with identical bytes on both sides."""
     train_hashes = {s.sha256: s.path for s in splits["train"]}
-    for split in ("val", "test"):
-        for s in splits.get(split, []):
-            if s.sha256 in train_hashes:
-                duplicates.append((str(train_hashes[s.sha256]), str(s.path)))
+    return [(str(train_hashes[s.sha256]), str(s.path)) for split in ("val", "test") for s in splits.get(split, [])
+            if s.sha256 in train_hashes]  # fmt: skip
+
+
+def _warnings(splits, labels: list[str], duplicates: list, corrupt: list) -> list[str]:
+    warnings = []
     if duplicates:
         warnings.append(
             f"{len(duplicates)} images appear in train and in val/test (identical bytes): a leak that inflates "
@@ -233,8 +250,7 @@ def scan_image_folder(
         )
     if corrupt:
         warnings.append(f"{len(corrupt)} corrupt images were skipped (listed above).")
-
-    return DatasetReport(root, list(labels), splits, split_source, ignored, corrupt, duplicates, warnings)
+    return warnings
 
 
 def scan_eval_folder(root: str | Path, labels: list[str], workers: int = 4) -> DatasetReport:

@@ -25,30 +25,22 @@ import torch
 import service
 from service.bundle import MANIFEST, MODEL_FP32, MODEL_INT8, load_bundle, sha256_file
 from service.contract import Manifest
-from service.errors import HeadstartError
 from training import runs
 from training.load import LoadedRun, load_run
 from training.onnx_io import (
-    DETECT_OUTPUT_NAMES,
     INPUT_NAME,
-    OUTPUT_NAMES,
+    ExportError,
     embed_manifest,
     export_onnx,
-    ort_outputs,
     ort_probs,
     quantize_int8,
-    torch_outputs,
 )
-from training.predict import predict_paths
+from training.tasks import task_named
 
 log = logging.getLogger("headstart")
 
 MAX_CHECK_IMAGES = 200
 MAX_CALIBRATION_IMAGES = 128
-
-
-class ExportError(HeadstartError, RuntimeError):
-    """The export failed a check; nothing was written."""
 
 
 @dataclass
@@ -88,49 +80,6 @@ def _subsample(paths: list[Path], targets: np.ndarray, limit: int) -> tuple[list
     return [paths[i] for i in idx], targets[idx]
 
 
-def _verify_detector(run: LoadedRun, session, paths: list[Path]) -> dict:
-    """ONNX Runtime against PyTorch on the run's validation images: every output of every predictor."""
-    ref, got = torch_outputs(run.model, paths, run.spec), ort_outputs(session, paths, run.spec)
-    diffs = {
-        name: float(np.abs(a - b).max()) for name, a, b in zip(DETECT_OUTPUT_NAMES, ref, got, strict=True)
-    }
-    agreement = float((ref[0].argmax(1) == got[0].argmax(1)).mean())
-    log.info("ONNX Runtime vs PyTorch on %d validation images: max |Δ| %s, top-1 agreement %.2f%%", len(paths),
-             {k: f"{v:.2e}" for k, v in diffs.items()}, 100 * agreement)  # fmt: skip
-    # boxes are in input pixels (0.05 px is invisible); scores and probabilities are probabilities
-    if agreement < 1.0 or diffs["scores"] > 1e-3 or diffs["probabilities"] > 1e-3 or diffs["boxes"] > 0.05:
-        raise ExportError(
-            f"ONNX Runtime disagrees with PyTorch (max differences {diffs}, top-1 agreement {agreement:.2%}); "
-            "the export is not trustworthy and was not written."
-        )
-    return {"images": len(paths), "max_abs_diff": diffs, "top1_agreement": agreement}
-
-
-def _verify_classifier(
-    run: LoadedRun, session, val_paths: list[Path], val_targets: np.ndarray
-) -> tuple[dict, np.ndarray]:
-    """ONNX Runtime against PyTorch on the run's validation images: 100% top-1 agreement, |Δp| at most 1e-3."""
-    torch_probs = predict_paths(run.model, val_paths, run.spec)
-    onnx_probs = ort_probs(session, val_paths, run.spec)
-    max_diff = float(np.abs(torch_probs - onnx_probs).max())
-    agreement = float((torch_probs.argmax(1) == onnx_probs.argmax(1)).mean())
-    log.info("ONNX Runtime vs PyTorch on %d validation images: max |Δp| %.2e, top-1 agreement %.2f%%",
-             len(val_paths), max_diff, 100 * agreement)  # fmt: skip
-    if agreement < 1.0 or max_diff > 1e-3:
-        raise ExportError(
-            f"ONNX Runtime disagrees with PyTorch (top-1 agreement {agreement:.2%}, max |Δp| {max_diff:.2e}); "
-            "the export is not trustworthy and was not written."
-        )
-    fp32_accuracy = float((onnx_probs.argmax(1) == val_targets).mean())
-    verification = {
-        "images": len(val_paths),
-        "max_abs_prob_diff": max_diff,
-        "top1_agreement": agreement,
-        "onnx_accuracy": fp32_accuracy,
-    }
-    return verification, onnx_probs
-
-
 def _int8_model(
     run: LoadedRun, fp32: Path, path: Path, fp32_probs: np.ndarray, val_paths: list[Path], val_targets: np.ndarray,
     max_drop: float | None,
@@ -164,29 +113,24 @@ def _int8_model(
     return info
 
 
-def _describe_outputs(task: str, num_classes: int, fmap: list[int], head: dict) -> list[dict]:
-    if task == "detect":
-        predictors = fmap[0] * fmap[1] * head["boxes_per_cell"]
-        return [
-            {"name": "probabilities", "shape": ["batch", num_classes],
-             "what": "image-level class scores: each class's best predictor (objectness x class probability)"},
-            {"name": "boxes", "shape": ["batch", predictors, 4],
-             "what": f"x1 y1 x2 y2 in input pixels of every grid predictor ({fmap[0]}x{fmap[1]} cells x "
-                     f"{head['boxes_per_cell']} boxes)"},
-            {"name": "scores", "shape": ["batch", predictors, num_classes],
-             "what": "objectness x class probability per predictor and class"},
-        ]  # fmt: skip
-    return [
-        {"name": OUTPUT_NAMES[0], "shape": ["batch", num_classes], "what": "class probabilities"},
-        {"name": OUTPUT_NAMES[1], "shape": ["batch", num_classes, *fmap],
-         "what": "per-cell class probabilities (class activation map) on the feature grid"},
-    ]  # fmt: skip
+def _manifest(run: LoadedRun, name: str, version: str, verification: dict, int8_info: dict | None) -> Manifest:
+    """The bundle's manifest (less the file hashes, added once the files are final)."""
+    import onnxruntime as ort
 
-
-def _manifest_metrics(task: str, metrics: dict) -> dict:
-    keys = ("map50", "map50_95", "num_images", "num_boxes") if task == "detect" else (
-        "accuracy", "macro_f1", "calibration_error", "num_images")  # fmt: skip
-    return {k: metrics[k] for k in keys if k in metrics}
+    task, fmap = task_named(run.task), list(run.record.backbone.feature_map)
+    bb = run.record.backbone
+    return Manifest(
+        name=name, version=version, task=task.name, labels=tuple(run.labels),
+        backbone={"name": bb.name, "weights": bb.weights, "weights_sha256": bb.weights_sha256, "feature_map": fmap},
+        head=run.record.head, preprocess=run.spec,
+        input={"name": INPUT_NAME, "shape": ["batch", 3, run.spec.input_size, run.spec.input_size],
+               "dtype": "float32", "range": [0, 255], "color": "RGB"},
+        outputs=tuple(task.outputs(len(run.labels), fmap, run.record.head)),
+        metrics={k: run.metrics[k] for k in task.manifest_metrics if k in run.metrics},
+        verification=verification, int8=int8_info,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        headstart={"version": _version(), "torch": str(torch.__version__), "onnxruntime": ort.__version__},
+    )  # fmt: skip
 
 
 def export_bundle(
@@ -204,9 +148,9 @@ def export_bundle(
     import onnxruntime as ort
 
     run = load_run(run_dir, weights=weights)
-    task = run.task
-    if task == "detect" and int8:
-        raise ExportError("--int8 is available for classifiers only; export the detector without --int8.")
+    task = task_named(run.task)
+    if int8 and not task.int8:
+        raise ExportError(f"--int8 is available for classifiers only (not for {task.name} models yet); export without --int8.")
     out = Path(out) if out else run.run_dir / "bundle"
     check_destination(out, run.run_dir, force)
     name = model_name(name or run.run_dir.resolve().name)
@@ -218,33 +162,18 @@ def export_bundle(
     tmp.chmod(0o777 & ~runs.umask())
     try:
         fp32 = tmp / MODEL_FP32
-        output_names = DETECT_OUTPUT_NAMES if task == "detect" else OUTPUT_NAMES
+        output_names = [o["name"] for o in task.outputs(len(run.labels), list(run.record.backbone.feature_map),
+                                                          run.record.head)]  # fmt: skip
         export_onnx(run.model, fp32, run.spec.input_size, output_names=output_names)
         session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
         outputs = {o.name: o.shape for o in session.get_outputs()}
-        fmap = list(run.record.backbone.feature_map)
 
+        verification, fp32_probs = task.verify(run.model, session, val_paths, val_targets, run.spec)
         int8_info = None
-        if task == "detect":
-            verification = _verify_detector(run, session, val_paths)
-        else:
-            verification, fp32_probs = _verify_classifier(run, session, val_paths, val_targets)
-            if int8:
-                int8_info = _int8_model(run, fp32, tmp / MODEL_INT8, fp32_probs, val_paths, val_targets,
-                                        max_drop=None if force else max_int8_drop)  # fmt: skip
-
-        bb = run.record.backbone
-        manifest = Manifest(
-            name=name, version=version, task=task, labels=tuple(run.labels),
-            backbone={"name": bb.name, "weights": bb.weights, "weights_sha256": bb.weights_sha256, "feature_map": fmap},
-            head=run.record.head, preprocess=run.spec,
-            input={"name": INPUT_NAME, "shape": ["batch", 3, run.spec.input_size, run.spec.input_size],
-                   "dtype": "float32", "range": [0, 255], "color": "RGB"},
-            outputs=tuple(_describe_outputs(task, len(run.labels), fmap, run.record.head)),
-            metrics=_manifest_metrics(task, run.metrics), verification=verification, int8=int8_info,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            headstart={"version": _version(), "torch": str(torch.__version__), "onnxruntime": ort.__version__},
-        )  # fmt: skip
+        if int8:
+            int8_info = _int8_model(run, fp32, tmp / MODEL_INT8, fp32_probs, val_paths, val_targets,
+                                    max_drop=None if force else max_int8_drop)  # fmt: skip
+        manifest = _manifest(run, name, version, verification, int8_info)
         if set(outputs) != set(output_names):
             raise ExportError(f"exported outputs {sorted(outputs)} are not {output_names}")
         embed_manifest(fp32, manifest)

@@ -12,13 +12,17 @@ import torch
 
 from service.bundle import METADATA_KEY
 from service.contract import Manifest
+from service.errors import HeadstartError
 from service.preprocess import load_batches
 
 log = logging.getLogger("headstart")
 
+class ExportError(HeadstartError, RuntimeError):
+    """The export failed a check; nothing was written."""
+
+
 INPUT_NAME = "pixels"
 OUTPUT_NAMES = ("probabilities", "class_map")
-DETECT_OUTPUT_NAMES = ("probabilities", "boxes", "scores")
 
 
 def export_onnx(

@@ -23,6 +23,7 @@ from training.data import DatasetError, scan_image_folder
 from training.engine import FeatureLayout, Job
 from training.evaluate import plot_training_curves, write_evaluation
 from training.loop import Phase, Schedule, fit
+from training.onnx_io import ExportError, ort_probs
 from training.predict import predict_paths
 
 log = logging.getLogger("headstart")
@@ -46,6 +47,8 @@ class ClassifyTask:
     name = "classify"
     config = ClassifyConfig
     headline = ("accuracy", "macro_f1", "calibration_error")
+    manifest_metrics = ("accuracy", "macro_f1", "calibration_error", "num_images")
+    int8 = True  # export --int8: a static int8 model, kept only if it loses at most 1 accuracy point
 
     def scan(self, cfg: ClassifyConfig):
         report = scan_image_folder(cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -196,3 +199,30 @@ class ClassifyTask:
         head = ClassifierHead(HeadConfig(**record.head))
         head.load_state_dict(head_state)
         return Classifier(PixelNormalize(spec.mean, spec.std), features, head)
+
+    # ---------------------------------------------------------------- export
+
+    def outputs(self, num_classes: int, fmap: list[int], head: dict) -> list[dict]:
+        return [
+            {"name": "probabilities", "shape": ["batch", num_classes], "what": "class probabilities"},
+            {"name": "class_map", "shape": ["batch", num_classes, *fmap],
+             "what": "per-cell class probabilities (class activation map) on the feature grid"},
+        ]  # fmt: skip
+
+    def verify(self, model, session, paths, targets, spec) -> tuple[dict, np.ndarray]:
+        """ONNX Runtime against PyTorch on the run's validation images: 100% top-1 agreement, |Δp| at most 1e-3.
+        Returns the record for the manifest and ONNX Runtime's probabilities."""
+        torch_probs = predict_paths(model, paths, spec)
+        onnx_probs = ort_probs(session, paths, spec)
+        max_diff = float(np.abs(torch_probs - onnx_probs).max())
+        agreement = float((torch_probs.argmax(1) == onnx_probs.argmax(1)).mean())
+        log.info("ONNX Runtime vs PyTorch on %d validation images: max |Δp| %.2e, top-1 agreement %.2f%%",
+                 len(paths), max_diff, 100 * agreement)  # fmt: skip
+        if agreement < 1.0 or max_diff > 1e-3:
+            raise ExportError(
+                f"ONNX Runtime disagrees with PyTorch (top-1 agreement {agreement:.2%}, max |Δp| {max_diff:.2e}); "
+                "the export is not trustworthy and was not written."
+            )
+        accuracy = float((onnx_probs.argmax(1) == targets).mean())
+        return {"images": len(paths), "max_abs_prob_diff": max_diff, "top1_agreement": agreement,
+                "onnx_accuracy": accuracy}, onnx_probs  # fmt: skip

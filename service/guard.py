@@ -25,12 +25,15 @@ import asyncio
 import contextvars
 import json
 import os
-import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
+
+from service.multipart import MAX_FIELD_BYTES, Endpoint, RequestRejected, canonical_multipart, parse_upload
+
+__all__ = ["ENDPOINTS", "MAX_FIELD_BYTES", "Endpoint", "RequestGuard", "RequestRejected", "canonical_multipart",
+           "current_request", "parse_upload"]  # fmt: skip
 
 #: Largest request body accepted, in bytes (HEADSTART_MAX_REQUEST_BYTES, default 32 MiB).
 MAX_REQUEST_BYTES = int(os.environ.get("HEADSTART_MAX_REQUEST_BYTES", 32 * 1024 * 1024))
@@ -42,23 +45,7 @@ MAX_INFLIGHT_BYTES = int(os.environ.get("HEADSTART_MAX_INFLIGHT_BYTES", 256 * 10
 REQUEST_TIMEOUT_S = float(os.environ.get("HEADSTART_REQUEST_TIMEOUT", 60))
 #: Images one /classify_batch request may carry (the server merges requests into batches of its own).
 MAX_BATCH_IMAGES = int(os.environ.get("HEADSTART_MAX_BATCH_IMAGES", 32))
-#: Longest value of a text field: numbers need a few characters.
-MAX_FIELD_BYTES = 64
 RETRY_AFTER_S = 1
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """What one route takes: file fields (at most ``max_files`` uploads each) and short text fields."""
-
-    route: str
-    files: tuple[str, ...] = ()
-    fields: tuple[str, ...] = ()
-    max_files: int = 1
-
-    @property
-    def takes_input(self) -> bool:
-        return bool(self.files or self.fields)
 
 
 #: Every API route of the service and its fields. tests/test_service.py checks that the service's own signatures
@@ -73,14 +60,6 @@ ENDPOINTS: dict[str, Endpoint] = {
         Endpoint("/info"),
     )
 }
-
-
-class RequestRejected(Exception):
-    def __init__(self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
 
 
 @dataclass
@@ -103,133 +82,6 @@ _CURRENT: contextvars.ContextVar[RequestState | None] = contextvars.ContextVar(
 def current_request() -> RequestState | None:
     """The state of the request being served (``None`` outside a request, e.g. in a merged batch)."""
     return _CURRENT.get()
-
-
-@dataclass
-class _Part:
-    name: str = ""
-    filename: bytes | None = None
-    chunks: list[bytes] = field(default_factory=list)
-    size: int = 0
-
-
-def _reject_if(condition: bool, message: str, status: int = 400) -> None:
-    if condition:
-        raise RequestRejected(status, message)
-
-
-def parse_upload(
-    content_type: bytes, body: bytes, endpoint: Endpoint
-) -> list[tuple[str, bytes | None, bytes]]:
-    """The parts of a multipart upload to ``endpoint`` as (field, filename or None, value); raises RequestRejected
-    for anything but well-formed multipart/form-data with the endpoint's fields, each within its limits."""
-    ctype, params = parse_options_header(content_type)
-    _reject_if(
-        ctype.lower() != b"multipart/form-data",
-        "Send the image as multipart/form-data (a file upload), e.g. curl -F image=@photo.jpg",
-        415,
-    )
-    boundary = params.get(b"boundary")
-    _reject_if(not boundary, "The multipart/form-data Content-Type has no boundary parameter.")
-    allowed = ", ".join((*endpoint.files, *endpoint.fields)) or "no fields"
-    parts: list[_Part] = []
-    counts: dict[str, int] = {}
-    header = {"field": b"", "value": b""}  # python-multipart bounds a part's header size itself
-    headers: dict[bytes, bytes] = {}
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header["field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        headers[header["field"].lower()] = header["value"]
-        header["field"], header["value"] = b"", b""
-
-    def on_headers_finished() -> None:
-        disposition, options = parse_options_header(headers.get(b"content-disposition", b""))
-        name = options.get(b"name", b"").decode("latin-1")
-        headers.clear()
-        _reject_if(
-            disposition.lower() != b"form-data" or not name,
-            "A part has no Content-Disposition: form-data name.",
-        )
-        _reject_if(
-            name not in endpoint.files and name not in endpoint.fields,
-            f"Unknown field {name[:40]!r}; this endpoint takes {allowed}.",
-        )
-        counts[name] = counts.get(name, 0) + 1
-        limit = endpoint.max_files if name in endpoint.files else 1
-        _reject_if(
-            counts[name] > limit,
-            f"Field {name!r} is given more than {limit} time{'s' if limit > 1 else ''}"
-            + (f"; send at most {limit} images per request." if limit > 1 else "."),
-        )
-        filename = options.get(b"filename")
-        _reject_if(
-            name in endpoint.files and filename is None,
-            f"Field {name!r} must be an uploaded file, not text (URLs and paths are not fetched), "
-            f"e.g. curl -F {name}=@photo.jpg",
-        )
-        parts.append(_Part(name, filename))
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        part = parts[-1]
-        part.size += end - start
-        _reject_if(
-            part.name in endpoint.fields and part.size > MAX_FIELD_BYTES,
-            f"Field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes; it takes a number.",
-        )
-        part.chunks.append(data[start:end])
-
-    parser = MultipartParser(boundary, {
-        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
-    })  # fmt: skip
-    try:
-        parser.write(body)
-        parser.finalize()
-    except MultipartParseError as exc:
-        raise RequestRejected(400, f"Malformed multipart/form-data body: {exc}.") from exc
-    for name in endpoint.files:
-        _reject_if(
-            name not in counts,
-            f"Field {name!r} is missing: upload the image as a file, e.g. -F {name}=@photo.jpg",
-        )
-    out = []
-    for part in parts:
-        value = b"".join(part.chunks)
-        if part.name in endpoint.fields:
-            try:
-                value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise RequestRejected(
-                    400, f"Field {part.name!r} is not UTF-8 text; it takes a number."
-                ) from None
-        out.append((part.name, part.filename if part.name in endpoint.files else None, value))
-    return out
-
-
-def canonical_multipart(parts: list[tuple[str, bytes | None, bytes]]) -> tuple[bytes, bytes]:
-    """(Content-Type, body) of a multipart body holding ``parts`` with nothing but the headers BentoML needs.
-
-    Uploaded files are named ``upload`` (BentoML makes the client's file name part of a temporary file's name: 245
-    bytes or more failed with a 500) and typed application/octet-stream: the decoder identifies images by content.
-    """
-    while True:  # a random 32-hex boundary that occurs in no value
-        boundary = b"headstart-" + secrets.token_hex(16).encode()
-        if not any(boundary in value for _, _, value in parts):
-            break
-    out = []
-    for name, filename, value in parts:
-        disposition = f'form-data; name="{name}"' + ('; filename="upload"' if filename is not None else "")
-        out.append(b"--" + boundary + b"\r\nContent-Disposition: " + disposition.encode())
-        if filename is not None:
-            out.append(b"\r\nContent-Type: application/octet-stream")
-        out += [b"\r\n\r\n", value, b"\r\n"]
-    out.append(b"--" + boundary + b"--\r\n")
-    return b"multipart/form-data; boundary=" + boundary, b"".join(out)
 
 
 def _single_headers(scope) -> dict[bytes, bytes]:

@@ -1,12 +1,16 @@
-"""Inference speed: torch eager fp32 (baseline) vs ONNX Runtime fp32 vs ONNX Runtime static int8, on this CPU.
+"""Inference speed: torch eager fp32 (baseline), ONNX Runtime and OpenVINO on the same fp32 and int8 files, this CPU.
 
 For ResNet-50 (random weights: speed does not depend on them) and the shared MobileNetV2, each wrapped exactly as
 headstart exports it (normalisation + backbone + head, two outputs). Reports images/s at batch 1 and 32, the ratio to
 torch eager fp32, and the fraction of this CPU's peak reached, from the model's FLOPs and matmuls measured in the same
 run (fp32: the best of torch, numpy and ONNX Runtime; int8: the larger of ONNX Runtime's MatMulInteger and 4x the
 fp32 figure, VNNI's int8/fp32 ratio). Large convolutions can run as efficiently as a plain matmul, so a share may
-come close to 100%. Also the int8/fp32 top-1 agreement on the real
-hymenoptera validation images for a trained MobileNetV2 head.
+come close to 100%. OpenVINO runs each file with full fp32 precision (``INFERENCE_PRECISION_HINT=f32``) and with its
+default on this CPU (bf16 on AMX / AVX-512-BF16), whose share is taken of the measured bf16 matmul peak (torch's
+oneDNN bf16 GEMM), and int8 of max(int8 figure above, 2x the bf16 peak: AMX's int8/bf16 ratio). Also, on the real
+hymenoptera validation images for a trained MobileNetV2 head, what `headstart export` measured for each runtime and
+precision (top-1 agreement with ONNX Runtime on the same file, accuracy), and the same agreement for ResNet-50's
+variants on 32 real photos.
 
     .venv/bin/python benchmarks/inference.py [--threads 2]
 """
@@ -60,6 +64,29 @@ def peak_fp32_gflops(threads: int) -> float:
     return best
 
 
+def peak_bf16_gflops(threads: int) -> float:
+    """Best bf16 matmul of torch (oneDNN; AMX tiles where the CPU has them) at 2048² and 4096²."""
+    torch.set_num_threads(threads)
+    best = 0.0
+    for n in (2048, 4096):
+        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+        best = max(best, *(2 * n**3 / (t * 1e9) for t in _times(lambda a=a, b=b: a @ b, 5)))
+    return best
+
+
+def openvino_fn(path: Path, threads: int, precision: str):
+    """OpenVINO on ``path`` with the latency hint: ``precision`` "f32", or None for the CPU's default (bf16 here)."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda x: [request.infer({0: x})[compiled.output(0)]]  # every output is computed; keep the first
+
+
 def peak_int8_gops(threads: int) -> float:
     """uint8 x int8 MatMulInteger in ONNX Runtime (the kernel family its QDQ convolutions use)."""
     return _ort_matmul_peak("MatMulInteger", threads, 4096)
@@ -108,7 +135,8 @@ def int8_agreement_on_hymenoptera() -> dict:
                           backbone="torchvision:mobilenet_v2", weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
                           progress=False)  # fmt: skip
         run_dir = train(cfg)
-        return export_bundle(run_dir, f"{tmp}/bundle", int8=True, store=False).manifest.int8
+        manifest = export_bundle(run_dir, f"{tmp}/bundle", int8=True, store=False).manifest
+        return {**manifest.int8, "runtimes": manifest.runtimes}
 
 
 def _times(fn, repeats: int) -> list[float]:
@@ -147,7 +175,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(machine_line(), f"onnxruntime {ort.__version__}")
+    import openvino as ov
+
+    print(machine_line(), f"onnxruntime {ort.__version__}, openvino {ov.__version__}")
     busy = check_idle()
     hym = SHARED / "data" / "hymenoptera"
     calib_paths = sorted((hym / "train").rglob("*.jp*g"))[::4][:64]
@@ -155,11 +185,13 @@ def main() -> None:
     measured8 = peak_int8_gops(args.threads)
     # AVX-512 VNNI does 4 int8 multiply-adds per fp32 FMA lane: the int8 roof is 4x the fp32 one. The measured
     # MatMulInteger often falls short of it (and of ONNX Runtime's own int8 convolutions), so take the larger.
-    peak8 = max(measured8, 4 * peak32)
-    print(f"fp32 peak: best matmul {peak32:.0f} GFLOP/s; int8 peak: max(MatMulInteger {measured8:.0f}, "
-          f"4 x fp32 = {4 * peak32:.0f}) = {peak8:.0f} GOP/s")  # fmt: skip
+    peak16 = peak_bf16_gflops(args.threads)
+    peak8 = max(measured8, 4 * peak32, 2 * peak16)
+    print(f"fp32 peak: best matmul {peak32:.0f} GFLOP/s; bf16 peak: torch matmul {peak16:.0f} GFLOP/s; int8 peak: "
+          f"max(MatMulInteger {measured8:.0f}, 4 x fp32 = {4 * peak32:.0f}, 2 x bf16 = {2 * peak16:.0f}) "
+          f"= {peak8:.0f} GOP/s")  # fmt: skip
 
-    rows = []
+    rows, agreement = [], {}
     models = [("resnet50", "resnet50", None), ("mobilenet_v2", "torchvision:mobilenet_v2",
               SHARED / "weights" / "mobilenet_v2_imagenet.pth")]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,23 +217,32 @@ def main() -> None:
                 "torch eager fp32": torch_fn,
                 "ONNX Runtime fp32": lambda x, s=sessions["fp32"]: s.run(None, {INPUT_NAME: x}),
                 "ONNX Runtime int8": lambda x, s=sessions["int8"]: s.run(None, {INPUT_NAME: x}),
+                "OpenVINO fp32 file, f32": openvino_fn(fp32_path, args.threads, "f32"),
+                "OpenVINO fp32 file, bf16 (its default)": openvino_fn(fp32_path, args.threads, None),
+                "OpenVINO int8 file": openvino_fn(int8_path, args.threads, None),
             }
+            top1 = {k: np.asarray(fn(pixels)[0]).argmax(1) for k, fn in fns.items()}
+            for k in fns:
+                ref = top1["ONNX Runtime int8" if "int8" in k else "ONNX Runtime fp32"]
+                agreement[(label, k)] = float((top1[k] == ref).mean())
             for batch in (1, 32):
                 x = pixels[:batch]
                 repeats = args.repeats if batch == 32 else 10 * args.repeats
                 results = {k: throughput(fn, x, repeats) for k, fn in fns.items()}
                 base = results["torch eager fp32"]
                 for k, ips in results.items():
-                    peak = peak8 if "int8" in k else peak32
+                    peak = peak8 if "int8" in k else peak16 if "bf16" in k else peak32
                     rows.append((label, batch, k, ips, ips / base, ips * gflop / peak, gflop))
                 print(f"  {label} batch {batch}: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in results.items()),
                       flush=True)  # fmt: skip
 
     print()
-    print("| model | batch | runtime | images/s | vs torch eager fp32 | vs measured matmul peak |")
-    print("|---|---|---|---|---|---|")
+    print("| model | batch | runtime | images/s | vs torch eager fp32 | vs measured peak (its precision) | top-1 "
+          "agreement with ONNX Runtime, same file, 32 photos |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for label, batch, k, ips, ratio, share, gflop in rows:
-        print(f"| {label} ({gflop:.2f} GFLOP/img) | {batch} | {k} | {ips:.1f} | {ratio:.2f}x | {share:.0%} |")
+        print(f"| {label} ({gflop:.2f} GFLOP/img) | {batch} | {k} | {ips:.1f} | {ratio:.2f}x | {share:.0%} | "
+              f"{agreement[(label, k)]:.0%} |")  # fmt: skip
     r50 = {
         k: r
         for (m, b, k, *_), r in zip(rows, [r[4] for r in rows], strict=True)
@@ -210,10 +251,19 @@ def main() -> None:
     print()
     print(f"ResNet-50 batch 32: ONNX Runtime fp32 {r50['ONNX Runtime fp32']:.2f}x (target >= 2x), "
           f"int8 {r50['ONNX Runtime int8']:.2f}x (target >= 6x) the torch eager fp32 speed")  # fmt: skip
+    ov_int8 = r50["OpenVINO int8 file"] / r50["ONNX Runtime int8"]
+    ov_fp32 = r50["OpenVINO fp32 file, bf16 (its default)"] / r50["ONNX Runtime fp32"]
+    print(f"ResNet-50 batch 32, served variants: OpenVINO int8 file {ov_int8:.2f}x ONNX Runtime int8 (target >= 2.5x), "
+          f"OpenVINO fp32 file (bf16) {ov_fp32:.2f}x ONNX Runtime fp32 (target >= 4x)")  # fmt: skip
     info = int8_agreement_on_hymenoptera()
     print(f"MobileNetV2 head on hymenoptera val ({info['calibration_images']} calibration images): fp32 accuracy "
           f"{info['accuracy_fp32']:.4f}, int8 {info['accuracy_int8']:.4f}, int8/fp32 top-1 agreement "
           f"{info['top1_agreement']:.2%} (target >= 99%)")  # fmt: skip
+    for variant, checks in info["runtimes"].items():
+        for key, row in checks.items():
+            print(f"  export check, {variant} file on {key} ({row['precision']}): top-1 agreement "
+                  f"{row['top1_agreement']:.2%} with ONNX Runtime, accuracy {row['accuracy']:.4f}, max |dp| "
+                  f"{row['max_abs_prob_diff']:.1e}, served: {'yes' if row['allowed'] else 'no'}")  # fmt: skip
     print(f"other CPU use before the run: {busy:.0%}, after: {check_idle():.0%}")
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,14 @@ import numpy as np
 from service.contract import MANIFEST_SCHEMA_VERSION, ContractError, Manifest
 from service.errors import HeadstartError
 from service.preprocess import PreprocessSpec
+from service.runtime import (
+    RuntimeUnavailable,
+    Session,
+    choose_runtime,
+    onnx_metadata,
+    onnxruntime_providers,
+    open_session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,37 +57,18 @@ def embedded_view(manifest: dict) -> dict:
 
 
 def available_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
-
-
-def choose_providers(device: str = "auto") -> list[str]:
-    """ONNX Runtime providers for ``device`` in auto | cpu | cuda. ``cuda`` fails loudly when it cannot be used."""
-    available = available_providers()
-    if device not in ("auto", "cpu", "cuda"):
-        raise BundleError(f"Invalid device {device!r}. Use auto, cpu or cuda.")
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise BundleError(
-                "A GPU was requested (device=cuda) but ONNX Runtime's CUDA provider is not available "
-                f"(available: {available}). Install onnxruntime-gpu with a matching CUDA, or use device=cpu."
-            )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "auto" and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    return onnxruntime_providers()
 
 
 @dataclass
 class Bundle:
-    """A verified bundle with an ONNX Runtime session; a :class:`service.contract.Model`."""
+    """A verified bundle loaded on a runtime (OpenVINO or ONNX Runtime); a :class:`service.contract.Model`."""
 
     path: Path
     manifest: Manifest
-    session: object
-    variant: str  # "fp32" or "int8"
-    providers: list[str] = field(default_factory=list)
+    session: Session
+    variant: str  # "fp32" or "int8": which file
+    precision_note: str = ""  # why the runtime computes in the precision it does
 
     @property
     def task(self) -> str:
@@ -105,12 +94,24 @@ class Bundle:
     def version(self) -> str:
         return self.manifest.version
 
+    @property
+    def runtime(self) -> str:
+        return self.session.runtime
+
+    @property
+    def precision(self) -> str:
+        return self.session.precision
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.providers if self.session.runtime == "onnxruntime" else ["OpenVINO CPU"]
+
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:
         """pixels (N, 3, S, S) float32 in [0, 255] → every output, in the manifest's order."""
-        return self.session.run(self.manifest.output_names, {self.manifest.input_name: pixels})
+        return self.session.run(self.manifest.output_names, pixels)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run(self.manifest.output_names[:1], {self.manifest.input_name: pixels})[0]
+        return self.session.run(self.manifest.output_names[:1], pixels)[0]
 
 
 def read_manifest_dict(bundle_dir: Path) -> dict:
@@ -189,46 +190,46 @@ def verify_bundle(ref: str | Path) -> tuple[Path, Manifest]:
     return bundle_dir, manifest
 
 
+def served_precision(manifest: Manifest, variant: str, runtime: str, precision: str = "auto") -> tuple[str, str]:
+    """(precision, why) a bundle's file is served in. OpenVINO's bf16 only where the export measured it on the
+    run's validation images and it passed (``manifest.runtimes``); ``precision="fp32"`` forces full precision."""
+    if runtime != "openvino":
+        return "fp32", "ONNX Runtime computes as the file says"
+    if precision == "fp32":
+        return "fp32", "fp32 asked for (HEADSTART_PRECISION=fp32)"
+    check = ((manifest.runtimes or {}).get(variant) or {}).get("openvino-bf16")
+    if check is None:
+        return "fp32", "bf16 was not measured for this bundle at export (re-export to measure it); serving fp32"
+    if not check.get("allowed"):
+        return "fp32", (f"bf16 failed the export's check (top-1 agreement {check['top1_agreement']:.2%}, "
+                        f"{check.get('accuracy_drop', 0) * 100:.1f} accuracy points lost); serving fp32")  # fmt: skip
+    return "bf16", f"bf16 passed the export's check (top-1 agreement {check['top1_agreement']:.2%})"
+
+
 def load_bundle(
     ref: str | Path,
     *,
     variant: str = "fp32",
     device: str = "auto",
+    runtime: str = "auto",
+    precision: str = "auto",
     threads: int | None = None,
     spinning: bool = True,
     memory_arena: bool = True,
 ) -> Bundle:
-    """Load and verify a bundle (directory or store tag) into an ONNX Runtime session.
+    """Load and verify a bundle (directory or store tag) on a runtime (:func:`service.runtime.choose_runtime`).
 
-    ``memory_arena=False`` turns off ONNX Runtime's CPU memory arena. The arena keeps the buffers of the largest
-    batch it has run and reuses them (1.3x the throughput with varying batch sizes: benchmarks/memory.py), so a server's memory
-    rises to a plateau set by its largest batch; without it, memory stays at its start-up level.
+    ``memory_arena=False`` turns off ONNX Runtime's CPU memory arena (see :mod:`service.runtime`).
     """
-    import onnxruntime as ort
-
     bundle_dir, manifest = verify_bundle(ref)
     filename = {"fp32": MODEL_FP32, "int8": MODEL_INT8}.get(variant)
     if filename is None:
         raise BundleError(f"Invalid variant {variant!r}. Use fp32 or int8.")
     if filename not in manifest.files:
         raise BundleError(f"{bundle_dir} has no int8 model; export with --int8 or use the fp32 variant.")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    if not spinning:
-        # idle ONNX Runtime threads otherwise busy-wait, taking CPU from HTTP handling between requests
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_cpu_mem_arena = memory_arena
-    providers = choose_providers(device)
-    try:
-        session = ort.InferenceSession(str(bundle_dir / filename), options, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise BundleError(f"ONNX Runtime cannot load {bundle_dir / filename}: {exc}") from exc
-    in_use = session.get_providers()
-    if device == "cuda" and "CUDAExecutionProvider" not in in_use:
-        raise BundleError(f"device=cuda was requested but ONNX Runtime runs on {in_use}.")
-    embedded = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if precision not in ("auto", "fp32"):
+        raise BundleError(f"Invalid precision {precision!r}. Use auto (what the export verified) or fp32.")
+    embedded = onnx_metadata(bundle_dir / filename).get(METADATA_KEY)
     if embedded is None:
         raise BundleError(f"{bundle_dir / filename} carries no embedded manifest; re-export the bundle.")
     if json.loads(embedded) != embedded_view(read_manifest_dict(bundle_dir)):
@@ -236,12 +237,23 @@ def load_bundle(
             f"The manifest embedded in {bundle_dir / filename} differs from {bundle_dir / MANIFEST}; "
             "the bundle was edited by hand. Re-export it."
         )
-    outputs = session.get_outputs()
-    num_classes = outputs[0].shape[-1]
-    if isinstance(num_classes, int) and num_classes != len(manifest.labels):
+    try:
+        runtime, device = choose_runtime(runtime, device)
+        served, why = served_precision(manifest, variant, runtime, precision)
+        session = open_session(bundle_dir / filename, runtime, device, precision=served, threads=threads,
+                               spinning=spinning, memory_arena=memory_arena)  # fmt: skip
+    except RuntimeUnavailable as exc:
+        raise BundleError(str(exc)) from exc
+    missing = [n for n in manifest.output_names if n not in session.output_names]
+    if missing:
+        raise BundleError(f"{bundle_dir / filename} lacks the outputs {missing} its manifest names. Re-export it.")
+    probs = session.run(manifest.output_names[:1], np.zeros((1, 3, manifest.preprocess.input_size,
+                                                                manifest.preprocess.input_size), np.float32))[0]  # fmt: skip
+    if probs.shape[-1] != len(manifest.labels):
         raise BundleError(
-            f"{bundle_dir / filename} outputs {num_classes} classes but the manifest has "
+            f"{bundle_dir / filename} outputs {probs.shape[-1]} classes but the manifest has "
             f"{len(manifest.labels)} labels. Re-export the bundle."
         )
-    log.info("loaded %s:%s (%s) from %s on %s", manifest.name, manifest.version, variant, bundle_dir, in_use)
-    return Bundle(bundle_dir, manifest, session, variant, in_use)
+    log.info("loaded %s:%s (%s) from %s on %s: %s", manifest.name, manifest.version, variant, bundle_dir,
+             session.describe(), why)  # fmt: skip
+    return Bundle(bundle_dir, manifest, session, variant, why)

@@ -137,6 +137,9 @@ class Manifest:
     created: str
     headstart: dict  # versions of headstart, torch and onnxruntime that exported it
     files: dict = field(default_factory=dict)
+    #: per file ("fp32", "int8"), per runtime and precision ("onnxruntime", "openvino", "openvino-bf16"): how it
+    #: compared on the run's validation images, and whether it may be served ("allowed"). None: not measured.
+    runtimes: dict | None = None
     schema_version: int = MANIFEST_SCHEMA_VERSION
 
     EXTERNAL_ONLY = ("files",)
@@ -159,7 +162,8 @@ class Manifest:
             "labels": list(self.labels), "backbone": self.backbone, "head": self.head,
             "preprocess": self.preprocess.to_dict(), "input": self.input, "outputs": list(self.outputs),
             "metrics": self.metrics, "verification": self.verification, "int8": self.int8, "created": self.created,
-            "headstart": self.headstart, "files": self.files,
+            "headstart": self.headstart, **({"runtimes": self.runtimes} if self.runtimes is not None else {}),
+            "files": self.files,
         })  # fmt: skip
 
     def embedded(self) -> dict:
@@ -182,7 +186,7 @@ class Manifest:
             raise ContractError(f"{source}: invalid preprocess section: {exc}") from exc
         return cls(**{k: data[k] for k in keys if k not in ("labels", "outputs", "preprocess")},
                    labels=tuple(data["labels"]), outputs=tuple(data["outputs"]), preprocess=preprocess,
-                   int8=data.get("int8"), files=data.get("files") or {},
+                   int8=data.get("int8"), files=data.get("files") or {}, runtimes=data.get("runtimes"),
                    schema_version=data["schema_version"])  # fmt: skip
 
 

@@ -1,10 +1,12 @@
-"""The headstart BentoML service: classification on ONNX Runtime (CPU or GPU), no torch.
+"""The headstart BentoML service: classification and localization on OpenVINO (CPU) or ONNX Runtime (GPU), no torch.
 
 Model selection: ``HEADSTART_MODEL``, a model-store tag (``name`` or ``name:version``) or a bundle directory;
 otherwise the newest model that `headstart export` put in the BentoML model store. A tag is declared at class
 scope, so ``bentoml build`` packs that model into the bento (and the container finds it without any variable).
 
 ``HEADSTART_DEVICE`` = auto (CUDA when available, else CPU) | cpu | cuda (fail if CUDA cannot be used).
+``HEADSTART_RUNTIME`` = auto (ONNX Runtime on a GPU, else OpenVINO where installed) | openvino | onnxruntime.
+``HEADSTART_PRECISION`` = auto (bf16 on OpenVINO only where the export verified it) | fp32.
 ``HEADSTART_VARIANT`` = fp32 | int8.
 """
 
@@ -29,6 +31,7 @@ from service.guard import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, RequestGuard, cu
 from service.inference import classify_arrays, classify_images, top_k
 from service.localize import LocalizeError, LocalizeParams, draw_detections, localize_images
 from service.preprocess import ImageError, decode_image, preprocess
+from service.runtime import choose_runtime
 from service.webpage import WebPage
 
 log = logging.getLogger("headstart.service")
@@ -57,6 +60,8 @@ MODEL_REF = default_model_ref()
 # restarting a worker that can never load the model.
 verify_bundle(MODEL_REF)
 MODEL_IS_PATH = os.sep in MODEL_REF or Path(MODEL_REF).is_dir()
+# Choose the runtime at import too: a runtime or device that cannot be used here stops `bentoml serve` at once.
+RUNTIME, DEVICE = choose_runtime(os.environ.get("HEADSTART_RUNTIME", "auto"), os.environ.get("HEADSTART_DEVICE", "auto"))
 #: Adaptive batching limits of /classify_batch, chosen by measurement (benchmarks/RESULTS.md): BentoML answers 503
 #: to requests it predicts cannot finish within max_latency_ms, which at 200 ms rejected most requests under load on
 #: 2 cores; 10 s rejects none, while the batching window itself still adapts to traffic.
@@ -64,7 +69,7 @@ MAX_BATCH_SIZE = int(os.environ.get("HEADSTART_MAX_BATCH_SIZE", "32"))
 MAX_LATENCY_MS = int(os.environ.get("HEADSTART_MAX_LATENCY_MS", "10000"))
 MAX_TOP_K = 1000
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-_GPU = os.environ.get("HEADSTART_DEVICE", "auto") == "cuda"
+_GPU = DEVICE == "cuda"
 #: CPU serving: one worker process per core, so request handling (Python, GIL-bound) runs on every core, with the
 #: cores shared among the workers' ONNX Runtime threads. Measured on 2 cores at concurrency 32: 2 workers x 1 thread
 #: served 1.36x the requests of 1 worker x 2 threads (benchmarks/RESULTS.md). One worker on a GPU.
@@ -160,6 +165,10 @@ class InfoResponse(BaseModel):
     preprocess: dict
     backbone: str
     metrics: dict
+    runtime: str  # openvino | onnxruntime
+    device: str  # cpu | cuda
+    precision: str  # what the runtime computes in: fp32, or bf16 where the export verified it
+    precision_note: str
     providers: list[str]
     variant: str
     max_request_bytes: int
@@ -180,13 +189,14 @@ def _params(conf: float, iou: float, max_detections: int) -> LocalizeParams:
 
 
 def open_bundle() -> Bundle:
-    device = os.environ.get("HEADSTART_DEVICE", "auto")
+    precision = os.environ.get("HEADSTART_PRECISION", "auto")
     variant = os.environ.get("HEADSTART_VARIANT", "fp32")
     spinning = os.environ.get("HEADSTART_SPINNING", "1") not in ("0", "false", "no")
     arena = os.environ.get("HEADSTART_MEMORY_ARENA", "1") not in ("0", "false", "no")
     try:
         return load_bundle(
-            MODEL_REF, variant=variant, device=device, threads=THREADS, spinning=spinning, memory_arena=arena
+            MODEL_REF, variant=variant, device=DEVICE, runtime=RUNTIME, precision=precision, threads=THREADS,
+            spinning=spinning, memory_arena=arena,
         )
     except BundleError as exc:
         log.error("headstart cannot start: %s", exc)
@@ -206,8 +216,8 @@ class Headstart:
         # spread over the pool, memory rose in steps for minutes. On one thread it stays flat, at the same throughput
         # (benchmarks/RESULTS.md, "Memory"): BentoML runs one request per worker at a time anyway.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="headstart-inference")
-        log.info("headstart serving %s:%s (%s) with ONNX Runtime providers %s", self.bundle.name,
-                 self.bundle.version, self.bundle.variant, self.bundle.providers)  # fmt: skip
+        log.info("headstart serving %s:%s (%s file) on %s: %s", self.bundle.name, self.bundle.version,
+                 self.bundle.variant, self.bundle.session.describe(), self.bundle.precision_note)  # fmt: skip
 
     def _on_worker(self, fn: Callable[..., T], *args, one_request: bool = True) -> T:
         """Run ``fn`` on the inference thread, unless by its turn the client has left or the time is up.
@@ -300,12 +310,14 @@ class Headstart:
 
     @bentoml.api(route="/info")
     def info(self) -> InfoResponse:
-        """Labels, task, model name and version, training metrics, ONNX Runtime providers in use, input size."""
+        """Labels, task, model name and version, training metrics, the runtime, device and precision in use, input size."""
         m = self.bundle.manifest
         return InfoResponse(
             name=m.name, version=m.version, task=m.task, labels=list(m.labels),
             input_size=m.preprocess.input_size, preprocess=m.preprocess.to_dict(), backbone=m.backbone["name"],
-            metrics=m.metrics, providers=self.bundle.providers, variant=self.bundle.variant,
+            metrics=m.metrics, runtime=self.bundle.runtime, device=self.bundle.session.device,
+            precision=self.bundle.precision, precision_note=self.bundle.precision_note,
+            providers=self.bundle.providers, variant=self.bundle.variant,
             max_request_bytes=MAX_REQUEST_BYTES,
         )  # fmt: skip
 

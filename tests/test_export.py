@@ -11,7 +11,7 @@ import pytest
 
 from service.bundle import BundleError, embedded_view, load_bundle
 from service.inference import classify_images
-from service.preprocess import decode_image
+from service.preprocess import decode_image, preprocess
 from training.cli import main
 from training.export import ExportError, export_bundle
 from training.load import load_run
@@ -279,3 +279,77 @@ def test_every_user_error_shares_one_base_class():
     for cls in (BackboneError, BundleError, DatasetError, ExportError, ImageError, LocalizeError, RunError):
         assert issubclass(cls, HeadstartError), cls
     assert issubclass(ImageError, ValueError) and issubclass(BundleError, RuntimeError)  # as before
+
+
+# ---------------------------------------------------------------- runtimes: OpenVINO beside ONNX Runtime
+
+
+def test_export_measures_every_runtime_and_precision_and_records_what_may_be_served(hymenoptera_bundle):
+    from service.runtime import cpu_computes_bf16
+
+    runtimes = hymenoptera_bundle.manifest.runtimes
+    expected = {"onnxruntime", "openvino", *(["openvino-bf16"] if cpu_computes_bf16() else [])}
+    assert set(runtimes) == {"fp32", "int8"}
+    for variant, rows in runtimes.items():
+        assert set(rows) == expected, variant
+        for key, row in rows.items():
+            assert row["images"] == 153 and 0.0 <= row["top1_agreement"] <= 1.0
+            assert row["allowed"] == (row["top1_agreement"] >= 0.99 and row["accuracy_drop"] <= 0.01), (variant, key)
+        assert rows["openvino"]["top1_agreement"] >= 0.99  # full precision on the same file: the same answers
+
+
+def test_openvino_and_onnxruntime_agree_on_real_photos(hymenoptera_bundle):
+    """Both files, both runtimes, every output (probabilities and the CAM class map), on real photos."""
+    photos = [*REAL_IMAGES[:6], *sorted((PHOTOS).glob("*.bmp"))[:4]]
+    pixels = np.stack([preprocess(decode_image(p), hymenoptera_bundle.manifest.preprocess) for p in photos])
+    fp32 = {rt: load_bundle(hymenoptera_bundle.bundle_dir, runtime=rt, precision="fp32").run(pixels)
+            for rt in ("onnxruntime", "openvino")}  # fmt: skip
+    assert (fp32["onnxruntime"][0].argmax(1) == fp32["openvino"][0].argmax(1)).all()
+    for x, y in zip(fp32["onnxruntime"], fp32["openvino"], strict=True):
+        assert x.shape == y.shape and np.abs(x - y).max() <= 1e-4, float(np.abs(x - y).max())
+    # int8: each runtime's int8 kernels round in their own way, so each is held to the fp32 model, OpenVINO no
+    # further from it than ONNX Runtime (measured: class map mean |d| 0.024 vs 0.026)
+    ref = fp32["onnxruntime"]
+    int8 = {rt: load_bundle(hymenoptera_bundle.bundle_dir, variant="int8", runtime=rt, precision="fp32").run(pixels)
+            for rt in ("onnxruntime", "openvino")}  # fmt: skip
+    errors = {rt: [float(np.abs(o - r).mean()) for o, r in zip(out, ref, strict=True)] for rt, out in int8.items()}
+    for k in range(2):
+        assert errors["openvino"][k] <= 1.25 * errors["onnxruntime"][k] + 1e-3, errors
+    assert (int8["openvino"][0].argmax(1) == int8["onnxruntime"][0].argmax(1)).all()
+    for variant in ("fp32", "int8"):  # and as served by default: bf16 only if the export allowed it
+        served = load_bundle(hymenoptera_bundle.bundle_dir, variant=variant, runtime="openvino")
+        assert (served.predict(pixels).argmax(1) == ref[0].argmax(1)).all()
+
+
+def test_bf16_is_served_only_where_the_export_allowed_it(hymenoptera_bundle):
+    import dataclasses
+
+    from service.bundle import served_precision
+
+    m = hymenoptera_bundle.manifest
+    assert served_precision(m, "fp32", "onnxruntime")[0] == "fp32"
+    assert served_precision(m, "fp32", "openvino", precision="fp32") == ("fp32", "fp32 asked for (HEADSTART_PRECISION=fp32)")
+    refused = {"fp32": {"openvino-bf16": {"allowed": False, "top1_agreement": 0.95, "accuracy_drop": 0.03}}}
+    precision, why = served_precision(dataclasses.replace(m, runtimes=refused), "fp32", "openvino")
+    assert precision == "fp32" and "bf16 failed the export's check" in why and "3.0 accuracy points" in why
+    precision, why = served_precision(dataclasses.replace(m, runtimes=None), "fp32", "openvino")
+    assert precision == "fp32" and "not measured" in why
+
+
+def test_asking_for_openvino_where_it_is_missing_fails_with_a_message(tiny_bundle, monkeypatch):
+    from service import runtime
+    from service.bundle import BundleError
+
+    monkeypatch.setattr(runtime, "openvino_available", lambda: False)
+    with pytest.raises(BundleError, match="openvino package is not installed: pip install openvino"):
+        load_bundle(tiny_bundle.bundle_dir, runtime="openvino")
+    assert load_bundle(tiny_bundle.bundle_dir, runtime="auto").runtime == "onnxruntime"  # auto: the other one
+    with pytest.raises(BundleError, match="Invalid runtime 'tensorrt'"):
+        load_bundle(tiny_bundle.bundle_dir, runtime="tensorrt")
+
+
+def test_onnx_metadata_is_read_without_loading_the_model(tiny_bundle):
+    from service.runtime import onnx_metadata
+
+    path = tiny_bundle.bundle_dir / "model.onnx"
+    assert onnx_metadata(path) == {p.key: p.value for p in onnx.load(str(path)).metadata_props}

@@ -586,3 +586,24 @@ def test_a_detector_with_a_random_backbone_trains_exports_and_serves(tmp_path):
     for d in result["detections"]:
         assert 0 <= d["box"]["x1"] < d["box"]["x2"] <= 90 and 0 <= d["box"]["y1"] < d["box"]["y2"] <= 50
     assert main(["export", str(run), "--out", str(tmp_path / "b8"), "--no-store", "--int8"]) != 0
+
+
+@pytest.mark.slow
+def test_detector_boxes_agree_on_openvino_and_onnxruntime(detector_bundle):
+    """Every detector output (image scores, boxes, per-box scores) on both runtimes, and the decoded detections."""
+    from service.bundle import load_bundle
+    from service.preprocess import decode_image
+
+    images = [decode_image(p) for p in sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[-6:]]
+    ort = load_bundle(detector_bundle.bundle_dir, runtime="onnxruntime")
+    ov = load_bundle(detector_bundle.bundle_dir, runtime="openvino", precision="fp32")
+    pixels = np.stack([preprocess(img, ort.spec) for img in images])
+    a, b = ort.run(pixels), ov.run(pixels)
+    for name, x, y, tolerance in zip(("probabilities", "boxes", "scores"), a, b, (1e-4, 0.05, 1e-4), strict=True):
+        assert x.shape == y.shape and np.abs(x - y).max() <= tolerance, (name, float(np.abs(x - y).max()))
+    params = LocalizeParams(conf=0.05, iou=0.5, max_detections=20)
+    for r1, r2 in zip(localize_images(ort, images, params), localize_images(ov, images, params), strict=True):
+        assert [d["label"] for d in r1["detections"]] == [d["label"] for d in r2["detections"]]
+    served = load_bundle(detector_bundle.bundle_dir)  # the default: OpenVINO, bf16 only if the export allowed it
+    assert served.runtime == "openvino"
+    assert detector_bundle.manifest.runtimes["fp32"]["openvino"]["allowed"]

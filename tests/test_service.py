@@ -16,7 +16,7 @@ from service.preprocess import decode_image, preprocess
 from training.load import load_run
 from training.predict import predict_paths
 
-from .conftest import ROOT
+from .conftest import ROOT, serving
 from .images import ANT, BEE, bad_images, exif_rotated, good_variants
 
 pytestmark = pytest.mark.slow  # these use the real hymenoptera classifier
@@ -252,6 +252,9 @@ def test_asgi_batch_answers_each_image(client):
 def test_asgi_info_health_and_openapi(client):
     info = client.post("/info").json()
     assert info["labels"] == ["ants", "bees"] and info["task"] == "classify"
+    # the default runtime on a CPU: OpenVINO, in bf16 only because the export verified it
+    assert (info["runtime"], info["device"]) == ("openvino", "cpu")
+    assert info["precision"] in ("fp32", "bf16") and "check" in info["precision_note"]
     assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
     spec = client.get("/docs.json").json()
     for route in ("/classify", "/classify_batch", "/info"):
@@ -313,6 +316,28 @@ def test_serve_refuses_a_tampered_bundle(hymenoptera_bundle, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert "does not match its manifest" in log.read_text()
+
+
+def test_serve_without_openvino_refuses_it_by_name_and_auto_takes_onnxruntime(hymenoptera_bundle, tmp_path):
+    """OpenVINO missing (simulated by a package that fails to import): HEADSTART_RUNTIME=openvino refuses to start
+    with a message; auto serves on ONNX Runtime and says so in /info."""
+    import httpx
+
+    fake = tmp_path / "site" / "openvino"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('openvino is not installed (simulated)')\n")
+    env = {"PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    log = tmp_path / "refused.log"
+    proc = start(str(hymenoptera_bundle.bundle_dir), free_port(), log, HEADSTART_RUNTIME="openvino", **env)
+    try:
+        assert proc.wait(timeout=90) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "openvino package is not installed: pip install openvino" in log.read_text()
+    with serving(str(hymenoptera_bundle.bundle_dir), tmp_path / "auto.log", **env) as (url, _, _):
+        info = httpx.post(f"{url}/info", timeout=30).json()
+    assert (info["runtime"], info["precision"], info["providers"]) == ("onnxruntime", "fp32", ["CPUExecutionProvider"])
 
 
 def test_cuda_requested_without_gpu_fails_loudly(hymenoptera_bundle):

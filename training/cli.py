@@ -155,7 +155,8 @@ def _cmd_predict(args) -> int:
     else:
         from service.bundle import load_bundle
 
-        model = load_bundle(args.model, variant=args.variant, device=args.device)
+        model = load_bundle(args.model, variant=args.variant, device=args.device, runtime=args.runtime,
+                            precision=args.precision)  # fmt: skip
     from service.inference import classify_images
     from service.localize import LocalizeParams, localize_images
 
@@ -214,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", type=float, default=0.25, help="lowest box confidence with --localize")
     p.add_argument("--weights", help="backbone weights file, if it moved since training (run directories)")
     p.add_argument("--variant", default="fp32", choices=["fp32", "int8"], help="bundle model to use")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime device")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="bundle inference device")
+    p.add_argument("--runtime", default="auto", choices=["auto", "openvino", "onnxruntime"],
+                   help="bundle runtime, chosen as the service does (auto: ONNX Runtime on a GPU, else OpenVINO)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32"],
+                   help="auto: bf16 on OpenVINO only where the export verified it; fp32: always full precision")
     p = sub.add_parser("export", help="verified ONNX bundle (+ int8), imported into the BentoML model store")
     p.add_argument("run_dir")
     p.add_argument("--out", help="bundle directory (default RUN_DIR/bundle)")

@@ -25,6 +25,7 @@ import torch
 import service
 from service.bundle import MANIFEST, MODEL_FP32, MODEL_INT8, load_bundle, sha256_file
 from service.contract import Manifest
+from service.runtime import openvino_available
 from training import runs
 from training.load import LoadedRun, load_run
 from training.onnx_io import (
@@ -35,6 +36,7 @@ from training.onnx_io import (
     ort_probs,
     quantize_int8,
 )
+from training.runtime_checks import runtime_checks
 from training.tasks import task_named
 
 log = logging.getLogger("headstart")
@@ -113,7 +115,8 @@ def _int8_model(
     return info
 
 
-def _manifest(run: LoadedRun, name: str, version: str, verification: dict, int8_info: dict | None) -> Manifest:
+def _manifest(run: LoadedRun, name: str, version: str, verification: dict, int8_info: dict | None,
+              runtimes: dict) -> Manifest:  # fmt: skip
     """The bundle's manifest (less the file hashes, added once the files are final)."""
     import onnxruntime as ort
 
@@ -127,7 +130,7 @@ def _manifest(run: LoadedRun, name: str, version: str, verification: dict, int8_
                "dtype": "float32", "range": [0, 255], "color": "RGB"},
         outputs=tuple(task.outputs(len(run.labels), fmap, run.record.head)),
         metrics={k: run.metrics[k] for k in task.manifest_metrics if k in run.metrics},
-        verification=verification, int8=int8_info,
+        verification=verification, int8=int8_info, runtimes=runtimes,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         headstart={"version": _version(), "torch": str(torch.__version__), "onnxruntime": ort.__version__},
     )  # fmt: skip
@@ -173,7 +176,9 @@ def export_bundle(
         if int8:
             int8_info = _int8_model(run, fp32, tmp / MODEL_INT8, fp32_probs, val_paths, val_targets,
                                     max_drop=None if force else max_int8_drop)  # fmt: skip
-        manifest = _manifest(run, name, version, verification, int8_info)
+        onnx_files = {"fp32": fp32, **({"int8": tmp / MODEL_INT8} if int8 else {})}
+        runtimes = runtime_checks(task, onnx_files, output_names, val_paths, val_targets, run.spec)
+        manifest = _manifest(run, name, version, verification, int8_info, runtimes)
         if set(outputs) != set(output_names):
             raise ExportError(f"exported outputs {sorted(outputs)} are not {output_names}")
         embed_manifest(fp32, manifest)
@@ -184,7 +189,8 @@ def export_bundle(
             f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files
         })  # fmt: skip
         runs.write_json(tmp / MANIFEST, manifest.to_dict())
-        load_bundle(tmp, device="cpu")  # the bundle must load through the serving code before it counts
+        for runtime in ("onnxruntime", "openvino") if openvino_available() else ("onnxruntime",):
+            load_bundle(tmp, device="cpu", runtime=runtime)  # it must load through the serving code to count
 
         tag = import_to_store(tmp, manifest) if store else None
         _replace_dir(tmp, out)

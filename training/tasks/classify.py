@@ -226,3 +226,14 @@ class ClassifyTask:
         accuracy = float((onnx_probs.argmax(1) == targets).mean())
         return {"images": len(paths), "max_abs_prob_diff": max_diff, "top1_agreement": agreement,
                 "onnx_accuracy": accuracy}, onnx_probs  # fmt: skip
+
+    def precision_gate(self, reference: list[np.ndarray], got: list[np.ndarray], targets: np.ndarray) -> dict:
+        """A runtime/precision may serve if it agrees with the reference on >= 99% of the validation images and
+        loses at most 1 accuracy point."""
+        ref, probs = reference[0], got[0]
+        agreement = float((ref.argmax(1) == probs.argmax(1)).mean())
+        accuracy, ref_accuracy = float((probs.argmax(1) == targets).mean()), float((ref.argmax(1) == targets).mean())
+        drop = ref_accuracy - accuracy
+        return {"images": len(ref), "top1_agreement": agreement, "accuracy": accuracy, "accuracy_drop": drop,
+                "max_abs_prob_diff": float(np.abs(ref - probs).max()),
+                "allowed": agreement >= 0.99 and drop <= 0.01}  # fmt: skip

@@ -180,3 +180,12 @@ class DetectTask:
                 "the export is not trustworthy and was not written."
             )
         return {"images": len(paths), "max_abs_diff": diffs, "top1_agreement": agreement}, None
+
+    def precision_gate(self, reference: list[np.ndarray], got: list[np.ndarray], targets: np.ndarray) -> dict:
+        """A runtime/precision may serve if its image-level top-1 agrees on >= 99% of the validation images and no
+        box score moves by more than 0.05."""
+        agreement = float((reference[0].argmax(1) == got[0].argmax(1)).mean())
+        diffs = {n: float(np.abs(a - b).max()) for n, a, b in zip(("probabilities", "boxes", "scores"), reference,
+                                                                 got, strict=True)}  # fmt: skip
+        return {"images": len(reference[0]), "top1_agreement": agreement, "max_abs_diff": diffs,
+                "allowed": agreement >= 0.99 and diffs["scores"] <= 0.05}  # fmt: skip

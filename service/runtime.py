@@ -1,0 +1,208 @@
+"""Inference runtimes for a bundle's ONNX files: OpenVINO on CPUs, ONNX Runtime on CUDA GPUs (and as a choice).
+
+Measured on a 2-core AMX CPU (benchmarks/RESULTS.md, "Runtimes"): OpenVINO runs the very same ONNX files several
+times faster than ONNX Runtime, in part because on CPUs with bf16 units it computes an fp32 model in bf16 unless told
+otherwise. So precision is a verified property, never an assumption: `headstart export` measures every runtime and
+precision on the run's validation images and records in the manifest which ones may be served; the service uses
+OpenVINO's reduced precision only where the manifest allows it, and full fp32 otherwise (and says so).
+
+Torch-free. ``HEADSTART_RUNTIME=auto|openvino|onnxruntime``: ``auto`` is ONNX Runtime with CUDA where a GPU is asked
+for or visible, else OpenVINO where it is installed, else ONNX Runtime. A runtime asked for by name that cannot be
+used is an error at start, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.errors import HeadstartError
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "openvino", "onnxruntime")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class RuntimeUnavailable(HeadstartError, RuntimeError):
+    """The runtime or device asked for cannot be used here; the message says what to install or choose."""
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def onnxruntime_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def choose_runtime(runtime: str = "auto", device: str = "auto") -> tuple[str, str]:
+    """(runtime, device) to use for ``runtime`` in auto | openvino | onnxruntime and ``device`` in auto | cpu | cuda."""
+    if runtime not in RUNTIMES:
+        raise RuntimeUnavailable(f"Invalid runtime {runtime!r}. Use one of {', '.join(RUNTIMES)}.")
+    if device not in DEVICES:
+        raise RuntimeUnavailable(f"Invalid device {device!r}. Use one of {', '.join(DEVICES)}.")
+    cuda = "CUDAExecutionProvider" in onnxruntime_providers()
+    if device == "cuda" and not cuda:
+        raise RuntimeUnavailable(
+            "A GPU was requested (device=cuda) but ONNX Runtime's CUDA provider is not available "
+            f"(available: {onnxruntime_providers()}). Install onnxruntime-gpu with a matching CUDA, or use device=cpu."
+        )
+    gpu = device == "cuda" or (device == "auto" and cuda)
+    if runtime == "openvino":
+        if device == "cuda":
+            raise RuntimeUnavailable("HEADSTART_RUNTIME=openvino serves on the CPU; for a GPU use onnxruntime.")
+        if not openvino_available():
+            raise RuntimeUnavailable(
+                "HEADSTART_RUNTIME=openvino was asked for but the openvino package is not installed: "
+                "pip install openvino, or set HEADSTART_RUNTIME=onnxruntime."
+            )
+        return "openvino", "cpu"
+    if runtime == "auto" and not gpu and openvino_available():
+        return "openvino", "cpu"
+    return "onnxruntime", "cuda" if gpu else "cpu"
+
+
+@dataclass
+class Session:
+    """One loaded ONNX file on one runtime: ``run(output names, pixels)`` → those outputs."""
+
+    runtime: str  # "openvino" | "onnxruntime"
+    device: str  # "cpu" | "cuda"
+    precision: str  # what the runtime computes in: "fp32", "bf16" (OpenVINO's CPU default on bf16 units)
+    handle: object
+    providers: list[str] = field(default_factory=list)  # ONNX Runtime's providers in use
+    output_names: list[str] = field(default_factory=list)
+    input_name: str = "pixels"
+
+    def run(self, names: list[str], pixels: np.ndarray) -> list[np.ndarray]:
+        if self.runtime == "onnxruntime":
+            return self.handle.run(names, {self.input_name: pixels})
+        request, compiled = self.handle
+        results = request.infer({0: pixels})
+        return [np.asarray(results[compiled.output(name)]) for name in names]
+
+    def describe(self) -> str:
+        where = f"{self.device}, providers {self.providers}" if self.runtime == "onnxruntime" else self.device
+        return f"{self.runtime} ({where}, {self.precision})"
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin computes fp32 models in bf16 by default here (AMX or AVX-512 BF16)."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def open_session(path: Path, runtime: str, device: str, *, precision: str = "fp32", threads: int | None = None,
+                 spinning: bool = True, memory_arena: bool = True) -> Session:  # fmt: skip
+    """Load ``path`` on ``runtime``/``device`` (from :func:`choose_runtime`). ``precision`` is OpenVINO's inference
+    precision hint: ``fp32``, or ``bf16`` (its default on CPUs with bf16 units); ONNX Runtime computes as the file says.
+    """
+    if runtime == "openvino":
+        return _open_openvino(path, precision, threads)
+    return _open_onnxruntime(path, device, threads, spinning, memory_arena)
+
+
+def _open_openvino(path: Path, precision: str, threads: int | None) -> Session:
+    import openvino as ov
+
+    core = ov.Core()
+    bf16 = precision == "bf16" and cpu_computes_bf16()
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    except Exception as exc:  # OpenVINO raises its own exception types
+        raise RuntimeUnavailable(f"OpenVINO cannot load {path}: {exc}") from exc
+    names = [o.get_any_name() for o in compiled.outputs]
+    return Session("openvino", "cpu", "bf16" if bf16 else "fp32", (compiled.create_infer_request(), compiled),
+                   output_names=names)  # fmt: skip
+
+
+def _open_onnxruntime(path: Path, device: str, threads: int | None, spinning: bool, memory_arena: bool) -> Session:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if not spinning:
+        # idle ONNX Runtime threads otherwise busy-wait, taking CPU from HTTP handling between requests
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The arena keeps the buffers of the largest batch it has run and reuses them (1.3x the throughput with varying
+    # batch sizes: benchmarks/memory.py), so a server's memory rises to a plateau set by its largest batch.
+    options.enable_cpu_mem_arena = memory_arena
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise RuntimeUnavailable(f"ONNX Runtime cannot load {path}: {exc}") from exc
+    in_use = session.get_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in in_use:
+        raise RuntimeUnavailable(f"device=cuda was requested but ONNX Runtime runs on {in_use}.")
+    return Session("onnxruntime", device, "fp32", session, providers=in_use,
+                   output_names=[o.name for o in session.get_outputs()],
+                   input_name=session.get_inputs()[0].name)  # fmt: skip
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file, read from its protobuf without loading the model (any runtime).
+
+    ModelProto field 14 is ``repeated StringStringEntryProto metadata_props`` (key = 1, value = 2); every other
+    field is skipped by its wire type.
+    """
+    data = Path(path).read_bytes()
+    out: dict[str, str] = {}
+    for number, value in _fields(data):
+        if number == 14 and isinstance(value, bytes):
+            entry = dict(_fields(value))
+            key, val = entry.get(1), entry.get(2)
+            if isinstance(key, bytes) and isinstance(val, bytes):
+                out[key.decode("utf-8")] = val.decode("utf-8")
+    return out
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated or malformed protobuf varint")
+        byte = data[pos]
+        result |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(data: bytes):
+    """(field number, value) of each top-level field of a protobuf message; bytes for length-delimited fields."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 1:
+            value, pos = data[pos : pos + 8], pos + 8
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > len(data):
+                raise ValueError("truncated protobuf field")
+            value, pos = data[pos : pos + length], pos + length
+        elif wire == 5:
+            value, pos = data[pos : pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, value

@@ -50,9 +50,9 @@ def test_bundle_layout_and_manifest(tiny_bundle, tiny_run):
 
 def test_onnx_matches_pytorch_on_real_images(tiny_bundle, tiny_run):
     run = load_run(tiny_run)
-    bundle = load_bundle(tiny_bundle.bundle_dir, device="cpu")
     torch_probs = predict_paths(run.model, REAL_IMAGES, run.spec)
-    for batch in (1, len(REAL_IMAGES)):  # dynamic batch
+    for runtime, batch in [(r, b) for r in ("onnxruntime", "openvino") for b in (1, len(REAL_IMAGES))]:
+        bundle = load_bundle(tiny_bundle.bundle_dir, device="cpu", runtime=runtime, precision="fp32")
         preds = [p for i in range(0, len(REAL_IMAGES), batch)
                  for p in classify_images(bundle, [decode_image(x) for x in REAL_IMAGES[i : i + batch]], k=2)]  # fmt: skip
         onnx_probs = np.array(
@@ -82,7 +82,7 @@ def test_predict_cli_same_answers_for_run_bundle_and_tag(tiny_bundle, tiny_run, 
     images = [str(p) for p in REAL_IMAGES[:3]]
     answers = []
     for ref in (str(tiny_run), str(tiny_bundle.bundle_dir), tiny_bundle.tag):
-        assert main(["predict", ref, *images, "--top-k", "2"]) == 0
+        assert main(["predict", ref, *images, "--top-k", "2", "--precision", "fp32"]) == 0
         answers.append([json.loads(line)["predictions"] for line in capsys.readouterr().out.splitlines()])
     for other in answers[1:]:
         for a, b in zip(answers[0], other, strict=True):

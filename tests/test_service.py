@@ -57,7 +57,7 @@ def test_class_classifies_real_photos(svc, hymenoptera_bundle):
     assert svc.classify(ANT, top_k=1).predictions[0].label == "ants"
     assert bee.model.name == "ants-bees" and bee.model.version == hymenoptera_bundle.manifest.version
     info = svc.info()
-    assert info.labels == ["ants", "bees"] and info.providers == ["CPUExecutionProvider"]
+    assert info.labels == ["ants", "bees"] and (info.runtime, info.providers) == ("openvino", ["OpenVINO CPU"])
     assert info.metrics["accuracy"] >= 0.93 and info.input_size == 224
 
 
@@ -76,7 +76,11 @@ def test_service_preprocessing_is_training_preprocessing(svc, hymenoptera_run, m
         assert served[0].tobytes() == trained.tobytes()
     torch_probs = predict_paths(run.model, images, run.spec)
     served_bee = {p.label: p.score for p in svc.classify(BEE, top_k=2).predictions}
-    assert abs(served_bee["bees"] - torch_probs[0, 1]) < 1e-4
+    # the served precision: fp32 matches PyTorch to 1e-4; bf16 (where the export allowed it) as closely as the
+    # export measured on the validation images
+    check = svc.bundle.manifest.runtimes["fp32"].get("openvino-bf16", {})
+    tolerance = 1e-4 if svc.bundle.precision == "fp32" else max(1e-4, 2 * check["max_abs_prob_diff"])
+    assert abs(served_bee["bees"] - torch_probs[0, 1]) < tolerance
 
 
 def test_work_for_an_abandoned_request_is_dropped_not_run(svc, monkeypatch):

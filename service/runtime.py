@@ -113,12 +113,16 @@ def open_session(path: Path, runtime: str, device: str, *, precision: str = "fp3
     return _open_onnxruntime(path, device, threads, spinning, memory_arena)
 
 
-def _open_openvino(path: Path, precision: str, threads: int | None) -> Session:
+def _open_openvino(path: Path, precision: str, threads: int | None, pinning: bool = False) -> Session:
+    """OpenVINO's CPU plugin with the latency hint (one stream: the service runs one request per worker at a time).
+    Thread pinning is off: each worker process would pin its threads to the same first cores (measured, 2 workers x
+    1 thread on 2 cores: 112 req/s pinned, 166 unpinned; benchmarks/RESULTS.md, "Runtimes")."""
     import openvino as ov
 
     core = ov.Core()
     bf16 = precision == "bf16" and cpu_computes_bf16()
-    config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "PERFORMANCE_HINT": "LATENCY"}
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "PERFORMANCE_HINT": "LATENCY",
+              "ENABLE_CPU_PINNING": pinning}  # fmt: skip
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     try:

@@ -33,7 +33,7 @@ def runtime_checks(task, files: dict[str, Path], names: list[str], paths: list[P
     result = {}
     for variant, path in files.items():
         reference = _outputs(open_session(path, "onnxruntime", "cpu"), batches, names)
-        rows = {"onnxruntime": {"precision": "fp32", **task.precision_gate(reference, reference, targets)}}
+        rows = {"onnxruntime": {"precision": variant, **task.precision_gate(reference, reference, targets)}}
         for key, precision in variants:
             got = _outputs(open_session(path, "openvino", "cpu", precision=precision), batches, names)
             rows[key] = {"precision": precision, **task.precision_gate(reference, got, targets)}

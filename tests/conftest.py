@@ -63,6 +63,17 @@ def make_image_folder(
     return root
 
 
+def coco128_report(first: int, last: int):
+    """coco128 with a fixed split: the first ``first`` images (by name) to train on, the last ``last`` to validate."""
+    from training.detect_data import scan_yolo_dataset
+
+    report = scan_yolo_dataset(COCO128, val_fraction=0.2)
+    samples = sorted((s for v in report.splits.values() for s in v), key=lambda s: s.path.name)
+    report.splits = {"train": samples[:first], "val": samples[-last:]}
+    report.split_source = f"first {first} / last {last}"
+    return report
+
+
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data", {"red": 16, "blue": 16}, splits={"train": 0.75, "val": 0.25})

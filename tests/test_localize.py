@@ -22,7 +22,7 @@ from service.localize import (
 )
 from service.preprocess import PAD_VALUE, PreprocessSpec, preprocess, resize_and_crop
 
-from .conftest import COCO128, MOBILENET, PHOTOS, require_shared
+from .conftest import COCO128, MOBILENET, PHOTOS, coco128_report, require_shared
 
 # ---------------------------------------------------------------- geometry, NMS, parameters
 
@@ -327,23 +327,13 @@ def test_cam_boxes_overlap_the_pasted_object(scene_bundle):
 # ---------------------------------------------------------------- the trained detector on coco128
 
 
-def _coco_split(first: int, last: int):
-    from training.detect_data import scan_yolo_dataset
-
-    report = scan_yolo_dataset(COCO128, val_fraction=0.2)
-    samples = sorted((s for v in report.splits.values() for s in v), key=lambda s: s.path.name)
-    report.splits = {"train": samples[:first], "val": samples[-last:]}
-    report.split_source = f"first {first} / last {last}"
-    return report
-
-
 def _train_small_detector(out, cache):
     from training.tasks import DetectConfig, train
 
     cfg = DetectConfig(data_dir=str(COCO128), out=str(out), backbone="torchvision:mobilenet_v2", weights=str(MOBILENET),
                        input_size=256, views=2, hidden=64, epochs=12, eval_every=4, cache_dir=str(cache),
                        progress=False)  # fmt: skip
-    return train(cfg, _coco_split(48, 16))
+    return train(cfg, coco128_report(48, 16))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from tests.conftest import COCO128, HYMENOPTERA, MOBILENET, make_image_folder, require_shared
+from tests.conftest import COCO128, HYMENOPTERA, MOBILENET, coco128_report, make_image_folder, require_shared
 
 REFERENCE = Path(__file__).parent / "reference" / "runs.json"
 UPDATE = os.environ.get("HEADSTART_UPDATE_REFERENCE") == "1"
@@ -59,17 +59,6 @@ def check(name: str, run_dir: Path) -> None:
                    if v["sha256"] != want[part][k]["sha256"]}  # fmt: skip
         assert not changed, f"{part} tensors differ from the reference (sum: reference, now): {changed}"
     assert got["metrics"] == want["metrics"]
-
-
-def coco128_report(first: int, last: int):
-    """coco128 with a fixed split: the first ``first`` images (by name) to train on, the last ``last`` to validate."""
-    from training.detect_data import scan_yolo_dataset
-
-    report = scan_yolo_dataset(COCO128, val_fraction=0.2)
-    samples = sorted((s for v in report.splits.values() for s in v), key=lambda s: s.path.name)
-    report.splits = {"train": samples[:first], "val": samples[-last:]}
-    report.split_source = f"first {first} / last {last}"
-    return report
 
 
 def test_classifier_on_hymenoptera_learns_the_reference_head(tmp_path):

@@ -273,8 +273,7 @@ def test_training_on_cuda_extracts_fits_and_finetunes_there_like_the_cpu(tiny_fo
 
 def test_a_detection_run_resumes_after_interruption_with_the_same_head(tmp_path, monkeypatch):
     """The engine gives every task --resume: here a grid detector, interrupted during head training."""
-    from .conftest import COCO128, MOBILENET, require_shared
-    from .test_reference import coco128_report
+    from .conftest import COCO128, MOBILENET, coco128_report, require_shared
 
     require_shared()
     from training.tasks import DetectConfig

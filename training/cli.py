@@ -220,6 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle runtime, chosen as the service does (auto: ONNX Runtime on a GPU, else OpenVINO)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32"],
                    help="auto: bf16 on OpenVINO only where the export verified it; fp32: always full precision")
+    p = sub.add_parser("predict-batch", help="predict a whole image collection on Ray Data into parquet parts",
+                       description="Predict every image of SOURCE (a folder, a glob, or a .txt/.csv/.parquet list of "
+                       "paths or URIs) with a bundle, on a local Ray instance or a cluster (--ray-address), into "
+                       "parquet parts under --out. Rerunning the same command resumes: finished parts are kept.")  # fmt: skip
+    p.add_argument("model", help="bundle directory or model-store tag NAME[:VERSION]")
+    p.add_argument("source", help="folder, glob, or .txt/.csv/.parquet list of image paths or URIs")
+    p.add_argument("--out", required=True, help="output folder of parquet parts")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--localize", action="store_true", help="also the boxes (JSON per row)")
+    p.add_argument("--conf", type=float, default=0.25, help="lowest box confidence with --localize")
+    p.add_argument("--variant", default="fp32", choices=["fp32", "int8"])
+    p.add_argument("--runtime", default="auto", choices=["auto", "openvino", "onnxruntime"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32"])
+    p.add_argument("--batch-size", type=int, default=32, help="images per actor call")
+    p.add_argument("--actors", type=int, help="predicting actors (default: the cluster's CPUs less one)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and inference threads) per actor")
+    p.add_argument("--part-size", type=int, default=1000, help="images per output part (the unit of resuming)")
+    p.add_argument("--ray-address", help="join this Ray cluster (default $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
     p = sub.add_parser("export", help="verified ONNX bundle (+ int8), imported into the BentoML model store")
     p.add_argument("run_dir")
     p.add_argument("--out", help="bundle directory (default RUN_DIR/bundle)")
@@ -239,7 +258,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "export": _cmd_export}
+def _cmd_predict_batch(args) -> int:
+    """Predict a whole image collection on Ray Data (torch-free workers); prints the summary as JSON."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as exc:
+        raise ValueError('predict-batch needs Ray Data: pip install -e ".[scale]" (or "ray[data]").') from exc
+    from service.batch import predict_batch
+
+    summary = predict_batch(
+        args.model, args.source, args.out, top_k=args.top_k, localize=args.localize, conf=args.conf,
+        variant=args.variant, runtime=args.runtime, precision=args.precision, batch_size=args.batch_size,
+        actors=args.actors, cpus_per_actor=args.cpus_per_actor, ray_address=args.ray_address,
+        part_size=args.part_size, progress=args.progress,
+    )  # fmt: skip
+    print(json.dumps({"out": str(args.out), **summary}))
+    log.info("%d images, %d errors, %s images/s -> %s", summary["images"], summary["errors"],
+             summary.get("images_per_second", "-"), args.out)  # fmt: skip
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "export": _cmd_export,
+            "predict-batch": _cmd_predict_batch}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

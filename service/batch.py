@@ -1,0 +1,246 @@
+"""Batch prediction over many images on Ray Data: `headstart predict-batch MODEL SOURCE --out DEST`.
+
+The images are listed once (a folder tree, a glob, or a .txt/.csv/.parquet list of paths or URIs), cut into parts of
+``part_size`` images in a fixed order, and predicted by a pool of Ray actors that each load the verified bundle once
+and run the service's own decoding, preprocessing and runtime (:mod:`service.inference`, :mod:`service.localize`;
+torch-free). Each finished part is written atomically as ``DEST/part-NNNNN.parquet``; rerunning the same command after
+a crash or a kill skips the parts already written, so the final output is the same as an uninterrupted run's. A file
+that cannot be read or decoded is a row with an ``error``, never a failed job.
+
+Embedded by default (a local Ray instance sized to this machine); ``--ray-address`` / ``RAY_ADDRESS`` joins a cluster.
+On 2 cores an actor pool that takes every CPU starves Ray's read tasks and the job hangs: the local default leaves a
+CPU free.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.errors import HeadstartError
+
+log = logging.getLogger("headstart")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".mpo"}
+JOB = "_job.json"
+
+
+class BatchError(HeadstartError, ValueError):
+    """The batch job cannot run as asked; the message says what to change."""
+
+
+# ---------------------------------------------------------------- the list of images
+
+
+def list_sources(source: str) -> list[str]:
+    """Every image ``source`` names, in a fixed order: a folder (recursively, by image suffix), a glob, or a list
+    file (.txt: one path or URI per line; .csv and .parquet: a ``path`` column, else the first)."""
+    path = Path(source)
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if any(ch in source for ch in "*?["):
+        return sorted(p for p in glob.glob(source, recursive=True) if Path(p).is_file())
+    if not path.is_file():
+        raise BatchError(f"{source} is neither a folder, a glob, nor a .txt/.csv/.parquet list of images.")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if suffix in (".csv", ".parquet"):
+        import pyarrow.csv
+        import pyarrow.parquet
+
+        table = pyarrow.csv.read_csv(path) if suffix == ".csv" else pyarrow.parquet.read_table(path)
+        column = "path" if "path" in table.column_names else table.column_names[0]
+        return [str(v) for v in table.column(column).to_pylist() if v]
+    raise BatchError(f"{source}: a list of images must be .txt, .csv or .parquet (with a 'path' column).")
+
+
+def read_bytes(uri: str) -> bytes:
+    """A local path, or any URI pyarrow's file systems open (s3://, gs://, hdfs://, file://) where credentials allow."""
+    if "://" not in uri:
+        return Path(uri).read_bytes()
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(uri)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+# ---------------------------------------------------------------- the actors
+
+
+class Predictor:
+    """One Ray actor: loads the bundle once, answers batches of paths with one row each (an ``error`` where the
+    file cannot be read or decoded)."""
+
+    def __init__(self, model: str, options: dict) -> None:
+        import ray
+
+        from service.bundle import load_bundle
+
+        self.options = options
+        self.node = ray.get_runtime_context().get_node_id()  # where this actor runs (reported in the summary)
+        self.bundle = load_bundle(model, variant=options["variant"], device=options["device"],
+                                  runtime=options["runtime"], precision=options["precision"],
+                                  threads=options["threads"])  # fmt: skip
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from service.inference import classify_arrays, top_k
+        from service.localize import LocalizeParams, localize_images
+        from service.preprocess import decode_image, preprocess
+
+        rows, images, good = [], [], []
+        for path, part, index in zip(batch["path"], batch["part"], batch["index"], strict=True):
+            # "" rather than None inside Ray: every block then has the same column types
+            row = {"path": str(path), "part": int(part), "index": int(index), "labels": [], "scores": [],
+                   "boxes": "", "error": ""}  # fmt: skip
+            try:
+                images.append(decode_image(read_bytes(str(path))))
+                good.append(len(rows))
+            except Exception as exc:  # unreadable or not an image: the row says so, the job goes on
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+        k = self.options["top_k"]
+        if self.options["localize"] and images:
+            params = LocalizeParams(conf=self.options["conf"])
+            for i, result in zip(good, localize_images(self.bundle, images, params), strict=True):
+                preds = top_k(result["scores"], self.bundle.labels, k)
+                rows[i].update(labels=[p["label"] for p in preds], scores=[p["score"] for p in preds],
+                               boxes=json.dumps(result["detections"]))  # fmt: skip
+        elif images:
+            preds = classify_arrays(self.bundle, [preprocess(img, self.bundle.spec) for img in images], k)
+            for i, p in zip(good, preds, strict=True):
+                rows[i].update(labels=[x["label"] for x in p], scores=[x["score"] for x in p])
+        name, version, node = self.bundle.name, self.bundle.version, self.node
+        return {key: [r[key] for r in rows] for key in rows[0]} | {
+            "model": [name] * len(rows), "version": [version] * len(rows), "node": [node] * len(rows)}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the job
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([("path", pa.string()), ("labels", pa.list_(pa.string())), ("scores", pa.list_(pa.float64())),
+                      ("boxes", pa.string()), ("error", pa.string()), ("model", pa.string()),
+                      ("version", pa.string())])  # fmt: skip
+
+
+def _write_part(out: Path, part: int, rows: list[dict]) -> None:
+    """One finished part as parquet (rows in the listing's order), written to a temporary name and renamed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    SCHEMA = _schema()
+
+    rows = sorted(rows, key=lambda r: r["index"])
+    table = pa.Table.from_pylist([
+        {"path": str(r["path"]), "labels": [str(x) for x in r["labels"]], "scores": [float(x) for x in r["scores"]],
+         "boxes": str(r["boxes"]) or None, "error": str(r["error"]) or None, "model": str(r["model"]),
+         "version": str(r["version"])}
+        for r in rows
+    ], schema=SCHEMA)  # fmt: skip
+    tmp = out / f".part-{part:05d}.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out / f"part-{part:05d}.parquet")
+
+
+def _check_job(out: Path, job: dict) -> None:
+    """A DEST holds one job: rerunning it resumes; another job (other images, model or options) is refused."""
+    path = out / JOB
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != job:
+            changed = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+            raise BatchError(f"{out} holds the output of another job (different {', '.join(changed)}). Use a new "
+                             "--out, or the same command to resume that job.")  # fmt: skip
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{JOB}.tmp"
+        tmp.write_text(json.dumps(job, indent=1))
+        os.replace(tmp, path)
+
+
+def _init_ray(address: str | None, num_cpus: int | None):
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def predict_batch(model: str, source: str, out: str | Path, *, top_k: int = 5, localize: bool = False,
+                  conf: float = 0.25, variant: str = "fp32", runtime: str = "auto", precision: str = "auto",
+                  batch_size: int = 32, actors: int | None = None, cpus_per_actor: float = 1.0,
+                  ray_address: str | None = None, part_size: int = 1000, progress: bool = True) -> dict:  # fmt: skip
+    """Predict every image of ``source`` into parquet parts under ``out``; returns the summary."""
+    from service.bundle import verify_bundle
+
+    started = time.perf_counter()
+    out = Path(out)
+    bundle_dir, manifest = verify_bundle(model)
+    paths = list_sources(source)
+    if not paths:
+        raise BatchError(f"{source} names no images.")
+    options = {"top_k": top_k, "localize": localize, "conf": conf, "variant": variant, "runtime": runtime,
+               "precision": precision, "device": "cpu", "threads": max(1, int(cpus_per_actor))}  # fmt: skip
+    job = {"images": len(paths), "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+           "model": f"{manifest.name}:{manifest.version}", "part_size": part_size,
+           **{k: options[k] for k in ("top_k", "localize", "conf", "variant", "runtime", "precision")}}  # fmt: skip
+    _check_job(out, job)
+    parts = [paths[i : i + part_size] for i in range(0, len(paths), part_size)]
+    pending = [k for k in range(len(parts)) if not (out / f"part-{k:05d}.parquet").is_file()]
+    summary = {"images": len(paths), "parts": len(parts), "parts_skipped": len(parts) - len(pending)}
+    if pending:
+        summary.update(_run(str(bundle_dir), parts, pending, out, options, batch_size, actors, cpus_per_actor,
+                            ray_address, progress))  # fmt: skip
+    summary["errors"] = sum(_count_errors(out / f"part-{k:05d}.parquet") for k in range(len(parts)))
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    return summary
+
+
+def _run(model: str, parts: list[list[str]], pending: list[int], out: Path, options: dict, batch_size: int,
+         actors: int | None, cpus_per_actor: float, ray_address: str | None, progress: bool) -> dict:  # fmt: skip
+    local_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ray = _init_ray(ray_address, None if ray_address or os.environ.get("RAY_ADDRESS") else local_cpus)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    total_cpus = int(ray.cluster_resources().get("CPU", local_cpus))
+    # leave a CPU for Ray's read tasks: an actor pool that holds them all starves the reads and the job hangs
+    actors = actors or max(1, int((total_cpus - 1) // cpus_per_actor))
+    items = [{"path": p, "part": k, "index": i} for k in pending for i, p in enumerate(parts[k])]
+    started = time.perf_counter()
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 200)))
+    ds = ds.map_batches(Predictor, fn_constructor_args=(model, options), batch_size=batch_size,
+                        concurrency=actors, num_cpus=cpus_per_actor, batch_format="numpy")  # fmt: skip
+    received: dict[int, list[dict]] = {k: [] for k in pending}
+    done, nodes = 0, set()
+    for batch in ds.iter_rows():
+        k = int(batch["part"])
+        nodes.add(str(batch["node"]))
+        received[k].append(dict(batch))
+        if len(received[k]) == len(parts[k]):
+            _write_part(out, k, received.pop(k))
+            done += len(parts[k])
+    seconds = time.perf_counter() - started
+    return {"predicted": done, "actors": actors, "nodes": sorted(nodes),
+            "images_per_second": round(done / seconds, 1) if seconds else 0.0}  # fmt: skip
+
+
+def _count_errors(path: Path) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    column = pq.read_table(path, columns=["error"]).column("error")
+    return int(pc.sum(pc.is_valid(column)).as_py() or 0)

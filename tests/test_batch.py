@@ -1,0 +1,138 @@
+"""`headstart predict-batch` on Ray Data: the same answers as `headstart predict`, error rows instead of failures,
+spread over a (simulated) two-node cluster, and resumable after SIGKILL with the same final output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from service.batch import predict_batch  # noqa: E402
+from tests.conftest import HYMENOPTERA, ROOT  # noqa: E402
+
+
+@pytest.fixture
+def local_ray():
+    yield
+    ray.shutdown()
+
+
+def source_list(tmp_path, n: int = 12) -> tuple[list[str], str]:
+    """Real photos, a text file named .jpg and a path that does not exist, as a .txt list."""
+    images = [str(p) for p in sorted((HYMENOPTERA / "val").rglob("*.jpg"))[:n]]
+    (tmp_path / "fake.jpg").write_text("not an image")
+    paths = [*images[: n // 2], str(tmp_path / "fake.jpg"), str(tmp_path / "missing.jpg"), *images[n // 2 :]]
+    listing = tmp_path / "images.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    return paths, str(listing)
+
+
+def read_output(out) -> list[dict]:
+    return [row for part in sorted(out.glob("part-*.parquet")) for row in pq.read_table(part).to_pylist()]
+
+
+def test_batch_answers_equal_predict_with_error_rows(tiny_bundle, tmp_path, capsys, local_ray):
+    from training.cli import main
+
+    paths, listing = source_list(tmp_path)
+    summary = predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "out", top_k=2, part_size=5,
+                            batch_size=4, progress=False)  # fmt: skip
+    assert summary["images"] == len(paths) and summary["parts"] == 3 and summary["errors"] == 2
+    rows = read_output(tmp_path / "out")
+    assert [r["path"] for r in rows] == paths  # every image once, in the listing's order
+    assert main(["predict", str(tiny_bundle.bundle_dir), *paths, "--top-k", "2"]) == 1  # 1: some failed
+    single = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for row, one in zip(rows, single, strict=True):
+        assert row["model"] == tiny_bundle.manifest.name and row["version"] == tiny_bundle.manifest.version
+        if "error" in one:
+            assert row["error"] and not row["labels"]
+            continue
+        assert row["error"] is None
+        assert row["labels"] == [p["label"] for p in one["predictions"]]
+        assert max(abs(a - p["score"]) for a, p in zip(row["scores"], one["predictions"], strict=True)) <= 1e-5
+
+
+def test_batch_localize_boxes_equal_the_services(tiny_bundle, tmp_path, local_ray):
+    from service.bundle import load_bundle
+    from service.localize import LocalizeParams, localize_images
+    from service.preprocess import decode_image
+
+    images = [str(p) for p in sorted((HYMENOPTERA / "val").rglob("*.jpg"))[:6]]
+    predict_batch(str(tiny_bundle.bundle_dir), str(HYMENOPTERA / "val" / "ants" / "*.jpg"), tmp_path / "out",
+                  localize=True, conf=0.05, part_size=100, progress=False)  # fmt: skip
+    rows = {r["path"]: r for r in read_output(tmp_path / "out")}
+    bundle = load_bundle(tiny_bundle.bundle_dir)
+    for path in images[:3]:
+        expected = localize_images(bundle, [decode_image(path)], LocalizeParams(conf=0.05))[0]["detections"]
+        got = json.loads(rows[path]["boxes"])
+        assert [d["label"] for d in got] == [d["label"] for d in expected]
+        for a, b in zip(got, expected, strict=True):
+            assert all(abs(a["box"][k] - b["box"][k]) <= 1e-3 for k in ("x1", "y1", "x2", "y2"))
+
+
+def test_batch_spreads_over_a_two_node_cluster_with_the_same_output(tiny_bundle, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    paths, listing = source_list(tmp_path, n=24)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        summary = predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "two", top_k=2, part_size=8,
+                                batch_size=2, actors=2, cpus_per_actor=0.5, ray_address=cluster.address,
+                                progress=False)  # fmt: skip
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert len(summary["nodes"]) == 2, summary  # an actor on each node
+    local = predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "one", top_k=2, part_size=8,
+                          progress=False)  # fmt: skip
+    ray.shutdown()
+    assert summary["errors"] == local["errors"] == 2
+    two, one = read_output(tmp_path / "two"), read_output(tmp_path / "one")
+    assert [(r["path"], r["labels"], r["error"] is None) for r in two] == [
+        (r["path"], r["labels"], r["error"] is None) for r in one]
+
+
+def test_batch_killed_then_rerun_gives_the_same_output_without_duplicates(tiny_bundle, tmp_path):
+    paths, listing = source_list(tmp_path, n=60)
+    cmd = [sys.executable, "-m", "training.cli", "predict-batch", str(tiny_bundle.bundle_dir), listing, "--out",
+           str(tmp_path / "out"), "--part-size", "6", "--batch-size", "2", "--top-k", "2", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "out").glob("part-*.parquet"))) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+    proc.wait()
+    written = len(list((tmp_path / "out").glob("part-*.parquet")))
+    assert 2 <= written < 11, written  # killed part-way
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads(again.stdout.splitlines()[-1])
+    assert summary["parts_skipped"] >= written
+    rows = read_output(tmp_path / "out")
+    assert [r["path"] for r in rows] == paths  # once each, in order
+    reference = predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "ref", top_k=2, part_size=6,
+                              progress=False)  # fmt: skip
+    ray.shutdown()
+    assert reference["errors"] == summary["errors"] == 2
+    assert [(r["labels"], r["error"] is None) for r in rows] == [
+        (r["labels"], r["error"] is None) for r in read_output(tmp_path / "ref")]
+
+
+def test_another_job_in_the_same_folder_is_refused(tiny_bundle, tmp_path, local_ray):
+    from service.batch import BatchError
+
+    _, listing = source_list(tmp_path, n=4)
+    predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "out", part_size=10, progress=False)
+    with pytest.raises(BatchError, match="holds the output of another job"):
+        predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "out", top_k=3, part_size=10,
+                      progress=False)  # fmt: skip

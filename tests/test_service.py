@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -353,22 +354,67 @@ def test_cuda_requested_without_gpu_fails_loudly(hymenoptera_bundle):
         load_bundle(hymenoptera_bundle.bundle_dir, device="cuda")
 
 
-def test_bentoml_build_packs_model_and_dockerfile(hymenoptera_bundle, tmp_path):
-    import tarfile
-
+@pytest.fixture(scope="module")
+def built_bento(hymenoptera_bundle, tmp_path_factory):
+    """`bentoml build` with the real bundle, then `bentoml export` of the bento (model included) to an archive."""
     env = {**os.environ, "HEADSTART_MODEL": hymenoptera_bundle.tag}
     out = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    archive = tmp_path / "bento.bento"
+    archive = tmp_path_factory.mktemp("bento") / "bento.bento"
     subprocess.run([sys.executable, "-m", "bentoml", "export", tag, str(archive)], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=300)  # fmt: skip
+    return archive
+
+
+def test_bentoml_build_packs_model_and_dockerfile(hymenoptera_bundle, built_bento):
+    import tarfile
+
+    archive = built_bento
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
         name, version = hymenoptera_bundle.tag.split(":")
         assert f"./models/{name}/{version}/model.onnx" in names
         assert "./env/docker/Dockerfile" in names
         requirements = tar.extractfile("./env/python/requirements.txt").read().decode()
-    assert "onnxruntime" in requirements and "torch" not in requirements
+    assert "onnxruntime" in requirements and "openvino" in requirements and "torch" not in requirements
+    assert "ray" not in requirements  # batch prediction's extra stays out of the service
     assert not any(n.startswith("./src/training") or n.startswith("./src/models") for n in names)
+
+
+def test_the_built_bento_serves_from_a_fresh_venv_holding_only_its_requirements(built_bento, tmp_path):
+    """As a container would run it: the bento's own requirements in a new virtual environment (no torch, no project
+    checkout on the path), `bentoml serve BENTO` answers /classify and /localize."""
+    import tarfile
+
+    import httpx
+
+    from service.devserver import stop, wait_ready
+
+    bento = tmp_path / "bento"
+    with tarfile.open(built_bento) as tar:
+        tar.extractall(bento, filter="data")
+    venv, uv = tmp_path / "venv", Path(sys.executable).parent / "uv"
+    subprocess.run([str(uv), "venv", "-q", "-p", sys._base_executable, str(venv)], check=True, timeout=120)
+    install = subprocess.run([str(uv), "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "-r",
+                              str(bento / "env" / "python" / "requirements.txt")], capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+    assert install.returncode == 0, install.stderr[-2000:]
+    assert subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True).returncode != 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(elsewhere), "BENTOML_HOME": str(elsewhere / "bentoml")}
+    port, log = free_port(), tmp_path / "bento.log"
+    proc = subprocess.Popen([str(venv / "bin" / "bentoml"), "serve", str(bento), "--host", "127.0.0.1", "--port",
+                             str(port)], cwd=elsewhere, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url, log, timeout=120)
+        files = {"image": ("bee.jpg", BEE.read_bytes())}
+        answer = httpx.post(f"{url}/classify", files=files, data={"top_k": "1"}, timeout=30).json()
+        assert answer["predictions"][0]["label"] == "bees"
+        where = httpx.post(f"{url}/localize", files=files, timeout=30).json()
+        assert where["method"] == "cam" and where["detections"][0]["label"] == "bees"
+    finally:
+        stop(proc)

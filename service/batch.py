@@ -183,7 +183,7 @@ def _init_ray(address: str | None, num_cpus: int | None):
 
 def predict_batch(model: str, source: str, out: str | Path, *, top_k: int = 5, localize: bool = False,
                   conf: float = 0.25, variant: str = "fp32", runtime: str = "auto", precision: str = "auto",
-                  batch_size: int = 32, actors: int | None = None, cpus_per_actor: float = 1.0,
+                  batch_size: int = 32, actors: int | None = None, cpus_per_actor: float | None = None,
                   ray_address: str | None = None, part_size: int = 1000, progress: bool = True) -> dict:  # fmt: skip
     """Predict every image of ``source`` into parquet parts under ``out``; returns the summary."""
     from service.bundle import verify_bundle
@@ -195,7 +195,7 @@ def predict_batch(model: str, source: str, out: str | Path, *, top_k: int = 5, l
     if not paths:
         raise BatchError(f"{source} names no images.")
     options = {"top_k": top_k, "localize": localize, "conf": conf, "variant": variant, "runtime": runtime,
-               "precision": precision, "device": "cpu", "threads": max(1, int(cpus_per_actor))}  # fmt: skip
+               "precision": precision, "device": "cpu"}  # fmt: skip
     job = {"images": len(paths), "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
            "model": f"{manifest.name}:{manifest.version}", "part_size": part_size,
            **{k: options[k] for k in ("top_k", "localize", "conf", "variant", "runtime", "precision")}}  # fmt: skip
@@ -211,14 +211,27 @@ def predict_batch(model: str, source: str, out: str | Path, *, top_k: int = 5, l
     return summary
 
 
+def pool_size(total_cpus: int, actors: int | None, cpus_per_actor: float | None) -> tuple[int, float]:
+    """(actors, CPUs each). Ray's read tasks need a CPU the pool does not hold (else the job hangs), so by default
+    one actor per CPU shares all CPUs but one (2 cores: 2 actors x 0.5 CPU, each with one inference thread: 1.65x
+    the throughput of 1 actor x 1 CPU, benchmarks/RESULTS.md)."""
+    spare = max(total_cpus - 1, 0.5)
+    if actors is None and cpus_per_actor is None:
+        actors = max(1, total_cpus)
+    if actors is None:
+        actors = max(1, int(spare // cpus_per_actor))
+    if cpus_per_actor is None:
+        cpus_per_actor = spare / actors
+    return actors, cpus_per_actor
+
+
 def _run(model: str, parts: list[list[str]], pending: list[int], out: Path, options: dict, batch_size: int,
-         actors: int | None, cpus_per_actor: float, ray_address: str | None, progress: bool) -> dict:  # fmt: skip
+         actors: int | None, cpus_per_actor: float | None, ray_address: str | None, progress: bool) -> dict:  # fmt: skip
     local_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ray = _init_ray(ray_address, None if ray_address or os.environ.get("RAY_ADDRESS") else local_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = progress
-    total_cpus = int(ray.cluster_resources().get("CPU", local_cpus))
-    # leave a CPU for Ray's read tasks: an actor pool that holds them all starves the reads and the job hangs
-    actors = actors or max(1, int((total_cpus - 1) // cpus_per_actor))
+    actors, cpus_per_actor = pool_size(int(ray.cluster_resources().get("CPU", local_cpus)), actors, cpus_per_actor)
+    options = {**options, "threads": max(1, int(cpus_per_actor))}
     items = [{"path": p, "part": k, "index": i} for k in pending for i, p in enumerate(parts[k])]
     started = time.perf_counter()
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 200)))
@@ -234,7 +247,7 @@ def _run(model: str, parts: list[list[str]], pending: list[int], out: Path, opti
             _write_part(out, k, received.pop(k))
             done += len(parts[k])
     seconds = time.perf_counter() - started
-    return {"predicted": done, "actors": actors, "nodes": sorted(nodes),
+    return {"predicted": done, "actors": actors, "cpus_per_actor": round(cpus_per_actor, 3), "nodes": sorted(nodes),
             "images_per_second": round(done / seconds, 1) if seconds else 0.0}  # fmt: skip
 
 

@@ -234,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="auto", choices=["auto", "openvino", "onnxruntime"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32"])
     p.add_argument("--batch-size", type=int, default=32, help="images per actor call")
-    p.add_argument("--actors", type=int, help="predicting actors (default: the cluster's CPUs less one)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and inference threads) per actor")
+    p.add_argument("--actors", type=int, help="predicting actors (default: one per CPU of the cluster)")
+    p.add_argument("--cpus-per-actor", type=float,
+                   help="CPUs each actor holds (default: all CPUs but one, shared; one inference thread per CPU)")
     p.add_argument("--part-size", type=int, default=1000, help="images per output part (the unit of resuming)")
     p.add_argument("--ray-address", help="join this Ray cluster (default $RAY_ADDRESS, else a local instance)")
     p.add_argument("--no-progress", dest="progress", action="store_false")

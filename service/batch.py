@@ -184,7 +184,7 @@ def _init_ray(address: str | None, num_cpus: int | None):
 def predict_batch(model: str, source: str, out: str | Path, *, top_k: int = 5, localize: bool = False,
                   conf: float = 0.25, variant: str = "fp32", runtime: str = "auto", precision: str = "auto",
                   batch_size: int = 32, actors: int | None = None, cpus_per_actor: float | None = None,
-                  ray_address: str | None = None, part_size: int = 1000, progress: bool = True) -> dict:  # fmt: skip
+                  gpus_per_actor: float = 0.0, ray_address: str | None = None, part_size: int = 1000, progress: bool = True) -> dict:  # fmt: skip
     """Predict every image of ``source`` into parquet parts under ``out``; returns the summary."""
     from service.bundle import verify_bundle
 
@@ -195,7 +195,7 @@ def predict_batch(model: str, source: str, out: str | Path, *, top_k: int = 5, l
     if not paths:
         raise BatchError(f"{source} names no images.")
     options = {"top_k": top_k, "localize": localize, "conf": conf, "variant": variant, "runtime": runtime,
-               "precision": precision, "device": "cpu"}  # fmt: skip
+               "precision": precision, "device": "cuda" if gpus_per_actor else "cpu"}  # fmt: skip
     job = {"images": len(paths), "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
            "model": f"{manifest.name}:{manifest.version}", "part_size": part_size,
            **{k: options[k] for k in ("top_k", "localize", "conf", "variant", "runtime", "precision")}}  # fmt: skip
@@ -205,7 +205,7 @@ def predict_batch(model: str, source: str, out: str | Path, *, top_k: int = 5, l
     summary = {"images": len(paths), "parts": len(parts), "parts_skipped": len(parts) - len(pending)}
     if pending:
         summary.update(_run(str(bundle_dir), parts, pending, out, options, batch_size, actors, cpus_per_actor,
-                            ray_address, progress))  # fmt: skip
+                            gpus_per_actor, ray_address, progress))  # fmt: skip
     summary["errors"] = sum(_count_errors(out / f"part-{k:05d}.parquet") for k in range(len(parts)))
     summary["seconds"] = round(time.perf_counter() - started, 2)
     return summary
@@ -226,7 +226,8 @@ def pool_size(total_cpus: int, actors: int | None, cpus_per_actor: float | None)
 
 
 def _run(model: str, parts: list[list[str]], pending: list[int], out: Path, options: dict, batch_size: int,
-         actors: int | None, cpus_per_actor: float | None, ray_address: str | None, progress: bool) -> dict:  # fmt: skip
+         actors: int | None, cpus_per_actor: float | None, gpus_per_actor: float, ray_address: str | None,
+         progress: bool) -> dict:  # fmt: skip
     local_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ray = _init_ray(ray_address, None if ray_address or os.environ.get("RAY_ADDRESS") else local_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = progress
@@ -236,7 +237,8 @@ def _run(model: str, parts: list[list[str]], pending: list[int], out: Path, opti
     started = time.perf_counter()
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 200)))
     ds = ds.map_batches(Predictor, fn_constructor_args=(model, options), batch_size=batch_size,
-                        concurrency=actors, num_cpus=cpus_per_actor, batch_format="numpy")  # fmt: skip
+                        concurrency=actors, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
+                        batch_format="numpy")  # fmt: skip
     received: dict[int, list[dict]] = {k: [] for k in pending}
     done, nodes = 0, set()
     for batch in ds.iter_rows():

@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, help="predicting actors (default: one per CPU of the cluster)")
     p.add_argument("--cpus-per-actor", type=float,
                    help="CPUs each actor holds (default: all CPUs but one, shared; one inference thread per CPU)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0,
+                   help="GPUs each actor holds; > 0 runs the bundle with ONNX Runtime's CUDA provider (not measured here)")
     p.add_argument("--part-size", type=int, default=1000, help="images per output part (the unit of resuming)")
     p.add_argument("--ray-address", help="join this Ray cluster (default $RAY_ADDRESS, else a local instance)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -270,7 +272,8 @@ def _cmd_predict_batch(args) -> int:
     summary = predict_batch(
         args.model, args.source, args.out, top_k=args.top_k, localize=args.localize, conf=args.conf,
         variant=args.variant, runtime=args.runtime, precision=args.precision, batch_size=args.batch_size,
-        actors=args.actors, cpus_per_actor=args.cpus_per_actor, ray_address=args.ray_address,
+        actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+        ray_address=args.ray_address,
         part_size=args.part_size, progress=args.progress,
     )  # fmt: skip
     print(json.dumps({"out": str(args.out), **summary}))

@@ -136,3 +136,28 @@ def test_another_job_in_the_same_folder_is_refused(tiny_bundle, tmp_path, local_
     with pytest.raises(BatchError, match="holds the output of another job"):
         predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "out", top_k=3, part_size=10,
                       progress=False)  # fmt: skip
+
+
+def test_sources_are_a_folder_a_glob_or_a_list_file(tmp_path):
+    import pyarrow as pa
+
+    from service.batch import BatchError, list_sources
+
+    folder = tmp_path / "photos"
+    (folder / "a").mkdir(parents=True)
+    for name in ("a/1.jpg", "a/2.PNG", "3.webp", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    images = [str(folder / "3.webp"), str(folder / "a" / "1.jpg"), str(folder / "a" / "2.PNG")]
+    assert list_sources(str(folder)) == sorted(images)  # recursive, by image suffix, sorted
+    assert list_sources(str(folder / "**" / "*.jpg")) == [str(folder / "a" / "1.jpg")]
+    (tmp_path / "list.txt").write_text("# a comment\n" + "\n".join(images) + "\n\ns3://bucket/x.jpg\n")
+    assert list_sources(str(tmp_path / "list.txt")) == [*images, "s3://bucket/x.jpg"]
+    (tmp_path / "list.csv").write_text("id,path\n1," + images[0] + "\n2," + images[1] + "\n")
+    assert list_sources(str(tmp_path / "list.csv")) == images[:2]
+    pq.write_table(pa.table({"path": images}), tmp_path / "list.parquet")
+    assert list_sources(str(tmp_path / "list.parquet")) == images
+    with pytest.raises(BatchError, match="neither a folder, a glob"):
+        list_sources(str(tmp_path / "nowhere"))
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(BatchError, match=r"must be \.txt, \.csv or \.parquet"):
+        list_sources(str(tmp_path / "list.json"))

@@ -7,7 +7,8 @@ torch-free). Each finished part is written atomically as ``DEST/part-NNNNN.parqu
 a crash or a kill skips the parts already written, so the final output is the same as an uninterrupted run's. A file
 that cannot be read or decoded is a row with an ``error``, never a failed job.
 
-Embedded by default (a local Ray instance sized to this machine); ``--ray-address`` / ``RAY_ADDRESS`` joins a cluster.
+Embedded by default (a local Ray instance sized to this machine); ``--ray-address`` / ``RAY_ADDRESS`` joins a cluster,
+whose nodes must all reach the bundle at the same path (a shared file system) or hold the same BentoML model store.
 On 2 cores an actor pool that takes every CPU starves Ray's read tasks and the job hangs: the local default leaves a
 CPU free.
 """
@@ -188,6 +189,8 @@ def predict_batch(model: str, source: str, out: str | Path, *, top_k: int = 5, l
     """Predict every image of ``source`` into parquet parts under ``out``; returns the summary."""
     from service.bundle import verify_bundle
 
+    if min(top_k, batch_size, part_size) < 1 or (actors is not None and actors < 1):
+        raise BatchError("--top-k, --batch-size, --part-size and --actors must be at least 1.")
     started = time.perf_counter()
     out = Path(out)
     bundle_dir, manifest = verify_bundle(model)

@@ -126,6 +126,19 @@ class Task(Protocol):
     def build_model(self, record: RunRecord, spec: PreprocessSpec, features: nn.Module, head_state: dict) -> nn.Module:
         """The whole trained model (pixels in [0, 255] → outputs) from a run's record and weights."""
 
+    # export (training/export.py, training/runtime_checks.py)
+    manifest_metrics: tuple[str, ...]  # the metrics.json keys the manifest carries
+    int8: bool  # whether `headstart export --int8` is offered
+
+    def outputs(self, num_classes: int, fmap: list[int], head: dict) -> list[dict]:
+        """The exported graph's outputs (name, shape, what), first the image-level class probabilities."""
+
+    def verify(self, model: nn.Module, session, paths, targets, spec) -> tuple[dict, Any]:
+        """ONNX Runtime against PyTorch on validation images; raises ExportError when they disagree."""
+
+    def precision_gate(self, reference: list[np.ndarray], got: list[np.ndarray], targets) -> dict:
+        """How a runtime/precision compares with the reference, and whether it may be served ("allowed")."""
+
 
 def backbone_record(backbone: Backbone, pretrained: bool, weights: str | None, feature_map: list[int]) -> BackboneRecord:
     return BackboneRecord(name=backbone.name, pretrained=pretrained,

@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,7 +217,7 @@ def _build_torchvision(name: str, pretrained: bool, weights: Path | None):
         stages = [(f"features.{i}", m) for i, m in enumerate(body)]
     elif hasattr(model, "layer4"):
         children = [(n, m) for n, m in model.named_children() if n not in ("avgpool", "fc")]
-        body = nn.Sequential(dict(children))  # type: ignore[arg-type]
+        body = nn.Sequential(OrderedDict(children))
         stem = nn.Sequential(*[m for n, m in children if not n.startswith("layer")])
         stages = [("stem", stem)] + [(n, m) for n, m in children if n.startswith("layer")]
     else:

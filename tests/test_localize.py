@@ -575,7 +575,13 @@ def test_a_detector_with_a_random_backbone_trains_exports_and_serves(tmp_path):
     assert result["method"] == "trained" and result["image_size"] == [90, 50]
     for d in result["detections"]:
         assert 0 <= d["box"]["x1"] < d["box"]["x2"] <= 90 and 0 <= d["box"]["y1"] < d["box"]["y2"] <= 50
-    assert main(["export", str(run), "--out", str(tmp_path / "b8"), "--no-store", "--int8"]) != 0
+    from training.export import export_bundle
+
+    quantized = export_bundle(run, tmp_path / "b8", int8=True, force=True, store=False)  # force: random weights
+    info = quantized.manifest.int8
+    assert info["metric"] == "map50" and info["drop"] == pytest.approx(info["map50_fp32"] - info["map50_int8"])
+    q = load_bundle(tmp_path / "b8", variant="int8", runtime="onnxruntime")
+    assert localize_images(q, [Image.new("RGB", (90, 50), (10, 200, 30))], LocalizeParams(conf=0.0))[0]["method"] == "trained"
 
 
 @pytest.mark.slow

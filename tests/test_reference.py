@@ -87,6 +87,6 @@ def test_detector_on_coco128_learns_the_reference_head(tmp_path):
     from training.tasks import DetectConfig, train
 
     cfg = DetectConfig(data_dir=str(COCO128), out=str(tmp_path / "run"), backbone="torchvision:mobilenet_v2",
-                       weights=str(MOBILENET), input_size=224, views=2, hidden=32, epochs=6, eval_every=2,
+                       weights=str(MOBILENET), head="grid", input_size=224, views=2, hidden=32, epochs=6, eval_every=2,
                        cache_dir=str(tmp_path / "cache"), progress=False)  # fmt: skip
     check("detect-coco128", train(cfg, coco128_report(40, 12)))

@@ -294,3 +294,12 @@ def test_a_detection_run_resumes_after_interruption_with_the_same_head(tmp_path,
         assert torch.equal(value, head_tensors(tmp_path / "run")[key]), key
     assert json.loads((tmp_path / "run" / "history.json").read_text()) == json.loads(
         (reference / "history.json").read_text())
+
+
+def test_a_run_whose_features_would_not_fit_the_memory_bound_stops_before_extracting(tiny_folder, tmp_path, cache_dir):
+    with pytest.raises(ValueError, match=r"would take .* GiB in memory .* over --max-feature-gb 1e-06\. Lower --views"):
+        train(tiny_config(tiny_folder, tmp_path / "run", cache_dir, max_feature_gb=1e-6))
+    assert not cache_dir.exists() or not any(cache_dir.rglob("*.npy"))
+    run_dir = train(tiny_config(tiny_folder, tmp_path / "ok", cache_dir, epochs=2))
+    gib = json.loads((run_dir / "metrics.json").read_text())["training"]["feature_gib"]
+    assert 0 < gib < 0.01

@@ -1,4 +1,4 @@
-"""The `headstart` command: train, evaluate, predict, export."""
+"""The `headstart` command: train, crossval, evaluate, predict, predict-batch, export."""
 
 from __future__ import annotations
 
@@ -38,8 +38,26 @@ def _add_train(sub) -> None:
         help="image folder: one subfolder per class, optionally inside train/ and val/; or a YOLO data set",
     )
     p.add_argument("--out", required=True, help="run directory to write")
+    _add_options(p, _train_options())
+
+
+def _add_crossval(sub) -> None:
+    p = sub.add_parser("crossval", help="k-fold cross-validation of a detector: each image scored by a model that "
+                       "never saw it", description="Cut a YOLO-format data set into --folds folds; per fold, train a "
+                       "detector on the other folds (part of them picks the epoch) and score it on the held-out "
+                       "fold. Writes OUT/fold-N (runs) and OUT/crossval.json (per fold, mean and spread of AP50, "
+                       "AP50:95 and AP small/medium/large).")  # fmt: skip
+    p.add_argument("data_dir", help="a YOLO data set (a folder with data.yaml, or the yaml itself)")
+    p.add_argument("--out", required=True, help="folder for the fold runs and crossval.json")
+    p.add_argument("--folds", type=int, default=4, help="number of folds (default 4)")
+    from training.config import DetectConfig, cli_fields
+
+    _add_options(p, {k: {"field": f, "defaults": {"detect": f.default}} for k, f in cli_fields(DetectConfig).items()})
+
+
+def _add_options(p, options: dict[str, dict]) -> None:
     groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
-    for key, entry in _train_options().items():
+    for key, entry in options.items():
         f, defaults = entry["field"], entry["defaults"]
         meta = f.metadata
         if len(set(map(repr, defaults.values()))) > 1:
@@ -76,6 +94,24 @@ def _cmd_train(args) -> int:
     from training.tasks import train
 
     train(config(**given))
+    return 0
+
+
+def _cmd_crossval(args) -> int:
+    from training.config import DetectConfig
+    from training.detect_data import find_data_yaml
+
+    if find_data_yaml(args.data_dir) is None:
+        raise ValueError(f"{args.data_dir} is not a YOLO detection data set (no data.yaml): crossval scores "
+                         "detectors.")  # fmt: skip
+    from training.crossval import SUMMARY, cross_validate
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "folds")}
+    summary = cross_validate(DetectConfig(**given), folds=args.folds)
+    for m in ("map50", "map50_95", "map_small", "map_medium", "map_large"):
+        mean, std = summary[m]["mean"], summary[m]["std"]
+        print(f"{m:<11} " + ("n/a" if mean is None else f"{mean:.4f} ± {std:.4f}"))
+    print(f"per fold and options: {Path(args.out) / SUMMARY}")
     return 0
 
 
@@ -202,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_crossval(sub)
     p = sub.add_parser("evaluate", help="metrics and plots of a trained run on a labelled folder")
     p.add_argument("run_dir")
     p.add_argument("data_dir", help="labelled folder: one subfolder per class")
@@ -283,7 +320,7 @@ def _cmd_predict_batch(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "export": _cmd_export,
-            "predict-batch": _cmd_predict_batch}  # fmt: skip
+            "predict-batch": _cmd_predict_batch, "crossval": _cmd_crossval}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,8 @@ class RunConfig:
     cache_dir: str | None = option(None, "feature cache (default $HEADSTART_CACHE or ~/.cache/headstart)",
                                    group="data", type=str)  # fmt: skip
     no_cache: bool = option(False, "do not read or write the feature cache", group="data", flag="--no-cache")
+    max_feature_gb: float = option(8.0, "most memory the cached features of a run may take (the same again on disk "
+                                   "in the cache); a run that needs more stops before extracting", group="data")  # fmt: skip
     resume: bool = option(False, "continue an interrupted run in --out", group="run", flag="--resume")
     overwrite: bool = option(False, "replace an existing run in --out", group="run", flag="--overwrite")
     progress: bool = option(True, "no progress bars", group="run", flag="--no-progress")
@@ -74,6 +76,8 @@ class RunConfig:
             raise ValueError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}.")
         if self.hidden < 0:
             raise ValueError(f"--hidden must be >= 0, got {self.hidden}.")
+        if not self.max_feature_gb > 0:
+            raise ValueError(f"--max-feature-gb must be positive, got {self.max_feature_gb}.")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: choose one.")
 
@@ -118,22 +122,30 @@ class ClassifyConfig(RunConfig):
 class DetectConfig(RunConfig):
     task = "detect"
     RESULT_KEYS = (*RunConfig.RESULT_KEYS, "input_size", "boxes_per_cell", "select", "lambda_coord",
-                   "lambda_noobj", "eval_every")  # fmt: skip
+                   "lambda_noobj", "eval_every", "head", "width", "mosaic", "classes")  # fmt: skip
 
     hidden: int = task_default("hidden", 256)
     dropout: float = task_default("dropout", 0.1)
-    epochs: int = task_default("epochs", 60)
+    views: int = task_default("views", 4)
+    epochs: int = task_default("epochs", 30)
     patience: int = task_default("patience", 15)
     batch_size: int = task_default("batch_size", 32)
     weight_decay: float = task_default("weight_decay", 5e-4)
-    input_size: int = option(320, "square input, letterboxed (320: a 10x10 grid at stride 32)", group="detection")
-    boxes_per_cell: int = option(2, "box predictors per grid cell", group="detection")
+    head: str = option("pyramid", "pyramid: multi-scale (strides 8, 16, 32) neck and dense head; grid: one "
+                       "stride-32 grid (the first detector)", group="detection", choices=("pyramid", "grid"))  # fmt: skip
+    input_size: int = option(512, "square input, letterboxed (512: grids of 64, 32 and 16 cells)",
+                             group="detection")  # fmt: skip
+    width: int = option(64, "channels of the pyramid neck and head (--head pyramid)", group="detection")
+    mosaic: float = option(0.5, "share of training views that are a 2x2 mosaic of four training images "
+                           "(--head pyramid)", group="detection")  # fmt: skip
+    classes: str = option("", "train on these classes only (comma-separated names); default all", group="data")
+    boxes_per_cell: int = option(2, "box predictors per grid cell (--head grid)", group="detection")
     select: str = option("best", "best: the epoch with the best validation mAP@0.5 (early stopping); last: the "
                          "final epoch", group="detection", choices=("best", "last"))  # fmt: skip
-    lambda_coord: float = option(5.0, "weight of the box loss", group="detection")
-    lambda_noobj: float = option(0.5, "weight of the objectness loss of predictors without an object",
+    lambda_coord: float = option(5.0, "weight of the box loss (--head grid)", group="detection")
+    lambda_noobj: float = option(0.5, "weight of the objectness loss of predictors without an object (--head grid)",
                                  group="detection")  # fmt: skip
-    eval_every: int = option(5, "epochs between validation mAP measurements", group="detection")
+    eval_every: int = option(3, "epochs between validation mAP measurements", group="detection")
 
     def validate(self) -> None:
         super().validate()
@@ -143,6 +155,15 @@ class DetectConfig(RunConfig):
             raise ValueError(f"--eval-every must be at least 1, got {self.eval_every}.")
         if self.select not in ("best", "last"):
             raise ValueError(f"Invalid --select {self.select!r}: best or last.")
+        if self.head not in ("pyramid", "grid"):
+            raise ValueError(f"Invalid --head {self.head!r}: pyramid or grid.")
+        if not 0.0 <= self.mosaic <= 1.0:
+            raise ValueError(f"--mosaic must be between 0 and 1, got {self.mosaic}.")
+        if self.width < 8:
+            raise ValueError(f"--width must be at least 8, got {self.width}.")
+
+    def class_names(self) -> list[str]:
+        return [n.strip() for n in self.classes.split(",") if n.strip()]
 
 
 #: every task's config by task name (the task itself, with torch, is in training/tasks/)

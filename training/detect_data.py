@@ -306,3 +306,44 @@ def scan_yolo_dataset(
             f"{yaml_path}: no validation images. Add 'val' to the yaml or lower --val-fraction."
         )
     return report
+
+
+def keep_classes(report: DetectionReport, names: list[str]) -> DetectionReport:
+    """The data set restricted to the classes ``names`` (in that order): other boxes dropped, classes renumbered;
+    an image left without boxes stays as background."""
+    unknown = [n for n in names if n not in report.labels]
+    if unknown:
+        raise DatasetError(f"--classes names {', '.join(map(repr, unknown))}, not classes of {report.yaml_path} "
+                           f"(it has: {', '.join(report.labels[:20])}{' ...' if len(report.labels) > 20 else ''}).")  # fmt: skip
+    if len(set(names)) != len(names):
+        raise DatasetError(f"--classes names a class twice: {', '.join(names)}.")
+    new_id = {report.labels.index(n): i for i, n in enumerate(names)}
+
+    def restrict(s: DetSample) -> DetSample:
+        keep = np.isin(s.classes, list(new_id))
+        classes = np.array([new_id[int(c)] for c in s.classes[keep]], np.int64)
+        return DetSample(s.path, s.sha256, classes, s.boxes[keep].reshape(-1, 4))
+
+    out = DetectionReport(root=report.root, yaml_path=report.yaml_path, labels=list(names),
+                          splits={k: [restrict(s) for s in v] for k, v in report.splits.items()},
+                          split_source=report.split_source, background=report.background,
+                          orphan_labels=report.orphan_labels, malformed=report.malformed, corrupt=report.corrupt)  # fmt: skip
+    if not any(len(s.classes) for s in out.splits.get("train", [])):
+        raise DatasetError(f"No training image has a box of {', '.join(names)}.")
+    return out
+
+
+def labelled_samples(data: str | Path, images: list[Path], labels: list[str]) -> list[DetSample]:
+    """The samples of ``images`` with their boxes read from the data set's label files, classes numbered as in
+    ``labels`` (a run trained on some classes only: the others' boxes dropped)."""
+    _, _, names, _ = _read_yaml(data)
+    ids = {i: labels.index(n) for i, n in enumerate(names) if n in labels}
+    out = []
+    for image in images:
+        lpath = label_path(image)
+        classes, boxes, _ = parse_labels(lpath, len(names)) if lpath.is_file() else (np.zeros(0, np.int64),
+                                                                                     np.zeros((0, 4), np.float32), [])  # fmt: skip
+        keep = np.isin(classes, list(ids))
+        out.append(DetSample(image, "", np.array([ids[int(c)] for c in classes[keep]], np.int64),
+                             boxes[keep].reshape(-1, 4)))  # fmt: skip
+    return out

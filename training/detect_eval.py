@@ -40,7 +40,8 @@ def ground_truth_in_pixels(samples: list[DetSample], sizes: list[tuple[int, int]
 
 
 def mean_average_precision(preds: list[dict], truth: list[dict], labels: list[str]) -> dict:
-    """mAP@0.5, mAP@0.5:0.95 and per-class AP (torchmetrics' COCO evaluation with the pycocotools backend).
+    """mAP@0.5, mAP@0.5:0.95, mAP@0.5:0.95 of small / medium / large objects (COCO's areas: below 32², up to 96²,
+    above, in original pixels) and per-class AP (torchmetrics' COCO evaluation with the pycocotools backend).
 
     ``per_class`` covers the classes present in the ground truth, with their number of boxes.
     """
@@ -74,7 +75,8 @@ def mean_average_precision(preds: list[dict], truth: list[dict], labels: list[st
             "ap50": float(res50["map_per_class"].reshape(-1)[i]),
             "ap50_95": float(res["map_per_class"].reshape(-1)[i]),
         }
-    return {"map50": float(res["map_50"]), "map50_95": float(res["map"]), "per_class": per_class}
+    sizes = {f"map_{k}": float(res[f"map_{k}"]) for k in ("small", "medium", "large")}  # -1: no such objects
+    return {"map50": float(res["map_50"]), "map50_95": float(res["map"]), **sizes, "per_class": per_class}
 
 
 def decode_head(

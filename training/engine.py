@@ -60,6 +60,7 @@ class FeatureLayout:
     feature_map: list[int]
     dtype: Any = np.float32
     extras: tuple[str, ...] = ()
+    channels: tuple[int, ...] = ()  # the channels of each feature map the head reads
 
 
 @dataclass
@@ -99,9 +100,10 @@ class Task(Protocol):
     config: type[RunConfig]
     headline: tuple[str, ...]  # the metrics the end-of-run log line shows
 
-    def scan(self, cfg) -> Any:
-        """The checked data set: ``labels``, ``splits`` (``train`` and ``val``: samples with ``path``, ``sha256``
-        and ``identity``), ``split_source``, ``format()`` and ``to_dict()``."""
+    def scan(self, cfg, report=None) -> Any:
+        """The checked data set (``report``, when given, is a scan already made; the task may restrict it):
+        ``labels``, ``splits`` (``train`` and ``val``: samples with ``path``, ``sha256`` and ``identity``),
+        ``split_source``, ``format()`` and ``to_dict()``."""
 
     def data_record(self, cfg, report) -> dict: ...
 
@@ -115,7 +117,13 @@ class Task(Protocol):
 
     def make_views(self, job: Job, train: bool) -> ViewsFn: ...
 
-    def head_config(self, cfg, num_features: int, labels: list[str]) -> Any: ...
+    def feature_net(self, cfg, backbone: Backbone) -> nn.Module:
+        """What the cached features are: the frozen backbone module (after pixel normalisation)."""
+
+    def view_recipe(self, cfg, report) -> dict:
+        """What the training views depend on besides the image and the augmentation pipeline ({} for nothing)."""
+
+    def head_config(self, cfg, layout: FeatureLayout, labels: list[str]) -> Any: ...
 
     def fit(self, job: Job, head_cfg) -> nn.Module:
         """Train the head on ``job.train``/``job.val``; extend ``job.history`` and ``job.training``."""
@@ -136,6 +144,10 @@ class Task(Protocol):
     def verify(self, model: nn.Module, session, paths, targets, spec) -> tuple[dict, Any]:
         """ONNX Runtime against PyTorch on validation images; raises ExportError when they disagree."""
 
+    def int8_quality(self, run, reference, session, paths, targets) -> dict:
+        """The int8 file (an ONNX Runtime ``session``) against the fp32 one (``reference``, from ``verify``) on the
+        validation images: ``metric``, ``<metric>_fp32``, ``<metric>_int8`` and ``drop``."""
+
     def precision_gate(self, reference: list[np.ndarray], got: list[np.ndarray], targets) -> dict:
         """How a runtime/precision compares with the reference, and whether it may be served ("allowed")."""
 
@@ -155,19 +167,19 @@ def train(task: Task, cfg: RunConfig, report=None) -> Path:
     runs.prepare_run_dir(run_dir, cfg.result_options(), resume=cfg.resume, overwrite=cfg.overwrite)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    report = report or task.scan(cfg)
+    report = task.scan(cfg, report)
     log.info("%s", report.format())
 
     backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights)
     backbone.freeze(0)
     spec = task.input_spec(cfg, backbone)
-    net = nn.Sequential(PixelNormalize(spec.mean, spec.std), backbone.features).eval()
+    net = nn.Sequential(PixelNormalize(spec.mean, spec.std), task.feature_net(cfg, backbone)).eval()
     pipeline = task.augmentation(cfg.augment, spec)
     job = Job(cfg, run_dir, report, backbone, spec, net, pipeline, 1 if pipeline is None else cfg.views, device,
               use_bf16(cfg.precision, device), started)  # fmt: skip
     layout = task.layout(backbone, net, spec)
-    head_cfg = task.head_config(cfg, backbone.num_features, report.labels)
-    aug = recipe(task.name, cfg.augment, pipeline, spec)
+    head_cfg = task.head_config(cfg, layout, report.labels)
+    aug = {**recipe(task.name, cfg.augment, pipeline, spec), **task.view_recipe(cfg, report)}
     _write_run_files(task, job, layout, head_cfg, aug)
 
     t_features = time.perf_counter()
@@ -218,9 +230,21 @@ def _write_run_files(task: Task, job: Job, layout: FeatureLayout, head_cfg, aug:
     })  # fmt: skip
 
 
+def feature_bytes(layout: FeatureLayout, train_images: int, views: int, val_images: int) -> int:
+    """What the cached features of a run take in memory (and in the cache on disk)."""
+    return (train_images * views + val_images) * int(np.prod(layout.shape)) * np.dtype(layout.dtype).itemsize
+
+
 def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
     """Features of every training view (augmented, bf16 where it pays) and of the clean validation images (fp32)."""
     cfg, b = job.cfg, job.backbone
+    need = feature_bytes(layout, len(job.report.splits["train"]), job.views, len(job.report.splits["val"]))
+    if need > cfg.max_feature_gb * 2**30:
+        raise ValueError(f"The features of this run would take {need / 2**30:.1f} GiB in memory (and as much in the "
+                         f"feature cache), over --max-feature-gb {cfg.max_feature_gb}. Lower --views ({job.views}) or "
+                         "--input-size, or raise --max-feature-gb if the machine has the memory.")  # fmt: skip
+    job.training["feature_gib"] = round(need / 2**30, 3)
+    log.info("features: %.2f GiB in memory (%s), as much in the cache", need / 2**30, np.dtype(layout.dtype).name)
     job.cache = FeatureCache(None if cfg.no_cache else (cfg.cache_dir or default_cache_dir()))
     ns = dict(task=task.name, backbone=b.name, weights=b.weights_sha256, spec=job.spec.to_dict())
     common = dict(shape=layout.shape, dtype=layout.dtype, extras=layout.extras, cache=job.cache, seed=cfg.seed,

@@ -175,8 +175,9 @@ def plot_detection_curves(history: list[dict], path: Path) -> None:
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [h["epoch"] for h in history]
-    for key in ("train_loss", "coord", "objectness", "class"):
-        ax1.plot(epochs, [h[key] for h in history], label=key)
+    for key in ("train_loss", "coord", "objectness", "class", "box"):
+        if history and key in history[0]:
+            ax1.plot(epochs, [h[key] for h in history], label=key)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss per image")
     ax1.set_yscale("log")

@@ -83,34 +83,28 @@ def _subsample(paths: list[Path], targets: np.ndarray, limit: int) -> tuple[list
 
 
 def _int8_model(
-    run: LoadedRun, fp32: Path, path: Path, fp32_probs: np.ndarray, val_paths: list[Path], val_targets: np.ndarray,
+    run: LoadedRun, task, fp32: Path, path: Path, reference, val_paths: list[Path], val_targets: np.ndarray,
     max_drop: float | None,
 ) -> dict:  # fmt: skip
-    """Quantize to ``path``, calibrated on training images; measure it on the validation images against the fp32
-    model. More than ``max_drop`` accuracy lost (None: no limit) fails the export."""
+    """Quantize to ``path``, calibrated on training images; the task measures it on the validation images against
+    the fp32 model (classifier: accuracy; detector: AP50). Losing more than ``max_drop`` (None: no limit) fails the
+    export."""
     import onnxruntime as ort
 
     train_paths, _ = _subsample(*_split_paths(run, "train"), MAX_CALIBRATION_IMAGES)
     quantize_int8(fp32, path, train_paths, run.spec)
-    q_probs = ort_probs(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), val_paths, run.spec)
-    fp32_accuracy = float((fp32_probs.argmax(1) == val_targets).mean())
-    int8_accuracy = float((q_probs.argmax(1) == val_targets).mean())
-    info = {
-        "calibration_images": len(train_paths),
-        "accuracy_fp32": fp32_accuracy,
-        "accuracy_int8": int8_accuracy,
-        "top1_agreement": float((q_probs.argmax(1) == fp32_probs.argmax(1)).mean()),
-        "max_abs_prob_diff": float(np.abs(q_probs - fp32_probs).max()),
-        "scheme": "static QDQ, per-channel int8 weights, uint8 activations (MinMax calibration)",
-    }
-    drop = fp32_accuracy - int8_accuracy
-    log.info("int8: accuracy %.4f vs fp32 %.4f (drop %.2f points), top-1 agreement %.2f%%",
-             int8_accuracy, fp32_accuracy, 100 * drop, 100 * info["top1_agreement"])  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    quality = task.int8_quality(run, reference, session, val_paths, val_targets)
+    metric, drop = quality["metric"], quality["drop"]
+    info = {"calibration_images": len(train_paths), **quality,
+            "scheme": "static QDQ, per-channel int8 weights, uint8 activations (MinMax calibration)"}  # fmt: skip
+    before, after = quality[f"{metric}_fp32"], quality[f"{metric}_int8"]
+    log.info("int8: %s %.4f vs fp32 %.4f (drop %.2f points)", metric, after, before, 100 * drop)
     if max_drop is not None and drop > max_drop:
         raise ExportError(
-            f"int8 loses {100 * drop:.1f} accuracy points on the validation images ({fp32_accuracy:.4f} → "
-            f"{int8_accuracy:.4f}), more than the {100 * max_drop:.0f}-point limit. The int8 model was "
-            "not kept and nothing was written. Export without --int8, or pass --force to keep it anyway."
+            f"int8 loses {100 * drop:.1f} {metric} points on the validation images ({before:.4f} → {after:.4f}), "
+            f"more than the {100 * max_drop:.0f}-point limit. The int8 model was not kept and nothing was written. "
+            "Export without --int8, or pass --force to keep it anyway."
         )
     return info
 
@@ -153,7 +147,7 @@ def export_bundle(
     run = load_run(run_dir, weights=weights)
     task = task_named(run.task)
     if int8 and not task.int8:
-        raise ExportError(f"--int8 is available for classifiers only (not for {task.name} models yet); export without --int8.")
+        raise ExportError(f"--int8 is not available for {task.name} models; export without --int8.")
     out = Path(out) if out else run.run_dir / "bundle"
     check_destination(out, run.run_dir, force)
     name = model_name(name or run.run_dir.resolve().name)
@@ -171,10 +165,10 @@ def export_bundle(
         session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
         outputs = {o.name: o.shape for o in session.get_outputs()}
 
-        verification, fp32_probs = task.verify(run.model, session, val_paths, val_targets, run.spec)
+        verification, reference = task.verify(run.model, session, val_paths, val_targets, run.spec)
         int8_info = None
         if int8:
-            int8_info = _int8_model(run, fp32, tmp / MODEL_INT8, fp32_probs, val_paths, val_targets,
+            int8_info = _int8_model(run, task, fp32, tmp / MODEL_INT8, reference, val_paths, val_targets,
                                     max_drop=None if force else max_int8_drop)  # fmt: skip
         onnx_files = {"fp32": fp32, **({"int8": tmp / MODEL_INT8} if int8 else {})}
         runtimes = runtime_checks(task, onnx_files, output_names, val_paths, val_targets, run.spec)

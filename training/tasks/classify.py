@@ -50,8 +50,8 @@ class ClassifyTask:
     manifest_metrics = ("accuracy", "macro_f1", "calibration_error", "num_images")
     int8 = True  # export --int8: a static int8 model, kept only if it loses at most 1 accuracy point
 
-    def scan(self, cfg: ClassifyConfig):
-        report = scan_image_folder(cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    def scan(self, cfg: ClassifyConfig, report=None):
+        report = report or scan_image_folder(cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
         if not report.splits.get("val"):
             raise DatasetError(
                 f"{report.root} has no validation images. Add a val/ folder next to train/, or put the class "
@@ -71,15 +71,22 @@ class ClassifyTask:
     def augmentation(self, preset, spec):
         return build_augmentation(preset, spec)
 
+    def view_recipe(self, cfg, report) -> dict:
+        return {}
+
+    def feature_net(self, cfg, backbone):
+        return backbone.features
+
     def layout(self, backbone, net, spec) -> FeatureLayout:
-        return FeatureLayout(shape=(backbone.num_features,), pool=True, feature_map=backbone.extra["feature_map"])
+        return FeatureLayout(shape=(backbone.num_features,), pool=True, feature_map=backbone.extra["feature_map"],
+                             channels=(backbone.num_features,))  # fmt: skip
 
     def make_views(self, job: Job, train: bool):
         pipeline, views = (job.pipeline, job.views) if train else (None, 1)
         return lambda img, sample, seed: (augmented_views(img, pipeline, job.spec, views, seed), {})
 
-    def head_config(self, cfg, num_features, labels) -> HeadConfig:
-        return HeadConfig(num_features, len(labels), cfg.hidden, cfg.dropout, cfg.activation)
+    def head_config(self, cfg, layout, labels) -> HeadConfig:
+        return HeadConfig(layout.channels[0], len(labels), cfg.hidden, cfg.dropout, cfg.activation)
 
     def fit(self, job: Job, head_cfg: HeadConfig) -> ClassifierHead:
         cfg, device = job.cfg, job.device
@@ -226,6 +233,14 @@ class ClassifyTask:
         accuracy = float((onnx_probs.argmax(1) == targets).mean())
         return {"images": len(paths), "max_abs_prob_diff": max_diff, "top1_agreement": agreement,
                 "onnx_accuracy": accuracy}, onnx_probs  # fmt: skip
+
+    def int8_quality(self, run, reference: np.ndarray, session, paths, targets) -> dict:
+        """The int8 model against the fp32 one (``reference``: its probabilities) on the validation images."""
+        q_probs = ort_probs(session, paths, run.spec)
+        fp32, int8 = float((reference.argmax(1) == targets).mean()), float((q_probs.argmax(1) == targets).mean())
+        return {"metric": "accuracy", "accuracy_fp32": fp32, "accuracy_int8": int8, "drop": fp32 - int8,
+                "top1_agreement": float((q_probs.argmax(1) == reference.argmax(1)).mean()),
+                "max_abs_prob_diff": float(np.abs(q_probs - reference).max())}  # fmt: skip
 
     def precision_gate(self, reference: list[np.ndarray], got: list[np.ndarray], targets: np.ndarray) -> dict:
         """A runtime/precision may serve if it agrees with the reference on >= 99% of the validation images and

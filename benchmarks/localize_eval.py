@@ -1,16 +1,19 @@
-"""Localization on coco128: the trained grid head against a trivial baseline, and localize against classify latency.
+"""Detection on coco128 under k-fold cross-validation: three detectors on the same folds, then localize latency.
 
-1. Train the YOLO-style grid head on the first 100 coco128 images (by file name) and evaluate on the last 28:
-   mAP@0.5, mAP@0.5:0.95 (torchmetrics / pycocotools) and AP per class with at least 5 boxes in those 28 images.
-   Of the 100 training images, 80 fit the head and 20 pick the epoch (best mAP@0.5); the 28 test images are
-   used for nothing but the final figures.
-2. Baseline, in the same run on the same 28 images: every class seen in training predicted in every image at its
-   mean training box, scored by its share of the training boxes.
-3. Latency of `localize` against `classify` on the same exported model, one image at a time: in process (decode +
-   preprocess + ONNX Runtime + decoding) and over HTTP against `bentoml serve`. Target: localize <= 1.2x classify.
-   With ``--cam-bundle`` the same for a classifier bundle (class activation maps).
+Every image is scored once, by a model that never saw it (``training/crossval.py``: folds by content hash and seed;
+per fold, the other folds train, and a fifth of them picks the epoch). On the same folds, in one run:
 
-    .venv/bin/python benchmarks/localize_eval.py [--views 8] [--epochs 60] [--cam-bundle BUNDLE]
+1. ``grid``: the single-scale grid head (stride 32) with its own defaults (320 px, 8 views, 60 epochs, hidden 256).
+2. ``faster-rcnn``: torchvision's Faster R-CNN on the same frozen MobileNetV2 (its stride-32 map, 512 px), RPN
+   and box head trained for ``--frcnn-epochs`` epochs with horizontal flips: the single-map anchor of the issue.
+3. ``pyramid``: headstart's multi-scale detector with the product defaults (`headstart train` on a YOLO data set).
+
+For person only (a person detector) and for all 80 classes (Faster R-CNN: person only unless ``--frcnn-all``): AP50,
+AP50:95 and AP small/medium/large (COCO areas), mean ± spread over folds, and training seconds per fold. Then the
+latency of `localize` against `classify` on the pyramid detector's exported bundle at its input size (512), one
+image at a time, in process and over HTTP.
+
+    .venv/bin/python benchmarks/localize_eval.py [--folds 4] [--frcnn-epochs 12] [--skip grid,faster-rcnn]
 """
 
 from __future__ import annotations
@@ -27,42 +30,106 @@ from _common import SHARED, check_idle, machine_line, running_server
 
 COCO = SHARED / "data" / "coco128"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet.pth"
+GRID = dict(head="grid", input_size=320, views=8, epochs=60, hidden=256, eval_every=5)
 
 
-def split_report(train_n: int = 80, val_n: int = 20, test_n: int = 28):
-    """coco128 by file name: the first 100 images for training (80 to fit, 20 to pick the epoch), the last 28 to test."""
-    from training.detect_data import scan_yolo_dataset
+def frcnn_fold(train: list, test: list, num_classes: int, epochs: int, seed: int) -> tuple[dict, float]:
+    """Faster R-CNN (torchvision) on the frozen MobileNetV2's stride-32 map: train on ``train``, score ``test``."""
+    import torch
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
 
-    report = scan_yolo_dataset(COCO, val_fraction=0.2)
-    samples = sorted((s for v in report.splits.values() for s in v), key=lambda s: s.path.name)
-    report.splits = {"train": samples[:train_n], "val": samples[train_n : train_n + val_n]}
-    report.split_source = f"first {train_n} to fit / next {val_n} to pick the epoch, by file name"
-    return report, samples[train_n + val_n : train_n + val_n + test_n]
-
-
-def mean_box_baseline(report, test) -> tuple[list[dict], list[dict]]:
+    from models import build_backbone
     from service.preprocess import decode_image
-    from training.detect_eval import ground_truth_in_pixels
+    from training.detect_eval import ground_truth_in_pixels, mean_average_precision
 
-    fit = report.splits["train"] + report.splits["val"]
-    classes = np.concatenate([s.classes for s in fit])
-    boxes = np.concatenate([s.boxes for s in fit])
-    seen = np.unique(classes)
-    mean = {int(k): boxes[classes == k].mean(0) for k in seen}
-    share = {int(k): float((classes == k).mean()) for k in seen}
-    sizes = [decode_image(s.path).size for s in test]
-    preds = []
-    for w, h in sizes:
-        rows = [[(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h] for cx, cy, bw, bh in
-                mean.values()]  # fmt: skip
-        preds.append(
-            {
-                "boxes": np.array(rows),
-                "scores": np.array(list(share.values())),
-                "labels": np.array(list(mean)),
-            }
-        )
-    return preds, ground_truth_in_pixels(test, sizes)
+    torch.manual_seed(seed)
+    backbone = build_backbone("torchvision:mobilenet_v2", weights=str(WEIGHTS))
+    body = backbone.features.eval()
+    body.out_channels = backbone.num_features
+    model = FasterRCNN(body, min_size=512, max_size=512, box_predictor=FastRCNNPredictor(512, num_classes + 1),
+                       rpn_anchor_generator=AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
+                       box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), box_batch_size_per_image=64,
+                       box_head=TwoMLPHead(backbone.num_features * 49, 512),
+                       image_mean=list(backbone.preprocess.mean), image_std=list(backbone.preprocess.std))  # fmt: skip
+
+    def tensor(path) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(decode_image(path).convert("RGB"), np.float32) / 255).permute(2, 0, 1)
+
+    def target(s, img: torch.Tensor, flip: bool) -> dict:
+        h, w = img.shape[1:]
+        cx, cy, bw, bh = (s.boxes.T if len(s.boxes) else np.zeros((4, 0)))
+        x1, x2 = (cx - bw / 2) * w, (cx + bw / 2) * w
+        if flip:
+            x1, x2 = w - x2, w - x1
+        boxes = np.stack([x1, (cy - bh / 2) * h, x2, (cy + bh / 2) * h], 1).reshape(-1, 4)
+        return {"boxes": torch.as_tensor(boxes, dtype=torch.float32), "labels": torch.as_tensor(s.classes + 1)}
+
+    images = [tensor(s.path) for s in train]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    gen = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        body.eval()
+        order = torch.randperm(len(train), generator=gen).tolist()
+        for start in range(0, len(order), 4):
+            batch = order[start : start + 4]
+            flips = torch.rand(len(batch), generator=gen) < 0.5
+            imgs = [images[i].flip(-1) if f else images[i] for i, f in zip(batch, flips, strict=True)]
+            targets = [target(train[i], images[i], bool(f)) for i, f in zip(batch, flips, strict=True)]
+            loss = sum(model(imgs, targets).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    seconds = time.perf_counter() - started
+    model.eval()
+    model.roi_heads.score_thresh, model.roi_heads.detections_per_img = 0.001, 100
+    preds, sizes = [], []
+    with torch.no_grad():
+        for s in test:
+            img = tensor(s.path)
+            sizes.append((img.shape[2], img.shape[1]))
+            out = model([img])[0]
+            preds.append({"boxes": out["boxes"].numpy(), "scores": out["scores"].numpy(),
+                          "labels": out["labels"].numpy() - 1})  # fmt: skip
+    labels = [str(k) for k in range(num_classes)]
+    return mean_average_precision(preds, ground_truth_in_pixels(test, sizes), labels), seconds
+
+
+def headstart_fold(report, folds, i: int, options: dict, tmp: Path, seed: int) -> tuple[dict, float, Path]:
+    from training.crossval import fold_report
+    from training.detect_eval import evaluate_detector
+    from training.load import load_run
+    from training.tasks import DetectConfig, train
+
+    fold, test = fold_report(report, folds, i, 0.2, seed)
+    cfg = DetectConfig(data_dir=str(COCO), out=str(tmp / f"run-{i}"), backbone="torchvision:mobilenet_v2",
+                       weights=str(WEIGHTS), seed=seed, cache_dir=str(tmp / "cache"), progress=False, overwrite=True,
+                       **options)  # fmt: skip
+    t0 = time.perf_counter()
+    run_dir = train(cfg, fold)
+    seconds = time.perf_counter() - t0
+    run = load_run(run_dir)
+    return evaluate_detector(run.model, test, run.spec, run.labels)[0], seconds, run_dir
+
+
+METRICS = ("map50", "map50_95", "map_small", "map_medium", "map_large")
+
+
+def line(name: str, rows: list[dict], seconds: list[float]) -> str:
+    cells = []
+    for m in METRICS:
+        values = [r[m] for r in rows if r[m] >= 0]
+        mean = statistics.fmean(values) if values else float("nan")
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        cells.append(f"{mean:.3f}±{std:.3f}")
+    return f"  {name:<12}" + "".join(f"{c:>14}" for c in cells) + f"{statistics.fmean(seconds):>10.0f}"
 
 
 def in_process_latency(bundle_dir: Path, paths: list[Path], repeats: int) -> dict:
@@ -91,10 +158,7 @@ def http_latency(bundle_dir: Path, paths: list[Path], repeats: int, workdir: Pat
     import httpx
 
     times: dict[str, list[float]] = {"classify": [], "localize": []}
-    with (
-        running_server(str(bundle_dir), workdir, HEADSTART_WORKERS="1") as (url, _, _),
-        httpx.Client() as http,
-    ):
+    with running_server(str(bundle_dir), workdir, HEADSTART_WORKERS="1") as (url, _, _), httpx.Client() as http:
         data = [p.read_bytes() for p in paths]
         for route in times:  # warm-up
             http.post(f"{url}/{route}", files={"image": ("a.jpg", data[0], "image/jpeg")}, timeout=60)
@@ -102,85 +166,89 @@ def http_latency(bundle_dir: Path, paths: list[Path], repeats: int, workdir: Pat
             for d in data:
                 for route in times:
                     t0 = time.perf_counter()
-                    resp = http.post(
-                        f"{url}/{route}", files={"image": ("a.jpg", d, "image/jpeg")}, timeout=60
-                    )
+                    resp = http.post(f"{url}/{route}", files={"image": ("a.jpg", d, "image/jpeg")}, timeout=60)
                     times[route].append(time.perf_counter() - t0)
                     assert resp.status_code == 200, resp.text
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
-def print_latency(what: str, ms: dict) -> None:
-    ratio = ms["localize"] / ms["classify"]
-    print(f"  {what}: classify {ms['classify']:.1f} ms, localize {ms['localize']:.1f} ms -> {ratio:.2f}x "
-          f"({'within' if ratio <= 1.2 else 'OVER'} the 1.2x target)")  # fmt: skip
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--views", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--input-size", type=int, default=320)
-    parser.add_argument("--augment", default="heavy")
-    parser.add_argument("--repeats", type=int, default=3, help="passes over the 28 images for latency")
-    parser.add_argument("--cam-bundle", help="a classifier bundle to time CAM localization on as well")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument("--frcnn-epochs", type=int, default=12)
+    parser.add_argument("--frcnn-all", action="store_true", help="Faster R-CNN for all 80 classes too")
+    parser.add_argument("--skip", default="", help="comma-separated: grid, faster-rcnn, all-classes, latency")
+    parser.add_argument("--repeats", type=int, default=2, help="passes over 28 images for latency")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
 
-    from training.detect_eval import evaluate_detector, mean_average_precision
-    from training.export import export_bundle
-    from training.load import load_run
-    from training.tasks import DetectConfig, train
+    from training.crossval import make_folds
+    from training.detect_data import keep_classes, scan_yolo_dataset
 
     busy = check_idle()
     print(machine_line() + f"; other CPU use before: {busy:.0%}")
-    report, test = split_report()
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = DetectConfig(data_dir=str(COCO), out=f"{tmp}/run", backbone="torchvision:mobilenet_v2", weights=str(WEIGHTS),
-                           input_size=args.input_size, views=args.views, epochs=args.epochs, hidden=args.hidden,
-                           augment=args.augment, seed=args.seed, cache_dir=f"{tmp}/cache", progress=False,
-                           )  # fmt: skip
-        t0 = time.perf_counter()
-        run = train(cfg, report)
-        seconds = time.perf_counter() - t0
-        train_metrics = json.loads((run / "metrics.json").read_text())
-        loaded = load_run(run)
-        metrics, _, _ = evaluate_detector(loaded.model, test, loaded.spec, report.labels)
-        preds, truth = mean_box_baseline(report, test)
-        base = mean_average_precision(preds, truth, report.labels)
-        print(f"\ngrid head ({args.input_size}px, {train_metrics['training']['views']} views, hidden {args.hidden}, "
-              f"epoch {train_metrics['training']['head']['best_epoch']} of {train_metrics['training']['head']['epochs_run']}, "
-              f"picked on the 20 held-out training images: mAP@0.5 {train_metrics['map50']:.4f}) "
-              f"trained in {seconds:.0f} s on the first 100 images; tested on the last 28 "
-              f"({metrics['num_boxes']} boxes):")  # fmt: skip
-        print(f"  {'':<22}{'mAP@0.5':>9}{'mAP@.5:.95':>12}")
-        print(f"  {'grid head':<22}{metrics['map50']:>9.4f}{metrics['map50_95']:>12.4f}")
-        print(f"  {'mean-box baseline':<22}{base['map50']:>9.4f}{base['map50_95']:>12.4f}")
-        print(f"  ratio{'':<17}{metrics['map50'] / max(base['map50'], 1e-9):>8.1f}x"
-              f"{metrics['map50_95'] / max(base['map50_95'], 1e-9):>11.1f}x")  # fmt: skip
-        print("  per class (>= 5 boxes in the 28 images): AP@0.5 grid / baseline, AP@.5:.95 grid / baseline")
-        for name, v in sorted(metrics["per_class"].items(), key=lambda kv: -kv[1]["boxes"]):
-            if v["boxes"] >= 5:
-                b = base["per_class"].get(name, {"ap50": 0.0, "ap50_95": 0.0})
-                print(f"    {name:<16}{v['boxes']:>4} boxes  {v['ap50']:.3f} / {b['ap50']:.3f}   "
-                      f"{v['ap50_95']:.3f} / {b['ap50_95']:.3f}")  # fmt: skip
+    full = scan_yolo_dataset(COCO, val_fraction=0.2)
+    settings = [("person", keep_classes(full, ["person"]))] + ([] if "all-classes" in skip else [("all 80", full)])
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        bundle_run = None
+        for what, report in settings:
+            pooled = [s for items in report.splits.values() for s in items]
+            folds = make_folds(pooled, args.folds, args.seed)
+            methods = [m for m in ("grid", "faster-rcnn", "pyramid") if m not in skip]
+            if what != "person" and not args.frcnn_all:
+                methods = [m for m in methods if m != "faster-rcnn"]
+            for method in methods:
+                rows, seconds = [], []
+                for i in range(args.folds):
+                    if method == "faster-rcnn":
+                        from training.crossval import fold_report
 
-        bundle = export_bundle(run, f"{tmp}/bundle", store=False).bundle_dir
-        paths = [s.path for s in test]
-        print(f"\nlatency per image, median over {args.repeats} passes of the 28 images (one at a time):")
-        print_latency("detector, in process", in_process_latency(bundle, paths, args.repeats))
-        print_latency(
-            "detector, HTTP (bentoml serve, 1 worker)", http_latency(bundle, paths, args.repeats, Path(tmp))
-        )
-        if args.cam_bundle:
-            print_latency(
-                "classifier + CAM, in process", in_process_latency(Path(args.cam_bundle), paths, args.repeats)
-            )
-            print_latency("classifier + CAM, HTTP (bentoml serve, 1 worker)",
-                          http_latency(Path(args.cam_bundle), paths, args.repeats, Path(tmp)))  # fmt: skip
+                        fold, test = fold_report(report, folds, i, 0.2, args.seed)
+                        train_set = fold.splits["train"] + fold.splits["val"]
+                        m, s = frcnn_fold(train_set, test, len(report.labels), args.frcnn_epochs, args.seed)
+                    else:
+                        options = GRID if method == "grid" else {}
+                        m, s, run_dir = headstart_fold(report, folds, i, options, tmp / f"{what}-{method}", args.seed)
+                        if method == "pyramid" and what == "person" and i == 0:
+                            bundle_run = (run_dir, folds[0])
+                    rows.append(m)
+                    seconds.append(s)
+                    print(f"  [{what} / {method} / fold {i + 1}] AP50 {m['map50']:.4f} AP50:95 {m['map50_95']:.4f} "
+                          f"({s:.0f} s)", flush=True)  # fmt: skip
+                results[(what, method)] = (rows, seconds)
+
+        boxes = {what: sum(len(s.classes) for items in r.splits.values() for s in items) for what, r in settings}
+        print(f"\n{args.folds}-fold cross-validation on coco128 (seed {args.seed}), held-out folds only; mean±std over "
+              "folds; last column: training seconds per fold")  # fmt: skip
+        print(f"  {'':<12}" + "".join(f"{h:>14}" for h in ("AP50", "AP50:95", "AP small", "AP medium", "AP large"))
+              + f"{'train s':>10}")  # fmt: skip
+        for what, _ in settings:
+            print(f" {what} ({boxes[what]} boxes)")
+            for (w, method), (rows, seconds) in results.items():
+                if w == what:
+                    print(line(method, rows, seconds))
+        person = {m: statistics.fmean(r["map50"] for r in rows) for (w, m), (rows, _) in results.items()
+                  if w == "person"}  # fmt: skip
+        for anchor in ("grid", "faster-rcnn"):
+            if anchor in person and "pyramid" in person:
+                print(f"  person AP50: pyramid / {anchor} = {person['pyramid'] / max(person[anchor], 1e-9):.1f}x")
+        print(json.dumps({f"{w}/{m}": [round(r["map50"], 4) for r in rows] for (w, m), (rows, _) in results.items()}))
+
+        if bundle_run is not None and "latency" not in skip:
+            from training.export import export_bundle
+
+            run_dir, test = bundle_run
+            bundle = export_bundle(run_dir, tmp / "bundle", store=False).bundle_dir
+            paths = [s.path for s in test][:28]
+            print(f"\nlatency per image of the pyramid detector (512 px), median over {args.repeats} passes of "
+                  f"{len(paths)} images:")  # fmt: skip
+            for where, ms in (("in process", in_process_latency(bundle, paths, args.repeats)),
+                              ("HTTP, bentoml serve, 1 worker", http_latency(bundle, paths, args.repeats, tmp))):  # fmt: skip
+                print(f"  {where}: classify {ms['classify']:.1f} ms, localize {ms['localize']:.1f} ms -> "
+                      f"{ms['localize'] / ms['classify']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

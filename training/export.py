@@ -33,7 +33,6 @@ from training.onnx_io import (
     ExportError,
     embed_manifest,
     export_onnx,
-    ort_probs,
     quantize_int8,
 )
 from training.runtime_checks import runtime_checks

@@ -10,10 +10,14 @@ per fold, the other folds train, and a fifth of them picks the epoch). On the sa
 
 For person only (a person detector) and for all 80 classes (Faster R-CNN: person only unless ``--frcnn-all``): AP50,
 AP50:95 and AP small/medium/large (COCO areas), mean ± spread over folds, and training seconds per fold. Then the
-latency of `localize` against `classify` on the pyramid detector's exported bundle at its input size (512), one
-image at a time, in process and over HTTP.
+pyramid detector of fold 1 (person) is exported with ``--int8``: AP50 of every file on every runtime it may be served
+with, on that fold's held-out images (not the validation images the export's gate uses), and the latency of
+`localize` against `classify` on that bundle at its input size (512), one image at a time, in process and over HTTP.
 
     .venv/bin/python benchmarks/localize_eval.py [--folds 4] [--frcnn-epochs 12] [--skip grid,faster-rcnn]
+
+``--ablate`` adds, for person only, variants of the pyramid detector that each change one default (no mosaic, 384 px,
+centre-sampling radius 1 or 10 strides, a plain focal loss instead of the IoU-quality target), on the same folds.
 """
 
 from __future__ import annotations
@@ -102,7 +106,28 @@ def frcnn_fold(train: list, test: list, num_classes: int, epochs: int, seed: int
     return mean_average_precision(preds, ground_truth_in_pixels(test, sizes), labels), seconds
 
 
-def headstart_fold(report, folds, i: int, options: dict, tmp: Path, seed: int) -> tuple[dict, float, Path]:
+def ablations() -> dict[str, tuple[dict, dict]]:
+    """Person-only variants of the pyramid detector (``--ablate``): name -> (config options, module patches). Each
+    changes one choice of the default, to show what it is worth on the same folds."""
+    from functools import partial
+
+    from training.pyramid_loss import assign, pyramid_loss
+
+    return {
+        "no mosaic": ({"mosaic": 0.0}, {}),
+        "input 384": ({"input_size": 384}, {}),
+        "radius 1.0": ({}, {"training.detect_fit.assign": partial(assign, radius=1.0)}),
+        "radius 10": ({}, {"training.detect_fit.assign": partial(assign, radius=10.0)}),
+        "focal, no IoU": ({}, {"training.detect_fit.pyramid_loss": partial(pyramid_loss, quality_target=False)}),
+    }
+
+
+def headstart_fold(
+    report, folds, i: int, options: dict, tmp: Path, seed: int, patches: dict | None = None
+) -> tuple[dict, float, Path]:  # fmt: skip
+    from contextlib import ExitStack
+    from unittest import mock
+
     from training.crossval import fold_report
     from training.detect_eval import evaluate_detector
     from training.load import load_run
@@ -112,9 +137,12 @@ def headstart_fold(report, folds, i: int, options: dict, tmp: Path, seed: int) -
     cfg = DetectConfig(data_dir=str(COCO), out=str(tmp / f"run-{i}"), backbone="torchvision:mobilenet_v2",
                        weights=str(WEIGHTS), seed=seed, cache_dir=str(tmp / "cache"), progress=False, overwrite=True,
                        **options)  # fmt: skip
-    t0 = time.perf_counter()
-    run_dir = train(cfg, fold)
-    seconds = time.perf_counter() - t0
+    with ExitStack() as stack:
+        for target, replacement in (patches or {}).items():
+            stack.enter_context(mock.patch(target, replacement))
+        t0 = time.perf_counter()
+        run_dir = train(cfg, fold)
+        seconds = time.perf_counter() - t0
     run = load_run(run_dir)
     return evaluate_detector(run.model, test, run.spec, run.labels)[0], seconds, run_dir
 
@@ -129,7 +157,26 @@ def line(name: str, rows: list[dict], seconds: list[float]) -> str:
         mean = statistics.fmean(values) if values else float("nan")
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         cells.append(f"{mean:.3f}±{std:.3f}")
-    return f"  {name:<12}" + "".join(f"{c:>14}" for c in cells) + f"{statistics.fmean(seconds):>10.0f}"
+    return f"  {name:<15}" + "".join(f"{c:>14}" for c in cells) + f"{statistics.fmean(seconds):>10.0f}"
+
+
+def bundle_ap(bundle_dir: Path, test: list, variant: str, runtime: str) -> tuple[dict, str]:
+    """AP of an exported bundle's file on held-out images, through the serving runtime (what a client gets)."""
+    from service.bundle import load_bundle
+    from service.preprocess import decode_image, preprocess_batch
+    from training.detect_eval import ground_truth_in_pixels, mean_average_precision, predictions_in_pixels
+
+    bundle = load_bundle(bundle_dir, variant=variant, runtime=runtime)
+    boxes, scores, sizes = [], [], []
+    for start in range(0, len(test), 8):
+        images = [decode_image(s.path) for s in test[start : start + 8]]
+        sizes += [img.size for img in images]
+        _, b, sc = bundle.run(preprocess_batch(images, bundle.spec))
+        boxes.append(b)
+        scores.append(sc)
+    preds = predictions_in_pixels(np.concatenate(boxes), np.concatenate(scores), sizes, bundle.spec)
+    metrics = mean_average_precision(preds, ground_truth_in_pixels(test, sizes), bundle.labels)
+    return metrics, f"{bundle.session.describe()} ({bundle.precision_note})"
 
 
 def in_process_latency(bundle_dir: Path, paths: list[Path], repeats: int) -> dict:
@@ -177,7 +224,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--frcnn-epochs", type=int, default=12)
     parser.add_argument("--frcnn-all", action="store_true", help="Faster R-CNN for all 80 classes too")
-    parser.add_argument("--skip", default="", help="comma-separated: grid, faster-rcnn, all-classes, latency")
+    parser.add_argument("--skip", default="", help="comma-separated: grid, faster-rcnn, pyramid, all-classes, latency")
+    parser.add_argument("--ablate", action="store_true", help="person only: pyramid variants (see ablations())")
     parser.add_argument("--repeats", type=int, default=2, help="passes over 28 images for latency")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -200,7 +248,8 @@ def main() -> None:
             methods = [m for m in ("grid", "faster-rcnn", "pyramid") if m not in skip]
             if what != "person" and not args.frcnn_all:
                 methods = [m for m in methods if m != "faster-rcnn"]
-            for method in methods:
+            variants = ablations() if args.ablate and what == "person" else {}
+            for method in methods + list(variants):
                 rows, seconds = [], []
                 for i in range(args.folds):
                     if method == "faster-rcnn":
@@ -210,8 +259,9 @@ def main() -> None:
                         train_set = fold.splits["train"] + fold.splits["val"]
                         m, s = frcnn_fold(train_set, test, len(report.labels), args.frcnn_epochs, args.seed)
                     else:
-                        options = GRID if method == "grid" else {}
-                        m, s, run_dir = headstart_fold(report, folds, i, options, tmp / f"{what}-{method}", args.seed)
+                        options, patches = variants.get(method, (GRID if method == "grid" else {}, {}))
+                        m, s, run_dir = headstart_fold(report, folds, i, options, tmp / f"{what}-{method}",
+                                                       args.seed, patches)  # fmt: skip
                         if method == "pyramid" and what == "person" and i == 0:
                             bundle_run = (run_dir, folds[0])
                     rows.append(m)
@@ -223,7 +273,7 @@ def main() -> None:
         boxes = {what: sum(len(s.classes) for items in r.splits.values() for s in items) for what, r in settings}
         print(f"\n{args.folds}-fold cross-validation on coco128 (seed {args.seed}), held-out folds only; mean±std over "
               "folds; last column: training seconds per fold")  # fmt: skip
-        print(f"  {'':<12}" + "".join(f"{h:>14}" for h in ("AP50", "AP50:95", "AP small", "AP medium", "AP large"))
+        print(f"  {'':<15}" + "".join(f"{h:>14}" for h in ("AP50", "AP50:95", "AP small", "AP medium", "AP large"))
               + f"{'train s':>10}")  # fmt: skip
         for what, _ in settings:
             print(f" {what} ({boxes[what]} boxes)")
@@ -241,7 +291,14 @@ def main() -> None:
             from training.export import export_bundle
 
             run_dir, test = bundle_run
-            bundle = export_bundle(run_dir, tmp / "bundle", store=False).bundle_dir
+            bundle = export_bundle(run_dir, tmp / "bundle", int8=True, force=True, store=False).bundle_dir
+            manifest = json.loads((bundle / "manifest.json").read_text())
+            print(f"\nexport --int8 gate (fold 1's validation images): {json.dumps(manifest['int8'])}")
+            print(f"held-out AP of the exported files, fold 1 person ({len(test)} images):")
+            for variant in ("fp32", "int8"):
+                for runtime in ("onnxruntime", "openvino"):
+                    m, how = bundle_ap(bundle, test, variant, runtime)
+                    print(f"  {variant} on {runtime}: AP50 {m['map50']:.4f} AP50:95 {m['map50_95']:.4f}  [{how}]")
             paths = [s.path for s in test][:28]
             print(f"\nlatency per image of the pyramid detector (512 px), median over {args.repeats} passes of "
                   f"{len(paths)} images:")  # fmt: skip

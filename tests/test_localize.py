@@ -74,6 +74,18 @@ def test_nms_keeps_the_best_of_overlapping_boxes_per_class():
     assert nms(boxes, scores, classes, iou=1.0).tolist() == [1, 3, 0, 2]
 
 
+def test_nms_with_a_limit_keeps_the_same_first_boxes():
+    """The limit stops early (an untrained detector's flood of candidates), and changes nothing it keeps."""
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 200, (3000, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 60, (3000, 2))], 1)
+    scores, classes = rng.uniform(0, 1, 3000), rng.integers(0, 5, 3000)
+    full = nms(boxes, scores, classes, iou=0.5)
+    assert len(full) > 100
+    for limit in (1, 37, 100, len(full), 10 * len(full)):
+        assert nms(boxes, scores, classes, iou=0.5, limit=limit).tolist() == full[:limit].tolist()
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"conf": 1.5}, {"conf": -0.1}, {"conf": math.nan}, {"iou": 2}, {"iou": -1}, {"max_detections": 0},

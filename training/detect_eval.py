@@ -25,7 +25,7 @@ def predictions_in_pixels(
     for b, s, size in zip(boxes, scores, sizes, strict=True):
         cand_boxes, cand_scores, cand_cls = trained_boxes(b, s, params)
         cand_boxes = geometry(size, spec).to_original(cand_boxes)
-        keep = nms(cand_boxes, cand_scores, cand_cls, params.iou)[: params.max_detections]
+        keep = nms(cand_boxes, cand_scores, cand_cls, params.iou, params.max_detections)
         out.append({"boxes": cand_boxes[keep], "scores": cand_scores[keep], "labels": cand_cls[keep]})
     return out
 

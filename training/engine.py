@@ -243,7 +243,7 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
         raise ValueError(f"The features of this run would take {need / 2**30:.1f} GiB in memory (and as much in the "
                          f"feature cache), over --max-feature-gb {cfg.max_feature_gb}. Lower --views ({job.views}) or "
                          "--input-size, or raise --max-feature-gb if the machine has the memory.")  # fmt: skip
-    job.training["feature_gib"] = round(need / 2**30, 3)
+    job.training["feature_gib"] = round(need / 2**30, 6)
     log.info("features: %.2f GiB in memory (%s), as much in the cache", need / 2**30, np.dtype(layout.dtype).name)
     job.cache = FeatureCache(None if cfg.no_cache else (cfg.cache_dir or default_cache_dir()))
     ns = dict(task=task.name, backbone=b.name, weights=b.weights_sha256, spec=job.spec.to_dict())

@@ -86,15 +86,18 @@ def box_iou_giou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def pyramid_loss(
-    boxes: torch.Tensor, logits: torch.Tensor, tcls: torch.Tensor, tbox: torch.Tensor, box_weight: float = 2.0
-) -> tuple[torch.Tensor, dict]:
-    """Decoded boxes (N, P, 4), class logits (N, P, K) against :func:`assign`'s targets (N, P), (N, P, 4)."""
+    boxes: torch.Tensor, logits: torch.Tensor, tcls: torch.Tensor, tbox: torch.Tensor, box_weight: float = 2.0,
+    quality_target: bool = True,
+) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """Decoded boxes (N, P, 4), class logits (N, P, K) against :func:`assign`'s targets (N, P), (N, P, 4).
+    ``quality_target=False`` trains an assigned cell's class towards 1 instead of its IoU (a plain focal loss, γ 2):
+    the ablation ``benchmarks/localize_eval.py --ablate`` measures."""
     pos = tcls >= 0
     npos = max(int(pos.sum()), 1)
     target = torch.zeros_like(logits)
     if pos.any():
         iou, giou = box_iou_giou(boxes[pos], tbox[pos].float())
-        target[pos, tcls[pos].long()] = iou.detach().clamp(min=0)
+        target[pos, tcls[pos].long()] = iou.detach().clamp(min=0) if quality_target else 1.0
         box = (1 - giou).sum() / npos
     else:
         box = logits.sum() * 0

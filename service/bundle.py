@@ -201,8 +201,10 @@ def served_precision(manifest: Manifest, variant: str, runtime: str, precision: 
     if check is None:
         return "fp32", "bf16 was not measured for this bundle at export (re-export to measure it); serving fp32"
     if not check.get("allowed"):
-        return "fp32", (f"bf16 failed the export's check (top-1 agreement {check['top1_agreement']:.2%}, "
-                        f"{check.get('accuracy_drop', 0) * 100:.1f} accuracy points lost); serving fp32")  # fmt: skip
+        diffs = check.get("max_abs_diff")
+        lost = (f"box scores moved by up to {diffs['scores']:.3f}" if isinstance(diffs, dict) and "scores" in diffs
+                else f"{check.get('accuracy_drop', 0) * 100:.1f} accuracy points lost")  # fmt: skip
+        return "fp32", f"bf16 failed the export's check (top-1 agreement {check['top1_agreement']:.2%}, {lost}); serving fp32"
     return "bf16", f"bf16 passed the export's check (top-1 agreement {check['top1_agreement']:.2%})"
 
 

@@ -332,6 +332,11 @@ def test_bf16_is_served_only_where_the_export_allowed_it(hymenoptera_bundle):
     refused = {"fp32": {"openvino-bf16": {"allowed": False, "top1_agreement": 0.95, "accuracy_drop": 0.03}}}
     precision, why = served_precision(dataclasses.replace(m, runtimes=refused), "fp32", "openvino")
     assert precision == "fp32" and "bf16 failed the export's check" in why and "3.0 accuracy points" in why
+    # a detector's check fails on its box scores, and the reason says so
+    refused = {"fp32": {"openvino-bf16": {"allowed": False, "top1_agreement": 1.0,
+                                          "max_abs_diff": {"probabilities": 0.01, "boxes": 0.2, "scores": 0.08}}}}  # fmt: skip
+    precision, why = served_precision(dataclasses.replace(m, runtimes=refused), "fp32", "openvino")
+    assert precision == "fp32" and "box scores moved by up to 0.080" in why
     precision, why = served_precision(dataclasses.replace(m, runtimes=None), "fp32", "openvino")
     assert precision == "fp32" and "not measured" in why
 

@@ -615,3 +615,30 @@ def test_detector_boxes_agree_on_openvino_and_onnxruntime(detector_bundle):
     served = load_bundle(detector_bundle.bundle_dir)  # the default: OpenVINO, bf16 only if the export allowed it
     assert served.runtime == "openvino"
     assert detector_bundle.manifest.runtimes["fp32"]["openvino"]["allowed"]
+
+
+@pytest.mark.slow
+def test_int8_detector_on_real_features_keeps_its_boxes_and_ap(detector_run, tmp_path):
+    """``export --int8`` of the coco128 detector (pretrained MobileNetV2): the export's own gate passes (AP50 on the
+    validation images within 1 point of fp32), and the served int8 boxes are the fp32 ones."""
+    from service.bundle import load_bundle
+    from service.preprocess import decode_image
+    from training.export import export_bundle
+
+    run, _ = detector_run
+    result = export_bundle(run, tmp_path / "b8", int8=True, store=False)  # no --force: the gate must pass
+    info = result.manifest.int8
+    assert info["metric"] == "map50" and info["images"] == 16
+    assert info["map50_fp32"] > 0 and info["drop"] <= 0.01 and info["max_abs_score_diff"] < 0.1
+    images = [decode_image(p) for p in sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[-6:]]
+    params = LocalizeParams(conf=0.1, iou=0.5, max_detections=5)
+    fp32, int8 = (load_bundle(result.bundle_dir, variant=v, runtime="onnxruntime") for v in ("fp32", "int8"))
+    found = 0
+    for a, b in zip(localize_images(fp32, images, params), localize_images(int8, images, params), strict=True):
+        for d in a["detections"][:1]:  # each image's best fp32 box has an int8 twin: same class, IoU >= 0.7
+            box = np.array([d["box"][k] for k in ("x1", "y1", "x2", "y2")])
+            twins = [np.array([e["box"][k] for k in ("x1", "y1", "x2", "y2")]) for e in b["detections"]
+                     if e["label"] == d["label"]]  # fmt: skip
+            assert twins and max(box_iou(box, np.stack(twins))) >= 0.7, (d, b["detections"])
+            found += 1
+    assert found >= 3

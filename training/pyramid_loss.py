@@ -1,11 +1,12 @@
 """Targets and loss of the multi-scale detector (``models/pyramid.py``).
 
 Assignment (static, computed once per cached view): an object is handled by the level whose range fits its size
-(half its longer side at most 4 strides of 8 on stride 8, up to 4 strides of 16 on stride 16, the rest on stride
-32: FCOS's size ranges, halved for 3 levels at 256-640 px instead of 5 at 800) and, on that level, by the cells whose centre lies inside the box and
-within ``radius`` strides of the box centre ("centre sampling"); an object too small to hold a cell centre gets the
-cell under its centre. A cell claimed by two objects goes to the smaller one. Static assignment suits 128 images:
-no early, noisy predictions decide what the head is taught, and the targets are cached with the features.
+(half its longer side at most 4 strides of 8 on stride 8, up to 4 strides of 16 on stride 16, the rest on stride 32:
+FCOS's size ranges, halved for 3 levels at 256-640 px instead of 5 at 800) and, on that level, by the cells whose
+centre lies inside the box and within ``radius`` strides of the box centre ("centre sampling"); an object too small
+to hold a cell centre gets the cell under its centre. A cell claimed by two objects goes to the smaller one. Static
+assignment suits 128 images: no early, noisy predictions decide what the head is taught, and the targets are
+computed once, from the boxes cached with each view.
 
 Loss: classification with the quality focal loss (GFL): the target of an assigned cell's class is the IoU of its
 predicted box with the object (0 elsewhere), weighted by |σ - target|², so the scores that rank detections for NMS

@@ -16,8 +16,9 @@ with, on that fold's held-out images (not the validation images the export's gat
 
     .venv/bin/python benchmarks/localize_eval.py [--folds 4] [--frcnn-epochs 12] [--skip grid,faster-rcnn]
 
-``--ablate`` adds, for person only, variants of the pyramid detector that each change one default (no mosaic, 384 px,
-every cell inside a box assigned (no centre sampling), a plain focal loss instead of the IoU-quality target), on the same folds.
+``--ablate [NAMES]`` adds, for person only, variants of the pyramid detector that each change one default (width 64,
+no mosaic, 384 px, every cell inside a box assigned (no centre sampling), a plain focal loss instead
+of the IoU-quality target), on the same folds: all of them, or the comma-separated names of ``ablations()``.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def ablations() -> dict[str, tuple[dict, dict]]:
     from training.pyramid_loss import assign, pyramid_loss
 
     return {
+        "width 64": ({"width": 64}, {}),
         "no mosaic": ({"mosaic": 0.0}, {}),
         "input 384": ({"input_size": 384}, {}),
         "no centre samp.": ({}, {"training.detect_fit.assign": partial(assign, radius=1e6)}),
@@ -224,7 +226,8 @@ def main() -> None:
     parser.add_argument("--frcnn-epochs", type=int, default=12)
     parser.add_argument("--frcnn-all", action="store_true", help="Faster R-CNN for all 80 classes too")
     parser.add_argument("--skip", default="", help="comma-separated: grid, faster-rcnn, pyramid, all-classes, latency")
-    parser.add_argument("--ablate", action="store_true", help="person only: pyramid variants (see ablations())")
+    parser.add_argument("--ablate", nargs="?", const="all", default="",
+                        help="person only: pyramid variants (see ablations()); all, or comma-separated names")
     parser.add_argument("--repeats", type=int, default=2, help="passes over 28 images for latency")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -248,6 +251,12 @@ def main() -> None:
             if what != "person" and not args.frcnn_all:
                 methods = [m for m in methods if m != "faster-rcnn"]
             variants = ablations() if args.ablate and what == "person" else {}
+            if args.ablate not in ("", "all"):
+                wanted = [n.strip() for n in args.ablate.split(",")]
+                unknown = [n for n in wanted if n not in variants]
+                if unknown:
+                    parser.error(f"unknown ablation {unknown}; choose from {list(ablations())}")
+                variants = {n: variants[n] for n in wanted}
             for method in methods + list(variants):
                 rows, seconds = [], []
                 for i in range(args.folds):

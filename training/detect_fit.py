@@ -112,13 +112,14 @@ def fit_pyramid(job: Job, head_cfg: PyramidHeadConfig) -> PyramidHead:
     per_level = np.split((tcls >= 0).sum(0).cpu().numpy(), np.cumsum([h * w for h, w in head_cfg.sizes])[:-1])
     job.training["assigned_cells_per_level"] = {f"stride_{s}": int(p.sum()) for s, p in zip(head_cfg.strides,
                                                                                            per_level, strict=True)}  # fmt: skip
-    head = PyramidHead(head_cfg).to(device)
+    # channels-last: oneDNN convolutions train faster so (benchmarks/pyramid_step.py); undone at the end
+    head = PyramidHead(head_cfg).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def step(idx: torch.Tensor, epoch: int) -> dict:
         idx = idx.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16) if job.bf16 else contextlib.nullcontext():
-            raw = head(flat[idx].float())
+            raw = head([m.contiguous(memory_format=torch.channels_last) for m in head.split(flat[idx].float())])
         boxes, logits = head.decode([r.float() for r in raw], logits=True)
         loss, parts = pyramid_loss(boxes, logits, tcls[idx], tbox[idx])
         opt.zero_grad(set_to_none=True)
@@ -126,4 +127,4 @@ def fit_pyramid(job: Job, head_cfg: PyramidHeadConfig) -> PyramidHead:
         opt.step()
         return {"train_loss": loss.item() * len(idx), **{k: v * len(idx) for k, v in parts.items()}}
 
-    return _run(job, head, opt, len(flat), step, ("class", "box"))
+    return _run(job, head, opt, len(flat), step, ("class", "box")).to(memory_format=torch.contiguous_format)

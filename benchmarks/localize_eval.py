@@ -16,7 +16,7 @@ with, on that fold's held-out images (not the validation images the export's gat
 
     .venv/bin/python benchmarks/localize_eval.py [--folds 4] [--frcnn-epochs 12] [--skip grid,faster-rcnn]
 
-``--ablate [NAMES]`` adds, for person only, variants of the pyramid detector that each change one default (width 64,
+``--ablate [NAMES]`` adds, for person only, variants of the pyramid detector that each change one default (width 128,
 no mosaic, 384 px, every cell inside a box assigned (no centre sampling), a plain focal loss instead
 of the IoU-quality target), on the same folds: all of them, or the comma-separated names of ``ablations()``.
 """
@@ -115,7 +115,7 @@ def ablations() -> dict[str, tuple[dict, dict]]:
     from training.pyramid_loss import assign, pyramid_loss
 
     return {
-        "width 64": ({"width": 64}, {}),
+        "width 128": ({"width": 128}, {}),
         "no mosaic": ({"mosaic": 0.0}, {}),
         "input 384": ({"input_size": 384}, {}),
         "no centre samp.": ({}, {"training.detect_fit.assign": partial(assign, radius=1e6)}),

@@ -95,7 +95,7 @@ class PyramidHeadConfig:
     num_classes: int
     input_size: int = 512
     strides: tuple[int, ...] = STRIDES
-    width: int = 128
+    width: int = 64
     dropout: float = 0.1
 
     def __post_init__(self) -> None:

@@ -135,7 +135,7 @@ class DetectConfig(RunConfig):
                        "stride-32 grid (the first detector)", group="detection", choices=("pyramid", "grid"))  # fmt: skip
     input_size: int = option(512, "square input, letterboxed (512: grids of 64, 32 and 16 cells)",
                              group="detection")  # fmt: skip
-    width: int = option(128, "channels of the pyramid neck and head (--head pyramid)", group="detection")
+    width: int = option(64, "channels of the pyramid neck and head (--head pyramid)", group="detection")
     mosaic: float = option(0.5, "share of training views that are a 2x2 mosaic of four training images "
                            "(--head pyramid)", group="detection")  # fmt: skip
     classes: str = option("", "train on these classes only (comma-separated names); default all", group="data")

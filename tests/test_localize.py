@@ -632,10 +632,12 @@ def test_int8_detector_on_real_features_keeps_its_boxes_and_ap(detector_run, tmp
     assert info["metric"] == "map50" and info["images"] == 16
     assert info["map50_fp32"] > 0 and info["drop"] <= 0.01 and info["max_abs_score_diff"] < 0.1
     images = [decode_image(p) for p in sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[-6:]]
-    params = LocalizeParams(conf=0.1, iou=0.5, max_detections=5)
+    # a box scoring just above the fp32 threshold may fall just below it in int8 (scores move by up to 0.1), so the
+    # int8 twins are looked for among all of int8's boxes, not only those above the fp32 threshold
+    params, loose = LocalizeParams(conf=0.1, iou=0.5, max_detections=5), LocalizeParams(conf=0.0, iou=0.5)
     fp32, int8 = (load_bundle(result.bundle_dir, variant=v, runtime="onnxruntime") for v in ("fp32", "int8"))
     found = 0
-    for a, b in zip(localize_images(fp32, images, params), localize_images(int8, images, params), strict=True):
+    for a, b in zip(localize_images(fp32, images, params), localize_images(int8, images, loose), strict=True):
         for d in a["detections"][:1]:  # each image's best fp32 box has an int8 twin: same class, IoU >= 0.7
             box = np.array([d["box"][k] for k in ("x1", "y1", "x2", "y2")])
             twins = [np.array([e["box"][k] for k in ("x1", "y1", "x2", "y2")]) for e in b["detections"]

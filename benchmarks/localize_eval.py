@@ -228,7 +228,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--frcnn-epochs", type=int, default=12)
     parser.add_argument("--frcnn-all", action="store_true", help="Faster R-CNN for all 80 classes too")
-    parser.add_argument("--skip", default="", help="comma-separated: grid, faster-rcnn, pyramid, all-classes, latency")
+    parser.add_argument("--skip", default="", help="comma-separated: grid, faster-rcnn, pyramid, person, all-classes, latency")
     parser.add_argument("--ablate", nargs="?", const="all", default="",
                         help="person only: pyramid variants (see ablations()); all, or comma-separated names")
     parser.add_argument("--repeats", type=int, default=2, help="passes over 28 images for latency")
@@ -242,7 +242,9 @@ def main() -> None:
     busy = check_idle()
     print(machine_line() + f"; other CPU use before: {busy:.0%}")
     full = scan_yolo_dataset(COCO, val_fraction=0.2)
-    settings = [("person", keep_classes(full, ["person"]))] + ([] if "all-classes" in skip else [("all 80", full)])
+    settings = ([] if "person" in skip else [("person", keep_classes(full, ["person"]))]) + (
+        [] if "all-classes" in skip else [("all 80", full)]
+    )
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

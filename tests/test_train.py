@@ -297,9 +297,16 @@ def test_a_detection_run_resumes_after_interruption_with_the_same_head(tmp_path,
 
 
 def test_a_run_whose_features_would_not_fit_the_memory_bound_stops_before_extracting(tiny_folder, tmp_path, cache_dir):
-    with pytest.raises(ValueError, match=r"would take .* GiB in memory .* over --max-feature-gb 1e-06\. Lower --views"):
-        train(tiny_config(tiny_folder, tmp_path / "run", cache_dir, max_feature_gb=1e-6))
+    with pytest.raises(ValueError, match=r"would take .* GiB in memory .* over --max-feature-gb 1e-09\. Not even 1 view "
+                       r"per image fits: lower --input-size"):  # fmt: skip
+        train(tiny_config(tiny_folder, tmp_path / "run", cache_dir, max_feature_gb=1e-9))
     assert not cache_dir.exists() or not any(cache_dir.rglob("*.npy"))
     run_dir = train(tiny_config(tiny_folder, tmp_path / "ok", cache_dir, epochs=2))
-    gib = json.loads((run_dir / "metrics.json").read_text())["training"]["feature_gib"]
-    assert 0 < gib < 0.01
+    training = json.loads((run_dir / "metrics.json").read_text())["training"]
+    gib, views = training["feature_gib"], training["views"]
+    assert 0 < gib < 0.01 and views == 3
+    # a bound of about 2.5 views per image: the error names how many views do fit (2), and 2 views then train
+    bound = gib * 2.5 / 3
+    with pytest.raises(ValueError, match=r"Lower --views \(3; at most 2 fit\) or --input-size"):
+        train(tiny_config(tiny_folder, tmp_path / "run2", cache_dir, max_feature_gb=bound))
+    assert train(tiny_config(tiny_folder, tmp_path / "two", cache_dir, epochs=2, views=2, max_feature_gb=bound))

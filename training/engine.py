@@ -235,14 +235,24 @@ def feature_bytes(layout: FeatureLayout, train_images: int, views: int, val_imag
     return (train_images * views + val_images) * int(np.prod(layout.shape)) * np.dtype(layout.dtype).itemsize
 
 
+def fitting_views(layout: FeatureLayout, train_images: int, val_images: int, max_gb: float) -> int:
+    """The most views per training image whose features stay within ``max_gb`` GiB (0 when not even one does)."""
+    per_map = feature_bytes(layout, 1, 1, 0)
+    return max(0, int((max_gb * 2**30 // per_map - val_images) // max(train_images, 1)))
+
+
 def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
     """Features of every training view (augmented, bf16 where it pays) and of the clean validation images (fp32)."""
     cfg, b = job.cfg, job.backbone
-    need = feature_bytes(layout, len(job.report.splits["train"]), job.views, len(job.report.splits["val"]))
+    n_train, n_val = len(job.report.splits["train"]), len(job.report.splits["val"])
+    need = feature_bytes(layout, n_train, job.views, n_val)
     if need > cfg.max_feature_gb * 2**30:
+        fits = fitting_views(layout, n_train, n_val, cfg.max_feature_gb)
+        lower = (f"Lower --views ({job.views}; at most {fits} fit) or --input-size" if fits else
+                 "Not even 1 view per image fits: lower --input-size")  # fmt: skip
         raise ValueError(f"The features of this run would take {need / 2**30:.1f} GiB in memory (and as much in the "
-                         f"feature cache), over --max-feature-gb {cfg.max_feature_gb}. Lower --views ({job.views}) or "
-                         "--input-size, or raise --max-feature-gb if the machine has the memory.")  # fmt: skip
+                         f"feature cache), over --max-feature-gb {cfg.max_feature_gb}. {lower}, or raise "
+                         "--max-feature-gb if the machine has the memory.")  # fmt: skip
     job.training["feature_gib"] = round(need / 2**30, 6)
     log.info("features: %.2f GiB in memory (%s), as much in the cache", need / 2**30, np.dtype(layout.dtype).name)
     job.cache = FeatureCache(None if cfg.no_cache else (cfg.cache_dir or default_cache_dir()))

@@ -5,18 +5,18 @@ handful of images, so whether that choice means anything is worth seeing. This t
 ``benchmarks/localize_eval.py`` (coco128, person only, the same folds for the same seed) evaluating after every
 epoch, keeps the head's weights at each evaluation, then scores every one of them on the fold's held-out images:
 
-    .venv/bin/python benchmarks/detect_curve.py [--seed 0] [--fold 2] [--folds 3] [--set views=4 --set epochs=30]
+    .venv/bin/python benchmarks/detect_curve.py [--seed 0] [--fold 2] [--folds 3] [--views 4 --epochs 30]
 
 It prints one line per epoch (validation mAP@0.5 on the fold's validation fifth, held-out AP50) and which epoch the
 run selected. A curve whose held-out AP jumps from epoch to epoch while the training loss falls is a head that
-memorises its views: the epoch picked is then a lottery. Diagnostic only: it trains with ``patience`` off.
+memorises its views: the epoch picked is then a lottery. Any option of `headstart train` for detection
+changes the run (validation every epoch and no early stopping unless given). Diagnostic only.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -27,43 +27,38 @@ from localize_eval import COCO, headstart_fold
 import training.detect_fit as detect_fit
 
 
-def parse_sets(items: list[str]) -> dict:
-    """``--set name=value`` pairs, typed as the DetectConfig field of that name."""
+def main() -> None:
+    from training.cli import add_config_options
     from training.tasks import DetectConfig
 
-    fields = {f.name: f for f in dataclasses.fields(DetectConfig)}
-    options = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or name not in fields:
-            raise SystemExit(f"--set {item!r}: use NAME=VALUE with a DetectConfig option, e.g. views=4")
-        kind = type(fields[name].default)
-        options[name] = kind(value) if kind in (int, float, str) else value
-    return options
-
-
-def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--fold", type=int, default=1, help="which fold is held out, 1-based as localize_eval prints")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="a detection option other than its default, e.g. views=4 (repeatable)")  # fmt: skip
+    add_config_options(parser, DetectConfig)  # `headstart train`'s detection options; --seed also cuts the folds
     args = parser.parse_args()
     if not 1 <= args.fold <= args.folds:
         parser.error(f"--fold must be between 1 and --folds ({args.folds})")
+    given = {k: v for k, v in vars(args).items() if k not in ("folds", "fold")}
+    seed = given.pop("seed", 0)
+    # what localize_eval.headstart_fold and the fold itself decide: the backbone, the data, the run's housekeeping
+    fixed = [k for k in ("backbone", "pretrained", "weights", "val_fraction", "classes", "cache_dir", "no_cache",
+                         "resume", "overwrite", "progress") if k in given]  # fmt: skip
+    if fixed:
+        field = DetectConfig.__dataclass_fields__[fixed[0]]
+        parser.error(f"{field.metadata['flag'] or '--' + fixed[0].replace('_', '-')} is set by this benchmark: "
+                     "MobileNetV2 on coco128's person boxes, the fold's own validation fifth")  # fmt: skip
 
     from training.crossval import fold_report, make_folds
     from training.detect_data import keep_classes, scan_yolo_dataset
     from training.detect_eval import evaluate_detector
     from training.load import load_run
 
-    options = {"eval_every": 1, "patience": 10**6, **parse_sets(args.set)}
+    options = {"eval_every": 1, "patience": 10**6, **given}
     busy = check_idle()
     print(machine_line() + f"; other CPU use before: {busy:.0%}")
     report = keep_classes(scan_yolo_dataset(COCO, val_fraction=0.2), ["person"])
     pooled = [s for items in report.splits.values() for s in items]
-    folds = make_folds(pooled, args.folds, args.seed)
+    folds = make_folds(pooled, args.folds, seed)
 
     snapshots: list[tuple[dict, dict]] = []
     original_fit = detect_fit.fit
@@ -81,11 +76,11 @@ def main() -> None:
         return original_fit(phase, schedule, checkpoint, progress)
 
     with tempfile.TemporaryDirectory() as tmp:
-        selected, seconds, run_dir = headstart_fold(report, folds, args.fold - 1, options, Path(tmp), args.seed,
+        selected, seconds, run_dir = headstart_fold(report, folds, args.fold - 1, options, Path(tmp), seed,
                                                     {"training.detect_fit.fit": recording_fit})  # fmt: skip
-        _, test = fold_report(report, folds, args.fold - 1, 0.2, args.seed)
+        _, test = fold_report(report, folds, args.fold - 1, 0.2, seed)
         run = load_run(run_dir)
-        print(f"seed {args.seed}, fold {args.fold} of {args.folds}, options {options}: {len(test)} held-out images, "
+        print(f"seed {seed}, fold {args.fold} of {args.folds}, options {options}: {len(test)} held-out images, "
               f"trained in {seconds:.0f} s")  # fmt: skip
         print(f"{'epoch':>6} {'val mAP50':>10} {'held-out AP50':>14}")
         for k, (state, row) in enumerate(snapshots):

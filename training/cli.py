@@ -50,9 +50,16 @@ def _add_crossval(sub) -> None:
     p.add_argument("data_dir", help="a YOLO data set (a folder with data.yaml, or the yaml itself)")
     p.add_argument("--out", required=True, help="folder for the fold runs and crossval.json")
     p.add_argument("--folds", type=int, default=4, help="number of folds (default 4)")
-    from training.config import DetectConfig, cli_fields
+    from training.config import DetectConfig
 
-    _add_options(p, {k: {"field": f, "defaults": {"detect": f.default}} for k, f in cli_fields(DetectConfig).items()})
+    add_config_options(p, DetectConfig)
+
+
+def add_config_options(p, config) -> None:
+    """The command-line options of one task's config (`headstart crossval`, benchmarks/detect_curve.py)."""
+    from training.config import cli_fields
+
+    _add_options(p, {k: {"field": f, "defaults": {config.task: f.default}} for k, f in cli_fields(config).items()})
 
 
 def _add_options(p, options: dict[str, dict]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -13,13 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HEADSTART_SHARED", ROOT.parent / "shared"))
 
 
-def machine_line() -> str:
-    import torch
+def machine_line(torch: bool = True) -> str:
+    """Where a benchmark ran: the CPU (model and the extensions that decide the kernels: AMX, AVX-512 BF16/VNNI,
+    AVX2), python, and torch with its threads (``torch=False`` for the scripts that do not load it)."""
+    from service.cpu import cpu_info
 
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), python {sys.version.split()[0]}"
-    )
+    line = f"{cpu_info().summary()}; python {sys.version.split()[0]}"
+    if torch:
+        import torch as _torch
+
+        line += f", torch {_torch.__version__} ({_torch.get_num_threads()} threads)"
+    return line
 
 
 def _cpu_times() -> tuple[int, int]:

@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 
-from _common import ROOT, SHARED, check_idle
+from _common import ROOT, SHARED, check_idle, machine_line
 
 CHILD = r"""
 import json, resource, sys, time
@@ -70,6 +70,7 @@ def run(case: str, how: str) -> dict:
 
 
 def main() -> None:
+    print(machine_line(torch=False))
     check_idle()
     print(
         f"{'case':<22} {'input':>9} | {'naive s':>8} {'MiB':>6} {'outcome':<34} | {'headstart s':>11} {'MiB':>5} outcome"

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import SHARED, check_idle
+from _common import SHARED, check_idle, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg"))
@@ -93,6 +93,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.model, args.seconds)
         return
+    print(machine_line(torch=False))
     busy = check_idle()
     print(f"other CPU use before: {busy:.0%}; {args.seconds:.0f} s per case, RSS in MiB")
     results = {}

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import SHARED, check_idle, rss_mib, running_server
+from _common import SHARED, check_idle, machine_line, rss_mib, running_server
 
 IMAGES = sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg"))
 
@@ -141,6 +141,7 @@ def main() -> None:
                         help="classify_batch: one image per request, merged by adaptive batching")  # fmt: skip
     parser.add_argument("--runtime", default="auto", choices=["auto", "openvino", "onnxruntime"])
     args = parser.parse_args()
+    print(machine_line(torch=False))
     busy = check_idle()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_bundle(tmp)

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import SHARED, check_idle, rss_mib, running_server
+from _common import SHARED, check_idle, machine_line, rss_mib, running_server
 from serve_load import make_bundle, multipart
 
 GOOD = sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg"))
@@ -93,6 +93,7 @@ def main() -> None:
         help="serve with HEADSTART_MEMORY_ARENA=0 (flat memory, lower throughput)",
     )
     args = parser.parse_args()
+    print(machine_line(torch=False))
     busy = check_idle()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_bundle(tmp)

@@ -27,6 +27,7 @@ from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
 from service.bundle import Bundle, BundleError, load_bundle, verify_bundle
+from service.cpu import cpu_info
 from service.guard import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, RequestGuard, current_request
 from service.inference import classify_arrays, classify_images, top_k
 from service.localize import LocalizeError, LocalizeParams, draw_detections, localize_images
@@ -36,6 +37,8 @@ from service.webpage import WebPage
 
 log = logging.getLogger("headstart.service")
 T = TypeVar("T")
+#: The CPU /info reports beside the runtime and precision: they decide which kernels run, and so the speed.
+CPU = {k: v for k, v in cpu_info().to_dict().items() if k in ("model_name", "cores", "kind", "extensions")}
 
 
 def default_model_ref() -> str:
@@ -172,6 +175,7 @@ class InfoResponse(BaseModel):
     providers: list[str]
     variant: str
     max_request_bytes: int
+    cpu: dict  # model, cores, kind and the extensions that decide the kernels (AMX, AVX-512 BF16/VNNI, AVX2)
 
 
 def _decode(path: Path):
@@ -216,8 +220,9 @@ class Headstart:
         # spread over the pool, memory rose in steps for minutes. On one thread it stays flat, at the same throughput
         # (benchmarks/RESULTS.md, "Memory"): BentoML runs one request per worker at a time anyway.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="headstart-inference")
-        log.info("headstart serving %s:%s (%s file) on %s: %s", self.bundle.name, self.bundle.version,
-                 self.bundle.variant, self.bundle.session.describe(), self.bundle.precision_note)  # fmt: skip
+        log.info("headstart serving %s:%s (%s file) on %s: %s; CPU %s", self.bundle.name, self.bundle.version,
+                 self.bundle.variant, self.bundle.session.describe(), self.bundle.precision_note,
+                 cpu_info().summary())  # fmt: skip
 
     def _on_worker(self, fn: Callable[..., T], *args, one_request: bool = True) -> T:
         """Run ``fn`` on the inference thread, unless by its turn the client has left or the time is up.
@@ -318,7 +323,7 @@ class Headstart:
             metrics=m.metrics, runtime=self.bundle.runtime, device=self.bundle.session.device,
             precision=self.bundle.precision, precision_note=self.bundle.precision_note,
             providers=self.bundle.providers, variant=self.bundle.variant,
-            max_request_bytes=MAX_REQUEST_BYTES,
+            max_request_bytes=MAX_REQUEST_BYTES, cpu=CPU,
         )  # fmt: skip
 
 

@@ -79,17 +79,25 @@ def test_batch_localize_boxes_equal_the_services(tiny_bundle, tmp_path, local_ra
 
 
 def test_batch_spreads_over_a_two_node_cluster_with_the_same_output(tiny_bundle, tmp_path):
+    """Both nodes run an actor, whatever the machine's load: placement allows one actor per node (nodes of 2 CPUs,
+    actors of 1.5: a second does not fit, and the CPU left is for Ray's own tasks), and Ray Data starts the whole
+    pool before it hands out a block and gives each block to the least busy actor, not the one beside the data. (With
+    two 0.5-CPU actors on 1-CPU nodes, one actor under load once took all 26 images before the other started.)"""
     from ray.cluster_utils import Cluster
 
     paths, listing = source_list(tmp_path, n=24)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
+    context = ray.data.DataContext.get_current()
+    saved = context.wait_for_min_actors_s, context.execution_options.actor_locality_enabled
+    context.wait_for_min_actors_s, context.execution_options.actor_locality_enabled = 300, False
     try:
         summary = predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "two", top_k=2, part_size=8,
-                                batch_size=2, actors=2, cpus_per_actor=0.5, ray_address=cluster.address,
+                                batch_size=2, actors=2, cpus_per_actor=1.5, ray_address=cluster.address,
                                 progress=False)  # fmt: skip
     finally:
+        context.wait_for_min_actors_s, context.execution_options.actor_locality_enabled = saved
         ray.shutdown()
         cluster.shutdown()
     assert len(summary["nodes"]) == 2, summary  # an actor on each node

@@ -136,8 +136,9 @@ def test_mutated_images_over_http_never_get_a_server_error(server):
 #: Growth of the server's resident memory (both workers) allowed while it answers the memory bombs: the largest
 #: image accepted (64 MP, here 16-bit) needs about 400 MiB while it is decoded (benchmarks/RESULTS.md).
 BOMB_RSS_BOUND_MIB = 768
-#: Time within which the scan-count bomb is answered (it is refused before decoding; decoding took 1.3 s).
-SCAN_BOMB_SECONDS = 1.0
+#: Time within which each bomb is answered: a hang guard, generous for a loaded 2-core machine. That they are refused
+#: before decoding is shown by their messages (only the header checks give them) and, counted, in test_preprocess.py.
+BOMB_SECONDS = 10.0
 
 
 @pytest.mark.slow
@@ -166,7 +167,7 @@ def test_memory_and_cpu_bombs_are_answered_at_once_within_a_memory_bound(server)
                     resp = http.post("/classify", files={"image": ("x", data, ctype)})
                     elapsed = time.perf_counter() - start
                     assert resp.status_code == 400 and message in resp.text, (name, resp.text)
-                    assert elapsed < SCAN_BOMB_SECONDS, (name, elapsed)
+                    assert elapsed < BOMB_SECONDS, f"{name} answered in {elapsed:.2f} s"
                 files = [("images", (f"{i}.png", big16, "image/png")) for i in range(3)]
                 resp = http.post("/classify_batch", files=files)
                 assert resp.status_code == 200 and all(not item["error"] for item in resp.json()), resp.text[

@@ -260,6 +260,11 @@ def test_asgi_info_health_and_openapi(client):
     # the default runtime on a CPU: OpenVINO, in bf16 only because the export verified it
     assert (info["runtime"], info["device"]) == ("openvino", "cpu")
     assert info["precision"] in ("fp32", "bf16") and "check" in info["precision_note"]
+    from service.cpu import cpu_info
+
+    # the CPU beside them: its kind decides the kernels (AMX, AVX-512 BF16, ...), and whether bf16 is possible at all
+    assert info["cpu"]["kind"] == cpu_info().kind and info["cpu"]["cores"] >= 1
+    assert info["precision"] == "fp32" or info["cpu"]["kind"] in ("AMX", "AVX-512 BF16")
     assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
     spec = client.get("/docs.json").json()
     for route in ("/classify", "/classify_batch", "/info"):

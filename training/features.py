@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from service.cpu import cpu_info
 from service.preprocess import decode_image
 from training.runs import atomic_write_bytes
 
@@ -51,18 +52,9 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     """Whether augmented training views are extracted in bf16: asked for, or ``auto`` where bf16 units exist."""
     if precision != "auto":
         return precision == "bf16"
-    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
-
-
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 units (AMX tiles or AVX-512 BF16), where bf16 convolutions run several times
-    faster than fp32 (measured 3-4x for MobileNetV2 here with channels_last)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-        return "amx_bf16" in flags or "avx512_bf16" in flags
-    except OSError:
-        return False
+    # on CPUs: native bf16 units (AMX tiles or AVX-512 BF16), where bf16 convolutions run several times faster than
+    # fp32 (benchmarks/feature_extraction.py)
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_info().has_bf16
 
 
 class FeatureCache:

@@ -1,0 +1,57 @@
+"""The package installs whole (pyproject.toml): a wheel built from the checkout, installed without ``-e`` in a fresh
+virtual environment, trains and exports from outside the checkout. CI installs with ``-e``, which hides a package or
+a data file the wheel leaves out."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, make_image_folder
+
+
+def run(cmd: list, cwd: Path, env: dict, timeout: float = 600) -> str:
+    out = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_a_built_wheel_installs_whole_and_trains_and_exports_outside_the_checkout(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist",
+         ROOT], tmp_path, env)  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("headstart-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = {str(p.relative_to(ROOT)) for top in ("service", "training", "models") for p in (ROOT / top).rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}  # fmt: skip
+    assert sources <= names, f"the wheel leaves out {sorted(sources - names)}"
+
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", venv], tmp_path, env)
+    python, headstart = venv / "bin" / "python", venv / "bin" / "headstart"
+    run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], tmp_path, env)
+    site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, env).strip())
+    # the dependencies (torch, onnxruntime, ...) from the test environment: a .pth line adds its folder to sys.path,
+    # after the fresh environment's own, and runs none of the hooks in it (the editable install's among them)
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = run([python, "-c", "import service, training, training.tasks, models; print(training.__file__)"], elsewhere,
+                env)  # fmt: skip
+    assert Path(where.strip()).is_relative_to(site), f"training was imported from {where.strip()}, not the wheel"
+    assert "train" in run([headstart, "--help"], elsewhere, env)
+    data = make_image_folder(elsewhere / "data", {"red": 6, "blue": 6}, splits={"train": 0.5, "val": 0.5})
+    run([headstart, "train", data, "--out", elsewhere / "run", "--backbone", "test_resnet", "--no-pretrained",
+         "--views", "1", "--epochs", "2", "--no-progress", "--cache-dir", elsewhere / "cache"], elsewhere, env)  # fmt: skip
+    out = run([headstart, "export", elsewhere / "run", "--out", elsewhere / "bundle", "--no-store"], elsewhere, env)
+    assert (elsewhere / "bundle" / "manifest.json").is_file(), out
+    kubernetes = site / "service" / "kubernetes" / "headstart.yaml"
+    assert kubernetes.is_file(), "the Kubernetes manifests are not installed"

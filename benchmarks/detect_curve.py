@@ -24,7 +24,7 @@ import torch
 from _common import check_idle, machine_line
 from localize_eval import COCO, headstart_fold
 
-import training.detect_fit as detect_fit
+import training.tasks.detect.fit as detect_fit
 
 
 def main() -> None:
@@ -48,10 +48,10 @@ def main() -> None:
         parser.error(f"{field.metadata['flag'] or '--' + fixed[0].replace('_', '-')} is set by this benchmark: "
                      "MobileNetV2 on coco128's person boxes, the fold's own validation fifth")  # fmt: skip
 
-    from training.crossval import fold_report, make_folds
-    from training.detect_data import keep_classes, scan_yolo_dataset
-    from training.detect_eval import evaluate_detector
     from training.load import load_run
+    from training.tasks.detect.crossval import fold_report, make_folds
+    from training.tasks.detect.data import keep_classes, scan_yolo_dataset
+    from training.tasks.detect.metrics import evaluate_detector
 
     options = {"eval_every": 1, "patience": 10**6, **given}
     busy = check_idle()
@@ -77,7 +77,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         selected, seconds, run_dir = headstart_fold(report, folds, args.fold - 1, options, Path(tmp), seed,
-                                                    {"training.detect_fit.fit": recording_fit})  # fmt: skip
+                                                    {"training.tasks.detect.fit.fit": recording_fit})  # fmt: skip
         _, test = fold_report(report, folds, args.fold - 1, 0.2, seed)
         run = load_run(run_dir)
         print(f"seed {seed}, fold {args.fold} of {args.folds}, options {options}: {len(test)} held-out images, "

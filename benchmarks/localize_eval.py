@@ -49,7 +49,7 @@ def frcnn_fold(train: list, test: list, num_classes: int, epochs: int, seed: int
 
     from models import build_backbone
     from service.preprocess import decode_image
-    from training.detect_eval import ground_truth_in_pixels, mean_average_precision
+    from training.tasks.detect.metrics import ground_truth_in_pixels, mean_average_precision
 
     torch.manual_seed(seed)
     backbone = build_backbone("torchvision:mobilenet_v2", weights=str(WEIGHTS))
@@ -113,7 +113,7 @@ def ablations() -> dict[str, tuple[dict, dict]]:
     changes one choice of the default, to show what it is worth on the same folds."""
     from functools import partial
 
-    from training.pyramid_loss import assign, pyramid_loss
+    from training.tasks.detect.pyramid_loss import assign, pyramid_loss
 
     return {
         "width 128": ({"width": 128}, {}),
@@ -121,8 +121,8 @@ def ablations() -> dict[str, tuple[dict, dict]]:
         "views 8": ({"views": 8, "epochs": 15}, {}),
         "no mosaic": ({"mosaic": 0.0}, {}),
         "input 384": ({"input_size": 384}, {}),
-        "no centre samp.": ({}, {"training.detect_fit.assign": partial(assign, radius=1e6)}),
-        "focal, no IoU": ({}, {"training.detect_fit.pyramid_loss": partial(pyramid_loss, quality_target=False)}),
+        "no centre samp.": ({}, {"training.tasks.detect.fit.assign": partial(assign, radius=1e6)}),
+        "focal, no IoU": ({}, {"training.tasks.detect.fit.pyramid_loss": partial(pyramid_loss, quality_target=False)}),
     }
 
 
@@ -132,10 +132,10 @@ def headstart_fold(
     from contextlib import ExitStack
     from unittest import mock
 
-    from training.crossval import fold_report
-    from training.detect_eval import evaluate_detector
     from training.load import load_run
     from training.tasks import DetectConfig, train
+    from training.tasks.detect.crossval import fold_report
+    from training.tasks.detect.metrics import evaluate_detector
 
     fold, test = fold_report(report, folds, i, 0.2, seed)
     cfg = DetectConfig(data_dir=str(COCO), out=str(tmp / f"run-{i}"), backbone="torchvision:mobilenet_v2",
@@ -168,7 +168,11 @@ def bundle_ap(bundle_dir: Path, test: list, variant: str, runtime: str) -> tuple
     """AP of an exported bundle's file on held-out images, through the serving runtime (what a client gets)."""
     from service.bundle import load_bundle
     from service.preprocess import decode_image, preprocess_batch
-    from training.detect_eval import ground_truth_in_pixels, mean_average_precision, predictions_in_pixels
+    from training.tasks.detect.metrics import (
+        ground_truth_in_pixels,
+        mean_average_precision,
+        predictions_in_pixels,
+    )
 
     bundle = load_bundle(bundle_dir, variant=variant, runtime=runtime)
     boxes, scores, sizes = [], [], []
@@ -236,8 +240,8 @@ def main() -> None:
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
-    from training.crossval import make_folds
-    from training.detect_data import keep_classes, scan_yolo_dataset
+    from training.tasks.detect.crossval import make_folds
+    from training.tasks.detect.data import keep_classes, scan_yolo_dataset
 
     busy = check_idle()
     print(machine_line() + f"; other CPU use before: {busy:.0%}")
@@ -266,7 +270,7 @@ def main() -> None:
                 rows, seconds = [], []
                 for i in range(args.folds):
                     if method == "faster-rcnn":
-                        from training.crossval import fold_report
+                        from training.tasks.detect.crossval import fold_report
 
                         fold, test = fold_report(report, folds, i, 0.2, args.seed)
                         train_set = fold.splits["train"] + fold.splits["val"]

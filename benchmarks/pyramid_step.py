@@ -1,6 +1,6 @@
 """One training step of the pyramid detector's neck and head, memory layouts and widths compared in one run.
 
-``training/detect_fit.py`` trains the head channels-last under bf16 autocast (where the CPU has bf16 units): this
+``training/tasks/detect/fit.py`` trains the head channels-last under bf16 autocast (where the CPU has bf16 units): this
 measures why. Random maps shaped like MobileNetV2's stride-8/16/32 stages at 512 px (32, 96, 1280 channels), a batch
 of 32 (the default), forward + loss + backward + AdamW step; median of ``--repeats`` steps after a warm-up, each
 layout and width in turn, and the ratio against the contiguous (NCHW) layout at the same width.

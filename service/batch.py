@@ -29,7 +29,6 @@ from service.errors import HeadstartError
 
 log = logging.getLogger("headstart")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".mpo"}
 JOB = "_job.json"
 
 
@@ -45,6 +44,8 @@ def list_sources(source: str) -> list[str]:
     file (.txt: one path or URI per line; .csv and .parquet: a ``path`` column, else the first)."""
     path = Path(source)
     if path.is_dir():
+        from service.preprocess import IMAGE_SUFFIXES
+
         return sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if any(ch in source for ch in "*?["):
         return sorted(p for p in glob.glob(source, recursive=True) if Path(p).is_file())

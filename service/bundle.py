@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.contract import MANIFEST_SCHEMA_VERSION, ContractError, Manifest
+from service.contract import ContractError, Manifest
 from service.errors import HeadstartError
 from service.preprocess import PreprocessSpec
 from service.runtime import (
@@ -30,7 +30,6 @@ from service.runtime import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = MANIFEST_SCHEMA_VERSION
 MANIFEST = "manifest.json"
 MODEL_FP32 = "model.onnx"
 MODEL_INT8 = "model.int8.onnx"
@@ -87,6 +86,10 @@ class Bundle:
         return self.manifest.feature_map
 
     @property
+    def output_names(self) -> list[str]:
+        return self.manifest.output_names
+
+    @property
     def name(self) -> str:
         return self.manifest.name
 
@@ -108,10 +111,10 @@ class Bundle:
 
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:
         """pixels (N, 3, S, S) float32 in [0, 255] → every output, in the manifest's order."""
-        return self.session.run(self.manifest.output_names, pixels)
+        return self.session.run(self.output_names, pixels)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run(self.manifest.output_names[:1], pixels)[0]
+        return self.session.run(self.output_names[:1], pixels)[0]
 
 
 def read_manifest_dict(bundle_dir: Path) -> dict:

@@ -22,7 +22,6 @@ from service.preprocess import PreprocessSpec
 
 RUN_SCHEMA_VERSION = 1
 MANIFEST_SCHEMA_VERSION = 1
-TASKS = ("classify", "detect")
 
 
 class ContractError(HeadstartError, ValueError):
@@ -106,9 +105,9 @@ class RunRecord:
         _check_version(data["headstart_run"], RUN_SCHEMA_VERSION, "run record", source,
                        "Retrain with this version, or use the headstart that trained it.")  # fmt: skip
         _require(data, ("options", "backbone", "head"), "the run record", source)
-        task = data.get("task", "classify")
-        if task not in TASKS:
-            raise ContractError(f"{source}: unknown task {task!r}; this headstart knows {', '.join(TASKS)}.")
+        task = data.get("task", "classify")  # records written before there were tasks are classifiers
+        if not isinstance(task, str) or not task:
+            raise ContractError(f"{source}: the task must be a name, got {task!r}.")
         return cls(task=task, options=data["options"], backbone=BackboneRecord.from_dict(data["backbone"], source),
                    head=data["head"], data=data.get("data", {}), features=data.get("features", {}),
                    versions=data.get("versions", {}), schema_version=data["headstart_run"])  # fmt: skip
@@ -178,8 +177,7 @@ class Manifest:
         keys = ("name", "version", "task", "labels", "backbone", "head", "preprocess", "input", "outputs",
                 "metrics", "verification", "created", "headstart")  # fmt: skip
         _require(data, keys, "the manifest", source)
-        if data["task"] not in TASKS:
-            raise ContractError(f"{source}: unknown task {data['task']!r}; this headstart serves {', '.join(TASKS)}.")
+        # the task is what trained the model; serving goes by its outputs (service/localize.py), whatever the task
         try:
             preprocess = PreprocessSpec.from_dict(data["preprocess"])
         except (TypeError, ValueError) as exc:
@@ -209,6 +207,11 @@ class Model(Protocol):
 
     @property
     def feature_map(self) -> list[int]: ...
+
+    @property
+    def output_names(self) -> list[str]:
+        """The names of what :meth:`run` returns, in its order (a bundle's manifest ``outputs``)."""
+        ...
 
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:
         """Every output: a classifier (probabilities (N, K), class map (N, K, H, W)); a detector (probabilities

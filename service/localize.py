@@ -1,14 +1,15 @@
 """Localization: where in the image, from one model run (torch-free, shared by the service and `headstart`).
 
-Two decoders turn a model's grid outputs into boxes in original-image pixels:
+Two decoders turn a model's outputs into boxes in original-image pixels; the outputs a model has (its manifest's
+output names) say which:
 
 - ``cam``: any classifier bundle. Its ``class_map`` output holds per-cell class probabilities on the backbone's
   feature grid (class activation mapping). For every class whose image-level probability reaches ``conf``, the
   class's per-cell log-probability against the others (the centred per-cell logits) is upsampled, normalised to
   [0, 1] between its lowest and highest value, and thresholded at ``region``; each connected region becomes a box
   scored by the class probability times the region's (normalised) peak.
-- ``trained``: a detector bundle (``task: detect``). Its ``boxes`` output holds every grid predictor's box in input
-  pixels and its ``scores`` output the objectness times class probability per class.
+- ``trained``: a detector bundle, one with ``boxes`` and ``scores`` outputs: every predictor's box in input pixels
+  (the pyramid detector's cells at strides 8, 16 and 32, or the grid head's cells), and its score per class.
 
 Both then map boxes back through the preprocessing (resize and centre crop, or letterbox) to the original image,
 after EXIF rotation, clip them to the image, and keep the best per class with non-maximum suppression.
@@ -202,15 +203,24 @@ def trained_boxes(
     )
 
 
-def decode(
-    outputs: Sequence[np.ndarray], task: str, geom: Geometry, labels: Sequence[str], input_size: int,
-    params: LocalizeParams,
-) -> list[dict]:  # fmt: skip
-    """One image's model outputs → detections in original pixels, best first, after NMS."""
-    if task == "detect":
-        boxes, scores, classes = trained_boxes(outputs[1], outputs[2], params)
+def method_of(output_names: Sequence[str]) -> str:
+    """How a model's outputs say where things are: ``trained`` boxes (a detector's ``boxes`` and ``scores``), or
+    ``cam`` (a classifier's ``class_map``)."""
+    if "boxes" in output_names and "scores" in output_names:
+        return "trained"
+    if "class_map" in output_names:
+        return "cam"
+    raise LocalizeError(f"This model has no outputs to localize with ({', '.join(output_names)}): it needs boxes and "
+                        "scores, or a class_map. Re-export it with this headstart.")  # fmt: skip
+
+
+def detections_of(outputs: dict[str, np.ndarray], method: str, geom: Geometry, labels: Sequence[str],
+                  input_size: int, params: LocalizeParams) -> list[dict]:  # fmt: skip
+    """One image's model outputs (by name) → detections in original pixels, best first, after NMS."""
+    if method == "trained":
+        boxes, scores, classes = trained_boxes(outputs["boxes"], outputs["scores"], params)
     else:
-        boxes, scores, classes = cam_boxes(outputs[0], outputs[1], input_size, params)
+        boxes, scores, classes = cam_boxes(outputs["probabilities"], outputs["class_map"], input_size, params)
     if len(boxes) == 0:
         return []
     if len(scores) > MAX_CANDIDATES:
@@ -237,24 +247,24 @@ def localize_images(
     """Decoded images → one ``{"detections", "grid", "image_size", "method", "scores"}`` per image.
 
     ``scores`` are the image-level class scores of the same run (what `classify` answers), so a client needs one
-    request for both what and where.
+    request for both what and where. The outputs the model has decide how (:func:`method_of`).
     """
     params = params or LocalizeParams()
     if not images:
         return []
+    method = method_of(model.output_names)
     spec = model.spec
     outputs = model.run(preprocess_batch(images, spec))
-    task, grid = model.task, model.feature_map
     results = []
     for n, img in enumerate(images):
-        per_image = [out[n] for out in outputs]
-        detections = decode(per_image, task, geometry(img.size, spec), model.labels, spec.input_size, params)
+        per_image = {name: out[n] for name, out in zip(model.output_names, outputs, strict=True)}
+        detections = detections_of(per_image, method, geometry(img.size, spec), model.labels, spec.input_size, params)
         results.append({
             "detections": detections,
-            "grid": grid,
+            "grid": model.feature_map,
             "image_size": list(img.size),
-            "method": "trained" if task == "detect" else "cam",
-            "scores": per_image[0],
+            "method": method,
+            "scores": per_image[model.output_names[0]],  # the image-level class probabilities come first
         })  # fmt: skip
     return results
 

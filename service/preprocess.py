@@ -89,6 +89,9 @@ class PreprocessSpec:
 #: formats, some through legacy or external decoders (EPS runs Ghostscript); only these are let through. JPEG includes
 #: MPO, the multi-picture JPEG many phone cameras write; PPM includes PGM, Netpbm formats some data sets use.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+#: The file names those formats go by: what a folder scan (training data, `predict-batch`) takes for an image. A file
+#: is still judged by its bytes; the suffix only decides whether a file that is not an image is worth reporting.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".mpo"})
 Image.init()  # registers every plugin: Image.open(formats=...) fails on one that is not loaded yet
 #: Longest side over shortest side accepted. A few hundred bytes of PNG can declare a 2 x 30,000,000 image, within
 #: the pixel limit but useless to a square model; panoramas and long screenshots stay well below 100.
@@ -277,7 +280,12 @@ def preprocess_batch(images: Sequence[Image.Image], spec: PreprocessSpec) -> np.
     )
 
 
-def load_batches(paths: Sequence[str | Path], spec: PreprocessSpec, batch_size: int) -> Iterator[np.ndarray]:
-    """Image files → model input, ``batch_size`` images at a time (decoded with :func:`decode_image`)."""
+def load_batches(paths: Sequence[str | Path], spec: PreprocessSpec, batch_size: int,
+                 sizes: list | None = None) -> Iterator[np.ndarray]:  # fmt: skip
+    """Image files → model input, ``batch_size`` images at a time (decoded with :func:`decode_image`); each image's
+    (width, height) after EXIF rotation is appended to ``sizes`` when given."""
     for start in range(0, len(paths), batch_size):
-        yield preprocess_batch([decode_image(p) for p in paths[start : start + batch_size]], spec)
+        images = [decode_image(p) for p in paths[start : start + batch_size]]
+        if sizes is not None:
+            sizes += [img.size for img in images]
+        yield preprocess_batch(images, spec)

@@ -65,7 +65,7 @@ def make_image_folder(
 
 def coco128_report(first: int, last: int):
     """coco128 with a fixed split: the first ``first`` images (by name) to train on, the last ``last`` to validate."""
-    from training.detect_data import scan_yolo_dataset
+    from training.tasks.detect.data import scan_yolo_dataset
 
     report = scan_yolo_dataset(COCO128, val_fraction=0.2)
     samples = sorted((s for v in report.splits.values() for s in v), key=lambda s: s.path.name)

@@ -99,7 +99,8 @@ def test_readme_endpoint_table_matches_the_guard_and_the_service():
 
 def test_train_options_are_the_task_configs_fields():
     from training.cli import build_parser
-    from training.config import CONFIGS, cli_fields
+    from training.config import cli_fields
+    from training.tasks import CONFIGS
 
     parser = build_parser()
     train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import DatasetError, scan_eval_folder, scan_image_folder
+from training.data import DatasetError
+from training.tasks.classify.data import scan_eval_folder, scan_image_folder
 
 from .conftest import HYMENOPTERA, make_image_folder
 from .images import hostile_images

@@ -15,9 +15,10 @@ from service.localize import (
     LocalizeError,
     LocalizeParams,
     box_iou,
-    decode,
+    detections_of,
     geometry,
     localize_images,
+    method_of,
     nms,
 )
 from service.preprocess import PAD_VALUE, PreprocessSpec, preprocess, resize_and_crop
@@ -105,7 +106,8 @@ def test_cam_decoding_finds_the_hot_region_in_original_pixels():
     class_map[[0, 2], 2:4, 4:6] = 0.01
     probs = np.array([0.1, 0.8, 0.1], np.float32)
     geom = geometry((512, 512), spec)  # square: resize 512 -> 256, crop 16 px each side
-    dets = decode([probs, class_map], "classify", geom, ["a", "b", "c"], 224, LocalizeParams())
+    dets = detections_of({"probabilities": probs, "class_map": class_map}, "cam", geom, ["a", "b", "c"], 224,
+                         LocalizeParams())  # fmt: skip
     assert [d["label"] for d in dets] == ["b"]
     box = dets[0]["box"]
     # cells 4-5 (x) and 2-3 (y) of 32 px: input x 128..192, y 64..128 -> original (x + 16) * 2
@@ -121,15 +123,24 @@ def test_trained_decoding_thresholds_suppresses_and_sorts():
     boxes = np.array([[10, 30, 50, 70], [12, 32, 52, 72], [60, 30, 90, 60], [0, 0, 5, 5]], np.float32)
     scores = np.array([[0.9, 0.0], [0.8, 0.0], [0.0, 0.7], [0.1, 0.1]], np.float32)
     probs = scores.max(0)
-    dets = decode([probs, boxes, scores], "detect", geom, ["p", "q"], 100, LocalizeParams(conf=0.25, iou=0.5))
+    outputs = {"probabilities": probs, "boxes": boxes, "scores": scores}
+    dets = detections_of(outputs, "trained", geom, ["p", "q"], 100, LocalizeParams(conf=0.25, iou=0.5))
     assert [(d["label"], round(d["confidence"], 2)) for d in dets] == [("p", 0.9), ("q", 0.7)]
     assert dets[0]["box"] == {"x1": 20.0, "y1": 10.0, "x2": 100.0, "y2": 90.0}
     assert (
-        decode([probs, boxes, scores], "detect", geom, ["p", "q"], 100, LocalizeParams(max_detections=1))[0][
+        detections_of(outputs, "trained", geom, ["p", "q"], 100, LocalizeParams(max_detections=1))[0][
             "label"
         ]
         == "p"
     )
+
+
+def test_the_outputs_a_model_has_say_how_it_localizes():
+    """Not the task's name: a detector's boxes and scores, else a classifier's class map, else a clear refusal."""
+    assert method_of(["probabilities", "boxes", "scores"]) == "trained"
+    assert method_of(["probabilities", "class_map"]) == "cam"
+    with pytest.raises(LocalizeError, match="no outputs to localize with"):
+        method_of(["probabilities"])
 
 
 # ---------------------------------------------------------------- the YOLO data reader
@@ -160,7 +171,7 @@ def _yolo_set(root, *, val: bool = False):
 
 
 def test_yolo_reader_reports_background_orphans_malformed_lines_and_corrupt_images(tmp_path):
-    from training.detect_data import scan_yolo_dataset
+    from training.tasks.detect.data import scan_yolo_dataset
 
     report = scan_yolo_dataset(_yolo_set(tmp_path / "set"), val_fraction=0.34, seed=1)
     assert report.labels == ["cat", "dog"]
@@ -180,7 +191,7 @@ def test_yolo_reader_reports_background_orphans_malformed_lines_and_corrupt_imag
 
 def test_yolo_reader_errors_name_the_problem(tmp_path):
     from training.data import DatasetError
-    from training.detect_data import scan_yolo_dataset
+    from training.tasks.detect.data import scan_yolo_dataset
 
     with pytest.raises(DatasetError, match="no data.yaml"):
         scan_yolo_dataset(tmp_path)
@@ -196,7 +207,7 @@ def test_yolo_reader_errors_name_the_problem(tmp_path):
 def test_evaluation_reads_the_test_split_else_val_else_train(tmp_path):
     """Ultralytics data sets for evaluation often define only 'val' or 'test'; evaluation says which it used."""
     from training.data import DatasetError
-    from training.detect_data import scan_yolo_eval_split
+    from training.tasks.detect.data import scan_yolo_eval_split
 
     root = _yolo_set(tmp_path / "set")
     names = "names: [cat, dog]\n"
@@ -215,7 +226,7 @@ def test_evaluation_reads_the_test_split_else_val_else_train(tmp_path):
 
 def test_coco128_is_read_as_the_data_set_describes_it():
     require_shared()
-    from training.detect_data import scan_yolo_dataset
+    from training.tasks.detect.data import scan_yolo_dataset
 
     report = scan_yolo_dataset(COCO128, val_fraction=0.2, seed=0)
     assert len(report.labels) == 80 and report.labels[0] == "person"
@@ -229,7 +240,7 @@ def test_coco128_is_read_as_the_data_set_describes_it():
 def test_targets_and_loss_reward_the_right_prediction():
     import torch
 
-    from training.detect_loss import anchor_shapes, build_targets, yolo_loss
+    from training.tasks.detect.grid_loss import anchor_shapes, build_targets, yolo_loss
 
     targets = [np.array([[1, 0.55, 0.3, 0.2, 0.4], [0, 0.56, 0.31, 0.5, 0.1]], np.float32)]
     anchors = anchor_shapes(targets, 2)
@@ -253,8 +264,8 @@ def test_targets_and_loss_reward_the_right_prediction():
 
 def test_detection_augmentation_moves_boxes_with_the_pixels():
     """A white box on black, flipped and scaled by the heavy pipeline: the target box still covers white pixels."""
-    from training.detect_augment import build_detection_augmentation, detection_views
-    from training.detect_data import DetSample
+    from training.tasks.detect.augment import build_detection_augmentation, detection_views
+    from training.tasks.detect.data import DetSample
 
     spec = PreprocessSpec(input_size=128, resize=128, fit="pad")
     img = Image.new("RGB", (200, 120), (0, 0, 0))

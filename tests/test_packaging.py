@@ -5,6 +5,7 @@ a data file the wheel leaves out."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,8 +26,14 @@ def run(cmd: list, cwd: Path, env: dict, timeout: float = 600) -> str:
 @pytest.mark.slow
 def test_a_built_wheel_installs_whole_and_trains_and_exports_outside_the_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    source = tmp_path / "source"  # setuptools builds in the source tree: a copy keeps the checkout clean
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source)
+    for name in ("service", "training", "models"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist",
-         ROOT], tmp_path, env)  # fmt: skip
+         source], tmp_path, env)  # fmt: skip
     (wheel,) = (tmp_path / "dist").glob("headstart-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = {str(p.relative_to(ROOT)) for top in ("service", "training", "models") for p in (ROOT / top).rglob("*")

@@ -11,10 +11,10 @@ from PIL import Image
 
 from models import build_backbone
 from models.pyramid import Pyramid, PyramidHead, PyramidHeadConfig
-from training.crossval import fold_report, make_folds, summarise
-from training.detect_augment import mosaic
-from training.detect_data import DetectionReport, DetSample
-from training.pyramid_loss import assign, level_points, pyramid_loss
+from training.tasks.detect.augment import mosaic
+from training.tasks.detect.crossval import fold_report, make_folds, summarise
+from training.tasks.detect.data import DetectionReport, DetSample
+from training.tasks.detect.pyramid_loss import assign, level_points, pyramid_loss
 
 
 @pytest.mark.parametrize("name", ["torchvision:mobilenet_v2", "torchvision:resnet18", "resnet18"])

@@ -15,24 +15,36 @@ GROUPS = {"backbone": "backbone", "data": "data and augmentation", "head": "head
           "detection": "detection (YOLO-format data sets only)", "optimisation": "optimisation", "run": "run"}
 
 
-def _train_options() -> dict[str, dict]:
-    """Every option of every task's config: its field, the tasks that have it and each task's default."""
-    from training.config import CONFIGS, cli_fields
+def _options(configs) -> dict[str, dict]:
+    """Every option of the given task configs: its field, the tasks that have it and each task's default."""
+    from training.config import cli_fields
 
     options: dict[str, dict] = {}
-    for name, config in CONFIGS.items():
+    for config in configs:
         for key, f in cli_fields(config).items():
             entry = options.setdefault(key, {"field": f, "defaults": {}})
-            entry["defaults"][name] = f.default
+            entry["defaults"][config.task] = f.default
     return options
+
+
+def _train_options() -> dict[str, dict]:
+    from training.tasks import CONFIGS
+
+    return _options(CONFIGS.values())
+
+
+def _crossval_options() -> dict[str, dict]:
+    from training.tasks import CONFIGS
+
+    return _options(c for c in CONFIGS.values() if c.crossval)
 
 
 def _add_train(sub) -> None:
     """`headstart train`'s options, generated from the task configs (training/config.py, training/tasks/)."""
     p = sub.add_parser("train", help="train a new head on a frozen pretrained backbone",
                        description="Train a head on a frozen pretrained backbone: a classifier from an image folder "
-                       "(one subfolder per class, optionally inside train/ val/ test/), or a YOLO-style grid "
-                       "detector from a YOLO-format data set (a folder with data.yaml, or the yaml itself).")  # fmt: skip
+                       "(one subfolder per class, optionally inside train/ val/ test/), or a detector from a "
+                       "YOLO-format data set (a folder with data.yaml, or the yaml itself).")  # fmt: skip
     p.add_argument(
         "data_dir",
         help="image folder: one subfolder per class, optionally inside train/ and val/; or a YOLO data set",
@@ -50,16 +62,12 @@ def _add_crossval(sub) -> None:
     p.add_argument("data_dir", help="a YOLO data set (a folder with data.yaml, or the yaml itself)")
     p.add_argument("--out", required=True, help="folder for the fold runs and crossval.json")
     p.add_argument("--folds", type=int, default=4, help="number of folds (default 4)")
-    from training.config import DetectConfig
-
-    add_config_options(p, DetectConfig)
+    _add_options(p, _crossval_options())
 
 
 def add_config_options(p, config) -> None:
-    """The command-line options of one task's config (`headstart crossval`, benchmarks/detect_curve.py)."""
-    from training.config import cli_fields
-
-    _add_options(p, {k: {"field": f, "defaults": {config.task: f.default}} for k, f in cli_fields(config).items()})
+    """The command-line options of one task's config (benchmarks/detect_curve.py)."""
+    _add_options(p, _options([config]))
 
 
 def _add_options(p, options: dict[str, dict]) -> None:
@@ -85,95 +93,51 @@ def _add_options(p, options: dict[str, dict]) -> None:
         groups[meta["group"]].add_argument("--" + key.replace("_", "-"), **kwargs)
 
 
-def _cmd_train(args) -> int:
-    from training.config import CONFIGS
-    from training.detect_data import find_data_yaml
+def _config_for(args, options: dict[str, dict]):
+    """The task config ``args.data_dir`` is for, with the options given; an option of another task is refused."""
+    from training.tasks import config_for_data
 
-    config = CONFIGS["detect" if find_data_yaml(args.data_dir) is not None else "classify"]
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
-    fields = config.__dataclass_fields__
-    foreign = [k for k in given if k not in fields]
+    config = config_for_data(args.data_dir)
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "folds")}
+    foreign = [k for k in given if k not in config.__dataclass_fields__]
     if foreign:
-        flag = _train_options()[foreign[0]]["field"].metadata["flag"] or "--" + foreign[0].replace("_", "-")
-        kind = "a YOLO detection data set (it has a data.yaml)" if config.task == "detect" else (
-            "an image folder for classification (no data.yaml)")  # fmt: skip
-        raise ValueError(f"{flag} does not apply to {args.data_dir}: it is {kind}.")
+        flag = options[foreign[0]]["field"].metadata["flag"] or "--" + foreign[0].replace("_", "-")
+        raise ValueError(f"{flag} does not apply to {args.data_dir}: it is {config.data_kind}.")
+    return config(**given)
+
+
+def _cmd_train(args) -> int:
     from training.tasks import train
 
-    train(config(**given))
+    train(_config_for(args, _train_options()))
     return 0
 
 
 def _cmd_crossval(args) -> int:
-    from training.config import DetectConfig
-    from training.detect_data import find_data_yaml
+    from training.tasks import CONFIGS, config_for_data, task_named
 
-    if find_data_yaml(args.data_dir) is None:
-        raise ValueError(f"{args.data_dir} is not a YOLO detection data set (no data.yaml): crossval scores "
-                         "detectors.")  # fmt: skip
-    from training.crossval import SUMMARY, cross_validate
-
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "folds")}
-    summary = cross_validate(DetectConfig(**given), folds=args.folds)
-    for m in ("map50", "map50_95", "map_small", "map_medium", "map_large"):
-        mean, std = summary[m]["mean"], summary[m]["std"]
-        print(f"{m:<11} " + ("n/a" if mean is None else f"{mean:.4f} ± {std:.4f}"))
-    print(f"per fold and options: {Path(args.out) / SUMMARY}")
+    if not config_for_data(args.data_dir).crossval:
+        offered = ", ".join(f"{c.task} ({c.data_kind})" for c in CONFIGS.values() if c.crossval)
+        raise ValueError(f"{args.data_dir} is {config_for_data(args.data_dir).data_kind}: crossval is offered for "
+                         f"{offered}.")  # fmt: skip
+    cfg = _config_for(args, _crossval_options())
+    summary, path = task_named(cfg.task).cross_validate(cfg, folds=args.folds)
+    for metric, value in summary.items():
+        if isinstance(value, dict) and "mean" in value and metric != "train_seconds":
+            mean, std = value["mean"], value["std"]
+            print(f"{metric:<11} " + ("n/a" if mean is None else f"{mean:.4f} ± {std:.4f}"))
+    print(f"per fold and options: {path}")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
-    import numpy as np
-
-    from training.data import scan_eval_folder
-    from training.evaluate import write_evaluation
     from training.load import load_run
-    from training.predict import predict_paths
-    from training.runs import write_json
+    from training.tasks import task_named
 
     run = load_run(args.run_dir, weights=args.weights)
-    if run.task == "detect":
-        return _evaluate_detector(run, args)
-    report = scan_eval_folder(args.data_dir, run.labels)
-    log.info("%s", report.format())
-    samples = report.splits["eval"]
     out = Path(args.out) if args.out else run.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    probs = predict_paths(run.model, [s.path for s in samples], run.spec)
-    metrics = write_evaluation(out, probs, np.array([s.label for s in samples]), run.labels,
-                               [s.path for s in samples], run.spec)  # fmt: skip
-    metrics = {"split": str(Path(args.data_dir).resolve()), **metrics, "data": report.to_dict()}
-    write_json(out / "metrics.json", metrics)
-    summary = {k: metrics[k] for k in ("num_images", "accuracy", "macro_f1", "calibration_error")}
-    print(json.dumps({**summary, "out": str(out)}))
-    return 0
-
-
-def _evaluate_detector(run, args) -> int:
-    """mAP of a detection run on a YOLO-format data set's 'test' split, else 'val', else 'train'."""
-    from training.detect_data import scan_yolo_eval_split
-    from training.detect_eval import evaluate_detector
-    from training.evaluate import plot_detections
-    from training.runs import write_json
-
-    report = scan_yolo_eval_split(args.data_dir)
-    (split,) = report.splits
-    log.info("%s", report.format())
-    log.info("evaluating on the %s", report.split_source)
-    if report.labels != run.labels:
-        raise ValueError(
-            f"{report.yaml_path} names other classes than the run was trained on; cannot evaluate."
-        )
-    samples = report.splits[split]
-    out = Path(args.out) if args.out else run.run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    metrics, preds, truth = evaluate_detector(run.model, samples, run.spec, run.labels)
-    plot_detections([s.path for s in samples], preds, truth, run.labels, out / "predictions.png")
-    write_json(
-        out / "metrics.json",
-        {"split": str(Path(args.data_dir).resolve()), **metrics, "data": report.to_dict()},
-    )
-    summary = {"split": split, **{k: metrics[k] for k in ("num_images", "num_boxes", "map50", "map50_95")}}
+    summary = task_named(run.task).evaluate_run(run, args.data_dir, out)
     print(json.dumps({**summary, "out": str(out)}))
     return 0
 

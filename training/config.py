@@ -1,8 +1,9 @@
-"""Training options: one dataclass per task, one place for each default and its help text. Torch-free.
+"""Training options: what every task shares, and how a task declares its own. Torch-free.
 
-:class:`RunConfig` holds what every task shares; a task's config subclasses it, adds its own options and sets its
-own defaults. The `headstart train` command line is generated from these fields (``training/cli.py``), so an option,
-its default and its help are written once, here.
+:class:`RunConfig` holds the options every task shares; a task's config (``training/tasks/NAME/config.py``)
+subclasses it, adds its own options with :func:`option` and sets its own defaults with :func:`task_default`. The
+`headstart train` command line is generated from these fields (``training/cli.py``), so an option, its default and its
+help are written once.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from service.runtime import DEVICES
+
 PRECISIONS = ("auto", "fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
+#: the augmentation presets every task offers (each task builds its own pipeline for them)
 AUGMENT_PRESETS = ("none", "light", "heavy")
 
 
@@ -25,9 +28,14 @@ def option(default: Any, help: str, *, group: str = "optimisation", choices: tup
 
 @dataclass
 class RunConfig:
-    """Options every task shares. Subclasses set ``task`` and may override defaults (see :func:`option`)."""
+    """Options every task shares. A task's config sets ``task`` (its name in the registry, ``training/tasks/``) and
+    ``data_kind``, may claim data sets (:meth:`claims`) and override defaults (see :func:`option`)."""
 
     task = "base"
+    #: what the task trains on, for messages ("it is ...")
+    data_kind = "a data set"
+    #: whether `headstart crossval` cross-validates this task (its task class then has ``cross_validate``)
+    crossval = False
     #: options a ``--resume`` must not change: they determine the result
     RESULT_KEYS = ("backbone", "pretrained", "weights", "val_fraction", "augment", "views", "hidden", "dropout",
                    "epochs", "patience", "batch_size", "lr", "weight_decay", "precision", "seed")  # fmt: skip
@@ -81,6 +89,12 @@ class RunConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: choose one.")
 
+    @classmethod
+    def claims(cls, data_dir: str) -> bool:
+        """Whether ``data_dir`` is unmistakably this task's data (a detector's data.yaml, ...). A data set no task
+        claims goes to the registry's default task."""
+        return False
+
     def options(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -88,88 +102,9 @@ class RunConfig:
         return {k: getattr(self, k) for k in self.RESULT_KEYS}
 
 
-# ---------------------------------------------------------------- the tasks' own options
-
-
 def task_default(name: str, value: Any) -> Any:
     """The shared option ``name`` (its help, group and choices from :class:`RunConfig`) with a task's own default."""
     return dataclasses.field(default=value, metadata=RunConfig.__dataclass_fields__[name].metadata)
-
-
-@dataclass
-class ClassifyConfig(RunConfig):
-    task = "classify"
-    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "activation", "label_smoothing", "class_weights", "unfreeze",
-                   "finetune_epochs", "finetune_lr")  # fmt: skip
-
-    activation: str = option("relu", "head activation", group="head", choices=("relu", "leaky_relu"))
-    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
-    class_weights: str = option("auto", "class-weighted loss; auto = when classes are unbalanced (ratio > 1.5)",
-                                choices=("auto", "on", "off"))  # fmt: skip
-    unfreeze: int = option(0, "fine-tune the last N backbone stages afterwards", group="backbone")
-    finetune_epochs: int = option(5, "epochs of fine-tuning with --unfreeze", group="backbone")
-    finetune_lr: float = option(1e-4, "backbone learning rate when fine-tuning (the head gets 10x)", group="backbone")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.class_weights not in ("auto", "on", "off"):
-            raise ValueError(f"Invalid --class-weights {self.class_weights!r}. Use auto, on or off.")
-        if self.unfreeze < 0 or self.finetune_epochs < 0:
-            raise ValueError("--unfreeze and --finetune-epochs must be >= 0.")
-
-
-@dataclass
-class DetectConfig(RunConfig):
-    task = "detect"
-    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "input_size", "boxes_per_cell", "select", "lambda_coord",
-                   "lambda_noobj", "eval_every", "head", "width", "mosaic", "classes")  # fmt: skip
-
-    hidden: int = task_default("hidden", 256)
-    dropout: float = task_default("dropout", 0.1)
-    # 12 views for 10 epochs, not 4 for 30 (the same number of steps): person AP50 0.121 -> 0.218 under 3-fold
-    # cross-validation (benchmarks/localize_eval.py --ablate "views 4"); more augmented views memorise less
-    views: int = task_default("views", 12)
-    epochs: int = task_default("epochs", 10)
-    patience: int = task_default("patience", 15)
-    batch_size: int = task_default("batch_size", 32)
-    weight_decay: float = task_default("weight_decay", 5e-4)
-    head: str = option("pyramid", "pyramid: multi-scale (strides 8, 16, 32) neck and dense head; grid: one "
-                       "stride-32 grid (the first detector)", group="detection", choices=("pyramid", "grid"))  # fmt: skip
-    input_size: int = option(512, "square input, letterboxed (512: grids of 64, 32 and 16 cells)",
-                             group="detection")  # fmt: skip
-    width: int = option(64, "channels of the pyramid neck and head (--head pyramid)", group="detection")
-    mosaic: float = option(0.5, "share of training views that are a 2x2 mosaic of four training images "
-                           "(--head pyramid)", group="detection")  # fmt: skip
-    classes: str = option("", "train on these classes only (comma-separated names); default all", group="data")
-    boxes_per_cell: int = option(2, "box predictors per grid cell (--head grid)", group="detection")
-    select: str = option("best", "best: the epoch with the best validation mAP@0.5 (early stopping); last: the "
-                         "final epoch", group="detection", choices=("best", "last"))  # fmt: skip
-    lambda_coord: float = option(5.0, "weight of the box loss (--head grid)", group="detection")
-    lambda_noobj: float = option(0.5, "weight of the objectness loss of predictors without an object (--head grid)",
-                                 group="detection")  # fmt: skip
-    eval_every: int = option(3, "epochs between validation mAP measurements", group="detection")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.input_size < 64 or self.input_size % 32:
-            raise ValueError(f"--input-size must be a multiple of 32, at least 64; got {self.input_size}.")
-        if self.eval_every < 1:
-            raise ValueError(f"--eval-every must be at least 1, got {self.eval_every}.")
-        if self.select not in ("best", "last"):
-            raise ValueError(f"Invalid --select {self.select!r}: best or last.")
-        if self.head not in ("pyramid", "grid"):
-            raise ValueError(f"Invalid --head {self.head!r}: pyramid or grid.")
-        if not 0.0 <= self.mosaic <= 1.0:
-            raise ValueError(f"--mosaic must be between 0 and 1, got {self.mosaic}.")
-        if self.width < 8:
-            raise ValueError(f"--width must be at least 8, got {self.width}.")
-
-    def class_names(self) -> list[str]:
-        return [n.strip() for n in self.classes.split(",") if n.strip()]
-
-
-#: every task's config by task name (the task itself, with torch, is in training/tasks/)
-CONFIGS: dict[str, type[RunConfig]] = {"classify": ClassifyConfig, "detect": DetectConfig}
 
 
 def cli_fields(config_type: type[RunConfig]) -> dict[str, dataclasses.Field]:

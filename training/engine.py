@@ -5,8 +5,9 @@ records the run (``config.yaml`` and the other run files), extracts and caches t
 augmented view, lets the task fit its head (``training/loop.py``: seeded batches, early stopping, best state,
 resume), lets it evaluate and plot, saves the weights and finishes the run (``DONE`` last).
 
-A task (``training/tasks/``) supplies only what differs: its config, data scanning, input preprocessing and
-augmentation, views and their targets, the head and its loss, its metrics and plots, and how to rebuild its model.
+A task (``training/tasks/NAME/``, a :class:`training.tasks.base.Task`) supplies only what differs: its data
+scanning, input preprocessing and augmentation, views and their targets, the head and its loss, its metrics and
+plots, and how to rebuild its model.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,13 +23,11 @@ from torch import nn
 
 from models import Backbone, PixelNormalize, build_backbone
 from service.contract import BackboneRecord, RunRecord
-from service.preprocess import PreprocessSpec
 from training import runs
 from training.augment import recipe, recipe_key
 from training.config import RunConfig
 from training.features import (
     FeatureCache,
-    ViewsFn,
     cache_namespace,
     default_cache_dir,
     extract_features,
@@ -38,118 +35,9 @@ from training.features import (
     resolve_device,
     use_bf16,
 )
+from training.tasks.base import FeatureLayout, Features, Job, Task
 
 log = logging.getLogger("headstart")
-
-
-@dataclass
-class Features:
-    """One split's cached features: (N, views, *shape) and per image the extras its views came with."""
-
-    samples: list
-    values: np.ndarray
-    extras: list[dict[str, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class FeatureLayout:
-    """What a task extracts per view: pooled vectors or maps, their shape and dtype, and the extras it caches."""
-
-    shape: tuple[int, ...]
-    pool: bool
-    feature_map: list[int]
-    dtype: Any = np.float32
-    extras: tuple[str, ...] = ()
-    channels: tuple[int, ...] = ()  # the channels of each feature map the head reads
-
-
-@dataclass
-class Job:
-    """Everything a task needs while it trains, in one place."""
-
-    cfg: Any
-    run_dir: Path
-    report: Any
-    backbone: Backbone
-    spec: PreprocessSpec
-    net: nn.Module  # normalisation + frozen backbone features
-    pipeline: Any
-    views: int
-    device: torch.device
-    bf16: bool
-    started: float
-    train: Features | None = None
-    val: Features | None = None
-    cache: FeatureCache | None = None
-    history: list[dict] = field(default_factory=list)
-    training: dict = field(default_factory=dict)  # what the task reports under metrics.json's "training"
-
-    @property
-    def labels(self) -> list[str]:
-        return self.report.labels
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.run_dir / runs.CHECKPOINT
-
-
-class Task(Protocol):
-    """What a task supplies to the engine (see ``training/tasks/classify.py`` for the smallest complete one)."""
-
-    name: str
-    config: type[RunConfig]
-    headline: tuple[str, ...]  # the metrics the end-of-run log line shows
-
-    def scan(self, cfg, report=None) -> Any:
-        """The checked data set (``report``, when given, is a scan already made; the task may restrict it):
-        ``labels``, ``splits`` (``train`` and ``val``: samples with ``path``, ``sha256`` and ``identity``),
-        ``split_source``, ``format()`` and ``to_dict()``."""
-
-    def data_record(self, cfg, report) -> dict: ...
-
-    def split_row(self, sample) -> list: ...
-
-    def input_spec(self, cfg, backbone: Backbone) -> PreprocessSpec: ...
-
-    def augmentation(self, preset: str, spec: PreprocessSpec) -> Any: ...
-
-    def layout(self, backbone: Backbone, net: nn.Module, spec: PreprocessSpec) -> FeatureLayout: ...
-
-    def make_views(self, job: Job, train: bool) -> ViewsFn: ...
-
-    def feature_net(self, cfg, backbone: Backbone) -> nn.Module:
-        """What the cached features are: the frozen backbone module (after pixel normalisation)."""
-
-    def view_recipe(self, cfg, report) -> dict:
-        """What the training views depend on besides the image and the augmentation pipeline ({} for nothing)."""
-
-    def head_config(self, cfg, layout: FeatureLayout, labels: list[str]) -> Any: ...
-
-    def fit(self, job: Job, head_cfg) -> nn.Module:
-        """Train the head on ``job.train``/``job.val``; extend ``job.history`` and ``job.training``."""
-
-    def evaluate(self, job: Job, head: nn.Module) -> dict:
-        """Metrics on the validation split; write the task's plots and reports into ``job.run_dir``."""
-
-    def build_model(self, record: RunRecord, spec: PreprocessSpec, features: nn.Module, head_state: dict) -> nn.Module:
-        """The whole trained model (pixels in [0, 255] → outputs) from a run's record and weights."""
-
-    # export (training/export.py, training/runtime_checks.py)
-    manifest_metrics: tuple[str, ...]  # the metrics.json keys the manifest carries
-    int8: bool  # whether `headstart export --int8` is offered
-
-    def outputs(self, num_classes: int, fmap: list[int], head: dict) -> list[dict]:
-        """The exported graph's outputs (name, shape, what), first the image-level class probabilities."""
-
-    def verify(self, model: nn.Module, session, paths, targets, spec) -> tuple[dict, Any]:
-        """ONNX Runtime against PyTorch on validation images; raises ExportError when they disagree."""
-
-    def int8_quality(self, run, reference, session, paths, targets) -> dict:
-        """The int8 file (an ONNX Runtime ``session``) against the fp32 one (``reference``, from ``verify``) on the
-        validation images: ``metric``, ``<metric>_fp32``, ``<metric>_int8`` and ``drop``."""
-
-    def precision_gate(self, reference: list[np.ndarray], got: list[np.ndarray], targets) -> dict:
-        """How a runtime/precision compares with the reference, and whether it may be served ("allowed")."""
 
 
 def backbone_record(backbone: Backbone, pretrained: bool, weights: str | None, feature_map: list[int]) -> BackboneRecord:
@@ -199,7 +87,7 @@ def train(task: Task, cfg: RunConfig, report=None) -> Path:
     seconds = {"features": round(feature_seconds, 2), "head": round(head_seconds, 2),
                "total": round(time.perf_counter() - started, 2)}  # fmt: skip
     metrics = {"split": "val", "task": task.name, **evaluation, "training": {
-        **job.training, "views": job.views, "train_images": len(report.splits["train"]),
+        **job.training_report, "views": job.views, "train_images": len(report.splits["train"]),
         "val_images": len(report.splits["val"]), "device": device.type,
         "feature_cache_recomputed_corrupt": job.cache.recomputed_corrupt, "seconds": seconds,
     }}  # fmt: skip
@@ -253,7 +141,7 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
         raise ValueError(f"The features of this run would take {need / 2**30:.1f} GiB in memory (and as much in the "
                          f"feature cache), over --max-feature-gb {cfg.max_feature_gb}. {lower}, or raise "
                          "--max-feature-gb if the machine has the memory.")  # fmt: skip
-    job.training["feature_gib"] = round(need / 2**30, 6)
+    job.training_report["feature_gib"] = round(need / 2**30, 6)
     log.info("features: %.2f GiB in memory (%s), as much in the cache", need / 2**30, np.dtype(layout.dtype).name)
     job.cache = FeatureCache(None if cfg.no_cache else (cfg.cache_dir or default_cache_dir()))
     ns = dict(task=task.name, backbone=b.name, weights=b.weights_sha256, spec=job.spec.to_dict())
@@ -267,4 +155,4 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
             views=job.views if train else 1, desc=f"{split} features",
             namespace=cache_namespace(**ns, recipe=aug_key if train else "eval", bf16=bf16), **common,
         )  # fmt: skip
-        setattr(job, split, Features(samples, values, extras))
+        setattr(job, f"{split}_features", Features(samples, values, extras))

@@ -17,12 +17,12 @@ import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import service
 from service.bundle import MANIFEST, MODEL_FP32, MODEL_INT8, load_bundle, sha256_file
 from service.contract import Manifest
 from service.runtime import openvino_available
@@ -37,6 +37,7 @@ from training.onnx_io import (
 )
 from training.runtime_checks import runtime_checks
 from training.tasks import task_named
+from training.tasks.base import TaskExport
 
 log = logging.getLogger("headstart")
 
@@ -61,28 +62,24 @@ def model_name(text: str) -> str:
     return name
 
 
-def _split_paths(run: LoadedRun, split: str) -> tuple[list[Path], np.ndarray]:
-    data = json.loads((run.run_dir / runs.SPLITS).read_text())
-    items = data.get(split, [])
-    paths = [Path(p) for p, _ in items]
+def _split_paths(run: LoadedRun, split: str, limit: int) -> tuple[list[Path], list]:
+    """At most ``limit`` images of a split of the run (evenly spread), and the second column of splits.json for each
+    (what the task's :meth:`training.tasks.base.Task.split_row` wrote: a class index, a box count, ...)."""
+    items = json.loads((run.run_dir / runs.SPLITS).read_text()).get(split, [])
+    if len(items) > limit:
+        items = [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+    paths = [Path(p) for p, *_ in items]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise ExportError(
             f"{len(missing)} {split} images of the run are gone (e.g. {missing[0]}); export verifies on them. "
             "Restore the data set or retrain."
         )
-    return paths, np.array([label for _, label in items], dtype=np.int64)
-
-
-def _subsample(paths: list[Path], targets: np.ndarray, limit: int) -> tuple[list[Path], np.ndarray]:
-    if len(paths) <= limit:
-        return paths, targets
-    idx = np.linspace(0, len(paths) - 1, limit).round().astype(int)
-    return [paths[i] for i in idx], targets[idx]
+    return paths, [row[1] if len(row) > 1 else None for row in items]
 
 
 def _int8_model(
-    run: LoadedRun, task, fp32: Path, path: Path, reference, val_paths: list[Path], val_targets: np.ndarray,
+    run: LoadedRun, task: TaskExport, fp32: Path, path: Path, reference, val_paths: list[Path], val_targets,
     max_drop: float | None,
 ) -> dict:  # fmt: skip
     """Quantize to ``path``, calibrated on training images; the task measures it on the validation images against
@@ -90,7 +87,7 @@ def _int8_model(
     export."""
     import onnxruntime as ort
 
-    train_paths, _ = _subsample(*_split_paths(run, "train"), MAX_CALIBRATION_IMAGES)
+    train_paths, _ = _split_paths(run, "train", MAX_CALIBRATION_IMAGES)
     quantize_int8(fp32, path, train_paths, run.spec)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     quality = task.int8_quality(run, reference, session, val_paths, val_targets)
@@ -113,10 +110,10 @@ def _manifest(run: LoadedRun, name: str, version: str, verification: dict, int8_
     """The bundle's manifest (less the file hashes, added once the files are final)."""
     import onnxruntime as ort
 
-    task, fmap = task_named(run.task), list(run.record.backbone.feature_map)
+    task, fmap = task_named(run.task).export, list(run.record.backbone.feature_map)
     bb = run.record.backbone
     return Manifest(
-        name=name, version=version, task=task.name, labels=tuple(run.labels),
+        name=name, version=version, task=run.task, labels=tuple(run.labels),
         backbone={"name": bb.name, "weights": bb.weights, "weights_sha256": bb.weights_sha256, "feature_map": fmap},
         head=run.record.head, preprocess=run.spec,
         input={"name": INPUT_NAME, "shape": ["batch", 3, run.spec.input_size, run.spec.input_size],
@@ -144,14 +141,15 @@ def export_bundle(
     import onnxruntime as ort
 
     run = load_run(run_dir, weights=weights)
-    task = task_named(run.task)
+    task = task_named(run.task).export
     if int8 and not task.int8:
-        raise ExportError(f"--int8 is not available for {task.name} models; export without --int8.")
+        raise ExportError(f"--int8 is not available for {run.task} models; export without --int8.")
     out = Path(out) if out else run.run_dir / "bundle"
     check_destination(out, run.run_dir, force)
     name = model_name(name or run.run_dir.resolve().name)
     version = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S") + secrets.token_hex(3)
-    val_paths, val_targets = _subsample(*_split_paths(run, "val"), MAX_CHECK_IMAGES)
+    val_paths, column = _split_paths(run, "val", MAX_CHECK_IMAGES)
+    val_targets = task.targets(run, column)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     # mkdtemp creates 0700; give the mode mkdir would, as the user's umask says
@@ -264,9 +262,8 @@ def import_to_store(bundle_dir: Path, manifest: Manifest) -> str:
 
 
 def _version() -> str:
+    """headstart's version as installed (``pip install -e .`` or a wheel); "unknown" run from a bare checkout."""
     try:
-        from importlib.metadata import version
-
-        return version("headstart")
-    except Exception:
-        return getattr(service, "__version__", "unknown")
+        return metadata.version("headstart")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -36,6 +36,10 @@ def load_run(run_dir: str | Path, weights: str | Path | None = None) -> LoadedRu
     run_dir = Path(run_dir)
     runs.check_run_dir(run_dir)
     record = runs.read_record(run_dir)
+    try:
+        task = task_named(record.task)
+    except ValueError as exc:
+        raise RunError(f"{run_dir} was trained by another headstart: {exc}") from exc
     labels = json.loads((run_dir / runs.LABELS).read_text())
     spec = PreprocessSpec.from_dict(json.loads((run_dir / runs.PREPROCESS).read_text()))
     bb = record.backbone
@@ -58,6 +62,6 @@ def load_run(run_dir: str | Path, weights: str | Path | None = None) -> LoadedRu
         if result.unexpected_keys:
             raise RunError(f"{tail_path} has keys the backbone lacks: {result.unexpected_keys[:3]}")
     head_state = runs.load_safetensors(run_dir / runs.HEAD)
-    model = task_named(record.task).build_model(record, spec, backbone.features, head_state).eval()
+    model = task.build_model(record, spec, backbone.features, head_state).eval()
     metrics = json.loads((run_dir / runs.METRICS).read_text())
     return LoadedRun(run_dir, record, labels, spec, model, metrics)

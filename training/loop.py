@@ -64,6 +64,15 @@ class FitResult:
     summary: dict = field(default_factory=dict)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One training step's update: the gradients of ``loss`` (the old ones cleared first), then the optimizer's
+    step; returns the loss as a number."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def _improved(score: float, best: float, schedule: Schedule) -> bool:
     if schedule.mode == "min":
         return score < best - schedule.min_delta

@@ -13,9 +13,11 @@ import torch
 from service.bundle import METADATA_KEY
 from service.contract import Manifest
 from service.errors import HeadstartError
+from service.inference import outputs_of_files
 from service.preprocess import load_batches
 
 log = logging.getLogger("headstart")
+
 
 class ExportError(HeadstartError, RuntimeError):
     """The export failed a check; nothing was written."""
@@ -75,24 +77,17 @@ def embed_manifest(path: Path, manifest: Manifest) -> None:
 @torch.inference_mode()
 def torch_outputs(model: torch.nn.Module, paths: list[Path], spec, batch_size: int = 32) -> list[np.ndarray]:
     """Every output of a torch model on image files (preprocessed as the service does), concatenated."""
-    outs = [[o.numpy() for o in model(torch.from_numpy(px))] for px in load_batches(paths, spec, batch_size)]
-    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+    return outputs_of_files(lambda px: [o.numpy() for o in model(torch.from_numpy(px))], paths, spec, batch_size)
 
 
 def ort_outputs(session, paths: list[Path], spec, batch_size: int = 32) -> list[np.ndarray]:
     """Every output of an ONNX Runtime session on image files, concatenated."""
-    outs = [session.run(None, {INPUT_NAME: px}) for px in load_batches(paths, spec, batch_size)]
-    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+    return outputs_of_files(lambda px: session.run(None, {INPUT_NAME: px}), paths, spec, batch_size)
 
 
 def ort_probs(session, paths: list[Path], spec, batch_size: int = 32) -> np.ndarray:
     """The first output (class probabilities) of an ONNX Runtime session on image files."""
-    return np.concatenate(
-        [
-            session.run([OUTPUT_NAMES[0]], {INPUT_NAME: pixels})[0]
-            for pixels in load_batches(paths, spec, batch_size)
-        ]
-    )
+    return outputs_of_files(lambda px: session.run([OUTPUT_NAMES[0]], {INPUT_NAME: px}), paths, spec, batch_size)[0]
 
 
 class Calibration:

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from models import Classifier
-from service.preprocess import PreprocessSpec, load_batches
+from service.inference import outputs_of_files
+from service.preprocess import PreprocessSpec
 
 
 @torch.inference_mode()
@@ -19,11 +20,13 @@ def predict_paths(
     """Class probabilities (N, K) in fp32 for image files, preprocessed exactly as the service does."""
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    for pixels in load_batches(paths, spec, batch_size):
-        out.append(torch.softmax(model.logits(torch.from_numpy(pixels).to(device)), dim=1).cpu().numpy())
-    k = model.head.cfg.num_classes
-    return np.concatenate(out) if out else np.zeros((0, k), np.float32)
+    if not paths:
+        return np.zeros((0, model.head.cfg.num_classes), np.float32)
+
+    def probabilities(pixels: np.ndarray) -> list[np.ndarray]:
+        return [torch.softmax(model.logits(torch.from_numpy(pixels).to(device)), dim=1).cpu().numpy()]
+
+    return outputs_of_files(probabilities, paths, spec, batch_size)[0]
 
 
 class RunModel:
@@ -31,11 +34,15 @@ class RunModel:
     answers for a run directory through the service's own code paths."""
 
     def __init__(self, run) -> None:
+        from training.tasks import task_named
+
         self.model = run.model.eval()
         self.spec = run.spec
         self.labels = run.labels
         self.task = run.task
         self.feature_map = list(run.record.backbone.feature_map)
+        outputs = task_named(run.task).export.outputs(len(run.labels), self.feature_map, run.record.head)
+        self.output_names = [o["name"] for o in outputs]
 
     @torch.inference_mode()
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:

@@ -6,19 +6,16 @@ served; the result goes into the manifest (``runtimes``), which the service obey
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from service.inference import outputs_of_batches
 from service.preprocess import load_batches
 from service.runtime import cpu_computes_bf16, open_session, openvino_available
 
 log = logging.getLogger("headstart")
-
-
-def _outputs(session, batches: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
-    outs = [session.run(names, pixels) for pixels in batches]
-    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
 
 
 def runtime_checks(task, files: dict[str, Path], names: list[str], paths: list[Path], targets: np.ndarray,
@@ -26,16 +23,17 @@ def runtime_checks(task, files: dict[str, Path], names: list[str], paths: list[P
     """``{variant: {"onnxruntime" | "openvino" | "openvino-bf16": check}}``; each check from ``task.precision_gate``
     with the precision and whether it may be served. OpenVINO rows only where OpenVINO is installed, bf16 only on
     CPUs where OpenVINO would compute in bf16."""
-    batches = list(load_batches(paths, spec, 32))
+    batches = list(load_batches(paths, spec, 32))  # decoded once for every file, runtime and precision
     variants = [("openvino", "fp32"), ("openvino-bf16", "bf16")] if openvino_available() else []
     if variants and not cpu_computes_bf16():
         variants = variants[:1]
     result = {}
     for variant, path in files.items():
-        reference = _outputs(open_session(path, "onnxruntime", "cpu"), batches, names)
+        reference = outputs_of_batches(partial(open_session(path, "onnxruntime", "cpu").run, names), batches)
         rows = {"onnxruntime": {"precision": variant, **task.precision_gate(reference, reference, targets)}}
         for key, precision in variants:
-            got = _outputs(open_session(path, "openvino", "cpu", precision=precision), batches, names)
+            got = outputs_of_batches(partial(open_session(path, "openvino", "cpu", precision=precision).run, names),
+                                     batches)  # fmt: skip
             rows[key] = {"precision": precision, **task.precision_gate(reference, got, targets)}
             log.info("%s file on %s: top-1 agreement %.2f%% with ONNX Runtime, %s", variant, key,
                      100 * rows[key]["top1_agreement"], "allowed" if rows[key]["allowed"] else "NOT allowed")  # fmt: skip

@@ -1,26 +1,51 @@
-"""The tasks the engine trains. A task is one small module: its config and what differs from the others."""
+"""The tasks headstart trains, one folder each, and their registry.
+
+A task is a folder ``training/tasks/NAME/``: ``config.py`` (its options, torch-free: the command line is built from
+them), ``task.py`` (``TASK``, a :class:`training.tasks.base.Task` with its ``export`` side) and whatever else it
+needs (data scan, augmentation, fitting, losses, metrics and plots, export checks). To add one, write the folder and
+add its config to :data:`CONFIGS`; the engine, the command line, export and serving ask this registry (and the
+bundle's manifest), never a task's name.
+
+Torch-free: a task's ``task.py`` is imported on first use (:func:`task_named`), so `headstart --help` and the
+torch-free commands stay quick.
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from training.config import ClassifyConfig, DetectConfig
-from training.engine import train as run_engine
-from training.tasks.classify import ClassifyTask
-from training.tasks.detect import DetectTask
+from training.config import RunConfig
+from training.tasks.classify.config import ClassifyConfig
+from training.tasks.detect.config import DetectConfig
 
-TASKS = {"classify": ClassifyTask(), "detect": DetectTask()}
+#: every task's config by task name: one line per task
+CONFIGS: dict[str, type[RunConfig]] = {config.task: config for config in (ClassifyConfig, DetectConfig)}
+#: the task of a data set that no task claims (:meth:`training.config.RunConfig.claims`)
+DEFAULT_TASK = "classify"
 
-__all__ = ["TASKS", "ClassifyConfig", "ClassifyTask", "DetectConfig", "DetectTask", "task_named", "train"]
+__all__ = ["CONFIGS", "DEFAULT_TASK", "ClassifyConfig", "DetectConfig", "config_for_data", "task_named", "train"]
 
 
 def task_named(name: str):
-    if name not in TASKS:
-        raise ValueError(f"Unknown task {name!r}; headstart knows {', '.join(TASKS)}.")
-    return TASKS[name]
+    """The task (``TASK`` of ``training/tasks/NAME/task.py``) registered as ``name``."""
+    if name not in CONFIGS:
+        raise ValueError(f"Unknown task {name!r}; headstart knows {', '.join(CONFIGS)}.")
+    return importlib.import_module(f"training.tasks.{name}.task").TASK
 
 
-def train(cfg, report=None) -> Path:
-    """Train ``cfg`` (a task's config from training/config.py) with the engine; returns the run directory.
-    ``report`` (the task's scanned data set) replaces the scan, e.g. to fix the split."""
+def config_for_data(data_dir: str | Path) -> type[RunConfig]:
+    """The config of the task ``data_dir`` is for: the one task that claims it, else :data:`DEFAULT_TASK`."""
+    claimed = [config for config in CONFIGS.values() if config.claims(str(data_dir))]
+    if len(claimed) > 1:
+        raise ValueError(f"{data_dir} could be data for {' or '.join(c.task for c in claimed)}: "
+                         f"{'; '.join(c.data_kind for c in claimed)}. Keep one kind of data per folder.")  # fmt: skip
+    return claimed[0] if claimed else CONFIGS[DEFAULT_TASK]
+
+
+def train(cfg: RunConfig, report=None) -> Path:
+    """Train ``cfg`` (a task's config) with the engine; returns the run directory. ``report`` (the task's scanned
+    data set) replaces the scan, e.g. to fix the split."""
+    from training.engine import train as run_engine
+
     return run_engine(task_named(cfg.task), cfg, report)

@@ -1,7 +1,7 @@
 """Fitting the detection heads on cached features: the single-scale grid head and the multi-scale pyramid head.
 
 Both run the engine's epoch loop (``training/loop.py``) with validation mAP@0.5 selecting the epoch; they differ in
-their targets and loss (``training/detect_loss.py``, ``training/pyramid_loss.py``).
+their targets and loss (``grid_loss.py``, ``pyramid_loss.py``).
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from torch import nn
 
 from models.heads import GridHead, GridHeadConfig
 from models.pyramid import PyramidHead, PyramidHeadConfig
-from training.detect_eval import (
+from training.loop import Phase, Schedule, fit, optimizer_step
+from training.tasks.base import Job
+from training.tasks.detect.grid_loss import anchor_shapes, build_targets, yolo_loss
+from training.tasks.detect.metrics import (
     decode_head,
     ground_truth_in_pixels,
     mean_average_precision,
     predictions_in_pixels,
 )
-from training.detect_loss import anchor_shapes, build_targets, yolo_loss
-from training.engine import Job
-from training.loop import Phase, Schedule, fit
-from training.pyramid_loss import assign, pyramid_loss
+from training.tasks.detect.pyramid_loss import assign, pyramid_loss
 
 log = logging.getLogger("headstart.detect")
 
@@ -37,11 +37,11 @@ def unpack_targets(meta: np.ndarray, views: int) -> tuple[tuple[int, int], list[
 
 
 def val_sizes(job: Job) -> list[tuple[int, int]]:
-    return [unpack_targets(meta["targets"], 1)[0] for meta in job.val.extras]
+    return [unpack_targets(meta["targets"], 1)[0] for meta in job.val_features.extras]
 
 
 def _train_targets(job: Job) -> list[np.ndarray]:
-    return [t for meta in job.train.extras for t in unpack_targets(meta["targets"], job.views)[1]]
+    return [t for meta in job.train_features.extras for t in unpack_targets(meta["targets"], job.views)[1]]
 
 
 def _run(job: Job, head: nn.Module, opt: torch.optim.Optimizer, num_samples: int, step: Callable,
@@ -50,8 +50,8 @@ def _run(job: Job, head: nn.Module, opt: torch.optim.Optimizer, num_samples: int
     the epoch (or the last one), early stopping."""
     cfg, spec = job.cfg, job.spec
     sizes = val_sizes(job)
-    truth = ground_truth_in_pixels(job.val.samples, sizes)
-    val_maps = job.val.values[:, 0]
+    truth = ground_truth_in_pixels(job.val_features.samples, sizes)
+    val_maps = job.val_features.values[:, 0]
 
     def evaluate() -> dict:
         boxes, scores = decode_head(head, val_maps, spec.input_size, device=job.device)
@@ -73,19 +73,19 @@ def _run(job: Job, head: nn.Module, opt: torch.optim.Optimizer, num_samples: int
     result = fit(phase, schedule, job.checkpoint, cfg.progress)
     head.load_state_dict(result.best)
     job.history += result.history
-    job.training["head"] = result.summary
+    job.training_report["head"] = result.summary
     return head
 
 
 def fit_grid(job: Job, head_cfg: GridHeadConfig) -> GridHead:
     cfg, device = job.cfg, job.device
-    channels, *grid = job.train.values.shape[2:]
-    maps = torch.from_numpy(job.train.values.reshape(-1, channels, *grid)).to(device)
+    channels, *grid = job.train_features.values.shape[2:]
+    maps = torch.from_numpy(job.train_features.values.reshape(-1, channels, *grid)).to(device)
     targets = _train_targets(job)
     anchors = anchor_shapes(targets, cfg.boxes_per_cell)
     *built, dropped = build_targets(targets, tuple(grid), anchors)
     obj, tbox, tcls = (t.to(device) for t in built)
-    job.training.update(anchors=anchors.round(4).tolist(), boxes_dropped_cell_full=dropped)
+    job.training_report.update(anchors=anchors.round(4).tolist(), boxes_dropped_cell_full=dropped)
     head = GridHead(head_cfg).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -93,10 +93,7 @@ def fit_grid(job: Job, head_cfg: GridHeadConfig) -> GridHead:
         idx = idx.to(device)
         loss, parts = yolo_loss(head(maps[idx].float()), obj[idx], tbox[idx], tcls[idx], cfg.lambda_coord,
                                 cfg.lambda_noobj)  # fmt: skip
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"train_loss": loss.item() * len(idx), **{k: v * len(idx) for k, v in parts.items()}}
+        return {"train_loss": optimizer_step(opt, loss) * len(idx), **{k: v * len(idx) for k, v in parts.items()}}
 
     return _run(job, head, opt, len(maps), step, ("coord", "objectness", "class"))
 
@@ -105,12 +102,13 @@ def fit_pyramid(job: Job, head_cfg: PyramidHeadConfig) -> PyramidHead:
     """The multi-scale head; with bf16 units the head trains under bf16 autocast (weights and optimizer stay
     fp32), as the feature extraction does."""
     cfg, device = job.cfg, job.device
-    flat = torch.from_numpy(job.train.values.reshape(-1, job.train.values.shape[-1])).to(device)
+    values = job.train_features.values
+    flat = torch.from_numpy(values.reshape(-1, values.shape[-1])).to(device)
     assigned = [assign(t, head_cfg.input_size, head_cfg.strides) for t in _train_targets(job)]
     tcls = torch.from_numpy(np.stack([a[0] for a in assigned])).to(device)
     tbox = torch.from_numpy(np.stack([a[1] for a in assigned])).to(device)
     per_level = np.split((tcls >= 0).sum(0).cpu().numpy(), np.cumsum([h * w for h, w in head_cfg.sizes])[:-1])
-    job.training["assigned_cells_per_level"] = {f"stride_{s}": int(p.sum()) for s, p in zip(head_cfg.strides,
+    job.training_report["assigned_cells_per_level"] = {f"stride_{s}": int(p.sum()) for s, p in zip(head_cfg.strides,
                                                                                            per_level, strict=True)}  # fmt: skip
     # channels-last: oneDNN trains these convolutions 1.4-2.4x faster so (benchmarks/pyramid_step.py); undone at the end
     head = PyramidHead(head_cfg).to(device, memory_format=torch.channels_last)
@@ -122,9 +120,6 @@ def fit_pyramid(job: Job, head_cfg: PyramidHeadConfig) -> PyramidHead:
             raw = head([m.contiguous(memory_format=torch.channels_last) for m in head.split(flat[idx].float())])
         boxes, logits = head.decode([r.float() for r in raw], logits=True)
         loss, parts = pyramid_loss(boxes, logits, tcls[idx], tbox[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"train_loss": loss.item() * len(idx), **{k: v * len(idx) for k, v in parts.items()}}
+        return {"train_loss": optimizer_step(opt, loss) * len(idx), **{k: v * len(idx) for k, v in parts.items()}}
 
     return _run(job, head, opt, len(flat), step, ("class", "box")).to(memory_format=torch.contiguous_format)

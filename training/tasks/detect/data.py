@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from training.data import IMAGE_EXTENSIONS, DatasetError, check_file
+from service.preprocess import IMAGE_SUFFIXES
+from training.data import DatasetError, check_file
 
 
 @dataclass
@@ -189,7 +190,7 @@ def _image_files(entry, base: Path, yaml_path: Path) -> list[Path]:
         path = (base / str(item)).resolve() if not Path(str(item)).is_absolute() else Path(str(item))
         if path.is_dir():
             files += sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
             )
         elif path.is_file() and path.suffix == ".txt":  # a list of image paths
             for line in path.read_text().splitlines():

@@ -11,14 +11,13 @@ from PIL import Image
 
 from service.localize import geometry
 from service.preprocess import PAD_VALUE, PreprocessSpec, preprocess
-from training.augment import CV2_INTERPOLATION, PRESETS
-from training.detect_data import DetSample
+from training.augment import CV2_INTERPOLATION, check_preset
+from training.tasks.detect.data import DetSample
 
 
 def build_detection_augmentation(preset: str, spec: PreprocessSpec) -> A.Compose | None:
     """Box-aware training pipeline ending in a letterboxed ``input_size`` square; ``None`` for "none"."""
-    if preset not in PRESETS:
-        raise ValueError(f"Invalid augmentation preset {preset!r}. Only {', '.join(PRESETS)} are supported.")
+    check_preset(preset)
     if preset == "none":
         return None
     size = spec.input_size

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from training import runs
-from training.config import DetectConfig
-from training.detect_data import DetectionReport, DetSample, keep_classes, scan_yolo_dataset
+from training.tasks.detect.config import DetectConfig
+from training.tasks.detect.data import DetectionReport, DetSample, keep_classes, scan_yolo_dataset
 
 log = logging.getLogger("headstart")
 
@@ -50,9 +50,9 @@ def fold_report(report: DetectionReport, folds: list[list[DetSample]], i: int, v
 
 def cross_validate(cfg: DetectConfig, folds: int = 4, report: DetectionReport | None = None) -> dict:
     """Train and score ``folds`` detectors into ``cfg.out``/fold-N; returns (and writes) the summary."""
-    from training.detect_eval import evaluate_detector
     from training.load import load_run
-    from training.tasks import task_named, train
+    from training.tasks import train
+    from training.tasks.detect.metrics import evaluate_detector
 
     cfg.validate()
     out = Path(cfg.out)
@@ -65,7 +65,7 @@ def cross_validate(cfg: DetectConfig, folds: int = 4, report: DetectionReport | 
     for i in range(folds):
         fold, test = fold_report(report, parts, i, cfg.val_fraction, cfg.seed)
         started = time.perf_counter()
-        run_dir = train(dataclasses.replace(cfg, out=str(out / f"fold-{i + 1}")), task_named("detect").scan(cfg, fold))
+        run_dir = train(dataclasses.replace(cfg, out=str(out / f"fold-{i + 1}")), fold)  # the engine scans it
         seconds = time.perf_counter() - started
         run = load_run(run_dir)
         metrics, _, _ = evaluate_detector(run.model, test, run.spec, run.labels)

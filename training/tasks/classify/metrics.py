@@ -1,4 +1,4 @@
-"""Metrics and plots for a classifier's predictions: one implementation for training, `evaluate` and export."""
+"""Metrics and plots of a classifier's predictions: one implementation for training and `headstart evaluate`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from service.preprocess import PreprocessSpec, decode_image, resize_and_crop
+from training.plots import pyplot
 
 
 def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
@@ -68,19 +69,10 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str
     return metrics
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_confusion_matrix(
     cm: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str = ""
 ) -> None:
-    plt = _plt()
+    plt = pyplot()
     cm = np.asarray(cm)
     size = max(4.0, 0.5 * len(labels) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -99,7 +91,7 @@ def plot_confusion_matrix(
 
 
 def plot_training_curves(history: list[dict], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [h["epoch"] for h in history]
     for key, ax in (("loss", ax1), ("accuracy", ax2)):
@@ -130,7 +122,7 @@ def plot_worst_predictions(
     max_images: int = 16,
 ) -> int:
     """Grid of the misclassified images with the most confident wrong predictions. Returns how many were drawn."""
-    plt = _plt()
+    plt = pyplot()
     pred = probs.argmax(axis=1)
     wrong = np.flatnonzero(pred != targets)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][:max_images]
@@ -168,60 +160,3 @@ def write_evaluation(
     plot_confusion_matrix(metrics["confusion_matrix"], labels, out_dir / f"{prefix}confusion_matrix.png")
     plot_worst_predictions(paths, probs, targets, labels, spec, out_dir / f"{prefix}worst_predictions.png")
     return metrics
-
-
-def plot_detection_curves(history: list[dict], path: Path) -> None:
-    """Training loss (and its parts) per epoch, validation mAP where it was measured."""
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [h["epoch"] for h in history]
-    for key in ("train_loss", "coord", "objectness", "class", "box"):
-        if history and key in history[0]:
-            ax1.plot(epochs, [h[key] for h in history], label=key)
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss per image")
-    ax1.set_yscale("log")
-    ax1.legend()
-    ax1.grid(alpha=0.3)
-    for key, label in (("val_map50", "mAP@0.5"), ("val_map50_95", "mAP@0.5:0.95")):
-        points = [(h["epoch"], h[key]) for h in history if key in h]
-        if points:
-            ax2.plot(*zip(*points, strict=True), marker="o", label=label)
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("validation")
-    ax2.legend()
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_detections(
-    paths: Sequence[Path], preds: Sequence[dict], truth: Sequence[dict], labels: Sequence[str], path: Path,
-    conf: float = 0.25, max_images: int = 12,
-) -> None:  # fmt: skip
-    """Validation images with ground truth (white, dashed) and predictions above ``conf`` (red, labelled)."""
-    plt = _plt()
-    from matplotlib.patches import Rectangle
-
-    n = min(len(paths), max_images)
-    cols = 4
-    rows = max(1, int(np.ceil(n / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, p, pred, gt in zip(axes.ravel(), paths[:n], preds[:n], truth[:n], strict=False):
-        ax.imshow(decode_image(p))
-        for x1, y1, x2, y2 in gt["boxes"]:
-            ax.add_patch(
-                Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="white", linestyle="--", lw=1.2)
-            )
-        for (x1, y1, x2, y2), s, k in zip(pred["boxes"], pred["scores"], pred["labels"], strict=True):
-            if s >= conf:
-                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="red", lw=1.5))
-                ax.text(x1, y1, f"{labels[k]} {s:.2f}", color="white", fontsize=7, va="bottom",
-                        bbox={"facecolor": "red", "alpha": 0.7, "pad": 1, "lw": 0})  # fmt: skip
-        ax.set_title(Path(p).name, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

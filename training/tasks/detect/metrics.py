@@ -1,16 +1,20 @@
 """Evaluation of detectors: mAP@0.5 and mAP@0.5:0.95 from torchmetrics (pycocotools underneath), on boxes in
-original-image pixels, with the service's own decoding and NMS."""
+original-image pixels, with the service's own decoding and NMS; and the detector's plots."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 import torch
+from torch import nn
 
-from models.heads import GridHead
 from models.wrapper import Detector
 from service.localize import LocalizeParams, geometry, nms, trained_boxes
 from service.preprocess import PreprocessSpec, decode_image, preprocess
-from training.detect_data import DetSample
+from training.plots import pyplot
+from training.tasks.detect.data import DetSample
 
 #: Settings of the mAP evaluation (as Ultralytics and the COCO tools use them): keep nearly every box.
 EVAL_PARAMS = LocalizeParams(conf=0.001, iou=0.6, max_detections=100)
@@ -80,9 +84,10 @@ def mean_average_precision(preds: list[dict], truth: list[dict], labels: list[st
 
 
 def decode_head(
-    head: GridHead, maps: np.ndarray, input_size: int, batch: int = 64, device: torch.device | str = "cpu"
+    head: nn.Module, maps: np.ndarray, input_size: int, batch: int = 64, device: torch.device | str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cached feature maps (N, C, H, W) → decoded boxes (N, M, 4) and scores (N, M, K), as the exported model."""
+    """Cached features (grid maps (N, C, H, W), or the pyramid's flattened levels (N, F)) → decoded boxes
+    (N, M, 4) and scores (N, M, K), as the exported model computes them; ``head`` is a GridHead or PyramidHead."""
     boxes, scores = [], []
     with torch.no_grad():
         for start in range(0, len(maps), batch):
@@ -111,3 +116,60 @@ def evaluate_detector(
     metrics = mean_average_precision(preds, truth, labels)
     metrics.update(num_images=len(samples), num_boxes=int(sum(len(s.classes) for s in samples)))
     return metrics, preds, truth
+
+
+def plot_detection_curves(history: list[dict], path: Path) -> None:
+    """Training loss (and its parts) per epoch, validation mAP where it was measured."""
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    for key in ("train_loss", "coord", "objectness", "class", "box"):
+        if history and key in history[0]:
+            ax1.plot(epochs, [h[key] for h in history], label=key)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss per image")
+    ax1.set_yscale("log")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    for key, label in (("val_map50", "mAP@0.5"), ("val_map50_95", "mAP@0.5:0.95")):
+        points = [(h["epoch"], h[key]) for h in history if key in h]
+        if points:
+            ax2.plot(*zip(*points, strict=True), marker="o", label=label)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_detections(
+    paths: Sequence[Path], preds: Sequence[dict], truth: Sequence[dict], labels: Sequence[str], path: Path,
+    conf: float = 0.25, max_images: int = 12,
+) -> None:  # fmt: skip
+    """Validation images with ground truth (white, dashed) and predictions above ``conf`` (red, labelled)."""
+    plt = pyplot()
+    from matplotlib.patches import Rectangle
+
+    n = min(len(paths), max_images)
+    cols = 4
+    rows = max(1, int(np.ceil(n / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, p, pred, gt in zip(axes.ravel(), paths[:n], preds[:n], truth[:n], strict=False):
+        ax.imshow(decode_image(p))
+        for x1, y1, x2, y2 in gt["boxes"]:
+            ax.add_patch(
+                Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="white", linestyle="--", lw=1.2)
+            )
+        for (x1, y1, x2, y2), s, k in zip(pred["boxes"], pred["scores"], pred["labels"], strict=True):
+            if s >= conf:
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="red", lw=1.5))
+                ax.text(x1, y1, f"{labels[k]} {s:.2f}", color="white", fontsize=7, va="bottom",
+                        bbox={"facecolor": "red", "alpha": 0.7, "pad": 1, "lw": 0})  # fmt: skip
+        ax.set_title(Path(p).name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,32 @@
+"""The classifier's options (`headstart train IMAGE_FOLDER`). Torch-free: the command line is built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from training.config import RunConfig, option
+
+
+@dataclass
+class ClassifyConfig(RunConfig):
+    """A classifier from an image folder: one subfolder per class, optionally inside train/, val/ and test/."""
+
+    task = "classify"
+    data_kind = "an image folder for classification (one subfolder per class)"
+    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "activation", "label_smoothing", "class_weights", "unfreeze",
+                   "finetune_epochs", "finetune_lr")  # fmt: skip
+
+    activation: str = option("relu", "head activation", group="head", choices=("relu", "leaky_relu"))
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
+    class_weights: str = option("auto", "class-weighted loss; auto = when classes are unbalanced (ratio > 1.5)",
+                                choices=("auto", "on", "off"))  # fmt: skip
+    unfreeze: int = option(0, "fine-tune the last N backbone stages afterwards", group="backbone")
+    finetune_epochs: int = option(5, "epochs of fine-tuning with --unfreeze", group="backbone")
+    finetune_lr: float = option(1e-4, "backbone learning rate when fine-tuning (the head gets 10x)", group="backbone")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.class_weights not in ("auto", "on", "off"):
+            raise ValueError(f"Invalid --class-weights {self.class_weights!r}. Use auto, on or off.")
+        if self.unfreeze < 0 or self.finetune_epochs < 0:
+            raise ValueError("--unfreeze and --finetune-epochs must be >= 0.")

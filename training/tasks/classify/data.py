@@ -1,0 +1,258 @@
+"""Image-folder data sets: discovery, splitting and the pre-training data report.
+
+Layout: one subfolder per class. If the folder has ``train/`` and ``val/`` (optionally ``test/``) subfolders they are
+the splits; otherwise a stratified split is made with a fixed seed. Every file is checked before training: files
+that are not images are ignored, corrupt or truncated images are skipped and listed, never a crash.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.data import DatasetError, check_file
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+    sha256: str
+
+    @property
+    def identity(self) -> str:
+        """What the cached features of its views depend on: the image bytes."""
+        return self.sha256
+
+
+@dataclass
+class DatasetReport:
+    root: Path
+    labels: list[str]
+    splits: dict[str, list[Sample]]
+    split_source: str  # "folders" or "random(seed=..., val_fraction=...)"
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): not images
+    corrupt: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): skipped
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (train path, val/test path)
+    warnings: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {
+            split: {self.labels[k]: v for k, v in sorted(Counter(s.label for s in samples).items())}
+            for split, samples in self.splits.items()
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "root": str(self.root),
+            "labels": self.labels,
+            "split_source": self.split_source,
+            "counts": self.counts(),
+            "ignored": [{"path": p, "reason": r} for p, r in self.ignored],
+            "corrupt": [{"path": p, "reason": r} for p, r in self.corrupt],
+            "duplicates": [{"train": a, "other": b} for a, b in self.duplicates],
+            "warnings": self.warnings,
+        }
+
+    def format(self) -> str:
+        lines = [f"Data set {self.root} ({self.split_source})"]
+        counts = self.counts()
+        splits = list(self.splits)
+        width = max(len(x) for x in self.labels) + 2
+        lines.append("  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits))
+        for label in self.labels:
+            lines.append(
+                "  " + label.ljust(width) + "".join(str(counts[s].get(label, 0)).rjust(8) for s in splits)
+            )
+        lines.append("  " + "total".ljust(width) + "".join(str(len(self.splits[s])).rjust(8) for s in splits))
+        if self.ignored:
+            lines.append(f"  ignored {len(self.ignored)} files that are not images:")
+            lines += [f"    {p} ({r})" for p, r in self.ignored]
+        if self.corrupt:
+            lines.append(f"  skipped {len(self.corrupt)} corrupt or unreadable images:")
+            lines += [f"    {p}: {r}" for p, r in self.corrupt]
+        lines += [f"  WARNING: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _list_class_dirs(folder: Path) -> list[Path]:
+    return sorted(
+        (d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name
+    )
+
+
+def _list_files(class_dir: Path) -> list[Path]:
+    return sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _check_tree(
+    files: dict[str, dict[str, list[Path]]], workers: int
+) -> tuple[dict[str, dict[str, list[tuple[Path, str]]]], list[tuple[str, str]], list[tuple[str, str]]]:
+    """Decode every file in parallel; return the good (path, sha256) per split and class, the ignored, the corrupt."""
+    all_paths = [p for per_class in files.values() for paths in per_class.values() for p in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = dict(zip(all_paths, pool.map(check_file, all_paths), strict=True))
+    ignored = [(str(p), r) for p, (status, r) in results.items() if status == "ignored"]
+    corrupt = [(str(p), r) for p, (status, r) in results.items() if status == "corrupt"]
+    good = {
+        split: {
+            c: [(p, results[p][1]) for p in paths if results[p][0] == "ok"] for c, paths in per_class.items()
+        }
+        for split, per_class in files.items()
+    }
+    return good, ignored, corrupt
+
+
+def scan_image_folder(
+    root: str | Path,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    labels: list[str] | None = None,
+    workers: int = 4,
+) -> DatasetReport:
+    """Discover, check and split an image-folder data set. ``labels`` fixes the label order (e.g. a trained run's)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"Data folder {root} does not exist or is not a folder.")
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    if split_dirs and "train" not in split_dirs:
+        raise DatasetError(f"{root} has {sorted(split_dirs)} folders but no train/ folder. Add train/.")
+    if not split_dirs:
+        split_dirs = {"all": root}
+
+    files: dict[str, dict[str, list[Path]]] = {
+        split: {d.name: _list_files(d) for d in _list_class_dirs(folder)}
+        for split, folder in split_dirs.items()
+    }
+    if not any(files.values()):
+        raise DatasetError(
+            f"No class folders found in {root}. Put one subfolder per class (e.g. {root}/cats/*.jpg), "
+            "optionally inside train/ and val/."
+        )
+    good, ignored, corrupt = _check_tree(files, workers)
+    labels = _labels(good, root, labels)
+    splits, split_source, warnings = _split(good, labels, val_fraction, seed)
+    duplicates = _leaks(splits)
+    warnings += _warnings(splits, labels, duplicates, corrupt)
+    return DatasetReport(root, list(labels), splits, split_source, ignored, corrupt, duplicates, warnings)
+
+
+Checked = dict[str, dict[str, list[tuple[Path, str]]]]  # split → class → (path, sha256) of readable images
+
+
+def _labels(good: Checked, root: Path, labels: list[str] | None) -> list[str]:
+    """The class names (sorted folder names of train/, unless given), each with at least 2 readable images."""
+    train_key = "train" if "train" in good else "all"
+    if labels is None:
+        labels = sorted(c for c, items in good[train_key].items() if items)
+        if len(labels) < 2:
+            raise DatasetError(
+                f"Found {len(labels)} class(es) with images in {root}; a classifier needs at least 2."
+            )
+        for split, per_class in good.items():
+            extra = sorted(c for c, items in per_class.items() if items and c not in labels)
+            if extra:
+                raise DatasetError(
+                    f"Classes {extra} have images in {split}/ but none in train/. Add training images for them "
+                    "or remove them."
+                )
+    totals = Counter()
+    for per_class in good.values():
+        for c, items in per_class.items():
+            totals[c] += len(items)
+    too_few = [c for c in labels if totals[c] < 2]
+    if too_few:
+        raise DatasetError(
+            f"Classes {too_few} have fewer than 2 readable images; each class needs at least 2 "
+            "(one to train, one to validate). Add images or remove the class folder."
+        )
+    return labels
+
+
+def _split(
+    good: Checked, labels: list[str], val_fraction: float, seed: int
+) -> tuple[dict[str, list[Sample]], str, list[str]]:
+    """The train/val(/test) samples: the split folders as they are, else a stratified random split."""
+    index = {name: i for i, name in enumerate(labels)}
+
+    def samples(per_class: dict[str, list[tuple[Path, str]]]) -> list[Sample]:
+        return [Sample(p, index[c], h) for c, items in per_class.items() if c in index for p, h in items]
+
+    split_from = "all" if "all" in good else ("train" if "val" not in good else None)
+    if not split_from:
+        splits = {s: samples(good[s]) for s in SPLITS if s in good}
+        missing = [labels[k] for k in range(len(labels)) if not any(s.label == k for s in splits["val"])]
+        warnings = [f"classes {missing} have no validation images; their metrics are undefined."] if missing else []
+        return splits, "train/val folders", warnings
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetError(f"--val-fraction must be between 0 and 1, got {val_fraction}.")
+    rng = random.Random(seed)
+    train, val = [], []
+    for c in labels:
+        items = sorted(good[split_from].get(c, []))
+        rng.shuffle(items)
+        n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction)))
+        val += [Sample(p, index[c], h) for p, h in items[:n_val]]
+        train += [Sample(p, index[c], h) for p, h in items[n_val:]]
+    splits = {"train": train, "val": val}
+    if "test" in good:
+        splits["test"] = samples(good["test"])
+    where = "" if split_from == "all" else " of train/ (no val/ folder)"
+    return splits, f"random stratified split{where}, seed={seed}, val_fraction={val_fraction}", []
+
+
+def _leaks(splits: dict[str, list[Sample]]) -> list[tuple[str, str]]:
+    """(train path, val/test path) of images with identical bytes on both sides."""
+    train_hashes = {s.sha256: s.path for s in splits["train"]}
+    return [(str(train_hashes[s.sha256]), str(s.path)) for split in ("val", "test") for s in splits.get(split, [])
+            if s.sha256 in train_hashes]  # fmt: skip
+
+
+def _warnings(splits, labels: list[str], duplicates: list, corrupt: list) -> list[str]:
+    warnings = []
+    if duplicates:
+        warnings.append(
+            f"{len(duplicates)} images appear in train and in val/test (identical bytes): a leak that inflates "
+            "validation accuracy. Remove them from one side: "
+            + "; ".join(f"{a} == {b}" for a, b in duplicates[:5])
+        )
+    counts = Counter(s.label for s in splits["train"])
+    if counts and max(counts.values()) > 1.5 * min(counts.get(k, 0) for k in range(len(labels))):
+        warnings.append(
+            "classes are unbalanced in train: "
+            + ", ".join(f"{labels[k]}={counts[k]}" for k in range(len(labels)))
+        )
+    if corrupt:
+        warnings.append(f"{len(corrupt)} corrupt images were skipped (listed above).")
+    return warnings
+
+
+def scan_eval_folder(root: str | Path, labels: list[str], workers: int = 4) -> DatasetReport:
+    """Check a labelled folder (class subfolders directly inside) for evaluation against a trained run's labels."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"Data folder {root} does not exist or is not a folder.")
+    class_dirs = _list_class_dirs(root)
+    unknown = sorted(d.name for d in class_dirs if d.name not in labels)
+    if unknown:
+        raise DatasetError(
+            f"{root} has class folders {unknown} that the model does not know (it knows {labels}). "
+            "Point evaluate at a folder whose subfolders are the model's labels."
+        )
+    if not class_dirs:
+        raise DatasetError(f"{root} has no class folders; expected subfolders named after {labels}.")
+    good, ignored, corrupt = _check_tree({"eval": {d.name: _list_files(d) for d in class_dirs}}, workers)
+    index = {name: i for i, name in enumerate(labels)}
+    samples = [Sample(p, index[c], h) for c, items in good["eval"].items() for p, h in items]
+    if not samples:
+        raise DatasetError(f"{root} has no readable images.")
+    warnings = [f"{len(corrupt)} corrupt images were skipped (listed above)."] if corrupt else []
+    return DatasetReport(
+        root, list(labels), {"eval": samples}, "evaluation folder", ignored, corrupt, [], warnings
+    )

@@ -1,0 +1,165 @@
+"""The detection task: what differs from the engine's job.
+
+Every training image is augmented ``views`` times with box-aware transforms (``augment.py``: letterbox to the input
+size, scale/translate, flip, colour, mosaic), the features are the frozen backbone's maps (the pyramid detector
+reads strides 8, 16 and 32; the grid head the last map), cached in float16 with the views' boxes beside them, each
+head has its targets and loss (``pyramid_loss.py``, ``grid_loss.py``), and validation mAP@0.5 every ``eval_every``
+epochs selects the best epoch (``fit.py``, ``metrics.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.heads import GridHead, GridHeadConfig
+from models.pyramid import STRIDES, FlatPyramid, Pyramid, PyramidHead, PyramidHeadConfig
+from models.wrapper import Detector, PixelNormalize
+from service.preprocess import PreprocessSpec, decode_image
+from training.tasks.base import FeatureLayout, Job, Task
+from training.tasks.detect.config import DetectConfig
+from training.tasks.detect.data import keep_classes, scan_yolo_dataset, scan_yolo_eval_split
+from training.tasks.detect.export import DetectExport
+from training.tasks.detect.metrics import (
+    decode_head,
+    evaluate_detector,
+    ground_truth_in_pixels,
+    mean_average_precision,
+    plot_detection_curves,
+    plot_detections,
+    predictions_in_pixels,
+)
+
+log = logging.getLogger("headstart.detect")
+
+
+class DetectTask(Task):
+    name = "detect"
+    headline = ("map50", "map50_95")
+    export = DetectExport()
+
+    def scan(self, cfg: DetectConfig, report=None):
+        report = report or scan_yolo_dataset(cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        names = cfg.class_names()
+        return keep_classes(report, names) if names and names != report.labels else report
+
+    def data_record(self, cfg, report) -> dict:
+        return {"root": str(report.root), "yaml": str(report.yaml_path), "split": report.split_source}
+
+    def split_row(self, sample) -> list:
+        return [len(sample.classes)]
+
+    def input_spec(self, cfg, backbone) -> PreprocessSpec:
+        base = backbone.preprocess
+        return PreprocessSpec(input_size=cfg.input_size, resize=cfg.input_size, interpolation=base.interpolation,
+                              mean=base.mean, std=base.std, fit="pad")  # fmt: skip
+
+    def augmentation(self, preset, spec):
+        # albumentations and OpenCV only where a run trains: loading one does not need them
+        from training.tasks.detect.augment import build_detection_augmentation
+
+        return build_detection_augmentation(preset, spec)
+
+    def view_recipe(self, cfg, report) -> dict:
+        """Mosaic views hold other training images: their identities are part of what the cached views depend on."""
+        if cfg.head != "pyramid" or not cfg.mosaic or cfg.augment == "none":
+            return {}
+        pool = hashlib.sha256("\n".join(s.identity for s in report.splits["train"]).encode()).hexdigest()
+        return {"mosaic": cfg.mosaic, "mosaic_pool": pool}
+
+    def feature_net(self, cfg, backbone) -> nn.Module:
+        return FlatPyramid(Pyramid(backbone.features)) if cfg.head == "pyramid" else backbone.features
+
+    def layout(self, backbone, net, spec) -> FeatureLayout:
+        with torch.no_grad():
+            out = net(torch.zeros(1, 3, spec.input_size, spec.input_size))
+        if out.ndim == 2:  # a flattened pyramid; the record keeps the stride-32 grid
+            grid = [spec.input_size // 32] * 2
+            return FeatureLayout(shape=(out.shape[1],), pool=False, feature_map=grid, dtype=np.float16,
+                                 extras=("targets",), channels=net[-1].pyramid.channels)  # fmt: skip
+        grid = list(out.shape[2:])
+        return FeatureLayout(shape=(backbone.num_features, *grid), pool=False, feature_map=grid, dtype=np.float16,
+                             extras=("targets",), channels=(backbone.num_features,))  # fmt: skip
+
+    def make_views(self, job: Job, train: bool):
+        from training.augment import shrink_for_augmentation
+        from training.tasks.detect.augment import detection_views
+
+        pipeline, views = (job.pipeline, job.views) if train else (None, 1)
+        share = job.cfg.mosaic if train and job.cfg.head == "pyramid" else 0.0
+        pool = job.report.splits["train"]
+
+        def partners(rng: np.random.Generator) -> list:
+            picks = [pool[int(i)] for i in rng.integers(0, len(pool), 3)]
+            return [(shrink_for_augmentation(decode_image(s.path).convert("RGB"), job.spec), s.classes, s.boxes)
+                    for s in picks]  # fmt: skip
+
+        def make(img, sample, seed):
+            pixels, targets = detection_views(img, sample, pipeline, job.spec, views, seed, share, partners)
+            rows = [np.concatenate([np.full((len(t), 1), v, np.float32), t], 1) for v, t in enumerate(targets)]
+            meta = np.concatenate([np.array([[-1, img.width, img.height, 0, 0, 0]], np.float32), *rows])
+            return pixels, {"targets": meta}
+
+        return make
+
+    def head_config(self, cfg, layout: FeatureLayout, labels) -> GridHeadConfig | PyramidHeadConfig:
+        if cfg.head == "pyramid":
+            return PyramidHeadConfig(layout.channels, len(labels), cfg.input_size, STRIDES, cfg.width, cfg.dropout)
+        return GridHeadConfig(layout.channels[0], len(labels), cfg.boxes_per_cell, cfg.hidden, cfg.dropout)
+
+    def fit(self, job: Job, head_cfg) -> nn.Module:
+        from training.tasks.detect.fit import fit_grid, fit_pyramid
+
+        return fit_pyramid(job, head_cfg) if isinstance(head_cfg, PyramidHeadConfig) else fit_grid(job, head_cfg)
+
+    def evaluate(self, job: Job, head: nn.Module) -> dict:
+        from training.tasks.detect.fit import val_sizes
+
+        val, spec = job.val_features, job.spec
+        boxes, scores = decode_head(head, val.values[:, 0], spec.input_size, device=job.device)
+        sizes = val_sizes(job)
+        preds = predictions_in_pixels(boxes, scores, sizes, spec)
+        truth = ground_truth_in_pixels(val.samples, sizes)
+        evaluation = mean_average_precision(preds, truth, job.labels)
+        plot_detection_curves(job.history, job.run_dir / "training_curves.png")
+        plot_detections([s.path for s in val.samples], preds, truth, job.labels, job.run_dir / "val_predictions.png")
+        return {**evaluation, "num_images": len(val.samples), "num_boxes": int(sum(len(s.classes) for s in val.samples))}
+
+    def build_model(self, record, spec, features, head_state) -> Detector:
+        if record.head.get("kind") == "pyramid":
+            cfg = PyramidHeadConfig.from_dict(record.head)
+            head, features = PyramidHead(cfg), Pyramid(features, cfg.strides)
+        else:
+            head = GridHead(GridHeadConfig.from_dict(record.head))
+        head.load_state_dict(head_state)
+        return Detector(PixelNormalize(spec.mean, spec.std), features, head, spec.input_size)
+
+    def evaluate_run(self, run, data_dir: str, out: Path) -> dict:
+        """mAP of a detection run on a YOLO-format data set's 'test' split, else 'val', else 'train'."""
+        from training.runs import write_json
+
+        report = scan_yolo_eval_split(data_dir)
+        (split,) = report.splits
+        log.info("%s", report.format())
+        log.info("evaluating on the %s", report.split_source)
+        if report.labels != run.labels:
+            raise ValueError(f"{report.yaml_path} names other classes than the run was trained on; cannot evaluate.")
+        samples = report.splits[split]
+        metrics, preds, truth = evaluate_detector(run.model, samples, run.spec, run.labels)
+        plot_detections([s.path for s in samples], preds, truth, run.labels, out / "predictions.png")
+        write_json(out / "metrics.json", {"split": str(Path(data_dir).resolve()), **metrics, "data": report.to_dict()})
+        return {"split": split, **{k: metrics[k] for k in ("num_images", "num_boxes", "map50", "map50_95")}}
+
+    def cross_validate(self, cfg: DetectConfig, folds: int) -> tuple[dict, Path]:
+        """`headstart crossval`: k-fold cross-validation (``crossval.py``); the summary and the file it is in."""
+        from training.tasks.detect.crossval import SUMMARY, cross_validate
+
+        return cross_validate(cfg, folds), Path(cfg.out) / SUMMARY
+
+
+TASK = DetectTask()

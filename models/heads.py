@@ -1,4 +1,6 @@
-"""Classification heads trained on top of a frozen backbone's pooled features."""
+"""Heads trained on a frozen backbone's features: the classifier's head (on pooled features, and per cell for its
+class map) and the single-scale YOLO-style grid detector (``--head grid``; the default multi-scale detector's head
+is in ``models/pyramid.py``)."""
 
 from __future__ import annotations
 

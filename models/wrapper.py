@@ -1,11 +1,12 @@
-"""The whole classifier as one module: RGB pixels in [0, 255] → class probabilities and a spatial class map."""
+"""The whole trained model as one module, RGB pixels in [0, 255] in: the classifier (class probabilities and a
+spatial class map) and the detector (class scores, boxes and their scores)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from models.heads import ClassifierHead, GridHead
+from models.heads import ClassifierHead
 
 
 class PixelNormalize(nn.Module):
@@ -49,16 +50,18 @@ class Classifier(nn.Module):
 
 
 class Detector(nn.Module):
-    """normalise → backbone feature map → grid head → decoded boxes.
+    """normalise → backbone features → detection head → decoded boxes.
 
-    ``forward`` returns ``(probabilities (N, K), boxes (N, M, 4), scores (N, M, K))`` with M = S·S·B predictors:
-    boxes are x1 y1 x2 y2 in input pixels, scores objectness × class probability, and ``probabilities`` the
-    image-level score of each class (its best predictor), which is what `classify` answers for a detector.
+    ``features`` and ``head`` are the multi-scale :class:`models.pyramid.Pyramid` and
+    :class:`models.pyramid.PyramidHead` (the default), or the backbone's last map and a
+    :class:`models.heads.GridHead`; either head's ``decode`` gives boxes and scores. ``forward`` returns
+    ``(probabilities (N, K), boxes (N, M, 4), scores (N, M, K))`` for M predictors (the pyramid's cells at every
+    stride, or S·S·B grid predictors): boxes are x1 y1 x2 y2 in input pixels, scores the class scores of each
+    predictor, and ``probabilities`` the image-level score of each class (its best predictor), which is what
+    `classify` answers for a detector.
     """
 
-    def __init__(
-        self, normalize: PixelNormalize, features: nn.Module, head: GridHead, input_size: int
-    ) -> None:
+    def __init__(self, normalize: PixelNormalize, features: nn.Module, head: nn.Module, input_size: int) -> None:
         super().__init__()
         self.normalize = normalize
         self.features = features

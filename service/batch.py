@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import HeadstartError
+from service.localize import DEFAULTS
 
 log = logging.getLogger("headstart")
 
@@ -184,7 +185,7 @@ def _init_ray(address: str | None, num_cpus: int | None):
 
 
 def predict_batch(model: str, source: str, out: str | Path, *, top_k: int = 5, localize: bool = False,
-                  conf: float = 0.25, variant: str = "fp32", runtime: str = "auto", precision: str = "auto",
+                  conf: float = DEFAULTS.conf, variant: str = "fp32", runtime: str = "auto", precision: str = "auto",
                   batch_size: int = 32, actors: int | None = None, cpus_per_actor: float | None = None,
                   gpus_per_actor: float = 0.0, ray_address: str | None = None, part_size: int = 1000, progress: bool = True) -> dict:  # fmt: skip
     """Predict every image of ``source`` into parquet parts under ``out``; returns the summary."""
@@ -208,7 +209,7 @@ def predict_batch(model: str, source: str, out: str | Path, *, top_k: int = 5, l
     pending = [k for k in range(len(parts)) if not (out / f"part-{k:05d}.parquet").is_file()]
     summary = {"images": len(paths), "parts": len(parts), "parts_skipped": len(parts) - len(pending)}
     if pending:
-        summary.update(_run(str(bundle_dir), parts, pending, out, options, batch_size, actors, cpus_per_actor,
+        summary.update(_predict_on_ray(str(bundle_dir), parts, pending, out, options, batch_size, actors, cpus_per_actor,
                             gpus_per_actor, ray_address, progress))  # fmt: skip
     summary["errors"] = sum(_count_errors(out / f"part-{k:05d}.parquet") for k in range(len(parts)))
     summary["seconds"] = round(time.perf_counter() - started, 2)
@@ -229,7 +230,7 @@ def pool_size(total_cpus: int, actors: int | None, cpus_per_actor: float | None)
     return actors, cpus_per_actor
 
 
-def _run(model: str, parts: list[list[str]], pending: list[int], out: Path, options: dict, batch_size: int,
+def _predict_on_ray(model: str, parts: list[list[str]], pending: list[int], out: Path, options: dict, batch_size: int,
          actors: int | None, cpus_per_actor: float | None, gpus_per_actor: float, ray_address: str | None,
          progress: bool) -> dict:  # fmt: skip
     local_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

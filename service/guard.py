@@ -24,27 +24,29 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
-import os
 import time
 from dataclasses import dataclass
 
 from python_multipart.multipart import parse_options_header
 
 from service.multipart import MAX_FIELD_BYTES, Endpoint, RequestRejected, canonical_multipart, parse_upload
+from service.settings import SETTINGS
 
 __all__ = ["ENDPOINTS", "MAX_FIELD_BYTES", "Endpoint", "RequestGuard", "RequestRejected", "canonical_multipart",
            "current_request", "parse_upload"]  # fmt: skip
 
-#: Largest request body accepted, in bytes (HEADSTART_MAX_REQUEST_BYTES, default 32 MiB).
-MAX_REQUEST_BYTES = int(os.environ.get("HEADSTART_MAX_REQUEST_BYTES", 32 * 1024 * 1024))
+# the limits (service/settings.py: HEADSTART_MAX_REQUEST_BYTES, ..._MAX_CONCURRENCY, ..._MAX_INFLIGHT_BYTES,
+# ..._REQUEST_TIMEOUT, ..._MAX_BATCH_IMAGES)
+#: Largest request body accepted, in bytes.
+MAX_REQUEST_BYTES = SETTINGS.max_request_bytes
 #: Requests to the model routes one worker holds at once (queued or running); more get 503 + Retry-After.
-MAX_CONCURRENCY = int(os.environ.get("HEADSTART_MAX_CONCURRENCY", 64))
+MAX_CONCURRENCY = SETTINGS.max_concurrency
 #: Bytes of request bodies one worker holds at once; more get 503 + Retry-After.
-MAX_INFLIGHT_BYTES = int(os.environ.get("HEADSTART_MAX_INFLIGHT_BYTES", 256 * 1024 * 1024))
+MAX_INFLIGHT_BYTES = SETTINGS.max_inflight_bytes
 #: Seconds a request may take in all (BentoML's traffic timeout uses the same figure); queued work past it is dropped.
-REQUEST_TIMEOUT_S = float(os.environ.get("HEADSTART_REQUEST_TIMEOUT", 60))
+REQUEST_TIMEOUT_S = SETTINGS.request_timeout
 #: Images one /classify_batch request may carry (the server merges requests into batches of its own).
-MAX_BATCH_IMAGES = int(os.environ.get("HEADSTART_MAX_BATCH_IMAGES", 32))
+MAX_BATCH_IMAGES = SETTINGS.max_batch_images
 RETRY_AFTER_S = 1
 
 

@@ -39,6 +39,9 @@ class LocalizeError(HeadstartError, ValueError):
 
 @dataclass(frozen=True)
 class LocalizeParams:
+    """How boxes are kept: lowest ``conf``idence, NMS ``iou``, at most ``max_detections``, and the CAM ``region``
+    threshold. The defaults are every entry point's (HTTP, `headstart predict --localize`, `predict-batch`, /ui)."""
+
     conf: float = 0.25
     iou: float = 0.45
     max_detections: int = 100
@@ -51,6 +54,10 @@ class LocalizeParams:
                 raise LocalizeError(f"{name} must be a number between 0 and 1, got {value!r}.")
         if not 1 <= self.max_detections <= 1000:
             raise LocalizeError(f"max_detections must be between 1 and 1000, got {self.max_detections}.")
+
+
+#: the default parameters (:class:`LocalizeParams`)
+DEFAULTS = LocalizeParams()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ decoded image into that tensor, so training's evaluation and the service cannot 
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,10 +18,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import HeadstartError
+from service.settings import SETTINGS
 
 #: Largest image (in pixels) that is decoded. Larger images are refused rather than risking memory exhaustion
-#: (decompression bombs). 64 MP covers every camera photo; override with HEADSTART_MAX_IMAGE_PIXELS.
-MAX_IMAGE_PIXELS = int(os.environ.get("HEADSTART_MAX_IMAGE_PIXELS", 64_000_000))
+#: (decompression bombs). 64 MP covers every camera photo (HEADSTART_MAX_IMAGE_PIXELS: service/settings.py).
+MAX_IMAGE_PIXELS = SETTINGS.max_image_pixels
 #: Smallest side accepted; smaller images carry no usable content for a 224 px model.
 MIN_IMAGE_SIDE = 2
 
@@ -95,7 +95,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".t
 Image.init()  # registers every plugin: Image.open(formats=...) fails on one that is not loaded yet
 #: Longest side over shortest side accepted. A few hundred bytes of PNG can declare a 2 x 30,000,000 image, within
 #: the pixel limit but useless to a square model; panoramas and long screenshots stay well below 100.
-MAX_ASPECT_RATIO = float(os.environ.get("HEADSTART_MAX_ASPECT_RATIO", 100))
+MAX_ASPECT_RATIO = SETTINGS.max_aspect_ratio  # HEADSTART_MAX_ASPECT_RATIO
 #: Progressive JPEG decoding costs about scans x pixels: 500 repeated scans (33 KB) made one 2048 x 2048 image cost
 #: 1.3 s of CPU here (benchmarks/RESULTS.md, "Hostile input"). Camera and web JPEGs have 1 to about 12 scans; the
 #: budget (about 1.3 s on this CPU) still admits a 64 MP image with 30 scans.

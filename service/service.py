@@ -3,11 +3,8 @@
 Model selection: ``HEADSTART_MODEL``, a model-store tag (``name`` or ``name:version``) or a bundle directory;
 otherwise the newest model that `headstart export` put in the BentoML model store. A tag is declared at class
 scope, so ``bentoml build`` packs that model into the bento (and the container finds it without any variable).
-
-``HEADSTART_DEVICE`` = auto (CUDA when available, else CPU) | cpu | cuda (fail if CUDA cannot be used).
-``HEADSTART_RUNTIME`` = auto (ONNX Runtime on a GPU, else OpenVINO where installed) | openvino | onnxruntime.
-``HEADSTART_PRECISION`` = auto (bf16 on OpenVINO only where the export verified it) | fp32.
-``HEADSTART_VARIANT`` = fp32 | int8.
+Every setting (model, device, runtime, precision, variant, workers, threads, limits) is a ``HEADSTART_*`` variable,
+read once at start: ``service/settings.py``.
 """
 
 from __future__ import annotations
@@ -30,9 +27,10 @@ from service.bundle import Bundle, BundleError, load_bundle, verify_bundle
 from service.cpu import cpu_info
 from service.guard import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, RequestGuard, current_request
 from service.inference import classify_arrays, classify_images, top_k
-from service.localize import LocalizeError, LocalizeParams, draw_detections, localize_images
+from service.localize import DEFAULTS, LocalizeError, LocalizeParams, draw_detections, localize_images
 from service.preprocess import ImageError, decode_image, preprocess
 from service.runtime import choose_runtime
+from service.settings import SETTINGS, Settings
 from service.webpage import WebPage
 
 log = logging.getLogger("headstart.service")
@@ -41,14 +39,13 @@ T = TypeVar("T")
 CPU = {k: v for k, v in cpu_info().to_dict().items() if k in ("model_name", "cores", "kind", "extensions")}
 
 
-def default_model_ref() -> str:
+def default_model_ref(settings: Settings) -> str:
     """``HEADSTART_MODEL``, else the newest model exported by headstart in the model store.
 
     Inside a built bento the store holds exactly the model packed at build time, so a container needs no variable.
     """
-    ref = os.environ.get("HEADSTART_MODEL")
-    if ref:
-        return ref
+    if settings.model:
+        return settings.model
     models = [m for m in bentoml.models.list() if m.info.labels.get("exported_by") == "headstart"]
     if not models:
         raise BundleError(
@@ -58,26 +55,19 @@ def default_model_ref() -> str:
     return str(max(models, key=lambda m: m.info.creation_time).tag)
 
 
-MODEL_REF = default_model_ref()
-# Verify the bundle's files when the service is imported: `bentoml serve` then refuses to start at once, instead of
-# restarting a worker that can never load the model.
+# At import, what `bentoml serve` needs to refuse a bad start at once (instead of restarting workers that can never
+# serve): the settings (service/settings.py), the bundle's files against its manifest, a usable runtime and device.
+MODEL_REF = default_model_ref(SETTINGS)
 verify_bundle(MODEL_REF)
 MODEL_IS_PATH = os.sep in MODEL_REF or Path(MODEL_REF).is_dir()
-# Choose the runtime at import too: a runtime or device that cannot be used here stops `bentoml serve` at once.
-RUNTIME, DEVICE = choose_runtime(os.environ.get("HEADSTART_RUNTIME", "auto"), os.environ.get("HEADSTART_DEVICE", "auto"))
-#: Adaptive batching limits of /classify_batch, chosen by measurement (benchmarks/RESULTS.md): BentoML answers 503
-#: to requests it predicts cannot finish within max_latency_ms, which at 200 ms rejected most requests under load on
-#: 2 cores; 10 s rejects none, while the batching window itself still adapts to traffic.
-MAX_BATCH_SIZE = int(os.environ.get("HEADSTART_MAX_BATCH_SIZE", "32"))
-MAX_LATENCY_MS = int(os.environ.get("HEADSTART_MAX_LATENCY_MS", "10000"))
+RUNTIME, DEVICE = choose_runtime(SETTINGS.runtime, SETTINGS.device)
 MAX_TOP_K = 1000
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-_GPU = DEVICE == "cuda"
 #: CPU serving: one worker process per core, so request handling (Python, GIL-bound) runs on every core, with the
-#: cores shared among the workers' ONNX Runtime threads. Measured on 2 cores at concurrency 32: 2 workers x 1 thread
-#: served 1.36x the requests of 1 worker x 2 threads (benchmarks/RESULTS.md). One worker on a GPU.
-WORKERS = int(os.environ.get("HEADSTART_WORKERS") or (1 if _GPU else CPUS))
-THREADS = int(os.environ.get("HEADSTART_THREADS") or max(1, CPUS // WORKERS))
+#: cores shared among the workers' inference threads. Measured on 2 cores at concurrency 32: 2 workers x 1 thread
+#: served 1.9x (Intel AMX) and 1.65x (AMD EPYC) the requests of 1 worker x 2 threads (benchmarks/RESULTS.md). One
+#: worker on a GPU.
+WORKERS = SETTINGS.workers or (1 if DEVICE == "cuda" else cpu_info().cores)
+THREADS = SETTINGS.threads or max(1, cpu_info().cores // WORKERS)
 #: An uploaded file. Any declared content type is accepted (curl sends application/octet-stream for a file without
 #: an image extension): the decoder identifies the format by its bytes, from an allow-list.
 ImageFile = Path
@@ -178,7 +168,7 @@ class InfoResponse(BaseModel):
     cpu: dict  # model, cores, kind and the extensions that decide the kernels (AMX, AVX-512 BF16/VNNI, AVX2)
 
 
-def _decode(path: Path):
+def _image_of(path: Path):
     try:
         return decode_image(Path(path))
     except ImageError as exc:
@@ -193,15 +183,10 @@ def _params(conf: float, iou: float, max_detections: int) -> LocalizeParams:
 
 
 def open_bundle() -> Bundle:
-    precision = os.environ.get("HEADSTART_PRECISION", "auto")
-    variant = os.environ.get("HEADSTART_VARIANT", "fp32")
-    spinning = os.environ.get("HEADSTART_SPINNING", "1") not in ("0", "false", "no")
-    arena = os.environ.get("HEADSTART_MEMORY_ARENA", "1") not in ("0", "false", "no")
     try:
-        return load_bundle(
-            MODEL_REF, variant=variant, device=DEVICE, runtime=RUNTIME, precision=precision, threads=THREADS,
-            spinning=spinning, memory_arena=arena,
-        )
+        return load_bundle(MODEL_REF, variant=SETTINGS.variant, device=DEVICE, runtime=RUNTIME,
+                           precision=SETTINGS.precision, threads=THREADS, spinning=SETTINGS.spinning,
+                           memory_arena=SETTINGS.memory_arena)  # fmt: skip
     except BundleError as exc:
         log.error("headstart cannot start: %s", exc)
         raise
@@ -247,12 +232,14 @@ class Headstart:
         """
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}.")
-        predictions = self._on_worker(lambda: classify_images(self.bundle, [_decode(image)], top_k)[0])
+        predictions = self._on_worker(lambda: classify_images(self.bundle, [_image_of(image)], top_k)[0])
         return ClassifyResponse(predictions=[Prediction(**p) for p in predictions], model=self.model)
 
-    @bentoml.api(
-        route="/classify_batch", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS
-    )
+    # adaptive batching limits, chosen by measurement (benchmarks/RESULTS.md): BentoML answers 503 to requests it
+    # predicts cannot finish within max_latency_ms, which at 200 ms rejected most requests under load on 2 cores;
+    # 10 s rejects none, while the batching window itself still adapts to traffic
+    @bentoml.api(route="/classify_batch", batchable=True, max_batch_size=SETTINGS.max_batch_size,
+                 max_latency_ms=SETTINGS.max_latency_ms)  # fmt: skip
     def classify_batch(self, images: list[ImageFile]) -> list[BatchItem]:
         """Top-5 labels for each of several images; requests are merged into batches by the server.
 
@@ -281,7 +268,8 @@ class Headstart:
 
     @bentoml.api(route="/localize")
     def localize(
-        self, image: ImageFile, conf: float = 0.25, iou: float = 0.45, max_detections: int = 100
+        self, image: ImageFile, conf: float = DEFAULTS.conf, iou: float = DEFAULTS.iou,
+        max_detections: int = DEFAULTS.max_detections,
     ) -> LocalizeResponse:
         """Where each class is in one image: boxes in original pixels with label and confidence, after NMS.
 
@@ -291,7 +279,7 @@ class Headstart:
         same model run.
         """
         params = _params(conf, iou, max_detections)
-        result = self._on_worker(lambda: localize_images(self.bundle, [_decode(image)], params)[0])
+        result = self._on_worker(lambda: localize_images(self.bundle, [_image_of(image)], params)[0])
         return LocalizeResponse(
             detections=result["detections"], grid=result["grid"], image_size=result["image_size"],
             method=result["method"], predictions=[Prediction(**p) for p in top_k(result["scores"], self.bundle.labels, 5)],
@@ -300,13 +288,14 @@ class Headstart:
 
     @bentoml.api(route="/localize_image")
     def localize_image(
-        self, image: ImageFile, conf: float = 0.25, iou: float = 0.45, max_detections: int = 100
+        self, image: ImageFile, conf: float = DEFAULTS.conf, iou: float = DEFAULTS.iou,
+        max_detections: int = DEFAULTS.max_detections,
     ) -> Annotated[Image.Image, ContentType("image/jpeg")]:
         """The uploaded image (EXIF-rotated) with the boxes of `/localize` and their labels drawn on it, as JPEG."""
         params = _params(conf, iou, max_detections)
 
         def draw() -> Image.Image:
-            img = _decode(image)
+            img = _image_of(image)
             drawn = draw_detections(img, localize_images(self.bundle, [img], params)[0]["detections"])
             drawn.format = "JPEG"  # BentoML encodes a returned image in its format
             return drawn

@@ -7,6 +7,8 @@ browser shows it (EXIF-rotated, like the boxes the service returns).
 
 from __future__ import annotations
 
+from service.localize import DEFAULTS
+
 PAGE = """<!doctype html>
 <html lang="en">
 <head>
@@ -40,8 +42,8 @@ PAGE = """<!doctype html>
   <input id="file" type="file" accept="image/*" hidden>
 </label>
 <div id="controls">
-  <label>confidence ≥ <input id="conf" type="range" min="0.05" max="0.95" step="0.05" value="0.25">
-    <output id="conf-value">0.25</output></label>
+  <label>confidence ≥ <input id="conf" type="range" min="0.05" max="0.95" step="0.05" value="@CONF@">
+    <output id="conf-value">@CONF@</output></label>
   <span id="status"></span>
 </div>
 <div id="error" role="alert"></div>
@@ -141,7 +143,7 @@ $("conf").addEventListener("change", () => { if (current) analyse(current); });
 </html>
 """
 
-PAGE_BYTES = PAGE.encode()
+PAGE_BYTES = PAGE.replace("@CONF@", f"{DEFAULTS.conf:g}").encode()  # the slider starts at the default
 
 
 class WebPage:

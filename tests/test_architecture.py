@@ -58,6 +58,20 @@ def test_the_floors_are_one_way():
             assert top not in forbidden_libs.get(floor, ()), f"{module} imports {top}; service/ is torch-free"
 
 
+def test_only_a_task_knows_its_folder():
+    """training/ outside training/tasks/NAME/ knows no task: it asks the registry (training/tasks/__init__.py, which
+    alone names each task's config) and the base classes (training.tasks.base); and no task imports another's
+    folder. A new task touches nothing else."""
+    tasks = {p.name for p in (ROOT / "training" / "tasks").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    for module, imports in project_imports(top_level_only=False).items():
+        parts = module.split(".")
+        own = parts[2] if parts[:2] == ["training", "tasks"] and len(parts) > 2 and parts[2] in tasks else None
+        for target, _ in imports:
+            t = target.split(".")
+            if module != "training.tasks" and t[:2] == ["training", "tasks"] and len(t) > 2 and t[2] in tasks:
+                assert t[2] == own, f"{module} imports {target}: only training/tasks/{t[2]}/ may (use the registry)"
+
+
 def test_no_private_name_crosses_files():
     for module, imports in project_imports(top_level_only=False).items():
         for target, names in imports:
@@ -95,6 +109,19 @@ def test_readme_endpoint_table_matches_the_guard_and_the_service():
             rows[route] = rows[rows[route][4:].split("`")[0]]
         named = set(re.findall(r"`(\w+)` \(", rows[route]))
         assert named == {*endpoint.files, *endpoint.fields}, f"README row of {route} names {sorted(named)}"
+
+
+def test_the_service_settings_are_read_in_one_place_and_the_readme_lists_them():
+    """Every HEADSTART_* variable of the service is a field of service/settings.py (nothing else reads one), and the
+    README's table of settings is that list, with its defaults."""
+    from service.settings import Settings
+
+    for path in sorted((ROOT / "service").glob("*.py")):
+        if path.name != "settings.py":
+            assert "os.environ.get(\"HEADSTART_" not in path.read_text(), f"{path.name} reads a HEADSTART_ variable"
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `(HEADSTART_[A-Z_]+)` \| `([^`]*)` \| ([^|]*) \|$", readme, re.M)
+    assert rows == [(v, d, h) for v, d, h in Settings.describe()], "README settings table != service/settings.py"
 
 
 def test_train_options_are_the_task_configs_fields():
@@ -178,6 +205,15 @@ def test_a_bundle_and_a_run_are_both_models(tiny_run, tiny_bundle):
 def test_help_and_the_train_command_line_import_no_torch():
     code = ("import sys\nfrom training.cli import build_parser\nbuild_parser().parse_args(['train', 'd', '--out', "
             "'r', '--epochs', '3'])\nassert 'torch' not in sys.modules")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_loading_a_run_and_exporting_it_need_no_augmentation_or_plotting_library():
+    """albumentations, OpenCV and matplotlib are for training: `predict RUN_DIR` and export load neither."""
+    code = ("import sys\nfrom training.load import load_run\nfrom training.tasks import CONFIGS, task_named\n"
+            "import training.export\nfor name in CONFIGS: task_named(name)\n"
+            "loaded = [m for m in ('albumentations', 'cv2', 'matplotlib') if m in sys.modules]\n"
+            "assert not loaded, loaded")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

@@ -4,8 +4,6 @@ limit matches the worker and thread layout, and the autoscaler targets the Deplo
 
 from __future__ import annotations
 
-import re
-
 import yaml
 
 from tests.conftest import ROOT
@@ -19,9 +17,10 @@ def objects() -> dict[str, dict]:
 
 
 def service_variables() -> set[str]:
-    """Every HEADSTART_* variable the service code reads."""
-    text = "".join(p.read_text() for p in (ROOT / "service").glob("*.py"))
-    return set(re.findall(r"os\.environ\.get\(\s*\"(HEADSTART_[A-Z_]+)\"", text))
+    """Every HEADSTART_* variable the service reads (its settings: service/settings.py)."""
+    from service.settings import Settings
+
+    return {variable for variable, _, _ in Settings.describe()}
 
 
 def test_the_manifests_hold_a_deployment_a_service_and_an_autoscaler():

@@ -24,7 +24,12 @@ pytestmark = pytest.mark.slow  # these use the real hymenoptera classifier
 
 
 def import_service(model_ref: str):
+    """The service module as `bentoml serve` imports it, with ``HEADSTART_MODEL=model_ref`` (its settings are read
+    once, when service.settings is imported: read again here)."""
+    import service.settings
+
     os.environ["HEADSTART_MODEL"] = model_ref
+    importlib.reload(service.settings)
     import service.service as module
 
     return importlib.reload(module)

@@ -205,6 +205,7 @@ def _cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.localize import DEFAULTS
     parser = argparse.ArgumentParser(prog="headstart", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--localize", action="store_true", help="also print boxes (CAM for classifiers)")
-    p.add_argument("--conf", type=float, default=0.25, help="lowest box confidence with --localize")
+    p.add_argument("--conf", type=float, default=DEFAULTS.conf, help="lowest box confidence with --localize")
     p.add_argument("--weights", help="backbone weights file, if it moved since training (run directories)")
     p.add_argument("--variant", default="fp32", choices=["fp32", "int8"], help="bundle model to use")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="bundle inference device")
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder of parquet parts")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--localize", action="store_true", help="also the boxes (JSON per row)")
-    p.add_argument("--conf", type=float, default=0.25, help="lowest box confidence with --localize")
+    p.add_argument("--conf", type=float, default=DEFAULTS.conf, help="lowest box confidence with --localize")
     p.add_argument("--variant", default="fp32", choices=["fp32", "int8"])
     p.add_argument("--runtime", default="auto", choices=["auto", "openvino", "onnxruntime"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32"])

@@ -65,7 +65,7 @@ def train(task: Task, cfg: RunConfig, report=None) -> Path:
     pipeline = task.augmentation(cfg.augment, spec)
     job = Job(cfg, run_dir, report, backbone, spec, net, pipeline, 1 if pipeline is None else cfg.views, device,
               use_bf16(cfg.precision, device), started)  # fmt: skip
-    layout = task.layout(backbone, net, spec)
+    layout = task.layout(cfg, backbone, net, spec)
     head_cfg = task.head_config(cfg, layout, report.labels)
     aug = {**recipe(task.name, cfg.augment, pipeline, spec), **task.view_recipe(cfg, report)}
     _write_run_files(task, job, layout, head_cfg, aug)

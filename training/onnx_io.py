@@ -74,12 +74,6 @@ def embed_manifest(path: Path, manifest: Manifest) -> None:
     onnx.save(model, str(path))
 
 
-@torch.inference_mode()
-def torch_outputs(model: torch.nn.Module, paths: list[Path], spec, batch_size: int = 32) -> list[np.ndarray]:
-    """Every output of a torch model on image files (preprocessed as the service does), concatenated."""
-    return outputs_of_files(lambda px: [o.numpy() for o in model(torch.from_numpy(px))], paths, spec, batch_size)
-
-
 def ort_outputs(session, paths: list[Path], spec, batch_size: int = 32) -> list[np.ndarray]:
     """Every output of an ONNX Runtime session on image files, concatenated."""
     return outputs_of_files(lambda px: session.run(None, {INPUT_NAME: px}), paths, spec, batch_size)

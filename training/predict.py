@@ -29,6 +29,16 @@ def predict_paths(
     return outputs_of_files(probabilities, paths, spec, batch_size)[0]
 
 
+@torch.inference_mode()
+def torch_outputs(model: torch.nn.Module, paths: Sequence[Path], spec: PreprocessSpec, batch_size: int = 32,
+                  sizes: list | None = None) -> list[np.ndarray]:  # fmt: skip
+    """Every output of a torch model on image files (preprocessed as the service does), concatenated; ``sizes``
+    as :func:`service.preprocess.load_batches`."""
+    model.eval()
+    return outputs_of_files(lambda px: [o.numpy() for o in model(torch.from_numpy(px))], paths, spec, batch_size,
+                            sizes)  # fmt: skip
+
+
 class RunModel:
     """A trained run (:class:`training.load.LoadedRun`) as a :class:`service.contract.Model`, so `headstart predict`
     answers for a run directory through the service's own code paths."""

@@ -155,7 +155,7 @@ class Task:
         """What the cached features are: the frozen backbone module (after pixel normalisation)."""
         return backbone.features
 
-    def layout(self, backbone: Backbone, net: nn.Module, spec: PreprocessSpec) -> FeatureLayout:
+    def layout(self, cfg: RunConfig, backbone: Backbone, net: nn.Module, spec: PreprocessSpec) -> FeatureLayout:
         """Pooled feature vectors of the backbone's last map."""
         return FeatureLayout(shape=(backbone.num_features,), pool=True, feature_map=backbone.extra["feature_map"],
                              channels=(backbone.num_features,))  # fmt: skip

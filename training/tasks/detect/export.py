@@ -6,11 +6,12 @@ import logging
 
 import numpy as np
 
-from models.pyramid import PyramidHeadConfig
 from service.preprocess import decode_image
-from training.onnx_io import ExportError, ort_outputs, torch_outputs
+from training.onnx_io import ExportError, ort_outputs
+from training.predict import torch_outputs
 from training.tasks.base import TaskExport
 from training.tasks.detect.data import labelled_samples
+from training.tasks.detect.heads import recorded_head
 from training.tasks.detect.metrics import (
     ground_truth_in_pixels,
     mean_average_precision,
@@ -25,16 +26,7 @@ class DetectExport(TaskExport):
     int8 = True  # gated on validation AP50 (int8_quality)
 
     def outputs(self, num_classes: int, feature_map: list[int], head: dict) -> list[dict]:
-        if head.get("kind") == "pyramid":
-            cfg = PyramidHeadConfig.from_dict(head)
-            predictors = cfg.num_predictors
-            where = " + ".join(f"{h}x{w} cells at stride {s}" for (h, w), s in zip(cfg.sizes, cfg.strides,
-                                                                                   strict=True))  # fmt: skip
-            score = "class score (trained towards the box's IoU with its object)"
-        else:
-            predictors = feature_map[0] * feature_map[1] * head["boxes_per_cell"]
-            where = f"{feature_map[0]}x{feature_map[1]} cells x {head['boxes_per_cell']} boxes"
-            score = "objectness x class probability"
+        predictors, where, score = recorded_head(head).predictors(head, feature_map)
         return [
             {"name": "probabilities", "shape": ["batch", num_classes],
              "what": f"image-level class scores: each class's best predictor ({score})"},

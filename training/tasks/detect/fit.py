@@ -44,7 +44,7 @@ def _train_targets(job: Job) -> list[np.ndarray]:
     return [t for meta in job.train_features.extras for t in unpack_targets(meta["targets"], job.views)[1]]
 
 
-def _run(job: Job, head: nn.Module, opt: torch.optim.Optimizer, num_samples: int, step: Callable,
+def _fit_epochs(job: Job, head: nn.Module, opt: torch.optim.Optimizer, num_samples: int, step: Callable,
          losses: tuple[str, ...]) -> nn.Module:  # fmt: skip
     """The epoch loop for a detection head: cosine schedule, validation mAP every ``eval_every`` epochs selects
     the epoch (or the last one), early stopping."""
@@ -95,7 +95,7 @@ def fit_grid(job: Job, head_cfg: GridHeadConfig) -> GridHead:
                                 cfg.lambda_noobj)  # fmt: skip
         return {"train_loss": optimizer_step(opt, loss) * len(idx), **{k: v * len(idx) for k, v in parts.items()}}
 
-    return _run(job, head, opt, len(maps), step, ("coord", "objectness", "class"))
+    return _fit_epochs(job, head, opt, len(maps), step, ("coord", "objectness", "class"))
 
 
 def fit_pyramid(job: Job, head_cfg: PyramidHeadConfig) -> PyramidHead:
@@ -122,4 +122,4 @@ def fit_pyramid(job: Job, head_cfg: PyramidHeadConfig) -> PyramidHead:
         loss, parts = pyramid_loss(boxes, logits, tcls[idx], tbox[idx])
         return {"train_loss": optimizer_step(opt, loss) * len(idx), **{k: v * len(idx) for k, v in parts.items()}}
 
-    return _run(job, head, opt, len(flat), step, ("class", "box")).to(memory_format=torch.contiguous_format)
+    return _fit_epochs(job, head, opt, len(flat), step, ("class", "box")).to(memory_format=torch.contiguous_format)

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from models.wrapper import Detector
-from service.localize import LocalizeParams, geometry, nms, trained_boxes
-from service.preprocess import PreprocessSpec, decode_image, preprocess
+from service.localize import DEFAULTS, LocalizeParams, geometry, nms, trained_boxes
+from service.preprocess import PreprocessSpec, decode_image
 from training.plots import pyplot
+from training.predict import torch_outputs
 from training.tasks.detect.data import DetSample
 
 #: Settings of the mAP evaluation (as Ultralytics and the COCO tools use them): keep nearly every box.
@@ -103,15 +104,9 @@ def evaluate_detector(
     model: Detector, samples: list[DetSample], spec: PreprocessSpec, labels: list[str], batch_size: int = 16
 ) -> tuple[dict, list[dict], list[dict]]:
     """mAP of a detector on samples (images preprocessed as the service does); returns metrics, predictions, truth."""
-    model.eval()
-    boxes, scores, sizes = [], [], []
-    for start in range(0, len(samples), batch_size):
-        images = [decode_image(s.path) for s in samples[start : start + batch_size]]
-        sizes += [img.size for img in images]
-        _, b, s = model(torch.from_numpy(np.stack([preprocess(img, spec) for img in images])))
-        boxes.append(b.numpy())
-        scores.append(s.numpy())
-    preds = predictions_in_pixels(np.concatenate(boxes), np.concatenate(scores), sizes, spec)
+    sizes: list[tuple[int, int]] = []
+    _, boxes, scores = torch_outputs(model, [s.path for s in samples], spec, batch_size, sizes)
+    preds = predictions_in_pixels(boxes, scores, sizes, spec)
     truth = ground_truth_in_pixels(samples, sizes)
     metrics = mean_average_precision(preds, truth, labels)
     metrics.update(num_images=len(samples), num_boxes=int(sum(len(s.classes) for s in samples)))
@@ -146,7 +141,7 @@ def plot_detection_curves(history: list[dict], path: Path) -> None:
 
 def plot_detections(
     paths: Sequence[Path], preds: Sequence[dict], truth: Sequence[dict], labels: Sequence[str], path: Path,
-    conf: float = 0.25, max_images: int = 12,
+    conf: float = DEFAULTS.conf, max_images: int = 12,
 ) -> None:  # fmt: skip
     """Validation images with ground truth (white, dashed) and predictions above ``conf`` (red, labelled)."""
     plt = pyplot()

@@ -14,17 +14,15 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
-from models.heads import GridHead, GridHeadConfig
-from models.pyramid import STRIDES, FlatPyramid, Pyramid, PyramidHead, PyramidHeadConfig
 from models.wrapper import Detector, PixelNormalize
 from service.preprocess import PreprocessSpec, decode_image
 from training.tasks.base import FeatureLayout, Job, Task
 from training.tasks.detect.config import DetectConfig
 from training.tasks.detect.data import keep_classes, scan_yolo_dataset, scan_yolo_eval_split
 from training.tasks.detect.export import DetectExport
+from training.tasks.detect.heads import HEADS, recorded_head
 from training.tasks.detect.metrics import (
     decode_head,
     evaluate_detector,
@@ -67,31 +65,23 @@ class DetectTask(Task):
 
     def view_recipe(self, cfg, report) -> dict:
         """Mosaic views hold other training images: their identities are part of what the cached views depend on."""
-        if cfg.head != "pyramid" or not cfg.mosaic or cfg.augment == "none":
+        if not HEADS[cfg.head].mosaic or not cfg.mosaic or cfg.augment == "none":
             return {}
         pool = hashlib.sha256("\n".join(s.identity for s in report.splits["train"]).encode()).hexdigest()
         return {"mosaic": cfg.mosaic, "mosaic_pool": pool}
 
     def feature_net(self, cfg, backbone) -> nn.Module:
-        return FlatPyramid(Pyramid(backbone.features)) if cfg.head == "pyramid" else backbone.features
+        return HEADS[cfg.head].feature_net(backbone)
 
-    def layout(self, backbone, net, spec) -> FeatureLayout:
-        with torch.no_grad():
-            out = net(torch.zeros(1, 3, spec.input_size, spec.input_size))
-        if out.ndim == 2:  # a flattened pyramid; the record keeps the stride-32 grid
-            grid = [spec.input_size // 32] * 2
-            return FeatureLayout(shape=(out.shape[1],), pool=False, feature_map=grid, dtype=np.float16,
-                                 extras=("targets",), channels=net[-1].pyramid.channels)  # fmt: skip
-        grid = list(out.shape[2:])
-        return FeatureLayout(shape=(backbone.num_features, *grid), pool=False, feature_map=grid, dtype=np.float16,
-                             extras=("targets",), channels=(backbone.num_features,))  # fmt: skip
+    def layout(self, cfg, backbone, net, spec) -> FeatureLayout:
+        return HEADS[cfg.head].layout(backbone, net, spec)
 
     def make_views(self, job: Job, train: bool):
         from training.augment import shrink_for_augmentation
         from training.tasks.detect.augment import detection_views
 
         pipeline, views = (job.pipeline, job.views) if train else (None, 1)
-        share = job.cfg.mosaic if train and job.cfg.head == "pyramid" else 0.0
+        share = job.cfg.mosaic if train and HEADS[job.cfg.head].mosaic else 0.0
         pool = job.report.splits["train"]
 
         def partners(rng: np.random.Generator) -> list:
@@ -107,15 +97,11 @@ class DetectTask(Task):
 
         return make
 
-    def head_config(self, cfg, layout: FeatureLayout, labels) -> GridHeadConfig | PyramidHeadConfig:
-        if cfg.head == "pyramid":
-            return PyramidHeadConfig(layout.channels, len(labels), cfg.input_size, STRIDES, cfg.width, cfg.dropout)
-        return GridHeadConfig(layout.channels[0], len(labels), cfg.boxes_per_cell, cfg.hidden, cfg.dropout)
+    def head_config(self, cfg, layout: FeatureLayout, labels):
+        return HEADS[cfg.head].config(cfg, layout, labels)
 
     def fit(self, job: Job, head_cfg) -> nn.Module:
-        from training.tasks.detect.fit import fit_grid, fit_pyramid
-
-        return fit_pyramid(job, head_cfg) if isinstance(head_cfg, PyramidHeadConfig) else fit_grid(job, head_cfg)
+        return HEADS[job.cfg.head].fit(job, head_cfg)
 
     def evaluate(self, job: Job, head: nn.Module) -> dict:
         from training.tasks.detect.fit import val_sizes
@@ -131,11 +117,7 @@ class DetectTask(Task):
         return {**evaluation, "num_images": len(val.samples), "num_boxes": int(sum(len(s.classes) for s in val.samples))}
 
     def build_model(self, record, spec, features, head_state) -> Detector:
-        if record.head.get("kind") == "pyramid":
-            cfg = PyramidHeadConfig.from_dict(record.head)
-            head, features = PyramidHead(cfg), Pyramid(features, cfg.strides)
-        else:
-            head = GridHead(GridHeadConfig.from_dict(record.head))
+        head, features = recorded_head(record.head).rebuild(record.head, features)
         head.load_state_dict(head_state)
         return Detector(PixelNormalize(spec.mean, spec.std), features, head, spec.input_size)
 

@@ -44,9 +44,7 @@ def check_idle(limit: float = 0.15, seconds: float = 1.0) -> float:
     busy1, total1 = _cpu_times()
     busy = (busy1 - busy0) / max(total1 - total0, 1)
     if busy > limit:
-        print(
-            f"WARNING: the CPU is {busy:.0%} busy with other work; timings are unreliable. Rerun when idle."
-        )
+        print(f"WARNING: the CPU is {busy:.0%} busy with other work; timings are unreliable. Rerun when idle.")
     return busy
 
 

@@ -67,29 +67,50 @@ def main() -> None:
         listing.write_text("\n".join(paths) + "\n")
         (Path(tmp) / "probe.txt").write_text("\n".join(photos[:8]) + "\n")
         base = single_process(model, paths)
-        print(f"single process (`headstart predict` loop, batch 1): {base:.1f} img/s over {len(paths)} images",
-              flush=True)  # fmt: skip
+        print(
+            f"single process (`headstart predict` loop, batch 1): {base:.1f} img/s over {len(paths)} images", flush=True
+        )
         seconds, startup, summary = ray_job(model, str(listing), str(Path(tmp) / "probe.txt"), Path(tmp) / "local")
         local = len(paths) / seconds
-        print(f"Ray, local ({summary['actors']} actor(s)): {local:.1f} img/s ({local / base:.2f}x single process), "
-              f"startup {startup:.1f} s, errors {summary['errors']}", flush=True)  # fmt: skip
+        print(
+            f"Ray, local ({summary['actors']} actor(s)): {local:.1f} img/s ({local / base:.2f}x single process), "
+            f"startup {startup:.1f} s, errors {summary['errors']}",
+            flush=True,
+        )
         from ray.cluster_utils import Cluster
 
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         try:
-            seconds2, startup2, summary2 = ray_job(model, str(listing), str(Path(tmp) / "probe.txt"), Path(tmp) / "two", actors=2,
-                                                   cpus_per_actor=0.5, ray_address=cluster.address)  # fmt: skip
+            seconds2, startup2, summary2 = ray_job(
+                model,
+                str(listing),
+                str(Path(tmp) / "probe.txt"),
+                Path(tmp) / "two",
+                actors=2,
+                cpus_per_actor=0.5,
+                ray_address=cluster.address,
+            )
         finally:
             cluster.shutdown()
         two = len(paths) / seconds2
-        print(f"Ray, two simulated nodes on the same 2 cores ({summary2['actors']} actors on "
-              f"{len(summary2['nodes'])} nodes): {two:.1f} img/s ({two / base:.2f}x), startup {startup2:.1f} s, "
-              f"errors {summary2['errors']}")  # fmt: skip
-        print(json.dumps({"single_process_ips": round(base, 1), "ray_local_ips": round(local, 1),
-                          "ray_two_node_ips": round(two, 1), "ratio_local": round(local / base, 2),
-                          "startup_s": round(startup, 1)}))  # fmt: skip
+        print(
+            f"Ray, two simulated nodes on the same 2 cores ({summary2['actors']} actors on "
+            f"{len(summary2['nodes'])} nodes): {two:.1f} img/s ({two / base:.2f}x), startup {startup2:.1f} s, "
+            f"errors {summary2['errors']}"
+        )
+        print(
+            json.dumps(
+                {
+                    "single_process_ips": round(base, 1),
+                    "ray_local_ips": round(local, 1),
+                    "ray_two_node_ips": round(two, 1),
+                    "ratio_local": round(local / base, 2),
+                    "startup_s": round(startup, 1),
+                }
+            )
+        )
     print(f"target: Ray on this machine >= 0.9x the single process; other CPU use before the run: {busy:.0%}")
 
 

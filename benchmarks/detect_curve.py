@@ -41,12 +41,28 @@ def main() -> None:
     given = {k: v for k, v in vars(args).items() if k not in ("folds", "fold")}
     seed = given.pop("seed", 0)
     # what localize_eval.headstart_fold and the fold itself decide: the backbone, the data, the run's housekeeping
-    fixed = [k for k in ("backbone", "pretrained", "weights", "val_fraction", "classes", "cache_dir", "no_cache",
-                         "resume", "overwrite", "progress") if k in given]  # fmt: skip
+    fixed = [
+        k
+        for k in (
+            "backbone",
+            "pretrained",
+            "weights",
+            "val_fraction",
+            "classes",
+            "cache_dir",
+            "no_cache",
+            "resume",
+            "overwrite",
+            "progress",
+        )
+        if k in given
+    ]
     if fixed:
         field = DetectConfig.__dataclass_fields__[fixed[0]]
-        parser.error(f"{field.metadata['flag'] or '--' + fixed[0].replace('_', '-')} is set by this benchmark: "
-                     "MobileNetV2 on coco128's person boxes, the fold's own validation fifth")  # fmt: skip
+        parser.error(
+            f"{field.metadata['flag'] or '--' + fixed[0].replace('_', '-')} is set by this benchmark: "
+            "MobileNetV2 on coco128's person boxes, the fold's own validation fifth"
+        )
 
     from training.load import load_run
     from training.tasks.detect.crossval import fold_report, make_folds
@@ -76,12 +92,15 @@ def main() -> None:
         return original_fit(phase, schedule, checkpoint, progress)
 
     with tempfile.TemporaryDirectory() as tmp:
-        selected, seconds, run_dir = headstart_fold(report, folds, args.fold - 1, options, Path(tmp), seed,
-                                                    {"training.tasks.detect.fit.fit": recording_fit})  # fmt: skip
+        selected, seconds, run_dir = headstart_fold(
+            report, folds, args.fold - 1, options, Path(tmp), seed, {"training.tasks.detect.fit.fit": recording_fit}
+        )
         _, test = fold_report(report, folds, args.fold - 1, 0.2, seed)
         run = load_run(run_dir)
-        print(f"seed {seed}, fold {args.fold} of {args.folds}, options {options}: {len(test)} held-out images, "
-              f"trained in {seconds:.0f} s")  # fmt: skip
+        print(
+            f"seed {seed}, fold {args.fold} of {args.folds}, options {options}: {len(test)} held-out images, "
+            f"trained in {seconds:.0f} s"
+        )
         print(f"{'epoch':>6} {'val mAP50':>10} {'held-out AP50':>14}")
         for k, (state, row) in enumerate(snapshots):
             run.model.head.load_state_dict({name: v.contiguous() for name, v in state.items()})

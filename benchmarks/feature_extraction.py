@@ -30,19 +30,14 @@ def eager_fn(net, bf16: bool):
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
         with ctx:
             return (
-                net(torch.from_numpy(pixels).contiguous(memory_format=torch.channels_last))
-                .float()
-                .mean((2, 3))
-                .numpy()
+                net(torch.from_numpy(pixels).contiguous(memory_format=torch.channels_last)).float().mean((2, 3)).numpy()
             )
 
     return run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="torchvision:mobilenet_v2")
     parser.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"))
     parser.add_argument("--images", type=int, default=128)
@@ -74,9 +69,7 @@ def main() -> None:
             print(f"  {name} batch {batch}: {ips:.1f} img/s", flush=True)
     base = rows[0][2]
     print()
-    print(
-        "| variant | batch | images/s | vs eager fp32 batch 64 | max abs diff vs eager fp32 | correlation |"
-    )
+    print("| variant | batch | images/s | vs eager fp32 batch 64 | max abs diff vs eager fp32 | correlation |")
     print("|---|---|---|---|---|---|")
     for name, batch, ips, diff, corr in rows:
         print(f"| {name} | {batch} | {ips:.1f} | {ips / base:.2f}x | {diff:.2e} | {corr:.5f} |")

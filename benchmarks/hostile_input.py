@@ -62,8 +62,11 @@ CASES = ["photo (cat_720p.jpg)", "aspect-2x30000", "jpeg-500-scans", "png-trunca
 def run(case: str, how: str) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", CHILD, case, how, str(ROOT), str(SHARED / "photos" / "cat_720p.jpg")],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     if out.returncode:
         return {"seconds": float("nan"), "peak_mib": float("nan"), "outcome": f"crashed ({out.returncode})"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -72,13 +75,14 @@ def run(case: str, how: str) -> dict:
 def main() -> None:
     print(machine_line(torch=False))
     check_idle()
-    print(
-        f"{'case':<22} {'input':>9} | {'naive s':>8} {'MiB':>6} {'outcome':<34} | {'headstart s':>11} {'MiB':>5} outcome"
-    )
+    naive = f"{'naive s':>8} {'MiB':>6} {'outcome':<34}"
+    print(f"{'case':<22} {'input':>9} | {naive} | {'headstart s':>11} {'MiB':>5} outcome")
     for case in CASES:
         naive, ours = run(case, "naive"), run(case, "headstart")
-        print(f"{case:<22} {ours.get('bytes', 0):>9} | {naive['seconds']:8.3f} {naive['peak_mib']:6.0f} "
-              f"{naive['outcome'][:34]:<34} | {ours['seconds']:11.3f} {ours['peak_mib']:5.0f} {ours['outcome'][:50]}")  # fmt: skip
+        print(
+            f"{case:<22} {ours.get('bytes', 0):>9} | {naive['seconds']:8.3f} {naive['peak_mib']:6.0f} "
+            f"{naive['outcome'][:34]:<34} | {ours['seconds']:11.3f} {ours['peak_mib']:5.0f} {ours['outcome'][:50]}"
+        )
 
 
 if __name__ == "__main__":

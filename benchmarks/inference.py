@@ -98,14 +98,8 @@ def _ort_matmul_peak(op: str, threads: int, n: int) -> float:
     from onnx import TensorProto, helper
 
     integer = op == "MatMulInteger"
-    a_type, b_type = (
-        (TensorProto.UINT8, TensorProto.INT8) if integer else (TensorProto.FLOAT, TensorProto.FLOAT)
-    )
-    b_np = (
-        np.random.randint(-127, 127, (n, n)).astype(np.int8)
-        if integer
-        else np.random.randn(n, n).astype(np.float32)
-    )
+    a_type, b_type = (TensorProto.UINT8, TensorProto.INT8) if integer else (TensorProto.FLOAT, TensorProto.FLOAT)
+    b_np = np.random.randint(-127, 127, (n, n)).astype(np.int8) if integer else np.random.randn(n, n).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node(op, ["a", "b"], ["c"])],
         "mm",
@@ -117,11 +111,7 @@ def _ort_matmul_peak(op: str, threads: int, n: int) -> float:
     with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
         onnx.save(model, f.name)
         sess = ort.InferenceSession(f.name, _ort_options(threads), providers=["CPUExecutionProvider"])
-    a = (
-        np.random.randint(0, 255, (n, n)).astype(np.uint8)
-        if integer
-        else np.random.randn(n, n).astype(np.float32)
-    )
+    a = np.random.randint(0, 255, (n, n)).astype(np.uint8) if integer else np.random.randn(n, n).astype(np.float32)
     return max(2 * n**3 / (t * 1e9) for t in _times(lambda: sess.run(None, {"a": a}), 5))
 
 
@@ -131,9 +121,13 @@ def int8_agreement_on_hymenoptera() -> dict:
     from training.tasks import ClassifyConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = ClassifyConfig(data_dir=str(SHARED / "data" / "hymenoptera"), out=f"{tmp}/run",
-                          backbone="torchvision:mobilenet_v2", weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
-                          progress=False)  # fmt: skip
+        cfg = ClassifyConfig(
+            data_dir=str(SHARED / "data" / "hymenoptera"),
+            out=f"{tmp}/run",
+            backbone="torchvision:mobilenet_v2",
+            weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
+            progress=False,
+        )
         run_dir = train(cfg)
         manifest = export_bundle(run_dir, f"{tmp}/bundle", int8=True, store=False).manifest
         return {**manifest.int8, "runtimes": manifest.runtimes}
@@ -168,9 +162,7 @@ def build(name: str, weights: Path | None) -> tuple[Classifier, int]:
 def main() -> None:
     import onnxruntime as ort
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -187,13 +179,17 @@ def main() -> None:
     # MatMulInteger often falls short of it (and of ONNX Runtime's own int8 convolutions), so take the larger.
     peak16 = peak_bf16_gflops(args.threads)
     peak8 = max(measured8, 4 * peak32, 2 * peak16)
-    print(f"fp32 peak: best matmul {peak32:.0f} GFLOP/s; bf16 peak: torch matmul {peak16:.0f} GFLOP/s; int8 peak: "
-          f"max(MatMulInteger {measured8:.0f}, 4 x fp32 = {4 * peak32:.0f}, 2 x bf16 = {2 * peak16:.0f}) "
-          f"= {peak8:.0f} GOP/s")  # fmt: skip
+    print(
+        f"fp32 peak: best matmul {peak32:.0f} GFLOP/s; bf16 peak: torch matmul {peak16:.0f} GFLOP/s; int8 peak: "
+        f"max(MatMulInteger {measured8:.0f}, 4 x fp32 = {4 * peak32:.0f}, 2 x bf16 = {2 * peak16:.0f}) "
+        f"= {peak8:.0f} GOP/s"
+    )
 
     rows, agreement = [], {}
-    models = [("resnet50", "resnet50", None), ("mobilenet_v2", "torchvision:mobilenet_v2",
-              SHARED / "weights" / "mobilenet_v2_imagenet.pth")]  # fmt: skip
+    models = [
+        ("resnet50", "resnet50", None),
+        ("mobilenet_v2", "torchvision:mobilenet_v2", SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for label, name, weights in models:
             model, spec = build(name, weights)
@@ -202,9 +198,7 @@ def main() -> None:
             export_onnx(model, fp32_path, spec.input_size)
             quantize_int8(fp32_path, int8_path, calib_paths, spec)
             sessions = {
-                v: ort.InferenceSession(
-                    str(p), _ort_options(args.threads), providers=["CPUExecutionProvider"]
-                )
+                v: ort.InferenceSession(str(p), _ort_options(args.threads), providers=["CPUExecutionProvider"])
                 for v, p in (("fp32", fp32_path), ("int8", int8_path))
             }
             pixels = np.stack([preprocess(decode_image(p), spec) for p in calib_paths[:32]])
@@ -233,37 +227,47 @@ def main() -> None:
                 for k, ips in results.items():
                     peak = peak8 if "int8" in k else peak16 if "bf16" in k else peak32
                     rows.append((label, batch, k, ips, ips / base, ips * gflop / peak, gflop))
-                print(f"  {label} batch {batch}: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in results.items()),
-                      flush=True)  # fmt: skip
+                print(
+                    f"  {label} batch {batch}: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in results.items()),
+                    flush=True,
+                )
 
     print()
-    print("| model | batch | runtime | images/s | vs torch eager fp32 | vs measured peak (its precision) | top-1 "
-          "agreement with ONNX Runtime, same file, 32 photos |")  # fmt: skip
+    print(
+        "| model | batch | runtime | images/s | vs torch eager fp32 | vs measured peak (its precision) | top-1 "
+        "agreement with ONNX Runtime, same file, 32 photos |"
+    )
     print("|---|---|---|---|---|---|---|")
     for label, batch, k, ips, ratio, share, gflop in rows:
-        print(f"| {label} ({gflop:.2f} GFLOP/img) | {batch} | {k} | {ips:.1f} | {ratio:.2f}x | {share:.0%} | "
-              f"{agreement[(label, k)]:.0%} |")  # fmt: skip
-    r50 = {
-        k: r
-        for (m, b, k, *_), r in zip(rows, [r[4] for r in rows], strict=True)
-        if m == "resnet50" and b == 32
-    }
+        print(
+            f"| {label} ({gflop:.2f} GFLOP/img) | {batch} | {k} | {ips:.1f} | {ratio:.2f}x | {share:.0%} | "
+            f"{agreement[(label, k)]:.0%} |"
+        )
+    r50 = {k: r for (m, b, k, *_), r in zip(rows, [r[4] for r in rows], strict=True) if m == "resnet50" and b == 32}
     print()
-    print(f"ResNet-50 batch 32: ONNX Runtime fp32 {r50['ONNX Runtime fp32']:.2f}x (target >= 2x), "
-          f"int8 {r50['ONNX Runtime int8']:.2f}x (target >= 6x) the torch eager fp32 speed")  # fmt: skip
+    print(
+        f"ResNet-50 batch 32: ONNX Runtime fp32 {r50['ONNX Runtime fp32']:.2f}x (target >= 2x), "
+        f"int8 {r50['ONNX Runtime int8']:.2f}x (target >= 6x) the torch eager fp32 speed"
+    )
     ov_int8 = r50["OpenVINO int8 file"] / r50["ONNX Runtime int8"]
     ov_fp32 = r50["OpenVINO fp32 file, bf16 (its default)"] / r50["ONNX Runtime fp32"]
-    print(f"ResNet-50 batch 32, served variants: OpenVINO int8 file {ov_int8:.2f}x ONNX Runtime int8 (target >= 2.5x), "
-          f"OpenVINO fp32 file (bf16) {ov_fp32:.2f}x ONNX Runtime fp32 (target >= 4x)")  # fmt: skip
+    print(
+        f"ResNet-50 batch 32, served variants: OpenVINO int8 file {ov_int8:.2f}x ONNX Runtime int8 (target >= 2.5x), "
+        f"OpenVINO fp32 file (bf16) {ov_fp32:.2f}x ONNX Runtime fp32 (target >= 4x)"
+    )
     info = int8_agreement_on_hymenoptera()
-    print(f"MobileNetV2 head on hymenoptera val ({info['calibration_images']} calibration images): fp32 accuracy "
-          f"{info['accuracy_fp32']:.4f}, int8 {info['accuracy_int8']:.4f}, int8/fp32 top-1 agreement "
-          f"{info['top1_agreement']:.2%} (target >= 99%)")  # fmt: skip
+    print(
+        f"MobileNetV2 head on hymenoptera val ({info['calibration_images']} calibration images): fp32 accuracy "
+        f"{info['accuracy_fp32']:.4f}, int8 {info['accuracy_int8']:.4f}, int8/fp32 top-1 agreement "
+        f"{info['top1_agreement']:.2%} (target >= 99%)"
+    )
     for variant, checks in info["runtimes"].items():
         for key, row in checks.items():
-            print(f"  export check, {variant} file on {key} ({row['precision']}): top-1 agreement "
-                  f"{row['top1_agreement']:.2%} with ONNX Runtime, accuracy {row['accuracy']:.4f}, max |dp| "
-                  f"{row['max_abs_prob_diff']:.1e}, served: {'yes' if row['allowed'] else 'no'}")  # fmt: skip
+            print(
+                f"  export check, {variant} file on {key} ({row['precision']}): top-1 agreement "
+                f"{row['top1_agreement']:.2%} with ONNX Runtime, accuracy {row['accuracy']:.4f}, max |dp| "
+                f"{row['max_abs_prob_diff']:.1e}, served: {'yes' if row['allowed'] else 'no'}"
+            )
     print(f"other CPU use before the run: {busy:.0%}, after: {check_idle():.0%}")
 
 

@@ -55,18 +55,25 @@ def frcnn_fold(train: list, test: list, num_classes: int, epochs: int, seed: int
     backbone = build_backbone("torchvision:mobilenet_v2", weights=str(WEIGHTS))
     body = backbone.features.eval()
     body.out_channels = backbone.num_features
-    model = FasterRCNN(body, min_size=512, max_size=512, box_predictor=FastRCNNPredictor(512, num_classes + 1),
-                       rpn_anchor_generator=AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
-                       box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), box_batch_size_per_image=64,
-                       box_head=TwoMLPHead(backbone.num_features * 49, 512),
-                       image_mean=list(backbone.preprocess.mean), image_std=list(backbone.preprocess.std))  # fmt: skip
+    model = FasterRCNN(
+        body,
+        min_size=512,
+        max_size=512,
+        box_predictor=FastRCNNPredictor(512, num_classes + 1),
+        rpn_anchor_generator=AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
+        box_batch_size_per_image=64,
+        box_head=TwoMLPHead(backbone.num_features * 49, 512),
+        image_mean=list(backbone.preprocess.mean),
+        image_std=list(backbone.preprocess.std),
+    )
 
     def tensor(path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(decode_image(path).convert("RGB"), np.float32) / 255).permute(2, 0, 1)
 
     def target(s, img: torch.Tensor, flip: bool) -> dict:
         h, w = img.shape[1:]
-        cx, cy, bw, bh = (s.boxes.T if len(s.boxes) else np.zeros((4, 0)))
+        cx, cy, bw, bh = s.boxes.T if len(s.boxes) else np.zeros((4, 0))
         x1, x2 = (cx - bw / 2) * w, (cx + bw / 2) * w
         if flip:
             x1, x2 = w - x2, w - x1
@@ -102,8 +109,9 @@ def frcnn_fold(train: list, test: list, num_classes: int, epochs: int, seed: int
             img = tensor(s.path)
             sizes.append((img.shape[2], img.shape[1]))
             out = model([img])[0]
-            preds.append({"boxes": out["boxes"].numpy(), "scores": out["scores"].numpy(),
-                          "labels": out["labels"].numpy() - 1})  # fmt: skip
+            preds.append(
+                {"boxes": out["boxes"].numpy(), "scores": out["scores"].numpy(), "labels": out["labels"].numpy() - 1}
+            )
     labels = [str(k) for k in range(num_classes)]
     return mean_average_precision(preds, ground_truth_in_pixels(test, sizes), labels), seconds
 
@@ -128,7 +136,7 @@ def ablations() -> dict[str, tuple[dict, dict]]:
 
 def headstart_fold(
     report, folds, i: int, options: dict, tmp: Path, seed: int, patches: dict | None = None
-) -> tuple[dict, float, Path]:  # fmt: skip
+) -> tuple[dict, float, Path]:
     from contextlib import ExitStack
     from unittest import mock
 
@@ -138,9 +146,17 @@ def headstart_fold(
     from training.tasks.detect.metrics import evaluate_detector
 
     fold, test = fold_report(report, folds, i, 0.2, seed)
-    cfg = DetectConfig(data_dir=str(COCO), out=str(tmp / f"run-{i}"), backbone="torchvision:mobilenet_v2",
-                       weights=str(WEIGHTS), seed=seed, cache_dir=str(tmp / "cache"), progress=False, overwrite=True,
-                       **options)  # fmt: skip
+    cfg = DetectConfig(
+        data_dir=str(COCO),
+        out=str(tmp / f"run-{i}"),
+        backbone="torchvision:mobilenet_v2",
+        weights=str(WEIGHTS),
+        seed=seed,
+        cache_dir=str(tmp / "cache"),
+        progress=False,
+        overwrite=True,
+        **options,
+    )
     with ExitStack() as stack:
         for target, replacement in (patches or {}).items():
             stack.enter_context(mock.patch(target, replacement))
@@ -232,9 +248,16 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--frcnn-epochs", type=int, default=12)
     parser.add_argument("--frcnn-all", action="store_true", help="Faster R-CNN for all 80 classes too")
-    parser.add_argument("--skip", default="", help="comma-separated: grid, faster-rcnn, pyramid, person, all-classes, latency")
-    parser.add_argument("--ablate", nargs="?", const="all", default="",
-                        help="person only: pyramid variants (see ablations()); all, or comma-separated names")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: grid, faster-rcnn, pyramid, person, all-classes, latency"
+    )
+    parser.add_argument(
+        "--ablate",
+        nargs="?",
+        const="all",
+        default="",
+        help="person only: pyramid variants (see ablations()); all, or comma-separated names",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="passes over 28 images for latency")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -277,28 +300,38 @@ def main() -> None:
                         m, s = frcnn_fold(train_set, test, len(report.labels), args.frcnn_epochs, args.seed)
                     else:
                         options, patches = variants.get(method, (GRID if method == "grid" else {}, {}))
-                        m, s, run_dir = headstart_fold(report, folds, i, options, tmp / f"{what}-{method}",
-                                                       args.seed, patches)  # fmt: skip
+                        m, s, run_dir = headstart_fold(
+                            report, folds, i, options, tmp / f"{what}-{method}", args.seed, patches
+                        )
                         if method == "pyramid" and what == "person" and i == 0:
                             bundle_run = (run_dir, folds[0])
                     rows.append(m)
                     seconds.append(s)
-                    print(f"  [{what} / {method} / fold {i + 1}] AP50 {m['map50']:.4f} AP50:95 {m['map50_95']:.4f} "
-                          f"({s:.0f} s)", flush=True)  # fmt: skip
+                    print(
+                        f"  [{what} / {method} / fold {i + 1}] AP50 {m['map50']:.4f} AP50:95 {m['map50_95']:.4f} "
+                        f"({s:.0f} s)",
+                        flush=True,
+                    )
                 results[(what, method)] = (rows, seconds)
 
         boxes = {what: sum(len(s.classes) for items in r.splits.values() for s in items) for what, r in settings}
-        print(f"\n{args.folds}-fold cross-validation on coco128 (seed {args.seed}), held-out folds only; mean±std over "
-              "folds; last column: training seconds per fold")  # fmt: skip
-        print(f"  {'':<15}" + "".join(f"{h:>14}" for h in ("AP50", "AP50:95", "AP small", "AP medium", "AP large"))
-              + f"{'train s':>10}")  # fmt: skip
+        print(
+            f"\n{args.folds}-fold cross-validation on coco128 (seed {args.seed}), held-out folds only; mean±std over "
+            "folds; last column: training seconds per fold"
+        )
+        print(
+            f"  {'':<15}"
+            + "".join(f"{h:>14}" for h in ("AP50", "AP50:95", "AP small", "AP medium", "AP large"))
+            + f"{'train s':>10}"
+        )
         for what, _ in settings:
             print(f" {what} ({boxes[what]} boxes)")
             for (w, method), (rows, seconds) in results.items():
                 if w == what:
                     print(line(method, rows, seconds))
-        person = {m: statistics.fmean(r["map50"] for r in rows) for (w, m), (rows, _) in results.items()
-                  if w == "person"}  # fmt: skip
+        person = {
+            m: statistics.fmean(r["map50"] for r in rows) for (w, m), (rows, _) in results.items() if w == "person"
+        }
         for anchor in ("grid", "faster-rcnn"):
             if anchor in person and "pyramid" in person:
                 print(f"  person AP50: pyramid / {anchor} = {person['pyramid'] / max(person[anchor], 1e-9):.1f}x")
@@ -317,12 +350,18 @@ def main() -> None:
                     m, how = bundle_ap(bundle, test, variant, runtime)
                     print(f"  {variant} on {runtime}: AP50 {m['map50']:.4f} AP50:95 {m['map50_95']:.4f}  [{how}]")
             paths = [s.path for s in test][:28]
-            print(f"\nlatency per image of the pyramid detector (512 px), median over {args.repeats} passes of "
-                  f"{len(paths)} images:")  # fmt: skip
-            for where, ms in (("in process", in_process_latency(bundle, paths, args.repeats)),
-                              ("HTTP, bentoml serve, 1 worker", http_latency(bundle, paths, args.repeats, tmp))):  # fmt: skip
-                print(f"  {where}: classify {ms['classify']:.1f} ms, localize {ms['localize']:.1f} ms -> "
-                      f"{ms['localize'] / ms['classify']:.2f}x")  # fmt: skip
+            print(
+                f"\nlatency per image of the pyramid detector (512 px), median over {args.repeats} passes of "
+                f"{len(paths)} images:"
+            )
+            for where, ms in (
+                ("in process", in_process_latency(bundle, paths, args.repeats)),
+                ("HTTP, bentoml serve, 1 worker", http_latency(bundle, paths, args.repeats, tmp)),
+            ):
+                print(
+                    f"  {where}: classify {ms['classify']:.1f} ms, localize {ms['localize']:.1f} ms -> "
+                    f"{ms['localize'] / ms['classify']:.2f}x"
+                )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,12 @@ def child(case: str, model: str, seconds: float) -> None:
     from service.preprocess import decode_image
 
     arena_case = case in ("arena", "no-arena")  # the arena is ONNX Runtime's (served on GPUs, or when asked for)
-    bundle = load_bundle(model, runtime="onnxruntime" if arena_case else "auto", threads=2 if arena_case else 1,
-                         memory_arena=case != "no-arena")  # fmt: skip
+    bundle = load_bundle(
+        model,
+        runtime="onnxruntime" if arena_case else "auto",
+        threads=2 if arena_case else 1,
+        memory_arena=case != "no-arena",
+    )
     data = [p.read_bytes() for p in IMAGES]
     proc = psutil.Process()
     samples, count, stop = [], [0], time.perf_counter() + seconds
@@ -69,8 +73,11 @@ def child(case: str, model: str, seconds: float) -> None:
                 worker.submit(lambda b=blob: classify_images(bundle, [decode_image(b)])).result()
             count[0] += 1
 
-    threads = [threading.Thread(target=batches)] if case in ("arena", "no-arena") else [
-        threading.Thread(target=single, args=(k,)) for k in range(16)]  # fmt: skip
+    threads = (
+        [threading.Thread(target=batches)]
+        if case in ("arena", "no-arena")
+        else [threading.Thread(target=single, args=(k,)) for k in range(16)]
+    )
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -79,14 +86,20 @@ def child(case: str, model: str, seconds: float) -> None:
         samples.append((round(time.perf_counter() - t0), round(proc.memory_info().rss / 2**20)))
     for t in threads:
         t.join()
-    print(json.dumps({"case": case, "start": round(start_rss), "samples": samples,
-                      "images_per_s": count[0] / (time.perf_counter() - t0)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "case": case,
+                "start": round(start_rss),
+                "samples": samples,
+                "images_per_s": count[0] / (time.perf_counter() - t0),
+            }
+        )
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="bundle directory or model-store tag")
     parser.add_argument("--seconds", type=float, default=40)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -99,16 +112,22 @@ def main() -> None:
     print(f"other CPU use before: {busy:.0%}; {args.seconds:.0f} s per case, RSS in MiB")
     results = {}
     for case in ("arena", "no-arena", "spread", "one-thread"):
-        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--seconds", str(args.seconds),
-                              "--child", case], capture_output=True, text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, __file__, "--model", args.model, "--seconds", str(args.seconds), "--child", case],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         results[case] = json.loads(out.strip().splitlines()[-1])
         r = results[case]
         curve = ", ".join(f"{t}s {m}" for t, m in r["samples"])
         print(f"{case:<11} {r['images_per_s']:6.1f} img/s  RSS at start {r['start']}, then {curve}")
     for a, b in (("arena", "no-arena"), ("one-thread", "spread")):
         ra, rb = results[a], results[b]
-        print(f"{a} / {b}: throughput {ra['images_per_s'] / rb['images_per_s']:.2f}x, final RSS "
-              f"{ra['samples'][-1][1] / rb['samples'][-1][1]:.2f}x")  # fmt: skip
+        print(
+            f"{a} / {b}: throughput {ra['images_per_s'] / rb['images_per_s']:.2f}x, final RSS "
+            f"{ra['samples'][-1][1] / rb['samples'][-1][1]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ def step_seconds(width: int, channels_last: bool, bf16: bool, batch: int, repeat
     cfg = PyramidHeadConfig((32, 96, 1280), 1, 512, width=width)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     head = PyramidHead(cfg).to(memory_format=fmt)
-    maps = [torch.randn(batch, c, h, w).contiguous(memory_format=fmt) for c, (h, w) in zip(cfg.in_channels, cfg.sizes,
-                                                                                          strict=True)]  # fmt: skip
+    maps = [
+        torch.randn(batch, c, h, w).contiguous(memory_format=fmt)
+        for c, (h, w) in zip(cfg.in_channels, cfg.sizes, strict=True)
+    ]
     opt = torch.optim.AdamW(head.parameters())
 
     def step() -> None:
@@ -58,8 +60,10 @@ def main() -> None:
         for width in (int(w) for w in args.widths.split(",")):
             nchw = step_seconds(width, False, bf16, args.batch, args.repeats)
             nhwc = step_seconds(width, True, bf16, args.batch, args.repeats)
-            print(f"  {'bf16' if bf16 else 'fp32'} width {width:>3}: NCHW {nchw:.3f} s, channels-last {nhwc:.3f} s "
-                  f"per step of {args.batch} -> {nchw / nhwc:.2f}x")  # fmt: skip
+            print(
+                f"  {'bf16' if bf16 else 'fp32'} width {width:>3}: NCHW {nchw:.3f} s, channels-last {nhwc:.3f} s "
+                f"per step of {args.batch} -> {nchw / nhwc:.2f}x"
+            )
 
 
 if __name__ == "__main__":

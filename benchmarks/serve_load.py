@@ -35,8 +35,13 @@ def make_bundle(tmp: str) -> str:
     from training.export import export_bundle
     from training.tasks import ClassifyConfig, train
 
-    cfg = ClassifyConfig(data_dir=str(SHARED / "data" / "hymenoptera"), out=f"{tmp}/run", backbone="torchvision:mobilenet_v2",
-                      weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"), progress=False)  # fmt: skip
+    cfg = ClassifyConfig(
+        data_dir=str(SHARED / "data" / "hymenoptera"),
+        out=f"{tmp}/run",
+        backbone="torchvision:mobilenet_v2",
+        weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
+        progress=False,
+    )
     return str(export_bundle(train(cfg), f"{tmp}/bundle", store=False).bundle_dir)
 
 
@@ -65,9 +70,7 @@ def multipart(name: str, data: bytes, field: str = "image", top_k: int | None = 
     """A ready-made multipart body: the client does no encoding work while the clock runs."""
     boundary = "headstartbenchmarkboundary"
     head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n{top_k}\r\n'
-        if top_k is not None
-        else ""
+        f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n{top_k}\r\n' if top_k is not None else ""
     )
     part = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
@@ -101,9 +104,7 @@ async def drive(url: str, concurrency: int, seconds: float, endpoint: str = "cla
             i += concurrency
             start = time.perf_counter()
             try:
-                async with session.post(
-                    f"{url}/{endpoint}", data=body, headers={"Content-Type": ctype}
-                ) as resp:
+                async with session.post(f"{url}/{endpoint}", data=body, headers={"Content-Type": ctype}) as resp:
                     payload = json.loads(await resp.text())
                     if batch and resp.status == 200:
                         payload = payload[0]
@@ -131,14 +132,16 @@ async def drive(url: str, concurrency: int, seconds: float, endpoint: str = "cla
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="bundle directory or model-store tag (default: train and export one)")
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--endpoint", default="classify", choices=["classify", "classify_batch"],
-                        help="classify_batch: one image per request, merged by adaptive batching")  # fmt: skip
+    parser.add_argument(
+        "--endpoint",
+        default="classify",
+        choices=["classify", "classify_batch"],
+        help="classify_batch: one image per request, merged by adaptive batching",
+    )
     parser.add_argument("--runtime", default="auto", choices=["auto", "openvino", "onnxruntime"])
     args = parser.parse_args()
     print(machine_line(torch=False))
@@ -147,7 +150,9 @@ def main() -> None:
         model = args.model or make_bundle(tmp)
         device = os.environ.get("HEADSTART_DEVICE", "cpu")
         with running_server(model, Path(tmp), HEADSTART_DEVICE=device, HEADSTART_RUNTIME=args.runtime) as (
-            url, server, _,
+            url,
+            server,
+            _,
         ):
             import httpx
 
@@ -161,8 +166,10 @@ def main() -> None:
             for level in args.levels:
                 results[level] = asyncio.run(drive(url, level, args.seconds, args.endpoint))
                 r = results[level]
-                print(f"  concurrency {level}: {r['rps']:.1f} req/s, p50 {r['p50']:.1f} ms, errors {r['errors']}",
-                      flush=True)  # fmt: skip
+                print(
+                    f"  concurrency {level}: {r['rps']:.1f} req/s, p50 {r['p50']:.1f} ms, errors {r['errors']}",
+                    flush=True,
+                )
             rss_after = rss_mib(server.pid)
         ips, p50_local = in_process(model, args.seconds, args.runtime)
 
@@ -172,21 +179,23 @@ def main() -> None:
         f"p50 {p50_local:.1f} ms"
     )
     print()
-    print(
-        "| concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | errors | HTTP / in-process throughput |"
-    )
+    print("| concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | errors | HTTP / in-process throughput |")
     print("|---|---|---|---|---|---|---|---|")
     for level, r in results.items():
-        print(f"| {level} | {r['requests']} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
-              f"{r['errors']} | {r['rps'] / ips:.2f} |")  # fmt: skip
+        print(
+            f"| {level} | {r['requests']} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
+            f"{r['errors']} | {r['rps'] / ips:.2f} |"
+        )
     print()
     errors = sum(r["errors"] for r in results.values())
     print(f"errors: {errors} (target 0)")
     if 32 in results:
         print(f"concurrency 32: HTTP / in-process throughput {results[32]['rps'] / ips:.2f} (target >= 0.8)")
     if 1 in results:
-        print(f"concurrency 1: p50 {results[1]['p50']:.1f} ms vs in-process {p50_local:.1f} ms: "
-              f"+{results[1]['p50'] - p50_local:.1f} ms (target <= 10 ms)")  # fmt: skip
+        print(
+            f"concurrency 1: p50 {results[1]['p50']:.1f} ms vs in-process {p50_local:.1f} ms: "
+            f"+{results[1]['p50'] - p50_local:.1f} ms (target <= 10 ms)"
+        )
     print(f"server RSS before/after load: {rss_before:.0f} / {rss_after:.0f} MiB")
     print(f"other CPU use before the run: {busy:.0%}")
 

@@ -1,7 +1,8 @@
 """Bounded soak of `bentoml serve` on loopback: mixed good and bad requests at high concurrency for a few minutes.
 
-Every good request must get the same label as when sent alone before the load, every bad one a 4xx; the server's resident memory is
-sampled every interval so growth can be told from a leak (warm-up growth levels off, a leak keeps climbing).
+Every good request must get the same label as when sent alone before the load, every bad one a 4xx; the server's
+resident memory is sampled every interval so growth can be told from a leak (warm-up growth levels off, a leak keeps
+climbing).
 
     .venv/bin/python benchmarks/soak.py [--model TAG_OR_BUNDLE] [--minutes 3] [--concurrency 32]
 """
@@ -50,9 +51,7 @@ async def soak(url: str, concurrency: int, seconds: float, pid: int, interval: f
             is_bad = i % 5 == 0
             body, ctype, *label = bad[i % len(bad)] if is_bad else good[i % len(good)]
             try:
-                async with session.post(
-                    f"{url}/classify", data=body, headers={"Content-Type": ctype}
-                ) as resp:
+                async with session.post(f"{url}/classify", data=body, headers={"Content-Type": ctype}) as resp:
                     text = await resp.text()
                     stats["server_errors"] += resp.status >= 500
                     if is_bad:
@@ -70,9 +69,7 @@ async def soak(url: str, concurrency: int, seconds: float, pid: int, interval: f
             samples.append((time.perf_counter() - t0, rss_mib(pid)))
 
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=120)
-    ) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         await asyncio.gather(sampler(), *(worker(k, session) for k in range(concurrency)))
     stats["seconds"] = time.perf_counter() - t0
     stats["rss"] = samples
@@ -80,9 +77,7 @@ async def soak(url: str, concurrency: int, seconds: float, pid: int, interval: f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="bundle directory or model-store tag (default: train and export one)")
     parser.add_argument("--minutes", type=float, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -103,27 +98,32 @@ def main() -> None:
 
             # the reference answer for each image: the server's own, one request at a time, before the load
             expected = {
-                p.name: httpx.post(f"{url}/classify", files={"image": (p.name, p.read_bytes(), "image/jpeg")},
-                                   timeout=30).json()["predictions"][0]["label"]
+                p.name: httpx.post(
+                    f"{url}/classify", files={"image": (p.name, p.read_bytes(), "image/jpeg")}, timeout=30
+                ).json()["predictions"][0]["label"]
                 for p in GOOD
-            }  # fmt: skip
-            stats = asyncio.run(
-                soak(url, args.concurrency, args.minutes * 60, server.pid, args.interval, expected)
-            )
+            }
+            stats = asyncio.run(soak(url, args.concurrency, args.minutes * 60, server.pid, args.interval, expected))
             healthy = httpx.get(f"{url}/readyz", timeout=5).status_code == 200
             text = log.read_text()
     total = sum(stats[k] for k in ("good_ok", "good_wrong", "bad_4xx", "bad_other", "exceptions"))
-    print(f"{total} requests in {stats['seconds']:.0f} s at concurrency {args.concurrency} "
-          f"({total / stats['seconds']:.1f} req/s), other CPU use before: {busy:.0%}")  # fmt: skip
-    print(f"good: {stats['good_ok']} answered correctly, {stats['good_wrong']} not; bad: {stats['bad_4xx']} got 4xx, "
-          f"{stats['bad_other']} did not; 5xx: {stats['server_errors']}; client exceptions: {stats['exceptions']}")  # fmt: skip
+    print(
+        f"{total} requests in {stats['seconds']:.0f} s at concurrency {args.concurrency} "
+        f"({total / stats['seconds']:.1f} req/s), other CPU use before: {busy:.0%}"
+    )
+    print(
+        f"good: {stats['good_ok']} answered correctly, {stats['good_wrong']} not; bad: {stats['bad_4xx']} got 4xx, "
+        f"{stats['bad_other']} did not; 5xx: {stats['server_errors']}; client exceptions: {stats['exceptions']}"
+    )
     print("server RSS (MiB) over time: " + ", ".join(f"{t:.0f}s {m:.0f}" for t, m in stats["rss"]))
     first, last = stats["rss"][1][1], stats["rss"][-1][1]
     third = next(m for t, m in stats["rss"] if t >= stats["seconds"] / 3)
     good = stats["good_ok"] + stats["good_wrong"]
-    print(f"RSS after the first interval {first:.0f} MiB, at the end {last:.0f} MiB ({last - first:+.0f} MiB); "
-          f"over the last two thirds {last - third:+.0f} MiB ({(last - third) * 2**20 / max(1, good * 2 / 3):+.0f} "
-          f"bytes per good request)")  # fmt: skip
+    print(
+        f"RSS after the first interval {first:.0f} MiB, at the end {last:.0f} MiB ({last - first:+.0f} MiB); "
+        f"over the last two thirds {last - third:+.0f} MiB ({(last - third) * 2**20 / max(1, good * 2 / 3):+.0f} "
+        f"bytes per good request)"
+    )
     print(f"server healthy afterwards: {healthy}; 'status=500' in server log: {text.count('status=500')}")
 
 

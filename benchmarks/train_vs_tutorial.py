@@ -35,18 +35,25 @@ def tutorial_baseline(data: Path, weights: Path, epochs: int) -> tuple[float, fl
     torch.manual_seed(0)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     tfs = {
-        "train": transforms.Compose([
-            transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]),
-        "val": transforms.Compose([
-            transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), transforms.Normalize(mean, std),
-        ]),
-    }  # fmt: skip
-    sets = {x: datasets.ImageFolder(data / x, tfs[x]) for x in ("train", "val")}
-    loaders = {
-        x: torch.utils.data.DataLoader(sets[x], batch_size=4, shuffle=True, num_workers=0) for x in sets
+        "train": transforms.Compose(
+            [
+                transforms.RandomResizedCrop(224),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        ),
+        "val": transforms.Compose(
+            [
+                transforms.Resize(256),
+                transforms.CenterCrop(224),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        ),
     }
+    sets = {x: datasets.ImageFolder(data / x, tfs[x]) for x in ("train", "val")}
+    loaders = {x: torch.utils.data.DataLoader(sets[x], batch_size=4, shuffle=True, num_workers=0) for x in sets}
     model = torchvision.models.mobilenet_v2(num_classes=1000)
     model.load_state_dict(torch.load(weights, weights_only=True))
     for p in model.parameters():
@@ -92,8 +99,14 @@ def headstart_run(data: Path, weights: Path) -> tuple[float, float, dict]:
     from training.tasks import ClassifyConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = ClassifyConfig(data_dir=str(data), out=f"{tmp}/run", backbone="torchvision:mobilenet_v2",
-                          weights=str(weights), cache_dir=f"{tmp}/cache", progress=False)  # fmt: skip
+        cfg = ClassifyConfig(
+            data_dir=str(data),
+            out=f"{tmp}/run",
+            backbone="torchvision:mobilenet_v2",
+            weights=str(weights),
+            cache_dir=f"{tmp}/cache",
+            progress=False,
+        )
         start = time.perf_counter()
         run_dir = train(cfg)
         seconds = time.perf_counter() - start
@@ -102,9 +115,7 @@ def headstart_run(data: Path, weights: Path) -> tuple[float, float, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=25)
     args = parser.parse_args()
     data = SHARED / "data" / "hymenoptera"
@@ -114,8 +125,11 @@ def main() -> None:
     val_images = sum(1 for _ in (data / "val").rglob("*") if _.is_file())
 
     hs_acc, hs_s, info = headstart_run(data, weights)
-    print(f"headstart: val acc {hs_acc:.4f} in {hs_s:.1f}s (features {info['seconds']['features']}s, "
-          f"head {info['seconds']['head']}s, {info['views']} views)", flush=True)  # fmt: skip
+    print(
+        f"headstart: val acc {hs_acc:.4f} in {hs_s:.1f}s (features {info['seconds']['features']}s, "
+        f"head {info['seconds']['head']}s, {info['views']} views)",
+        flush=True,
+    )
     base_acc, base_s = tutorial_baseline(data, weights, args.epochs)
     load = max(load, check_idle())
 
@@ -124,15 +138,11 @@ def main() -> None:
     print()
     print("| recipe | val accuracy | wall time (s) |")
     print("|---|---|---|")
-    print(
-        f"| PyTorch tutorial, fixed feature extractor ({args.epochs} epochs) | {base_acc:.4f} | {base_s:.1f} |"
-    )
+    print(f"| PyTorch tutorial, fixed feature extractor ({args.epochs} epochs) | {base_acc:.4f} | {base_s:.1f} |")
     print(f"| headstart train (defaults, cold feature cache) | {hs_acc:.4f} | {hs_s:.1f} |")
     print()
     print(f"time ratio tutorial / headstart: {ratio:.1f}x (target >= 5x)")
-    print(
-        f"accuracy difference: {hs_acc - base_acc:+.4f} (target >= -{one_image:.4f}, one image of {val_images})"
-    )
+    print(f"accuracy difference: {hs_acc - base_acc:+.4f} (target >= -{one_image:.4f}, one image of {val_images})")
     ok = ratio >= 5 and hs_acc >= base_acc - one_image - 1e-9
     print(f"targets met: {ok}; other CPU use before/after the runs: {load:.0%}")
 

@@ -65,9 +65,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_weights(
-    model: nn.Module, state: dict[str, torch.Tensor], classifier_prefixes: tuple[str, ...], path
-) -> None:
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], classifier_prefixes: tuple[str, ...], path) -> None:
     """Load ``state`` strictly, except that the classifier may be absent or of another size."""
     own = model.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -192,9 +190,7 @@ def _build_torchvision(name: str, pretrained: bool, weights: Path | None):
     default = torchvision.models.get_model_weights(name).DEFAULT
     source = "random"
     if weights is not None:
-        _load_weights(
-            model, load_state_dict_file(weights), ("fc.", "classifier.", "head.", "heads."), weights
-        )
+        _load_weights(model, load_state_dict_file(weights), ("fc.", "classifier.", "head.", "heads."), weights)
         source = str(weights)
     elif pretrained:
         try:
@@ -269,9 +265,7 @@ def _build_timm(name: str, pretrained: bool, weights: Path | None):
     return BatchNormFrozen(model, "forward_features"), stages, pre, source
 
 
-def build_backbone(
-    name: str = "resnet50", *, pretrained: bool = True, weights: str | Path | None = None
-) -> Backbone:
+def build_backbone(name: str = "resnet50", *, pretrained: bool = True, weights: str | Path | None = None) -> Backbone:
     """Build a backbone that maps normalised images to a feature map.
 
     ``name`` is a timm model name or ``torchvision:NAME``. ``weights`` is a local state dict (safetensors or a
@@ -279,9 +273,7 @@ def build_backbone(
     """
     weights_path = Path(weights) if weights else None
     if name.startswith(TORCHVISION_PREFIX):
-        features, stages, pre, source = _build_torchvision(
-            name[len(TORCHVISION_PREFIX) :], pretrained, weights_path
-        )
+        features, stages, pre, source = _build_torchvision(name[len(TORCHVISION_PREFIX) :], pretrained, weights_path)
     else:
         features, stages, pre, source = _build_timm(name, pretrained, weights_path)
     if pre["interpolation"] not in ("nearest", "bilinear", "bicubic", "lanczos"):

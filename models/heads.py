@@ -24,9 +24,7 @@ class HeadConfig:
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"Invalid activation {self.activation!r}. Only {sorted(ACTIVATIONS)} are supported."
-            )
+            raise ValueError(f"Invalid activation {self.activation!r}. Only {sorted(ACTIVATIONS)} are supported.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.hidden < 0 or self.num_classes < 2 or self.in_features < 1:

@@ -46,13 +46,17 @@ class Pyramid(nn.Module):
             self.timm_indices = [max((i for i, r in enumerate(reductions) if r == s), default=-1) for s in strides]
             self.take = self.timm_indices
         else:
-            raise BackboneError("This backbone does not expose its intermediate stages; the multi-scale detector "
-                                "needs a torchvision model with .features, a ResNet, or a timm model with "
-                                "forward_intermediates. Use --head grid for a single-scale detector.")  # fmt: skip
+            raise BackboneError(
+                "This backbone does not expose its intermediate stages; the multi-scale detector "
+                "needs a torchvision model with .features, a ResNet, or a timm model with "
+                "forward_intermediates. Use --head grid for a single-scale detector."
+            )
         if -1 in self.take:
             missing = [s for s, t in zip(self.strides, self.take, strict=True) if t == -1]
-            raise BackboneError(f"The backbone has no feature map at stride {missing} (of {list(self.strides)}). "
-                                "Use --head grid for a single-scale detector.")  # fmt: skip
+            raise BackboneError(
+                f"The backbone has no feature map at stride {missing} (of {list(self.strides)}). "
+                "Use --head grid for a single-scale detector."
+            )
         with torch.no_grad():
             self.channels = tuple(int(m.shape[1]) for m in self.forward(probe))
 
@@ -157,8 +161,10 @@ class PyramidHead(nn.Module):
         """(N, ΣC·H·W) as :class:`FlatPyramid` caches it → the level maps."""
         sizes = [c * h * w for c, (h, w) in zip(self.cfg.in_channels, self.cfg.sizes, strict=True)]
         parts = torch.split(flat, sizes, dim=1)
-        return [p.reshape(len(flat), c, h, w) for p, c, (h, w) in zip(parts, self.cfg.in_channels, self.cfg.sizes,
-                                                                      strict=True)]  # fmt: skip
+        return [
+            p.reshape(len(flat), c, h, w)
+            for p, c, (h, w) in zip(parts, self.cfg.in_channels, self.cfg.sizes, strict=True)
+        ]
 
     def forward(self, maps: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
         if isinstance(maps, torch.Tensor):
@@ -179,14 +185,16 @@ class PyramidHead(nn.Module):
         """Cell centres (P, 2) in input pixels and their strides (P,), level after level, row-major."""
         centres, strides = [], []
         for (h, w), s in zip(self.cfg.sizes, self.cfg.strides, strict=True):
-            ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=dtype),
-                                    torch.arange(w, device=device, dtype=dtype), indexing="ij")  # fmt: skip
+            ys, xs = torch.meshgrid(
+                torch.arange(h, device=device, dtype=dtype), torch.arange(w, device=device, dtype=dtype), indexing="ij"
+            )
             centres.append(torch.stack([(xs.reshape(-1) + 0.5) * s, (ys.reshape(-1) + 0.5) * s], 1))
             strides.append(torch.full((h * w,), float(s), device=device, dtype=dtype))
         return torch.cat(centres), torch.cat(strides)
 
-    def decode(self, raw: list[torch.Tensor], input_size: int | None = None, logits: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def decode(
+        self, raw: list[torch.Tensor], input_size: int | None = None, logits: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw per level → boxes (N, P, 4) x1 y1 x2 y2 in input pixels (clipped to the input), scores (N, P, K)
         (class logits with ``logits``)."""
         size = self.cfg.input_size

@@ -90,9 +90,14 @@ class Predictor:
 
         self.options = options
         self.node = ray.get_runtime_context().get_node_id()  # where this actor runs (reported in the summary)
-        self.bundle = load_bundle(model, variant=options["variant"], device=options["device"],
-                                  runtime=options["runtime"], precision=options["precision"],
-                                  threads=options["threads"])  # fmt: skip
+        self.bundle = load_bundle(
+            model,
+            variant=options["variant"],
+            device=options["device"],
+            runtime=options["runtime"],
+            precision=options["precision"],
+            threads=options["threads"],
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from service.inference import classify_arrays, top_k
@@ -102,8 +107,15 @@ class Predictor:
         rows, images, good = [], [], []
         for path, part, index in zip(batch["path"], batch["part"], batch["index"], strict=True):
             # "" rather than None inside Ray: every block then has the same column types
-            row = {"path": str(path), "part": int(part), "index": int(index), "labels": [], "scores": [],
-                   "boxes": "", "error": ""}  # fmt: skip
+            row = {
+                "path": str(path),
+                "part": int(part),
+                "index": int(index),
+                "labels": [],
+                "scores": [],
+                "boxes": "",
+                "error": "",
+            }
             try:
                 images.append(decode_image(read_bytes(str(path))))
                 good.append(len(rows))
@@ -115,15 +127,21 @@ class Predictor:
             params = LocalizeParams(conf=self.options["conf"])
             for i, result in zip(good, localize_images(self.bundle, images, params), strict=True):
                 preds = top_k(result["scores"], self.bundle.labels, k)
-                rows[i].update(labels=[p["label"] for p in preds], scores=[p["score"] for p in preds],
-                               boxes=json.dumps(result["detections"]))  # fmt: skip
+                rows[i].update(
+                    labels=[p["label"] for p in preds],
+                    scores=[p["score"] for p in preds],
+                    boxes=json.dumps(result["detections"]),
+                )
         elif images:
             preds = classify_arrays(self.bundle, [preprocess(img, self.bundle.spec) for img in images], k)
             for i, p in zip(good, preds, strict=True):
                 rows[i].update(labels=[x["label"] for x in p], scores=[x["score"] for x in p])
         name, version, node = self.bundle.name, self.bundle.version, self.node
         return {key: [r[key] for r in rows] for key in rows[0]} | {
-            "model": [name] * len(rows), "version": [version] * len(rows), "node": [node] * len(rows)}  # fmt: skip
+            "model": [name] * len(rows),
+            "version": [version] * len(rows),
+            "node": [node] * len(rows),
+        }
 
 
 # ---------------------------------------------------------------- the job
@@ -132,9 +150,17 @@ class Predictor:
 def _schema():
     import pyarrow as pa
 
-    return pa.schema([("path", pa.string()), ("labels", pa.list_(pa.string())), ("scores", pa.list_(pa.float64())),
-                      ("boxes", pa.string()), ("error", pa.string()), ("model", pa.string()),
-                      ("version", pa.string())])  # fmt: skip
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("labels", pa.list_(pa.string())),
+            ("scores", pa.list_(pa.float64())),
+            ("boxes", pa.string()),
+            ("error", pa.string()),
+            ("model", pa.string()),
+            ("version", pa.string()),
+        ]
+    )
 
 
 def _write_part(out: Path, part: int, rows: list[dict]) -> None:
@@ -145,12 +171,21 @@ def _write_part(out: Path, part: int, rows: list[dict]) -> None:
     SCHEMA = _schema()
 
     rows = sorted(rows, key=lambda r: r["index"])
-    table = pa.Table.from_pylist([
-        {"path": str(r["path"]), "labels": [str(x) for x in r["labels"]], "scores": [float(x) for x in r["scores"]],
-         "boxes": str(r["boxes"]) or None, "error": str(r["error"]) or None, "model": str(r["model"]),
-         "version": str(r["version"])}
-        for r in rows
-    ], schema=SCHEMA)  # fmt: skip
+    table = pa.Table.from_pylist(
+        [
+            {
+                "path": str(r["path"]),
+                "labels": [str(x) for x in r["labels"]],
+                "scores": [float(x) for x in r["scores"]],
+                "boxes": str(r["boxes"]) or None,
+                "error": str(r["error"]) or None,
+                "model": str(r["model"]),
+                "version": str(r["version"]),
+            }
+            for r in rows
+        ],
+        schema=SCHEMA,
+    )
     tmp = out / f".part-{part:05d}.parquet.tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, out / f"part-{part:05d}.parquet")
@@ -163,8 +198,10 @@ def _check_job(out: Path, job: dict) -> None:
         old = json.loads(path.read_text())
         if old != job:
             changed = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
-            raise BatchError(f"{out} holds the output of another job (different {', '.join(changed)}). Use a new "
-                             "--out, or the same command to resume that job.")  # fmt: skip
+            raise BatchError(
+                f"{out} holds the output of another job (different {', '.join(changed)}). Use a new "
+                "--out, or the same command to resume that job."
+            )
     else:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".{JOB}.tmp"
@@ -184,10 +221,25 @@ def _init_ray(address: str | None, num_cpus: int | None):
     return ray
 
 
-def predict_batch(model: str, source: str, out: str | Path, *, top_k: int = 5, localize: bool = False,
-                  conf: float = DEFAULTS.conf, variant: str = "fp32", runtime: str = "auto", precision: str = "auto",
-                  batch_size: int = 32, actors: int | None = None, cpus_per_actor: float | None = None,
-                  gpus_per_actor: float = 0.0, ray_address: str | None = None, part_size: int = 1000, progress: bool = True) -> dict:  # fmt: skip
+def predict_batch(
+    model: str,
+    source: str,
+    out: str | Path,
+    *,
+    top_k: int = 5,
+    localize: bool = False,
+    conf: float = DEFAULTS.conf,
+    variant: str = "fp32",
+    runtime: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 32,
+    actors: int | None = None,
+    cpus_per_actor: float | None = None,
+    gpus_per_actor: float = 0.0,
+    ray_address: str | None = None,
+    part_size: int = 1000,
+    progress: bool = True,
+) -> dict:
     """Predict every image of ``source`` into parquet parts under ``out``; returns the summary."""
     from service.bundle import verify_bundle
 
@@ -199,18 +251,42 @@ def predict_batch(model: str, source: str, out: str | Path, *, top_k: int = 5, l
     paths = list_sources(source)
     if not paths:
         raise BatchError(f"{source} names no images.")
-    options = {"top_k": top_k, "localize": localize, "conf": conf, "variant": variant, "runtime": runtime,
-               "precision": precision, "device": "cuda" if gpus_per_actor else "cpu"}  # fmt: skip
-    job = {"images": len(paths), "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
-           "model": f"{manifest.name}:{manifest.version}", "part_size": part_size,
-           **{k: options[k] for k in ("top_k", "localize", "conf", "variant", "runtime", "precision")}}  # fmt: skip
+    options = {
+        "top_k": top_k,
+        "localize": localize,
+        "conf": conf,
+        "variant": variant,
+        "runtime": runtime,
+        "precision": precision,
+        "device": "cuda" if gpus_per_actor else "cpu",
+    }
+    job = {
+        "images": len(paths),
+        "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+        "model": f"{manifest.name}:{manifest.version}",
+        "part_size": part_size,
+        **{k: options[k] for k in ("top_k", "localize", "conf", "variant", "runtime", "precision")},
+    }
     _check_job(out, job)
     parts = [paths[i : i + part_size] for i in range(0, len(paths), part_size)]
     pending = [k for k in range(len(parts)) if not (out / f"part-{k:05d}.parquet").is_file()]
     summary = {"images": len(paths), "parts": len(parts), "parts_skipped": len(parts) - len(pending)}
     if pending:
-        summary.update(_predict_on_ray(str(bundle_dir), parts, pending, out, options, batch_size, actors, cpus_per_actor,
-                            gpus_per_actor, ray_address, progress))  # fmt: skip
+        summary.update(
+            _predict_on_ray(
+                str(bundle_dir),
+                parts,
+                pending,
+                out,
+                options,
+                batch_size,
+                actors,
+                cpus_per_actor,
+                gpus_per_actor,
+                ray_address,
+                progress,
+            )
+        )
     summary["errors"] = sum(_count_errors(out / f"part-{k:05d}.parquet") for k in range(len(parts)))
     summary["seconds"] = round(time.perf_counter() - started, 2)
     return summary
@@ -230,9 +306,19 @@ def pool_size(total_cpus: int, actors: int | None, cpus_per_actor: float | None)
     return actors, cpus_per_actor
 
 
-def _predict_on_ray(model: str, parts: list[list[str]], pending: list[int], out: Path, options: dict, batch_size: int,
-         actors: int | None, cpus_per_actor: float | None, gpus_per_actor: float, ray_address: str | None,
-         progress: bool) -> dict:  # fmt: skip
+def _predict_on_ray(
+    model: str,
+    parts: list[list[str]],
+    pending: list[int],
+    out: Path,
+    options: dict,
+    batch_size: int,
+    actors: int | None,
+    cpus_per_actor: float | None,
+    gpus_per_actor: float,
+    ray_address: str | None,
+    progress: bool,
+) -> dict:
     local_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ray = _init_ray(ray_address, None if ray_address or os.environ.get("RAY_ADDRESS") else local_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = progress
@@ -241,9 +327,15 @@ def _predict_on_ray(model: str, parts: list[list[str]], pending: list[int], out:
     items = [{"path": p, "part": k, "index": i} for k in pending for i, p in enumerate(parts[k])]
     started = time.perf_counter()
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 200)))
-    ds = ds.map_batches(Predictor, fn_constructor_args=(model, options), batch_size=batch_size,
-                        concurrency=actors, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
-                        batch_format="numpy")  # fmt: skip
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_args=(model, options),
+        batch_size=batch_size,
+        concurrency=actors,
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor or None,
+        batch_format="numpy",
+    )
     received: dict[int, list[dict]] = {k: [] for k in pending}
     done, nodes = 0, set()
     for batch in ds.iter_rows():
@@ -254,8 +346,13 @@ def _predict_on_ray(model: str, parts: list[list[str]], pending: list[int], out:
             _write_part(out, k, received.pop(k))
             done += len(parts[k])
     seconds = time.perf_counter() - started
-    return {"predicted": done, "actors": actors, "cpus_per_actor": round(cpus_per_actor, 3), "nodes": sorted(nodes),
-            "images_per_second": round(done / seconds, 1) if seconds else 0.0}  # fmt: skip
+    return {
+        "predicted": done,
+        "actors": actors,
+        "cpus_per_actor": round(cpus_per_actor, 3),
+        "nodes": sorted(nodes),
+        "images_per_second": round(done / seconds, 1) if seconds else 0.0,
+    }
 
 
 def _count_errors(path: Path) -> int:

@@ -173,9 +173,7 @@ def resolve_bundle_path(ref: str | Path) -> Path:
         import bentoml
         from bentoml.exceptions import NotFound
     except ImportError as exc:
-        raise BundleError(
-            f"{text!r} is not a directory, and bentoml is not installed to look it up as a tag."
-        ) from exc
+        raise BundleError(f"{text!r} is not a directory, and bentoml is not installed to look it up as a tag.") from exc
     try:
         return Path(bentoml.models.get(text).path)
     except NotFound as exc:
@@ -205,9 +203,15 @@ def served_precision(manifest: Manifest, variant: str, runtime: str, precision: 
         return "fp32", "bf16 was not measured for this bundle at export (re-export to measure it); serving fp32"
     if not check.get("allowed"):
         diffs = check.get("max_abs_diff")
-        lost = (f"box scores moved by up to {diffs['scores']:.3f}" if isinstance(diffs, dict) and "scores" in diffs
-                else f"{check.get('accuracy_drop', 0) * 100:.1f} accuracy points lost")  # fmt: skip
-        return "fp32", f"bf16 failed the export's check (top-1 agreement {check['top1_agreement']:.2%}, {lost}); serving fp32"
+        lost = (
+            f"box scores moved by up to {diffs['scores']:.3f}"
+            if isinstance(diffs, dict) and "scores" in diffs
+            else f"{check.get('accuracy_drop', 0) * 100:.1f} accuracy points lost"
+        )
+        return (
+            "fp32",
+            f"bf16 failed the export's check (top-1 agreement {check['top1_agreement']:.2%}, {lost}); serving fp32",
+        )
     return "bf16", f"bf16 passed the export's check (top-1 agreement {check['top1_agreement']:.2%})"
 
 
@@ -245,20 +249,36 @@ def load_bundle(
     try:
         runtime, device = choose_runtime(runtime, device)
         served, why = served_precision(manifest, variant, runtime, precision)
-        session = open_session(bundle_dir / filename, runtime, device, precision=served, threads=threads,
-                               spinning=spinning, memory_arena=memory_arena)  # fmt: skip
+        session = open_session(
+            bundle_dir / filename,
+            runtime,
+            device,
+            precision=served,
+            threads=threads,
+            spinning=spinning,
+            memory_arena=memory_arena,
+        )
     except RuntimeUnavailable as exc:
         raise BundleError(str(exc)) from exc
     missing = [n for n in manifest.output_names if n not in session.output_names]
     if missing:
         raise BundleError(f"{bundle_dir / filename} lacks the outputs {missing} its manifest names. Re-export it.")
-    probs = session.run(manifest.output_names[:1], np.zeros((1, 3, manifest.preprocess.input_size,
-                                                                manifest.preprocess.input_size), np.float32))[0]  # fmt: skip
+    probs = session.run(
+        manifest.output_names[:1],
+        np.zeros((1, 3, manifest.preprocess.input_size, manifest.preprocess.input_size), np.float32),
+    )[0]
     if probs.shape[-1] != len(manifest.labels):
         raise BundleError(
             f"{bundle_dir / filename} outputs {probs.shape[-1]} classes but the manifest has "
             f"{len(manifest.labels)} labels. Re-export the bundle."
         )
-    log.info("loaded %s:%s (%s) from %s on %s: %s", manifest.name, manifest.version, variant, bundle_dir,
-             session.describe(), why)  # fmt: skip
+    log.info(
+        "loaded %s:%s (%s) from %s on %s: %s",
+        manifest.name,
+        manifest.version,
+        variant,
+        bundle_dir,
+        session.describe(),
+        why,
+    )
     return Bundle(bundle_dir, manifest, session, variant, why)

@@ -67,10 +67,15 @@ class BackboneRecord:
 
     def to_dict(self) -> dict:
         return {
-            "name": self.name, "pretrained": self.pretrained, "weights_path": self.weights_path,
-            "weights": self.weights, "weights_sha256": self.weights_sha256, "num_features": self.num_features,
-            "feature_map": list(self.feature_map), "stages": list(self.stages),
-        }  # fmt: skip
+            "name": self.name,
+            "pretrained": self.pretrained,
+            "weights_path": self.weights_path,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "num_features": self.num_features,
+            "feature_map": list(self.feature_map),
+            "stages": list(self.stages),
+        }
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "backbone") -> BackboneRecord:
@@ -94,23 +99,40 @@ class RunRecord:
 
     def to_dict(self) -> dict:
         return {
-            "headstart_run": self.schema_version, "task": self.task, "options": dict(self.options),
-            "backbone": self.backbone.to_dict(), "head": dict(self.head), "data": dict(self.data),
-            "features": dict(self.features), "versions": dict(self.versions),
-        }  # fmt: skip
+            "headstart_run": self.schema_version,
+            "task": self.task,
+            "options": dict(self.options),
+            "backbone": self.backbone.to_dict(),
+            "head": dict(self.head),
+            "data": dict(self.data),
+            "features": dict(self.features),
+            "versions": dict(self.versions),
+        }
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "config.yaml") -> RunRecord:
         _require(data, ("headstart_run",), "the run record", source)
-        _check_version(data["headstart_run"], RUN_SCHEMA_VERSION, "run record", source,
-                       "Retrain with this version, or use the headstart that trained it.")  # fmt: skip
+        _check_version(
+            data["headstart_run"],
+            RUN_SCHEMA_VERSION,
+            "run record",
+            source,
+            "Retrain with this version, or use the headstart that trained it.",
+        )
         _require(data, ("options", "backbone", "head"), "the run record", source)
         task = data.get("task", "classify")  # records written before there were tasks are classifiers
         if not isinstance(task, str) or not task:
             raise ContractError(f"{source}: the task must be a name, got {task!r}.")
-        return cls(task=task, options=data["options"], backbone=BackboneRecord.from_dict(data["backbone"], source),
-                   head=data["head"], data=data.get("data", {}), features=data.get("features", {}),
-                   versions=data.get("versions", {}), schema_version=data["headstart_run"])  # fmt: skip
+        return cls(
+            task=task,
+            options=data["options"],
+            backbone=BackboneRecord.from_dict(data["backbone"], source),
+            head=data["head"],
+            data=data.get("data", {}),
+            features=data.get("features", {}),
+            versions=data.get("versions", {}),
+            schema_version=data["headstart_run"],
+        )
 
 
 # ---------------------------------------------------------------- the bundle manifest (manifest.json)
@@ -156,14 +178,27 @@ class Manifest:
         return [o["name"] for o in self.outputs]
 
     def to_dict(self) -> dict:
-        return plain({
-            "schema_version": self.schema_version, "name": self.name, "version": self.version, "task": self.task,
-            "labels": list(self.labels), "backbone": self.backbone, "head": self.head,
-            "preprocess": self.preprocess.to_dict(), "input": self.input, "outputs": list(self.outputs),
-            "metrics": self.metrics, "verification": self.verification, "int8": self.int8, "created": self.created,
-            "headstart": self.headstart, **({"runtimes": self.runtimes} if self.runtimes is not None else {}),
-            "files": self.files,
-        })  # fmt: skip
+        return plain(
+            {
+                "schema_version": self.schema_version,
+                "name": self.name,
+                "version": self.version,
+                "task": self.task,
+                "labels": list(self.labels),
+                "backbone": self.backbone,
+                "head": self.head,
+                "preprocess": self.preprocess.to_dict(),
+                "input": self.input,
+                "outputs": list(self.outputs),
+                "metrics": self.metrics,
+                "verification": self.verification,
+                "int8": self.int8,
+                "created": self.created,
+                "headstart": self.headstart,
+                **({"runtimes": self.runtimes} if self.runtimes is not None else {}),
+                "files": self.files,
+            }
+        )
 
     def embedded(self) -> dict:
         """The part embedded in the ONNX files' metadata."""
@@ -172,20 +207,44 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Any, source: str = "manifest.json") -> Manifest:
         _require(data, ("schema_version",), "the manifest", source)
-        _check_version(data["schema_version"], MANIFEST_SCHEMA_VERSION, "bundle manifest", source,
-                       "Re-export the bundle with this version: headstart export RUN_DIR.")  # fmt: skip
-        keys = ("name", "version", "task", "labels", "backbone", "head", "preprocess", "input", "outputs",
-                "metrics", "verification", "created", "headstart")  # fmt: skip
+        _check_version(
+            data["schema_version"],
+            MANIFEST_SCHEMA_VERSION,
+            "bundle manifest",
+            source,
+            "Re-export the bundle with this version: headstart export RUN_DIR.",
+        )
+        keys = (
+            "name",
+            "version",
+            "task",
+            "labels",
+            "backbone",
+            "head",
+            "preprocess",
+            "input",
+            "outputs",
+            "metrics",
+            "verification",
+            "created",
+            "headstart",
+        )
         _require(data, keys, "the manifest", source)
         # the task is what trained the model; serving goes by its outputs (service/localize.py), whatever the task
         try:
             preprocess = PreprocessSpec.from_dict(data["preprocess"])
         except (TypeError, ValueError) as exc:
             raise ContractError(f"{source}: invalid preprocess section: {exc}") from exc
-        return cls(**{k: data[k] for k in keys if k not in ("labels", "outputs", "preprocess")},
-                   labels=tuple(data["labels"]), outputs=tuple(data["outputs"]), preprocess=preprocess,
-                   int8=data.get("int8"), files=data.get("files") or {}, runtimes=data.get("runtimes"),
-                   schema_version=data["schema_version"])  # fmt: skip
+        return cls(
+            **{k: data[k] for k in keys if k not in ("labels", "outputs", "preprocess")},
+            labels=tuple(data["labels"]),
+            outputs=tuple(data["outputs"]),
+            preprocess=preprocess,
+            int8=data.get("int8"),
+            files=data.get("files") or {},
+            runtimes=data.get("runtimes"),
+            schema_version=data["schema_version"],
+        )
 
 
 # ---------------------------------------------------------------- what predicting needs from a model

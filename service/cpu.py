@@ -67,10 +67,16 @@ def parse_cpuinfo(text: str, cores: int, architecture: str) -> CpuInfo:
         if sep:
             fields.setdefault(key.strip(), value.strip())
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    return CpuInfo(model_name=fields.get("model name") or platform.processor() or architecture,
-                   vendor=fields.get("vendor_id", ""), family=fields.get("cpu family", ""),
-                   model=fields.get("model", ""), stepping=fields.get("stepping", ""), architecture=architecture,
-                   cores=cores, extensions=tuple(name for flag, name in EXTENSIONS.items() if flag in flags))  # fmt: skip
+    return CpuInfo(
+        model_name=fields.get("model name") or platform.processor() or architecture,
+        vendor=fields.get("vendor_id", ""),
+        family=fields.get("cpu family", ""),
+        model=fields.get("model", ""),
+        stepping=fields.get("stepping", ""),
+        architecture=architecture,
+        cores=cores,
+        extensions=tuple(name for flag, name in EXTENSIONS.items() if flag in flags),
+    )
 
 
 @functools.cache

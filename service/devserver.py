@@ -27,10 +27,24 @@ def free_port() -> int:
 def start(model: str, port: int, log: Path, **env: str) -> subprocess.Popen:
     """`bentoml serve service.service:Headstart` on 127.0.0.1:``port`` with ``HEADSTART_MODEL=model`` and the
     extra environment ``env``; output goes to ``log``. Returns at once (see :func:`serving` to wait for ready)."""
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:Headstart", "--host", "127.0.0.1",
-           "--port", str(port)]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HEADSTART_MODEL": model, **env},
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "service.service:Headstart",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "HEADSTART_MODEL": model, **env},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 90) -> None:

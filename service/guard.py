@@ -32,8 +32,16 @@ from python_multipart.multipart import parse_options_header
 from service.multipart import MAX_FIELD_BYTES, Endpoint, RequestRejected, canonical_multipart, parse_upload
 from service.settings import SETTINGS
 
-__all__ = ["ENDPOINTS", "MAX_FIELD_BYTES", "Endpoint", "RequestGuard", "RequestRejected", "canonical_multipart",
-           "current_request", "parse_upload"]  # fmt: skip
+__all__ = [
+    "ENDPOINTS",
+    "MAX_FIELD_BYTES",
+    "Endpoint",
+    "RequestGuard",
+    "RequestRejected",
+    "canonical_multipart",
+    "current_request",
+    "parse_upload",
+]
 
 # the limits (service/settings.py: HEADSTART_MAX_REQUEST_BYTES, ..._MAX_CONCURRENCY, ..._MAX_INFLIGHT_BYTES,
 # ..._REQUEST_TIMEOUT, ..._MAX_BATCH_IMAGES)
@@ -76,9 +84,7 @@ class RequestState:
         return self.disconnected or time.monotonic() > self.deadline
 
 
-_CURRENT: contextvars.ContextVar[RequestState | None] = contextvars.ContextVar(
-    "headstart_request", default=None
-)
+_CURRENT: contextvars.ContextVar[RequestState | None] = contextvars.ContextVar("headstart_request", default=None)
 
 
 def current_request() -> RequestState | None:
@@ -91,9 +97,7 @@ def _single_headers(scope) -> dict[bytes, bytes]:
     for key, value in scope.get("headers", []):
         key = key.lower()
         if key in (b"content-type", b"content-length") and key in headers:
-            raise RequestRejected(
-                400, f"The request has more than one {key.decode().title()} header; send one."
-            )
+            raise RequestRejected(400, f"The request has more than one {key.decode().title()} header; send one.")
         headers[key] = value
     return headers
 
@@ -211,11 +215,7 @@ class RequestGuard:
                 if media != b"multipart/form-data" or parse_upload(ctype, body, endpoint):
                     raise RequestRejected(400, f"{endpoint.route} takes no input; send an empty body.")
             ctype, body = b"application/json", b"{}"
-        kept = [
-            (k, v)
-            for k, v in scope.get("headers", [])
-            if k.lower() not in (b"content-type", b"content-length")
-        ]
+        kept = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
         kept += [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
         return {**scope, "headers": kept, "headstart.body": body}
 

@@ -22,8 +22,9 @@ def outputs_of_batches(run: RunFn, batches: Iterable[np.ndarray]) -> list[np.nda
     return [np.concatenate(output) for output in zip(*parts, strict=True)]
 
 
-def outputs_of_files(run: RunFn, paths: Sequence[str | Path], spec: PreprocessSpec, batch_size: int = 32,
-                     sizes: list | None = None) -> list[np.ndarray]:  # fmt: skip
+def outputs_of_files(
+    run: RunFn, paths: Sequence[str | Path], spec: PreprocessSpec, batch_size: int = 32, sizes: list | None = None
+) -> list[np.ndarray]:
     """Every output of ``run`` (a :class:`Model`'s ``run``, an ONNX session's, a torch model's) over image files,
     decoded and preprocessed as the service does, ``batch_size`` at a time; ``sizes`` as :func:`load_batches`."""
     return outputs_of_batches(run, load_batches(paths, spec, batch_size, sizes))

@@ -101,9 +101,7 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area + areas - inter, 1e-9)
 
 
-def nms(
-    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, limit: int | None = None
-) -> np.ndarray:  # fmt: skip
+def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, limit: int | None = None) -> np.ndarray:
     """Indices kept by per-class non-maximum suppression, best score first; at most ``limit`` (the same first
     ``limit`` as without it, found without comparing the rest: an untrained detector's 400,000 candidates at
     conf 0.001 would otherwise take minutes)."""
@@ -158,9 +156,7 @@ def _regions(values: np.ndarray, threshold: float) -> list[tuple[int, int, int, 
     for r in range(1, mask.shape[0]):
         for i in row_runs[r]:
             for j in row_runs[r - 1]:
-                if (
-                    runs[j][1] <= runs[i][2] and runs[i][1] <= runs[j][2]
-                ):  # overlap, diagonal contact included
+                if runs[j][1] <= runs[i][2] and runs[i][1] <= runs[j][2]:  # overlap, diagonal contact included
                     parent[find(i)] = find(j)
     regions: dict[int, list[float]] = {}
     for i, (r, a, b) in enumerate(runs):
@@ -217,12 +213,20 @@ def method_of(output_names: Sequence[str]) -> str:
         return "trained"
     if "class_map" in output_names:
         return "cam"
-    raise LocalizeError(f"This model has no outputs to localize with ({', '.join(output_names)}): it needs boxes and "
-                        "scores, or a class_map. Re-export it with this headstart.")  # fmt: skip
+    raise LocalizeError(
+        f"This model has no outputs to localize with ({', '.join(output_names)}): it needs boxes and "
+        "scores, or a class_map. Re-export it with this headstart."
+    )
 
 
-def detections_of(outputs: dict[str, np.ndarray], method: str, geom: Geometry, labels: Sequence[str],
-                  input_size: int, params: LocalizeParams) -> list[dict]:  # fmt: skip
+def detections_of(
+    outputs: dict[str, np.ndarray],
+    method: str,
+    geom: Geometry,
+    labels: Sequence[str],
+    input_size: int,
+    params: LocalizeParams,
+) -> list[dict]:
     """One image's model outputs (by name) → detections in original pixels, best first, after NMS."""
     if method == "trained":
         boxes, scores, classes = trained_boxes(outputs["boxes"], outputs["scores"], params)
@@ -248,9 +252,7 @@ def detections_of(outputs: dict[str, np.ndarray], method: str, geom: Geometry, l
     ]
 
 
-def localize_images(
-    model: Model, images: Sequence[Image.Image], params: LocalizeParams | None = None
-) -> list[dict]:
+def localize_images(model: Model, images: Sequence[Image.Image], params: LocalizeParams | None = None) -> list[dict]:
     """Decoded images → one ``{"detections", "grid", "image_size", "method", "scores"}`` per image.
 
     ``scores`` are the image-level class scores of the same run (what `classify` answers), so a client needs one
@@ -266,13 +268,15 @@ def localize_images(
     for n, img in enumerate(images):
         per_image = {name: out[n] for name, out in zip(model.output_names, outputs, strict=True)}
         detections = detections_of(per_image, method, geometry(img.size, spec), model.labels, spec.input_size, params)
-        results.append({
-            "detections": detections,
-            "grid": model.feature_map,
-            "image_size": list(img.size),
-            "method": method,
-            "scores": per_image[model.output_names[0]],  # the image-level class probabilities come first
-        })  # fmt: skip
+        results.append(
+            {
+                "detections": detections,
+                "grid": model.feature_map,
+                "image_size": list(img.size),
+                "method": method,
+                "scores": per_image[model.output_names[0]],  # the image-level class probabilities come first
+            }
+        )
     return results
 
 
@@ -283,8 +287,18 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-           (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]  # fmt: skip
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (0, 128, 128),
+    (170, 110, 40),
+]
 
 
 def draw_detections(img: Image.Image, detections: Sequence[dict]) -> Image.Image:
@@ -300,7 +314,6 @@ def draw_detections(img: Image.Image, detections: Sequence[dict]) -> Image.Image
         text = f"{det['label']} {det['confidence']:.2f}"
         left, top, right, bottom = draw.textbbox((b["x1"], b["y1"]), text, font=font)
         y = b["y1"] - (bottom - top) - 2 * width if b["y1"] - (bottom - top) - 2 * width >= 0 else b["y1"]
-        draw.rectangle((b["x1"], y, b["x1"] + (right - left) + 2 * width, y + (bottom - top) + 2 * width),
-                       fill=color)  # fmt: skip
+        draw.rectangle((b["x1"], y, b["x1"] + (right - left) + 2 * width, y + (bottom - top) + 2 * width), fill=color)
         draw.text((b["x1"] + width, y + width - (top - b["y1"])), text, fill=(255, 255, 255), font=font)
     return canvas

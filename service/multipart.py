@@ -60,9 +60,13 @@ class UploadParser:
         self.headers: dict[bytes, bytes] = {}
 
     def callbacks(self) -> dict:
-        return {"on_header_field": self.on_header_field, "on_header_value": self.on_header_value,
-                "on_header_end": self.on_header_end, "on_headers_finished": self.on_headers_finished,
-                "on_part_data": self.on_part_data}  # fmt: skip
+        return {
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+        }
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self.field += data[start:end]
@@ -80,8 +84,10 @@ class UploadParser:
         name = options.get(b"name", b"").decode("latin-1")
         self.headers.clear()
         reject_if(disposition.lower() != b"form-data" or not name, "A part has no Content-Disposition: form-data name.")
-        reject_if(name not in endpoint.files and name not in endpoint.fields,
-                  f"Unknown field {name[:40]!r}; this endpoint takes {self.allowed}.")  # fmt: skip
+        reject_if(
+            name not in endpoint.files and name not in endpoint.fields,
+            f"Unknown field {name[:40]!r}; this endpoint takes {self.allowed}.",
+        )
         self.counts[name] = self.counts.get(name, 0) + 1
         limit = endpoint.max_files if name in endpoint.files else 1
         reject_if(
@@ -100,19 +106,22 @@ class UploadParser:
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.parts[-1]
         part.size += end - start
-        reject_if(part.name in self.endpoint.fields and part.size > MAX_FIELD_BYTES,
-                  f"Field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes; it takes a number.")  # fmt: skip
+        reject_if(
+            part.name in self.endpoint.fields and part.size > MAX_FIELD_BYTES,
+            f"Field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes; it takes a number.",
+        )
         part.chunks.append(data[start:end])
 
 
-def parse_upload(
-    content_type: bytes, body: bytes, endpoint: Endpoint
-) -> list[tuple[str, bytes | None, bytes]]:
+def parse_upload(content_type: bytes, body: bytes, endpoint: Endpoint) -> list[tuple[str, bytes | None, bytes]]:
     """The parts of a multipart upload to ``endpoint`` as (field, filename or None, value); raises RequestRejected
     for anything but well-formed multipart/form-data with the endpoint's fields, each within its limits."""
     ctype, params = parse_options_header(content_type)
-    reject_if(ctype.lower() != b"multipart/form-data",
-              "Send the image as multipart/form-data (a file upload), e.g. curl -F image=@photo.jpg", 415)  # fmt: skip
+    reject_if(
+        ctype.lower() != b"multipart/form-data",
+        "Send the image as multipart/form-data (a file upload), e.g. curl -F image=@photo.jpg",
+        415,
+    )
     boundary = params.get(b"boundary")
     reject_if(not boundary, "The multipart/form-data Content-Type has no boundary parameter.")
     upload = UploadParser(endpoint)
@@ -123,8 +132,10 @@ def parse_upload(
     except MultipartParseError as exc:
         raise RequestRejected(400, f"Malformed multipart/form-data body: {exc}.") from exc
     for name in endpoint.files:
-        reject_if(name not in upload.counts,
-                  f"Field {name!r} is missing: upload the image as a file, e.g. -F {name}=@photo.jpg")  # fmt: skip
+        reject_if(
+            name not in upload.counts,
+            f"Field {name!r} is missing: upload the image as a file, e.g. -F {name}=@photo.jpg",
+        )
     out = []
     for part in upload.parts:
         value = b"".join(part.chunks)

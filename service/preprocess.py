@@ -65,9 +65,7 @@ class PreprocessSpec:
         if self.fit not in FITS:
             raise ValueError(f"Invalid fit {self.fit!r}. Use one of {FITS}.")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"Invalid interpolation {self.interpolation!r}. Use one of {sorted(INTERPOLATIONS)}."
-            )
+            raise ValueError(f"Invalid interpolation {self.interpolation!r}. Use one of {sorted(INTERPOLATIONS)}.")
         if self.resize < self.input_size:
             raise ValueError(f"resize ({self.resize}) must be at least input_size ({self.input_size}).")
         if len(self.mean) != 3 or len(self.std) != 3:
@@ -143,9 +141,7 @@ def _check_work(img: Image.Image, fp: BinaryIO, max_pixels: int) -> None:
             "Downscale it before sending."
         )
     if min(width, height) < MIN_IMAGE_SIDE:
-        raise ImageError(
-            f"The image is {width}x{height}; each side must be at least {MIN_IMAGE_SIDE} pixels."
-        )
+        raise ImageError(f"The image is {width}x{height}; each side must be at least {MIN_IMAGE_SIDE} pixels.")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise ImageError(
             f"The image is {width}x{height}, more than {MAX_ASPECT_RATIO:g} times longer than wide. "
@@ -238,9 +234,7 @@ def resized_size(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]
     width, height = size
     if spec.fit == "pad":
         scale = spec.input_size / max(width, height)
-        return max(1, min(spec.input_size, round(width * scale))), max(
-            1, min(spec.input_size, round(height * scale))
-        )
+        return max(1, min(spec.input_size, round(width * scale))), max(1, min(spec.input_size, round(height * scale)))
     scale = spec.resize / min(width, height)
     return max(spec.input_size, round(width * scale)), max(spec.input_size, round(height * scale))
 
@@ -280,8 +274,9 @@ def preprocess_batch(images: Sequence[Image.Image], spec: PreprocessSpec) -> np.
     )
 
 
-def load_batches(paths: Sequence[str | Path], spec: PreprocessSpec, batch_size: int,
-                 sizes: list | None = None) -> Iterator[np.ndarray]:  # fmt: skip
+def load_batches(
+    paths: Sequence[str | Path], spec: PreprocessSpec, batch_size: int, sizes: list | None = None
+) -> Iterator[np.ndarray]:
     """Image files → model input, ``batch_size`` images at a time (decoded with :func:`decode_image`); each image's
     (width, height) after EXIF rotation is appended to ``sizes`` when given."""
     for start in range(0, len(paths), batch_size):

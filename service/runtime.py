@@ -104,8 +104,16 @@ def cpu_computes_bf16() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def open_session(path: Path, runtime: str, device: str, *, precision: str = "fp32", threads: int | None = None,
-                 spinning: bool = True, memory_arena: bool = True) -> Session:  # fmt: skip
+def open_session(
+    path: Path,
+    runtime: str,
+    device: str,
+    *,
+    precision: str = "fp32",
+    threads: int | None = None,
+    spinning: bool = True,
+    memory_arena: bool = True,
+) -> Session:
     """Load ``path`` on ``runtime``/``device`` (from :func:`choose_runtime`). ``precision`` is OpenVINO's inference
     precision hint: ``fp32``, or ``bf16`` (its default on CPUs with bf16 units); ONNX Runtime computes as the file says.
     """
@@ -122,8 +130,11 @@ def _open_openvino(path: Path, precision: str, threads: int | None, pinning: boo
 
     core = ov.Core()
     bf16 = precision == "bf16" and cpu_computes_bf16()
-    config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "PERFORMANCE_HINT": "LATENCY",
-              "ENABLE_CPU_PINNING": pinning}  # fmt: skip
+    config = {
+        "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+        "ENABLE_CPU_PINNING": pinning,
+    }
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     try:
@@ -131,8 +142,9 @@ def _open_openvino(path: Path, precision: str, threads: int | None, pinning: boo
     except Exception as exc:  # OpenVINO raises its own exception types
         raise RuntimeUnavailable(f"OpenVINO cannot load {path}: {exc}") from exc
     names = [o.get_any_name() for o in compiled.outputs]
-    return Session("openvino", "cpu", "bf16" if bf16 else "fp32", (compiled.create_infer_request(), compiled),
-                   output_names=names)  # fmt: skip
+    return Session(
+        "openvino", "cpu", "bf16" if bf16 else "fp32", (compiled.create_infer_request(), compiled), output_names=names
+    )
 
 
 def _open_onnxruntime(path: Path, device: str, threads: int | None, spinning: bool, memory_arena: bool) -> Session:
@@ -156,9 +168,15 @@ def _open_onnxruntime(path: Path, device: str, threads: int | None, spinning: bo
     in_use = session.get_providers()
     if device == "cuda" and "CUDAExecutionProvider" not in in_use:
         raise RuntimeUnavailable(f"device=cuda was requested but ONNX Runtime runs on {in_use}.")
-    return Session("onnxruntime", device, "fp32", session, providers=in_use,
-                   output_names=[o.name for o in session.get_outputs()],
-                   input_name=session.get_inputs()[0].name)  # fmt: skip
+    return Session(
+        "onnxruntime",
+        device,
+        "fp32",
+        session,
+        providers=in_use,
+        output_names=[o.name for o in session.get_outputs()],
+        input_name=session.get_inputs()[0].name,
+    )
 
 
 def onnx_metadata(path: Path) -> dict[str, str]:

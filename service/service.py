@@ -184,9 +184,16 @@ def _params(conf: float, iou: float, max_detections: int) -> LocalizeParams:
 
 def open_bundle() -> Bundle:
     try:
-        return load_bundle(MODEL_REF, variant=SETTINGS.variant, device=DEVICE, runtime=RUNTIME,
-                           precision=SETTINGS.precision, threads=THREADS, spinning=SETTINGS.spinning,
-                           memory_arena=SETTINGS.memory_arena)  # fmt: skip
+        return load_bundle(
+            MODEL_REF,
+            variant=SETTINGS.variant,
+            device=DEVICE,
+            runtime=RUNTIME,
+            precision=SETTINGS.precision,
+            threads=THREADS,
+            spinning=SETTINGS.spinning,
+            memory_arena=SETTINGS.memory_arena,
+        )
     except BundleError as exc:
         log.error("headstart cannot start: %s", exc)
         raise
@@ -205,9 +212,15 @@ class Headstart:
         # spread over the pool, memory rose in steps for minutes. On one thread it stays flat, at the same throughput
         # (benchmarks/RESULTS.md, "Memory"): BentoML runs one request per worker at a time anyway.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="headstart-inference")
-        log.info("headstart serving %s:%s (%s file) on %s: %s; CPU %s", self.bundle.name, self.bundle.version,
-                 self.bundle.variant, self.bundle.session.describe(), self.bundle.precision_note,
-                 cpu_info().summary())  # fmt: skip
+        log.info(
+            "headstart serving %s:%s (%s file) on %s: %s; CPU %s",
+            self.bundle.name,
+            self.bundle.version,
+            self.bundle.variant,
+            self.bundle.session.describe(),
+            self.bundle.precision_note,
+            cpu_info().summary(),
+        )
 
     def _on_worker(self, fn: Callable[..., T], *args, one_request: bool = True) -> T:
         """Run ``fn`` on the inference thread, unless by its turn the client has left or the time is up.
@@ -238,8 +251,12 @@ class Headstart:
     # adaptive batching limits, chosen by measurement (benchmarks/RESULTS.md): BentoML answers 503 to requests it
     # predicts cannot finish within max_latency_ms, which at 200 ms rejected most requests under load on 2 cores;
     # 10 s rejects none, while the batching window itself still adapts to traffic
-    @bentoml.api(route="/classify_batch", batchable=True, max_batch_size=SETTINGS.max_batch_size,
-                 max_latency_ms=SETTINGS.max_latency_ms)  # fmt: skip
+    @bentoml.api(
+        route="/classify_batch",
+        batchable=True,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_latency_ms,
+    )
     def classify_batch(self, images: list[ImageFile]) -> list[BatchItem]:
         """Top-5 labels for each of several images; requests are merged into batches by the server.
 
@@ -268,7 +285,10 @@ class Headstart:
 
     @bentoml.api(route="/localize")
     def localize(
-        self, image: ImageFile, conf: float = DEFAULTS.conf, iou: float = DEFAULTS.iou,
+        self,
+        image: ImageFile,
+        conf: float = DEFAULTS.conf,
+        iou: float = DEFAULTS.iou,
         max_detections: int = DEFAULTS.max_detections,
     ) -> LocalizeResponse:
         """Where each class is in one image: boxes in original pixels with label and confidence, after NMS.
@@ -281,14 +301,20 @@ class Headstart:
         params = _params(conf, iou, max_detections)
         result = self._on_worker(lambda: localize_images(self.bundle, [_image_of(image)], params)[0])
         return LocalizeResponse(
-            detections=result["detections"], grid=result["grid"], image_size=result["image_size"],
-            method=result["method"], predictions=[Prediction(**p) for p in top_k(result["scores"], self.bundle.labels, 5)],
+            detections=result["detections"],
+            grid=result["grid"],
+            image_size=result["image_size"],
+            method=result["method"],
+            predictions=[Prediction(**p) for p in top_k(result["scores"], self.bundle.labels, 5)],
             model=self.model,
-        )  # fmt: skip
+        )
 
     @bentoml.api(route="/localize_image")
     def localize_image(
-        self, image: ImageFile, conf: float = DEFAULTS.conf, iou: float = DEFAULTS.iou,
+        self,
+        image: ImageFile,
+        conf: float = DEFAULTS.conf,
+        iou: float = DEFAULTS.iou,
         max_detections: int = DEFAULTS.max_detections,
     ) -> Annotated[Image.Image, ContentType("image/jpeg")]:
         """The uploaded image (EXIF-rotated) with the boxes of `/localize` and their labels drawn on it, as JPEG."""
@@ -304,16 +330,27 @@ class Headstart:
 
     @bentoml.api(route="/info")
     def info(self) -> InfoResponse:
-        """Labels, task, model name and version, training metrics, the runtime, device and precision in use, input size."""
+        """Labels, task, model name and version, training metrics, the runtime, device and precision in use (and the
+        CPU), input size."""
         m = self.bundle.manifest
         return InfoResponse(
-            name=m.name, version=m.version, task=m.task, labels=list(m.labels),
-            input_size=m.preprocess.input_size, preprocess=m.preprocess.to_dict(), backbone=m.backbone["name"],
-            metrics=m.metrics, runtime=self.bundle.runtime, device=self.bundle.session.device,
-            precision=self.bundle.precision, precision_note=self.bundle.precision_note,
-            providers=self.bundle.providers, variant=self.bundle.variant,
-            max_request_bytes=MAX_REQUEST_BYTES, cpu=CPU,
-        )  # fmt: skip
+            name=m.name,
+            version=m.version,
+            task=m.task,
+            labels=list(m.labels),
+            input_size=m.preprocess.input_size,
+            preprocess=m.preprocess.to_dict(),
+            backbone=m.backbone["name"],
+            metrics=m.metrics,
+            runtime=self.bundle.runtime,
+            device=self.bundle.session.device,
+            precision=self.bundle.precision,
+            precision_note=self.bundle.precision_note,
+            providers=self.bundle.providers,
+            variant=self.bundle.variant,
+            max_request_bytes=MAX_REQUEST_BYTES,
+            cpu=CPU,
+        )
 
 
 Headstart.add_asgi_middleware(RequestGuard)

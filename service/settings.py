@@ -29,54 +29,112 @@ class SettingsError(HeadstartError, ValueError):
 
 def setting(variable: str, default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None):
     """A field of :class:`Settings`: its environment variable, default, help, and the values it takes."""
-    return dataclasses.field(default=default, metadata={"variable": variable, "help": help, "choices": choices,
-                                                        "minimum": minimum})  # fmt: skip
+    return dataclasses.field(
+        default=default, metadata={"variable": variable, "help": help, "choices": choices, "minimum": minimum}
+    )
 
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = setting("HEADSTART_MODEL", "", "a model-store tag (NAME or NAME:VERSION) or a bundle directory; "
-                         "unset: the newest model exported by headstart in the store (inside a built bento, the one "
-                         "packed)")  # fmt: skip
-    device: str = setting("HEADSTART_DEVICE", "auto", "auto: CUDA when onnxruntime-gpu and a GPU are present, else "
-                          "CPU; cpu; cuda: refuse to start unless the CUDA provider is used", choices=DEVICES)  # fmt: skip
-    runtime: str = setting("HEADSTART_RUNTIME", "auto", "auto: ONNX Runtime with CUDA on a GPU, else OpenVINO where "
-                           "installed, else ONNX Runtime; openvino, onnxruntime: that one or refuse to start",
-                           choices=RUNTIMES)  # fmt: skip
-    precision: str = setting("HEADSTART_PRECISION", "auto", "auto: OpenVINO computes in bf16 only where `headstart "
-                             "export` measured that precision on the validation images and it passed; fp32: always "
-                             "full precision", choices=PRECISIONS)  # fmt: skip
-    variant: str = setting("HEADSTART_VARIANT", "fp32", "which file of the bundle: fp32, or int8 (export --int8)",
-                           choices=VARIANTS)  # fmt: skip
-    workers: int = setting("HEADSTART_WORKERS", 0, "worker processes; 0: one per core on a CPU, one on a GPU",
-                           minimum=0)  # fmt: skip
-    threads: int = setting("HEADSTART_THREADS", 0, "inference threads per worker; 0: the cores divided among the "
-                           "workers", minimum=0)  # fmt: skip
-    memory_arena: bool = setting("HEADSTART_MEMORY_ARENA", True, "ONNX Runtime's CPU memory arena: 1.33x the "
-                                 "throughput with varying batch sizes, memory rising to a plateau set by the largest "
-                                 "batch (benchmarks/memory.py); 0: flat memory")  # fmt: skip
-    spinning: bool = setting("HEADSTART_SPINNING", True, "ONNX Runtime's threads spin between requests (lower "
-                             "latency); 0: they sleep, leaving the CPU to request handling")  # fmt: skip
-    max_batch_size: int = setting("HEADSTART_MAX_BATCH_SIZE", 32, "images BentoML's adaptive batching merges into "
-                                  "one /classify_batch run", minimum=1)  # fmt: skip
-    max_latency_ms: int = setting("HEADSTART_MAX_LATENCY_MS", 10_000, "adaptive batching's latency bound: BentoML "
-                                  "answers 503 to requests it predicts cannot finish within it", minimum=1)  # fmt: skip
-    max_batch_images: int = setting("HEADSTART_MAX_BATCH_IMAGES", 32, "images one /classify_batch request may carry",
-                                    minimum=1)  # fmt: skip
-    max_request_bytes: int = setting("HEADSTART_MAX_REQUEST_BYTES", 32 << 20, "largest request body, chunked or "
-                                     "not (413 beyond)", minimum=1)  # fmt: skip
-    max_concurrency: int = setting("HEADSTART_MAX_CONCURRENCY", 64, "requests to the model routes one worker holds "
-                                   "at once; past it, 503 with Retry-After before the body is read", minimum=1)  # fmt: skip
-    max_inflight_bytes: int = setting("HEADSTART_MAX_INFLIGHT_BYTES", 256 << 20, "bytes of request bodies one worker "
-                                      "holds at once; past it, 503 with Retry-After", minimum=1)  # fmt: skip
-    request_timeout: float = setting("HEADSTART_REQUEST_TIMEOUT", 60.0, "seconds a request may take; on the "
-                                     "single-image routes, work still queued for a request past it (or for a client "
-                                     "that left) is dropped; a merged /classify_batch batch is shared by several "
-                                     "clients and always runs", minimum=0.001)  # fmt: skip
-    max_image_pixels: int = setting("HEADSTART_MAX_IMAGE_PIXELS", 64_000_000, "largest image decoded, in pixels "
-                                    "(400 beyond; in training, a skipped file)", minimum=1)  # fmt: skip
-    max_aspect_ratio: float = setting("HEADSTART_MAX_ASPECT_RATIO", 100.0, "longest side over shortest side "
-                                      "accepted", minimum=1.0)  # fmt: skip
+    model: str = setting(
+        "HEADSTART_MODEL",
+        "",
+        "a model-store tag (NAME or NAME:VERSION) or a bundle directory; "
+        "unset: the newest model exported by headstart in the store (inside a built bento, the one "
+        "packed)",
+    )
+    device: str = setting(
+        "HEADSTART_DEVICE",
+        "auto",
+        "auto: CUDA when onnxruntime-gpu and a GPU are present, else "
+        "CPU; cpu; cuda: refuse to start unless the CUDA provider is used",
+        choices=DEVICES,
+    )
+    runtime: str = setting(
+        "HEADSTART_RUNTIME",
+        "auto",
+        "auto: ONNX Runtime with CUDA on a GPU, else OpenVINO where "
+        "installed, else ONNX Runtime; openvino, onnxruntime: that one or refuse to start",
+        choices=RUNTIMES,
+    )
+    precision: str = setting(
+        "HEADSTART_PRECISION",
+        "auto",
+        "auto: OpenVINO computes in bf16 only where `headstart "
+        "export` measured that precision on the validation images and it passed; fp32: always "
+        "full precision",
+        choices=PRECISIONS,
+    )
+    variant: str = setting(
+        "HEADSTART_VARIANT", "fp32", "which file of the bundle: fp32, or int8 (export --int8)", choices=VARIANTS
+    )
+    workers: int = setting(
+        "HEADSTART_WORKERS", 0, "worker processes; 0: one per core on a CPU, one on a GPU", minimum=0
+    )
+    threads: int = setting(
+        "HEADSTART_THREADS", 0, "inference threads per worker; 0: the cores divided among the workers", minimum=0
+    )
+    memory_arena: bool = setting(
+        "HEADSTART_MEMORY_ARENA",
+        True,
+        "ONNX Runtime's CPU memory arena: 1.33x the "
+        "throughput with varying batch sizes, memory rising to a plateau set by the largest "
+        "batch (benchmarks/memory.py); 0: flat memory",
+    )
+    spinning: bool = setting(
+        "HEADSTART_SPINNING",
+        True,
+        "ONNX Runtime's threads spin between requests (lower "
+        "latency); 0: they sleep, leaving the CPU to request handling",
+    )
+    max_batch_size: int = setting(
+        "HEADSTART_MAX_BATCH_SIZE",
+        32,
+        "images BentoML's adaptive batching merges into one /classify_batch run",
+        minimum=1,
+    )
+    max_latency_ms: int = setting(
+        "HEADSTART_MAX_LATENCY_MS",
+        10_000,
+        "adaptive batching's latency bound: BentoML answers 503 to requests it predicts cannot finish within it",
+        minimum=1,
+    )
+    max_batch_images: int = setting(
+        "HEADSTART_MAX_BATCH_IMAGES", 32, "images one /classify_batch request may carry", minimum=1
+    )
+    max_request_bytes: int = setting(
+        "HEADSTART_MAX_REQUEST_BYTES", 32 << 20, "largest request body, chunked or not (413 beyond)", minimum=1
+    )
+    max_concurrency: int = setting(
+        "HEADSTART_MAX_CONCURRENCY",
+        64,
+        "requests to the model routes one worker holds at once; past it, 503 with Retry-After before the body is read",
+        minimum=1,
+    )
+    max_inflight_bytes: int = setting(
+        "HEADSTART_MAX_INFLIGHT_BYTES",
+        256 << 20,
+        "bytes of request bodies one worker holds at once; past it, 503 with Retry-After",
+        minimum=1,
+    )
+    request_timeout: float = setting(
+        "HEADSTART_REQUEST_TIMEOUT",
+        60.0,
+        "seconds a request may take; on the "
+        "single-image routes, work still queued for a request past it (or for a client "
+        "that left) is dropped; a merged /classify_batch batch is shared by several "
+        "clients and always runs",
+        minimum=0.001,
+    )
+    max_image_pixels: int = setting(
+        "HEADSTART_MAX_IMAGE_PIXELS",
+        64_000_000,
+        "largest image decoded, in pixels (400 beyond; in training, a skipped file)",
+        minimum=1,
+    )
+    max_aspect_ratio: float = setting(
+        "HEADSTART_MAX_ASPECT_RATIO", 100.0, "longest side over shortest side accepted", minimum=1.0
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:

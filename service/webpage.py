@@ -20,7 +20,8 @@ PAGE = """<!doctype html>
   body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 60rem; padding: 1rem; color: #222; }
   h1 { font-size: 1.4rem; margin: 0 0 .25rem; }
   #model { color: #666; font-size: .9rem; margin-bottom: 1rem; }
-  #drop { display: block; border: 2px dashed #999; border-radius: .5rem; padding: 1.5rem; text-align: center; cursor: pointer; }
+  #drop { display: block; border: 2px dashed #999; border-radius: .5rem; padding: 1.5rem; text-align: center;
+          cursor: pointer; }
   #drop.over { border-color: #0a7; background: #efffe9; }
   #controls { margin: .75rem 0; display: flex; gap: 1rem; align-items: center; }
   #result { display: flex; gap: 1.5rem; flex-wrap: wrap; align-items: flex-start; }
@@ -158,9 +159,7 @@ class WebPage:
             return
         if scope["type"] == "http" and scope.get("path") == "/ui":
             if scope.get("method") not in ("GET", "HEAD"):
-                await self._respond(
-                    send, 405, b"Use GET /ui.\n", "text/plain; charset=utf-8", [(b"allow", b"GET")]
-                )
+                await self._respond(send, 405, b"Use GET /ui.\n", "text/plain; charset=utf-8", [(b"allow", b"GET")])
                 return
             body = PAGE_BYTES if scope.get("method") == "GET" else b""
             await self._respond(send, 200, body, "text/html; charset=utf-8", [], length=len(PAGE_BYTES))
@@ -168,10 +167,12 @@ class WebPage:
         await self.app(scope, receive, send)
 
     @staticmethod
-    async def _respond(
-        send, status: int, body: bytes, ctype: str, extra: list, length: int | None = None
-    ) -> None:
-        headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body) if length is None else
-                   length).encode()), (b"cache-control", b"no-cache"), *extra]  # fmt: skip
+    async def _respond(send, status: int, body: bytes, ctype: str, extra: list, length: int | None = None) -> None:
+        headers = [
+            (b"content-type", ctype.encode()),
+            (b"content-length", str(len(body) if length is None else length).encode()),
+            (b"cache-control", b"no-cache"),
+            *extra,
+        ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

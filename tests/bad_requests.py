@@ -12,9 +12,7 @@ def raw_multipart(parts: list[tuple[str, str | None, bytes, str | None]], bounda
     """parts: (field name, filename or None, payload, content type or None)."""
     out = b""
     for name, filename, payload, ctype in parts:
-        disposition = f'form-data; name="{name}"' + (
-            f'; filename="{filename}"' if filename is not None else ""
-        )
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
         out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
         if ctype:
             out += f"Content-Type: {ctype}\r\n".encode()
@@ -27,17 +25,13 @@ MULTIPART = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
 
 def raw_request(path: str, headers: list[str], body: bytes) -> bytes:
     return (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\n".encode()
-        + "".join(h + "\r\n" for h in headers).encode()
-        + b"\r\n"
-        + body
+        f"POST {path} HTTP/1.1\r\nHost: x\r\n".encode() + "".join(h + "\r\n" for h in headers).encode() + b"\r\n" + body
     )
 
 
 def chunked(body: bytes, size: int = 1 << 20) -> bytes:
     out = b"".join(
-        f"{len(body[i : i + size]):x}\r\n".encode() + body[i : i + size] + b"\r\n"
-        for i in range(0, len(body), size)
+        f"{len(body[i : i + size]):x}\r\n".encode() + body[i : i + size] + b"\r\n" for i in range(0, len(body), size)
     )
     return out + b"0\r\n\r\n"
 
@@ -72,9 +66,7 @@ def corpus() -> list[tuple[str, str, str, dict, int | None]]:
         cases.append((f"image-{name}", "POST", "/classify", {"files": {"image": ("x", data, ctype)}}, 400))
     for name, (data, ctype, _) in hostile_images().items():
         for route in ("/classify", "/localize_image"):
-            cases.append(
-                (f"hostile-{name}{route}", "POST", route, {"files": {"image": ("x", data, ctype)}}, 400)
-            )
+            cases.append((f"hostile-{name}{route}", "POST", route, {"files": {"image": ("x", data, ctype)}}, 400))
     cases += field_tricks()
     cases += [
         ("no-body", "POST", "/classify", {}, 415),

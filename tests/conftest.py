@@ -91,8 +91,14 @@ def hymenoptera_run(tmp_path_factory) -> Path:
     from training.tasks import ClassifyConfig, train
 
     tmp = tmp_path_factory.mktemp("hymenoptera")
-    cfg = ClassifyConfig(data_dir=str(HYMENOPTERA), out=str(tmp / "run"), backbone="torchvision:mobilenet_v2",
-                      weights=str(MOBILENET), cache_dir=str(tmp / "cache"), progress=False)  # fmt: skip
+    cfg = ClassifyConfig(
+        data_dir=str(HYMENOPTERA),
+        out=str(tmp / "run"),
+        backbone="torchvision:mobilenet_v2",
+        weights=str(MOBILENET),
+        cache_dir=str(tmp / "cache"),
+        progress=False,
+    )
     return train(cfg)
 
 
@@ -103,8 +109,18 @@ def tiny_run(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("tiny")
     data = make_image_folder(tmp / "data", {"red": 16, "blue": 16}, splits={"train": 0.75, "val": 0.25})
-    cfg = ClassifyConfig(data_dir=str(data), out=str(tmp / "run"), backbone="test_resnet", pretrained=False, views=2,
-                      epochs=20, batch_size=8, lr=1e-2, cache_dir=str(tmp / "cache"), progress=False)  # fmt: skip
+    cfg = ClassifyConfig(
+        data_dir=str(data),
+        out=str(tmp / "run"),
+        backbone="test_resnet",
+        pretrained=False,
+        views=2,
+        epochs=20,
+        batch_size=8,
+        lr=1e-2,
+        cache_dir=str(tmp / "cache"),
+        progress=False,
+    )
     return train(cfg)
 
 
@@ -120,8 +136,7 @@ def hymenoptera_bundle(hymenoptera_run, tmp_path_factory):
     """The real ants/bees classifier exported with --int8 (fp32 + int8 ONNX) and imported as ants-bees."""
     from training.export import export_bundle
 
-    return export_bundle(hymenoptera_run, tmp_path_factory.mktemp("bundle") / "ants-bees", int8=True,
-                         name="ants-bees")  # fmt: skip
+    return export_bundle(hymenoptera_run, tmp_path_factory.mktemp("bundle") / "ants-bees", int8=True, name="ants-bees")
 
 
 @contextlib.contextmanager

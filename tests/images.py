@@ -107,11 +107,18 @@ def large_16bit_png(side: int = 8000) -> bytes:
 def seed_images(seed: int = 0) -> list[tuple[str, bytes]]:
     """Small valid images in every format the decoder takes: the seeds of :func:`mutants`."""
     base = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8))
-    return [("jpeg", encode(base, "JPEG")), ("progressive", encode(base, "JPEG", progressive=True)),
-            ("png", encode(base, "PNG")), ("gif", encode(base, "GIF")), ("bmp", encode(base, "BMP")),
-            ("tiff", encode(base, "TIFF")), ("tiff-lzw", encode(base, "TIFF", compression="tiff_lzw")),
-            ("webp", encode(base, "WEBP")), ("mpo", encode(base, "MPO", save_all=True, append_images=[base])),
-            ("ppm", encode(base, "PPM"))]  # fmt: skip
+    return [
+        ("jpeg", encode(base, "JPEG")),
+        ("progressive", encode(base, "JPEG", progressive=True)),
+        ("png", encode(base, "PNG")),
+        ("gif", encode(base, "GIF")),
+        ("bmp", encode(base, "BMP")),
+        ("tiff", encode(base, "TIFF")),
+        ("tiff-lzw", encode(base, "TIFF", compression="tiff_lzw")),
+        ("webp", encode(base, "WEBP")),
+        ("mpo", encode(base, "MPO", save_all=True, append_images=[base])),
+        ("ppm", encode(base, "PPM")),
+    ]
 
 
 def mutants(seed: int, count: int) -> list[tuple[str, bytes]]:

@@ -118,7 +118,7 @@ def test_the_service_settings_are_read_in_one_place_and_the_readme_lists_them():
 
     for path in sorted((ROOT / "service").glob("*.py")):
         if path.name != "settings.py":
-            assert "os.environ.get(\"HEADSTART_" not in path.read_text(), f"{path.name} reads a HEADSTART_ variable"
+            assert 'os.environ.get("HEADSTART_' not in path.read_text(), f"{path.name} reads a HEADSTART_ variable"
     readme = (ROOT / "README.md").read_text()
     rows = re.findall(r"^\| `(HEADSTART_[A-Z_]+)` \| `([^`]*)` \| ([^|]*) \|$", readme, re.M)
     assert rows == [(v, d, h) for v, d, h in Settings.describe()], "README settings table != service/settings.py"
@@ -138,8 +138,15 @@ def test_train_options_are_the_task_configs_fields():
     assert set(vars(args)) == {"command", "verbose", "data_dir", "out"}
 
 
-@pytest.mark.parametrize(("option", "task"), [("--input-size", "classify"), ("--unfreeze", "detect"),
-                                              ("--label-smoothing", "detect"), ("--eval-every", "classify")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("option", "task"),
+    [
+        ("--input-size", "classify"),
+        ("--unfreeze", "detect"),
+        ("--label-smoothing", "detect"),
+        ("--eval-every", "classify"),
+    ],
+)
 def test_an_option_of_the_other_task_is_refused_with_a_message(option, task, tiny_folder, tmp_path, capsys):
     from training.cli import main
 
@@ -198,22 +205,30 @@ def test_a_bundle_and_a_run_are_both_models(tiny_run, tiny_bundle):
     bundle, run = load_bundle(tiny_bundle.bundle_dir), RunModel(load_run(tiny_run))
     for model in (bundle, run):
         assert isinstance(model, Model)
-    assert (bundle.task, bundle.labels, bundle.spec, bundle.feature_map) == (run.task, run.labels, run.spec,
-                                                                             run.feature_map)  # fmt: skip
+    assert (bundle.task, bundle.labels, bundle.spec, bundle.feature_map) == (
+        run.task,
+        run.labels,
+        run.spec,
+        run.feature_map,
+    )
 
 
 def test_help_and_the_train_command_line_import_no_torch():
-    code = ("import sys\nfrom training.cli import build_parser\nbuild_parser().parse_args(['train', 'd', '--out', "
-            "'r', '--epochs', '3'])\nassert 'torch' not in sys.modules")  # fmt: skip
+    code = (
+        "import sys\nfrom training.cli import build_parser\nbuild_parser().parse_args(['train', 'd', '--out', "
+        "'r', '--epochs', '3'])\nassert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_loading_a_run_and_exporting_it_need_no_augmentation_or_plotting_library():
     """albumentations, OpenCV and matplotlib are for training: `predict RUN_DIR` and export load neither."""
-    code = ("import sys\nfrom training.load import load_run\nfrom training.tasks import CONFIGS, task_named\n"
-            "import training.export\nfor name in CONFIGS: task_named(name)\n"
-            "loaded = [m for m in ('albumentations', 'cv2', 'matplotlib') if m in sys.modules]\n"
-            "assert not loaded, loaded")  # fmt: skip
+    code = (
+        "import sys\nfrom training.load import load_run\nfrom training.tasks import CONFIGS, task_named\n"
+        "import training.export\nfor name in CONFIGS: task_named(name)\n"
+        "loaded = [m for m in ('albumentations', 'cv2', 'matplotlib') if m in sys.modules]\n"
+        "assert not loaded, loaded"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

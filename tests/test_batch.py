@@ -43,8 +43,9 @@ def test_batch_answers_equal_predict_with_error_rows(tiny_bundle, tmp_path, caps
     from training.cli import main
 
     paths, listing = source_list(tmp_path)
-    summary = predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "out", top_k=2, part_size=5,
-                            batch_size=4, progress=False)  # fmt: skip
+    summary = predict_batch(
+        str(tiny_bundle.bundle_dir), listing, tmp_path / "out", top_k=2, part_size=5, batch_size=4, progress=False
+    )
     assert summary["images"] == len(paths) and summary["parts"] == 3 and summary["errors"] == 2
     rows = read_output(tmp_path / "out")
     assert [r["path"] for r in rows] == paths  # every image once, in the listing's order
@@ -66,8 +67,15 @@ def test_batch_localize_boxes_equal_the_services(tiny_bundle, tmp_path, local_ra
     from service.preprocess import decode_image
 
     images = [str(p) for p in sorted((HYMENOPTERA / "val").rglob("*.jpg"))[:6]]
-    predict_batch(str(tiny_bundle.bundle_dir), str(HYMENOPTERA / "val" / "ants" / "*.jpg"), tmp_path / "out",
-                  localize=True, conf=0.05, part_size=100, progress=False)  # fmt: skip
+    predict_batch(
+        str(tiny_bundle.bundle_dir),
+        str(HYMENOPTERA / "val" / "ants" / "*.jpg"),
+        tmp_path / "out",
+        localize=True,
+        conf=0.05,
+        part_size=100,
+        progress=False,
+    )
     rows = {r["path"]: r for r in read_output(tmp_path / "out")}
     bundle = load_bundle(tiny_bundle.bundle_dir)
     for path in images[:3]:
@@ -93,27 +101,51 @@ def test_batch_spreads_over_a_two_node_cluster_with_the_same_output(tiny_bundle,
     saved = context.wait_for_min_actors_s, context.execution_options.actor_locality_enabled
     context.wait_for_min_actors_s, context.execution_options.actor_locality_enabled = 300, False
     try:
-        summary = predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "two", top_k=2, part_size=8,
-                                batch_size=2, actors=2, cpus_per_actor=1.5, ray_address=cluster.address,
-                                progress=False)  # fmt: skip
+        summary = predict_batch(
+            str(tiny_bundle.bundle_dir),
+            listing,
+            tmp_path / "two",
+            top_k=2,
+            part_size=8,
+            batch_size=2,
+            actors=2,
+            cpus_per_actor=1.5,
+            ray_address=cluster.address,
+            progress=False,
+        )
     finally:
         context.wait_for_min_actors_s, context.execution_options.actor_locality_enabled = saved
         ray.shutdown()
         cluster.shutdown()
     assert len(summary["nodes"]) == 2, summary  # an actor on each node
-    local = predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "one", top_k=2, part_size=8,
-                          progress=False)  # fmt: skip
+    local = predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "one", top_k=2, part_size=8, progress=False)
     ray.shutdown()
     assert summary["errors"] == local["errors"] == 2
     two, one = read_output(tmp_path / "two"), read_output(tmp_path / "one")
     assert [(r["path"], r["labels"], r["error"] is None) for r in two] == [
-        (r["path"], r["labels"], r["error"] is None) for r in one]
+        (r["path"], r["labels"], r["error"] is None) for r in one
+    ]
 
 
 def test_batch_killed_then_rerun_gives_the_same_output_without_duplicates(tiny_bundle, tmp_path):
     paths, listing = source_list(tmp_path, n=60)
-    cmd = [sys.executable, "-m", "training.cli", "predict-batch", str(tiny_bundle.bundle_dir), listing, "--out",
-           str(tmp_path / "out"), "--part-size", "6", "--batch-size", "2", "--top-k", "2", "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "predict-batch",
+        str(tiny_bundle.bundle_dir),
+        listing,
+        "--out",
+        str(tmp_path / "out"),
+        "--part-size",
+        "6",
+        "--batch-size",
+        "2",
+        "--top-k",
+        "2",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((tmp_path / "out").glob("part-*.parquet"))) < 2:
@@ -128,12 +160,14 @@ def test_batch_killed_then_rerun_gives_the_same_output_without_duplicates(tiny_b
     assert summary["parts_skipped"] >= written
     rows = read_output(tmp_path / "out")
     assert [r["path"] for r in rows] == paths  # once each, in order
-    reference = predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "ref", top_k=2, part_size=6,
-                              progress=False)  # fmt: skip
+    reference = predict_batch(
+        str(tiny_bundle.bundle_dir), listing, tmp_path / "ref", top_k=2, part_size=6, progress=False
+    )
     ray.shutdown()
     assert reference["errors"] == summary["errors"] == 2
     assert [(r["labels"], r["error"] is None) for r in rows] == [
-        (r["labels"], r["error"] is None) for r in read_output(tmp_path / "ref")]
+        (r["labels"], r["error"] is None) for r in read_output(tmp_path / "ref")
+    ]
 
 
 def test_another_job_in_the_same_folder_is_refused(tiny_bundle, tmp_path, local_ray):
@@ -142,8 +176,7 @@ def test_another_job_in_the_same_folder_is_refused(tiny_bundle, tmp_path, local_
     _, listing = source_list(tmp_path, n=4)
     predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "out", part_size=10, progress=False)
     with pytest.raises(BatchError, match="holds the output of another job"):
-        predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "out", top_k=3, part_size=10,
-                      progress=False)  # fmt: skip
+        predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "out", top_k=3, part_size=10, progress=False)
 
 
 def test_sources_are_a_folder_a_glob_or_a_list_file(tmp_path):

@@ -65,8 +65,14 @@ def test_corrupt_non_image_and_odd_modes(tmp_path):
     Image.fromarray(arr[..., 0].astype(np.uint16) * 257).save(root / "train" / "b" / "sixteen.png")
     report = scan_image_folder(root)
     corrupt = {p.split("/")[-1] for p, _ in report.corrupt}
-    assert corrupt == {"truncated.jpg", "garbage.png", "empty.jpg", "hostile-png-truncated-ihdr.png",
-                       "hostile-ppm-bad-header.ppm", "hostile-aspect-2x30000.png"}  # fmt: skip
+    assert corrupt == {
+        "truncated.jpg",
+        "garbage.png",
+        "empty.jpg",
+        "hostile-png-truncated-ihdr.png",
+        "hostile-ppm-bad-header.ppm",
+        "hostile-aspect-2x30000.png",
+    }
     assert [p.split("/")[-1] for p, _ in report.ignored] == ["notes.txt"]
     assert report.counts()["train"] == {"a": 3, "b": 7}
     text = report.format()

@@ -53,11 +53,12 @@ def test_onnx_matches_pytorch_on_real_images(tiny_bundle, tiny_run):
     torch_probs = predict_paths(run.model, REAL_IMAGES, run.spec)
     for runtime, batch in [(r, b) for r in ("onnxruntime", "openvino") for b in (1, len(REAL_IMAGES))]:
         bundle = load_bundle(tiny_bundle.bundle_dir, device="cpu", runtime=runtime, precision="fp32")
-        preds = [p for i in range(0, len(REAL_IMAGES), batch)
-                 for p in classify_images(bundle, [decode_image(x) for x in REAL_IMAGES[i : i + batch]], k=2)]  # fmt: skip
-        onnx_probs = np.array(
-            [[next(p["score"] for p in ps if p["index"] == k) for k in range(2)] for ps in preds]
-        )
+        preds = [
+            p
+            for i in range(0, len(REAL_IMAGES), batch)
+            for p in classify_images(bundle, [decode_image(x) for x in REAL_IMAGES[i : i + batch]], k=2)
+        ]
+        onnx_probs = np.array([[next(p["score"] for p in ps if p["index"] == k) for k in range(2)] for ps in preds])
         assert np.abs(onnx_probs - torch_probs).max() < 1e-4
         assert (onnx_probs.argmax(1) == torch_probs.argmax(1)).all()
     probs, class_map = bundle.run(np.zeros((3, 3, run.spec.input_size, run.spec.input_size), np.float32))
@@ -302,16 +303,20 @@ def test_openvino_and_onnxruntime_agree_on_real_photos(hymenoptera_bundle):
     """Both files, both runtimes, every output (probabilities and the CAM class map), on real photos."""
     photos = [*REAL_IMAGES[:6], *sorted((PHOTOS).glob("*.bmp"))[:4]]
     pixels = np.stack([preprocess(decode_image(p), hymenoptera_bundle.manifest.preprocess) for p in photos])
-    fp32 = {rt: load_bundle(hymenoptera_bundle.bundle_dir, runtime=rt, precision="fp32").run(pixels)
-            for rt in ("onnxruntime", "openvino")}  # fmt: skip
+    fp32 = {
+        rt: load_bundle(hymenoptera_bundle.bundle_dir, runtime=rt, precision="fp32").run(pixels)
+        for rt in ("onnxruntime", "openvino")
+    }
     assert (fp32["onnxruntime"][0].argmax(1) == fp32["openvino"][0].argmax(1)).all()
     for x, y in zip(fp32["onnxruntime"], fp32["openvino"], strict=True):
         assert x.shape == y.shape and np.abs(x - y).max() <= 1e-4, float(np.abs(x - y).max())
     # int8: each runtime's int8 kernels round in their own way, so each is held to the fp32 model, OpenVINO no
     # further from it than ONNX Runtime (measured: class map mean |d| 0.024 vs 0.026)
     ref = fp32["onnxruntime"]
-    int8 = {rt: load_bundle(hymenoptera_bundle.bundle_dir, variant="int8", runtime=rt, precision="fp32").run(pixels)
-            for rt in ("onnxruntime", "openvino")}  # fmt: skip
+    int8 = {
+        rt: load_bundle(hymenoptera_bundle.bundle_dir, variant="int8", runtime=rt, precision="fp32").run(pixels)
+        for rt in ("onnxruntime", "openvino")
+    }
     errors = {rt: [float(np.abs(o - r).mean()) for o, r in zip(out, ref, strict=True)] for rt, out in int8.items()}
     for k in range(2):
         assert errors["openvino"][k] <= 1.25 * errors["onnxruntime"][k] + 1e-3, errors
@@ -328,13 +333,23 @@ def test_bf16_is_served_only_where_the_export_allowed_it(hymenoptera_bundle):
 
     m = hymenoptera_bundle.manifest
     assert served_precision(m, "fp32", "onnxruntime")[0] == "fp32"
-    assert served_precision(m, "fp32", "openvino", precision="fp32") == ("fp32", "fp32 asked for (HEADSTART_PRECISION=fp32)")
+    assert served_precision(m, "fp32", "openvino", precision="fp32") == (
+        "fp32",
+        "fp32 asked for (HEADSTART_PRECISION=fp32)",
+    )
     refused = {"fp32": {"openvino-bf16": {"allowed": False, "top1_agreement": 0.95, "accuracy_drop": 0.03}}}
     precision, why = served_precision(dataclasses.replace(m, runtimes=refused), "fp32", "openvino")
     assert precision == "fp32" and "bf16 failed the export's check" in why and "3.0 accuracy points" in why
     # a detector's check fails on its box scores, and the reason says so
-    refused = {"fp32": {"openvino-bf16": {"allowed": False, "top1_agreement": 1.0,
-                                          "max_abs_diff": {"probabilities": 0.01, "boxes": 0.2, "scores": 0.08}}}}  # fmt: skip
+    refused = {
+        "fp32": {
+            "openvino-bf16": {
+                "allowed": False,
+                "top1_agreement": 1.0,
+                "max_abs_diff": {"probabilities": 0.01, "boxes": 0.2, "scores": 0.08},
+            }
+        }
+    }
     precision, why = served_precision(dataclasses.replace(m, runtimes=refused), "fp32", "openvino")
     assert precision == "fp32" and "box scores moved by up to 0.080" in why
     precision, why = served_precision(dataclasses.replace(m, runtimes=None), "fp32", "openvino")

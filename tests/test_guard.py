@@ -42,9 +42,7 @@ class Recorder:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
-def call(
-    guard, path: str, body: bytes, headers: list[tuple[bytes, bytes]], chunks: int = 1, method: str = "POST"
-):
+def call(guard, path: str, body: bytes, headers: list[tuple[bytes, bytes]], chunks: int = 1, method: str = "POST"):
     """Send one request through ``guard``; returns (status, headers, body)."""
     return run(_call(guard, path, body, headers, chunks, method))
 
@@ -57,9 +55,7 @@ def run(coro):
 async def _call(guard, path, body, headers, chunks=1, method="POST", disconnect: asyncio.Event | None = None):
     size = max(1, -(-len(body) // chunks))
     pieces = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
-    messages = [
-        {"type": "http.request", "body": p, "more_body": i < len(pieces) - 1} for i, p in enumerate(pieces)
-    ]
+    messages = [{"type": "http.request", "body": p, "more_body": i < len(pieces) - 1} for i, p in enumerate(pieces)]
     sent: list[dict] = []
 
     async def receive():
@@ -145,9 +141,18 @@ def test_a_duplicated_framing_header_is_refused(header):
         ([("top_k", None, b"3", None)], b"'image' is missing"),
         ([("image", "a.jpg", JPEG, None), ("picture", "b.jpg", JPEG, None)], b"Unknown field"),
     ],
-    ids=["image-twice", "1002-parts", "long-number", "nested-brackets", "1-MiB-text", "binary-text", "url", "missing",
-         "unknown-field"],
-)  # fmt: skip
+    ids=[
+        "image-twice",
+        "1002-parts",
+        "long-number",
+        "nested-brackets",
+        "1-MiB-text",
+        "binary-text",
+        "url",
+        "missing",
+        "unknown-field",
+    ],
+)
 def test_fields_are_refused_beyond_what_the_endpoint_takes(parts, message):
     status, text, app = upload(parts)
     assert status == 400, text
@@ -163,19 +168,16 @@ def test_a_batch_takes_at_most_the_stated_number_of_images():
 
 
 def test_part_headers_are_bounded():
-    body = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="a"\r\nX-Pad: {"p" * 10_000}\r\n\r\nx\r\n--{BOUNDARY}--\r\n'
-    status, _, text = call(
-        RequestGuard(Recorder()), "/classify", body.encode(), [(b"content-type", MULTIPART)]
-    )
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="a"\r\nX-Pad: {"p" * 10_000}\r\n'
+    body = f"{head}\r\nx\r\n--{BOUNDARY}--\r\n"
+    status, _, text = call(RequestGuard(Recorder()), "/classify", body.encode(), [(b"content-type", MULTIPART)])
     assert status == 400 and b"header size" in text
 
 
 def test_a_chunked_body_over_the_limit_is_413_on_every_route():
     for path in ("/info", "/classify", "/nowhere"):
         app = Recorder()
-        status, _, text = call(
-            RequestGuard(app, max_bytes=1000), path, b"{" + b" " * 5000 + b"}", [], chunks=10
-        )
+        status, _, text = call(RequestGuard(app, max_bytes=1000), path, b"{" + b" " * 5000 + b"}", [], chunks=10)
         assert status == 413 and b"larger than 1000 bytes" in text, path
         assert not app.seen
 
@@ -226,9 +228,7 @@ def test_bodies_in_flight_are_bounded_in_bytes():
     guard = RequestGuard(app, max_inflight_bytes=1000)
     body = raw_multipart([("image", "a.jpg", b"x" * 2000, None)])
     for headers, chunks in (([(b"content-length", str(len(body)).encode())], 1), ([], 4)):
-        status, resp_headers, text = call(
-            guard, "/classify", body, [(b"content-type", MULTIPART), *headers], chunks
-        )
+        status, resp_headers, text = call(guard, "/classify", body, [(b"content-type", MULTIPART), *headers], chunks)
         assert status == 503 and resp_headers[b"retry-after"] == b"1", text
     assert guard.inflight_bytes == 0 and guard.inflight == 0
 
@@ -240,9 +240,7 @@ def test_the_request_state_tells_when_the_client_has_left_or_time_is_up():
         left = asyncio.Event()
         guard = RequestGuard(app, timeout=60)
         body = raw_multipart([("image", "a.jpg", JPEG, None)])
-        task = asyncio.ensure_future(
-            _call(guard, "/classify", body, [(b"content-type", MULTIPART)], disconnect=left)
-        )
+        task = asyncio.ensure_future(_call(guard, "/classify", body, [(b"content-type", MULTIPART)], disconnect=left))
         while not app.states:
             await asyncio.sleep(0.001)
         state = app.states[0]

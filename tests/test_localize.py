@@ -53,9 +53,7 @@ def test_geometry_agrees_with_the_pixels_preprocessing_produces():
         arr = preprocess(img, spec)[0]
         ys, xs = np.nonzero(arr > 128)
         found = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], float)
-        np.testing.assert_allclose(
-            geometry(img.size, spec).to_original(found)[0], [100, 50, 180, 130], atol=4
-        )
+        np.testing.assert_allclose(geometry(img.size, spec).to_original(found)[0], [100, 50, 180, 130], atol=4)
 
 
 def test_letterbox_pads_with_grey_and_keeps_the_whole_image():
@@ -89,9 +87,17 @@ def test_nms_with_a_limit_keeps_the_same_first_boxes():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"conf": 1.5}, {"conf": -0.1}, {"conf": math.nan}, {"iou": 2}, {"iou": -1}, {"max_detections": 0},
-     {"max_detections": 100000}, {"region": 1.1}],
-)  # fmt: skip
+    [
+        {"conf": 1.5},
+        {"conf": -0.1},
+        {"conf": math.nan},
+        {"iou": 2},
+        {"iou": -1},
+        {"max_detections": 0},
+        {"max_detections": 100000},
+        {"region": 1.1},
+    ],
+)
 def test_out_of_range_parameters_are_refused_with_their_name(kwargs):
     with pytest.raises(LocalizeError, match=next(iter(kwargs))):
         LocalizeParams(**kwargs)
@@ -106,8 +112,9 @@ def test_cam_decoding_finds_the_hot_region_in_original_pixels():
     class_map[[0, 2], 2:4, 4:6] = 0.01
     probs = np.array([0.1, 0.8, 0.1], np.float32)
     geom = geometry((512, 512), spec)  # square: resize 512 -> 256, crop 16 px each side
-    dets = detections_of({"probabilities": probs, "class_map": class_map}, "cam", geom, ["a", "b", "c"], 224,
-                         LocalizeParams())  # fmt: skip
+    dets = detections_of(
+        {"probabilities": probs, "class_map": class_map}, "cam", geom, ["a", "b", "c"], 224, LocalizeParams()
+    )
     assert [d["label"] for d in dets] == ["b"]
     box = dets[0]["box"]
     # cells 4-5 (x) and 2-3 (y) of 32 px: input x 128..192, y 64..128 -> original (x + 16) * 2
@@ -127,12 +134,7 @@ def test_trained_decoding_thresholds_suppresses_and_sorts():
     dets = detections_of(outputs, "trained", geom, ["p", "q"], 100, LocalizeParams(conf=0.25, iou=0.5))
     assert [(d["label"], round(d["confidence"], 2)) for d in dets] == [("p", 0.9), ("q", 0.7)]
     assert dets[0]["box"] == {"x1": 20.0, "y1": 10.0, "x2": 100.0, "y2": 90.0}
-    assert (
-        detections_of(outputs, "trained", geom, ["p", "q"], 100, LocalizeParams(max_detections=1))[0][
-            "label"
-        ]
-        == "p"
-    )
+    assert detections_of(outputs, "trained", geom, ["p", "q"], 100, LocalizeParams(max_detections=1))[0]["label"] == "p"
 
 
 def test_the_outputs_a_model_has_say_how_it_localizes():
@@ -151,9 +153,7 @@ def _yolo_set(root, *, val: bool = False):
     (root / "labels" / "train").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(
-            root / "images/train" / f"im{i}.jpg"
-        )
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(root / "images/train" / f"im{i}.jpg")
     good = "0 0.5 0.5 0.2 0.3\n1 0.25 0.25 0.1 0.1\n"
     for i in range(4):
         (root / "labels/train" / f"im{i}.txt").write_text(good)
@@ -164,9 +164,7 @@ def _yolo_set(root, *, val: bool = False):
     (root / "labels/train/ghost.txt").write_text(good)
     (root / "images/train/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     names = "names:\n  0: cat\n  1: dog\n"
-    (root / "data.yaml").write_text(
-        f"path: .\ntrain: images/train\n{'val: images/train' if val else ''}\n{names}"
-    )
+    (root / "data.yaml").write_text(f"path: .\ntrain: images/train\n{'val: images/train' if val else ''}\n{names}")
     return root
 
 
@@ -211,14 +209,15 @@ def test_evaluation_reads_the_test_split_else_val_else_train(tmp_path):
 
     root = _yolo_set(tmp_path / "set")
     names = "names: [cat, dog]\n"
-    for yaml_text, split in [("val: images/train\n", "val"), ("test: images/train\nval: images/nowhere\n", "test"),
-                             ("train: images/train\n", "train")]:  # fmt: skip
+    for yaml_text, split in [
+        ("val: images/train\n", "val"),
+        ("test: images/train\nval: images/nowhere\n", "test"),
+        ("train: images/train\n", "train"),
+    ]:
         (root / "data.yaml").write_text(yaml_text + names)
         report = scan_yolo_eval_split(root)
         assert list(report.splits) == [split] and len(report.splits[split]) == 6
-        assert split in report.split_source and [p.rsplit("/", 1)[-1] for p, _ in report.corrupt] == [
-            "broken.jpg"
-        ]
+        assert split in report.split_source and [p.rsplit("/", 1)[-1] for p, _ in report.corrupt] == ["broken.jpg"]
     (root / "data.yaml").write_text(names)
     with pytest.raises(DatasetError, match="'test', 'val' or 'train'"):
         scan_yolo_eval_split(root)
@@ -270,12 +269,8 @@ def test_detection_augmentation_moves_boxes_with_the_pixels():
     spec = PreprocessSpec(input_size=128, resize=128, fit="pad")
     img = Image.new("RGB", (200, 120), (0, 0, 0))
     img.paste((255, 255, 255), (20, 30, 80, 90))
-    sample = DetSample(
-        None, "x", np.array([0]), np.array([[50 / 200, 60 / 120, 60 / 200, 60 / 120]], np.float32)
-    )
-    pixels, targets = detection_views(
-        img, sample, build_detection_augmentation("heavy", spec), spec, 6, seed=3
-    )
+    sample = DetSample(None, "x", np.array([0]), np.array([[50 / 200, 60 / 120, 60 / 200, 60 / 120]], np.float32))
+    pixels, targets = detection_views(img, sample, build_detection_augmentation("heavy", spec), spec, 6, seed=3)
     for px, t in zip(pixels, targets, strict=True):
         if not len(t):
             continue  # pushed out of the frame
@@ -294,11 +289,7 @@ SCENE_PHOTOS = {"bird": "bird.bmp", "cat": "cat.bmp", "dragonfly": "dragonfly.bm
 def scene(photo: Image.Image, rng: np.random.Generator, size: int = 320, margin: int = 24):
     """A photo pasted at a random place and scale on smooth random noise; returns the image and its box."""
     noise = rng.integers(40, 220, (32, 32, 3), dtype=np.uint8)
-    bg = (
-        Image.fromarray(noise)
-        .resize((size, size), Image.Resampling.BICUBIC)
-        .filter(ImageFilter.GaussianBlur(3))
-    )
+    bg = Image.fromarray(noise).resize((size, size), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
     w = int(rng.integers(100, 150))
     h = max(40, min(size - 2 * margin - 1, int(w * photo.height / photo.width)))
     x, y = int(rng.integers(margin, size - margin - w)), int(rng.integers(margin, size - margin - h))
@@ -321,8 +312,17 @@ def scene_bundle(tmp_path_factory):
             (tmp / "data" / split / name).mkdir(parents=True)
             for i in range(n):
                 scene(photo, rng)[0].save(tmp / "data" / split / name / f"{i}.png")
-    run = train(ClassifyConfig(data_dir=str(tmp / "data"), out=str(tmp / "run"), backbone="torchvision:mobilenet_v2",
-                            weights=str(MOBILENET), augment="none", cache_dir=str(tmp / "cache"), progress=False))  # fmt: skip
+    run = train(
+        ClassifyConfig(
+            data_dir=str(tmp / "data"),
+            out=str(tmp / "run"),
+            backbone="torchvision:mobilenet_v2",
+            weights=str(MOBILENET),
+            augment="none",
+            cache_dir=str(tmp / "cache"),
+            progress=False,
+        )
+    )
     return export_bundle(run, tmp / "bundle", store=False).bundle_dir, photos
 
 
@@ -353,9 +353,19 @@ def test_cam_boxes_overlap_the_pasted_object(scene_bundle):
 def _train_small_detector(out, cache):
     from training.tasks import DetectConfig, train
 
-    cfg = DetectConfig(data_dir=str(COCO128), out=str(out), backbone="torchvision:mobilenet_v2", weights=str(MOBILENET),
-                       input_size=256, views=2, hidden=64, epochs=12, eval_every=4, cache_dir=str(cache),
-                       progress=False)  # fmt: skip
+    cfg = DetectConfig(
+        data_dir=str(COCO128),
+        out=str(out),
+        backbone="torchvision:mobilenet_v2",
+        weights=str(MOBILENET),
+        input_size=256,
+        views=2,
+        hidden=64,
+        epochs=12,
+        eval_every=4,
+        cache_dir=str(cache),
+        progress=False,
+    )
     return train(cfg, coco128_report(48, 16))
 
 
@@ -403,8 +413,9 @@ def test_detector_export_and_service_decoding(detector_bundle):
     paths = sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[-6:]
     images = [decode_image(p) for p in paths]
     params = LocalizeParams(conf=0.05, iou=0.5, max_detections=20)
-    for img, result, scores in zip(images, localize_images(bundle, images, params), classify_images(bundle, images, 3),
-                                   strict=True):  # fmt: skip
+    for img, result, scores in zip(
+        images, localize_images(bundle, images, params), classify_images(bundle, images, 3), strict=True
+    ):
         assert result["method"] == "trained" and result["image_size"] == list(img.size)
         dets = result["detections"]
         assert len(dets) <= 20
@@ -433,8 +444,24 @@ def test_predict_localize_from_run_and_bundle_agree(detector_run, detector_bundl
     outs = []
     for model in (run, detector_bundle.bundle_dir):
         # full precision: OpenVINO's bf16, where the export allows it, moves box scores by up to 0.05
-        proc = subprocess.run([sys.executable, "-m", "training.cli", "predict", str(model), str(image), "--localize",
-                               "--conf", "0.05", "--precision", "fp32"], capture_output=True, text=True, check=True)  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "training.cli",
+                "predict",
+                str(model),
+                str(image),
+                "--localize",
+                "--conf",
+                "0.05",
+                "--precision",
+                "fp32",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         outs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert outs[0]["method"] == outs[1]["method"] == "trained"
     assert [d["label"] for d in outs[0]["detections"]] == [d["label"] for d in outs[1]["detections"]]
@@ -452,8 +479,9 @@ def test_detector_served_by_the_service_class(detector_bundle):
     image = sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[-2]
     result = svc.localize(image, conf=0.05)
     assert result.method == "trained" and result.grid == [8, 8]
-    assert result.predictions and result.predictions[0].score >= (result.detections[0].confidence if
-                                                                  result.detections else 0)  # fmt: skip
+    assert result.predictions and result.predictions[0].score >= (
+        result.detections[0].confidence if result.detections else 0
+    )
     assert svc.classify(image, top_k=3).predictions[0].label == result.predictions[0].label
     jpeg = svc.localize_image(image, conf=0.05)
     assert jpeg.format == "JPEG" and jpeg.size == Image.open(image).size
@@ -492,8 +520,9 @@ def test_localize_over_http(server):
     resp = httpx.post(f"{url}/localize", files={"image": ("r.jpg", rotated, "image/jpeg")}, timeout=30)
     assert resp.json()["image_size"] == list(upright.size)
     # the drawn image: a JPEG of the (rotated) image's size
-    resp = httpx.post(f"{url}/localize_image", files={"image": ("r.jpg", rotated, "image/jpeg")},
-                      data={"conf": "0.2"}, timeout=30)  # fmt: skip
+    resp = httpx.post(
+        f"{url}/localize_image", files={"image": ("r.jpg", rotated, "image/jpeg")}, data={"conf": "0.2"}, timeout=30
+    )
     assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(resp.content)).size == upright.size
 
@@ -502,18 +531,26 @@ def test_localize_over_http(server):
 @pytest.mark.parametrize("route", ["/localize", "/localize_image"])
 @pytest.mark.parametrize(
     ("field", "value", "needle"),
-    [("conf", "1.5", "conf"), ("conf", "-1", "conf"), ("iou", "7", "iou"), ("max_detections", "0", "max_detections"),
-     ("conf", "nan", "conf"), ("conf", "abc", "conf"), ("max_detections", "1e9", "max_detections"),
-     ("region", "0.5", "region")],
-)  # fmt: skip
+    [
+        ("conf", "1.5", "conf"),
+        ("conf", "-1", "conf"),
+        ("iou", "7", "iou"),
+        ("max_detections", "0", "max_detections"),
+        ("conf", "nan", "conf"),
+        ("conf", "abc", "conf"),
+        ("max_detections", "1e9", "max_detections"),
+        ("region", "0.5", "region"),
+    ],
+)
 def test_localize_bad_parameters_are_4xx_with_a_message(server, route, field, value, needle):
     import httpx
 
     from .images import BEE
 
     url, _, _ = server
-    resp = httpx.post(f"{url}{route}", files={"image": ("bee.jpg", BEE.read_bytes(), "image/jpeg")},
-                      data={field: value}, timeout=30)  # fmt: skip
+    resp = httpx.post(
+        f"{url}{route}", files={"image": ("bee.jpg", BEE.read_bytes(), "image/jpeg")}, data={field: value}, timeout=30
+    )
     assert resp.status_code == 400, (resp.status_code, resp.text)
     assert needle in resp.text
 
@@ -533,12 +570,7 @@ def _flood_fill_regions(values: np.ndarray, threshold: float) -> set[tuple[int, 
             cells.append((r, c))
             for rr in range(r - 1, r + 2):
                 for cc in range(c - 1, c + 2):
-                    if (
-                        0 <= rr < mask.shape[0]
-                        and 0 <= cc < mask.shape[1]
-                        and mask[rr, cc]
-                        and not seen[rr, cc]
-                    ):
+                    if 0 <= rr < mask.shape[0] and 0 <= cc < mask.shape[1] and mask[rr, cc] and not seen[rr, cc]:
                         seen[rr, cc] = True
                         stack.append((rr, cc))
         rows, cols = zip(*cells, strict=True)
@@ -563,8 +595,12 @@ def test_evaluate_a_detector_on_a_yolo_data_set(detector_run, tmp_path):
     import sys
 
     run, _ = detector_run
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "evaluate", str(run), str(COCO128), "--out",
-                           str(tmp_path / "eval")], capture_output=True, text=True, check=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.cli", "evaluate", str(run), str(COCO128), "--out", str(tmp_path / "eval")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["num_images"] == 128 and 0 <= summary["map50_95"] <= summary["map50"] <= 1
     assert (tmp_path / "eval" / "predictions.png").is_file()
@@ -588,9 +624,31 @@ def test_a_detector_with_a_random_backbone_trains_exports_and_serves(tmp_path):
 
     yolo = _yolo_set(tmp_path / "set")
     run = tmp_path / "run"
-    assert main(["train", str(yolo), "--out", str(run), "--backbone", "test_resnet", "--no-pretrained",
-                 "--input-size", "64", "--views", "2", "--epochs", "3", "--hidden", "16",
-                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                str(yolo),
+                "--out",
+                str(run),
+                "--backbone",
+                "test_resnet",
+                "--no-pretrained",
+                "--input-size",
+                "64",
+                "--views",
+                "2",
+                "--epochs",
+                "3",
+                "--hidden",
+                "16",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["task"] == "detect" and math.isfinite(metrics["map50"])
     assert main(["export", str(run), "--out", str(tmp_path / "bundle"), "--no-store"]) == 0
@@ -605,7 +663,10 @@ def test_a_detector_with_a_random_backbone_trains_exports_and_serves(tmp_path):
     info = quantized.manifest.int8
     assert info["metric"] == "map50" and info["drop"] == pytest.approx(info["map50_fp32"] - info["map50_int8"])
     q = load_bundle(tmp_path / "b8", variant="int8", runtime="onnxruntime")
-    assert localize_images(q, [Image.new("RGB", (90, 50), (10, 200, 30))], LocalizeParams(conf=0.0))[0]["method"] == "trained"
+    assert (
+        localize_images(q, [Image.new("RGB", (90, 50), (10, 200, 30))], LocalizeParams(conf=0.0))[0]["method"]
+        == "trained"
+    )
 
 
 @pytest.mark.slow
@@ -651,8 +712,11 @@ def test_int8_detector_on_real_features_keeps_its_boxes_and_ap(detector_run, tmp
     for a, b in zip(localize_images(fp32, images, params), localize_images(int8, images, loose), strict=True):
         for d in a["detections"][:1]:  # each image's best fp32 box has an int8 twin: same class, IoU >= 0.7
             box = np.array([d["box"][k] for k in ("x1", "y1", "x2", "y2")])
-            twins = [np.array([e["box"][k] for k in ("x1", "y1", "x2", "y2")]) for e in b["detections"]
-                     if e["label"] == d["label"]]  # fmt: skip
+            twins = [
+                np.array([e["box"][k] for k in ("x1", "y1", "x2", "y2")])
+                for e in b["detections"]
+                if e["label"] == d["label"]
+            ]
             assert twins and max(box_iou(box, np.stack(twins))) >= 0.7, (d, b["detections"])
             found += 1
     assert found >= 3

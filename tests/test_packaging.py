@@ -32,12 +32,30 @@ def test_a_built_wheel_installs_whole_and_trains_and_exports_outside_the_checkou
         shutil.copy2(ROOT / name, source)
     for name in ("service", "training", "models"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist",
-         source], tmp_path, env)  # fmt: skip
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            tmp_path / "dist",
+            source,
+        ],
+        tmp_path,
+        env,
+    )
     (wheel,) = (tmp_path / "dist").glob("headstart-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    sources = {str(p.relative_to(ROOT)) for top in ("service", "training", "models") for p in (ROOT / top).rglob("*")
-               if p.is_file() and "__pycache__" not in p.parts}  # fmt: skip
+    sources = {
+        str(p.relative_to(ROOT))
+        for top in ("service", "training", "models")
+        for p in (ROOT / top).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
     assert sources <= names, f"the wheel leaves out {sorted(sources - names)}"
 
     venv = tmp_path / "venv"
@@ -51,13 +69,33 @@ def test_a_built_wheel_installs_whole_and_trains_and_exports_outside_the_checkou
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = run([python, "-c", "import service, training, training.tasks, models; print(training.__file__)"], elsewhere,
-                env)  # fmt: skip
+    where = run(
+        [python, "-c", "import service, training, training.tasks, models; print(training.__file__)"], elsewhere, env
+    )
     assert Path(where.strip()).is_relative_to(site), f"training was imported from {where.strip()}, not the wheel"
     assert "train" in run([headstart, "--help"], elsewhere, env)
     data = make_image_folder(elsewhere / "data", {"red": 6, "blue": 6}, splits={"train": 0.5, "val": 0.5})
-    run([headstart, "train", data, "--out", elsewhere / "run", "--backbone", "test_resnet", "--no-pretrained",
-         "--views", "1", "--epochs", "2", "--no-progress", "--cache-dir", elsewhere / "cache"], elsewhere, env)  # fmt: skip
+    run(
+        [
+            headstart,
+            "train",
+            data,
+            "--out",
+            elsewhere / "run",
+            "--backbone",
+            "test_resnet",
+            "--no-pretrained",
+            "--views",
+            "1",
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--cache-dir",
+            elsewhere / "cache",
+        ],
+        elsewhere,
+        env,
+    )
     out = run([headstart, "export", elsewhere / "run", "--out", elsewhere / "bundle", "--no-store"], elsewhere, env)
     assert (elsewhere / "bundle" / "manifest.json").is_file(), out
     kubernetes = site / "service" / "kubernetes" / "headstart.yaml"

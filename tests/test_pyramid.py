@@ -41,9 +41,14 @@ def _cells(cls: np.ndarray, size: int, strides=(8, 16, 32)) -> dict[int, list[in
 
 def test_assignment_sends_small_objects_to_fine_levels_and_large_ones_to_coarse_levels():
     size = 256
-    targets = np.array([[0, 0.2, 0.2, 20 / size, 24 / size],  # 20x24 px: stride 8
-                        [1, 0.7, 0.3, 100 / size, 90 / size],  # 100 px: half of it within 4 x 16 → stride 16
-                        [2, 0.5, 0.7, 0.9, 0.5]], np.float32)  # fmt: skip
+    targets = np.array(
+        [
+            [0, 0.2, 0.2, 20 / size, 24 / size],  # 20x24 px: stride 8
+            [1, 0.7, 0.3, 100 / size, 90 / size],  # 100 px: half of it within 4 x 16 → stride 16
+            [2, 0.5, 0.7, 0.9, 0.5],
+        ],
+        np.float32,
+    )
     cls, box = assign(targets, size, (8, 16, 32))
     cells = _cells(cls, size)
     assert set(cls[cells[0]]) == {0} and set(cls[cells[1]]) == {1} and set(cls[cells[2]]) == {2}
@@ -123,7 +128,9 @@ def _painted(colour: tuple[int, int, int], box: tuple[float, float, float, float
     """A 200x100 grey image with one ``colour`` rectangle at the YOLO ``box``."""
     arr = np.full((100, 200, 3), 60, np.uint8)
     cx, cy, w, h = box
-    arr[round((cy - h / 2) * 100) : round((cy + h / 2) * 100), round((cx - w / 2) * 200) : round((cx + w / 2) * 200)] = colour
+    arr[
+        round((cy - h / 2) * 100) : round((cy + h / 2) * 100), round((cx - w / 2) * 200) : round((cx + w / 2) * 200)
+    ] = colour
     return arr, np.array([0]), np.array([box], np.float32)
 
 
@@ -133,15 +140,19 @@ def test_mosaic_moves_every_box_with_its_pixels():
     for seed in range(20):
         canvas, classes, boxes = mosaic(images, 256, np.random.default_rng(seed))
         assert canvas.shape == (256, 256, 3) and len(classes) == len(boxes) <= 4
-        assert ((boxes[:, :2] - boxes[:, 2:] / 2) >= -1e-6).all() and ((boxes[:, :2] + boxes[:, 2:] / 2) <= 1 + 1e-6).all()
+        assert ((boxes[:, :2] - boxes[:, 2:] / 2) >= -1e-6).all() and (
+            (boxes[:, :2] + boxes[:, 2:] / 2) <= 1 + 1e-6
+        ).all()
         for cx, cy, _, _ in boxes * 256:  # the middle of each box shows one of the painted colours
             pixel = canvas[int(cy), int(cx)]
             assert tuple(int(v) for v in pixel) in colours
 
 
 def _samples(n: int) -> list[DetSample]:
-    return [DetSample(Path(f"/x/{i}.jpg"), f"{i:064x}", np.zeros(1, np.int64), np.full((1, 4), 0.5, np.float32))
-            for i in range(n)]  # fmt: skip
+    return [
+        DetSample(Path(f"/x/{i}.jpg"), f"{i:064x}", np.zeros(1, np.int64), np.full((1, 4), 0.5, np.float32))
+        for i in range(n)
+    ]
 
 
 def test_folds_are_disjoint_cover_every_image_and_do_not_depend_on_the_order():
@@ -168,8 +179,10 @@ def test_a_folds_training_data_never_holds_its_test_images():
 
 
 def test_the_summary_gives_mean_and_spread_and_skips_missing_sizes():
-    rows = [{"map50": 0.2, "map50_95": 0.1, "map_small": -1.0, "map_medium": 0.1, "map_large": 0.3, "train_seconds": 5},
-            {"map50": 0.4, "map50_95": 0.1, "map_small": 0.05, "map_medium": 0.3, "map_large": 0.5, "train_seconds": 7}]  # fmt: skip
+    rows = [
+        {"map50": 0.2, "map50_95": 0.1, "map_small": -1.0, "map_medium": 0.1, "map_large": 0.3, "train_seconds": 5},
+        {"map50": 0.4, "map50_95": 0.1, "map_small": 0.05, "map_medium": 0.3, "map_large": 0.5, "train_seconds": 7},
+    ]
     out = summarise(rows)
     assert out["map50"]["mean"] == pytest.approx(0.3) and out["map50"]["std"] == pytest.approx(0.1414, abs=1e-4)
     assert out["map_small"] == {"mean": 0.05, "std": 0.0}
@@ -208,7 +221,9 @@ def _scene_dataset(root: Path, n: int, seed: int) -> Path:
         objects = [(int(rng.integers(*SIZES[k])), photos[int(rng.integers(len(photos)))]) for k in kinds]
         img, boxes = _scene(rng, objects)
         img.save(root / "images" / f"{i:03d}.png")
-        (root / "labels" / f"{i:03d}.txt").write_text("".join(f"{b[0]} {b[1]:.6f} {b[2]:.6f} {b[3]:.6f} {b[4]:.6f}\n" for b in boxes))
+        (root / "labels" / f"{i:03d}.txt").write_text(
+            "".join(f"{b[0]} {b[1]:.6f} {b[2]:.6f} {b[3]:.6f} {b[4]:.6f}\n" for b in boxes)
+        )
     (root / "data.yaml").write_text("train: images\nnames: [photo]\n")
     return root
 
@@ -223,9 +238,22 @@ def test_every_scale_finds_the_objects_of_its_size_on_an_unseen_scene(tmp_path):
     from training.tasks import DetectConfig, train
 
     data = _scene_dataset(tmp_path / "data", 32, seed=0)
-    cfg = DetectConfig(data_dir=str(data), out=str(tmp_path / "run"), backbone="torchvision:mobilenet_v2",
-                       weights=str(MOBILENET), input_size=256, views=2, augment="light", mosaic=0.0, epochs=24,
-                       eval_every=4, patience=100, lr=3e-3, cache_dir=str(tmp_path / "cache"), progress=False)  # fmt: skip
+    cfg = DetectConfig(
+        data_dir=str(data),
+        out=str(tmp_path / "run"),
+        backbone="torchvision:mobilenet_v2",
+        weights=str(MOBILENET),
+        input_size=256,
+        views=2,
+        augment="light",
+        mosaic=0.0,
+        epochs=24,
+        eval_every=4,
+        patience=100,
+        lr=3e-3,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
     run = load_run(train(cfg))
     photo = Image.open(PHOTOS / "dragonfly.bmp").convert("RGB")
     scene, boxes = _scene(np.random.default_rng(99), [(24, photo), (90, photo), (180, photo)])
@@ -256,9 +284,28 @@ def test_crossval_scores_every_fold_on_images_it_never_trained_on_and_repeats_it
     from .conftest import COCO128, MOBILENET, require_shared
 
     require_shared()
-    args = [str(COCO128), "--folds", "2", "--classes", "person", "--backbone", "torchvision:mobilenet_v2", "--weights",
-            str(MOBILENET), "--input-size", "128", "--views", "1", "--epochs", "3", "--eval-every", "1",
-            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
+    args = [
+        str(COCO128),
+        "--folds",
+        "2",
+        "--classes",
+        "person",
+        "--backbone",
+        "torchvision:mobilenet_v2",
+        "--weights",
+        str(MOBILENET),
+        "--input-size",
+        "128",
+        "--views",
+        "1",
+        "--epochs",
+        "3",
+        "--eval-every",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+    ]
     assert main(["crossval", *args, "--out", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
     assert "map50 " in printed and "±" in printed and "crossval.json" in printed

@@ -70,8 +70,16 @@ def hymenoptera(out: Path, cache: Path, **changes):
     from training.tasks import ClassifyConfig, train
 
     require_shared()
-    cfg = dict(data_dir=str(HYMENOPTERA), out=str(out), backbone="torchvision:mobilenet_v2", weights=str(MOBILENET),
-               views=2, epochs=8, cache_dir=str(cache), progress=False)  # fmt: skip
+    cfg = dict(
+        data_dir=str(HYMENOPTERA),
+        out=str(out),
+        backbone="torchvision:mobilenet_v2",
+        weights=str(MOBILENET),
+        views=2,
+        epochs=8,
+        cache_dir=str(cache),
+        progress=False,
+    )
     return train(ClassifyConfig(**(cfg | changes)))
 
 
@@ -81,9 +89,21 @@ def synthetic_unfreeze(out: Path, cache: Path, **changes):
     data = out.parent / "synthetic-data"
     if not data.is_dir():
         make_image_folder(data, {"red": 12, "blue": 12, "green": 12}, seed=3, splits={"train": 0.75, "val": 0.25})
-    cfg = dict(data_dir=str(data), out=str(out), backbone="test_resnet", pretrained=False, views=2, hidden=16,
-               epochs=6, batch_size=8, label_smoothing=0.1, unfreeze=1, finetune_epochs=2, cache_dir=str(cache),
-               progress=False)  # fmt: skip
+    cfg = dict(
+        data_dir=str(data),
+        out=str(out),
+        backbone="test_resnet",
+        pretrained=False,
+        views=2,
+        hidden=16,
+        epochs=6,
+        batch_size=8,
+        label_smoothing=0.1,
+        unfreeze=1,
+        finetune_epochs=2,
+        cache_dir=str(cache),
+        progress=False,
+    )
     return train(ClassifyConfig(**(cfg | changes)))
 
 
@@ -91,14 +111,28 @@ def coco128_detector(out: Path, cache: Path, split=(40, 12), **changes):
     from training.tasks import DetectConfig, train
 
     require_shared()
-    cfg = dict(data_dir=str(COCO128), out=str(out), backbone="torchvision:mobilenet_v2", weights=str(MOBILENET),
-               head="grid", input_size=224, views=2, hidden=32, epochs=6, eval_every=2, cache_dir=str(cache),
-               progress=False)  # fmt: skip
+    cfg = dict(
+        data_dir=str(COCO128),
+        out=str(out),
+        backbone="torchvision:mobilenet_v2",
+        weights=str(MOBILENET),
+        head="grid",
+        input_size=224,
+        views=2,
+        hidden=32,
+        epochs=6,
+        eval_every=2,
+        cache_dir=str(cache),
+        progress=False,
+    )
     return train(DetectConfig(**(cfg | changes)), coco128_report(*split))
 
 
-RUNS = {"classify-hymenoptera": hymenoptera, "classify-unfreeze-synthetic": synthetic_unfreeze,
-        "detect-coco128": coco128_detector}  # fmt: skip
+RUNS = {
+    "classify-hymenoptera": hymenoptera,
+    "classify-unfreeze-synthetic": synthetic_unfreeze,
+    "detect-coco128": coco128_detector,
+}
 
 
 # ---------------------------------------------------------------- what a run is, and this machine
@@ -110,9 +144,13 @@ def machine() -> dict:
 
     from service.cpu import cpu_info
 
-    return {"cpu": cpu_info().to_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "aten_capability": torch.backends.cpu.get_cpu_capability(),
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}  # fmt: skip
+    return {
+        "cpu": cpu_info().to_dict(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "aten_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+    }
 
 
 def load_tensors(run_dir: Path) -> dict:
@@ -149,7 +187,9 @@ def run_record(run_dir: Path) -> dict:
 def assert_same_bits(got: Path | dict, want: dict, what: str) -> None:
     got = run_record(got) if isinstance(got, Path) else got
     assert got["files"] == want["files"], f"{what}: the run directory holds other files"
-    changed = sorted(k for k in set(got["tensors"]) | set(want["tensors"]) if got["tensors"].get(k) != want["tensors"].get(k))
+    changed = sorted(
+        k for k in set(got["tensors"]) | set(want["tensors"]) if got["tensors"].get(k) != want["tensors"].get(k)
+    )
     assert not changed, f"{what}: tensors with other bits: {changed}"
     assert got["history"] == want["history"], f"{what}: another loss curve"
     assert got["metrics"] == want["metrics"], f"{what}: other metrics"
@@ -169,13 +209,19 @@ def differences(run_dir: Path, name: str) -> dict[str, str]:
     if phases != [(e["epoch"], e.get("phase")) for e in want["history"]]:
         out["curve"] = f"other epochs: {phases}"
     else:
-        curve = {(e["epoch"], k): (w[k], e[k]) for e, w in zip(got["history"], want["history"], strict=True)
-                 for k in LOSSES if k in w}  # fmt: skip
+        curve = {
+            (e["epoch"], k): (w[k], e[k])
+            for e, w in zip(got["history"], want["history"], strict=True)
+            for k in LOSSES
+            if k in w
+        }
         off = {key: v for key, v in curve.items() if abs(v[1] - v[0]) > tol.curve * abs(v[0])}
         if off:
             out["curve"] = f"loss curve off by more than {tol.curve:.0e} (epoch, loss: reference, now): {off}"
     tensors, ref = load_tensors(run_dir), load_file(str(REFERENCE / f"{name}.safetensors"))
-    far = {key: "missing" for key in set(ref) - set(tensors)} | {key: "not in the reference" for key in set(tensors) - set(ref)}
+    far = {key: "missing" for key in set(ref) - set(tensors)} | {
+        key: "not in the reference" for key in set(tensors) - set(ref)
+    }
     for key in set(tensors) & set(ref):
         t, r = tensors[key], ref[key]
         if t.shape != r.shape or t.dtype != r.dtype:
@@ -264,7 +310,11 @@ def test_the_same_seed_twice_gives_the_same_bits(trained, name, tmp_path):
 DELIBERATE_CHANGES = {
     "seed": ("classify-hymenoptera", {"seed": 1}, {"curve", "tensors"}),
     "loss (label smoothing 0 -> 0.05)": ("classify-hymenoptera", {"label_smoothing": 0.05}, {"curve", "tensors"}),
-    "augmentation (light instead of heavy)": ("classify-unfreeze-synthetic", {"augment": "light"}, {"curve", "tensors"}),
+    "augmentation (light instead of heavy)": (
+        "classify-unfreeze-synthetic",
+        {"augment": "light"},
+        {"curve", "tensors"},
+    ),
     "split (one more training image)": ("detect-coco128", {"split": (41, 12)}, {"curve", "tensors"}),
     "loss (box weight 5 -> 4)": ("detect-coco128", {"lambda_coord": 4.0}, {"curve"}),
 }

@@ -33,9 +33,7 @@ SOAK_SECONDS = float(os.environ.get("HEADSTART_SOAK_SECONDS", "20"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("name", "method", "path", "kwargs", "status"), corpus(), ids=[c[0] for c in corpus()]
-)
+@pytest.mark.parametrize(("name", "method", "path", "kwargs", "status"), corpus(), ids=[c[0] for c in corpus()])
 def test_hostile_requests_get_4xx_with_a_message(server, name, method, path, kwargs, status):
     url, proc, _ = server
     with httpx.Client(base_url=url, timeout=60) as http:
@@ -86,12 +84,16 @@ def test_uploads_are_known_by_their_bytes_whatever_the_client_declares(server):
         assert expected["predictions"][0]["label"] == "bees"
         variants = {
             "octet-stream": {"files": {"image": ("photo", photo, "application/octet-stream")}},
-            "no-type": {"content": raw_multipart([("image", "photo", photo, None)]),
-                        "headers": {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}},
+            "no-type": {
+                "content": raw_multipart([("image", "photo", photo, None)]),
+                "headers": {"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
+            },
             "long-non-ascii-name": {"files": {"image": ("蜜蜂の写真" * 30 + ".jpg", photo, "image/jpeg")}},
-            "mixed-case-media-type": {"content": raw_multipart([("image", "a.jpg", photo, "image/jpeg")]),
-                                      "headers": {"content-type": f"Multipart/Form-Data; boundary={BOUNDARY}"}},
-        }  # fmt: skip
+            "mixed-case-media-type": {
+                "content": raw_multipart([("image", "a.jpg", photo, "image/jpeg")]),
+                "headers": {"content-type": f"Multipart/Form-Data; boundary={BOUNDARY}"},
+            },
+        }
         for name, kwargs in variants.items():
             resp = http.post("/classify", **kwargs)
             assert resp.status_code == 200, (name, resp.text)
@@ -104,8 +106,11 @@ def test_uploads_are_known_by_their_bytes_whatever_the_client_declares(server):
 def test_a_hostile_image_in_a_batch_fails_only_itself(server):
     url, _, _ = server
     bad, _, message = hostile_images()["png-truncated-ihdr"]
-    files = [("images", ("a.jpg", BEE.read_bytes(), "image/jpeg")), ("images", ("b.png", bad, "image/png")),
-             ("images", ("c.jpg", ANT.read_bytes(), "image/jpeg"))]  # fmt: skip
+    files = [
+        ("images", ("a.jpg", BEE.read_bytes(), "image/jpeg")),
+        ("images", ("b.png", bad, "image/png")),
+        ("images", ("c.jpg", ANT.read_bytes(), "image/jpeg")),
+    ]
     with httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(4) as pool:
         # other clients' requests merged into the same batch are answered too
         others = [pool.submit(http.post, "/classify_batch", files=[files[0]]) for _ in range(3)]
@@ -170,9 +175,7 @@ def test_memory_and_cpu_bombs_are_answered_at_once_within_a_memory_bound(server)
                     assert elapsed < BOMB_SECONDS, f"{name} answered in {elapsed:.2f} s"
                 files = [("images", (f"{i}.png", big16, "image/png")) for i in range(3)]
                 resp = http.post("/classify_batch", files=files)
-                assert resp.status_code == 200 and all(not item["error"] for item in resp.json()), resp.text[
-                    :300
-                ]
+                assert resp.status_code == 200 and all(not item["error"] for item in resp.json()), resp.text[:300]
         finally:
             stop.set()
             sampler.join()
@@ -191,11 +194,14 @@ def test_a_server_at_its_concurrency_limit_answers_503_with_retry_after(hymenopt
     from .conftest import serving
 
     body = raw_multipart([("image", "a.jpg", BEE.read_bytes(), "image/jpeg")])
-    head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
     bee = {"image": ("a.jpg", BEE.read_bytes(), "image/jpeg")}
-    with serving(hymenoptera_bundle.tag, tmp_path / "server.log", HEADSTART_WORKERS="1",
-                 HEADSTART_MAX_CONCURRENCY="1") as (url, _, _):  # fmt: skip
+    with serving(
+        hymenoptera_bundle.tag, tmp_path / "server.log", HEADSTART_WORKERS="1", HEADSTART_MAX_CONCURRENCY="1"
+    ) as (url, _, _):
         u = urlparse(url)
         with (
             socket.create_connection((u.hostname, u.port), timeout=60) as held,
@@ -221,8 +227,9 @@ def test_client_errors_are_logged_as_one_line_without_a_traceback(server):
     url, _, log = server
     marker = f"/classify?probe={time.time_ns()}"
     httpx.post(f"{url}{marker}", files={"image": ("x", b"not an image", "image/jpeg")}, timeout=60)
-    httpx.post(f"{url}/localize", files={"image": ("a.jpg", BEE.read_bytes(), "image/jpeg")}, data={"conf": "7"},
-               timeout=60)  # fmt: skip
+    httpx.post(
+        f"{url}/localize", files={"image": ("a.jpg", BEE.read_bytes(), "image/jpeg")}, data={"conf": "7"}, timeout=60
+    )
     deadline = time.time() + 10
     while "Client error on /localize" not in log.read_text() and time.time() < deadline:
         time.sleep(0.1)
@@ -240,8 +247,19 @@ def test_corpus_is_big_enough():
 def test_schemathesis_finds_no_server_error(server, tmp_path):
     """Property-based requests generated from the service's own OpenAPI schema: no 5xx."""
     url, proc, _ = server
-    cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/docs.json", "--checks", "not_a_server_error",
-           "--max-examples", "40", "--seed", "7"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{url}/docs.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "40",
+        "--seed",
+        "7",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert re.search(r"\d+ generated, \d+ passed", out.stdout), out.stdout[-2000:]
@@ -297,9 +315,7 @@ def test_short_soak_mixed_traffic(server):
                     wrong += resp.status_code != 400
                 else:
                     data, label = good[i % 2]
-                    resp = http.post(
-                        "/classify", files={"image": ("x.jpg", data, "image/jpeg")}, data={"top_k": "1"}
-                    )
+                    resp = http.post("/classify", files={"image": ("x.jpg", data, "image/jpeg")}, data={"top_k": "1"})
                     server_errors += resp.status_code >= 500
                     if resp.status_code == 200 and resp.json()["predictions"][0]["label"] == label:
                         ok += 1
@@ -332,9 +348,32 @@ def test_short_soak_mixed_traffic(server):
 
 
 def train_cmd(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "training.cli", "train", str(data), "--out", str(out), "--backbone", "test_resnet",
-            "--no-pretrained", "--views", "4", "--batch-size", "8", "--lr", "0.01", "--epochs", "150",
-            "--patience", "150", "--cache-dir", str(cache), "--no-progress", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--backbone",
+        "test_resnet",
+        "--no-pretrained",
+        "--views",
+        "4",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--epochs",
+        "150",
+        "--patience",
+        "150",
+        "--cache-dir",
+        str(cache),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def heads_equal(a: Path, b: Path) -> bool:
@@ -391,8 +430,12 @@ def test_sigkill_then_resume_gives_the_same_result(fault_data, tmp_path, phase):
 def test_two_runs_sharing_a_cache_at_once(fault_data, tmp_path):
     data, reference = fault_data
     cache = tmp_path / "shared-cache"
-    procs = [subprocess.Popen(train_cmd(data, tmp_path / f"run{i}", cache), cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for i in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            train_cmd(data, tmp_path / f"run{i}", cache), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        for i in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-2000:]

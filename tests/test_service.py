@@ -98,8 +98,10 @@ def test_work_for_an_abandoned_request_is_dropped_not_run(svc, monkeypatch):
     ran = []
     original = svc.bundle.predict
     monkeypatch.setattr(svc.bundle, "predict", lambda pixels: ran.append(1) or original(pixels))
-    for state in (guard.RequestState(deadline=time.monotonic() + 60, disconnected=True),
-                  guard.RequestState(deadline=time.monotonic() - 1)):  # fmt: skip
+    for state in (
+        guard.RequestState(deadline=time.monotonic() + 60, disconnected=True),
+        guard.RequestState(deadline=time.monotonic() - 1),
+    ):
         token = guard._CURRENT.set(state)
         try:
             with pytest.raises(svc_module_exception(svc), match="left or the request timed out"):
@@ -249,8 +251,11 @@ def test_asgi_top_k_above_label_count_returns_all_labels(client):
 
 
 def test_asgi_batch_answers_each_image(client):
-    files = [("images", ("a.jpg", BEE.read_bytes(), "image/jpeg")), ("images", ("b.jpg", ANT.read_bytes(), "image/jpeg")),
-             ("images", ("c.jpg", b"broken", "image/jpeg"))]  # fmt: skip
+    files = [
+        ("images", ("a.jpg", BEE.read_bytes(), "image/jpeg")),
+        ("images", ("b.jpg", ANT.read_bytes(), "image/jpeg")),
+        ("images", ("c.jpg", b"broken", "image/jpeg")),
+    ]
     resp = client.post("/classify_batch", files=files)
     assert resp.status_code == 200, resp.text
     items = resp.json()
@@ -302,11 +307,13 @@ def test_served_bad_inputs_over_plain_http(server):
             resp = http.post("/classify", files={"image": ("x", data, ctype)}, data={"top_k": "1"})
             assert resp.status_code == 200, (name, resp.text)
         assert http.post("/classify").status_code == 415
-        assert http.post("/classify", files={"image": ("x", BEE.read_bytes(), "image/jpeg")},
-                         data={"top_k": "-3"}).status_code == 400  # fmt: skip
-        big = http.post(
-            "/classify", content=b"\0" * (40 * 1024 * 1024), headers={"content-type": "image/jpeg"}
+        assert (
+            http.post(
+                "/classify", files={"image": ("x", BEE.read_bytes(), "image/jpeg")}, data={"top_k": "-3"}
+            ).status_code
+            == 400
         )
+        big = http.post("/classify", content=b"\0" * (40 * 1024 * 1024), headers={"content-type": "image/jpeg"})
         assert big.status_code == 413
         assert http.get("/healthz").status_code == 200
         assert http.get("/readyz").status_code == 200
@@ -368,13 +375,25 @@ def test_cuda_requested_without_gpu_fails_loudly(hymenoptera_bundle):
 def built_bento(hymenoptera_bundle, tmp_path_factory):
     """`bentoml build` with the real bundle, then `bentoml export` of the bento (model included) to an archive."""
     env = {**os.environ, "HEADSTART_MODEL": hymenoptera_bundle.tag}
-    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     archive = tmp_path_factory.mktemp("bento") / "bento.bento"
-    subprocess.run([sys.executable, "-m", "bentoml", "export", tag, str(archive)], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "bentoml", "export", tag, str(archive)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return archive
 
 
@@ -407,17 +426,34 @@ def test_the_built_bento_serves_from_a_fresh_venv_holding_only_its_requirements(
         tar.extractall(bento, filter="data")
     venv, uv = tmp_path / "venv", Path(sys.executable).parent / "uv"
     subprocess.run([str(uv), "venv", "-q", "-p", sys._base_executable, str(venv)], check=True, timeout=120)
-    install = subprocess.run([str(uv), "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "-r",
-                              str(bento / "env" / "python" / "requirements.txt")], capture_output=True, text=True,
-                             timeout=600)  # fmt: skip
+    install = subprocess.run(
+        [
+            str(uv),
+            "pip",
+            "install",
+            "-q",
+            "--python",
+            str(venv / "bin" / "python"),
+            "-r",
+            str(bento / "env" / "python" / "requirements.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr[-2000:]
     assert subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True).returncode != 0
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {"PATH": "/usr/bin:/bin", "HOME": str(elsewhere), "BENTOML_HOME": str(elsewhere / "bentoml")}
     port, log = free_port(), tmp_path / "bento.log"
-    proc = subprocess.Popen([str(venv / "bin" / "bentoml"), "serve", str(bento), "--host", "127.0.0.1", "--port",
-                             str(port)], cwd=elsewhere, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(venv / "bin" / "bentoml"), "serve", str(bento), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=elsewhere,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, url, log, timeout=120)

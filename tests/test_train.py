@@ -23,8 +23,9 @@ from .conftest import PHOTOS, make_image_folder
 
 
 def tiny_config(data, out, cache, **kw) -> ClassifyConfig:
-    defaults = dict(backbone="test_resnet", pretrained=False, views=3, epochs=30, patience=30, progress=False,
-                    batch_size=8, lr=1e-2)  # fmt: skip
+    defaults = dict(
+        backbone="test_resnet", pretrained=False, views=3, epochs=30, patience=30, progress=False, batch_size=8, lr=1e-2
+    )
     return ClassifyConfig(data_dir=str(data), out=str(out), cache_dir=str(cache), **{**defaults, **kw})
 
 
@@ -138,8 +139,9 @@ def test_class_weights_when_unbalanced(tmp_path, cache_dir):
 
 
 def test_hidden_head_unfreeze_and_reload(tiny_folder, tmp_path, cache_dir):
-    cfg = tiny_config(tiny_folder, tmp_path / "run", cache_dir, hidden=16, activation="leaky_relu", unfreeze=1,
-                      finetune_epochs=2)  # fmt: skip
+    cfg = tiny_config(
+        tiny_folder, tmp_path / "run", cache_dir, hidden=16, activation="leaky_relu", unfreeze=1, finetune_epochs=2
+    )
     run_dir = train(cfg)
     assert (run_dir / runs.BACKBONE_TAIL).is_file()
     run = load_run(run_dir)
@@ -189,8 +191,20 @@ def test_backbone_errors(monkeypatch, tmp_path):
 
 
 def test_cli_errors_are_clear(tiny_folder, tmp_path, capsys):
-    assert main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), "--backbone", "test_resnet",
-                 "--no-pretrained"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "missing"),
+                "--out",
+                str(tmp_path / "r"),
+                "--backbone",
+                "test_resnet",
+                "--no-pretrained",
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nothing"), "x.jpg"]) == 2
     assert "does not exist. Give a run directory" in capsys.readouterr().err
@@ -205,8 +219,20 @@ def test_cli_errors_are_clear(tiny_folder, tmp_path, capsys):
 
 def test_cli_train_evaluate_predict(tiny_folder, tmp_path, cache_dir, capsys):
     out = tmp_path / "run"
-    args = ["train", str(tiny_folder), "--out", str(out), "--backbone", "test_resnet", "--no-pretrained",
-            "--views", "2", "--cache-dir", str(cache_dir), "--no-progress"]  # fmt: skip
+    args = [
+        "train",
+        str(tiny_folder),
+        "--out",
+        str(out),
+        "--backbone",
+        "test_resnet",
+        "--no-pretrained",
+        "--views",
+        "2",
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+    ]
     assert main(args) == 0
     capsys.readouterr()
     assert main(["evaluate", str(out), str(tiny_folder / "val"), "--out", str(tmp_path / "ev")]) == 0
@@ -240,8 +266,17 @@ def test_hymenoptera_with_shared_mobilenet_reaches_093(hymenoptera_run):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
 def test_device_cuda_without_a_gpu_is_refused_before_anything_is_written(tiny_folder, tmp_path, cache_dir, capsys):
-    args = ["train", str(tiny_folder), "--out", str(tmp_path / "run"), "--backbone", "test_resnet",
-            "--no-pretrained", "--device", "cuda"]  # fmt: skip
+    args = [
+        "train",
+        str(tiny_folder),
+        "--out",
+        str(tmp_path / "run"),
+        "--backbone",
+        "test_resnet",
+        "--no-pretrained",
+        "--device",
+        "cuda",
+    ]
     assert main(args) == 2
     assert "--device cuda was asked for but torch sees no usable GPU" in capsys.readouterr().err
     assert not any((tmp_path / "run").iterdir())
@@ -259,8 +294,21 @@ def test_auto_device_on_a_machine_without_gpu_is_the_cpu(tiny_folder, tmp_path, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent GPU machine)")
 def test_training_on_cuda_extracts_fits_and_finetunes_there_like_the_cpu(tiny_folder, tmp_path):
     """The same run on the GPU and on the CPU: the same files, and heads that agree (not bit for bit: other kernels)."""
-    runs_ = {d: train(tiny_config(tiny_folder, tmp_path / d, tmp_path / f"cache-{d}", device=d, precision="fp32",
-                                  unfreeze=1, finetune_epochs=1, hidden=8)) for d in ("cpu", "cuda")}  # fmt: skip
+    runs_ = {
+        d: train(
+            tiny_config(
+                tiny_folder,
+                tmp_path / d,
+                tmp_path / f"cache-{d}",
+                device=d,
+                precision="fp32",
+                unfreeze=1,
+                finetune_epochs=1,
+                hidden=8,
+            )
+        )
+        for d in ("cpu", "cuda")
+    }
     metrics = {d: json.loads((r / "metrics.json").read_text()) for d, r in runs_.items()}
     assert metrics["cuda"]["training"]["device"] == "cuda"
     assert abs(metrics["cuda"]["accuracy"] - metrics["cpu"]["accuracy"]) <= 0.25
@@ -279,9 +327,20 @@ def test_a_detection_run_resumes_after_interruption_with_the_same_head(tmp_path,
     from training.tasks import DetectConfig
 
     def config(out, **kw):
-        return DetectConfig(data_dir=str(COCO128), out=str(out), backbone="torchvision:mobilenet_v2",
-                            weights=str(MOBILENET), input_size=128, views=1, hidden=16, epochs=6, eval_every=2,
-                            cache_dir=str(tmp_path / "cache"), progress=False, **kw)  # fmt: skip
+        return DetectConfig(
+            data_dir=str(COCO128),
+            out=str(out),
+            backbone="torchvision:mobilenet_v2",
+            weights=str(MOBILENET),
+            input_size=128,
+            views=1,
+            hidden=16,
+            epochs=6,
+            eval_every=2,
+            cache_dir=str(tmp_path / "cache"),
+            progress=False,
+            **kw,
+        )
 
     reference = train(config(tmp_path / "ref"), coco128_report(16, 8))
     with monkeypatch.context() as m:
@@ -293,12 +352,16 @@ def test_a_detection_run_resumes_after_interruption_with_the_same_head(tmp_path,
     for key, value in head_tensors(reference).items():
         assert torch.equal(value, head_tensors(tmp_path / "run")[key]), key
     assert json.loads((tmp_path / "run" / "history.json").read_text()) == json.loads(
-        (reference / "history.json").read_text())
+        (reference / "history.json").read_text()
+    )
 
 
 def test_a_run_whose_features_would_not_fit_the_memory_bound_stops_before_extracting(tiny_folder, tmp_path, cache_dir):
-    with pytest.raises(ValueError, match=r"would take .* GiB in memory .* over --max-feature-gb 1e-09\. Not even 1 view "
-                       r"per image fits: lower --input-size"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"would take .* GiB in memory .* over --max-feature-gb 1e-09\. Not even 1 view "
+        r"per image fits: lower --input-size",
+    ):
         train(tiny_config(tiny_folder, tmp_path / "run", cache_dir, max_feature_gb=1e-9))
     assert not cache_dir.exists() or not any(cache_dir.rglob("*.npy"))
     run_dir = train(tiny_config(tiny_folder, tmp_path / "ok", cache_dir, epochs=2))

@@ -21,9 +21,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 def browser():
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         if os.environ.get("CI"):
-            pytest.fail(
-                "CI must test the web page: install Debian's chromium and chromium-driver (.ci/run does)"
-            )
+            pytest.fail("CI must test the web page: install Debian's chromium and chromium-driver (.ci/run does)")
         pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -31,9 +29,19 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="headstart-chromium-")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}", "--window-size=1200,900"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1200,900",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
@@ -64,9 +72,7 @@ def test_picking_an_image_shows_top_classes_and_boxes(server, browser):
     wait.until(lambda d: "ants-bees" in d.find_element(By.ID, "model").text)  # /info answered
     browser.find_element(By.ID, "file").send_keys(str(BEE))
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#predictions li.prediction")))
-    labels = [
-        li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "li.prediction")
-    ]
+    labels = [li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "li.prediction")]
     assert labels[0] == "bees" and set(labels) == {"ants", "bees"}
     boxes = browser.find_elements(By.CSS_SELECTOR, "#stage .box")
     assert boxes and boxes[0].get_attribute("data-label") == "bees"
@@ -105,11 +111,7 @@ def test_a_photo_with_a_long_non_ascii_name_and_no_extension_is_analysed(server,
     photo.write_bytes(BEE.read_bytes())
     browser.get(f"{url}/ui")
     browser.find_element(By.ID, "file").send_keys(str(photo))
-    WebDriverWait(browser, 30).until(
-        ec.presence_of_element_located((By.CSS_SELECTOR, "#predictions li.prediction"))
-    )
-    labels = [
-        li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "li.prediction")
-    ]
+    WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#predictions li.prediction")))
+    labels = [li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "li.prediction")]
     assert labels[0] == "bees"
     assert not browser.find_element(By.ID, "error").text

@@ -11,8 +11,14 @@ from pathlib import Path
 log = logging.getLogger("headstart")
 
 
-GROUPS = {"backbone": "backbone", "data": "data and augmentation", "head": "head",
-          "detection": "detection (YOLO-format data sets only)", "optimisation": "optimisation", "run": "run"}
+GROUPS = {
+    "backbone": "backbone",
+    "data": "data and augmentation",
+    "head": "head",
+    "detection": "detection (YOLO-format data sets only)",
+    "optimisation": "optimisation",
+    "run": "run",
+}
 
 
 def _options(configs) -> dict[str, dict]:
@@ -41,10 +47,13 @@ def _crossval_options() -> dict[str, dict]:
 
 def _add_train(sub) -> None:
     """`headstart train`'s options, generated from the task configs (training/config.py, training/tasks/)."""
-    p = sub.add_parser("train", help="train a new head on a frozen pretrained backbone",
-                       description="Train a head on a frozen pretrained backbone: a classifier from an image folder "
-                       "(one subfolder per class, optionally inside train/ val/ test/), or a detector from a "
-                       "YOLO-format data set (a folder with data.yaml, or the yaml itself).")  # fmt: skip
+    p = sub.add_parser(
+        "train",
+        help="train a new head on a frozen pretrained backbone",
+        description="Train a head on a frozen pretrained backbone: a classifier from an image folder "
+        "(one subfolder per class, optionally inside train/ val/ test/), or a detector from a "
+        "YOLO-format data set (a folder with data.yaml, or the yaml itself).",
+    )
     p.add_argument(
         "data_dir",
         help="image folder: one subfolder per class, optionally inside train/ and val/; or a YOLO data set",
@@ -54,11 +63,14 @@ def _add_train(sub) -> None:
 
 
 def _add_crossval(sub) -> None:
-    p = sub.add_parser("crossval", help="k-fold cross-validation of a detector: each image scored by a model that "
-                       "never saw it", description="Cut a YOLO-format data set into --folds folds; per fold, train a "
-                       "detector on the other folds (part of them picks the epoch) and score it on the held-out "
-                       "fold. Writes OUT/fold-N (runs) and OUT/crossval.json (per fold, mean and spread of AP50, "
-                       "AP50:95 and AP small/medium/large).")  # fmt: skip
+    p = sub.add_parser(
+        "crossval",
+        help="k-fold cross-validation of a detector: each image scored by a model that never saw it",
+        description="Cut a YOLO-format data set into --folds folds; per fold, train a "
+        "detector on the other folds (part of them picks the epoch) and score it on the held-out "
+        "fold. Writes OUT/fold-N (runs) and OUT/crossval.json (per fold, mean and spread of AP50, "
+        "AP50:95 and AP small/medium/large).",
+    )
     p.add_argument("data_dir", help="a YOLO data set (a folder with data.yaml, or the yaml itself)")
     p.add_argument("--out", required=True, help="folder for the fold runs and crossval.json")
     p.add_argument("--folds", type=int, default=4, help="number of folds (default 4)")
@@ -118,8 +130,9 @@ def _cmd_crossval(args) -> int:
 
     if not config_for_data(args.data_dir).crossval:
         offered = ", ".join(f"{c.task} ({c.data_kind})" for c in CONFIGS.values() if c.crossval)
-        raise ValueError(f"{args.data_dir} is {config_for_data(args.data_dir).data_kind}: crossval is offered for "
-                         f"{offered}.")  # fmt: skip
+        raise ValueError(
+            f"{args.data_dir} is {config_for_data(args.data_dir).data_kind}: crossval is offered for {offered}."
+        )
     cfg = _config_for(args, _crossval_options())
     summary, path = task_named(cfg.task).cross_validate(cfg, folds=args.folds)
     for metric, value in summary.items():
@@ -162,8 +175,9 @@ def _cmd_predict(args) -> int:
     else:
         from service.bundle import load_bundle
 
-        model = load_bundle(args.model, variant=args.variant, device=args.device, runtime=args.runtime,
-                            precision=args.precision)  # fmt: skip
+        model = load_bundle(
+            args.model, variant=args.variant, device=args.device, runtime=args.runtime, precision=args.precision
+        )
     from service.inference import classify_images
     from service.localize import LocalizeParams, localize_images
 
@@ -174,9 +188,7 @@ def _cmd_predict(args) -> int:
         out = {"predictions": classify_images(model, [img], args.top_k)[0]}
         if params is not None:
             result = localize_images(model, [img], params)[0]
-            out.update(
-                detections=result["detections"], method=result["method"], image_size=result["image_size"]
-            )
+            out.update(detections=result["detections"], method=result["method"], image_size=result["image_size"])
         return out
 
     status = 0
@@ -195,17 +207,26 @@ def _cmd_export(args) -> int:
     from training.export import export_bundle
 
     result = export_bundle(
-        args.run_dir, args.out, int8=args.int8, force=args.force, name=args.name, store=args.store,
+        args.run_dir,
+        args.out,
+        int8=args.int8,
+        force=args.force,
+        name=args.name,
+        store=args.store,
         weights=args.weights,
-    )  # fmt: skip
+    )
     m = result.manifest
-    print(json.dumps({"bundle": str(result.bundle_dir), "tag": result.tag, "verification": m.verification,
-                      "int8": m.int8}))  # fmt: skip
+    print(
+        json.dumps(
+            {"bundle": str(result.bundle_dir), "tag": result.tag, "verification": m.verification, "int8": m.int8}
+        )
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from service.localize import DEFAULTS
+
     parser = argparse.ArgumentParser(prog="headstart", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,14 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="backbone weights file, if it moved since training (run directories)")
     p.add_argument("--variant", default="fp32", choices=["fp32", "int8"], help="bundle model to use")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="bundle inference device")
-    p.add_argument("--runtime", default="auto", choices=["auto", "openvino", "onnxruntime"],
-                   help="bundle runtime, chosen as the service does (auto: ONNX Runtime on a GPU, else OpenVINO)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32"],
-                   help="auto: bf16 on OpenVINO only where the export verified it; fp32: always full precision")
-    p = sub.add_parser("predict-batch", help="predict a whole image collection on Ray Data into parquet parts",
-                       description="Predict every image of SOURCE (a folder, a glob, or a .txt/.csv/.parquet list of "
-                       "paths or URIs) with a bundle, on a local Ray instance or a cluster (--ray-address), into "
-                       "parquet parts under --out. Rerunning the same command resumes: finished parts are kept.")  # fmt: skip
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=["auto", "openvino", "onnxruntime"],
+        help="bundle runtime, chosen as the service does (auto: ONNX Runtime on a GPU, else OpenVINO)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32"],
+        help="auto: bf16 on OpenVINO only where the export verified it; fp32: always full precision",
+    )
+    p = sub.add_parser(
+        "predict-batch",
+        help="predict a whole image collection on Ray Data into parquet parts",
+        description="Predict every image of SOURCE (a folder, a glob, or a .txt/.csv/.parquet list of "
+        "paths or URIs) with a bundle, on a local Ray instance or a cluster (--ray-address), into "
+        "parquet parts under --out. Rerunning the same command resumes: finished parts are kept.",
+    )
     p.add_argument("model", help="bundle directory or model-store tag NAME[:VERSION]")
     p.add_argument("source", help="folder, glob, or .txt/.csv/.parquet list of image paths or URIs")
     p.add_argument("--out", required=True, help="output folder of parquet parts")
@@ -244,28 +276,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32"])
     p.add_argument("--batch-size", type=int, default=32, help="images per actor call")
     p.add_argument("--actors", type=int, help="predicting actors (default: one per CPU of the cluster)")
-    p.add_argument("--cpus-per-actor", type=float,
-                   help="CPUs each actor holds (default: all CPUs but one, shared; one inference thread per CPU)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0,
-                   help="GPUs each actor holds; > 0 runs the bundle with ONNX Runtime's CUDA provider (not measured here)")
+    p.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        help="CPUs each actor holds (default: all CPUs but one, shared; one inference thread per CPU)",
+    )
+    p.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=0.0,
+        help="GPUs each actor holds; > 0 runs the bundle with ONNX Runtime's CUDA provider (not measured here)",
+    )
     p.add_argument("--part-size", type=int, default=1000, help="images per output part (the unit of resuming)")
     p.add_argument("--ray-address", help="join this Ray cluster (default $RAY_ADDRESS, else a local instance)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p = sub.add_parser("export", help="verified ONNX bundle (+ int8), imported into the BentoML model store")
     p.add_argument("run_dir")
     p.add_argument("--out", help="bundle directory (default RUN_DIR/bundle)")
-    p.add_argument(
-        "--int8", action="store_true", help="also a static int8 model, calibrated on training images"
-    )
+    p.add_argument("--int8", action="store_true", help="also a static int8 model, calibrated on training images")
     p.add_argument(
         "--force",
         action="store_true",
         help="keep the int8 model even if it loses > 1 accuracy point; replace an --out that is not a bundle",
     )
     p.add_argument("--name", help="model name in the store (default: the run directory's name)")
-    p.add_argument(
-        "--no-store", dest="store", action="store_false", help="do not import into the BentoML store"
-    )
+    p.add_argument("--no-store", dest="store", action="store_false", help="do not import into the BentoML store")
     p.add_argument("--weights", help="backbone weights file, if it moved since training")
     return parser
 
@@ -279,26 +314,47 @@ def _cmd_predict_batch(args) -> int:
     from service.batch import predict_batch
 
     summary = predict_batch(
-        args.model, args.source, args.out, top_k=args.top_k, localize=args.localize, conf=args.conf,
-        variant=args.variant, runtime=args.runtime, precision=args.precision, batch_size=args.batch_size,
-        actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+        args.model,
+        args.source,
+        args.out,
+        top_k=args.top_k,
+        localize=args.localize,
+        conf=args.conf,
+        variant=args.variant,
+        runtime=args.runtime,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
         ray_address=args.ray_address,
-        part_size=args.part_size, progress=args.progress,
-    )  # fmt: skip
+        part_size=args.part_size,
+        progress=args.progress,
+    )
     print(json.dumps({"out": str(args.out), **summary}))
-    log.info("%d images, %d errors, %s images/s -> %s", summary["images"], summary["errors"],
-             summary.get("images_per_second", "-"), args.out)  # fmt: skip
+    log.info(
+        "%d images, %d errors, %s images/s -> %s",
+        summary["images"],
+        summary["errors"],
+        summary.get("images_per_second", "-"),
+        args.out,
+    )
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "export": _cmd_export,
-            "predict-batch": _cmd_predict_batch, "crossval": _cmd_crossval}  # fmt: skip
+COMMANDS = {
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "predict": _cmd_predict,
+    "export": _cmd_export,
+    "predict-batch": _cmd_predict_batch,
+    "crossval": _cmd_crossval,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)  # fmt: skip
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     from service.errors import HeadstartError  # torch-free: `headstart predict BUNDLE` never imports torch
 
     try:

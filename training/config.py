@@ -19,8 +19,16 @@ PRECISIONS = ("auto", "fp32", "bf16")
 AUGMENT_PRESETS = ("none", "light", "heavy")
 
 
-def option(default: Any, help: str, *, group: str = "optimisation", choices: tuple | None = None,
-           flag: str | None = None, type: type | None = None, cli: bool = True) -> Any:  # fmt: skip
+def option(
+    default: Any,
+    help: str,
+    *,
+    group: str = "optimisation",
+    choices: tuple | None = None,
+    flag: str | None = None,
+    type: type | None = None,
+    cli: bool = True,
+) -> Any:
     """A config field with what the command line needs: its help, group, choices and (for booleans) flag."""
     meta = {"help": help, "group": group, "choices": choices, "flag": flag, "type": type, "cli": cli}
     return dataclasses.field(default=default, metadata=meta)
@@ -37,15 +45,34 @@ class RunConfig:
     #: whether `headstart crossval` cross-validates this task (its task class then has ``cross_validate``)
     crossval = False
     #: options a ``--resume`` must not change: they determine the result
-    RESULT_KEYS = ("backbone", "pretrained", "weights", "val_fraction", "augment", "views", "hidden", "dropout",
-                   "epochs", "patience", "batch_size", "lr", "weight_decay", "precision", "seed")  # fmt: skip
+    RESULT_KEYS = (
+        "backbone",
+        "pretrained",
+        "weights",
+        "val_fraction",
+        "augment",
+        "views",
+        "hidden",
+        "dropout",
+        "epochs",
+        "patience",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "precision",
+        "seed",
+    )
 
     data_dir: str = option("", "the data set", cli=False)
     out: str = option("", "run directory to write", cli=False)
     backbone: str = option("resnet50", "timm model name or torchvision:NAME", group="backbone")
     pretrained: bool = option(True, "random backbone weights", group="backbone", flag="--no-pretrained")
-    weights: str | None = option(None, "local state dict (.pth/.safetensors) instead of downloading pretrained "
-                                 "weights", group="backbone", type=str)  # fmt: skip
+    weights: str | None = option(
+        None,
+        "local state dict (.pth/.safetensors) instead of downloading pretrained weights",
+        group="backbone",
+        type=str,
+    )
     val_fraction: float = option(0.2, "validation share when the data set has no validation split", group="data")
     augment: str = option("heavy", "augmentation preset", group="data", choices=AUGMENT_PRESETS)
     views: int = option(8, "augmented views per training image (features cached)", group="data")
@@ -56,28 +83,43 @@ class RunConfig:
     batch_size: int = option(128, "head-training batch size")
     lr: float = option(1e-3, "head learning rate (AdamW, cosine decay)")
     weight_decay: float = option(1e-4, "AdamW weight decay")
-    precision: str = option("auto", "for augmented training views; auto = bf16 where the CPU (or GPU) has bf16 "
-                            "units; validation is always fp32", group="data", choices=PRECISIONS)  # fmt: skip
+    precision: str = option(
+        "auto",
+        "for augmented training views; auto = bf16 where the CPU (or GPU) has bf16 units; validation is always fp32",
+        group="data",
+        choices=PRECISIONS,
+    )
     seed: int = option(0, "seed of the split, the augmentations and the head")
-    cache_dir: str | None = option(None, "feature cache (default $HEADSTART_CACHE or ~/.cache/headstart)",
-                                   group="data", type=str)  # fmt: skip
+    cache_dir: str | None = option(
+        None, "feature cache (default $HEADSTART_CACHE or ~/.cache/headstart)", group="data", type=str
+    )
     no_cache: bool = option(False, "do not read or write the feature cache", group="data", flag="--no-cache")
-    max_feature_gb: float = option(8.0, "most memory the cached features of a run may take (the same again on disk "
-                                   "in the cache); a run that needs more stops before extracting", group="data")  # fmt: skip
+    max_feature_gb: float = option(
+        8.0,
+        "most memory the cached features of a run may take (the same again on disk "
+        "in the cache); a run that needs more stops before extracting",
+        group="data",
+    )
     resume: bool = option(False, "continue an interrupted run in --out", group="run", flag="--resume")
     overwrite: bool = option(False, "replace an existing run in --out", group="run", flag="--overwrite")
     progress: bool = option(True, "no progress bars", group="run", flag="--no-progress")
     #: small batches keep activations in cache: ~2x faster than 64 on this CPU
     extract_batch_size: int = option(8, "feature-extraction batch", cli=False)
-    device: str = option("auto", "where features are extracted and the head trained; auto = cuda when a GPU is "
-                         "visible", group="run", choices=DEVICES)  # fmt: skip
+    device: str = option(
+        "auto",
+        "where features are extracted and the head trained; auto = cuda when a GPU is visible",
+        group="run",
+        choices=DEVICES,
+    )
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid option and the valid values."""
         for name in ("augment", "precision", "device"):
             f = self.__dataclass_fields__[name]
             if getattr(self, name) not in f.metadata["choices"]:
-                raise ValueError(f"Invalid --{name} {getattr(self, name)!r}. Use one of {', '.join(f.metadata['choices'])}.")
+                raise ValueError(
+                    f"Invalid --{name} {getattr(self, name)!r}. Use one of {', '.join(f.metadata['choices'])}."
+                )
         if min(self.views, self.epochs, self.patience, self.batch_size, self.extract_batch_size) < 1:
             raise ValueError("--views, --epochs, --patience and --batch-size must be at least 1.")
         if not 0.0 < self.val_fraction < 1.0:

@@ -40,11 +40,19 @@ from training.tasks.base import FeatureLayout, Features, Job, Task
 log = logging.getLogger("headstart")
 
 
-def backbone_record(backbone: Backbone, pretrained: bool, weights: str | None, feature_map: list[int]) -> BackboneRecord:
-    return BackboneRecord(name=backbone.name, pretrained=pretrained,
-                          weights_path=str(Path(weights).resolve()) if weights else None, weights=backbone.weights,
-                          weights_sha256=backbone.weights_sha256, num_features=backbone.num_features,
-                          feature_map=tuple(feature_map), stages=tuple(n for n, _ in backbone.stages))  # fmt: skip
+def backbone_record(
+    backbone: Backbone, pretrained: bool, weights: str | None, feature_map: list[int]
+) -> BackboneRecord:
+    return BackboneRecord(
+        name=backbone.name,
+        pretrained=pretrained,
+        weights_path=str(Path(weights).resolve()) if weights else None,
+        weights=backbone.weights,
+        weights_sha256=backbone.weights_sha256,
+        num_features=backbone.num_features,
+        feature_map=tuple(feature_map),
+        stages=tuple(n for n, _ in backbone.stages),
+    )
 
 
 def train(task: Task, cfg: RunConfig, report=None) -> Path:
@@ -63,8 +71,19 @@ def train(task: Task, cfg: RunConfig, report=None) -> Path:
     spec = task.input_spec(cfg, backbone)
     net = nn.Sequential(PixelNormalize(spec.mean, spec.std), task.feature_net(cfg, backbone)).eval()
     pipeline = task.augmentation(cfg.augment, spec)
-    job = Job(cfg, run_dir, report, backbone, spec, net, pipeline, 1 if pipeline is None else cfg.views, device,
-              use_bf16(cfg.precision, device), started)  # fmt: skip
+    job = Job(
+        cfg,
+        run_dir,
+        report,
+        backbone,
+        spec,
+        net,
+        pipeline,
+        1 if pipeline is None else cfg.views,
+        device,
+        use_bf16(cfg.precision, device),
+        started,
+    )
     layout = task.layout(cfg, backbone, net, spec)
     head_cfg = task.head_config(cfg, layout, report.labels)
     aug = {**recipe(task.name, cfg.augment, pipeline, spec), **task.view_recipe(cfg, report)}
@@ -84,38 +103,58 @@ def train(task: Task, cfg: RunConfig, report=None) -> Path:
     if not cfg.pretrained and not cfg.weights:  # random weights cannot be rebuilt later: keep them with the run
         runs.save_safetensors(run_dir / runs.BACKBONE_TAIL, backbone.features.state_dict())
     runs.write_json(run_dir / runs.HISTORY, job.history)
-    seconds = {"features": round(feature_seconds, 2), "head": round(head_seconds, 2),
-               "total": round(time.perf_counter() - started, 2)}  # fmt: skip
-    metrics = {"split": "val", "task": task.name, **evaluation, "training": {
-        **job.training_report, "views": job.views, "train_images": len(report.splits["train"]),
-        "val_images": len(report.splits["val"]), "device": device.type,
-        "feature_cache_recomputed_corrupt": job.cache.recomputed_corrupt, "seconds": seconds,
-    }}  # fmt: skip
+    seconds = {
+        "features": round(feature_seconds, 2),
+        "head": round(head_seconds, 2),
+        "total": round(time.perf_counter() - started, 2),
+    }
+    metrics = {
+        "split": "val",
+        "task": task.name,
+        **evaluation,
+        "training": {
+            **job.training_report,
+            "views": job.views,
+            "train_images": len(report.splits["train"]),
+            "val_images": len(report.splits["val"]),
+            "device": device.type,
+            "feature_cache_recomputed_corrupt": job.cache.recomputed_corrupt,
+            "seconds": seconds,
+        },
+    }
     runs.finish_run(run_dir, metrics)
     job.checkpoint.unlink(missing_ok=True)
     summary = ", ".join(f"{k} {evaluation[k]:.4f}" for k in task.headline if k in evaluation)
-    log.info("done in %.1fs: val %s (%d images) -> %s", time.perf_counter() - started, summary,
-             len(report.splits["val"]), run_dir)  # fmt: skip
+    log.info(
+        "done in %.1fs: val %s (%d images) -> %s",
+        time.perf_counter() - started,
+        summary,
+        len(report.splits["val"]),
+        run_dir,
+    )
     return run_dir
 
 
 def _write_run_files(task: Task, job: Job, layout: FeatureLayout, head_cfg, aug: dict) -> None:
     cfg, report, run_dir = job.cfg, job.report, job.run_dir
     record = RunRecord(
-        task=task.name, options=cfg.options(),
+        task=task.name,
+        options=cfg.options(),
         backbone=backbone_record(job.backbone, cfg.pretrained, cfg.weights, layout.feature_map),
-        head=head_cfg.to_dict(), data=task.data_record(cfg, report),
+        head=head_cfg.to_dict(),
+        data=task.data_record(cfg, report),
         features={"views": job.views, "train_precision": "bf16" if job.bf16 else "fp32", "val_precision": "fp32"},
         versions={"torch": str(torch.__version__)},
-    )  # fmt: skip
+    )
     runs.write_record(run_dir, record)
     runs.write_json(run_dir / runs.LABELS, report.labels)
     runs.write_json(run_dir / runs.PREPROCESS, job.spec.to_dict())
     runs.write_json(run_dir / runs.AUGMENTATION, json.loads(json.dumps(aug, default=str)))
     runs.write_json(run_dir / runs.DATA_REPORT, report.to_dict())
-    runs.write_json(run_dir / runs.SPLITS, {
-        split: [[str(s.path.resolve()), *task.split_row(s)] for s in items] for split, items in report.splits.items()
-    })  # fmt: skip
+    runs.write_json(
+        run_dir / runs.SPLITS,
+        {split: [[str(s.path.resolve()), *task.split_row(s)] for s in items] for split, items in report.splits.items()},
+    )
 
 
 def feature_bytes(layout: FeatureLayout, train_images: int, views: int, val_images: int) -> int:
@@ -136,23 +175,39 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
     need = feature_bytes(layout, n_train, job.views, n_val)
     if need > cfg.max_feature_gb * 2**30:
         fits = fitting_views(layout, n_train, n_val, cfg.max_feature_gb)
-        lower = (f"Lower --views ({job.views}; at most {fits} fit) or --input-size" if fits else
-                 "Not even 1 view per image fits: lower --input-size")  # fmt: skip
-        raise ValueError(f"The features of this run would take {need / 2**30:.1f} GiB in memory (and as much in the "
-                         f"feature cache), over --max-feature-gb {cfg.max_feature_gb}. {lower}, or raise "
-                         "--max-feature-gb if the machine has the memory.")  # fmt: skip
+        lower = (
+            f"Lower --views ({job.views}; at most {fits} fit) or --input-size"
+            if fits
+            else "Not even 1 view per image fits: lower --input-size"
+        )
+        raise ValueError(
+            f"The features of this run would take {need / 2**30:.1f} GiB in memory (and as much in the "
+            f"feature cache), over --max-feature-gb {cfg.max_feature_gb}. {lower}, or raise "
+            "--max-feature-gb if the machine has the memory."
+        )
     job.training_report["feature_gib"] = round(need / 2**30, 6)
     log.info("features: %.2f GiB in memory (%s), as much in the cache", need / 2**30, np.dtype(layout.dtype).name)
     job.cache = FeatureCache(None if cfg.no_cache else (cfg.cache_dir or default_cache_dir()))
     ns = dict(task=task.name, backbone=b.name, weights=b.weights_sha256, spec=job.spec.to_dict())
-    common = dict(shape=layout.shape, dtype=layout.dtype, extras=layout.extras, cache=job.cache, seed=cfg.seed,
-                  batch_size=cfg.extract_batch_size, progress=cfg.progress)  # fmt: skip
+    common = dict(
+        shape=layout.shape,
+        dtype=layout.dtype,
+        extras=layout.extras,
+        cache=job.cache,
+        seed=cfg.seed,
+        batch_size=cfg.extract_batch_size,
+        progress=cfg.progress,
+    )
     for split, train in (("train", True), ("val", False)):
         bf16 = job.bf16 and train
         samples = job.report.splits[split]
         values, extras = extract_features(
-            features_fn(job.net, bf16, pool=layout.pool, device=job.device), samples, task.make_views(job, train),
-            views=job.views if train else 1, desc=f"{split} features",
-            namespace=cache_namespace(**ns, recipe=aug_key if train else "eval", bf16=bf16), **common,
-        )  # fmt: skip
+            features_fn(job.net, bf16, pool=layout.pool, device=job.device),
+            samples,
+            task.make_views(job, train),
+            views=job.views if train else 1,
+            desc=f"{split} features",
+            namespace=cache_namespace(**ns, recipe=aug_key if train else "eval", bf16=bf16),
+            **common,
+        )
         setattr(job, f"{split}_features", Features(samples, values, extras))

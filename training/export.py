@@ -56,9 +56,7 @@ def model_name(text: str) -> str:
     """A BentoML-safe model name: lower-case letters, digits, '-', '_' and '.'."""
     name = re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-._")
     if not name:
-        raise ExportError(
-            f"Cannot make a model name from {text!r}; pass --name (letters, digits, '-', '_', '.')."
-        )
+        raise ExportError(f"Cannot make a model name from {text!r}; pass --name (letters, digits, '-', '_', '.').")
     return name
 
 
@@ -79,9 +77,15 @@ def _split_paths(run: LoadedRun, split: str, limit: int) -> tuple[list[Path], li
 
 
 def _int8_model(
-    run: LoadedRun, task: TaskExport, fp32: Path, path: Path, reference, val_paths: list[Path], val_targets,
+    run: LoadedRun,
+    task: TaskExport,
+    fp32: Path,
+    path: Path,
+    reference,
+    val_paths: list[Path],
+    val_targets,
     max_drop: float | None,
-) -> dict:  # fmt: skip
+) -> dict:
     """Quantize to ``path``, calibrated on training images; the task measures it on the validation images against
     the fp32 model (classifier: accuracy; detector: AP50). Losing more than ``max_drop`` (None: no limit) fails the
     export."""
@@ -92,8 +96,11 @@ def _int8_model(
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     quality = task.int8_quality(run, reference, session, val_paths, val_targets)
     metric, drop = quality["metric"], quality["drop"]
-    info = {"calibration_images": len(train_paths), **quality,
-            "scheme": "static QDQ, per-channel int8 weights, uint8 activations (MinMax calibration)"}  # fmt: skip
+    info = {
+        "calibration_images": len(train_paths),
+        **quality,
+        "scheme": "static QDQ, per-channel int8 weights, uint8 activations (MinMax calibration)",
+    }
     before, after = quality[f"{metric}_fp32"], quality[f"{metric}_int8"]
     log.info("int8: %s %.4f vs fp32 %.4f (drop %.2f points)", metric, after, before, 100 * drop)
     if max_drop is not None and drop > max_drop:
@@ -105,25 +112,37 @@ def _int8_model(
     return info
 
 
-def _manifest(run: LoadedRun, name: str, version: str, verification: dict, int8_info: dict | None,
-              runtimes: dict) -> Manifest:  # fmt: skip
+def _manifest(
+    run: LoadedRun, name: str, version: str, verification: dict, int8_info: dict | None, runtimes: dict
+) -> Manifest:
     """The bundle's manifest (less the file hashes, added once the files are final)."""
     import onnxruntime as ort
 
     task, fmap = task_named(run.task).export, list(run.record.backbone.feature_map)
     bb = run.record.backbone
     return Manifest(
-        name=name, version=version, task=run.task, labels=tuple(run.labels),
+        name=name,
+        version=version,
+        task=run.task,
+        labels=tuple(run.labels),
         backbone={"name": bb.name, "weights": bb.weights, "weights_sha256": bb.weights_sha256, "feature_map": fmap},
-        head=run.record.head, preprocess=run.spec,
-        input={"name": INPUT_NAME, "shape": ["batch", 3, run.spec.input_size, run.spec.input_size],
-               "dtype": "float32", "range": [0, 255], "color": "RGB"},
+        head=run.record.head,
+        preprocess=run.spec,
+        input={
+            "name": INPUT_NAME,
+            "shape": ["batch", 3, run.spec.input_size, run.spec.input_size],
+            "dtype": "float32",
+            "range": [0, 255],
+            "color": "RGB",
+        },
         outputs=tuple(task.outputs(len(run.labels), fmap, run.record.head)),
         metrics={k: run.metrics[k] for k in task.manifest_metrics if k in run.metrics},
-        verification=verification, int8=int8_info, runtimes=runtimes,
+        verification=verification,
+        int8=int8_info,
+        runtimes=runtimes,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         headstart={"version": _version(), "torch": str(torch.__version__), "onnxruntime": ort.__version__},
-    )  # fmt: skip
+    )
 
 
 def export_bundle(
@@ -156,8 +175,9 @@ def export_bundle(
     tmp.chmod(0o777 & ~runs.umask())
     try:
         fp32 = tmp / MODEL_FP32
-        output_names = [o["name"] for o in task.outputs(len(run.labels), list(run.record.backbone.feature_map),
-                                                          run.record.head)]  # fmt: skip
+        output_names = [
+            o["name"] for o in task.outputs(len(run.labels), list(run.record.backbone.feature_map), run.record.head)
+        ]
         export_onnx(run.model, fp32, run.spec.input_size, output_names=output_names)
         session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
         outputs = {o.name: o.shape for o in session.get_outputs()}
@@ -165,8 +185,16 @@ def export_bundle(
         verification, reference = task.verify(run.model, session, val_paths, val_targets, run.spec)
         int8_info = None
         if int8:
-            int8_info = _int8_model(run, task, fp32, tmp / MODEL_INT8, reference, val_paths, val_targets,
-                                    max_drop=None if force else max_int8_drop)  # fmt: skip
+            int8_info = _int8_model(
+                run,
+                task,
+                fp32,
+                tmp / MODEL_INT8,
+                reference,
+                val_paths,
+                val_targets,
+                max_drop=None if force else max_int8_drop,
+            )
         onnx_files = {"fp32": fp32, **({"int8": tmp / MODEL_INT8} if int8 else {})}
         runtimes = runtime_checks(task, onnx_files, output_names, val_paths, val_targets, run.spec)
         manifest = _manifest(run, name, version, verification, int8_info, runtimes)
@@ -176,9 +204,9 @@ def export_bundle(
         if int8:
             embed_manifest(tmp / MODEL_INT8, manifest)
         files = [MODEL_FP32] + ([MODEL_INT8] if int8 else [])
-        manifest = dataclasses.replace(manifest, files={
-            f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files
-        })  # fmt: skip
+        manifest = dataclasses.replace(
+            manifest, files={f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}
+        )
         runs.write_json(tmp / MANIFEST, manifest.to_dict())
         for runtime in ("onnxruntime", "openvino") if openvino_available() else ("onnxruntime",):
             load_bundle(tmp, device="cpu", runtime=runtime)  # it must load through the serving code to count

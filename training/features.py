@@ -43,8 +43,10 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"Invalid --device {device!r}. Use auto, cpu or cuda.")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no usable GPU (torch.cuda.is_available() is "
-                         "False). Install a CUDA build of torch, or use --device cpu.")  # fmt: skip
+        raise ValueError(
+            "--device cuda was asked for but torch sees no usable GPU (torch.cuda.is_available() is "
+            "False). Install a CUDA build of torch, or use --device cpu."
+        )
     return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
 
 
@@ -68,9 +70,7 @@ class FeatureCache:
         self.recomputed_corrupt = 0
         self.removed_stale = 0
         if self.root is not None and self.root.is_dir():
-            cutoff = (
-                time.time() - self.STALE_TMP_SECONDS
-            )  # younger ones may belong to a run writing right now
+            cutoff = time.time() - self.STALE_TMP_SECONDS  # younger ones may belong to a run writing right now
             for tmp in self.root.glob("*/.*.tmp"):
                 try:
                     if tmp.stat().st_mtime < cutoff:
@@ -214,8 +214,9 @@ def extract_features(
     # torch's own threads (measured: no faster).
     for start in range(0, len(todo), per_chunk):
         chunk = todo[start : start + per_chunk]
-        made = [make_views(decode_image(samples[i].path), samples[i], item_seed(seed, samples[i].sha256))
-                for i in chunk]  # fmt: skip
+        made = [
+            make_views(decode_image(samples[i].path), samples[i], item_seed(seed, samples[i].sha256)) for i in chunk
+        ]
         pixels = np.concatenate([pixels for pixels, _ in made])
         feats = np.concatenate(
             [run_model(pixels[k : k + batch_size]) for k in range(0, len(pixels), batch_size)]

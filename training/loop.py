@@ -42,9 +42,10 @@ class Schedule:
 
 @dataclass
 class Phase:
-    """What a task gives the loop. ``step(indices, epoch)`` (epoch counted from 0) trains on one batch and returns the sums to average over the
-    epoch's rows (``None`` skips the batch); ``evaluate()`` returns the validation row; ``epoch_row`` makes the
-    history row from the epoch number, the averaged sums and the validation row (if measured)."""
+    """What a task gives the loop. ``step(indices, epoch)`` (epoch counted from 0) trains on one batch and returns
+    the sums to average over the epoch's rows (``None`` skips the batch); ``evaluate()`` returns the validation row;
+    ``epoch_row`` makes the history row from the epoch number, the averaged sums and the validation row (if
+    measured)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -101,8 +102,14 @@ def fit(phase: Phase, schedule: Schedule, checkpoint: Path | None, progress: boo
         torch.set_rng_state(saved["torch_rng"])
         best, state = saved["best"], saved["state"]
         log.info("resuming %s training after epoch %d", schedule.phase, state["epoch"])
-    bar = tqdm(total=schedule.epochs, initial=state["epoch"], desc=schedule.phase, unit="epoch",
-               disable=not progress, leave=False)  # fmt: skip
+    bar = tqdm(
+        total=schedule.epochs,
+        initial=state["epoch"],
+        desc=schedule.phase,
+        unit="epoch",
+        disable=not progress,
+        leave=False,
+    )
     while state["epoch"] < schedule.epochs and not state["stopped"]:
         epoch = state["epoch"] + 1
         sums = _train_epoch(phase, schedule, torch.randperm(phase.num_samples, generator=gen), state["epoch"])
@@ -123,17 +130,29 @@ def fit(phase: Phase, schedule: Schedule, checkpoint: Path | None, progress: boo
         state["epoch"] = epoch
         state["history"].append(phase.epoch_row(epoch, sums, val))
         if checkpoint is not None:
-            _save_phase(checkpoint, schedule.phase, {
-                "model": keep(), "optimizer": phase.optimizer.state_dict(),
-                "scheduler": phase.scheduler.state_dict() if phase.scheduler is not None else None,
-                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "best": best, "state": state,
-            })  # fmt: skip
+            _save_phase(
+                checkpoint,
+                schedule.phase,
+                {
+                    "model": keep(),
+                    "optimizer": phase.optimizer.state_dict(),
+                    "scheduler": phase.scheduler.state_dict() if phase.scheduler is not None else None,
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "best": best,
+                    "state": state,
+                },
+            )
         bar.update(1)
     bar.close()
     if schedule.select == "last":
         best, state["best_epoch"] = _snapshot(keep()), state["epoch"]
-    summary = {"epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
-               f"best_{schedule.monitor}": state["best_score"], "early_stopped": state["stopped"]}  # fmt: skip
+    summary = {
+        "epochs_run": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        f"best_{schedule.monitor}": state["best_score"],
+        "early_stopped": state["stopped"],
+    }
     return FitResult(best, state["history"], summary)
 
 

@@ -14,9 +14,7 @@ from service.preprocess import PreprocessSpec
 
 
 @torch.inference_mode()
-def predict_paths(
-    model: Classifier, paths: Sequence[Path], spec: PreprocessSpec, batch_size: int = 32
-) -> np.ndarray:
+def predict_paths(model: Classifier, paths: Sequence[Path], spec: PreprocessSpec, batch_size: int = 32) -> np.ndarray:
     """Class probabilities (N, K) in fp32 for image files, preprocessed exactly as the service does."""
     model.eval()
     device = next(model.parameters()).device
@@ -30,13 +28,13 @@ def predict_paths(
 
 
 @torch.inference_mode()
-def torch_outputs(model: torch.nn.Module, paths: Sequence[Path], spec: PreprocessSpec, batch_size: int = 32,
-                  sizes: list | None = None) -> list[np.ndarray]:  # fmt: skip
+def torch_outputs(
+    model: torch.nn.Module, paths: Sequence[Path], spec: PreprocessSpec, batch_size: int = 32, sizes: list | None = None
+) -> list[np.ndarray]:
     """Every output of a torch model on image files (preprocessed as the service does), concatenated; ``sizes``
     as :func:`service.preprocess.load_batches`."""
     model.eval()
-    return outputs_of_files(lambda px: [o.numpy() for o in model(torch.from_numpy(px))], paths, spec, batch_size,
-                            sizes)  # fmt: skip
+    return outputs_of_files(lambda px: [o.numpy() for o in model(torch.from_numpy(px))], paths, spec, batch_size, sizes)
 
 
 class RunModel:

@@ -45,9 +45,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(
-            fd, 0o666 & ~umask()
-        )  # mkstemp creates 0600; give the mode open() would, as the user's umask says
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp creates 0600; give the mode open() would, as the user's umask says
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -79,9 +77,7 @@ def save_torch(path: Path, obj) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_safetensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save
 
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)

@@ -18,8 +18,9 @@ from service.runtime import cpu_computes_bf16, open_session, openvino_available
 log = logging.getLogger("headstart")
 
 
-def runtime_checks(task, files: dict[str, Path], names: list[str], paths: list[Path], targets: np.ndarray,
-                   spec) -> dict:  # fmt: skip
+def runtime_checks(
+    task, files: dict[str, Path], names: list[str], paths: list[Path], targets: np.ndarray, spec
+) -> dict:
     """``{variant: {"onnxruntime" | "openvino" | "openvino-bf16": check}}``; each check from ``task.precision_gate``
     with the precision and whether it may be served. OpenVINO rows only where OpenVINO is installed, bf16 only on
     CPUs where OpenVINO would compute in bf16."""
@@ -32,10 +33,16 @@ def runtime_checks(task, files: dict[str, Path], names: list[str], paths: list[P
         reference = outputs_of_batches(partial(open_session(path, "onnxruntime", "cpu").run, names), batches)
         rows = {"onnxruntime": {"precision": variant, **task.precision_gate(reference, reference, targets)}}
         for key, precision in variants:
-            got = outputs_of_batches(partial(open_session(path, "openvino", "cpu", precision=precision).run, names),
-                                     batches)  # fmt: skip
+            got = outputs_of_batches(
+                partial(open_session(path, "openvino", "cpu", precision=precision).run, names), batches
+            )
             rows[key] = {"precision": precision, **task.precision_gate(reference, got, targets)}
-            log.info("%s file on %s: top-1 agreement %.2f%% with ONNX Runtime, %s", variant, key,
-                     100 * rows[key]["top1_agreement"], "allowed" if rows[key]["allowed"] else "NOT allowed")  # fmt: skip
+            log.info(
+                "%s file on %s: top-1 agreement %.2f%% with ONNX Runtime, %s",
+                variant,
+                key,
+                100 * rows[key]["top1_agreement"],
+                "allowed" if rows[key]["allowed"] else "NOT allowed",
+            )
         result[variant] = rows
     return result

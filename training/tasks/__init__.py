@@ -38,8 +38,10 @@ def config_for_data(data_dir: str | Path) -> type[RunConfig]:
     """The config of the task ``data_dir`` is for: the one task that claims it, else :data:`DEFAULT_TASK`."""
     claimed = [config for config in CONFIGS.values() if config.claims(str(data_dir))]
     if len(claimed) > 1:
-        raise ValueError(f"{data_dir} could be data for {' or '.join(c.task for c in claimed)}: "
-                         f"{'; '.join(c.data_kind for c in claimed)}. Keep one kind of data per folder.")  # fmt: skip
+        raise ValueError(
+            f"{data_dir} could be data for {' or '.join(c.task for c in claimed)}: "
+            f"{'; '.join(c.data_kind for c in claimed)}. Keep one kind of data per folder."
+        )
     return claimed[0] if claimed else CONFIGS[DEFAULT_TASK]
 
 

@@ -157,8 +157,12 @@ class Task:
 
     def layout(self, cfg: RunConfig, backbone: Backbone, net: nn.Module, spec: PreprocessSpec) -> FeatureLayout:
         """Pooled feature vectors of the backbone's last map."""
-        return FeatureLayout(shape=(backbone.num_features,), pool=True, feature_map=backbone.extra["feature_map"],
-                             channels=(backbone.num_features,))  # fmt: skip
+        return FeatureLayout(
+            shape=(backbone.num_features,),
+            pool=True,
+            feature_map=backbone.extra["feature_map"],
+            channels=(backbone.num_features,),
+        )
 
     def make_views(self, job: Job, train: bool) -> ViewsFn:
         """``(image, sample, seed) -> (views as float32 (V, 3, S, S) pixels, extras)`` for one split."""

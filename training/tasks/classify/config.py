@@ -13,13 +13,21 @@ class ClassifyConfig(RunConfig):
 
     task = "classify"
     data_kind = "an image folder for classification (one subfolder per class)"
-    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "activation", "label_smoothing", "class_weights", "unfreeze",
-                   "finetune_epochs", "finetune_lr")  # fmt: skip
+    RESULT_KEYS = (
+        *RunConfig.RESULT_KEYS,
+        "activation",
+        "label_smoothing",
+        "class_weights",
+        "unfreeze",
+        "finetune_epochs",
+        "finetune_lr",
+    )
 
     activation: str = option("relu", "head activation", group="head", choices=("relu", "leaky_relu"))
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
-    class_weights: str = option("auto", "class-weighted loss; auto = when classes are unbalanced (ratio > 1.5)",
-                                choices=("auto", "on", "off"))  # fmt: skip
+    class_weights: str = option(
+        "auto", "class-weighted loss; auto = when classes are unbalanced (ratio > 1.5)", choices=("auto", "on", "off")
+    )
     unfreeze: int = option(0, "fine-tune the last N backbone stages afterwards", group="backbone")
     finetune_epochs: int = option(5, "epochs of fine-tuning with --unfreeze", group="backbone")
     finetune_lr: float = option(1e-4, "backbone learning rate when fine-tuning (the head gets 10x)", group="backbone")

@@ -66,9 +66,7 @@ class DatasetReport:
         width = max(len(x) for x in self.labels) + 2
         lines.append("  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits))
         for label in self.labels:
-            lines.append(
-                "  " + label.ljust(width) + "".join(str(counts[s].get(label, 0)).rjust(8) for s in splits)
-            )
+            lines.append("  " + label.ljust(width) + "".join(str(counts[s].get(label, 0)).rjust(8) for s in splits))
         lines.append("  " + "total".ljust(width) + "".join(str(len(self.splits[s])).rjust(8) for s in splits))
         if self.ignored:
             lines.append(f"  ignored {len(self.ignored)} files that are not images:")
@@ -81,9 +79,7 @@ class DatasetReport:
 
 
 def _list_class_dirs(folder: Path) -> list[Path]:
-    return sorted(
-        (d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name
-    )
+    return sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
 
 
 def _list_files(class_dir: Path) -> list[Path]:
@@ -100,9 +96,7 @@ def _check_tree(
     ignored = [(str(p), r) for p, (status, r) in results.items() if status == "ignored"]
     corrupt = [(str(p), r) for p, (status, r) in results.items() if status == "corrupt"]
     good = {
-        split: {
-            c: [(p, results[p][1]) for p in paths if results[p][0] == "ok"] for c, paths in per_class.items()
-        }
+        split: {c: [(p, results[p][1]) for p in paths if results[p][0] == "ok"] for c, paths in per_class.items()}
         for split, per_class in files.items()
     }
     return good, ignored, corrupt
@@ -127,8 +121,7 @@ def scan_image_folder(
         split_dirs = {"all": root}
 
     files: dict[str, dict[str, list[Path]]] = {
-        split: {d.name: _list_files(d) for d in _list_class_dirs(folder)}
-        for split, folder in split_dirs.items()
+        split: {d.name: _list_files(d) for d in _list_class_dirs(folder)} for split, folder in split_dirs.items()
     }
     if not any(files.values()):
         raise DatasetError(
@@ -152,9 +145,7 @@ def _labels(good: Checked, root: Path, labels: list[str] | None) -> list[str]:
     if labels is None:
         labels = sorted(c for c, items in good[train_key].items() if items)
         if len(labels) < 2:
-            raise DatasetError(
-                f"Found {len(labels)} class(es) with images in {root}; a classifier needs at least 2."
-            )
+            raise DatasetError(f"Found {len(labels)} class(es) with images in {root}; a classifier needs at least 2.")
         for split, per_class in good.items():
             extra = sorted(c for c, items in per_class.items() if items and c not in labels)
             if extra:
@@ -210,8 +201,12 @@ def _split(
 def _leaks(splits: dict[str, list[Sample]]) -> list[tuple[str, str]]:
     """(train path, val/test path) of images with identical bytes on both sides."""
     train_hashes = {s.sha256: s.path for s in splits["train"]}
-    return [(str(train_hashes[s.sha256]), str(s.path)) for split in ("val", "test") for s in splits.get(split, [])
-            if s.sha256 in train_hashes]  # fmt: skip
+    return [
+        (str(train_hashes[s.sha256]), str(s.path))
+        for split in ("val", "test")
+        for s in splits.get(split, [])
+        if s.sha256 in train_hashes
+    ]
 
 
 def _warnings(splits, labels: list[str], duplicates: list, corrupt: list) -> list[str]:
@@ -219,14 +214,12 @@ def _warnings(splits, labels: list[str], duplicates: list, corrupt: list) -> lis
     if duplicates:
         warnings.append(
             f"{len(duplicates)} images appear in train and in val/test (identical bytes): a leak that inflates "
-            "validation accuracy. Remove them from one side: "
-            + "; ".join(f"{a} == {b}" for a, b in duplicates[:5])
+            "validation accuracy. Remove them from one side: " + "; ".join(f"{a} == {b}" for a, b in duplicates[:5])
         )
     counts = Counter(s.label for s in splits["train"])
     if counts and max(counts.values()) > 1.5 * min(counts.get(k, 0) for k in range(len(labels))):
         warnings.append(
-            "classes are unbalanced in train: "
-            + ", ".join(f"{labels[k]}={counts[k]}" for k in range(len(labels)))
+            "classes are unbalanced in train: " + ", ".join(f"{labels[k]}={counts[k]}" for k in range(len(labels)))
         )
     if corrupt:
         warnings.append(f"{len(corrupt)} corrupt images were skipped (listed above).")
@@ -253,6 +246,4 @@ def scan_eval_folder(root: str | Path, labels: list[str], workers: int = 4) -> D
     if not samples:
         raise DatasetError(f"{root} has no readable images.")
     warnings = [f"{len(corrupt)} corrupt images were skipped (listed above)."] if corrupt else []
-    return DatasetReport(
-        root, list(labels), {"eval": samples}, "evaluation folder", ignored, corrupt, [], warnings
-    )
+    return DatasetReport(root, list(labels), {"eval": samples}, "evaluation folder", ignored, corrupt, [], warnings)

@@ -62,18 +62,40 @@ def fit_head(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
     @torch.no_grad()
     def evaluate() -> dict:
         logits = head(val_x)
-        return {"val_loss": float(nn.functional.cross_entropy(logits, val_y)),
-                "val_accuracy": float((logits.argmax(1) == val_y).float().mean())}  # fmt: skip
+        return {
+            "val_loss": float(nn.functional.cross_entropy(logits, val_y)),
+            "val_accuracy": float((logits.argmax(1) == val_y).float().mean()),
+        }
 
     def row(epoch: int, sums: dict, val: dict | None) -> dict:
         seen = max(sums.get("seen", 0), 1)
-        return {"epoch": epoch, "phase": "head", "train_loss": sums.get("loss", 0.0) / seen,
-                "train_accuracy": sums.get("correct", 0) / seen, **(val or {})}  # fmt: skip
+        return {
+            "epoch": epoch,
+            "phase": "head",
+            "train_loss": sums.get("loss", 0.0) / seen,
+            "train_accuracy": sums.get("correct", 0) / seen,
+            **(val or {}),
+        }
 
-    phase = Phase(head, opt, len(y), step, evaluate, row,
-                  scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs))  # fmt: skip
-    schedule = Schedule("head", cfg.epochs, cfg.batch_size, cfg.seed, monitor="val_loss", mode="min",
-                        min_delta=1e-4, patience=cfg.patience)  # fmt: skip
+    phase = Phase(
+        head,
+        opt,
+        len(y),
+        step,
+        evaluate,
+        row,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs),
+    )
+    schedule = Schedule(
+        "head",
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.seed,
+        monitor="val_loss",
+        mode="min",
+        min_delta=1e-4,
+        patience=cfg.patience,
+    )
     result = fit(phase, schedule, job.checkpoint, cfg.progress)
     head.load_state_dict(result.best)
     head.eval()
@@ -102,10 +124,12 @@ def finetune(job: Job, head: ClassifierHead, weights: torch.Tensor | None) -> di
 
     def step(idx: torch.Tensor, epoch: int) -> dict:
         idx = idx.tolist()
-        pixels = np.concatenate([
-            augmented_views(decode_image(train[i].path), pipeline, spec, 1, cfg.seed * 100003 + epoch * 7919 + i)
-            for i in idx
-        ])  # fmt: skip
+        pixels = np.concatenate(
+            [
+                augmented_views(decode_image(train[i].path), pipeline, spec, 1, cfg.seed * 100003 + epoch * 7919 + i)
+                for i in idx
+            ]
+        )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.bf16):
             logits = model.logits(torch.from_numpy(pixels).to(device))
         loss = optimizer_step(opt, loss_fn(logits.float(), targets[idx]))
@@ -113,20 +137,34 @@ def finetune(job: Job, head: ClassifierHead, weights: torch.Tensor | None) -> di
 
     def evaluate() -> dict:
         probs = predict_paths(model, [s.path for s in val], spec)
-        return {"val_loss": float(-np.log(np.clip(probs[np.arange(len(val)), val_targets], 1e-12, 1)).mean()),
-                "val_accuracy": float((probs.argmax(1) == val_targets).mean())}  # fmt: skip
+        return {
+            "val_loss": float(-np.log(np.clip(probs[np.arange(len(val)), val_targets], 1e-12, 1)).mean()),
+            "val_accuracy": float((probs.argmax(1) == val_targets).mean()),
+        }
 
     offset = len(job.history)
 
     def row(epoch: int, sums: dict, val: dict | None) -> dict:
-        return {"epoch": offset + epoch, "phase": "finetune",
-                "train_loss": sums.get("loss", 0.0) / max(sums.get("seen", 0), 1), **(val or {})}  # fmt: skip
+        return {
+            "epoch": offset + epoch,
+            "phase": "finetune",
+            "train_loss": sums.get("loss", 0.0) / max(sums.get("seen", 0), 1),
+            **(val or {}),
+        }
 
-    phase = Phase(model, opt, len(train), step, evaluate, row,
-                  keep=lambda: {k: v for k, v in model.state_dict().items() if k in trainable},
-                  restore=lambda state: model.load_state_dict(state, strict=False))  # fmt: skip
-    schedule = Schedule("finetune", cfg.finetune_epochs, min(32, cfg.batch_size), cfg.seed + 1,
-                        monitor="val_loss", mode="min")  # fmt: skip
+    phase = Phase(
+        model,
+        opt,
+        len(train),
+        step,
+        evaluate,
+        row,
+        keep=lambda: {k: v for k, v in model.state_dict().items() if k in trainable},
+        restore=lambda state: model.load_state_dict(state, strict=False),
+    )
+    schedule = Schedule(
+        "finetune", cfg.finetune_epochs, min(32, cfg.batch_size), cfg.seed + 1, monitor="val_loss", mode="min"
+    )
     result = fit(phase, schedule, job.checkpoint, cfg.progress)
     model.load_state_dict(result.best, strict=False)
     model.eval()

@@ -69,9 +69,7 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str
     return metrics
 
 
-def plot_confusion_matrix(
-    cm: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str = ""
-) -> None:
+def plot_confusion_matrix(cm: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str = "") -> None:
     plt = pyplot()
     cm = np.asarray(cm)
     size = max(4.0, 0.5 * len(labels) + 2)

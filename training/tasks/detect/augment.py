@@ -87,19 +87,31 @@ def mosaic(images: list[Labelled], size: int, rng: np.random.Generator, min_visi
         canvas[cy1:cy2, cx1:cx2] = small[cy1 - y0 : cy2 - y0, cx1 - x0 : cx2 - x0]
         if not len(classes):
             continue
-        px = np.stack([(boxes[:, 0] - boxes[:, 2] / 2) * w + x0, (boxes[:, 1] - boxes[:, 3] / 2) * h + y0,
-                       (boxes[:, 0] + boxes[:, 2] / 2) * w + x0, (boxes[:, 1] + boxes[:, 3] / 2) * h + y0], 1)  # fmt: skip
-        cut = np.stack([px[:, 0].clip(cx1, cx2), px[:, 1].clip(cy1, cy2), px[:, 2].clip(cx1, cx2),
-                        px[:, 3].clip(cy1, cy2)], 1)  # fmt: skip
+        px = np.stack(
+            [
+                (boxes[:, 0] - boxes[:, 2] / 2) * w + x0,
+                (boxes[:, 1] - boxes[:, 3] / 2) * h + y0,
+                (boxes[:, 0] + boxes[:, 2] / 2) * w + x0,
+                (boxes[:, 1] + boxes[:, 3] / 2) * h + y0,
+            ],
+            1,
+        )
+        cut = np.stack(
+            [px[:, 0].clip(cx1, cx2), px[:, 1].clip(cy1, cy2), px[:, 2].clip(cx1, cx2), px[:, 3].clip(cy1, cy2)], 1
+        )
         area = (px[:, 2] - px[:, 0]) * (px[:, 3] - px[:, 1])
         kept = (cut[:, 2] - cut[:, 0]) * (cut[:, 3] - cut[:, 1])
-        ok = (kept >= min_visible * np.maximum(area, 1e-9)) & (cut[:, 2] - cut[:, 0] >= 2) & (cut[:, 3] - cut[:, 1] >= 2)
+        ok = (
+            (kept >= min_visible * np.maximum(area, 1e-9)) & (cut[:, 2] - cut[:, 0] >= 2) & (cut[:, 3] - cut[:, 1] >= 2)
+        )
         all_cls.append(classes[ok])
         all_boxes.append(cut[ok])
     cls = np.concatenate(all_cls) if all_cls else np.zeros(0, np.int64)
     px = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4))
-    yolo = np.stack([(px[:, 0] + px[:, 2]) / 2, (px[:, 1] + px[:, 3]) / 2, px[:, 2] - px[:, 0],
-                     px[:, 3] - px[:, 1]], 1) / size  # fmt: skip
+    yolo = (
+        np.stack([(px[:, 0] + px[:, 2]) / 2, (px[:, 1] + px[:, 3]) / 2, px[:, 2] - px[:, 0], px[:, 3] - px[:, 1]], 1)
+        / size
+    )
     return canvas, cls.astype(np.int64), yolo.astype(np.float32).reshape(-1, 4)
 
 

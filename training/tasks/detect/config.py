@@ -15,8 +15,19 @@ class DetectConfig(RunConfig):
     task = "detect"
     data_kind = "a YOLO detection data set (it has a data.yaml)"
     crossval = True
-    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "input_size", "boxes_per_cell", "select", "lambda_coord",
-                   "lambda_noobj", "eval_every", "head", "width", "mosaic", "classes")  # fmt: skip
+    RESULT_KEYS = (
+        *RunConfig.RESULT_KEYS,
+        "input_size",
+        "boxes_per_cell",
+        "select",
+        "lambda_coord",
+        "lambda_noobj",
+        "eval_every",
+        "head",
+        "width",
+        "mosaic",
+        "classes",
+    )
 
     hidden: int = task_default("hidden", 256)
     dropout: float = task_default("dropout", 0.1)
@@ -27,20 +38,29 @@ class DetectConfig(RunConfig):
     patience: int = task_default("patience", 15)
     batch_size: int = task_default("batch_size", 32)
     weight_decay: float = task_default("weight_decay", 5e-4)
-    head: str = option("pyramid", "pyramid: multi-scale (strides 8, 16, 32) neck and dense head; grid: one "
-                       "stride-32 grid (the first detector)", group="detection", choices=("pyramid", "grid"))  # fmt: skip
-    input_size: int = option(512, "square input, letterboxed (512: grids of 64, 32 and 16 cells)",
-                             group="detection")  # fmt: skip
+    head: str = option(
+        "pyramid",
+        "pyramid: multi-scale (strides 8, 16, 32) neck and dense head; grid: one stride-32 grid (the first detector)",
+        group="detection",
+        choices=("pyramid", "grid"),
+    )
+    input_size: int = option(512, "square input, letterboxed (512: grids of 64, 32 and 16 cells)", group="detection")
     width: int = option(64, "channels of the pyramid neck and head (--head pyramid)", group="detection")
-    mosaic: float = option(0.5, "share of training views that are a 2x2 mosaic of four training images "
-                           "(--head pyramid)", group="detection")  # fmt: skip
+    mosaic: float = option(
+        0.5, "share of training views that are a 2x2 mosaic of four training images (--head pyramid)", group="detection"
+    )
     classes: str = option("", "train on these classes only (comma-separated names); default all", group="data")
     boxes_per_cell: int = option(2, "box predictors per grid cell (--head grid)", group="detection")
-    select: str = option("best", "best: the epoch with the best validation mAP@0.5 (early stopping); last: the "
-                         "final epoch", group="detection", choices=("best", "last"))  # fmt: skip
+    select: str = option(
+        "best",
+        "best: the epoch with the best validation mAP@0.5 (early stopping); last: the final epoch",
+        group="detection",
+        choices=("best", "last"),
+    )
     lambda_coord: float = option(5.0, "weight of the box loss (--head grid)", group="detection")
-    lambda_noobj: float = option(0.5, "weight of the objectness loss of predictors without an object (--head grid)",
-                                 group="detection")  # fmt: skip
+    lambda_noobj: float = option(
+        0.5, "weight of the objectness loss of predictors without an object (--head grid)", group="detection"
+    )
     eval_every: int = option(3, "epochs between validation mAP measurements", group="detection")
 
     def validate(self) -> None:

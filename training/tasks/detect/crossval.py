@@ -37,8 +37,9 @@ def make_folds(samples: list[DetSample], k: int, seed: int) -> list[list[DetSamp
     return [ordered[i::k] for i in range(k)]
 
 
-def fold_report(report: DetectionReport, folds: list[list[DetSample]], i: int, val_fraction: float,
-                seed: int) -> tuple[DetectionReport, list[DetSample]]:  # fmt: skip
+def fold_report(
+    report: DetectionReport, folds: list[list[DetSample]], i: int, val_fraction: float, seed: int
+) -> tuple[DetectionReport, list[DetSample]]:
     """The training data of fold ``i`` (train and epoch-selection images from the other folds) and its test images."""
     rest = [s for j, fold in enumerate(folds) if j != i for s in fold]
     random.Random(seed + 1000 + i).shuffle(rest)
@@ -69,13 +70,34 @@ def cross_validate(cfg: DetectConfig, folds: int = 4, report: DetectionReport | 
         seconds = time.perf_counter() - started
         run = load_run(run_dir)
         metrics, _, _ = evaluate_detector(run.model, test, run.spec, run.labels)
-        rows.append({"fold": i + 1, "test_images": len(test), "test_boxes": metrics["num_boxes"],
-                     **{m: metrics[m] for m in METRICS}, "train_seconds": round(seconds, 1),
-                     "best_epoch": run.metrics["training"]["head"]["best_epoch"]})  # fmt: skip
-        log.info("fold %d/%d: test AP50 %.4f AP50:95 %.4f (%d images, %d boxes)", i + 1, folds, metrics["map50"],
-                 metrics["map50_95"], len(test), metrics["num_boxes"])  # fmt: skip
-    summary = {"folds": folds, "seed": cfg.seed, "classes": report.labels, "images": len(pooled),
-               "options": cfg.result_options(), "per_fold": rows, **summarise(rows)}  # fmt: skip
+        rows.append(
+            {
+                "fold": i + 1,
+                "test_images": len(test),
+                "test_boxes": metrics["num_boxes"],
+                **{m: metrics[m] for m in METRICS},
+                "train_seconds": round(seconds, 1),
+                "best_epoch": run.metrics["training"]["head"]["best_epoch"],
+            }
+        )
+        log.info(
+            "fold %d/%d: test AP50 %.4f AP50:95 %.4f (%d images, %d boxes)",
+            i + 1,
+            folds,
+            metrics["map50"],
+            metrics["map50_95"],
+            len(test),
+            metrics["num_boxes"],
+        )
+    summary = {
+        "folds": folds,
+        "seed": cfg.seed,
+        "classes": report.labels,
+        "images": len(pooled),
+        "options": cfg.result_options(),
+        "per_fold": rows,
+        **summarise(rows),
+    }
     runs.write_json(out / SUMMARY, json.loads(json.dumps(summary, default=str)))
     return summary
 
@@ -85,6 +107,8 @@ def summarise(rows: list[dict]) -> dict:
     out = {}
     for m in (*METRICS, "train_seconds"):
         values = [r[m] for r in rows if r[m] is not None and r[m] >= 0]
-        out[m] = {"mean": statistics.fmean(values) if values else None,
-                  "std": statistics.stdev(values) if len(values) > 1 else 0.0}  # fmt: skip
+        out[m] = {
+            "mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        }
     return out

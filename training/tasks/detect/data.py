@@ -62,19 +62,25 @@ class DetectionReport:
         return counts
 
     def format(self) -> str:
-        lines = [
-            f"detection data set {self.yaml_path} ({len(self.labels)} classes, split: {self.split_source})"
-        ]
+        lines = [f"detection data set {self.yaml_path} ({len(self.labels)} classes, split: {self.split_source})"]
         for split, items in self.splits.items():
             boxes = sum(len(s.classes) for s in items)
-            lines.append(f"  {split:<6} {len(items):5d} images, {boxes:6d} boxes, "
-                         f"{sum(s.is_background for s in items)} background")  # fmt: skip
+            lines.append(
+                f"  {split:<6} {len(items):5d} images, {boxes:6d} boxes, "
+                f"{sum(s.is_background for s in items)} background"
+            )
         if self.background:
-            lines.append(f"  {len(self.background)} image(s) without a label file, used as background: "
-                         + ", ".join(self.background[:5]) + (" ..." if len(self.background) > 5 else ""))  # fmt: skip
+            lines.append(
+                f"  {len(self.background)} image(s) without a label file, used as background: "
+                + ", ".join(self.background[:5])
+                + (" ..." if len(self.background) > 5 else "")
+            )
         if self.orphan_labels:
-            lines.append(f"  {len(self.orphan_labels)} label file(s) without an image, ignored: "
-                         + ", ".join(self.orphan_labels[:5]) + (" ..." if len(self.orphan_labels) > 5 else ""))  # fmt: skip
+            lines.append(
+                f"  {len(self.orphan_labels)} label file(s) without an image, ignored: "
+                + ", ".join(self.orphan_labels[:5])
+                + (" ..." if len(self.orphan_labels) > 5 else "")
+            )
         for line in self.malformed[:20]:
             lines.append(f"  malformed label skipped: {line}")
         if len(self.malformed) > 20:
@@ -122,9 +128,7 @@ def _names(raw, yaml_path: Path) -> list[str]:
         except (TypeError, ValueError) as exc:
             raise DatasetError(f"{yaml_path}: 'names' keys must be class indices 0..K-1.") from exc
         if keys != list(range(len(keys))):
-            raise DatasetError(
-                f"{yaml_path}: 'names' must number the classes 0..{len(keys) - 1} without gaps."
-            )
+            raise DatasetError(f"{yaml_path}: 'names' must number the classes 0..{len(keys) - 1} without gaps.")
         return [str(raw[k] if k in raw else raw[str(k)]) for k in keys]
     if isinstance(raw, list) and raw:
         return [str(n) for n in raw]
@@ -173,9 +177,7 @@ def parse_labels(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, 
         x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
         tol = 0.01
         if x1 < -tol or y1 < -tol or x2 > 1 + tol or y2 > 1 + tol:
-            problems.append(
-                f"{where}: box ({cx}, {cy}, {w}, {h}) is outside the image (values are normalised)"
-            )
+            problems.append(f"{where}: box ({cx}, {cy}, {w}, {h}) is outside the image (values are normalised)")
             continue
         x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(1.0, x2), min(1.0, y2)
         classes.append(cls)
@@ -189,18 +191,14 @@ def _image_files(entry, base: Path, yaml_path: Path) -> list[Path]:
     for item in entries:
         path = (base / str(item)).resolve() if not Path(str(item)).is_absolute() else Path(str(item))
         if path.is_dir():
-            files += sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.is_file() and path.suffix == ".txt":  # a list of image paths
             for line in path.read_text().splitlines():
                 if line.strip():
                     p = Path(line.strip())
                     files.append(p if p.is_absolute() else (path.parent / p).resolve())
         else:
-            raise DatasetError(
-                f"{yaml_path}: image folder {path} does not exist. Fix 'path', 'train' or 'val'."
-            )
+            raise DatasetError(f"{yaml_path}: image folder {path} does not exist. Fix 'path', 'train' or 'val'.")
     return files
 
 
@@ -208,9 +206,7 @@ def _read_yaml(data: str | Path) -> tuple[Path, dict, list[str], Path]:
     """(data.yaml path, its contents, class names, the folder its paths are relative to)."""
     yaml_path = find_data_yaml(data)
     if yaml_path is None:
-        raise DatasetError(
-            f"{data} has no data.yaml; a YOLO-format data set needs one with 'names' and 'train'."
-        )
+        raise DatasetError(f"{data} has no data.yaml; a YOLO-format data set needs one with 'names' and 'train'.")
     try:
         spec = yaml.safe_load(yaml_path.read_text())
     except yaml.YAMLError as exc:
@@ -267,12 +263,8 @@ def scan_yolo_eval_split(data: str | Path, *, workers: int = 4) -> DetectionRepo
     yaml_path, spec, labels, base = _read_yaml(data)
     split = next((s for s in ("test", "val", "train") if spec.get(s)), None)
     if split is None:
-        raise DatasetError(
-            f"{yaml_path} names no images: give 'test', 'val' or 'train' (an image folder or list)."
-        )
-    report = DetectionReport(
-        root=base, yaml_path=yaml_path, labels=labels, split_source=f"'{split}' of data.yaml"
-    )
+        raise DatasetError(f"{yaml_path} names no images: give 'test', 'val' or 'train' (an image folder or list).")
+    report = DetectionReport(root=base, yaml_path=yaml_path, labels=labels, split_source=f"'{split}' of data.yaml")
     _scan_splits(report, {split: _image_files(spec[split], base, yaml_path)}, workers)
     if not report.splits[split]:
         raise DatasetError(f"{yaml_path}: the '{split}' split has no readable image.")
@@ -303,9 +295,7 @@ def scan_yolo_dataset(
     if not report.splits["train"] or not any(len(s.classes) for s in report.splits["train"]):
         raise DatasetError(f"{yaml_path}: no training image has a usable box; check the label files.")
     if not report.splits["val"]:
-        raise DatasetError(
-            f"{yaml_path}: no validation images. Add 'val' to the yaml or lower --val-fraction."
-        )
+        raise DatasetError(f"{yaml_path}: no validation images. Add 'val' to the yaml or lower --val-fraction.")
     return report
 
 
@@ -314,8 +304,10 @@ def keep_classes(report: DetectionReport, names: list[str]) -> DetectionReport:
     an image left without boxes stays as background."""
     unknown = [n for n in names if n not in report.labels]
     if unknown:
-        raise DatasetError(f"--classes names {', '.join(map(repr, unknown))}, not classes of {report.yaml_path} "
-                           f"(it has: {', '.join(report.labels[:20])}{' ...' if len(report.labels) > 20 else ''}).")  # fmt: skip
+        raise DatasetError(
+            f"--classes names {', '.join(map(repr, unknown))}, not classes of {report.yaml_path} "
+            f"(it has: {', '.join(report.labels[:20])}{' ...' if len(report.labels) > 20 else ''})."
+        )
     if len(set(names)) != len(names):
         raise DatasetError(f"--classes names a class twice: {', '.join(names)}.")
     new_id = {report.labels.index(n): i for i, n in enumerate(names)}
@@ -325,10 +317,17 @@ def keep_classes(report: DetectionReport, names: list[str]) -> DetectionReport:
         classes = np.array([new_id[int(c)] for c in s.classes[keep]], np.int64)
         return DetSample(s.path, s.sha256, classes, s.boxes[keep].reshape(-1, 4))
 
-    out = DetectionReport(root=report.root, yaml_path=report.yaml_path, labels=list(names),
-                          splits={k: [restrict(s) for s in v] for k, v in report.splits.items()},
-                          split_source=report.split_source, background=report.background,
-                          orphan_labels=report.orphan_labels, malformed=report.malformed, corrupt=report.corrupt)  # fmt: skip
+    out = DetectionReport(
+        root=report.root,
+        yaml_path=report.yaml_path,
+        labels=list(names),
+        splits={k: [restrict(s) for s in v] for k, v in report.splits.items()},
+        split_source=report.split_source,
+        background=report.background,
+        orphan_labels=report.orphan_labels,
+        malformed=report.malformed,
+        corrupt=report.corrupt,
+    )
     if not any(len(s.classes) for s in out.splits.get("train", [])):
         raise DatasetError(f"No training image has a box of {', '.join(names)}.")
     return out
@@ -342,9 +341,13 @@ def labelled_samples(data: str | Path, images: list[Path], labels: list[str]) ->
     out = []
     for image in images:
         lpath = label_path(image)
-        classes, boxes, _ = parse_labels(lpath, len(names)) if lpath.is_file() else (np.zeros(0, np.int64),
-                                                                                     np.zeros((0, 4), np.float32), [])  # fmt: skip
+        classes, boxes, _ = (
+            parse_labels(lpath, len(names))
+            if lpath.is_file()
+            else (np.zeros(0, np.int64), np.zeros((0, 4), np.float32), [])
+        )
         keep = np.isin(classes, list(ids))
-        out.append(DetSample(image, "", np.array([ids[int(c)] for c in classes[keep]], np.int64),
-                             boxes[keep].reshape(-1, 4)))  # fmt: skip
+        out.append(
+            DetSample(image, "", np.array([ids[int(c)] for c in classes[keep]], np.int64), boxes[keep].reshape(-1, 4))
+        )
     return out

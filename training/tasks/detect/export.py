@@ -28,12 +28,18 @@ class DetectExport(TaskExport):
     def outputs(self, num_classes: int, feature_map: list[int], head: dict) -> list[dict]:
         predictors, where, score = recorded_head(head).predictors(head, feature_map)
         return [
-            {"name": "probabilities", "shape": ["batch", num_classes],
-             "what": f"image-level class scores: each class's best predictor ({score})"},
-            {"name": "boxes", "shape": ["batch", predictors, 4],
-             "what": f"x1 y1 x2 y2 in input pixels of every predictor ({where})"},
+            {
+                "name": "probabilities",
+                "shape": ["batch", num_classes],
+                "what": f"image-level class scores: each class's best predictor ({score})",
+            },
+            {
+                "name": "boxes",
+                "shape": ["batch", predictors, 4],
+                "what": f"x1 y1 x2 y2 in input pixels of every predictor ({where})",
+            },
             {"name": "scores", "shape": ["batch", predictors, num_classes], "what": f"{score} per predictor and class"},
-        ]  # fmt: skip
+        ]
 
     def verify(self, model, session, paths, targets, spec) -> tuple[dict, list[np.ndarray]]:
         """ONNX Runtime against PyTorch on the run's validation images: every output of every predictor. Returns the
@@ -42,8 +48,12 @@ class DetectExport(TaskExport):
         names = ("probabilities", "boxes", "scores")
         diffs = {name: float(np.abs(a - b).max()) for name, a, b in zip(names, ref, got, strict=True)}
         agreement = float((ref[0].argmax(1) == got[0].argmax(1)).mean())
-        log.info("ONNX Runtime vs PyTorch on %d validation images: max |Δ| %s, top-1 agreement %.2f%%", len(paths),
-                 {k: f"{v:.2e}" for k, v in diffs.items()}, 100 * agreement)  # fmt: skip
+        log.info(
+            "ONNX Runtime vs PyTorch on %d validation images: max |Δ| %s, top-1 agreement %.2f%%",
+            len(paths),
+            {k: f"{v:.2e}" for k, v in diffs.items()},
+            100 * agreement,
+        )
         # boxes are in input pixels (0.05 px is invisible); scores and probabilities are probabilities
         if agreement < 1.0 or diffs["scores"] > 1e-3 or diffs["probabilities"] > 1e-3 or diffs["boxes"] > 0.05:
             raise ExportError(
@@ -72,7 +82,13 @@ class DetectExport(TaskExport):
         """A runtime/precision may serve if its image-level top-1 agrees on >= 99% of the validation images and no
         box score moves by more than 0.05."""
         agreement = float((reference[0].argmax(1) == got[0].argmax(1)).mean())
-        diffs = {n: float(np.abs(a - b).max()) for n, a, b in zip(("probabilities", "boxes", "scores"), reference,
-                                                                 got, strict=True)}  # fmt: skip
-        return {"images": len(reference[0]), "top1_agreement": agreement, "max_abs_diff": diffs,
-                "allowed": agreement >= 0.99 and diffs["scores"] <= 0.05}  # fmt: skip
+        diffs = {
+            n: float(np.abs(a - b).max())
+            for n, a, b in zip(("probabilities", "boxes", "scores"), reference, got, strict=True)
+        }
+        return {
+            "images": len(reference[0]),
+            "top1_agreement": agreement,
+            "max_abs_diff": diffs,
+            "allowed": agreement >= 0.99 and diffs["scores"] <= 0.05,
+        }

@@ -44,8 +44,9 @@ def _train_targets(job: Job) -> list[np.ndarray]:
     return [t for meta in job.train_features.extras for t in unpack_targets(meta["targets"], job.views)[1]]
 
 
-def _fit_epochs(job: Job, head: nn.Module, opt: torch.optim.Optimizer, num_samples: int, step: Callable,
-         losses: tuple[str, ...]) -> nn.Module:  # fmt: skip
+def _fit_epochs(
+    job: Job, head: nn.Module, opt: torch.optim.Optimizer, num_samples: int, step: Callable, losses: tuple[str, ...]
+) -> nn.Module:
     """The epoch loop for a detection head: cosine schedule, validation mAP every ``eval_every`` epochs selects
     the epoch (or the last one), early stopping."""
     cfg, spec = job.cfg, job.spec
@@ -61,15 +62,35 @@ def _fit_epochs(job: Job, head: nn.Module, opt: torch.optim.Optimizer, num_sampl
     def row(epoch: int, sums: dict, val: dict | None) -> dict:
         out = {"epoch": epoch, **{k: sums.get(k, 0.0) / num_samples for k in ("train_loss", *losses)}}
         if val is not None:
-            log.info("epoch %d: loss %.3f val mAP@0.5 %.4f mAP@0.5:0.95 %.4f", epoch, out["train_loss"],
-                     val["val_map50"], val["val_map50_95"])  # fmt: skip
+            log.info(
+                "epoch %d: loss %.3f val mAP@0.5 %.4f mAP@0.5:0.95 %.4f",
+                epoch,
+                out["train_loss"],
+                val["val_map50"],
+                val["val_map50_95"],
+            )
         return {**out, **(val or {})}
 
-    phase = Phase(head, opt, num_samples, step, evaluate, row,
-                  scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs))  # fmt: skip
-    schedule = Schedule("head", cfg.epochs, cfg.batch_size, cfg.seed, monitor="val_map50", mode="max",
-                        patience=cfg.patience if cfg.select == "best" else None, eval_every=cfg.eval_every,
-                        select=cfg.select)  # fmt: skip
+    phase = Phase(
+        head,
+        opt,
+        num_samples,
+        step,
+        evaluate,
+        row,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs),
+    )
+    schedule = Schedule(
+        "head",
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.seed,
+        monitor="val_map50",
+        mode="max",
+        patience=cfg.patience if cfg.select == "best" else None,
+        eval_every=cfg.eval_every,
+        select=cfg.select,
+    )
     result = fit(phase, schedule, job.checkpoint, cfg.progress)
     head.load_state_dict(result.best)
     job.history += result.history
@@ -91,8 +112,9 @@ def fit_grid(job: Job, head_cfg: GridHeadConfig) -> GridHead:
 
     def step(idx: torch.Tensor, epoch: int) -> dict:
         idx = idx.to(device)
-        loss, parts = yolo_loss(head(maps[idx].float()), obj[idx], tbox[idx], tcls[idx], cfg.lambda_coord,
-                                cfg.lambda_noobj)  # fmt: skip
+        loss, parts = yolo_loss(
+            head(maps[idx].float()), obj[idx], tbox[idx], tcls[idx], cfg.lambda_coord, cfg.lambda_noobj
+        )
         return {"train_loss": optimizer_step(opt, loss) * len(idx), **{k: v * len(idx) for k, v in parts.items()}}
 
     return _fit_epochs(job, head, opt, len(maps), step, ("coord", "objectness", "class"))
@@ -108,8 +130,9 @@ def fit_pyramid(job: Job, head_cfg: PyramidHeadConfig) -> PyramidHead:
     tcls = torch.from_numpy(np.stack([a[0] for a in assigned])).to(device)
     tbox = torch.from_numpy(np.stack([a[1] for a in assigned])).to(device)
     per_level = np.split((tcls >= 0).sum(0).cpu().numpy(), np.cumsum([h * w for h, w in head_cfg.sizes])[:-1])
-    job.training_report["assigned_cells_per_level"] = {f"stride_{s}": int(p.sum()) for s, p in zip(head_cfg.strides,
-                                                                                           per_level, strict=True)}  # fmt: skip
+    job.training_report["assigned_cells_per_level"] = {
+        f"stride_{s}": int(p.sum()) for s, p in zip(head_cfg.strides, per_level, strict=True)
+    }
     # channels-last: oneDNN trains these convolutions 1.4-2.4x faster so (benchmarks/pyramid_step.py); undone at the end
     head = PyramidHead(head_cfg).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

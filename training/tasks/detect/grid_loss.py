@@ -53,9 +53,13 @@ def build_targets(
 
 
 def yolo_loss(
-    raw: torch.Tensor, obj: torch.Tensor, tbox: torch.Tensor, tcls: torch.Tensor,
-    lambda_coord: float = 5.0, lambda_noobj: float = 0.5,
-) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    raw: torch.Tensor,
+    obj: torch.Tensor,
+    tbox: torch.Tensor,
+    tcls: torch.Tensor,
+    lambda_coord: float = 5.0,
+    lambda_noobj: float = 0.5,
+) -> tuple[torch.Tensor, dict]:
     """Raw grid predictions (N, H, W, B, 5 + K) against targets from :func:`build_targets`; mean over images."""
     n = raw.shape[0]
     pred = torch.sigmoid(raw[..., :4])

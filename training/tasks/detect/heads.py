@@ -40,8 +40,14 @@ class DetectionHead:
     def layout(self, backbone: Backbone, net: nn.Module, spec: PreprocessSpec) -> FeatureLayout:
         """The backbone's last map, in float16, with the views' boxes cached beside it."""
         grid = list(_output(net, spec).shape[2:])
-        return FeatureLayout(shape=(backbone.num_features, *grid), pool=False, feature_map=grid, dtype=np.float16,
-                             extras=("targets",), channels=(backbone.num_features,))  # fmt: skip
+        return FeatureLayout(
+            shape=(backbone.num_features, *grid),
+            pool=False,
+            feature_map=grid,
+            dtype=np.float16,
+            extras=("targets",),
+            channels=(backbone.num_features,),
+        )
 
     def config(self, cfg, layout: FeatureLayout, labels: list[str]):
         raise NotImplementedError
@@ -67,8 +73,14 @@ class PyramidDetectionHead(DetectionHead):
 
     def layout(self, backbone, net, spec) -> FeatureLayout:
         """The three levels flattened, in float16; the record keeps the stride-32 grid as the feature map."""
-        return FeatureLayout(shape=(_output(net, spec).shape[1],), pool=False, feature_map=[spec.input_size // 32] * 2,
-                             dtype=np.float16, extras=("targets",), channels=net[-1].pyramid.channels)  # fmt: skip
+        return FeatureLayout(
+            shape=(_output(net, spec).shape[1],),
+            pool=False,
+            feature_map=[spec.input_size // 32] * 2,
+            dtype=np.float16,
+            extras=("targets",),
+            channels=net[-1].pyramid.channels,
+        )
 
     def config(self, cfg, layout, labels) -> PyramidHeadConfig:
         return PyramidHeadConfig(layout.channels, len(labels), cfg.input_size, STRIDES, cfg.width, cfg.dropout)

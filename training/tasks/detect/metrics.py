@@ -22,9 +22,12 @@ EVAL_PARAMS = LocalizeParams(conf=0.001, iou=0.6, max_detections=100)
 
 
 def predictions_in_pixels(
-    boxes: np.ndarray, scores: np.ndarray, sizes: list[tuple[int, int]], spec: PreprocessSpec,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    sizes: list[tuple[int, int]],
+    spec: PreprocessSpec,
     params: LocalizeParams = EVAL_PARAMS,
-) -> list[dict]:  # fmt: skip
+) -> list[dict]:
     """Decoded head outputs per image → {"boxes" (M, 4) original pixels, "scores", "labels"} after NMS."""
     out = []
     for b, s, size in zip(boxes, scores, sizes, strict=True):
@@ -54,22 +57,27 @@ def mean_average_precision(preds: list[dict], truth: list[dict], labels: list[st
 
     def tensors(items: list[dict], with_scores: bool) -> list[dict]:
         return [
-            {"boxes": torch.as_tensor(np.asarray(d["boxes"], np.float32)).reshape(-1, 4),
-             "labels": torch.as_tensor(np.asarray(d["labels"], np.int64)).reshape(-1),
-             **({"scores": torch.as_tensor(np.asarray(d["scores"], np.float32)).reshape(-1)} if with_scores else {})}
+            {
+                "boxes": torch.as_tensor(np.asarray(d["boxes"], np.float32)).reshape(-1, 4),
+                "labels": torch.as_tensor(np.asarray(d["labels"], np.int64)).reshape(-1),
+                **({"scores": torch.as_tensor(np.asarray(d["scores"], np.float32)).reshape(-1)} if with_scores else {}),
+            }
             for d in items
-        ]  # fmt: skip
+        ]
 
     p, t = tensors(preds, True), tensors(truth, False)
     coco = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="pycocotools")
     coco.update(p, t)
     res = coco.compute()
-    at50 = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", iou_thresholds=[0.5], class_metrics=True,
-                                backend="pycocotools")  # fmt: skip
+    at50 = MeanAveragePrecision(
+        box_format="xyxy", iou_type="bbox", iou_thresholds=[0.5], class_metrics=True, backend="pycocotools"
+    )
     at50.update(p, t)
     res50 = at50.compute()
-    counts = np.bincount(np.concatenate([np.asarray(d["labels"], np.int64) for d in truth] or [[]]).astype(np.int64),
-                         minlength=len(labels))  # fmt: skip
+    counts = np.bincount(
+        np.concatenate([np.asarray(d["labels"], np.int64) for d in truth] or [[]]).astype(np.int64),
+        minlength=len(labels),
+    )
     per_class = {}
     classes = res["classes"].reshape(-1).tolist()
     for i, k in enumerate(classes):
@@ -140,9 +148,14 @@ def plot_detection_curves(history: list[dict], path: Path) -> None:
 
 
 def plot_detections(
-    paths: Sequence[Path], preds: Sequence[dict], truth: Sequence[dict], labels: Sequence[str], path: Path,
-    conf: float = DEFAULTS.conf, max_images: int = 12,
-) -> None:  # fmt: skip
+    paths: Sequence[Path],
+    preds: Sequence[dict],
+    truth: Sequence[dict],
+    labels: Sequence[str],
+    path: Path,
+    conf: float = DEFAULTS.conf,
+    max_images: int = 12,
+) -> None:
     """Validation images with ground truth (white, dashed) and predictions above ``conf`` (red, labelled)."""
     plt = pyplot()
     from matplotlib.patches import Rectangle
@@ -156,14 +169,19 @@ def plot_detections(
     for ax, p, pred, gt in zip(axes.ravel(), paths[:n], preds[:n], truth[:n], strict=False):
         ax.imshow(decode_image(p))
         for x1, y1, x2, y2 in gt["boxes"]:
-            ax.add_patch(
-                Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="white", linestyle="--", lw=1.2)
-            )
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="white", linestyle="--", lw=1.2))
         for (x1, y1, x2, y2), s, k in zip(pred["boxes"], pred["scores"], pred["labels"], strict=True):
             if s >= conf:
                 ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="red", lw=1.5))
-                ax.text(x1, y1, f"{labels[k]} {s:.2f}", color="white", fontsize=7, va="bottom",
-                        bbox={"facecolor": "red", "alpha": 0.7, "pad": 1, "lw": 0})  # fmt: skip
+                ax.text(
+                    x1,
+                    y1,
+                    f"{labels[k]} {s:.2f}",
+                    color="white",
+                    fontsize=7,
+                    va="bottom",
+                    bbox={"facecolor": "red", "alpha": 0.7, "pad": 1, "lw": 0},
+                )
         ax.set_title(Path(p).name, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

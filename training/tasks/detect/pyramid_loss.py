@@ -53,7 +53,8 @@ def assign(
     ltrb = np.stack([left, top, right, bottom], -1)
     inside = ltrb.min(-1) > 0
     near = (np.abs(centres[:, :1] - cx[None]) < radius * stride[:, None]) & (
-        np.abs(centres[:, 1:] - cy[None]) < radius * stride[:, None])  # fmt: skip
+        np.abs(centres[:, 1:] - cy[None]) < radius * stride[:, None]
+    )
     # the level of each object: FCOS's ranges on the largest distance from its centre to its edges
     reach = np.maximum(w, h) / 2
     obj_level = np.searchsorted(np.array([4.0 * s for s in strides[:-1]]), reach, side="left")
@@ -87,9 +88,13 @@ def box_iou_giou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def pyramid_loss(
-    boxes: torch.Tensor, logits: torch.Tensor, tcls: torch.Tensor, tbox: torch.Tensor, box_weight: float = 2.0,
+    boxes: torch.Tensor,
+    logits: torch.Tensor,
+    tcls: torch.Tensor,
+    tbox: torch.Tensor,
+    box_weight: float = 2.0,
     quality_target: bool = True,
-) -> tuple[torch.Tensor, dict]:  # fmt: skip
+) -> tuple[torch.Tensor, dict]:
     """Decoded boxes (N, P, 4), class logits (N, P, K) against :func:`assign`'s targets (N, P), (N, P, 4).
     ``quality_target=False`` trains an assigned cell's class towards 1 instead of its IoU (a plain focal loss, γ 2):
     the ablation ``benchmarks/localize_eval.py --ablate`` measures."""

@@ -54,8 +54,14 @@ class DetectTask(Task):
 
     def input_spec(self, cfg, backbone) -> PreprocessSpec:
         base = backbone.preprocess
-        return PreprocessSpec(input_size=cfg.input_size, resize=cfg.input_size, interpolation=base.interpolation,
-                              mean=base.mean, std=base.std, fit="pad")  # fmt: skip
+        return PreprocessSpec(
+            input_size=cfg.input_size,
+            resize=cfg.input_size,
+            interpolation=base.interpolation,
+            mean=base.mean,
+            std=base.std,
+            fit="pad",
+        )
 
     def augmentation(self, preset, spec):
         # albumentations and OpenCV only where a run trains: loading one does not need them
@@ -86,8 +92,10 @@ class DetectTask(Task):
 
         def partners(rng: np.random.Generator) -> list:
             picks = [pool[int(i)] for i in rng.integers(0, len(pool), 3)]
-            return [(shrink_for_augmentation(decode_image(s.path).convert("RGB"), job.spec), s.classes, s.boxes)
-                    for s in picks]  # fmt: skip
+            return [
+                (shrink_for_augmentation(decode_image(s.path).convert("RGB"), job.spec), s.classes, s.boxes)
+                for s in picks
+            ]
 
         def make(img, sample, seed):
             pixels, targets = detection_views(img, sample, pipeline, job.spec, views, seed, share, partners)
@@ -114,7 +122,11 @@ class DetectTask(Task):
         evaluation = mean_average_precision(preds, truth, job.labels)
         plot_detection_curves(job.history, job.run_dir / "training_curves.png")
         plot_detections([s.path for s in val.samples], preds, truth, job.labels, job.run_dir / "val_predictions.png")
-        return {**evaluation, "num_images": len(val.samples), "num_boxes": int(sum(len(s.classes) for s in val.samples))}
+        return {
+            **evaluation,
+            "num_images": len(val.samples),
+            "num_boxes": int(sum(len(s.classes) for s in val.samples)),
+        }
 
     def build_model(self, record, spec, features, head_state) -> Detector:
         head, features = recorded_head(record.head).rebuild(record.head, features)

@@ -28,7 +28,7 @@ import training.tasks.detect.fit as detect_fit
 
 
 def main() -> None:
-    from training.cli import add_config_options
+    from training.config import add_config_options
     from training.tasks import DetectConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

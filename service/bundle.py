@@ -20,6 +20,7 @@ from service.contract import ContractError, Manifest
 from service.errors import HeadstartError
 from service.preprocess import PreprocessSpec
 from service.runtime import (
+    PRECISIONS,
     RuntimeUnavailable,
     Session,
     choose_runtime,
@@ -236,16 +237,9 @@ def load_bundle(
         raise BundleError(f"Invalid variant {variant!r}. Use fp32 or int8.")
     if filename not in manifest.files:
         raise BundleError(f"{bundle_dir} has no int8 model; export with --int8 or use the fp32 variant.")
-    if precision not in ("auto", "fp32"):
+    if precision not in PRECISIONS:
         raise BundleError(f"Invalid precision {precision!r}. Use auto (what the export verified) or fp32.")
-    embedded = onnx_metadata(bundle_dir / filename).get(METADATA_KEY)
-    if embedded is None:
-        raise BundleError(f"{bundle_dir / filename} carries no embedded manifest; re-export the bundle.")
-    if json.loads(embedded) != embedded_view(read_manifest_dict(bundle_dir)):
-        raise BundleError(
-            f"The manifest embedded in {bundle_dir / filename} differs from {bundle_dir / MANIFEST}; "
-            "the bundle was edited by hand. Re-export it."
-        )
+    _check_embedded_manifest(bundle_dir, filename)
     try:
         runtime, device = choose_runtime(runtime, device)
         served, why = served_precision(manifest, variant, runtime, precision)
@@ -260,18 +254,7 @@ def load_bundle(
         )
     except RuntimeUnavailable as exc:
         raise BundleError(str(exc)) from exc
-    missing = [n for n in manifest.output_names if n not in session.output_names]
-    if missing:
-        raise BundleError(f"{bundle_dir / filename} lacks the outputs {missing} its manifest names. Re-export it.")
-    probs = session.run(
-        manifest.output_names[:1],
-        np.zeros((1, 3, manifest.preprocess.input_size, manifest.preprocess.input_size), np.float32),
-    )[0]
-    if probs.shape[-1] != len(manifest.labels):
-        raise BundleError(
-            f"{bundle_dir / filename} outputs {probs.shape[-1]} classes but the manifest has "
-            f"{len(manifest.labels)} labels. Re-export the bundle."
-        )
+    _check_outputs(bundle_dir / filename, manifest, session)
     log.info(
         "loaded %s:%s (%s) from %s on %s: %s",
         manifest.name,
@@ -282,3 +265,29 @@ def load_bundle(
         why,
     )
     return Bundle(bundle_dir, manifest, session, variant, why)
+
+
+def _check_embedded_manifest(bundle_dir: Path, filename: str) -> None:
+    """The manifest embedded in the ONNX file is the one beside it (less its file hashes)."""
+    embedded = onnx_metadata(bundle_dir / filename).get(METADATA_KEY)
+    if embedded is None:
+        raise BundleError(f"{bundle_dir / filename} carries no embedded manifest; re-export the bundle.")
+    if json.loads(embedded) != embedded_view(read_manifest_dict(bundle_dir)):
+        raise BundleError(
+            f"The manifest embedded in {bundle_dir / filename} differs from {bundle_dir / MANIFEST}; "
+            "the bundle was edited by hand. Re-export it."
+        )
+
+
+def _check_outputs(path: Path, manifest: Manifest, session: Session) -> None:
+    """The loaded file has the outputs its manifest names, the first with one score per label."""
+    missing = [n for n in manifest.output_names if n not in session.output_names]
+    if missing:
+        raise BundleError(f"{path} lacks the outputs {missing} its manifest names. Re-export it.")
+    size = manifest.preprocess.input_size
+    probs = session.run(manifest.output_names[:1], np.zeros((1, 3, size, size), np.float32))[0]
+    if probs.shape[-1] != len(manifest.labels):
+        raise BundleError(
+            f"{path} outputs {probs.shape[-1]} classes but the manifest has {len(manifest.labels)} labels. "
+            "Re-export the bundle."
+        )

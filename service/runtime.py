@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "openvino", "onnxruntime")
 DEVICES = ("auto", "cpu", "cuda")
+#: what a bundle is served in: auto (bf16 on OpenVINO only where the export verified it) or always fp32
+PRECISIONS = ("auto", "fp32")
+#: a bundle's files: model.onnx, model.int8.onnx (export --int8)
+VARIANTS = ("fp32", "int8")
 
 
 class RuntimeUnavailable(HeadstartError, RuntimeError):

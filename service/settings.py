@@ -17,10 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.errors import HeadstartError
-from service.runtime import DEVICES, RUNTIMES
-
-PRECISIONS = ("auto", "fp32")
-VARIANTS = ("fp32", "int8")
+from service.runtime import DEVICES, PRECISIONS, RUNTIMES, VARIANTS
 
 
 class SettingsError(HeadstartError, ValueError):

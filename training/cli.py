@@ -8,41 +8,23 @@ import logging
 import sys
 from pathlib import Path
 
+from training.config import add_options
+
 log = logging.getLogger("headstart")
 
 
-GROUPS = {
-    "backbone": "backbone",
-    "data": "data and augmentation",
-    "head": "head",
-    "detection": "detection (YOLO-format data sets only)",
-    "optimisation": "optimisation",
-    "run": "run",
-}
-
-
-def _options(configs) -> dict[str, dict]:
-    """Every option of the given task configs: its field, the tasks that have it and each task's default."""
-    from training.config import cli_fields
-
-    options: dict[str, dict] = {}
-    for config in configs:
-        for key, f in cli_fields(config).items():
-            entry = options.setdefault(key, {"field": f, "defaults": {}})
-            entry["defaults"][config.task] = f.default
-    return options
-
-
 def _train_options() -> dict[str, dict]:
+    from training.config import command_line_options
     from training.tasks import CONFIGS
 
-    return _options(CONFIGS.values())
+    return command_line_options(CONFIGS.values())
 
 
 def _crossval_options() -> dict[str, dict]:
+    from training.config import command_line_options
     from training.tasks import CONFIGS
 
-    return _options(c for c in CONFIGS.values() if c.crossval)
+    return command_line_options(c for c in CONFIGS.values() if c.crossval)
 
 
 def _add_train(sub) -> None:
@@ -59,7 +41,7 @@ def _add_train(sub) -> None:
         help="image folder: one subfolder per class, optionally inside train/ and val/; or a YOLO data set",
     )
     p.add_argument("--out", required=True, help="run directory to write")
-    _add_options(p, _train_options())
+    add_options(p, _train_options())
 
 
 def _add_crossval(sub) -> None:
@@ -74,35 +56,7 @@ def _add_crossval(sub) -> None:
     p.add_argument("data_dir", help="a YOLO data set (a folder with data.yaml, or the yaml itself)")
     p.add_argument("--out", required=True, help="folder for the fold runs and crossval.json")
     p.add_argument("--folds", type=int, default=4, help="number of folds (default 4)")
-    _add_options(p, _crossval_options())
-
-
-def add_config_options(p, config) -> None:
-    """The command-line options of one task's config (benchmarks/detect_curve.py)."""
-    _add_options(p, _options([config]))
-
-
-def _add_options(p, options: dict[str, dict]) -> None:
-    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
-    for key, entry in options.items():
-        f, defaults = entry["field"], entry["defaults"]
-        meta = f.metadata
-        if len(set(map(repr, defaults.values()))) > 1:
-            default = "default " + ", ".join(f"{task}: {v}" for task, v in defaults.items())
-        else:
-            default = "" if f.default is None else f"default {f.default}"
-        only = "" if len(defaults) > 1 else f"{next(iter(defaults))} only"
-        note = "; ".join(x for x in (default, only) if x)
-        kwargs: dict = {"dest": key, "default": argparse.SUPPRESS}
-        if meta["flag"]:  # a boolean switch: giving the flag flips the default
-            kwargs.update(action="store_const", const=not f.default, help=meta["help"] + (f" ({only})" if only else ""))
-            groups[meta["group"]].add_argument(meta["flag"], **kwargs)
-            continue
-        kind = meta["type"] or type(f.default)
-        kwargs.update(type=kind, help=f"{meta['help']} ({note})" if note else meta["help"])
-        if meta["choices"]:
-            kwargs["choices"] = list(meta["choices"])
-        groups[meta["group"]].add_argument("--" + key.replace("_", "-"), **kwargs)
+    add_options(p, _crossval_options())
 
 
 def _config_for(args, options: dict[str, dict]):
@@ -224,19 +178,38 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from service.localize import DEFAULTS
+def _add_bundle_options(p, device: bool) -> None:
+    """How a bundle is run: which file, runtime and precision (and device), chosen as the service chooses them."""
+    from service.runtime import DEVICES, PRECISIONS, RUNTIMES, VARIANTS
 
-    parser = argparse.ArgumentParser(prog="headstart", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_crossval(sub)
-    p = sub.add_parser("evaluate", help="metrics and plots of a trained run on a labelled folder")
+    p.add_argument("--variant", default="fp32", choices=VARIANTS, help="bundle model to use")
+    if device:
+        p.add_argument("--device", default="auto", choices=DEVICES, help="bundle inference device")
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=RUNTIMES,
+        help="bundle runtime, chosen as the service does (auto: ONNX Runtime on a GPU, else OpenVINO)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bf16 on OpenVINO only where the export verified it; fp32: always full precision",
+    )
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics and plots of a trained run on a labelled data set")
     p.add_argument("run_dir")
-    p.add_argument("data_dir", help="labelled folder: one subfolder per class")
+    p.add_argument("data_dir", help="labelled data of the run's task: class subfolders, or a YOLO data set")
     p.add_argument("--out", help="output folder (default RUN_DIR/eval)")
     p.add_argument("--weights", help="backbone weights file, if it moved since training")
+
+
+def _add_predict(sub) -> None:
+    from service.localize import DEFAULTS
+
     p = sub.add_parser("predict", help="top-k labels and scores as JSON lines")
     p.add_argument("model", help="run directory, bundle directory, or model-store tag NAME[:VERSION]")
     p.add_argument("images", nargs="+")
@@ -244,20 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--localize", action="store_true", help="also print boxes (CAM for classifiers)")
     p.add_argument("--conf", type=float, default=DEFAULTS.conf, help="lowest box confidence with --localize")
     p.add_argument("--weights", help="backbone weights file, if it moved since training (run directories)")
-    p.add_argument("--variant", default="fp32", choices=["fp32", "int8"], help="bundle model to use")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="bundle inference device")
-    p.add_argument(
-        "--runtime",
-        default="auto",
-        choices=["auto", "openvino", "onnxruntime"],
-        help="bundle runtime, chosen as the service does (auto: ONNX Runtime on a GPU, else OpenVINO)",
-    )
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32"],
-        help="auto: bf16 on OpenVINO only where the export verified it; fp32: always full precision",
-    )
+    _add_bundle_options(p, device=True)
+
+
+def _add_predict_batch(sub) -> None:
+    from service.localize import DEFAULTS
+
     p = sub.add_parser(
         "predict-batch",
         help="predict a whole image collection on Ray Data into parquet parts",
@@ -271,9 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--localize", action="store_true", help="also the boxes (JSON per row)")
     p.add_argument("--conf", type=float, default=DEFAULTS.conf, help="lowest box confidence with --localize")
-    p.add_argument("--variant", default="fp32", choices=["fp32", "int8"])
-    p.add_argument("--runtime", default="auto", choices=["auto", "openvino", "onnxruntime"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32"])
+    _add_bundle_options(p, device=False)
     p.add_argument("--batch-size", type=int, default=32, help="images per actor call")
     p.add_argument("--actors", type=int, help="predicting actors (default: one per CPU of the cluster)")
     p.add_argument(
@@ -285,11 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus-per-actor",
         type=float,
         default=0.0,
-        help="GPUs each actor holds; > 0 runs the bundle with ONNX Runtime's CUDA provider (not measured here)",
+        help="GPUs each actor holds; > 0 runs the bundle with ONNX Runtime's CUDA provider (not measured)",
     )
     p.add_argument("--part-size", type=int, default=1000, help="images per output part (the unit of resuming)")
     p.add_argument("--ray-address", help="join this Ray cluster (default $RAY_ADDRESS, else a local instance)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="verified ONNX bundle (+ int8), imported into the BentoML model store")
     p.add_argument("run_dir")
     p.add_argument("--out", help="bundle directory (default RUN_DIR/bundle)")
@@ -302,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name in the store (default: the run directory's name)")
     p.add_argument("--no-store", dest="store", action="store_false", help="do not import into the BentoML store")
     p.add_argument("--weights", help="backbone weights file, if it moved since training")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headstart", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_crossval, _add_evaluate, _add_predict, _add_predict_batch, _add_export):
+        add(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ help are written once.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -151,3 +152,58 @@ def task_default(name: str, value: Any) -> Any:
 
 def cli_fields(config_type: type[RunConfig]) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_type) if f.metadata.get("cli", False)}
+
+
+# ---------------------------------------------------------------- the command line made from the configs
+
+#: titles of the option groups of `headstart train --help` (a group not named here is titled by its name)
+GROUPS = {
+    "backbone": "backbone",
+    "data": "data and augmentation",
+    "head": "head",
+    "detection": "detection (YOLO-format data sets only)",
+    "optimisation": "optimisation",
+    "run": "run",
+}
+
+
+def command_line_options(configs) -> dict[str, dict]:
+    """Every option of the given task configs: its field, and each task's default (the tasks that have it)."""
+    options: dict[str, dict] = {}
+    for config in configs:
+        for key, f in cli_fields(config).items():
+            entry = options.setdefault(key, {"field": f, "defaults": {}})
+            entry["defaults"][config.task] = f.default
+    return options
+
+
+def add_options(parser: argparse.ArgumentParser, options: dict[str, dict]) -> None:
+    """``options`` (:func:`command_line_options`) as ``parser``'s arguments, in groups, each help naming its default
+    per task and the task it is for; an option left out keeps its config's default."""
+    used = {entry["field"].metadata["group"] for entry in options.values()}
+    names = [g for g in GROUPS if g in used] + sorted(used - set(GROUPS))
+    groups = {name: parser.add_argument_group(GROUPS.get(name, name)) for name in names}
+    for key, entry in options.items():
+        f, defaults = entry["field"], entry["defaults"]
+        meta = f.metadata
+        if len(set(map(repr, defaults.values()))) > 1:
+            default = "default " + ", ".join(f"{task}: {v}" for task, v in defaults.items())
+        else:
+            default = "" if f.default is None else f"default {f.default}"
+        only = "" if len(defaults) > 1 else f"{next(iter(defaults))} only"
+        note = "; ".join(x for x in (default, only) if x)
+        kwargs: dict = {"dest": key, "default": argparse.SUPPRESS}
+        if meta["flag"]:  # a boolean switch: giving the flag flips the default
+            kwargs.update(action="store_const", const=not f.default, help=meta["help"] + (f" ({only})" if only else ""))
+            groups[meta["group"]].add_argument(meta["flag"], **kwargs)
+            continue
+        kind = meta["type"] or type(f.default)
+        kwargs.update(type=kind, help=f"{meta['help']} ({note})" if note else meta["help"])
+        if meta["choices"]:
+            kwargs["choices"] = list(meta["choices"])
+        groups[meta["group"]].add_argument("--" + key.replace("_", "-"), **kwargs)
+
+
+def add_config_options(parser: argparse.ArgumentParser, config: type[RunConfig]) -> None:
+    """The command-line options of one task's config (benchmarks/detect_curve.py)."""
+    add_options(parser, command_line_options([config]))

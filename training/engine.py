@@ -71,18 +71,9 @@ def train(task: Task, cfg: RunConfig, report=None) -> Path:
     spec = task.input_spec(cfg, backbone)
     net = nn.Sequential(PixelNormalize(spec.mean, spec.std), task.feature_net(cfg, backbone)).eval()
     pipeline = task.augmentation(cfg.augment, spec)
+    views = 1 if pipeline is None else cfg.views
     job = Job(
-        cfg,
-        run_dir,
-        report,
-        backbone,
-        spec,
-        net,
-        pipeline,
-        1 if pipeline is None else cfg.views,
-        device,
-        use_bf16(cfg.precision, device),
-        started,
+        cfg, run_dir, report, backbone, spec, net, pipeline, views, device, use_bf16(cfg.precision, device), started
     )
     layout = task.layout(cfg, backbone, net, spec)
     head_cfg = task.head_config(cfg, layout, report.labels)
@@ -91,48 +82,35 @@ def train(task: Task, cfg: RunConfig, report=None) -> Path:
 
     t_features = time.perf_counter()
     _extract(task, job, layout, recipe_key(aug))
-    feature_seconds = time.perf_counter() - t_features
-
     t_head = time.perf_counter()
     head = task.fit(job, head_cfg)
     head.eval()
-    head_seconds = time.perf_counter() - t_head
+    seconds = {"features": t_head - t_features, "head": time.perf_counter() - t_head}
+    _finish(task, job, head, task.evaluate(job, head), seconds)
+    return run_dir
 
-    evaluation = task.evaluate(job, head)
+
+def _finish(task: Task, job: Job, head: nn.Module, evaluation: dict, seconds: dict) -> None:
+    """The weights, the history and the metrics (with what the task reported of its training), ``DONE`` last."""
+    cfg, run_dir, report = job.cfg, job.run_dir, job.report
     runs.save_safetensors(run_dir / runs.HEAD, head.state_dict(), metadata={"labels": json.dumps(job.labels)})
     if not cfg.pretrained and not cfg.weights:  # random weights cannot be rebuilt later: keep them with the run
-        runs.save_safetensors(run_dir / runs.BACKBONE_TAIL, backbone.features.state_dict())
+        runs.save_safetensors(run_dir / runs.BACKBONE_TAIL, job.backbone.features.state_dict())
     runs.write_json(run_dir / runs.HISTORY, job.history)
-    seconds = {
-        "features": round(feature_seconds, 2),
-        "head": round(head_seconds, 2),
-        "total": round(time.perf_counter() - started, 2),
+    seconds = {**seconds, "total": time.perf_counter() - job.started}
+    training = {
+        **job.training_report,
+        "views": job.views,
+        "train_images": len(report.splits["train"]),
+        "val_images": len(report.splits["val"]),
+        "device": job.device.type,
+        "feature_cache_recomputed_corrupt": job.cache.recomputed_corrupt,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
-    metrics = {
-        "split": "val",
-        "task": task.name,
-        **evaluation,
-        "training": {
-            **job.training_report,
-            "views": job.views,
-            "train_images": len(report.splits["train"]),
-            "val_images": len(report.splits["val"]),
-            "device": device.type,
-            "feature_cache_recomputed_corrupt": job.cache.recomputed_corrupt,
-            "seconds": seconds,
-        },
-    }
-    runs.finish_run(run_dir, metrics)
+    runs.finish_run(run_dir, {"split": "val", "task": task.name, **evaluation, "training": training})
     job.checkpoint.unlink(missing_ok=True)
     summary = ", ".join(f"{k} {evaluation[k]:.4f}" for k in task.headline if k in evaluation)
-    log.info(
-        "done in %.1fs: val %s (%d images) -> %s",
-        time.perf_counter() - started,
-        summary,
-        len(report.splits["val"]),
-        run_dir,
-    )
-    return run_dir
+    log.info("done in %.1fs: val %s (%d images) -> %s", seconds["total"], summary, len(report.splits["val"]), run_dir)
 
 
 def _write_run_files(task: Task, job: Job, layout: FeatureLayout, head_cfg, aug: dict) -> None:

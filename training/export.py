@@ -157,8 +157,6 @@ def export_bundle(
     max_int8_drop: float = 0.01,
 ) -> ExportResult:
     """Export, verify and (optionally) import a run into the BentoML model store. Returns the bundle."""
-    import onnxruntime as ort
-
     run = load_run(run_dir, weights=weights)
     task = task_named(run.task).export
     if int8 and not task.int8:
@@ -167,50 +165,12 @@ def export_bundle(
     check_destination(out, run.run_dir, force)
     name = model_name(name or run.run_dir.resolve().name)
     version = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S") + secrets.token_hex(3)
-    val_paths, column = _split_paths(run, "val", MAX_CHECK_IMAGES)
-    val_targets = task.targets(run, column)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     # mkdtemp creates 0700; give the mode mkdir would, as the user's umask says
     tmp.chmod(0o777 & ~runs.umask())
     try:
-        fp32 = tmp / MODEL_FP32
-        output_names = [
-            o["name"] for o in task.outputs(len(run.labels), list(run.record.backbone.feature_map), run.record.head)
-        ]
-        export_onnx(run.model, fp32, run.spec.input_size, output_names=output_names)
-        session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
-        outputs = {o.name: o.shape for o in session.get_outputs()}
-
-        verification, reference = task.verify(run.model, session, val_paths, val_targets, run.spec)
-        int8_info = None
-        if int8:
-            int8_info = _int8_model(
-                run,
-                task,
-                fp32,
-                tmp / MODEL_INT8,
-                reference,
-                val_paths,
-                val_targets,
-                max_drop=None if force else max_int8_drop,
-            )
-        onnx_files = {"fp32": fp32, **({"int8": tmp / MODEL_INT8} if int8 else {})}
-        runtimes = runtime_checks(task, onnx_files, output_names, val_paths, val_targets, run.spec)
-        manifest = _manifest(run, name, version, verification, int8_info, runtimes)
-        if set(outputs) != set(output_names):
-            raise ExportError(f"exported outputs {sorted(outputs)} are not {output_names}")
-        embed_manifest(fp32, manifest)
-        if int8:
-            embed_manifest(tmp / MODEL_INT8, manifest)
-        files = [MODEL_FP32] + ([MODEL_INT8] if int8 else [])
-        manifest = dataclasses.replace(
-            manifest, files={f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}
-        )
-        runs.write_json(tmp / MANIFEST, manifest.to_dict())
-        for runtime in ("onnxruntime", "openvino") if openvino_available() else ("onnxruntime",):
-            load_bundle(tmp, device="cpu", runtime=runtime)  # it must load through the serving code to count
-
+        manifest = _write_bundle(tmp, run, task, name, version, int8, None if force else max_int8_drop)
         tag = import_to_store(tmp, manifest) if store else None
         _replace_dir(tmp, out)
     except BaseException:
@@ -218,6 +178,40 @@ def export_bundle(
         raise
     log.info("exported %s -> %s%s", run.run_dir, out, f" and model store tag {tag}" if tag else "")
     return ExportResult(out, manifest, tag)
+
+
+def _write_bundle(
+    tmp: Path, run: LoadedRun, task: TaskExport, name: str, version: str, int8: bool, max_int8_drop: float | None
+) -> Manifest:
+    """The bundle in ``tmp``, each check passed: the ONNX file (and its int8 twin) against PyTorch and on every
+    runtime and precision the service may use, the manifest embedded and beside them, loaded by the serving code."""
+    import onnxruntime as ort
+
+    val_paths, column = _split_paths(run, "val", MAX_CHECK_IMAGES)
+    val_targets = task.targets(run, column)
+    fp32 = tmp / MODEL_FP32
+    outputs = task.outputs(len(run.labels), list(run.record.backbone.feature_map), run.record.head)
+    output_names = [o["name"] for o in outputs]
+    export_onnx(run.model, fp32, run.spec.input_size, output_names=output_names)
+    session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    exported = sorted(o.name for o in session.get_outputs())
+    if exported != sorted(output_names):
+        raise ExportError(f"exported outputs {exported} are not {output_names}")
+    verification, reference = task.verify(run.model, session, val_paths, val_targets, run.spec)
+    int8_info = None
+    if int8:
+        int8_info = _int8_model(run, task, fp32, tmp / MODEL_INT8, reference, val_paths, val_targets, max_int8_drop)
+    files = {"fp32": fp32, **({"int8": tmp / MODEL_INT8} if int8 else {})}
+    runtimes = runtime_checks(task, files, output_names, val_paths, val_targets, run.spec)
+    manifest = _manifest(run, name, version, verification, int8_info, runtimes)
+    for path in files.values():
+        embed_manifest(path, manifest)
+    hashes = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files.values()}
+    manifest = dataclasses.replace(manifest, files=hashes)
+    runs.write_json(tmp / MANIFEST, manifest.to_dict())
+    for runtime in ("onnxruntime", "openvino") if openvino_available() else ("onnxruntime",):
+        load_bundle(tmp, device="cpu", runtime=runtime)  # it must load through the serving code to count
+    return manifest
 
 
 def is_bundle(path: Path) -> bool:

@@ -13,18 +13,12 @@ from training.config import add_options
 log = logging.getLogger("headstart")
 
 
-def _train_options() -> dict[str, dict]:
+def _task_options(crossval: bool = False) -> dict[str, dict]:
+    """The options of every task's config (with ``crossval``, of the tasks `headstart crossval` offers)."""
     from training.config import command_line_options
     from training.tasks import CONFIGS
 
-    return command_line_options(CONFIGS.values())
-
-
-def _crossval_options() -> dict[str, dict]:
-    from training.config import command_line_options
-    from training.tasks import CONFIGS
-
-    return command_line_options(c for c in CONFIGS.values() if c.crossval)
+    return command_line_options(c for c in CONFIGS.values() if c.crossval or not crossval)
 
 
 def _add_train(sub) -> None:
@@ -41,7 +35,7 @@ def _add_train(sub) -> None:
         help="image folder: one subfolder per class, optionally inside train/ and val/; or a YOLO data set",
     )
     p.add_argument("--out", required=True, help="run directory to write")
-    add_options(p, _train_options())
+    add_options(p, _task_options())
 
 
 def _add_crossval(sub) -> None:
@@ -56,7 +50,7 @@ def _add_crossval(sub) -> None:
     p.add_argument("data_dir", help="a YOLO data set (a folder with data.yaml, or the yaml itself)")
     p.add_argument("--out", required=True, help="folder for the fold runs and crossval.json")
     p.add_argument("--folds", type=int, default=4, help="number of folds (default 4)")
-    add_options(p, _crossval_options())
+    add_options(p, _task_options(crossval=True))
 
 
 def _config_for(args, options: dict[str, dict]):
@@ -75,7 +69,7 @@ def _config_for(args, options: dict[str, dict]):
 def _cmd_train(args) -> int:
     from training.tasks import train
 
-    train(_config_for(args, _train_options()))
+    train(_config_for(args, _task_options()))
     return 0
 
 
@@ -87,7 +81,7 @@ def _cmd_crossval(args) -> int:
         raise ValueError(
             f"{args.data_dir} is {config_for_data(args.data_dir).data_kind}: crossval is offered for {offered}."
         )
-    cfg = _config_for(args, _crossval_options())
+    cfg = _config_for(args, _task_options(crossval=True))
     summary, path = task_named(cfg.task).cross_validate(cfg, folds=args.folds)
     for metric, value in summary.items():
         if isinstance(value, dict) and "mean" in value and metric != "train_seconds":

@@ -87,20 +87,13 @@ def _snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def fit(phase: Phase, schedule: Schedule, checkpoint: Path | None, progress: bool = True) -> FitResult:
     """Run ``phase`` for ``schedule``; resumable from ``checkpoint``. Returns the selected state and history."""
     keep = phase.keep or phase.model.state_dict
-    restore = phase.restore or phase.model.load_state_dict
     gen = torch.Generator().manual_seed(schedule.seed)
     worst = float("inf") if schedule.mode == "min" else float("-inf")
     state = {"epoch": 0, "best_score": worst, "best_epoch": 0, "stale": 0, "history": [], "stopped": False}
     best = _snapshot(keep())
     saved = _load_phase(checkpoint, schedule.phase)
     if saved is not None:
-        restore(saved["model"])
-        phase.optimizer.load_state_dict(saved["optimizer"])
-        if phase.scheduler is not None:
-            phase.scheduler.load_state_dict(saved["scheduler"])
-        gen.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        best, state = saved["best"], saved["state"]
+        best, state = _resume(phase, saved, gen)
         log.info("resuming %s training after epoch %d", schedule.phase, state["epoch"])
     bar = tqdm(
         total=schedule.epochs,
@@ -119,30 +112,13 @@ def fit(phase: Phase, schedule: Schedule, checkpoint: Path | None, progress: boo
         if epoch % schedule.eval_every == 0 or epoch == schedule.epochs:
             phase.model.eval()
             val = phase.evaluate()
-            score = val[schedule.monitor]
-            if _improved(score, state["best_score"], schedule):
-                state.update(best_score=score, best_epoch=epoch, stale=0)
+            if _record_score(state, val[schedule.monitor], epoch, schedule):
                 best = _snapshot(keep())
-            else:
-                state["stale"] += schedule.eval_every
-                state["stopped"] = schedule.patience is not None and state["stale"] >= schedule.patience
             bar.set_postfix({k: f"{v:.4f}" for k, v in val.items()})
         state["epoch"] = epoch
         state["history"].append(phase.epoch_row(epoch, sums, val))
         if checkpoint is not None:
-            _save_phase(
-                checkpoint,
-                schedule.phase,
-                {
-                    "model": keep(),
-                    "optimizer": phase.optimizer.state_dict(),
-                    "scheduler": phase.scheduler.state_dict() if phase.scheduler is not None else None,
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "best": best,
-                    "state": state,
-                },
-            )
+            _save_phase(checkpoint, schedule.phase, _phase_state(phase, keep, gen, best, state))
         bar.update(1)
     bar.close()
     if schedule.select == "last":
@@ -154,6 +130,41 @@ def fit(phase: Phase, schedule: Schedule, checkpoint: Path | None, progress: boo
         "early_stopped": state["stopped"],
     }
     return FitResult(best, state["history"], summary)
+
+
+def _record_score(state: dict, score: float, epoch: int, schedule: Schedule) -> bool:
+    """Note an epoch's validation score in ``state`` (best so far, epochs without improvement, early stop); whether
+    it is the new best."""
+    if _improved(score, state["best_score"], schedule):
+        state.update(best_score=score, best_epoch=epoch, stale=0)
+        return True
+    state["stale"] += schedule.eval_every
+    state["stopped"] = schedule.patience is not None and state["stale"] >= schedule.patience
+    return False
+
+
+def _phase_state(phase: Phase, keep: Callable, gen: torch.Generator, best: dict, state: dict) -> dict:
+    """Everything an interrupted phase needs to continue exactly where it was (the checkpoint's entry)."""
+    return {
+        "model": keep(),
+        "optimizer": phase.optimizer.state_dict(),
+        "scheduler": phase.scheduler.state_dict() if phase.scheduler is not None else None,
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "best": best,
+        "state": state,
+    }
+
+
+def _resume(phase: Phase, saved: dict, gen: torch.Generator) -> tuple[dict, dict]:
+    """Put back what :func:`_phase_state` saved; returns the best state and the loop's state."""
+    (phase.restore or phase.model.load_state_dict)(saved["model"])
+    phase.optimizer.load_state_dict(saved["optimizer"])
+    if phase.scheduler is not None:
+        phase.scheduler.load_state_dict(saved["scheduler"])
+    gen.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved["best"], saved["state"]
 
 
 def _train_epoch(phase: Phase, schedule: Schedule, order: torch.Tensor, epoch: int) -> dict[str, float]:

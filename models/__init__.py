@@ -1,7 +1,8 @@
-"""Network definitions: backbone factory, heads, and the exportable wrapper. Imports torch, timm, torchvision."""
+"""Network definitions: backbone factory, heads, the novelty score and the exportable wrapper (torch, timm)."""
 
 from models.backbone import Backbone, BackboneError, build_backbone
 from models.heads import ClassifierHead, HeadConfig
+from models.novelty import Novelty, NoveltyConfig, feature_bank
 from models.wrapper import Classifier, PixelNormalize
 
 __all__ = [
@@ -10,6 +11,9 @@ __all__ = [
     "Classifier",
     "ClassifierHead",
     "HeadConfig",
+    "Novelty",
+    "NoveltyConfig",
     "PixelNormalize",
     "build_backbone",
+    "feature_bank",
 ]

@@ -1,5 +1,6 @@
-"""The whole trained model as one module, RGB pixels in [0, 255] in: the classifier (class probabilities and a
-spatial class map) and the detector (class scores, boxes and their scores)."""
+"""The whole trained model as one module, RGB pixels in [0, 255] in: the classifier (class probabilities, a spatial
+class map and, where the run has a feature bank, each image's novelty) and the detector (class scores, boxes and
+their scores)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 from models.heads import ClassifierHead
+from models.novelty import Novelty
 
 
 class PixelNormalize(nn.Module):
@@ -26,27 +28,39 @@ class PixelNormalize(nn.Module):
 class Classifier(nn.Module):
     """normalise → backbone feature map → global average pool → head.
 
-    ``forward`` returns ``(probabilities (N, K), class_map (N, K, H, W))``: the class map holds per-cell
-    probabilities from the same head (class activation mapping), used by the localization endpoint.
+    ``forward`` returns ``(probabilities (N, K), class_map (N, K, H, W))``, and ``novelty (N,)`` third where the
+    model has a :class:`models.novelty.Novelty` score: the class map holds per-cell probabilities from the same head
+    (class activation mapping), used by the localization endpoint; novelty says how unlike the training images an
+    image is (a score above its threshold: "none of these").
     """
 
-    def __init__(self, normalize: PixelNormalize, features: nn.Module, head: ClassifierHead) -> None:
+    def __init__(
+        self, normalize: PixelNormalize, features: nn.Module, head: ClassifierHead, novelty: Novelty | None = None
+    ) -> None:
         super().__init__()
         self.normalize = normalize
         self.features = features
         self.head = head
+        self.novelty = novelty
 
     def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.features(self.normalize(pixels))
 
-    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.feature_map(pixels).mean(dim=(2, 3)))
+    def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The pooled features (N, C) the head and the novelty score read."""
+        return self.feature_map(pixels).mean(dim=(2, 3))
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(pixels))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         fmap = self.feature_map(pixels)
-        probs = torch.softmax(self.head(fmap.mean(dim=(2, 3))), dim=1)
+        pooled = fmap.mean(dim=(2, 3))
+        probs = torch.softmax(self.head(pooled), dim=1)
         class_map = torch.softmax(self.head.forward_map(fmap), dim=1)
-        return probs, class_map
+        if self.novelty is None:
+            return probs, class_map
+        return probs, class_map, self.novelty(pooled)
 
 
 class Detector(nn.Module):

@@ -115,6 +115,8 @@ class Predictor:
                 "scores": [],
                 "boxes": "",
                 "error": "",
+                "novelty": float("nan"),  # NaN and -1: no novelty score (a detector, an older bundle) or no image
+                "unknown": -1,
             }
             try:
                 images.append(decode_image(read_bytes(str(path))))
@@ -122,26 +124,32 @@ class Predictor:
             except Exception as exc:  # unreadable or not an image: the row says so, the job goes on
                 row["error"] = f"{type(exc).__name__}: {exc}"
             rows.append(row)
-        k = self.options["top_k"]
+        k, threshold = self.options["top_k"], self.options["novelty_threshold"]
         if self.options["localize"] and images:
             params = LocalizeParams(conf=self.options["conf"])
-            for i, result in zip(good, localize_images(self.bundle, images, params), strict=True):
+            for i, result in zip(good, localize_images(self.bundle, images, params, threshold), strict=True):
                 preds = top_k(result["scores"], self.bundle.labels, k)
-                rows[i].update(
-                    labels=[p["label"] for p in preds],
-                    scores=[p["score"] for p in preds],
-                    boxes=json.dumps(result["detections"]),
-                )
+                rows[i].update(boxes=json.dumps(result["detections"]), **_answer_columns(preds, result))
         elif images:
-            preds = classify_arrays(self.bundle, [preprocess(img, self.bundle.spec) for img in images], k)
-            for i, p in zip(good, preds, strict=True):
-                rows[i].update(labels=[x["label"] for x in p], scores=[x["score"] for x in p])
+            answers = classify_arrays(self.bundle, [preprocess(img, self.bundle.spec) for img in images], k, threshold)
+            for i, answer in zip(good, answers, strict=True):
+                rows[i].update(_answer_columns(answer["predictions"], answer))
         name, version, node = self.bundle.name, self.bundle.version, self.node
         return {key: [r[key] for r in rows] for key in rows[0]} | {
             "model": [name] * len(rows),
             "version": [version] * len(rows),
             "node": [node] * len(rows),
         }
+
+
+def _answer_columns(predictions: list[dict], answer: dict) -> dict:
+    """The columns of one answered image: its top-k labels and scores, novelty and "none of these"."""
+    return {
+        "labels": [p["label"] for p in predictions],
+        "scores": [p["score"] for p in predictions],
+        "novelty": float("nan") if answer["novelty"] is None else answer["novelty"],
+        "unknown": -1 if answer["unknown"] is None else int(answer["unknown"]),
+    }
 
 
 # ---------------------------------------------------------------- the job
@@ -155,6 +163,8 @@ def _schema():
             ("path", pa.string()),
             ("labels", pa.list_(pa.string())),
             ("scores", pa.list_(pa.float64())),
+            ("novelty", pa.float64()),
+            ("unknown", pa.bool_()),
             ("boxes", pa.string()),
             ("error", pa.string()),
             ("model", pa.string()),
@@ -177,6 +187,8 @@ def _write_part(out: Path, part: int, rows: list[dict]) -> None:
                 "path": str(r["path"]),
                 "labels": [str(x) for x in r["labels"]],
                 "scores": [float(x) for x in r["scores"]],
+                "novelty": None if r["novelty"] != r["novelty"] else float(r["novelty"]),
+                "unknown": None if int(r["unknown"]) < 0 else bool(r["unknown"]),
                 "boxes": str(r["boxes"]) or None,
                 "error": str(r["error"]) or None,
                 "model": str(r["model"]),
@@ -229,6 +241,7 @@ def predict_batch(
     top_k: int = 5,
     localize: bool = False,
     conf: float = DEFAULTS.conf,
+    novelty_threshold: float | None = None,
     variant: str = "fp32",
     runtime: str = "auto",
     precision: str = "auto",
@@ -255,6 +268,7 @@ def predict_batch(
         "top_k": top_k,
         "localize": localize,
         "conf": conf,
+        "novelty_threshold": novelty_threshold,
         "variant": variant,
         "runtime": runtime,
         "precision": precision,
@@ -266,6 +280,7 @@ def predict_batch(
         "model": f"{manifest.name}:{manifest.version}",
         "part_size": part_size,
         **{k: options[k] for k in ("top_k", "localize", "conf", "variant", "runtime", "precision")},
+        **({"novelty_threshold": novelty_threshold} if novelty_threshold is not None else {}),
     }
     _check_job(out, job)
     parts = [paths[i : i + part_size] for i in range(0, len(paths), part_size)]

@@ -91,6 +91,10 @@ class Bundle:
         return self.manifest.output_names
 
     @property
+    def open_set(self) -> dict | None:
+        return self.manifest.open_set
+
+    @property
     def name(self) -> str:
         return self.manifest.name
 
@@ -284,6 +288,8 @@ def _check_outputs(path: Path, manifest: Manifest, session: Session) -> None:
     missing = [n for n in manifest.output_names if n not in session.output_names]
     if missing:
         raise BundleError(f"{path} lacks the outputs {missing} its manifest names. Re-export it.")
+    if manifest.open_set is not None and "novelty" not in manifest.output_names:
+        raise BundleError(f"{path}: the manifest has a novelty threshold, the model no novelty output. Re-export it.")
     size = manifest.preprocess.input_size
     probs = session.run(manifest.output_names[:1], np.zeros((1, 3, size, size), np.float32))[0]
     if probs.shape[-1] != len(manifest.labels):

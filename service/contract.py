@@ -161,6 +161,9 @@ class Manifest:
     #: per file ("fp32", "int8"), per runtime and precision ("onnxruntime", "openvino", "openvino-bf16"): how it
     #: compared on the run's validation images, and whether it may be served ("allowed"). None: not measured.
     runtimes: dict | None = None
+    #: "none of these": the novelty score's threshold, the kept rate it was set at, k, and its calibration (the
+    #: ``novelty`` output computes the score). None: a model without one (exported before it existed, a detector).
+    open_set: dict | None = None
     schema_version: int = MANIFEST_SCHEMA_VERSION
 
     EXTERNAL_ONLY = ("files",)
@@ -196,6 +199,7 @@ class Manifest:
                 "created": self.created,
                 "headstart": self.headstart,
                 **({"runtimes": self.runtimes} if self.runtimes is not None else {}),
+                **({"open_set": self.open_set} if self.open_set is not None else {}),
                 "files": self.files,
             }
         )
@@ -243,6 +247,7 @@ class Manifest:
             int8=data.get("int8"),
             files=data.get("files") or {},
             runtimes=data.get("runtimes"),
+            open_set=data.get("open_set"),
             schema_version=data["schema_version"],
         )
 
@@ -272,9 +277,15 @@ class Model(Protocol):
         """The names of what :meth:`run` returns, in its order (a bundle's manifest ``outputs``)."""
         ...
 
+    @property
+    def open_set(self) -> dict | None:
+        """How the model says "none of these" (``threshold``, ``kept_rate``, ...; its ``novelty`` output gives the
+        score), or None for a model without a novelty score."""
+        ...
+
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:
-        """Every output: a classifier (probabilities (N, K), class map (N, K, H, W)); a detector (probabilities
-        (N, K), boxes (N, M, 4), scores (N, M, K))."""
+        """Every output: a classifier (probabilities (N, K), class map (N, K, H, W), and novelty (N,) where it has
+        one); a detector (probabilities (N, K), boxes (N, M, 4), scores (N, M, K))."""
         ...
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:

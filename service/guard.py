@@ -58,15 +58,17 @@ MAX_BATCH_IMAGES = SETTINGS.max_batch_images
 RETRY_AFTER_S = 1
 
 
+LOCALIZE_FIELDS = ("conf", "iou", "max_detections", "novelty_threshold", "boxes_if_unknown")
 #: Every API route of the service and its fields. tests/test_service.py checks that the service's own signatures
 #: match this table, so adding a parameter to an endpoint cannot silently make the guard reject it.
 ENDPOINTS: dict[str, Endpoint] = {
     e.route: e
     for e in (
-        Endpoint("/classify", files=("image",), fields=("top_k",)),
+        Endpoint("/classify", files=("image",), fields=("top_k", "novelty_threshold")),
         Endpoint("/classify_batch", files=("images",), max_files=MAX_BATCH_IMAGES),
-        Endpoint("/localize", files=("image",), fields=("conf", "iou", "max_detections")),
-        Endpoint("/localize_image", files=("image",), fields=("conf", "iou", "max_detections")),
+        Endpoint("/localize", files=("image",), fields=LOCALIZE_FIELDS),
+        Endpoint("/localize_image", files=("image",), fields=LOCALIZE_FIELDS),
+        Endpoint("/heatmap", files=("image",), fields=("index", "novelty_threshold")),
         Endpoint("/info"),
     )
 }

@@ -1,5 +1,6 @@
-"""Running a model: classification through any model (a bundle, or a run directory), one code path for
-`headstart predict` and the HTTP service; and the one loop that runs a model batch by batch over image files."""
+"""Running a model: classification through any model (a bundle, or a run directory), with its open-set answer
+("none of these") where the model has a novelty score, one code path for `headstart predict`, batch prediction and
+the HTTP service; and the one loop that runs a model batch by batch over image files."""
 
 from __future__ import annotations
 
@@ -36,14 +37,51 @@ def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
     return [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in order]
 
 
-def classify_images(model: Model, images: Sequence[Image.Image], k: int = 5) -> list[list[dict]]:
-    """Top-k predictions for decoded RGB images, one list per image."""
-    return classify_arrays(model, [preprocess(img, model.spec) for img in images], k)
+def threshold_of(model: Model, override: float | None = None) -> float | None:
+    """The novelty threshold in force: ``override`` (a request's, or the service's setting), else the model's own;
+    None for a model without a novelty score."""
+    if model.open_set is None:
+        return None
+    return float(model.open_set["threshold"] if override is None else override)
 
 
-def classify_arrays(model: Model, arrays: Sequence[np.ndarray], k: int = 5) -> list[list[dict]]:
-    """Top-k predictions for preprocessed images (each 3 x S x S, from :func:`service.preprocess.preprocess`)."""
+def open_set_answer(novelty: float | None, threshold: float | None) -> dict:
+    """``novelty``, ``novelty_threshold`` and ``unknown`` (novelty above the threshold: none of the model's classes)
+    of one image; all None for a model without a novelty score."""
+    if novelty is None or threshold is None:
+        return {"novelty": None, "novelty_threshold": None, "unknown": None}
+    return {"novelty": float(novelty), "novelty_threshold": threshold, "unknown": bool(novelty > threshold)}
+
+
+def scores_and_novelty(model: Model, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities (N, K) and, for a model with a novelty score, each image's novelty (N,)."""
+    if model.open_set is None or "novelty" not in model.output_names:
+        return model.predict(pixels), None
+    outputs = model.run(pixels)
+    return outputs[0], outputs[model.output_names.index("novelty")]
+
+
+def classify_images(
+    model: Model, images: Sequence[Image.Image], k: int = 5, threshold: float | None = None
+) -> list[dict]:
+    """One answer per decoded RGB image: ``predictions`` (top-k, best first) and the open-set answer
+    (:func:`open_set_answer`; ``threshold`` overrides the model's)."""
+    return classify_arrays(model, [preprocess(img, model.spec) for img in images], k, threshold)
+
+
+def classify_arrays(
+    model: Model, arrays: Sequence[np.ndarray], k: int = 5, threshold: float | None = None
+) -> list[dict]:
+    """As :func:`classify_images`, for preprocessed images (each 3 x S x S, from
+    :func:`service.preprocess.preprocess`)."""
     if not len(arrays):
         return []
-    probs = model.predict(np.stack(arrays))
-    return [top_k(p, model.labels, k) for p in probs]
+    probs, novelty = scores_and_novelty(model, np.stack(arrays))
+    limit = threshold_of(model, threshold)
+    return [
+        {
+            "predictions": top_k(p, model.labels, k),
+            **open_set_answer(None if novelty is None else novelty[i], limit),
+        }
+        for i, p in enumerate(probs)
+    ]

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from service.contract import Model
 from service.errors import HeadstartError
+from service.inference import open_set_answer, threshold_of
 from service.preprocess import PreprocessSpec, preprocess_batch, resized_size, to_rgb
 
 #: Upsampling of the CAM grid before thresholding: 4 sub-cells per feature cell and axis.
@@ -40,12 +41,15 @@ class LocalizeError(HeadstartError, ValueError):
 @dataclass(frozen=True)
 class LocalizeParams:
     """How boxes are kept: lowest ``conf``idence, NMS ``iou``, at most ``max_detections``, and the CAM ``region``
-    threshold. The defaults are every entry point's (HTTP, `headstart predict --localize`, `predict-batch`, /ui)."""
+    threshold; ``boxes_if_unknown``: class activation boxes even for an image judged "none of these" (by default it
+    gets none: a box round a horse labelled "ants" answers a question nobody asked). The defaults are every entry
+    point's (HTTP, `headstart predict --localize`, `predict-batch`, /ui)."""
 
     conf: float = 0.25
     iou: float = 0.45
     max_detections: int = 100
     region: float = 0.6
+    boxes_if_unknown: bool = False
 
     def __post_init__(self) -> None:
         for name in ("conf", "iou", "region"):
@@ -252,11 +256,16 @@ def detections_of(
     ]
 
 
-def localize_images(model: Model, images: Sequence[Image.Image], params: LocalizeParams | None = None) -> list[dict]:
-    """Decoded images → one ``{"detections", "grid", "image_size", "method", "scores"}`` per image.
+def localize_images(
+    model: Model, images: Sequence[Image.Image], params: LocalizeParams | None = None, threshold: float | None = None
+) -> list[dict]:
+    """Decoded images → one ``{"detections", "grid", "image_size", "method", "scores"}`` per image, with the open-set
+    answer (``novelty``, ``novelty_threshold``, ``unknown``: :func:`service.inference.open_set_answer`; ``threshold``
+    overrides the model's).
 
     ``scores`` are the image-level class scores of the same run (what `classify` answers), so a client needs one
-    request for both what and where. The outputs the model has decide how (:func:`method_of`).
+    request for both what and where. The outputs the model has decide how (:func:`method_of`). An image judged
+    "none of these" gets no class activation boxes unless ``params.boxes_if_unknown``.
     """
     params = params or LocalizeParams()
     if not images:
@@ -264,10 +273,17 @@ def localize_images(model: Model, images: Sequence[Image.Image], params: Localiz
     method = method_of(model.output_names)
     spec = model.spec
     outputs = model.run(preprocess_batch(images, spec))
+    limit = threshold_of(model, threshold)
     results = []
     for n, img in enumerate(images):
         per_image = {name: out[n] for name, out in zip(model.output_names, outputs, strict=True)}
-        detections = detections_of(per_image, method, geometry(img.size, spec), model.labels, spec.input_size, params)
+        answer = open_set_answer(per_image.get("novelty") if limit is not None else None, limit)
+        hidden = bool(answer["unknown"]) and method == "cam" and not params.boxes_if_unknown
+        detections = (
+            []
+            if hidden
+            else detections_of(per_image, method, geometry(img.size, spec), model.labels, spec.input_size, params)
+        )
         results.append(
             {
                 "detections": detections,
@@ -275,12 +291,13 @@ def localize_images(model: Model, images: Sequence[Image.Image], params: Localiz
                 "image_size": list(img.size),
                 "method": method,
                 "scores": per_image[model.output_names[0]],  # the image-level class probabilities come first
+                **answer,
             }
         )
     return results
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def label_font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType
@@ -306,7 +323,7 @@ def draw_detections(img: Image.Image, detections: Sequence[dict]) -> Image.Image
     canvas = to_rgb(img).copy()
     draw = ImageDraw.Draw(canvas)
     width = max(2, round(max(canvas.size) / 300))
-    font = _font(max(12, round(max(canvas.size) / 40)))
+    font = label_font(max(12, round(max(canvas.size) / 40)))
     for det in reversed(detections):  # best drawn last, on top
         color = PALETTE[det["index"] % len(PALETTE)]
         b = det["box"]

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field, ValidationError
 from service.bundle import Bundle, BundleError, load_bundle, verify_bundle
 from service.cpu import cpu_info
 from service.guard import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, RequestGuard, current_request
+from service.heatmap import heatmap as class_heatmap
 from service.inference import classify_arrays, classify_images, top_k
 from service.localize import DEFAULTS, LocalizeError, LocalizeParams, draw_detections, localize_images
 from service.preprocess import ImageError, decode_image, preprocess
@@ -62,6 +63,8 @@ verify_bundle(MODEL_REF)
 MODEL_IS_PATH = os.sep in MODEL_REF or Path(MODEL_REF).is_dir()
 RUNTIME, DEVICE = choose_runtime(SETTINGS.runtime, SETTINGS.device)
 MAX_TOP_K = 1000
+#: novelty is a cosine distance: 0 to 2
+MAX_NOVELTY = 2.0
 #: CPU serving: one worker process per core, so request handling (Python, GIL-bound) runs on every core, with the
 #: cores shared among the workers' inference threads. Measured on 2 cores at concurrency 32: 2 workers x 1 thread
 #: served 1.9x (Intel AMX) and 1.65x (AMD EPYC) the requests of 1 worker x 2 threads (benchmarks/RESULTS.md). One
@@ -111,12 +114,22 @@ class ModelInfo(BaseModel):
     version: str
 
 
-class ClassifyResponse(BaseModel):
+class OpenSetAnswer(BaseModel):
+    """ "None of these": ``unknown`` is true when the image is less like the training images than the threshold allows
+    (``novelty`` above ``novelty_threshold``), whatever the class probabilities say. All null for a model without a
+    novelty score (exported before it existed, or a detector)."""
+
+    novelty: float | None = None
+    novelty_threshold: float | None = None
+    unknown: bool | None = None
+
+
+class ClassifyResponse(OpenSetAnswer):
     predictions: list[Prediction]
     model: ModelInfo
 
 
-class BatchItem(BaseModel):
+class BatchItem(OpenSetAnswer):
     """One image of a batch: predictions, or an error for that image alone."""
 
     predictions: list[Prediction] = Field(default_factory=list)
@@ -138,7 +151,7 @@ class Detection(BaseModel):
     box: Box
 
 
-class LocalizeResponse(BaseModel):
+class LocalizeResponse(OpenSetAnswer):
     """Detections in original-image pixels (after EXIF rotation), best first, after non-maximum suppression."""
 
     detections: list[Detection]
@@ -166,6 +179,10 @@ class InfoResponse(BaseModel):
     variant: str
     max_request_bytes: int
     cpu: dict  # model, cores, kind and the extensions that decide the kernels (AMX, AVX-512 BF16/VNNI, AVX2)
+    #: "none of these": the threshold in force and where it comes from, the kept rate the export calibrated it at,
+    #: k and the bank; null for a model without a novelty score (open_set_note says why)
+    open_set: dict | None
+    open_set_note: str
 
 
 def _image_of(path: Path):
@@ -175,11 +192,37 @@ def _image_of(path: Path):
         raise InvalidArgument(str(exc)) from exc
 
 
-def _params(conf: float, iou: float, max_detections: int) -> LocalizeParams:
+def _params(conf: float, iou: float, max_detections: int, boxes_if_unknown: bool = False) -> LocalizeParams:
     try:
-        return LocalizeParams(conf=conf, iou=iou, max_detections=max_detections)
+        return LocalizeParams(conf=conf, iou=iou, max_detections=max_detections, boxes_if_unknown=boxes_if_unknown)
     except LocalizeError as exc:
         raise InvalidArgument(str(exc)) from exc
+
+
+def _threshold(value: float | None) -> float | None:
+    """A request's novelty threshold, else the service's setting (HEADSTART_NOVELTY_THRESHOLD), else None (the
+    model's own)."""
+    if value is None:
+        return SETTINGS.novelty_threshold
+    if not 0.0 <= value <= MAX_NOVELTY:  # NaN fails too
+        raise InvalidArgument(f"novelty_threshold must be between 0 and {MAX_NOVELTY:g}, got {value}.")
+    return float(value)
+
+
+def _open_set_info(bundle: Bundle) -> tuple[dict | None, str]:
+    if bundle.open_set is None:
+        return None, (
+            "This model has no novelty score: it was exported before headstart had one, trained with --bank-size 0, "
+            "or is a detector. Its answers carry no 'none of these'; retrain and export to get one."
+        )
+    source = "HEADSTART_NOVELTY_THRESHOLD" if SETTINGS.novelty_threshold is not None else "the model's export"
+    in_force = SETTINGS.novelty_threshold if SETTINGS.novelty_threshold is not None else bundle.open_set["threshold"]
+    info = {**bundle.open_set, "threshold": in_force, "calibrated_threshold": bundle.open_set["threshold"]}
+    note = (
+        f"An image whose novelty exceeds {in_force:.4f} (set by {source}) is 'none of these'; the export's threshold "
+        f"keeps {100 * bundle.open_set['kept_rate']:.0f}% of the validation images as one of the model's classes."
+    )
+    return info, note
 
 
 def open_bundle() -> Bundle:
@@ -207,19 +250,21 @@ class Headstart:
     def __init__(self) -> None:
         self.bundle = open_bundle()
         self.model = ModelInfo(name=self.bundle.name, version=self.bundle.version)
+        self.open_set_info = _open_set_info(self.bundle)
         # Decoding, inference and drawing all run on this one thread. BentoML hands each request to whichever thread
         # of its pool is free, and glibc keeps a heap per thread, each grown to the largest request it has handled:
         # spread over the pool, memory rose in steps for minutes. On one thread it stays flat, at the same throughput
         # (benchmarks/RESULTS.md, "Memory"): BentoML runs one request per worker at a time anyway.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="headstart-inference")
         log.info(
-            "headstart serving %s:%s (%s file) on %s: %s; CPU %s",
+            "headstart serving %s:%s (%s file) on %s: %s; CPU %s; %s",
             self.bundle.name,
             self.bundle.version,
             self.bundle.variant,
             self.bundle.session.describe(),
             self.bundle.precision_note,
             cpu_info().summary(),
+            self.open_set_info[1],
         )
 
     def _on_worker(self, fn: Callable[..., T], *args, one_request: bool = True) -> T:
@@ -238,15 +283,18 @@ class Headstart:
         return self._worker.submit(run).result()
 
     @bentoml.api(route="/classify")
-    def classify(self, image: ImageFile, top_k: int = 5) -> ClassifyResponse:
-        """Top-k labels for one uploaded image (JPEG, PNG, GIF, BMP, TIFF, WebP).
+    def classify(self, image: ImageFile, top_k: int = 5, novelty_threshold: float | None = None) -> ClassifyResponse:
+        """Top-k labels for one uploaded image (JPEG, PNG, GIF, BMP, TIFF, WebP), and whether it is none of them.
 
-        ``top_k`` is 1 to 1000; values above the number of labels return every label.
+        ``top_k`` is 1 to 1000; values above the number of labels return every label. ``unknown`` is true when the
+        image is unlike every class the model learned (``novelty`` above ``novelty_threshold``: the request's
+        ``novelty_threshold``, 0 to 2, else the service's).
         """
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}.")
-        predictions = self._on_worker(lambda: classify_images(self.bundle, [_image_of(image)], top_k)[0])
-        return ClassifyResponse(predictions=[Prediction(**p) for p in predictions], model=self.model)
+        limit = _threshold(novelty_threshold)
+        answer = self._on_worker(lambda: classify_images(self.bundle, [_image_of(image)], top_k, limit)[0])
+        return ClassifyResponse(**answer, model=self.model)
 
     # adaptive batching limits, chosen by measurement (benchmarks/RESULTS.md): BentoML answers 503 to requests it
     # predicts cannot finish within max_latency_ms, which at 200 ms rejected most requests under load on 2 cores;
@@ -265,13 +313,11 @@ class Headstart:
         results, errors = self._on_worker(self._classify_many, images, one_request=False)
         results = iter(results)
         return [
-            BatchItem(model=self.model, error=err)
-            if err
-            else BatchItem(predictions=[Prediction(**p) for p in next(results)], model=self.model)
+            BatchItem(model=self.model, error=err) if err else BatchItem(**next(results), model=self.model)
             for err in errors
         ]
 
-    def _classify_many(self, images: list[Path]) -> tuple[list[list[dict]], list[str | None]]:
+    def _classify_many(self, images: list[Path]) -> tuple[list[dict], list[str | None]]:
         # Each image is reduced to the model's input as soon as it is decoded: a merged batch holds 32 arrays of
         # 3 x 224 x 224, not 32 full-size photos.
         arrays, errors = [], []
@@ -281,7 +327,7 @@ class Headstart:
                 errors.append(None)
             except ImageError as exc:
                 errors.append(str(exc))
-        return classify_arrays(self.bundle, arrays, 5), errors
+        return classify_arrays(self.bundle, arrays, 5, SETTINGS.novelty_threshold), errors
 
     @bentoml.api(route="/localize")
     def localize(
@@ -290,21 +336,22 @@ class Headstart:
         conf: float = DEFAULTS.conf,
         iou: float = DEFAULTS.iou,
         max_detections: int = DEFAULTS.max_detections,
+        novelty_threshold: float | None = None,
+        boxes_if_unknown: bool = DEFAULTS.boxes_if_unknown,
     ) -> LocalizeResponse:
         """Where each class is in one image: boxes in original pixels with label and confidence, after NMS.
 
         ``conf`` (0-1): lowest confidence kept; ``iou`` (0-1): overlap above which a weaker box of the same class is
         suppressed; ``max_detections``: 1 to 1000. ``method`` is ``cam`` for a classifier (class activation map on
         the backbone grid) and ``trained`` for a detector. ``predictions`` are the top-5 image-level scores of the
-        same model run.
+        same model run. An image judged none of the classes (``unknown``) gets no class activation boxes unless
+        ``boxes_if_unknown`` is true.
         """
-        params = _params(conf, iou, max_detections)
-        result = self._on_worker(lambda: localize_images(self.bundle, [_image_of(image)], params)[0])
+        params = _params(conf, iou, max_detections, boxes_if_unknown)
+        limit = _threshold(novelty_threshold)
+        result = self._on_worker(lambda: localize_images(self.bundle, [_image_of(image)], params, limit)[0])
         return LocalizeResponse(
-            detections=result["detections"],
-            grid=result["grid"],
-            image_size=result["image_size"],
-            method=result["method"],
+            **{k: result[k] for k in ("detections", "grid", "image_size", "method", *OpenSetAnswer.model_fields)},
             predictions=[Prediction(**p) for p in top_k(result["scores"], self.bundle.labels, 5)],
             model=self.model,
         )
@@ -316,15 +363,41 @@ class Headstart:
         conf: float = DEFAULTS.conf,
         iou: float = DEFAULTS.iou,
         max_detections: int = DEFAULTS.max_detections,
+        novelty_threshold: float | None = None,
+        boxes_if_unknown: bool = DEFAULTS.boxes_if_unknown,
     ) -> Annotated[Image.Image, ContentType("image/jpeg")]:
         """The uploaded image (EXIF-rotated) with the boxes of `/localize` and their labels drawn on it, as JPEG."""
-        params = _params(conf, iou, max_detections)
+        params = _params(conf, iou, max_detections, boxes_if_unknown)
+        limit = _threshold(novelty_threshold)
 
         def draw() -> Image.Image:
             img = _image_of(image)
-            drawn = draw_detections(img, localize_images(self.bundle, [img], params)[0]["detections"])
+            drawn = draw_detections(img, localize_images(self.bundle, [img], params, limit)[0]["detections"])
             drawn.format = "JPEG"  # BentoML encodes a returned image in its format
             return drawn
+
+        return self._on_worker(draw)
+
+    @bentoml.api(route="/heatmap")
+    def heatmap(
+        self, image: ImageFile, index: int = -1, novelty_threshold: float | None = None
+    ) -> Annotated[Image.Image, ContentType("image/jpeg")]:
+        """Why the model answered what it did: the class activation map of class ``index`` (-1: the top class) laid
+        over the uploaded image as a heatmap (warm: most like that class), with the class, its score and "none of
+        these" where it applies written on it; JPEG, at most 1024 pixels on its longer side. Classifiers only."""
+        if not -1 <= index < len(self.bundle.labels):
+            raise InvalidArgument(
+                f"index must be -1 (the top class) or 0 to {len(self.bundle.labels) - 1}, got {index}."
+            )
+        limit = _threshold(novelty_threshold)
+
+        def draw() -> Image.Image:
+            try:
+                picture = class_heatmap(self.bundle, _image_of(image), index, limit).image
+            except LocalizeError as exc:
+                raise InvalidArgument(str(exc)) from exc
+            picture.format = "JPEG"
+            return picture
 
         return self._on_worker(draw)
 
@@ -350,6 +423,8 @@ class Headstart:
             variant=self.bundle.variant,
             max_request_bytes=MAX_REQUEST_BYTES,
             cpu=CPU,
+            open_set=self.open_set_info[0],
+            open_set_note=self.open_set_info[1],
         )
 
 

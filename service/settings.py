@@ -24,11 +24,20 @@ class SettingsError(HeadstartError, ValueError):
     """A ``HEADSTART_*`` variable holds a value that cannot be used; the message names it and what it takes."""
 
 
-def setting(variable: str, default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None):
-    """A field of :class:`Settings`: its environment variable, default, help, and the values it takes."""
-    return dataclasses.field(
-        default=default, metadata={"variable": variable, "help": help, "choices": choices, "minimum": minimum}
-    )
+def setting(
+    variable: str,
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    kind: type | None = None,
+):
+    """A field of :class:`Settings`: its environment variable, default, help, and the values it takes (``kind``:
+    their type, where the default (None: unset) does not say it)."""
+    meta = {"variable": variable, "help": help, "choices": choices, "minimum": minimum, "maximum": maximum}
+    return dataclasses.field(default=default, metadata=meta | {"kind": kind or type(default)})
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,15 @@ class Settings:
     max_aspect_ratio: float = setting(
         "HEADSTART_MAX_ASPECT_RATIO", 100.0, "longest side over shortest side accepted", minimum=1.0
     )
+    novelty_threshold: float | None = setting(
+        "HEADSTART_NOVELTY_THRESHOLD",
+        None,
+        "novelty above which an image is 'none of these' (0-2); unset: the threshold the model's export calibrated "
+        "(its kept rate of validation images); a request's novelty_threshold field overrides both",
+        minimum=0.0,
+        maximum=2.0,
+        kind=float,
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -150,7 +168,7 @@ class Settings:
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:
-    variable, kind, meta = f.metadata["variable"], type(f.default), f.metadata
+    variable, kind, meta = f.metadata["variable"], f.metadata["kind"], f.metadata
     if kind is bool:
         if raw.lower() not in ("0", "1", "true", "false", "yes", "no"):
             raise SettingsError(f"{variable}={raw!r}: use 1 or 0 (true/false, yes/no).")
@@ -164,13 +182,15 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
         raise SettingsError(f"{variable}={raw!r}: use one of {', '.join(meta['choices'])}.")
     if meta["minimum"] is not None and not value >= meta["minimum"]:
         raise SettingsError(f"{variable}={raw!r}: must be at least {meta['minimum']:g}.")
+    if meta["maximum"] is not None and not value <= meta["maximum"]:
+        raise SettingsError(f"{variable}={raw!r}: must be at most {meta['maximum']:g}.")
     return value
 
 
 def _shown(default: Any) -> str:
     if isinstance(default, bool):
         return "1" if default else "0"
-    return str(default) if default != "" else "(none)"
+    return str(default) if default not in ("", None) else "(none)"
 
 
 #: The settings of this process, read once at import (the service reads them when `bentoml serve` starts it).

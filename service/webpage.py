@@ -1,8 +1,9 @@
-"""A one-page web UI served by the service at ``/ui``: drop or pick an image, see the top classes and the boxes.
+"""A one-page web UI served by the service at ``/ui``: drop or pick an image, see the top classes and the boxes,
+"none of these" where the image is unlike every class, and the class activation heatmap on request.
 
 Plain HTML and JavaScript, no build step and nothing fetched from elsewhere (the page works offline and inside a
-container). It calls the service's own ``/info`` and ``/localize``; the boxes are drawn over the image as the
-browser shows it (EXIF-rotated, like the boxes the service returns).
+container). It calls the service's own ``/info``, ``/localize`` and ``/heatmap``; the boxes are drawn over the image
+as the browser shows it (EXIF-rotated, like the boxes the service returns).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ PAGE = """<!doctype html>
   #predictions li { display: flex; justify-content: space-between; gap: 1rem; padding: .2rem 0;
                     border-bottom: 1px solid #eee; }
   #error { color: #b00; margin: .5rem 0; }
+  #verdict { font-size: 1.1rem; margin: .5rem 0; }
+  #verdict.unknown { color: #fff; background: #555; padding: .4rem .6rem; border-radius: .3rem; }
+  #predictions.unknown { opacity: .5; }
 </style>
 </head>
 <body>
@@ -45,9 +49,11 @@ PAGE = """<!doctype html>
 <div id="controls">
   <label>confidence ≥ <input id="conf" type="range" min="0.05" max="0.95" step="0.05" value="@CONF@">
     <output id="conf-value">@CONF@</output></label>
+  <label><input id="heat" type="checkbox"> heatmap</label>
   <span id="status"></span>
 </div>
 <div id="error" role="alert"></div>
+<div id="verdict" role="status"></div>
 <div id="result">
   <div id="stage"></div>
   <ol id="predictions"></ol>
@@ -61,8 +67,9 @@ let current = null;
 
 fetch("info", { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" })
   .then((r) => r.json()).then((info) => {
+  const openSet = info.open_set ? ` · none of these above novelty ${info.open_set.threshold.toFixed(3)}` : "";
   $("model").textContent = `${info.name}:${info.version} · ${info.task} · ${info.labels.length} classes · ` +
-    `${info.backbone} · ${info.providers.join(", ")}`;
+    `${info.backbone} · ${info.providers.join(", ")}${openSet}`;
 }).catch(() => { $("model").textContent = "model information unavailable"; });
 
 async function analyse(file) {
@@ -85,16 +92,41 @@ async function analyse(file) {
     $("error").textContent = `The service could not analyse this file: ${err.message}`;
     return;
   }
-  show(file, body);
+  let picture = file;
+  if ($("heat").checked) {
+    const heatForm = new FormData();
+    heatForm.append("image", file, file.name || "image");
+    const resp = await fetch("heatmap", { method: "POST", body: heatForm });
+    if (resp.ok) picture = await resp.blob();
+    else $("error").textContent = "No heatmap for this model or image.";
+  }
+  show(file, picture, body);
 }
 
-function show(file, body) {
+function verdict(body) {
+  const el = $("verdict");
+  const unknown = body.unknown === true;
+  el.className = unknown ? "unknown" : "";
+  $("predictions").className = unknown ? "unknown" : "";
+  if (unknown) {
+    el.textContent = `None of these: this image is unlike every class the model learned ` +
+      `(novelty ${body.novelty.toFixed(2)} > ${body.novelty_threshold.toFixed(2)}). Closest classes, for reference:`;
+  } else if (body.unknown === false) {
+    el.textContent = `${body.predictions[0].label} (novelty ${body.novelty.toFixed(2)}, ` +
+      `within ${body.novelty_threshold.toFixed(2)})`;
+  } else {
+    el.textContent = "";
+  }
+}
+
+function show(file, picture, body) {
   const stage = $("stage");
   stage.replaceChildren();
   const img = document.createElement("img");
   img.alt = file.name || "uploaded image";
-  img.src = URL.createObjectURL(file);
+  img.src = URL.createObjectURL(picture);
   stage.appendChild(img);
+  verdict(body);
   const [w, h] = body.image_size;
   for (const det of body.detections) {
     const b = det.box;
@@ -139,6 +171,7 @@ drop.addEventListener("drop", (e) => {
 });
 $("conf").addEventListener("input", () => { $("conf-value").textContent = $("conf").value; });
 $("conf").addEventListener("change", () => { if (current) analyse(current); });
+$("heat").addEventListener("change", () => { if (current) analyse(current); });
 </script>
 </body>
 </html>

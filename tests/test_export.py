@@ -43,9 +43,10 @@ def test_bundle_layout_and_manifest(tiny_bundle, tiny_run):
     embedded = {p.key: p.value for p in model.metadata_props}["headstart_manifest"]
     assert json.loads(embedded) == embedded_view(manifest)
     onnx.checker.check_model(model)
-    # dynamic batch axis, pixels in, probabilities and class map out
+    # dynamic batch axis, pixels in, probabilities, class map and novelty out
     assert model.graph.input[0].name == "pixels"
-    assert [o.name for o in model.graph.output] == ["probabilities", "class_map"]
+    assert [o.name for o in model.graph.output] == ["probabilities", "class_map", "novelty"]
+    assert manifest["open_set"]["threshold"] > 0 and manifest["open_set"]["kept_rate"] == 0.95
 
 
 def test_onnx_matches_pytorch_on_real_images(tiny_bundle, tiny_run):
@@ -56,13 +57,16 @@ def test_onnx_matches_pytorch_on_real_images(tiny_bundle, tiny_run):
         preds = [
             p
             for i in range(0, len(REAL_IMAGES), batch)
-            for p in classify_images(bundle, [decode_image(x) for x in REAL_IMAGES[i : i + batch]], k=2)
+            for p in (
+                answer["predictions"]
+                for answer in classify_images(bundle, [decode_image(x) for x in REAL_IMAGES[i : i + batch]], k=2)
+            )
         ]
         onnx_probs = np.array([[next(p["score"] for p in ps if p["index"] == k) for k in range(2)] for ps in preds])
         assert np.abs(onnx_probs - torch_probs).max() < 1e-4
         assert (onnx_probs.argmax(1) == torch_probs.argmax(1)).all()
-    probs, class_map = bundle.run(np.zeros((3, 3, run.spec.input_size, run.spec.input_size), np.float32))
-    assert probs.shape == (3, 2) and class_map.shape[:2] == (3, 2)
+    probs, class_map, novelty = bundle.run(np.zeros((3, 3, run.spec.input_size, run.spec.input_size), np.float32))
+    assert probs.shape == (3, 2) and class_map.shape[:2] == (3, 2) and novelty.shape == (3,)
     assert np.allclose(class_map.sum(axis=1), 1.0, atol=1e-5)
 
 
@@ -244,7 +248,7 @@ def test_int8_on_shared_mobilenet_keeps_accuracy(hymenoptera_bundle, hymenoptera
     )
     bundle = load_bundle(result.bundle_dir, variant="int8", device="cpu")
     preds = classify_images(bundle, [decode_image(p) for p in REAL_IMAGES[:8]], k=1)
-    assert [p[0]["label"] for p in preds][:4].count("ants") >= 3
+    assert [p["predictions"][0]["label"] for p in preds][:4].count("ants") >= 3
 
 
 def test_help_and_predicting_with_a_bundle_import_no_torch(tiny_bundle):

@@ -413,9 +413,11 @@ def test_detector_export_and_service_decoding(detector_bundle):
     paths = sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[-6:]
     images = [decode_image(p) for p in paths]
     params = LocalizeParams(conf=0.05, iou=0.5, max_detections=20)
-    for img, result, scores in zip(
+    for img, result, answer in zip(
         images, localize_images(bundle, images, params), classify_images(bundle, images, 3), strict=True
     ):
+        scores = answer["predictions"]
+        assert answer["unknown"] is None and result["unknown"] is None  # a detector has no novelty score
         assert result["method"] == "trained" and result["image_size"] == list(img.size)
         dets = result["detections"]
         assert len(dets) <= 20

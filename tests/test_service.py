@@ -162,7 +162,7 @@ def test_asgi_accepts_every_image_mode(client, name):
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["predictions"][0]["label"] in ("ants", "bees")
-    assert set(body) == {"predictions", "model"}
+    assert set(body) == {"predictions", "model", "novelty", "novelty_threshold", "unknown"}
 
 
 @pytest.mark.parametrize("name", list(bad_images()))

@@ -53,7 +53,7 @@ def test_train_writes_a_complete_run(tiny_folder, tmp_path, cache_dir):
 def test_same_seed_same_result_and_cache_reuse(tiny_folder, tmp_path, cache_dir):
     a = train(tiny_config(tiny_folder, tmp_path / "a", cache_dir))
     files = sorted(cache_dir.rglob("*.npy"))
-    assert len(files) == 32  # 24 train images (3 views each, one file) + 8 val images
+    assert len(files) == 56  # 24 train images (3 views each, one file), 8 val images, the 24 train images clean
     mtimes = [f.stat().st_mtime_ns for f in files]
     b = train(tiny_config(tiny_folder, tmp_path / "b", cache_dir))
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # nothing recomputed
@@ -69,7 +69,7 @@ def test_cache_invalidation_on_changed_image_and_recipe(tiny_folder, tmp_path, c
     victim.write_bytes((tmp_path / "other" / "x" / "x_000.jpg").read_bytes())
     train(tiny_config(tiny_folder, tmp_path / "b", cache_dir))
     after = {f.name for f in cache_dir.rglob("*.npy")}
-    assert len(after - before) == 1  # exactly the changed image
+    assert len(after - before) == 2  # exactly the changed image: its views and its clean features
     train(tiny_config(tiny_folder, tmp_path / "c", cache_dir, augment="light"))
     assert len({f.name for f in cache_dir.rglob("*.npy")} - after) == 24  # new recipe: train views only
 

@@ -98,14 +98,13 @@ def _cmd_evaluate(args) -> int:
     run = load_run(args.run_dir, weights=args.weights)
     out = Path(args.out) if args.out else run.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    summary = task_named(run.task).evaluate_run(run, args.data_dir, out)
+    summary = task_named(run.task).evaluate_run(run, args.data_dir, out, other=args.other)
     print(json.dumps({**summary, "out": str(out)}))
     return 0
 
 
 def _cmd_predict(args) -> int:
     """Predict with a run directory (PyTorch), or a bundle directory / model-store tag (ONNX Runtime)."""
-    from service.preprocess import ImageError, decode_image
 
     model_ref = Path(args.model)
     if not model_ref.exists() and ("/" in args.model or "\\" in args.model):
@@ -126,23 +125,38 @@ def _cmd_predict(args) -> int:
         model = load_bundle(
             args.model, variant=args.variant, device=args.device, runtime=args.runtime, precision=args.precision
         )
+    return _predict_files(model, args)
+
+
+def _predict_files(model, args) -> int:
+    """One JSON line per image: its answer (and boxes, heatmap file); a file that cannot be read is a line with an
+    ``error`` and exit status 1."""
+    from service.heatmap import heatmap
     from service.inference import classify_images
     from service.localize import LocalizeParams, localize_images
+    from service.preprocess import ImageError, decode_image
 
     params = LocalizeParams(conf=args.conf) if args.localize else None
+    heatmaps = Path(args.heatmap) if args.heatmap else None
+    if heatmaps is not None:
+        heatmaps.mkdir(parents=True, exist_ok=True)
 
-    def classify(path: Path) -> dict:
+    def answer(path: Path) -> dict:
         img = decode_image(path)
-        out = {"predictions": classify_images(model, [img], args.top_k)[0]}
+        out = classify_images(model, [img], args.top_k, args.novelty_threshold)[0]
         if params is not None:
-            result = localize_images(model, [img], params)[0]
+            result = localize_images(model, [img], params, args.novelty_threshold)[0]
             out.update(detections=result["detections"], method=result["method"], image_size=result["image_size"])
+        if heatmaps is not None:
+            target = heatmaps / f"{path.stem}.heatmap.jpg"
+            heatmap(model, img, threshold=args.novelty_threshold).image.save(target, quality=90)
+            out["heatmap"] = str(target)
         return out
 
     status = 0
     for image in args.images:
         try:
-            result = classify(Path(image))
+            result = answer(Path(image))
         except (ImageError, OSError) as exc:
             print(json.dumps({"image": image, "error": str(exc)}))
             status = 1
@@ -199,6 +213,19 @@ def _add_evaluate(sub) -> None:
     p.add_argument("data_dir", help="labelled data of the run's task: class subfolders, or a YOLO data set")
     p.add_argument("--out", help="output folder (default RUN_DIR/eval)")
     p.add_argument("--weights", help="backbone weights file, if it moved since training")
+    p.add_argument(
+        "--other",
+        help="a folder of images of things the model never learned (classifiers): how well the novelty score tells "
+        "them from the labelled images (AUROC) and how many it lets through as one of the classes",
+    )
+
+
+def _add_novelty_threshold(p) -> None:
+    p.add_argument(
+        "--novelty-threshold",
+        type=float,
+        help="novelty above which an image is 'none of these' (default: the model's calibrated threshold)",
+    )
 
 
 def _add_predict(sub) -> None:
@@ -211,6 +238,12 @@ def _add_predict(sub) -> None:
     p.add_argument("--localize", action="store_true", help="also print boxes (CAM for classifiers)")
     p.add_argument("--conf", type=float, default=DEFAULTS.conf, help="lowest box confidence with --localize")
     p.add_argument("--weights", help="backbone weights file, if it moved since training (run directories)")
+    p.add_argument(
+        "--heatmap",
+        metavar="DIR",
+        help="also write each image's class activation heatmap (the top class) as DIR/NAME.heatmap.jpg",
+    )
+    _add_novelty_threshold(p)
     _add_bundle_options(p, device=True)
 
 
@@ -230,6 +263,7 @@ def _add_predict_batch(sub) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--localize", action="store_true", help="also the boxes (JSON per row)")
     p.add_argument("--conf", type=float, default=DEFAULTS.conf, help="lowest box confidence with --localize")
+    _add_novelty_threshold(p)
     _add_bundle_options(p, device=False)
     p.add_argument("--batch-size", type=int, default=32, help="images per actor call")
     p.add_argument("--actors", type=int, help="predicting actors (default: one per CPU of the cluster)")
@@ -288,6 +322,7 @@ def _cmd_predict_batch(args) -> int:
         top_k=args.top_k,
         localize=args.localize,
         conf=args.conf,
+        novelty_threshold=args.novelty_threshold,
         variant=args.variant,
         runtime=args.runtime,
         precision=args.precision,

@@ -163,6 +163,7 @@ GROUPS = {
     "head": "head",
     "detection": "detection (YOLO-format data sets only)",
     "optimisation": "optimisation",
+    "open_set": "open set: 'none of these' (classification)",
     "run": "run",
 }
 

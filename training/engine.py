@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -147,12 +148,14 @@ def fitting_views(layout: FeatureLayout, train_images: int, val_images: int, max
 
 
 def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
-    """Features of every training view (augmented, bf16 where it pays) and of the clean validation images (fp32)."""
+    """Features of every training view (augmented, bf16 where it pays) and of the clean validation images (fp32);
+    and of the clean training images where the task asks (:attr:`Task.clean_train`)."""
     cfg, b = job.cfg, job.backbone
     n_train, n_val = len(job.report.splits["train"]), len(job.report.splits["val"])
-    need = feature_bytes(layout, n_train, job.views, n_val)
+    n_clean = n_val + (n_train if task.clean_train else 0)  # images with one clean view each
+    need = feature_bytes(layout, n_train, job.views, n_clean)
     if need > cfg.max_feature_gb * 2**30:
-        fits = fitting_views(layout, n_train, n_val, cfg.max_feature_gb)
+        fits = fitting_views(layout, n_train, n_clean, cfg.max_feature_gb)
         lower = (
             f"Lower --views ({job.views}; at most {fits} fit) or --input-size"
             if fits
@@ -176,16 +179,22 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
         batch_size=cfg.extract_batch_size,
         progress=cfg.progress,
     )
-    for split, train in (("train", True), ("val", False)):
+    passes = [("train", "train", True), ("val", "val", False)]
+    if task.clean_train:  # the training images once more, as the validation images are: clean, fp32
+        passes.append(("train_clean", "train", False))
+    nets: dict[bool, Callable] = {}  # the traced backbone per precision, traced once
+    for name, split, train in passes:
         bf16 = job.bf16 and train
         samples = job.report.splits[split]
+        if bf16 not in nets:
+            nets[bf16] = features_fn(job.net, bf16, pool=layout.pool, device=job.device)
         values, extras = extract_features(
-            features_fn(job.net, bf16, pool=layout.pool, device=job.device),
+            nets[bf16],
             samples,
             task.make_views(job, train),
             views=job.views if train else 1,
-            desc=f"{split} features",
+            desc=f"{name.replace('_', ' ')} features",
             namespace=cache_namespace(**ns, recipe=aug_key if train else "eval", bf16=bf16),
             **common,
         )
-        setattr(job, f"{split}_features", Features(samples, values, extras))
+        setattr(job, f"{name}_features", Features(samples, values, extras))

@@ -43,6 +43,8 @@ log = logging.getLogger("headstart")
 
 MAX_CHECK_IMAGES = 200
 MAX_CALIBRATION_IMAGES = 128
+#: outputs computed in fp32 in the int8 file too: the novelty score's one small matrix product gains no speed in int8
+KEEP_FP32 = ("novelty",)
 
 
 @dataclass
@@ -92,7 +94,7 @@ def _int8_model(
     import onnxruntime as ort
 
     train_paths, _ = _split_paths(run, "train", MAX_CALIBRATION_IMAGES)
-    quantize_int8(fp32, path, train_paths, run.spec)
+    quantize_int8(fp32, path, train_paths, run.spec, keep_fp32=KEEP_FP32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     quality = task.int8_quality(run, reference, session, val_paths, val_targets)
     metric, drop = quality["metric"], quality["drop"]
@@ -135,11 +137,12 @@ def _manifest(
             "range": [0, 255],
             "color": "RGB",
         },
-        outputs=tuple(task.outputs(len(run.labels), fmap, run.record.head)),
+        outputs=tuple(task.outputs(run)),
         metrics={k: run.metrics[k] for k in task.manifest_metrics if k in run.metrics},
         verification=verification,
         int8=int8_info,
         runtimes=runtimes,
+        open_set=None if getattr(run.model, "novelty", None) is None else run.model.novelty.config.to_dict(),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         headstart={"version": _version(), "torch": str(torch.__version__), "onnxruntime": ort.__version__},
     )
@@ -190,7 +193,7 @@ def _write_bundle(
     val_paths, column = _split_paths(run, "val", MAX_CHECK_IMAGES)
     val_targets = task.targets(run, column)
     fp32 = tmp / MODEL_FP32
-    outputs = task.outputs(len(run.labels), list(run.record.backbone.feature_map), run.record.head)
+    outputs = task.outputs(run)
     output_names = [o["name"] for o in outputs]
     export_onnx(run.model, fp32, run.spec.input_size, output_names=output_names)
     session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])

@@ -62,6 +62,6 @@ def load_run(run_dir: str | Path, weights: str | Path | None = None) -> LoadedRu
         if result.unexpected_keys:
             raise RunError(f"{tail_path} has keys the backbone lacks: {result.unexpected_keys[:3]}")
     head_state = runs.load_safetensors(run_dir / runs.HEAD)
-    model = task.build_model(record, spec, backbone.features, head_state).eval()
+    model = task.build_model(record, spec, backbone.features, head_state, run_dir).eval()
     metrics = json.loads((run_dir / runs.METRICS).read_text())
     return LoadedRun(run_dir, record, labels, spec, model, metrics)

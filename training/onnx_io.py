@@ -98,13 +98,36 @@ class Calibration:
         raise NotImplementedError
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration_paths: list[Path], spec) -> None:
-    """Static QDQ int8: per-channel int8 weights, uint8 activations (the fast path on x86 VNNI/AMX)."""
+def nodes_only_for(model, outputs: tuple[str, ...]) -> list[str]:
+    """The names of the nodes of an ONNX ``model`` that compute only ``outputs`` (none of the other outputs needs
+    them): e.g. the novelty score's branch, which int8 would coarsen for no speed (one small matrix product)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+
+    def ancestors(names) -> set[str]:
+        seen, stack = set(), list(names)
+        while stack:
+            node = producer.get(stack.pop())
+            if node is not None and node.name not in seen:
+                seen.add(node.name)
+                stack.extend(node.input)
+        return seen
+
+    others = [o.name for o in model.graph.output if o.name not in outputs]
+    return sorted(ancestors(outputs) - ancestors(others))
+
+
+def quantize_int8(
+    fp32_path: Path, int8_path: Path, calibration_paths: list[Path], spec, keep_fp32: tuple[str, ...] = ()
+) -> None:
+    """Static QDQ int8: per-channel int8 weights, uint8 activations (the fast path on x86 VNNI/AMX). The nodes that
+    compute only the outputs named in ``keep_fp32`` stay in fp32."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = int8_path.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    excluded = nodes_only_for(onnx.load(str(pre)), keep_fp32) if keep_fp32 else []
     reader = Calibration(calibration_paths, spec)
 
     class Reader(CalibrationDataReader):
@@ -119,5 +142,6 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_paths: list[Path
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
+        nodes_to_exclude=excluded,
     )
     pre.unlink(missing_ok=True)

@@ -49,8 +49,10 @@ class RunModel:
         self.labels = run.labels
         self.task = run.task
         self.feature_map = list(run.record.backbone.feature_map)
-        outputs = task_named(run.task).export.outputs(len(run.labels), self.feature_map, run.record.head)
+        outputs = task_named(run.task).export.outputs(run)
         self.output_names = [o["name"] for o in outputs]
+        novelty = getattr(run.model, "novelty", None)
+        self.open_set = None if novelty is None else novelty.config.to_dict()
 
     @torch.inference_mode()
     def run(self, pixels: np.ndarray) -> list[np.ndarray]:

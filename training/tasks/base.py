@@ -66,10 +66,14 @@ class Job:
     started: float
     train_features: Features | None = None
     val_features: Features | None = None
+    #: the training images clean (one unaugmented fp32 view each), where the task asks (:attr:`Task.clean_train`)
+    train_clean_features: Features | None = None
     cache: FeatureCache | None = None
     history: list[dict] = field(default_factory=list)
     #: what the task reports under metrics.json's "training" (class weights, epochs run, ...)
     training_report: dict = field(default_factory=dict)
+    #: what a task's fit leaves for its evaluate (e.g. features of the finished model)
+    scratch: dict = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str]:
@@ -88,8 +92,9 @@ class TaskExport:
     #: whether `headstart export --int8` is offered (its quality is then gated by :meth:`int8_quality`)
     int8 = False
 
-    def outputs(self, num_classes: int, feature_map: list[int], head: dict) -> list[dict]:
-        """The exported graph's outputs (name, shape, what), first the image-level class probabilities."""
+    def outputs(self, run) -> list[dict]:
+        """The outputs (name, shape, what) of a loaded run's model (:class:`training.load.LoadedRun`), in the order
+        it returns them, first the image-level class probabilities: the exported graph's outputs."""
         raise NotImplementedError(f"{type(self).__name__} must say what its exported graph outputs")
 
     def targets(self, run, column: list) -> Any:
@@ -119,6 +124,9 @@ class Task:
     #: the metrics the end-of-run log line shows
     headline: tuple[str, ...] = ()
     export: TaskExport = TaskExport()
+    #: whether the engine also extracts the training images clean, as it does the validation images
+    #: (``job.train_clean_features``): for what compares images as they are, e.g. a classifier's novelty bank
+    clean_train: bool = False
 
     # ---------------------------------------------------------------- the data
 
@@ -185,11 +193,15 @@ class Task:
 
     # ---------------------------------------------------------------- a finished run
 
-    def build_model(self, record: RunRecord, spec: PreprocessSpec, features: nn.Module, head_state: dict) -> nn.Module:
-        """The whole trained model (pixels in [0, 255] → outputs) from a run's record and weights."""
+    def build_model(
+        self, record: RunRecord, spec: PreprocessSpec, features: nn.Module, head_state: dict, run_dir: Path
+    ) -> nn.Module:
+        """The whole trained model (pixels in [0, 255] → outputs) from a run's record and weights (and any other
+        file of its own the task wrote into ``run_dir``)."""
         raise NotImplementedError(f"{type(self).__name__} must rebuild its model")
 
-    def evaluate_run(self, run, data_dir: str, out: Path) -> dict:
-        """`headstart evaluate RUN DATA`: metrics and plots of a loaded run on another labelled data set into
-        ``out``; returns the summary the command prints."""
+    def evaluate_run(self, run, data_dir: str, out: Path, other: str | None = None) -> dict:
+        """`headstart evaluate RUN DATA [--other FOLDER]`: metrics and plots of a loaded run on another labelled data
+        set into ``out`` (``other``: images of things the model never learned, where the task can tell them apart);
+        returns the summary the command prints."""
         raise NotImplementedError(f"headstart evaluate does not evaluate {self.name} runs yet")

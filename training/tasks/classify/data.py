@@ -63,7 +63,7 @@ class DatasetReport:
         lines = [f"Data set {self.root} ({self.split_source})"]
         counts = self.counts()
         splits = list(self.splits)
-        width = max(len(x) for x in self.labels) + 2
+        width = max((len(x) for x in self.labels), default=5) + 2
         lines.append("  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits))
         for label in self.labels:
             lines.append("  " + label.ljust(width) + "".join(str(counts[s].get(label, 0)).rjust(8) for s in splits))
@@ -247,3 +247,17 @@ def scan_eval_folder(root: str | Path, labels: list[str], workers: int = 4) -> D
         raise DatasetError(f"{root} has no readable images.")
     warnings = [f"{len(corrupt)} corrupt images were skipped (listed above)."] if corrupt else []
     return DatasetReport(root, list(labels), {"eval": samples}, "evaluation folder", ignored, corrupt, [], warnings)
+
+
+def scan_other_images(root: str | Path, workers: int = 4) -> DatasetReport:
+    """Check a folder of images of other things (`headstart evaluate --other`): every image in it, at any depth,
+    with no labels; files that are not images are ignored, corrupt ones skipped and listed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"--other {root} does not exist or is not a folder of images.")
+    good, ignored, corrupt = _check_tree({"other": {"": _list_files(root)}}, workers)
+    samples = [Sample(p, -1, h) for p, h in good["other"][""]]
+    if not samples:
+        raise DatasetError(f"--other {root} holds no readable images.")
+    warnings = [f"{len(corrupt)} corrupt images were skipped (listed above)."] if corrupt else []
+    return DatasetReport(root, [], {"other": samples}, "images of other things", ignored, corrupt, [], warnings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,7 +125,7 @@ def plot_worst_predictions(
     pred = probs.argmax(axis=1)
     wrong = np.flatnonzero(pred != targets)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][:max_images]
-    cols = 4
+    cols = max(1, min(4, len(wrong)))
     rows = max(1, int(np.ceil(len(wrong) / cols)))
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
     for ax in axes.ravel():
@@ -132,8 +133,8 @@ def plot_worst_predictions(
     for ax, i in zip(axes.ravel(), wrong, strict=False):
         ax.imshow(resize_and_crop(decode_image(paths[i]), spec))
         ax.set_title(
-            f"true {labels[targets[i]]}\npred {labels[pred[i]]} {probs[i, pred[i]]:.2f}",
-            fontsize=9,
+            f"{Path(paths[i]).name[:32]}\ntrue {labels[targets[i]]}, pred {labels[pred[i]]} {probs[i, pred[i]]:.2f}",
+            fontsize=8,
             color="darkred",
         )
     if not len(wrong):
@@ -158,3 +159,54 @@ def write_evaluation(
     plot_confusion_matrix(metrics["confusion_matrix"], labels, out_dir / f"{prefix}confusion_matrix.png")
     plot_worst_predictions(paths, probs, targets, labels, spec, out_dir / f"{prefix}worst_predictions.png")
     return metrics
+
+
+def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
+    """The chance that an image of ``outside`` scores higher than one of ``inside`` (ties count half)."""
+    scores = np.concatenate([inside, outside])
+    order = scores.argsort(kind="stable")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for value in np.unique(scores):  # average ranks over ties
+        tied = scores == value
+        ranks[tied] = ranks[tied].mean()
+    n_in, n_out = len(inside), len(outside)
+    return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
+
+
+def open_set_metrics(own: np.ndarray, threshold: float, other: np.ndarray | None = None) -> dict:
+    """How the novelty threshold treats the model's own images (``kept``: the share judged one of its classes) and,
+    given images of other things, how well the score separates them (AUROC) and how many it lets through."""
+    out = {"threshold": threshold, "images": len(own), "kept": float((own <= threshold).mean())}
+    if other is not None and len(other):
+        out |= {
+            "other_images": len(other),
+            "let_through": float((other <= threshold).mean()),
+            "auroc": auroc(own, other),
+        }
+    return out
+
+
+PREDICTION_COLUMNS = ("path", "label", "predicted", "score", "novelty", "unknown")
+
+
+def write_predictions(
+    path: Path,
+    paths: Sequence[Path],
+    probs: np.ndarray,
+    targets: np.ndarray | None,
+    labels: Sequence[str],
+    novelty: np.ndarray | None = None,
+    threshold: float | None = None,
+) -> None:
+    """predictions.csv: one row per image (path, given label, predicted label and its score, novelty and whether it
+    is "none of these"); the label is empty for images without one, the novelty columns for a model without."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(PREDICTION_COLUMNS)
+        for i, file in enumerate(paths):
+            k = int(probs[i].argmax())
+            score = "" if novelty is None else f"{float(novelty[i]):.6f}"
+            unknown = "" if novelty is None or threshold is None else str(bool(novelty[i] > threshold)).lower()
+            label = "" if targets is None or targets[i] < 0 else labels[targets[i]]
+            writer.writerow([str(file), label, labels[k], f"{float(probs[i, k]):.6f}", score, unknown])

@@ -1,8 +1,10 @@
 """The classification task: what differs from the engine's job.
 
 Pooled feature vectors, cross-entropy with optional class weights and label smoothing, the best epoch by validation
-loss, optional fine-tuning of the last backbone stages (``fit.py``), and accuracy, F1, calibration, confusion matrix
-and worst predictions as metrics (``metrics.py``).
+loss, optional fine-tuning of the last backbone stages (``fit.py``); then "none of these": a bank of the training
+images' clean features and a novelty threshold calibrated on the validation images (``open_set.py``); accuracy, F1,
+calibration, confusion matrix, worst predictions and per-image predictions as metrics (``metrics.py``); and an audit
+of the data (``audit.py``: likely label errors, near-duplicates, outliers).
 """
 
 from __future__ import annotations
@@ -14,21 +16,32 @@ import numpy as np
 import torch
 
 from models import Classifier, ClassifierHead, HeadConfig, PixelNormalize
+from service.inference import outputs_of_files
 from training.data import DatasetError
-from training.predict import predict_paths
+from training.predict import torch_outputs
+from training.runs import write_json
 from training.tasks.base import FeatureLayout, Job, Task
 from training.tasks.classify.config import ClassifyConfig
-from training.tasks.classify.data import scan_eval_folder, scan_image_folder
+from training.tasks.classify.data import scan_eval_folder, scan_image_folder, scan_other_images
 from training.tasks.classify.export import ClassifyExport
-from training.tasks.classify.metrics import plot_training_curves, write_evaluation
+from training.tasks.classify.metrics import (
+    open_set_metrics,
+    plot_training_curves,
+    write_evaluation,
+    write_predictions,
+)
+from training.tasks.classify.open_set import OPEN_SET, build_open_set, load_open_set, novelty_of, save_open_set
 
 log = logging.getLogger("headstart")
+
+AUDIT, AUDIT_PLOT, PREDICTIONS = "audit.json", "audit.png", "predictions.csv"
 
 
 class ClassifyTask(Task):
     name = "classify"
     headline = ("accuracy", "macro_f1", "calibration_error")
     export = ClassifyExport()
+    clean_train = True  # the novelty bank and the data audit compare the training images as they are
 
     def scan(self, cfg: ClassifyConfig, report=None):
         report = report or scan_image_folder(cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -61,41 +74,125 @@ class ClassifyTask(Task):
         return HeadConfig(layout.channels[0], len(labels), cfg.hidden, cfg.dropout, cfg.activation)
 
     def fit(self, job: Job, head_cfg: HeadConfig) -> ClassifierHead:
+        """The head (``fit.py``), then the novelty score of the finished model, kept in ``open_set.safetensors``."""
         from training.tasks.classify.fit import fit_head
 
-        return fit_head(job, head_cfg)
+        head = fit_head(job, head_cfg)
+        train, val = _final_features(job, head)
+        novelty = build_open_set(
+            train, _targets(job.train_features), val, _targets(job.val_features), job.labels, job.cfg
+        )
+        if novelty is not None:
+            save_open_set(job.run_dir, novelty)
+        else:
+            (job.run_dir / OPEN_SET).unlink(missing_ok=True)
+        job.scratch.update(train_pooled=train, val_pooled=val, novelty=novelty)
+        return head
 
     def evaluate(self, job: Job, head: ClassifierHead) -> dict:
-        val, spec = job.val_features, job.spec
-        if job.cfg.unfreeze:
-            model = Classifier(PixelNormalize(spec.mean, spec.std), job.backbone.features, head).eval()
-            probs = predict_paths(model, [s.path for s in val.samples], spec)
-        else:
-            with torch.no_grad():
-                probs = torch.softmax(head(torch.from_numpy(val.values[:, 0]).to(job.device)), dim=1).cpu().numpy()
-        targets = np.array([s.label for s in val.samples])
-        metrics = write_evaluation(job.run_dir, probs, targets, job.labels, [s.path for s in val.samples], spec)
+        val, spec, novelty = job.val_features, job.spec, job.scratch["novelty"]
+        with torch.no_grad():
+            probs = torch.softmax(head(torch.from_numpy(job.scratch["val_pooled"]).to(job.device)), dim=1).cpu().numpy()
+        targets, paths = _targets(val), [s.path for s in val.samples]
+        metrics = write_evaluation(job.run_dir, probs, targets, job.labels, paths, spec)
+        scores = None if novelty is None else novelty_of(novelty, job.scratch["val_pooled"])
+        threshold = None if novelty is None else novelty.config.threshold
+        write_predictions(job.run_dir / PREDICTIONS, paths, probs, targets, job.labels, scores, threshold)
+        if novelty is not None:
+            metrics["open_set"] = {**novelty.config.to_dict(), **open_set_metrics(scores, threshold)}
+        if job.cfg.audit:
+            metrics["audit"] = _audit(job)
         plot_training_curves(job.history, job.run_dir / "training_curves.png")
         return metrics
 
-    def build_model(self, record, spec, features, head_state) -> Classifier:
+    def build_model(self, record, spec, features, head_state, run_dir) -> Classifier:
         head = ClassifierHead(HeadConfig(**record.head))
         head.load_state_dict(head_state)
-        return Classifier(PixelNormalize(spec.mean, spec.std), features, head)
+        return Classifier(PixelNormalize(spec.mean, spec.std), features, head, load_open_set(Path(run_dir)))
 
-    def evaluate_run(self, run, data_dir: str, out: Path) -> dict:
-        """Accuracy, F1, calibration, confusion matrix and worst predictions on a labelled folder (class
-        subfolders named after the run's labels)."""
-        from training.runs import write_json
-
+    def evaluate_run(self, run, data_dir: str, out: Path, other: str | None = None) -> dict:
+        """Accuracy, F1, calibration, confusion matrix, worst predictions and predictions.csv on a labelled folder
+        (class subfolders named after the run's labels); with ``other`` (a folder of images of other things) also
+        how well the novelty score tells them apart."""
         report = scan_eval_folder(data_dir, run.labels)
         log.info("%s", report.format())
         samples = report.splits["eval"]
-        paths = [s.path for s in samples]
-        probs = predict_paths(run.model, paths, run.spec)
-        metrics = write_evaluation(out, probs, np.array([s.label for s in samples]), run.labels, paths, run.spec)
+        paths, targets = [s.path for s in samples], _targets_of(samples)
+        outputs = torch_outputs(run.model, paths, run.spec)
+        metrics = write_evaluation(out, outputs[0], targets, run.labels, paths, run.spec)
+        novelty = getattr(run.model, "novelty", None)
+        threshold = None if novelty is None else novelty.config.threshold
+        scores = outputs[2] if novelty is not None else None
+        write_predictions(out / PREDICTIONS, paths, outputs[0], targets, run.labels, scores, threshold)
+        if novelty is not None:
+            others = _other_novelty(run, other, out, threshold) if other else None
+            metrics["open_set"] = open_set_metrics(scores, threshold, others)
+        elif other:
+            log.warning(
+                "%s has no novelty score (trained before it existed, or --bank-size 0): --other is unused", run.run_dir
+            )
         write_json(out / "metrics.json", {"split": str(Path(data_dir).resolve()), **metrics, "data": report.to_dict()})
-        return {k: metrics[k] for k in ("num_images", "accuracy", "macro_f1", "calibration_error")}
+        summary = {k: metrics[k] for k in ("num_images", "accuracy", "macro_f1", "calibration_error")}
+        return summary | {f"novelty_{k}": v for k, v in metrics.get("open_set", {}).items() if k != "threshold"}
+
+
+def _targets(features) -> np.ndarray:
+    return _targets_of(features.samples)
+
+
+def _targets_of(samples) -> np.ndarray:
+    return np.array([s.label for s in samples], dtype=np.int64)
+
+
+def _final_features(job: Job, head: ClassifierHead) -> tuple[np.ndarray, np.ndarray]:
+    """The clean pooled features (train, val) of the finished model: the cached ones, or with ``--unfreeze`` those
+    of the fine-tuned backbone."""
+    if not job.cfg.unfreeze:
+        return job.train_clean_features.values[:, 0], job.val_features.values[:, 0]
+    spec = job.spec
+    model = Classifier(PixelNormalize(spec.mean, spec.std), job.backbone.features, head).to(job.device).eval()
+
+    @torch.inference_mode()
+    def pooled(pixels: np.ndarray) -> list[np.ndarray]:
+        return [model.pooled(torch.from_numpy(pixels).to(job.device)).cpu().numpy()]
+
+    return tuple(
+        outputs_of_files(pooled, [s.path for s in f.samples], spec)[0] for f in (job.train_features, job.val_features)
+    )
+
+
+def _audit(job: Job) -> dict:
+    from training.tasks.classify.audit import audit_data, plot_audit
+
+    def split(features, pooled) -> tuple:
+        samples = features.samples
+        return pooled, _targets(features), [str(s.path) for s in samples], [s.sha256 for s in samples]
+
+    train = split(job.train_features, job.scratch["train_pooled"])
+    val = split(job.val_features, job.scratch["val_pooled"])
+    report = audit_data(train, val, job.labels, job.cfg.seed)
+    write_json(job.run_dir / AUDIT, report)
+    plot_audit(report, job.spec, job.run_dir / AUDIT_PLOT)
+    found = report["summary"]
+    log.info(
+        "data audit (%s): %d likely label errors, %d near-duplicate pairs (%d across train and val), %d outliers",
+        AUDIT,
+        found["label_issues"],
+        found["near_duplicates"],
+        found["near_duplicates_across_train_val"],
+        found["outliers"],
+    )
+    return found
+
+
+def _other_novelty(run, other: str, out: Path, threshold: float) -> np.ndarray:
+    """The novelty of every image in the folder ``other``, written to ``other_predictions.csv``."""
+    report = scan_other_images(other)
+    log.info("%s", report.format())
+    paths = [s.path for s in report.splits["other"]]
+    outputs = torch_outputs(run.model, paths, run.spec)
+    write_predictions(out / "other_predictions.csv", paths, outputs[0], None, run.labels, outputs[2], threshold)
+    return outputs[2]
 
 
 TASK = ClassifyTask()

@@ -25,7 +25,8 @@ class DetectExport(TaskExport):
     manifest_metrics = ("map50", "map50_95", "num_images", "num_boxes")
     int8 = True  # gated on validation AP50 (int8_quality)
 
-    def outputs(self, num_classes: int, feature_map: list[int], head: dict) -> list[dict]:
+    def outputs(self, run) -> list[dict]:
+        head, feature_map, num_classes = run.record.head, list(run.record.backbone.feature_map), len(run.labels)
         predictors, where, score = recorded_head(head).predictors(head, feature_map)
         return [
             {

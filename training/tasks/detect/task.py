@@ -128,14 +128,17 @@ class DetectTask(Task):
             "num_boxes": int(sum(len(s.classes) for s in val.samples)),
         }
 
-    def build_model(self, record, spec, features, head_state) -> Detector:
+    def build_model(self, record, spec, features, head_state, run_dir) -> Detector:
         head, features = recorded_head(record.head).rebuild(record.head, features)
         head.load_state_dict(head_state)
         return Detector(PixelNormalize(spec.mean, spec.std), features, head, spec.input_size)
 
-    def evaluate_run(self, run, data_dir: str, out: Path) -> dict:
+    def evaluate_run(self, run, data_dir: str, out: Path, other: str | None = None) -> dict:
         """mAP of a detection run on a YOLO-format data set's 'test' split, else 'val', else 'train'."""
         from training.runs import write_json
+
+        if other:
+            raise ValueError("--other measures a classifier's novelty score; a detector has none. Leave it out.")
 
         report = scan_yolo_eval_split(data_dir)
         (split,) = report.splits

@@ -139,6 +139,20 @@ def hymenoptera_bundle(hymenoptera_run, tmp_path_factory):
     return export_bundle(hymenoptera_run, tmp_path_factory.mktemp("bundle") / "ants-bees", int8=True, name="ants-bees")
 
 
+def import_service(model_ref: str):
+    """The service module as `bentoml serve` imports it, with ``HEADSTART_MODEL=model_ref`` (its settings are read
+    once, when service.settings is imported: read again here)."""
+    import importlib
+
+    import service.settings
+
+    os.environ["HEADSTART_MODEL"] = model_ref
+    importlib.reload(service.settings)
+    import service.service as module
+
+    return importlib.reload(module)
+
+
 @contextlib.contextmanager
 def serving(model: str, log: Path, **env: str):
     """A ready `bentoml serve` of ``model`` on a free port (extra HEADSTART_* settings in ``env``), stopped on exit;

@@ -17,6 +17,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from service.batch import predict_batch  # noqa: E402
 from tests.conftest import HYMENOPTERA, ROOT  # noqa: E402
+from training.tasks.classify.export import NOVELTY_TOLERANCE  # noqa: E402
 
 
 @pytest.fixture
@@ -59,6 +60,11 @@ def test_batch_answers_equal_predict_with_error_rows(tiny_bundle, tmp_path, caps
         assert row["error"] is None
         assert row["labels"] == [p["label"] for p in one["predictions"]]
         assert max(abs(a - p["score"]) for a, p in zip(row["scores"], one["predictions"], strict=True)) <= 1e-5
+        # the same runtime and precision, but other batch sizes: bf16 (where the export allowed it) differs a little
+        assert abs(row["novelty"] - one["novelty"]) <= NOVELTY_TOLERANCE
+        if abs(one["novelty"] - one["novelty_threshold"]) > NOVELTY_TOLERANCE:
+            assert row["unknown"] is one["unknown"]
+    assert all(r["novelty"] is None and r["unknown"] is None for r in rows if r["error"])
 
 
 def test_batch_localize_boxes_equal_the_services(tiny_bundle, tmp_path, local_ray):
@@ -73,14 +79,18 @@ def test_batch_localize_boxes_equal_the_services(tiny_bundle, tmp_path, local_ra
         tmp_path / "out",
         localize=True,
         conf=0.05,
+        novelty_threshold=2.0,  # nothing is "none of these" (the tiny model knows only synthetic shapes): boxes
         part_size=100,
         progress=False,
     )
     rows = {r["path"]: r for r in read_output(tmp_path / "out")}
     bundle = load_bundle(tiny_bundle.bundle_dir)
     for path in images[:3]:
-        expected = localize_images(bundle, [decode_image(path)], LocalizeParams(conf=0.05))[0]["detections"]
+        result = localize_images(bundle, [decode_image(path)], LocalizeParams(conf=0.05), threshold=2.0)[0]
+        expected = result["detections"]
         got = json.loads(rows[path]["boxes"])
+        assert expected and rows[path]["unknown"] is False
+        assert abs(rows[path]["novelty"] - result["novelty"]) <= NOVELTY_TOLERANCE
         assert [d["label"] for d in got] == [d["label"] for d in expected]
         for a, b in zip(got, expected, strict=True):
             assert all(abs(a["box"][k] - b["box"][k]) <= 1e-3 for k in ("x1", "y1", "x2", "y2"))

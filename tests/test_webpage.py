@@ -115,3 +115,33 @@ def test_a_photo_with_a_long_non_ascii_name_and_no_extension_is_analysed(server,
     labels = [li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "li.prediction")]
     assert labels[0] == "bees"
     assert not browser.find_element(By.ID, "error").text
+
+
+def test_a_photo_of_something_else_shows_none_of_these_without_boxes(server, browser):
+    """A cat is not an ant or a bee: the page says "none of these" with the novelty, draws no box, and shows the
+    closest classes only greyed out, for reference."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from .conftest import PHOTOS
+
+    url, _, _ = server
+    browser.get_log("browser")  # what earlier tests left (a refused text file is a 400 by design)
+    browser.get(f"{url}/ui")
+    WebDriverWait(browser, 30).until(lambda d: "none of these above novelty" in d.find_element(By.ID, "model").text)
+    browser.find_element(By.ID, "file").send_keys(str(PHOTOS / "cat_720p.jpg"))
+    verdict = WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.ID, "verdict").text and d.find_element(By.ID, "verdict")
+    )
+    assert verdict.text.startswith("None of these") and "novelty" in verdict.text
+    assert verdict.get_attribute("class") == "unknown"
+    assert browser.find_element(By.ID, "predictions").get_attribute("class") == "unknown"
+    assert not browser.find_elements(By.CSS_SELECTOR, "#stage .box")
+    browser.find_element(By.ID, "heat").click()  # the heatmap, on request: the service's picture replaces the photo
+    WebDriverWait(browser, 30).until(
+        lambda d: d.execute_script(
+            "const i = document.querySelector('#stage img'); return i && i.complete && i.naturalWidth === 1024"
+        )
+    )
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe

@@ -63,7 +63,7 @@ class DatasetReport:
         lines = [f"Data set {self.root} ({self.split_source})"]
         counts = self.counts()
         splits = list(self.splits)
-        width = max((len(x) for x in self.labels), default=5) + 2
+        width = max(len(x) for x in self.labels) + 2
         lines.append("  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits))
         for label in self.labels:
             lines.append("  " + label.ljust(width) + "".join(str(counts[s].get(label, 0)).rjust(8) for s in splits))

@@ -188,8 +188,12 @@ def _audit(job: Job) -> dict:
 def _other_novelty(run, other: str, out: Path, threshold: float) -> np.ndarray:
     """The novelty of every image in the folder ``other``, written to ``other_predictions.csv``."""
     report = scan_other_images(other)
-    log.info("%s", report.format())
     paths = [s.path for s in report.splits["other"]]
+    log.info(
+        "%s: %d images of other things, %d files that are not images ignored", other, len(paths), len(report.ignored)
+    )
+    for path, reason in report.corrupt:
+        log.warning("skipped %s: %s", path, reason)
     outputs = torch_outputs(run.model, paths, run.spec)
     write_predictions(out / "other_predictions.csv", paths, outputs[0], None, run.labels, outputs[2], threshold)
     return outputs[2]

@@ -1,0 +1,277 @@
+"""Open-set recognition: how well each score tells a model's own classes from images of other things, side by side.
+
+Trains (or takes with --run) the hymenoptera MobileNetV2 classifier, then on the very same frozen features scores
+its 153 validation images (its own classes, never in the bank nor fitted by the head) against images of other
+things: the shared photos (a cat, a bird, a dragonfly, a hot dog, Grace Hopper, three full-size camera shots) and
+the 128 coco128 images (people, streets, animals, food; no insects). Per score: AUROC and the share of other images
+let through as "ants" or "bees" at the threshold that keeps 95% of the validation images, for
+
+- MSP: 1 - the top softmax probability (the baseline every classifier has);
+- energy: -logsumexp of the logits;
+- Mahalanobis: the smallest class-conditional distance with a shared, shrunk covariance (raw and L2-normalised
+  features);
+- kNN: mean cosine distance to the k nearest training images (k = 1, 5, 10, 50): the served score is k = 5.
+
+Then the served decision itself, through the exported bundle and the service's code on ONNX Runtime and on
+OpenVINO (bf16 where the export allowed it): its kept rate on the validation images (the calibration set: 95% by
+construction) and, more honest, with the threshold set on one half of them and measured on the other (both ways);
+the let-through rate on each set of other images; the bank's size; and the latency of the in-process /classify
+pipeline (decode, preprocess, model, answer) with the score against the same model exported without it, measured
+alternately in one run (median of rounds), and over HTTP (`bentoml serve`, concurrency 1, p50) unless --no-http.
+
+    .venv/bin/python benchmarks/open_set.py [--run RUN_DIR] [--rounds 7] [--no-http] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import SHARED, check_idle, machine_line, running_server
+
+HYMENOPTERA = SHARED / "data" / "hymenoptera"
+PHOTOS = sorted(p for p in (SHARED / "photos").rglob("*") if p.suffix.lower() in (".jpg", ".bmp"))
+COCO = sorted((SHARED / "data" / "coco128" / "images" / "train2017").glob("*.jpg"))
+
+
+def train_run(tmp: Path) -> Path:
+    from training.tasks import ClassifyConfig, train
+
+    cfg = ClassifyConfig(
+        data_dir=str(HYMENOPTERA),
+        out=str(tmp / "run"),
+        backbone="torchvision:mobilenet_v2",
+        weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
+        cache_dir=str(tmp / "cache"),
+        progress=False,
+    )
+    return train(cfg)
+
+
+def features(model, paths: list[Path], spec) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features (N, C) and logits (N, K) of image files through the run's PyTorch model."""
+    import torch
+
+    from service.inference import outputs_of_files
+
+    @torch.inference_mode()
+    def run(pixels: np.ndarray) -> list[np.ndarray]:
+        pooled = model.pooled(torch.from_numpy(pixels))
+        return [pooled.numpy(), model.head(pooled).numpy()]
+
+    return tuple(outputs_of_files(run, paths, spec))
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn(bank: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    return 1 - np.sort(normalise(x) @ normalise(bank).T, axis=1)[:, -k:].mean(axis=1)
+
+
+def mahalanobis(train: np.ndarray, y: np.ndarray, x: np.ndarray, normalised: bool, shrink: float = 0.5) -> np.ndarray:
+    if normalised:
+        train, x = normalise(train), normalise(x)
+    means = np.stack([train[y == c].mean(axis=0) for c in np.unique(y)])
+    centred = train - means[y]
+    cov = centred.T @ centred / len(centred)
+    cov = (1 - shrink) * cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov))
+    precision = np.linalg.inv(cov)
+    return np.min([np.einsum("nc,cd,nd->n", x - m, precision, x - m) for m in means], axis=0)
+
+
+def msp_and_energy(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    top = logits.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    probs = np.exp(logits - top) / np.exp(logits - top).sum(axis=1, keepdims=True)
+    return 1 - probs.max(axis=1), -lse
+
+
+def compare_scores(train, train_y, val, val_y, others: dict) -> list[dict]:
+    """AUROC and let-through at 95% kept of every score, on every set of other images."""
+    from training.tasks.classify.metrics import auroc
+    from training.tasks.classify.open_set import calibrate
+
+    (tf, _), (vf, vl) = train, val
+    scores = {}
+    msp, energy = msp_and_energy(vl)
+    scores["MSP"] = (msp, {k: msp_and_energy(o[1])[0] for k, o in others.items()})
+    scores["energy"] = (energy, {k: msp_and_energy(o[1])[1] for k, o in others.items()})
+    for norm in (False, True):
+        name = f"Mahalanobis{' (normalised)' if norm else ''}"
+        scores[name] = (
+            mahalanobis(tf, train_y, vf, norm),
+            {k: mahalanobis(tf, train_y, o[0], norm) for k, o in others.items()},
+        )
+    for k in (1, 5, 10, 50):
+        scores[f"kNN k={k}{' (served)' if k == 5 else ''}"] = (
+            knn(tf, vf, k),
+            {n: knn(tf, o[0], k) for n, o in others.items()},
+        )
+    rows = []
+    for name, (own, other) in scores.items():
+        threshold, _ = calibrate(own, val_y, ["ants", "bees"], 0.95)
+        row = {"score": name}
+        for set_name, values in other.items():
+            row[f"{set_name} AUROC"] = auroc(own, values)
+            row[f"{set_name} through"] = float((values <= threshold).mean())
+        rows.append(row)
+    return rows
+
+
+def served(bundle_dir: Path, val_paths: list[Path], val_y: np.ndarray, others: dict[str, list[Path]]) -> list[dict]:
+    """The served decision, through the bundle and the service's code, on each runtime."""
+    from service.bundle import load_bundle
+    from service.inference import scores_and_novelty
+    from service.preprocess import load_batches
+    from training.tasks.classify.open_set import calibrate
+
+    rows = []
+    for runtime in ("onnxruntime", "openvino"):
+        bundle = load_bundle(bundle_dir, runtime=runtime)
+        threshold = bundle.open_set["threshold"]
+
+        def novelty(paths, bundle=bundle):
+            return np.concatenate([scores_and_novelty(bundle, px)[1] for px in load_batches(paths, bundle.spec, 32)])
+
+        own = novelty(val_paths)
+        halves = [np.arange(len(own)) % 2 == h for h in (0, 1)]
+        held_out = []  # the threshold set on one half of the validation images, the kept rate measured on the other
+        for fit, test in (halves, halves[::-1]):
+            t, _ = calibrate(own[fit], val_y[fit], ["ants", "bees"], 0.95)
+            held_out.append(float((own[test] <= t).mean()))
+        row = {
+            "runtime": f"{runtime} ({bundle.precision})",
+            "threshold": threshold,
+            "kept (calibration images)": float((own <= threshold).mean()),
+            "kept (held-out half)": float(np.mean(held_out)),
+        }
+        for name, paths in others.items():
+            row[f"{name} through"] = float((novelty(paths) <= threshold).mean())
+        rows.append(row)
+    return rows
+
+
+def latency(with_score: Path, without: Path, rounds: int) -> dict:
+    """Median per-image time of the in-process /classify pipeline for both bundles, measured alternately."""
+    from service.bundle import load_bundle
+    from service.inference import classify_images
+    from service.preprocess import decode_image
+
+    payloads = [p.read_bytes() for p in sorted((HYMENOPTERA / "val").rglob("*.jpg"))[:60]]
+    bundles = {"with": load_bundle(with_score), "without": load_bundle(without)}
+    for bundle in bundles.values():
+        for data in payloads[:10]:
+            classify_images(bundle, [decode_image(data)])
+    times = {name: [] for name in bundles}
+    for _ in range(rounds):
+        for name, bundle in bundles.items():
+            started = time.perf_counter()
+            for data in payloads:
+                classify_images(bundle, [decode_image(data)])
+            times[name].append((time.perf_counter() - started) / len(payloads) * 1000)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {"ms_with": median["with"], "ms_without": median["without"], "ratio": median["with"] / median["without"]}
+
+
+def http_latency(bundle: Path, tmp: Path, requests: int = 200) -> float:
+    """p50 of /classify over HTTP at concurrency 1 (ms)."""
+    import httpx
+
+    payloads = [p.read_bytes() for p in sorted((HYMENOPTERA / "val").rglob("*.jpg"))[:50]]
+    with running_server(str(bundle), tmp) as (url, _, _), httpx.Client(timeout=30) as client:
+        for data in payloads[:10]:
+            client.post(f"{url}/classify", files={"image": ("x.jpg", data)})
+        times = []
+        for i in range(requests):
+            started = time.perf_counter()
+            resp = client.post(f"{url}/classify", files={"image": ("x.jpg", payloads[i % len(payloads)])})
+            times.append((time.perf_counter() - started) * 1000)
+            resp.raise_for_status()
+    return statistics.median(times)
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = [" | ".join(keys), " | ".join("---" for _ in keys)]
+    for row in rows:
+        lines.append(" | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help="a trained hymenoptera run (default: train one, about 30 s)")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating latency rounds")
+    parser.add_argument("--no-http", dest="http", action="store_false", help="skip the HTTP latency")
+    parser.add_argument("--json", help="write every figure here")
+    args = parser.parse_args()
+    print(machine_line())
+    check_idle()
+    from training.export import export_bundle
+    from training.load import load_run
+
+    tmp = Path(tempfile.mkdtemp(prefix="open-set-"))
+    try:
+        run_dir = Path(args.run) if args.run else train_run(tmp)
+        run = load_run(run_dir)
+        splits = json.loads((run_dir / "splits.json").read_text())
+        train_paths, train_y = [Path(p) for p, _ in splits["train"]], np.array([y for _, y in splits["train"]])
+        val_paths, val_y = [Path(p) for p, _ in splits["val"]], np.array([y for _, y in splits["val"]])
+        others = {"photos": PHOTOS, "coco128": COCO}
+        model, spec = run.model.eval(), run.spec
+        feats = {name: features(model, paths, spec) for name, paths in (("train", train_paths), ("val", val_paths))}
+        other_feats = {name: features(model, paths, spec) for name, paths in others.items()}
+        print(
+            f"\nown classes: {len(val_paths)} validation images; other things: "
+            + ", ".join(f"{k} {len(v)}" for k, v in others.items())
+        )
+        scores = compare_scores(feats["train"], train_y, feats["val"], val_y, other_feats)
+        print(
+            "\nscores side by side (the same frozen features; through = share of other images kept as a class at "
+            "the threshold keeping 95% of the validation images)\n" + table(scores)
+        )
+        bundle = export_bundle(run_dir, tmp / "bundle", store=False).bundle_dir
+        old_run = tmp / "without"
+        shutil.copytree(run_dir, old_run, ignore=shutil.ignore_patterns("bundle", "eval"))
+        (old_run / "open_set.safetensors").unlink()
+        without = export_bundle(old_run, tmp / "bundle-without", store=False).bundle_dir
+        decisions = served(bundle, val_paths, val_y, others)
+        print("\nthe served decision\n" + table(decisions))
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        sizes = {p.name: p.stat().st_size for p in (bundle / "model.onnx", without / "model.onnx")}
+        calibration = manifest["open_set"]["calibration"]
+        print(
+            f"\nbank: {calibration['bank_vectors']} vectors, {calibration['bank_bytes'] / 1e6:.2f} MB in float16; "
+            f"model.onnx {sizes['model.onnx'] / 1e6:.2f} MB with it"
+        )
+        speed = latency(bundle, without, args.rounds)
+        print(
+            f"\n/classify in process (decode, preprocess, model, answer; median of {args.rounds} alternating rounds "
+            f"of 60 photos): {speed['ms_with']:.2f} ms with the score, {speed['ms_without']:.2f} ms without: "
+            f"ratio {speed['ratio']:.3f}"
+        )
+        if args.http:
+            with_ms, without_ms = http_latency(bundle, tmp / "http-with"), http_latency(without, tmp / "http-without")
+            speed |= {"http_p50_with": with_ms, "http_p50_without": without_ms, "http_ratio": with_ms / without_ms}
+            print(
+                f"/classify over HTTP, concurrency 1, p50 of 200: {with_ms:.2f} ms with the score, "
+                f"{without_ms:.2f} ms without: ratio {with_ms / without_ms:.3f}"
+            )
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps({"scores": scores, "served": decisions, "latency": speed, "bank": calibration}, indent=1)
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -160,7 +160,9 @@ def served(bundle_dir: Path, val_paths: list[Path], val_y: np.ndarray, others: d
 
 
 def latency(with_score: Path, without: Path, rounds: int) -> dict:
-    """Median per-image time of the in-process /classify pipeline for both bundles, measured alternately."""
+    """Per-image time of the in-process /classify pipeline for both bundles: each round times 60 photos through one
+    and then the other (the order swapped every round); the medians over rounds, and the median of the per-round
+    ratios."""
     from service.bundle import load_bundle
     from service.inference import classify_images
     from service.preprocess import decode_image
@@ -170,32 +172,96 @@ def latency(with_score: Path, without: Path, rounds: int) -> dict:
     for bundle in bundles.values():
         for data in payloads[:10]:
             classify_images(bundle, [decode_image(data)])
-    times = {name: [] for name in bundles}
-    for _ in range(rounds):
-        for name, bundle in bundles.items():
+    times: dict[str, list[float]] = {name: [] for name in bundles}
+    for r in range(rounds):
+        for name in ("with", "without") if r % 2 == 0 else ("without", "with"):
             started = time.perf_counter()
             for data in payloads:
-                classify_images(bundle, [decode_image(data)])
+                classify_images(bundles[name], [decode_image(data)])
             times[name].append((time.perf_counter() - started) / len(payloads) * 1000)
-    median = {name: statistics.median(values) for name, values in times.items()}
-    return {"ms_with": median["with"], "ms_without": median["without"], "ratio": median["with"] / median["without"]}
+    ratios = [a / b for a, b in zip(times["with"], times["without"], strict=True)]
+    return {
+        "ms_with": statistics.median(times["with"]),
+        "ms_without": statistics.median(times["without"]),
+        "ratio": statistics.median(ratios),
+        "runtime": f"{bundles['with'].runtime} ({bundles['with'].precision})",
+    }
 
 
-def http_latency(bundle: Path, tmp: Path, requests: int = 200) -> float:
-    """p50 of /classify over HTTP at concurrency 1 (ms)."""
+def bank_cost(run, tmp: Path, sizes: tuple[int, ...] = (256, 1024, 4096), rounds: int = 9) -> dict:
+    """What the bank's size costs the model itself: the run's model exported with a bank of each size (random unit
+    vectors: the cost is reading the bank, whatever it holds) against no bank, on the service's CPU runtime, one
+    image at a time; the median of alternating rounds (ms)."""
+    import torch
+
+    from models import Classifier, Novelty, NoveltyConfig, feature_bank
+    from service.runtime import choose_runtime, open_session
+    from training.onnx_io import export_onnx
+
+    m, size = run.model, run.spec.input_size
+    files = {}
+    for n in (0, *sizes):
+        novelty = (
+            None
+            if n == 0
+            else Novelty(feature_bank(torch.randn(n, m.head.cfg.in_features)), NoveltyConfig(5, 0.5, 0.95))
+        )
+        names = ["probabilities", "class_map", *(["novelty"] if novelty is not None else [])]
+        files[n] = tmp / f"bank-{n}.onnx"
+        export_onnx(Classifier(m.normalize, m.features, m.head, novelty).eval(), files[n], size, output_names=names)
+    runtime, _ = choose_runtime("auto", "cpu")
+    sessions = {n: open_session(f, runtime, "cpu") for n, f in files.items()}
+    wanted = {n: ["probabilities", *(["novelty"] if n else [])] for n in files}
+    pixels = np.random.default_rng(0).uniform(0, 255, (1, 3, size, size)).astype(np.float32)
+    times: dict[int, list[float]] = {n: [] for n in files}
+    for r in range(rounds):
+        for n in files if r % 2 == 0 else reversed(list(files)):
+            for _ in range(10):
+                sessions[n].run(wanted[n], pixels)
+            started = time.perf_counter()
+            for _ in range(50):
+                sessions[n].run(wanted[n], pixels)
+            times[n].append((time.perf_counter() - started) / 50 * 1000)
+    ms = {n: statistics.median(v) for n, v in times.items()}
+    precision = sessions[0].precision
+    return {
+        "runtime": f"{runtime} ({precision})",
+        **{f"bank {n}": round(ms[n] - ms[0], 3) for n in sizes},
+        "no bank": round(ms[0], 3),
+    }
+
+
+def http_latency(with_score: Path, without: Path, tmp: Path, requests: int = 300) -> dict:
+    """p50 of /classify over HTTP at concurrency 1 (ms), both servers up at once (one worker each) and the requests
+    alternating between them, so that both see the same machine."""
     import httpx
 
     payloads = [p.read_bytes() for p in sorted((HYMENOPTERA / "val").rglob("*.jpg"))[:50]]
-    with running_server(str(bundle), tmp) as (url, _, _), httpx.Client(timeout=30) as client:
-        for data in payloads[:10]:
-            client.post(f"{url}/classify", files={"image": ("x.jpg", data)})
-        times = []
+    for name in ("with", "without"):
+        (tmp / name).mkdir(parents=True, exist_ok=True)
+    env = {"HEADSTART_WORKERS": "1"}
+    with (
+        running_server(str(with_score), tmp / "with", **env) as (url_with, _, _),
+        running_server(str(without), tmp / "without", **env) as (url_without, _, _),
+        httpx.Client(timeout=30) as client,
+    ):
+        urls = {"with": url_with, "without": url_without}
+        for url in urls.values():
+            for data in payloads[:10]:
+                client.post(f"{url}/classify", files={"image": ("x.jpg", data)}).raise_for_status()
+        times: dict[str, list[float]] = {name: [] for name in urls}
         for i in range(requests):
-            started = time.perf_counter()
-            resp = client.post(f"{url}/classify", files={"image": ("x.jpg", payloads[i % len(payloads)])})
-            times.append((time.perf_counter() - started) * 1000)
-            resp.raise_for_status()
-    return statistics.median(times)
+            for name in ("with", "without") if i % 2 == 0 else ("without", "with"):
+                started = time.perf_counter()
+                resp = client.post(f"{urls[name]}/classify", files={"image": ("x.jpg", payloads[i % len(payloads)])})
+                times[name].append((time.perf_counter() - started) * 1000)
+                resp.raise_for_status()
+    p50 = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "http_p50_with": p50["with"],
+        "http_p50_without": p50["without"],
+        "http_ratio": p50["with"] / p50["without"],
+    }
 
 
 def table(rows: list[dict]) -> str:
@@ -209,7 +275,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a trained hymenoptera run (default: train one, about 30 s)")
-    parser.add_argument("--rounds", type=int, default=7, help="alternating latency rounds")
+    parser.add_argument("--rounds", type=int, default=15, help="alternating latency rounds")
     parser.add_argument("--no-http", dest="http", action="store_false", help="skip the HTTP latency")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
@@ -246,26 +312,33 @@ def main() -> None:
         decisions = served(bundle, val_paths, val_y, others)
         print("\nthe served decision\n" + table(decisions))
         manifest = json.loads((bundle / "manifest.json").read_text())
-        sizes = {p.name: p.stat().st_size for p in (bundle / "model.onnx", without / "model.onnx")}
+        sizes = {name: (b / "model.onnx").stat().st_size for name, b in (("with", bundle), ("without", without))}
         calibration = manifest["open_set"]["calibration"]
         print(
             f"\nbank: {calibration['bank_vectors']} vectors, {calibration['bank_bytes'] / 1e6:.2f} MB in float16; "
-            f"model.onnx {sizes['model.onnx'] / 1e6:.2f} MB with it"
+            f"model.onnx {sizes['with'] / 1e6:.2f} MB with it, {sizes['without'] / 1e6:.2f} MB without"
         )
         speed = latency(bundle, without, args.rounds)
         print(
-            f"\n/classify in process (decode, preprocess, model, answer; median of {args.rounds} alternating rounds "
-            f"of 60 photos): {speed['ms_with']:.2f} ms with the score, {speed['ms_without']:.2f} ms without: "
-            f"ratio {speed['ratio']:.3f}"
+            f"\n/classify in process on {speed['runtime']} (decode, preprocess, model, answer; {args.rounds} "
+            f"alternating rounds of 60 photos): {speed['ms_with']:.2f} ms with the score, {speed['ms_without']:.2f} "
+            f"ms without (medians); median ratio {speed['ratio']:.3f}"
+        )
+        cost = bank_cost(run, tmp)
+        speed["bank_cost_ms"] = cost
+        print(
+            f"what the bank costs the model per image on {cost['runtime']} (model alone {cost['no bank']:.2f} ms): "
+            + ", ".join(f"{k} vectors +{v:.2f} ms" for k, v in cost.items() if k.startswith("bank "))
         )
         if args.http:
-            with_ms, without_ms = http_latency(bundle, tmp / "http-with"), http_latency(without, tmp / "http-without")
-            speed |= {"http_p50_with": with_ms, "http_p50_without": without_ms, "http_ratio": with_ms / without_ms}
+            speed |= http_latency(bundle, without, tmp / "http")
             print(
-                f"/classify over HTTP, concurrency 1, p50 of 200: {with_ms:.2f} ms with the score, "
-                f"{without_ms:.2f} ms without: ratio {with_ms / without_ms:.3f}"
+                f"/classify over HTTP (one worker each, both servers up, requests alternating), concurrency 1, p50 of "
+                f"300: {speed['http_p50_with']:.2f} ms with the score, {speed['http_p50_without']:.2f} ms without: "
+                f"ratio {speed['http_ratio']:.3f}"
             )
         if args.json:
+            speed["onnx_bytes"] = sizes
             Path(args.json).write_text(
                 json.dumps({"scores": scores, "served": decisions, "latency": speed, "bank": calibration}, indent=1)
             )

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,9 +115,10 @@ class Bundle:
     def providers(self) -> list[str]:
         return self.session.providers if self.session.runtime == "onnxruntime" else ["OpenVINO CPU"]
 
-    def run(self, pixels: np.ndarray) -> list[np.ndarray]:
-        """pixels (N, 3, S, S) float32 in [0, 255] → every output, in the manifest's order."""
-        return self.session.run(self.output_names, pixels)
+    def run(self, pixels: np.ndarray, names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """pixels (N, 3, S, S) float32 in [0, 255] → the outputs ``names`` (default every output, in the manifest's
+        order)."""
+        return self.session.run(list(names or self.output_names), pixels)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run(self.output_names[:1], pixels)[0]

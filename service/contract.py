@@ -12,6 +12,7 @@ is refused with a message naming both versions.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -283,9 +284,10 @@ class Model(Protocol):
         score), or None for a model without a novelty score."""
         ...
 
-    def run(self, pixels: np.ndarray) -> list[np.ndarray]:
-        """Every output: a classifier (probabilities (N, K), class map (N, K, H, W), and novelty (N,) where it has
-        one); a detector (probabilities (N, K), boxes (N, M, 4), scores (N, M, K))."""
+    def run(self, pixels: np.ndarray, names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """The outputs ``names`` (default every output, in :attr:`output_names` order): a classifier's
+        probabilities (N, K), class map (N, K, H, W) and, where it has one, novelty (N,); a detector's probabilities
+        (N, K), boxes (N, M, 4), scores (N, M, K)."""
         ...
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:

@@ -57,8 +57,8 @@ def scores_and_novelty(model: Model, pixels: np.ndarray) -> tuple[np.ndarray, np
     """Class probabilities (N, K) and, for a model with a novelty score, each image's novelty (N,)."""
     if model.open_set is None or "novelty" not in model.output_names:
         return model.predict(pixels), None
-    outputs = model.run(pixels)
-    return outputs[0], outputs[model.output_names.index("novelty")]
+    probs, novelty = model.run(pixels, [model.output_names[0], "novelty"])
+    return probs, novelty
 
 
 def classify_images(

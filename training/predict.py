@@ -55,8 +55,9 @@ class RunModel:
         self.open_set = None if novelty is None else novelty.config.to_dict()
 
     @torch.inference_mode()
-    def run(self, pixels: np.ndarray) -> list[np.ndarray]:
-        return [out.numpy() for out in self.model(torch.from_numpy(pixels))]
+    def run(self, pixels: np.ndarray, names: Sequence[str] | None = None) -> list[np.ndarray]:
+        outputs = dict(zip(self.output_names, self.model(torch.from_numpy(pixels)), strict=True))
+        return [outputs[name].numpy() for name in names or self.output_names]
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         return self.run(pixels)[0]

@@ -59,7 +59,9 @@ def test_service_preprocessing_is_training_preprocessing(svc, hymenoptera_run, m
     """Byte-identical model input on real images, and the same probabilities as the trained PyTorch model."""
     seen = []
     original = svc.bundle.run  # a model with a novelty score answers from all its outputs
-    monkeypatch.setattr(svc.bundle, "run", lambda pixels: seen.append(pixels.copy()) or original(pixels))
+    monkeypatch.setattr(
+        svc.bundle, "run", lambda pixels, names=None: seen.append(pixels.copy()) or original(pixels, names)
+    )
     run = load_run(hymenoptera_run)
     images = [BEE, ANT, *sorted((ROOT.parent / "shared" / "photos").glob("*.bmp"))]
     for path in images:
@@ -85,7 +87,7 @@ def test_work_for_an_abandoned_request_is_dropped_not_run(svc, monkeypatch):
 
     ran = []
     original = svc.bundle.run
-    monkeypatch.setattr(svc.bundle, "run", lambda pixels: ran.append(1) or original(pixels))
+    monkeypatch.setattr(svc.bundle, "run", lambda pixels, names=None: ran.append(1) or original(pixels, names))
     for state in (
         guard.RequestState(deadline=time.monotonic() + 60, disconnected=True),
         guard.RequestState(deadline=time.monotonic() - 1),

@@ -22,12 +22,12 @@ def single_process(model: str, paths: list[str]) -> float:
     """images/s of `headstart predict`'s loop: read, decode, preprocess, classify, one image at a time."""
     from service.bundle import load_bundle
     from service.inference import classify_images
-    from service.preprocess import decode_image
+    from service.preprocess import decode_for
 
     bundle = load_bundle(model)
     started = time.perf_counter()
     for path in paths:
-        classify_images(bundle, [decode_image(Path(path))], 5)
+        classify_images(bundle, [decode_for(Path(path), bundle.spec)], 5)
     return len(paths) / (time.perf_counter() - started)
 
 

@@ -18,7 +18,7 @@ import torch
 from _common import SHARED, check_idle, machine_line
 
 from models import PixelNormalize, build_backbone
-from service.preprocess import decode_image, preprocess
+from service.preprocess import decode_for, preprocess
 from training.features import features_fn
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     bb = build_backbone(args.backbone, pretrained=False, weights=args.weights)
     net = torch.nn.Sequential(PixelNormalize(bb.preprocess.mean, bb.preprocess.std), bb.features)
     paths = sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg"))[: args.images]
-    pixels = np.stack([preprocess(decode_image(p), bb.preprocess) for p in paths])
+    pixels = np.stack([preprocess(decode_for(p, bb.preprocess), bb.preprocess) for p in paths])
     variants = {
         "eager fp32 (autocast off)": eager_fn(net, False),
         "eager bf16 autocast": eager_fn(net, True),

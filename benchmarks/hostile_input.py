@@ -20,7 +20,7 @@ import json, resource, sys, time
 sys.path.insert(0, sys.argv[3])
 import numpy as np
 from PIL import Image
-from service.preprocess import PreprocessSpec, decode_image, preprocess, resized_size, INTERPOLATIONS
+from service.preprocess import PreprocessSpec, decode_for, preprocess, resized_size, INTERPOLATIONS
 from tests.images import hostile_images, large_16bit_png
 import io
 
@@ -47,7 +47,7 @@ spec = PreprocessSpec()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 try:
-    preprocess(decode_image(data), spec) if how == "headstart" else naive(data, spec)
+    preprocess(decode_for(data, spec), spec) if how == "headstart" else naive(data, spec)
     outcome = "decoded"
 except Exception as exc:
     outcome = f"{type(exc).__name__}: {str(exc)[:60]}"

@@ -28,7 +28,7 @@ import torch
 from _common import SHARED, check_idle, machine_line
 
 from models import Classifier, ClassifierHead, HeadConfig, PixelNormalize, build_backbone
-from service.preprocess import decode_image, preprocess
+from service.preprocess import decode_for, preprocess
 from training.onnx_io import INPUT_NAME, export_onnx, quantize_int8
 
 
@@ -201,7 +201,7 @@ def main() -> None:
                 v: ort.InferenceSession(str(p), _ort_options(args.threads), providers=["CPUExecutionProvider"])
                 for v, p in (("fp32", fp32_path), ("int8", int8_path))
             }
-            pixels = np.stack([preprocess(decode_image(p), spec) for p in calib_paths[:32]])
+            pixels = np.stack([preprocess(decode_for(p, spec), spec) for p in calib_paths[:32]])
 
             def torch_fn(x, model=model):
                 with torch.inference_mode():

@@ -183,7 +183,7 @@ def line(name: str, rows: list[dict], seconds: list[float]) -> str:
 def bundle_ap(bundle_dir: Path, test: list, variant: str, runtime: str) -> tuple[dict, str]:
     """AP of an exported bundle's file on held-out images, through the serving runtime (what a client gets)."""
     from service.bundle import load_bundle
-    from service.preprocess import decode_image, preprocess_batch
+    from service.preprocess import decode_for, original_size, preprocess_batch
     from training.tasks.detect.metrics import (
         ground_truth_in_pixels,
         mean_average_precision,
@@ -193,8 +193,8 @@ def bundle_ap(bundle_dir: Path, test: list, variant: str, runtime: str) -> tuple
     bundle = load_bundle(bundle_dir, variant=variant, runtime=runtime)
     boxes, scores, sizes = [], [], []
     for start in range(0, len(test), 8):
-        images = [decode_image(s.path) for s in test[start : start + 8]]
-        sizes += [img.size for img in images]
+        images = [decode_for(s.path, bundle.spec) for s in test[start : start + 8]]
+        sizes += [original_size(img) for img in images]
         _, b, sc = bundle.run(preprocess_batch(images, bundle.spec))
         boxes.append(b)
         scores.append(sc)
@@ -208,19 +208,19 @@ def in_process_latency(bundle_dir: Path, paths: list[Path], repeats: int) -> dic
     from service.bundle import load_bundle
     from service.inference import classify_images
     from service.localize import localize_images
-    from service.preprocess import decode_image
+    from service.preprocess import decode_for
 
     bundle = load_bundle(bundle_dir)
     data = [p.read_bytes() for p in paths]
     for d in data[:3]:  # warm-up
-        classify_images(bundle, [decode_image(d)])
-        localize_images(bundle, [decode_image(d)])
+        classify_images(bundle, [decode_for(d, bundle.spec)])
+        localize_images(bundle, [decode_for(d, bundle.spec)])
     times: dict[str, list[float]] = {"classify": [], "localize": []}
     for _ in range(repeats):
         for d in data:
             for name, fn in (("classify", classify_images), ("localize", localize_images)):
                 t0 = time.perf_counter()
-                fn(bundle, [decode_image(d)])
+                fn(bundle, [decode_for(d, bundle.spec)])
                 times[name].append(time.perf_counter() - t0)
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 

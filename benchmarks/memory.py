@@ -37,7 +37,7 @@ def child(case: str, model: str, seconds: float) -> None:
     sys.path.insert(0, str(ROOT))
     from service.bundle import load_bundle
     from service.inference import classify_images
-    from service.preprocess import decode_image
+    from service.preprocess import decode_for
 
     arena_case = case in ("arena", "no-arena")  # the arena is ONNX Runtime's (served on GPUs, or when asked for)
     bundle = load_bundle(
@@ -55,7 +55,7 @@ def child(case: str, model: str, seconds: float) -> None:
         rng = random.Random(0)
         while time.perf_counter() < stop:
             n = rng.randint(1, 32)
-            classify_images(bundle, [decode_image(data[(count[0] + i) % len(data)]) for i in range(n)])
+            classify_images(bundle, [decode_for(data[(count[0] + i) % len(data)], bundle.spec) for i in range(n)])
             count[0] += n
 
     worker = ThreadPoolExecutor(1)
@@ -68,9 +68,9 @@ def child(case: str, model: str, seconds: float) -> None:
             blob = data[i % len(data)]
             if case == "spread":
                 with lock:
-                    classify_images(bundle, [decode_image(blob)])
+                    classify_images(bundle, [decode_for(blob, bundle.spec)])
             else:
-                worker.submit(lambda b=blob: classify_images(bundle, [decode_image(b)])).result()
+                worker.submit(lambda b=blob: classify_images(bundle, [decode_for(b, bundle.spec)])).result()
             count[0] += 1
 
     threads = (

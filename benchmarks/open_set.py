@@ -165,19 +165,19 @@ def latency(with_score: Path, without: Path, rounds: int) -> dict:
     ratios."""
     from service.bundle import load_bundle
     from service.inference import classify_images
-    from service.preprocess import decode_image
+    from service.preprocess import decode_for
 
     payloads = [p.read_bytes() for p in sorted((HYMENOPTERA / "val").rglob("*.jpg"))[:60]]
     bundles = {"with": load_bundle(with_score), "without": load_bundle(without)}
     for bundle in bundles.values():
         for data in payloads[:10]:
-            classify_images(bundle, [decode_image(data)])
+            classify_images(bundle, [decode_for(data, bundle.spec)])
     times: dict[str, list[float]] = {name: [] for name in bundles}
     for r in range(rounds):
         for name in ("with", "without") if r % 2 == 0 else ("without", "with"):
             started = time.perf_counter()
             for data in payloads:
-                classify_images(bundles[name], [decode_image(data)])
+                classify_images(bundles[name], [decode_for(data, bundles[name].spec)])
             times[name].append((time.perf_counter() - started) / len(payloads) * 1000)
     ratios = [a / b for a, b in zip(times["with"], times["without"], strict=True)]
     return {

@@ -49,18 +49,18 @@ def in_process(model: str, seconds: float, runtime: str = "auto") -> tuple[float
     """images/s and p50 latency (ms) of decode + preprocess + inference on ``runtime``, one image at a time."""
     from service.bundle import load_bundle
     from service.inference import classify_images
-    from service.preprocess import decode_image
+    from service.preprocess import decode_for
 
     bundle = load_bundle(model, device="cpu", runtime=runtime)
     payloads = [p.read_bytes() for p in IMAGES]
     for data in payloads[:5]:
-        classify_images(bundle, [decode_image(data)], 5)
+        classify_images(bundle, [decode_for(data, bundle.spec)], 5)
     latencies = []
     end = time.perf_counter() + seconds
     i = 0
     while time.perf_counter() < end:
         start = time.perf_counter()
-        classify_images(bundle, [decode_image(payloads[i % len(payloads)])], 5)
+        classify_images(bundle, [decode_for(payloads[i % len(payloads)], bundle.spec)], 5)
         latencies.append(time.perf_counter() - start)
         i += 1
     return len(latencies) / sum(latencies), 1000 * statistics.median(latencies)

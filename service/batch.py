@@ -102,7 +102,7 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from service.inference import classify_arrays, top_k
         from service.localize import LocalizeParams, localize_images
-        from service.preprocess import decode_image, preprocess
+        from service.preprocess import decode_for, preprocess
 
         rows, images, good = [], [], []
         for path, part, index in zip(batch["path"], batch["part"], batch["index"], strict=True):
@@ -119,7 +119,7 @@ class Predictor:
                 "unknown": -1,
             }
             try:
-                images.append(decode_image(read_bytes(str(path))))
+                images.append(decode_for(read_bytes(str(path)), self.bundle.spec))
                 good.append(len(rows))
             except Exception as exc:  # unreadable or not an image: the row says so, the job goes on
                 row["error"] = f"{type(exc).__name__}: {exc}"

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from service.contract import Model
 from service.errors import HeadstartError
 from service.inference import open_set_answer, threshold_of
-from service.preprocess import PreprocessSpec, preprocess_batch, resized_size, to_rgb
+from service.preprocess import PreprocessSpec, original_size, preprocess_batch, resized_size, to_rgb
 
 #: Upsampling of the CAM grid before thresholding: 4 sub-cells per feature cell and axis.
 CAM_UPSAMPLE = 4
@@ -82,15 +82,22 @@ class Geometry:
         return out
 
 
-def geometry(size: tuple[int, int], spec: PreprocessSpec) -> Geometry:
-    """How :func:`service.preprocess.preprocess` placed an image of ``size`` in the model input."""
-    width, height = size
+def geometry(size: tuple[int, int], spec: PreprocessSpec, original: tuple[int, int] | None = None) -> Geometry:
+    """How :func:`service.preprocess.preprocess` placed an image decoded at ``size`` in the model input, mapping
+    back to the ``original`` size it has as stored (default: ``size``; a JPEG decoded at a reduced scale is
+    smaller, :func:`service.preprocess.original_size`)."""
     new_w, new_h = resized_size(size, spec)
+    width, height = original or size
     if spec.fit == "pad":  # letterbox: centred, padded
         offset_x, offset_y = -((spec.input_size - new_w) // 2), -((spec.input_size - new_h) // 2)
     else:  # centre crop
         offset_x, offset_y = (new_w - spec.input_size) // 2, (new_h - spec.input_size) // 2
-    return Geometry(new_w / width, new_h / height, offset_x, offset_y, size)
+    return Geometry(new_w / width, new_h / height, offset_x, offset_y, (width, height))
+
+
+def geometry_of(img: Image.Image, spec: PreprocessSpec) -> Geometry:
+    """:func:`geometry` of a decoded image, mapping to its size as stored (boxes come back in those pixels)."""
+    return geometry(img.size, spec, original_size(img))
 
 
 def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -282,13 +289,13 @@ def localize_images(
         detections = (
             []
             if hidden
-            else detections_of(per_image, method, geometry(img.size, spec), model.labels, spec.input_size, params)
+            else detections_of(per_image, method, geometry_of(img, spec), model.labels, spec.input_size, params)
         )
         results.append(
             {
                 "detections": detections,
                 "grid": model.feature_map,
-                "image_size": list(img.size),
+                "image_size": list(original_size(img)),
                 "method": method,
                 "scores": per_image[model.output_names[0]],  # the image-level class probabilities come first
                 **answer,
@@ -319,8 +326,11 @@ PALETTE = [
 
 
 def draw_detections(img: Image.Image, detections: Sequence[dict]) -> Image.Image:
-    """A copy of the image (RGB) with each detection's box and ``label confidence`` drawn on it."""
+    """A copy of the image (RGB, at the scale it was decoded at) with each detection's box (in the image's pixels as
+    stored: :func:`service.preprocess.original_size`) and ``label confidence`` drawn on it."""
     canvas = to_rgb(img).copy()
+    sx, sy = (canvas.size[i] / original_size(img)[i] for i in (0, 1))
+    detections = [{**d, "box": {k: v * (sx if k[0] == "x" else sy) for k, v in d["box"].items()}} for d in detections]
     draw = ImageDraw.Draw(canvas)
     width = max(2, round(max(canvas.size) / 300))
     font = label_font(max(12, round(max(canvas.size) / 40)))

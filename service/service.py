@@ -38,7 +38,7 @@ from service.guard import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, RequestGuard, cu
 from service.heatmap import heatmap as class_heatmap
 from service.inference import classify_arrays, classify_images, top_k
 from service.localize import DEFAULTS, LocalizeError, LocalizeParams, draw_detections, localize_images
-from service.preprocess import ImageError, decode_image, preprocess
+from service.preprocess import ImageError, decode_for, preprocess
 from service.runtime import choose_runtime
 from service.settings import SETTINGS, Settings
 from service.webpage import WebPage
@@ -110,13 +110,6 @@ class ClientErrorsAsOneLine(logging.Filter):
 
 
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsAsOneLine())
-
-
-def _image_of(path: Path):
-    try:
-        return decode_image(Path(path))
-    except ImageError as exc:
-        raise InvalidArgument(str(exc)) from exc
 
 
 def _params(conf: float, iou: float, max_detections: int, boxes_if_unknown: bool = False) -> LocalizeParams:
@@ -194,6 +187,13 @@ class Headstart:
             self.open_set_info[1],
         )
 
+    def _decode(self, path: Path) -> Image.Image:
+        """An upload decoded for the model (a JPEG at the scale its preprocessing needs), or a 400 saying why not."""
+        try:
+            return decode_for(Path(path), self.bundle.spec)
+        except ImageError as exc:
+            raise InvalidArgument(str(exc)) from exc
+
     def _on_worker(self, fn: Callable[..., T], *args, one_request: bool = True) -> T:
         """Run ``fn`` on the inference thread, unless by its turn the client has left or the time is up.
 
@@ -220,7 +220,7 @@ class Headstart:
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}.")
         limit = _threshold(novelty_threshold)
-        answer = self._on_worker(lambda: classify_images(self.bundle, [_image_of(image)], top_k, limit)[0])
+        answer = self._on_worker(lambda: classify_images(self.bundle, [self._decode(image)], top_k, limit)[0])
         return ClassifyResponse(**answer, model=self.model)
 
     # adaptive batching limits, chosen by measurement (benchmarks/RESULTS.md): BentoML answers 503 to requests it
@@ -250,7 +250,7 @@ class Headstart:
         arrays, errors = [], []
         for path in images:
             try:
-                arrays.append(preprocess(decode_image(Path(path)), self.bundle.spec))
+                arrays.append(preprocess(decode_for(Path(path), self.bundle.spec), self.bundle.spec))
                 errors.append(None)
             except ImageError as exc:
                 errors.append(str(exc))
@@ -276,7 +276,7 @@ class Headstart:
         """
         params = _params(conf, iou, max_detections, boxes_if_unknown)
         limit = _threshold(novelty_threshold)
-        result = self._on_worker(lambda: localize_images(self.bundle, [_image_of(image)], params, limit)[0])
+        result = self._on_worker(lambda: localize_images(self.bundle, [self._decode(image)], params, limit)[0])
         return LocalizeResponse(
             **{k: result[k] for k in ("detections", "grid", "image_size", "method", *OpenSetAnswer.model_fields)},
             predictions=[Prediction(**p) for p in top_k(result["scores"], self.bundle.labels, 5)],
@@ -298,7 +298,7 @@ class Headstart:
         limit = _threshold(novelty_threshold)
 
         def draw() -> Image.Image:
-            img = _image_of(image)
+            img = self._decode(image)
             drawn = draw_detections(img, localize_images(self.bundle, [img], params, limit)[0]["detections"])
             drawn.format = "JPEG"  # BentoML encodes a returned image in its format
             return drawn
@@ -320,7 +320,7 @@ class Headstart:
 
         def draw() -> Image.Image:
             try:
-                picture = class_heatmap(self.bundle, _image_of(image), index, limit).image
+                picture = class_heatmap(self.bundle, self._decode(image), index, limit).image
             except LocalizeError as exc:
                 raise InvalidArgument(str(exc)) from exc
             picture.format = "JPEG"

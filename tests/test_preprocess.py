@@ -12,7 +12,9 @@ from service.preprocess import (
     ImageError,
     PreprocessSpec,
     count_jpeg_scans,
+    decode_for,
     decode_image,
+    original_size,
     preprocess,
     resize_and_crop,
     resized_size,
@@ -195,3 +197,67 @@ def test_crop_box_resize_samples_the_same_pixels_as_resize_then_crop():
         whole = img.resize((new_w, new_h), Image.Resampling.BILINEAR).crop((left, top, left + 224, top + 224))
         diff = np.abs(np.asarray(resize_and_crop(img, spec), np.int16) - np.asarray(whole, np.int16))
         assert diff.max() <= 1, size
+
+
+# ---------------------------------------------------------------- decoding bounded by the output (decode_for)
+
+
+def large_jpeg(size=(3264, 2448), orientation: int | None = None, box=(1200, 700, 1500, 1000)) -> bytes:
+    """A smooth large JPEG with a white square at ``box`` (in the upright image); with ``orientation`` 6 stored
+    sideways as a phone stores a portrait photo."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 100, (size[1] // 100, size[0] // 100, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize(size, Image.Resampling.BILINEAR)
+    img.paste((255, 255, 255), box)
+    exif = Image.Exif()
+    if orientation == 6:
+        img = img.transpose(Image.Transpose.ROTATE_90)  # EXIF 6 turns it back upright
+        exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_the_model_needs():
+    spec = PreprocessSpec()  # resize 256: a shorter side of 2 x 256 is kept
+    img = decode_for(large_jpeg(), spec)  # an 8 MP phone photo
+    assert img.size == (816, 612) and original_size(img) == (3264, 2448)  # 1/4: 1/8 would leave 306
+    whole = decode_image(large_jpeg())
+    assert whole.size == original_size(whole) == (3264, 2448)
+    diff = np.abs(preprocess(img, spec) - preprocess(whole, spec))
+    assert diff.mean() < 1.0 and diff.max() < 40  # the same picture; libjpeg's scaling instead of Pillow's resize
+    assert decode_for(large_jpeg(size=(1000, 600)), spec).size == (1000, 600)  # 1/2 would leave 300 < 512
+
+
+def test_exif_orientation_is_applied_after_the_reduced_decoding():
+    img = decode_for(large_jpeg(orientation=6), PreprocessSpec())
+    assert img.size == (816, 612) and original_size(img) == (3264, 2448)
+    arr = np.asarray(img)
+    assert arr[700 // 4 + 30, 1200 // 4 + 30].min() > 240  # the white square where it is in the upright photo
+
+
+def test_other_formats_are_decoded_whole_and_truncated_jpegs_are_still_caught():
+    spec = PreprocessSpec()
+    png = encode(Image.fromarray(np.zeros((1200, 1800, 3), np.uint8)), "PNG")
+    assert decode_for(png, spec).size == (1800, 1200)  # Pillow has no reduced decoding but for JPEG
+    data = large_jpeg()
+    with pytest.raises(ImageError, match="truncated"):
+        decode_image(data[: len(data) // 2], min_side=1)  # 1/8 scale still decodes every byte
+
+
+def test_boxes_of_a_reduced_decoding_come_back_in_the_photos_pixels():
+    from service.localize import draw_detections, geometry_of
+
+    for fit in ("crop", "pad"):
+        spec = PreprocessSpec(input_size=224, resize=256 if fit == "crop" else 224, fit=fit)
+        img = decode_for(large_jpeg(orientation=6), spec)
+        arr = preprocess(img, spec)[0]
+        ys, xs = np.nonzero(arr > 178)  # the square's edge, halfway between the background (< 100) and white
+        found = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], float)
+        # within one input pixel (14.6 px of the photo at 224 px letterboxed)
+        np.testing.assert_allclose(geometry_of(img, spec).to_original(found)[0], [1200, 700, 1500, 1000], atol=15)
+    box = {"x1": 1200, "y1": 700, "x2": 1500, "y2": 1000}
+    drawn = draw_detections(img, [{"label": "x", "index": 0, "confidence": 0.9, "box": box}])
+    assert drawn.size == img.size  # drawn at the scale decoded, the box scaled to it
+    x, y = round(1200 * img.width / 3264), round(850 * img.height / 2448)  # on the box's left edge
+    assert np.asarray(drawn)[y, x].tolist() != np.asarray(img)[y, x].tolist()

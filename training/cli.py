@@ -134,7 +134,7 @@ def _predict_files(model, args) -> int:
     from service.heatmap import heatmap
     from service.inference import classify_images
     from service.localize import LocalizeParams, localize_images
-    from service.preprocess import ImageError, decode_image
+    from service.preprocess import ImageError, decode_for
 
     params = LocalizeParams(conf=args.conf) if args.localize else None
     heatmaps = Path(args.heatmap) if args.heatmap else None
@@ -142,7 +142,7 @@ def _predict_files(model, args) -> int:
         heatmaps.mkdir(parents=True, exist_ok=True)
 
     def answer(path: Path) -> dict:
-        img = decode_image(path)
+        img = decode_for(path, model.spec)
         out = classify_images(model, [img], args.top_k, args.novelty_threshold)[0]
         if params is not None:
             result = localize_images(model, [img], params, args.novelty_threshold)[0]

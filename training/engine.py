@@ -24,6 +24,7 @@ from torch import nn
 
 from models import Backbone, PixelNormalize, build_backbone
 from service.contract import BackboneRecord, RunRecord
+from service.preprocess import DECODE_MARGIN
 from training import runs
 from training.augment import recipe, recipe_key
 from training.config import RunConfig
@@ -169,8 +170,11 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
     job.training_report["feature_gib"] = round(need / 2**30, 6)
     log.info("features: %.2f GiB in memory (%s), as much in the cache", need / 2**30, np.dtype(layout.dtype).name)
     job.cache = FeatureCache(None if cfg.no_cache else (cfg.cache_dir or default_cache_dir()))
-    ns = dict(task=task.name, backbone=b.name, weights=b.weights_sha256, spec=job.spec.to_dict())
+    # the decoding is part of what features depend on: a JPEG is decoded at a scale set by the spec (DECODE_MARGIN)
+    decoding = f"dct-scaled x{DECODE_MARGIN}"
+    ns = dict(task=task.name, backbone=b.name, weights=b.weights_sha256, spec=job.spec.to_dict(), decoding=decoding)
     common = dict(
+        spec=job.spec,
         shape=layout.shape,
         dtype=layout.dtype,
         extras=layout.extras,

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from service.cpu import cpu_info
-from service.preprocess import decode_image
+from service.preprocess import PreprocessSpec, decode_for
 from training.runs import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,7 @@ def extract_features(
     shape: tuple[int, ...],
     cache: FeatureCache,
     namespace: str,
+    spec: PreprocessSpec,
     dtype=np.float32,
     extras: tuple[str, ...] = (),
     seed: int = 0,
@@ -215,7 +216,7 @@ def extract_features(
     for start in range(0, len(todo), per_chunk):
         chunk = todo[start : start + per_chunk]
         made = [
-            make_views(decode_image(samples[i].path), samples[i], item_seed(seed, samples[i].sha256)) for i in chunk
+            make_views(decode_for(samples[i].path, spec), samples[i], item_seed(seed, samples[i].sha256)) for i in chunk
         ]
         pixels = np.concatenate([pixels for pixels, _ in made])
         feats = np.concatenate(

@@ -185,7 +185,7 @@ def audit_data(train, val, labels: list[str], seed: int) -> dict:
 
 def plot_audit(report: dict, spec, path: Path, per_row: int = 6) -> None:
     """audit.png: the top label issues, near-duplicate pairs and outliers, each image with its file name."""
-    from service.preprocess import decode_image, resize_and_crop
+    from service.preprocess import decode_for, resize_and_crop
 
     issues = [(f["path"], f"{f['given']} → {f['suggested']} ({f['score']:.2f})") for f in report["label_issues"]]
     pairs = [(p, f"{d['splits']} {d['similarity']:.3f}") for d in report["near_duplicates"] for p in d["paths"]]
@@ -200,7 +200,7 @@ def plot_audit(report: dict, spec, path: Path, per_row: int = 6) -> None:
             if c < len(items):
                 file, caption = items[c]
                 try:
-                    ax.imshow(resize_and_crop(decode_image(Path(file)), spec))
+                    ax.imshow(resize_and_crop(decode_for(Path(file), spec), spec))
                 except Exception as exc:  # a file gone since training: say so in its cell
                     ax.text(0.5, 0.5, f"unreadable: {type(exc).__name__}", ha="center", va="center", fontsize=7)
                 ax.set_title(f"{kind}: {caption}\n{Path(file).name[:28]}", fontsize=7)

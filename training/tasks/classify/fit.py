@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models import Classifier, ClassifierHead, HeadConfig, PixelNormalize
-from service.preprocess import decode_image
+from service.preprocess import decode_for
 from training import runs
 from training.loop import Phase, Schedule, fit, optimizer_step
 from training.predict import predict_paths
@@ -126,7 +126,9 @@ def finetune(job: Job, head: ClassifierHead, weights: torch.Tensor | None) -> di
         idx = idx.tolist()
         pixels = np.concatenate(
             [
-                augmented_views(decode_image(train[i].path), pipeline, spec, 1, cfg.seed * 100003 + epoch * 7919 + i)
+                augmented_views(
+                    decode_for(train[i].path, spec), pipeline, spec, 1, cfg.seed * 100003 + epoch * 7919 + i
+                )
                 for i in idx
             ]
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.preprocess import PreprocessSpec, decode_image, resize_and_crop
+from service.preprocess import PreprocessSpec, decode_for, resize_and_crop
 from training.plots import pyplot
 
 
@@ -131,7 +131,7 @@ def plot_worst_predictions(
     for ax in axes.ravel():
         ax.axis("off")
     for ax, i in zip(axes.ravel(), wrong, strict=False):
-        ax.imshow(resize_and_crop(decode_image(paths[i]), spec))
+        ax.imshow(resize_and_crop(decode_for(paths[i], spec), spec))
         ax.set_title(
             f"{Path(paths[i]).name[:32]}\ntrue {labels[targets[i]]}, pred {labels[pred[i]]} {probs[i, pred[i]]:.2f}",
             fontsize=8,

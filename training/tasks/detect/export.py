@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from service.preprocess import decode_image
+from service.preprocess import decode_for, original_size
 from training.onnx_io import ExportError, ort_outputs
 from training.predict import torch_outputs
 from training.tasks.base import TaskExport
@@ -67,7 +67,7 @@ class DetectExport(TaskExport):
         """AP50 and AP50:95 of the int8 model against the fp32 one (``reference``: its outputs) on the validation
         images, with their labels read again from the data set."""
         truth_samples = labelled_samples(run.record.data["yaml"], paths, run.labels)
-        sizes = [decode_image(p).size for p in paths]
+        sizes = [original_size(decode_for(p, run.spec)) for p in paths]
         truth = ground_truth_in_pixels(truth_samples, sizes)
         got = ort_outputs(session, paths, run.spec)
         out: dict = {"metric": "map50", "images": len(paths)}

@@ -17,7 +17,7 @@ import numpy as np
 from torch import nn
 
 from models.wrapper import Detector, PixelNormalize
-from service.preprocess import PreprocessSpec, decode_image
+from service.preprocess import PreprocessSpec, decode_for
 from training.tasks.base import FeatureLayout, Job, Task
 from training.tasks.detect.config import DetectConfig
 from training.tasks.detect.data import keep_classes, scan_yolo_dataset, scan_yolo_eval_split
@@ -93,8 +93,7 @@ class DetectTask(Task):
         def partners(rng: np.random.Generator) -> list:
             picks = [pool[int(i)] for i in rng.integers(0, len(pool), 3)]
             return [
-                (shrink_for_augmentation(decode_image(s.path).convert("RGB"), job.spec), s.classes, s.boxes)
-                for s in picks
+                (shrink_for_augmentation(decode_for(s.path, job.spec), job.spec), s.classes, s.boxes) for s in picks
             ]
 
         def make(img, sample, seed):

@@ -6,8 +6,15 @@ run the in-process pipeline (decode, preprocess, the same runtime, batch 1) with
 p50/p95/p99 latency and errors per level, and the ratio HTTP / in-process. Targets: zero errors; at concurrency 32
 HTTP throughput >= 0.8 of in-process; at concurrency 1 p50 latency within 10 ms of in-process.
 
+Workloads (``--photos``): ``hymenoptera``, its 153 validation photos (about 500 x 375, 100 KB); ``camera``, the three
+full-size camera JPEGs of ../shared/photos/camera (3264 x 2448 phone, 2048 x 1536 with EXIF orientation 6, 2048 x
+1536 trail camera; 0.4-0.8 MB), repeated: the photos users upload; ``both`` drives each at every level (on the same
+server, alternating in four slices of the time) and prints the camera / hymenoptera p50 ratio (target <= 2.5 at
+concurrency 1).
+
     .venv/bin/python benchmarks/serve_load.py [--model TAG_OR_BUNDLE] [--seconds 15] [--levels 1 8 32]
-        [--runtime auto|openvino|onnxruntime]   (HEADSTART_WORKERS / HEADSTART_THREADS pass through to the server)
+        [--photos hymenoptera|camera|both] [--runtime auto|openvino|onnxruntime]
+        (HEADSTART_WORKERS / HEADSTART_THREADS pass through to the server)
 """
 
 from __future__ import annotations
@@ -23,7 +30,11 @@ from pathlib import Path
 
 from _common import SHARED, check_idle, machine_line, rss_mib, running_server
 
-IMAGES = sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg"))
+WORKLOADS = {
+    "hymenoptera": sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg")),
+    "camera": sorted((SHARED / "photos" / "camera").glob("*.jpg")),
+}
+IMAGES = WORKLOADS["hymenoptera"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -45,14 +56,14 @@ def make_bundle(tmp: str) -> str:
     return str(export_bundle(train(cfg), f"{tmp}/bundle", store=False).bundle_dir)
 
 
-def in_process(model: str, seconds: float, runtime: str = "auto") -> tuple[float, float]:
+def in_process(model: str, seconds: float, runtime: str = "auto", images: list[Path] = IMAGES) -> tuple[float, float]:
     """images/s and p50 latency (ms) of decode + preprocess + inference on ``runtime``, one image at a time."""
     from service.bundle import load_bundle
     from service.inference import classify_images
     from service.preprocess import decode_for
 
     bundle = load_bundle(model, device="cpu", runtime=runtime)
-    payloads = [p.read_bytes() for p in IMAGES]
+    payloads = [p.read_bytes() for p in images]
     for data in payloads[:5]:
         classify_images(bundle, [decode_for(data, bundle.spec)], 5)
     latencies = []
@@ -80,7 +91,9 @@ def multipart(name: str, data: bytes, field: str = "image", top_k: int | None = 
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-async def drive(url: str, concurrency: int, seconds: float, endpoint: str = "classify") -> dict:
+async def drive(
+    url: str, concurrency: int, seconds: float, endpoint: str = "classify", images: list[Path] = IMAGES
+) -> dict:
     """``concurrency`` clients posting one real JPEG per request to ``endpoint`` for ``seconds``; answers checked."""
     import aiohttp
 
@@ -90,7 +103,7 @@ async def drive(url: str, concurrency: int, seconds: float, endpoint: str = "cla
             *multipart(p.name, p.read_bytes(), "images" if batch else "image", None if batch else 1),
             p.parent.name,
         )
-        for p in IMAGES
+        for p in images
     ]
     latencies: list[float] = []
     errors = 0
@@ -121,6 +134,10 @@ async def drive(url: str, concurrency: int, seconds: float, endpoint: str = "cla
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(k, session) for k in range(concurrency)))
         elapsed = time.perf_counter() - t0
+    return summary(latencies, elapsed, errors)
+
+
+def summary(latencies: list[float], elapsed: float, errors: int) -> dict:
     return {
         "requests": len(latencies),
         "rps": len(latencies) / elapsed,
@@ -128,6 +145,22 @@ async def drive(url: str, concurrency: int, seconds: float, endpoint: str = "cla
         "p95": 1000 * percentile(latencies, 95),
         "p99": 1000 * percentile(latencies, 99),
         "errors": errors,
+        "latencies": latencies,
+        "elapsed": elapsed,
+    }
+
+
+def drive_workloads(url: str, level: int, seconds: float, endpoint: str, workloads: list[str]) -> dict[str, dict]:
+    """Each workload at ``level`` for ``seconds``; several take turns in four slices each, so that the machine's
+    drift hits them alike."""
+    slices = 1 if len(workloads) == 1 else 4
+    parts: dict[str, list[dict]] = {w: [] for w in workloads}
+    for _ in range(slices):
+        for w in workloads:
+            parts[w].append(asyncio.run(drive(url, level, seconds / slices, endpoint, WORKLOADS[w])))
+    return {
+        w: summary([x for r in rs for x in r["latencies"]], sum(r["elapsed"] for r in rs), sum(r["errors"] for r in rs))
+        for w, rs in parts.items()
     }
 
 
@@ -142,8 +175,10 @@ def main() -> None:
         choices=["classify", "classify_batch"],
         help="classify_batch: one image per request, merged by adaptive batching",
     )
+    parser.add_argument("--photos", default="hymenoptera", choices=[*WORKLOADS, "both"])
     parser.add_argument("--runtime", default="auto", choices=["auto", "openvino", "onnxruntime"])
     args = parser.parse_args()
+    workloads = list(WORKLOADS) if args.photos == "both" else [args.photos]
     print(machine_line(torch=False))
     busy = check_idle()
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,40 +197,50 @@ def main() -> None:
                 f"({info['device']}, {info['precision']}: {info['precision_note']})"
             )
             rss_before = rss_mib(server.pid)
-            results = {}
+            results: dict[tuple[str, int], dict] = {}
             for level in args.levels:
-                results[level] = asyncio.run(drive(url, level, args.seconds, args.endpoint))
-                r = results[level]
-                print(
-                    f"  concurrency {level}: {r['rps']:.1f} req/s, p50 {r['p50']:.1f} ms, errors {r['errors']}",
-                    flush=True,
-                )
+                for w, r in drive_workloads(url, level, args.seconds, args.endpoint, workloads).items():
+                    results[w, level] = r
+                    print(
+                        f"  {w}, concurrency {level}: {r['rps']:.1f} req/s, p50 {r['p50']:.1f} ms, "
+                        f"errors {r['errors']}",
+                        flush=True,
+                    )
             rss_after = rss_mib(server.pid)
-        ips, p50_local = in_process(model, args.seconds, args.runtime)
+        local = {w: in_process(model, args.seconds / len(workloads), args.runtime, WORKLOADS[w]) for w in workloads}
 
-    print()
-    print(
-        f"in-process pipeline (decode + preprocess + {info['runtime']}, batch 1): {ips:.1f} img/s, "
-        f"p50 {p50_local:.1f} ms"
-    )
-    print()
-    print("| concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | errors | HTTP / in-process throughput |")
-    print("|---|---|---|---|---|---|---|---|")
-    for level, r in results.items():
+    for w in workloads:
+        ips, p50_local = local[w]
+        print()
         print(
-            f"| {level} | {r['requests']} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
-            f"{r['errors']} | {r['rps'] / ips:.2f} |"
+            f"{w}: in-process pipeline (decode + preprocess + {info['runtime']}, batch 1): {ips:.1f} img/s, "
+            f"p50 {p50_local:.1f} ms"
         )
+        print("| concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | errors | HTTP / in-process throughput |")
+        print("|---|---|---|---|---|---|---|---|")
+        for level in args.levels:
+            r = results[w, level]
+            print(
+                f"| {level} | {r['requests']} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
+                f"{r['errors']} | {r['rps'] / ips:.2f} |"
+            )
+        if 32 in args.levels:
+            print(f"concurrency 32: HTTP / in-process throughput {results[w, 32]['rps'] / ips:.2f} (target >= 0.8)")
+        if 1 in args.levels:
+            print(
+                f"concurrency 1: p50 {results[w, 1]['p50']:.1f} ms vs in-process {p50_local:.1f} ms: "
+                f"+{results[w, 1]['p50'] - p50_local:.1f} ms (target <= 10 ms)"
+            )
     print()
     errors = sum(r["errors"] for r in results.values())
     print(f"errors: {errors} (target 0)")
-    if 32 in results:
-        print(f"concurrency 32: HTTP / in-process throughput {results[32]['rps'] / ips:.2f} (target >= 0.8)")
-    if 1 in results:
-        print(
-            f"concurrency 1: p50 {results[1]['p50']:.1f} ms vs in-process {p50_local:.1f} ms: "
-            f"+{results[1]['p50'] - p50_local:.1f} ms (target <= 10 ms)"
-        )
+    if len(workloads) == 2:
+        for level in args.levels:
+            ratio = results["camera", level]["p50"] / results["hymenoptera", level]["p50"]
+            print(
+                f"concurrency {level}: camera / hymenoptera p50 {ratio:.2f}"
+                + (" (target <= 2.5)" if level == 1 else "")
+            )
     print(f"server RSS before/after load: {rss_before:.0f} / {rss_after:.0f} MiB")
     print(f"other CPU use before the run: {busy:.0%}")
 

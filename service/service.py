@@ -72,6 +72,9 @@ verify_bundle(MODEL_REF)
 MODEL_IS_PATH = os.sep in MODEL_REF or Path(MODEL_REF).is_dir()
 RUNTIME, DEVICE = choose_runtime(SETTINGS.runtime, SETTINGS.device)
 MAX_TOP_K = 1000
+#: Pixels a merged /classify_batch batch may decode in all (four of the largest images allowed; JPEGs count at the
+#: scale they are decoded at, so 32 camera photos take about 16 MP).
+MAX_BATCH_DECODE_PIXELS = 4 * SETTINGS.max_image_pixels
 #: novelty is a cosine distance: 0 to 2
 MAX_NOVELTY = 2.0
 #: CPU serving: one worker process per core, so request handling (Python, GIL-bound) runs on every core, with the
@@ -247,10 +250,21 @@ class Headstart:
     def _classify_many(self, images: list[Path]) -> tuple[list[dict], list[str | None]]:
         # Each image is reduced to the model's input as soon as it is decoded: a merged batch holds 32 arrays of
         # 3 x 224 x 224, not 32 full-size photos.
-        arrays, errors = [], []
+        # A merged batch gets the decoding work of a few of the largest images (MAX_BATCH_DECODE_PIXELS): its
+        # clients cannot be told apart, nor seen leaving, so a batch of 32 slow images cannot hold the worker for
+        # minutes; the images past the budget get an error of their own, to be sent again.
+        arrays, errors, spent = [], [], 0
         for path in images:
+            if spent > MAX_BATCH_DECODE_PIXELS:
+                errors.append(
+                    f"This batch's decoding budget ({MAX_BATCH_DECODE_PIXELS / 1e6:g} MP decoded) was spent on the "
+                    "images before this one. Send it again, alone or in a batch of smaller images."
+                )
+                continue
             try:
-                arrays.append(preprocess(decode_for(Path(path), self.bundle.spec), self.bundle.spec))
+                img = decode_for(Path(path), self.bundle.spec)
+                spent += img.width * img.height
+                arrays.append(preprocess(img, self.bundle.spec))
                 errors.append(None)
             except ImageError as exc:
                 errors.append(str(exc))

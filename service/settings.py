@@ -138,6 +138,13 @@ class Settings:
         "largest image decoded, in pixels (400 beyond; in training, a skipped file)",
         minimum=1,
     )
+    max_decode_bytes: int = setting(
+        "HEADSTART_MAX_DECODE_BYTES",
+        512 << 20,
+        "largest memory one image's decoding may take, estimated by format and mode before decoding (400 beyond): "
+        "a 64 MP RGB image takes 256 MB, a lossless WebP or an RGBA PNG about 1 GB",
+        minimum=1 << 20,
+    )
     max_aspect_ratio: float = setting(
         "HEADSTART_MAX_ASPECT_RATIO", 100.0, "longest side over shortest side accepted", minimum=1.0
     )

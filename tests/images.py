@@ -86,7 +86,7 @@ def hostile_images() -> dict[str, tuple[bytes, str, str]]:
     ihdr_short = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", b"\0\0\0\x10\0")  # Pillow: ValueError
     return {
         "png-truncated-ihdr": (ihdr_short, "image/png", "corrupt"),
-        "ppm-bad-header": (b"P6\n3e 2\n255\n" + b"\0" * 18, "image/x-portable-pixmap", "corrupt"),
+        "ppm-bad-header": (b"P6\n3e 2\n255\n" + b"\0" * 18, "image/x-portable-pixmap", "malformed"),
         "aspect-2x30000": (encode(Image.new("L", (2, 30000)), "PNG"), "image/png", "times longer"),
         "jpeg-500-scans": (progressive_jpeg_with_repeated_scans(), "image/jpeg", "scans"),
         "ico": (encode(photo().resize((64, 64)), "ICO"), "image/x-icon", "not an image format"),
@@ -94,6 +94,46 @@ def hostile_images() -> dict[str, tuple[bytes, str, str]]:
         "sgi": (encode(photo().resize((64, 64)), "SGI"), "image/sgi", "not an image format"),
         "pcx": (encode(photo().resize((64, 64)), "PCX"), "image/x-pcx", "not an image format"),
         "eps": (encode(photo().resize((64, 64)), "EPS"), "application/postscript", "not an image format"),
+    }
+
+
+def rle8_bmp(side: int = 8000) -> bytes:
+    """A valid RLE8-compressed 8000 x 8000 BMP of 33 KB (delta commands; Pillow decodes RLE in Python)."""
+    import struct
+
+    rows = b"\x00\x02\xff\xff" * side + b"\x00\x01"
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    info = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset) + info + palette + rows
+
+
+def work_bombs() -> dict[str, tuple[bytes, str, str]]:
+    """name → (bytes, content type, expected message fragment): small files inside the allowed formats whose
+    decoding costs seconds of Python or a gigabyte (issue 24); each must be a 400 answered at once."""
+    iccp = png_chunk(b"iCCP", b"icc\0\0" + __import__("zlib").compress(b"\0" * 4000))
+    png = encode(Image.new("RGB", (64, 64)), "PNG")
+    return {
+        "bmp-rle8": (rle8_bmp(), "image/bmp", "RLE"),
+        "pgm-plain-300k-comment-lines": (
+            b"P2\n64 64\n255\n" + b"#\n" * 300_000 + b"1 " * 4096,
+            "image/x-portable-graymap",
+            "Plain",
+        ),
+        "ppm-maxval-1000": (
+            b"P6\n1000 1000\n1000\n" + b"\0\1" * (3 * 1000 * 1000),
+            "image/x-portable-pixmap",
+            "maxval",
+        ),
+        "ppm-padded-header": (
+            b"P6" + b" " * (1 << 20) + b"64 64 255\n" + b"\0" * (64 * 64 * 3),
+            "image/x-portable-pixmap",
+            "header",
+        ),
+        "png-1900-icc-profiles": (png[:33] + iccp * 1900 + png[33:], "image/png", "ICC profile"),
+        "png-60000-tiny-chunks": (png[:33] + png_chunk(b"tEXt", b"k\0v") * 60000 + png[33:], "image/png", "chunks"),
+        "webp-lossless-64mp": (encode(Image.new("RGB", (8000, 8000)), "WEBP", lossless=True), "image/webp", "MiB"),
+        "png-rgba-64mp": (encode(Image.new("RGBA", (8000, 8000)), "PNG"), "image/png", "MiB"),
     }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ from service.preprocess import (
 )
 
 from .conftest import HYMENOPTERA, PHOTOS
-from .images import hostile_images, mutants, photo, seed_images
+from .images import hostile_images, mutants, photo, png_chunk, seed_images, work_bombs
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -172,6 +174,91 @@ def test_hostile_images_are_refused_before_decoding(name, monkeypatch):
     assert decoded == [], f"{name} was decoded ({decoded}) before it was refused"
     decode_image(normal)
     assert "PNG" in decoded  # the count sees a decode
+
+
+@pytest.mark.parametrize("name", list(work_bombs()))
+def test_decode_work_bombs_are_refused_before_decoding(name, monkeypatch):
+    """Small files inside the allowed formats that cost seconds of Python decoding (RLE BMP, plain or 10-bit Netpbm,
+    padded headers, thousands of PNG chunks or ICC profiles) or a gigabyte (64 MP lossless WebP or RGBA PNG):
+    refused from the header, before a pixel is decoded."""
+    from PIL import ImageFile
+
+    data, _, message = work_bombs()[name]
+    decoded, load = [], ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.format) or load(self))
+    with pytest.raises(ImageError, match=message):
+        decode_image(data)
+    assert decoded == [], f"{name} was decoded ({decoded}) before it was refused"
+
+
+def test_legitimate_images_near_the_new_limits_still_decode():
+    """What the work limits must keep taking: PNG with an ICC profile and text, with its data in 8 KB IDAT chunks,
+    binary PBM/PGM/PPM (8 and 16 bit, with a comment), and a 64 MP RGB PNG."""
+    base = photo().resize((300, 200))
+    icc = encode(base, "PNG", icc_profile=b"\0" * 3000)
+    text = encode(base, "PNG")
+    text = text[:33] + b"".join(png_chunk(b"tEXt", b"k%d\0v" % i) for i in range(50)) + text[33:]
+    many_idat = Image.new("RGB", (2000, 2000))
+    many_idat.putdata([(i % 251, i % 13, 0) for i in range(2000 * 2000)])
+    from PIL import PngImagePlugin
+
+    old, PngImagePlugin.ImageFile.MAXBLOCK = PngImagePlugin.ImageFile.MAXBLOCK, 8192  # 8 KB IDAT chunks
+    try:
+        idat = encode(many_idat, "PNG", compress_level=0)
+    finally:
+        PngImagePlugin.ImageFile.MAXBLOCK = old
+    assert idat.count(b"IDAT") > 1000
+    netpbm = [
+        encode(base.convert("1"), "PPM"),
+        encode(base.convert("L"), "PPM"),
+        encode(base, "PPM"),
+        b"P5\n# a comment\n300 200\n65535\n" + b"\x01\x02" * 60000,
+    ]
+    for data in [icc, text, idat, *netpbm, encode(Image.new("RGB", (8000, 8000)), "PNG")]:
+        assert min(decode_image(data).size) >= 200
+
+
+MEASURE = """
+import io, sys
+from PIL import Image
+sys.path.insert(0, ".")
+from service.preprocess import decode_cost, decode_image
+data = sys.stdin.buffer.read()
+img = Image.open(io.BytesIO(data))
+estimate = decode_cost(img, img.size[0] * img.size[1])
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from here
+base = status("VmRSS:")
+decode_image(data)
+print(estimate, status("VmHWM:") - base)
+"""
+
+
+@pytest.mark.parametrize(
+    "fmt, mode",
+    [
+        ("WEBP", "RGB"),
+        ("PNG", "RGBA"),
+        ("PNG", "RGB"),
+        ("PNG", "L"),
+        ("PNG", "I;16"),
+        ("TIFF", "CMYK"),
+        ("GIF", "P"),
+        ("BMP", "RGB"),
+    ],
+)
+def test_the_decode_memory_estimate_bounds_the_real_peak(fmt, mode):
+    """The estimate that refuses an image before decoding (HEADSTART_MAX_DECODE_BYTES) is at least the memory its
+    decoding really takes at its peak (within 5%: pages and allocator slack), measured in a fresh process on a 16 MP image of each kind, and not more than
+    twice it (an estimate that refused what fits would refuse good photos)."""
+    img = Image.new("RGB", (4000, 4000), (10, 200, 30))
+    img = img.convert("L").convert("I;16") if mode == "I;16" else img.convert(mode)
+    data = encode(img, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    out = subprocess.run([sys.executable, "-c", MEASURE], input=data, capture_output=True, check=True).stdout
+    estimate, peak = map(int, out.split())
+    assert peak <= 1.05 * estimate <= max(2 * peak, 16_000_000 * 5), (fmt, mode, estimate >> 20, peak >> 20)
 
 
 def test_a_normal_progressive_jpeg_is_within_the_scan_budget():

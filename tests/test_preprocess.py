@@ -251,8 +251,8 @@ print(estimate, status("VmHWM:") - base)
 )
 def test_the_decode_memory_estimate_bounds_the_real_peak(fmt, mode):
     """The estimate that refuses an image before decoding (HEADSTART_MAX_DECODE_BYTES) is at least the memory its
-    decoding really takes at its peak (within 5%: pages and allocator slack), measured in a fresh process on a 16 MP image of each kind, and not more than
-    twice it (an estimate that refused what fits would refuse good photos)."""
+    decoding really takes at its peak (within 5%: pages and allocator slack), measured in a fresh process on a 16 MP
+    image of each kind, and not more than twice it (an estimate that refused what fits would refuse good photos)."""
     img = Image.new("RGB", (4000, 4000), (10, 200, 30))
     img = img.convert("L").convert("I;16") if mode == "I;16" else img.convert(mode)
     data = encode(img, fmt, **({"lossless": True} if fmt == "WEBP" else {}))

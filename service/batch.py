@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import HeadstartError
+from service.files import FileProblem, read_image_file, shown, utf8_name
 from service.localize import DEFAULTS
 
 log = logging.getLogger("headstart")
@@ -47,14 +48,16 @@ def list_sources(source: str) -> list[str]:
     if path.is_dir():
         from service.preprocess import IMAGE_SUFFIXES
 
-        return sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        # FIFOs, devices and broken links with an image's name are listed too: each gets a row with its error
+        return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
     if any(ch in source for ch in "*?["):
-        return sorted(p for p in glob.glob(source, recursive=True) if Path(p).is_file())
+        return sorted(p for p in glob.glob(source, recursive=True) if not Path(p).is_dir())
     if not path.is_file():
         raise BatchError(f"{source} is neither a folder, a glob, nor a .txt/.csv/.parquet list of images.")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        lines = path.read_text(errors="surrogateescape").splitlines()  # a name that is not UTF-8: an error row
+        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     if suffix in (".csv", ".parquet"):
         import pyarrow.csv
         import pyarrow.parquet
@@ -68,7 +71,7 @@ def list_sources(source: str) -> list[str]:
 def read_bytes(uri: str) -> bytes:
     """A local path, or any URI pyarrow's file systems open (s3://, gs://, hdfs://, file://) where credentials allow."""
     if "://" not in uri:
-        return Path(uri).read_bytes()
+        return read_image_file(uri)  # a regular file within the size limit, else FileProblem (service/files.py)
     from pyarrow import fs
 
     filesystem, path = fs.FileSystem.from_uri(uri)
@@ -89,6 +92,7 @@ class Predictor:
         from service.bundle import load_bundle
 
         self.options = options
+        self.not_utf8 = set(options.get("not_utf8", ()))
         self.node = ray.get_runtime_context().get_node_id()  # where this actor runs (reported in the summary)
         self.bundle = load_bundle(
             model,
@@ -119,6 +123,8 @@ class Predictor:
                 "unknown": -1,
             }
             try:
+                if str(path) in self.not_utf8:
+                    raise FileProblem(f"The file name {str(path)!r} is not UTF-8 (shown escaped); rename the file.")
                 images.append(decode_for(read_bytes(str(path)), self.bundle.spec))
                 good.append(len(rows))
             except Exception as exc:  # unreadable or not an image: the row says so, the job goes on
@@ -264,6 +270,9 @@ def predict_batch(
     paths = list_sources(source)
     if not paths:
         raise BatchError(f"{source} names no images.")
+    # names that are not UTF-8 cannot go into a string column: shown escaped, each row an error (rename the file)
+    not_utf8 = sorted(shown(p) for p in paths if not utf8_name(p))
+    paths = [shown(p) for p in paths]
     options = {
         "top_k": top_k,
         "localize": localize,
@@ -273,6 +282,7 @@ def predict_batch(
         "runtime": runtime,
         "precision": precision,
         "device": "cuda" if gpus_per_actor else "cpu",
+        "not_utf8": not_utf8,
     }
     job = {
         "images": len(paths),

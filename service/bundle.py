@@ -144,10 +144,23 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         raise BundleError(str(exc)) from exc
 
 
+#: Files a bundle directory may hold besides those its manifest lists: the manifest, and BentoML's model.yaml in the
+#: model store. Anything else is refused: an ONNX file can load external data from beside it, so a file no hash
+#: covers could change the answers while every listed file still verifies.
+UNLISTED_ALLOWED = (MANIFEST, "model.yaml")
+
+
 def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
     files = manifest.files
     if MODEL_FP32 not in files:
         raise BundleError(f"{bundle_dir / MANIFEST} lists no {MODEL_FP32}; re-export the bundle.")
+    extra = sorted(p.name for p in bundle_dir.iterdir() if p.name not in files and p.name not in UNLISTED_ALLOWED)
+    if extra:
+        shown = ", ".join(repr(name) for name in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise BundleError(
+            f"{bundle_dir} holds files its manifest does not list ({shown}). A model file can read data from beside "
+            "it, so a bundle serves nothing unlisted: remove them, or re-export the bundle into an empty directory."
+        )
     for name, expected in files.items():
         path = bundle_dir / name
         if Path(name).name != name:
@@ -222,6 +235,18 @@ def served_precision(manifest: Manifest, variant: str, runtime: str, precision: 
     return "bf16", f"bf16 passed the export's check (top-1 agreement {check['top1_agreement']:.2%})"
 
 
+def variant_file(bundle_dir: Path, manifest: Manifest, variant: str) -> str:
+    """The bundle's file for ``variant``, or a BundleError saying what to do."""
+    filename = {"fp32": MODEL_FP32, "int8": MODEL_INT8}.get(variant)
+    if filename is None:
+        raise BundleError(f"Invalid variant {variant!r}. Use fp32 or int8.")
+    if filename not in manifest.files:
+        raise BundleError(
+            f"{bundle_dir} has no int8 model (HEADSTART_VARIANT=int8); export with --int8, or serve the fp32 variant."
+        )
+    return filename
+
+
 def load_bundle(
     ref: str | Path,
     *,
@@ -238,11 +263,7 @@ def load_bundle(
     ``memory_arena=False`` turns off ONNX Runtime's CPU memory arena (see :mod:`service.runtime`).
     """
     bundle_dir, manifest = verify_bundle(ref)
-    filename = {"fp32": MODEL_FP32, "int8": MODEL_INT8}.get(variant)
-    if filename is None:
-        raise BundleError(f"Invalid variant {variant!r}. Use fp32 or int8.")
-    if filename not in manifest.files:
-        raise BundleError(f"{bundle_dir} has no int8 model; export with --int8 or use the fp32 variant.")
+    filename = variant_file(bundle_dir, manifest, variant)
     if precision not in PRECISIONS:
         raise BundleError(f"Invalid precision {precision!r}. Use auto (what the export verified) or fp32.")
     _check_embedded_manifest(bundle_dir, filename)

@@ -7,8 +7,14 @@ None of that reaches it. Here, before BentoML parses anything:
 
 - framing headers are canonical: a duplicated Content-Type or Content-Length is refused (proxies and BentoML would
   disagree on which one counts); the media type is compared case-insensitively;
-- load is shed before a body is read: at most ``MAX_CONCURRENCY`` requests to the model routes per worker, holding
-  at most ``MAX_INFLIGHT_BYTES`` of bodies, else 503 with ``Retry-After``;
+- framing is strict: ``Transfer-Encoding`` with ``Content-Length`` is refused (RFC 9112 §6.1: a proxy framing by
+  length and this server framing by chunks would disagree); a ``Content-Type`` or ``Content-Length`` that is not
+  printable ASCII is a 400 (service/connections.py marks it, and refuses tiny chunks before they reach here);
+- a body must keep arriving: nothing for ``BODY_TIMEOUT_S`` (or the whole body not there within the request's
+  timeout) is a 408, and the connection is closed. Bytes are counted as they arrive, not as declared: a client that
+  declares 32 MiB and sends 120 bytes holds 120 bytes, for at most ``BODY_TIMEOUT_S``;
+- load is shed once a body is in: at most ``MAX_CONCURRENCY`` requests to the model routes per worker, holding at
+  most ``MAX_INFLIGHT_BYTES`` of bodies, else 503 with ``Retry-After``;
 - every body is bounded (``MAX_REQUEST_BYTES``, chunked bodies included): 413;
 - a model route takes multipart/form-data only, with exactly the fields of :data:`ENDPOINTS`: files as uploaded files
   (any declared type: the bytes decide what an image is), other fields as short text, each at most as often as the
@@ -55,7 +61,10 @@ MAX_INFLIGHT_BYTES = SETTINGS.max_inflight_bytes
 REQUEST_TIMEOUT_S = SETTINGS.request_timeout
 #: Images one /classify_batch request may carry (the server merges requests into batches of its own).
 MAX_BATCH_IMAGES = SETTINGS.max_batch_images
+#: Seconds a body may go without a byte arriving (HEADSTART_BODY_TIMEOUT): 408 and the connection closed.
+BODY_TIMEOUT_S = SETTINGS.body_timeout
 RETRY_AFTER_S = 1
+CLOSE = ((b"connection", b"close"),)
 
 
 LOCALIZE_FIELDS = ("conf", "iou", "max_detections", "novelty_threshold", "boxes_if_unknown")
@@ -96,11 +105,21 @@ def current_request() -> RequestState | None:
 
 def _single_headers(scope) -> dict[bytes, bytes]:
     headers: dict[bytes, bytes] = {}
+    if scope.get("headstart.bad_header"):
+        raise RequestRejected(
+            400, f"The {scope['headstart.bad_header']} header holds bytes that are not printable ASCII; fix it."
+        )
     for key, value in scope.get("headers", []):
         key = key.lower()
         if key in (b"content-type", b"content-length") and key in headers:
             raise RequestRejected(400, f"The request has more than one {key.decode().title()} header; send one.")
         headers[key] = value
+    if b"transfer-encoding" in headers and b"content-length" in headers:
+        raise RequestRejected(
+            400,
+            "The request has both Transfer-Encoding and Content-Length (RFC 9112 section 6.1); send one.",
+            CLOSE,
+        )
     return headers
 
 
@@ -112,8 +131,10 @@ class RequestGuard:
         max_concurrency: int = MAX_CONCURRENCY,
         max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
         timeout: float = REQUEST_TIMEOUT_S,
+        body_timeout: float = BODY_TIMEOUT_S,
     ) -> None:
         self.app = app
+        self.body_timeout = body_timeout
         self.max_bytes = max_bytes
         self.max_concurrency = max_concurrency
         self.max_inflight_bytes = max_inflight_bytes
@@ -136,6 +157,7 @@ class RequestGuard:
         return RequestRejected(
             413,
             f"Request body larger than {self.max_bytes} bytes. Send smaller images (or fewer per request).",
+            CLOSE,
         )
 
     def _busy(self, why: str) -> RequestRejected:
@@ -150,17 +172,28 @@ class RequestGuard:
             raise self._busy("too many request bytes in flight")
         self.inflight_bytes += size
 
-    async def _read_body(self, receive, reserved: list[int]) -> bytes:
+    async def _read_body(self, scope, receive, reserved: list[int]) -> bytes:
+        """The whole body, its bytes reserved against ``max_inflight_bytes`` as they arrive."""
         chunks, size = [], 0
+        deadline = time.monotonic() + self.timeout
         while True:
-            message = await receive()
+            wait = min(self.body_timeout, deadline - time.monotonic())
+            try:
+                message = await asyncio.wait_for(receive(), max(wait, 0.001))
+            except asyncio.TimeoutError:
+                raise RequestRejected(
+                    408,
+                    f"The request body stopped arriving ({size} bytes in; nothing for {wait:.0f} s). Send the whole "
+                    "body at once.",
+                    CLOSE,
+                ) from None
             if message["type"] == "http.disconnect":
-                raise RequestRejected(400, "The client disconnected before sending the whole body.")
+                raise RequestRejected(400, "The client disconnected before sending the whole body.", CLOSE)
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
                 raise self._too_large()
-            if size > reserved[0]:  # a chunked body, or more than its Content-Length said
+            if size > reserved[0]:
                 self._reserve(size - reserved[0])
                 reserved[0] = size
             chunks.append(chunk)
@@ -189,14 +222,14 @@ class RequestGuard:
         reserved = [0]
         admitted = False
         try:
+            body = await self._read_body(scope, receive, reserved)
             if heavy:
                 if self.inflight >= self.max_concurrency:
                     raise self._busy(f"{self.max_concurrency} requests in progress")
                 self.inflight += 1
                 admitted = True
-            self._reserve(int(length or 0))
-            reserved[0] = int(length or 0)
-            scope = self._canonical(scope, headers, await self._read_body(receive, reserved), endpoint)
+            scope = self._canonical(scope, headers, body, endpoint)
+            del body
             await self._serve(scope, receive, send)
         except RequestRejected as exc:
             await self._reject(send, exc)

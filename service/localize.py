@@ -325,10 +325,23 @@ PALETTE = [
 ]
 
 
+#: Longest side of a drawn image (/localize_image): a 24 KB 1-bit 8000 x 8000 PNG came back as a 27 MB JPEG; at
+#: 2048 pixels the answer is at most about 1-2 MB whatever was sent.
+MAX_DRAWN_SIDE = 2048
+
+
 def draw_detections(img: Image.Image, detections: Sequence[dict]) -> Image.Image:
-    """A copy of the image (RGB, at the scale it was decoded at) with each detection's box (in the image's pixels as
-    stored: :func:`service.preprocess.original_size`) and ``label confidence`` drawn on it."""
-    canvas = to_rgb(img).copy()
+    """A copy of the image (RGB, at the scale it was decoded at, at most :data:`MAX_DRAWN_SIDE` on its longer side)
+    with each detection's box (in the image's pixels as stored: :func:`service.preprocess.original_size`) and
+    ``label confidence`` drawn on it."""
+    canvas = to_rgb(img)
+    if max(canvas.size) > MAX_DRAWN_SIDE:
+        scale = MAX_DRAWN_SIDE / max(canvas.size)
+        canvas = canvas.resize(
+            (max(1, round(canvas.width * scale)), max(1, round(canvas.height * scale))), Image.BILINEAR
+        )
+    else:
+        canvas = canvas.copy()
     sx, sy = (canvas.size[i] / original_size(img)[i] for i in (0, 1))
     detections = [{**d, "box": {k: v * (sx if k[0] == "x" else sy) for k, v in d["box"].items()}} for d in detections]
     draw = ImageDraw.Draw(canvas)

@@ -3,6 +3,7 @@ what passed as a canonical body (see ``service/guard.py`` for why)."""
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -25,6 +26,9 @@ class Endpoint:
     @property
     def takes_input(self) -> bool:
         return bool(self.files or self.fields)
+
+
+_EXTENDED_FILENAME = re.compile(rb";\s*filename\*\s*=", re.IGNORECASE)
 
 
 class RequestRejected(Exception):
@@ -80,7 +84,8 @@ class UploadParser:
 
     def on_headers_finished(self) -> None:
         endpoint = self.endpoint
-        disposition, options = parse_options_header(self.headers.get(b"content-disposition", b""))
+        raw_disposition = self.headers.get(b"content-disposition", b"")
+        disposition, options = parse_options_header(raw_disposition)
         name = options.get(b"name", b"").decode("latin-1")
         self.headers.clear()
         reject_if(disposition.lower() != b"form-data" or not name, "A part has no Content-Disposition: form-data name.")
@@ -96,6 +101,8 @@ class UploadParser:
             + (f"; send at most {limit} images per request." if limit > 1 else "."),
         )
         filename = options.get(b"filename")
+        if filename is None and _EXTENDED_FILENAME.search(raw_disposition):
+            filename = b"upload"  # only an RFC 5987 filename*= (its value is never used: files are renamed)
         reject_if(
             name in endpoint.files and filename is None,
             f"Field {name!r} must be an uploaded file, not text (URLs and paths are not fetched), "

@@ -236,7 +236,7 @@ def decode_cost(img: Image.Image, pixels: int) -> int:
         return pixels * DECODE_BYTES_WEBP
     if "A" in mode or "a" in mode or (mode == "P" and "transparency" in img.info):
         return pixels * DECODE_BYTES_WITH_ALPHA
-    return pixels * DECODE_BYTES_PER_PIXEL.get(mode.split(";")[0] if mode.startswith("I;") else mode, 9)
+    return pixels * DECODE_BYTES_PER_PIXEL.get("I;16" if mode.startswith("I;16") else mode, 9)
 
 
 def _check_work(img: Image.Image, fp: BinaryIO, max_pixels: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
@@ -23,6 +24,7 @@ from bentoml.validators import ContentType
 from PIL import Image
 from pydantic import ValidationError
 
+from service import connections
 from service.answers import (
     BatchItem,
     ClassifyResponse,
@@ -32,8 +34,9 @@ from service.answers import (
     OpenSetAnswer,
     Prediction,
 )
-from service.bundle import Bundle, BundleError, load_bundle, verify_bundle
+from service.bundle import Bundle, BundleError, load_bundle, variant_file, verify_bundle
 from service.cpu import cpu_info
+from service.errors import HeadstartError
 from service.guard import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, RequestGuard, current_request
 from service.heatmap import heatmap as class_heatmap
 from service.inference import classify_arrays, classify_images, top_k
@@ -44,6 +47,10 @@ from service.settings import SETTINGS, Settings
 from service.webpage import WebPage
 
 log = logging.getLogger("headstart.service")
+# BentoML's usage tracking sends events to t.bentoml.com unless this is set; off unless the operator turns it on
+# (BENTOML_DO_NOT_TRACK=False). Uvicorn's connections get header deadlines (service/connections.py).
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+connections.install()
 T = TypeVar("T")
 #: The CPU /info reports beside the runtime and precision: they decide which kernels run, and so the speed.
 CPU = {k: v for k, v in cpu_info().to_dict().items() if k in ("model_name", "cores", "kind", "extensions")}
@@ -67,10 +74,19 @@ def default_model_ref(settings: Settings) -> str:
 
 # At import, what `bentoml serve` needs to refuse a bad start at once (instead of restarting workers that can never
 # serve): the settings (service/settings.py), the bundle's files against its manifest, a usable runtime and device.
-MODEL_REF = default_model_ref(SETTINGS)
-verify_bundle(MODEL_REF)
+# A configuration error ends the process with one line and exit status 1 (a worker that fails in __init__ instead is
+# restarted by BentoML for ever, with the port open and every request hanging).
+def _start_checks() -> tuple[str, str, str]:
+    model_ref = default_model_ref(SETTINGS)
+    variant_file(*verify_bundle(model_ref), SETTINGS.variant)
+    return model_ref, *choose_runtime(SETTINGS.runtime, SETTINGS.device)
+
+
+try:
+    MODEL_REF, RUNTIME, DEVICE = _start_checks()
+except HeadstartError as exc:
+    sys.exit(f"headstart cannot start: {exc}")
 MODEL_IS_PATH = os.sep in MODEL_REF or Path(MODEL_REF).is_dir()
-RUNTIME, DEVICE = choose_runtime(SETTINGS.runtime, SETTINGS.device)
 MAX_TOP_K = 1000
 #: Pixels a merged /classify_batch batch may decode in all (four of the largest images allowed; JPEGs count at the
 #: scale they are decoded at, so 32 camera photos take about 16 MP).
@@ -265,6 +281,7 @@ class Headstart:
                 img = decode_for(Path(path), self.bundle.spec)
                 spent += img.width * img.height
                 arrays.append(preprocess(img, self.bundle.spec))
+                del img  # not held while the next image decodes
                 errors.append(None)
             except ImageError as exc:
                 errors.append(str(exc))

@@ -132,6 +132,20 @@ class Settings:
         "clients and always runs",
         minimum=0.001,
     )
+    header_timeout: float = setting(
+        "HEADSTART_HEADER_TIMEOUT",
+        10.0,
+        "seconds a connection may take to send a request's headers (after it opens or after its previous answer); "
+        "past it, the connection is closed",
+        minimum=0.1,
+    )
+    body_timeout: float = setting(
+        "HEADSTART_BODY_TIMEOUT",
+        10.0,
+        "seconds a request's body may go without a byte arriving (408 past it; the whole body must arrive within "
+        "HEADSTART_REQUEST_TIMEOUT)",
+        minimum=0.1,
+    )
     max_image_pixels: int = setting(
         "HEADSTART_MAX_IMAGE_PIXELS",
         64_000_000,
@@ -145,8 +159,21 @@ class Settings:
         "a 64 MP RGB image takes 256 MB, a lossless WebP or an RGBA PNG about 1 GB",
         minimum=1 << 20,
     )
+    max_file_bytes: int = setting(
+        "HEADSTART_MAX_FILE_BYTES",
+        256 << 20,
+        "largest image file read from disk (training data, evaluation, predict-batch): bigger files are skipped and "
+        "reported without being read",
+        minimum=1,
+    )
     max_aspect_ratio: float = setting(
         "HEADSTART_MAX_ASPECT_RATIO", 100.0, "longest side over shortest side accepted", minimum=1.0
+    )
+    third_party_scripts: bool = setting(
+        "HEADSTART_THIRD_PARTY_SCRIPTS",
+        False,
+        "1: serve BentoML's / page as it ships, with its Google Tag Manager script; 0: without it (no request leaves "
+        "the browser for another site)",
     )
     novelty_threshold: float | None = setting(
         "HEADSTART_NOVELTY_THRESHOLD",

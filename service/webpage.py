@@ -8,7 +8,13 @@ as the browser shows it (EXIF-rotated, like the boxes the service returns).
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
+from pathlib import Path
+
 from service.localize import DEFAULTS
+from service.settings import SETTINGS
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -180,32 +186,98 @@ $("heat").addEventListener("change", () => { if (current) analyse(current); });
 PAGE_BYTES = PAGE.replace("@CONF@", f"{DEFAULTS.conf:g}").encode()  # the slider starts at the default
 
 
+def _inline_hash(tag: str) -> str:
+    """The CSP source (``'sha256-...'``) allowing the page's one inline ``tag`` element and nothing else."""
+    text = PAGE_BYTES.decode()
+    body = text[text.index(f"<{tag}>") + len(tag) + 2 : text.index(f"</{tag}>")]
+    return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+
+#: Headers on every answer: no MIME sniffing, no framing by other sites, no referrer sent elsewhere, and a content
+#: security policy (BentoML's Swagger page at / needs its inline styles; /ui gets a stricter one below).
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
+DEFAULT_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; "
+    "base-uri 'none'; form-action 'self'"
+)
+#: /ui: its own inline script and style (by hash), images from uploads (blob:), requests to this origin only.
+PAGE_CSP = (
+    f"default-src 'none'; script-src {_inline_hash('script')}; style-src {_inline_hash('style')}; "
+    "img-src 'self' blob: data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+#: BentoML's / page (Swagger UI) as it ships, but for the Google Tag Manager script and iframe it loads from
+#: googletagmanager.com (HEADSTART_THIRD_PARTY_SCRIPTS=1 serves it unchanged).
+_TAG_MANAGER = re.compile(
+    r"<script>\(function\(w,d,s,l,i\).*?</script>|<!-- Google Tag Manager.*?-->|<noscript><iframe[^>]*googletagmanager"
+    r".*?</noscript>",
+    re.DOTALL,
+)
+
+
+def _index_page() -> bytes | None:
+    """BentoML's / page without third-party scripts, or None to leave / to BentoML."""
+    if SETTINGS.third_party_scripts:
+        return None
+    import _bentoml_impl.server
+
+    page = (Path(_bentoml_impl.server.__file__).parent / "main-openapi.html").read_text()
+    return _TAG_MANAGER.sub("", page).encode()
+
+
 class WebPage:
-    """ASGI middleware answering ``GET /ui`` with the page; everything else goes to the service."""
+    """ASGI middleware answering ``GET /ui`` with the page (and ``GET /`` with BentoML's page without its
+    third-party script); security headers on every answer; everything else goes to the service."""
 
     def __init__(self, app) -> None:
         self.app = app
+        self.index = _index_page()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope.get("path") == "/ui/":  # the page's links are relative to /ui
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path")
+        if path == "/ui/":  # the page's links are relative to /ui
             await self._respond(send, 308, b"", "text/plain; charset=utf-8", [(b"location", b"/ui")])
             return
-        if scope["type"] == "http" and scope.get("path") == "/ui":
+        if path == "/ui" or (path == "/" and self.index is not None):
+            page, csp = (PAGE_BYTES, PAGE_CSP) if path == "/ui" else (self.index, DEFAULT_CSP)
             if scope.get("method") not in ("GET", "HEAD"):
-                await self._respond(send, 405, b"Use GET /ui.\n", "text/plain; charset=utf-8", [(b"allow", b"GET")])
+                await self._respond(
+                    send, 405, f"Use GET {path}.\n".encode(), "text/plain; charset=utf-8", [(b"allow", b"GET")]
+                )
                 return
-            body = PAGE_BYTES if scope.get("method") == "GET" else b""
-            await self._respond(send, 200, body, "text/html; charset=utf-8", [], length=len(PAGE_BYTES))
+            body = page if scope.get("method") == "GET" else b""
+            await self._respond(send, 200, body, "text/html; charset=utf-8", [], length=len(page), csp=csp)
             return
-        await self.app(scope, receive, send)
+
+        async def secured(message) -> None:
+            if message["type"] == "http.response.start":
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in _security(DEFAULT_CSP) if k not in names]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, secured)
 
     @staticmethod
-    async def _respond(send, status: int, body: bytes, ctype: str, extra: list, length: int | None = None) -> None:
+    async def _respond(
+        send, status: int, body: bytes, ctype: str, extra: list, length: int | None = None, csp: str = DEFAULT_CSP
+    ) -> None:
         headers = [
             (b"content-type", ctype.encode()),
             (b"content-length", str(len(body) if length is None else length).encode()),
             (b"cache-control", b"no-cache"),
+            *_security(csp),
             *extra,
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _security(csp: str) -> list[tuple[bytes, bytes]]:
+    return [*SECURITY_HEADERS, (b"content-security-policy", csp.encode())]

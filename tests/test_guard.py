@@ -4,6 +4,7 @@ abandoned requests. (The same cases against a real `bentoml serve`: tests/test_r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -191,7 +192,7 @@ def test_routes_without_input_take_an_empty_body_only():
             assert app.seen[0][1] == b"{}"
 
 
-def test_over_the_concurrency_limit_requests_get_503_with_retry_after_before_their_body_is_read():
+def test_over_the_concurrency_limit_requests_get_503_with_retry_after_once_their_body_is_in():
     async def scenario():
         app = Recorder()
         app.release = asyncio.Event()
@@ -221,6 +222,93 @@ def test_over_the_concurrency_limit_requests_get_503_with_retry_after_before_the
     assert status == 503 and headers[b"retry-after"] == b"1" and b"busy" in text
     assert info == 200 and done == [200, 200] and after == 200
     assert inflight == 0 and inflight_bytes == 0
+
+
+async def _stalled(guard, path: str, body: bytes, headers, scope_extra: dict | None = None):
+    """A request whose body stops after its first half: the client stays connected and sends nothing more."""
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": body[: len(body) // 2], "more_body": True}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers, **(scope_extra or {})}
+    await guard(scope, receive, send)
+    return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_a_body_that_stops_arriving_is_a_408_and_holds_no_slot_meanwhile():
+    """Bytes are counted as they arrive and a request is admitted once its body is in: a client that declares a
+    large body and stalls holds neither a concurrency slot nor its declared bytes, and gets 408 (connection closed)
+    at the body deadline."""
+
+    async def scenario():
+        guard = RequestGuard(Recorder(), max_concurrency=1, max_inflight_bytes=10_000, body_timeout=0.3)
+        body = raw_multipart([("image", "a.jpg", JPEG, None)])
+        declared = [(b"content-type", MULTIPART), (b"content-length", b"9000")]
+        stalled = [asyncio.ensure_future(_stalled(guard, "/classify", body, declared)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        served = await _call(guard, "/classify", body, [(b"content-type", MULTIPART)])
+        return served[0], [await s for s in stalled], guard.inflight, guard.inflight_bytes
+
+    served, stalled, inflight, inflight_bytes = run(scenario())
+    assert served == 200
+    for status, headers, text in stalled:
+        assert status == 408 and headers[b"connection"] == b"close" and b"stopped arriving" in text
+    assert inflight == 0 and inflight_bytes == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "extra", "status", "message"),
+    [
+        ([(b"transfer-encoding", b"chunked"), (b"content-length", b"10")], {}, 400, b"Transfer-Encoding and Content"),
+        ([(b"content-length", b"10")], {"headstart.bad_header": "Content-Type"}, 400, b"not printable ASCII"),
+    ],
+    ids=["te-and-cl", "non-ascii-content-type"],
+)
+def test_ambiguous_or_undecodable_framing_is_refused(headers, extra, status, message):
+    body = raw_multipart([("image", "a.jpg", JPEG, None)])
+    scope = {"type": "http", "method": "POST", "path": "/classify", "headers": [(b"content-type", MULTIPART), *headers]}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    run(RequestGuard(Recorder())({**scope, **extra}, receive, send))
+    assert sent[0]["status"] == status and message in sent[1]["body"]
+
+
+def test_a_chunked_body_of_tiny_chunks_is_refused_at_the_chunk_that_crosses_the_line():
+    """h11 parses chunks in Python: the connection refuses (RemoteProtocolError, which uvicorn answers with a 400 and
+    a close) once a body has more than 64 chunks beyond one per KB of payload; 8 KB chunks pass."""
+    import h11
+
+    from service.connections import bound_chunks
+
+    def feed(chunk: int, total: int) -> tuple[int, list[str]]:
+        conn, refused = h11.Connection(h11.SERVER), []
+        bound_chunks(conn, refused)
+        head = b"POST /classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        body = b"".join(b"%x\r\n" % chunk + b"x" * chunk + b"\r\n" for _ in range(total // chunk)) + b"0\r\n\r\n"
+        conn.receive_data(head + body)
+        payload = 0
+        with contextlib.suppress(h11.RemoteProtocolError):
+            while (event := conn.next_event()) is not h11.NEED_DATA and not isinstance(event, h11.EndOfMessage):
+                payload += len(getattr(event, "data", b""))
+        return payload, refused
+
+    payload, refused = feed(1, 100_000)
+    assert refused and "too small" in refused[0] and payload <= 200, (payload, refused)
+    payload, refused = feed(8192, 1 << 20)
+    assert payload == 1 << 20 and not refused
 
 
 def test_bodies_in_flight_are_bounded_in_bytes():

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 from service.errors import HeadstartError
+from service.files import FileProblem, read_image_file
 from service.preprocess import IMAGE_SUFFIXES, ImageError, decode_image
 
 
@@ -14,13 +15,36 @@ class DatasetError(HeadstartError, ValueError):
 
 
 def check_file(path: Path) -> tuple[str, str]:
-    """Decode a file fully. Returns ("ok", sha256), ("ignored", reason) or ("corrupt", reason)."""
-    data = path.read_bytes()
+    """Decode a file fully. Returns ("ok", sha256), ("ignored", reason) or ("corrupt", reason).
+
+    What the file is comes first (service/files.py): FIFOs, devices, dangling links, loops, unreadable files and
+    names that are not UTF-8 are skipped with the reason, a file over the size limit is not read at all (and is
+    "ignored" when its name does not say it is an image, e.g. a video).
+    """
     looks_like_image = path.suffix.lower() in IMAGE_SUFFIXES
     try:
+        data = read_image_file(path)
         decode_image(data, min_side=1)  # a JPEG at 1/8 scale: every byte is still decoded (truncation shows)
+    except FileProblem as exc:
+        if not looks_like_image and exc.too_large:
+            return "ignored", "not an image (not read: too large)"
+        return "corrupt", str(exc)
     except ImageError as exc:
         if not looks_like_image and "not an image format" in str(exc):
             return "ignored", "not an image"
         return "corrupt", str(exc)
     return "ok", hashlib.sha256(data).hexdigest()
+
+
+def listed(entries: list, limit: int = 20) -> list:
+    """The first ``limit`` entries of a report's list (a data set can hold 10,000 corrupt files): the rest are
+    counted in the line that follows, and all of them are in the run's data_report.json."""
+    return entries[:limit]
+
+
+def more_line(entries: list, limit: int = 20, indent: str = "    ") -> list[str]:
+    return (
+        [f"{indent}... and {len(entries) - limit} more (all in the run's data_report.json)"]
+        if len(entries) > limit
+        else []
+    )

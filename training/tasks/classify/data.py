@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.data import DatasetError, check_file
+from service.files import shown, utf8_name
+from training.data import DatasetError, check_file, listed, more_line
 
 SPLITS = ("train", "val", "test")
 
@@ -70,20 +71,29 @@ class DatasetReport:
         lines.append("  " + "total".ljust(width) + "".join(str(len(self.splits[s])).rjust(8) for s in splits))
         if self.ignored:
             lines.append(f"  ignored {len(self.ignored)} files that are not images:")
-            lines += [f"    {p} ({r})" for p, r in self.ignored]
+            lines += [f"    {shown(p)} ({r})" for p, r in listed(self.ignored)] + more_line(self.ignored)
         if self.corrupt:
-            lines.append(f"  skipped {len(self.corrupt)} corrupt or unreadable images:")
-            lines += [f"    {p}: {r}" for p, r in self.corrupt]
+            lines.append(f"  skipped {len(self.corrupt)} corrupt or unreadable files:")
+            lines += [f"    {shown(p)}: {r}" for p, r in listed(self.corrupt)] + more_line(self.corrupt)
         lines += [f"  WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
 def _list_class_dirs(folder: Path) -> list[Path]:
-    return sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+    dirs = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+    for d in dirs:
+        if not utf8_name(d.name):
+            raise DatasetError(
+                f"The class folder {shown(d)!r} has a name that is not UTF-8. A class name becomes a label in the "
+                "model and its answers (JSON): rename the folder."
+            )
+    return dirs
 
 
 def _list_files(class_dir: Path) -> list[Path]:
-    return sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """Everything in a class folder but folders and hidden files: FIFOs, devices and broken links are listed too, to
+    be reported (check_file), not silently passed over."""
+    return sorted(p for p in class_dir.rglob("*") if not p.name.startswith(".") and not p.is_dir())
 
 
 def _check_tree(
@@ -93,8 +103,8 @@ def _check_tree(
     all_paths = [p for per_class in files.values() for paths in per_class.values() for p in paths]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = dict(zip(all_paths, pool.map(check_file, all_paths), strict=True))
-    ignored = [(str(p), r) for p, (status, r) in results.items() if status == "ignored"]
-    corrupt = [(str(p), r) for p, (status, r) in results.items() if status == "corrupt"]
+    ignored = [(shown(p), r) for p, (status, r) in results.items() if status == "ignored"]
+    corrupt = [(shown(p), r) for p, (status, r) in results.items() if status == "corrupt"]
     good = {
         split: {c: [(p, results[p][1]) for p in paths if results[p][0] == "ok"] for c, paths in per_class.items()}
         for split, per_class in files.items()

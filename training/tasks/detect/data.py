@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from service.files import shown
 from service.preprocess import IMAGE_SUFFIXES
-from training.data import DatasetError, check_file
+from training.data import DatasetError, check_file, listed, more_line
 
 
 @dataclass
@@ -85,8 +86,9 @@ class DetectionReport:
             lines.append(f"  malformed label skipped: {line}")
         if len(self.malformed) > 20:
             lines.append(f"  ... {len(self.malformed) - 20} more malformed label lines")
-        for path, why in self.corrupt:
-            lines.append(f"  corrupt image skipped: {path}: {why}")
+        for path, why in listed(self.corrupt):
+            lines.append(f"  corrupt or unreadable file skipped: {shown(path)}: {why}")
+        lines += more_line(self.corrupt, indent="  ")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -185,18 +187,26 @@ def parse_labels(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, 
     return np.asarray(classes, np.int64), np.asarray(boxes, np.float32).reshape(-1, 4), problems
 
 
+def _resolved(path: Path) -> Path:
+    """``path`` with its links resolved, or as it is where they loop (check_file reports the loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
+
+
 def _image_files(entry, base: Path, yaml_path: Path) -> list[Path]:
     entries = entry if isinstance(entry, list) else [entry]
     files: list[Path] = []
     for item in entries:
         path = (base / str(item)).resolve() if not Path(str(item)).is_absolute() else Path(str(item))
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
         elif path.is_file() and path.suffix == ".txt":  # a list of image paths
-            for line in path.read_text().splitlines():
+            for line in path.read_text(errors="surrogateescape").splitlines():  # any bytes: reported, not a crash
                 if line.strip():
                     p = Path(line.strip())
-                    files.append(p if p.is_absolute() else (path.parent / p).resolve())
+                    files.append(p if p.is_absolute() else _resolved(path.parent / p))
         else:
             raise DatasetError(f"{yaml_path}: image folder {path} does not exist. Fix 'path', 'train' or 'val'.")
     return files
@@ -245,7 +255,7 @@ def _scan_splits(report: DetectionReport, split_files: dict[str, list[Path]], wo
                 image_stems.add(label_path(path))
                 report.malformed += problems
                 if status == "corrupt":
-                    report.corrupt.append((str(path), info))
+                    report.corrupt.append((shown(path), info))
                 elif sample is not None:
                     if status == "background":
                         report.background.append(str(path))

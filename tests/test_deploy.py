@@ -16,11 +16,15 @@ def objects() -> dict[str, dict]:
     return {d["kind"]: d for d in docs}
 
 
+#: Variables of BentoML's own the manifests may set: usage tracking off.
+BENTOML_VARIABLES = {"BENTOML_DO_NOT_TRACK"}
+
+
 def service_variables() -> set[str]:
-    """Every HEADSTART_* variable the service reads (its settings: service/settings.py)."""
+    """Every HEADSTART_* variable the service reads (its settings: service/settings.py), and BentoML's it sets."""
     from service.settings import Settings
 
-    return {variable for variable, _, _ in Settings.describe()}
+    return {variable for variable, _, _ in Settings.describe()} | BENTOML_VARIABLES
 
 
 def test_the_manifests_hold_a_deployment_a_service_and_an_autoscaler():

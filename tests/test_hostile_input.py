@@ -361,6 +361,32 @@ def test_the_data_check_reports_every_file_it_cannot_use_without_reading_it(tmp_
     assert "caf\\xe9.png" in text
 
 
+def test_training_on_a_folder_with_those_files_completes_and_names_each_in_its_report(tmp_path):
+    import json
+
+    from training.tasks import ClassifyConfig, train
+
+    root = make_image_folder(tmp_path / "data", {"ants": 8, "bees": 8}, splits={"train": 0.75, "val": 0.25})
+    expected = hostile_files(root / "train" / "ants")
+    cfg = ClassifyConfig(
+        data_dir=str(root),
+        out=str(tmp_path / "run"),
+        backbone="test_resnet",
+        pretrained=False,
+        views=1,
+        epochs=2,
+        batch_size=8,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    run = train(cfg)
+    report = json.loads((Path(run) / "data_report.json").read_text())
+    text = json.dumps(report)
+    for name in expected:
+        assert name.replace("\\", "\\\\") in text, name
+    assert (Path(run) / "metrics.json").is_file()
+
+
 def test_a_class_folder_whose_name_is_not_utf8_is_refused_before_training(tmp_path):
     from training.data import DatasetError
     from training.tasks.classify.data import scan_image_folder

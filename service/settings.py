@@ -228,4 +228,13 @@ def _shown(default: Any) -> str:
 
 
 #: The settings of this process, read once at import (the service reads them when `bentoml serve` starts it).
-SETTINGS = Settings.from_env()
+def _from_env() -> Settings:
+    """The settings of this process; a value that cannot be used ends it with one line (no traceback): the service
+    and the CLI both read them when they start."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        raise SystemExit(f"headstart cannot start: {exc}") from None
+
+
+SETTINGS = _from_env()

@@ -468,15 +468,20 @@ def test_a_bundle_holding_a_file_its_manifest_does_not_list_is_refused(tiny_bund
 
 
 @pytest.mark.slow
-def test_a_configuration_error_at_start_ends_the_server_with_one_line(tiny_bundle, tmp_path):
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"HEADSTART_VARIANT": "int8"}, "int8"),
+        ({"HEADSTART_MAX_CONCURRENCY": "many"}, "HEADSTART_MAX_CONCURRENCY"),
+        ({"HEADSTART_MODEL": "no-such-model:v1"}, "no-such-model"),
+    ],
+    ids=["variant", "setting", "model"],
+)
+def test_a_configuration_error_at_start_ends_the_server_with_one_line(tiny_bundle, env, words):
     """HEADSTART_VARIANT=int8 on a bundle without an int8 file used to restart workers for ever, the port open and
-    every request hanging; now `bentoml serve` exits within seconds, non-zero, with one line saying why."""
-    env = {
-        **os.environ,
-        "HEADSTART_MODEL": str(tiny_bundle.bundle_dir),
-        "HEADSTART_VARIANT": "int8",
-        "HEADSTART_DEVICE": "cpu",
-    }
+    every request hanging; now `bentoml serve` exits within seconds, non-zero, with one line saying why, and so does
+    any other configuration error."""
+    env = {**os.environ, "HEADSTART_MODEL": str(tiny_bundle.bundle_dir), "HEADSTART_DEVICE": "cpu", **env}
     start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-m", "bentoml", "serve", "service.service:Headstart", "--port", "0"],
@@ -488,7 +493,7 @@ def test_a_configuration_error_at_start_ends_the_server_with_one_line(tiny_bundl
     )
     assert out.returncode != 0 and time.perf_counter() - start < 60
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("headstart cannot start:") and "int8" in lines[-1], out.stderr[-2000:]
+    assert lines[-1].startswith("headstart cannot start:") and words in lines[-1], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
 
 

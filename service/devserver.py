@@ -1,4 +1,5 @@
-"""Start `bentoml serve` of the headstart service in a child process: the one helper tests and benchmarks use."""
+"""Start `bentoml serve` of the headstart service: ``headstart serve`` (in this process, :func:`serve`) and the tests
+and benchmarks (in a child process, :func:`serving`) start it the same way."""
 
 from __future__ import annotations
 
@@ -24,22 +25,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def command(host: str, port: int) -> list[str]:
+    """The `bentoml serve` command line of the service, bound to ``host``:``port``."""
+    return [sys.executable, "-m", "bentoml", "serve", "service.service:Headstart", "--host", host, "--port", str(port)]
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 3000, **env: str) -> None:
+    """Become `bentoml serve` of ``model`` (its checks at start end it with one line when something is wrong)."""
+    os.chdir(ROOT)  # where service/ is: bentoml imports service.service from its working directory
+    os.execve(sys.executable, command(host, port), {**os.environ, "HEADSTART_MODEL": model, **env})
+
+
 def start(model: str, port: int, log: Path, **env: str) -> subprocess.Popen:
     """`bentoml serve service.service:Headstart` on 127.0.0.1:``port`` with ``HEADSTART_MODEL=model`` and the
     extra environment ``env``; output goes to ``log``. Returns at once (see :func:`serving` to wait for ready)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "bentoml",
-        "serve",
-        "service.service:Headstart",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
     return subprocess.Popen(
-        cmd,
+        command("127.0.0.1", port),
         cwd=ROOT,
         env={**os.environ, "HEADSTART_MODEL": model, **env},
         stdout=log.open("w"),

@@ -46,7 +46,8 @@ from service.runtime import choose_runtime
 from service.settings import SETTINGS, Settings
 from service.webpage import WebPage
 
-log = logging.getLogger("headstart.service")
+# under "bentoml" so that BentoML's logging configuration (its handler, its format) prints the start line
+log = logging.getLogger("bentoml.headstart")
 # BentoML's usage tracking sends events to t.bentoml.com unless this is set; off unless the operator turns it on
 # (BENTOML_DO_NOT_TRACK=False). Uvicorn's connections get header deadlines (service/connections.py).
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")

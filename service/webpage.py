@@ -241,6 +241,12 @@ class WebPage:
             await self.app(scope, receive, send)
             return
         path = scope.get("path")
+        if path == "/docs" and scope.get("method") in ("GET", "HEAD"):  # the OpenAPI UI is BentoML's / page
+            await self._respond(send, 308, b"", "text/plain; charset=utf-8", [(b"location", b"/")])
+            return
+        if path == "/info" and scope.get("method") == "GET":  # BentoML routes POST only: GET /info too
+            await self._get_as_post(scope, receive, send)
+            return
         if path == "/ui/":  # the page's links are relative to /ui
             await self._respond(send, 308, b"", "text/plain; charset=utf-8", [(b"location", b"/ui")])
             return
@@ -263,6 +269,16 @@ class WebPage:
             await send(message)
 
         await self.app(scope, receive, secured)
+
+    async def _get_as_post(self, scope, receive, send) -> None:
+        """A GET of a route that takes no input, served as a POST with an empty body."""
+        first = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def empty_then_client():
+            return first.pop() if first else await receive()
+
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
+        await self.__call__({**scope, "method": "POST", "headers": headers}, empty_then_client, send)
 
     @staticmethod
     async def _respond(

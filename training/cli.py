@@ -298,11 +298,27 @@ def _add_export(sub) -> None:
     p.add_argument("--weights", help="backbone weights file, if it moved since training")
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP with BentoML (classify, localize, /ui)",
+        description="Run `bentoml serve` of the headstart service with MODEL: a model-store tag NAME[:VERSION], a "
+        "bundle directory, or a run directory holding an exported bundle. Binds 127.0.0.1 unless --host says "
+        "otherwise (0.0.0.0: every interface). Settings not given here are read from HEADSTART_* variables.",
+    )
+    p.add_argument("model", help="model-store tag NAME[:VERSION], bundle directory, or run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--workers", type=int, help="worker processes (default: one per core on a CPU, one on a GPU)")
+    p.add_argument("--threads", type=int, help="inference threads per worker (default: cores / workers)")
+    _add_bundle_options(p, device=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headstart", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_crossval, _add_evaluate, _add_predict, _add_predict_batch, _add_export):
+    for add in (_add_train, _add_crossval, _add_evaluate, _add_predict, _add_predict_batch, _add_export, _add_serve):
         add(sub)
     return parser
 
@@ -345,6 +361,35 @@ def _cmd_predict_batch(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    """Check the model and the options at once (one line and exit 2 when wrong), then become `bentoml serve`."""
+    from service.bundle import variant_file, verify_bundle
+    from service.devserver import serve
+    from service.runtime import choose_runtime
+
+    model = args.model
+    if (Path(model) / "bundle" / "manifest.json").is_file():  # a run directory: its exported bundle
+        model = str(Path(model) / "bundle")
+    variant_file(*verify_bundle(model), args.variant)
+    choose_runtime(args.runtime, args.device)
+    if (
+        args.port < 1
+        or (args.workers is not None and args.workers < 1)
+        or (args.threads is not None and args.threads < 1)
+    ):
+        raise ValueError("--port, --workers and --threads must be at least 1.")
+    settings = {"VARIANT": args.variant, "DEVICE": args.device, "RUNTIME": args.runtime, "PRECISION": args.precision}
+    settings |= {k: v for k, v in (("WORKERS", args.workers), ("THREADS", args.threads)) if v is not None}
+    log.info("serving %s on http://%s:%d (Ctrl-C stops it)", model, args.host, args.port)
+    serve(
+        str(Path(model).resolve()) if Path(model).is_dir() else model,
+        args.host,
+        args.port,
+        **{f"HEADSTART_{k}": str(v) for k, v in settings.items()},
+    )
+    return 0  # not reached: the process is now bentoml serve
+
+
 COMMANDS = {
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
@@ -352,6 +397,7 @@ COMMANDS = {
     "export": _cmd_export,
     "predict-batch": _cmd_predict_batch,
     "crossval": _cmd_crossval,
+    "serve": _cmd_serve,
 }
 
 

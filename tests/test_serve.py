@@ -1,0 +1,58 @@
+"""`headstart serve`: the service started from the CLI, on loopback by default, with one start line; GET /info and
+/docs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from service.devserver import ROOT, free_port, stop, wait_ready
+
+
+@pytest.mark.slow
+def test_headstart_serve_binds_loopback_logs_one_start_line_and_answers(tiny_bundle, tmp_path):
+    port, log = free_port(), tmp_path / "serve.log"
+    run_dir = tiny_bundle.bundle_dir.parent
+    if not (run_dir / "bundle").exists():  # a run directory holds its exported bundle there
+        (run_dir / "bundle").symlink_to(tiny_bundle.bundle_dir)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "serve", str(run_dir), "--port", str(port), "--workers", "1"],
+        cwd=ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url, log)
+        with httpx.Client(base_url=url, timeout=60, follow_redirects=False) as http:
+            info, docs = http.get("/info"), http.get("/docs")
+            index = http.get(docs.headers["location"])
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert f"listening on http://127.0.0.1:{port}" in text, text[-2000:]
+    starts = [line for line in text.splitlines() if "headstart serving tiny-test:" in line]
+    assert len(starts) == 1 and "fp32 file" in starts[0] and "CPU" in starts[0], text[-2000:]
+    assert info.status_code == 200 and info.json()["name"] == "tiny-test"
+    assert docs.status_code == 308 and index.status_code == 200 and "swagger" in index.text.lower()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["no-such-model:v1"], "no-such-model"),
+        (["TINY", "--variant", "int8"], "no int8 model"),
+        (["TINY", "--runtime", "onnxruntime", "--device", "cuda"], "CUDA"),
+    ],
+    ids=["model", "variant", "device"],
+)
+def test_headstart_serve_refuses_a_wrong_start_with_one_line(tiny_bundle, args, words):
+    args = [str(tiny_bundle.bundle_dir) if a == "TINY" else a for a in args]
+    out = subprocess.run(
+        [sys.executable, "-m", "training.cli", "serve", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and words in lines[0], out.stderr[-2000:]

@@ -28,8 +28,10 @@ None of that reaches it. Here, before BentoML parses anything:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
+import re
 import time
 from dataclasses import dataclass
 
@@ -123,6 +125,71 @@ def _single_headers(scope) -> dict[bytes, bytes]:
     return headers
 
 
+_FIELD_FIRST = re.compile(r"^(\w+) must be ")
+
+
+def error_body(raw: bytes, content_type: bytes, endpoint: Endpoint | None) -> bytes:
+    """Any 4xx body BentoML or Starlette writes, as ``{"error": message, "field": name or null}``.
+
+    BentoML answers an argument error as a one-element list (``[{"error": ...}]``), a validation error as
+    ``{"error": "1 validation error for ...", "detail": [pydantic's errors, with URLs]}``, and Starlette a 404 or 405 as
+    plain text. The field is the one pydantic names, the one a range check starts with ("top_k must be ..."), or, for
+    an image that cannot be used, the endpoint's file field.
+    """
+    text = raw.decode("utf-8", "replace").strip()
+    data = None
+    if b"json" in content_type:
+        with contextlib.suppress(ValueError):
+            data = json.loads(text)
+    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
+        data = data[0]
+    field = None
+    if isinstance(data, dict) and isinstance(data.get("detail"), list) and data["detail"]:
+        first = data["detail"][0]
+        names = [str(x) for x in first.get("loc", ()) if x not in ("body", "query")]
+        field = names[0] if names else None
+        message = f"{field}: {first.get('msg', 'invalid value')}" if field else str(first.get("msg", text))
+    elif isinstance(data, dict) and "error" in data:
+        message = str(data["error"])
+        match = _FIELD_FIRST.match(message)
+        if "field" in data:  # already in this shape (the guard's own answers)
+            field = data["field"]
+        elif match:
+            field = match.group(1)
+        elif endpoint is not None and endpoint.files and "image" in message.lower():
+            field = endpoint.files[0]
+    else:
+        message = text or "Client error."
+    return json.dumps({"error": message, "field": field}).encode()
+
+
+def one_error_shape(send, endpoint: Endpoint | None):
+    """``send`` with every 4xx answer rewritten by :func:`error_body` (they are small: held whole)."""
+    held: dict = {}
+
+    async def wrapped(message) -> None:
+        if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+            held["start"], held["body"] = message, b""
+            return
+        if "start" in held and message["type"] == "http.response.body":
+            held["body"] += message.get("body", b"")
+            if message.get("more_body"):
+                return
+            start = held.pop("start")
+            headers = dict((k.lower(), v) for k, v in start.get("headers", []))
+            body = error_body(held.pop("body"), headers.get(b"content-type", b""), endpoint)
+            kept = [
+                (k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")
+            ]
+            kept += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({**start, "headers": kept})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send(message)
+
+    return wrapped
+
+
 class RequestGuard:
     def __init__(
         self,
@@ -144,7 +211,7 @@ class RequestGuard:
 
     @staticmethod
     async def _reject(send, exc: RequestRejected) -> None:
-        body = json.dumps({"error": exc.message}).encode()
+        body = json.dumps({"error": exc.message, "field": exc.field}).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -204,6 +271,8 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        endpoint = ENDPOINTS.get(scope.get("path", "").rstrip("/"))
+        send = one_error_shape(send, endpoint)
         try:
             headers = _single_headers(scope)
             length = headers.get(b"content-length")
@@ -214,7 +283,6 @@ class RequestGuard:
         except RequestRejected as exc:
             await self._reject(send, exc)
             return
-        endpoint = ENDPOINTS.get(scope.get("path", "").rstrip("/"))
         if scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return

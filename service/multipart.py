@@ -32,11 +32,16 @@ _EXTENDED_FILENAME = re.compile(rb";\s*filename\*\s*=", re.IGNORECASE)
 
 
 class RequestRejected(Exception):
-    def __init__(self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """A request refused before BentoML sees it: its status, message, extra headers and the field it is about."""
+
+    def __init__(
+        self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = (), field: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers
+        self.field = field
 
 
 @dataclass
@@ -47,9 +52,9 @@ class Part:
     size: int = 0
 
 
-def reject_if(condition: bool, message: str, status: int = 400) -> None:
+def reject_if(condition: bool, message: str, status: int = 400, field: str | None = None) -> None:
     if condition:
-        raise RequestRejected(status, message)
+        raise RequestRejected(status, message, field=field)
 
 
 class UploadParser:
@@ -92,6 +97,7 @@ class UploadParser:
         reject_if(
             name not in endpoint.files and name not in endpoint.fields,
             f"Unknown field {name[:40]!r}; this endpoint takes {self.allowed}.",
+            field=name[:40],
         )
         self.counts[name] = self.counts.get(name, 0) + 1
         limit = endpoint.max_files if name in endpoint.files else 1
@@ -99,6 +105,7 @@ class UploadParser:
             self.counts[name] > limit,
             f"Field {name!r} is given more than {limit} time{'s' if limit > 1 else ''}"
             + (f"; send at most {limit} images per request." if limit > 1 else "."),
+            field=name,
         )
         filename = options.get(b"filename")
         if filename is None and _EXTENDED_FILENAME.search(raw_disposition):
@@ -107,6 +114,7 @@ class UploadParser:
             name in endpoint.files and filename is None,
             f"Field {name!r} must be an uploaded file, not text (URLs and paths are not fetched), "
             f"e.g. curl -F {name}=@photo.jpg",
+            field=name,
         )
         self.parts.append(Part(name, filename))
 
@@ -116,6 +124,7 @@ class UploadParser:
         reject_if(
             part.name in self.endpoint.fields and part.size > MAX_FIELD_BYTES,
             f"Field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes; it takes a number.",
+            field=part.name,
         )
         part.chunks.append(data[start:end])
 
@@ -142,6 +151,7 @@ def parse_upload(content_type: bytes, body: bytes, endpoint: Endpoint) -> list[t
         reject_if(
             name not in upload.counts,
             f"Field {name!r} is missing: upload the image as a file, e.g. -F {name}=@photo.jpg",
+            field=name,
         )
     out = []
     for part in upload.parts:
@@ -150,7 +160,9 @@ def parse_upload(content_type: bytes, body: bytes, endpoint: Endpoint) -> list[t
             try:
                 value.decode("utf-8")
             except UnicodeDecodeError:
-                raise RequestRejected(400, f"Field {part.name!r} is not UTF-8 text; it takes a number.") from None
+                raise RequestRejected(
+                    400, f"Field {part.name!r} is not UTF-8 text; it takes a number.", field=part.name
+                ) from None
         out.append((part.name, part.filename if part.name in endpoint.files else None, value))
     return out
 

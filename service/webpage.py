@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -253,9 +254,8 @@ class WebPage:
         if path == "/ui" or (path == "/" and self.index is not None):
             page, csp = (PAGE_BYTES, PAGE_CSP) if path == "/ui" else (self.index, DEFAULT_CSP)
             if scope.get("method") not in ("GET", "HEAD"):
-                await self._respond(
-                    send, 405, f"Use GET {path}.\n".encode(), "text/plain; charset=utf-8", [(b"allow", b"GET")]
-                )
+                body = json.dumps({"error": f"Use GET {path}.", "field": None}).encode()
+                await self._respond(send, 405, body, "application/json", [(b"allow", b"GET")])
                 return
             body = page if scope.get("method") == "GET" else b""
             await self._respond(send, 200, body, "text/html; charset=utf-8", [], length=len(page), csp=csp)

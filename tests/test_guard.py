@@ -357,3 +357,33 @@ def test_the_parser_refuses_anything_but_multipart_form_data():
         parse_upload(b"application/json", b"{}", ENDPOINTS["/classify"])
     assert err.value.status == 415
     assert MAX_FIELD_BYTES == 64
+
+
+def test_every_client_error_body_becomes_one_shape():
+    """BentoML's one-element list, its pydantic validation error, Starlette's plain-text 404 and the guard's own
+    answers all become {"error": message, "field": name or null}."""
+    from service.guard import error_body
+
+    classify = ENDPOINTS["/classify"]
+    cases = [
+        (b'[{"error": "top_k must be between 1 and 1000, got 0."}]', b"application/json", classify, "top_k"),
+        (b'[{"error": "The image is empty (0 bytes)."}]', b"application/json", classify, "image"),
+        (
+            b'{"error": "1 validation error for Input", "detail": [{"loc": ["body", "top_k"], "msg": "Input should '
+            b'be a valid integer", "url": "https://errors.pydantic.dev"}]}',
+            b"application/json",
+            classify,
+            "top_k",
+        ),
+        (b"Not Found", b"text/plain; charset=utf-8", None, None),
+        (
+            b'{"error": "Unknown field \'x\'; this endpoint takes image, top_k", "field": "x"}',
+            b"application/json",
+            classify,
+            "x",
+        ),
+    ]
+    for raw, ctype, endpoint, field in cases:
+        body = json.loads(error_body(raw, ctype, endpoint))
+        assert set(body) == {"error", "field"} and body["field"] == field and body["error"], (raw, body)
+        assert "pydantic.dev" not in body["error"]

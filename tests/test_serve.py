@@ -56,3 +56,24 @@ def test_headstart_serve_refuses_a_wrong_start_with_one_line(tiny_bundle, args, 
     )
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(lines) == 1 and words in lines[0], out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_every_4xx_answer_has_one_json_shape(server):
+    url, _, _ = server
+    image = {"image": ("a.jpg", b"not an image", "image/jpeg")}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        answers = {
+            "guard: unknown field": (http.post("/classify", files=image, data={"colour": "red"}), "colour"),
+            "guard: not multipart": (http.post("/classify", json={}), None),
+            "service: range": (http.post("/classify", files=image, data={"top_k": "0"}), "top_k"),
+            "pydantic: type": (http.post("/classify", files=image, data={"top_k": "many"}), "top_k"),
+            "service: image": (http.post("/classify", files=image), "image"),
+            "starlette: 404": (http.get("/no-such-page"), None),
+            "page: 405": (http.post("/ui"), None),
+        }
+    for name, (resp, field) in answers.items():
+        assert 400 <= resp.status_code < 500 and resp.headers["content-type"] == "application/json", name
+        body = resp.json()
+        assert isinstance(body, dict) and set(body) == {"error", "field"} and body["error"], (name, body)
+        assert body["field"] == field, (name, body)

@@ -228,11 +228,15 @@ def test_failed_export_keeps_previous_bundle_and_store(tiny_run, tmp_path, monke
     assert load_bundle(first.tag).version == first.manifest.version
 
 
-def test_int8_refused_when_accuracy_drops_too_much(tiny_run, tmp_path):
-    with pytest.raises(ExportError, match="--force"):
-        export_bundle(tiny_run, tmp_path / "q", int8=True, store=False, max_int8_drop=-1.0)
-    assert not (tmp_path / "q").exists()
-    forced = export_bundle(tiny_run, tmp_path / "q", int8=True, store=False, max_int8_drop=-1.0, force=True)
+def test_int8_refused_when_accuracy_drops_too_much_keeps_the_fp32_bundle(tiny_run, tmp_path, caplog):
+    """A refused int8 model is not kept, but the fp32 bundle that passed verification is written, and the log says
+    how many validation images changed."""
+    with caplog.at_level("WARNING"):
+        kept = export_bundle(tiny_run, tmp_path / "q", int8=True, store=False, max_int8_drop=-1.0)
+    assert sorted(p.name for p in kept.bundle_dir.iterdir()) == ["manifest.json", "model.onnx"]
+    assert kept.manifest.int8 is None and load_bundle(kept.bundle_dir, device="cpu") is not None
+    assert "int8 not kept" in caplog.text and "validation images" in caplog.text and "--force" in caplog.text
+    forced = export_bundle(tiny_run, tmp_path / "f", int8=True, store=False, max_int8_drop=-1.0, force=True)
     assert (forced.bundle_dir / "model.int8.onnx").is_file()
 
 

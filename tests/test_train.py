@@ -373,3 +373,21 @@ def test_a_run_whose_features_would_not_fit_the_memory_bound_stops_before_extrac
     with pytest.raises(ValueError, match=r"Lower --views \(3; at most 2 fit\) or --input-size"):
         train(tiny_config(tiny_folder, tmp_path / "run2", cache_dir, max_feature_gb=bound))
     assert train(tiny_config(tiny_folder, tmp_path / "two", cache_dir, epochs=2, views=2, max_feature_gb=bound))
+
+
+def test_overwrite_keeps_the_bundle_exported_from_the_old_run(tmp_path, caplog):
+    """--overwrite empties the run directory, but the bundle `headstart export` wrote inside it is moved beside the
+    run (RUN.bundle-TIMESTAMP) and the log says where; without --overwrite or --resume an existing run is refused."""
+    from training import runs
+
+    run_dir = tmp_path / "run"
+    (run_dir / "bundle").mkdir(parents=True)
+    (run_dir / "bundle" / "manifest.json").write_text("{}")
+    (run_dir / "head.safetensors").write_bytes(b"old")
+    with pytest.raises(runs.RunError, match="--overwrite"):
+        runs.prepare_run_dir(run_dir, {}, resume=False, overwrite=False)
+    with caplog.at_level("WARNING"):
+        runs.prepare_run_dir(run_dir, {}, resume=False, overwrite=True)
+    assert run_dir.is_dir() and not any(run_dir.iterdir())
+    (kept,) = tmp_path.glob("run.bundle-*")
+    assert (kept / "manifest.json").read_text() == "{}" and str(kept) in caplog.text

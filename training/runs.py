@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -14,6 +16,8 @@ import yaml
 
 from service.contract import ContractError, RunRecord
 from service.errors import HeadstartError
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 LABELS = "labels.json"
@@ -90,11 +94,23 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def _keep_exported_bundle(run_dir: Path) -> None:
+    """Before --overwrite empties a run directory: move the bundle `headstart export` wrote inside it (RUN/bundle)
+    beside the run, as RUN.bundle-TIMESTAMP, and say so: an exported, verified model is not thrown away unasked."""
+    bundle = run_dir / "bundle"
+    if not (bundle / "manifest.json").is_file():
+        return
+    kept = run_dir.parent / f"{run_dir.name}.bundle-{time.strftime('%Y%m%d-%H%M%S')}"
+    bundle.rename(kept)
+    log.warning("--overwrite: the bundle exported from the old run was moved to %s (delete it if not needed)", kept)
+
+
 def prepare_run_dir(run_dir: Path, result_options: dict, *, resume: bool, overwrite: bool) -> None:
     """Create the run directory; an existing non-empty one only with ``overwrite`` (emptied) or ``resume`` (the
     options that determine the result must equal the interrupted run's)."""
     if run_dir.exists() and any(run_dir.iterdir()):
         if overwrite:
+            _keep_exported_bundle(run_dir)
             shutil.rmtree(run_dir)
         elif resume:
             if (run_dir / CONFIG).exists():

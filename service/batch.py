@@ -15,7 +15,6 @@ CPU free.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import HeadstartError
-from service.files import FileProblem, read_image_file, shown, utf8_name
+from service.files import FileProblem, image_paths, read_image_file, shown, utf8_name
 from service.localize import DEFAULTS
 
 log = logging.getLogger("headstart")
@@ -44,14 +43,10 @@ class BatchError(HeadstartError, ValueError):
 def list_sources(source: str) -> list[str]:
     """Every image ``source`` names, in a fixed order: a folder (recursively, by image suffix), a glob, or a list
     file (.txt: one path or URI per line; .csv and .parquet: a ``path`` column, else the first)."""
+    found = image_paths(source)
+    if found is not None:
+        return found
     path = Path(source)
-    if path.is_dir():
-        from service.preprocess import IMAGE_SUFFIXES
-
-        # FIFOs, devices and broken links with an image's name are listed too: each gets a row with its error
-        return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
-    if any(ch in source for ch in "*?["):
-        return sorted(p for p in glob.glob(source, recursive=True) if not Path(p).is_dir())
     if not path.is_file():
         raise BatchError(f"{source} is neither a folder, a glob, nor a .txt/.csv/.parquet list of images.")
     suffix = path.suffix.lower()

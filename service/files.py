@@ -11,8 +11,10 @@ all read through here.
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from service.preprocess import ImageError
@@ -95,3 +97,25 @@ def _check_kind(info: os.stat_result, max_bytes: int) -> None:
         raise FileProblem(f"The path is {kind}, not a regular file.")
     if info.st_size > max_bytes:
         raise FileProblem(_too_large(info.st_size, max_bytes), too_large=True)
+
+
+def image_paths(source: str) -> list[str] | None:
+    """The images a folder (recursively, by image suffix; FIFOs and links with an image's name included, to be
+    reported) or a glob names, in a fixed order; None when ``source`` is neither (a file, a list, a URI)."""
+    from service.preprocess import IMAGE_SUFFIXES
+
+    path = Path(source)
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    if any(ch in source for ch in "*?["):
+        return sorted(p for p in glob.glob(source, recursive=True) if not Path(p).is_dir())
+    return None
+
+
+def expand_images(items: Iterable[str]) -> list[str]:
+    """Every image that ``items`` name: folders and globs expanded (:func:`image_paths`), files as given."""
+    out: list[str] = []
+    for item in items:
+        found = image_paths(item)
+        out += [item] if found is None else found
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -93,6 +94,22 @@ def test_predict_cli_same_answers_for_run_bundle_and_tag(tiny_bundle, tiny_run, 
         for a, b in zip(answers[0], other, strict=True):
             assert [p["label"] for p in a] == [p["label"] for p in b]
             assert np.allclose([p["score"] for p in a], [p["score"] for p in b], atol=1e-4)
+
+
+def test_predict_takes_folders_and_globs_and_answers_odd_files_with_an_error_line(tiny_bundle, tmp_path, capsys):
+    import os
+
+    folder = tmp_path / "photos"
+    (folder / "deeper").mkdir(parents=True)
+    for k, src in enumerate(REAL_IMAGES[:3]):
+        shutil.copy(src, folder / ("deeper" if k else ".") / f"{k}.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    code = main(["predict", tiny_bundle.tag, str(folder), str(tmp_path / "photos" / "deeper" / "*.jpg")])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    names = [Path(line["image"]).name for line in lines]
+    assert code == 1 and names == ["0.jpg", "1.jpg", "2.jpg", "pipe.jpg", "1.jpg", "2.jpg"], names
+    assert "FIFO" in lines[3]["error"] and all("predictions" in line for k, line in enumerate(lines) if k != 3)
+    assert main(["predict", tiny_bundle.tag, str(tmp_path / "empty*")]) == 2
 
 
 def copy_bundle(src, dst):

@@ -131,6 +131,7 @@ def _cmd_predict(args) -> int:
 def _predict_files(model, args) -> int:
     """One JSON line per image: its answer (and boxes, heatmap file); a file that cannot be read is a line with an
     ``error`` and exit status 1."""
+    from service.files import expand_images, read_image_file, shown
     from service.heatmap import heatmap
     from service.inference import classify_images
     from service.localize import LocalizeParams, localize_images
@@ -142,7 +143,7 @@ def _predict_files(model, args) -> int:
         heatmaps.mkdir(parents=True, exist_ok=True)
 
     def answer(path: Path) -> dict:
-        img = decode_for(path, model.spec)
+        img = decode_for(read_image_file(path), model.spec)  # a FIFO, a device, a huge file: an error line
         out = classify_images(model, [img], args.top_k, args.novelty_threshold)[0]
         if params is not None:
             result = localize_images(model, [img], params, args.novelty_threshold)[0]
@@ -154,14 +155,17 @@ def _predict_files(model, args) -> int:
         return out
 
     status = 0
-    for image in args.images:
+    images = expand_images(args.images)
+    if not images:
+        raise ValueError(f"{' '.join(args.images)} names no images (folders are searched for image file names).")
+    for image in images:
         try:
             result = answer(Path(image))
         except (ImageError, OSError) as exc:
-            print(json.dumps({"image": image, "error": str(exc)}))
+            print(json.dumps({"image": shown(image), "error": str(exc)}))
             status = 1
             continue
-        print(json.dumps({"image": image, **result}))
+        print(json.dumps({"image": shown(image), **result}))
     return status
 
 
@@ -233,7 +237,7 @@ def _add_predict(sub) -> None:
 
     p = sub.add_parser("predict", help="top-k labels and scores as JSON lines")
     p.add_argument("model", help="run directory, bundle directory, or model-store tag NAME[:VERSION]")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or quoted globs")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--localize", action="store_true", help="also print boxes (CAM for classifiers)")
     p.add_argument("--conf", type=float, default=DEFAULTS.conf, help="lowest box confidence with --localize")

@@ -398,3 +398,26 @@ def test_onnx_metadata_is_read_without_loading_the_model(tiny_bundle):
 
     path = tiny_bundle.bundle_dir / "model.onnx"
     assert onnx_metadata(path) == {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_the_cli_prints_its_own_lines_not_the_libraries_chatter(tiny_run, tmp_path):
+    """`headstart export` printed about 80 lines of ONNX rewriting (onnxscript, onnx_ir, ONNX Runtime's quantizer);
+    they show only with --verbose."""
+    import subprocess
+    import sys
+
+    def stderr(*extra: str) -> list[str]:
+        options = ["--no-store", "--int8", "--force", "--out", str(tmp_path / f"b{len(extra)}")]
+        out = subprocess.run(
+            [sys.executable, "-m", "training.cli", *extra, "export", str(tiny_run), *options],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stderr.splitlines()
+
+    quiet, verbose = stderr(), stderr("--verbose")
+    assert any("ONNX Runtime vs PyTorch" in line for line in quiet) and any("exported" in line for line in quiet)
+    assert not any("initializer" in line or "unused nodes" in line for line in quiet), quiet
+    assert any("unused nodes" in line for line in verbose) and len(quiet) < 20 < len(verbose)

@@ -405,9 +405,24 @@ COMMANDS = {
 }
 
 
+#: Loggers whose INFO lines the CLI prints; other libraries' only from WARNING up (all of them with --verbose).
+OWN_LOGGERS = ("headstart", "training", "service", "models", "bentoml.headstart", "__main__")
+
+
+def ours_or_warnings(record: logging.LogRecord) -> bool:
+    return (
+        record.levelno >= logging.WARNING
+        or record.name.split(".")[0] in OWN_LOGGERS
+        or record.name.startswith(OWN_LOGGERS)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not args.verbose:  # the libraries' INFO chatter (80 lines of ONNX rewriting per export) only with --verbose
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(ours_or_warnings)
     from service.errors import HeadstartError  # torch-free: `headstart predict BUNDLE` never imports torch
 
     try:

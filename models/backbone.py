@@ -6,10 +6,13 @@ config, never hard-coded.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import math
+import os
+import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,12 +150,42 @@ class Backbone:
 
 
 def _offline_message(name: str, exc: Exception) -> str:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return (
-        f"Could not download pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
+        f"Could not download pretrained weights for {name!r} ({type(exc).__name__}: {reason[:200]}). "
         "If this machine is offline, pass --weights PATH with a local state dict for this architecture "
         "(e.g. --backbone torchvision:mobilenet_v2 --weights ../shared/weights/mobilenet_v2_imagenet.pth), "
+        "set HF_HUB_OFFLINE=1 to use only weights already in the Hugging Face cache, "
         "or --no-pretrained to train from random weights (much lower accuracy)."
     )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) answers a TCP connection within ``timeout`` s, and offline mode is
+    not set. Checked before a download: huggingface_hub retries an unreachable hub for about 50 s before failing."""
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """huggingface_hub in offline mode for the block: weights come from its cache at once, or it fails at once."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 def _sidecar_preprocess(weights: Path | None) -> dict | None:
@@ -235,10 +268,12 @@ def _build_timm(name: str, pretrained: bool, weights: Path | None):
             f"{_suggest(name, timm.list_models())} timm.list_models('*{name}*') lists similar names."
         )
     source = "random"
+    download = pretrained and weights is None
     try:
-        model = timm.create_model(name, pretrained=pretrained and weights is None)
+        with contextlib.nullcontext() if not download or hub_reachable() else hub_offline():
+            model = timm.create_model(name, pretrained=download)
     except Exception as exc:
-        if pretrained and weights is None:
+        if download:
             raise BackboneError(_offline_message(name, exc)) from exc
         raise
     if pretrained and weights is None:

@@ -190,6 +190,31 @@ def test_backbone_errors(monkeypatch, tmp_path):
         build_backbone("test_vit", pretrained=False)
 
 
+def test_an_unreachable_hub_fails_at_once_with_what_to_do(monkeypatch):
+    """huggingface_hub retried an unreachable hub for about 50 s before failing: the hub is probed first, and the
+    download runs in offline mode when it does not answer (cached weights still load, others fail at once)."""
+    import timm
+    from huggingface_hub import constants
+
+    from models.backbone import hub_reachable
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: connection refused
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-headstart-cache")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the probe decides, not the environment
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert not hub_reachable()
+    offline_during_download, create = [], timm.create_model
+
+    def recording(*args, **kwargs):
+        offline_during_download.append(constants.HF_HUB_OFFLINE)
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    with pytest.raises(BackboneError, match="--weights PATH.*HF_HUB_OFFLINE.*--no-pretrained"):
+        build_backbone("resnet18")
+    assert offline_during_download == [True] and constants.HF_HUB_OFFLINE is False
+
+
 def test_cli_errors_are_clear(tiny_folder, tmp_path, capsys):
     assert (
         main(

@@ -416,3 +416,22 @@ def test_overwrite_keeps_the_bundle_exported_from_the_old_run(tmp_path, caplog):
     assert run_dir.is_dir() and not any(run_dir.iterdir())
     (kept,) = tmp_path.glob("run.bundle-*")
     assert (kept / "manifest.json").read_text() == "{}" and str(kept) in caplog.text
+
+
+def test_progress_bars_only_on_a_terminal(tiny_folder, tmp_path, cache_dir):
+    """tqdm wrote every update as a new line when the output was a file or a pipe: the CLI draws bars only on a
+    terminal."""
+    import subprocess
+    import sys
+
+    options = ["--backbone", "test_resnet", "--no-pretrained", "--views", "2", "--epochs", "3"]
+    options += ["--out", str(tmp_path / "run"), "--cache-dir", str(cache_dir)]
+    out = subprocess.run(
+        [sys.executable, "-m", "training.cli", "train", str(tiny_folder), *options],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "\r" not in out.stderr and "it/s" not in out.stderr and "img/s" not in out.stderr, out.stderr[-1000:]
+    assert "done in" in out.stderr

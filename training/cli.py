@@ -420,6 +420,8 @@ def ours_or_warnings(record: logging.LogRecord) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.command in ("train", "crossval", "predict-batch") and not sys.stderr.isatty():
+        args.progress = False  # bars redraw a terminal; in a log or a pipe each update would be a line of its own
     if not args.verbose:  # the libraries' INFO chatter (80 lines of ONNX rewriting per export) only with --verbose
         for handler in logging.getLogger().handlers:
             handler.addFilter(ours_or_warnings)

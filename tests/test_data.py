@@ -125,3 +125,12 @@ def test_eval_folder_uses_model_labels(tmp_path):
     make_image_folder(tmp_path / "d", {"zebra": 2})
     with pytest.raises(DatasetError, match="zebra"):
         scan_eval_folder(root, ["a", "b"])
+
+
+def test_a_class_with_few_validation_images_is_named_in_a_warning(tmp_path):
+    from training.tasks.classify.data import scan_image_folder
+
+    root = make_image_folder(tmp_path / "data", {"ants": 40, "bees": 40, "wasps": 4})
+    warnings = scan_image_folder(root, val_fraction=0.2).warnings
+    (thin,) = [w for w in warnings if w.startswith("few validation images")]
+    assert "wasps (1)" in thin and "ants" not in thin and "bees" not in thin

@@ -219,6 +219,10 @@ def _leaks(splits: dict[str, list[Sample]]) -> list[tuple[str, str]]:
     ]
 
 
+#: A class with fewer validation images than this gets a warning: its metrics rest on them.
+FEW_VALIDATION_IMAGES = 5
+
+
 def _warnings(splits, labels: list[str], duplicates: list, corrupt: list) -> list[str]:
     warnings = []
     if duplicates:
@@ -230,6 +234,15 @@ def _warnings(splits, labels: list[str], duplicates: list, corrupt: list) -> lis
     if counts and max(counts.values()) > 1.5 * min(counts.get(k, 0) for k in range(len(labels))):
         warnings.append(
             "classes are unbalanced in train: " + ", ".join(f"{labels[k]}={counts[k]}" for k in range(len(labels)))
+        )
+    val = Counter(s.label for s in splits.get("val", []))
+    thin = [k for k in range(len(labels)) if val.get(k, 0) < FEW_VALIDATION_IMAGES]
+    if splits.get("val") and thin:
+        warnings.append(
+            "few validation images for "
+            + ", ".join(f"{labels[k]} ({val.get(k, 0)})" for k in thin)
+            + f": their precision, recall and F1 rest on fewer than {FEW_VALIDATION_IMAGES} images each (one image "
+            "moves them by 20 points or more); add validation images of these classes for figures you can trust."
         )
     if corrupt:
         warnings.append(f"{len(corrupt)} corrupt images were skipped (listed above).")

@@ -435,3 +435,19 @@ def test_progress_bars_only_on_a_terminal(tiny_folder, tmp_path, cache_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "\r" not in out.stderr and "it/s" not in out.stderr and "img/s" not in out.stderr, out.stderr[-1000:]
     assert "done in" in out.stderr
+
+
+def test_the_training_curves_mark_the_kept_epoch(tiny_run, monkeypatch, tmp_path):
+    """Early stopping keeps the best epoch, not the last: the curves mark it, where metrics.json says it is."""
+    from matplotlib.axes import Axes
+
+    from training.tasks.classify.metrics import plot_training_curves
+
+    history = json.loads((tiny_run / "history.json").read_text())
+    best = json.loads((tiny_run / "metrics.json").read_text())["training"]["head"]["best_epoch"]
+    lines, axvline = [], Axes.axvline
+    monkeypatch.setattr(
+        Axes, "axvline", lambda self, x=0, **kw: lines.append((x, kw.get("label"))) or axvline(self, x, **kw)
+    )
+    plot_training_curves(history, tmp_path / "curves.png", best)
+    assert lines == [(best, f"kept (epoch {best})")] * 2 and (tmp_path / "curves.png").stat().st_size > 0

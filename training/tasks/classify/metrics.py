@@ -89,7 +89,9 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], labels: Sequence[str], pa
     plt.close(fig)
 
 
-def plot_training_curves(history: list[dict], path: Path) -> None:
+def plot_training_curves(history: list[dict], path: Path, kept_epoch: int | None = None) -> None:
+    """Loss and accuracy per epoch (train and val), the start of fine-tuning (grey dashes) and the epoch whose
+    weights were kept (green dots; early stopping keeps the best, not the last)."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [h["epoch"] for h in history]
@@ -100,12 +102,14 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
                 ax.plot(epochs, values, label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
-        ax.legend()
         ax.grid(alpha=0.3)
     phases = [h["epoch"] for h in history if h.get("phase") == "finetune"]
-    if phases:
-        for ax in (ax1, ax2):
-            ax.axvline(phases[0] - 0.5, color="gray", linestyle="--")
+    for ax in (ax1, ax2):
+        if phases:
+            ax.axvline(phases[0] - 0.5, color="gray", linestyle="--", label="fine-tuning starts")
+        if kept_epoch is not None:
+            ax.axvline(kept_epoch, color="green", linestyle=":", label=f"kept (epoch {kept_epoch})")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -102,7 +102,7 @@ class ClassifyTask(Task):
             metrics["open_set"] = {**novelty.config.to_dict(), **open_set_metrics(scores, threshold)}
         if job.cfg.audit:
             metrics["audit"] = _audit(job)
-        plot_training_curves(job.history, job.run_dir / "training_curves.png")
+        plot_training_curves(job.history, job.run_dir / "training_curves.png", kept_epoch(job))
         return metrics
 
     def build_model(self, record, spec, features, head_state, run_dir) -> Classifier:
@@ -200,3 +200,12 @@ def _other_novelty(run, other: str, out: Path, threshold: float) -> np.ndarray:
 
 
 TASK = ClassifyTask()
+
+
+def kept_epoch(job) -> int | None:
+    """The epoch (as numbered in the history) whose weights the run kept: fine-tuning's best where it ran, else the
+    head's."""
+    report = job.training_report
+    if report.get("finetune"):
+        return sum(h.get("phase") == "head" for h in job.history) + report["finetune"]["best_epoch"]
+    return (report.get("head") or {}).get("best_epoch")

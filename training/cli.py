@@ -318,11 +318,26 @@ def _add_serve(sub) -> None:
     _add_bundle_options(p, device=True)
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="the options that differ between runs and their headline metrics")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _cmd_compare(args) -> int:
+    from training.compare import compare_runs, format_comparison
+
+    result = compare_runs(args.run_dirs)
+    print(json.dumps(result) if args.json else format_comparison(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headstart", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_crossval, _add_evaluate, _add_predict, _add_predict_batch, _add_export, _add_serve):
+    verbs = (_add_train, _add_crossval, _add_evaluate, _add_predict, _add_predict_batch, _add_export, _add_serve)
+    for add in (*verbs, _add_compare):
         add(sub)
     return parser
 
@@ -402,6 +417,7 @@ COMMANDS = {
     "predict-batch": _cmd_predict_batch,
     "crossval": _cmd_crossval,
     "serve": _cmd_serve,
+    "compare": _cmd_compare,
 }
 
 

@@ -104,6 +104,12 @@ class RunConfig:
     resume: bool = option(False, "continue an interrupted run in --out", group="run", flag="--resume")
     overwrite: bool = option(False, "replace an existing run in --out", group="run", flag="--overwrite")
     progress: bool = option(True, "no progress bars", group="run", flag="--no-progress")
+    log: str = option(
+        "",
+        "experiment tracking: tensorboard, mlflow or both, comma-separated (default $HEADSTART_LOG, else off)",
+        group="run",
+        type=str,
+    )
     #: small batches keep activations in cache: ~2x faster than 64 on this CPU
     extract_batch_size: int = option(8, "feature-extraction batch", cli=False)
     device: str = option(
@@ -121,6 +127,9 @@ class RunConfig:
                 raise ValueError(
                     f"Invalid --{name} {getattr(self, name)!r}. Use one of {', '.join(f.metadata['choices'])}."
                 )
+        from training.tracking import parse
+
+        parse(self.log)  # an unknown or uninstalled tracker is refused before any work
         if min(self.views, self.epochs, self.patience, self.batch_size, self.extract_batch_size) < 1:
             raise ValueError("--views, --epochs, --patience and --batch-size must be at least 1.")
         if not 0.0 < self.val_fraction < 1.0:

@@ -25,7 +25,7 @@ from torch import nn
 from models import Backbone, PixelNormalize, build_backbone
 from service.contract import BackboneRecord, RunRecord
 from service.preprocess import DECODE_MARGIN
-from training import runs
+from training import runs, tracking
 from training.augment import recipe, recipe_key
 from training.config import RunConfig
 from training.features import (
@@ -82,13 +82,14 @@ def train(task: Task, cfg: RunConfig, report=None) -> Path:
     aug = {**recipe(task.name, cfg.augment, pipeline, spec), **task.view_recipe(cfg, report)}
     _write_run_files(task, job, layout, head_cfg, aug)
 
-    t_features = time.perf_counter()
-    _extract(task, job, layout, recipe_key(aug))
-    t_head = time.perf_counter()
-    head = task.fit(job, head_cfg)
-    head.eval()
-    seconds = {"features": t_head - t_features, "head": time.perf_counter() - t_head}
-    _finish(task, job, head, task.evaluate(job, head), seconds)
+    with tracking.tracking(tracking.parse(cfg.log), run_dir, cfg.options(), task.name):
+        t_features = time.perf_counter()
+        _extract(task, job, layout, recipe_key(aug))
+        t_head = time.perf_counter()
+        head = task.fit(job, head_cfg)
+        head.eval()
+        seconds = {"features": t_head - t_features, "head": time.perf_counter() - t_head}
+        _finish(task, job, head, task.evaluate(job, head), seconds)
     return run_dir
 
 
@@ -110,6 +111,7 @@ def _finish(task: Task, job: Job, head: nn.Module, evaluation: dict, seconds: di
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     runs.finish_run(run_dir, {"split": "val", "task": task.name, **evaluation, "training": training})
+    tracking.log_finish(run_dir, {**evaluation, "training": training})
     job.checkpoint.unlink(missing_ok=True)
     summary = ", ".join(f"{k} {evaluation[k]:.4f}" for k in task.headline if k in evaluation)
     log.info("done in %.1fs: val %s (%d images) -> %s", seconds["total"], summary, len(report.splits["val"]), run_dir)

@@ -26,7 +26,7 @@ import torch
 from service.bundle import MANIFEST, MODEL_FP32, MODEL_INT8, load_bundle, sha256_file
 from service.contract import Manifest
 from service.runtime import openvino_available
-from training import runs
+from training import runs, tracking
 from training.load import LoadedRun, load_run
 from training.onnx_io import (
     INPUT_NAME,
@@ -189,6 +189,7 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("exported %s -> %s%s", run.run_dir, out, f" and model store tag {tag}" if tag else "")
+    tracking.log_bundle(run.run_dir, out)  # into the MLflow run that trained it, if it was tracked
     return ExportResult(out, manifest, tag)
 
 

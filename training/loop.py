@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from training import runs
+from training import runs, tracking
 
 log = logging.getLogger("headstart")
 
@@ -117,6 +117,7 @@ def fit(phase: Phase, schedule: Schedule, checkpoint: Path | None, progress: boo
             bar.set_postfix({k: f"{v:.4f}" for k, v in val.items()})
         state["epoch"] = epoch
         state["history"].append(phase.epoch_row(epoch, sums, val))
+        tracking.log_epoch(state["history"][-1])
         if checkpoint is not None:
             _save_phase(checkpoint, schedule.phase, _phase_state(phase, keep, gen, best, state))
         bar.update(1)

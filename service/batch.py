@@ -223,14 +223,22 @@ def _check_job(out: Path, job: dict) -> None:
 
 
 def _init_ray(address: str | None, num_cpus: int | None):
-    import ray
+    """Ray, started or joined. Its INFO and WARNING lines (a local instance started, the execution plan, deprecations
+    inside Ray Data) are shown only when headstart logs at DEBUG (``headstart --verbose``); errors always."""
+    import logging
 
+    import ray
+    import ray.data  # configures its own loggers on import: set the level after
+
+    level = logging.INFO if logging.getLogger("headstart").isEnabledFor(logging.DEBUG) else logging.ERROR
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(level)
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=level)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=level)
     return ray
 
 
@@ -351,7 +359,7 @@ def _predict_on_ray(
         Predictor,
         fn_constructor_args=(model, options),
         batch_size=batch_size,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
         batch_format="numpy",

@@ -222,7 +222,8 @@ MEASURE = """
 import io, sys
 from PIL import Image
 sys.path.insert(0, ".")
-from service.preprocess import decode_cost, decode_image
+from service.formats import decode_cost
+from service.preprocess import decode_image
 data = sys.stdin.buffer.read()
 img = Image.open(io.BytesIO(data))
 estimate = decode_cost(img, img.size[0] * img.size[1])

@@ -21,6 +21,8 @@ None of that reaches it. Here, before BentoML parses anything:
   endpoint takes it. What passes is rebuilt as a canonical body (our boundary, safe file names, no part headers but
   ours), so BentoML only ever sees what was vouched for;
 - routes that take no input (``/info``) take an empty body (or ``{}``);
+- every 4xx answer, the guard's and BentoML's and Starlette's, is ``{"error": message, "field": name or null}``
+  (:func:`error_body`);
 - each request gets a deadline and a disconnect flag (:func:`current_request`), so work queued for a client that has
   left or timed out is dropped instead of run.
 """
@@ -272,7 +274,8 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         endpoint = ENDPOINTS.get(scope.get("path", "").rstrip("/"))
-        send = one_error_shape(send, endpoint)
+        if scope.get("method") != "HEAD":  # a HEAD answer has no body to rewrite
+            send = one_error_shape(send, endpoint)
         try:
             headers = _single_headers(scope)
             length = headers.get(b"content-length")

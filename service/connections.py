@@ -95,7 +95,7 @@ def install() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if getattr(H11Protocol, "_headstart", False):
         return
-    made, lost, received = H11Protocol.connection_made, H11Protocol.connection_lost, H11Protocol.data_received
+    made, lost, handle = H11Protocol.connection_made, H11Protocol.connection_lost, H11Protocol.handle_events
     send_400 = H11Protocol.send_400_response
 
     def check_headers(self, seen) -> None:
@@ -120,9 +120,9 @@ def install() -> None:
             timer.cancel()
         lost(self, exc)
 
-    def data_received(self, data: bytes) -> None:
+    def handle_events(self) -> None:  # from data_received, and after a response for pipelined requests
         before = self.cycle
-        received(self, data)
+        handle(self)
         if self.cycle is not None and self.cycle is not before:  # a request's headers are complete: its app waits
             _normalise(self.cycle.scope)
 
@@ -132,6 +132,6 @@ def install() -> None:
 
     H11Protocol.connection_made = connection_made
     H11Protocol.connection_lost = connection_lost
-    H11Protocol.data_received = data_received
+    H11Protocol.handle_events = handle_events
     H11Protocol.send_400_response = send_400_response
     H11Protocol._headstart = True

@@ -111,7 +111,10 @@ class MLflow:
             local = mlflow.get_tracking_uri().startswith("sqlite:")
             mlflow.create_experiment(name, artifact_location=str(Path("mlartifacts").resolve()) if local else None)
         mlflow.set_experiment(name)
-        self.run = mlflow.start_run(run_id=previous["run_id"] if previous else None, run_name=run_dir.name)
+        if previous:  # --resume: the same MLflow run goes on
+            self.run = mlflow.start_run(run_id=previous["run_id"])
+        else:
+            self.run = mlflow.start_run(run_name=run_dir.name)
         if previous is None:
             mlflow.log_params({k: str(v)[:500] for k, v in options.items()})
         mlflow.set_tags({"headstart.run_dir": str(run_dir.resolve()), "headstart.task": task})

@@ -77,3 +77,16 @@ def test_every_4xx_answer_has_one_json_shape(server):
         body = resp.json()
         assert isinstance(body, dict) and set(body) == {"error", "field"} and body["error"], (name, body)
         assert body["field"] == field, (name, body)
+
+
+def test_headstart_serve_keeps_the_environments_settings_unless_an_option_is_given(tiny_bundle, monkeypatch):
+    """HEADSTART_VARIANT=int8 in the environment and no --variant: the int8 check runs (and fails on this bundle);
+    --variant fp32 given: it wins."""
+    from training.cli import main
+
+    served = []
+    monkeypatch.setattr("service.devserver.serve", lambda model, host, port, **env: served.append(env))
+    monkeypatch.setenv("HEADSTART_VARIANT", "int8")
+    assert main(["serve", str(tiny_bundle.bundle_dir)]) == 2 and not served
+    assert main(["serve", str(tiny_bundle.bundle_dir), "--variant", "fp32", "--runtime", "onnxruntime"]) == 0
+    assert served[0]["HEADSTART_VARIANT"] == "fp32" and served[0]["HEADSTART_RUNTIME"] == "onnxruntime"

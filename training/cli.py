@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -316,6 +317,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--workers", type=int, help="worker processes (default: one per core on a CPU, one on a GPU)")
     p.add_argument("--threads", type=int, help="inference threads per worker (default: cores / workers)")
     _add_bundle_options(p, device=True)
+    p.set_defaults(variant=None, device=None, runtime=None, precision=None)  # not given: HEADSTART_*, else default
 
 
 def _add_compare(sub) -> None:
@@ -389,15 +391,18 @@ def _cmd_serve(args) -> int:
     model = args.model
     if (Path(model) / "bundle" / "manifest.json").is_file():  # a run directory: its exported bundle
         model = str(Path(model) / "bundle")
-    variant_file(*verify_bundle(model), args.variant)
-    choose_runtime(args.runtime, args.device)
+    # an option not given leaves a HEADSTART_* variable of the environment in force, else the default
+    chosen = {"VARIANT": args.variant, "DEVICE": args.device, "RUNTIME": args.runtime, "PRECISION": args.precision}
+    defaults = {"VARIANT": "fp32", "DEVICE": "auto", "RUNTIME": "auto", "PRECISION": "auto"}
+    settings = {k: v or os.environ.get(f"HEADSTART_{k}") or defaults[k] for k, v in chosen.items()}
+    variant_file(*verify_bundle(model), settings["VARIANT"])
+    choose_runtime(settings["RUNTIME"], settings["DEVICE"])
     if (
         args.port < 1
         or (args.workers is not None and args.workers < 1)
         or (args.threads is not None and args.threads < 1)
     ):
         raise ValueError("--port, --workers and --threads must be at least 1.")
-    settings = {"VARIANT": args.variant, "DEVICE": args.device, "RUNTIME": args.runtime, "PRECISION": args.precision}
     settings |= {k: v for k, v in (("WORKERS", args.workers), ("THREADS", args.threads)) if v is not None}
     log.info("serving %s on http://%s:%d (Ctrl-C stops it)", model, args.host, args.port)
     serve(

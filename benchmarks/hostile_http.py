@@ -32,7 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(ROOT))
 from tests.bad_requests import BOUNDARY
-from tests.images import BEE, encode, work_bombs
+from tests.images import BEE, encode, largest_uploads, work_bombs
 from tests.test_hostile_input import connect, raw_post, read_response
 
 
@@ -68,12 +68,7 @@ def bombs(url: str) -> None:
 
 
 def memory(url: str, pid: int) -> None:
-    accepted = [
-        encode(Image.new("RGB", (8000, 8000), (20, 90, 160)), "PNG", compress_level=1),
-        encode(Image.new("RGB", (8000, 4000), (20, 90, 160)), "WEBP", lossless=True),
-        encode(Image.new("RGBA", (5000, 5000), (20, 90, 160, 128)), "PNG", compress_level=1),
-    ]
-    refused = [work_bombs()["webp-lossless-64mp"][0], work_bombs()["png-rgba-64mp"][0]]
+    accepted, refused = largest_uploads()
     peak, stop = [0.0], threading.Event()
 
     def sample():

@@ -137,6 +137,19 @@ def work_bombs() -> dict[str, tuple[bytes, str, str]]:
     }
 
 
+def largest_uploads() -> tuple[list[bytes], list[bytes]]:
+    """(accepted, refused): the largest images accepted in the costliest formats to decode (64 MP RGB PNG, 32 MP
+    lossless WebP, 25 MP RGBA PNG) and the ones refused for the memory their decoding takes (64 MP lossless WebP and
+    RGBA PNG)."""
+    accepted = [
+        encode(Image.new("RGB", (8000, 8000), (20, 90, 160)), "PNG", compress_level=1),
+        encode(Image.new("RGB", (8000, 4000), (20, 90, 160)), "WEBP", lossless=True),
+        encode(Image.new("RGBA", (5000, 5000), (20, 90, 160, 128)), "PNG", compress_level=1),
+    ]
+    bombs = work_bombs()
+    return accepted, [bombs["webp-lossless-64mp"][0], bombs["png-rgba-64mp"][0]]
+
+
 def large_16bit_png(side: int = 8000) -> bytes:
     """64 MP of 16-bit grey (a gradient, about 1 MB of PNG): the largest image accepted, in the mode whose
     conversion used 24 bytes per pixel of float64 temporaries."""

@@ -25,7 +25,7 @@ from service.bundle import BundleError, load_bundle
 
 from .bad_requests import BOUNDARY, raw_multipart
 from .conftest import ROOT, make_image_folder, serving
-from .images import BEE, encode, work_bombs
+from .images import BEE, encode, largest_uploads, work_bombs
 from .test_reliability import server_rss
 
 #: Seconds within which a refused bomb is answered (it was 4 to 60 s, or a 504 with the worker still decoding).
@@ -100,12 +100,7 @@ def test_several_large_uploads_at_once_stay_within_a_memory_bound(server):
     lossless WebP, 25 MP RGBA PNG) and the ones refused for their memory (64 MP WebP and RGBA PNG): every answer is
     right, and the server's memory (all workers) grows by less than BOMBS_RSS_BOUND_MIB."""
     url, proc, _ = server
-    accepted = [
-        encode(Image.new("RGB", (8000, 8000), (20, 90, 160)), "PNG", compress_level=1),
-        encode(Image.new("RGB", (8000, 4000), (20, 90, 160)), "WEBP", lossless=True),
-        encode(Image.new("RGBA", (5000, 5000), (20, 90, 160, 128)), "PNG", compress_level=1),
-    ]
-    refused = [work_bombs()["webp-lossless-64mp"][0], work_bombs()["png-rgba-64mp"][0]]
+    accepted, refused = largest_uploads()
     peak, stop = [0], threading.Event()
 
     def sample():

@@ -431,11 +431,7 @@ OWN_LOGGERS = ("headstart", "training", "service", "models", "bentoml.headstart"
 
 
 def ours_or_warnings(record: logging.LogRecord) -> bool:
-    return (
-        record.levelno >= logging.WARNING
-        or record.name.split(".")[0] in OWN_LOGGERS
-        or record.name.startswith(OWN_LOGGERS)
-    )
+    return record.levelno >= logging.WARNING or record.name.startswith(OWN_LOGGERS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,6 +26,8 @@ TINY_BACKBONE = ["--backbone", "test_resnet", "--no-pretrained"]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tests
 # a private BentoML model store for the test session (set before bentoml is first imported)
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="headstart-tests-bentoml-")
+# removed when the session ends: a suite run must not leave its model store behind (CI disks are small)
+atexit.register(shutil.rmtree, os.environ["BENTOML_HOME"], ignore_errors=True)
 
 
 def require_shared() -> None:

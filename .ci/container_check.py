@@ -192,7 +192,7 @@ def same_answers(container: dict, checkout: dict) -> list[str]:
 
 
 def check(model: str, work: Path, keep: bool) -> dict:
-    from service.devserver import free_port, serving
+    from headstart.service.devserver import free_port, serving
 
     env = podman_env(work)
     image, name, port = "localhost/headstart:check", f"headstart-check-{os.getpid()}", free_port()

@@ -15,7 +15,7 @@ SHARED = Path(os.environ.get("HEADSTART_SHARED", ROOT.parent / "shared"))
 def machine_line(torch: bool = True) -> str:
     """Where a benchmark ran: the CPU (model and the extensions that decide the kernels: AMX, AVX-512 BF16/VNNI,
     AVX2), python, and torch with its threads (``torch=False`` for the scripts that do not load it)."""
-    from service.cpu import cpu_info
+    from headstart.service.cpu import cpu_info
 
     line = f"{cpu_info().summary()}; python {sys.version.split()[0]}"
     if torch:
@@ -53,7 +53,7 @@ def running_server(model: str, workdir: Path, **env: str):
     """`bentoml serve` of the headstart service with ``model`` on a free loopback port, until the block ends
     (``service.devserver``, the helper the tests use). Yields (url, process, log path); exits with the server log if
     it does not become ready."""
-    from service.devserver import ServerFailed, serving
+    from headstart.service.devserver import ServerFailed, serving
 
     try:
         with serving(model, Path(workdir) / "server.log", timeout=90, **env) as running:

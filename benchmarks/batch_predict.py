@@ -33,7 +33,7 @@ BASELINE_JOB = """
 import sys, time
 from pathlib import Path
 import ray
-from service.batch import predict_batch
+from headstart.service.batch import predict_batch
 model, listing, probe, out = sys.argv[1:5]
 started = time.perf_counter()
 predict_batch(model, probe, Path(out) / "probe", part_size=8, progress=False)
@@ -47,9 +47,9 @@ ray.shutdown()
 
 def single_process(model: str, paths: list[str]) -> float:
     """images/s of `headstart predict`'s loop: read, decode, preprocess, classify, one image at a time."""
-    from service.bundle import load_bundle
-    from service.inference import classify_images
-    from service.preprocess import decode_for
+    from headstart.service.bundle import load_bundle
+    from headstart.service.inference import classify_images
+    from headstart.service.preprocess import decode_for
 
     bundle = load_bundle(model)
     started = time.perf_counter()
@@ -62,7 +62,7 @@ def ray_job(model: str, listing: str, probe: str, out: Path, **kw) -> tuple[floa
     """(total seconds, startup seconds (Ray up, actors loaded, first part written), summary) of one predict-batch."""
     import ray
 
-    from service.batch import predict_batch
+    from headstart.service.batch import predict_batch
 
     started = time.perf_counter()
     probe = predict_batch(model, probe, out / "probe", part_size=8, progress=False, **kw)  # startup + 8 images

@@ -51,8 +51,8 @@ def enlarged(paths: list[Path], factor: int, rotate: bool, most: float = 12e6) -
 
 
 def answers(bundle, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
-    from service.inference import scores_and_novelty
-    from service.preprocess import preprocess
+    from headstart.service.inference import scores_and_novelty
+    from headstart.service.preprocess import preprocess
 
     probs, novelty = zip(
         *(scores_and_novelty(bundle, preprocess(img, bundle.spec)[None]) for img in images), strict=True
@@ -61,7 +61,7 @@ def answers(bundle, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray |
 
 
 def compare(bundle, name: str, photos: list[bytes], repeats: int) -> dict:
-    from service.preprocess import decode_for, decode_image, preprocess
+    from headstart.service.preprocess import decode_for, decode_image, preprocess
 
     spec = bundle.spec
     whole = [decode_image(b) for b in photos]
@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     print(machine_line())
     check_idle()
-    from service.bundle import load_bundle
+    from headstart.service.bundle import load_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.bundle is None:

@@ -24,12 +24,12 @@ import torch
 from _common import check_idle, machine_line
 from localize_eval import COCO, headstart_fold
 
-import training.tasks.detect.fit as detect_fit
+import headstart.tasks.detect.fit as detect_fit
 
 
 def main() -> None:
-    from training.config import add_config_options
-    from training.tasks import DetectConfig
+    from headstart.config import add_config_options
+    from headstart.tasks import DetectConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folds", type=int, default=3)
@@ -64,10 +64,11 @@ def main() -> None:
             "MobileNetV2 on coco128's person boxes, the fold's own validation fifth"
         )
 
-    from training.load import load_run
-    from training.tasks.detect.crossval import fold_report, make_folds
-    from training.tasks.detect.data import keep_classes, scan_yolo_dataset
-    from training.tasks.detect.metrics import evaluate_detector
+    from headstart.loaded_run import load_run
+    from headstart.predict import RunModel
+    from headstart.tasks.detect.crossval import fold_report, make_folds
+    from headstart.tasks.detect.data import keep_classes, scan_yolo_dataset
+    from headstart.tasks.detect.metrics import evaluate_detector
 
     options = {"eval_every": 1, "patience": 10**6, **given}
     busy = check_idle()
@@ -93,7 +94,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         selected, seconds, run_dir = headstart_fold(
-            report, folds, args.fold - 1, options, Path(tmp), seed, {"training.tasks.detect.fit.fit": recording_fit}
+            report, folds, args.fold - 1, options, Path(tmp), seed, {"headstart.tasks.detect.fit.fit": recording_fit}
         )
         _, test = fold_report(report, folds, args.fold - 1, 0.2, seed)
         run = load_run(run_dir)
@@ -105,7 +106,7 @@ def main() -> None:
         for k, (state, row) in enumerate(snapshots):
             run.model.head.load_state_dict({name: v.contiguous() for name, v in state.items()})
             with torch.no_grad():
-                held_out = evaluate_detector(run.model, test, run.spec, run.labels)[0]["map50"]
+                held_out = evaluate_detector(RunModel(run), test)[0]["map50"]
             print(f"{k + 1:>6} {row['val_map50']:>10.4f} {held_out:>14.4f}")
         print(f"the run kept (best validation mAP50): held-out AP50 {selected['map50']:.4f}")
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from _common import SHARED, check_idle, machine_line
 
-from models import PixelNormalize, build_backbone
-from service.preprocess import decode_for, preprocess
-from training.features import features_fn
+from headstart.features import features_fn
+from headstart.models import PixelNormalize, build_backbone
+from headstart.service.preprocess import decode_for, preprocess
 
 
 def eager_fn(net, bf16: bool):

@@ -20,7 +20,7 @@ import json, sys, time
 sys.path.insert(0, sys.argv[3])
 import numpy as np
 from PIL import Image
-from service.preprocess import PreprocessSpec, decode_for, preprocess, resized_size, INTERPOLATIONS
+from headstart.service.preprocess import PreprocessSpec, decode_for, preprocess, resized_size, INTERPOLATIONS
 from tests.images import hostile_images, large_16bit_png, work_bombs
 import io
 

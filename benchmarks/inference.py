@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from _common import SHARED, check_idle, machine_line
 
-from models import Classifier, ClassifierHead, HeadConfig, PixelNormalize, build_backbone
-from service.preprocess import decode_for, preprocess
-from training.onnx_io import INPUT_NAME, export_onnx, quantize_int8
+from headstart.models import Classifier, ClassifierHead, HeadConfig, PixelNormalize, build_backbone
+from headstart.onnx_io import INPUT_NAME, export_onnx, quantize_int8
+from headstart.service.preprocess import decode_for, preprocess
 
 
 def throughput(fn, batch: np.ndarray, repeats: int) -> float:
@@ -117,8 +117,8 @@ def _ort_matmul_peak(op: str, threads: int, n: int) -> float:
 
 def int8_agreement_on_hymenoptera() -> dict:
     """Train a head on the shared MobileNetV2 (feature cache reused between runs), export with --int8."""
-    from training.export import export_bundle
-    from training.tasks import ClassifyConfig, train
+    from headstart.exporter import export_bundle
+    from headstart.tasks import ClassifyConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ClassifyConfig(

@@ -47,9 +47,9 @@ def frcnn_fold(train: list, test: list, num_classes: int, epochs: int, seed: int
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops import MultiScaleRoIAlign
 
-    from models import build_backbone
-    from service.preprocess import decode_image
-    from training.tasks.detect.metrics import ground_truth_in_pixels, mean_average_precision
+    from headstart.models import build_backbone
+    from headstart.service.preprocess import decode_image
+    from headstart.tasks.detect.metrics import ground_truth_in_pixels, mean_average_precision
 
     torch.manual_seed(seed)
     backbone = build_backbone("torchvision:mobilenet_v2", weights=str(WEIGHTS))
@@ -121,7 +121,7 @@ def ablations() -> dict[str, tuple[dict, dict]]:
     changes one choice of the default, to show what it is worth on the same folds."""
     from functools import partial
 
-    from training.tasks.detect.pyramid_loss import assign, pyramid_loss
+    from headstart.tasks.detect.pyramid_loss import assign, pyramid_loss
 
     return {
         "width 128": ({"width": 128}, {}),
@@ -129,8 +129,8 @@ def ablations() -> dict[str, tuple[dict, dict]]:
         "views 8": ({"views": 8, "epochs": 15}, {}),
         "no mosaic": ({"mosaic": 0.0}, {}),
         "input 384": ({"input_size": 384}, {}),
-        "no centre samp.": ({}, {"training.tasks.detect.fit.assign": partial(assign, radius=1e6)}),
-        "focal, no IoU": ({}, {"training.tasks.detect.fit.pyramid_loss": partial(pyramid_loss, quality_target=False)}),
+        "no centre samp.": ({}, {"headstart.tasks.detect.fit.assign": partial(assign, radius=1e6)}),
+        "focal, no IoU": ({}, {"headstart.tasks.detect.fit.pyramid_loss": partial(pyramid_loss, quality_target=False)}),
     }
 
 
@@ -140,10 +140,11 @@ def headstart_fold(
     from contextlib import ExitStack
     from unittest import mock
 
-    from training.load import load_run
-    from training.tasks import DetectConfig, train
-    from training.tasks.detect.crossval import fold_report
-    from training.tasks.detect.metrics import evaluate_detector
+    from headstart.loaded_run import load_run
+    from headstart.predict import RunModel
+    from headstart.tasks import DetectConfig, train
+    from headstart.tasks.detect.crossval import fold_report
+    from headstart.tasks.detect.metrics import evaluate_detector
 
     fold, test = fold_report(report, folds, i, 0.2, seed)
     cfg = DetectConfig(
@@ -164,7 +165,7 @@ def headstart_fold(
         run_dir = train(cfg, fold)
         seconds = time.perf_counter() - t0
     run = load_run(run_dir)
-    return evaluate_detector(run.model, test, run.spec, run.labels)[0], seconds, run_dir
+    return evaluate_detector(RunModel(run), test)[0], seconds, run_dir
 
 
 METRICS = ("map50", "map50_95", "map_small", "map_medium", "map_large")
@@ -182,9 +183,9 @@ def line(name: str, rows: list[dict], seconds: list[float]) -> str:
 
 def bundle_ap(bundle_dir: Path, test: list, variant: str, runtime: str) -> tuple[dict, str]:
     """AP of an exported bundle's file on held-out images, through the serving runtime (what a client gets)."""
-    from service.bundle import load_bundle
-    from service.preprocess import decode_for, original_size, preprocess_batch
-    from training.tasks.detect.metrics import (
+    from headstart.service.bundle import load_bundle
+    from headstart.service.preprocess import decode_for, original_size, preprocess_batch
+    from headstart.tasks.detect.metrics import (
         ground_truth_in_pixels,
         mean_average_precision,
         predictions_in_pixels,
@@ -205,10 +206,10 @@ def bundle_ap(bundle_dir: Path, test: list, variant: str, runtime: str) -> tuple
 
 def in_process_latency(bundle_dir: Path, paths: list[Path], repeats: int) -> dict:
     """Median ms per image of classify and localize, alternated image by image so drift hits both alike."""
-    from service.bundle import load_bundle
-    from service.inference import classify_images
-    from service.localize import localize_images
-    from service.preprocess import decode_for
+    from headstart.service.bundle import load_bundle
+    from headstart.service.inference import classify_images
+    from headstart.service.localize import localize_images
+    from headstart.service.preprocess import decode_for
 
     bundle = load_bundle(bundle_dir)
     data = [p.read_bytes() for p in paths]
@@ -263,8 +264,8 @@ def main() -> None:
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
-    from training.tasks.detect.crossval import make_folds
-    from training.tasks.detect.data import keep_classes, scan_yolo_dataset
+    from headstart.tasks.detect.crossval import make_folds
+    from headstart.tasks.detect.data import keep_classes, scan_yolo_dataset
 
     busy = check_idle()
     print(machine_line() + f"; other CPU use before: {busy:.0%}")
@@ -293,7 +294,7 @@ def main() -> None:
                 rows, seconds = [], []
                 for i in range(args.folds):
                     if method == "faster-rcnn":
-                        from training.tasks.detect.crossval import fold_report
+                        from headstart.tasks.detect.crossval import fold_report
 
                         fold, test = fold_report(report, folds, i, 0.2, args.seed)
                         train_set = fold.splits["train"] + fold.splits["val"]
@@ -338,7 +339,7 @@ def main() -> None:
         print(json.dumps({f"{w}/{m}": [round(r["map50"], 4) for r in rows] for (w, m), (rows, _) in results.items()}))
 
         if bundle_run is not None and "latency" not in skip:
-            from training.export import export_bundle
+            from headstart.exporter import export_bundle
 
             run_dir, test = bundle_run
             bundle = export_bundle(run_dir, tmp / "bundle", int8=True, force=True, store=False).bundle_dir

@@ -35,9 +35,9 @@ def child(case: str, model: str, seconds: float) -> None:
     import psutil
 
     sys.path.insert(0, str(ROOT))
-    from service.bundle import load_bundle
-    from service.inference import classify_images
-    from service.preprocess import decode_for
+    from headstart.service.bundle import load_bundle
+    from headstart.service.inference import classify_images
+    from headstart.service.preprocess import decode_for
 
     arena_case = case in ("arena", "no-arena")  # the arena is ONNX Runtime's (served on GPUs, or when asked for)
     bundle = load_bundle(

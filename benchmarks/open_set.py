@@ -41,7 +41,7 @@ COCO = sorted((SHARED / "data" / "coco128" / "images" / "train2017").glob("*.jpg
 
 
 def train_run(tmp: Path) -> Path:
-    from training.tasks import ClassifyConfig, train
+    from headstart.tasks import ClassifyConfig, train
 
     cfg = ClassifyConfig(
         data_dir=str(HYMENOPTERA),
@@ -58,7 +58,7 @@ def features(model, paths: list[Path], spec) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features (N, C) and logits (N, K) of image files through the run's PyTorch model."""
     import torch
 
-    from service.inference import outputs_of_files
+    from headstart.service.inference import outputs_of_files
 
     @torch.inference_mode()
     def run(pixels: np.ndarray) -> list[np.ndarray]:
@@ -96,8 +96,8 @@ def msp_and_energy(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def compare_scores(train, train_y, val, val_y, others: dict) -> list[dict]:
     """AUROC and let-through at 95% kept of every score, on every set of other images."""
-    from training.tasks.classify.metrics import auroc
-    from training.tasks.classify.open_set import calibrate
+    from headstart.tasks.classify.metrics import auroc
+    from headstart.tasks.classify.open_set import calibrate
 
     (tf, _), (vf, vl) = train, val
     scores = {}
@@ -128,10 +128,10 @@ def compare_scores(train, train_y, val, val_y, others: dict) -> list[dict]:
 
 def served(bundle_dir: Path, val_paths: list[Path], val_y: np.ndarray, others: dict[str, list[Path]]) -> list[dict]:
     """The served decision, through the bundle and the service's code, on each runtime."""
-    from service.bundle import load_bundle
-    from service.inference import scores_and_novelty
-    from service.preprocess import load_batches
-    from training.tasks.classify.open_set import calibrate
+    from headstart.service.bundle import load_bundle
+    from headstart.service.inference import scores_and_novelty
+    from headstart.service.preprocess import load_batches
+    from headstart.tasks.classify.open_set import calibrate
 
     rows = []
     for runtime in ("onnxruntime", "openvino"):
@@ -163,9 +163,9 @@ def latency(with_score: Path, without: Path, rounds: int) -> dict:
     """Per-image time of the in-process /classify pipeline for both bundles: each round times 60 photos through one
     and then the other (the order swapped every round); the medians over rounds, and the median of the per-round
     ratios."""
-    from service.bundle import load_bundle
-    from service.inference import classify_images
-    from service.preprocess import decode_for
+    from headstart.service.bundle import load_bundle
+    from headstart.service.inference import classify_images
+    from headstart.service.preprocess import decode_for
 
     payloads = [p.read_bytes() for p in sorted((HYMENOPTERA / "val").rglob("*.jpg"))[:60]]
     bundles = {"with": load_bundle(with_score), "without": load_bundle(without)}
@@ -195,9 +195,9 @@ def bank_cost(run, tmp: Path, sizes: tuple[int, ...] = (256, 1024, 4096), rounds
     over rounds of each bank's extra time (ms)."""
     import torch
 
-    from models import Classifier, Novelty, NoveltyConfig, feature_bank
-    from service.runtime import choose_runtime, cpu_computes_bf16, open_session
-    from training.onnx_io import export_onnx
+    from headstart.models import Classifier, Novelty, NoveltyConfig, feature_bank
+    from headstart.onnx_io import export_onnx
+    from headstart.service.runtime import choose_runtime, cpu_computes_bf16, open_session
 
     m, size = run.model, run.spec.input_size
     files = {}
@@ -284,8 +284,8 @@ def main() -> None:
     args = parser.parse_args()
     print(machine_line())
     check_idle()
-    from training.export import export_bundle
-    from training.load import load_run
+    from headstart.exporter import export_bundle
+    from headstart.loaded_run import load_run
 
     tmp = Path(tempfile.mkdtemp(prefix="open-set-"))
     try:

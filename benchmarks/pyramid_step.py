@@ -17,7 +17,7 @@ import time
 import torch
 from _common import check_idle, machine_line
 
-from models.pyramid import PyramidHead, PyramidHeadConfig
+from headstart.models.pyramid import PyramidHead, PyramidHeadConfig
 
 
 def step_seconds(width: int, channels_last: bool, bf16: bool, batch: int, repeats: int) -> float:

@@ -43,8 +43,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def make_bundle(tmp: str) -> str:
-    from training.export import export_bundle
-    from training.tasks import ClassifyConfig, train
+    from headstart.exporter import export_bundle
+    from headstart.tasks import ClassifyConfig, train
 
     cfg = ClassifyConfig(
         data_dir=str(SHARED / "data" / "hymenoptera"),
@@ -58,9 +58,9 @@ def make_bundle(tmp: str) -> str:
 
 def in_process(model: str, seconds: float, runtime: str = "auto", images: list[Path] = IMAGES) -> tuple[float, float]:
     """images/s and p50 latency (ms) of decode + preprocess + inference on ``runtime``, one image at a time."""
-    from service.bundle import load_bundle
-    from service.inference import classify_images
-    from service.preprocess import decode_for
+    from headstart.service.bundle import load_bundle
+    from headstart.service.inference import classify_images
+    from headstart.service.preprocess import decode_for
 
     bundle = load_bundle(model, device="cpu", runtime=runtime)
     payloads = [p.read_bytes() for p in images]

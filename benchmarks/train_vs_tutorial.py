@@ -96,7 +96,7 @@ def tutorial_baseline(data: Path, weights: Path, epochs: int) -> tuple[float, fl
 def headstart_run(data: Path, weights: Path) -> tuple[float, float, dict]:
     import json
 
-    from training.tasks import ClassifyConfig, train
+    from headstart.tasks import ClassifyConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ClassifyConfig(

@@ -1,9 +1,9 @@
 """Network definitions: backbone factory, heads, the novelty score and the exportable wrapper (torch, timm)."""
 
-from models.backbone import Backbone, BackboneError, build_backbone
-from models.heads import ClassifierHead, HeadConfig
-from models.novelty import Novelty, NoveltyConfig, feature_bank
-from models.wrapper import Classifier, PixelNormalize
+from headstart.models.backbone import Backbone, BackboneError, build_backbone
+from headstart.models.heads import ClassifierHead, HeadConfig
+from headstart.models.novelty import Novelty, NoveltyConfig, feature_bank
+from headstart.models.wrapper import Classifier, PixelNormalize
 
 __all__ = [
     "Backbone",

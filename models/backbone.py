@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from service.errors import HeadstartError
-from service.preprocess import PreprocessSpec
+from headstart.service.errors import HeadstartError
+from headstart.service.preprocess import PreprocessSpec
 
 TORCHVISION_PREFIX = "torchvision:"
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import BackboneError, BatchNormFrozen
+from headstart.models.backbone import BackboneError, BatchNormFrozen
 
 STRIDES = (8, 16, 32)
 

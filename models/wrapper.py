@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.heads import ClassifierHead
-from models.novelty import Novelty
+from headstart.models.heads import ClassifierHead
+from headstart.models.novelty import Novelty
 
 
 class PixelNormalize(nn.Module):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.errors import HeadstartError
-from service.files import FileProblem, image_paths, read_image_file, shown, utf8_name
-from service.localize import DEFAULTS
+from .errors import HeadstartError
+from .files import FileProblem, image_paths, read_image_file, shown, utf8_name
+from .localize import DEFAULTS
 
 log = logging.getLogger("headstart")
 
@@ -84,7 +84,7 @@ class Predictor:
     def __init__(self, model: str, options: dict) -> None:
         import ray
 
-        from service.bundle import load_bundle
+        from .bundle import load_bundle
 
         self.options = options
         self.not_utf8 = set(options.get("not_utf8", ()))
@@ -99,9 +99,9 @@ class Predictor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from service.inference import classify_arrays, top_k
-        from service.localize import LocalizeParams, localize_images
-        from service.preprocess import decode_for, preprocess
+        from .inference import classify_arrays, top_k
+        from .localize import LocalizeParams, localize_images
+        from .preprocess import decode_for, preprocess
 
         rows, images, good = [], [], []
         for path, part, index in zip(batch["path"], batch["part"], batch["index"], strict=True):
@@ -263,7 +263,7 @@ def predict_batch(
     progress: bool = True,
 ) -> dict:
     """Predict every image of ``source`` into parquet parts under ``out``; returns the summary."""
-    from service.bundle import verify_bundle
+    from .bundle import verify_bundle
 
     if min(top_k, batch_size, part_size) < 1 or (actors is not None and actors < 1):
         raise BatchError("--top-k, --batch-size, --part-size and --actors must be at least 1.")

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.contract import ContractError, Manifest
-from service.errors import HeadstartError
-from service.preprocess import PreprocessSpec
-from service.runtime import (
+from .contract import ContractError, Manifest
+from .errors import HeadstartError
+from .preprocess import PreprocessSpec
+from .runtime import (
     PRECISIONS,
     RuntimeUnavailable,
     Session,

@@ -28,7 +28,7 @@ import re
 import resource
 from urllib.parse import unquote
 
-from service.settings import SETTINGS
+from .settings import SETTINGS
 
 #: Seconds a connection may take to send a request's headers (HEADSTART_HEADER_TIMEOUT).
 HEADER_TIMEOUT_S = SETTINGS.header_timeout

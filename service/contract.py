@@ -18,8 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from service.errors import HeadstartError
-from service.preprocess import PreprocessSpec
+from .errors import HeadstartError
+from .preprocess import PreprocessSpec
 
 RUN_SCHEMA_VERSION = 1
 MANIFEST_SCHEMA_VERSION = 1

@@ -12,8 +12,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 class ServerFailed(RuntimeError):
     """The server exited or did not become ready; the message ends with its log."""
@@ -27,21 +25,20 @@ def free_port() -> int:
 
 def command(host: str, port: int) -> list[str]:
     """The `bentoml serve` command line of the service, bound to ``host``:``port``."""
-    return [sys.executable, "-m", "bentoml", "serve", "service.service:Headstart", "--host", host, "--port", str(port)]
+    service = "headstart.service.service:Headstart"  # the installed package: a service/ in the working dir is not ours
+    return [sys.executable, "-m", "bentoml", "serve", service, "--host", host, "--port", str(port)]
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 3000, **env: str) -> None:
     """Become `bentoml serve` of ``model`` (its checks at start end it with one line when something is wrong)."""
-    os.chdir(ROOT)  # where service/ is: bentoml imports service.service from its working directory
     os.execve(sys.executable, command(host, port), {**os.environ, "HEADSTART_MODEL": model, **env})
 
 
-def start(model: str, port: int, log: Path, **env: str) -> subprocess.Popen:
-    """`bentoml serve service.service:Headstart` on 127.0.0.1:``port`` with ``HEADSTART_MODEL=model`` and the
+def start(model: str, port: int, log: Path, host: str = "127.0.0.1", **env: str) -> subprocess.Popen:
+    """`bentoml serve headstart.service.service:Headstart` on ``host``:``port`` with ``HEADSTART_MODEL=model`` and the
     extra environment ``env``; output goes to ``log``. Returns at once (see :func:`serving` to wait for ready)."""
     return subprocess.Popen(
-        command("127.0.0.1", port),
-        cwd=ROOT,
+        command(host, port),
         env={**os.environ, "HEADSTART_MODEL": model, **env},
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,

@@ -17,8 +17,8 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from service.preprocess import ImageError
-from service.settings import SETTINGS
+from .preprocess import ImageError
+from .settings import SETTINGS
 
 #: Largest image file read (HEADSTART_MAX_FILE_BYTES): an uncompressed 64 MP TIFF is 192 MB.
 MAX_FILE_BYTES = SETTINGS.max_file_bytes
@@ -102,7 +102,7 @@ def _check_kind(info: os.stat_result, max_bytes: int) -> None:
 def image_paths(source: str) -> list[str] | None:
     """The images a folder (recursively, by image suffix; FIFOs and links with an image's name included, to be
     reported) or a glob names, in a fixed order; None when ``source`` is neither (a file, a list, a URI)."""
-    from service.preprocess import IMAGE_SUFFIXES
+    from .preprocess import IMAGE_SUFFIXES
 
     path = Path(source)
     if path.is_dir():

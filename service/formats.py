@@ -15,8 +15,8 @@ from typing import BinaryIO
 
 from PIL import Image
 
-from service.errors import ImageError
-from service.settings import SETTINGS
+from .errors import ImageError
+from .settings import SETTINGS
 
 #: Netpbm (PPM/PGM/PBM) header: magic, width, height and (but for P4) maxval, separated by whitespace or comments,
 #: within the first :data:`MAX_HEADER_BYTES`. Pillow reads this header one byte at a time in Python, so padding it

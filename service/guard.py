@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 from python_multipart.multipart import parse_options_header
 
-from service.multipart import MAX_FIELD_BYTES, Endpoint, RequestRejected, canonical_multipart, parse_upload
-from service.settings import SETTINGS
+from .multipart import MAX_FIELD_BYTES, Endpoint, RequestRejected, canonical_multipart, parse_upload
+from .settings import SETTINGS
 
 __all__ = [
     "ENDPOINTS",

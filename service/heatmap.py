@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from service.contract import Model
-from service.inference import open_set_answer, threshold_of
-from service.localize import LocalizeError, geometry, label_font
-from service.preprocess import preprocess_batch, to_rgb
+from .contract import Model
+from .inference import open_set_answer, threshold_of
+from .localize import LocalizeError, geometry, label_font
+from .preprocess import preprocess_batch, to_rgb
 
 #: the longest side of the heatmap picture, in pixels
 MAX_SIDE = 1024

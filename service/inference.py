@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.contract import Model
-from service.preprocess import PreprocessSpec, load_batches, preprocess
+from .contract import Model
+from .preprocess import PreprocessSpec, load_batches, preprocess
 
 #: pixels (N, 3, S, S) float32 in [0, 255] → the model's outputs for them
 RunFn = Callable[[np.ndarray], Sequence[np.ndarray]]

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from service.contract import Model
-from service.errors import HeadstartError
-from service.inference import open_set_answer, threshold_of
-from service.preprocess import PreprocessSpec, original_size, preprocess_batch, resized_size, to_rgb
+from .contract import Model
+from .errors import HeadstartError
+from .inference import open_set_answer, threshold_of
+from .preprocess import PreprocessSpec, original_size, preprocess_batch, resized_size, to_rgb
 
 #: Upsampling of the CAM grid before thresholding: 4 sub-cells per feature cell and axis.
 CAM_UPSAMPLE = 4

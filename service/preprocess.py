@@ -18,9 +18,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import ImageError
-from service.formats import MAX_DECODE_BYTES, PYTHON_DECODERS, decode_cost, refuse_before_open
-from service.settings import SETTINGS
+from .errors import ImageError
+from .formats import MAX_DECODE_BYTES, PYTHON_DECODERS, decode_cost, refuse_before_open
+from .settings import SETTINGS
 
 #: Largest image (in pixels) that is decoded. Larger images are refused rather than risking memory exhaustion
 #: (decompression bombs). 64 MP covers every camera photo (HEADSTART_MAX_IMAGE_PIXELS: service/settings.py).

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.errors import HeadstartError
+from .errors import HeadstartError
 
 log = logging.getLogger(__name__)
 

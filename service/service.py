@@ -24,8 +24,8 @@ from bentoml.validators import ContentType
 from PIL import Image
 from pydantic import ValidationError
 
-from service import connections
-from service.answers import (
+from . import connections
+from .answers import (
     BatchItem,
     ClassifyResponse,
     InfoResponse,
@@ -34,17 +34,17 @@ from service.answers import (
     OpenSetAnswer,
     Prediction,
 )
-from service.bundle import Bundle, BundleError, load_bundle, variant_file, verify_bundle
-from service.cpu import cpu_info
-from service.errors import HeadstartError
-from service.guard import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, RequestGuard, current_request
-from service.heatmap import heatmap as class_heatmap
-from service.inference import classify_arrays, classify_images, top_k
-from service.localize import DEFAULTS, LocalizeError, LocalizeParams, draw_detections, localize_images
-from service.preprocess import ImageError, decode_for, preprocess
-from service.runtime import choose_runtime
-from service.settings import SETTINGS, Settings
-from service.webpage import WebPage
+from .bundle import Bundle, BundleError, load_bundle, variant_file, verify_bundle
+from .cpu import cpu_info
+from .errors import HeadstartError
+from .guard import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, RequestGuard, current_request
+from .heatmap import heatmap as class_heatmap
+from .inference import classify_arrays, classify_images, top_k
+from .localize import DEFAULTS, LocalizeError, LocalizeParams, draw_detections, localize_images
+from .preprocess import ImageError, decode_for, preprocess
+from .runtime import choose_runtime
+from .settings import SETTINGS, Settings
+from .webpage import WebPage
 
 # under "bentoml" so that BentoML's logging configuration (its handler, its format) prints the start line
 log = logging.getLogger("bentoml.headstart")

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import HeadstartError
-from service.runtime import DEVICES, PRECISIONS, RUNTIMES, VARIANTS
+from .errors import HeadstartError
+from .runtime import DEVICES, PRECISIONS, RUNTIMES, VARIANTS
 
 
 class SettingsError(HeadstartError, ValueError):

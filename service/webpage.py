@@ -14,8 +14,8 @@ import json
 import re
 from pathlib import Path
 
-from service.localize import DEFAULTS
-from service.settings import SETTINGS
+from .localize import DEFAULTS
+from .settings import SETTINGS
 
 PAGE = """<!doctype html>
 <html lang="en">

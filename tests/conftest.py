@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import devserver
+from headstart.service import devserver
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HEADSTART_SHARED", ROOT.parent / "shared"))
@@ -69,7 +69,7 @@ def make_image_folder(
 
 def coco128_report(first: int, last: int):
     """coco128 with a fixed split: the first ``first`` images (by name) to train on, the last ``last`` to validate."""
-    from training.tasks.detect.data import scan_yolo_dataset
+    from headstart.tasks.detect.data import scan_yolo_dataset
 
     report = scan_yolo_dataset(COCO128, val_fraction=0.2)
     samples = sorted((s for v in report.splits.values() for s in v), key=lambda s: s.path.name)
@@ -92,7 +92,7 @@ def cache_dir(tmp_path: Path) -> Path:
 def hymenoptera_run(tmp_path_factory) -> Path:
     """The real end-to-end run: hymenoptera + the shared ImageNet MobileNetV2, default recipe (about 30 s)."""
     require_shared()
-    from training.tasks import ClassifyConfig, train
+    from headstart.tasks import ClassifyConfig, train
 
     tmp = tmp_path_factory.mktemp("hymenoptera")
     cfg = ClassifyConfig(
@@ -109,7 +109,7 @@ def hymenoptera_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A small trained run on synthetic images with the tiny random backbone."""
-    from training.tasks import ClassifyConfig, train
+    from headstart.tasks import ClassifyConfig, train
 
     tmp = tmp_path_factory.mktemp("tiny")
     data = make_image_folder(tmp / "data", {"red": 16, "blue": 16}, splits={"train": 0.75, "val": 0.25})
@@ -130,7 +130,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_run, tmp_path_factory):
-    from training.export import export_bundle
+    from headstart.exporter import export_bundle
 
     return export_bundle(tiny_run, tmp_path_factory.mktemp("bundle") / "tiny", name="tiny-test")
 
@@ -138,7 +138,7 @@ def tiny_bundle(tiny_run, tmp_path_factory):
 @pytest.fixture(scope="session")
 def hymenoptera_bundle(hymenoptera_run, tmp_path_factory):
     """The real ants/bees classifier exported with --int8 (fp32 + int8 ONNX) and imported as ants-bees."""
-    from training.export import export_bundle
+    from headstart.exporter import export_bundle
 
     return export_bundle(hymenoptera_run, tmp_path_factory.mktemp("bundle") / "ants-bees", int8=True, name="ants-bees")
 
@@ -148,11 +148,11 @@ def import_service(model_ref: str):
     once, when service.settings is imported: read again here)."""
     import importlib
 
-    import service.settings
+    import headstart.service.settings
 
     os.environ["HEADSTART_MODEL"] = model_ref
-    importlib.reload(service.settings)
-    import service.service as module
+    importlib.reload(headstart.service.settings)
+    import headstart.service.service as module
 
     return importlib.reload(module)
 

@@ -24,26 +24,69 @@ PACKAGES = ("service", "models", "training")
 
 
 def module_name(path: Path) -> str:
+    """A source file's module, named by its folder (``training/cli.py``: training.cli; installed as headstart.cli)."""
     rel = path.relative_to(ROOT).with_suffix("")
     parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
     return ".".join(parts)
 
 
-def project_imports(top_level_only: bool) -> dict[str, list[tuple[str, list[str]]]]:
-    """Per project module: (imported module, imported names) of each import statement."""
+def folder_module(installed: str) -> str:
+    """The folder name of an installed module: headstart.service.* is service.*, headstart.models.* models.*, and
+    the rest of headstart is training/ (pyproject.toml's package-dir)."""
+    for package in ("service", "models"):
+        if installed == f"headstart.{package}" or installed.startswith(f"headstart.{package}."):
+            return installed.removeprefix("headstart.")
+    if installed == "headstart" or installed.startswith("headstart."):
+        return "training" + installed.removeprefix("headstart")
+    return installed
+
+
+def project_imports(top_level_only: bool, raw: bool = False) -> dict[str, list[tuple[str, list[str]]]]:
+    """Per project module: (imported module, imported names) of each import statement, modules named by folder
+    (relative imports resolved); ``raw``: the names as written, relative ones with their leading dots."""
     out = {}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
+            module = module_name(path)
+            own_package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
             tree = ast.parse(path.read_text())
-            nodes = tree.body if top_level_only else list(ast.walk(tree))
+            typing_only = {  # `if TYPE_CHECKING:` imports are for type checkers: they never run
+                id(n)
+                for block in ast.walk(tree)
+                if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+                for n in ast.walk(block)
+            }
+            nodes = [n for n in (tree.body if top_level_only else ast.walk(tree)) if id(n) not in typing_only]
             found = []
             for node in nodes:
-                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    found.append((node.module, [a.name for a in node.names]))
+                if isinstance(node, ast.ImportFrom):
+                    if raw:
+                        found.append(("." * node.level + (node.module or ""), [a.name for a in node.names]))
+                    elif node.level:
+                        base = own_package[: len(own_package) - node.level + 1]
+                        found.append(
+                            (".".join([*base, *([node.module] if node.module else [])]), [a.name for a in node.names])
+                        )
+                    else:
+                        found.append((folder_module(node.module), [a.name for a in node.names]))
                 elif isinstance(node, ast.Import):
-                    found += [(a.name, []) for a in node.names]
-            out[module_name(path)] = found
+                    found += [(a.name if raw else folder_module(a.name), []) for a in node.names]
+            out[module] = found
     return out
+
+
+def test_imports_name_the_installed_package():
+    """The project installs as one package, ``headstart`` (so a user's own ``models/``, ``service/`` or
+    ``training.py`` cannot stand in for ours): training/ and models/ import ``headstart...``, never the folder
+    names; service/ imports itself relatively, so the bento runs the same files as the top-level ``service``."""
+    for module, imports in project_imports(top_level_only=False, raw=True).items():
+        for target, _ in imports:
+            top = target.split(".")[0]
+            assert top not in PACKAGES, f"{module} imports {target}: import headstart.{target} (or relatively)"
+            if module.startswith("service"):
+                assert not target.startswith("headstart"), (
+                    f"{module} imports {target}: service/ imports itself relatively"
+                )
 
 
 def test_the_floors_are_one_way():
@@ -99,7 +142,7 @@ def test_no_circle_of_imports():
 def test_readme_endpoint_table_matches_the_guard_and_the_service():
     """The README's endpoint table names each route of ENDPOINTS (which the service's signatures are checked
     against in test_service.py) with exactly its fields."""
-    from service.guard import ENDPOINTS
+    from headstart.service.guard import ENDPOINTS
 
     readme = (ROOT / "README.md").read_text()
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `POST (/\w+)` \| ([^|]*) \|", readme, re.M)}
@@ -114,7 +157,7 @@ def test_readme_endpoint_table_matches_the_guard_and_the_service():
 def test_the_service_settings_are_read_in_one_place_and_the_readme_lists_them():
     """Every HEADSTART_* variable of the service is a field of service/settings.py (nothing else reads one), and the
     README's table of settings is that list, with its defaults."""
-    from service.settings import Settings
+    from headstart.service.settings import Settings
 
     for path in sorted((ROOT / "service").glob("*.py")):
         if path.name != "settings.py":
@@ -125,17 +168,17 @@ def test_the_service_settings_are_read_in_one_place_and_the_readme_lists_them():
 
 
 def test_train_options_are_the_task_configs_fields():
-    from training.cli import build_parser
-    from training.config import cli_fields
-    from training.tasks import CONFIGS
+    from headstart.cli import build_parser
+    from headstart.config import cli_fields
+    from headstart.tasks import CONFIGS
 
     parser = build_parser()
     train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
-    dests = {a.dest for a in train._actions} - {"help", "data_dir", "out"}
+    dests = {a.dest for a in train._actions} - {"help", "data_dir", "out", "json"}  # json: how the result is shown
     assert dests == {k for config in CONFIGS.values() for k in cli_fields(config)}
     # nothing given: the task's own defaults apply (no argparse default leaks into the config)
     args = parser.parse_args(["train", "data", "--out", "run"])
-    assert set(vars(args)) == {"command", "verbose", "data_dir", "out"}
+    assert set(vars(args)) == {"command", "verbose", "data_dir", "out", "json"}
 
 
 @pytest.mark.parametrize(
@@ -148,7 +191,7 @@ def test_train_options_are_the_task_configs_fields():
     ],
 )
 def test_an_option_of_the_other_task_is_refused_with_a_message(option, task, tiny_folder, tmp_path, capsys):
-    from training.cli import main
+    from headstart.cli import main
 
     data = tiny_folder
     if task == "detect":  # the task is chosen by the data set: a data.yaml makes it detection
@@ -166,9 +209,9 @@ def test_run_record_and_manifest_of_another_schema_version_are_refused(tiny_run,
 
     import yaml
 
-    from service.bundle import BundleError, load_bundle
-    from training.load import load_run
-    from training.runs import RunError
+    from headstart.loaded_run import load_run
+    from headstart.runs import RunError
+    from headstart.service.bundle import BundleError, load_bundle
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -187,7 +230,7 @@ def test_run_record_and_manifest_of_another_schema_version_are_refused(tiny_run,
 def test_records_round_trip_through_the_contract(tiny_run, tiny_bundle):
     import yaml
 
-    from service.contract import Manifest, RunRecord
+    from headstart.service.contract import Manifest, RunRecord
 
     data = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert RunRecord.from_dict(data).to_dict() == data
@@ -197,10 +240,10 @@ def test_records_round_trip_through_the_contract(tiny_run, tiny_bundle):
 
 
 def test_a_bundle_and_a_run_are_both_models(tiny_run, tiny_bundle):
-    from service.bundle import load_bundle
-    from service.contract import Model
-    from training.load import load_run
-    from training.predict import RunModel
+    from headstart.loaded_run import load_run
+    from headstart.predict import RunModel
+    from headstart.service.bundle import load_bundle
+    from headstart.service.contract import Model
 
     bundle, run = load_bundle(tiny_bundle.bundle_dir), RunModel(load_run(tiny_run))
     for model in (bundle, run):
@@ -215,7 +258,7 @@ def test_a_bundle_and_a_run_are_both_models(tiny_run, tiny_bundle):
 
 def test_help_and_the_train_command_line_import_no_torch():
     code = (
-        "import sys\nfrom training.cli import build_parser\nbuild_parser().parse_args(['train', 'd', '--out', "
+        "import sys\nfrom headstart.cli import build_parser\nbuild_parser().parse_args(['train', 'd', '--out', "
         "'r', '--epochs', '3'])\nassert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
@@ -224,8 +267,8 @@ def test_help_and_the_train_command_line_import_no_torch():
 def test_loading_a_run_and_exporting_it_need_no_augmentation_or_plotting_library():
     """albumentations, OpenCV and matplotlib are for training: `predict RUN_DIR` and export load neither."""
     code = (
-        "import sys\nfrom training.load import load_run\nfrom training.tasks import CONFIGS, task_named\n"
-        "import training.export\nfor name in CONFIGS: task_named(name)\n"
+        "import sys\nfrom headstart.loaded_run import load_run\nfrom headstart.tasks import CONFIGS, task_named\n"
+        "import headstart.exporter\nfor name in CONFIGS: task_named(name)\n"
         "loaded = [m for m in ('albumentations', 'cv2', 'matplotlib') if m in sys.modules]\n"
         "assert not loaded, loaded"
     )
@@ -235,11 +278,11 @@ def test_loading_a_run_and_exporting_it_need_no_augmentation_or_plotting_library
 def test_a_run_and_a_bundle_manifest_written_before_the_engine_still_load():
     """tests/reference/ holds a run directory and a bundle manifest written by b8f400a, the last commit with two
     trainers and untyped records: both read through the contract unchanged."""
-    from service.contract import Manifest
-    from service.preprocess import decode_image, preprocess
+    from headstart.loaded_run import load_run
+    from headstart.predict import RunModel
+    from headstart.service.contract import Manifest
+    from headstart.service.preprocess import decode_image, preprocess
     from tests.conftest import MOBILENET, PHOTOS, require_shared
-    from training.load import load_run
-    from training.predict import RunModel
 
     require_shared()
     reference = ROOT / "tests" / "reference"

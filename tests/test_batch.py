@@ -15,9 +15,9 @@ import pytest
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from service.batch import predict_batch  # noqa: E402
+from headstart.service.batch import predict_batch  # noqa: E402
+from headstart.tasks.classify.export import NOVELTY_TOLERANCE  # noqa: E402
 from tests.conftest import HYMENOPTERA, ROOT  # noqa: E402
-from training.tasks.classify.export import NOVELTY_TOLERANCE  # noqa: E402
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def read_output(out) -> list[dict]:
 
 
 def test_batch_answers_equal_predict_with_error_rows(tiny_bundle, tmp_path, capsys, local_ray):
-    from training.cli import main
+    from headstart.cli import main
 
     paths, listing = source_list(tmp_path)
     summary = predict_batch(
@@ -50,7 +50,7 @@ def test_batch_answers_equal_predict_with_error_rows(tiny_bundle, tmp_path, caps
     assert summary["images"] == len(paths) and summary["parts"] == 3 and summary["errors"] == 2
     rows = read_output(tmp_path / "out")
     assert [r["path"] for r in rows] == paths  # every image once, in the listing's order
-    assert main(["predict", str(tiny_bundle.bundle_dir), *paths, "--top-k", "2"]) == 1  # 1: some failed
+    assert main(["predict", str(tiny_bundle.bundle_dir), *paths, "--top-k", "2", "--json"]) == 1  # 1: some failed
     single = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     for row, one in zip(rows, single, strict=True):
         assert row["model"] == tiny_bundle.manifest.name and row["version"] == tiny_bundle.manifest.version
@@ -68,9 +68,9 @@ def test_batch_answers_equal_predict_with_error_rows(tiny_bundle, tmp_path, caps
 
 
 def test_batch_localize_boxes_equal_the_services(tiny_bundle, tmp_path, local_ray):
-    from service.bundle import load_bundle
-    from service.localize import LocalizeParams, localize_images
-    from service.preprocess import decode_image
+    from headstart.service.bundle import load_bundle
+    from headstart.service.localize import LocalizeParams, localize_images
+    from headstart.service.preprocess import decode_image
 
     images = [str(p) for p in sorted((HYMENOPTERA / "val").rglob("*.jpg"))[:6]]
     predict_batch(
@@ -142,7 +142,7 @@ def test_batch_killed_then_rerun_gives_the_same_output_without_duplicates(tiny_b
     cmd = [
         sys.executable,
         "-m",
-        "training.cli",
+        "headstart.cli",
         "predict-batch",
         str(tiny_bundle.bundle_dir),
         listing,
@@ -155,6 +155,7 @@ def test_batch_killed_then_rerun_gives_the_same_output_without_duplicates(tiny_b
         "--top-k",
         "2",
         "--no-progress",
+        "--json",
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
@@ -185,7 +186,7 @@ def test_batch_killed_then_rerun_gives_the_same_output_without_duplicates(tiny_b
 
 
 def test_another_job_in_the_same_folder_is_refused(tiny_bundle, tmp_path, local_ray):
-    from service.batch import BatchError
+    from headstart.service.batch import BatchError
 
     _, listing = source_list(tmp_path, n=4)
     predict_batch(str(tiny_bundle.bundle_dir), listing, tmp_path / "out", part_size=10, progress=False)
@@ -196,7 +197,7 @@ def test_another_job_in_the_same_folder_is_refused(tiny_bundle, tmp_path, local_
 def test_sources_are_a_folder_a_glob_or_a_list_file(tmp_path):
     import pyarrow as pa
 
-    from service.batch import BatchError, list_sources
+    from headstart.service.batch import BatchError, list_sources
 
     folder = tmp_path / "photos"
     (folder / "a").mkdir(parents=True)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import DatasetError
-from training.tasks.classify.data import scan_eval_folder, scan_image_folder
+from headstart.data import DatasetError
+from headstart.tasks.classify.data import scan_eval_folder, scan_image_folder
 
 from .conftest import HYMENOPTERA, make_image_folder
 from .images import hostile_images
@@ -128,7 +128,7 @@ def test_eval_folder_uses_model_labels(tmp_path):
 
 
 def test_a_class_with_few_validation_images_is_named_in_a_warning(tmp_path):
-    from training.tasks.classify.data import scan_image_folder
+    from headstart.tasks.classify.data import scan_image_folder
 
     root = make_image_folder(tmp_path / "data", {"ants": 40, "bees": 40, "wasps": 4})
     warnings = scan_image_folder(root, val_fraction=0.2).warnings

@@ -22,7 +22,7 @@ BENTOML_VARIABLES = {"BENTOML_DO_NOT_TRACK"}
 
 def service_variables() -> set[str]:
     """Every HEADSTART_* variable the service reads (its settings: service/settings.py), and BentoML's it sets."""
-    from service.settings import Settings
+    from headstart.service.settings import Settings
 
     return {variable for variable, _, _ in Settings.describe()} | BENTOML_VARIABLES
 

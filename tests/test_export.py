@@ -10,14 +10,14 @@ import numpy as np
 import onnx
 import pytest
 
-from service.bundle import BundleError, embedded_view, load_bundle
-from service.inference import classify_images
-from service.preprocess import decode_image, preprocess
-from training.cli import main
-from training.export import ExportError, export_bundle
-from training.load import load_run
-from training.predict import predict_paths
-from training.runs import RunError
+from headstart.cli import main
+from headstart.exporter import ExportError, export_bundle
+from headstart.loaded_run import load_run
+from headstart.predict import predict_paths
+from headstart.runs import RunError
+from headstart.service.bundle import BundleError, embedded_view, load_bundle
+from headstart.service.inference import classify_images
+from headstart.service.preprocess import decode_image, preprocess
 
 from .conftest import HYMENOPTERA, PHOTOS
 
@@ -88,7 +88,7 @@ def test_predict_cli_same_answers_for_run_bundle_and_tag(tiny_bundle, tiny_run, 
     images = [str(p) for p in REAL_IMAGES[:3]]
     answers = []
     for ref in (str(tiny_run), str(tiny_bundle.bundle_dir), tiny_bundle.tag):
-        assert main(["predict", ref, *images, "--top-k", "2", "--precision", "fp32"]) == 0
+        assert main(["predict", ref, *images, "--top-k", "2", "--precision", "fp32", "--json"]) == 0
         answers.append([json.loads(line)["predictions"] for line in capsys.readouterr().out.splitlines()])
     for other in answers[1:]:
         for a, b in zip(answers[0], other, strict=True):
@@ -104,7 +104,7 @@ def test_predict_takes_folders_and_globs_and_answers_odd_files_with_an_error_lin
     for k, src in enumerate(REAL_IMAGES[:3]):
         shutil.copy(src, folder / ("deeper" if k else ".") / f"{k}.jpg")
     os.mkfifo(folder / "pipe.jpg")
-    code = main(["predict", tiny_bundle.tag, str(folder), str(tmp_path / "photos" / "deeper" / "*.jpg")])
+    code = main(["predict", tiny_bundle.tag, str(folder), str(tmp_path / "photos" / "deeper" / "*.jpg"), "--json"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     names = [Path(line["image"]).name for line in lines]
     assert code == 1 and names == ["0.jpg", "1.jpg", "2.jpg", "pipe.jpg", "1.jpg", "2.jpg"], names
@@ -205,7 +205,7 @@ def test_written_files_follow_the_users_umask(tiny_run, tmp_path):
     import os
     import stat
 
-    from training import runs
+    from headstart import runs
 
     old = os.umask(0o077)
     try:
@@ -227,7 +227,7 @@ def test_written_files_follow_the_users_umask(tiny_run, tmp_path):
 def test_failed_export_keeps_previous_bundle_and_store(tiny_run, tmp_path, monkeypatch):
     import bentoml
 
-    import training.export as export_mod
+    import headstart.exporter as export_mod
 
     first = export_bundle(tiny_run, tmp_path / "b", name="keep-me")
     before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
@@ -279,11 +279,12 @@ def test_help_and_predicting_with_a_bundle_import_no_torch(tiny_bundle):
 
     code = (
         "import sys, contextlib, io\n"
-        "from training.cli import main\n"
+        "from headstart.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "    main(['--help'])\n"
         "assert 'torch' not in sys.modules, 'help imported torch'\n"
-        f"rc = main(['predict', {str(tiny_bundle.bundle_dir)!r}, {str(PHOTOS / 'cat.bmp')!r}, 'no-such.jpg'])\n"
+        f"rc = main(['predict', {str(tiny_bundle.bundle_dir)!r}, {str(PHOTOS / 'cat.bmp')!r}, 'no-such.jpg', "
+        "'--json'])\n"
         "assert 'torch' not in sys.modules, 'predict BUNDLE imported torch'\n"
         "print('rc', rc)\n"
     )
@@ -295,12 +296,12 @@ def test_help_and_predicting_with_a_bundle_import_no_torch(tiny_bundle):
 
 
 def test_every_user_error_shares_one_base_class():
-    from models.backbone import BackboneError
-    from service.bundle import BundleError
-    from service.errors import HeadstartError
-    from service.localize import LocalizeError
-    from service.preprocess import ImageError
-    from training.data import DatasetError
+    from headstart.data import DatasetError
+    from headstart.models.backbone import BackboneError
+    from headstart.service.bundle import BundleError
+    from headstart.service.errors import HeadstartError
+    from headstart.service.localize import LocalizeError
+    from headstart.service.preprocess import ImageError
 
     for cls in (BackboneError, BundleError, DatasetError, ExportError, ImageError, LocalizeError, RunError):
         assert issubclass(cls, HeadstartError), cls
@@ -311,7 +312,7 @@ def test_every_user_error_shares_one_base_class():
 
 
 def test_export_measures_every_runtime_and_precision_and_records_what_may_be_served(hymenoptera_bundle):
-    from service.runtime import cpu_computes_bf16
+    from headstart.service.runtime import cpu_computes_bf16
 
     runtimes = hymenoptera_bundle.manifest.runtimes
     expected = {"onnxruntime", "openvino", *(["openvino-bf16"] if cpu_computes_bf16() else [])}
@@ -354,7 +355,7 @@ def test_openvino_and_onnxruntime_agree_on_real_photos(hymenoptera_bundle):
 def test_bf16_is_served_only_where_the_export_allowed_it(hymenoptera_bundle):
     import dataclasses
 
-    from service.bundle import served_precision
+    from headstart.service.bundle import served_precision
 
     m = hymenoptera_bundle.manifest
     assert served_precision(m, "fp32", "onnxruntime")[0] == "fp32"
@@ -382,8 +383,8 @@ def test_bf16_is_served_only_where_the_export_allowed_it(hymenoptera_bundle):
 
 
 def test_asking_for_openvino_where_it_is_missing_fails_with_a_message(tiny_bundle, monkeypatch):
-    from service import runtime
-    from service.bundle import BundleError
+    from headstart.service import runtime
+    from headstart.service.bundle import BundleError
 
     monkeypatch.setattr(runtime, "openvino_available", lambda: False)
     with pytest.raises(BundleError, match="openvino package is not installed: pip install openvino"):
@@ -394,7 +395,7 @@ def test_asking_for_openvino_where_it_is_missing_fails_with_a_message(tiny_bundl
 
 
 def test_onnx_metadata_is_read_without_loading_the_model(tiny_bundle):
-    from service.runtime import onnx_metadata
+    from headstart.service.runtime import onnx_metadata
 
     path = tiny_bundle.bundle_dir / "model.onnx"
     assert onnx_metadata(path) == {p.key: p.value for p in onnx.load(str(path)).metadata_props}
@@ -409,7 +410,7 @@ def test_the_cli_prints_its_own_lines_not_the_libraries_chatter(tiny_run, tmp_pa
     def stderr(*extra: str) -> list[str]:
         options = ["--no-store", "--int8", "--force", "--out", str(tmp_path / f"b{len(extra)}")]
         out = subprocess.run(
-            [sys.executable, "-m", "training.cli", *extra, "export", str(tiny_run), *options],
+            [sys.executable, "-m", "headstart.cli", *extra, "export", str(tiny_run), *options],
             capture_output=True,
             text=True,
             timeout=300,

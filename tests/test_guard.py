@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from service.guard import (
+from headstart.service.guard import (
     ENDPOINTS,
     MAX_BATCH_IMAGES,
     MAX_FIELD_BYTES,
@@ -291,7 +291,7 @@ def test_a_chunked_body_of_tiny_chunks_is_refused_at_the_chunk_that_crosses_the_
     a close) once a body has more than 64 chunks beyond one per KB of payload; 8 KB chunks pass."""
     import h11
 
-    from service.connections import bound_chunks
+    from headstart.service.connections import bound_chunks
 
     def feed(chunk: int, total: int) -> tuple[int, list[str]]:
         conn, refused = h11.Connection(h11.SERVER), []
@@ -362,7 +362,7 @@ def test_the_parser_refuses_anything_but_multipart_form_data():
 def test_every_client_error_body_becomes_one_shape():
     """BentoML's one-element list, its pydantic validation error, Starlette's plain-text 404 and the guard's own
     answers all become {"error": message, "field": name or null}."""
-    from service.guard import error_body
+    from headstart.service.guard import error_body
 
     classify = ENDPOINTS["/classify"]
     cases = [

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.bundle import BundleError, load_bundle
+from headstart.service.bundle import BundleError, load_bundle
 
 from .bad_requests import BOUNDARY, raw_multipart
 from .conftest import ROOT, make_image_folder, serving
@@ -344,7 +344,7 @@ def hostile_files(folder: Path) -> dict[str, str]:
 
 
 def test_the_data_check_reports_every_file_it_cannot_use_without_reading_it(tmp_path):
-    from training.tasks.classify.data import scan_image_folder
+    from headstart.tasks.classify.data import scan_image_folder
 
     root = make_image_folder(tmp_path / "data", {"ants": 6, "bees": 6})
     expected = hostile_files(root / "ants")
@@ -362,7 +362,7 @@ def test_the_data_check_reports_every_file_it_cannot_use_without_reading_it(tmp_
 def test_training_on_a_folder_with_those_files_completes_and_names_each_in_its_report(tmp_path):
     import json
 
-    from training.tasks import ClassifyConfig, train
+    from headstart.tasks import ClassifyConfig, train
 
     root = make_image_folder(tmp_path / "data", {"ants": 8, "bees": 8}, splits={"train": 0.75, "val": 0.25})
     expected = hostile_files(root / "train" / "ants")
@@ -386,8 +386,8 @@ def test_training_on_a_folder_with_those_files_completes_and_names_each_in_its_r
 
 
 def test_a_class_folder_whose_name_is_not_utf8_is_refused_before_training(tmp_path):
-    from training.data import DatasetError
-    from training.tasks.classify.data import scan_image_folder
+    from headstart.data import DatasetError
+    from headstart.tasks.classify.data import scan_image_folder
 
     root = make_image_folder(tmp_path / "data", {"ants": 4, "bees": 4})
     os.rename(root / "bees", os.fsencode(root) + b"/b\xe9es")
@@ -396,7 +396,7 @@ def test_a_class_folder_whose_name_is_not_utf8_is_refused_before_training(tmp_pa
 
 
 def test_ten_thousand_corrupt_files_print_a_bounded_report(tmp_path):
-    from training.tasks.classify.data import scan_image_folder
+    from headstart.tasks.classify.data import scan_image_folder
 
     root = make_image_folder(tmp_path / "data", {"ants": 4, "bees": 4})
     for k in range(300):
@@ -408,7 +408,7 @@ def test_ten_thousand_corrupt_files_print_a_bounded_report(tmp_path):
 
 
 def test_a_yolo_list_naming_devices_pipes_and_deleted_files_is_checked_to_the_end(tmp_path):
-    from training.tasks.detect.data import scan_yolo_dataset
+    from headstart.tasks.detect.data import scan_yolo_dataset
 
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir()
@@ -432,7 +432,7 @@ def test_a_yolo_list_naming_devices_pipes_and_deleted_files_is_checked_to_the_en
 
 @pytest.mark.slow
 def test_predict_batch_gives_an_error_row_for_each_file_it_cannot_read(hymenoptera_bundle, tmp_path):
-    from service.batch import predict_batch
+    from headstart.service.batch import predict_batch
 
     folder = tmp_path / "odd"
     expected = hostile_files(folder)
@@ -494,7 +494,7 @@ def test_a_configuration_error_at_start_ends_the_server_with_one_line(tiny_bundl
 
 
 def test_absolute_form_targets_and_header_bytes_are_normalised_before_the_app():
-    from service.connections import _normalise
+    from headstart.service.connections import _normalise
 
     scope = {
         "raw_path": b"http://example.com:3000/classify",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from service.localize import (
+from headstart.service.localize import (
     LocalizeError,
     LocalizeParams,
     box_iou,
@@ -21,7 +21,7 @@ from service.localize import (
     method_of,
     nms,
 )
-from service.preprocess import PAD_VALUE, PreprocessSpec, preprocess, resize_and_crop
+from headstart.service.preprocess import PAD_VALUE, PreprocessSpec, preprocess, resize_and_crop
 
 from .conftest import COCO128, MOBILENET, PHOTOS, coco128_report, require_shared
 
@@ -169,7 +169,7 @@ def _yolo_set(root, *, val: bool = False):
 
 
 def test_yolo_reader_reports_background_orphans_malformed_lines_and_corrupt_images(tmp_path):
-    from training.tasks.detect.data import scan_yolo_dataset
+    from headstart.tasks.detect.data import scan_yolo_dataset
 
     report = scan_yolo_dataset(_yolo_set(tmp_path / "set"), val_fraction=0.34, seed=1)
     assert report.labels == ["cat", "dog"]
@@ -188,8 +188,8 @@ def test_yolo_reader_reports_background_orphans_malformed_lines_and_corrupt_imag
 
 
 def test_yolo_reader_errors_name_the_problem(tmp_path):
-    from training.data import DatasetError
-    from training.tasks.detect.data import scan_yolo_dataset
+    from headstart.data import DatasetError
+    from headstart.tasks.detect.data import scan_yolo_dataset
 
     with pytest.raises(DatasetError, match="no data.yaml"):
         scan_yolo_dataset(tmp_path)
@@ -204,8 +204,8 @@ def test_yolo_reader_errors_name_the_problem(tmp_path):
 
 def test_evaluation_reads_the_test_split_else_val_else_train(tmp_path):
     """Ultralytics data sets for evaluation often define only 'val' or 'test'; evaluation says which it used."""
-    from training.data import DatasetError
-    from training.tasks.detect.data import scan_yolo_eval_split
+    from headstart.data import DatasetError
+    from headstart.tasks.detect.data import scan_yolo_eval_split
 
     root = _yolo_set(tmp_path / "set")
     names = "names: [cat, dog]\n"
@@ -225,7 +225,7 @@ def test_evaluation_reads_the_test_split_else_val_else_train(tmp_path):
 
 def test_coco128_is_read_as_the_data_set_describes_it():
     require_shared()
-    from training.tasks.detect.data import scan_yolo_dataset
+    from headstart.tasks.detect.data import scan_yolo_dataset
 
     report = scan_yolo_dataset(COCO128, val_fraction=0.2, seed=0)
     assert len(report.labels) == 80 and report.labels[0] == "person"
@@ -239,7 +239,7 @@ def test_coco128_is_read_as_the_data_set_describes_it():
 def test_targets_and_loss_reward_the_right_prediction():
     import torch
 
-    from training.tasks.detect.grid_loss import anchor_shapes, build_targets, yolo_loss
+    from headstart.tasks.detect.grid_loss import anchor_shapes, build_targets, yolo_loss
 
     targets = [np.array([[1, 0.55, 0.3, 0.2, 0.4], [0, 0.56, 0.31, 0.5, 0.1]], np.float32)]
     anchors = anchor_shapes(targets, 2)
@@ -263,8 +263,8 @@ def test_targets_and_loss_reward_the_right_prediction():
 
 def test_detection_augmentation_moves_boxes_with_the_pixels():
     """A white box on black, flipped and scaled by the heavy pipeline: the target box still covers white pixels."""
-    from training.tasks.detect.augment import build_detection_augmentation, detection_views
-    from training.tasks.detect.data import DetSample
+    from headstart.tasks.detect.augment import build_detection_augmentation, detection_views
+    from headstart.tasks.detect.data import DetSample
 
     spec = PreprocessSpec(input_size=128, resize=128, fit="pad")
     img = Image.new("RGB", (200, 120), (0, 0, 0))
@@ -301,8 +301,8 @@ def scene(photo: Image.Image, rng: np.random.Generator, size: int = 320, margin:
 def scene_bundle(tmp_path_factory):
     """A classifier trained (the normal CLI path) to tell four photos apart wherever they are pasted."""
     require_shared()
-    from training.export import export_bundle
-    from training.tasks import ClassifyConfig, train
+    from headstart.exporter import export_bundle
+    from headstart.tasks import ClassifyConfig, train
 
     tmp = tmp_path_factory.mktemp("scenes")
     rng = np.random.default_rng(1)
@@ -329,7 +329,7 @@ def scene_bundle(tmp_path_factory):
 @pytest.mark.slow
 def test_cam_boxes_overlap_the_pasted_object(scene_bundle):
     """Through the exported ONNX model and the service's code: IoU >= 0.5 with the true box in most scenes."""
-    from service.bundle import load_bundle
+    from headstart.service.bundle import load_bundle
 
     bundle_dir, photos = scene_bundle
     bundle = load_bundle(bundle_dir)
@@ -351,7 +351,7 @@ def test_cam_boxes_overlap_the_pasted_object(scene_bundle):
 
 
 def _train_small_detector(out, cache):
-    from training.tasks import DetectConfig, train
+    from headstart.tasks import DetectConfig, train
 
     cfg = DetectConfig(
         data_dir=str(COCO128),
@@ -393,7 +393,7 @@ def test_detector_training_gives_finite_reproducible_map(detector_run):
 
 @pytest.fixture(scope="module")
 def detector_bundle(detector_run):
-    from training.export import export_bundle
+    from headstart.exporter import export_bundle
 
     run, tmp = detector_run
     return export_bundle(run, tmp / "bundle", name="coco-grid")
@@ -401,9 +401,9 @@ def detector_bundle(detector_run):
 
 @pytest.mark.slow
 def test_detector_export_and_service_decoding(detector_bundle):
-    from service.bundle import load_bundle
-    from service.inference import classify_images
-    from service.preprocess import decode_image
+    from headstart.service.bundle import load_bundle
+    from headstart.service.inference import classify_images
+    from headstart.service.preprocess import decode_image
 
     m = detector_bundle.manifest
     assert m.task == "detect" and m.output_names == ["probabilities", "boxes", "scores"]
@@ -450,7 +450,7 @@ def test_predict_localize_from_run_and_bundle_agree(detector_run, detector_bundl
             [
                 sys.executable,
                 "-m",
-                "training.cli",
+                "headstart.cli",
                 "predict",
                 str(model),
                 str(image),
@@ -459,6 +459,7 @@ def test_predict_localize_from_run_and_bundle_agree(detector_run, detector_bundl
                 "0.05",
                 "--precision",
                 "fp32",
+                "--json",
             ],
             capture_output=True,
             text=True,
@@ -582,7 +583,7 @@ def _flood_fill_regions(values: np.ndarray, threshold: float) -> set[tuple[int, 
 
 @pytest.mark.parametrize("seed", range(30))
 def test_region_labelling_matches_a_flood_fill(seed):
-    from service.localize import _regions
+    from headstart.service.localize import _regions
 
     rng = np.random.default_rng(seed)
     values = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30))))
@@ -598,7 +599,17 @@ def test_evaluate_a_detector_on_a_yolo_data_set(detector_run, tmp_path):
 
     run, _ = detector_run
     proc = subprocess.run(
-        [sys.executable, "-m", "training.cli", "evaluate", str(run), str(COCO128), "--out", str(tmp_path / "eval")],
+        [
+            sys.executable,
+            "-m",
+            "headstart.cli",
+            "evaluate",
+            str(run),
+            str(COCO128),
+            "--out",
+            str(tmp_path / "eval"),
+            "--json",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -611,7 +622,7 @@ def test_evaluate_a_detector_on_a_yolo_data_set(detector_run, tmp_path):
 
 
 def test_task_specific_options_are_refused_for_the_other_task(tiny_folder, tmp_path):
-    from training.cli import main
+    from headstart.cli import main
 
     assert main(["train", str(tiny_folder), "--out", str(tmp_path / "a"), "--input-size", "320"]) != 0
     yolo = _yolo_set(tmp_path / "set")
@@ -621,8 +632,8 @@ def test_task_specific_options_are_refused_for_the_other_task(tiny_folder, tmp_p
 
 def test_a_detector_with_a_random_backbone_trains_exports_and_serves(tmp_path):
     """The fast end-to-end path with the tiny random timm backbone: train, export, decode through the service."""
-    from service.bundle import load_bundle
-    from training.cli import main
+    from headstart.cli import main
+    from headstart.service.bundle import load_bundle
 
     yolo = _yolo_set(tmp_path / "set")
     run = tmp_path / "run"
@@ -659,7 +670,7 @@ def test_a_detector_with_a_random_backbone_trains_exports_and_serves(tmp_path):
     assert result["method"] == "trained" and result["image_size"] == [90, 50]
     for d in result["detections"]:
         assert 0 <= d["box"]["x1"] < d["box"]["x2"] <= 90 and 0 <= d["box"]["y1"] < d["box"]["y2"] <= 50
-    from training.export import export_bundle
+    from headstart.exporter import export_bundle
 
     quantized = export_bundle(run, tmp_path / "b8", int8=True, force=True, store=False)  # force: random weights
     info = quantized.manifest.int8
@@ -674,8 +685,8 @@ def test_a_detector_with_a_random_backbone_trains_exports_and_serves(tmp_path):
 @pytest.mark.slow
 def test_detector_boxes_agree_on_openvino_and_onnxruntime(detector_bundle):
     """Every detector output (image scores, boxes, per-box scores) on both runtimes, and the decoded detections."""
-    from service.bundle import load_bundle
-    from service.preprocess import decode_image
+    from headstart.service.bundle import load_bundle
+    from headstart.service.preprocess import decode_image
 
     images = [decode_image(p) for p in sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[-6:]]
     ort = load_bundle(detector_bundle.bundle_dir, runtime="onnxruntime")
@@ -696,9 +707,9 @@ def test_detector_boxes_agree_on_openvino_and_onnxruntime(detector_bundle):
 def test_int8_detector_on_real_features_keeps_its_boxes_and_ap(detector_run, tmp_path):
     """``export --int8`` of the coco128 detector (pretrained MobileNetV2): the export's own gate passes (AP50 on the
     validation images within 1 point of fp32), and the served int8 boxes are the fp32 ones."""
-    from service.bundle import load_bundle
-    from service.preprocess import decode_image
-    from training.export import export_bundle
+    from headstart.exporter import export_bundle
+    from headstart.service.bundle import load_bundle
+    from headstart.service.preprocess import decode_image
 
     run, _ = detector_run
     result = export_bundle(run, tmp_path / "b8", int8=True, store=False)  # no --force: the gate must pass

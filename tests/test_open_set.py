@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from models import Novelty, NoveltyConfig, feature_bank
-from service.preprocess import decode_image
+from headstart.models import Novelty, NoveltyConfig, feature_bank
+from headstart.service.preprocess import decode_image
+from headstart.tasks.classify.audit import label_issues, near_duplicates, outliers
+from headstart.tasks.classify.metrics import auroc
+from headstart.tasks.classify.open_set import calibrate, choose_bank
 from tests.conftest import COCO128, HYMENOPTERA, MOBILENET, PHOTOS
-from training.tasks.classify.audit import label_issues, near_duplicates, outliers
-from training.tasks.classify.metrics import auroc
-from training.tasks.classify.open_set import calibrate, choose_bank
 
 #: real photos of things that are neither ants nor bees: the shared photos (a cat, a bird, a dragonfly, a hot dog,
 #: Grace Hopper, three camera shots) and COCO images (people, streets, animals, food; no insects)
@@ -104,7 +104,7 @@ def test_the_audit_finds_duplicates_and_outliers():
 
 
 def test_the_novelty_threshold_setting_is_checked():
-    from service.settings import Settings, SettingsError
+    from headstart.service.settings import Settings, SettingsError
 
     assert Settings.from_env({}).novelty_threshold is None
     assert Settings.from_env({"HEADSTART_NOVELTY_THRESHOLD": "0.4"}).novelty_threshold == 0.4
@@ -122,11 +122,11 @@ def without_bank(run: Path, tmp_path: Path) -> Path:
 
 
 def test_a_run_and_a_bundle_without_a_bank_answer_without_the_open_set_fields(tiny_run, tmp_path):
-    from service.bundle import load_bundle
-    from service.inference import classify_images
-    from training.export import export_bundle
-    from training.load import load_run
-    from training.predict import RunModel
+    from headstart.exporter import export_bundle
+    from headstart.loaded_run import load_run
+    from headstart.predict import RunModel
+    from headstart.service.bundle import load_bundle
+    from headstart.service.inference import classify_images
 
     assert (tiny_run / "open_set.safetensors").is_file()
     old = without_bank(tiny_run, tmp_path)
@@ -149,8 +149,8 @@ def val_images() -> list[Path]:
 
 
 def test_other_things_are_none_of_these_and_the_classes_are_kept(hymenoptera_bundle):
-    from service.bundle import load_bundle
-    from service.inference import classify_images
+    from headstart.service.bundle import load_bundle
+    from headstart.service.inference import classify_images
 
     bundle = load_bundle(hymenoptera_bundle.bundle_dir, runtime="onnxruntime")
     open_set = bundle.open_set
@@ -165,10 +165,10 @@ def test_other_things_are_none_of_these_and_the_classes_are_kept(hymenoptera_bun
 
 
 def test_every_runtime_precision_and_the_int8_file_agree_on_none_of_these(hymenoptera_bundle):
-    from service.bundle import load_bundle
-    from service.inference import scores_and_novelty
-    from service.preprocess import preprocess
-    from training.tasks.classify.export import INT8_NOVELTY_TOLERANCE, NOVELTY_TOLERANCE
+    from headstart.service.bundle import load_bundle
+    from headstart.service.inference import scores_and_novelty
+    from headstart.service.preprocess import preprocess
+    from headstart.tasks.classify.export import INT8_NOVELTY_TOLERANCE, NOVELTY_TOLERANCE
 
     pixels = np.stack(
         [
@@ -212,11 +212,20 @@ def test_the_run_writes_predictions_and_the_audit(hymenoptera_run):
 
 
 def test_evaluate_with_images_of_other_things(hymenoptera_run, tmp_path, capsys):
-    from training.cli import main
+    from headstart.cli import main
 
     assert (
         main(
-            ["evaluate", str(hymenoptera_run), str(HYMENOPTERA / "val"), "--out", str(tmp_path), "--other", str(PHOTOS)]
+            [
+                "evaluate",
+                str(hymenoptera_run),
+                str(HYMENOPTERA / "val"),
+                "--out",
+                str(tmp_path),
+                "--other",
+                str(PHOTOS),
+                "--json",
+            ]
         )
         == 0
     )
@@ -229,23 +238,23 @@ def test_evaluate_with_images_of_other_things(hymenoptera_run, tmp_path, capsys)
 def test_predict_answers_unknown_and_writes_heatmaps(hymenoptera_run, tmp_path, capsys):
     from PIL import Image
 
-    from training.cli import main
+    from headstart.cli import main
 
     cat, bee = PHOTOS / "cat_720p.jpg", sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[0]
-    assert main(["predict", str(hymenoptera_run), str(cat), str(bee), "--heatmap", str(tmp_path)]) == 0
+    assert main(["predict", str(hymenoptera_run), str(cat), str(bee), "--heatmap", str(tmp_path), "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [line["unknown"] for line in lines] == [True, False]
     for line in lines:
         picture = Image.open(line["heatmap"])
         assert picture.format == "JPEG" and max(picture.size) <= 1024
-    assert main(["predict", str(hymenoptera_run), str(cat), "--novelty-threshold", "2"]) == 0
+    assert main(["predict", str(hymenoptera_run), str(cat), "--novelty-threshold", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["unknown"] is False  # the override
 
 
 @pytest.fixture(scope="module")
 def old_bundle(hymenoptera_run, tmp_path_factory):
     """The hymenoptera model exported as headstart did before the novelty score: no novelty output."""
-    from training.export import export_bundle
+    from headstart.exporter import export_bundle
 
     tmp = tmp_path_factory.mktemp("old")
     return export_bundle(without_bank(hymenoptera_run, tmp), tmp / "bundle", store=False)
@@ -292,7 +301,7 @@ def test_a_bundle_without_a_novelty_score_still_serves_and_says_so(old_bundle):
 def test_the_audit_finds_flipped_labels_and_a_planted_duplicate(tmp_path):
     """A copy of hymenoptera with 5% of its training labels flipped and one validation image copied into train:
     the flipped images lead the label issues, and the copy is reported across train and val."""
-    from training.tasks import ClassifyConfig, train
+    from headstart.tasks import ClassifyConfig, train
 
     data = tmp_path / "data"
     shutil.copytree(HYMENOPTERA, data)

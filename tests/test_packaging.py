@@ -1,6 +1,8 @@
 """The package installs whole (pyproject.toml): a wheel built from the checkout, installed without ``-e`` in a fresh
-virtual environment, trains and exports from outside the checkout. CI installs with ``-e``, which hides a package or
-a data file the wheel leaves out."""
+virtual environment, trains and exports from outside the checkout, from the command line and from Python, in a
+project folder holding its own ``models/``, ``service/`` and ``training.py`` (usual in ML repositories: ours are
+``headstart.models``, ``headstart.service`` and ``headstart`` itself, so theirs cannot stand in). CI installs with
+``-e``, which hides a package or a data file the wheel leaves out."""
 
 from __future__ import annotations
 
@@ -50,13 +52,15 @@ def test_a_built_wheel_installs_whole_and_trains_and_exports_outside_the_checkou
     )
     (wheel,) = (tmp_path / "dist").glob("headstart-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
+    installed_as = {"training": "headstart", "service": "headstart/service", "models": "headstart/models"}
     sources = {
-        str(p.relative_to(ROOT))
-        for top in ("service", "training", "models")
+        f"{installed_as[top]}/{p.relative_to(ROOT / top)}"
+        for top in installed_as
         for p in (ROOT / top).rglob("*")
         if p.is_file() and "__pycache__" not in p.parts
     }
     assert sources <= names, f"the wheel leaves out {sorted(sources - names)}"
+    assert not [n for n in names if n.split("/")[0] in installed_as], "the folder names must not be installed"
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", venv], tmp_path, env)
@@ -67,12 +71,23 @@ def test_a_built_wheel_installs_whole_and_trains_and_exports_outside_the_checkou
     # after the fresh environment's own, and runs none of the hooks in it (the editable install's among them)
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    elsewhere = tmp_path / "elsewhere"  # a user's project, with the names ML repositories often have
+    for package in ("models", "service"):
+        (elsewhere / package).mkdir(parents=True)
+        (elsewhere / package / "__init__.py").write_text(f"raise ImportError('the user\\'s own {package}/')\n")
+    (elsewhere / "training.py").write_text('raise ImportError("the user\'s own training.py")\n')
     where = run(
-        [python, "-c", "import service, training, training.tasks, models; print(training.__file__)"], elsewhere, env
+        [
+            python,
+            "-c",
+            "import headstart, headstart.tasks, headstart.service.service, headstart.models, headstart.cli, sys\n"
+            "print(headstart.__file__)\n"
+            "assert not {'service', 'training', 'models'} & set(sys.modules), sorted(sys.modules)",
+        ],
+        elsewhere,
+        env,
     )
-    assert Path(where.strip()).is_relative_to(site), f"training was imported from {where.strip()}, not the wheel"
+    assert Path(where.strip()).is_relative_to(site), f"headstart was imported from {where.strip()}, not the wheel"
     assert "train" in run([headstart, "--help"], elsewhere, env)
     data = make_image_folder(elsewhere / "data", {"red": 6, "blue": 6}, splits={"train": 0.5, "val": 0.5})
     run(
@@ -98,5 +113,5 @@ def test_a_built_wheel_installs_whole_and_trains_and_exports_outside_the_checkou
     )
     out = run([headstart, "export", elsewhere / "run", "--out", elsewhere / "bundle", "--no-store"], elsewhere, env)
     assert (elsewhere / "bundle" / "manifest.json").is_file(), out
-    kubernetes = site / "service" / "kubernetes" / "headstart.yaml"
+    kubernetes = site / "headstart" / "service" / "kubernetes" / "headstart.yaml"
     assert kubernetes.is_file(), "the Kubernetes manifests are not installed"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocess import (
+from headstart.service.preprocess import (
     ImageError,
     PreprocessSpec,
     count_jpeg_scans,
@@ -222,8 +222,8 @@ MEASURE = """
 import io, sys
 from PIL import Image
 sys.path.insert(0, ".")
-from service.formats import decode_cost
-from service.preprocess import decode_image
+from headstart.service.formats import decode_cost
+from headstart.service.preprocess import decode_image
 data = sys.stdin.buffer.read()
 img = Image.open(io.BytesIO(data))
 estimate = decode_cost(img, img.size[0] * img.size[1])
@@ -334,7 +334,7 @@ def test_other_formats_are_decoded_whole_and_truncated_jpegs_are_still_caught():
 
 
 def test_boxes_of_a_reduced_decoding_come_back_in_the_photos_pixels():
-    from service.localize import draw_detections, geometry_of
+    from headstart.service.localize import draw_detections, geometry_of
 
     for fit in ("crop", "pad"):
         spec = PreprocessSpec(input_size=224, resize=256 if fit == "crop" else 224, fit=fit)

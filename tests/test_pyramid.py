@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from models import build_backbone
-from models.pyramid import Pyramid, PyramidHead, PyramidHeadConfig
-from training.tasks.detect.augment import mosaic
-from training.tasks.detect.crossval import fold_report, make_folds, summarise
-from training.tasks.detect.data import DetectionReport, DetSample
-from training.tasks.detect.pyramid_loss import assign, level_points, pyramid_loss
+from headstart.models import build_backbone
+from headstart.models.pyramid import Pyramid, PyramidHead, PyramidHeadConfig
+from headstart.tasks.detect.augment import mosaic
+from headstart.tasks.detect.crossval import fold_report, make_folds, summarise
+from headstart.tasks.detect.data import DetectionReport, DetSample
+from headstart.tasks.detect.pyramid_loss import assign, level_points, pyramid_loss
 
 
 @pytest.mark.parametrize("name", ["torchvision:mobilenet_v2", "torchvision:resnet18", "resnet18"])
@@ -234,8 +234,8 @@ def test_every_scale_finds_the_objects_of_its_size_on_an_unseen_scene(tmp_path):
     from .conftest import MOBILENET, PHOTOS, require_shared
 
     require_shared()
-    from training.load import load_run
-    from training.tasks import DetectConfig, train
+    from headstart.loaded_run import load_run
+    from headstart.tasks import DetectConfig, train
 
     data = _scene_dataset(tmp_path / "data", 32, seed=0)
     cfg = DetectConfig(
@@ -279,7 +279,7 @@ def test_crossval_scores_every_fold_on_images_it_never_trained_on_and_repeats_it
     the fold runs; the same seed again (features from the cache) gives the same numbers."""
     import json
 
-    from training.cli import main
+    from headstart.cli import main
 
     from .conftest import COCO128, MOBILENET, require_shared
 

@@ -68,7 +68,7 @@ TOLERANCE = {
 
 
 def hymenoptera(out: Path, cache: Path, **changes):
-    from training.tasks import ClassifyConfig, train
+    from headstart.tasks import ClassifyConfig, train
 
     require_shared()
     cfg = dict(
@@ -85,7 +85,7 @@ def hymenoptera(out: Path, cache: Path, **changes):
 
 
 def synthetic_unfreeze(out: Path, cache: Path, **changes):
-    from training.tasks import ClassifyConfig, train
+    from headstart.tasks import ClassifyConfig, train
 
     data = out.parent / "synthetic-data"
     if not data.is_dir():
@@ -109,7 +109,7 @@ def synthetic_unfreeze(out: Path, cache: Path, **changes):
 
 
 def coco128_detector(out: Path, cache: Path, split=(40, 12), **changes):
-    from training.tasks import DetectConfig, train
+    from headstart.tasks import DetectConfig, train
 
     require_shared()
     cfg = dict(
@@ -147,7 +147,7 @@ def machine() -> dict:
     what the kernels compute (:func:`kernel_fingerprint`)."""
     import torch
 
-    from service.cpu import cpu_info
+    from headstart.service.cpu import cpu_info
 
     return {
         "cpu": cpu_info().to_dict(),
@@ -179,9 +179,9 @@ def _kernel_digest() -> str:
     import torch
     from torch import nn
 
-    from models import build_backbone
-    from models.heads import GridHead, GridHeadConfig
-    from training.features import features_fn
+    from headstart.features import features_fn
+    from headstart.models import build_backbone
+    from headstart.models.heads import GridHead, GridHeadConfig
 
     gen = torch.Generator().manual_seed(0)
     digest = hashlib.sha256()

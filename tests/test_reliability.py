@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import runs
+from headstart import runs
 
 from .bad_requests import BOUNDARY, corpus, raw_multipart
 from .conftest import ROOT, make_image_folder
@@ -355,7 +355,7 @@ def train_cmd(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "training.cli",
+        "headstart.cli",
         "train",
         str(data),
         "--out",
@@ -457,7 +457,7 @@ def test_two_runs_sharing_a_cache_at_once(fault_data, tmp_path):
 def test_failed_export_leaves_previous_bundle_and_store(tiny_run, tmp_path, monkeypatch, where):
     import bentoml
 
-    import training.export as export_mod
+    import headstart.exporter as export_mod
 
     export_mod.export_bundle(tiny_run, tmp_path / "b", name="fault-test", int8=where == "quantize_int8")
     before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
@@ -492,8 +492,8 @@ def test_no_pickle_is_loaded_from_user_files():
 
 
 def test_pickled_weights_file_is_refused(tmp_path):
-    from models import build_backbone
-    from models.backbone import BackboneError
+    from headstart.models import build_backbone
+    from headstart.models.backbone import BackboneError
 
     class Evil:
         def __reduce__(self):
@@ -507,7 +507,7 @@ def test_pickled_weights_file_is_refused(tmp_path):
 
 
 def test_manifest_cannot_point_outside_the_bundle(tiny_bundle, tmp_path):
-    from service.bundle import BundleError, load_bundle
+    from headstart.service.bundle import BundleError, load_bundle
 
     bad = tmp_path / "bundle"
     shutil.copytree(tiny_bundle.bundle_dir, bad)
@@ -520,7 +520,7 @@ def test_manifest_cannot_point_outside_the_bundle(tiny_bundle, tmp_path):
 
 def test_model_name_from_environment_is_checked(monkeypatch):
     """HEADSTART_MODEL goes through verify_bundle: an existing directory must be a bundle, anything else a tag."""
-    from service.bundle import BundleError, verify_bundle
+    from headstart.service.bundle import BundleError, verify_bundle
 
     for ref in ("../../etc", "/", "x; rm -rf /", "UPPER:case", "a" * 300 + "/x", "name:../../x"):
         with pytest.raises(BundleError):
@@ -529,7 +529,7 @@ def test_model_name_from_environment_is_checked(monkeypatch):
 
 def test_stale_temporary_cache_files_are_swept(tmp_path):
     """A writer killed mid-write leaves `.NAME.XXXX.tmp`; the next cache to open removes it once it is old."""
-    from training.features import FeatureCache
+    from headstart.features import FeatureCache
 
     folder = tmp_path / "ab"
     folder.mkdir(parents=True)

@@ -9,7 +9,8 @@ import sys
 import httpx
 import pytest
 
-from service.devserver import ROOT, free_port, stop, wait_ready
+from headstart.service.devserver import free_port, stop, wait_ready
+from tests.conftest import ROOT
 
 
 @pytest.mark.slow
@@ -19,7 +20,7 @@ def test_headstart_serve_binds_loopback_logs_one_start_line_and_answers(tiny_bun
     if not (run_dir / "bundle").exists():  # a run directory holds its exported bundle there
         (run_dir / "bundle").symlink_to(tiny_bundle.bundle_dir)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", str(run_dir), "--port", str(port), "--workers", "1"],
+        [sys.executable, "-m", "headstart.cli", "serve", str(run_dir), "--port", str(port), "--workers", "1"],
         cwd=ROOT,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
@@ -52,7 +53,7 @@ def test_headstart_serve_binds_loopback_logs_one_start_line_and_answers(tiny_bun
 def test_headstart_serve_refuses_a_wrong_start_with_one_line(tiny_bundle, args, words):
     args = [str(tiny_bundle.bundle_dir) if a == "TINY" else a for a in args]
     out = subprocess.run(
-        [sys.executable, "-m", "training.cli", "serve", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "headstart.cli", "serve", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(lines) == 1 and words in lines[0], out.stderr[-2000:]
@@ -82,10 +83,10 @@ def test_every_4xx_answer_has_one_json_shape(server):
 def test_headstart_serve_keeps_the_environments_settings_unless_an_option_is_given(tiny_bundle, monkeypatch):
     """HEADSTART_VARIANT=int8 in the environment and no --variant: the int8 check runs (and fails on this bundle);
     --variant fp32 given: it wins."""
-    from training.cli import main
+    from headstart.cli import main
 
     served = []
-    monkeypatch.setattr("service.devserver.serve", lambda model, host, port, **env: served.append(env))
+    monkeypatch.setattr("headstart.service.devserver.serve", lambda model, host, port, **env: served.append(env))
     monkeypatch.setenv("HEADSTART_VARIANT", "int8")
     assert main(["serve", str(tiny_bundle.bundle_dir)]) == 2 and not served
     assert main(["serve", str(tiny_bundle.bundle_dir), "--variant", "fp32", "--runtime", "onnxruntime"]) == 0

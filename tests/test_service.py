@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.devserver import free_port, start
-from service.preprocess import decode_image, preprocess
-from training.load import load_run
-from training.predict import predict_paths
+from headstart.loaded_run import load_run
+from headstart.predict import predict_paths
+from headstart.service.devserver import free_port, start
+from headstart.service.preprocess import decode_image, preprocess
 
 from .conftest import ROOT, import_service, serving
 from .images import ANT, BEE, bad_images, exif_rotated, good_variants
@@ -83,7 +83,7 @@ def test_work_for_an_abandoned_request_is_dropped_not_run(svc, monkeypatch):
     """A request whose client left (or whose time ran out) while it waited for the inference thread is not run."""
     import time
 
-    from service import guard
+    from headstart.service import guard
 
     ran = []
     original = svc.bundle.run
@@ -216,7 +216,7 @@ def test_asgi_bad_requests(client, kwargs, status, message):
 
 def test_the_guards_endpoint_table_matches_the_service(svc_module):
     """Adding a parameter to an endpoint without the guard knowing would make every request using it a 400."""
-    from service.guard import ENDPOINTS
+    from headstart.service.guard import ENDPOINTS
 
     apis = svc_module.Headstart.apis
     assert {f"/{name}" for name in apis} == set(ENDPOINTS)
@@ -260,7 +260,7 @@ def test_asgi_info_health_and_openapi(client):
     # the default runtime on a CPU: OpenVINO, in bf16 only because the export verified it
     assert (info["runtime"], info["device"]) == ("openvino", "cpu")
     assert info["precision"] in ("fp32", "bf16") and "check" in info["precision_note"]
-    from service.cpu import cpu_info
+    from headstart.service.cpu import cpu_info
 
     # the CPU beside them: its kind decides the kernels (AMX, AVX-512 BF16, ...), and whether bf16 is possible at all
     assert info["cpu"]["kind"] == cpu_info().kind and info["cpu"]["cores"] >= 1
@@ -353,7 +353,7 @@ def test_serve_without_openvino_refuses_it_by_name_and_auto_takes_onnxruntime(hy
 
 
 def test_cuda_requested_without_gpu_fails_loudly(hymenoptera_bundle):
-    from service.bundle import BundleError, available_providers, load_bundle
+    from headstart.service.bundle import BundleError, available_providers, load_bundle
 
     if "CUDAExecutionProvider" in available_providers():
         pytest.skip("this machine has CUDA")
@@ -409,7 +409,7 @@ def test_the_built_bento_serves_from_a_fresh_venv_holding_only_its_requirements(
 
     import httpx
 
-    from service.devserver import stop, wait_ready
+    from headstart.service.devserver import stop, wait_ready
 
     bento = tmp_path / "bento"
     with tarfile.open(built_bento) as tar:

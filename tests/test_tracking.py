@@ -15,8 +15,8 @@ def tracked_run(tmp_path_factory):
     """A small run logged to TensorBoard and to a local MLflow store, then exported."""
     import os
 
-    from training.export import export_bundle
-    from training.tasks import ClassifyConfig, train
+    from headstart.exporter import export_bundle
+    from headstart.tasks import ClassifyConfig, train
 
     tmp = tmp_path_factory.mktemp("tracked")
     data = make_image_folder(tmp / "data", {"red": 12, "blue": 12}, splits={"train": 0.75, "val": 0.25})
@@ -80,12 +80,16 @@ def test_mlflow_holds_the_options_the_history_the_metrics_the_artifacts_and_the_
     assert {"metrics.json", "confusion_matrix.png", "training_curves.png", "bundle"} <= artifacts
     bundle = {a.path for a in client.list_artifacts(record["run_id"], "bundle")}
     assert {"bundle/manifest.json", "bundle/model.onnx"} <= bundle
+    # a local store keeps its artifacts beside its database, never in the working directory
+    beside = run.parent / "mlartifacts"
+    assert mlrun.info.artifact_uri.startswith(str(beside)) or mlrun.info.artifact_uri.startswith(f"file://{beside}")
+    assert beside.is_dir()
 
 
 def test_an_unknown_or_missing_tracker_is_refused_before_any_work(tmp_path, monkeypatch):
     import builtins
 
-    from training.tracking import parse
+    from headstart.tracking import parse
 
     with pytest.raises(ValueError, match="use tensorboard, mlflow"):
         parse("wandb")
@@ -105,7 +109,7 @@ def test_an_unknown_or_missing_tracker_is_refused_before_any_work(tmp_path, monk
 
 
 def test_compare_prints_the_options_that_differ_and_the_headline_metrics(tracked_run, tiny_run, capsys):
-    from training.cli import main
+    from headstart.cli import main
 
     run, _ = tracked_run
     assert main(["compare", str(tiny_run), str(run)]) == 0

@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models import build_backbone
-from models.backbone import BackboneError
-from training import runs
-from training.cli import main
-from training.features import FeatureCache
-from training.load import load_run
-from training.runs import RunError
-from training.tasks import ClassifyConfig, train
+from headstart import runs
+from headstart.cli import main
+from headstart.features import FeatureCache
+from headstart.loaded_run import load_run
+from headstart.models import build_backbone
+from headstart.models.backbone import BackboneError
+from headstart.runs import RunError
+from headstart.tasks import ClassifyConfig, train
 
 from .conftest import PHOTOS, make_image_folder
 
@@ -148,7 +148,7 @@ def test_hidden_head_unfreeze_and_reload(tiny_folder, tmp_path, cache_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["training"]["finetune"]["unfrozen_stages"] == ["layer4"]
     # the reloaded model reproduces the run's validation accuracy
-    from training.predict import predict_paths
+    from headstart.predict import predict_paths
 
     val = sorted((tiny_folder / "val").rglob("*.jpg"))
     probs = predict_paths(run.model, val, run.spec)
@@ -196,7 +196,7 @@ def test_an_unreachable_hub_fails_at_once_with_what_to_do(monkeypatch):
     import timm
     from huggingface_hub import constants
 
-    from models.backbone import hub_reachable
+    from headstart.models.backbone import hub_reachable
 
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: connection refused
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-headstart-cache")
@@ -260,11 +260,11 @@ def test_cli_train_evaluate_predict(tiny_folder, tmp_path, cache_dir, capsys):
     ]
     assert main(args) == 0
     capsys.readouterr()
-    assert main(["evaluate", str(out), str(tiny_folder / "val"), "--out", str(tmp_path / "ev")]) == 0
+    assert main(["evaluate", str(out), str(tiny_folder / "val"), "--out", str(tmp_path / "ev"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_images"] == 8 and (tmp_path / "ev" / "confusion_matrix.png").is_file()
     image = next((tiny_folder / "val" / "red").glob("*.jpg"))
-    assert main(["predict", str(out), str(image), str(tmp_path / "nope.jpg"), "--top-k", "2"]) == 1
+    assert main(["predict", str(out), str(image), str(tmp_path / "nope.jpg"), "--top-k", "2", "--json"]) == 1
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [p["label"] for p in lines[0]["predictions"]] and len(lines[0]["predictions"]) == 2
     assert sum(p["score"] for p in lines[0]["predictions"]) == pytest.approx(1.0, abs=1e-5)
@@ -280,7 +280,7 @@ def test_hymenoptera_with_shared_mobilenet_reaches_093(hymenoptera_run):
     preprocess = json.loads((hymenoptera_run / "preprocess.json").read_text())
     assert preprocess["resize"] == 256 and preprocess["input_size"] == 224  # from the weights' own config
     run = load_run(hymenoptera_run)
-    from training.predict import predict_paths
+    from headstart.predict import predict_paths
 
     probs = predict_paths(run.model, [PHOTOS / "cat.bmp"], run.spec)
     assert probs.shape == (1, 2) and np.isclose(probs.sum(), 1.0, atol=1e-5)
@@ -308,7 +308,7 @@ def test_device_cuda_without_a_gpu_is_refused_before_anything_is_written(tiny_fo
 
 
 def test_auto_device_on_a_machine_without_gpu_is_the_cpu(tiny_folder, tmp_path, cache_dir):
-    from training.features import resolve_device
+    from headstart.features import resolve_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
@@ -349,7 +349,7 @@ def test_a_detection_run_resumes_after_interruption_with_the_same_head(tmp_path,
     from .conftest import COCO128, MOBILENET, coco128_report, require_shared
 
     require_shared()
-    from training.tasks import DetectConfig
+    from headstart.tasks import DetectConfig
 
     def config(out, **kw):
         return DetectConfig(
@@ -403,7 +403,7 @@ def test_a_run_whose_features_would_not_fit_the_memory_bound_stops_before_extrac
 def test_overwrite_keeps_the_bundle_exported_from_the_old_run(tmp_path, caplog):
     """--overwrite empties the run directory, but the bundle `headstart export` wrote inside it is moved beside the
     run (RUN.bundle-TIMESTAMP) and the log says where; without --overwrite or --resume an existing run is refused."""
-    from training import runs
+    from headstart import runs
 
     run_dir = tmp_path / "run"
     (run_dir / "bundle").mkdir(parents=True)
@@ -427,7 +427,7 @@ def test_progress_bars_only_on_a_terminal(tiny_folder, tmp_path, cache_dir):
     options = ["--backbone", "test_resnet", "--no-pretrained", "--views", "2", "--epochs", "3"]
     options += ["--out", str(tmp_path / "run"), "--cache-dir", str(cache_dir)]
     out = subprocess.run(
-        [sys.executable, "-m", "training.cli", "train", str(tiny_folder), *options],
+        [sys.executable, "-m", "headstart.cli", "train", str(tiny_folder), *options],
         capture_output=True,
         text=True,
         timeout=300,
@@ -441,7 +441,7 @@ def test_the_training_curves_mark_the_kept_epoch(tiny_run, monkeypatch, tmp_path
     """Early stopping keeps the best epoch, not the last: the curves mark it, where metrics.json says it is."""
     from matplotlib.axes import Axes
 
-    from training.tasks.classify.metrics import plot_training_curves
+    from headstart.tasks.classify.metrics import plot_training_curves
 
     history = json.loads((tiny_run / "history.json").read_text())
     best = json.loads((tiny_run / "metrics.json").read_text())["training"]["head"]["best_epoch"]

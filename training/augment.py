@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from service.preprocess import PreprocessSpec
-from training.config import AUGMENT_PRESETS as PRESETS
+from headstart.config import AUGMENT_PRESETS as PRESETS
+from headstart.service.preprocess import PreprocessSpec
 
 CV2_INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,

@@ -5,19 +5,53 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-from training.config import add_options
+from headstart.config import add_options
 
 log = logging.getLogger("headstart")
 
 
+def _add_json(p) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the human summary")
+
+
+def _print(args, data: dict, line: str) -> None:
+    """A verb's result on stdout: one human summary ``line``, or ``data`` as JSON with --json."""
+    print(json.dumps(data) if args.json else line)
+
+
+def _figures(summary: dict) -> str:
+    """The numbers of a summary as ``name value`` pairs (4 decimals for fractions)."""
+    shown = [
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in summary.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    return ", ".join(shown)
+
+
+def _answer_line(image: str, answer: dict) -> str:
+    """One image's answer for a person: the best classes, or "none of these" with the novelty that says so."""
+    if "error" in answer:
+        return f"{image}: error: {answer['error']}"
+    best = ", ".join(f"{p['label']} {p['score']:.3f}" for p in answer["predictions"][:3])
+    if answer.get("unknown"):
+        text = f"none of these (novelty {answer['novelty']:.3f} > {answer['novelty_threshold']:.3f}; nearest {best})"
+    else:
+        text = best
+    if answer.get("detections") is not None:
+        text += f"; {len(answer['detections'])} boxes"
+    if answer.get("heatmap"):
+        text += f"; heatmap {answer['heatmap']}"
+    return f"{image}: {text}"
+
+
 def _task_options(crossval: bool = False) -> dict[str, dict]:
     """The options of every task's config (with ``crossval``, of the tasks `headstart crossval` offers)."""
-    from training.config import command_line_options
-    from training.tasks import CONFIGS
+    from headstart.config import command_line_options
+    from headstart.tasks import CONFIGS
 
     return command_line_options(c for c in CONFIGS.values() if c.crossval or not crossval)
 
@@ -36,6 +70,7 @@ def _add_train(sub) -> None:
         help="image folder: one subfolder per class, optionally inside train/ and val/; or a YOLO data set",
     )
     p.add_argument("--out", required=True, help="run directory to write")
+    _add_json(p)
     add_options(p, _task_options())
 
 
@@ -51,15 +86,16 @@ def _add_crossval(sub) -> None:
     p.add_argument("data_dir", help="a YOLO data set (a folder with data.yaml, or the yaml itself)")
     p.add_argument("--out", required=True, help="folder for the fold runs and crossval.json")
     p.add_argument("--folds", type=int, default=4, help="number of folds (default 4)")
+    _add_json(p)
     add_options(p, _task_options(crossval=True))
 
 
 def _config_for(args, options: dict[str, dict]):
     """The task config ``args.data_dir`` is for, with the options given; an option of another task is refused."""
-    from training.tasks import config_for_data
+    from headstart.tasks import config_for_data
 
     config = config_for_data(args.data_dir)
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "folds")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "folds", "json")}
     foreign = [k for k in given if k not in config.__dataclass_fields__]
     if foreign:
         flag = options[foreign[0]]["field"].metadata["flag"] or "--" + foreign[0].replace("_", "-")
@@ -68,14 +104,17 @@ def _config_for(args, options: dict[str, dict]):
 
 
 def _cmd_train(args) -> int:
-    from training.tasks import train
+    from headstart.api import Run
+    from headstart.tasks import train
 
-    train(_config_for(args, _task_options()))
+    run = Run.open(train(_config_for(args, _task_options())))
+    headline = {k: v for k, v in run.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    _print(args, {"run": str(run.dir), "task": run.task, **headline}, f"{run.dir}: {_figures(headline)}")
     return 0
 
 
 def _cmd_crossval(args) -> int:
-    from training.tasks import CONFIGS, config_for_data, task_named
+    from headstart.tasks import CONFIGS, config_for_data, task_named
 
     if not config_for_data(args.data_dir).crossval:
         offered = ", ".join(f"{c.task} ({c.data_kind})" for c in CONFIGS.values() if c.crossval)
@@ -84,6 +123,9 @@ def _cmd_crossval(args) -> int:
         )
     cfg = _config_for(args, _task_options(crossval=True))
     summary, path = task_named(cfg.task).cross_validate(cfg, folds=args.folds)
+    if args.json:
+        print(json.dumps({"out": str(path), **summary}))
+        return 0
     for metric, value in summary.items():
         if isinstance(value, dict) and "mean" in value and metric != "train_seconds":
             mean, std = value["mean"], value["std"]
@@ -93,50 +135,30 @@ def _cmd_crossval(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from training.load import load_run
-    from training.tasks import task_named
+    from headstart.api import evaluate
 
-    run = load_run(args.run_dir, weights=args.weights)
-    out = Path(args.out) if args.out else run.run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    summary = task_named(run.task).evaluate_run(run, args.data_dir, out, other=args.other)
-    print(json.dumps({**summary, "out": str(out)}))
+    options = {k: getattr(args, k) for k in ("variant", "device", "runtime", "precision")}
+    summary = evaluate(args.model, args.data_dir, args.out, other=args.other, weights=args.weights, **options)
+    _print(args, summary, f"{_figures(summary)} -> {summary['out']}")
     return 0
 
 
 def _cmd_predict(args) -> int:
-    """Predict with a run directory (PyTorch), or a bundle directory / model-store tag (ONNX Runtime)."""
+    """Predict with a run directory (PyTorch), or a bundle directory / model-store tag (on its runtime)."""
+    from headstart.api import resolve_model
 
-    model_ref = Path(args.model)
-    if not model_ref.exists() and ("/" in args.model or "\\" in args.model):
-        from service.bundle import BundleError
-
-        raise BundleError(
-            f"{args.model} does not exist. Give a run directory (headstart train --out), a bundle directory "
-            "(headstart export --out) or a model-store tag NAME[:VERSION]."
-        )
-    if (model_ref / "config.yaml").is_file():
-        from training.load import load_run
-        from training.predict import RunModel
-
-        model = RunModel(load_run(model_ref, weights=args.weights))
-    else:
-        from service.bundle import load_bundle
-
-        model = load_bundle(
-            args.model, variant=args.variant, device=args.device, runtime=args.runtime, precision=args.precision
-        )
-    return _predict_files(model, args)
+    options = {k: getattr(args, k) for k in ("variant", "device", "runtime", "precision", "weights")}
+    return _predict_files(resolve_model(args.model, **options), args)
 
 
 def _predict_files(model, args) -> int:
     """One JSON line per image: its answer (and boxes, heatmap file); a file that cannot be read is a line with an
     ``error`` and exit status 1."""
-    from service.files import expand_images, read_image_file, shown
-    from service.heatmap import heatmap
-    from service.inference import classify_images
-    from service.localize import LocalizeParams, localize_images
-    from service.preprocess import ImageError, decode_for
+    from headstart.service.files import expand_images, read_image_file, shown
+    from headstart.service.heatmap import heatmap
+    from headstart.service.inference import classify_images
+    from headstart.service.localize import LocalizeParams, localize_images
+    from headstart.service.preprocess import ImageError, decode_for
 
     params = LocalizeParams(conf=args.conf) if args.localize else None
     heatmaps = Path(args.heatmap) if args.heatmap else None
@@ -163,15 +185,13 @@ def _predict_files(model, args) -> int:
         try:
             result = answer(Path(image))
         except (ImageError, OSError) as exc:
-            print(json.dumps({"image": shown(image), "error": str(exc)}))
-            status = 1
-            continue
-        print(json.dumps({"image": shown(image), **result}))
+            result, status = {"error": str(exc)}, 1
+        print(json.dumps({"image": shown(image), **result}) if args.json else _answer_line(shown(image), result))
     return status
 
 
 def _cmd_export(args) -> int:
-    from training.export import export_bundle
+    from headstart.exporter import export_bundle
 
     result = export_bundle(
         args.run_dir,
@@ -183,17 +203,16 @@ def _cmd_export(args) -> int:
         weights=args.weights,
     )
     m = result.manifest
-    print(
-        json.dumps(
-            {"bundle": str(result.bundle_dir), "tag": result.tag, "verification": m.verification, "int8": m.int8}
-        )
-    )
+    data = {"bundle": str(result.bundle_dir), "tag": result.tag, "verification": m.verification, "int8": m.int8}
+    int8 = "" if not args.int8 else "; int8 kept" if m.int8 else "; int8 not kept (the log above says why)"
+    line = f"{result.bundle_dir}{f' (model store: {result.tag})' if result.tag else ''}: verified"
+    _print(args, data, f"{line}, {_figures(m.verification)}{int8}")
     return 0
 
 
 def _add_bundle_options(p, device: bool) -> None:
     """How a bundle is run: which file, runtime and precision (and device), chosen as the service chooses them."""
-    from service.runtime import DEVICES, PRECISIONS, RUNTIMES, VARIANTS
+    from headstart.service.runtime import DEVICES, PRECISIONS, RUNTIMES, VARIANTS
 
     p.add_argument("--variant", default="fp32", choices=VARIANTS, help="bundle model to use")
     if device:
@@ -213,11 +232,18 @@ def _add_bundle_options(p, device: bool) -> None:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="metrics and plots of a trained run on a labelled data set")
-    p.add_argument("run_dir")
-    p.add_argument("data_dir", help="labelled data of the run's task: class subfolders, or a YOLO data set")
-    p.add_argument("--out", help="output folder (default RUN_DIR/eval)")
-    p.add_argument("--weights", help="backbone weights file, if it moved since training")
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics and plots of a model on a labelled data set",
+        description="Metrics and plots of a model on a labelled data set of its task: a run directory (its PyTorch "
+        "model), a bundle directory or a model-store tag (on the runtime the service would use, as predict runs it).",
+    )
+    p.add_argument("model", help="run directory, bundle directory, or model-store tag NAME[:VERSION]")
+    p.add_argument("data_dir", help="labelled data of the model's task: class subfolders, or a YOLO data set")
+    p.add_argument("--out", help="output folder (default RUN/eval, or BUNDLE-eval beside a bundle; needed for a tag)")
+    p.add_argument("--weights", help="backbone weights file, if it moved since training (run directories)")
+    _add_json(p)
+    _add_bundle_options(p, device=True)
     p.add_argument(
         "--other",
         help="a folder of images of things the model never learned (classifiers): how well the novelty score tells "
@@ -234,12 +260,13 @@ def _add_novelty_threshold(p) -> None:
 
 
 def _add_predict(sub) -> None:
-    from service.localize import DEFAULTS
+    from headstart.service.localize import DEFAULTS
 
     p = sub.add_parser("predict", help="top-k labels and scores as JSON lines")
     p.add_argument("model", help="run directory, bundle directory, or model-store tag NAME[:VERSION]")
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or quoted globs")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON line per image (the HTTP answer's fields)")
     p.add_argument("--localize", action="store_true", help="also print boxes (CAM for classifiers)")
     p.add_argument("--conf", type=float, default=DEFAULTS.conf, help="lowest box confidence with --localize")
     p.add_argument("--weights", help="backbone weights file, if it moved since training (run directories)")
@@ -253,7 +280,7 @@ def _add_predict(sub) -> None:
 
 
 def _add_predict_batch(sub) -> None:
-    from service.localize import DEFAULTS
+    from headstart.service.localize import DEFAULTS
 
     p = sub.add_parser(
         "predict-batch",
@@ -284,6 +311,7 @@ def _add_predict_batch(sub) -> None:
         help="GPUs each actor holds; > 0 runs the bundle with ONNX Runtime's CUDA provider (not measured)",
     )
     p.add_argument("--part-size", type=int, default=1000, help="images per output part (the unit of resuming)")
+    _add_json(p)
     p.add_argument("--ray-address", help="join this Ray cluster (default $RAY_ADDRESS, else a local instance)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -300,6 +328,7 @@ def _add_export(sub) -> None:
     )
     p.add_argument("--name", help="model name in the store (default: the run directory's name)")
     p.add_argument("--no-store", dest="store", action="store_false", help="do not import into the BentoML store")
+    _add_json(p)
     p.add_argument("--weights", help="backbone weights file, if it moved since training")
 
 
@@ -327,7 +356,7 @@ def _add_compare(sub) -> None:
 
 
 def _cmd_compare(args) -> int:
-    from training.compare import compare_runs, format_comparison
+    from headstart.compare import compare_runs, format_comparison
 
     result = compare_runs(args.run_dirs)
     print(json.dumps(result) if args.json else format_comparison(result))
@@ -350,7 +379,7 @@ def _cmd_predict_batch(args) -> int:
         import ray  # noqa: F401
     except ImportError as exc:
         raise ValueError('predict-batch needs Ray Data: pip install -e ".[scale]" (or "ray[data]").') from exc
-    from service.batch import predict_batch
+    from headstart.service.batch import predict_batch
 
     summary = predict_batch(
         args.model,
@@ -371,46 +400,23 @@ def _cmd_predict_batch(args) -> int:
         part_size=args.part_size,
         progress=args.progress,
     )
-    print(json.dumps({"out": str(args.out), **summary}))
-    log.info(
-        "%d images, %d errors, %s images/s -> %s",
-        summary["images"],
-        summary["errors"],
-        summary.get("images_per_second", "-"),
-        args.out,
+    line = (
+        f"{summary['images']} images, {summary['errors']} errors, "
+        f"{summary.get('images_per_second', '-')} images/s -> {args.out}"
     )
+    _print(args, {"out": str(args.out), **summary}, line)
     return 0
 
 
 def _cmd_serve(args) -> int:
     """Check the model and the options at once (one line and exit 2 when wrong), then become `bentoml serve`."""
-    from service.bundle import variant_file, verify_bundle
-    from service.devserver import serve
-    from service.runtime import choose_runtime
+    from headstart.api import serve_settings
+    from headstart.service.devserver import serve
 
-    model = args.model
-    if (Path(model) / "bundle" / "manifest.json").is_file():  # a run directory: its exported bundle
-        model = str(Path(model) / "bundle")
-    # an option not given leaves a HEADSTART_* variable of the environment in force, else the default
-    chosen = {"VARIANT": args.variant, "DEVICE": args.device, "RUNTIME": args.runtime, "PRECISION": args.precision}
-    defaults = {"VARIANT": "fp32", "DEVICE": "auto", "RUNTIME": "auto", "PRECISION": "auto"}
-    settings = {k: v or os.environ.get(f"HEADSTART_{k}") or defaults[k] for k, v in chosen.items()}
-    variant_file(*verify_bundle(model), settings["VARIANT"])
-    choose_runtime(settings["RUNTIME"], settings["DEVICE"])
-    if (
-        args.port < 1
-        or (args.workers is not None and args.workers < 1)
-        or (args.threads is not None and args.threads < 1)
-    ):
-        raise ValueError("--port, --workers and --threads must be at least 1.")
-    settings |= {k: v for k, v in (("WORKERS", args.workers), ("THREADS", args.threads)) if v is not None}
+    options = {k: getattr(args, k) for k in ("port", "workers", "threads", "variant", "device", "runtime", "precision")}
+    model, env = serve_settings(args.model, **options)
     log.info("serving %s on http://%s:%d (Ctrl-C stops it)", model, args.host, args.port)
-    serve(
-        str(Path(model).resolve()) if Path(model).is_dir() else model,
-        args.host,
-        args.port,
-        **{f"HEADSTART_{k}": str(v) for k, v in settings.items()},
-    )
+    serve(model, args.host, args.port, **env)
     return 0  # not reached: the process is now bentoml serve
 
 
@@ -442,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # the libraries' INFO chatter (80 lines of ONNX rewriting per export) only with --verbose
         for handler in logging.getLogger().handlers:
             handler.addFilter(ours_or_warnings)
-    from service.errors import HeadstartError  # torch-free: `headstart predict BUNDLE` never imports torch
+    from headstart.service.errors import HeadstartError  # torch-free: `headstart predict BUNDLE` never imports torch
 
     try:
         return COMMANDS[args.command](args)

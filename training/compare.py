@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training import runs
-from training.tasks import task_named
+from headstart import runs
+from headstart.tasks import task_named
 
 #: Options that only say where or how a run ran, not what it learned: left out of the comparison.
 NOT_COMPARED = ("out", "data_dir", "cache_dir", "resume", "overwrite", "progress", "log", "no_cache", "device")

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from service.runtime import DEVICES
+from headstart.service.runtime import DEVICES
 
 PRECISIONS = ("auto", "fp32", "bf16")
 #: the augmentation presets every task offers (each task builds its own pipeline for them)
@@ -127,7 +127,7 @@ class RunConfig:
                 raise ValueError(
                     f"Invalid --{name} {getattr(self, name)!r}. Use one of {', '.join(f.metadata['choices'])}."
                 )
-        from training.tracking import parse
+        from headstart.tracking import parse
 
         parse(self.log)  # an unknown or uninstalled tracker is refused before any work
         if min(self.views, self.epochs, self.patience, self.batch_size, self.extract_batch_size) < 1:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from service.errors import HeadstartError
-from service.files import FileProblem, read_image_file
-from service.preprocess import IMAGE_SUFFIXES, ImageError, decode_image
+from headstart.service.errors import HeadstartError
+from headstart.service.files import FileProblem, read_image_file
+from headstart.service.preprocess import IMAGE_SUFFIXES, ImageError, decode_image
 
 
 class DatasetError(HeadstartError, ValueError):

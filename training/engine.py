@@ -22,13 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import Backbone, PixelNormalize, build_backbone
-from service.contract import BackboneRecord, RunRecord
-from service.preprocess import DECODE_MARGIN
-from training import runs, tracking
-from training.augment import recipe, recipe_key
-from training.config import RunConfig
-from training.features import (
+from headstart import runs, tracking
+from headstart.augment import recipe, recipe_key
+from headstart.config import RunConfig
+from headstart.features import (
     FeatureCache,
     cache_namespace,
     default_cache_dir,
@@ -37,7 +34,10 @@ from training.features import (
     resolve_device,
     use_bf16,
 )
-from training.tasks.base import FeatureLayout, Features, Job, Task
+from headstart.models import Backbone, PixelNormalize, build_backbone
+from headstart.service.contract import BackboneRecord, RunRecord
+from headstart.service.preprocess import DECODE_MARGIN
+from headstart.tasks.base import FeatureLayout, Features, Job, Task
 
 log = logging.getLogger("headstart")
 

@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from service.cpu import cpu_info
-from service.preprocess import PreprocessSpec, decode_for
-from training.runs import atomic_write_bytes
+from headstart.runs import atomic_write_bytes
+from headstart.service.cpu import cpu_info
+from headstart.service.preprocess import PreprocessSpec, decode_for
 
 log = logging.getLogger(__name__)
 

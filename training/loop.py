@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from training import runs, tracking
+from headstart import runs, tracking
 
 log = logging.getLogger("headstart")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import Classifier
-from service.inference import outputs_of_files
-from service.preprocess import PreprocessSpec
+from headstart.models import Classifier
+from headstart.service.inference import outputs_of_files
+from headstart.service.preprocess import PreprocessSpec
 
 
 @torch.inference_mode()
@@ -38,11 +38,11 @@ def torch_outputs(
 
 
 class RunModel:
-    """A trained run (:class:`training.load.LoadedRun`) as a :class:`service.contract.Model`, so `headstart predict`
-    answers for a run directory through the service's own code paths."""
+    """A trained run (:class:`training.loaded_run.LoadedRun`) as a :class:`service.contract.Model`, so
+    `headstart predict` answers for a run directory through the service's own code paths."""
 
     def __init__(self, run) -> None:
-        from training.tasks import task_named
+        from headstart.tasks import task_named
 
         self.model = run.model.eval()
         self.spec = run.spec

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from service.contract import ContractError, RunRecord
-from service.errors import HeadstartError
+from headstart.service.contract import ContractError, RunRecord
+from headstart.service.errors import HeadstartError
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.inference import outputs_of_batches
-from service.preprocess import load_batches
-from service.runtime import cpu_computes_bf16, open_session, openvino_available
+from headstart.service.inference import outputs_of_batches
+from headstart.service.preprocess import load_batches
+from headstart.service.runtime import cpu_computes_bf16, open_session, openvino_available
 
 log = logging.getLogger("headstart")
 

@@ -97,6 +97,14 @@ def mlflow_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def artifacts_beside(uri: str) -> str | None:
+    """For a local sqlite store (``sqlite:///PATH``), the folder ``mlartifacts`` beside its database file; else None
+    (the tracking server chooses)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts")
+
+
 class MLflow:
     def __init__(self, run_dir: Path, options: dict, task: str) -> None:
         import mlflow
@@ -108,8 +116,7 @@ class MLflow:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "headstart")
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:  # a local store keeps its artifacts beside the database, not in ./mlruns
-            local = mlflow.get_tracking_uri().startswith("sqlite:")
-            mlflow.create_experiment(name, artifact_location=str(Path("mlartifacts").resolve()) if local else None)
+            mlflow.create_experiment(name, artifact_location=artifacts_beside(mlflow.get_tracking_uri()))
         mlflow.set_experiment(name)
         if previous:  # --resume: the same MLflow run goes on
             self.run = mlflow.start_run(run_id=previous["run_id"])

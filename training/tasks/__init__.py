@@ -15,9 +15,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from training.config import RunConfig
-from training.tasks.classify.config import ClassifyConfig
-from training.tasks.detect.config import DetectConfig
+from headstart.config import RunConfig
+from headstart.tasks.classify.config import ClassifyConfig
+from headstart.tasks.detect.config import DetectConfig
 
 #: every task's config by task name: one line per task
 CONFIGS: dict[str, type[RunConfig]] = {config.task: config for config in (ClassifyConfig, DetectConfig)}
@@ -31,7 +31,7 @@ def task_named(name: str):
     """The task (``TASK`` of ``training/tasks/NAME/task.py``) registered as ``name``."""
     if name not in CONFIGS:
         raise ValueError(f"Unknown task {name!r}; headstart knows {', '.join(CONFIGS)}.")
-    return importlib.import_module(f"training.tasks.{name}.task").TASK
+    return importlib.import_module(f"{__name__}.{name}.task").TASK
 
 
 def config_for_data(data_dir: str | Path) -> type[RunConfig]:
@@ -48,6 +48,6 @@ def config_for_data(data_dir: str | Path) -> type[RunConfig]:
 def train(cfg: RunConfig, report=None) -> Path:
     """Train ``cfg`` (a task's config) with the engine; returns the run directory. ``report`` (the task's scanned
     data set) replaces the scan, e.g. to fix the split."""
-    from training.engine import train as run_engine
+    from headstart.engine import train as run_engine
 
     return run_engine(task_named(cfg.task), cfg, report)

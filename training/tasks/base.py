@@ -1,7 +1,7 @@
 """What a task is to the engine, to export and to the command line: two base classes with defaults.
 
 :class:`Task` is the training side: what the engine (``training/engine.py``) asks of a task while it trains, and how
-a finished run becomes a model again. :class:`TaskExport` is the export side (``training/export.py``): the outputs of
+a finished run becomes a model again. :class:`TaskExport` is the export side (``training/exporter.py``): the outputs of
 the exported graph and the checks a bundle must pass. A task overrides only what differs from the defaults; the
 methods without a default raise ``NotImplementedError`` naming what is missing.
 
@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import Backbone
-from service.contract import RunRecord
-from service.preprocess import PreprocessSpec
-from training import runs
-from training.config import RunConfig
-from training.features import FeatureCache, ViewsFn
+from headstart import runs
+from headstart.config import RunConfig
+from headstart.features import FeatureCache, ViewsFn
+from headstart.models import Backbone
+from headstart.service.contract import RunRecord
+from headstart.service.preprocess import PreprocessSpec
 
 
 @dataclass
@@ -93,8 +93,8 @@ class TaskExport:
     int8 = False
 
     def outputs(self, run) -> list[dict]:
-        """The outputs (name, shape, what) of a loaded run's model (:class:`training.load.LoadedRun`), in the order
-        it returns them, first the image-level class probabilities: the exported graph's outputs."""
+        """The outputs (name, shape, what) of a loaded run's model (:class:`training.loaded_run.LoadedRun`), in the
+        order it returns them, first the image-level class probabilities: the exported graph's outputs."""
         raise NotImplementedError(f"{type(self).__name__} must say what its exported graph outputs")
 
     def targets(self, run, column: list) -> Any:
@@ -200,8 +200,9 @@ class Task:
         file of its own the task wrote into ``run_dir``)."""
         raise NotImplementedError(f"{type(self).__name__} must rebuild its model")
 
-    def evaluate_run(self, run, data_dir: str, out: Path, other: str | None = None) -> dict:
-        """`headstart evaluate RUN DATA [--other FOLDER]`: metrics and plots of a loaded run on another labelled data
+    def evaluate_model(self, model, data_dir: str, out: Path, other: str | None = None) -> dict:
+        """`headstart evaluate MODEL DATA [--other FOLDER]`: metrics and plots of a model (a
+        :class:`service.contract.Model`: a run's in PyTorch, or a bundle's on its runtime) on another labelled data
         set into ``out`` (``other``: images of things the model never learned, where the task can tell them apart);
         returns the summary the command prints."""
         raise NotImplementedError(f"headstart evaluate does not evaluate {self.name} runs yet")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.plots import pyplot
+from headstart.plots import pyplot
 
 log = logging.getLogger("headstart")
 
@@ -185,7 +185,7 @@ def audit_data(train, val, labels: list[str], seed: int) -> dict:
 
 def plot_audit(report: dict, spec, path: Path, per_row: int = 6) -> None:
     """audit.png: the top label issues, near-duplicate pairs and outliers, each image with its file name."""
-    from service.preprocess import decode_for, resize_and_crop
+    from headstart.service.preprocess import decode_for, resize_and_crop
 
     issues = [(f["path"], f"{f['given']} → {f['suggested']} ({f['score']:.2f})") for f in report["label_issues"]]
     pairs = [(p, f"{d['splits']} {d['similarity']:.3f}") for d in report["near_duplicates"] for p in d["paths"]]

@@ -6,8 +6,8 @@ import albumentations as A
 import numpy as np
 from PIL import Image
 
-from service.preprocess import PreprocessSpec, preprocess
-from training.augment import CV2_INTERPOLATION, check_preset, shrink_for_augmentation
+from headstart.augment import CV2_INTERPOLATION, check_preset, shrink_for_augmentation
+from headstart.service.preprocess import PreprocessSpec, preprocess
 
 
 def build_augmentation(preset: str, spec: PreprocessSpec) -> A.Compose | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from training.config import RunConfig, option
+from headstart.config import RunConfig, option
 
 
 @dataclass

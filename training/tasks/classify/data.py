@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.files import shown, utf8_name
-from training.data import DatasetError, check_file, listed, more_line
+from headstart.data import DatasetError, check_file, listed, more_line
+from headstart.service.files import shown, utf8_name
 
 SPLITS = ("train", "val", "test")
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.onnx_io import ExportError, ort_outputs
-from training.predict import torch_outputs
-from training.tasks.base import TaskExport
+from headstart.onnx_io import ExportError, ort_outputs
+from headstart.predict import torch_outputs
+from headstart.tasks.base import TaskExport
 
 log = logging.getLogger("headstart")
 

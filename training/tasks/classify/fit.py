@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import Classifier, ClassifierHead, HeadConfig, PixelNormalize
-from service.preprocess import decode_for
-from training import runs
-from training.loop import Phase, Schedule, fit, optimizer_step
-from training.predict import predict_paths
-from training.tasks.base import Job
-from training.tasks.classify.augment import augmented_views, build_augmentation
+from headstart import runs
+from headstart.loop import Phase, Schedule, fit, optimizer_step
+from headstart.models import Classifier, ClassifierHead, HeadConfig, PixelNormalize
+from headstart.predict import predict_paths
+from headstart.service.preprocess import decode_for
+from headstart.tasks.base import Job
+from headstart.tasks.classify.augment import augmented_views, build_augmentation
 
 log = logging.getLogger("headstart")
 

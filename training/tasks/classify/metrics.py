@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.preprocess import PreprocessSpec, decode_for, resize_and_crop
-from training.plots import pyplot
+from headstart.plots import pyplot
+from headstart.service.preprocess import PreprocessSpec, decode_for, resize_and_crop
 
 
 def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:

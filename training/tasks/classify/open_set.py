@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import Novelty, NoveltyConfig, feature_bank
-from training import runs
+from headstart import runs
+from headstart.models import Novelty, NoveltyConfig, feature_bank
 
 log = logging.getLogger("headstart")
 

@@ -15,22 +15,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import Classifier, ClassifierHead, HeadConfig, PixelNormalize
-from service.inference import outputs_of_files
-from training.data import DatasetError
-from training.predict import torch_outputs
-from training.runs import write_json
-from training.tasks.base import FeatureLayout, Job, Task
-from training.tasks.classify.config import ClassifyConfig
-from training.tasks.classify.data import scan_eval_folder, scan_image_folder, scan_other_images
-from training.tasks.classify.export import ClassifyExport
-from training.tasks.classify.metrics import (
+from headstart.data import DatasetError
+from headstart.models import Classifier, ClassifierHead, HeadConfig, PixelNormalize
+from headstart.runs import write_json
+from headstart.service.inference import outputs_of_files
+from headstart.tasks.base import FeatureLayout, Job, Task
+from headstart.tasks.classify.config import ClassifyConfig
+from headstart.tasks.classify.data import scan_eval_folder, scan_image_folder, scan_other_images
+from headstart.tasks.classify.export import ClassifyExport
+from headstart.tasks.classify.metrics import (
     open_set_metrics,
     plot_training_curves,
     write_evaluation,
     write_predictions,
 )
-from training.tasks.classify.open_set import OPEN_SET, build_open_set, load_open_set, novelty_of, save_open_set
+from headstart.tasks.classify.open_set import OPEN_SET, build_open_set, load_open_set, novelty_of, save_open_set
 
 log = logging.getLogger("headstart")
 
@@ -60,12 +59,12 @@ class ClassifyTask(Task):
 
     def augmentation(self, preset, spec):
         # albumentations and OpenCV only where a run trains: loading one does not need them
-        from training.tasks.classify.augment import build_augmentation
+        from headstart.tasks.classify.augment import build_augmentation
 
         return build_augmentation(preset, spec)
 
     def make_views(self, job: Job, train: bool):
-        from training.tasks.classify.augment import augmented_views
+        from headstart.tasks.classify.augment import augmented_views
 
         pipeline, views = (job.pipeline, job.views) if train else (None, 1)
         return lambda img, sample, seed: (augmented_views(img, pipeline, job.spec, views, seed), {})
@@ -75,7 +74,7 @@ class ClassifyTask(Task):
 
     def fit(self, job: Job, head_cfg: HeadConfig) -> ClassifierHead:
         """The head (``fit.py``), then the novelty score of the finished model, kept in ``open_set.safetensors``."""
-        from training.tasks.classify.fit import fit_head
+        from headstart.tasks.classify.fit import fit_head
 
         head = fit_head(job, head_cfg)
         train, val = _final_features(job, head)
@@ -110,30 +109,35 @@ class ClassifyTask(Task):
         head.load_state_dict(head_state)
         return Classifier(PixelNormalize(spec.mean, spec.std), features, head, load_open_set(Path(run_dir)))
 
-    def evaluate_run(self, run, data_dir: str, out: Path, other: str | None = None) -> dict:
-        """Accuracy, F1, calibration, confusion matrix, worst predictions and predictions.csv on a labelled folder
-        (class subfolders named after the run's labels); with ``other`` (a folder of images of other things) also
-        how well the novelty score tells them apart."""
-        report = scan_eval_folder(data_dir, run.labels)
+    def evaluate_model(self, model, data_dir: str, out: Path, other: str | None = None) -> dict:
+        """Accuracy, F1, calibration, confusion matrix, worst predictions and predictions.csv of a classifier (a
+        run's or a bundle's) on a labelled folder (class subfolders named after its labels); with ``other`` (a
+        folder of images of other things) also how well the novelty score tells them apart."""
+        report = scan_eval_folder(data_dir, model.labels)
         log.info("%s", report.format())
         samples = report.splits["eval"]
         paths, targets = [s.path for s in samples], _targets_of(samples)
-        outputs = torch_outputs(run.model, paths, run.spec)
-        metrics = write_evaluation(out, outputs[0], targets, run.labels, paths, run.spec)
-        novelty = getattr(run.model, "novelty", None)
-        threshold = None if novelty is None else novelty.config.threshold
-        scores = outputs[2] if novelty is not None else None
-        write_predictions(out / PREDICTIONS, paths, outputs[0], targets, run.labels, scores, threshold)
-        if novelty is not None:
-            others = _other_novelty(run, other, out, threshold) if other else None
+        probs, scores = _scores(model, paths)
+        metrics = write_evaluation(out, probs, targets, model.labels, paths, model.spec)
+        threshold = None if scores is None else model.open_set["threshold"]
+        write_predictions(out / PREDICTIONS, paths, probs, targets, model.labels, scores, threshold)
+        if scores is not None:
+            others = _other_novelty(model, other, out, threshold) if other else None
             metrics["open_set"] = open_set_metrics(scores, threshold, others)
         elif other:
             log.warning(
-                "%s has no novelty score (trained before it existed, or --bank-size 0): --other is unused", run.run_dir
+                "the model has no novelty score (trained before it existed, or --bank-size 0): --other is unused"
             )
         write_json(out / "metrics.json", {"split": str(Path(data_dir).resolve()), **metrics, "data": report.to_dict()})
         summary = {k: metrics[k] for k in ("num_images", "accuracy", "macro_f1", "calibration_error")}
         return summary | {f"novelty_{k}": v for k, v in metrics.get("open_set", {}).items() if k != "threshold"}
+
+
+def _scores(model, paths: list[Path]) -> tuple[np.ndarray, np.ndarray | None]:
+    """A classifier's probabilities on image files and, where it has a novelty score, each image's novelty."""
+    names = [model.output_names[0], *(["novelty"] if model.open_set and "novelty" in model.output_names else [])]
+    outputs = outputs_of_files(lambda pixels: model.run(pixels, names), paths, model.spec)
+    return outputs[0], outputs[1] if len(outputs) > 1 else None
 
 
 def _targets(features) -> np.ndarray:
@@ -162,7 +166,7 @@ def _final_features(job: Job, head: ClassifierHead) -> tuple[np.ndarray, np.ndar
 
 
 def _audit(job: Job) -> dict:
-    from training.tasks.classify.audit import audit_data, plot_audit
+    from headstart.tasks.classify.audit import audit_data, plot_audit
 
     def split(features, pooled) -> tuple:
         samples = features.samples
@@ -185,7 +189,7 @@ def _audit(job: Job) -> dict:
     return found
 
 
-def _other_novelty(run, other: str, out: Path, threshold: float) -> np.ndarray:
+def _other_novelty(model, other: str, out: Path, threshold: float) -> np.ndarray:
     """The novelty of every image in the folder ``other``, written to ``other_predictions.csv``."""
     report = scan_other_images(other)
     paths = [s.path for s in report.splits["other"]]
@@ -194,9 +198,9 @@ def _other_novelty(run, other: str, out: Path, threshold: float) -> np.ndarray:
     )
     for path, reason in report.corrupt:
         log.warning("skipped %s: %s", path, reason)
-    outputs = torch_outputs(run.model, paths, run.spec)
-    write_predictions(out / "other_predictions.csv", paths, outputs[0], None, run.labels, outputs[2], threshold)
-    return outputs[2]
+    probs, scores = _scores(model, paths)
+    write_predictions(out / "other_predictions.csv", paths, probs, None, model.labels, scores, threshold)
+    return scores
 
 
 TASK = ClassifyTask()

@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from service.localize import geometry
-from service.preprocess import PAD_VALUE, PreprocessSpec, preprocess
-from training.augment import CV2_INTERPOLATION, check_preset
-from training.tasks.detect.data import DetSample
+from headstart.augment import CV2_INTERPOLATION, check_preset
+from headstart.service.localize import geometry
+from headstart.service.preprocess import PAD_VALUE, PreprocessSpec, preprocess
+from headstart.tasks.detect.data import DetSample
 
 
 def build_detection_augmentation(preset: str, spec: PreprocessSpec) -> A.Compose | None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from training.config import RunConfig, option, task_default
-from training.tasks.detect.data import find_data_yaml
+from headstart.config import RunConfig, option, task_default
+from headstart.tasks.detect.data import find_data_yaml
 
 
 @dataclass

@@ -18,9 +18,9 @@ import statistics
 import time
 from pathlib import Path
 
-from training import runs
-from training.tasks.detect.config import DetectConfig
-from training.tasks.detect.data import DetectionReport, DetSample, keep_classes, scan_yolo_dataset
+from headstart import runs
+from headstart.tasks.detect.config import DetectConfig
+from headstart.tasks.detect.data import DetectionReport, DetSample, keep_classes, scan_yolo_dataset
 
 log = logging.getLogger("headstart")
 
@@ -51,9 +51,10 @@ def fold_report(
 
 def cross_validate(cfg: DetectConfig, folds: int = 4, report: DetectionReport | None = None) -> dict:
     """Train and score ``folds`` detectors into ``cfg.out``/fold-N; returns (and writes) the summary."""
-    from training.load import load_run
-    from training.tasks import train
-    from training.tasks.detect.metrics import evaluate_detector
+    from headstart.loaded_run import load_run
+    from headstart.predict import RunModel
+    from headstart.tasks import train
+    from headstart.tasks.detect.metrics import evaluate_detector
 
     cfg.validate()
     out = Path(cfg.out)
@@ -69,7 +70,7 @@ def cross_validate(cfg: DetectConfig, folds: int = 4, report: DetectionReport | 
         run_dir = train(dataclasses.replace(cfg, out=str(out / f"fold-{i + 1}")), fold)  # the engine scans it
         seconds = time.perf_counter() - started
         run = load_run(run_dir)
-        metrics, _, _ = evaluate_detector(run.model, test, run.spec, run.labels)
+        metrics, _, _ = evaluate_detector(RunModel(run), test)
         rows.append(
             {
                 "fold": i + 1,

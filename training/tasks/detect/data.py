@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from service.files import shown
-from service.preprocess import IMAGE_SUFFIXES
-from training.data import DatasetError, check_file, listed, more_line
+from headstart.data import DatasetError, check_file, listed, more_line
+from headstart.service.files import shown
+from headstart.service.preprocess import IMAGE_SUFFIXES
 
 
 @dataclass

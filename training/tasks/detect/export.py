@@ -6,13 +6,13 @@ import logging
 
 import numpy as np
 
-from service.preprocess import decode_for, original_size
-from training.onnx_io import ExportError, ort_outputs
-from training.predict import torch_outputs
-from training.tasks.base import TaskExport
-from training.tasks.detect.data import labelled_samples
-from training.tasks.detect.heads import recorded_head
-from training.tasks.detect.metrics import (
+from headstart.onnx_io import ExportError, ort_outputs
+from headstart.predict import torch_outputs
+from headstart.service.preprocess import decode_for, original_size
+from headstart.tasks.base import TaskExport
+from headstart.tasks.detect.data import labelled_samples
+from headstart.tasks.detect.heads import recorded_head
+from headstart.tasks.detect.metrics import (
     ground_truth_in_pixels,
     mean_average_precision,
     predictions_in_pixels,

@@ -14,18 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.heads import GridHead, GridHeadConfig
-from models.pyramid import PyramidHead, PyramidHeadConfig
-from training.loop import Phase, Schedule, fit, optimizer_step
-from training.tasks.base import Job
-from training.tasks.detect.grid_loss import anchor_shapes, build_targets, yolo_loss
-from training.tasks.detect.metrics import (
+from headstart.loop import Phase, Schedule, fit, optimizer_step
+from headstart.models.heads import GridHead, GridHeadConfig
+from headstart.models.pyramid import PyramidHead, PyramidHeadConfig
+from headstart.tasks.base import Job
+from headstart.tasks.detect.grid_loss import anchor_shapes, build_targets, yolo_loss
+from headstart.tasks.detect.metrics import (
     decode_head,
     ground_truth_in_pixels,
     mean_average_precision,
     predictions_in_pixels,
 )
-from training.tasks.detect.pyramid_loss import assign, pyramid_loss
+from headstart.tasks.detect.pyramid_loss import assign, pyramid_loss
 
 log = logging.getLogger("headstart.detect")
 

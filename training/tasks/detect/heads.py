@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import Backbone
-from models.heads import GridHead, GridHeadConfig
-from models.pyramid import STRIDES, FlatPyramid, Pyramid, PyramidHead, PyramidHeadConfig
-from service.preprocess import PreprocessSpec
-from training.tasks.base import FeatureLayout, Job
+from headstart.models import Backbone
+from headstart.models.heads import GridHead, GridHeadConfig
+from headstart.models.pyramid import STRIDES, FlatPyramid, Pyramid, PyramidHead, PyramidHeadConfig
+from headstart.service.preprocess import PreprocessSpec
+from headstart.tasks.base import FeatureLayout, Job
 
 
 def _output(net: nn.Module, spec: PreprocessSpec) -> torch.Tensor:
@@ -86,7 +86,7 @@ class PyramidDetectionHead(DetectionHead):
         return PyramidHeadConfig(layout.channels, len(labels), cfg.input_size, STRIDES, cfg.width, cfg.dropout)
 
     def fit(self, job, head_cfg) -> PyramidHead:
-        from training.tasks.detect.fit import fit_pyramid
+        from headstart.tasks.detect.fit import fit_pyramid
 
         return fit_pyramid(job, head_cfg)
 
@@ -107,7 +107,7 @@ class GridDetectionHead(DetectionHead):
         return GridHeadConfig(layout.channels[0], len(labels), cfg.boxes_per_cell, cfg.hidden, cfg.dropout)
 
     def fit(self, job, head_cfg) -> GridHead:
-        from training.tasks.detect.fit import fit_grid
+        from headstart.tasks.detect.fit import fit_grid
 
         return fit_grid(job, head_cfg)
 

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.wrapper import Detector
-from service.localize import DEFAULTS, LocalizeParams, geometry, nms, trained_boxes
-from service.preprocess import PreprocessSpec, decode_image
-from training.plots import pyplot
-from training.predict import torch_outputs
-from training.tasks.detect.data import DetSample
+from headstart.plots import pyplot
+from headstart.service.contract import Model
+from headstart.service.inference import outputs_of_files
+from headstart.service.localize import DEFAULTS, LocalizeParams, geometry, nms, trained_boxes
+from headstart.service.preprocess import PreprocessSpec, decode_image
+from headstart.tasks.detect.data import DetSample
 
 #: Settings of the mAP evaluation (as Ultralytics and the COCO tools use them): keep nearly every box.
 EVAL_PARAMS = LocalizeParams(conf=0.001, iou=0.6, max_detections=100)
@@ -109,14 +109,16 @@ def decode_head(
 
 @torch.inference_mode()
 def evaluate_detector(
-    model: Detector, samples: list[DetSample], spec: PreprocessSpec, labels: list[str], batch_size: int = 16
+    model: Model, samples: list[DetSample], batch_size: int = 16
 ) -> tuple[dict, list[dict], list[dict]]:
-    """mAP of a detector on samples (images preprocessed as the service does); returns metrics, predictions, truth."""
+    """mAP of a detector (a run's, :class:`training.predict.RunModel`, or a bundle's on its runtime) on samples
+    (images preprocessed as the service does); returns metrics, predictions, truth."""
     sizes: list[tuple[int, int]] = []
-    _, boxes, scores = torch_outputs(model, [s.path for s in samples], spec, batch_size, sizes)
-    preds = predictions_in_pixels(boxes, scores, sizes, spec)
+    outputs = outputs_of_files(model.run, [s.path for s in samples], model.spec, batch_size, sizes)
+    named = dict(zip(model.output_names, outputs, strict=True))
+    preds = predictions_in_pixels(named["boxes"], named["scores"], sizes, model.spec)
     truth = ground_truth_in_pixels(samples, sizes)
-    metrics = mean_average_precision(preds, truth, labels)
+    metrics = mean_average_precision(preds, truth, model.labels)
     metrics.update(num_images=len(samples), num_boxes=int(sum(len(s.classes) for s in samples)))
     return metrics, preds, truth
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from models.wrapper import Detector, PixelNormalize
-from service.preprocess import PreprocessSpec, decode_for
-from training.tasks.base import FeatureLayout, Job, Task
-from training.tasks.detect.config import DetectConfig
-from training.tasks.detect.data import keep_classes, scan_yolo_dataset, scan_yolo_eval_split
-from training.tasks.detect.export import DetectExport
-from training.tasks.detect.heads import HEADS, recorded_head
-from training.tasks.detect.metrics import (
+from headstart.models.wrapper import Detector, PixelNormalize
+from headstart.service.preprocess import PreprocessSpec, decode_for
+from headstart.tasks.base import FeatureLayout, Job, Task
+from headstart.tasks.detect.config import DetectConfig
+from headstart.tasks.detect.data import keep_classes, scan_yolo_dataset, scan_yolo_eval_split
+from headstart.tasks.detect.export import DetectExport
+from headstart.tasks.detect.heads import HEADS, recorded_head
+from headstart.tasks.detect.metrics import (
     decode_head,
     evaluate_detector,
     ground_truth_in_pixels,
@@ -65,7 +65,7 @@ class DetectTask(Task):
 
     def augmentation(self, preset, spec):
         # albumentations and OpenCV only where a run trains: loading one does not need them
-        from training.tasks.detect.augment import build_detection_augmentation
+        from headstart.tasks.detect.augment import build_detection_augmentation
 
         return build_detection_augmentation(preset, spec)
 
@@ -83,8 +83,8 @@ class DetectTask(Task):
         return HEADS[cfg.head].layout(backbone, net, spec)
 
     def make_views(self, job: Job, train: bool):
-        from training.augment import shrink_for_augmentation
-        from training.tasks.detect.augment import detection_views
+        from headstart.augment import shrink_for_augmentation
+        from headstart.tasks.detect.augment import detection_views
 
         pipeline, views = (job.pipeline, job.views) if train else (None, 1)
         share = job.cfg.mosaic if train and HEADS[job.cfg.head].mosaic else 0.0
@@ -111,7 +111,7 @@ class DetectTask(Task):
         return HEADS[job.cfg.head].fit(job, head_cfg)
 
     def evaluate(self, job: Job, head: nn.Module) -> dict:
-        from training.tasks.detect.fit import val_sizes
+        from headstart.tasks.detect.fit import val_sizes
 
         val, spec = job.val_features, job.spec
         boxes, scores = decode_head(head, val.values[:, 0], spec.input_size, device=job.device)
@@ -132,9 +132,10 @@ class DetectTask(Task):
         head.load_state_dict(head_state)
         return Detector(PixelNormalize(spec.mean, spec.std), features, head, spec.input_size)
 
-    def evaluate_run(self, run, data_dir: str, out: Path, other: str | None = None) -> dict:
-        """mAP of a detection run on a YOLO-format data set's 'test' split, else 'val', else 'train'."""
-        from training.runs import write_json
+    def evaluate_model(self, model, data_dir: str, out: Path, other: str | None = None) -> dict:
+        """mAP of a detector (a run's or a bundle's) on a YOLO-format data set's 'test' split, else 'val', else
+        'train'."""
+        from headstart.runs import write_json
 
         if other:
             raise ValueError("--other measures a classifier's novelty score; a detector has none. Leave it out.")
@@ -143,17 +144,17 @@ class DetectTask(Task):
         (split,) = report.splits
         log.info("%s", report.format())
         log.info("evaluating on the %s", report.split_source)
-        if report.labels != run.labels:
-            raise ValueError(f"{report.yaml_path} names other classes than the run was trained on; cannot evaluate.")
+        if report.labels != model.labels:
+            raise ValueError(f"{report.yaml_path} names other classes than the model was trained on; cannot evaluate.")
         samples = report.splits[split]
-        metrics, preds, truth = evaluate_detector(run.model, samples, run.spec, run.labels)
-        plot_detections([s.path for s in samples], preds, truth, run.labels, out / "predictions.png")
+        metrics, preds, truth = evaluate_detector(model, samples)
+        plot_detections([s.path for s in samples], preds, truth, model.labels, out / "predictions.png")
         write_json(out / "metrics.json", {"split": str(Path(data_dir).resolve()), **metrics, "data": report.to_dict()})
         return {"split": split, **{k: metrics[k] for k in ("num_images", "num_boxes", "map50", "map50_95")}}
 
     def cross_validate(self, cfg: DetectConfig, folds: int) -> tuple[dict, Path]:
         """`headstart crossval`: k-fold cross-validation (``crossval.py``); the summary and the file it is in."""
-        from training.tasks.detect.crossval import SUMMARY, cross_validate
+        from headstart.tasks.detect.crossval import SUMMARY, cross_validate
 
         return cross_validate(cfg, folds), Path(cfg.out) / SUMMARY
 

@@ -23,21 +23,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.bundle import MANIFEST, MODEL_FP32, MODEL_INT8, load_bundle, sha256_file
-from service.contract import Manifest
-from service.runtime import openvino_available
-from training import runs, tracking
-from training.load import LoadedRun, load_run
-from training.onnx_io import (
+from headstart import runs, tracking
+from headstart.loaded_run import LoadedRun, load_run
+from headstart.onnx_io import (
     INPUT_NAME,
     ExportError,
     embed_manifest,
     export_onnx,
     quantize_int8,
 )
-from training.runtime_checks import runtime_checks
-from training.tasks import task_named
-from training.tasks.base import TaskExport
+from headstart.runtime_checks import runtime_checks
+from headstart.service.bundle import MANIFEST, MODEL_FP32, MODEL_INT8, load_bundle, sha256_file
+from headstart.service.contract import Manifest
+from headstart.service.runtime import openvino_available
+from headstart.tasks import task_named
+from headstart.tasks.base import TaskExport
 
 log = logging.getLogger("headstart")
 

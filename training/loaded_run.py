@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from models import build_backbone
-from models.backbone import BackboneError
-from service.contract import RunRecord
-from service.preprocess import PreprocessSpec
-from training import runs
-from training.runs import RunError
-from training.tasks import task_named
+from headstart import runs
+from headstart.models import build_backbone
+from headstart.models.backbone import BackboneError
+from headstart.runs import RunError
+from headstart.service.contract import RunRecord
+from headstart.service.preprocess import PreprocessSpec
+from headstart.tasks import task_named
 
 
 @dataclass

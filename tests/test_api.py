@@ -1,0 +1,162 @@
+"""The Python API (``import headstart``): the command line's verbs as functions with the same options, answers
+typed, and one installed package that a user's own ``models/``, ``service/`` or ``training.py`` cannot shadow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+import headstart
+from headstart.cli import main
+from headstart.service.errors import HeadstartError
+
+from .conftest import HYMENOPTERA, make_image_folder
+
+REAL_IMAGES = sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:2]
+
+
+def test_train_export_load_predict_evaluate_from_python(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", {"red": 12, "blue": 12}, splits={"train": 0.75, "val": 0.25})
+    run = headstart.train(
+        data,
+        out=tmp_path / "run",
+        backbone="test_resnet",
+        pretrained=False,
+        views=1,
+        epochs=8,
+        batch_size=8,
+        lr=1e-2,
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    assert isinstance(run, headstart.Run) and run.task == "classify" and run.labels == ["blue", "red"]
+    assert run.metrics["accuracy"] == json.loads((run.dir / "metrics.json").read_text())["accuracy"]
+
+    bundle = run.export(store=False)
+    assert bundle.dir == run.dir / "bundle" and bundle.tag is None and list(bundle.manifest.labels) == ["blue", "red"]
+
+    model = headstart.load(bundle.dir)
+    red = sorted((data / "val" / "red").glob("*.jpg"))
+    image = red[0]
+    inputs = [
+        str(image),
+        image.read_bytes(),
+        Image.open(image),
+        np.asarray(Image.open(image).convert("RGB")),
+        tmp_path / "missing.jpg",
+        data / "val" / "blue",  # a folder: its images, sorted
+    ]
+    answers = model.predict(inputs, top_k=2)
+    blues = sorted((data / "val" / "blue").glob("*.jpg"))
+    assert len(answers) == 5 + len(blues)
+    assert [a.image for a in answers[:5]] == [str(image), None, None, None, str(tmp_path / "missing.jpg")]
+    assert "does not exist" in answers[4].error and answers[4].label is None and answers[4].score is None
+    assert [a.image for a in answers[5:]] == [str(p) for p in blues]
+    first = answers[0]
+    assert first.label == first.predictions[0].label and first.score == first.predictions[0].score
+    for same in answers[1:4]:  # the file's bytes, its PIL image and its pixels answer as the file does
+        assert same.predictions[0].label == first.predictions[0].label
+        assert same.predictions[0].score == pytest.approx(first.predictions[0].score, abs=1e-5)
+
+    # the same answer as `headstart predict --json` prints
+    assert main(["predict", str(bundle.dir), str(image), "--top-k", "2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["predictions"] == first.model_dump()["predictions"]
+    assert (printed["novelty"], printed["unknown"]) == (first.novelty, first.unknown)
+
+    # evaluate: the run (PyTorch) and its bundle (on its runtime) agree
+    by_run = run.evaluate(data / "val", tmp_path / "eval-run")
+    by_bundle = headstart.evaluate(bundle, data / "val", tmp_path / "eval-bundle")
+    assert by_run["num_images"] == by_bundle["num_images"] == 6
+    assert by_run["accuracy"] == by_bundle["accuracy"]
+    assert (tmp_path / "eval-bundle" / "confusion_matrix.png").is_file()
+    assert (tmp_path / "eval-bundle" / "predictions.csv").is_file()
+
+    boxes = model.predict(image, localize=True)[0]
+    assert boxes.detections is not None and boxes.method and boxes.image_size == list(Image.open(image).size)
+
+
+def test_options_are_checked_as_the_command_line_checks_them(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"red": 4, "blue": 4}, splits={"train": 0.5, "val": 0.5})
+    with pytest.raises(TypeError, match="no option epoch; the options are: .*epochs"):
+        headstart.train(data, out=tmp_path / "run", epoch=3)
+    with pytest.raises(ValueError, match="mosaic does not apply to .*: it is an image folder for classification"):
+        headstart.train(data, out=tmp_path / "run", mosaic=0.5)
+    with pytest.raises(HeadstartError, match="does not exist. Give a run directory"):
+        headstart.load(tmp_path / "nowhere" / "bundle")
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_takes_what_predict_takes(tiny_run, tiny_bundle, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", {"red": 4, "blue": 4})
+    results = []
+    for ref in (str(tiny_run), str(tiny_bundle.bundle_dir), tiny_bundle.tag):
+        assert main(["evaluate", ref, str(data), "--out", str(tmp_path / "eval"), "--json", "--precision", "fp32"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["num_images"] == 8 and results[0]["accuracy"] == results[1]["accuracy"] == results[2]["accuracy"]
+    # a tag has no folder of its own to write into: --out is asked for, in one line
+    assert main(["evaluate", tiny_bundle.tag, str(data)]) == 2
+    assert "--out" in capsys.readouterr().err
+    # without --json: one line a person reads
+    assert main(["evaluate", str(tiny_bundle.bundle_dir), str(data)]) == 0
+    line = capsys.readouterr().out.strip()
+    beside = tiny_bundle.bundle_dir.parent / f"{tiny_bundle.bundle_dir.name}-eval"  # never inside the bundle
+    assert line.startswith("num_images 8, accuracy ") and line.endswith(str(beside))
+
+
+def test_every_verb_prints_a_human_line_and_json_when_asked(tiny_run, tiny_bundle, tmp_path, capsys):
+    image = REAL_IMAGES[0]
+    assert main(["predict", str(tiny_bundle.bundle_dir), str(image), str(tmp_path / "nope.jpg")]) == 1
+    ok, bad = capsys.readouterr().out.strip().splitlines()
+    assert ok.startswith(f"{image}: ") and ok.split(": ", 1)[1].split()[0] in ("red", "blue")
+    assert bad.startswith(f"{tmp_path / 'nope.jpg'}: error: ")
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "b"), "--no-store"]) == 0
+    assert capsys.readouterr().out.strip().startswith(f"{tmp_path / 'b'}: verified, images ")
+    assert main(["export", str(tiny_run), "--out", str(tmp_path / "b2"), "--no-store", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bundle"] == str(tmp_path / "b2")
+
+
+def test_importing_headstart_is_light_and_a_users_own_packages_do_not_shadow_it(tmp_path):
+    """In a project folder with its own models/, service/ and training.py (on sys.path first, as `python` puts the
+    working directory), headstart still imports its own; and `import headstart` alone imports no torch."""
+    for package in ("models", "service"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text(f"raise ImportError('the user\\'s own {package}/')\n")
+    (tmp_path / "training.py").write_text('raise ImportError("the user\'s own training.py")\n')
+    code = (
+        "import sys\n"
+        "import headstart\n"
+        "assert 'torch' not in sys.modules, 'import headstart imported torch'\n"
+        "import headstart.cli, headstart.service.service, headstart.models, headstart.tasks, headstart.loaded_run\n"
+        "assert not {'models', 'service', 'training'} & set(sys.modules), 'a folder name was imported'\n"
+        "print(headstart.train.__module__, headstart.loaded_run.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["headstart.api", "headstart.api"]
+    # `python -m headstart` is the command, from that folder too
+    help_text = subprocess.run(
+        [sys.executable, "-m", "headstart", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert help_text.returncode == 0 and "predict-batch" in help_text.stdout, help_text.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_serve_from_python_answers_over_http_and_stops(tiny_bundle, tmp_path):
+    from headstart.service.devserver import free_port
+
+    port = free_port()
+    with headstart.serve(tiny_bundle.bundle_dir, port=port, wait=False, log=tmp_path / "server.log") as server:
+        assert server.url == f"http://127.0.0.1:{port}"
+        with REAL_IMAGES[0].open("rb") as f:
+            answer = httpx.post(f"{server.url}/classify", files={"image": ("a.jpg", f, "image/jpeg")}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in ("red", "blue")
+    assert server.process.poll() is not None  # stopped with the block
+    with pytest.raises(Exception, match="int8"):  # checked before anything starts
+        headstart.serve(tiny_bundle.bundle_dir, port=port, wait=False, variant="int8")

@@ -1,0 +1,7 @@
+"""`python -m headstart ...`: the `headstart` command."""
+
+import sys
+
+from headstart.cli import main
+
+sys.exit(main())

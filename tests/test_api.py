@@ -4,6 +4,7 @@ typed, and one installed package that a user's own ``models/``, ``service/`` or 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import headstart
 from headstart.cli import main
 from headstart.service.errors import HeadstartError
 
-from .conftest import HYMENOPTERA, make_image_folder
+from .conftest import HYMENOPTERA, make_image_folder, synthetic_image
 
 REAL_IMAGES = sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:2]
 
@@ -111,10 +112,13 @@ def test_evaluate_takes_what_predict_takes(tiny_run, tiny_bundle, tmp_path, caps
 
 
 def test_every_verb_prints_a_human_line_and_json_when_asked(tiny_run, tiny_bundle, tmp_path, capsys):
-    image = REAL_IMAGES[0]
-    assert main(["predict", str(tiny_bundle.bundle_dir), str(image), str(tmp_path / "nope.jpg")]) == 1
-    ok, bad = capsys.readouterr().out.strip().splitlines()
-    assert ok.startswith(f"{image}: ") and ok.split(": ", 1)[1].split()[0] in ("red", "blue")
+    red = tmp_path / "red.jpg"
+    synthetic_image(0, np.random.default_rng(1)).save(red)
+    photo = REAL_IMAGES[0]  # a photo of an ant: none of these for a model of red squares and blue discs
+    assert main(["predict", str(tiny_bundle.bundle_dir), str(red), str(photo), str(tmp_path / "nope.jpg")]) == 1
+    ok, unknown, bad = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(rf"{red}: red 0\.\d{{3}}, blue 0\.\d{{3}}", ok), ok
+    assert re.fullmatch(rf"{photo}: none of these \(novelty [\d.]+ > [\d.]+; nearest \w+ [\d.]+, \w+ [\d.]+\)", unknown)
     assert bad.startswith(f"{tmp_path / 'nope.jpg'}: error: ")
     assert main(["export", str(tiny_run), "--out", str(tmp_path / "b"), "--no-store"]) == 0
     assert capsys.readouterr().out.strip().startswith(f"{tmp_path / 'b'}: verified, images ")
@@ -135,7 +139,7 @@ def test_importing_headstart_is_light_and_a_users_own_packages_do_not_shadow_it(
         "assert 'torch' not in sys.modules, 'import headstart imported torch'\n"
         "import headstart.cli, headstart.service.service, headstart.models, headstart.tasks, headstart.loaded_run\n"
         "assert not {'models', 'service', 'training'} & set(sys.modules), 'a folder name was imported'\n"
-        "print(headstart.train.__module__, headstart.loaded_run.__module__)\n"
+        "print(headstart.train.__module__, headstart.load.__module__)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -137,7 +137,7 @@ def test_importing_headstart_is_light_and_a_users_own_packages_do_not_shadow_it(
         "import sys\n"
         "import headstart\n"
         "assert 'torch' not in sys.modules, 'import headstart imported torch'\n"
-        "import headstart.cli, headstart.service.service, headstart.models, headstart.tasks, headstart.loaded_run\n"
+        "import headstart.cli, headstart.service.guard, headstart.models, headstart.tasks, headstart.loaded_run\n"
         "assert not {'models', 'service', 'training'} & set(sys.modules), 'a folder name was imported'\n"
         "print(headstart.train.__module__, headstart.load.__module__)\n"
     )

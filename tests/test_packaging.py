@@ -80,7 +80,7 @@ def test_a_built_wheel_installs_whole_and_trains_and_exports_outside_the_checkou
         [
             python,
             "-c",
-            "import headstart, headstart.tasks, headstart.service.service, headstart.models, headstart.cli, sys\n"
+            "import headstart, headstart.tasks, headstart.service.guard, headstart.models, headstart.cli, sys\n"
             "print(headstart.__file__)\n"
             "assert not {'service', 'training', 'models'} & set(sys.modules), sorted(sys.modules)",
         ],
@@ -113,5 +113,9 @@ def test_a_built_wheel_installs_whole_and_trains_and_exports_outside_the_checkou
     )
     out = run([headstart, "export", elsewhere / "run", "--out", elsewhere / "bundle", "--no-store"], elsewhere, env)
     assert (elsewhere / "bundle" / "manifest.json").is_file(), out
+    # the Python API, from the user's folder (on sys.path first, beside their own models/ and service/)
+    image = next((data / "val" / "red").glob("*.jpg"))
+    code = f"import headstart\nprint(headstart.load('bundle').predict({str(image)!r})[0].predictions[0].label)"
+    assert run([python, "-c", code], elsewhere, env).strip() in ("red", "blue")
     kubernetes = site / "headstart" / "service" / "kubernetes" / "headstart.yaml"
     assert kubernetes.is_file(), "the Kubernetes manifests are not installed"

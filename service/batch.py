@@ -98,6 +98,13 @@ class Predictor:
             threads=options["threads"],
         )
 
+    @classmethod
+    def bound(cls, model: str, options: dict) -> type[Predictor]:
+        """This class with its constructor's arguments bound, for Ray Data to start with none: arguments passed
+        through the object store make Ray log an error-level line for every actor (its restart could not get them
+        back), on a job that goes well."""
+        return type(cls.__name__, (cls,), {"__init__": lambda self: cls.__init__(self, model, options)})
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from .inference import classify_arrays, top_k
         from .localize import LocalizeParams, localize_images
@@ -354,10 +361,11 @@ def _predict_on_ray(
     options = {**options, "threads": max(1, int(cpus_per_actor))}
     items = [{"path": p, "part": k, "index": i} for k in pending for i, p in enumerate(parts[k])]
     started = time.perf_counter()
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 200)))
+    # at least one block per actor (an actor without one would idle, and Ray Data warns), at most 200
+    blocks = max(1, min(len(items), max(actors, min(len(items) // batch_size, 200))))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(
-        Predictor,
-        fn_constructor_args=(model, options),
+        Predictor.bound(model, options),
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor,

@@ -164,3 +164,33 @@ def test_serve_from_python_answers_over_http_and_stops(tiny_bundle, tmp_path):
     assert server.process.poll() is not None  # stopped with the block
     with pytest.raises(Exception, match="int8"):  # checked before anything starts
         headstart.serve(tiny_bundle.bundle_dir, port=port, wait=False, variant="int8")
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    """The quick start's Python block, as printed, on the shared data (its placeholders pointed at real files)."""
+    from headstart.service.devserver import free_port
+
+    from .conftest import PHOTOS, ROOT, SHARED, require_shared
+
+    require_shared()
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "shared").symlink_to(SHARED)
+    work = tmp_path / "work"
+    (work / "more-photos").mkdir(parents=True)
+    (work / "photo.jpg").symlink_to(PHOTOS / "cat_720p.jpg")
+    (work / "more-photos" / "bee.jpg").symlink_to(sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[0])
+    (work / "path" / "to" / "labelled").mkdir(parents=True)
+    (work / "path" / "to" / "labelled" / "test-folder").symlink_to(HYMENOPTERA / "val")
+    monkeypatch.chdir(work)
+    code = code.replace("port=3000", f"port={free_port()}")
+    printed = []
+    monkeypatch.setattr("builtins.print", lambda *args: printed.append(args))
+    exec(compile(code, "README.md", "exec"), {})
+    accuracy, *answers, url = printed
+    assert accuracy[0] > 0.9
+    assert [a[0] for a in answers] == ["photo.jpg", "more-photos/bee.jpg"]
+    assert answers[0][1] is None and answers[0][3] is True  # the cat: none of these
+    assert answers[1][1] == "bees" and answers[1][3] is False
+    assert (work / "eval" / "metrics.json").is_file() and url[0].startswith("http://127.0.0.1:")

@@ -63,6 +63,16 @@ class Classifier(nn.Module):
         return probs, class_map, self.novelty(pooled)
 
 
+class MultiLabelClassifier(Classifier):
+    """A :class:`Classifier` whose labels are independent: ``forward`` returns ``(probabilities (N, K), class_map
+    (N, K, H, W))`` with a sigmoid per label (an image may hold several labels, or none), the class map the same
+    head's per-cell sigmoid (class activation mapping per label)."""
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        fmap = self.feature_map(pixels)
+        return torch.sigmoid(self.head(fmap.mean(dim=(2, 3)))), torch.sigmoid(self.head.forward_map(fmap))
+
+
 class Detector(nn.Module):
     """normalise → backbone features → detection head → decoded boxes.
 

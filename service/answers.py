@@ -26,12 +26,19 @@ class OpenSetAnswer(BaseModel):
     unknown: bool | None = None
 
 
-class ClassifyResponse(OpenSetAnswer):
+class LabelsAnswer(OpenSetAnswer):
+    """A multi-label model's ``labels``: every label at or above its threshold, best first (possibly none: an image
+    holding none of the labels); null for a model whose labels exclude each other (``predictions`` is its answer)."""
+
+    labels: list[Prediction] | None = None
+
+
+class ClassifyResponse(LabelsAnswer):
     predictions: list[Prediction]
     model: ModelInfo
 
 
-class BatchItem(OpenSetAnswer):
+class BatchItem(LabelsAnswer):
     """One image of a batch: predictions, or an error for that image alone."""
 
     predictions: list[Prediction] = Field(default_factory=list)
@@ -85,3 +92,5 @@ class InfoResponse(BaseModel):
     #: k and the bank; null for a model without a novelty score (open_set_note says why)
     open_set: dict | None
     open_set_note: str
+    #: a multi-label model's thresholds (global, per label, how they were chosen); null for a single-label model
+    thresholds: dict | None = None

@@ -106,7 +106,7 @@ class Predictor:
         return type(cls.__name__, (cls,), {"__init__": lambda self: cls.__init__(self, model, options)})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from .inference import classify_arrays, top_k
+        from .inference import classify_arrays, present_labels, top_k
         from .localize import LocalizeParams, localize_images
         from .preprocess import decode_for, preprocess
 
@@ -119,6 +119,8 @@ class Predictor:
                 "index": int(index),
                 "labels": [],
                 "scores": [],
+                "present": [],  # a multi-label model's labels at or above their thresholds
+                "multilabel": int(self.bundle.thresholds is not None),
                 "boxes": "",
                 "error": "",
                 "novelty": float("nan"),  # NaN and -1: no novelty score (a detector, an older bundle) or no image
@@ -137,7 +139,9 @@ class Predictor:
             params = LocalizeParams(conf=self.options["conf"])
             for i, result in zip(good, localize_images(self.bundle, images, params, threshold), strict=True):
                 preds = top_k(result["scores"], self.bundle.labels, k)
-                rows[i].update(boxes=json.dumps(result["detections"]), **_answer_columns(preds, result))
+                present = present_labels(self.bundle, result["scores"], self.bundle.labels)
+                answer = {**result, "labels": present}
+                rows[i].update(boxes=json.dumps(result["detections"]), **_answer_columns(preds, answer))
         elif images:
             answers = classify_arrays(self.bundle, [preprocess(img, self.bundle.spec) for img in images], k, threshold)
             for i, answer in zip(good, answers, strict=True):
@@ -151,10 +155,12 @@ class Predictor:
 
 
 def _answer_columns(predictions: list[dict], answer: dict) -> dict:
-    """The columns of one answered image: its top-k labels and scores, novelty and "none of these"."""
+    """The columns of one answered image: its top-k labels and scores, a multi-label model's labels present,
+    novelty and "none of these"."""
     return {
         "labels": [p["label"] for p in predictions],
         "scores": [p["score"] for p in predictions],
+        "present": [p["label"] for p in answer.get("labels") or []],
         "novelty": float("nan") if answer["novelty"] is None else answer["novelty"],
         "unknown": -1 if answer["unknown"] is None else int(answer["unknown"]),
     }
@@ -171,6 +177,7 @@ def _schema():
             ("path", pa.string()),
             ("labels", pa.list_(pa.string())),
             ("scores", pa.list_(pa.float64())),
+            ("present", pa.list_(pa.string())),
             ("novelty", pa.float64()),
             ("unknown", pa.bool_()),
             ("boxes", pa.string()),
@@ -195,6 +202,7 @@ def _write_part(out: Path, part: int, rows: list[dict]) -> None:
                 "path": str(r["path"]),
                 "labels": [str(x) for x in r["labels"]],
                 "scores": [float(x) for x in r["scores"]],
+                "present": [str(x) for x in r["present"]] if int(r["multilabel"]) and not r["error"] else None,
                 "novelty": None if r["novelty"] != r["novelty"] else float(r["novelty"]),
                 "unknown": None if int(r["unknown"]) < 0 else bool(r["unknown"]),
                 "boxes": str(r["boxes"]) or None,

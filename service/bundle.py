@@ -96,6 +96,10 @@ class Bundle:
         return self.manifest.open_set
 
     @property
+    def thresholds(self) -> dict | None:
+        return self.manifest.thresholds
+
+    @property
     def name(self) -> str:
         return self.manifest.name
 
@@ -221,18 +225,19 @@ def served_precision(manifest: Manifest, variant: str, runtime: str, precision: 
     check = ((manifest.runtimes or {}).get(variant) or {}).get("openvino-bf16")
     if check is None:
         return "fp32", "bf16 was not measured for this bundle at export (re-export to measure it); serving fp32"
+    # the task's agreement figure: top-1 (a classifier, a detector) or the same label sets (a multi-label model)
+    key = next((k for k in ("top1_agreement", "label_set_agreement") if k in check), None)
+    agreement = f"{key.removesuffix('_agreement').replace('_', ' ')} agreement {check[key]:.2%}" if key else "checked"
     if not check.get("allowed"):
         diffs = check.get("max_abs_diff")
-        lost = (
-            f"box scores moved by up to {diffs['scores']:.3f}"
-            if isinstance(diffs, dict) and "scores" in diffs
-            else f"{check.get('accuracy_drop', 0) * 100:.1f} accuracy points lost"
-        )
-        return (
-            "fp32",
-            f"bf16 failed the export's check (top-1 agreement {check['top1_agreement']:.2%}, {lost}); serving fp32",
-        )
-    return "bf16", f"bf16 passed the export's check (top-1 agreement {check['top1_agreement']:.2%})"
+        if isinstance(diffs, dict) and "scores" in diffs:
+            lost = f"box scores moved by up to {diffs['scores']:.3f}"
+        elif "map_drop" in check:
+            lost = f"{check['map_drop'] * 100:.1f} mAP points lost"
+        else:
+            lost = f"{check.get('accuracy_drop', 0) * 100:.1f} accuracy points lost"
+        return "fp32", f"bf16 failed the export's check ({agreement}, {lost}); serving fp32"
+    return "bf16", f"bf16 passed the export's check ({agreement})"
 
 
 def variant_file(bundle_dir: Path, manifest: Manifest, variant: str) -> str:

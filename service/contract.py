@@ -165,6 +165,9 @@ class Manifest:
     #: "none of these": the novelty score's threshold, the kept rate it was set at, k, and its calibration (the
     #: ``novelty`` output computes the score). None: a model without one (exported before it existed, a detector).
     open_set: dict | None = None
+    #: a multi-label model's decision: ``global`` threshold, ``per_label`` thresholds (labels with enough
+    #: validation positives), how they were chosen. None: a model whose labels exclude each other.
+    thresholds: dict | None = None
     schema_version: int = MANIFEST_SCHEMA_VERSION
 
     EXTERNAL_ONLY = ("files",)
@@ -201,6 +204,7 @@ class Manifest:
                 "headstart": self.headstart,
                 **({"runtimes": self.runtimes} if self.runtimes is not None else {}),
                 **({"open_set": self.open_set} if self.open_set is not None else {}),
+                **({"thresholds": self.thresholds} if self.thresholds is not None else {}),
                 "files": self.files,
             }
         )
@@ -249,6 +253,7 @@ class Manifest:
             files=data.get("files") or {},
             runtimes=data.get("runtimes"),
             open_set=data.get("open_set"),
+            thresholds=data.get("thresholds"),
             schema_version=data["schema_version"],
         )
 
@@ -282,6 +287,12 @@ class Model(Protocol):
     def open_set(self) -> dict | None:
         """How the model says "none of these" (``threshold``, ``kept_rate``, ...; its ``novelty`` output gives the
         score), or None for a model without a novelty score."""
+        ...
+
+    @property
+    def thresholds(self) -> dict | None:
+        """A multi-label model's thresholds (``global``, ``per_label``): every label at or above its threshold is
+        in the answer. None for a model whose labels exclude each other."""
         ...
 
     def run(self, pixels: np.ndarray, names: Sequence[str] | None = None) -> list[np.ndarray]:

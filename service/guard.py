@@ -77,7 +77,7 @@ LOCALIZE_FIELDS = ("conf", "iou", "max_detections", "novelty_threshold", "boxes_
 ENDPOINTS: dict[str, Endpoint] = {
     e.route: e
     for e in (
-        Endpoint("/classify", files=("image",), fields=("top_k", "novelty_threshold")),
+        Endpoint("/classify", files=("image",), fields=("top_k", "novelty_threshold", "label_threshold")),
         Endpoint("/classify_batch", files=("images",), max_files=MAX_BATCH_IMAGES),
         Endpoint("/localize", files=("image",), fields=LOCALIZE_FIELDS),
         Endpoint("/localize_image", files=("image",), fields=LOCALIZE_FIELDS),

@@ -37,6 +37,25 @@ def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
     return [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in order]
 
 
+def present_labels(
+    model: Model, probs: np.ndarray, labels: Sequence[str], override: float | None = None
+) -> list[dict] | None:
+    """A multi-label model's answer: every label whose probability reaches its threshold (the label's own where the
+    export chose one, else the global one; ``override``: one threshold for all), best first. None for a model whose
+    labels exclude each other."""
+    thresholds = model.thresholds
+    if thresholds is None:
+        return None
+    limits = np.array(
+        [
+            override if override is not None else thresholds["per_label"].get(name, thresholds["global"])
+            for name in labels
+        ]
+    )
+    present = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= limits[i]]
+    return [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in present]
+
+
 def threshold_of(model: Model, override: float | None = None) -> float | None:
     """The novelty threshold in force: ``override`` (a request's, or the service's setting), else the model's own;
     None for a model without a novelty score."""
@@ -62,15 +81,24 @@ def scores_and_novelty(model: Model, pixels: np.ndarray) -> tuple[np.ndarray, np
 
 
 def classify_images(
-    model: Model, images: Sequence[Image.Image], k: int = 5, threshold: float | None = None
+    model: Model,
+    images: Sequence[Image.Image],
+    k: int = 5,
+    threshold: float | None = None,
+    label_threshold: float | None = None,
 ) -> list[dict]:
-    """One answer per decoded RGB image: ``predictions`` (top-k, best first) and the open-set answer
-    (:func:`open_set_answer`; ``threshold`` overrides the model's)."""
-    return classify_arrays(model, [preprocess(img, model.spec) for img in images], k, threshold)
+    """One answer per decoded RGB image: ``predictions`` (top-k, best first), the open-set answer
+    (:func:`open_set_answer`; ``threshold`` overrides the model's) and, for a multi-label model, ``labels``
+    (:func:`present_labels`; ``label_threshold`` overrides its thresholds)."""
+    return classify_arrays(model, [preprocess(img, model.spec) for img in images], k, threshold, label_threshold)
 
 
 def classify_arrays(
-    model: Model, arrays: Sequence[np.ndarray], k: int = 5, threshold: float | None = None
+    model: Model,
+    arrays: Sequence[np.ndarray],
+    k: int = 5,
+    threshold: float | None = None,
+    label_threshold: float | None = None,
 ) -> list[dict]:
     """As :func:`classify_images`, for preprocessed images (each 3 x S x S, from
     :func:`service.preprocess.preprocess`)."""
@@ -82,6 +110,7 @@ def classify_arrays(
         {
             "predictions": top_k(p, model.labels, k),
             **open_set_answer(None if novelty is None else novelty[i], limit),
+            **({} if model.thresholds is None else {"labels": present_labels(model, p, model.labels, label_threshold)}),
         }
         for i, p in enumerate(probs)
     ]

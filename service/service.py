@@ -230,17 +230,29 @@ class Headstart:
         return self._worker.submit(run).result()
 
     @bentoml.api(route="/classify")
-    def classify(self, image: ImageFile, top_k: int = 5, novelty_threshold: float | None = None) -> ClassifyResponse:
+    def classify(
+        self,
+        image: ImageFile,
+        top_k: int = 5,
+        novelty_threshold: float | None = None,
+        label_threshold: float | None = None,
+    ) -> ClassifyResponse:
         """Top-k labels for one uploaded image (JPEG, PNG, GIF, BMP, TIFF, WebP), and whether it is none of them.
 
         ``top_k`` is 1 to 1000; values above the number of labels return every label. ``unknown`` is true when the
         image is unlike every class the model learned (``novelty`` above ``novelty_threshold``: the request's
-        ``novelty_threshold``, 0 to 2, else the service's).
+        ``novelty_threshold``, 0 to 2, else the service's). A multi-label model also answers ``labels``: every label
+        at or above its threshold (the model's, chosen on validation; ``label_threshold``, 0 to 1, for one threshold
+        for every label).
         """
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}.")
+        if label_threshold is not None and not 0.0 <= label_threshold <= 1.0:  # NaN fails too
+            raise InvalidArgument(f"label_threshold must be between 0 and 1, got {label_threshold}.")
         limit = _threshold(novelty_threshold)
-        answer = self._on_worker(lambda: classify_images(self.bundle, [self._decode(image)], top_k, limit)[0])
+        answer = self._on_worker(
+            lambda: classify_images(self.bundle, [self._decode(image)], top_k, limit, label_threshold)[0]
+        )
         return ClassifyResponse(**answer, model=self.model)
 
     # adaptive batching limits, chosen by measurement (benchmarks/RESULTS.md): BentoML answers 503 to requests it
@@ -384,6 +396,7 @@ class Headstart:
             cpu=CPU,
             open_set=self.open_set_info[0],
             open_set_note=self.open_set_info[1],
+            thresholds=m.thresholds,
         )
 
 

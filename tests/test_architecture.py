@@ -174,11 +174,12 @@ def test_train_options_are_the_task_configs_fields():
 
     parser = build_parser()
     train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
-    dests = {a.dest for a in train._actions} - {"help", "data_dir", "out", "json"}  # json: how the result is shown
+    # json: how the result is shown; task: which task, where the data alone cannot say
+    dests = {a.dest for a in train._actions} - {"help", "data_dir", "out", "json", "task"}
     assert dests == {k for config in CONFIGS.values() for k in cli_fields(config)}
     # nothing given: the task's own defaults apply (no argparse default leaks into the config)
     args = parser.parse_args(["train", "data", "--out", "run"])
-    assert set(vars(args)) == {"command", "verbose", "data_dir", "out", "json"}
+    assert set(vars(args)) == {"command", "verbose", "data_dir", "out", "json", "task"}
 
 
 @pytest.mark.parametrize(

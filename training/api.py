@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from headstart.service.answers import Detection, OpenSetAnswer, Prediction
+from headstart.service.answers import Detection, LabelsAnswer, Prediction
 from headstart.service.contract import Manifest, Model
 from headstart.service.errors import HeadstartError
 
@@ -42,7 +42,7 @@ from headstart.service.errors import HeadstartError
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
-class Answer(OpenSetAnswer):
+class Answer(LabelsAnswer):
     """One image's answer, as `headstart predict` prints it and ``/classify`` (``/localize``) returns it:
     ``predictions`` best first, the open-set answer (``novelty``, ``novelty_threshold``, ``unknown``), with
     ``localize=True`` the ``detections`` in the image's pixels; ``error`` instead for a file that cannot be read."""
@@ -89,11 +89,13 @@ class LoadedModel:
         localize: bool = False,
         conf: float | None = None,
         novelty_threshold: float | None = None,
+        label_threshold: float | None = None,
         batch_size: int = 16,
     ) -> list[Answer]:
         """One :class:`Answer` per image, in order (a folder or glob stands for the images it holds, sorted). A file
         that cannot be read gets an answer with ``error`` set, as `headstart predict` prints an error line;
-        ``localize`` adds boxes (class activation boxes for a classifier) kept from ``conf`` up."""
+        ``localize`` adds boxes (class activation boxes for a classifier) kept from ``conf`` up. A multi-label model
+        answers ``labels`` (those at or above their thresholds; ``label_threshold``: one threshold for all)."""
         from headstart.service.inference import classify_images
         from headstart.service.localize import DEFAULTS, LocalizeParams, localize_images
 
@@ -104,7 +106,7 @@ class LoadedModel:
 
         def flush() -> None:
             pictures = [img for _, _, img in decoded]
-            results = classify_images(self.model, pictures, top_k, novelty_threshold)
+            results = classify_images(self.model, pictures, top_k, novelty_threshold, label_threshold)
             boxes = localize_images(self.model, pictures, params, novelty_threshold) if params else None
             for j, (i, name, _) in enumerate(decoded):
                 extra = {}
@@ -211,15 +213,16 @@ class Run:
         return load(self.dir, **options)
 
 
-def train(data: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Run:
+def train(data: str | os.PathLike, out: str | os.PathLike, task: str | None = None, **options: Any) -> Run:
     """`headstart train DATA --out OUT`: the options are the command line's, with underscores
     (``backbone="mobilenet_v2"``, ``epochs=30``, ``resume=True``...; `headstart train --help` lists them and their
-    defaults). The task comes from the data: class subfolders train a classifier, a YOLO data set a detector; an
-    option of another task is refused with a message."""
+    defaults). The task comes from the data (class subfolders: a classifier; a YOLO data set: a detector; a labels
+    CSV: a multi-label classifier), or from ``task`` where the data alone cannot say (``task="multilabel"`` on a
+    YOLO data set: the classes present in each image); an option of another task is refused with a message."""
     from headstart.tasks import CONFIGS, config_for_data
     from headstart.tasks import train as train_task
 
-    config = config_for_data(data)
+    config = config_for_data(data, task)
     fields = set(config.__dataclass_fields__) - {"data_dir", "out"}
     unknown = sorted(set(options) - fields)
     if unknown:

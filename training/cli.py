@@ -37,6 +37,9 @@ def _answer_line(image: str, answer: dict) -> str:
     if "error" in answer:
         return f"{image}: error: {answer['error']}"
     best = ", ".join(f"{p['label']} {p['score']:.3f}" for p in answer["predictions"][:3])
+    if answer.get("labels") is not None:  # a multi-label model: the labels at or above their thresholds
+        present = ", ".join(f"{p['label']} {p['score']:.3f}" for p in answer["labels"])
+        best = present or f"no label (best: {best})"
     if answer.get("unknown"):
         text = f"none of these (novelty {answer['novelty']:.3f} > {answer['novelty_threshold']:.3f}; nearest {best})"
     else:
@@ -62,30 +65,45 @@ def _add_train(sub) -> None:
         "train",
         help="train a new head on a frozen pretrained backbone",
         description="Train a head on a frozen pretrained backbone: a classifier from an image folder "
-        "(one subfolder per class, optionally inside train/ val/ test/), or a detector from a "
-        "YOLO-format data set (a folder with data.yaml, or the yaml itself).",
+        "(one subfolder per class, optionally inside train/ val/ test/), a detector from a "
+        "YOLO-format data set (a folder with data.yaml, or the yaml itself), or a multi-label classifier from a "
+        "labels CSV (image,labels; or a folder holding labels.csv; or a YOLO data set with --task multilabel).",
     )
     p.add_argument(
         "data_dir",
-        help="image folder: one subfolder per class, optionally inside train/ and val/; or a YOLO data set",
+        help="image folder: one subfolder per class, optionally inside train/ and val/; a YOLO data set; or a labels "
+        "CSV",
     )
     p.add_argument("--out", required=True, help="run directory to write")
+    _add_task(p)
     _add_json(p)
     add_options(p, _task_options())
+
+
+def _add_task(p) -> None:
+    from headstart.tasks import CONFIGS
+
+    p.add_argument(
+        "--task",
+        choices=list(CONFIGS),
+        help="what to train where the data alone cannot say (a YOLO data set: detect, or multilabel for the classes "
+        "present in each image); default: from the data",
+    )
 
 
 def _add_crossval(sub) -> None:
     p = sub.add_parser(
         "crossval",
-        help="k-fold cross-validation of a detector: each image scored by a model that never saw it",
-        description="Cut a YOLO-format data set into --folds folds; per fold, train a "
-        "detector on the other folds (part of them picks the epoch) and score it on the held-out "
-        "fold. Writes OUT/fold-N (runs) and OUT/crossval.json (per fold, mean and spread of AP50, "
-        "AP50:95 and AP small/medium/large).",
+        help="k-fold cross-validation (detectors, multi-label): each image scored by a model that never saw it",
+        description="Cut a data set into --folds folds; per fold, train on the other folds (part of them picks the "
+        "epoch) and score the held-out fold. Writes OUT/fold-N (runs) and OUT/crossval.json (per fold, mean and "
+        "spread: a detector's AP50, AP50:95 and AP small/medium/large; a multi-label model's mAP, micro-F1 and "
+        "sample-F1).",
     )
-    p.add_argument("data_dir", help="a YOLO data set (a folder with data.yaml, or the yaml itself)")
+    p.add_argument("data_dir", help="a YOLO data set (a folder with data.yaml, or the yaml itself), or a labels CSV")
     p.add_argument("--out", required=True, help="folder for the fold runs and crossval.json")
     p.add_argument("--folds", type=int, default=4, help="number of folds (default 4)")
+    _add_task(p)
     _add_json(p)
     add_options(p, _task_options(crossval=True))
 
@@ -94,8 +112,8 @@ def _config_for(args, options: dict[str, dict]):
     """The task config ``args.data_dir`` is for, with the options given; an option of another task is refused."""
     from headstart.tasks import config_for_data
 
-    config = config_for_data(args.data_dir)
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "folds", "json")}
+    config = config_for_data(args.data_dir, getattr(args, "task", None))
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "folds", "json", "task")}
     foreign = [k for k in given if k not in config.__dataclass_fields__]
     if foreign:
         flag = options[foreign[0]]["field"].metadata["flag"] or "--" + foreign[0].replace("_", "-")
@@ -116,11 +134,10 @@ def _cmd_train(args) -> int:
 def _cmd_crossval(args) -> int:
     from headstart.tasks import CONFIGS, config_for_data, task_named
 
-    if not config_for_data(args.data_dir).crossval:
+    config = config_for_data(args.data_dir, args.task)
+    if not config.crossval:
         offered = ", ".join(f"{c.task} ({c.data_kind})" for c in CONFIGS.values() if c.crossval)
-        raise ValueError(
-            f"{args.data_dir} is {config_for_data(args.data_dir).data_kind}: crossval is offered for {offered}."
-        )
+        raise ValueError(f"{args.data_dir} is {config.data_kind}: crossval is offered for {offered}.")
     cfg = _config_for(args, _task_options(crossval=True))
     summary, path = task_named(cfg.task).cross_validate(cfg, folds=args.folds)
     if args.json:
@@ -167,7 +184,7 @@ def _predict_files(model, args) -> int:
 
     def answer(path: Path) -> dict:
         img = decode_for(read_image_file(path), model.spec)  # a FIFO, a device, a huge file: an error line
-        out = classify_images(model, [img], args.top_k, args.novelty_threshold)[0]
+        out = classify_images(model, [img], args.top_k, args.novelty_threshold, args.label_threshold)[0]
         if params is not None:
             result = localize_images(model, [img], params, args.novelty_threshold)[0]
             out.update(detections=result["detections"], method=result["method"], image_size=result["image_size"])
@@ -267,6 +284,11 @@ def _add_predict(sub) -> None:
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or quoted globs")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON line per image (the HTTP answer's fields)")
+    p.add_argument(
+        "--label-threshold",
+        type=float,
+        help="a multi-label model: one threshold for every label (default: those chosen on validation)",
+    )
     p.add_argument("--localize", action="store_true", help="also print boxes (CAM for classifiers)")
     p.add_argument("--conf", type=float, default=DEFAULTS.conf, help="lowest box confidence with --localize")
     p.add_argument("--weights", help="backbone weights file, if it moved since training (run directories)")

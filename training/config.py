@@ -173,6 +173,7 @@ GROUPS = {
     "detection": "detection (YOLO-format data sets only)",
     "optimisation": "optimisation",
     "open_set": "open set: 'none of these' (classification)",
+    "multilabel": "multi-label (a labels CSV, or --task multilabel)",
     "run": "run",
 }
 

@@ -152,6 +152,7 @@ def _manifest(
         int8=int8_info,
         runtimes=runtimes,
         open_set=None if getattr(run.model, "novelty", None) is None else run.model.novelty.config.to_dict(),
+        thresholds=run.metrics.get("thresholds"),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         headstart={"version": _version(), "torch": str(torch.__version__), "onnxruntime": ort.__version__},
     )

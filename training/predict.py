@@ -53,6 +53,7 @@ class RunModel:
         self.output_names = [o["name"] for o in outputs]
         novelty = getattr(run.model, "novelty", None)
         self.open_set = None if novelty is None else novelty.config.to_dict()
+        self.thresholds = run.metrics.get("thresholds")  # a multi-label run's
 
     @torch.inference_mode()
     def run(self, pixels: np.ndarray, names: Sequence[str] | None = None) -> list[np.ndarray]:

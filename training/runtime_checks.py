@@ -37,11 +37,13 @@ def runtime_checks(
                 partial(open_session(path, "openvino", "cpu", precision=precision).run, names), batches
             )
             rows[key] = {"precision": precision, **task.precision_gate(reference, got, targets)}
+            agreement = next(k for k in rows[key] if k.endswith("_agreement"))  # top1_, label_set_: the task's
             log.info(
-                "%s file on %s: top-1 agreement %.2f%% with ONNX Runtime, %s",
+                "%s file on %s: %s %.2f%% with ONNX Runtime, %s",
                 variant,
                 key,
-                100 * rows[key]["top1_agreement"],
+                agreement.replace("_", " "),
+                100 * rows[key][agreement],
                 "allowed" if rows[key]["allowed"] else "NOT allowed",
             )
         result[variant] = rows

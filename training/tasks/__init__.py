@@ -18,13 +18,25 @@ from pathlib import Path
 from headstart.config import RunConfig
 from headstart.tasks.classify.config import ClassifyConfig
 from headstart.tasks.detect.config import DetectConfig
+from headstart.tasks.multilabel.config import MultiLabelConfig
 
 #: every task's config by task name: one line per task
-CONFIGS: dict[str, type[RunConfig]] = {config.task: config for config in (ClassifyConfig, DetectConfig)}
+CONFIGS: dict[str, type[RunConfig]] = {
+    config.task: config for config in (ClassifyConfig, DetectConfig, MultiLabelConfig)
+}
 #: the task of a data set that no task claims (:meth:`training.config.RunConfig.claims`)
 DEFAULT_TASK = "classify"
 
-__all__ = ["CONFIGS", "DEFAULT_TASK", "ClassifyConfig", "DetectConfig", "config_for_data", "task_named", "train"]
+__all__ = [
+    "CONFIGS",
+    "DEFAULT_TASK",
+    "ClassifyConfig",
+    "DetectConfig",
+    "MultiLabelConfig",
+    "config_for_data",
+    "task_named",
+    "train",
+]
 
 
 def task_named(name: str):
@@ -34,13 +46,19 @@ def task_named(name: str):
     return importlib.import_module(f"{__name__}.{name}.task").TASK
 
 
-def config_for_data(data_dir: str | Path) -> type[RunConfig]:
-    """The config of the task ``data_dir`` is for: the one task that claims it, else :data:`DEFAULT_TASK`."""
+def config_for_data(data_dir: str | Path, task: str | None = None) -> type[RunConfig]:
+    """The config of the task ``data_dir`` is for: ``task`` where given (``--task``: a YOLO data set can train a
+    detector or a multi-label classifier), else the one task that claims it, else :data:`DEFAULT_TASK`."""
+    if task is not None:
+        if task not in CONFIGS:
+            raise ValueError(f"Unknown task {task!r}; headstart knows {', '.join(CONFIGS)}.")
+        return CONFIGS[task]
     claimed = [config for config in CONFIGS.values() if config.claims(str(data_dir))]
     if len(claimed) > 1:
         raise ValueError(
             f"{data_dir} could be data for {' or '.join(c.task for c in claimed)}: "
-            f"{'; '.join(c.data_kind for c in claimed)}. Keep one kind of data per folder."
+            f"{'; '.join(c.data_kind for c in claimed)}. "
+            f"Say which with --task {' or --task '.join(c.task for c in claimed)}."
         )
     return claimed[0] if claimed else CONFIGS[DEFAULT_TASK]
 

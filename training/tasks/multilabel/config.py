@@ -1,0 +1,61 @@
+"""The multi-label classifier's options (`headstart train CSV` or `--task multilabel`). Torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from headstart.config import RunConfig, option, task_default
+
+#: the file a folder holds for `headstart train FOLDER` to be a multi-label data set
+CSV_NAME = "labels.csv"
+
+
+def find_csv(data_dir: str) -> Path | None:
+    """The labels CSV ``data_dir`` names: the file itself (``*.csv``), or ``labels.csv`` inside the folder."""
+    path = Path(data_dir)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        return path
+    if path.is_dir() and (path / CSV_NAME).is_file():
+        return path / CSV_NAME
+    return None
+
+
+@dataclass
+class MultiLabelConfig(RunConfig):
+    """Multi-label classification: a CSV of images and their labels (``image,labels`` with the labels separated by
+    spaces, or one 0/1 column per label; an optional ``split`` column), or a YOLO data set read as the classes
+    present in each image (``--task multilabel``)."""
+
+    task = "multilabel"
+    crossval = True
+    data_kind = "a multi-label data set (a CSV of images and labels, or a YOLO data set with --task multilabel)"
+    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "loss", "min_label_positives")
+
+    views: int = task_default("views", 8)
+    epochs: int = task_default("epochs", 100)
+    patience: int = task_default("patience", 15)
+    loss: str = option(
+        "weighted",
+        "multi-label loss: weighted = binary cross-entropy with each label's positives weighted by its "
+        "negatives/positives (at most 20); bce = unweighted; asl = asymmetric loss (gamma- 4, gamma+ 0, clip 0.05)",
+        group="multilabel",
+        choices=("weighted", "bce", "asl"),
+    )
+    min_label_positives: int = option(
+        20,
+        "a label gets a threshold of its own only with at least this many validation positives; the others share "
+        "the global threshold (per-label thresholds overfit small validation sets)",
+        group="multilabel",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss not in ("weighted", "bce", "asl"):
+            raise ValueError(f"Invalid --loss {self.loss!r}. Use weighted, bce or asl.")
+        if self.min_label_positives < 1:
+            raise ValueError("--min-label-positives must be at least 1.")
+
+    @classmethod
+    def claims(cls, data_dir: str) -> bool:
+        return find_csv(data_dir) is not None

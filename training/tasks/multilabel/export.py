@@ -1,0 +1,102 @@
+"""The multi-label classifier's export side: sigmoid probabilities (and the per-cell class map) in the graph, and
+the checks its bundle must pass: the same label sets at the run's thresholds on every runtime and precision."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from headstart.onnx_io import ExportError, ort_outputs
+from headstart.predict import torch_outputs
+from headstart.tasks.base import TaskExport
+from headstart.tasks.multilabel.data import multi_hot
+from headstart.tasks.multilabel.metrics import mean_average_precision, threshold_vector
+
+log = logging.getLogger("headstart")
+
+
+@dataclass(frozen=True)
+class Expected:
+    """Each validation image's labels (multi-hot) and the thresholds in force per label."""
+
+    truth: np.ndarray
+    limits: np.ndarray
+
+
+def _sets(probs: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    return probs >= limits
+
+
+def _set_agreement(a: np.ndarray, b: np.ndarray, limits: np.ndarray) -> float:
+    """The share of images given exactly the same label set by both."""
+    return float((_sets(a, limits) == _sets(b, limits)).all(1).mean())
+
+
+def _map(probs: np.ndarray, truth: np.ndarray) -> float:
+    return mean_average_precision(probs, truth)["map_macro"] or 0.0
+
+
+class MultiLabelExport(TaskExport):
+    manifest_metrics = ("map_macro", "map_micro", "micro_f1", "sample_f1", "num_images")
+    int8 = True  # kept only if validation mAP drops at most 1 point
+
+    def outputs(self, run) -> list[dict]:
+        k, feature_map = len(run.labels), list(run.record.backbone.feature_map)
+        return [
+            {"name": "probabilities", "shape": ["batch", k], "what": "each label's probability (sigmoid, independent)"},
+            {
+                "name": "class_map",
+                "shape": ["batch", k, *feature_map],
+                "what": "per-cell label probabilities (class activation map) on the feature grid",
+            },
+        ]
+
+    def targets(self, run, column: list) -> Expected:
+        return Expected(multi_hot(column, len(run.labels)), threshold_vector(run.metrics["thresholds"], run.labels))
+
+    def verify(self, model, session, paths, targets: Expected, spec) -> tuple[dict, list[np.ndarray]]:
+        """ONNX Runtime against PyTorch on the validation images: every image the same label set at the thresholds,
+        |Δp| at most 1e-3."""
+        torch_out, onnx_out = torch_outputs(model, paths, spec), ort_outputs(session, paths, spec)
+        max_diff = float(np.abs(torch_out[0] - onnx_out[0]).max())
+        agreement = _set_agreement(torch_out[0], onnx_out[0], targets.limits)
+        record = {"images": len(paths), "max_abs_prob_diff": max_diff, "label_set_agreement": agreement}
+        log.info(
+            "ONNX Runtime vs PyTorch on %d validation images: max |Δp| %.2e, the same label sets on %.2f%%",
+            len(paths),
+            max_diff,
+            100 * agreement,
+        )
+        if agreement < 1.0 or max_diff > 1e-3:
+            raise ExportError(
+                f"ONNX Runtime disagrees with PyTorch ({record}); the export is not trustworthy and was not written."
+            )
+        record["onnx_map_macro"] = _map(onnx_out[0], targets.truth)
+        return record, onnx_out
+
+    def int8_quality(self, run, reference: list[np.ndarray], session, paths, targets: Expected) -> dict:
+        got = ort_outputs(session, paths, run.spec)
+        fp32, int8 = _map(reference[0], targets.truth), _map(got[0], targets.truth)
+        return {
+            "metric": "map_macro",
+            "map_macro_fp32": fp32,
+            "map_macro_int8": int8,
+            "drop": fp32 - int8,
+            "label_set_agreement": _set_agreement(reference[0], got[0], targets.limits),
+            "max_abs_prob_diff": float(np.abs(got[0] - reference[0]).max()),
+        }
+
+    def precision_gate(self, reference: list[np.ndarray], got: list[np.ndarray], targets: Expected) -> dict:
+        """A runtime/precision may serve if it gives the same label sets on >= 99% of the validation images and
+        loses at most 1 point of mAP."""
+        agreement = _set_agreement(reference[0], got[0], targets.limits)
+        drop = _map(reference[0], targets.truth) - _map(got[0], targets.truth)
+        gate = {
+            "images": len(got[0]),
+            "label_set_agreement": agreement,
+            "map_drop": drop,
+            "max_abs_prob_diff": float(np.abs(reference[0] - got[0]).max()),
+        }
+        return gate | {"allowed": agreement >= 0.99 and drop <= 0.01}

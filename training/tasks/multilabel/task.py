@@ -1,0 +1,144 @@
+"""The multi-label task: what differs from the engine's job.
+
+Pooled features as a classifier's, one sigmoid per label, the loss of ``--loss`` (``fit.py``), the epoch kept by
+validation mAP; thresholds chosen on the validation images (one global, and a label's own only where it has enough
+validation positives: ``metrics.py``); mAP, F1 per label, sample-F1, a precision-recall plot, the worst images and
+per-image predictions. The views are the classifier's (asked through the registry). A YOLO data set given with
+``--task multilabel`` is read by the detect task's scan (through the registry) as the classes present per image.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from headstart.models import ClassifierHead, HeadConfig, MultiLabelClassifier, PixelNormalize
+from headstart.runs import write_json
+from headstart.service.inference import outputs_of_files
+from headstart.tasks import task_named
+from headstart.tasks.base import FeatureLayout, Job, Task
+from headstart.tasks.multilabel.config import MultiLabelConfig
+from headstart.tasks.multilabel.data import multi_hot, scan_data
+from headstart.tasks.multilabel.export import MultiLabelExport
+from headstart.tasks.multilabel.metrics import (
+    choose_thresholds,
+    evaluation,
+    plot_precision_recall,
+    plot_worst,
+    write_predictions,
+)
+
+log = logging.getLogger("headstart")
+
+PREDICTIONS = "predictions.csv"
+
+
+class MultiLabelTask(Task):
+    name = "multilabel"
+    headline = ("map_macro", "micro_f1", "sample_f1")
+    export = MultiLabelExport()
+
+    def scan(self, cfg: MultiLabelConfig, report=None):
+        return report or scan_data(cfg.data_dir, cfg.val_fraction, cfg.seed)
+
+    def data_record(self, cfg, report) -> dict:
+        return {"root": str(report.root), "source": str(report.source), "split": report.split_source}
+
+    def split_row(self, sample) -> list:
+        return [list(sample.labels)]
+
+    def augmentation(self, preset, spec):
+        return task_named("classify").augmentation(preset, spec)
+
+    def make_views(self, job: Job, train: bool):
+        return task_named("classify").make_views(job, train)
+
+    def head_config(self, cfg, layout: FeatureLayout, labels) -> HeadConfig:
+        return HeadConfig(layout.channels[0], len(labels), cfg.hidden, cfg.dropout)
+
+    def fit(self, job: Job, head_cfg: HeadConfig) -> ClassifierHead:
+        from headstart.tasks.multilabel.fit import fit_head
+
+        return fit_head(job, head_cfg)
+
+    def evaluate(self, job: Job, head: ClassifierHead) -> dict:
+        val = job.val_features
+        with torch.no_grad():
+            probs = torch.sigmoid(head(torch.from_numpy(val.values[:, 0]).to(job.device))).cpu().numpy()
+        truth = multi_hot([s.labels for s in val.samples], len(job.labels))
+        thresholds = choose_thresholds(probs, truth, job.labels, job.cfg.min_label_positives)
+        log.info(
+            "thresholds: %.2f for every label%s (chosen on %d validation images)",
+            thresholds["global"],
+            f"; their own for {', '.join(thresholds['per_label'])}" if thresholds["per_label"] else "",
+            len(probs),
+        )
+        return _write_evaluation(
+            job.run_dir, [s.path for s in val.samples], probs, truth, job.labels, thresholds, job.spec, job.history
+        )
+
+    def cross_validate(self, cfg: MultiLabelConfig, folds: int) -> tuple[dict, Path]:
+        """`headstart crossval`: k-fold cross-validation (``crossval.py``); the summary and the file it is in."""
+        from headstart.tasks.multilabel.crossval import SUMMARY, cross_validate
+
+        return cross_validate(cfg, folds), Path(cfg.out) / SUMMARY
+
+    def build_model(self, record, spec, features, head_state, run_dir) -> MultiLabelClassifier:
+        head = ClassifierHead(HeadConfig(**record.head))
+        head.load_state_dict(head_state)
+        return MultiLabelClassifier(PixelNormalize(spec.mean, spec.std), features, head)
+
+    def evaluate_model(self, model, data_dir: str, out: Path, other: str | None = None) -> dict:
+        """mAP, F1 and the plots of a multi-label model (a run's or a bundle's) on another labelled CSV or YOLO data
+        set (its test images, else val, else all), at the model's own thresholds."""
+        if other:
+            raise ValueError("--other measures a single-label classifier's novelty score; leave it out.")
+        report = scan_data(data_dir, 0.0, 0, labels=list(model.labels))
+        log.info("%s", report.format())
+        split = next(s for s in ("test", "val", "train") if report.splits.get(s))
+        samples = report.splits[split]
+        paths = [s.path for s in samples]
+        probs = outputs_of_files(lambda px: model.run(px, [model.output_names[0]]), paths, model.spec)[0]
+        truth = multi_hot([s.labels for s in samples], len(model.labels))
+        metrics = _write_evaluation(out, paths, probs, truth, list(model.labels), model.thresholds, model.spec)
+        write_json(out / "metrics.json", {"split": str(Path(data_dir).resolve()), **metrics, "data": report.to_dict()})
+        return {
+            "split": split,
+            **{k: metrics[k] for k in ("num_images", "map_macro", "map_micro", "micro_f1", "sample_f1")},
+        }
+
+
+def _write_evaluation(out: Path, paths, probs, truth, labels, thresholds, spec, history=None) -> dict:
+    metrics = evaluation(probs, truth, labels, thresholds)
+    plot_precision_recall(probs, truth, labels, out / "precision_recall.png")
+    plot_worst(paths, probs, truth, labels, thresholds, spec, out / "worst_predictions.png")
+    write_predictions(out / PREDICTIONS, paths, probs, truth, labels, thresholds)
+    if history is not None:
+        _plot_curves(history, out / "training_curves.png")
+    return metrics
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    from headstart.plots import pyplot
+
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    a.plot(epochs, [h["train_loss"] for h in history], label="train")
+    a.plot(epochs, [h.get("val_loss", np.nan) for h in history], label="val")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.legend()
+    b.plot(epochs, [h.get("val_map", np.nan) for h in history], label="val mAP (macro)")
+    b.plot(epochs, [h.get("val_map_micro", np.nan) for h in history], label="val mAP (micro)")
+    b.set_xlabel("epoch")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+TASK = MultiLabelTask()

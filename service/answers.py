@@ -60,7 +60,7 @@ class Detection(BaseModel):
     box: Box
 
 
-class LocalizeResponse(OpenSetAnswer):
+class LocalizeResponse(LabelsAnswer):
     """Detections in original-image pixels (after EXIF rotation), best first, after non-maximum suppression."""
 
     detections: list[Detection]

@@ -118,6 +118,10 @@ function verdict(body) {
   if (unknown) {
     el.textContent = `None of these: this image is unlike every class the model learned ` +
       `(novelty ${body.novelty.toFixed(2)} > ${body.novelty_threshold.toFixed(2)}). Closest classes, for reference:`;
+  } else if (Array.isArray(body.labels)) {  // a multi-label model: every label at or above its threshold
+    el.textContent = body.labels.length
+      ? `Labels: ${body.labels.map((p) => `${p.label} ${(100 * p.score).toFixed(0)}%`).join(", ")}`
+      : "None of the labels reaches its threshold. Scores, for reference:";
   } else if (body.unknown === false) {
     el.textContent = `${body.predictions[0].label} (novelty ${body.novelty.toFixed(2)}, ` +
       `within ${body.novelty_threshold.toFixed(2)})`;

@@ -197,6 +197,8 @@ def test_a_csv_set_trains_exports_predicts_and_serves(tmp_path, capsys):
             f"{url}/classify", files={"image": ("a.jpg", data, "image/jpeg")}, data={"label_threshold": "2"}, timeout=60
         )
         assert bad.status_code == 400 and bad.json()["field"] == "label_threshold"
+        boxes = httpx.post(f"{url}/localize", files={"image": ("a.jpg", data, "image/jpeg")}, timeout=60).json()
+        assert [p["label"] for p in boxes["labels"]] == [p.label for p in answers[0].labels]
         info = httpx.get(f"{url}/info", timeout=30).json()
         assert info["task"] == "multilabel" and info["thresholds"] == m["thresholds"]
 

@@ -78,7 +78,15 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loss", default="weighted", choices=("weighted", "bce", "asl"))
-    parser.add_argument("--latency-calls", type=int, default=200)
+    parser.add_argument("--latency-calls", type=int, default=200, help="0: no latency measurement")
+    parser.add_argument("--cache-dir", help="feature cache shared between runs (default: a new temporary one)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a training option other than the default (e.g. augment=light, views=4): repeatable",
+    )
     args = parser.parse_args()
     print(machine_line())
     check_idle()
@@ -102,11 +110,16 @@ def main() -> None:
         out="",
         backbone=BACKBONE,
         weights=str(WEIGHTS),
-        cache_dir=str(tmp / "cache"),
+        cache_dir=args.cache_dir or str(tmp / "cache"),
         progress=False,
         seed=args.seed,
         loss=args.loss,
     )
+    fields = cfg.__dataclass_fields__
+    for item in args.option:
+        name, _, value = item.partition("=")
+        cfg = dataclasses.replace(cfg, **{name: type(fields[name].default)(value)})
+    print(f"options: loss {cfg.loss}, augment {cfg.augment}, views {cfg.views}, epochs {cfg.epochs}; {args.option}")
     rows = {"headstart": [], "linear probe": []}
     seconds = {"headstart": [], "linear probe": []}
     for i in range(args.folds):
@@ -153,7 +166,8 @@ def main() -> None:
         print(f"| {name} | {' | '.join(cell)} | {statistics.fmean(seconds[name]):.1f} |")
     ratio = summary[("headstart", "map_macro")] / max(summary[("linear probe", "map_macro")], 1e-9)
     print(f"\nheadstart / linear probe, macro mAP: {ratio:.3f} (target >= 1.10)")
-    latency(tmp, args.latency_calls, args.seed)
+    if args.latency_calls:
+        latency(tmp, args.latency_calls, args.seed)
 
 
 def latency(tmp: Path, calls: int, seed: int) -> None:
@@ -190,6 +204,8 @@ def latency(tmp: Path, calls: int, seed: int) -> None:
             classify_images(bundle, [decode_for(photo, bundle.spec)], 5)
             times[name].append(time.perf_counter() - started)
     med = {name: statistics.median(t) * 1000 for name, t in times.items()}
+    for name, bundle in bundles.items():
+        print(f"{name}: {bundle.runtime}, {bundle.precision} ({bundle.precision_note})")
     print(
         f"classify in process (decode + preprocess + model + answer, 720p JPEG, one thread, median of {calls}): "
         f"multi-label {med['multi-label']:.2f} ms, single-label {med['single-label']:.2f} ms, "

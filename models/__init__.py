@@ -3,7 +3,7 @@
 from headstart.models.backbone import Backbone, BackboneError, build_backbone
 from headstart.models.heads import ClassifierHead, HeadConfig
 from headstart.models.novelty import Novelty, NoveltyConfig, feature_bank
-from headstart.models.wrapper import Classifier, MultiLabelClassifier, PixelNormalize
+from headstart.models.wrapper import Classifier, MeanMaxPool, MultiLabelClassifier, PixelNormalize
 
 __all__ = [
     "Backbone",
@@ -11,6 +11,7 @@ __all__ = [
     "Classifier",
     "ClassifierHead",
     "HeadConfig",
+    "MeanMaxPool",
     "MultiLabelClassifier",
     "Novelty",
     "NoveltyConfig",

@@ -63,14 +63,35 @@ class Classifier(nn.Module):
         return probs, class_map, self.novelty(pooled)
 
 
+class MeanMaxPool(nn.Module):
+    """(N, C, H, W) → (N, 2C): each channel's mean over the cells, then its maximum (a small object shows in one
+    cell's maximum where the mean dilutes it)."""
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3))], dim=1)
+
+
 class MultiLabelClassifier(Classifier):
     """A :class:`Classifier` whose labels are independent: ``forward`` returns ``(probabilities (N, K), class_map
     (N, K, H, W))`` with a sigmoid per label (an image may hold several labels, or none), the class map the same
-    head's per-cell sigmoid (class activation mapping per label)."""
+    head's per-cell sigmoid (class activation mapping per label). ``pooling`` "meanmax": the head reads each
+    channel's mean and maximum over the cells (:class:`MeanMaxPool`); per cell, the cell's own features stand for
+    both."""
+
+    def __init__(self, normalize, features, head, pooling: str = "mean") -> None:
+        super().__init__(normalize, features, head)
+        self.pooling = pooling
+
+    def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_map(pixels))
+
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        return MeanMaxPool()(fmap) if self.pooling == "meanmax" else fmap.mean(dim=(2, 3))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         fmap = self.feature_map(pixels)
-        return torch.sigmoid(self.head(fmap.mean(dim=(2, 3)))), torch.sigmoid(self.head.forward_map(fmap))
+        cells = torch.cat([fmap, fmap], dim=1) if self.pooling == "meanmax" else fmap
+        return torch.sigmoid(self.head(self.pool(fmap))), torch.sigmoid(self.head.forward_map(cells))
 
 
 class Detector(nn.Module):

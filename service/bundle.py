@@ -226,7 +226,7 @@ def served_precision(manifest: Manifest, variant: str, runtime: str, precision: 
     if check is None:
         return "fp32", "bf16 was not measured for this bundle at export (re-export to measure it); serving fp32"
     # the task's agreement figure: top-1 (a classifier, a detector) or the same label sets (a multi-label model)
-    key = next((k for k in ("top1_agreement", "label_set_agreement") if k in check), None)
+    key = next((k for k in ("top1_agreement", "decision_agreement", "label_set_agreement") if k in check), None)
     agreement = f"{key.removesuffix('_agreement').replace('_', ' ')} agreement {check[key]:.2%}" if key else "checked"
     if not check.get("allowed"):
         diffs = check.get("max_abs_diff")

@@ -264,3 +264,19 @@ def test_crossval_gives_finite_reproducible_figures(tmp_path, capsys):
         assert np.isfinite(a[metric]["mean"]) and np.isfinite(a[metric]["std"])
         assert [r[metric] for r in a["per_fold"]] == [r[metric] for r in b["per_fold"]]  # same seed, same figures
     assert (tmp_path / "a" / "crossval.json").is_file() and (tmp_path / "a" / "fold-3" / "metrics.json").is_file()
+
+
+def test_mean_and_mean_max_features_keep_apart_in_the_cache(tmp_path, caplog):
+    """--pooling changes what every split's cached vectors are (the clean validation ones too): runs with either
+    share one cache without reading each other's files."""
+    import logging
+
+    path, _ = make_csv_set(tmp_path / "data", 24, split=True)
+    common = dict(backbone="test_resnet", pretrained=False, views=1, epochs=2, progress=False)
+    caplog.set_level(logging.WARNING, logger="headstart")
+    for i, pooling in enumerate(("meanmax", "mean", "meanmax")):
+        run = headstart.train(path, tmp_path / f"run{i}", cache_dir=tmp_path / "cache", pooling=pooling, **common)
+        assert run.config["options"]["pooling"] == pooling
+    assert not [r for r in caplog.records if "unreadable" in r.getMessage()]
+    bundle = headstart.export(tmp_path / "run0", store=False)  # mean+max in the graph: ONNX agrees with PyTorch
+    assert bundle.manifest.verification["max_abs_prob_diff"] <= 1e-3

@@ -175,6 +175,8 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
     # the decoding is part of what features depend on: a JPEG is decoded at a scale set by the spec (DECODE_MARGIN)
     decoding = f"dct-scaled x{DECODE_MARGIN}"
     ns = dict(task=task.name, backbone=b.name, weights=b.weights_sha256, spec=job.spec.to_dict(), decoding=decoding)
+    if task.feature_key(cfg):  # what the task's feature net computes, where its options change it (every split)
+        ns["features"] = task.feature_key(cfg)
     common = dict(
         spec=job.spec,
         shape=layout.shape,

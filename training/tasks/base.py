@@ -163,6 +163,11 @@ class Task:
         """What the cached features are: the frozen backbone module (after pixel normalisation)."""
         return backbone.features
 
+    def feature_key(self, cfg: RunConfig) -> str:
+        """What the features depend on among the task's options (e.g. how they are pooled), for the feature cache's
+        key of every split, the clean ones included ("" where only the backbone and the views decide them)."""
+        return ""
+
     def layout(self, cfg: RunConfig, backbone: Backbone, net: nn.Module, spec: PreprocessSpec) -> FeatureLayout:
         """Pooled feature vectors of the backbone's last map."""
         return FeatureLayout(

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from headstart.models import ClassifierHead, HeadConfig, MultiLabelClassifier, PixelNormalize
+from headstart.models import ClassifierHead, HeadConfig, MeanMaxPool, MultiLabelClassifier, PixelNormalize
 from headstart.runs import write_json
 from headstart.service.inference import outputs_of_files
 from headstart.tasks import task_named
@@ -49,6 +50,18 @@ class MultiLabelTask(Task):
 
     def split_row(self, sample) -> list:
         return [list(sample.labels)]
+
+    def feature_net(self, cfg, backbone):
+        return nn.Sequential(backbone.features, MeanMaxPool()) if cfg.pooling == "meanmax" else backbone.features
+
+    def layout(self, cfg, backbone, net, spec) -> FeatureLayout:
+        if cfg.pooling != "meanmax":
+            return super().layout(cfg, backbone, net, spec)
+        width = 2 * backbone.num_features
+        return FeatureLayout(shape=(width,), pool=False, feature_map=backbone.extra["feature_map"], channels=(width,))
+
+    def feature_key(self, cfg) -> str:
+        return f"pooling={cfg.pooling}"  # mean or mean+max vectors: the cache keeps them apart
 
     def augmentation(self, preset, spec):
         return task_named("classify").augmentation(preset, spec)
@@ -89,7 +102,8 @@ class MultiLabelTask(Task):
     def build_model(self, record, spec, features, head_state, run_dir) -> MultiLabelClassifier:
         head = ClassifierHead(HeadConfig(**record.head))
         head.load_state_dict(head_state)
-        return MultiLabelClassifier(PixelNormalize(spec.mean, spec.std), features, head)
+        pooling = record.options.get("pooling", "mean")
+        return MultiLabelClassifier(PixelNormalize(spec.mean, spec.std), features, head, pooling)
 
     def evaluate_model(self, model, data_dir: str, out: Path, other: str | None = None) -> dict:
         """mAP, F1 and the plots of a multi-label model (a run's or a bundle's) on another labelled CSV or YOLO data

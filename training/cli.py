@@ -169,8 +169,8 @@ def _cmd_predict(args) -> int:
 
 
 def _predict_files(model, args) -> int:
-    """One JSON line per image: its answer (and boxes, heatmap file); a file that cannot be read is a line with an
-    ``error`` and exit status 1."""
+    """One line per image (a person's, or JSON with --json): its answer (and boxes, heatmap file); a file that cannot
+    be read is a line with an ``error`` and exit status 1."""
     from headstart.service.files import expand_images, read_image_file, shown
     from headstart.service.heatmap import heatmap
     from headstart.service.inference import classify_images
@@ -279,7 +279,7 @@ def _add_novelty_threshold(p) -> None:
 def _add_predict(sub) -> None:
     from headstart.service.localize import DEFAULTS
 
-    p = sub.add_parser("predict", help="top-k labels and scores as JSON lines")
+    p = sub.add_parser("predict", help="the answer for each image: one line a person reads, or JSON (--json)")
     p.add_argument("model", help="run directory, bundle directory, or model-store tag NAME[:VERSION]")
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or quoted globs")
     p.add_argument("--top-k", type=int, default=5)

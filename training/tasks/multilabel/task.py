@@ -112,8 +112,11 @@ class MultiLabelTask(Task):
             raise ValueError("--other measures a single-label classifier's novelty score; leave it out.")
         report = scan_data(data_dir, 0.0, 0, labels=list(model.labels))
         log.info("%s", report.format())
-        split = next(s for s in ("test", "val", "train") if report.splits.get(s))
-        samples = report.splits[split]
+        if report.split_source.startswith("random"):  # no split of its own: every image is an evaluation image
+            split, samples = "all", [s for items in report.splits.values() for s in items]
+        else:
+            split = next(s for s in ("test", "val", "train") if report.splits.get(s))
+            samples = report.splits[split]
         paths = [s.path for s in samples]
         probs = outputs_of_files(lambda px: model.run(px, [model.output_names[0]]), paths, model.spec)[0]
         truth = multi_hot([s.labels for s in samples], len(model.labels))

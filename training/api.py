@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import Field
 
 from headstart.service.answers import Detection, LabelsAnswer, Prediction
@@ -56,7 +56,8 @@ class Answer(LabelsAnswer):
 
     @property
     def label(self) -> str | None:
-        """The best class, or None where the image could not be read or is "none of these" (``unknown``)."""
+        """The best class, or None where the image could not be read or is "none of these" (``unknown``). A
+        multi-label model's answer is :attr:`labels` (every label at or above its threshold)."""
         return None if self.error or self.unknown or not self.predictions else self.predictions[0].label
 
     @property
@@ -131,8 +132,8 @@ class LoadedModel:
         from headstart.service.files import read_image_file
         from headstart.service.preprocess import decode_for
 
-        if isinstance(item, Image.Image):
-            return item.convert("RGB")
+        if isinstance(item, Image.Image):  # as a file of it would be: EXIF orientation applied, RGB
+            return ImageOps.exif_transpose(item).convert("RGB")
         if isinstance(item, np.ndarray):
             if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
                 raise ValueError(f"an image array must be uint8 (height, width, 3) RGB, not {item.dtype} {item.shape}")

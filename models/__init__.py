@@ -3,7 +3,7 @@
 from headstart.models.backbone import Backbone, BackboneError, build_backbone
 from headstart.models.heads import ClassifierHead, HeadConfig
 from headstart.models.novelty import Novelty, NoveltyConfig, feature_bank
-from headstart.models.wrapper import Classifier, MeanMaxPool, MultiLabelClassifier, PixelNormalize
+from headstart.models.wrapper import Classifier, MeanMaxPool, MultiLabelClassifier, PixelNormalize, lse_pool
 
 __all__ = [
     "Backbone",
@@ -18,4 +18,5 @@ __all__ = [
     "PixelNormalize",
     "build_backbone",
     "feature_bank",
+    "lse_pool",
 ]

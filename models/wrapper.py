@@ -71,12 +71,24 @@ class MeanMaxPool(nn.Module):
         return torch.cat([fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3))], dim=1)
 
 
+#: the sharpness of log-sum-exp pooling: 0 would be the mean of the cells' logits, infinity their maximum
+LSE_SHARPNESS = 4.0
+
+
+def lse_pool(cell_logits: torch.Tensor, r: float = LSE_SHARPNESS) -> torch.Tensor:
+    """(N, K, H, W) per-cell logits → (N, K): log(mean(exp(r·z))) / r over the cells (Pinheiro and Collobert's
+    log-sum-exp pooling): near the maximum where one cell stands out (a small object), near the mean otherwise."""
+    n, k = cell_logits.shape[:2]
+    z = cell_logits.reshape(n, k, -1)
+    return (torch.logsumexp(r * z, dim=2) - torch.log(torch.tensor(float(z.shape[2])))) / r
+
+
 class MultiLabelClassifier(Classifier):
     """A :class:`Classifier` whose labels are independent: ``forward`` returns ``(probabilities (N, K), class_map
     (N, K, H, W))`` with a sigmoid per label (an image may hold several labels, or none), the class map the same
     head's per-cell sigmoid (class activation mapping per label). ``pooling`` "meanmax": the head reads each
     channel's mean and maximum over the cells (:class:`MeanMaxPool`); per cell, the cell's own features stand for
-    both."""
+    both. ``pooling`` "lse": the head scores every cell and the image's logit is their :func:`lse_pool`."""
 
     def __init__(self, normalize, features, head, pooling: str = "mean") -> None:
         super().__init__(normalize, features, head)
@@ -91,7 +103,9 @@ class MultiLabelClassifier(Classifier):
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         fmap = self.feature_map(pixels)
         cells = torch.cat([fmap, fmap], dim=1) if self.pooling == "meanmax" else fmap
-        return torch.sigmoid(self.head(self.pool(fmap))), torch.sigmoid(self.head.forward_map(cells))
+        cell_logits = self.head.forward_map(cells)
+        logits = lse_pool(cell_logits) if self.pooling == "lse" else self.head(self.pool(fmap))
+        return torch.sigmoid(logits), torch.sigmoid(cell_logits)
 
 
 class Detector(nn.Module):

@@ -274,9 +274,11 @@ def test_mean_and_mean_max_features_keep_apart_in_the_cache(tmp_path, caplog):
     path, _ = make_csv_set(tmp_path / "data", 24, split=True)
     common = dict(backbone="test_resnet", pretrained=False, views=1, epochs=2, progress=False)
     caplog.set_level(logging.WARNING, logger="headstart")
-    for i, pooling in enumerate(("meanmax", "mean", "meanmax")):
+    for i, pooling in enumerate(("meanmax", "mean", "lse", "meanmax")):
         run = headstart.train(path, tmp_path / f"run{i}", cache_dir=tmp_path / "cache", pooling=pooling, **common)
         assert run.config["options"]["pooling"] == pooling
     assert not [r for r in caplog.records if "unreadable" in r.getMessage()]
-    bundle = headstart.export(tmp_path / "run0", store=False)  # mean+max in the graph: ONNX agrees with PyTorch
-    assert bundle.manifest.verification["max_abs_prob_diff"] <= 1e-3
+    for run in ("run0", "run2"):  # mean+max, and log-sum-exp over the cells, in the graph: ONNX agrees with PyTorch
+        bundle = headstart.export(tmp_path / run, store=False)
+        assert bundle.manifest.verification["max_abs_prob_diff"] <= 1e-3
+        assert bundle.manifest.verification["label_set_agreement"] == 1.0

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from headstart.loop import Phase, Schedule, fit, optimizer_step
-from headstart.models import ClassifierHead, HeadConfig
+from headstart.models import ClassifierHead, HeadConfig, lse_pool
 from headstart.tasks.base import Job
 from headstart.tasks.multilabel.data import multi_hot
 from headstart.tasks.multilabel.metrics import mean_average_precision
@@ -47,6 +47,12 @@ def loss_function(kind: str, train_y: np.ndarray, device: torch.device) -> tuple
     return (lambda logits, y: bce(logits, y).sum(1).mean()), info
 
 
+def image_logits(head: ClassifierHead, x: torch.Tensor, pooling: str) -> torch.Tensor:
+    """The head's logits per image: from pooled vectors (N, C), or with ``lse`` from maps (N, C, H, W), every cell
+    scored and the scores log-sum-exp pooled."""
+    return lse_pool(head.forward_map(x)) if pooling == "lse" else head(x)
+
+
 def fit_head(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
     """The head on the cached views, the epoch with the best validation mAP (macro) kept."""
     cfg, device, train, val = job.cfg, job.device, job.train_features, job.val_features
@@ -55,9 +61,10 @@ def fit_head(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
     val_y = multi_hot([s.labels for s in val.samples], k)
     loss_fn, job.training_report["loss"] = loss_function(cfg.loss, train_y, device)
     head = ClassifierHead(head_cfg).to(device)
-    x = torch.from_numpy(train.values.reshape(-1, head_cfg.in_features)).to(device)
+    pooling = cfg.pooling
+    x = torch.from_numpy(train.values.reshape(-1, *train.values.shape[2:]).astype(np.float32)).to(device)
     y = torch.from_numpy(np.repeat(train_y, job.views, axis=0)).to(device)
-    val_x = torch.from_numpy(val.values[:, 0]).to(device)
+    val_x = torch.from_numpy(val.values[:, 0].astype(np.float32)).to(device)
     val_t = torch.from_numpy(val_y).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -65,12 +72,12 @@ def fit_head(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
         if len(idx) < 2 and cfg.hidden:  # BatchNorm1d needs 2 samples
             return None
         idx = idx.to(device)
-        loss = optimizer_step(opt, loss_fn(head(x[idx]), y[idx]))
+        loss = optimizer_step(opt, loss_fn(image_logits(head, x[idx], pooling), y[idx]))
         return {"loss": loss * len(idx), "seen": len(idx)}
 
     @torch.no_grad()
     def evaluate() -> dict:
-        logits = head(val_x)
+        logits = image_logits(head, val_x, pooling)
         probs = torch.sigmoid(logits).cpu().numpy()
         maps = mean_average_precision(probs, val_y)
         return {

@@ -24,6 +24,7 @@ from headstart.tasks.base import FeatureLayout, Job, Task
 from headstart.tasks.multilabel.config import MultiLabelConfig
 from headstart.tasks.multilabel.data import multi_hot, scan_data
 from headstart.tasks.multilabel.export import MultiLabelExport
+from headstart.tasks.multilabel.fit import image_logits
 from headstart.tasks.multilabel.metrics import (
     choose_thresholds,
     evaluation,
@@ -55,6 +56,9 @@ class MultiLabelTask(Task):
         return nn.Sequential(backbone.features, MeanMaxPool()) if cfg.pooling == "meanmax" else backbone.features
 
     def layout(self, cfg, backbone, net, spec) -> FeatureLayout:
+        if cfg.pooling == "lse":  # the whole last map of every view, for the head to score cell by cell
+            c, fmap = backbone.num_features, backbone.extra["feature_map"]
+            return FeatureLayout(shape=(c, *fmap), pool=False, feature_map=fmap, dtype=np.float16, channels=(c,))
         if cfg.pooling != "meanmax":
             return super().layout(cfg, backbone, net, spec)
         width = 2 * backbone.num_features
@@ -80,7 +84,8 @@ class MultiLabelTask(Task):
     def evaluate(self, job: Job, head: ClassifierHead) -> dict:
         val = job.val_features
         with torch.no_grad():
-            probs = torch.sigmoid(head(torch.from_numpy(val.values[:, 0]).to(job.device))).cpu().numpy()
+            x = torch.from_numpy(val.values[:, 0].astype(np.float32)).to(job.device)
+            probs = torch.sigmoid(image_logits(head, x, job.cfg.pooling)).cpu().numpy()
         truth = multi_hot([s.labels for s in val.samples], len(job.labels))
         thresholds = choose_thresholds(probs, truth, job.labels, job.cfg.min_label_positives)
         log.info(

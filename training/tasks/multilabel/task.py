@@ -1,10 +1,11 @@
 """The multi-label task: what differs from the engine's job.
 
-Pooled features as a classifier's, one sigmoid per label, the loss of ``--loss`` (``fit.py``), the epoch kept by
-validation mAP; thresholds chosen on the validation images (one global, and a label's own only where it has enough
-validation positives: ``metrics.py``); mAP, F1 per label, sample-F1, a precision-recall plot, the worst images and
-per-image predictions. The views are the classifier's (asked through the registry). A YOLO data set given with
-``--task multilabel`` is read by the detect task's scan (through the registry) as the classes present per image.
+Pooled features as a classifier's (``--pooling``: or mean+max vectors, or every cell scored and log-sum-exp
+pooled), one sigmoid per label, the loss of ``--loss`` (``fit.py``), the epoch kept by validation mAP; thresholds
+chosen on the validation images (one global, and a label's own only where it has enough validation positives:
+``metrics.py``); mAP, F1 per label, sample-F1, a precision-recall plot, the worst images and per-image predictions.
+The views are the classifier's (asked through the registry). A YOLO data set given with ``--task multilabel`` is
+read by the detect task's scan (through the registry) as the classes present per image.
 """
 
 from __future__ import annotations

@@ -27,10 +27,11 @@ class OpenSetAnswer(BaseModel):
 
 
 class LabelsAnswer(OpenSetAnswer):
-    """A multi-label model's ``labels``: every label at or above its threshold, best first (possibly none: an image
-    holding none of the labels); null for a model whose labels exclude each other (``predictions`` is its answer)."""
+    """``labels``: what the model says the image holds. A multi-label model: every label at or above its threshold,
+    best first (possibly none); a model whose labels exclude each other: its best class, or none where the image is
+    "none of these" (``unknown``). ``predictions`` are the scores, best first, whatever the answer."""
 
-    labels: list[Prediction] | None = None
+    labels: list[Prediction] = Field(default_factory=list)
 
 
 class ClassifyResponse(LabelsAnswer):

@@ -106,7 +106,7 @@ class Predictor:
         return type(cls.__name__, (cls,), {"__init__": lambda self: cls.__init__(self, model, options)})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from .inference import classify_arrays, present_labels, top_k
+        from .inference import classify_arrays, top_k
         from .localize import LocalizeParams, localize_images
         from .preprocess import decode_for, preprocess
 
@@ -139,9 +139,7 @@ class Predictor:
             params = LocalizeParams(conf=self.options["conf"])
             for i, result in zip(good, localize_images(self.bundle, images, params, threshold), strict=True):
                 preds = top_k(result["scores"], self.bundle.labels, k)
-                present = present_labels(self.bundle, result["scores"], self.bundle.labels)
-                answer = {**result, "labels": present}
-                rows[i].update(boxes=json.dumps(result["detections"]), **_answer_columns(preds, answer))
+                rows[i].update(boxes=json.dumps(result["detections"]), **_answer_columns(preds, result))
         elif images:
             answers = classify_arrays(self.bundle, [preprocess(img, self.bundle.spec) for img in images], k, threshold)
             for i, answer in zip(good, answers, strict=True):

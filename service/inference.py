@@ -38,14 +38,16 @@ def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
 
 
 def present_labels(
-    model: Model, probs: np.ndarray, labels: Sequence[str], override: float | None = None
-) -> list[dict] | None:
-    """A multi-label model's answer: every label whose probability reaches its threshold (the label's own where the
-    export chose one, else the global one; ``override``: one threshold for all), best first. None for a model whose
-    labels exclude each other."""
+    model: Model, probs: np.ndarray, labels: Sequence[str], override: float | None = None, unknown: bool | None = None
+) -> list[dict]:
+    """What the model says the image holds (an answer's ``labels``): for a multi-label model, every label whose
+    probability reaches its threshold (the label's own where the export chose one, else the global one;
+    ``override``: one threshold for all), best first, possibly none; for a model whose labels exclude each other,
+    its best class, or none where the image is "none of these" (``unknown``)."""
     thresholds = model.thresholds
     if thresholds is None:
-        return None
+        best = int(np.argmax(probs))
+        return [] if unknown else [{"label": labels[best], "index": best, "score": float(probs[best])}]
     limits = np.array(
         [
             override if override is not None else thresholds["per_label"].get(name, thresholds["global"])
@@ -109,8 +111,8 @@ def classify_arrays(
     return [
         {
             "predictions": top_k(p, model.labels, k),
-            **open_set_answer(None if novelty is None else novelty[i], limit),
-            **({} if model.thresholds is None else {"labels": present_labels(model, p, model.labels, label_threshold)}),
+            **(answer := open_set_answer(None if novelty is None else novelty[i], limit)),
+            "labels": present_labels(model, p, model.labels, label_threshold, answer["unknown"]),
         }
         for i, p in enumerate(probs)
     ]

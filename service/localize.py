@@ -299,10 +299,8 @@ def localize_images(
                 "method": method,
                 "scores": per_image[model.output_names[0]],  # the image-level class probabilities come first
                 **answer,
-                **(
-                    {}
-                    if model.thresholds is None
-                    else {"labels": present_labels(model, per_image[model.output_names[0]], model.labels)}
+                "labels": present_labels(
+                    model, per_image[model.output_names[0]], model.labels, None, answer["unknown"]
                 ),
             }
         )

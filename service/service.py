@@ -323,7 +323,7 @@ class Headstart:
         result = self._on_worker(lambda: localize_images(self.bundle, [self._decode(image)], params, limit)[0])
         return LocalizeResponse(
             **{k: result[k] for k in ("detections", "grid", "image_size", "method", *OpenSetAnswer.model_fields)},
-            labels=result.get("labels"),
+            labels=result["labels"],
             predictions=[Prediction(**p) for p in top_k(result["scores"], self.bundle.labels, 5)],
             model=self.model,
         )

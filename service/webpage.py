@@ -71,9 +71,11 @@ const COLORS = ["#e6194b", "#3cb44b", "#0082c8", "#f58230", "#911eb4", "#46f0f0"
                 "#008080", "#aa6e28"];
 const $ = (id) => document.getElementById(id);
 let current = null;
+let multilabel = false;  // /info's thresholds: every label at or above its own is in the answer
 
 fetch("info", { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" })
   .then((r) => r.json()).then((info) => {
+  multilabel = info.thresholds != null;
   const openSet = info.open_set ? ` · none of these above novelty ${info.open_set.threshold.toFixed(3)}` : "";
   $("model").textContent = `${info.name}:${info.version} · ${info.task} · ${info.labels.length} classes · ` +
     `${info.backbone} · ${info.providers.join(", ")}${openSet}`;
@@ -118,7 +120,7 @@ function verdict(body) {
   if (unknown) {
     el.textContent = `None of these: this image is unlike every class the model learned ` +
       `(novelty ${body.novelty.toFixed(2)} > ${body.novelty_threshold.toFixed(2)}). Closest classes, for reference:`;
-  } else if (Array.isArray(body.labels)) {  // a multi-label model: every label at or above its threshold
+  } else if (multilabel) {
     el.textContent = body.labels.length
       ? `Labels: ${body.labels.map((p) => `${p.label} ${(100 * p.score).toFixed(0)}%`).join(", ")}`
       : "None of the labels reaches its threshold. Scores, for reference:";

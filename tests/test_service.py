@@ -152,7 +152,9 @@ def test_asgi_accepts_every_image_mode(client, name):
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["predictions"][0]["label"] in ("ants", "bees")
-    assert set(body) == {"predictions", "model", "novelty", "novelty_threshold", "unknown"}
+    assert set(body) == {"predictions", "labels", "model", "novelty", "novelty_threshold", "unknown"}
+    # what the image holds: a single-label model's best class, or nothing where the image is "none of these"
+    assert body["labels"] == ([] if body["unknown"] else body["predictions"][:1])
 
 
 @pytest.mark.parametrize("name", list(bad_images()))

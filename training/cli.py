@@ -32,12 +32,12 @@ def _figures(summary: dict) -> str:
     return ", ".join(shown)
 
 
-def _answer_line(image: str, answer: dict) -> str:
+def _answer_line(image: str, answer: dict, multilabel: bool = False) -> str:
     """One image's answer for a person: the best classes, or "none of these" with the novelty that says so."""
     if "error" in answer:
         return f"{image}: error: {answer['error']}"
     best = ", ".join(f"{p['label']} {p['score']:.3f}" for p in answer["predictions"][:3])
-    if answer.get("labels") is not None:  # a multi-label model: the labels at or above their thresholds
+    if multilabel:  # the labels at or above their thresholds
         present = ", ".join(f"{p['label']} {p['score']:.3f}" for p in answer["labels"])
         best = present or f"no label (best: {best})"
     if answer.get("unknown"):
@@ -203,7 +203,12 @@ def _predict_files(model, args) -> int:
             result = answer(Path(image))
         except (ImageError, OSError) as exc:
             result, status = {"error": str(exc)}, 1
-        print(json.dumps({"image": shown(image), **result}) if args.json else _answer_line(shown(image), result))
+        multilabel = model.thresholds is not None
+        print(
+            json.dumps({"image": shown(image), **result})
+            if args.json
+            else _answer_line(shown(image), result, multilabel)
+        )
     return status
 
 

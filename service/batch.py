@@ -100,9 +100,9 @@ class Predictor:
 
     @classmethod
     def bound(cls, model: str, options: dict) -> type[Predictor]:
-        """This class with its constructor's arguments bound, for Ray Data to start with none: arguments passed
-        through the object store make Ray log an error-level line for every actor (its restart could not get them
-        back), on a job that goes well."""
+        """This class with its constructor's arguments bound, for Ray Data to start with none of ours in the object
+        store (where an actor's restart could lose them). Ray Data still passes each actor a reference of its own,
+        and Ray logs one error-level line about it per job (ray-project/ray#57733: the README says so)."""
         return type(cls.__name__, (cls,), {"__init__": lambda self: cls.__init__(self, model, options)})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

@@ -90,8 +90,8 @@ def classify_images(
     label_threshold: float | None = None,
 ) -> list[dict]:
     """One answer per decoded RGB image: ``predictions`` (top-k, best first), the open-set answer
-    (:func:`open_set_answer`; ``threshold`` overrides the model's) and, for a multi-label model, ``labels``
-    (:func:`present_labels`; ``label_threshold`` overrides its thresholds)."""
+    (:func:`open_set_answer`; ``threshold`` overrides the model's) and ``labels``, what the image holds
+    (:func:`present_labels`; ``label_threshold`` overrides a multi-label model's thresholds)."""
     return classify_arrays(model, [preprocess(img, model.spec) for img in images], k, threshold, label_threshold)
 
 

@@ -241,9 +241,9 @@ class Headstart:
 
         ``top_k`` is 1 to 1000; values above the number of labels return every label. ``unknown`` is true when the
         image is unlike every class the model learned (``novelty`` above ``novelty_threshold``: the request's
-        ``novelty_threshold``, 0 to 2, else the service's). A multi-label model also answers ``labels``: every label
-        at or above its threshold (the model's, chosen on validation; ``label_threshold``, 0 to 1, for one threshold
-        for every label).
+        ``novelty_threshold``, 0 to 2, else the service's). ``labels`` is what the image holds: the best class, or
+        none for "none of these"; for a multi-label model every label at or above its threshold (the model's, chosen
+        on validation; ``label_threshold``, 0 to 1, for one threshold for every label).
         """
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}.")

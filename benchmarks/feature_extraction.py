@@ -1,4 +1,5 @@
-"""Backbone feature extraction speed for `headstart train`: eager vs traced, fp32 vs bf16, batch 8 vs 64.
+"""Backbone feature extraction speed for `headstart train`: eager vs traced torch vs OpenVINO, fp32 vs bf16, batch 8
+vs 64.
 
 Real hymenoptera validation images through the shared MobileNetV2 (or --backbone with --weights), pooled features
 as the feature cache stores them; prints images/s per variant, the ratio to eager fp32 at batch 64, and how far
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from _common import SHARED, check_idle, machine_line
 
-from headstart.features import features_fn
+from headstart.features import Extractor, features_fn
 from headstart.models import PixelNormalize, build_backbone
 from headstart.service.preprocess import decode_for, preprocess
 
@@ -51,9 +52,13 @@ def main() -> None:
     variants = {
         "eager fp32 (autocast off)": eager_fn(net, False),
         "eager bf16 autocast": eager_fn(net, True),
-        "traced fp32 (headstart, val)": features_fn(net, False),
-        "traced bf16 (headstart, train views)": features_fn(net, True),
+        "traced fp32 (--extractor torch, val)": features_fn(net, False),
+        "traced bf16 (--extractor torch, train views)": features_fn(net, True),
     }
+    extractor = Extractor(net, input_size=bb.preprocess.input_size, extractor="auto")
+    if extractor.runtime == "openvino":  # the default where OpenVINO is installed
+        variants["OpenVINO fp32 (headstart, val)"] = extractor.fn(False)
+        variants["OpenVINO bf16 (headstart, train views)"] = extractor.fn(True)
     reference = None
     rows = []
     for name, fn in variants.items():

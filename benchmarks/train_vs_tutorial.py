@@ -7,12 +7,14 @@ Same data (hymenoptera), same backbone (the shared ImageNet MobileNetV2), same m
     CenterCrop(224) for val, the backbone run on every image every epoch, best val accuracy kept. One deviation:
     the frozen backbone stays in eval mode (the tutorial calls model.train(), which would put BatchNorm in training
     mode; with these weights that wrecks the features, see ../shared/README.md).
-(b) headstart train with its defaults, starting with an empty feature cache.
+(b) `headstart train` with its defaults, as a user runs it: a new process (start and imports counted), an empty
+    feature cache; once per seed (--seeds).
 
-Prints both val accuracies, wall times, and the time ratio. Target: (b) accuracy >= (a) minus one image, in at
-most a fifth of (a)'s wall time.
+Prints the val accuracies, wall times, the phases of each headstart run and the time ratio (to headstart's median
+wall time). Target (issue 28): (b) accuracy >= (a) minus one image on every seed, in at most a twentieth of (a)'s wall
+time.
 
-    .venv/bin/python benchmarks/train_vs_tutorial.py [--epochs 25]
+    .venv/bin/python benchmarks/train_vs_tutorial.py [--epochs 25] [--seeds 3] [--extractor auto|openvino|torch]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from _common import SHARED, check_idle, machine_line
 from torch import nn
@@ -93,30 +96,28 @@ def tutorial_baseline(data: Path, weights: Path, epochs: int) -> tuple[float, fl
     return best_acc, time.perf_counter() - start
 
 
-def headstart_run(data: Path, weights: Path) -> tuple[float, float, dict]:
+def headstart_run(data: Path, weights: Path, seed: int, extractor: str) -> tuple[float, float, dict]:
+    """`headstart train` as a user runs it: a new process (its start and imports counted), an empty feature cache."""
     import json
-
-    from headstart.tasks import ClassifyConfig, train
+    import subprocess
+    import sys
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = ClassifyConfig(
-            data_dir=str(data),
-            out=f"{tmp}/run",
-            backbone="torchvision:mobilenet_v2",
-            weights=str(weights),
-            cache_dir=f"{tmp}/cache",
-            progress=False,
-        )
+        cmd = [sys.executable, "-m", "headstart", "train", str(data), "--out", f"{tmp}/run"]
+        cmd += ["--backbone", "torchvision:mobilenet_v2", "--weights", str(weights), "--cache-dir", f"{tmp}/cache"]
+        cmd += ["--seed", str(seed), "--extractor", extractor, "--no-progress"]
         start = time.perf_counter()
-        run_dir = train(cfg)
+        subprocess.run(cmd, check=True, capture_output=True)
         seconds = time.perf_counter() - start
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = json.loads(Path(f"{tmp}/run/metrics.json").read_text())
     return metrics["accuracy"], seconds, metrics["training"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--seeds", type=int, default=3, help="headstart runs with seeds 0..N-1")
+    parser.add_argument("--extractor", default="auto", help="headstart's --extractor (auto, openvino, torch)")
     args = parser.parse_args()
     data = SHARED / "data" / "hymenoptera"
     weights = SHARED / "weights" / "mobilenet_v2_imagenet.pth"
@@ -124,26 +125,39 @@ def main() -> None:
     load = check_idle()
     val_images = sum(1 for _ in (data / "val").rglob("*") if _.is_file())
 
-    hs_acc, hs_s, info = headstart_run(data, weights)
-    print(
-        f"headstart: val acc {hs_acc:.4f} in {hs_s:.1f}s (features {info['seconds']['features']}s, "
-        f"head {info['seconds']['head']}s, {info['views']} views)",
-        flush=True,
-    )
+    runs = []
+    for seed in range(args.seeds):
+        acc, wall, info = headstart_run(data, weights, seed, args.extractor)
+        s = info["seconds"]
+        print(
+            f"headstart seed {seed}: val acc {acc:.4f} ({round(acc * val_images)}/{val_images}) in {wall:.1f}s wall "
+            f"(in process {s['total']}s: features {s['features']}s by {info.get('extractor', 'torch')}, head "
+            f"{s['head']}s; {info['views']} views; start, imports and the rest {wall - s['total']:.1f}s)",
+            flush=True,
+        )
+        runs.append((acc, wall))
     base_acc, base_s = tutorial_baseline(data, weights, args.epochs)
     load = max(load, check_idle())
 
+    walls = sorted(w for _, w in runs)
+    hs_s = walls[len(walls) // 2]
+    accs = [a for a, _ in runs]
     ratio = base_s / hs_s
     one_image = 1 / val_images
     print()
     print("| recipe | val accuracy | wall time (s) |")
     print("|---|---|---|")
     print(f"| PyTorch tutorial, fixed feature extractor ({args.epochs} epochs) | {base_acc:.4f} | {base_s:.1f} |")
-    print(f"| headstart train (defaults, cold feature cache) | {hs_acc:.4f} | {hs_s:.1f} |")
+    for seed, (acc, wall) in enumerate(runs):
+        print(f"| `headstart train` (defaults, cold cache, new process), seed {seed} | {acc:.4f} | {wall:.1f} |")
     print()
-    print(f"time ratio tutorial / headstart: {ratio:.1f}x (target >= 5x)")
-    print(f"accuracy difference: {hs_acc - base_acc:+.4f} (target >= -{one_image:.4f}, one image of {val_images})")
-    ok = ratio >= 5 and hs_acc >= base_acc - one_image - 1e-9
+    print(f"time ratio tutorial / headstart (median wall): {ratio:.1f}x (target >= 20x)")
+    worst = min(accs)
+    print(
+        f"accuracy difference, worst seed: {worst - base_acc:+.4f}, mean {np.mean(accs) - base_acc:+.4f} "
+        f"(target >= -{one_image:.4f}, one image of {val_images})"
+    )
+    ok = ratio >= 20 and worst >= base_acc - one_image - 1e-9
     print(f"targets met: {ok}; other CPU use before/after the runs: {load:.0%}")
 
 

@@ -451,3 +451,57 @@ def test_the_training_curves_mark_the_kept_epoch(tiny_run, monkeypatch, tmp_path
     )
     plot_training_curves(history, tmp_path / "curves.png", best)
     assert lines == [(best, f"kept (epoch {best})")] * 2 and (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_openvino_features_match_torch_and_repeat_bit_for_bit():
+    """The default extractor on CPUs: OpenVINO's fp32 features are torch's within float noise (the export check's
+    |Δp| <= 1e-3 sees nothing of it), its bf16 features within a bf16 rounding step, and a second extractor built
+    from the same net gives the same bits (runs stay reproducible on one machine)."""
+    from torch import nn
+
+    from headstart.features import Extractor, features_fn
+    from headstart.models import PixelNormalize
+    from headstart.service.preprocess import PreprocessSpec, decode_for, preprocess_batch
+    from headstart.service.runtime import openvino_available
+
+    from .conftest import HYMENOPTERA, MOBILENET, require_shared
+
+    require_shared()
+    if not openvino_available():
+        pytest.skip("openvino is not installed")
+    spec = PreprocessSpec()
+    paths = sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[:12]
+    pixels = preprocess_batch([decode_for(p, spec) for p in paths], spec)
+    backbone = build_backbone("torchvision:mobilenet_v2", pretrained=False, weights=str(MOBILENET))
+    net = nn.Sequential(PixelNormalize(spec.mean, spec.std), backbone.features).eval()
+    reference = features_fn(net, bf16=False)(pixels)
+
+    extractor = Extractor(net, input_size=spec.input_size)
+    assert extractor.runtime == "openvino"
+    fp32, bf16 = extractor.fn(False)(pixels), extractor.fn(True)(pixels)
+    assert fp32.shape == bf16.shape == reference.shape == (12, 1280)
+    assert np.abs(fp32 - reference).max() <= 1e-4 * np.abs(reference).max()  # measured 9e-6 of 4.2
+    assert np.corrcoef(bf16.ravel(), reference.ravel())[0, 1] >= 0.995  # measured 0.999, as torch's own bf16
+    again = Extractor(net, input_size=spec.input_size)
+    assert np.array_equal(again.fn(False)(pixels), fp32) and np.array_equal(again.fn(True)(pixels), bf16)
+    maps = Extractor(net, input_size=spec.input_size, pool=False).fn(False)(pixels[:2])
+    assert maps.shape == (2, 1280, 7, 7) and np.allclose(maps.mean(axis=(2, 3)), fp32[:2], atol=1e-4)
+
+
+def test_the_extractor_is_chosen_recorded_and_kept_apart_in_the_cache(tiny_folder, tmp_path, cache_dir):
+    from headstart.service.runtime import openvino_available
+
+    if not openvino_available():
+        pytest.skip("openvino is not installed")
+    torch_run = train(tiny_config(tiny_folder, tmp_path / "torch", cache_dir, extractor="torch"))
+    files = len(list(cache_dir.rglob("*.npy")))
+    default = train(tiny_config(tiny_folder, tmp_path / "default", cache_dir))
+    assert len(list(cache_dir.rglob("*.npy"))) == 2 * files  # OpenVINO's features never stand in for torch's
+    for run_dir, runtime in ((torch_run, "torch"), (default, "openvino")):
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["training"]["extractor"] == runtime
+        assert metrics["accuracy"] >= 0.75
+    with pytest.raises(ValueError, match="Invalid --extractor 'onnx'. Use one of auto, openvino, torch"):
+        train(tiny_config(tiny_folder, tmp_path / "bad", cache_dir, extractor="onnx"))
+    with pytest.raises(ValueError, match="--extractor openvino runs on the CPU"):
+        train(tiny_config(tiny_folder, tmp_path / "gpu", cache_dir, extractor="openvino", device="cuda"))

@@ -16,6 +16,8 @@ from typing import Any
 from headstart.service.runtime import DEVICES
 
 PRECISIONS = ("auto", "fp32", "bf16")
+#: what computes the frozen features: auto = OpenVINO on CPUs where it is installed, torch on GPUs
+EXTRACTORS = ("auto", "openvino", "torch")
 #: the augmentation presets every task offers (each task builds its own pipeline for them)
 AUGMENT_PRESETS = ("none", "light", "heavy")
 
@@ -61,6 +63,7 @@ class RunConfig:
         "lr",
         "weight_decay",
         "precision",
+        "extractor",
         "seed",
     )
 
@@ -89,6 +92,13 @@ class RunConfig:
         "for augmented training views; auto = bf16 where the CPU (or GPU) has bf16 units; validation is always fp32",
         group="data",
         choices=PRECISIONS,
+    )
+    extractor: str = option(
+        "auto",
+        "what runs the frozen backbone over the images; auto = OpenVINO on CPUs where installed (1.6x torch "
+        "in bf16 and in fp32: benchmarks/feature_extraction.py), else torch",
+        group="data",
+        choices=EXTRACTORS,
     )
     seed: int = option(0, "seed of the split, the augmentations and the head")
     cache_dir: str | None = option(
@@ -121,12 +131,14 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid option and the valid values."""
-        for name in ("augment", "precision", "device"):
+        for name in ("augment", "precision", "extractor", "device"):
             f = self.__dataclass_fields__[name]
             if getattr(self, name) not in f.metadata["choices"]:
                 raise ValueError(
                     f"Invalid --{name} {getattr(self, name)!r}. Use one of {', '.join(f.metadata['choices'])}."
                 )
+        if self.extractor == "openvino" and self.device == "cuda":
+            raise ValueError("--extractor openvino runs on the CPU; with --device cuda use --extractor torch or auto.")
         from headstart.tracking import parse
 
         parse(self.log)  # an unknown or uninstalled tracker is refused before any work

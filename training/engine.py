@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +25,11 @@ from headstart import runs, tracking
 from headstart.augment import recipe, recipe_key
 from headstart.config import RunConfig
 from headstart.features import (
+    Extractor,
     FeatureCache,
     cache_namespace,
     default_cache_dir,
     extract_features,
-    features_fn,
     resolve_device,
     use_bf16,
 )
@@ -190,14 +189,17 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
     passes = [("train", "train", True), ("val", "val", False)]
     if task.clean_train:  # the training images once more, as the validation images are: clean, fp32
         passes.append(("train_clean", "train", False))
-    nets: dict[bool, Callable] = {}  # the traced backbone per precision, traced once
+    extractor = Extractor(
+        job.net, input_size=job.spec.input_size, pool=layout.pool, device=job.device, extractor=cfg.extractor
+    )
+    job.training_report["extractor"] = extractor.runtime
+    if extractor.runtime != "torch":  # OpenVINO's features differ from torch's in their last bits (bf16: more)
+        ns["runtime"] = extractor.runtime
     for name, split, train in passes:
         bf16 = job.bf16 and train
         samples = job.report.splits[split]
-        if bf16 not in nets:
-            nets[bf16] = features_fn(job.net, bf16, pool=layout.pool, device=job.device)
         values, extras = extract_features(
-            nets[bf16],
+            extractor.fn(bf16),
             samples,
             task.make_views(job, train),
             views=job.views if train else 1,

@@ -96,8 +96,8 @@ def msp_and_energy(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def compare_scores(train, train_y, val, val_y, others: dict) -> list[dict]:
     """AUROC and let-through at 95% kept of every score, on every set of other images."""
+    from headstart.open_set import calibrate
     from headstart.tasks.classify.metrics import auroc
-    from headstart.tasks.classify.open_set import calibrate
 
     (tf, _), (vf, vl) = train, val
     scores = {}
@@ -128,10 +128,10 @@ def compare_scores(train, train_y, val, val_y, others: dict) -> list[dict]:
 
 def served(bundle_dir: Path, val_paths: list[Path], val_y: np.ndarray, others: dict[str, list[Path]]) -> list[dict]:
     """The served decision, through the bundle and the service's code, on each runtime."""
+    from headstart.open_set import calibrate
     from headstart.service.bundle import load_bundle
     from headstart.service.inference import scores_and_novelty
     from headstart.service.preprocess import load_batches
-    from headstart.tasks.classify.open_set import calibrate
 
     rows = []
     for runtime in ("onnxruntime", "openvino"):

@@ -88,10 +88,11 @@ class MultiLabelClassifier(Classifier):
     (N, K, H, W))`` with a sigmoid per label (an image may hold several labels, or none), the class map the same
     head's per-cell sigmoid (class activation mapping per label). ``pooling`` "meanmax": the head reads each
     channel's mean and maximum over the cells (:class:`MeanMaxPool`); per cell, the cell's own features stand for
-    both. ``pooling`` "lse": the head scores every cell and the image's logit is their :func:`lse_pool`."""
+    both. ``pooling`` "lse": the head scores every cell and the image's logit is their :func:`lse_pool`. With a
+    :class:`models.novelty.Novelty` score, ``novelty (N,)`` comes third, read from :meth:`pool`'s vectors."""
 
-    def __init__(self, normalize, features, head, pooling: str = "mean") -> None:
-        super().__init__(normalize, features, head)
+    def __init__(self, normalize, features, head, pooling: str = "mean", novelty: Novelty | None = None) -> None:
+        super().__init__(normalize, features, head, novelty)
         self.pooling = pooling
 
     def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -104,8 +105,11 @@ class MultiLabelClassifier(Classifier):
         fmap = self.feature_map(pixels)
         cells = torch.cat([fmap, fmap], dim=1) if self.pooling == "meanmax" else fmap
         cell_logits = self.head.forward_map(cells)
-        logits = lse_pool(cell_logits) if self.pooling == "lse" else self.head(self.pool(fmap))
-        return torch.sigmoid(logits), torch.sigmoid(cell_logits)
+        pooled = self.pool(fmap)
+        logits = lse_pool(cell_logits) if self.pooling == "lse" else self.head(pooled)
+        if self.novelty is None:
+            return torch.sigmoid(logits), torch.sigmoid(cell_logits)
+        return torch.sigmoid(logits), torch.sigmoid(cell_logits), self.novelty(pooled)
 
 
 class Detector(nn.Module):

@@ -43,11 +43,13 @@ def present_labels(
     """What the model says the image holds (an answer's ``labels``): for a multi-label model, every label whose
     probability reaches its threshold (the label's own where the export chose one, else the global one;
     ``override``: one threshold for all), best first, possibly none; for a model whose labels exclude each other,
-    its best class, or none where the image is "none of these" (``unknown``)."""
+    its best class. None for an image that is "none of these" (``unknown``: unlike everything the model learned)."""
     thresholds = model.thresholds
+    if unknown:
+        return []
     if thresholds is None:
         best = int(np.argmax(probs))
-        return [] if unknown else [{"label": labels[best], "index": best, "score": float(probs[best])}]
+        return [{"label": labels[best], "index": best, "score": float(probs[best])}]
     limits = np.array(
         [
             override if override is not None else thresholds["per_label"].get(name, thresholds["global"])

@@ -21,7 +21,7 @@ from headstart.tasks import config_for_data
 from headstart.tasks.multilabel.data import scan_csv
 from headstart.tasks.multilabel.metrics import average_precision, choose_thresholds, mean_average_precision
 
-from .conftest import COCO128, serving
+from .conftest import COCO128, MOBILENET, PHOTOS, require_shared, serving
 
 SHAPES = ("red", "blue", "green")
 
@@ -127,12 +127,13 @@ def test_average_precision_and_thresholds():
 
 
 def test_a_csv_set_trains_exports_predicts_and_serves(tmp_path, capsys):
+    require_shared()  # a real backbone: a random one's features cannot tell a photo from the scenes
     path, _ = make_csv_set(tmp_path / "data", 64, split=True)
     run = headstart.train(
         path,
         out=tmp_path / "run",
-        backbone="test_resnet",
-        pretrained=False,
+        backbone="torchvision:mobilenet_v2",
+        weights=MOBILENET,
         views=2,
         epochs=40,
         batch_size=16,
@@ -155,18 +156,30 @@ def test_a_csv_set_trains_exports_predicts_and_serves(tmp_path, capsys):
             scores = json.loads(row["scores"])
             assert set(row["predicted"].split()) == {k for k, v in scores.items() if v >= limits[k]}
 
+    # "none of these": a novelty threshold keeping 95% of the validation images (the training images are its bank)
+    novelty = m["open_set"]
+    assert novelty["kept_rate"] == 0.95 and novelty["val_kept"] == pytest.approx(0.95, abs=0.07)
+    assert (run.dir / "open_set.safetensors").is_file()
+
     bundle = run.export(store=False, int8=True)
     assert bundle.manifest.task == "multilabel" and bundle.manifest.thresholds == m["thresholds"]
     assert bundle.manifest.verification["label_set_agreement"] == 1.0
+    assert bundle.manifest.open_set["threshold"] == novelty["threshold"]
+    assert bundle.manifest.verification["novelty_max_abs_diff"] <= 1e-3
 
     model = headstart.load(bundle.dir)
     images = sorted((tmp_path / "data" / "images").glob("*.jpg"))[:6]
-    answers = model.predict(images, top_k=3)
+    answers = model.predict(images, top_k=3, novelty_threshold=1.0)  # none of them "none of these"
     for answer in answers:
         scores = {p.label: p.score for p in answer.predictions}
+        assert not answer.unknown and answer.novelty <= 1.0
         assert {p.label for p in answer.labels} == {k for k, v in scores.items() if v >= limits[k]}
-    assert all(len(a.labels) == 3 for a in model.predict(images, label_threshold=0.0))
+    assert all(len(a.labels) == 3 for a in model.predict(images, label_threshold=0.0, novelty_threshold=1.0))
     assert all(a.labels == [] for a in model.predict(images, label_threshold=1.0))
+    # a real photo is unlike every scene the model learned: none of these, whatever its label scores
+    other = model.predict(PHOTOS / "cat_720p.jpg", label_threshold=0.0)[0]
+    assert other.unknown and other.novelty > novelty["threshold"] and other.labels == []
+    answers = model.predict(images, top_k=3)  # as served: the model's own novelty threshold
 
     # the same through the command line, a person's line and JSON
     assert main(["predict", str(bundle.dir), str(images[0]), "--json"]) == 0
@@ -189,10 +202,17 @@ def test_a_csv_set_trains_exports_predicts_and_serves(tmp_path, capsys):
             data = f.read()
         answer = httpx.post(f"{url}/classify", files={"image": ("a.jpg", data, "image/jpeg")}, timeout=60).json()
         assert [p["label"] for p in answer["labels"]] == [p.label for p in answers[0].labels]
+        assert answer["novelty_threshold"] == novelty["threshold"] and answer["unknown"] == answers[0].unknown
         every = httpx.post(
-            f"{url}/classify", files={"image": ("a.jpg", data, "image/jpeg")}, data={"label_threshold": "0"}, timeout=60
+            f"{url}/classify",
+            files={"image": ("a.jpg", data, "image/jpeg")},
+            data={"label_threshold": "0", "novelty_threshold": "1"},
+            timeout=60,
         ).json()
         assert len(every["labels"]) == 3
+        cat = (PHOTOS / "cat_720p.jpg").read_bytes()
+        unknown = httpx.post(f"{url}/classify", files={"image": ("c.jpg", cat, "image/jpeg")}, timeout=60).json()
+        assert unknown["unknown"] and unknown["labels"] == []
         bad = httpx.post(
             f"{url}/classify", files={"image": ("a.jpg", data, "image/jpeg")}, data={"label_threshold": "2"}, timeout=60
         )
@@ -201,6 +221,7 @@ def test_a_csv_set_trains_exports_predicts_and_serves(tmp_path, capsys):
         assert [p["label"] for p in boxes["labels"]] == [p.label for p in answers[0].labels]
         info = httpx.get(f"{url}/info", timeout=30).json()
         assert info["task"] == "multilabel" and info["thresholds"] == m["thresholds"]
+        assert info["open_set"]["threshold"] == novelty["threshold"]
 
 
 @pytest.mark.slow

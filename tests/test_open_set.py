@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from headstart.models import Novelty, NoveltyConfig, feature_bank
+from headstart.open_set import calibrate, choose_bank
 from headstart.service.preprocess import decode_image
 from headstart.tasks.classify.audit import label_issues, near_duplicates, outliers
 from headstart.tasks.classify.metrics import auroc
-from headstart.tasks.classify.open_set import calibrate, choose_bank
 from tests.conftest import COCO128, HYMENOPTERA, MOBILENET, PHOTOS
 
 #: real photos of things that are neither ants nor bees: the shared photos (a cat, a bird, a dragonfly, a hot dog,

@@ -38,6 +38,34 @@ def option(
 
 
 @dataclass
+class OpenSetOptions:
+    """The options of a task with a novelty score, "none of these" (a mixin of its config: ``training/open_set.py``)."""
+
+    OPEN_SET_KEYS = ("kept_rate", "novelty_k", "bank_size")
+
+    kept_rate: float = option(
+        0.95,
+        "share of the validation images the novelty threshold keeps as the model's classes (the rest, and images "
+        "less like the training images, are 'none of these')",
+        group="open_set",
+    )
+    novelty_k: int = option(5, "nearest training images the novelty score averages over", group="open_set")
+    bank_size: int = option(
+        1024,
+        "most training images whose features the model keeps for the novelty score (float16, subsampled per class "
+        "beyond; reading them costs latency: 4096 x 1280 features added 0.5 ms per image to MobileNetV2 on OpenVINO "
+        "bf16, 1024 0.15 ms); 0: no novelty score",
+        group="open_set",
+    )
+
+    def validate_open_set(self) -> None:
+        if not 0.5 <= self.kept_rate < 1.0:
+            raise ValueError(f"--kept-rate must be at least 0.5 and below 1, got {self.kept_rate}.")
+        if self.novelty_k < 1 or self.bank_size < 0:
+            raise ValueError("--novelty-k must be at least 1 and --bank-size at least 0 (0: no novelty score).")
+
+
+@dataclass
 class RunConfig:
     """Options every task shares. A task's config sets ``task`` (its name in the registry, ``training/tasks/``) and
     ``data_kind``, may claim data sets (:meth:`claims`) and override defaults (see :func:`option`)."""
@@ -184,7 +212,7 @@ GROUPS = {
     "head": "head",
     "detection": "detection (YOLO-format data sets only)",
     "optimisation": "optimisation",
-    "open_set": "open set: 'none of these' (classification)",
+    "open_set": "open set: 'none of these' (classification, multi-label)",
     "multilabel": "multi-label (a labels CSV, or --task multilabel)",
     "run": "run",
 }

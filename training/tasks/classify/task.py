@@ -17,6 +17,7 @@ import torch
 
 from headstart.data import DatasetError
 from headstart.models import Classifier, ClassifierHead, HeadConfig, PixelNormalize
+from headstart.open_set import OPEN_SET, build_open_set, load_open_set, novelty_of, save_open_set
 from headstart.runs import write_json
 from headstart.service.inference import outputs_of_files
 from headstart.tasks.base import FeatureLayout, Job, Task
@@ -29,7 +30,6 @@ from headstart.tasks.classify.metrics import (
     write_evaluation,
     write_predictions,
 )
-from headstart.tasks.classify.open_set import OPEN_SET, build_open_set, load_open_set, novelty_of, save_open_set
 
 log = logging.getLogger("headstart")
 

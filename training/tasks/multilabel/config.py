@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from headstart.config import RunConfig, option, task_default
+from headstart.config import OpenSetOptions, RunConfig, option, task_default
 
 #: the file a folder holds for `headstart train FOLDER` to be a multi-label data set
 CSV_NAME = "labels.csv"
@@ -22,7 +22,7 @@ def find_csv(data_dir: str) -> Path | None:
 
 
 @dataclass
-class MultiLabelConfig(RunConfig):
+class MultiLabelConfig(RunConfig, OpenSetOptions):
     """Multi-label classification: a CSV of images and their labels (``image,labels`` with the labels separated by
     spaces, or one 0/1 column per label; an optional ``split`` column), or a YOLO data set read as the classes
     present in each image (``--task multilabel``)."""
@@ -30,7 +30,7 @@ class MultiLabelConfig(RunConfig):
     task = "multilabel"
     crossval = True
     data_kind = "a multi-label data set (a CSV of images and labels, or a YOLO data set with --task multilabel)"
-    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "loss", "min_label_positives", "pooling")
+    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "loss", "min_label_positives", "pooling", *OpenSetOptions.OPEN_SET_KEYS)
 
     #: light: the random crops of heavy cut small objects out of the view while its labels still name them
     #: (coco128, 3 folds: macro mAP 0.423 light, 0.400 heavy; benchmarks/multilabel.py)
@@ -66,6 +66,7 @@ class MultiLabelConfig(RunConfig):
             raise ValueError(f"Invalid --loss {self.loss!r}. Use weighted, bce or asl.")
         if self.min_label_positives < 1:
             raise ValueError("--min-label-positives must be at least 1.")
+        self.validate_open_set()
 
     @classmethod
     def claims(cls, data_dir: str) -> bool:

@@ -4,7 +4,10 @@ Pooled features as a classifier's (``--pooling``: or mean+max vectors, or every 
 pooled), one sigmoid per label, the loss of ``--loss`` (``fit.py``), the epoch kept by validation mAP; thresholds
 chosen on the validation images (one global, and a label's own only where it has enough validation positives:
 ``metrics.py``); mAP, F1 per label, sample-F1, a precision-recall plot, the worst images and per-image predictions.
-The views are the classifier's (asked through the registry). A YOLO data set given with ``--task multilabel`` is
+"None of these" as the classifier has it (``training/open_set.py``): the clean training images' pooled vectors are
+the novelty score's bank, its threshold keeps ``--kept-rate`` of the validation images; an image above it is unlike
+everything the model learned and is said to hold none of the labels. The views are the classifier's (asked through
+the registry). A YOLO data set given with ``--task multilabel`` is
 read by the detect task's scan (through the registry) as the classes present per image.
 """
 
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from headstart.models import ClassifierHead, HeadConfig, MeanMaxPool, MultiLabelClassifier, PixelNormalize
+from headstart.open_set import OPEN_SET, build_open_set, load_open_set, novelty_of, save_open_set
 from headstart.runs import write_json
 from headstart.service.inference import outputs_of_files
 from headstart.tasks import task_named
@@ -43,6 +47,7 @@ class MultiLabelTask(Task):
     name = "multilabel"
     headline = ("map_macro", "micro_f1", "sample_f1")
     export = MultiLabelExport()
+    clean_train = True  # the novelty bank compares the training images as they are
 
     def scan(self, cfg: MultiLabelConfig, report=None):
         return report or scan_data(cfg.data_dir, cfg.val_fraction, cfg.seed)
@@ -78,9 +83,23 @@ class MultiLabelTask(Task):
         return HeadConfig(layout.channels[0], len(labels), cfg.hidden, cfg.dropout)
 
     def fit(self, job: Job, head_cfg: HeadConfig) -> ClassifierHead:
+        """The head (``fit.py``), then the novelty score, kept in ``open_set.safetensors``."""
         from headstart.tasks.multilabel.fit import fit_head
 
-        return fit_head(job, head_cfg)
+        head = fit_head(job, head_cfg)
+        k, train, val = len(job.labels), job.train_clean_features, job.val_features
+        train_y = multi_hot([s.labels for s in train.samples], k)
+        val_y = multi_hot([s.labels for s in val.samples], k)
+        novelty = build_open_set(
+            pooled_vectors(train.values[:, 0]), bank_groups(train_y), pooled_vectors(val.values[:, 0]), val_y,
+            job.labels, job.cfg,
+        )  # fmt: skip
+        if novelty is not None:
+            save_open_set(job.run_dir, novelty)
+        else:
+            (job.run_dir / OPEN_SET).unlink(missing_ok=True)
+        job.scratch["novelty"] = novelty
+        return head
 
     def evaluate(self, job: Job, head: ClassifierHead) -> dict:
         val = job.val_features
@@ -95,9 +114,15 @@ class MultiLabelTask(Task):
             f"; their own for {', '.join(thresholds['per_label'])}" if thresholds["per_label"] else "",
             len(probs),
         )
-        return _write_evaluation(
+        metrics = _write_evaluation(
             job.run_dir, [s.path for s in val.samples], probs, truth, job.labels, thresholds, job.spec, job.history
         )
+        novelty = job.scratch["novelty"]
+        if novelty is not None:
+            scores = novelty_of(novelty, pooled_vectors(val.values[:, 0]))
+            kept = float((scores <= novelty.config.threshold).mean())
+            metrics["open_set"] = {**novelty.config.to_dict(), "val_kept": kept}
+        return metrics
 
     def cross_validate(self, cfg: MultiLabelConfig, folds: int) -> tuple[dict, Path]:
         """`headstart crossval`: k-fold cross-validation (``crossval.py``); the summary and the file it is in."""
@@ -109,7 +134,8 @@ class MultiLabelTask(Task):
         head = ClassifierHead(HeadConfig(**record.head))
         head.load_state_dict(head_state)
         pooling = record.options.get("pooling", "mean")
-        return MultiLabelClassifier(PixelNormalize(spec.mean, spec.std), features, head, pooling)
+        novelty = load_open_set(Path(run_dir))
+        return MultiLabelClassifier(PixelNormalize(spec.mean, spec.std), features, head, pooling, novelty)
 
     def evaluate_model(self, model, data_dir: str, out: Path, other: str | None = None) -> dict:
         """mAP, F1 and the plots of a multi-label model (a run's or a bundle's) on another labelled CSV or YOLO data
@@ -132,6 +158,20 @@ class MultiLabelTask(Task):
             "split": split,
             **{k: metrics[k] for k in ("num_images", "map_macro", "map_micro", "micro_f1", "sample_f1")},
         }
+
+
+def pooled_vectors(values: np.ndarray) -> np.ndarray:
+    """The vectors the novelty score reads, as the model pools them (``MultiLabelClassifier.pool``): the cached
+    pooled vectors, or with ``--pooling lse`` the mean over the cached maps' cells."""
+    values = values.astype(np.float32)
+    return values.mean(axis=(2, 3)) if values.ndim == 4 else values
+
+
+def bank_groups(truth: np.ndarray) -> np.ndarray:
+    """A group per training image for the bank's subsampling: its rarest label (the number of labels: none)."""
+    counts = truth.sum(0)
+    rarity = np.where(truth > 0, counts[None, :], np.inf)
+    return np.where(truth.any(1), rarity.argmin(1), truth.shape[1])
 
 
 def _write_evaluation(out: Path, paths, probs, truth, labels, thresholds, spec, history=None) -> dict:

@@ -1,11 +1,12 @@
-"""The classifier's "none of these": a bank of training features, and a threshold calibrated on validation images.
+"""A classifier's "none of these": a bank of training features, and a threshold calibrated on validation images.
 
 Once the head is trained, the clean (unaugmented, fp32) pooled features of the training images become the bank of
 the model's :class:`models.novelty.Novelty` score (at most ``--bank-size`` of them, subsampled per class in
 proportion beyond), and the threshold is set so that ``--kept-rate`` of the validation images score at or below it:
-images the bank does not hold and the head was not fitted on, each labelled with one of the model's classes. An
-image scoring above it is unlike every class the model learned. Bank and record go to ``open_set.safetensors`` in
-the run directory; the model rebuilt from the run (and so the exported graph) computes the score.
+images the bank does not hold and the head was not fitted on, each labelled with the model's classes. An image
+scoring above it is unlike everything the model learned. Bank and record go to ``open_set.safetensors`` in the run
+directory; the model rebuilt from the run (and so the exported graph) computes the score. Used by the tasks whose
+answers are classes: classify (one class per image) and multilabel (any number).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ FEW_CALIBRATION_IMAGES = 20
 
 
 def choose_bank(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Indices of at most ``size`` training images, every class in proportion to its count (at least one each),
-    drawn with ``seed``; all of them when they fit."""
+    """Indices of at most ``size`` training images, every class (``labels``: one group per image) in proportion to its
+    count (at least one each), drawn with ``seed``; all of them when they fit."""
     if len(labels) <= size:
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
@@ -53,8 +54,10 @@ def novelty_of(novelty: Novelty, features: np.ndarray, batch: int = 1024) -> np.
 
 def calibrate(scores: np.ndarray, targets: np.ndarray, labels: list[str], kept_rate: float) -> tuple[float, dict]:
     """The threshold that keeps ``kept_rate`` of the validation ``scores`` (the ones at or below it), and what it
-    keeps per class. It lies halfway between the last image kept and the next one, so no validation image sits on
-    it and a runtime's last bits cannot flip one."""
+    keeps per class (``targets``: each image's class index, or a multi-hot matrix (N, K) of the labels it holds). It
+    lies halfway between the last image kept and the next one, so no validation image sits on it and a runtime's last
+    bits cannot flip one."""
+    member = targets.astype(bool) if targets.ndim == 2 else targets[:, None] == np.arange(len(labels))
     ordered = np.sort(scores)
     last = min(len(ordered) - 1, int(np.ceil(kept_rate * len(ordered) - 1e-9)) - 1)  # 0.95 * 20 is 19.000000000000004
     above = ordered[last + 1] if last + 1 < len(ordered) else ordered[last] + 0.01
@@ -64,7 +67,7 @@ def calibrate(scores: np.ndarray, targets: np.ndarray, labels: list[str], kept_r
         "images": len(scores),
         "kept": round(float(kept.mean()), 4),
         "per_class_kept": {
-            name: round(float(kept[targets == c].mean()), 4) for c, name in enumerate(labels) if (targets == c).any()
+            name: round(float(kept[member[:, c]].mean()), 4) for c, name in enumerate(labels) if member[:, c].any()
         },
         "quantiles": {q: round(float(np.quantile(scores, float(q))), 4) for q in ("0.05", "0.5", "0.95")},
     }
@@ -87,7 +90,8 @@ def build_open_set(
     cfg,
 ) -> Novelty | None:
     """The novelty score of a trained classifier from the clean pooled features of its training and validation
-    images; ``None`` with ``--bank-size 0``."""
+    images; ``None`` with ``--bank-size 0``. ``train_targets``: a group per training image for the bank's
+    subsampling; ``val_targets``: as :func:`calibrate` takes them."""
     if cfg.bank_size == 0:
         return None
     rows = choose_bank(train_targets, cfg.bank_size, cfg.seed)

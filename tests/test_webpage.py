@@ -145,3 +145,65 @@ def test_a_photo_of_something_else_shows_none_of_these_without_boxes(server, bro
     )
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe
+
+
+@pytest.fixture(scope="module")
+def multilabel_server(tmp_path_factory):
+    """A multi-label model of the synthetic scenes (red square, blue disc, green bar), exported and served."""
+    import headstart
+
+    from .conftest import MOBILENET, require_shared, serving
+    from .test_multilabel import make_csv_set
+
+    require_shared()
+    root = tmp_path_factory.mktemp("multilabel")
+    path, truth = make_csv_set(root / "data", 64, split=True)
+    run = headstart.train(
+        path,
+        out=root / "run",
+        backbone="torchvision:mobilenet_v2",
+        weights=MOBILENET,
+        views=2,
+        epochs=40,
+        batch_size=16,
+        lr=1e-2,
+        cache_dir=root / "cache",
+        progress=False,
+        min_label_positives=5,
+    )
+    bundle = run.export(store=False)
+    with serving(str(bundle.dir), root / "server.log") as (url, _, _):
+        yield url, root / "data", truth
+
+
+def test_a_multi_label_model_shows_the_labels_an_image_holds_or_none_of_these(multilabel_server, browser):
+    """The page of a multi-label model: the verdict names every label the service says the image holds (as
+    /localize answers them), and a photo unlike every scene is "none of these" with no label and no box."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from .conftest import PHOTOS
+
+    url, data, truth = multilabel_server
+    browser.get_log("browser")
+    browser.get(f"{url}/ui")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: "multilabel" in d.find_element(By.ID, "model").text)
+    name = next(n for n, labels in truth.items() if len(labels) >= 2)  # a scene with two shapes or more
+    image = data / name
+    served = httpx.post(f"{url}/localize", files={"image": ("s.jpg", image.read_bytes(), "image/jpeg")}, timeout=60)
+    expected = [p["label"] for p in served.json()["labels"]]
+    assert expected and not served.json()["unknown"]  # a training image the model learned: it holds labels
+    browser.find_element(By.ID, "file").send_keys(str(image))
+    verdict = wait.until(lambda d: d.find_element(By.ID, "verdict").text)
+    assert verdict.startswith("Labels: ") and [p.split()[0] for p in verdict[8:].split(", ")] == expected
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "li.prediction"))
+    shown = {li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "li.prediction")}
+    assert set(expected) <= shown <= {"red", "blue", "green"}
+
+    browser.find_element(By.ID, "file").send_keys(str(PHOTOS / "cat_720p.jpg"))
+    wait.until(lambda d: d.find_element(By.ID, "verdict").text.startswith("None of these"))
+    assert browser.find_element(By.ID, "verdict").get_attribute("class") == "unknown"
+    assert not browser.find_elements(By.CSS_SELECTOR, "#stage .box")
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe

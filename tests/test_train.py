@@ -505,3 +505,21 @@ def test_the_extractor_is_chosen_recorded_and_kept_apart_in_the_cache(tiny_folde
         train(tiny_config(tiny_folder, tmp_path / "bad", cache_dir, extractor="onnx"))
     with pytest.raises(ValueError, match="--extractor openvino runs on the CPU"):
         train(tiny_config(tiny_folder, tmp_path / "gpu", cache_dir, extractor="openvino", device="cuda"))
+
+
+def test_the_command_exits_at_once_with_everything_written(tiny_folder, tmp_path, cache_dir):
+    """`headstart` skips the interpreter's teardown and the threads libraries leave (OpenVINO's usage event): what
+    the command printed and wrote is all there, and its exit code is the command's."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "headstart", "train", str(tiny_folder), "--out", str(tmp_path / "run")]
+    cmd += ["--backbone", "test_resnet", "--no-pretrained", "--views", "2", "--epochs", "3"]
+    cmd += ["--cache-dir", str(cache_dir), "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["run"] == str(tmp_path / "run") and (tmp_path / "run" / runs.DONE).is_file()
+    assert "done in" in done.stderr  # the log, flushed before the exit
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # the run exists: refused
+    assert again.returncode == 2 and "--overwrite" in again.stderr and again.stdout == ""

@@ -1,7 +1,5 @@
 """`python -m headstart ...`: the `headstart` command."""
 
-import sys
+from headstart.cli import run
 
-from headstart.cli import main
-
-sys.exit(main())
+run()

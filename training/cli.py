@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -487,5 +488,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The `headstart` command (and `python -m headstart`): :func:`main`, then :func:`exit_now`."""
+    exit_now(main())
+
+
+def exit_now(code: int) -> None:
+    """Exit with ``code`` once the command is done, without what a normal exit adds and nobody needs: the
+    interpreter's teardown (with torch loaded, freeing every module takes 0.7-1.4 s and writes nothing) and the wait
+    for threads libraries leave behind (importing OpenVINO sends a usage event from a thread, which a machine without
+    internet access waits out). Measured on the 2-core AMD EPYC: `headstart train` exited 1.5 s after its last line,
+    now at once. The exit handlers run (Ray, multiprocessing, temporary folders), logs and the standard streams are
+    flushed first; headstart's own threads have all finished when a command returns."""
+    import atexit
+    import contextlib
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said there
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

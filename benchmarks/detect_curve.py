@@ -64,9 +64,9 @@ def main() -> None:
             "MobileNetV2 on coco128's person boxes, the fold's own validation fifth"
         )
 
+    from headstart.crossval import fold_report, make_folds
     from headstart.loaded_run import load_run
     from headstart.predict import RunModel
-    from headstart.tasks.detect.crossval import fold_report, make_folds
     from headstart.tasks.detect.data import keep_classes, scan_yolo_dataset
     from headstart.tasks.detect.metrics import evaluate_detector
 

@@ -140,10 +140,10 @@ def headstart_fold(
     from contextlib import ExitStack
     from unittest import mock
 
+    from headstart.crossval import fold_report
     from headstart.loaded_run import load_run
     from headstart.predict import RunModel
     from headstart.tasks import DetectConfig, train
-    from headstart.tasks.detect.crossval import fold_report
     from headstart.tasks.detect.metrics import evaluate_detector
 
     fold, test = fold_report(report, folds, i, 0.2, seed)
@@ -264,7 +264,7 @@ def main() -> None:
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
-    from headstart.tasks.detect.crossval import make_folds
+    from headstart.crossval import make_folds
     from headstart.tasks.detect.data import keep_classes, scan_yolo_dataset
 
     busy = check_idle()
@@ -294,7 +294,7 @@ def main() -> None:
                 rows, seconds = [], []
                 for i in range(args.folds):
                     if method == "faster-rcnn":
-                        from headstart.tasks.detect.crossval import fold_report
+                        from headstart.crossval import fold_report
 
                         fold, test = fold_report(report, folds, i, 0.2, args.seed)
                         train_set = fold.splits["train"] + fold.splits["val"]

@@ -38,13 +38,13 @@ def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
 
 
 def present_labels(
-    model: Model, probs: np.ndarray, labels: Sequence[str], override: float | None = None, unknown: bool | None = None
+    model: Model, probs: np.ndarray, override: float | None = None, unknown: bool | None = None
 ) -> list[dict]:
     """What the model says the image holds (an answer's ``labels``): for a multi-label model, every label whose
     probability reaches its threshold (the label's own where the export chose one, else the global one;
     ``override``: one threshold for all), best first, possibly none; for a model whose labels exclude each other,
     its best class. None for an image that is "none of these" (``unknown``: unlike everything the model learned)."""
-    thresholds = model.thresholds
+    thresholds, labels = model.thresholds, model.labels
     if unknown:
         return []
     if thresholds is None:
@@ -114,7 +114,7 @@ def classify_arrays(
         {
             "predictions": top_k(p, model.labels, k),
             **(answer := open_set_answer(None if novelty is None else novelty[i], limit)),
-            "labels": present_labels(model, p, model.labels, label_threshold, answer["unknown"]),
+            "labels": present_labels(model, p, label_threshold, answer["unknown"]),
         }
         for i, p in enumerate(probs)
     ]

@@ -299,9 +299,7 @@ def localize_images(
                 "method": method,
                 "scores": per_image[model.output_names[0]],  # the image-level class probabilities come first
                 **answer,
-                "labels": present_labels(
-                    model, per_image[model.output_names[0]], model.labels, None, answer["unknown"]
-                ),
+                "labels": present_labels(model, per_image[model.output_names[0]], None, answer["unknown"]),
             }
         )
     return results

@@ -126,22 +126,28 @@ def test_average_precision_and_thresholds():
     assert choose_thresholds(probs, y, ["a", "b"], min_positives=3)["per_label"] == {}  # too few positives each
 
 
-def test_a_csv_set_trains_exports_predicts_and_serves(tmp_path, capsys):
-    require_shared()  # a real backbone: a random one's features cannot tell a photo from the scenes
-    path, _ = make_csv_set(tmp_path / "data", 64, split=True)
-    run = headstart.train(
+def train_scenes(path: Path, out: Path, cache: Path) -> headstart.Run:
+    """A multi-label model of the scenes at ``path`` on the shared MobileNetV2 (a random backbone's features cannot
+    tell a photo from the scenes: "none of these" needs real ones)."""
+    require_shared()
+    return headstart.train(
         path,
-        out=tmp_path / "run",
+        out=out,
         backbone="torchvision:mobilenet_v2",
         weights=MOBILENET,
         views=2,
         epochs=40,
         batch_size=16,
         lr=1e-2,
-        cache_dir=tmp_path / "cache",
+        cache_dir=cache,
         progress=False,
         min_label_positives=5,
     )
+
+
+def test_a_csv_set_trains_exports_predicts_and_serves(tmp_path, capsys):
+    path, _ = make_csv_set(tmp_path / "data", 64, split=True)
+    run = train_scenes(path, tmp_path / "run", tmp_path / "cache")
     m = run.metrics
     val_count = sum(1 for line in path.read_text().splitlines() if line.endswith(",val"))
     assert run.task == "multilabel" and m["thresholds"]["chosen_on"] == f"{val_count} validation images"

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from headstart.crossval import fold_report, make_folds, summarise
 from headstart.models import build_backbone
 from headstart.models.pyramid import Pyramid, PyramidHead, PyramidHeadConfig
 from headstart.tasks.detect.augment import mosaic
-from headstart.tasks.detect.crossval import fold_report, make_folds, summarise
+from headstart.tasks.detect.crossval import METRICS
 from headstart.tasks.detect.data import DetectionReport, DetSample
 from headstart.tasks.detect.pyramid_loss import assign, level_points, pyramid_loss
 
@@ -183,7 +184,7 @@ def test_the_summary_gives_mean_and_spread_and_skips_missing_sizes():
         {"map50": 0.2, "map50_95": 0.1, "map_small": -1.0, "map_medium": 0.1, "map_large": 0.3, "train_seconds": 5},
         {"map50": 0.4, "map50_95": 0.1, "map_small": 0.05, "map_medium": 0.3, "map_large": 0.5, "train_seconds": 7},
     ]
-    out = summarise(rows)
+    out = summarise(rows, METRICS)
     assert out["map50"]["mean"] == pytest.approx(0.3) and out["map50"]["std"] == pytest.approx(0.1414, abs=1e-4)
     assert out["map_small"] == {"mean": 0.05, "std": 0.0}
 

@@ -150,27 +150,12 @@ def test_a_photo_of_something_else_shows_none_of_these_without_boxes(server, bro
 @pytest.fixture(scope="module")
 def multilabel_server(tmp_path_factory):
     """A multi-label model of the synthetic scenes (red square, blue disc, green bar), exported and served."""
-    import headstart
+    from .conftest import serving
+    from .test_multilabel import make_csv_set, train_scenes
 
-    from .conftest import MOBILENET, require_shared, serving
-    from .test_multilabel import make_csv_set
-
-    require_shared()
     root = tmp_path_factory.mktemp("multilabel")
     path, truth = make_csv_set(root / "data", 64, split=True)
-    run = headstart.train(
-        path,
-        out=root / "run",
-        backbone="torchvision:mobilenet_v2",
-        weights=MOBILENET,
-        views=2,
-        epochs=40,
-        batch_size=16,
-        lr=1e-2,
-        cache_dir=root / "cache",
-        progress=False,
-        min_label_positives=5,
-    )
+    run = train_scenes(path, root / "run", root / "cache")
     bundle = run.export(store=False)
     with serving(str(bundle.dir), root / "server.log") as (url, _, _):
         yield url, root / "data", truth

@@ -84,6 +84,23 @@ def _snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+def train_head(job, head: nn.Module, optimizer, num_samples: int, step, evaluate, epoch_row, **selection):
+    """The head phase every task runs on its cached features: ``--epochs`` of the loop with the learning rate on a
+    cosine decay, the epoch kept as ``selection`` says (:class:`Schedule`'s ``monitor``, ``mode``, ``min_delta``,
+    ``patience``...), its state loaded into ``head``, the history and the summary recorded in ``job``. Returns the
+    loop's :class:`FitResult`."""
+    cfg = job.cfg
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    phase = Phase(head, optimizer, num_samples, step, evaluate, epoch_row, scheduler=scheduler)
+    schedule = Schedule("head", cfg.epochs, cfg.batch_size, cfg.seed, **selection)
+    result = fit(phase, schedule, job.checkpoint, cfg.progress)
+    head.load_state_dict(result.best)
+    head.eval()
+    job.history += result.history
+    job.training_report["head"] = result.summary
+    return result
+
+
 def fit(phase: Phase, schedule: Schedule, checkpoint: Path | None, progress: bool = True) -> FitResult:
     """Run ``phase`` for ``schedule``; resumable from ``checkpoint``. Returns the selected state and history."""
     keep = phase.keep or phase.model.state_dict

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from headstart import runs
-from headstart.loop import Phase, Schedule, fit, optimizer_step
+from headstart.loop import Phase, Schedule, fit, optimizer_step, train_head
 from headstart.models import Classifier, ClassifierHead, HeadConfig, PixelNormalize
 from headstart.predict import predict_paths
 from headstart.service.preprocess import decode_for
@@ -77,30 +77,7 @@ def fit_head(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
             **(val or {}),
         }
 
-    phase = Phase(
-        head,
-        opt,
-        len(y),
-        step,
-        evaluate,
-        row,
-        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs),
-    )
-    schedule = Schedule(
-        "head",
-        cfg.epochs,
-        cfg.batch_size,
-        cfg.seed,
-        monitor="val_loss",
-        mode="min",
-        min_delta=1e-4,
-        patience=cfg.patience,
-    )
-    result = fit(phase, schedule, job.checkpoint, cfg.progress)
-    head.load_state_dict(result.best)
-    head.eval()
-    job.history += result.history
-    job.training_report["head"] = result.summary
+    train_head(job, head, opt, len(y), step, evaluate, row, monitor="val_loss", min_delta=1e-4, patience=cfg.patience)
     job.training_report["finetune"] = finetune(job, head, weights) if cfg.unfreeze else None
     return head
 

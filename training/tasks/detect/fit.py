@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from headstart.loop import Phase, Schedule, fit, optimizer_step
+from headstart.loop import optimizer_step, train_head
 from headstart.models.heads import GridHead, GridHeadConfig
 from headstart.models.pyramid import PyramidHead, PyramidHeadConfig
 from headstart.tasks.base import Job
@@ -71,30 +71,14 @@ def _fit_epochs(
             )
         return {**out, **(val or {})}
 
-    phase = Phase(
-        head,
-        opt,
-        num_samples,
-        step,
-        evaluate,
-        row,
-        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs),
-    )
-    schedule = Schedule(
-        "head",
-        cfg.epochs,
-        cfg.batch_size,
-        cfg.seed,
+    selection = dict(
         monitor="val_map50",
         mode="max",
         patience=cfg.patience if cfg.select == "best" else None,
         eval_every=cfg.eval_every,
         select=cfg.select,
     )
-    result = fit(phase, schedule, job.checkpoint, cfg.progress)
-    head.load_state_dict(result.best)
-    job.history += result.history
-    job.training_report["head"] = result.summary
+    train_head(job, head, opt, num_samples, step, evaluate, row, **selection)
     return head
 
 

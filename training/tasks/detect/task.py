@@ -154,7 +154,8 @@ class DetectTask(Task):
 
     def cross_validate(self, cfg: DetectConfig, folds: int) -> tuple[dict, Path]:
         """`headstart crossval`: k-fold cross-validation (``crossval.py``); the summary and the file it is in."""
-        from headstart.tasks.detect.crossval import SUMMARY, cross_validate
+        from headstart.crossval import SUMMARY
+        from headstart.tasks.detect.crossval import cross_validate
 
         return cross_validate(cfg, folds), Path(cfg.out) / SUMMARY
 

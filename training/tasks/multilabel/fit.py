@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from headstart.loop import Phase, Schedule, fit, optimizer_step
+from headstart.loop import optimizer_step, train_head
 from headstart.models import ClassifierHead, HeadConfig, lse_pool
 from headstart.tasks.base import Job
 from headstart.tasks.multilabel.data import multi_hot
@@ -94,28 +94,6 @@ def fit_head(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
             **(val_row or {}),
         }
 
-    phase = Phase(
-        head,
-        opt,
-        len(y),
-        step,
-        evaluate,
-        row,
-        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs),
-    )
-    schedule = Schedule(
-        "head",
-        cfg.epochs,
-        cfg.batch_size,
-        cfg.seed,
-        monitor="val_map",
-        mode="max",
-        min_delta=1e-4,
-        patience=cfg.patience,
-    )
-    result = fit(phase, schedule, job.checkpoint, cfg.progress)
-    head.load_state_dict(result.best)
-    head.eval()
-    job.history += result.history
-    job.training_report["head"] = result.summary
+    selection = dict(monitor="val_map", mode="max", min_delta=1e-4, patience=cfg.patience)
+    train_head(job, head, opt, len(y), step, evaluate, row, **selection)
     return head

@@ -126,7 +126,8 @@ class MultiLabelTask(Task):
 
     def cross_validate(self, cfg: MultiLabelConfig, folds: int) -> tuple[dict, Path]:
         """`headstart crossval`: k-fold cross-validation (``crossval.py``); the summary and the file it is in."""
-        from headstart.tasks.multilabel.crossval import SUMMARY, cross_validate
+        from headstart.crossval import SUMMARY
+        from headstart.tasks.multilabel.crossval import cross_validate
 
         return cross_validate(cfg, folds), Path(cfg.out) / SUMMARY
 

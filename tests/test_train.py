@@ -523,3 +523,22 @@ def test_the_command_exits_at_once_with_everything_written(tiny_folder, tmp_path
     assert "done in" in done.stderr  # the log, flushed before the exit
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # the run exists: refused
     assert again.returncode == 2 and "--overwrite" in again.stderr and again.stdout == ""
+
+
+def test_a_net_openvino_refuses_is_computed_by_torch_or_refused_by_name(monkeypatch, caplog):
+    from torch import nn
+
+    from headstart import features
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU()).eval()
+    pixels = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32) * 255
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(features, "_openvino_model", refuse)
+    fallback = features.Extractor(net, input_size=32)
+    assert fallback.runtime == "torch" and "torch computes them" in caplog.text
+    assert np.allclose(fallback.fn(False)(pixels), features.features_fn(net, False)(pixels))
+    with pytest.raises(ValueError, match="OpenVINO cannot compute this backbone's features .*--extractor torch"):
+        features.Extractor(net, input_size=32, extractor="openvino")

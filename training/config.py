@@ -123,8 +123,8 @@ class RunConfig:
     )
     extractor: str = option(
         "auto",
-        "what runs the frozen backbone over the images; auto = OpenVINO on CPUs where installed (1.6x torch "
-        "in bf16 and in fp32: benchmarks/feature_extraction.py), else torch",
+        "what runs the frozen backbone over the images; auto = OpenVINO on CPUs where installed (1.7x torch's "
+        "speed in bf16, 1.5x in fp32: benchmarks/feature_extraction.py), else torch",
         group="data",
         choices=EXTRACTORS,
     )

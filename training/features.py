@@ -177,8 +177,8 @@ class Extractor:
     ``extractor`` auto | openvino | torch; ``auto`` is OpenVINO on a CPU where it is installed, else torch. OpenVINO
     runs the net written once to ONNX (TorchScript exporter, batch axis dynamic, ``input_size`` square) and compiled
     per precision: bf16 (on CPUs with bf16 units) for the augmented training views, full fp32 for the clean images.
-    Measured on the 2-core AMD EPYC, MobileNetV2 batch 8: 470 img/s in bf16 against torch's traced bf16 295, 243 in
-    fp32 against 150; its fp32 features match torch's fp32 within 4e-6 (``benchmarks/feature_extraction.py``,
+    Measured on the 2-core AMD EPYC, MobileNetV2 batch 8: 472 img/s in bf16 against torch's traced bf16 282, 232 in
+    fp32 against 158; its fp32 features within 4.8e-6 of torch's eager fp32 (``benchmarks/feature_extraction.py``,
     tests/test_train.py). A net OpenVINO cannot take (an unusual model) is computed by torch and the log says why; on
     a GPU torch always computes.
     """
@@ -196,7 +196,6 @@ class Extractor:
 
         self.model, self.pool, self.device = model, pool, torch.device(device)
         self._fns: dict[bool, Callable[[np.ndarray], np.ndarray]] = {}
-        self._ov_model = None
         if extractor == "openvino" and self.device.type != "cpu":
             raise ValueError("--extractor openvino runs on the CPU; with --device cuda use --extractor torch or auto.")
         if extractor == "openvino" and not openvino_available():
@@ -204,8 +203,9 @@ class Extractor:
         self.runtime = "torch"
         if extractor != "torch" and self.device.type == "cpu" and openvino_available():
             try:
-                self._ov_model = _openvino_model(model, input_size, pool)
-                self.runtime = "openvino"
+                ov_model = _openvino_model(model, input_size, pool)
+                self._fns = {bf16: _openvino_fn(ov_model, bf16) for bf16 in (False, True)}  # compiled here,
+                self.runtime = "openvino"  # so that a refusal falls back before any feature is computed
             except Exception as exc:  # the exporter or OpenVINO refuses some nets
                 if extractor == "openvino":
                     raise ValueError(
@@ -216,10 +216,7 @@ class Extractor:
     def fn(self, bf16: bool) -> Callable[[np.ndarray], np.ndarray]:
         """pixels (N, 3, S, S) float32 → features, as :func:`features_fn` returns them; built once per precision."""
         if bf16 not in self._fns:
-            if self.runtime == "openvino":
-                self._fns[bf16] = _openvino_fn(self._ov_model, bf16)
-            else:
-                self._fns[bf16] = features_fn(self.model, bf16, pool=self.pool, device=self.device)
+            self._fns[bf16] = features_fn(self.model, bf16, pool=self.pool, device=self.device)
         return self._fns[bf16]
 
 

@@ -90,10 +90,8 @@ class MultiLabelTask(Task):
         k, train, val = len(job.labels), job.train_clean_features, job.val_features
         train_y = multi_hot([s.labels for s in train.samples], k)
         val_y = multi_hot([s.labels for s in val.samples], k)
-        novelty = build_open_set(
-            pooled_vectors(train.values[:, 0]), bank_groups(train_y), pooled_vectors(val.values[:, 0]), val_y,
-            job.labels, job.cfg,
-        )  # fmt: skip
+        train_x, val_x = pooled_vectors(train.values[:, 0]), pooled_vectors(val.values[:, 0])
+        novelty = build_open_set(train_x, bank_groups(train_y), val_x, val_y, job.labels, job.cfg)
         if novelty is not None:
             save_open_set(job.run_dir, novelty)
         else:

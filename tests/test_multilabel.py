@@ -161,6 +161,7 @@ def test_a_csv_set_trains_exports_predicts_and_serves(tmp_path, capsys):
         for row in csv.DictReader(f):
             scores = json.loads(row["scores"])
             assert set(row["predicted"].split()) == {k for k, v in scores.items() if v >= limits[k]}
+            assert (row["unknown"] == "True") == (float(row["novelty"]) > m["open_set"]["threshold"])
 
     # "none of these": a novelty threshold keeping 95% of the validation images (the training images are its bank)
     novelty = m["open_set"]
@@ -201,6 +202,8 @@ def test_a_csv_set_trains_exports_predicts_and_serves(tmp_path, capsys):
     by_bundle = headstart.evaluate(bundle, path, tmp_path / "eval-bundle", precision="fp32")
     assert by_run["num_images"] == by_bundle["num_images"] == val_count  # its test split, else val, else all
     assert by_run["map_macro"] == pytest.approx(by_bundle["map_macro"], abs=1e-4)
+    kept = [json.loads((tmp_path / d / "metrics.json").read_text())["open_set"] for d in ("eval-run", "eval-bundle")]
+    assert kept[0] == pytest.approx(kept[1], abs=1e-3) and 0.5 <= kept[0]["kept"] <= 1.0
 
     # served: /classify answers the labels, /info the thresholds; label_threshold overrides them, or is a 400
     with serving(str(bundle.dir), tmp_path / "server.log") as (url, _, _):

@@ -179,15 +179,26 @@ def plot_worst(
 
 
 def write_predictions(
-    path: Path, paths: Sequence[Path], probs: np.ndarray, truth: np.ndarray | None, labels: Sequence[str], thresholds
+    path: Path,
+    paths: Sequence[Path],
+    probs: np.ndarray,
+    truth: np.ndarray | None,
+    labels: Sequence[str],
+    thresholds,
+    novelty: np.ndarray | None = None,
+    novelty_threshold: float | None = None,
 ) -> None:
-    """One row per image: its file, true labels (when known), predicted labels and every label's score."""
+    """One row per image: its file, true labels (when known), predicted labels (at the thresholds) and every label's
+    score; with a novelty score, the image's ``novelty`` and ``unknown`` ("none of these": served with no labels)."""
     limits = threshold_vector(thresholds, labels)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "labels", "predicted", "scores"])
+        writer.writerow(
+            ["image", "labels", "predicted", "scores", *(["novelty", "unknown"] if novelty is not None else [])]
+        )
         for i, image in enumerate(paths):
             true = "" if truth is None else " ".join(labels[k] for k in np.flatnonzero(truth[i]))
             pred = " ".join(labels[k] for k in np.flatnonzero(probs[i] >= limits))
             scores = json.dumps({label: round(float(p), 4) for label, p in zip(labels, probs[i], strict=True)})
-            writer.writerow([str(image), true, pred, scores])
+            extra = [] if novelty is None else [round(float(novelty[i]), 4), bool(novelty[i] > novelty_threshold)]
+            writer.writerow([str(image), true, pred, scores, *extra])

@@ -112,14 +112,15 @@ class MultiLabelTask(Task):
             f"; their own for {', '.join(thresholds['per_label'])}" if thresholds["per_label"] else "",
             len(probs),
         )
-        metrics = _write_evaluation(
-            job.run_dir, [s.path for s in val.samples], probs, truth, job.labels, thresholds, job.spec, job.history
-        )
         novelty = job.scratch["novelty"]
+        scores = None if novelty is None else novelty_of(novelty, pooled_vectors(val.values[:, 0]))
+        limit = None if novelty is None else novelty.config.threshold
+        paths = [s.path for s in val.samples]
+        metrics = _write_evaluation(
+            job.run_dir, paths, probs, truth, job.labels, thresholds, job.spec, job.history, (scores, limit)
+        )
         if novelty is not None:
-            scores = novelty_of(novelty, pooled_vectors(val.values[:, 0]))
-            kept = float((scores <= novelty.config.threshold).mean())
-            metrics["open_set"] = {**novelty.config.to_dict(), "val_kept": kept}
+            metrics["open_set"] = {**novelty.config.to_dict(), "val_kept": float((scores <= limit).mean())}
         return metrics
 
     def cross_validate(self, cfg: MultiLabelConfig, folds: int) -> tuple[dict, Path]:
@@ -149,9 +150,17 @@ class MultiLabelTask(Task):
             split = next(s for s in ("test", "val", "train") if report.splits.get(s))
             samples = report.splits[split]
         paths = [s.path for s in samples]
-        probs = outputs_of_files(lambda px: model.run(px, [model.output_names[0]]), paths, model.spec)[0]
+        novel = model.open_set is not None and "novelty" in model.output_names
+        names = [model.output_names[0], *(["novelty"] if novel else [])]
+        probs, *scores = outputs_of_files(lambda px: model.run(px, names), paths, model.spec)
         truth = multi_hot([s.labels for s in samples], len(model.labels))
-        metrics = _write_evaluation(out, paths, probs, truth, list(model.labels), model.thresholds, model.spec)
+        limit = model.open_set["threshold"] if novel else None
+        novelty = (scores[0] if novel else None, limit)
+        metrics = _write_evaluation(
+            out, paths, probs, truth, list(model.labels), model.thresholds, model.spec, novelty=novelty
+        )
+        if novel:
+            metrics["open_set"] = {"threshold": limit, "kept": float((scores[0] <= limit).mean())}
         write_json(out / "metrics.json", {"split": str(Path(data_dir).resolve()), **metrics, "data": report.to_dict()})
         return {
             "split": split,
@@ -173,11 +182,12 @@ def bank_groups(truth: np.ndarray) -> np.ndarray:
     return np.where(truth.any(1), rarity.argmin(1), truth.shape[1])
 
 
-def _write_evaluation(out: Path, paths, probs, truth, labels, thresholds, spec, history=None) -> dict:
+def _write_evaluation(out: Path, paths, probs, truth, labels, thresholds, spec, history=None, novelty=(None, None)):
+    """The metrics, the plots and predictions.csv (``novelty``: each image's score and the threshold, or Nones)."""
     metrics = evaluation(probs, truth, labels, thresholds)
     plot_precision_recall(probs, truth, labels, out / "precision_recall.png")
     plot_worst(paths, probs, truth, labels, thresholds, spec, out / "worst_predictions.png")
-    write_predictions(out / PREDICTIONS, paths, probs, truth, labels, thresholds)
+    write_predictions(out / PREDICTIONS, paths, probs, truth, labels, thresholds, *novelty)
     if history is not None:
         _plot_curves(history, out / "training_curves.png")
     return metrics

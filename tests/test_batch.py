@@ -15,8 +15,8 @@ import pytest
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
+from headstart.open_set import NOVELTY_TOLERANCE  # noqa: E402
 from headstart.service.batch import predict_batch  # noqa: E402
-from headstart.tasks.classify.export import NOVELTY_TOLERANCE  # noqa: E402
 from tests.conftest import HYMENOPTERA, ROOT  # noqa: E402
 
 

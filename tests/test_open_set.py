@@ -165,10 +165,11 @@ def test_other_things_are_none_of_these_and_the_classes_are_kept(hymenoptera_bun
 
 
 def test_every_runtime_precision_and_the_int8_file_agree_on_none_of_these(hymenoptera_bundle):
+    from headstart.open_set import NOVELTY_TOLERANCE
     from headstart.service.bundle import load_bundle
     from headstart.service.inference import scores_and_novelty
     from headstart.service.preprocess import preprocess
-    from headstart.tasks.classify.export import INT8_NOVELTY_TOLERANCE, NOVELTY_TOLERANCE
+    from headstart.tasks.classify.export import INT8_NOVELTY_TOLERANCE
 
     pixels = np.stack(
         [

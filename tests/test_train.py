@@ -536,7 +536,7 @@ def test_a_net_openvino_refuses_is_computed_by_torch_or_refused_by_name(monkeypa
     def refuse(*args, **kwargs):
         raise RuntimeError("unsupported operation")
 
-    monkeypatch.setattr(features, "_openvino_model", refuse)
+    monkeypatch.setattr(features, "_openvino_fns", refuse)
     fallback = features.Extractor(net, input_size=32)
     assert fallback.runtime == "torch" and "torch computes them" in caplog.text
     assert np.allclose(fallback.fn(False)(pixels), features.features_fn(net, False)(pixels))

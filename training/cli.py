@@ -195,7 +195,7 @@ def _predict_files(model, args) -> int:
             out["heatmap"] = str(target)
         return out
 
-    status = 0
+    status, multilabel = 0, model.thresholds is not None
     images = expand_images(args.images)
     if not images:
         raise ValueError(f"{' '.join(args.images)} names no images (folders are searched for image file names).")
@@ -204,7 +204,6 @@ def _predict_files(model, args) -> int:
             result = answer(Path(image))
         except (ImageError, OSError) as exc:
             result, status = {"error": str(exc)}, 1
-        multilabel = model.thresholds is not None
         print(
             json.dumps({"image": shown(image), **result})
             if args.json

@@ -203,9 +203,8 @@ class Extractor:
         self.runtime = "torch"
         if extractor != "torch" and self.device.type == "cpu" and openvino_available():
             try:
-                ov_model = _openvino_model(model, input_size, pool)
-                self._fns = {bf16: _openvino_fn(ov_model, bf16) for bf16 in (False, True)}  # compiled here,
-                self.runtime = "openvino"  # so that a refusal falls back before any feature is computed
+                self._fns = _openvino_fns(model, input_size, pool)  # both compiled here, so that a refusal
+                self.runtime = "openvino"  # falls back before any feature is computed
             except Exception as exc:  # the exporter or OpenVINO refuses some nets
                 if extractor == "openvino":
                     raise ValueError(
@@ -231,13 +230,15 @@ class _Pooled(torch.nn.Module):
         return self.net(x).mean(dim=(2, 3))
 
 
-def _openvino_model(model: torch.nn.Module, input_size: int, pool: bool):
-    """The frozen net as an OpenVINO model, through an ONNX file written and read in a temporary folder."""
+def _openvino_fns(model: torch.nn.Module, input_size: int, pool: bool) -> dict[bool, Callable]:
+    """{bf16: pixels → features} computed by OpenVINO: the frozen net written to ONNX in a temporary folder (the
+    TorchScript exporter: 0.9 s, against several for the dynamo one) and opened there once per precision by the
+    service's own loader (``service/runtime.py``: bf16 only on CPUs with bf16 units)."""
     import copy
     import tempfile
     import warnings
 
-    import openvino as ov
+    from headstart.service.runtime import open_session
 
     net = copy.deepcopy(model).eval().float()
     net = _Pooled(net) if pool else net
@@ -254,26 +255,20 @@ def _openvino_model(model: torch.nn.Module, input_size: int, pool: bool):
             dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
             opset_version=17,
         )
-        return ov.Core().read_model(str(path))  # the weights are read into memory: the file may go
+        threads = torch.get_num_threads()
+        sessions = {
+            bf16: open_session(path, "openvino", "cpu", precision="bf16" if bf16 else "fp32", threads=threads)
+            for bf16 in (False, True)
+        }  # compiled: the file may go
 
+    def runner(session) -> Callable[[np.ndarray], np.ndarray]:
+        def run(pixels: np.ndarray) -> np.ndarray:
+            out = session.run(["features"], np.ascontiguousarray(pixels, dtype=np.float32))[0]
+            return np.array(out, dtype=np.float32)  # a copy: the request reuses its output buffer
 
-def _openvino_fn(ov_model, bf16: bool) -> Callable[[np.ndarray], np.ndarray]:
-    import openvino as ov
+        return run
 
-    from headstart.service.runtime import cpu_computes_bf16
-
-    config = {
-        "INFERENCE_PRECISION_HINT": "bf16" if bf16 and cpu_computes_bf16() else "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-    }
-    request = ov.Core().compile_model(ov_model, "CPU", config).create_infer_request()
-
-    def run(pixels: np.ndarray) -> np.ndarray:
-        out = request.infer({0: np.ascontiguousarray(pixels, dtype=np.float32)})[0]
-        return np.array(out, dtype=np.float32)  # a copy: the request reuses its output buffer
-
-    return run
+    return {bf16: runner(session) for bf16, session in sessions.items()}
 
 
 #: make_views(image, sample, seed) → (pixels (V, 3, S, S) float32, named arrays to cache beside the features)

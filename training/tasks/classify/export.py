@@ -8,15 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from headstart.onnx_io import ExportError, ort_outputs
+from headstart.open_set import NOVELTY_TOLERANCE
 from headstart.predict import torch_outputs
 from headstart.tasks.base import TaskExport
 
 log = logging.getLogger("headstart")
 
-#: the most a runtime or precision may move an image's novelty (bf16 on OpenVINO moved it 0.005 on hymenoptera)
-NOVELTY_TOLERANCE = 0.02
-#: the most the int8 file may move it against the fp32 one (0.017 on hymenoptera's validation images, 0.022 on
-#: photos of other things); beyond it the export warns (int8 is gated on accuracy)
+#: the most the int8 file may move an image's novelty against the fp32 one (0.017 on hymenoptera's validation
+#: images, 0.022 on photos of other things); beyond it the export warns (int8 is gated on accuracy)
 INT8_NOVELTY_TOLERANCE = 0.05
 
 

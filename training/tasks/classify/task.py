@@ -19,7 +19,7 @@ from headstart.data import DatasetError
 from headstart.models import Classifier, ClassifierHead, HeadConfig, PixelNormalize
 from headstart.open_set import OPEN_SET, build_open_set, load_open_set, novelty_of, save_open_set
 from headstart.runs import write_json
-from headstart.service.inference import outputs_of_files
+from headstart.service.inference import outputs_of_files, scores_of_files
 from headstart.tasks.base import FeatureLayout, Job, Task
 from headstart.tasks.classify.config import ClassifyConfig
 from headstart.tasks.classify.data import scan_eval_folder, scan_image_folder, scan_other_images
@@ -117,7 +117,7 @@ class ClassifyTask(Task):
         log.info("%s", report.format())
         samples = report.splits["eval"]
         paths, targets = [s.path for s in samples], _targets_of(samples)
-        probs, scores = _scores(model, paths)
+        probs, scores = scores_of_files(model, paths)
         metrics = write_evaluation(out, probs, targets, model.labels, paths, model.spec)
         threshold = None if scores is None else model.open_set["threshold"]
         write_predictions(out / PREDICTIONS, paths, probs, targets, model.labels, scores, threshold)
@@ -131,13 +131,6 @@ class ClassifyTask(Task):
         write_json(out / "metrics.json", {"split": str(Path(data_dir).resolve()), **metrics, "data": report.to_dict()})
         summary = {k: metrics[k] for k in ("num_images", "accuracy", "macro_f1", "calibration_error")}
         return summary | {f"novelty_{k}": v for k, v in metrics.get("open_set", {}).items() if k != "threshold"}
-
-
-def _scores(model, paths: list[Path]) -> tuple[np.ndarray, np.ndarray | None]:
-    """A classifier's probabilities on image files and, where it has a novelty score, each image's novelty."""
-    names = [model.output_names[0], *(["novelty"] if model.open_set and "novelty" in model.output_names else [])]
-    outputs = outputs_of_files(lambda pixels: model.run(pixels, names), paths, model.spec)
-    return outputs[0], outputs[1] if len(outputs) > 1 else None
 
 
 def _targets(features) -> np.ndarray:
@@ -198,7 +191,7 @@ def _other_novelty(model, other: str, out: Path, threshold: float) -> np.ndarray
     )
     for path, reason in report.corrupt:
         log.warning("skipped %s: %s", path, reason)
-    probs, scores = _scores(model, paths)
+    probs, scores = scores_of_files(model, paths)
     write_predictions(out / "other_predictions.csv", paths, probs, None, model.labels, scores, threshold)
     return scores
 

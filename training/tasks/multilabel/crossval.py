@@ -5,8 +5,6 @@ and micro), micro-F1 and sample-F1.
 
 from __future__ import annotations
 
-from functools import partial
-
 from headstart import crossval
 from headstart.tasks.multilabel.config import MultiLabelConfig
 
@@ -17,7 +15,7 @@ def cross_validate(cfg: MultiLabelConfig, folds: int = 4) -> dict:
     """Train and score ``folds`` models into ``cfg.out``/fold-N; returns (and writes) the summary."""
     from headstart.loaded_run import load_run
     from headstart.predict import RunModel
-    from headstart.service.inference import outputs_of_files
+    from headstart.service.inference import scores_of_files
     from headstart.tasks.multilabel.data import multi_hot, scan_data
     from headstart.tasks.multilabel.metrics import evaluation
 
@@ -26,8 +24,7 @@ def cross_validate(cfg: MultiLabelConfig, folds: int = 4) -> dict:
 
     def score(run_dir, test) -> dict:
         model = RunModel(load_run(run_dir))
-        first = partial(model.run, names=[model.output_names[0]])
-        probs = outputs_of_files(first, [s.path for s in test], model.spec)[0]
+        probs, _ = scores_of_files(model, [s.path for s in test])
         truth = multi_hot([s.labels for s in test], len(report.labels))
         metrics = evaluation(probs, truth, report.labels, model.thresholds)
         return {m: metrics[m] for m in METRICS}

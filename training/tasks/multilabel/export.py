@@ -9,15 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from headstart.onnx_io import ExportError, ort_outputs
+from headstart.open_set import NOVELTY_TOLERANCE
 from headstart.predict import torch_outputs
 from headstart.tasks.base import TaskExport
 from headstart.tasks.multilabel.data import multi_hot
 from headstart.tasks.multilabel.metrics import mean_average_precision, threshold_vector
 
 log = logging.getLogger("headstart")
-
-#: the most a runtime or precision may move an image's novelty (the classifier's tolerance)
-NOVELTY_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from torch import nn
 from headstart.models import ClassifierHead, HeadConfig, MeanMaxPool, MultiLabelClassifier, PixelNormalize
 from headstart.open_set import OPEN_SET, build_open_set, load_open_set, novelty_of, save_open_set
 from headstart.runs import write_json
-from headstart.service.inference import outputs_of_files
+from headstart.service.inference import scores_of_files
 from headstart.tasks import task_named
 from headstart.tasks.base import FeatureLayout, Job, Task
 from headstart.tasks.multilabel.config import MultiLabelConfig
@@ -96,7 +96,7 @@ class MultiLabelTask(Task):
             save_open_set(job.run_dir, novelty)
         else:
             (job.run_dir / OPEN_SET).unlink(missing_ok=True)
-        job.scratch["novelty"] = novelty
+        job.scratch.update(novelty=novelty, val_pooled=val_x)
         return head
 
     def evaluate(self, job: Job, head: ClassifierHead) -> dict:
@@ -113,7 +113,7 @@ class MultiLabelTask(Task):
             len(probs),
         )
         novelty = job.scratch["novelty"]
-        scores = None if novelty is None else novelty_of(novelty, pooled_vectors(val.values[:, 0]))
+        scores = None if novelty is None else novelty_of(novelty, job.scratch["val_pooled"])
         limit = None if novelty is None else novelty.config.threshold
         paths = [s.path for s in val.samples]
         metrics = _write_evaluation(
@@ -150,17 +150,14 @@ class MultiLabelTask(Task):
             split = next(s for s in ("test", "val", "train") if report.splits.get(s))
             samples = report.splits[split]
         paths = [s.path for s in samples]
-        novel = model.open_set is not None and "novelty" in model.output_names
-        names = [model.output_names[0], *(["novelty"] if novel else [])]
-        probs, *scores = outputs_of_files(lambda px: model.run(px, names), paths, model.spec)
+        probs, scores = scores_of_files(model, paths)
         truth = multi_hot([s.labels for s in samples], len(model.labels))
-        limit = model.open_set["threshold"] if novel else None
-        novelty = (scores[0] if novel else None, limit)
+        limit = None if scores is None else model.open_set["threshold"]
         metrics = _write_evaluation(
-            out, paths, probs, truth, list(model.labels), model.thresholds, model.spec, novelty=novelty
+            out, paths, probs, truth, list(model.labels), model.thresholds, model.spec, novelty=(scores, limit)
         )
-        if novel:
-            metrics["open_set"] = {"threshold": limit, "kept": float((scores[0] <= limit).mean())}
+        if scores is not None:
+            metrics["open_set"] = {"threshold": limit, "kept": float((scores <= limit).mean())}
         write_json(out / "metrics.json", {"split": str(Path(data_dir).resolve()), **metrics, "data": report.to_dict()})
         return {
             "split": split,

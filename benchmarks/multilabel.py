@@ -188,8 +188,7 @@ def latency(tmp: Path, calls: int, seed: int) -> None:
             progress=False,
             seed=seed,
             views=1,
-            epochs=5,
-            bank_size=0,  # no novelty score: the two heads alone are compared (the multi-label model has none)
+            epochs=5,  # its defaults otherwise: a novelty score, as the multi-label model has
         )
     )
     bundles = {

@@ -68,8 +68,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], classifier_prefixes: tuple[str, ...], path) -> None:
-    """Load ``state`` strictly, except that the classifier may be absent or of another size."""
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], classifier_prefixes: tuple[str, ...], path) -> bool:
+    """Load ``state`` strictly, except that the classifier may be absent or of another size. Returns whether the
+    classifier's weights were loaded too (all of them)."""
     own = model.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
     filtered = {
@@ -85,6 +86,7 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], classifier_p
             f"(e.g. {missing[:3]}), {len(result.unexpected_keys)} unexpected keys "
             f"(e.g. {result.unexpected_keys[:3]}). Check --backbone matches the weights."
         )
+    return not [k for k in own if k.startswith(classifier_prefixes) and k not in filtered]
 
 
 class BatchNormFrozen(nn.Module):
@@ -123,6 +125,9 @@ class Backbone:
     weights: str  # "random", "pretrained:<source>", or a file path
     weights_sha256: str = ""
     extra: dict = field(default_factory=dict)
+    #: the model's own pretrained classifier (ImageNet's classes), where it is one linear layer on the mean of the
+    #: feature map and its weights were loaded; None otherwise (random weights, a classifier of another form)
+    classifier: nn.Linear | None = None
 
     def freeze(self, unfreeze_last: int = 0) -> list[str]:
         """Freeze every parameter, then unfreeze the last ``unfreeze_last`` stages. Returns the unfrozen names."""
@@ -221,16 +226,17 @@ def _build_torchvision(name: str, pretrained: bool, weights: Path | None):
         )
     model = torchvision.models.get_model(name, weights=None)
     default = torchvision.models.get_model_weights(name).DEFAULT
-    source = "random"
+    source, trained_classifier = "random", False
     if weights is not None:
-        _load_weights(model, load_state_dict_file(weights), ("fc.", "classifier.", "head.", "heads."), weights)
+        prefixes = ("fc.", "classifier.", "head.", "heads.")
+        trained_classifier = _load_weights(model, load_state_dict_file(weights), prefixes, weights)
         source = str(weights)
     elif pretrained:
         try:
             model.load_state_dict(default.get_state_dict(progress=True, check_hash=True))
         except Exception as exc:
             raise BackboneError(_offline_message(f"torchvision:{name}", exc)) from exc
-        source = f"pretrained:torchvision:{default}"
+        source, trained_classifier = f"pretrained:torchvision:{default}", True
 
     transforms = default.transforms()
     pre = _sidecar_preprocess(weights) or {
@@ -255,7 +261,9 @@ def _build_torchvision(name: str, pretrained: bool, weights: Path | None):
             "(it supports models with .features, such as mobilenet/efficientnet/convnext, and ResNet-style "
             "models). Use a timm model name instead."
         )
-    return BatchNormFrozen(body), stages, pre, source
+    head = getattr(model, "fc", None) if hasattr(model, "layer4") else getattr(model, "classifier", None)
+    linear = _pooled_linear(head, model, body) if trained_classifier else None
+    return BatchNormFrozen(body), stages, pre, source, linear
 
 
 def _build_timm(name: str, pretrained: bool, weights: Path | None):
@@ -267,7 +275,7 @@ def _build_timm(name: str, pretrained: bool, weights: Path | None):
             f"Invalid backbone {name!r}: not a timm model name nor torchvision:NAME."
             f"{_suggest(name, timm.list_models())} timm.list_models('*{name}*') lists similar names."
         )
-    source = "random"
+    source, trained_classifier = "random", pretrained and weights is None
     download = pretrained and weights is None
     try:
         with contextlib.nullcontext() if not download or hub_reachable() else hub_offline():
@@ -281,8 +289,11 @@ def _build_timm(name: str, pretrained: bool, weights: Path | None):
     if weights is not None:
         classifier = model.pretrained_cfg.get("classifier", "fc")
         prefixes = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
-        _load_weights(model, load_state_dict_file(weights), prefixes, weights)
+        trained_classifier = _load_weights(model, load_state_dict_file(weights), prefixes, weights)
         source = str(weights)
+    linear = None
+    if trained_classifier:
+        linear = _pooled_linear(model.get_classifier(), model, lambda x: model.forward_features(x))
     model.reset_classifier(0, "")
     cfg = resolve_data_config({}, model=model)
     size = int(cfg["input_size"][-1])
@@ -297,7 +308,33 @@ def _build_timm(name: str, pretrained: bool, weights: Path | None):
     stages = [(n, model.get_submodule(n)) for n in stage_names if n]
     if not stages:
         stages = [(n, m) for n, m in model.named_children()]
-    return BatchNormFrozen(model, "forward_features"), stages, pre, source
+    return BatchNormFrozen(model, "forward_features"), stages, pre, source, linear
+
+
+def _pooled_linear(head: nn.Module | None, model: nn.Module, features) -> nn.Linear | None:
+    """A copy of ``head``'s linear layer where the whole ``model`` is exactly that layer on the mean of its
+    ``features`` map (dropout aside): checked on random images, so that a head with a norm, a hidden layer or
+    another pooling is never mistaken for one. None otherwise."""
+    import copy
+
+    parts = [m for m in (head.modules() if head is not None else ()) if not isinstance(m, (nn.Sequential, nn.Dropout))]
+    if len(parts) != 1 or not isinstance(parts[0], nn.Linear):
+        return None
+    linear = copy.deepcopy(parts[0]).eval().requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+            whole, fmap = model(x), features(x)
+            ours = linear(fmap.mean(dim=(2, 3))) if fmap.ndim == 4 else None
+    except Exception:  # a model that cannot take the probe's size: no prior
+        return None
+    finally:
+        model.train(was_training)
+    if ours is None or whole.shape != ours.shape or not torch.allclose(whole, ours, rtol=1e-4, atol=1e-4):
+        return None
+    return linear
 
 
 def build_backbone(name: str = "resnet50", *, pretrained: bool = True, weights: str | Path | None = None) -> Backbone:
@@ -308,9 +345,10 @@ def build_backbone(name: str = "resnet50", *, pretrained: bool = True, weights: 
     """
     weights_path = Path(weights) if weights else None
     if name.startswith(TORCHVISION_PREFIX):
-        features, stages, pre, source = _build_torchvision(name[len(TORCHVISION_PREFIX) :], pretrained, weights_path)
+        built = _build_torchvision(name[len(TORCHVISION_PREFIX) :], pretrained, weights_path)
     else:
-        features, stages, pre, source = _build_timm(name, pretrained, weights_path)
+        built = _build_timm(name, pretrained, weights_path)
+    features, stages, pre, source, classifier = built
     if pre["interpolation"] not in ("nearest", "bilinear", "bicubic", "lanczos"):
         pre["interpolation"] = "bilinear"
     spec = PreprocessSpec(
@@ -339,4 +377,5 @@ def build_backbone(name: str = "resnet50", *, pretrained: bool = True, weights: 
         weights=source,
         weights_sha256=state_dict_sha256(features),
         extra={"feature_map": list(probe.shape[2:])},
+        classifier=classifier if classifier is not None and classifier.in_features == probe.shape[1] else None,
     )

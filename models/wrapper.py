@@ -104,9 +104,12 @@ class MultiLabelClassifier(Classifier):
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         fmap = self.feature_map(pixels)
         cells = torch.cat([fmap, fmap], dim=1) if self.pooling == "meanmax" else fmap
-        cell_logits = self.head.forward_map(cells)
         pooled = self.pool(fmap)
-        logits = lse_pool(cell_logits) if self.pooling == "lse" else self.head(pooled)
+        if self.pooling == "lse":
+            cell_logits = self.head.forward_map(cells)
+            logits = lse_pool(cell_logits)
+        else:
+            logits, cell_logits = self.head.forward_with_map(pooled, cells)
         if self.novelty is None:
             return torch.sigmoid(logits), torch.sigmoid(cell_logits)
         return torch.sigmoid(logits), torch.sigmoid(cell_logits), self.novelty(pooled)

@@ -152,6 +152,10 @@ def test_a_csv_set_trains_exports_predicts_and_serves(tmp_path, capsys):
     val_count = sum(1 for line in path.read_text().splitlines() if line.endswith(",val"))
     assert run.task == "multilabel" and m["thresholds"]["chosen_on"] == f"{val_count} validation images"
     assert 0 <= m["map_macro"] <= 1 and 0 <= m["sample_f1"] <= 1 and set(m["per_label"]) == set(SHAPES)
+    # the default head: the labels' prototypes, with the backbone's ImageNet classifier beside the features
+    assert m["training"]["head"]["classifier"] == "prototype" and m["training"]["head"]["prior"]
+    assert m["training"]["head"]["scale"] > 0 and run.config["head"]["prior_classes"] == 1000
+    assert m["map_macro"] >= 0.9  # three coloured shapes: the likeness of a scene to each label's mean is enough
     for name in ("precision_recall.png", "worst_predictions.png", "predictions.csv", "training_curves.png"):
         assert (run.dir / name).is_file(), name
 
@@ -305,10 +309,123 @@ def test_mean_and_mean_max_features_keep_apart_in_the_cache(tmp_path, caplog):
     common = dict(backbone="test_resnet", pretrained=False, views=1, epochs=2, progress=False)
     caplog.set_level(logging.WARNING, logger="headstart")
     for i, pooling in enumerate(("meanmax", "mean", "lse", "meanmax")):
-        run = headstart.train(path, tmp_path / f"run{i}", cache_dir=tmp_path / "cache", pooling=pooling, **common)
+        classifier = "linear" if pooling == "lse" else "prototype"  # the prototype head reads pooled vectors
+        run = headstart.train(
+            path, tmp_path / f"run{i}", cache_dir=tmp_path / "cache", pooling=pooling, classifier=classifier, **common
+        )
         assert run.config["options"]["pooling"] == pooling
     assert not [r for r in caplog.records if "unreadable" in r.getMessage()]
     for run in ("run0", "run2"):  # mean+max, and log-sum-exp over the cells, in the graph: ONNX agrees with PyTorch
         bundle = headstart.export(tmp_path / run, store=False)
         assert bundle.manifest.verification["max_abs_prob_diff"] <= 1e-3
         assert bundle.manifest.verification["label_set_agreement"] == 1.0
+
+
+def test_the_prototype_head_reads_unit_vectors_with_the_prior_beside_them_and_its_map_agrees():
+    """The head of ``--classifier prototype``: unit-length embeddings (the features, and the prior's probabilities'
+    square roots beside them, weighted), logits linear in them, and a class map whose mean over the cells is the
+    image's logit (so CAM boxes and /classify tell the same story); mean+max vectors feed the prior their mean half."""
+    import torch
+
+    from headstart.models import ClassifierHead, HeadConfig
+
+    torch.manual_seed(0)
+    for in_features, prior_features in ((8, 8), (16, 8)):  # mean vectors, and mean+max ones
+        cfg = HeadConfig(
+            in_features,
+            3,
+            dropout=0.0,
+            normalize=True,
+            prior_classes=5,
+            prior_features=prior_features,
+            prior_weight=0.5,
+        )
+        head = ClassifierHead(cfg).eval()
+        assert not head.prior.weight.requires_grad and head.net[-1].in_features == in_features + 5
+        head.center.copy_(torch.rand(in_features + 5) / 10)  # what fit_prototypes sets: no logit depends on it
+        fmap = torch.rand(4, prior_features, 3, 3) * 6
+        cells = torch.cat([fmap, fmap], dim=1) if in_features > prior_features else fmap  # as the wrapper feeds it
+        pooled = cells.mean(dim=(2, 3))
+        embedded = head.embed(pooled)
+        assert torch.allclose(embedded.norm(dim=1), torch.ones(4), atol=1e-6)
+        prior = torch.softmax(head.prior(pooled[:, :prior_features]), dim=1).sqrt()
+        parts = [pooled / pooled.norm(dim=1, keepdim=True), 0.5 * prior / prior.norm(dim=1, keepdim=True)]
+        assert torch.allclose(embedded, torch.cat(parts, dim=1) / 1.25**0.5, atol=1e-6)
+        assert torch.allclose(head(pooled), head.net(embedded - head.center), atol=1e-6)
+        assert torch.allclose(head.forward_map(cells).mean(dim=(2, 3)), head(pooled), atol=1e-5)
+        both = head.forward_with_map(pooled, cells)  # as the model answers: the prior computed once
+        assert torch.allclose(both[0], head(pooled)) and torch.allclose(both[1], head.forward_map(cells))
+    plain = ClassifierHead(HeadConfig(8, 3, dropout=0.0, normalize=True)).eval()
+    x = torch.rand(2, 8)
+    assert torch.allclose(plain(x), plain(3 * x), atol=1e-6)  # a cosine: the vector's length does not count
+    plain.center.copy_(torch.rand(8) / 10)
+    fmap = torch.rand(2, 8, 3, 3)
+    assert torch.allclose(plain.forward_map(fmap).mean(dim=(2, 3)), plain(fmap.mean(dim=(2, 3))), atol=1e-5)
+    with pytest.raises(ValueError, match="prior"):
+        HeadConfig(8, 3, prior_classes=5, prior_features=8, prior_weight=0.5)  # a prior needs normalised features
+
+
+def test_left_out_cosines_are_those_of_each_label_mean_without_the_image():
+    """The prototype head is calibrated on every training view's cosine with each label's mean direction, the
+    view's own image left out of the labels it holds; nothing (NaN) where that leaves no image."""
+    import torch
+
+    from headstart.tasks.multilabel.fit import _left_out_cosines
+
+    gen = torch.Generator().manual_seed(0)
+    n, v, d = 6, 3, 5
+    u = torch.nn.functional.normalize(torch.rand(n, v, d, generator=gen), dim=2)
+    y = torch.zeros(n, 3, dtype=torch.bool)
+    y[[0, 1, 2], 0] = True  # label 0: three images; label 1: image 3 alone; label 2: no image
+    y[3, 1] = True
+    per_image = u.sum(1)
+    sums = y.float().T @ per_image
+    got = _left_out_cosines(u, y, per_image, sums)
+    for i in range(n):
+        for label in range(3):
+            others = [j for j in range(n) if y[j, label] and not (y[i, label] and j == i)]
+            for k in range(v):
+                if not others:
+                    assert torch.isnan(got[i, k, label])
+                    continue
+                mean = per_image[others].sum(0)
+                want = torch.dot(u[i, k], mean) / mean.norm()
+                assert got[i, k, label] == pytest.approx(float(want), abs=1e-5)
+
+
+def test_the_backbone_brings_its_imagenet_classifier_only_where_it_is_one_linear_layer(tmp_path):
+    """The prior is the backbone's own classifier where the whole model is one linear layer on the mean of its
+    feature map and its weights were loaded: not for random weights, a file without the classifier, or a head with
+    a norm (ConvNeXt's)."""
+    import timm
+    import torch
+    import torchvision
+
+    from headstart.models import build_backbone
+
+    require_shared()
+    shared = build_backbone("torchvision:mobilenet_v2", weights=MOBILENET).classifier
+    assert (shared.in_features, shared.out_features) == (1280, 1000) and not shared.weight.requires_grad
+    assert build_backbone("torchvision:mobilenet_v2", pretrained=False).classifier is None
+    state = timm.create_model("test_resnet").state_dict()
+    torch.save(state, tmp_path / "whole.pth")
+    torch.save({k: t for k, t in state.items() if not k.startswith("fc.")}, tmp_path / "no_fc.pth")
+    assert build_backbone("test_resnet", weights=tmp_path / "whole.pth").classifier is not None
+    assert build_backbone("test_resnet", weights=tmp_path / "no_fc.pth").classifier is None
+    torch.save(torchvision.models.convnext_tiny().state_dict(), tmp_path / "convnext.pth")
+    assert build_backbone("torchvision:convnext_tiny", weights=tmp_path / "convnext.pth").classifier is None
+
+
+def test_the_prototype_head_options_are_checked(tmp_path):
+    from headstart.tasks.multilabel.config import MultiLabelConfig
+
+    common = dict(data_dir=str(tmp_path), out=str(tmp_path / "run"))
+    for bad, message in (
+        (dict(hidden=64), "no hidden layer"),
+        (dict(pooling="lse"), "no hidden layer and no\\s+per-cell pooling"),
+        (dict(prior_weight=-1.0), "--prior-weight"),
+        (dict(classifier="knn"), "--classifier"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            MultiLabelConfig(**common, **bad).validate()
+    MultiLabelConfig(**common, classifier="linear", hidden=64, pooling="lse").validate()

@@ -77,7 +77,7 @@ def train(task: Task, cfg: RunConfig, report=None) -> Path:
         cfg, run_dir, report, backbone, spec, net, pipeline, views, device, use_bf16(cfg.precision, device), started
     )
     layout = task.layout(cfg, backbone, net, spec)
-    head_cfg = task.head_config(cfg, layout, report.labels)
+    head_cfg = task.head_config(cfg, layout, report.labels, backbone)
     aug = {**recipe(task.name, cfg.augment, pipeline, spec), **task.view_recipe(cfg, report)}
     _write_run_files(task, job, layout, head_cfg, aug)
 

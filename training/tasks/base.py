@@ -183,7 +183,7 @@ class Task:
 
     # ---------------------------------------------------------------- the head
 
-    def head_config(self, cfg: RunConfig, layout: FeatureLayout, labels: list[str]) -> Any:
+    def head_config(self, cfg: RunConfig, layout: FeatureLayout, labels: list[str], backbone: Backbone) -> Any:
         """The head's config (a dataclass with ``to_dict``, recorded in the run)."""
         raise NotImplementedError(f"{type(self).__name__} must configure its head")
 

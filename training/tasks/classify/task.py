@@ -69,7 +69,7 @@ class ClassifyTask(Task):
         pipeline, views = (job.pipeline, job.views) if train else (None, 1)
         return lambda img, sample, seed: (augmented_views(img, pipeline, job.spec, views, seed), {})
 
-    def head_config(self, cfg, layout: FeatureLayout, labels) -> HeadConfig:
+    def head_config(self, cfg, layout: FeatureLayout, labels, backbone) -> HeadConfig:
         return HeadConfig(layout.channels[0], len(labels), cfg.hidden, cfg.dropout, cfg.activation)
 
     def fit(self, job: Job, head_cfg: HeadConfig) -> ClassifierHead:

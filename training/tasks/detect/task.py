@@ -104,7 +104,7 @@ class DetectTask(Task):
 
         return make
 
-    def head_config(self, cfg, layout: FeatureLayout, labels):
+    def head_config(self, cfg, layout: FeatureLayout, labels, backbone):
         return HEADS[cfg.head].config(cfg, layout, labels)
 
     def fit(self, job: Job, head_cfg) -> nn.Module:

@@ -30,7 +30,15 @@ class MultiLabelConfig(RunConfig, OpenSetOptions):
     task = "multilabel"
     crossval = True
     data_kind = "a multi-label data set (a CSV of images and labels, or a YOLO data set with --task multilabel)"
-    RESULT_KEYS = (*RunConfig.RESULT_KEYS, "loss", "min_label_positives", "pooling", *OpenSetOptions.OPEN_SET_KEYS)
+    RESULT_KEYS = (
+        *RunConfig.RESULT_KEYS,
+        "classifier",
+        "prior_weight",
+        "loss",
+        "min_label_positives",
+        "pooling",
+        *OpenSetOptions.OPEN_SET_KEYS,
+    )
 
     #: light: the random crops of heavy cut small objects out of the view while its labels still name them
     #: (coco128, 3 folds: macro mAP 0.423 light, 0.400 heavy; benchmarks/multilabel.py)
@@ -38,9 +46,25 @@ class MultiLabelConfig(RunConfig, OpenSetOptions):
     views: int = task_default("views", 8)
     epochs: int = task_default("epochs", 100)
     patience: int = task_default("patience", 15)
+    classifier: str = option(
+        "prototype",
+        "what scores each label: prototype = the cosine of the image's vector with the mean direction of the "
+        "label's training views, scaled, plus a bias per label (no epochs: the scale and the biases are a logistic "
+        "regression on the training views, each view's image left out of its own labels' means); linear = a linear "
+        "layer trained on the views with --loss for --epochs",
+        group="multilabel",
+        choices=("prototype", "linear"),
+    )
+    prior_weight: float = option(
+        0.5,
+        "weight of the backbone's own ImageNet classifier beside the features in the prototype head (the square "
+        "roots of its probabilities; used where the backbone has one: torchvision and timm models whose classifier "
+        "is one linear layer on the pooled features); 0: the features alone",
+        group="multilabel",
+    )
     loss: str = option(
         "weighted",
-        "multi-label loss: weighted = binary cross-entropy with each label's positives weighted by its "
+        "loss of --classifier linear: weighted = binary cross-entropy with each label's positives weighted by its "
         "negatives/positives (at most 20); bce = unweighted; asl = asymmetric loss (gamma- 4, gamma+ 0, clip 0.05)",
         group="multilabel",
         choices=("weighted", "bce", "asl"),
@@ -66,6 +90,15 @@ class MultiLabelConfig(RunConfig, OpenSetOptions):
             raise ValueError(f"Invalid --loss {self.loss!r}. Use weighted, bce or asl.")
         if self.min_label_positives < 1:
             raise ValueError("--min-label-positives must be at least 1.")
+        if not 0.0 <= self.prior_weight <= 10.0:
+            raise ValueError(f"--prior-weight must be between 0 and 10, got {self.prior_weight}.")
+        if self.classifier not in ("prototype", "linear"):
+            raise ValueError(f"Invalid --classifier {self.classifier!r}. Use prototype or linear.")
+        if self.classifier == "prototype" and (self.hidden or self.pooling == "lse"):
+            raise ValueError(
+                "--classifier prototype scores the image's pooled vector directly: it has no hidden layer and no "
+                "per-cell pooling. Use --classifier linear with --hidden or --pooling lse."
+            )
         self.validate_open_set()
 
     @classmethod

@@ -1,7 +1,9 @@
 """The multi-label task: what differs from the engine's job.
 
 Pooled features as a classifier's (``--pooling``: or mean+max vectors, or every cell scored and log-sum-exp
-pooled), one sigmoid per label, the loss of ``--loss`` (``fit.py``), the epoch kept by validation mAP; thresholds
+pooled), one sigmoid per label; the head (``fit.py``) by default each label's prototype, the mean direction of its
+training views beside the backbone's own ImageNet answer (``--classifier prototype``, ``--prior-weight``), or a
+linear layer trained with ``--loss``, the epoch kept by validation mAP (``--classifier linear``); thresholds
 chosen on the validation images (one global, and a label's own only where it has enough validation positives:
 ``metrics.py``); mAP, F1 per label, sample-F1, a precision-recall plot, the worst images and per-image predictions.
 "None of these" as the classifier has it (``training/open_set.py``): the clean training images' pooled vectors are
@@ -79,14 +81,25 @@ class MultiLabelTask(Task):
     def make_views(self, job: Job, train: bool):
         return task_named("classify").make_views(job, train)
 
-    def head_config(self, cfg, layout: FeatureLayout, labels) -> HeadConfig:
+    def head_config(self, cfg, layout: FeatureLayout, labels, backbone) -> HeadConfig:
+        if cfg.classifier == "prototype":  # no training of the weights: nothing to drop out
+            prior = backbone.classifier if cfg.prior_weight > 0 else None
+            return HeadConfig(
+                layout.channels[0],
+                len(labels),
+                dropout=0.0,
+                normalize=True,
+                prior_classes=0 if prior is None else prior.out_features,
+                prior_features=0 if prior is None else prior.in_features,
+                prior_weight=0.0 if prior is None else cfg.prior_weight,
+            )
         return HeadConfig(layout.channels[0], len(labels), cfg.hidden, cfg.dropout)
 
     def fit(self, job: Job, head_cfg: HeadConfig) -> ClassifierHead:
         """The head (``fit.py``), then the novelty score, kept in ``open_set.safetensors``."""
-        from headstart.tasks.multilabel.fit import fit_head
+        from headstart.tasks.multilabel.fit import fit_head, fit_prototypes
 
-        head = fit_head(job, head_cfg)
+        head = (fit_prototypes if job.cfg.classifier == "prototype" else fit_head)(job, head_cfg)
         k, train, val = len(job.labels), job.train_clean_features, job.val_features
         train_y = multi_hot([s.labels for s in train.samples], k)
         val_y = multi_hot([s.labels for s in val.samples], k)

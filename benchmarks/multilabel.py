@@ -3,8 +3,9 @@
 Every image of coco128 (its 80 classes, read as the classes present in each image) is scored once by a model that
 never saw it: per fold,
 
-(a) ``headstart train --task multilabel`` with its defaults (augmented views, the loss of ``--loss``, the epoch and
-    the thresholds chosen on a validation part of the training folds), scored at its own thresholds;
+(a) ``headstart train --task multilabel`` with its defaults (the prototype head with the backbone's ImageNet answer
+    on the augmented views; the thresholds, and with ``--option classifier=linear`` the epoch, chosen on a validation
+    part of the training folds), scored at its own thresholds;
 (b) a linear probe on the same frozen pooled features (clean, one view per image): per-label logistic regression
     with an L2 penalty chosen on the same validation part (by mAP), its global threshold chosen there too.
 

@@ -31,33 +31,27 @@ MAX_POS_WEIGHT = 20.0
 def asymmetric_loss(
     logits: torch.Tensor, y: torch.Tensor, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05
 ) -> torch.Tensor:
-    """Asymmetric loss (Ridnik et al., ICCV 2021) of every image and label (N, K)."""
+    """Asymmetric loss (Ridnik et al., ICCV 2021), summed over labels, averaged over images."""
     p = torch.sigmoid(logits)
     p_neg = (p - clip).clamp(min=0)  # probability shifting: easy negatives below the margin cost nothing
     pos = y * torch.log(p.clamp(min=1e-8)) * (1 - p) ** gamma_pos
     neg = (1 - y) * torch.log((1 - p_neg).clamp(min=1e-8)) * p_neg**gamma_neg
-    return -(pos + neg)
+    return -(pos + neg).sum(1).mean()
 
 
 def loss_function(kind: str, train_y: np.ndarray, device: torch.device) -> tuple[callable, dict]:
-    """The loss, summed over labels and averaged over images, and what the run reports of it (per-label positive
-    weights for ``weighted``)."""
-    elementwise, info = elementwise_loss(kind, train_y, device)
-    return (lambda logits, y: elementwise(logits, y).sum(1).mean()), info
-
-
-def elementwise_loss(kind: str, train_y: np.ndarray, device: torch.device) -> tuple[callable, dict]:
-    """``--loss`` of every image and label (N, K), and what the run reports of it."""
+    """The loss and what the run reports of it (per-label positive weights for ``weighted``)."""
     positives = train_y.sum(0)
     info = {"loss": kind, "train_positives": positives.astype(int).tolist()}
     if kind == "asl":
         return asymmetric_loss, info
     if kind == "bce":
-        return nn.BCEWithLogitsLoss(reduction="none"), info
+        bce = nn.BCEWithLogitsLoss(reduction="none")
+        return (lambda logits, y: bce(logits, y).sum(1).mean()), info
     weight = np.clip((len(train_y) - positives) / np.maximum(positives, 1), 1.0, MAX_POS_WEIGHT)
     info["pos_weight"] = [round(float(w), 3) for w in weight]
-    pos_weight = torch.tensor(weight, dtype=torch.float32, device=device)
-    return nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none"), info
+    bce = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(weight, dtype=torch.float32, device=device), reduction="none")
+    return (lambda logits, y: bce(logits, y).sum(1).mean()), info
 
 
 def image_logits(head: ClassifierHead, x: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -164,7 +158,9 @@ def fit_prototypes(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
         loss.backward()
         return loss
 
-    train_loss = float(opt.step(objective))
+    opt.step(objective)
+    with torch.no_grad():
+        train_loss = float((bce(scale * x + bias, t) * m).sum() / len(x))  # L-BFGS's step returns its first loss
     if not float(scale) > 0:  # nothing to tell the labels' images from the others: keep the cosines as they are
         with torch.no_grad():
             scale.fill_(1.0)

@@ -18,7 +18,7 @@ import headstart
 from headstart.cli import main
 from headstart.data import DatasetError
 from headstart.tasks import config_for_data
-from headstart.tasks.multilabel.data import scan_csv
+from headstart.tasks.multilabel.data import multi_hot, scan_csv
 from headstart.tasks.multilabel.metrics import average_precision, choose_thresholds, mean_average_precision
 
 from .conftest import COCO128, MOBILENET, PHOTOS, require_shared, serving
@@ -429,3 +429,62 @@ def test_the_prototype_head_options_are_checked(tmp_path):
         with pytest.raises(ValueError, match=message):
             MultiLabelConfig(**common, **bad).validate()
     MultiLabelConfig(**common, classifier="linear", hidden=64, pooling="lse").validate()
+
+
+def test_the_prototype_head_is_each_labels_mean_direction_with_calibrated_probabilities():
+    """fit_prototypes on features whose labels add known directions: each label's weights point along the mean of
+    its training views (at unit length), the center is the views' mean, and the calibration is a logistic
+    regression (unweighted: probabilities, not a rare label's weight): per label, the probabilities of the views it
+    was fitted on sum to their positives (the biases' ridge aside), and held-out images holding a label score higher
+    than those that do not."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from headstart.models import HeadConfig
+    from headstart.tasks.base import Features
+    from headstart.tasks.multilabel.fit import _left_out_cosines, fit_prototypes
+
+    rng = np.random.default_rng(0)
+    k, d, views = 3, 16, 2
+    directions = rng.random((k, d))  # against noise of twice their size: the labels overlap, the scores are unsure
+
+    def split(n: int) -> Features:
+        sets = [sorted(rng.choice(k, size=int(rng.integers(1, 3)), replace=False).tolist()) for _ in range(n)]
+        values = [[directions[s].sum(0) + 2 * rng.random(d) for _ in range(views)] for s in sets]
+        return Features([SimpleNamespace(labels=s) for s in sets], np.asarray(values, np.float32), [{}] * n)
+
+    train, val = split(40), split(20)
+    job = SimpleNamespace(
+        device=torch.device("cpu"),
+        train_features=train,
+        val_features=Features(val.samples, val.values[:, :1], val.extras),
+        labels=["a", "b", "c"],
+        training_report={},
+        history=[],
+        cfg=SimpleNamespace(prior_weight=0.0),
+        backbone=SimpleNamespace(name="synthetic"),
+    )
+    head = fit_prototypes(job, HeadConfig(d, k, dropout=0.0, normalize=True))
+    y = multi_hot([s.labels for s in train.samples], k)
+    unit = train.values / np.linalg.norm(train.values, axis=2, keepdims=True)
+    means = y.T @ unit.sum(1)
+    weight = head.net[-1].weight.detach().numpy()
+    scale = job.training_report["head"]["scale"]
+    assert scale > 0 and np.allclose(weight, scale * means / np.linalg.norm(means, axis=1, keepdims=True), atol=1e-4)
+    assert np.allclose(head.center.numpy(), unit.mean(axis=(0, 1)), atol=1e-6)
+
+    u = torch.from_numpy(unit)
+    cosines = _left_out_cosines(u, torch.from_numpy(y).bool(), u.sum(1), torch.from_numpy(means)).numpy()
+    bias = head.net[-1].bias.detach().numpy() - weight @ head.center.numpy()  # the bias before the center folded in
+    probs = torch.sigmoid(torch.from_numpy(scale * cosines + bias)).numpy()
+    fitted = np.repeat(y[:, None], views, axis=1)
+    for label in range(k):
+        seen = ~np.isnan(cosines[:, :, label])
+        assert probs[:, :, label][seen].sum() == pytest.approx(fitted[:, :, label][seen].sum(), rel=0.05)
+    with torch.no_grad():
+        scores = torch.sigmoid(head(torch.from_numpy(val.values[:, 0]))).numpy()
+    truth = multi_hot([s.labels for s in val.samples], k).astype(bool)
+    for label in range(k):  # held-out images holding the label score higher, on the whole
+        assert scores[truth[:, label], label].mean() > scores[~truth[:, label], label].mean() + 0.1
+    assert job.history[0]["epoch"] == 0 and job.history[0]["val_map"] > 0.7

@@ -161,12 +161,12 @@ def fit_prototypes(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
     opt.step(objective)
     with torch.no_grad():
         train_loss = float((bce(scale * x + bias, t) * m).sum() / len(x))  # L-BFGS's step returns its first loss
-    if not float(scale) > 0:  # nothing to tell the labels' images from the others: keep the cosines as they are
+    if not float(scale.detach()) > 0:  # nothing tells the labels' images from the others: the cosines as they are
         with torch.no_grad():
             scale.fill_(1.0)
     with torch.no_grad():
         layer = head.net[-1]
-        layer.weight.copy_(float(scale) * nn.functional.normalize(sums, dim=1))
+        layer.weight.copy_(float(scale.detach()) * nn.functional.normalize(sums, dim=1))
         head.center.copy_(u.mean(dim=(0, 1)))  # logits alike, the layer's output small (see HeadConfig)
         layer.bias.copy_(bias + layer.weight @ head.center)
         logits = head(torch.from_numpy(val.values[:, 0].astype(np.float32)).to(device))
@@ -185,7 +185,7 @@ def fit_prototypes(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
     job.training_report["head"] = {
         "classifier": "prototype",
         "prior": bool(head_cfg.prior_classes),
-        "scale": round(float(scale), 4),
+        "scale": round(float(scale.detach()), 4),
         "labels_without_training_images": int((train_y.sum(0) == 0).sum()),
     }
     return head

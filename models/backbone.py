@@ -275,8 +275,8 @@ def _build_timm(name: str, pretrained: bool, weights: Path | None):
             f"Invalid backbone {name!r}: not a timm model name nor torchvision:NAME."
             f"{_suggest(name, timm.list_models())} timm.list_models('*{name}*') lists similar names."
         )
-    source, trained_classifier = "random", pretrained and weights is None
     download = pretrained and weights is None
+    source, trained_classifier = "random", download
     try:
         with contextlib.nullcontext() if not download or hub_reachable() else hub_offline():
             model = timm.create_model(name, pretrained=download)
@@ -293,7 +293,7 @@ def _build_timm(name: str, pretrained: bool, weights: Path | None):
         source = str(weights)
     linear = None
     if trained_classifier:
-        linear = _pooled_linear(model.get_classifier(), model, lambda x: model.forward_features(x))
+        linear = _pooled_linear(model.get_classifier(), model, model.forward_features)
     model.reset_classifier(0, "")
     cfg = resolve_data_config({}, model=model)
     size = int(cfg["input_size"][-1])
@@ -377,5 +377,5 @@ def build_backbone(name: str = "resnet50", *, pretrained: bool = True, weights: 
         weights=source,
         weights_sha256=state_dict_sha256(features),
         extra={"feature_map": list(probe.shape[2:])},
-        classifier=classifier if classifier is not None and classifier.in_features == probe.shape[1] else None,
+        classifier=classifier,  # checked against the whole model: it reads this map's channels
     )

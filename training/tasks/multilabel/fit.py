@@ -72,7 +72,6 @@ def fit_head(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
     x = torch.from_numpy(train.values.reshape(-1, *train.values.shape[2:]).astype(np.float32)).to(device)
     y = torch.from_numpy(np.repeat(train_y, job.views, axis=0)).to(device)
     val_x = torch.from_numpy(val.values[:, 0].astype(np.float32)).to(device)
-    val_t = torch.from_numpy(val_y).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def step(idx: torch.Tensor, epoch: int) -> dict | None:
@@ -84,14 +83,7 @@ def fit_head(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
 
     @torch.no_grad()
     def evaluate() -> dict:
-        logits = image_logits(head, val_x, pooling)
-        probs = torch.sigmoid(logits).cpu().numpy()
-        maps = mean_average_precision(probs, val_y)
-        return {
-            "val_loss": float(loss_fn(logits, val_t)),
-            "val_map": maps["map_macro"] or 0.0,
-            "val_map_micro": maps["map_micro"] or 0.0,
-        }
+        return validation_row(image_logits(head, val_x, pooling), val_y, loss_fn)
 
     def row(epoch: int, sums: dict, val_row: dict | None) -> dict:
         return {
@@ -104,6 +96,16 @@ def fit_head(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
     selection = dict(monitor="val_map", mode="max", min_delta=1e-4, patience=cfg.patience)
     train_head(job, head, opt, len(y), step, evaluate, row, **selection)
     return head
+
+
+def validation_row(logits: torch.Tensor, val_y: np.ndarray, loss) -> dict:
+    """What a head's history records of the validation images: ``loss(logits, targets)`` and mAP, macro and micro."""
+    maps = mean_average_precision(torch.sigmoid(logits).cpu().numpy(), val_y)
+    return {
+        "val_loss": float(loss(logits, torch.from_numpy(val_y).to(logits.device))),
+        "val_map": maps["map_macro"] or 0.0,
+        "val_map_micro": maps["map_micro"] or 0.0,
+    }
 
 
 #: the ridge holding each label's bias towards the labels' mean bias (prototype head): a label with a single
@@ -161,31 +163,21 @@ def fit_prototypes(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
     opt.step(objective)
     with torch.no_grad():
         train_loss = float((bce(scale * x + bias, t) * m).sum() / len(x))  # L-BFGS's step returns its first loss
-    if not float(scale.detach()) > 0:  # nothing tells the labels' images from the others: the cosines as they are
-        with torch.no_grad():
-            scale.fill_(1.0)
+    fitted = float(scale.detach())
+    if not fitted > 0:  # nothing tells the labels' images from the others: the cosines as they are
+        fitted = 1.0
     with torch.no_grad():
         layer = head.net[-1]
-        layer.weight.copy_(float(scale.detach()) * nn.functional.normalize(sums, dim=1))
+        layer.weight.copy_(fitted * nn.functional.normalize(sums, dim=1))
         head.center.copy_(u.mean(dim=(0, 1)))  # logits alike, the layer's output small (see HeadConfig)
         layer.bias.copy_(bias + layer.weight @ head.center)
         logits = head(torch.from_numpy(val.values[:, 0].astype(np.float32)).to(device))
-        maps = mean_average_precision(torch.sigmoid(logits).cpu().numpy(), val_y)
-        val_loss = float(bce(logits, torch.from_numpy(val_y).to(device)).sum(1).mean())
-    job.history.append(
-        {
-            "epoch": 0,
-            "phase": "head",
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_map": maps["map_macro"] or 0.0,
-            "val_map_micro": maps["map_micro"] or 0.0,
-        }
-    )
+        val_row = validation_row(logits, val_y, lambda out, target: bce(out, target).sum(1).mean())
+    job.history.append({"epoch": 0, "phase": "head", "train_loss": train_loss, **val_row})
     job.training_report["head"] = {
         "classifier": "prototype",
         "prior": bool(head_cfg.prior_classes),
-        "scale": round(float(scale.detach()), 4),
+        "scale": round(fitted, 4),
         "labels_without_training_images": int((train_y.sum(0) == 0).sum()),
     }
     return head

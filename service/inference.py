@@ -34,10 +34,12 @@ def outputs_of_files(
 def scores_of_files(model: Model, paths: Sequence[str | Path]) -> tuple[np.ndarray, np.ndarray | None]:
     """A classifier's probabilities (N, K) on image files and, where it has a novelty score, each image's novelty
     (N,), else None: :func:`scores_and_novelty` over files."""
-    novel = model.open_set is not None and "novelty" in model.output_names
-    names = [model.output_names[0], *(["novelty"] if novel else [])]
-    outputs = outputs_of_files(lambda pixels: model.run(pixels, names), paths, model.spec)
-    return outputs[0], outputs[1] if novel else None
+
+    def run(pixels: np.ndarray) -> list[np.ndarray]:
+        return [out for out in scores_and_novelty(model, pixels) if out is not None]
+
+    outputs = outputs_of_files(run, paths, model.spec)
+    return outputs[0], outputs[1] if len(outputs) > 1 else None
 
 
 def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:

@@ -15,6 +15,8 @@ used is an error at start, never a silent fallback.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +90,12 @@ class Session:
     providers: list[str] = field(default_factory=list)  # ONNX Runtime's providers in use
     output_names: list[str] = field(default_factory=list)
     input_name: str = "pixels"
+    #: OpenVINO's requests for :meth:`start`: idle ones, and those started whose outputs nobody has taken yet
+    _idle: list = field(default_factory=list, repr=False)
+    _started: deque = field(default_factory=deque, repr=False)
+
+    #: how many inputs :meth:`start` keeps in flight on OpenVINO
+    IN_FLIGHT = 2
 
     def run(self, names: list[str], pixels: np.ndarray) -> list[np.ndarray]:
         if self.runtime == "onnxruntime":
@@ -96,9 +104,45 @@ class Session:
         results = request.infer({0: pixels})
         return [np.asarray(results[compiled.output(name)]) for name in names]
 
+    def start(self, names: list[str], pixels: np.ndarray) -> Callable[[], list[np.ndarray]]:
+        """Start computing ``names`` for ``pixels``; returns what waits for those outputs (copies, in the order of
+        ``names``). On OpenVINO the model runs on its own threads while the caller goes on (prepares the next
+        input): :attr:`IN_FLIGHT` requests in turn, a further start first waits for the oldest one's outputs and
+        keeps them for its waiter. ONNX Runtime computes at once. One caller thread at a time."""
+        if self.runtime != "openvino":
+            outputs = self.run(names, pixels)
+            return lambda: outputs
+        compiled = self.handle[1]
+        if not self._idle and len(self._started) >= self.IN_FLIGHT:
+            self._collect(self._started[0])
+        request = self._idle.pop() if self._idle else compiled.create_infer_request()
+        job = _Started(request, [compiled.output(name) for name in names])
+        request.start_async({0: np.ascontiguousarray(pixels, dtype=np.float32)})
+        self._started.append(job)
+        return lambda: self._collect(job)
+
+    def _collect(self, job: _Started) -> list[np.ndarray]:
+        if job.outputs is None:
+            try:
+                job.request.wait()  # raises what the inference raised
+                job.outputs = [np.array(job.request.get_tensor(port).data) for port in job.ports]
+            finally:
+                self._started.remove(job)
+                self._idle.append(job.request)
+        return job.outputs
+
     def describe(self) -> str:
         where = f"{self.device}, providers {self.providers}" if self.runtime == "onnxruntime" else self.device
         return f"{self.runtime} ({where}, {self.precision})"
+
+
+@dataclass
+class _Started:
+    """One input :meth:`Session.start` gave OpenVINO: its request, the outputs asked for and, once taken, them."""
+
+    request: object
+    ports: list
+    outputs: list[np.ndarray] | None = None
 
 
 def cpu_computes_bf16() -> bool:

@@ -352,6 +352,26 @@ def test_openvino_and_onnxruntime_agree_on_real_photos(hymenoptera_bundle):
         assert (served.predict(pixels).argmax(1) == ref[0].argmax(1)).all()
 
 
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_started_inputs_give_what_run_gives_whatever_the_order_they_are_taken_in(tiny_bundle, runtime):
+    """`Session.start` (feature extraction overlaps the model with decoding): OpenVINO keeps two inputs in flight,
+    a third start waits for the oldest and keeps its outputs; ONNX Runtime computes at once. Each waiter gives its
+    own input's outputs, copies that later inputs do not overwrite."""
+    from headstart.service.runtime import Session, open_session
+
+    session = open_session(tiny_bundle.bundle_dir / "model.onnx", runtime, "cpu")
+    names = session.output_names
+    size = tiny_bundle.manifest.preprocess.input_size
+    batches = [np.random.default_rng(k).random((2, 3, size, size), dtype=np.float32) * 255 for k in range(5)]
+    expected = [session.run(names, x) for x in batches]
+    waits = [session.start(names, x) for x in batches]
+    for k in (4, 0, 2, 1, 3, 0):  # out of order, and one twice
+        got = waits[k]()
+        assert len(got) == len(names) and all(np.array_equal(g, e) for g, e in zip(got, expected[k], strict=True))
+    if runtime == "openvino":
+        assert len(session._idle) == Session.IN_FLIGHT and not session._started  # no request lost, none left running
+
+
 def test_bf16_is_served_only_where_the_export_allowed_it(hymenoptera_bundle):
     import dataclasses
 

@@ -486,6 +486,34 @@ def test_openvino_features_match_torch_and_repeat_bit_for_bit():
     assert np.array_equal(again.fn(False)(pixels), fp32) and np.array_equal(again.fn(True)(pixels), bf16)
     maps = Extractor(net, input_size=spec.input_size, pool=False).fn(False)(pixels[:2])
     assert maps.shape == (2, 1280, 7, 7) and np.allclose(maps.mean(axis=(2, 3)), fp32[:2], atol=1e-4)
+    # started (computing while the next pixels are made), each batch's features are those computed in turn
+    waits = [extractor.fn(True).start(pixels[k : k + 4]) for k in range(0, 12, 4)]
+    for k, wait in zip(range(0, 12, 4), waits, strict=True):
+        assert np.array_equal(wait(), extractor.fn(True)(pixels[k : k + 4]))
+
+
+def test_a_decoded_image_is_kept_for_the_next_pass_once_and_within_its_bound(tmp_path):
+    """The training images' clean pass takes the images their augmented pass decoded (each decoded once for
+    both); a kept image is handed out once, and what is kept stays within the bound."""
+    from PIL import Image
+
+    from headstart.features import DecodedImages
+    from headstart.service.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec()
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"{k}.png")
+        Image.new("RGB", (100, 50), (k, 0, 0)).save(paths[-1])
+    decoded = DecodedImages(spec, max_bytes=2 * 100 * 50 * 3)
+    images = [decoded.take(p) for p in paths]
+    for p, img in zip(paths, images, strict=True):
+        decoded.keep(p, img)
+    assert decoded.bytes == 2 * 100 * 50 * 3  # the third is over the bound: not kept
+    assert decoded.take(paths[0]) is images[0] and decoded.take(paths[1]) is images[1]
+    again = decoded.take(paths[0])  # handed out once: decoded anew
+    assert again is not images[0] and np.array_equal(np.asarray(again), np.asarray(images[0]))
+    assert decoded.take(paths[2]) is not images[2] and decoded.bytes == 0
 
 
 def test_the_extractor_is_chosen_recorded_and_kept_apart_in_the_cache(tiny_folder, tmp_path, cache_dir):

@@ -25,6 +25,7 @@ from headstart import runs, tracking
 from headstart.augment import recipe, recipe_key
 from headstart.config import RunConfig
 from headstart.features import (
+    DecodedImages,
     Extractor,
     FeatureCache,
     cache_namespace,
@@ -187,8 +188,9 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
         progress=cfg.progress,
     )
     passes = [("train", "train", True), ("val", "val", False)]
-    if task.clean_train:  # the training images once more, as the validation images are: clean, fp32
-        passes.append(("train_clean", "train", False))
+    if task.clean_train:  # the training images once more, as the validation images are: clean, fp32; each decoded
+        passes.insert(1, ("train_clean", "train", False))  # once for both passes (DecodedImages)
+    decoded = DecodedImages(job.spec)
     extractor = Extractor(
         job.net, input_size=job.spec.input_size, pool=layout.pool, device=job.device, extractor=cfg.extractor
     )
@@ -204,6 +206,8 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
             task.make_views(job, train),
             views=job.views if train else 1,
             desc=f"{name.replace('_', ' ')} features",
+            decoded=decoded,
+            keep_decoded=train and task.clean_train,
             namespace=cache_namespace(**ns, recipe=aug_key if train else "eval", bf16=bf16),
             **common,
         )

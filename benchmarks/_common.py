@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HEADSTART_SHARED", ROOT.parent / "shared"))
+
+
+def code_of(rev: str, tmp: Path) -> dict:
+    """``subprocess`` arguments (``env``, ``cwd``) under which a Python process imports ``headstart`` as commit
+    ``rev`` has it (a benchmark's baseline in the same run): the commit's files (``git archive``), its root the
+    current folder, laid out as the installed package (``training/`` is ``headstart``, ``service/`` and ``models/``
+    its subpackages) in a folder first on ``PYTHONPATH``. A git worktree alone is not enough: the editable install
+    maps ``headstart`` to this checkout whatever the current folder, so a worktree's process runs today's code.
+    Checked: a process so started must load the commit's files."""
+    src, pkg = tmp / f"code-{rev}", tmp / f"package-{rev}"
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(src, filter="data")
+    pkg.mkdir()
+    (pkg / "headstart").symlink_to(src / "training", target_is_directory=True)
+    for sub in ("service", "models"):
+        (src / "training" / sub).symlink_to(src / sub, target_is_directory=True)
+    paths = [str(pkg), os.environ.get("PYTHONPATH", "")]
+    where = {"env": {**os.environ, "PYTHONPATH": os.pathsep.join(paths).rstrip(os.pathsep)}, "cwd": str(src)}
+    probe = "import headstart, headstart.service, headstart.models as m; print(headstart.__file__, m.__file__)"
+    loaded = subprocess.run([sys.executable, "-c", probe], **where, capture_output=True, text=True)
+    if loaded.returncode:
+        raise RuntimeError(f"the code of {rev} does not import: {loaded.stderr[-2000:]}")
+    if any(not f.startswith(str(pkg)) for f in loaded.stdout.split()):
+        raise RuntimeError(f"the code of {rev} is not what a process loads: {loaded.stdout.strip()}")
+    return where
 
 
 def machine_line(torch: bool = True) -> str:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, SHARED, check_idle, machine_line
+from _common import SHARED, check_idle, code_of, machine_line
 
 PHOTOS = {
     "hymenoptera": sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg")),
@@ -91,24 +90,16 @@ def two_nodes(model: str, listing: str, probe: str, tmp: Path, images: int) -> t
 
 
 def baseline(rev: str, model: str, listing: str, probe: str, tmp: Path) -> tuple[float, float, int]:
-    """(seconds, startup seconds, errors) of the local Ray job run by the code of commit ``rev``."""
-    tree = tmp / "baseline"
-    subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True, capture_output=True
-    )
-    try:
-        env = {**os.environ, "PYTHONPATH": str(tree)}
-        out = subprocess.run(
-            [sys.executable, "-c", BASELINE_JOB, model, listing, probe, str(tmp / "baseline-out")],
-            env=env,
-            cwd=tree,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-        return float(out[-3]), float(out[-2]), int(out[-1])
-    finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    """(seconds, startup seconds, errors) of the local Ray job run by the code of commit ``rev`` (:func:`code_of`;
+    Ray's workers inherit the environment)."""
+    out = subprocess.run(
+        [sys.executable, "-c", BASELINE_JOB, model, listing, probe, str(tmp / "baseline-out")],
+        **code_of(rev, tmp),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return float(out[-3]), float(out[-2]), int(out[-1])
 
 
 def main() -> None:

@@ -12,9 +12,11 @@ Same data (hymenoptera), same backbone (the shared ImageNet MobileNetV2), same m
 
 Prints the val accuracies, wall times, the phases of each headstart run and the time ratio (to headstart's median
 wall time). Target (issue 28): (b) accuracy >= (a) minus one image on every seed, in at most a twentieth of (a)'s wall
-time.
+time. ``--baseline REV`` also runs (b) with the code of commit REV, each seed right after today's (a change's
+effect, measured in one run on one machine).
 
     .venv/bin/python benchmarks/train_vs_tutorial.py [--epochs 25] [--seeds 3] [--extractor auto|openvino|torch]
+        [--baseline REV]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import SHARED, check_idle, machine_line
+from _common import SHARED, check_idle, code_of, machine_line
 from torch import nn
 
 
@@ -96,8 +98,11 @@ def tutorial_baseline(data: Path, weights: Path, epochs: int) -> tuple[float, fl
     return best_acc, time.perf_counter() - start
 
 
-def headstart_run(data: Path, weights: Path, seed: int, extractor: str) -> tuple[float, float, dict]:
-    """`headstart train` as a user runs it: a new process (its start and imports counted), an empty feature cache."""
+def headstart_run(
+    data: Path, weights: Path, seed: int, extractor: str, where: dict | None = None
+) -> tuple[float, float, dict]:
+    """`headstart train` as a user runs it: a new process (its start and imports counted), an empty feature cache;
+    ``where``: the code of another commit (:func:`_common.code_of`)."""
     import json
     import subprocess
     import sys
@@ -107,7 +112,7 @@ def headstart_run(data: Path, weights: Path, seed: int, extractor: str) -> tuple
         cmd += ["--backbone", "torchvision:mobilenet_v2", "--weights", str(weights), "--cache-dir", f"{tmp}/cache"]
         cmd += ["--seed", str(seed), "--extractor", extractor, "--no-progress"]
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
+        subprocess.run(cmd, check=True, capture_output=True, **(where or {}))
         seconds = time.perf_counter() - start
         metrics = json.loads(Path(f"{tmp}/run/metrics.json").read_text())
     return metrics["accuracy"], seconds, metrics["training"]
@@ -118,6 +123,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--seeds", type=int, default=3, help="headstart runs with seeds 0..N-1")
     parser.add_argument("--extractor", default="auto", help="headstart's --extractor (auto, openvino, torch)")
+    parser.add_argument("--baseline", metavar="REV", help="also run headstart with the code of this commit")
     args = parser.parse_args()
     data = SHARED / "data" / "hymenoptera"
     weights = SHARED / "weights" / "mobilenet_v2_imagenet.pth"
@@ -125,17 +131,21 @@ def main() -> None:
     load = check_idle()
     val_images = sum(1 for _ in (data / "val").rglob("*") if _.is_file())
 
-    runs = []
-    for seed in range(args.seeds):
-        acc, wall, info = headstart_run(data, weights, seed, args.extractor)
-        s = info["seconds"]
-        print(
-            f"headstart seed {seed}: val acc {acc:.4f} ({round(acc * val_images)}/{val_images}) in {wall:.1f}s wall "
-            f"(in process {s['total']}s: features {s['features']}s by {info.get('extractor', 'torch')}, head "
-            f"{s['head']}s; {info['views']} views; start, imports and the rest {wall - s['total']:.1f}s)",
-            flush=True,
-        )
-        runs.append((acc, wall))
+    runs, before = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        where = code_of(args.baseline, Path(tmp)) if args.baseline else None
+        for seed in range(args.seeds):
+            for code, into in ((None, runs), (where, before)) if where else ((None, runs),):
+                acc, wall, info = headstart_run(data, weights, seed, args.extractor, code)
+                s = info["seconds"]
+                print(
+                    f"headstart{f' at {args.baseline}' if code else ''} seed {seed}: val acc {acc:.4f} "
+                    f"({round(acc * val_images)}/{val_images}) in {wall:.1f}s wall (in process {s['total']}s: "
+                    f"features {s['features']}s by {info.get('extractor', 'torch')}, head {s['head']}s; "
+                    f"{info['views']} views; start, imports and the rest {wall - s['total']:.1f}s)",
+                    flush=True,
+                )
+                into.append((acc, wall))
     base_acc, base_s = tutorial_baseline(data, weights, args.epochs)
     load = max(load, check_idle())
 
@@ -152,6 +162,12 @@ def main() -> None:
         print(f"| `headstart train` (defaults, cold cache, new process), seed {seed} | {acc:.4f} | {wall:.1f} |")
     print()
     print(f"time ratio tutorial / headstart (median wall): {ratio:.1f}x (target >= 20x)")
+    if before:
+        then = sorted(w for _, w in before)[len(before) // 2]
+        print(
+            f"with the code of {args.baseline}: median wall {then:.1f}s, {base_s / then:.1f}x the tutorial; today's "
+            f"code {then / hs_s:.2f}x as fast; accuracies then {[round(a, 4) for a, _ in before]}"
+        )
     worst = min(accs)
     print(
         f"accuracy difference, worst seed: {worst - base_acc:+.4f}, mean {np.mean(accs) - base_acc:+.4f} "

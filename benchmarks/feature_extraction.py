@@ -3,9 +3,12 @@ vs 64.
 
 Real hymenoptera validation images through the shared MobileNetV2 (or --backbone with --weights), pooled features
 as the feature cache stores them; prints images/s per variant, the ratio to eager fp32 at batch 64, and how far
-each variant's features are from eager fp32.
+each variant's features are from eager fp32. Then the training views as `headstart train` makes them (decode, 8
+heavy-augmentation views, the backbone; no cache) on ``--view-images`` training images, with the model's turns taken
+in line against overlapped with the next image's decoding and augmentation (OpenVINO), alternating rounds: seconds
+(median) and the ratio, and whether the features are the same bits.
 
-    .venv/bin/python benchmarks/feature_extraction.py
+    .venv/bin/python benchmarks/feature_extraction.py [--images 128] [--view-images 120] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 from _common import SHARED, check_idle, machine_line
 
-from headstart.features import Extractor, features_fn
+from headstart.features import Extractor, FeatureCache, extract_features, features_fn
 from headstart.models import PixelNormalize, build_backbone
 from headstart.service.preprocess import decode_for, preprocess
 
@@ -42,6 +45,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="torchvision:mobilenet_v2")
     parser.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"))
     parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--view-images", type=int, default=120)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     print(machine_line())
     check_idle()
@@ -78,6 +83,51 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, batch, ips, diff, corr in rows:
         print(f"| {name} | {batch} | {ips:.1f} | {ips / base:.2f}x | {diff:.2e} | {corr:.5f} |")
+    if extractor.runtime == "openvino":
+        views_in_turn_or_overlapped(extractor, bb.preprocess, args.view_images, args.rounds)
+
+
+def views_in_turn_or_overlapped(extractor: Extractor, spec, images: int, rounds: int) -> None:
+    from headstart.tasks.classify.augment import augmented_views, build_augmentation
+    from headstart.tasks.classify.data import Sample
+
+    paths = sorted((SHARED / "data" / "hymenoptera" / "train").rglob("*.jpg"))[:images]
+    samples = [Sample(path=p, label=0, sha256=f"{k:064x}") for k, p in enumerate(paths)]
+    pipeline = build_augmentation("heavy", spec)
+    overlapped = extractor.fn(True)  # has start(): the model runs while the next image's views are made
+
+    def in_turn(pixels):  # the same model, no start(): extract_features computes in line
+        return overlapped(pixels)
+
+    def run(model) -> tuple[float, np.ndarray]:
+        start = time.perf_counter()
+        feats, _ = extract_features(
+            model,
+            samples,
+            lambda img, sample, seed: (augmented_views(img, pipeline, spec, 8, seed), {}),
+            views=8,
+            shape=(1280,),
+            cache=FeatureCache(None),
+            namespace="benchmark",
+            spec=spec,
+            batch_size=8,
+            progress=False,
+        )
+        return time.perf_counter() - start, feats
+
+    times = {"in turn": [], "overlapped": []}
+    feats = {}
+    for _ in range(rounds):
+        for name, model in (("in turn", in_turn), ("overlapped", overlapped)):
+            seconds, feats[name] = run(model)
+            times[name].append(seconds)
+    a, b = (float(np.median(times[k])) for k in ("in turn", "overlapped"))
+    print()
+    print(
+        f"training views ({len(samples)} images x 8 heavy views, decoded, augmented, OpenVINO bf16, batch 8; median "
+        f"of {rounds} alternating rounds): in turn {a:.2f} s, overlapped {b:.2f} s: {a / b:.2f}x; the same features: "
+        f"{np.array_equal(feats['in turn'], feats['overlapped'])}"
+    )
 
 
 if __name__ == "__main__":

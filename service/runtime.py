@@ -117,12 +117,18 @@ class Session:
             self._collect(self._started[0])
         request = self._idle.pop() if self._idle else compiled.create_infer_request()
         job = _Started(request, [compiled.output(name) for name in names])
-        request.start_async({0: np.ascontiguousarray(pixels, dtype=np.float32)})
+        try:
+            request.start_async({0: np.ascontiguousarray(pixels, dtype=np.float32)})
+        except BaseException:  # refused before it ran (e.g. the pixels' shape): the request stays usable
+            self._idle.append(request)
+            raise
         self._started.append(job)
         return lambda: self._collect(job)
 
     def _collect(self, job: _Started) -> list[np.ndarray]:
         if job.outputs is None:
+            if job not in self._started:  # its wait raised before: the request is someone else's now
+                raise RuntimeError("this input's inference failed; its error was raised when it was first awaited")
             try:
                 job.request.wait()  # raises what the inference raised
                 job.outputs = [np.array(job.request.get_tensor(port).data) for port in job.ports]

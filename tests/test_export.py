@@ -370,6 +370,15 @@ def test_started_inputs_give_what_run_gives_whatever_the_order_they_are_taken_in
         assert len(got) == len(names) and all(np.array_equal(g, e) for g, e in zip(got, expected[k], strict=True))
     if runtime == "openvino":
         assert len(session._idle) == Session.IN_FLIGHT and not session._started  # no request lost, none left running
+    # an input the model refuses raises (at its waiter on OpenVINO, once, then a message), and nothing is stuck
+    bad = np.zeros((2, 4, size, size), np.float32)  # four channels
+    with pytest.raises(Exception, match="(?i)shape|dimension"):
+        wait = session.start(names, bad)
+        wait()
+    if runtime == "openvino":
+        with pytest.raises(RuntimeError, match="this input's inference failed"):
+            wait()
+    assert all(np.array_equal(g, e) for g, e in zip(session.start(names, batches[0])(), expected[0], strict=True))
 
 
 def test_bf16_is_served_only_where_the_export_allowed_it(hymenoptera_bundle):

@@ -293,8 +293,8 @@ def _starter(run_model: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndar
 
 class DecodedImages:
     """Images one pass decodes, kept for a later pass over the same files (the training images' clean pass after
-    their augmented views: each decoded once instead of twice, 0.5 s of a hymenoptera run), up to ``max_bytes`` of
-    pixels; a kept image is handed out once, then forgotten."""
+    their augmented views: each decoded once instead of twice; hymenoptera: 245 decodes of about 1.5 ms fewer), up
+    to ``max_bytes`` of pixels; a kept image is handed out once, then forgotten."""
 
     def __init__(self, spec: PreprocessSpec, max_bytes: int = 256 * 2**20) -> None:
         self.spec, self.max_bytes, self.bytes = spec, max_bytes, 0
@@ -375,8 +375,9 @@ def extract_features(
         bar.update(len(chunk) * views)
 
     # One chunk's images are decoded and augmented while the model computes the previous chunk's (OpenVINO runs on
-    # its own threads: 1.16x the speed of taking turns, MobileNetV2 bf16 views on the 2-core AMD EPYC; a prefetch
-    # thread was no faster, its Python competing with the runtime's threads). Torch computes in line.
+    # its own threads: 1.20x the speed of taking turns, MobileNetV2 bf16 views on the 2-core AMD EPYC, the same
+    # features; benchmarks/feature_extraction.py. A prefetch thread was no faster, its Python competing with the
+    # runtime's threads). Torch computes in line.
     start_model = _starter(run_model)
     pending = None
     for first in range(0, len(todo), per_chunk):

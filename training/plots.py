@@ -11,3 +11,28 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def image_grid(rows: int, cols: int, cell: tuple[float, float], title_lines: int, fontsize: float):
+    """(pyplot, figure, axes rows x cols) for images under titles of ``title_lines`` lines at ``fontsize``, each
+    image in a ``cell`` (width, height) inches, axes off. Laid out by arithmetic: ``tight_layout`` draws the whole
+    figure once more to measure it, the images included (the audit plot: 0.46 s with it, 0.30 s without, on the
+    2-core AMD EPYC)."""
+    plt = pyplot()
+    width, height = cols * cell[0], rows * cell[1]
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
+    margin, gap = 0.05, 0.1  # inches: around the figure, between columns
+    title = (title_lines * fontsize * 1.25 + plt.rcParams["axes.titlepad"] + 2) / 72  # a title and its pad, inches
+    axes_height = (height - 2 * margin - rows * title) / rows
+    axes_width = (width - 2 * margin - (cols - 1) * gap) / cols
+    fig.subplots_adjust(
+        left=margin / width,
+        right=1 - margin / width,
+        bottom=margin / height,
+        top=1 - (margin + title) / height,
+        wspace=gap / axes_width,
+        hspace=title / axes_height,
+    )
+    for ax in axes.ravel():
+        ax.axis("off")
+    return plt, fig, axes

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from headstart.plots import pyplot
+from headstart.plots import image_grid
 
 log = logging.getLogger("headstart")
 
@@ -191,12 +191,10 @@ def plot_audit(report: dict, spec, path: Path, per_row: int = 6) -> None:
     pairs = [(p, f"{d['splits']} {d['similarity']:.3f}") for d in report["near_duplicates"] for p in d["paths"]]
     far = [(f["path"], f"{f['label']} z {f['z']:.1f}") for f in report["outliers"] if f["outlier"]]
     rows = [("label issue", issues[:per_row]), ("near-duplicate", pairs[:per_row]), ("outlier", far[:per_row])]
-    plt = pyplot()
-    fig, axes = plt.subplots(3, per_row, figsize=(2.6 * per_row, 3.2 * 3), squeeze=False)
+    plt, fig, axes = image_grid(3, per_row, (2.6, 3.2), title_lines=2, fontsize=7)
     for r, (kind, items) in enumerate(rows):
         for c in range(per_row):
             ax = axes[r, c]
-            ax.axis("off")
             if c < len(items):
                 file, caption = items[c]
                 try:
@@ -206,6 +204,5 @@ def plot_audit(report: dict, spec, path: Path, per_row: int = 6) -> None:
                 ax.set_title(f"{kind}: {caption}\n{Path(file).name[:28]}", fontsize=7)
             elif c == 0:
                 ax.text(0.5, 0.5, f"no {kind}s", ha="center", va="center")
-    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

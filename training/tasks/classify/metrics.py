@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.plots import pyplot
+from headstart.plots import image_grid, pyplot
 from headstart.service.preprocess import PreprocessSpec, decode_for, resize_and_crop
 
 
@@ -125,15 +125,12 @@ def plot_worst_predictions(
     max_images: int = 16,
 ) -> int:
     """Grid of the misclassified images with the most confident wrong predictions. Returns how many were drawn."""
-    plt = pyplot()
     pred = probs.argmax(axis=1)
     wrong = np.flatnonzero(pred != targets)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][:max_images]
     cols = max(1, min(4, len(wrong)))
     rows = max(1, int(np.ceil(len(wrong) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
+    plt, fig, axes = image_grid(rows, cols, (3, 3.3), title_lines=2, fontsize=8)
     for ax, i in zip(axes.ravel(), wrong, strict=False):
         ax.imshow(resize_and_crop(decode_for(paths[i], spec), spec))
         ax.set_title(
@@ -143,7 +140,6 @@ def plot_worst_predictions(
         )
     if not len(wrong):
         axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return len(wrong)

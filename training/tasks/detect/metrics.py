@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from headstart.plots import pyplot
+from headstart.plots import image_grid, pyplot
 from headstart.service.contract import Model
 from headstart.service.inference import outputs_of_files
 from headstart.service.localize import DEFAULTS, LocalizeParams, geometry, nms, trained_boxes
@@ -159,15 +159,12 @@ def plot_detections(
     max_images: int = 12,
 ) -> None:
     """Validation images with ground truth (white, dashed) and predictions above ``conf`` (red, labelled)."""
-    plt = pyplot()
-    from matplotlib.patches import Rectangle
-
     n = min(len(paths), max_images)
     cols = 4
     rows = max(1, int(np.ceil(n / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
+    plt, fig, axes = image_grid(rows, cols, (4, 3.4), title_lines=1, fontsize=8)
+    from matplotlib.patches import Rectangle
+
     for ax, p, pred, gt in zip(axes.ravel(), paths[:n], preds[:n], truth[:n], strict=False):
         ax.imshow(decode_image(p))
         for x1, y1, x2, y2 in gt["boxes"]:
@@ -185,6 +182,5 @@ def plot_detections(
                     bbox={"facecolor": "red", "alpha": 0.7, "pad": 1, "lw": 0},
                 )
         ax.set_title(Path(p).name, fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.plots import pyplot
+from headstart.plots import image_grid, pyplot
 from headstart.service.preprocess import PreprocessSpec, decode_for, resize_and_crop
 
 CANDIDATES = np.round(np.arange(0.02, 0.99, 0.01), 2)
@@ -160,20 +160,16 @@ def plot_worst(
     path: Path,
 ) -> None:
     """The worst images with their file names, true labels and predicted labels (those at or above threshold)."""
-    plt = pyplot()
     worst = worst_images(probs, truth)
     limits = threshold_vector(thresholds, labels)
     cols = max(1, min(4, len(worst)))
     rows = max(1, int(np.ceil(len(worst) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
+    plt, fig, axes = image_grid(rows, cols, (3.2, 3.6), title_lines=3, fontsize=7)
     for ax, i in zip(axes.ravel(), worst, strict=False):
         ax.imshow(resize_and_crop(decode_for(paths[i], spec), spec))
         true = ", ".join(labels[k] for k in np.flatnonzero(truth[i])) or "(none)"
         pred = ", ".join(labels[k] for k in np.flatnonzero(probs[i] >= limits)) or "(none)"
         ax.set_title(f"{Path(paths[i]).name[:30]}\ntrue: {true[:40]}\npred: {pred[:40]}", fontsize=7, color="darkred")
-    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

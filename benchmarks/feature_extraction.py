@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from _common import SHARED, check_idle, machine_line
 
-from headstart.features import Extractor, FeatureCache, extract_features, features_fn
+from headstart.extractor import Extractor, features_fn
+from headstart.features import FeatureCache, extract_features
 from headstart.models import PixelNormalize, build_backbone
 from headstart.service.preprocess import decode_for, preprocess
 

@@ -182,7 +182,7 @@ def _kernel_digest() -> str:
     import torch
     from torch import nn
 
-    from headstart.features import features_fn
+    from headstart.extractor import features_fn
     from headstart.models import build_backbone
     from headstart.models.heads import GridHead, GridHeadConfig
 

@@ -308,7 +308,7 @@ def test_device_cuda_without_a_gpu_is_refused_before_anything_is_written(tiny_fo
 
 
 def test_auto_device_on_a_machine_without_gpu_is_the_cpu(tiny_folder, tmp_path, cache_dir):
-    from headstart.features import resolve_device
+    from headstart.extractor import resolve_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
@@ -459,7 +459,7 @@ def test_openvino_features_match_torch_and_repeat_bit_for_bit():
     from the same net gives the same bits (runs stay reproducible on one machine)."""
     from torch import nn
 
-    from headstart.features import Extractor, features_fn
+    from headstart.extractor import Extractor, features_fn
     from headstart.models import PixelNormalize
     from headstart.service.preprocess import PreprocessSpec, decode_for, preprocess_batch
     from headstart.service.runtime import openvino_available
@@ -556,7 +556,7 @@ def test_the_command_exits_at_once_with_everything_written(tiny_folder, tmp_path
 def test_a_net_openvino_refuses_is_computed_by_torch_or_refused_by_name(monkeypatch, caplog):
     from torch import nn
 
-    from headstart import features
+    from headstart import extractor
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU()).eval()
     pixels = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32) * 255
@@ -564,9 +564,9 @@ def test_a_net_openvino_refuses_is_computed_by_torch_or_refused_by_name(monkeypa
     def refuse(*args, **kwargs):
         raise RuntimeError("unsupported operation")
 
-    monkeypatch.setattr(features, "_openvino_fns", refuse)
-    fallback = features.Extractor(net, input_size=32)
+    monkeypatch.setattr(extractor, "_openvino_fns", refuse)
+    fallback = extractor.Extractor(net, input_size=32)
     assert fallback.runtime == "torch" and "torch computes them" in caplog.text
-    assert np.allclose(fallback.fn(False)(pixels), features.features_fn(net, False)(pixels))
+    assert np.allclose(fallback.fn(False)(pixels), extractor.features_fn(net, False)(pixels))
     with pytest.raises(ValueError, match="OpenVINO cannot compute this backbone's features .*--extractor torch"):
-        features.Extractor(net, input_size=32, extractor="openvino")
+        extractor.Extractor(net, input_size=32, extractor="openvino")

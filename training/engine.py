@@ -24,16 +24,8 @@ from torch import nn
 from headstart import runs, tracking
 from headstart.augment import recipe, recipe_key
 from headstart.config import RunConfig
-from headstart.features import (
-    DecodedImages,
-    Extractor,
-    FeatureCache,
-    cache_namespace,
-    default_cache_dir,
-    extract_features,
-    resolve_device,
-    use_bf16,
-)
+from headstart.extractor import Extractor, resolve_device, use_bf16
+from headstart.features import DecodedImages, FeatureCache, cache_namespace, default_cache_dir, extract_features
 from headstart.models import Backbone, PixelNormalize, build_backbone
 from headstart.service.contract import BackboneRecord, RunRecord
 from headstart.service.preprocess import DECODE_MARGIN

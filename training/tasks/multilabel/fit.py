@@ -154,15 +154,18 @@ def fit_prototypes(job: Job, head_cfg: HeadConfig) -> ClassifierHead:
     opt = torch.optim.LBFGS([scale, bias], max_iter=500, line_search_fn="strong_wolfe")
     bce = nn.BCEWithLogitsLoss(reduction="none")
 
+    def data_loss() -> torch.Tensor:  # the log loss over the scored (view, label) pairs
+        return (bce(scale * x + bias, t) * m).sum() / len(x)
+
     def objective() -> torch.Tensor:
         opt.zero_grad()
-        loss = (bce(scale * x + bias, t) * m).sum() / len(x) + BIAS_RIDGE * (bias - bias.mean()).pow(2).sum()
+        loss = data_loss() + BIAS_RIDGE * (bias - bias.mean()).pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(objective)
     with torch.no_grad():
-        train_loss = float((bce(scale * x + bias, t) * m).sum() / len(x))  # L-BFGS's step returns its first loss
+        train_loss = float(data_loss())  # L-BFGS's step returns its first loss
     fitted = float(scale.detach())
     if not fitted > 0:  # nothing tells the labels' images from the others: the cosines as they are
         fitted = 1.0

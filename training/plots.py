@@ -14,7 +14,7 @@ def pyplot():
 
 
 def image_grid(rows: int, cols: int, cell: tuple[float, float], title_lines: int, fontsize: float):
-    """(pyplot, figure, axes rows x cols) for images under titles of ``title_lines`` lines at ``fontsize``, each
+    """(figure, axes rows x cols) for images under titles of ``title_lines`` lines at ``fontsize``, each
     image in a ``cell`` (width, height) inches, axes off. Laid out by arithmetic: ``tight_layout`` draws the whole
     figure once more to measure it, the images included (the audit plot: 0.46 s with it, 0.30 s without, on the
     2-core AMD EPYC)."""
@@ -35,4 +35,12 @@ def image_grid(rows: int, cols: int, cell: tuple[float, float], title_lines: int
     )
     for ax in axes.ravel():
         ax.axis("off")
-    return plt, fig, axes
+    return fig, axes
+
+
+def save_figure(fig, path, dpi: int) -> None:
+    """Write ``fig`` as PNG and close it. zlib level 1 instead of Pillow's 6: the photo grids (worst predictions,
+    the data audit) encode 3.5x faster (121 -> 35 ms and 142 -> 40 ms, 960x528 and 1248x768) for files 13% larger;
+    the line plots hardly change."""
+    fig.savefig(path, dpi=dpi, pil_kwargs={"compress_level": 1})
+    pyplot().close(fig)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from headstart.plots import image_grid
+from headstart.plots import image_grid, save_figure
 
 log = logging.getLogger("headstart")
 
@@ -191,7 +191,7 @@ def plot_audit(report: dict, spec, path: Path, per_row: int = 6) -> None:
     pairs = [(p, f"{d['splits']} {d['similarity']:.3f}") for d in report["near_duplicates"] for p in d["paths"]]
     far = [(f["path"], f"{f['label']} z {f['z']:.1f}") for f in report["outliers"] if f["outlier"]]
     rows = [("label issue", issues[:per_row]), ("near-duplicate", pairs[:per_row]), ("outlier", far[:per_row])]
-    plt, fig, axes = image_grid(3, per_row, (2.6, 3.2), title_lines=2, fontsize=7)
+    fig, axes = image_grid(3, per_row, (2.6, 3.2), title_lines=2, fontsize=7)
     for r, (kind, items) in enumerate(rows):
         for c in range(per_row):
             ax = axes[r, c]
@@ -204,5 +204,4 @@ def plot_audit(report: dict, spec, path: Path, per_row: int = 6) -> None:
                 ax.set_title(f"{kind}: {caption}\n{Path(file).name[:28]}", fontsize=7)
             elif c == 0:
                 ax.text(0.5, 0.5, f"no {kind}s", ha="center", va="center")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.plots import image_grid, pyplot
+from headstart.plots import image_grid, pyplot, save_figure
 from headstart.service.preprocess import PreprocessSpec, decode_for, resize_and_crop
 
 
@@ -85,8 +85,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], labels: Sequence[str], pa
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > thresh else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_training_curves(history: list[dict], path: Path, kept_epoch: int | None = None) -> None:
@@ -111,8 +110,7 @@ def plot_training_curves(history: list[dict], path: Path, kept_epoch: int | None
             ax.axvline(kept_epoch, color="green", linestyle=":", label=f"kept (epoch {kept_epoch})")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_worst_predictions(
@@ -130,7 +128,7 @@ def plot_worst_predictions(
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][:max_images]
     cols = max(1, min(4, len(wrong)))
     rows = max(1, int(np.ceil(len(wrong) / cols)))
-    plt, fig, axes = image_grid(rows, cols, (3, 3.3), title_lines=2, fontsize=8)
+    fig, axes = image_grid(rows, cols, (3, 3.3), title_lines=2, fontsize=8)
     for ax, i in zip(axes.ravel(), wrong, strict=False):
         ax.imshow(resize_and_crop(decode_for(paths[i], spec), spec))
         ax.set_title(
@@ -140,8 +138,7 @@ def plot_worst_predictions(
         )
     if not len(wrong):
         axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
     return len(wrong)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from headstart.plots import image_grid, pyplot
+from headstart.plots import image_grid, pyplot, save_figure
 from headstart.service.contract import Model
 from headstart.service.inference import outputs_of_files
 from headstart.service.localize import DEFAULTS, LocalizeParams, geometry, nms, trained_boxes
@@ -145,8 +145,7 @@ def plot_detection_curves(history: list[dict], path: Path) -> None:
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_detections(
@@ -162,7 +161,7 @@ def plot_detections(
     n = min(len(paths), max_images)
     cols = 4
     rows = max(1, int(np.ceil(n / cols)))
-    plt, fig, axes = image_grid(rows, cols, (4, 3.4), title_lines=1, fontsize=8)
+    fig, axes = image_grid(rows, cols, (4, 3.4), title_lines=1, fontsize=8)
     from matplotlib.patches import Rectangle
 
     for ax, p, pred, gt in zip(axes.ravel(), paths[:n], preds[:n], truth[:n], strict=False):
@@ -182,5 +181,4 @@ def plot_detections(
                     bbox={"facecolor": "red", "alpha": 0.7, "pad": 1, "lw": 0},
                 )
         ax.set_title(Path(p).name, fontsize=8)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.plots import image_grid, pyplot
+from headstart.plots import image_grid, pyplot, save_figure
 from headstart.service.preprocess import PreprocessSpec, decode_for, resize_and_crop
 
 CANDIDATES = np.round(np.arange(0.02, 0.99, 0.01), 2)
@@ -141,8 +141,7 @@ def plot_precision_recall(probs: np.ndarray, truth: np.ndarray, labels: Sequence
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def worst_images(probs: np.ndarray, truth: np.ndarray, limit: int = 12) -> np.ndarray:
@@ -164,14 +163,13 @@ def plot_worst(
     limits = threshold_vector(thresholds, labels)
     cols = max(1, min(4, len(worst)))
     rows = max(1, int(np.ceil(len(worst) / cols)))
-    plt, fig, axes = image_grid(rows, cols, (3.2, 3.6), title_lines=3, fontsize=7)
+    fig, axes = image_grid(rows, cols, (3.2, 3.6), title_lines=3, fontsize=7)
     for ax, i in zip(axes.ravel(), worst, strict=False):
         ax.imshow(resize_and_crop(decode_for(paths[i], spec), spec))
         true = ", ".join(labels[k] for k in np.flatnonzero(truth[i])) or "(none)"
         pred = ", ".join(labels[k] for k in np.flatnonzero(probs[i] >= limits)) or "(none)"
         ax.set_title(f"{Path(paths[i]).name[:30]}\ntrue: {true[:40]}\npred: {pred[:40]}", fontsize=7, color="darkred")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def write_predictions(

@@ -204,7 +204,7 @@ def _write_evaluation(out: Path, paths, probs, truth, labels, thresholds, spec, 
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
-    from headstart.plots import pyplot
+    from headstart.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
@@ -219,8 +219,7 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     b.set_xlabel("epoch")
     b.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 TASK = MultiLabelTask()

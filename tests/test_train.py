@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import urllib.error
 
 import numpy as np
@@ -82,6 +83,27 @@ def test_truncated_cache_file_is_recomputed(tiny_folder, tmp_path, cache_dir):
     assert json.loads((b / "metrics.json").read_text())["training"]["feature_cache_recomputed_corrupt"] == 3
     for key, value in head_tensors(a).items():
         assert torch.equal(value, head_tensors(b)[key])
+
+
+def test_a_cache_write_that_fails_stops_the_run_with_the_disks_error(tiny_folder, tmp_path, cache_dir, monkeypatch):
+    """Cache files are written on a thread of their own: a write that fails (a full disk) still stops the run, with
+    its error, and no run is marked done; what was written before it stays valid for the next run."""
+    original, calls = FeatureCache.put, {"n": 0}
+
+    def put(self, key, arr, dtype=np.float32):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise OSError(28, "No space left on device")
+        return original(self, key, arr, dtype)
+
+    monkeypatch.setattr(FeatureCache, "put", put)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(tiny_config(tiny_folder, tmp_path / "full", cache_dir))
+    assert not (tmp_path / "full" / runs.DONE).exists()
+    assert len(list(cache_dir.rglob("*.npy"))) == 4
+    monkeypatch.setattr(FeatureCache, "put", original)
+    again = train(tiny_config(tiny_folder, tmp_path / "again", cache_dir))
+    assert json.loads((again / "metrics.json").read_text())["training"]["feature_cache_recomputed_corrupt"] == 0
 
 
 class Interrupt(KeyboardInterrupt):
@@ -570,3 +592,47 @@ def test_a_net_openvino_refuses_is_computed_by_torch_or_refused_by_name(monkeypa
     assert np.allclose(fallback.fn(False)(pixels), extractor.features_fn(net, False)(pixels))
     with pytest.raises(ValueError, match="OpenVINO cannot compute this backbone's features .*--extractor torch"):
         extractor.Extractor(net, input_size=32, extractor="openvino")
+
+
+def test_openvino_compiles_only_for_a_missing_feature_and_a_late_refusal_starts_again_with_torch(
+    tiny_folder, tmp_path, cache_dir, monkeypatch, caplog
+):
+    """A run compiles the backbone for OpenVINO when the cache lacks a feature: a rerun on a warm cache never does
+    (same features, same head). Should OpenVINO refuse the net then, the run starts its passes again with torch
+    (whose features are cached under their own name) and says so; `--extractor openvino` is refused by name."""
+    from headstart import extractor
+    from headstart.service.runtime import openvino_available
+
+    if not openvino_available():
+        pytest.skip("openvino is not installed")
+    compiled = []
+    real = extractor._openvino_fns
+    monkeypatch.setattr(extractor, "_openvino_fns", lambda *a, **k: compiled.append(1) or real(*a, **k))
+    first = train(tiny_config(tiny_folder, tmp_path / "first", cache_dir))
+    files = len(list(cache_dir.rglob("*.npy")))
+    assert len(compiled) == 1 and files > 0
+    warm = train(tiny_config(tiny_folder, tmp_path / "warm", cache_dir))
+    assert len(compiled) == 1 and len(list(cache_dir.rglob("*.npy"))) == files  # nothing compiled, nothing new
+    for run_dir in (first, warm):
+        assert json.loads((run_dir / "metrics.json").read_text())["training"]["extractor"] == "openvino"
+    for key, value in head_tensors(first).items():
+        assert torch.equal(value, head_tensors(warm)[key])
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(extractor, "_openvino_fns", refuse)
+    with caplog.at_level(logging.WARNING):
+        fallback = train(tiny_config(tiny_folder, tmp_path / "fallback", cache_dir, views=2))  # a feature missing
+    assert "OpenVINO cannot compute this backbone's features (unsupported operation); torch computes them" in (
+        caplog.text
+    )
+    metrics = json.loads((fallback / "metrics.json").read_text())
+    assert metrics["training"]["extractor"] == "torch" and metrics["accuracy"] >= 0.75
+    files = len(list(cache_dir.rglob("*.npy")))
+    torch_run = train(tiny_config(tiny_folder, tmp_path / "torch", cache_dir, views=2, extractor="torch"))
+    assert len(list(cache_dir.rglob("*.npy"))) == files  # the fallback's features are torch's, cached as such
+    for key, value in head_tensors(fallback).items():
+        assert torch.equal(value, head_tensors(torch_run)[key])
+    with pytest.raises(ValueError, match="OpenVINO cannot compute this backbone's features .*--extractor torch"):
+        train(tiny_config(tiny_folder, tmp_path / "named", cache_dir, views=4, extractor="openvino"))

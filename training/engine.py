@@ -24,7 +24,7 @@ from torch import nn
 from headstart import runs, tracking
 from headstart.augment import recipe, recipe_key
 from headstart.config import RunConfig
-from headstart.extractor import Extractor, resolve_device, use_bf16
+from headstart.extractor import Extractor, OpenVINORefused, resolve_device, use_bf16
 from headstart.features import DecodedImages, FeatureCache, cache_namespace, default_cache_dir, extract_features
 from headstart.models import Backbone, PixelNormalize, build_backbone
 from headstart.service.contract import BackboneRecord, RunRecord
@@ -182,13 +182,28 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
     passes = [("train", "train", True), ("val", "val", False)]
     if task.clean_train:  # the training images once more, as the validation images are: clean, fp32; each decoded
         passes.insert(1, ("train_clean", "train", False))  # once for both passes (DecodedImages)
-    decoded = DecodedImages(job.spec)
     extractor = Extractor(
-        job.net, input_size=job.spec.input_size, pool=layout.pool, device=job.device, extractor=cfg.extractor
+        job.net,
+        input_size=job.spec.input_size,
+        pool=layout.pool,
+        device=job.device,
+        extractor=cfg.extractor,
+        lazy=True,  # compiled at the first feature the cache lacks
     )
+    try:
+        _extract_passes(task, job, passes, extractor, ns, aug_key, common)
+    except OpenVINORefused as refused:  # at the first feature missing: start again, torch's features under its name
+        extractor.use_torch(refused)
+        _extract_passes(task, job, passes, extractor, ns, aug_key, common)
     job.training_report["extractor"] = extractor.runtime
+
+
+def _extract_passes(
+    task: Task, job: Job, passes: list, extractor: Extractor, ns: dict, aug_key: str, common: dict
+) -> None:
+    decoded = DecodedImages(job.spec)
     if extractor.runtime != "torch":  # OpenVINO's features differ from torch's in their last bits (bf16: more)
-        ns["runtime"] = extractor.runtime
+        ns = {**ns, "runtime": extractor.runtime}
     for name, split, train in passes:
         bf16 = job.bf16 and train
         samples = job.report.splits[split]

@@ -100,10 +100,12 @@ class Extractor:
         pool: bool = True,
         device: torch.device | str = "cpu",
         extractor: str = "auto",
+        lazy: bool = False,
     ) -> None:
         from headstart.service.runtime import openvino_available
 
-        self.model, self.pool, self.device = model, pool, torch.device(device)
+        self.model, self.pool, self.device, self.input_size = model, pool, torch.device(device), input_size
+        self.choice = extractor
         self._fns: dict[bool, Callable[[np.ndarray], np.ndarray]] = {}
         if extractor == "openvino" and self.device.type != "cpu":
             raise ValueError("--extractor openvino runs on the CPU; with --device cuda use --extractor torch or auto.")
@@ -111,21 +113,68 @@ class Extractor:
             raise ValueError("--extractor openvino needs the openvino package: pip install openvino, or use torch.")
         self.runtime = "torch"
         if extractor != "torch" and self.device.type == "cpu" and openvino_available():
-            try:
-                self._fns = _openvino_fns(model, input_size, pool)  # both compiled here, so that a refusal
-                self.runtime = "openvino"  # falls back before any feature is computed
-            except Exception as exc:  # the exporter or OpenVINO refuses some nets
-                if extractor == "openvino":
-                    raise ValueError(
-                        f"OpenVINO cannot compute this backbone's features ({exc}); use --extractor torch."
-                    ) from exc
-                log.warning("OpenVINO cannot compute this backbone's features (%s); torch computes them", exc)
+            self.runtime = "openvino"
+            if not lazy:
+                try:
+                    self._compile()  # both precisions here, so that a refusal falls back before any feature
+                except OpenVINORefused as exc:
+                    self.use_torch(exc)
+
+    def _compile(self) -> None:
+        """Both precisions compiled by OpenVINO (once); :class:`OpenVINORefused` where it cannot take the net, or
+        ``ValueError`` where ``--extractor openvino`` asked for it by name."""
+        if self._fns:
+            return
+        try:
+            self._fns = _openvino_fns(self.model, self.input_size, self.pool)
+        except Exception as exc:  # the exporter or OpenVINO refuses some nets
+            if self.choice == "openvino":
+                raise ValueError(
+                    f"OpenVINO cannot compute this backbone's features ({exc}); use --extractor torch."
+                ) from exc
+            raise OpenVINORefused(exc) from exc
+
+    def use_torch(self, refused: OpenVINORefused) -> None:
+        """From now on torch computes the features (OpenVINO refused the net)."""
+        log.warning("OpenVINO cannot compute this backbone's features (%s); torch computes them", refused.reason)
+        self.runtime, self._fns = "torch", {}
 
     def fn(self, bf16: bool) -> Callable[[np.ndarray], np.ndarray]:
-        """pixels (N, 3, S, S) float32 → features, as :func:`features_fn` returns them; built once per precision."""
+        """pixels (N, 3, S, S) float32 → features, as :func:`features_fn` returns them; built once per precision.
+        Built ``lazy``, OpenVINO compiles the net when the first features are computed (a run whose features are
+        all cached never compiles it: 0.6 s of a warm hymenoptera run); should it refuse the net then, the call
+        raises :class:`OpenVINORefused` and the caller starts again with :meth:`use_torch` (its features so far,
+        cached under OpenVINO's name, are not torch's)."""
+        if self.runtime == "openvino":
+            return _Compiled(self, bf16)
         if bf16 not in self._fns:
             self._fns[bf16] = features_fn(self.model, bf16, pool=self.pool, device=self.device)
         return self._fns[bf16]
+
+
+class OpenVINORefused(Exception):
+    """OpenVINO (or the ONNX exporter before it) cannot take the net; ``reason`` says why."""
+
+    def __init__(self, reason: Exception) -> None:
+        super().__init__(f"OpenVINO cannot compute this backbone's features ({reason})")
+        self.reason = reason
+
+
+class _Compiled:
+    """An :class:`Extractor`'s OpenVINO features for one precision, compiled at the first call or start."""
+
+    def __init__(self, extractor: Extractor, bf16: bool) -> None:
+        self.extractor, self.bf16 = extractor, bf16
+
+    def _features(self) -> _OpenVINOFeatures:
+        self.extractor._compile()
+        return self.extractor._fns[self.bf16]
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return self._features()(pixels)
+
+    def start(self, pixels: np.ndarray) -> Callable[[], np.ndarray]:
+        return self._features().start(pixels)
 
 
 class _Pooled(torch.nn.Module):

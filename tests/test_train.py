@@ -557,6 +557,25 @@ def test_the_extractor_is_chosen_recorded_and_kept_apart_in_the_cache(tiny_folde
         train(tiny_config(tiny_folder, tmp_path / "gpu", cache_dir, extractor="openvino", device="cuda"))
 
 
+def test_training_does_not_ask_pypi_for_a_newer_albumentations():
+    """Importing albumentations asks pypi.org for its latest version (a request per training run, a warning on every
+    offline one); headstart turns that off unless the user asks for it (NO_ALBUMENTATIONS_UPDATE=0)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import headstart.engine, albumentations.check_version as c; print(c.opener is None)"
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    env["https_proxy"] = env["HTTPS_PROXY"] = "http://127.0.0.1:9"  # should a check run, it fails here at once
+    for setting, checked in ((None, False), ("0", True)):
+        run_env = env if setting is None else {**env, "NO_ALBUMENTATIONS_UPDATE": setting}
+        cmd = [sys.executable, "-W", "default", "-c", probe]
+        done = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == str(not checked)  # the check makes its URL opener first
+        assert ("version info" in done.stderr) == checked, done.stderr
+
+
 def test_the_command_exits_at_once_with_everything_written(tiny_folder, tmp_path, cache_dir):
     """`headstart` skips the interpreter's teardown and the threads libraries leave (OpenVINO's usage event): what
     the command printed and wrote is all there, and its exit code is the command's."""

@@ -18,8 +18,8 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
-# albumentations (the training augmentations) asks pypi.org for a newer version of itself each time it is imported,
-# waiting up to 2 s, and prints a warning on every offline run (`Error fetching version info ... name resolution`).
+# albumentations (the training augmentations) asks pypi.org for a newer version of itself each time it is imported
+# (a 2 s timeout), and prints a warning on every offline run (`Error fetching version info ... name resolution`).
 # headstart pins it (pyproject.toml); set NO_ALBUMENTATIONS_UPDATE=0 to have the check.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

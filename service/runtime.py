@@ -142,7 +142,7 @@ class Session:
         return f"{self.runtime} ({where}, {self.precision})"
 
 
-@dataclass
+@dataclass(eq=False)  # one input is not another's even when they share a request (a failed one's, reused)
 class _Started:
     """One input :meth:`Session.start` gave OpenVINO: its request, the outputs asked for and, once taken, them."""
 

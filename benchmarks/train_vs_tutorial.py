@@ -118,6 +118,11 @@ def headstart_run(
     return metrics["accuracy"], seconds, metrics["training"]
 
 
+def median_wall(runs: list[tuple[float, float]]) -> float:
+    """The median wall time of (accuracy, wall) runs (the upper middle one of an even count)."""
+    return sorted(w for _, w in runs)[len(runs) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=25)
@@ -149,8 +154,7 @@ def main() -> None:
     base_acc, base_s = tutorial_baseline(data, weights, args.epochs)
     load = max(load, check_idle())
 
-    walls = sorted(w for _, w in runs)
-    hs_s = walls[len(walls) // 2]
+    hs_s = median_wall(runs)
     accs = [a for a, _ in runs]
     ratio = base_s / hs_s
     one_image = 1 / val_images
@@ -163,7 +167,7 @@ def main() -> None:
     print()
     print(f"time ratio tutorial / headstart (median wall): {ratio:.1f}x (target >= 20x)")
     if before:
-        then = sorted(w for _, w in before)[len(before) // 2]
+        then = median_wall(before)
         print(
             f"with the code of {args.baseline}: median wall {then:.1f}s, {base_s / then:.1f}x the tutorial; today's "
             f"code {then / hs_s:.2f}x as fast; accuracies then {[round(a, 4) for a, _ in before]}"

@@ -7,8 +7,10 @@ decoded image into that tensor, so training's evaluation and the service cannot 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -167,6 +169,37 @@ def _check_work(img: Image.Image, fp: BinaryIO, max_pixels: int) -> None:
             )
 
 
+_quiet_lock = threading.Lock()
+_quiet_decodes = 0
+_quiet_saved: warnings.catch_warnings | None = None
+
+
+@contextlib.contextmanager
+def _warnings_quiet() -> Iterator[None]:
+    """Warnings ignored while any thread decodes (PIL warns instead of raising for a damaged TIFF or EXIF block, and
+    between MAX_IMAGE_PIXELS and twice that, which is checked here: a damaged file decodes or raises, never logs).
+
+    ``warnings.catch_warnings`` saves the process's filters on entry and puts them back on exit, so two threads each
+    with their own, overlapping, left "ignore every warning" in place for good (a thread's entry saved the other's
+    filter) or decoded with none. One is held here, entered by the first decoding thread and left by the last.
+    """
+    global _quiet_decodes, _quiet_saved
+    with _quiet_lock:
+        if _quiet_decodes == 0:
+            _quiet_saved = warnings.catch_warnings()
+            _quiet_saved.__enter__()
+            warnings.simplefilter("ignore")
+        _quiet_decodes += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_decodes -= 1
+            if _quiet_decodes == 0:
+                saved, _quiet_saved = _quiet_saved, None
+                saved.__exit__(None, None, None)
+
+
 def decode_image(
     source: bytes | str | Path,
     *,
@@ -186,10 +219,7 @@ def decode_image(
     """
     fp = _open(source)
     try:
-        with warnings.catch_warnings():
-            # PIL warns (instead of raising) between MAX_IMAGE_PIXELS and twice that, which we check ourselves, and
-            # for every oddity of a damaged TIFF or EXIF block: a damaged file decodes or raises, never logs.
-            warnings.simplefilter("ignore")
+        with _warnings_quiet():  # safe with several threads decoding at once
             refuse_before_open(fp)
             img = Image.open(fp, formats=ALLOWED_FORMATS)
             _check_work(img, fp, max_pixels)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -100,6 +102,30 @@ def test_animated_gif_gives_first_frame():
 def test_bad_images_raise_image_error(data, message):
     with pytest.raises(ImageError, match=message):
         decode_image(data)
+
+
+def test_decoding_on_several_threads_stays_quiet_and_leaves_the_warning_filters_as_they_were(monkeypatch):
+    # each decode had its own warnings.catch_warnings, which saves and restores the process's filters: overlapping
+    # decodes (the data scan's threads, the service's) left "ignore every warning" in place for the whole process
+    import headstart.service.preprocess as pp
+
+    checked = pp.refuse_before_open
+
+    def warn_then_check(fp):  # as PIL warns for a damaged EXIF block inside a decode
+        warnings.warn("a damaged EXIF block", UserWarning, stacklevel=1)
+        return checked(fp)
+
+    monkeypatch.setattr(pp, "refuse_before_open", warn_then_check)
+    data = [encode(gradient(64 + i % 7, 48), "JPEG") for i in range(64)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        for _ in range(10):
+            with ThreadPoolExecutor(4) as pool:
+                assert [img.size for img in pool.map(decode_image, data)] == [(64 + i % 7, 48) for i in range(64)]
+            assert warnings.filters == before
+        warnings.warn("after the decoding", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["after the decoding"]
 
 
 def test_decompression_bomb_is_refused_before_decoding():

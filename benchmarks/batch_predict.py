@@ -4,8 +4,9 @@ two-node cluster simulated on this machine (ray.cluster_utils.Cluster, one CPU p
 
 The images (``--photos``): the shared hymenoptera validation photos repeated (``--repeat``, 20 by default: 3060
 paths), or the three full-size camera JPEGs of ../shared/photos/camera repeated (``camera``: 100 times by default,
-300 paths), the photos users' archives hold. ``--baseline REV`` also runs the local Ray job with the code of commit
-REV (a git worktree, same bundle and photos, in the same run), e.g. the commit before a change of the decoding.
+300 paths), the photos users' archives hold. ``--baseline REV`` also runs the single process and the local Ray job
+with the code of commit REV (its files laid out as the package: ``_common.code_of``; same bundle and photos, in the
+same run), e.g. the commit before a change of the decoding.
 
     .venv/bin/python benchmarks/batch_predict.py [--model BUNDLE] [--photos hymenoptera|camera] [--repeat N]
         [--baseline REV] [--no-two-nodes]
@@ -44,17 +45,28 @@ ray.shutdown()
 """
 
 
-def single_process(model: str, paths: list[str]) -> float:
-    """images/s of `headstart predict`'s loop: read, decode, preprocess, classify, one image at a time."""
-    from headstart.service.bundle import load_bundle
-    from headstart.service.inference import classify_images
-    from headstart.service.preprocess import decode_for
+#: `headstart predict`'s loop as a commit has it (the Python API's, which the command shares the decoding with),
+#: printing images/s: the single process, today's code or a baseline's
+SINGLE_JOB = """
+import sys, time
+import headstart
+model, listing = sys.argv[1:3]
+paths = open(listing).read().splitlines()
+loaded = headstart.load(model)
+loaded.predict(paths[:8])  # the runtime warm, as a server's
+started = time.perf_counter()
+answers = loaded.predict(paths)
+print(len(paths) / (time.perf_counter() - started), sum(a.error is not None for a in answers))
+"""
 
-    bundle = load_bundle(model)
-    started = time.perf_counter()
-    for path in paths:
-        classify_images(bundle, [decode_for(Path(path), bundle.spec)], 5)
-    return len(paths) / (time.perf_counter() - started)
+
+def single_process(model: str, listing: str, where: dict | None = None) -> tuple[float, int]:
+    """(images/s, errors) of `headstart predict`'s loop in a new process (:data:`SINGLE_JOB`): read, decode (ahead,
+    on threads, since this change), preprocess, classify; ``where``: :func:`code_of`'s, for a baseline commit."""
+    out = subprocess.run(
+        [sys.executable, "-c", SINGLE_JOB, model, listing], **(where or {}), check=True, capture_output=True, text=True
+    ).stdout.split()
+    return float(out[-2]), int(out[-1])
 
 
 def ray_job(model: str, listing: str, probe: str, out: Path, **kw) -> tuple[float, float, dict]:
@@ -89,12 +101,12 @@ def two_nodes(model: str, listing: str, probe: str, tmp: Path, images: int) -> t
     return images / seconds, startup, summary
 
 
-def baseline(rev: str, model: str, listing: str, probe: str, tmp: Path) -> tuple[float, float, int]:
-    """(seconds, startup seconds, errors) of the local Ray job run by the code of commit ``rev`` (:func:`code_of`;
+def baseline(where: dict, model: str, listing: str, probe: str, tmp: Path) -> tuple[float, float, int]:
+    """(seconds, startup seconds, errors) of the local Ray job run by a commit's code (``where``: :func:`code_of`'s;
     Ray's workers inherit the environment)."""
     out = subprocess.run(
         [sys.executable, "-c", BASELINE_JOB, model, listing, probe, str(tmp / "baseline-out")],
-        **code_of(rev, tmp),
+        **where,
         check=True,
         capture_output=True,
         text=True,
@@ -125,10 +137,18 @@ def main() -> None:
         listing = Path(tmp) / "images.txt"
         listing.write_text("\n".join(paths) + "\n")
         (Path(tmp) / "probe.txt").write_text("\n".join((photos * 8)[:8]) + "\n")
-        base = single_process(model, paths)
-        print(
-            f"single process (`headstart predict` loop, batch 1): {base:.1f} img/s over {len(paths)} images", flush=True
-        )
+        where = code_of(args.baseline, Path(tmp)) if args.baseline else None
+        base, errors = single_process(model, str(listing))
+        print(f"single process (`headstart predict`): {base:.1f} img/s over {len(paths)} images, errors {errors}")
+        result = {"photos": args.photos, "single_process_ips": round(base, 1)}
+        if where:
+            before, errors0 = single_process(model, str(listing), where)
+            result |= {"baseline_single_process_ips": round(before, 1), "single_vs_baseline": round(base / before, 2)}
+            print(
+                f"single process with the code of {args.baseline}: {before:.1f} img/s, errors {errors0}; now "
+                f"{base / before:.2f}x that",
+                flush=True,
+            )
         seconds, startup, summary = ray_job(model, str(listing), str(Path(tmp) / "probe.txt"), Path(tmp) / "local")
         local = len(paths) / seconds
         print(
@@ -136,11 +156,9 @@ def main() -> None:
             f"startup {startup:.1f} s, errors {summary['errors']}",
             flush=True,
         )
-        result = {"photos": args.photos, "single_process_ips": round(base, 1), "ray_local_ips": round(local, 1)}
-        if args.baseline:
-            seconds0, startup0, errors0 = baseline(
-                args.baseline, model, str(listing), str(Path(tmp) / "probe.txt"), Path(tmp)
-            )
+        result["ray_local_ips"] = round(local, 1)
+        if where:
+            seconds0, startup0, errors0 = baseline(where, model, str(listing), str(Path(tmp) / "probe.txt"), Path(tmp))
             before = len(paths) / seconds0
             result |= {
                 "baseline": args.baseline,

@@ -106,12 +106,20 @@ class Predictor:
         return type(cls.__name__, (cls,), {"__init__": lambda self: cls.__init__(self, model, options)})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from .ahead import in_order
         from .inference import classify_arrays, top_k
         from .localize import LocalizeParams, localize_images
         from .preprocess import decode_for, preprocess
 
+        def decoded(path):
+            if str(path) in self.not_utf8:
+                raise FileProblem(f"The file name {str(path)!r} is not UTF-8 (shown escaped); rename the file.")
+            return decode_for(read_bytes(str(path)), self.bundle.spec)
+
         rows, images, good = [], [], []
-        for path, part, index in zip(batch["path"], batch["part"], batch["index"], strict=True):
+        # decoded on as many threads as the actor has CPUs (PIL releases the GIL): one, in turn, by default here
+        ahead = in_order(decoded, batch["path"], threads=self.options["threads"])
+        for path, part, index, image in zip(batch["path"], batch["part"], batch["index"], ahead, strict=True):
             # "" rather than None inside Ray: every block then has the same column types
             row = {
                 "path": str(path),
@@ -127,9 +135,7 @@ class Predictor:
                 "unknown": -1,
             }
             try:
-                if str(path) in self.not_utf8:
-                    raise FileProblem(f"The file name {str(path)!r} is not UTF-8 (shown escaped); rename the file.")
-                images.append(decode_for(read_bytes(str(path)), self.bundle.spec))
+                images.append(image.result())
                 good.append(len(rows))
             except Exception as exc:  # unreadable or not an image: the row says so, the job goes on
                 row["error"] = f"{type(exc).__name__}: {exc}"
@@ -360,7 +366,9 @@ def _predict_on_ray(
     ray_address: str | None,
     progress: bool,
 ) -> dict:
-    local_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from .cpu import usable_cpus
+
+    local_cpus = usable_cpus()
     ray = _init_ray(ray_address, None if ray_address or os.environ.get("RAY_ADDRESS") else local_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = progress
     actors, cpus_per_actor = pool_size(int(ray.cluster_resources().get("CPU", local_cpus)), actors, cpus_per_actor)

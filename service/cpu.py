@@ -79,10 +79,15 @@ def parse_cpuinfo(text: str, cores: int, architecture: str) -> CpuInfo:
     )
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or `taskset`'s limit), at least 1."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @functools.cache
 def cpu_info() -> CpuInfo:
     """This machine's CPU (read once)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cpus()
     try:
         with open("/proc/cpuinfo") as fh:
             text = fh.read()

@@ -97,6 +97,7 @@ class LoadedModel:
         that cannot be read gets an answer with ``error`` set, as `headstart predict` prints an error line;
         ``localize`` adds boxes (class activation boxes for a classifier) kept from ``conf`` up. A multi-label model
         answers ``labels`` (those at or above their thresholds; ``label_threshold``: one threshold for all)."""
+        from headstart.service.ahead import in_order
         from headstart.service.inference import classify_images
         from headstart.service.localize import DEFAULTS, LocalizeParams, localize_images
 
@@ -116,10 +117,10 @@ class LoadedModel:
                 answers[i] = Answer(image=name, **results[j], **extra)
             decoded.clear()
 
-        for i, item in enumerate(items):
+        for i, (item, image) in enumerate(zip(items, in_order(self._decode, items), strict=True)):  # decoded ahead
             name = _name_of(item)
             try:
-                decoded.append((i, name, self._decode(item)))
+                decoded.append((i, name, image.result()))
             except (HeadstartError, OSError, ValueError) as exc:
                 answers[i] = Answer(image=name, error=str(exc))
             if len(decoded) >= batch_size:

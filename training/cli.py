@@ -172,6 +172,7 @@ def _cmd_predict(args) -> int:
 def _predict_files(model, args) -> int:
     """One line per image (a person's, or JSON with --json): its answer (and boxes, heatmap file); a file that cannot
     be read is a line with an ``error`` and exit status 1."""
+    from headstart.service.ahead import in_order
     from headstart.service.files import expand_images, read_image_file, shown
     from headstart.service.heatmap import heatmap
     from headstart.service.inference import classify_images
@@ -183,8 +184,10 @@ def _predict_files(model, args) -> int:
     if heatmaps is not None:
         heatmaps.mkdir(parents=True, exist_ok=True)
 
-    def answer(path: Path) -> dict:
-        img = decode_for(read_image_file(path), model.spec)  # a FIFO, a device, a huge file: an error line
+    def decoded(image: str):  # a FIFO, a device, a huge file: an error line
+        return decode_for(read_image_file(Path(image)), model.spec)
+
+    def answer(path: Path, img) -> dict:
         out = classify_images(model, [img], args.top_k, args.novelty_threshold, args.label_threshold)[0]
         if params is not None:
             result = localize_images(model, [img], params, args.novelty_threshold)[0]
@@ -199,9 +202,9 @@ def _predict_files(model, args) -> int:
     images = expand_images(args.images)
     if not images:
         raise ValueError(f"{' '.join(args.images)} names no images (folders are searched for image file names).")
-    for image in images:
+    for image, img in zip(images, in_order(decoded, images), strict=True):  # decoded ahead, on threads
         try:
-            result = answer(Path(image))
+            result = answer(Path(image), img.result())
         except (ImageError, OSError) as exc:
             result, status = {"error": str(exc)}, 1
         print(

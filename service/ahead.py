@@ -1,0 +1,63 @@
+"""Work done ahead on threads and taken in order: images decoded while the model runs on the previous ones.
+
+PIL releases the GIL while it decodes, so threads decode photos in parallel in one process: `headstart predict` and
+`evaluate` on full-size camera JPEGs went from 67 to 108 images/s on 2 cores (benchmarks/RESULTS.md, "Large
+photos"). Torch-free.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+from .cpu import usable_cpus
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: at most this many decoding threads, whatever the CPU count: beyond, the model, not the decoding, bounds a process
+MAX_THREADS = 8
+
+
+def default_threads() -> int:
+    """Decoding threads for one process: one per CPU it may use, at most :data:`MAX_THREADS`."""
+    return max(1, min(usable_cpus(), MAX_THREADS))
+
+
+def in_order(
+    fn: Callable[[T], R], items: Iterable[T], threads: int | None = None, ahead: int | None = None
+) -> Iterator[Future[R]]:
+    """``fn(item)`` for each item, as finished futures in the items' order: ``.result()`` gives the value or raises
+    what ``fn`` raised, where the caller takes it, as a plain loop would.
+
+    ``threads`` (default :func:`default_threads`) compute at most ``ahead`` (default 4 per thread) results beyond
+    the one the caller holds, so memory is bounded by ``ahead`` results whatever the number of items. With one
+    thread, each result is computed on the caller's thread when taken: the plain loop. A caller that stops early
+    leaves nothing running (the pending calls are cancelled, the running ones finished).
+    """
+    threads = default_threads() if threads is None else max(1, threads)
+    if threads == 1:
+        for item in items:
+            future: Future[R] = Future()
+            try:
+                future.set_result(fn(item))
+            except Exception as exc:
+                future.set_exception(exc)
+            yield future
+        return
+    ahead = max(1, 4 * threads if ahead is None else ahead)
+    pending = iter(items)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="headstart-decode")
+    try:
+        window: deque[Future[R]] = deque(pool.submit(fn, item) for _, item in zip(range(ahead), pending, strict=False))
+        while window:
+            future = window.popleft()
+            future.exception()  # wait for it, without raising: the caller's .result() raises
+            for item in pending:  # one more in flight for the one taken
+                window.append(pool.submit(fn, item))
+                break
+            yield future
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

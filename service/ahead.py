@@ -1,8 +1,8 @@
 """Work done ahead on threads and taken in order: images decoded while the model runs on the previous ones.
 
-PIL releases the GIL while it decodes, so threads decode photos in parallel in one process: `headstart predict` and
-`evaluate` on full-size camera JPEGs went from 67 to 108 images/s on 2 cores (benchmarks/RESULTS.md, "Large
-photos"). Torch-free.
+PIL releases the GIL while it decodes, so threads decode photos in parallel in one process: `headstart predict` on
+full-size camera JPEGs went from 62-66 to 98-103 images/s on 2 cores (benchmarks/RESULTS.md, "Large photos").
+Torch-free.
 """
 
 from __future__ import annotations

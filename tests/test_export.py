@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from headstart.cli import main
 from headstart.exporter import ExportError, export_bundle
@@ -457,3 +458,37 @@ def test_the_cli_prints_its_own_lines_not_the_libraries_chatter(tiny_run, tmp_pa
     assert any("ONNX Runtime vs PyTorch" in line for line in quiet) and any("exported" in line for line in quiet)
     assert not any("initializer" in line or "unused nodes" in line for line in quiet), quiet
     assert any("unused nodes" in line for line in verbose) and len(quiet) < 20 < len(verbose)
+
+
+class _ScaledByBatch(torch.nn.Module):
+    """Outputs that depend on the batch's size through a Python number: a trace would bake in its example's."""
+
+    def __init__(self, by_batch: bool) -> None:
+        super().__init__()
+        self.conv, self.by_batch = torch.nn.Conv2d(3, 4, 3), by_batch
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        scale = torch.tensor(x.shape[0], dtype=torch.float32) if self.by_batch else 2.0  # a constant in a trace
+        return torch.softmax(y, 1), y / scale
+
+
+@pytest.mark.parametrize("by_batch", [False, True], ids=["traced", "trace-unsure"])
+def test_the_onnx_file_is_traced_unless_the_tracer_is_unsure_and_holds_for_every_batch_size(by_batch, tmp_path, caplog):
+    import onnxruntime as ort
+
+    from headstart.onnx_io import export_onnx
+
+    torch.manual_seed(0)
+    model = _ScaledByBatch(by_batch).eval()
+    with caplog.at_level("INFO", logger="headstart"):
+        export_onnx(model, tmp_path / "m.onnx", 16, output_names=("probabilities", "scaled"))
+    assert ("dynamo exporter (the trace may not hold" in caplog.text) == by_batch
+    assert onnx.load(str(tmp_path / "m.onnx")).opset_import[0].version == (18 if by_batch else 17)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 2, 5):  # the trace's example has 2: a baked-in 2 gives wrong outputs at 1 and 5
+        x = torch.rand(batch, 3, 16, 16) * 255
+        with torch.inference_mode():
+            expected = [t.numpy() for t in model(x)]
+        for got, want in zip(session.run(None, {"pixels": x.numpy()}), expected, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -206,7 +206,7 @@ def _write_bundle(
     fp32 = tmp / MODEL_FP32
     outputs = task.outputs(run)
     output_names = [o["name"] for o in outputs]
-    export_onnx(run.model, fp32, run.spec.input_size, output_names=output_names)
+    export_onnx(run.model, fp32, run.spec.input_size, output_names=output_names, traced=not int8)
     session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
     exported = sorted(o.name for o in session.get_outputs())
     if exported != sorted(output_names):

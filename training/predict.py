@@ -12,9 +12,15 @@ from headstart.models import Classifier
 from headstart.service.inference import outputs_of_files
 from headstart.service.preprocess import PreprocessSpec
 
+#: images per forward pass of a torch model on CPU: the MobileNetV2 classifier computes 79.5 images/s at 8 and 31.4 at
+#: 32 (2-core AMD EPYC: at 32 its activations outgrow the caches), the same bits (benchmarks/RESULTS.md, "Export")
+CPU_BATCH = 8
+
 
 @torch.inference_mode()
-def predict_paths(model: Classifier, paths: Sequence[Path], spec: PreprocessSpec, batch_size: int = 32) -> np.ndarray:
+def predict_paths(
+    model: Classifier, paths: Sequence[Path], spec: PreprocessSpec, batch_size: int = CPU_BATCH
+) -> np.ndarray:
     """Class probabilities (N, K) in fp32 for image files, preprocessed exactly as the service does."""
     model.eval()
     device = next(model.parameters()).device
@@ -29,7 +35,11 @@ def predict_paths(model: Classifier, paths: Sequence[Path], spec: PreprocessSpec
 
 @torch.inference_mode()
 def torch_outputs(
-    model: torch.nn.Module, paths: Sequence[Path], spec: PreprocessSpec, batch_size: int = 32, sizes: list | None = None
+    model: torch.nn.Module,
+    paths: Sequence[Path],
+    spec: PreprocessSpec,
+    batch_size: int = CPU_BATCH,
+    sizes: list | None = None,
 ) -> list[np.ndarray]:
     """Every output of a torch model on image files (preprocessed as the service does), concatenated; ``sizes``
     as :func:`service.preprocess.load_batches`."""
@@ -57,7 +67,9 @@ class RunModel:
 
     @torch.inference_mode()
     def run(self, pixels: np.ndarray, names: Sequence[str] | None = None) -> list[np.ndarray]:
-        outputs = dict(zip(self.output_names, self.model(torch.from_numpy(pixels)), strict=True))
+        chunks = [pixels[i : i + CPU_BATCH] for i in range(0, len(pixels), CPU_BATCH)] or [pixels]
+        parts = [self.model(torch.from_numpy(chunk)) for chunk in chunks]
+        outputs = {name: torch.cat(part) for name, *part in zip(self.output_names, *parts, strict=True)}
         return [outputs[name].numpy() for name in names or self.output_names]
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:

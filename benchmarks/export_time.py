@@ -1,0 +1,81 @@
+"""`headstart export` as a user runs it (a new process, `--no-store`), today's code against a baseline commit's in
+the same run, alternating: the wall time of each and whether both bundles verified with the same figures.
+
+The run exported is the hymenoptera MobileNetV2 (trained here first, unless ``--run`` names one); ``--int8`` adds
+the int8 twin. ``--baseline REV`` runs the export with the code of commit REV as well (``_common.code_of``).
+
+    .venv/bin/python benchmarks/export_time.py [--run RUN_DIR] [--baseline REV] [--rounds N] [--int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import SHARED, check_idle, code_of, machine_line
+
+
+def train_run(tmp: Path) -> str:
+    from headstart.tasks import ClassifyConfig, train
+
+    cfg = ClassifyConfig(
+        data_dir=str(SHARED / "data" / "hymenoptera"),
+        out=str(tmp / "run"),
+        backbone="torchvision:mobilenet_v2",
+        weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
+        progress=False,
+    )
+    return str(train(cfg))
+
+
+def export_once(run: str, out: Path, int8: bool, where: dict | None) -> tuple[float, dict]:
+    """(wall seconds, the printed JSON) of one `headstart export` in a new process."""
+    command = [sys.executable, "-m", "headstart", "export", run, "--out", str(out), "--no-store", "--json"]
+    started = time.perf_counter()
+    done = subprocess.run(command + (["--int8"] if int8 else []), **(where or {}), capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        raise RuntimeError(f"export failed: {done.stderr[-2000:]}")
+    return seconds, json.loads(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help="run directory to export (default: train the hymenoptera MobileNetV2)")
+    parser.add_argument("--baseline", metavar="REV", help="also export with the code of this commit")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--int8", action="store_true")
+    args = parser.parse_args()
+    print(machine_line())
+    busy = check_idle()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run = args.run or train_run(tmp)
+        who = {"today": None, **({args.baseline: code_of(args.baseline, tmp)} if args.baseline else {})}
+        walls: dict[str, list[float]] = {name: [] for name in who}
+        figures: dict[str, dict] = {}
+        for r in range(args.rounds):
+            for name, where in who.items():
+                seconds, printed = export_once(run, tmp / f"bundle-{name}-{r}", args.int8, where)
+                walls[name].append(seconds)
+                figures[name] = {"verification": printed["verification"], "int8": printed["int8"]}
+                print(f"round {r + 1}, {name}: {seconds:.1f} s", flush=True)
+    result = {name: round(statistics.median(w), 2) for name, w in walls.items()}
+    line = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.items())
+    if args.baseline:
+        ratio = result[args.baseline] / result["today"]
+        same = figures["today"] == figures[args.baseline]
+        line += f": today's code {ratio:.2f}x as fast; the same verification figures: {same}"
+    print(f"`headstart export{' --int8' if args.int8 else ''}` median wall over {args.rounds} rounds: {line}")
+    print(json.dumps({"walls": walls, **figures["today"]}))
+    print(f"other CPU use before the run: {busy:.0%}")
+
+
+if __name__ == "__main__":
+    main()

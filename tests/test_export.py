@@ -492,3 +492,25 @@ def test_the_onnx_file_is_traced_unless_the_tracer_is_unsure_and_holds_for_every
             expected = [t.numpy() for t in model(x)]
         for got, want in zip(session.run(None, {"pixels": x.numpy()}), expected, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_where_the_dynamo_exporter_fails_the_traced_file_is_written_and_said(tmp_path, caplog, monkeypatch):
+    from headstart.onnx_io import export_onnx
+
+    export = torch.onnx.export
+
+    def dynamo_fails(*args, dynamo=False, **kw):
+        if dynamo:
+            raise RuntimeError("an operator the dynamo exporter lacks")
+        return export(*args, dynamo=False, **kw)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+    model = _ScaledByBatch(by_batch=False).eval()
+    with caplog.at_level("WARNING", logger="headstart"):
+        export_onnx(model, tmp_path / "m.onnx", 16, output_names=("probabilities", "scaled"), traced=False)
+    assert "the dynamo ONNX exporter failed (an operator the dynamo exporter lacks)" in caplog.text
+    assert onnx.load(str(tmp_path / "m.onnx")).opset_import[0].version == 17  # the traced file
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no exporter")))
+    with pytest.raises(RuntimeError, match="no exporter"):  # neither can write it: the export fails, no file
+        export_onnx(model, tmp_path / "n.onnx", 16, output_names=("probabilities", "scaled"))
+    assert not (tmp_path / "n.onnx").exists()

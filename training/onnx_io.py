@@ -43,28 +43,38 @@ def export_onnx(
     number, a branch taken on one), or fails, the dynamo exporter writes the file instead. An int8 twin is quantized
     from the dynamo exporter's graph (``traced=False``): OpenVINO computes one quantized from the traced graph wrong
     (73.2% top-1 agreement with ONNX Runtime on the hymenoptera validation images, where the dynamo graph's gives
-    100%). Either file is then held against PyTorch and run on every runtime and precision the service may use before
-    it is kept (training/exporter.py).
+    100%). Where the dynamo exporter fails, the traced file is kept, even one the tracer was unsure of. Either file is
+    then held against PyTorch and run on every runtime and precision the service may use before it is kept
+    (training/exporter.py). ``opset``: the traced file's (the dynamo exporter writes 18).
     """
     model.eval()
     example = torch.rand(2, 3, input_size, input_size) * 255
+    names = list(output_names)
     if traced:
-        reason = _traced_export(model, example, path, opset, list(output_names))
+        reason = _traced_export(model, example, path, opset, names)
         if reason is None:
             return
         log.info("ONNX export through the dynamo exporter (%s)", reason)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(
-        model,
-        (example,),
-        dynamo=True,
-        input_names=[INPUT_NAME],
-        output_names=list(output_names),
-        dynamic_shapes=({0: batch},),
-        opset_version=18,
-        optimize=True,
-        verbose=False,
-    )
+    try:
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=names,
+            dynamic_shapes=({0: batch},),
+            opset_version=18,
+            optimize=True,
+            verbose=False,
+        )
+    except Exception as exc:  # what one exporter cannot write the other may: the checks that follow judge the file
+        if not traced:
+            _traced_export(model, example, path, opset, names)  # the file, where the trace can write one
+        if not path.is_file():
+            raise
+        log.warning("the dynamo ONNX exporter failed (%s); the traced file is kept for the export's checks", exc)
+        return
     program.save(str(path))
 
 
@@ -86,6 +96,7 @@ def _traced_export(model: torch.nn.Module, example: torch.Tensor, path: Path, op
                 opset_version=opset,
             )
         except Exception as exc:  # an operator the TorchScript exporter lacks
+            path.unlink(missing_ok=True)
             return f"{type(exc).__name__}: {exc}"
     unsure = [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     return f"the trace may not hold for other inputs: {unsure[0]}" if unsure else None

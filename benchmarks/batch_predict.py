@@ -1,6 +1,7 @@
-"""Batch prediction on Ray Data (`headstart predict-batch`) against the plain single-process loop of `headstart
-predict`, same bundle and runtime, one run: images/s of each, Ray's startup overhead apart, and the same job on a
-two-node cluster simulated on this machine (ray.cluster_utils.Cluster, one CPU per node).
+"""Batch prediction on Ray Data (`headstart predict-batch`) against `headstart predict` in one process (which
+decodes on threads ahead of the model), same bundle and runtime, one run: images/s of each, Ray's startup overhead
+apart, and the same job on a two-node cluster simulated on this machine (ray.cluster_utils.Cluster, one CPU per
+node).
 
 The images (``--photos``): the shared hymenoptera validation photos repeated (``--repeat``, 20 by default: 3060
 paths), or the three full-size camera JPEGs of ../shared/photos/camera repeated (``camera``: 100 times by default,

@@ -129,9 +129,9 @@ def compare_scores(train, train_y, val, val_y, others: dict) -> list[dict]:
 def served(bundle_dir: Path, val_paths: list[Path], val_y: np.ndarray, others: dict[str, list[Path]]) -> list[dict]:
     """The served decision, through the bundle and the service's code, on each runtime."""
     from headstart.open_set import calibrate
+    from headstart.service.ahead import load_batches
     from headstart.service.bundle import load_bundle
     from headstart.service.inference import scores_and_novelty
-    from headstart.service.preprocess import load_batches
 
     rows = []
     for runtime in ("onnxruntime", "openvino"):

@@ -8,11 +8,15 @@ Torch-free.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
 from .cpu import usable_cpus
+from .preprocess import PreprocessSpec, decode_for, original_size, preprocess
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -61,3 +65,27 @@ def in_order(
             yield future
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def load_batches(
+    paths: Sequence[str | Path], spec: PreprocessSpec, batch_size: int, sizes: list | None = None
+) -> Iterator[np.ndarray]:
+    """Image files → model input, ``batch_size`` images at a time (decoded with :func:`decode_for` on threads ahead
+    of the caller: :func:`in_order`); each image's (width, height) as stored, after EXIF rotation
+    (:func:`original_size`), is appended to ``sizes`` when given."""
+
+    def load(path: str | Path) -> tuple[np.ndarray, tuple[int, int]]:
+        img = decode_for(path, spec)
+        return preprocess(img, spec), original_size(img)
+
+    batch: list[np.ndarray] = []
+    for loaded in in_order(load, paths):
+        pixels, size = loaded.result()
+        batch.append(pixels)
+        if sizes is not None:
+            sizes.append(size)
+        if len(batch) == batch_size:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)

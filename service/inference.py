@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .ahead import load_batches
 from .contract import Model
-from .preprocess import PreprocessSpec, load_batches, preprocess
+from .preprocess import PreprocessSpec, preprocess
 
 #: pixels (N, 3, S, S) float32 in [0, 255] → the model's outputs for them
 RunFn = Callable[[np.ndarray], Sequence[np.ndarray]]

@@ -348,28 +348,3 @@ def preprocess_batch(images: Sequence[Image.Image], spec: PreprocessSpec) -> np.
         if len(images)
         else np.zeros((0, 3, spec.input_size, spec.input_size), np.float32)
     )
-
-
-def load_batches(
-    paths: Sequence[str | Path], spec: PreprocessSpec, batch_size: int, sizes: list | None = None
-) -> Iterator[np.ndarray]:
-    """Image files → model input, ``batch_size`` images at a time (decoded with :func:`decode_for`, on threads ahead
-    of the caller: :func:`service.ahead.in_order`); each image's (width, height) as stored, after EXIF rotation
-    (:func:`original_size`), is appended to ``sizes`` when given."""
-    from .ahead import in_order
-
-    def load(path: str | Path) -> tuple[np.ndarray, tuple[int, int]]:
-        img = decode_for(path, spec)
-        return preprocess(img, spec), original_size(img)
-
-    batch: list[np.ndarray] = []
-    for loaded in in_order(load, paths):
-        pixels, size = loaded.result()
-        batch.append(pixels)
-        if sizes is not None:
-            sizes.append(size)
-        if len(batch) == batch_size:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from headstart.service.ahead import load_batches
 from headstart.service.bundle import METADATA_KEY
 from headstart.service.contract import Manifest
 from headstart.service.errors import HeadstartError
 from headstart.service.inference import outputs_of_files
-from headstart.service.preprocess import load_batches
 
 log = logging.getLogger("headstart")
 

@@ -42,7 +42,7 @@ def torch_outputs(
     sizes: list | None = None,
 ) -> list[np.ndarray]:
     """Every output of a torch model on image files (preprocessed as the service does), concatenated; ``sizes``
-    as :func:`service.preprocess.load_batches`."""
+    as :func:`service.ahead.load_batches`."""
     model.eval()
     return outputs_of_files(lambda px: [o.numpy() for o in model(torch.from_numpy(px))], paths, spec, batch_size, sizes)
 

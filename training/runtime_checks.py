@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.service.ahead import load_batches
 from headstart.service.inference import outputs_of_batches
-from headstart.service.preprocess import load_batches
 from headstart.service.runtime import cpu_computes_bf16, open_session, openvino_available
 
 log = logging.getLogger("headstart")

@@ -194,25 +194,17 @@ def _openvino_fns(model: torch.nn.Module, input_size: int, pool: bool) -> dict[b
     service's own loader (``service/runtime.py``: bf16 only on CPUs with bf16 units)."""
     import copy
     import tempfile
-    import warnings
 
+    from headstart.onnx_io import traced_export
     from headstart.service.runtime import open_session
 
     net = copy.deepcopy(model).eval().float()
     net = _Pooled(net) if pool else net
-    with tempfile.TemporaryDirectory(prefix="headstart-features-") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with tempfile.TemporaryDirectory(prefix="headstart-features-") as tmp:
         path = Path(tmp) / "features.onnx"
-        torch.onnx.export(
-            net,
-            (torch.zeros(1, 3, input_size, input_size),),
-            str(path),
-            dynamo=False,
-            input_names=["pixels"],
-            output_names=["features"],
-            dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
-            opset_version=17,
-        )
+        reason = traced_export(net, torch.zeros(1, 3, input_size, input_size), path, 17, ["features"])
+        if not path.is_file():  # the exporter failed; a trace the tracer doubts is used, as it was before
+            raise RuntimeError(reason)
         threads = torch.get_num_threads()
         sessions = {
             bf16: open_session(path, "openvino", "cpu", precision="bf16" if bf16 else "fp32", threads=threads)

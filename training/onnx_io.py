@@ -51,7 +51,7 @@ def export_onnx(
     example = torch.rand(2, 3, input_size, input_size) * 255
     names = list(output_names)
     if traced:
-        reason = _traced_export(model, example, path, opset, names)
+        reason = traced_export(model, example, path, opset, names)
         if reason is None:
             return
         log.info("ONNX export through the dynamo exporter (%s)", reason)
@@ -70,7 +70,7 @@ def export_onnx(
         )
     except Exception as exc:  # what one exporter cannot write the other may: the checks that follow judge the file
         if not traced:
-            _traced_export(model, example, path, opset, names)  # the file, where the trace can write one
+            traced_export(model, example, path, opset, names)  # the file, where the trace can write one
         if not path.is_file():
             raise
         log.warning("the dynamo ONNX exporter failed (%s); the traced file is kept for the export's checks", exc)
@@ -78,8 +78,10 @@ def export_onnx(
     program.save(str(path))
 
 
-def _traced_export(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int, names: list) -> str | None:
-    """The TorchScript exporter's file at ``path``; None when written and sure, else why not to keep it."""
+def traced_export(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int, names: list) -> str | None:
+    """The TorchScript exporter's file at ``path`` (input :data:`INPUT_NAME`, outputs ``names``, a dynamic batch
+    axis); None when written and sure, else why not to keep it: the tracer's doubt (the file is written) or the
+    exporter's error (no file)."""
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:

@@ -15,6 +15,22 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HEADSTART_SHARED", ROOT.parent / "shared"))
 
 
+def train_hymenoptera(out: str | Path, **options) -> Path:
+    """The run of the README's main job (the hymenoptera photos, the shared ImageNet MobileNetV2, the defaults)
+    trained into ``out``; ``options`` as :class:`headstart.tasks.ClassifyConfig` takes them (e.g. ``cache_dir``)."""
+    from headstart.tasks import ClassifyConfig, train
+
+    cfg = ClassifyConfig(
+        data_dir=str(SHARED / "data" / "hymenoptera"),
+        out=str(out),
+        backbone="torchvision:mobilenet_v2",
+        weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
+        progress=False,
+        **options,
+    )
+    return Path(train(cfg))
+
+
 def code_of(rev: str, tmp: Path) -> dict:
     """``subprocess`` arguments (``env``, ``cwd``) under which a Python process imports ``headstart`` as commit
     ``rev`` has it (a benchmark's baseline in the same run): the commit's files (``git archive``), its root the

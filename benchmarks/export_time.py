@@ -18,20 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import SHARED, check_idle, code_of, machine_line
-
-
-def train_run(tmp: Path) -> str:
-    from headstart.tasks import ClassifyConfig, train
-
-    cfg = ClassifyConfig(
-        data_dir=str(SHARED / "data" / "hymenoptera"),
-        out=str(tmp / "run"),
-        backbone="torchvision:mobilenet_v2",
-        weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
-        progress=False,
-    )
-    return str(train(cfg))
+from _common import check_idle, code_of, machine_line, train_hymenoptera
 
 
 def export_once(run: str, out: Path, int8: bool, where: dict | None) -> tuple[float, dict]:
@@ -56,7 +43,7 @@ def main() -> None:
     busy = check_idle()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run = args.run or train_run(tmp)
+        run = args.run or str(train_hymenoptera(tmp / "run"))
         who = {"today": None, **({args.baseline: code_of(args.baseline, tmp)} if args.baseline else {})}
         walls: dict[str, list[float]] = {name: [] for name in who}
         figures: dict[str, dict] = {}

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import SHARED, check_idle, machine_line
+from _common import SHARED, check_idle, machine_line, train_hymenoptera
 
 from headstart.models import Classifier, ClassifierHead, HeadConfig, PixelNormalize, build_backbone
 from headstart.onnx_io import INPUT_NAME, export_onnx, quantize_int8
@@ -118,17 +118,9 @@ def _ort_matmul_peak(op: str, threads: int, n: int) -> float:
 def int8_agreement_on_hymenoptera() -> dict:
     """Train a head on the shared MobileNetV2 (feature cache reused between runs), export with --int8."""
     from headstart.exporter import export_bundle
-    from headstart.tasks import ClassifyConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = ClassifyConfig(
-            data_dir=str(SHARED / "data" / "hymenoptera"),
-            out=f"{tmp}/run",
-            backbone="torchvision:mobilenet_v2",
-            weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
-            progress=False,
-        )
-        run_dir = train(cfg)
+        run_dir = train_hymenoptera(f"{tmp}/run")
         manifest = export_bundle(run_dir, f"{tmp}/bundle", int8=True, store=False).manifest
         return {**manifest.int8, "runtimes": manifest.runtimes}
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import SHARED, check_idle, machine_line, running_server
+from _common import SHARED, check_idle, machine_line, running_server, train_hymenoptera
 
 HYMENOPTERA = SHARED / "data" / "hymenoptera"
 PHOTOS = sorted(p for p in (SHARED / "photos").rglob("*") if p.suffix.lower() in (".jpg", ".bmp"))
@@ -41,17 +41,7 @@ COCO = sorted((SHARED / "data" / "coco128" / "images" / "train2017").glob("*.jpg
 
 
 def train_run(tmp: Path) -> Path:
-    from headstart.tasks import ClassifyConfig, train
-
-    cfg = ClassifyConfig(
-        data_dir=str(HYMENOPTERA),
-        out=str(tmp / "run"),
-        backbone="torchvision:mobilenet_v2",
-        weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
-        cache_dir=str(tmp / "cache"),
-        progress=False,
-    )
-    return train(cfg)
+    return train_hymenoptera(tmp / "run", cache_dir=str(tmp / "cache"))
 
 
 def features(model, paths: list[Path], spec) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import SHARED, check_idle, machine_line, rss_mib, running_server
+from _common import SHARED, check_idle, machine_line, rss_mib, running_server, train_hymenoptera
 
 WORKLOADS = {
     "hymenoptera": sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg")),
@@ -44,16 +44,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def make_bundle(tmp: str) -> str:
     from headstart.exporter import export_bundle
-    from headstart.tasks import ClassifyConfig, train
 
-    cfg = ClassifyConfig(
-        data_dir=str(SHARED / "data" / "hymenoptera"),
-        out=f"{tmp}/run",
-        backbone="torchvision:mobilenet_v2",
-        weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
-        progress=False,
-    )
-    return str(export_bundle(train(cfg), f"{tmp}/bundle", store=False).bundle_dir)
+    return str(export_bundle(train_hymenoptera(f"{tmp}/run"), f"{tmp}/bundle", store=False).bundle_dir)
 
 
 def in_process(model: str, seconds: float, runtime: str = "auto", images: list[Path] = IMAGES) -> tuple[float, float]:

@@ -126,6 +126,59 @@ def test_every_verb_prints_a_human_line_and_json_when_asked(tiny_run, tiny_bundl
     assert json.loads(capsys.readouterr().out)["bundle"] == str(tmp_path / "b2")
 
 
+def test_answers_come_batch_by_batch_in_order_with_heatmaps_and_errors_in_their_places(tiny_bundle, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from headstart.api import LoadedModel
+    from headstart.service.localize import LocalizeError
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "in").mkdir()
+    paths = [tmp_path / "in" / f"{k}.jpg" for k in range(60)]
+    for k, path in enumerate(paths):
+        synthetic_image(k % 2, rng).save(path)
+    items = [*paths[:3], tmp_path / "missing.jpg", paths[3].read_bytes(), *paths[4:]]
+    (tmp_path / "maps" / "5.heatmap.jpg").mkdir(parents=True)  # a heatmap that cannot be written: that image's error
+    model = headstart.load(tiny_bundle.bundle_dir)
+    decoded = []
+    decode = model._decode
+    model._decode = lambda item: decoded.append(item) or decode(item)
+
+    answers = model.answers(items, top_k=2, batch_size=2, heatmaps=tmp_path / "maps")
+    first = next(answers)  # answered while most images are not decoded yet (at most 4 per thread ahead, 8 threads)
+    assert first.image == str(paths[0]) and len(decoded) <= 2 + 4 * 8 < len(items)
+    got = [first, *answers]
+    assert [a.image for a in got] == [str(p) if not isinstance(p, bytes) else None for p in items]
+    assert "does not exist" in got[3].error and got[3].heatmap is None
+    assert got[4].heatmap == str(tmp_path / "maps" / "image-4.heatmap.jpg")  # no file name: its place in the list
+    assert got[6].image == str(paths[5]) and got[6].error.startswith("The heatmap could not be written to ")
+    for answer in got[:3] + got[4:6] + got[7:]:
+        assert answer.error is None and Image.open(answer.heatmap).format == "JPEG"
+    same = model.predict(items, top_k=2)  # batches of 16, no heatmaps: the same answers
+    for a, b in zip(got[:6] + got[7:], same[:6] + same[7:], strict=True):
+        assert (a.label, a.unknown, a.image, a.error) == (b.label, b.unknown, b.image, b.error)
+    assert same[6].error is None and same[6].label in ("red", "blue")
+
+    # the command line prints them so, the failed heatmap as an error line (exit status 1)
+    assert (
+        main(
+            ["predict", str(tiny_bundle.bundle_dir), str(paths[4]), str(paths[5]), "--heatmap", str(tmp_path / "maps")]
+        )
+        == 1
+    )
+    written, failed = capsys.readouterr().out.strip().splitlines()
+    assert (
+        written.endswith(f"; heatmap {tmp_path / 'maps' / '4.heatmap.jpg'}")
+        and ": error: The heatmap could not" in failed
+    )
+
+    # a model without class activation maps (a detector) is refused before any image is read
+    detector = LoadedModel(SimpleNamespace(output_names=["boxes"]), "a detector")
+    with pytest.raises(LocalizeError, match="heatmaps are for classifiers"):
+        next(detector.answers(items, heatmaps=tmp_path / "detector-maps"))
+    assert not (tmp_path / "detector-maps").exists()
+
+
 def test_importing_headstart_is_light_and_a_users_own_packages_do_not_shadow_it(tmp_path):
     """In a project folder with its own models/, service/ and training.py (on sys.path first, as `python` puts the
     working directory), headstart still imports its own; and `import headstart` alone imports no torch."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ class Answer(LabelsAnswer):
     detections: list[Detection] | None = None
     method: str | None = None
     image_size: list[int] | None = None
+    heatmap: str | None = None  # the heatmap file written (``heatmaps=``)
     error: str | None = None
 
     @property
@@ -92,42 +93,106 @@ class LoadedModel:
         novelty_threshold: float | None = None,
         label_threshold: float | None = None,
         batch_size: int = 16,
+        heatmaps: str | os.PathLike | None = None,
     ) -> list[Answer]:
         """One :class:`Answer` per image, in order (a folder or glob stands for the images it holds, sorted). A file
         that cannot be read gets an answer with ``error`` set, as `headstart predict` prints an error line;
         ``localize`` adds boxes (class activation boxes for a classifier) kept from ``conf`` up. A multi-label model
-        answers ``labels`` (those at or above their thresholds; ``label_threshold``: one threshold for all)."""
+        answers ``labels`` (those at or above their thresholds; ``label_threshold``: one threshold for all).
+        ``heatmaps``: a folder to write each image's class activation heatmap of its top class into (a classifier's;
+        ``NAME.heatmap.jpg``, the answer's ``heatmap``). :meth:`answers` gives the same answers one by one."""
+        return list(
+            self.answers(
+                images,
+                top_k=top_k,
+                localize=localize,
+                conf=conf,
+                novelty_threshold=novelty_threshold,
+                label_threshold=label_threshold,
+                batch_size=batch_size,
+                heatmaps=heatmaps,
+            )
+        )
+
+    def answers(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        top_k: int = 5,
+        localize: bool = False,
+        conf: float | None = None,
+        novelty_threshold: float | None = None,
+        label_threshold: float | None = None,
+        batch_size: int = 16,
+        heatmaps: str | os.PathLike | None = None,
+    ) -> Iterator[Answer]:
+        """:meth:`predict`'s answers as they come, in order: each batch of ``batch_size`` images is answered as soon
+        as it is decoded (ahead, on threads), so a long list of images is never held whole (`headstart predict`
+        prints each line so)."""
         from headstart.service.ahead import in_order
         from headstart.service.inference import classify_images
         from headstart.service.localize import DEFAULTS, LocalizeParams, localize_images
 
         params = LocalizeParams(conf=DEFAULTS.conf if conf is None else conf) if localize else None
+        folder = self._heatmap_folder(heatmaps)
         items = _expand(images)
-        answers: list[Answer | None] = [None] * len(items)
-        decoded: list[tuple[int, str | None, Image.Image]] = []
+        waiting: list[tuple[int, str | None, Image.Image | str]] = []  # (index, name, image or its error), in order
 
-        def flush() -> None:
-            pictures = [img for _, _, img in decoded]
-            results = classify_images(self.model, pictures, top_k, novelty_threshold, label_threshold)
-            boxes = localize_images(self.model, pictures, params, novelty_threshold) if params else None
-            for j, (i, name, _) in enumerate(decoded):
-                extra = {}
-                if boxes is not None:
-                    extra = {k: boxes[j][k] for k in ("detections", "method", "image_size")}
-                answers[i] = Answer(image=name, **results[j], **extra)
-            decoded.clear()
+        def answered() -> Iterator[Answer]:
+            pictures = [img for _, _, img in waiting if not isinstance(img, str)]
+            results = iter(classify_images(self.model, pictures, top_k, novelty_threshold, label_threshold))
+            boxes = iter(
+                localize_images(self.model, pictures, params, novelty_threshold) if params else [{}] * len(pictures)
+            )
+            for i, name, img in waiting:
+                if isinstance(img, str):
+                    yield Answer(image=name, error=img)
+                    continue
+                extra = {k: v for k, v in next(boxes).items() if k in ("detections", "method", "image_size")}
+                answer = Answer(image=name, **next(results), **extra)
+                if folder is not None:
+                    answer = self._with_heatmap(
+                        answer, img, folder / f"{_stem_of(items[i], i)}.heatmap.jpg", novelty_threshold
+                    )
+                yield answer
+            waiting.clear()
 
+        decoded = 0
         for i, (item, image) in enumerate(zip(items, in_order(self._decode, items), strict=True)):  # decoded ahead
-            name = _name_of(item)
             try:
-                decoded.append((i, name, image.result()))
+                waiting.append((i, _name_of(item), image.result()))
+                decoded += 1
             except (HeadstartError, OSError, ValueError) as exc:
-                answers[i] = Answer(image=name, error=str(exc))
-            if len(decoded) >= batch_size:
-                flush()
-        if decoded:
-            flush()
-        return [a for a in answers if a is not None]
+                waiting.append((i, _name_of(item), str(exc)))
+            if decoded >= batch_size:
+                yield from answered()
+                decoded = 0
+        yield from answered()
+
+    def _heatmap_folder(self, heatmaps: str | os.PathLike | None) -> Path | None:
+        """The folder heatmaps go to, made; refused at once for a model without class activation maps."""
+        from headstart.service.localize import LocalizeError
+
+        if heatmaps is None:
+            return None
+        if "class_map" not in self.model.output_names:
+            raise LocalizeError(
+                "This model has no class activation map (class_map output): heatmaps are for classifiers. A "
+                "detector's boxes say where: localize=True (headstart predict --localize)."
+            )
+        folder = Path(heatmaps)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _with_heatmap(self, answer: Answer, img: Image.Image, target: Path, novelty_threshold: float | None) -> Answer:
+        """``answer`` with its heatmap written to ``target`` (or, where the file cannot be written, the error)."""
+        from headstart.service.heatmap import heatmap
+
+        try:
+            heatmap(self.model, img, threshold=novelty_threshold).image.save(target, quality=90)
+        except OSError as exc:
+            return Answer(image=answer.image, error=f"The heatmap could not be written to {target}: {exc}")
+        return answer.model_copy(update={"heatmap": str(target)})
 
     def _decode(self, item: ImageInput) -> Image.Image:
         from headstart.service.files import read_image_file
@@ -431,6 +496,11 @@ def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
         else:
             out.append(item)
     return out
+
+
+def _stem_of(item: ImageInput, index: int) -> str:
+    """A heatmap's file name: the image file's stem, else the image's place in the list."""
+    return Path(item).stem if isinstance(item, str | os.PathLike) else f"image-{index}"
 
 
 def _name_of(item: ImageInput) -> str | None:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from headstart.config import add_options
 
@@ -170,49 +169,38 @@ def _cmd_predict(args) -> int:
 
 
 def _predict_files(model, args) -> int:
-    """One line per image (a person's, or JSON with --json): its answer (and boxes, heatmap file); a file that cannot
-    be read is a line with an ``error`` and exit status 1."""
-    from headstart.service.ahead import in_order
-    from headstart.service.files import expand_images, read_image_file, shown
-    from headstart.service.heatmap import heatmap
-    from headstart.service.inference import classify_images
-    from headstart.service.localize import LocalizeParams, localize_images
-    from headstart.service.preprocess import ImageError, decode_for
+    """One line per image (a person's, or JSON with --json): its answer (and boxes, heatmap file), as
+    ``headstart.load(...).answers`` gives it; a file that cannot be read is a line with an ``error`` and exit
+    status 1."""
+    from headstart.api import LoadedModel
 
-    params = LocalizeParams(conf=args.conf) if args.localize else None
-    heatmaps = Path(args.heatmap) if args.heatmap else None
-    if heatmaps is not None:
-        heatmaps.mkdir(parents=True, exist_ok=True)
-
-    def decoded(image: str):  # a FIFO, a device, a huge file: an error line
-        return decode_for(read_image_file(Path(image)), model.spec)
-
-    def answer(path: Path, img) -> dict:
-        out = classify_images(model, [img], args.top_k, args.novelty_threshold, args.label_threshold)[0]
-        if params is not None:
-            result = localize_images(model, [img], params, args.novelty_threshold)[0]
-            out.update(detections=result["detections"], method=result["method"], image_size=result["image_size"])
-        if heatmaps is not None:
-            target = heatmaps / f"{path.stem}.heatmap.jpg"
-            heatmap(model, img, threshold=args.novelty_threshold).image.save(target, quality=90)
-            out["heatmap"] = str(target)
-        return out
-
-    status, multilabel = 0, model.thresholds is not None
-    images = expand_images(args.images)
-    if not images:
+    answers = LoadedModel(model, args.model).answers(
+        args.images,
+        top_k=args.top_k,
+        localize=args.localize,
+        conf=args.conf,
+        novelty_threshold=args.novelty_threshold,
+        label_threshold=args.label_threshold,
+        heatmaps=args.heatmap,
+    )
+    status, count, multilabel = 0, 0, model.thresholds is not None
+    for answer in answers:
+        line = _predicted(answer)
+        status, count = 1 if answer.error else status, count + 1
+        print(json.dumps(line) if args.json else _answer_line(line["image"], line, multilabel), flush=True)
+    if not count:
         raise ValueError(f"{' '.join(args.images)} names no images (folders are searched for image file names).")
-    for image, img in zip(images, in_order(decoded, images), strict=True):  # decoded ahead, on threads
-        try:
-            result = answer(Path(image), img.result())
-        except (ImageError, OSError) as exc:
-            result, status = {"error": str(exc)}, 1
-        print(
-            json.dumps({"image": shown(image), **result})
-            if args.json
-            else _answer_line(shown(image), result, multilabel)
-        )
     return status
+
+
+def _predicted(answer) -> dict:
+    """`headstart predict`'s line of one answer: the image, and the answer's fields (the optional ones where set;
+    an error alone)."""
+    if answer.error:
+        return {"image": answer.image, "error": answer.error}
+    optional = ("detections", "method", "image_size", "heatmap")
+    fields = answer.model_dump(exclude={"image", "error"})
+    return {"image": answer.image, **{k: v for k, v in fields.items() if k not in optional or v is not None}}
 
 
 def _cmd_export(args) -> int:

@@ -129,7 +129,7 @@ def test_every_verb_prints_a_human_line_and_json_when_asked(tiny_run, tiny_bundl
 def test_answers_come_batch_by_batch_in_order_with_heatmaps_and_errors_in_their_places(tiny_bundle, tmp_path, capsys):
     from types import SimpleNamespace
 
-    from headstart.api import LoadedModel
+    from headstart.predicting import LoadedModel
     from headstart.service.localize import LocalizeError
 
     rng = np.random.default_rng(3)

@@ -24,189 +24,26 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageOps
-from pydantic import Field
-
-from headstart.service.answers import Detection, LabelsAnswer, Prediction
+from headstart.predicting import Answer, ImageInput, LoadedModel
 from headstart.service.contract import Manifest, Model
-from headstart.service.errors import HeadstartError
 
-#: What :meth:`LoadedModel.predict` takes: a path (file, folder or glob), the bytes of an image file, a PIL image,
-#: an RGB array (H, W, 3) of uint8, or a list of these.
-ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
-
-
-class Answer(LabelsAnswer):
-    """One image's answer, as `headstart predict` prints it and ``/classify`` (``/localize``) returns it:
-    ``predictions`` best first, the open-set answer (``novelty``, ``novelty_threshold``, ``unknown``), with
-    ``localize=True`` the ``detections`` in the image's pixels; ``error`` instead for a file that cannot be read."""
-
-    image: str | None = None  # the file, where the image came from one
-    predictions: list[Prediction] = Field(default_factory=list)
-    detections: list[Detection] | None = None
-    method: str | None = None
-    image_size: list[int] | None = None
-    heatmap: str | None = None  # the heatmap file written (``heatmaps=``)
-    error: str | None = None
-
-    @property
-    def label(self) -> str | None:
-        """The best class, or None where the image could not be read or is "none of these" (``unknown``). A
-        multi-label model's answer is :attr:`labels` (every label at or above its threshold)."""
-        return None if self.error or self.unknown or not self.predictions else self.predictions[0].label
-
-    @property
-    def score(self) -> float | None:
-        """The best class's probability (None where the image could not be read)."""
-        return self.predictions[0].score if self.predictions else None
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to predict: a bundle on its runtime (OpenVINO or ONNX Runtime, as the service runs it) or a run
-    directory's PyTorch model. ``model`` is the :class:`headstart.service.contract.Model` underneath."""
-
-    model: Model
-    source: str
-
-    @property
-    def task(self) -> str:
-        return self.model.task
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.model.labels)
-
-    def predict(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        *,
-        top_k: int = 5,
-        localize: bool = False,
-        conf: float | None = None,
-        novelty_threshold: float | None = None,
-        label_threshold: float | None = None,
-        batch_size: int = 16,
-        heatmaps: str | os.PathLike | None = None,
-    ) -> list[Answer]:
-        """One :class:`Answer` per image, in order (a folder or glob stands for the images it holds, sorted). A file
-        that cannot be read gets an answer with ``error`` set, as `headstart predict` prints an error line;
-        ``localize`` adds boxes (class activation boxes for a classifier) kept from ``conf`` up. A multi-label model
-        answers ``labels`` (those at or above their thresholds; ``label_threshold``: one threshold for all).
-        ``heatmaps``: a folder to write each image's class activation heatmap of its top class into (a classifier's;
-        ``NAME.heatmap.jpg``, the answer's ``heatmap``). :meth:`answers` gives the same answers one by one."""
-        return list(
-            self.answers(
-                images,
-                top_k=top_k,
-                localize=localize,
-                conf=conf,
-                novelty_threshold=novelty_threshold,
-                label_threshold=label_threshold,
-                batch_size=batch_size,
-                heatmaps=heatmaps,
-            )
-        )
-
-    def answers(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        *,
-        top_k: int = 5,
-        localize: bool = False,
-        conf: float | None = None,
-        novelty_threshold: float | None = None,
-        label_threshold: float | None = None,
-        batch_size: int = 16,
-        heatmaps: str | os.PathLike | None = None,
-    ) -> Iterator[Answer]:
-        """:meth:`predict`'s answers as they come, in order: each batch of ``batch_size`` images is answered as soon
-        as it is decoded (ahead, on threads), so a long list of images is never held whole (`headstart predict`
-        prints each line so)."""
-        from headstart.service.ahead import in_order
-        from headstart.service.inference import classify_images
-        from headstart.service.localize import DEFAULTS, LocalizeParams, localize_images
-
-        params = LocalizeParams(conf=DEFAULTS.conf if conf is None else conf) if localize else None
-        folder = self._heatmap_folder(heatmaps)
-        items = _expand(images)
-        waiting: list[tuple[int, str | None, Image.Image | str]] = []  # (index, name, image or its error), in order
-
-        def answered() -> Iterator[Answer]:
-            pictures = [img for _, _, img in waiting if not isinstance(img, str)]
-            results = iter(classify_images(self.model, pictures, top_k, novelty_threshold, label_threshold))
-            boxes = iter(
-                localize_images(self.model, pictures, params, novelty_threshold) if params else [{}] * len(pictures)
-            )
-            for i, name, img in waiting:
-                if isinstance(img, str):
-                    yield Answer(image=name, error=img)
-                    continue
-                extra = {k: v for k, v in next(boxes).items() if k in ("detections", "method", "image_size")}
-                answer = Answer(image=name, **next(results), **extra)
-                if folder is not None:
-                    answer = self._with_heatmap(
-                        answer, img, folder / f"{_stem_of(items[i], i)}.heatmap.jpg", novelty_threshold
-                    )
-                yield answer
-            waiting.clear()
-
-        decoded = 0
-        for i, (item, image) in enumerate(zip(items, in_order(self._decode, items), strict=True)):  # decoded ahead
-            try:
-                waiting.append((i, _name_of(item), image.result()))
-                decoded += 1
-            except (HeadstartError, OSError, ValueError) as exc:
-                waiting.append((i, _name_of(item), str(exc)))
-            if decoded >= batch_size:
-                yield from answered()
-                decoded = 0
-        yield from answered()
-
-    def _heatmap_folder(self, heatmaps: str | os.PathLike | None) -> Path | None:
-        """The folder heatmaps go to, made; refused at once for a model without class activation maps."""
-        from headstart.service.localize import LocalizeError
-
-        if heatmaps is None:
-            return None
-        if "class_map" not in self.model.output_names:
-            raise LocalizeError(
-                "This model has no class activation map (class_map output): heatmaps are for classifiers. A "
-                "detector's boxes say where: localize=True (headstart predict --localize)."
-            )
-        folder = Path(heatmaps)
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def _with_heatmap(self, answer: Answer, img: Image.Image, target: Path, novelty_threshold: float | None) -> Answer:
-        """``answer`` with its heatmap written to ``target`` (or, where the file cannot be written, the error)."""
-        from headstart.service.heatmap import heatmap
-
-        try:
-            heatmap(self.model, img, threshold=novelty_threshold).image.save(target, quality=90)
-        except OSError as exc:
-            return Answer(image=answer.image, error=f"The heatmap could not be written to {target}: {exc}")
-        return answer.model_copy(update={"heatmap": str(target)})
-
-    def _decode(self, item: ImageInput) -> Image.Image:
-        from headstart.service.files import read_image_file
-        from headstart.service.preprocess import decode_for
-
-        if isinstance(item, Image.Image):  # as a file of it would be: EXIF orientation applied, RGB
-            return ImageOps.exif_transpose(item).convert("RGB")
-        if isinstance(item, np.ndarray):
-            if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
-                raise ValueError(f"an image array must be uint8 (height, width, 3) RGB, not {item.dtype} {item.shape}")
-            return Image.fromarray(item)
-        if isinstance(item, bytes):
-            return decode_for(item, self.model.spec)
-        return decode_for(read_image_file(item), self.model.spec)
+__all__ = [  # Answer, ImageInput and LoadedModel live in headstart/predicting.py
+    "Answer",
+    "Bundle",
+    "ImageInput",
+    "LoadedModel",
+    "Run",
+    "Server",
+    "evaluate",
+    "export",
+    "load",
+    "serve",
+    "train",
+]
 
 
 @dataclass
@@ -480,30 +317,3 @@ def serve(
         stop(process)
         raise
     return server
-
-
-def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
-    """Single inputs as a list of one; folders and globs as the images they hold."""
-    from headstart.service.files import image_paths
-
-    items: Iterable[ImageInput]
-    items = [images] if isinstance(images, str | os.PathLike | bytes | Image.Image | np.ndarray) else images
-    out: list[ImageInput] = []
-    for item in items:
-        if isinstance(item, str | os.PathLike):
-            found = image_paths(os.fspath(item))
-            out += [item] if found is None else found
-        else:
-            out.append(item)
-    return out
-
-
-def _stem_of(item: ImageInput, index: int) -> str:
-    """A heatmap's file name: the image file's stem, else the image's place in the list."""
-    return Path(item).stem if isinstance(item, str | os.PathLike) else f"image-{index}"
-
-
-def _name_of(item: ImageInput) -> str | None:
-    from headstart.service.files import shown
-
-    return shown(item) if isinstance(item, str | os.PathLike) else None

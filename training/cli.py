@@ -172,7 +172,7 @@ def _predict_files(model, args) -> int:
     """One line per image (a person's, or JSON with --json): its answer (and boxes, heatmap file), as
     ``headstart.load(...).answers`` gives it; a file that cannot be read is a line with an ``error`` and exit
     status 1."""
-    from headstart.api import LoadedModel
+    from headstart.predicting import LoadedModel
 
     answers = LoadedModel(model, args.model).answers(
         args.images,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -137,7 +138,9 @@ def test_answers_come_batch_by_batch_in_order_with_heatmaps_and_errors_in_their_
     paths = [tmp_path / "in" / f"{k}.jpg" for k in range(60)]
     for k, path in enumerate(paths):
         synthetic_image(k % 2, rng).save(path)
-    items = [*paths[:3], tmp_path / "missing.jpg", paths[3].read_bytes(), *paths[4:]]
+    (tmp_path / "in" / "sub").mkdir()
+    shutil.copy(paths[1], tmp_path / "in" / "sub" / "1.jpg")  # a second 1.jpg: its heatmap must not replace the first
+    items = [*paths[:3], tmp_path / "missing.jpg", paths[3].read_bytes(), *paths[4:], tmp_path / "in" / "sub" / "1.jpg"]
     (tmp_path / "maps" / "5.heatmap.jpg").mkdir(parents=True)  # a heatmap that cannot be written: that image's error
     model = headstart.load(tiny_bundle.bundle_dir)
     decoded = []
@@ -152,6 +155,10 @@ def test_answers_come_batch_by_batch_in_order_with_heatmaps_and_errors_in_their_
     assert "does not exist" in got[3].error and got[3].heatmap is None
     assert got[4].heatmap == str(tmp_path / "maps" / "image-4.heatmap.jpg")  # no file name: its place in the list
     assert got[6].image == str(paths[5]) and got[6].error.startswith("The heatmap could not be written to ")
+    assert (got[1].heatmap, got[-1].heatmap) == (
+        str(tmp_path / "maps" / "1.heatmap.jpg"),
+        str(tmp_path / "maps" / "1-2.heatmap.jpg"),
+    )
     for answer in got[:3] + got[4:6] + got[7:]:
         assert answer.error is None and Image.open(answer.heatmap).format == "JPEG"
     same = model.predict(items, top_k=2)  # batches of 16, no heatmaps: the same answers

@@ -113,7 +113,7 @@ class LoadedModel:
         from headstart.service.localize import DEFAULTS, LocalizeParams, localize_images
 
         params = LocalizeParams(conf=DEFAULTS.conf if conf is None else conf) if localize else None
-        folder = self._heatmap_folder(heatmaps)
+        folder, named = self._heatmap_folder(heatmaps), set()
         items = _expand(images)
         waiting: list[tuple[int, str | None, Image.Image | str]] = []  # (index, name, image or its error), in order
 
@@ -131,7 +131,7 @@ class LoadedModel:
                 answer = Answer(image=name, **next(results), **extra)
                 if folder is not None:
                     answer = self._with_heatmap(
-                        answer, img, folder / f"{_stem_of(items[i], i)}.heatmap.jpg", novelty_threshold
+                        answer, img, folder / f"{_heatmap_name(items[i], i, named)}.heatmap.jpg", novelty_threshold
                     )
                 yield answer
             waiting.clear()
@@ -204,9 +204,16 @@ def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return out
 
 
-def _stem_of(item: ImageInput, index: int) -> str:
-    """A heatmap's file name: the image file's stem, else the image's place in the list."""
-    return Path(item).stem if isinstance(item, str | os.PathLike) else f"image-{index}"
+def _heatmap_name(item: ImageInput, index: int, named: set[str]) -> str:
+    """A heatmap's file name: the image file's stem, else the image's place in the list; a name given before in
+    this call (a.jpg in two folders) gets -2, -3, ... so that no heatmap overwrites another."""
+    stem = Path(item).stem if isinstance(item, str | os.PathLike) else f"image-{index}"
+    name, n = stem, 1
+    while name.casefold() in named:  # A.jpg and a.jpg: one file on a case-insensitive file system
+        n += 1
+        name = f"{stem}-{n}"
+    named.add(name.casefold())
+    return name
 
 
 def _name_of(item: ImageInput) -> str | None:

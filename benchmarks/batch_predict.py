@@ -7,7 +7,8 @@ The images (``--photos``): the shared hymenoptera validation photos repeated (``
 paths), or the three full-size camera JPEGs of ../shared/photos/camera repeated (``camera``: 100 times by default,
 300 paths), the photos users' archives hold. ``--baseline REV`` also runs the single process and the local Ray job
 with the code of commit REV (its files laid out as the package: ``_common.code_of``; same bundle and photos, in the
-same run), e.g. the commit before a change of the decoding.
+same run), e.g. the commit before a change of the decoding. The `headstart predict` command itself is timed too, as
+a user runs it (a new process, its start and the model's loading included): today's code and the baseline's.
 
     .venv/bin/python benchmarks/batch_predict.py [--model BUNDLE] [--photos hymenoptera|camera] [--repeat N]
         [--baseline REV] [--no-two-nodes]
@@ -46,8 +47,8 @@ ray.shutdown()
 """
 
 
-#: `headstart predict`'s loop as a commit has it (the Python API's, which the command shares the decoding with),
-#: printing images/s: the single process, today's code or a baseline's
+#: the Python API's loop as a commit has it (`headstart.load(...).predict`; since 477c959 `headstart predict` prints
+#: from it), printing images/s: the single process, today's code or a baseline's
 SINGLE_JOB = """
 import sys, time
 import headstart
@@ -68,6 +69,23 @@ def single_process(model: str, listing: str, where: dict | None = None) -> tuple
         [sys.executable, "-c", SINGLE_JOB, model, listing], **(where or {}), check=True, capture_output=True, text=True
     ).stdout.split()
     return float(out[-2]), int(out[-1])
+
+
+def command(model: str, paths: list[str], where: dict | None = None) -> tuple[float, list[str]]:
+    """(images/s, each image's best label or error) of `headstart predict MODEL PATHS...` as a user runs it: a new
+    process, its whole wall time (start, imports, loading the model included); ``where``: a baseline commit's."""
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "headstart", "predict", model, *paths, "--json"],
+        **(where or {}),
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - started
+    if proc.returncode not in (0, 1):  # 1: some image could not be read (its line says so)
+        raise RuntimeError(f"headstart predict failed: {proc.stderr[-2000:]}")
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    return len(paths) / seconds, [a.get("error") or a["predictions"][0]["label"] for a in lines]
 
 
 def ray_job(model: str, listing: str, probe: str, out: Path, **kw) -> tuple[float, float, dict]:
@@ -148,6 +166,18 @@ def main() -> None:
             print(
                 f"single process with the code of {args.baseline}: {before:.1f} img/s, errors {errors0}; now "
                 f"{base / before:.2f}x that",
+                flush=True,
+            )
+        cli, said = command(model, paths)
+        print(f"`headstart predict` command (new process, start included): {cli:.1f} img/s", flush=True)
+        result["command_ips"] = round(cli, 1)
+        if where:
+            cli0, said0 = command(model, paths, where)
+            same = sum(a == b for a, b in zip(said, said0, strict=True))
+            result |= {"baseline_command_ips": round(cli0, 1), "command_vs_baseline": round(cli / cli0, 2)}
+            print(
+                f"`headstart predict` command with the code of {args.baseline}: {cli0:.1f} img/s; now "
+                f"{cli / cli0:.2f}x that; the same best label (or error) for {same} of {len(said)} images",
                 flush=True,
             )
         seconds, startup, summary = ray_job(model, str(listing), str(Path(tmp) / "probe.txt"), Path(tmp) / "local")

@@ -14,7 +14,6 @@ import errno
 import glob
 import os
 import stat
-from collections.abc import Iterable
 from pathlib import Path
 
 from .preprocess import ImageError
@@ -110,12 +109,3 @@ def image_paths(source: str) -> list[str] | None:
     if any(ch in source for ch in "*?["):
         return sorted(p for p in glob.glob(source, recursive=True) if not Path(p).is_dir())
     return None
-
-
-def expand_images(items: Iterable[str]) -> list[str]:
-    """Every image that ``items`` name: folders and globs expanded (:func:`image_paths`), files as given."""
-    out: list[str] = []
-    for item in items:
-        found = image_paths(item)
-        out += [item] if found is None else found
-    return out

@@ -64,13 +64,18 @@ def class_contrast(class_map: np.ndarray, index: int) -> np.ndarray:
     return (contrast - low) / (high - low) if high - low > 1e-9 else np.zeros_like(contrast)
 
 
-def heatmap(model: Model, img: Image.Image, index: int | None = None, threshold: float | None = None) -> Heatmap:
-    """The heatmap of class ``index`` (None: the top class) over the decoded image ``img``."""
+def require_class_map(model: Model) -> None:
+    """Refuse, with :class:`LocalizeError`, a model that has no class activation map to draw a heatmap from."""
     if "class_map" not in model.output_names:
         raise LocalizeError(
             "This model has no class activation map (class_map output): heatmaps are for classifiers. A detector "
-            "answers where with /localize."
+            "answers where with /localize (headstart predict --localize; localize=True in Python)."
         )
+
+
+def heatmap(model: Model, img: Image.Image, index: int | None = None, threshold: float | None = None) -> Heatmap:
+    """The heatmap of class ``index`` (None: the top class) over the decoded image ``img``."""
+    require_class_map(model)
     rgb = to_rgb(img)
     outputs = dict(zip(model.output_names, model.run(preprocess_batch([rgb], model.spec)), strict=True))
     probs = outputs[model.output_names[0]][0]

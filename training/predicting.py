@@ -150,15 +150,11 @@ class LoadedModel:
 
     def _heatmap_folder(self, heatmaps: str | os.PathLike | None) -> Path | None:
         """The folder heatmaps go to, made; refused at once for a model without class activation maps."""
-        from headstart.service.localize import LocalizeError
+        from headstart.service.heatmap import require_class_map
 
         if heatmaps is None:
             return None
-        if "class_map" not in self.model.output_names:
-            raise LocalizeError(
-                "This model has no class activation map (class_map output): heatmaps are for classifiers. A "
-                "detector's boxes say where: localize=True (headstart predict --localize)."
-            )
+        require_class_map(self.model)
         folder = Path(heatmaps)
         folder.mkdir(parents=True, exist_ok=True)
         return folder

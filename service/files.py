@@ -101,7 +101,7 @@ def _check_kind(info: os.stat_result, max_bytes: int) -> None:
 def image_paths(source: str) -> list[str] | None:
     """The images a folder (recursively, by image suffix; FIFOs and links with an image's name included, to be
     reported) or a glob names, in a fixed order; None when ``source`` is neither (a file, a list, a URI)."""
-    from .preprocess import IMAGE_SUFFIXES
+    from .formats import IMAGE_SUFFIXES
 
     path = Path(source)
     if path.is_dir():

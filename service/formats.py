@@ -11,12 +11,85 @@ from __future__ import annotations
 import io
 import re
 import struct
+import threading
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from PIL import Image
 
 from .errors import ImageError
 from .settings import SETTINGS
+
+#: Formats decoded, identified by their bytes (never by file name or declared content type). Pillow reads about 40
+#: formats, some through legacy or external decoders (EPS runs Ghostscript); only these are let through. JPEG includes
+#: MPO, the multi-picture JPEG many phone cameras write; PPM includes PGM, Netpbm formats some data sets use. AVIF
+#: where this Pillow reads it (its wheels have since 11.3); HEIF (HEIC: the format iPhones and many other phones save
+#: photos in) where the pillow-heif package is installed (:func:`allowed_formats`).
+BASE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+#: The file names those formats go by: what a folder scan (training data, `predict-batch`) takes for an image. A file
+#: is still judged by its bytes; the suffix only decides whether a file that is not an image is worth reporting (a
+#: HEIC photo is, also where it cannot be read).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".mpo", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+IMAGE_SUFFIXES |= {".avif", ".heic", ".heif"}
+#: ISO base media files (``ftyp`` box) by brand: AVIF (AV1 pictures) and HEIF (HEVC pictures, iPhones' HEIC).
+AVIF_BRANDS = frozenset({b"avif", b"avis"})
+HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
+HEIF_INSTALL = "pip install pillow-heif (headstart's heif extra; its wheels hold GPL-2 code, hence not a default)"
+
+_formats_lock = threading.Lock()
+_formats: tuple[str, ...] | None = None
+
+
+def allowed_formats() -> tuple[str, ...]:
+    """:data:`BASE_FORMATS`, then AVIF where Pillow reads it, then HEIF where pillow-heif is installed (registered
+    with Pillow here, once: without the embedded thumbnails, depth and auxiliary images, which a model does not use).
+    AVIF comes before HEIF: both accept the generic ``mif1`` brand, and Pillow passes an AVIF over to the next."""
+    global _formats
+    if _formats is not None:
+        return _formats
+    with _formats_lock:
+        if _formats is None:
+            Image.init()  # registers every plugin: Image.open(formats=...) fails on one that is not loaded yet
+            found = [*BASE_FORMATS]
+            if "AVIF" in Image.OPEN:
+                found.append("AVIF")
+            try:
+                import pillow_heif
+            except ImportError:
+                pass
+            else:
+                pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+                found.append("HEIF")
+            _formats = tuple(found)
+        return _formats
+
+
+def unread_format(head: bytes) -> str:
+    """Why bytes no allowed format took are not read, and what to do: HEIC and AVIF, where this installation lacks
+    their decoders, are named with the fix; anything else is not an image format that can be read."""
+    formats = allowed_formats()
+    brands = isobmff_brands(head)
+    if brands & HEIF_BRANDS and not brands & AVIF_BRANDS and "HEIF" not in formats:
+        return (
+            "The image is HEIC/HEIF (the format iPhones save photos in), which this installation cannot read: "
+            f"{HEIF_INSTALL}, or convert it to JPEG (on an iPhone: Settings > Camera > Formats > Most Compatible)."
+        )
+    if brands & AVIF_BRANDS and "AVIF" not in formats:
+        return (
+            "The image is AVIF, which this installation's Pillow cannot read: pip install -U 'pillow>=11.3', or "
+            "convert it to JPEG or PNG."
+        )
+    names = ", ".join({"WEBP": "WebP", "PPM": "PPM/PGM", "HEIF": "HEIC/HEIF"}.get(f, f) for f in formats)
+    return f"The data is not an image format that can be read ({names} are)."
+
+
+def isobmff_brands(head: bytes) -> frozenset[bytes]:
+    """The major and compatible brands of an ISO base media file's leading ``ftyp`` box; empty for anything else."""
+    if len(head) < 16 or head[4:8] != b"ftyp":
+        return frozenset()
+    size = min(struct.unpack(">I", head[:4])[0], len(head))
+    return frozenset([head[8:12]] + [head[i : i + 4] for i in range(16, size - 3, 4)])
+
 
 #: Netpbm (PPM/PGM/PBM) header: magic, width, height and (but for P4) maxval, separated by whitespace or comments,
 #: within the first :data:`MAX_HEADER_BYTES`. Pillow reads this header one byte at a time in Python, so padding it
@@ -49,6 +122,10 @@ MAX_DECODE_BYTES = SETTINGS.max_decode_bytes
 DECODE_BYTES_PER_PIXEL = {"RGB": 4, "L": 5, "1": 5, "P": 5, "CMYK": 8, "YCbCr": 8, "I;16": 8, "I": 9, "F": 9}
 DECODE_BYTES_WITH_ALPHA = 20  # RGBA, LA, PA, P with transparency: the alpha composite makes three RGBA copies
 DECODE_BYTES_WEBP = 16  # libwebp's RGBA buffer, Pillow's copy of it, the image, the RGB conversion
+#: AVIF and HEIF (with and without alpha), measured as the others on 16 MP images (peaks of 9.3, 23.8, 7.8 and 20.6
+#: bytes a pixel; 9.4 for HEIF at 4 MP: libavif's or libheif's planes, the RGB(A) image, the alpha composite)
+DECODE_BYTES_AVIF, DECODE_BYTES_AVIF_ALPHA = 10, 25
+DECODE_BYTES_HEIF, DECODE_BYTES_HEIF_ALPHA = 10, 22
 
 
 def refuse_before_open(fp: BinaryIO) -> None:
@@ -75,6 +152,8 @@ def refuse_before_open(fp: BinaryIO) -> None:
             )
     elif head[:8] == b"\x89PNG\r\n\x1a\n":
         check_png_chunks(fp)
+    elif (brands := isobmff_brands(head)) & HEIF_BRANDS and not brands & AVIF_BRANDS:
+        check_heif_main_item(fp)
 
 
 def check_png_chunks(fp: BinaryIO) -> None:
@@ -106,11 +185,81 @@ def check_png_chunks(fp: BinaryIO) -> None:
         fp.seek(0)
 
 
+#: What a HEIF's main image may be: one HEVC picture, a grid of them (the tiles iPhones store photos in) or a tone
+#: map (HDR photos: a picture and its gain map), whose decoding costs about the pixels it shows. Derived images that
+#: stack or repeat others (``iovl`` overlays, ``iden`` chains) can make a small file decode one large picture many
+#: times over; cameras do not write them.
+HEIF_MAIN_ITEMS = frozenset({b"hvc1", b"grid", b"tmap"})
+#: The ``meta`` box (the item list, their properties, the tiles' places) of a camera's HEIF takes a few KiB.
+MAX_HEIF_META_BYTES = 1 << 20
+
+
+def check_heif_main_item(fp: BinaryIO) -> None:
+    """Refuse a HEIF whose main image (``pitm`` in the top ``meta`` box) is not in :data:`HEIF_MAIN_ITEMS`, or whose
+    ``meta`` box is over :data:`MAX_HEIF_META_BYTES`. A file this walk cannot follow is left to libheif to refuse."""
+    try:
+        meta = next((body for kind, body in _boxes(fp, 0, fp.seek(0, io.SEEK_END)) if kind == b"meta"), None)
+        if meta is None:
+            return
+        start, end = meta
+        if end - start > MAX_HEIF_META_BYTES:
+            raise ImageError(
+                f"The HEIF's metadata (meta box) takes {end - start} bytes, more than the "
+                f"{MAX_HEIF_META_BYTES >> 10} KiB a photo's does. Convert it to JPEG before sending."
+            )
+        fp.seek(start)
+        data = fp.read(end - start)
+    finally:
+        fp.seek(0)
+    primary, types = None, {}
+    for kind, (a, b) in _boxes(io.BytesIO(data), 4, len(data)):  # meta is a full box: version and flags first
+        if kind == b"pitm" and b - a >= 6:
+            primary = int.from_bytes(data[a + 4 : a + (6 if data[a] == 0 else 8)], "big")
+        elif kind == b"iinf" and b - a >= 6:
+            first = a + (6 if data[a] == 0 else 8)
+            for entry, (c, d) in _boxes(io.BytesIO(data), first, b):
+                if entry == b"infe" and data[c] >= 2 and d - c >= 12:  # versions 2 and 3 name the item's type
+                    width = 2 if data[c] == 2 else 4
+                    item = int.from_bytes(data[c + 4 : c + 4 + width], "big")
+                    types[item] = data[c + 6 + width : c + 10 + width]
+    kind = types.get(primary)
+    if kind is not None and kind not in HEIF_MAIN_ITEMS:
+        raise ImageError(
+            f"The HEIF's main image is of type {kind.decode('latin-1')!r}, not a picture or a grid of tiles as "
+            "cameras write: it is not taken. Convert it to JPEG before sending."
+        )
+
+
+def _boxes(fp: BinaryIO, start: int, end: int, limit: int = 4096) -> Iterator[tuple[bytes, tuple[int, int]]]:
+    """(type, (body start, body end)) of the ISO base media boxes from ``start`` to ``end``, headers only read (at
+    most ``limit`` boxes: a walk of tiny boxes stops there)."""
+    position = start
+    for _ in range(limit):
+        if position + 8 > end:
+            return
+        fp.seek(position)
+        size, kind = struct.unpack(">I4s", fp.read(8))
+        header = 8
+        if size == 1:
+            size, header = struct.unpack(">Q", fp.read(8))[0], 16
+        elif size == 0:
+            size = end - position
+        if size < header or position + size > end:
+            return
+        yield kind, (position + header, position + size)
+        position += size
+
+
 def decode_cost(img: Image.Image, pixels: int) -> int:
     """Bytes of memory decoding ``pixels`` of ``img`` (opened, not loaded) to RGB takes at its peak, estimated."""
     mode = img.mode
+    alpha = "A" in mode or "a" in mode or (mode == "P" and "transparency" in img.info)
     if img.format == "WEBP":
         return pixels * DECODE_BYTES_WEBP
-    if "A" in mode or "a" in mode or (mode == "P" and "transparency" in img.info):
+    if img.format == "AVIF":
+        return pixels * (DECODE_BYTES_AVIF_ALPHA if alpha else DECODE_BYTES_AVIF)
+    if img.format == "HEIF":
+        return pixels * (DECODE_BYTES_HEIF_ALPHA if alpha else DECODE_BYTES_HEIF)
+    if alpha:
         return pixels * DECODE_BYTES_WITH_ALPHA
     return pixels * DECODE_BYTES_PER_PIXEL.get("I;16" if mode.startswith("I;16") else mode, 9)

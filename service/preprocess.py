@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
-from .formats import MAX_DECODE_BYTES, PYTHON_DECODERS, decode_cost, refuse_before_open
+from .formats import MAX_DECODE_BYTES, PYTHON_DECODERS, allowed_formats, decode_cost, refuse_before_open, unread_format
 from .settings import SETTINGS
 
 #: Largest image (in pixels) that is decoded. Larger images are refused rather than risking memory exhaustion
@@ -87,14 +87,6 @@ class PreprocessSpec:
         return cls(**known)
 
 
-#: Formats decoded, identified by their bytes (never by file name or declared content type). Pillow reads about 40
-#: formats, some through legacy or external decoders (EPS runs Ghostscript); only these are let through. JPEG includes
-#: MPO, the multi-picture JPEG many phone cameras write; PPM includes PGM, Netpbm formats some data sets use.
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
-#: The file names those formats go by: what a folder scan (training data, `predict-batch`) takes for an image. A file
-#: is still judged by its bytes; the suffix only decides whether a file that is not an image is worth reporting.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".mpo"})
-Image.init()  # registers every plugin: Image.open(formats=...) fails on one that is not loaded yet
 #: Longest side over shortest side accepted. A few hundred bytes of PNG can declare a 2 x 30,000,000 image, within
 #: the pixel limit but useless to a square model; panoramas and long screenshots stay well below 100.
 MAX_ASPECT_RATIO = SETTINGS.max_aspect_ratio  # HEADSTART_MAX_ASPECT_RATIO
@@ -209,10 +201,11 @@ def decode_image(
 ) -> Image.Image:
     """Decode an image into RGB with EXIF orientation applied.
 
-    The format is identified by the bytes, from :data:`ALLOWED_FORMATS`; the work is bounded before decoding
-    (pixels, aspect ratio, JPEG scans, the memory it takes by format and mode, PNG chunks, Netpbm headers, no
-    decoder written in Python). Palette, grayscale, RGBA (composited on white), CMYK and 16-bit images are
-    converted; animated images give their first frame. With ``min_side`` a JPEG is decoded at the smallest DCT scale
+    The format is identified by the bytes, from :func:`service.formats.allowed_formats` (HEIC and AVIF included
+    where installed: their own rotation applied too); the work is bounded before decoding (pixels, aspect ratio,
+    JPEG scans, the memory it takes by format and mode, PNG chunks, Netpbm headers, no decoder written in Python).
+    Palette, grayscale, RGBA (composited on white), CMYK and 16-bit images are converted; animated images give their
+    first frame. With ``min_side`` a JPEG is decoded at the smallest DCT scale
     whose shorter side is at least ``min_side`` (:func:`decode_for` says how much a model needs); the image's size
     before that reduction, after EXIF rotation, is :func:`original_size`. Raises :class:`ImageError`, and nothing
     else, for any input that cannot be used: empty, another format, corrupt, truncated, too large or degenerate.
@@ -221,7 +214,7 @@ def decode_image(
     try:
         with _warnings_quiet():  # safe with several threads decoding at once
             refuse_before_open(fp)
-            img = Image.open(fp, formats=ALLOWED_FORMATS)
+            img = Image.open(fp, formats=allowed_formats())
             _check_work(img, fp, max_pixels)
             if getattr(img, "is_animated", False):
                 img.seek(0)
@@ -245,9 +238,8 @@ def decode_image(
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
-        raise ImageError(
-            "The data is not an image format that can be read (JPEG, PNG, GIF, BMP, TIFF, WebP are)."
-        ) from exc
+        fp.seek(0)
+        raise ImageError(unread_format(fp.read(64))) from exc
     except Image.DecompressionBombError as exc:
         raise ImageError(f"The image is too large to decode safely ({exc}).") from exc
     except MemoryError as exc:

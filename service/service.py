@@ -237,7 +237,8 @@ class Headstart:
         novelty_threshold: float | None = None,
         label_threshold: float | None = None,
     ) -> ClassifyResponse:
-        """Top-k labels for one uploaded image (JPEG, PNG, GIF, BMP, TIFF, WebP), and whether it is none of them.
+        """Top-k labels for one uploaded image (JPEG, PNG, GIF, BMP, TIFF, WebP, AVIF; HEIC where pillow-heif is
+        installed), and whether it is none of them.
 
         ``top_k`` is 1 to 1000; values above the number of labels return every label. ``unknown`` is true when the
         image is unlike every class the model learned (``novelty`` above ``novelty_threshold``: the request's

@@ -40,7 +40,22 @@ def good_variants() -> dict[str, tuple[bytes, str]]:
         "real-gif": (GIF.read_bytes(), "image/gif"),
         "bmp": ((PHOTOS / "bird.bmp").read_bytes(), "image/bmp"),
         "webp": (encode(bee, "WEBP"), "image/webp"),
+        **phone_formats(bee),
     }
+
+
+def phone_formats(img: Image.Image, **kw) -> dict[str, tuple[bytes, str]]:
+    """``img`` as AVIF and as HEIC (the format iPhones save in), each where this installation reads it (the dev
+    extras install pillow-heif, which :func:`allowed_formats` registers)."""
+    from headstart.service.formats import allowed_formats
+
+    formats = allowed_formats()
+    out = {}
+    if "AVIF" in formats:
+        out["avif"] = (encode(img, "AVIF", quality=90, **kw), "image/avif")
+    if "HEIF" in formats:
+        out["heic"] = (encode(img, "HEIF", quality=90, **kw), "image/heic")
+    return out
 
 
 def exif_rotated() -> tuple[bytes, Image.Image]:

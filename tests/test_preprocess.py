@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from headstart.service.formats import BASE_FORMATS, allowed_formats, isobmff_brands
 from headstart.service.preprocess import (
     ImageError,
     PreprocessSpec,
@@ -26,7 +27,7 @@ from headstart.service.preprocess import (
 )
 
 from .conftest import HYMENOPTERA, PHOTOS
-from .images import hostile_images, mutants, photo, png_chunk, seed_images, work_bombs
+from .images import hostile_images, mutants, phone_formats, photo, png_chunk, seed_images, work_bombs
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -248,10 +249,10 @@ MEASURE = """
 import io, sys
 from PIL import Image
 sys.path.insert(0, ".")
-from headstart.service.formats import decode_cost
+from headstart.service.formats import allowed_formats, decode_cost
 from headstart.service.preprocess import decode_image
 data = sys.stdin.buffer.read()
-img = Image.open(io.BytesIO(data))
+img = Image.open(io.BytesIO(data), formats=allowed_formats())
 estimate = decode_cost(img, img.size[0] * img.size[1])
 def status(key):
     return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
@@ -274,14 +275,24 @@ print(estimate, status("VmHWM:") - base)
         ("TIFF", "CMYK"),
         ("GIF", "P"),
         ("BMP", "RGB"),
+        ("AVIF", "RGB"),
+        ("AVIF", "RGBA"),
+        ("HEIF", "RGB"),
+        ("HEIF", "RGBA"),
     ],
 )
 def test_the_decode_memory_estimate_bounds_the_real_peak(fmt, mode):
     """The estimate that refuses an image before decoding (HEADSTART_MAX_DECODE_BYTES) is at least the memory its
     decoding really takes at its peak (within 5%: pages and allocator slack), measured in a fresh process on a 16 MP
     image of each kind, and not more than twice it (an estimate that refused what fits would refuse good photos)."""
+    if fmt not in allowed_formats():
+        pytest.skip(f"this installation does not read {fmt} (AVIF: Pillow 11.3; HEIF: pip install pillow-heif)")
     img = Image.new("RGB", (4000, 4000), (10, 200, 30))
     img = img.convert("L").convert("I;16") if mode == "I;16" else img.convert(mode)
+    if fmt in ("AVIF", "HEIF") and mode == "RGBA":  # an opaque alpha plane is not stored: make half transparent
+        pixels = np.asarray(img).copy()
+        pixels[:2000, :, 3] = 0
+        img = Image.fromarray(pixels)
     data = encode(img, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
     out = subprocess.run([sys.executable, "-c", MEASURE], input=data, capture_output=True, check=True).stdout
     estimate, peak = map(int, out.split())
@@ -375,3 +386,75 @@ def test_boxes_of_a_reduced_decoding_come_back_in_the_photos_pixels():
     assert drawn.size == img.size  # drawn at the scale decoded, the box scaled to it
     x, y = round(1200 * img.width / 3264), round(850 * img.height / 2448)  # on the box's left edge
     assert np.asarray(drawn)[y, x].tolist() != np.asarray(img)[y, x].tolist()
+
+
+# ---------------------------------------------------------------- phone formats: HEIC and AVIF
+
+
+@pytest.mark.parametrize("fmt", ["AVIF", "HEIF"])
+@pytest.mark.parametrize("orientation", [6, 3])
+def test_heic_and_avif_photos_are_read_upright_with_the_jpegs_pixels(fmt, orientation):
+    """A HEIC (iPhones' format, read through pillow-heif, which applies the file's rotation itself) or an AVIF
+    (Pillow, which leaves it to the EXIF orientation) stored turned, as a phone stores a photo taken turned, is read
+    upright at its shown size with the photo's pixels (lossy codecs: within a few levels on average; the wrong turn
+    is off by about 50). Neither has reduced decoding: :func:`decode_for` gives the same image."""
+    if fmt not in allowed_formats():
+        pytest.skip(f"this installation does not read {fmt}")
+    bee = photo()  # 500 x 375: a quarter turn shows in the size, a half turn in the pixels
+    turn = {6: Image.Transpose.ROTATE_90, 3: Image.Transpose.ROTATE_180}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(bee.transpose(turn), fmt, exif=exif.tobytes(), quality=95)
+    img = decode_image(data)
+    assert img.mode == "RGB" and img.size == original_size(img) == bee.size
+    diff = np.abs(np.asarray(img, np.int16) - np.asarray(bee, np.int16)).mean()
+    wrong = np.abs(np.asarray(img.transpose(Image.Transpose.ROTATE_180), np.int16) - np.asarray(bee, np.int16))
+    assert diff < 4 < wrong.mean(), (diff, wrong.mean())
+    assert np.array_equal(np.asarray(decode_for(data, PreprocessSpec())), np.asarray(img))
+
+
+def test_heic_and_avif_without_their_decoders_name_the_fix(monkeypatch):
+    """Where pillow-heif is not installed (or Pillow reads no AVIF), such a photo is not "not an image": the error
+    says what it is and how to read it; a folder scan reports it as unreadable, with that message, not as ignored."""
+    import headstart.service.formats as formats
+
+    heic = b"\0\0\0\x1cftypheic\0\0\0\0mif1heicmiaf" + b"\0" * 64  # an iPhone's ftyp box
+    avif = b"\0\0\0\x20ftypavif\0\0\0\0avifmif1miafMA1B" + b"\0" * 64
+    assert isobmff_brands(heic) == {b"heic", b"mif1", b"miaf"} and isobmff_brands(b"GIF89a" * 8) == set()
+    monkeypatch.setattr(formats, "_formats", BASE_FORMATS)
+    with pytest.raises(ImageError, match=r"HEIC/HEIF .* pip install pillow-heif"):
+        decode_image(heic)
+    with pytest.raises(ImageError, match=r"AVIF, which this installation's Pillow cannot read: pip install -U"):
+        decode_image(avif)
+    with pytest.raises(ImageError, match=r"\(JPEG, PNG, GIF, BMP, TIFF, WebP, PPM/PGM are\)"):
+        decode_image(b"not an image at all" * 4)
+
+
+def test_a_folder_scan_takes_heic_and_avif_and_reports_them_where_unreadable(tmp_path, monkeypatch):
+    import headstart.service.formats as formats
+    from headstart.data import check_file
+
+    photos = phone_formats(photo())
+    if len(photos) < 2:
+        pytest.skip("this installation reads neither HEIC nor AVIF")
+    for name, (data, _) in photos.items():
+        (tmp_path / f"IMG_0001.{name.upper()}").write_bytes(data)
+    assert [check_file(p)[0] for p in sorted(tmp_path.iterdir())] == ["ok", "ok"]
+    monkeypatch.setattr(formats, "_formats", BASE_FORMATS)
+    status, reason = check_file(tmp_path / "IMG_0001.HEIC")
+    assert status == "corrupt" and "pip install pillow-heif" in reason
+
+
+def test_a_heif_whose_main_image_is_not_a_picture_or_grid_is_refused_before_decoding():
+    """iPhones store a photo as a grid of HEVC tiles; a file whose main image is an overlay of others (which could
+    repeat one large picture many times) is refused from its item list, before libheif parses it."""
+    if "HEIF" not in allowed_formats():
+        pytest.skip("this installation does not read HEIF")
+    bee = photo()
+    tiled = encode(bee, "HEIF", quality=60, tile_size=128)  # a grid of 4 x 3 tiles, as iPhones write (512 px)
+    assert decode_image(tiled).size == bee.size and b"grid" in tiled[:4096]
+    at = tiled.index(b"infe") + 12  # the first item's type (version 2: id and protection index before it)
+    assert tiled[at : at + 4] == b"grid"  # the main image (pitm: item 1)
+    overlay = tiled[:at] + b"iovl" + tiled[at + 4 :]
+    with pytest.raises(ImageError, match="main image is of type 'iovl'"):
+        decode_image(overlay)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from headstart.service.errors import HeadstartError
 from headstart.service.files import FileProblem, read_image_file
-from headstart.service.preprocess import IMAGE_SUFFIXES, ImageError, decode_image
+from headstart.service.formats import IMAGE_SUFFIXES
+from headstart.service.preprocess import ImageError, decode_image
 
 
 class DatasetError(HeadstartError, ValueError):

@@ -22,7 +22,7 @@ import yaml
 
 from headstart.data import DatasetError, check_file, listed, more_line
 from headstart.service.files import shown
-from headstart.service.preprocess import IMAGE_SUFFIXES
+from headstart.service.formats import IMAGE_SUFFIXES
 
 
 @dataclass

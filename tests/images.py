@@ -173,7 +173,8 @@ def large_16bit_png(side: int = 8000) -> bytes:
 
 
 def seed_images(seed: int = 0) -> list[tuple[str, bytes]]:
-    """Small valid images in every format the decoder takes: the seeds of :func:`mutants`."""
+    """Small valid images in every format the decoder takes: the seeds of :func:`mutants` (HEIC also as a grid of
+    tiles, as iPhones write it)."""
     base = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8))
     return [
         ("jpeg", encode(base, "JPEG")),
@@ -186,6 +187,8 @@ def seed_images(seed: int = 0) -> list[tuple[str, bytes]]:
         ("webp", encode(base, "WEBP")),
         ("mpo", encode(base, "MPO", save_all=True, append_images=[base])),
         ("ppm", encode(base, "PPM")),
+        *((name, data) for name, (data, _) in phone_formats(base).items()),  # AVIF, HEIC: where readable
+        *((f"{name}-tiled", data) for name, (data, _) in phone_formats(base, tile_size=16).items() if name == "heic"),
     ]
 
 

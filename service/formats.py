@@ -213,13 +213,15 @@ def check_heif_main_item(fp: BinaryIO) -> None:
         fp.seek(0)
     primary, types = None, {}
     for kind, (a, b) in _boxes(io.BytesIO(data), 4, len(data)):  # meta is a full box: version and flags first
-        if kind == b"pitm" and b - a >= 6:
+        if kind == b"pitm" and b - a >= 6 and b - a >= (6 if data[a] == 0 else 8):
             primary = int.from_bytes(data[a + 4 : a + (6 if data[a] == 0 else 8)], "big")
         elif kind == b"iinf" and b - a >= 6:
             first = a + (6 if data[a] == 0 else 8)
             for entry, (c, d) in _boxes(io.BytesIO(data), first, b):
-                if entry == b"infe" and data[c] >= 2 and d - c >= 12:  # versions 2 and 3 name the item's type
-                    width = 2 if data[c] == 2 else 4
+                if entry != b"infe" or d - c < 12 or data[c] < 2:  # versions 2 and 3 name the item's type
+                    continue
+                width = 2 if data[c] == 2 else 4  # of the item's number
+                if d - c >= 10 + width:
                     item = int.from_bytes(data[c + 4 : c + 4 + width], "big")
                     types[item] = data[c + 6 + width : c + 10 + width]
     kind = types.get(primary)
@@ -240,7 +242,9 @@ def _boxes(fp: BinaryIO, start: int, end: int, limit: int = 4096) -> Iterator[tu
         fp.seek(position)
         size, kind = struct.unpack(">I4s", fp.read(8))
         header = 8
-        if size == 1:
+        if size == 1:  # a 64-bit size follows
+            if position + 16 > end:
+                return
             size, header = struct.unpack(">Q", fp.read(8))[0], 16
         elif size == 0:
             size = end - position

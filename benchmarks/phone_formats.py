@@ -1,12 +1,14 @@
 """Phone formats: HEIC (what iPhones save; read through pillow-heif) and AVIF (Pillow) against the same photos as
 JPEG: the classifier's answers and the time of decode + preprocess.
 
-The photos: the hymenoptera validation JPEGs and the shared camera JPEGs (3264 x 2448 phone, 2048 x 1536 with EXIF
-orientation 6, a 2048 x 1536 trail camera), each re-encoded here as HEIC (a grid of 512 px tiles, as iPhones write;
-quality 90) and as AVIF (quality 90), the EXIF orientation carried over. The hymenoptera classifier (trained here, or
---bundle) answers each photo from every format; printed per set and format: the top-1 agreement with the JPEG's
-answer, the largest probability difference, and the median time of ``decode_for`` + ``preprocess`` (the formats
-alternated photo by photo). The JPEG is decoded at a reduced DCT scale; HEIC and AVIF are decoded whole.
+The photos: the hymenoptera validation JPEGs, the shared camera JPEGs (3264 x 2448 phone, 2048 x 1536 with EXIF
+orientation 6, a 2048 x 1536 trail camera) and the phone photo enlarged to 8064 x 6048 (48 MP, the size of the
+largest iPhone HEICs; no detail added: it measures the decoders' cost), each re-encoded here as HEIC (a grid of
+512 px tiles, as iPhones write; quality 90) and as AVIF (quality 90), the EXIF orientation carried over. The
+hymenoptera classifier (trained here, or --bundle) answers each photo from every format; printed per set and
+format: the top-1 agreement with the JPEG's answer, the largest probability difference, and the median time of
+``decode_for`` + ``preprocess`` (the formats alternated photo by photo). The JPEG is decoded at a reduced DCT
+scale; HEIC and AVIF are decoded whole. Encoding the 48 MP HEIC takes about 40 s.
 
     .venv/bin/python benchmarks/phone_formats.py [--bundle BUNDLE] [--repeats 5]
 """
@@ -33,6 +35,12 @@ def reencoded(jpeg: bytes, fmt: str) -> bytes:
     buf = io.BytesIO()
     options = {"tile_size": 512} if fmt == "HEIF" else {}
     img.convert("RGB").save(buf, fmt, quality=90, exif=exif.tobytes(), **options)
+    return buf.getvalue()
+
+
+def enlarged(path, size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").resize(size, Image.Resampling.BILINEAR).save(buf, "JPEG", quality=92)
     return buf.getvalue()
 
 
@@ -97,6 +105,7 @@ def main() -> None:
             "camera (8 MP, 3 MP EXIF 6, 3 MP)": [
                 p.read_bytes() for p in sorted((SHARED / "photos" / "camera").glob("*.jpg"))
             ],
+            "48 MP (the phone photo enlarged)": [enlarged(SHARED / "photos" / "camera" / "jolla.jpg", (8064, 6048))],
         }
         rows = [row for name, jpegs in sets.items() for row in run_set(bundle, name, jpegs, args.repeats)]
     keys = list(rows[0])

@@ -1,16 +1,19 @@
-"""Phone formats: HEIC (what iPhones save; read through pillow-heif) and AVIF (Pillow) against the same photos as
-JPEG: the classifier's answers and the time of decode + preprocess.
+"""Phone formats: HEIC (what iPhones save; read through pillow-heif) and AVIF (Pillow), and PNG, against the same
+photos as JPEG: the classifier's answers, decoded as headstart decodes them and decoded whole, and the time of
+decode + preprocess.
 
-The photos: the hymenoptera validation JPEGs, the shared camera JPEGs (3264 x 2448 phone, 2048 x 1536 with EXIF
-orientation 6, a 2048 x 1536 trail camera) and the phone photo enlarged to 8064 x 6048 (48 MP, the size of the
-largest iPhone HEICs; no detail added: it measures the decoders' cost), each re-encoded here as HEIC (a grid of
-512 px tiles, as iPhones write; quality 90) and as AVIF (quality 90), the EXIF orientation carried over. The
-hymenoptera classifier (trained here, or --bundle) answers each photo from every format; printed per set and
-format: the top-1 agreement with the JPEG's answer, the largest probability difference, and the median time of
-``decode_for`` + ``preprocess`` (the formats alternated photo by photo). The JPEG is decoded at a reduced DCT
-scale; HEIC and AVIF are decoded whole. Encoding the 48 MP HEIC takes about 40 s.
+The photos: the hymenoptera validation JPEGs, every third of them enlarged 4x (2000 x 1500 and the like; bilinear, so
+no detail added), the shared camera JPEGs (3264 x 2448 phone, 2048 x 1536 with EXIF orientation 6, a 2048 x 1536
+trail camera) and the phone photo enlarged to 8064 x 6048 (48 MP, the size of the largest iPhone HEICs), each
+re-encoded here as PNG, as HEIC (a grid of 512 px tiles, as iPhones write; quality 90) and as AVIF (quality 90), the
+EXIF orientation carried over. The hymenoptera classifier (trained here, or --bundle) answers each photo of every
+format decoded as headstart decodes it (``decode_for``: a JPEG at a reduced DCT scale, the others whole and then
+reduced by a whole factor to as much) and decoded whole (``decode_image``). Printed per set and format: the top-1
+agreement with the JPEG's answer and with the same file's whole decoding, the largest probability difference from
+the whole decoding, and the median time of decode + preprocess both ways (the formats alternated photo by photo).
+Encoding the 48 MP HEIC takes about 40 s.
 
-    .venv/bin/python benchmarks/phone_formats.py [--bundle BUNDLE] [--repeats 5]
+    .venv/bin/python benchmarks/phone_formats.py [--bundle BUNDLE] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -28,52 +31,60 @@ from PIL import Image
 HYMENOPTERA = SHARED / "data" / "hymenoptera"
 
 
+FORMATS = ("JPEG", "PNG", "HEIF", "AVIF")
+
+
 def reencoded(jpeg: bytes, fmt: str) -> bytes:
     """The photo as ``fmt`` (its pixels as stored, its EXIF orientation kept)."""
     img = Image.open(io.BytesIO(jpeg))
     exif = img.getexif()
     buf = io.BytesIO()
-    options = {"tile_size": 512} if fmt == "HEIF" else {}
-    img.convert("RGB").save(buf, fmt, quality=90, exif=exif.tobytes(), **options)
+    options = {"tile_size": 512, "quality": 90} if fmt == "HEIF" else {"quality": 90} if fmt == "AVIF" else {}
+    img.convert("RGB").save(buf, fmt, exif=exif.tobytes(), **options)
     return buf.getvalue()
 
 
-def enlarged(path, size: tuple[int, int]) -> bytes:
+def enlarged(path, size: tuple[int, int] | None = None, factor: int = 1) -> bytes:
+    """The photo enlarged (bilinear) to ``size`` or ``factor`` times, as a quality-92 JPEG."""
+    img = Image.open(path).convert("RGB")
     buf = io.BytesIO()
-    Image.open(path).convert("RGB").resize(size, Image.Resampling.BILINEAR).save(buf, "JPEG", quality=92)
+    size = size or (img.width * factor, img.height * factor)
+    img.resize(size, Image.Resampling.BILINEAR).save(buf, "JPEG", quality=92)
     return buf.getvalue()
 
 
 def run_set(bundle, name: str, jpegs: list[bytes], repeats: int) -> list[dict]:
     from headstart.service.inference import scores_and_novelty
-    from headstart.service.preprocess import decode_for, preprocess
+    from headstart.service.preprocess import decode_for, decode_image, preprocess
 
     spec = bundle.spec
-    files = {
-        "JPEG": jpegs,
-        "HEIF": [reencoded(b, "HEIF") for b in jpegs],
-        "AVIF": [reencoded(b, "AVIF") for b in jpegs],
-    }
+    ways = {"reduced": lambda b: decode_for(b, spec), "whole": decode_image}
+    files = {fmt: jpegs if fmt == "JPEG" else [reencoded(b, fmt) for b in jpegs] for fmt in FORMATS}
     probs = {
-        fmt: np.concatenate([scores_and_novelty(bundle, preprocess(decode_for(b, spec), spec)[None])[0] for b in data])
+        (fmt, way): np.concatenate([scores_and_novelty(bundle, preprocess(decode(b), spec)[None])[0] for b in data])
         for fmt, data in files.items()
+        for way, decode in ways.items()
     }
-    times = {fmt: [] for fmt in files}
+    times = {key: [] for key in probs}
     for _ in range(repeats):
         for i in range(len(jpegs)):
             for fmt, data in files.items():
-                started = time.perf_counter()
-                preprocess(decode_for(data[i], spec), spec)
-                times[fmt].append((time.perf_counter() - started) * 1000)
+                for way, decode in ways.items():
+                    started = time.perf_counter()
+                    preprocess(decode(data[i]), spec)
+                    times[fmt, way].append((time.perf_counter() - started) * 1000)
+    top1 = {key: p.argmax(1) for key, p in probs.items()}
     return [
         {
             "set": name,
             "format": fmt,
             "photos": len(jpegs),
             "MB each": sum(map(len, files[fmt])) / len(jpegs) / 1e6,
-            "top-1 = JPEG's": float((probs[fmt].argmax(1) == probs["JPEG"].argmax(1)).mean()),
-            "max |dp|": float(np.abs(probs[fmt] - probs["JPEG"]).max()),
-            "ms decode + preprocess": statistics.median(times[fmt]),
+            "top-1 = JPEG's": float((top1[fmt, "reduced"] == top1["JPEG", "reduced"]).mean()),
+            "top-1 = whole's": float((top1[fmt, "reduced"] == top1[fmt, "whole"]).mean()),
+            "max |dp| from whole": float(np.abs(probs[fmt, "reduced"] - probs[fmt, "whole"]).max()),
+            "ms as decoded": statistics.median(times[fmt, "reduced"]),
+            "ms whole": statistics.median(times[fmt, "whole"]),
         }
         for fmt in files
     ]
@@ -82,7 +93,7 @@ def run_set(bundle, name: str, jpegs: list[bytes], repeats: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", help="a classifier bundle (default: train and export the hymenoptera one)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(machine_line())
     check_idle()
@@ -92,7 +103,7 @@ def main() -> None:
     missing = {"AVIF", "HEIF"} - set(allowed_formats())
     if missing:
         raise SystemExit(
-            f"this installation does not read {sorted(missing)}: pip install 'headstart[heif]' and Pillow 11.3+"
+            f"this installation does not read {sorted(missing)}: pip install pillow-heif, and Pillow 11.3+"
         )
     with tempfile.TemporaryDirectory() as tmp:
         if args.bundle is None:
@@ -100,8 +111,10 @@ def main() -> None:
 
             args.bundle = make_bundle(tmp)
         bundle = load_bundle(args.bundle, precision="fp32")
+        val = sorted((HYMENOPTERA / "val").rglob("*.jpg"))
         sets = {
-            "hymenoptera val": [p.read_bytes() for p in sorted((HYMENOPTERA / "val").rglob("*.jpg"))],
+            "hymenoptera val": [p.read_bytes() for p in val],
+            "hymenoptera val x4 (every third)": [enlarged(p, factor=4) for p in val[::3]],
             "camera (8 MP, 3 MP EXIF 6, 3 MP)": [
                 p.read_bytes() for p in sorted((SHARED / "photos" / "camera").glob("*.jpg"))
             ],

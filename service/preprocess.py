@@ -100,7 +100,8 @@ EXIF_ORIENTATION = 0x0112
 #: JPEGs are decoded at the smallest DCT scale (1, 1/2, 1/4 or 1/8: libjpeg scales while it decodes) whose shorter
 #: side is still this many times the spec's ``resize``: an 8 MP photo for a 256 px resize decodes at 1/4 (816 x 612)
 #: instead of whole, about 3x faster, and the resize that follows starts from twice the pixels it keeps. Training
-#: augmentation shrinks photos to the same twice anyway. The other formats have no reduced decoding in Pillow.
+#: augmentation shrinks photos to the same twice anyway. The other formats have no reduced decoding in Pillow (nor
+#: libheif, libavif): they are reduced to as much once decoded (``Image.reduce``).
 DECODE_MARGIN = 2
 
 
@@ -206,9 +207,11 @@ def decode_image(
     JPEG scans, the memory it takes by format and mode, PNG chunks, Netpbm headers, no decoder written in Python).
     Palette, grayscale, RGBA (composited on white), CMYK and 16-bit images are converted; animated images give their
     first frame. With ``min_side`` a JPEG is decoded at the smallest DCT scale
-    whose shorter side is at least ``min_side`` (:func:`decode_for` says how much a model needs); the image's size
-    before that reduction, after EXIF rotation, is :func:`original_size`. Raises :class:`ImageError`, and nothing
-    else, for any input that cannot be used: empty, another format, corrupt, truncated, too large or degenerate.
+    whose shorter side is at least ``min_side`` (:func:`decode_for` says how much a model needs), and any other
+    image, decoded whole, is reduced by the largest whole factor that keeps it so (box averages: ``Image.reduce``);
+    the image's size before that reduction, after EXIF rotation, is :func:`original_size`. Raises
+    :class:`ImageError`, and nothing else, for any input that cannot be used: empty, another format, corrupt,
+    truncated, too large or degenerate.
     """
     fp = _open(source)
     try:
@@ -218,8 +221,8 @@ def decode_image(
             _check_work(img, fp, max_pixels)
             if getattr(img, "is_animated", False):
                 img.seek(0)
-            full = img.size
-            if min_side is not None and img.format in ("JPEG", "MPO") and min(full) >= 2 * min_side:
+            full, jpeg = img.size, img.format in ("JPEG", "MPO")
+            if min_side is not None and jpeg and min(full) >= 2 * min_side:
                 scale = min_side / min(full)
                 img.draft(img.mode, (max(1, math.ceil(full[0] * scale)), max(1, math.ceil(full[1] * scale))))
             cost = decode_cost(img, img.size[0] * img.size[1])
@@ -233,6 +236,8 @@ def decode_image(
             quarter_turn = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # these swap width and height
             ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to rotate
             img = to_rgb(img)
+            if min_side is not None and not jpeg and min(img.size) >= 2 * min_side:  # no reduced decoding: reduced
+                img = img.reduce(min(img.size) // min_side)  # now, box averages as libjpeg's DCT scaling, to hold less
             img.info["original_size"] = full[::-1] if quarter_turn else full
             return img
     except ImageError:
@@ -254,8 +259,10 @@ def decode_image(
 
 def decode_for(source: bytes | str | Path, spec: PreprocessSpec) -> Image.Image:
     """Decode an image for a model with ``spec``: a JPEG at the smallest DCT scale that still leaves
-    :data:`DECODE_MARGIN` times the pixels its preprocessing keeps. Training, evaluation, the export's checks,
-    serving and batch prediction all decode this way, so a model is trained on exactly what it is served."""
+    :data:`DECODE_MARGIN` times the pixels its preprocessing keeps, any other format reduced to as much after its
+    decoding (what is held after decoding, and the resize that follows, bounded by the output). Training,
+    evaluation, the export's checks, serving and batch prediction all decode this way, so a model is trained on
+    exactly what it is served."""
     return decode_image(source, min_side=DECODE_MARGIN * spec.resize)
 
 

@@ -361,10 +361,20 @@ def test_exif_orientation_is_applied_after_the_reduced_decoding():
     assert arr[700 // 4 + 30, 1200 // 4 + 30].min() > 240  # the white square where it is in the upright photo
 
 
-def test_other_formats_are_decoded_whole_and_truncated_jpegs_are_still_caught():
-    spec = PreprocessSpec()
-    png = encode(Image.fromarray(np.zeros((1200, 1800, 3), np.uint8)), "PNG")
-    assert decode_for(png, spec).size == (1800, 1200)  # Pillow has no reduced decoding but for JPEG
+def test_other_formats_are_reduced_once_decoded_and_truncated_jpegs_are_still_caught():
+    """Pillow has no reduced decoding but for JPEG: a large image of another format is decoded whole, then reduced by
+    the largest whole factor that keeps the model's margin (box averages, as libjpeg's DCT scaling), so that what is
+    held and resized afterwards is bounded by the output; the model's input barely changes."""
+    spec = PreprocessSpec()  # resize 256: a shorter side of at least 512 is kept
+    whole = photo().resize((2000, 1500), Image.Resampling.BICUBIC)
+    png = encode(whole, "PNG")
+    img = decode_for(png, spec)
+    assert img.size == (1000, 750) and original_size(img) == (2000, 1500)
+    assert np.array_equal(np.asarray(img), np.asarray(whole.reduce(2)))
+    diff = np.abs(preprocess(img, spec) - preprocess(decode_image(png), spec))
+    assert diff.mean() < 1 and diff.max() <= 8, (diff.mean(), diff.max())  # measured 0.31 and 4
+    small = encode(whole.resize((1400, 1023)), "PNG")  # 1023 < 2 x 512: kept as it is
+    assert decode_for(small, spec).size == (1400, 1023)
     data = large_jpeg()
     with pytest.raises(ImageError, match="truncated"):
         decode_image(data[: len(data) // 2], min_side=1)  # 1/8 scale still decodes every byte

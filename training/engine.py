@@ -164,8 +164,9 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
     job.training_report["feature_gib"] = round(need / 2**30, 6)
     log.info("features: %.2f GiB in memory (%s), as much in the cache", need / 2**30, np.dtype(layout.dtype).name)
     job.cache = FeatureCache(None if cfg.no_cache else (cfg.cache_dir or default_cache_dir()))
-    # the decoding is part of what features depend on: a JPEG is decoded at a scale set by the spec (DECODE_MARGIN)
-    decoding = f"dct-scaled x{DECODE_MARGIN}"
+    # the decoding is part of what features depend on: a JPEG is decoded at a scale set by the spec (DECODE_MARGIN),
+    # a large image of another format reduced to as much
+    decoding = f"dct-scaled x{DECODE_MARGIN}, others reduced"
     ns = dict(task=task.name, backbone=b.name, weights=b.weights_sha256, spec=job.spec.to_dict(), decoding=decoding)
     if task.feature_key(cfg):  # what the task's feature net computes, where its options change it (every split)
         ns["features"] = task.feature_key(cfg)

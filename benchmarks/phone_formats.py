@@ -13,7 +13,11 @@ agreement with the JPEG's answer and with the same file's whole decoding, the la
 the whole decoding, and the median time of decode + preprocess both ways (the formats alternated photo by photo).
 Encoding the 48 MP HEIC takes about 40 s.
 
-    .venv/bin/python benchmarks/phone_formats.py [--bundle BUNDLE] [--repeats 3]
+``--baseline REV`` also measures what `headstart.load(BUNDLE).predict(paths)` holds: 48 copies of the 8 MP phone
+photo as PNG and as HEIC, predicted in a new process with today's code and with that of commit REV: the peak
+resident memory and images/s of each (the answers compared).
+
+    .venv/bin/python benchmarks/phone_formats.py [--bundle BUNDLE] [--repeats 3] [--baseline REV]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import io
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from _common import SHARED, check_idle, machine_line
@@ -90,10 +95,69 @@ def run_set(bundle, name: str, jpegs: list[bytes], repeats: int) -> list[dict]:
     ]
 
 
+#: `headstart.load(...).predict` over a list of paths in a new process: images/s, peak RSS (MiB), best labels
+PREDICT_JOB = """
+import resource, sys, time
+import headstart
+model, listing = sys.argv[1:3]
+paths = open(listing).read().splitlines()
+loaded = headstart.load(model)
+started = time.perf_counter()
+answers = loaded.predict(paths)
+seconds = time.perf_counter() - started
+print(len(paths) / seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(" ".join(str(a.label or a.error) for a in answers))
+"""
+
+
+def held_memory(bundle_dir: str, baseline: str, tmp: Path) -> list[dict]:
+    """Peak memory and images/s of predicting 48 copies of the 8 MP photo as PNG and as HEIC, today's code and
+    ``baseline``'s, each in a new process."""
+    import subprocess
+    import sys
+
+    from _common import code_of
+
+    where = code_of(baseline, tmp)
+    photo = (SHARED / "photos" / "camera" / "jolla.jpg").read_bytes()
+    rows = []
+    for fmt in ("PNG", "HEIF"):
+        data = reencoded(photo, fmt)
+        folder = tmp / fmt
+        folder.mkdir()
+        for i in range(48):
+            (folder / f"{i:02d}.{fmt.lower()}").write_bytes(data)
+        listing = tmp / f"{fmt}.txt"
+        listing.write_text("\n".join(str(p) for p in sorted(folder.iterdir())))
+        runs = {}
+        for code, env in (("today", {}), (baseline, where)):
+            out = subprocess.run(
+                [sys.executable, "-c", PREDICT_JOB, bundle_dir, str(listing)],
+                capture_output=True,
+                text=True,
+                check=True,
+                **env,
+            ).stdout.splitlines()
+            rate, peak = map(float, out[0].split())
+            runs[code] = (rate, peak, out[1])
+        rows.append(
+            {
+                "photos": f"48 x 8 MP {fmt}",
+                "peak MiB today": runs["today"][1],
+                f"peak MiB {baseline}": runs[baseline][1],
+                "img/s today": runs["today"][0],
+                f"img/s {baseline}": runs[baseline][0],
+                "same labels": runs["today"][2] == runs[baseline][2],
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", help="a classifier bundle (default: train and export the hymenoptera one)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", metavar="REV", help="also the memory predict holds, against this commit's")
     args = parser.parse_args()
     print(machine_line())
     check_idle()
@@ -121,11 +185,18 @@ def main() -> None:
             "48 MP (the phone photo enlarged)": [enlarged(SHARED / "photos" / "camera" / "jolla.jpg", (8064, 6048))],
         }
         rows = [row for name, jpegs in sets.items() for row in run_set(bundle, name, jpegs, args.repeats)]
+        table(rows)
+        if args.baseline:
+            table(held_memory(str(args.bundle), args.baseline, Path(tmp)))
+
+
+def table(rows: list[dict]) -> None:
     keys = list(rows[0])
     print(" | ".join(keys))
     print(" | ".join("---" for _ in keys))
     for row in rows:
         print(" | ".join(f"{row[k]:.4f}" if isinstance(row[k], float) else str(row[k]) for k in keys))
+    print()
 
 
 if __name__ == "__main__":

@@ -2,16 +2,16 @@
 photos as JPEG: the classifier's answers, decoded as headstart decodes them and decoded whole, and the time of
 decode + preprocess.
 
-The photos: the hymenoptera validation JPEGs, every third of them enlarged 4x (2000 x 1500 and the like; bilinear, so
-no detail added), the shared camera JPEGs (3264 x 2448 phone, 2048 x 1536 with EXIF orientation 6, a 2048 x 1536
-trail camera) and the phone photo enlarged to 8064 x 6048 (48 MP, the size of the largest iPhone HEICs), each
-re-encoded here as PNG, as HEIC (a grid of 512 px tiles, as iPhones write; quality 90) and as AVIF (quality 90), the
-EXIF orientation carried over. The hymenoptera classifier (trained here, or --bundle) answers each photo of every
-format decoded as headstart decodes it (``decode_for``: a JPEG at a reduced DCT scale, the others whole and then
-reduced by a whole factor to as much) and decoded whole (``decode_image``). Printed per set and format: the top-1
-agreement with the JPEG's answer and with the same file's whole decoding, the largest probability difference from
-the whole decoding, and the median time of decode + preprocess both ways (the formats alternated photo by photo).
-Encoding the 48 MP HEIC takes about 40 s.
+The photos: the hymenoptera validation JPEGs, the same enlarged 6x (to at most 12 MP: 3000 x 2250 and the like;
+bilinear, so no detail added; as PNG all of them, as HEIC and AVIF every third), the shared camera JPEGs (3264 x 2448
+phone, 2048 x 1536 with EXIF orientation 6, a 2048 x 1536 trail camera) and the phone photo enlarged to 8064 x 6048
+(48 MP, the size of the largest iPhone HEICs), each re-encoded here as PNG, as HEIC (a grid of 512 px tiles, as
+iPhones write; quality 90) and as AVIF (quality 90), the EXIF orientation carried over. The hymenoptera classifier
+(trained here, or --bundle) answers each photo of every format decoded as headstart decodes it (``decode_for``: a
+JPEG at a reduced DCT scale, the others whole and then, where large, reduced by a whole factor) and decoded whole
+(``decode_image``). Printed per set and format: the top-1 agreement with the JPEG's answer and with the same file's
+whole decoding, the largest probability difference from the whole decoding, and the median time of decode +
+preprocess both ways (the formats alternated photo by photo). Encoding the 48 MP HEIC takes about 40 s.
 
 ``--baseline REV`` also measures what `headstart.load(BUNDLE).predict(paths)` holds: 48 copies of the 8 MP phone
 photo as PNG and as HEIC, predicted in a new process with today's code and with that of commit REV: the peak
@@ -50,21 +50,22 @@ def reencoded(jpeg: bytes, fmt: str) -> bytes:
 
 
 def enlarged(path, size: tuple[int, int] | None = None, factor: int = 1) -> bytes:
-    """The photo enlarged (bilinear) to ``size`` or ``factor`` times, as a quality-92 JPEG."""
+    """The photo enlarged (bilinear) to ``size``, or ``factor`` times to at most 12 MP, as a quality-92 JPEG."""
     img = Image.open(path).convert("RGB")
     buf = io.BytesIO()
-    size = size or (img.width * factor, img.height * factor)
+    factor = min(factor, (12e6 / (img.width * img.height)) ** 0.5)  # at most 12 MP
+    size = size or (round(img.width * factor), round(img.height * factor))
     img.resize(size, Image.Resampling.BILINEAR).save(buf, "JPEG", quality=92)
     return buf.getvalue()
 
 
-def run_set(bundle, name: str, jpegs: list[bytes], repeats: int) -> list[dict]:
+def run_set(bundle, name: str, jpegs: list[bytes], repeats: int, formats=FORMATS) -> list[dict]:
     from headstart.service.inference import scores_and_novelty
     from headstart.service.preprocess import decode_for, decode_image, preprocess
 
     spec = bundle.spec
     ways = {"reduced": lambda b: decode_for(b, spec), "whole": decode_image}
-    files = {fmt: jpegs if fmt == "JPEG" else [reencoded(b, fmt) for b in jpegs] for fmt in FORMATS}
+    files = {fmt: jpegs if fmt == "JPEG" else [reencoded(b, fmt) for b in jpegs] for fmt in ("JPEG", *formats[1:])}
     probs = {
         (fmt, way): np.concatenate([scores_and_novelty(bundle, preprocess(decode(b), spec)[None])[0] for b in data])
         for fmt, data in files.items()
@@ -95,9 +96,10 @@ def run_set(bundle, name: str, jpegs: list[bytes], repeats: int) -> list[dict]:
     ]
 
 
-#: `headstart.load(...).predict` over a list of paths in a new process: images/s, peak RSS (MiB), best labels
+#: `headstart.load(...).predict` over a list of paths in a new process: images/s, peak RSS (MiB: VmHWM, as
+#: getrusage's ru_maxrss would be the parent's, kept across exec), best labels
 PREDICT_JOB = """
-import resource, sys, time
+import sys, time
 import headstart
 model, listing = sys.argv[1:3]
 paths = open(listing).read().splitlines()
@@ -105,7 +107,8 @@ loaded = headstart.load(model)
 started = time.perf_counter()
 answers = loaded.predict(paths)
 seconds = time.perf_counter() - started
-print(len(paths) / seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(len(paths) / seconds, peak / 1024)
 print(" ".join(str(a.label or a.error) for a in answers))
 """
 
@@ -178,13 +181,18 @@ def main() -> None:
         val = sorted((HYMENOPTERA / "val").rglob("*.jpg"))
         sets = {
             "hymenoptera val": [p.read_bytes() for p in val],
-            "hymenoptera val x4 (every third)": [enlarged(p, factor=4) for p in val[::3]],
+            "hymenoptera val x6 (at most 12 MP)": ([enlarged(p, factor=6) for p in val], ("JPEG", "PNG")),
+            "hymenoptera val x6 (at most 12 MP), every third": (
+                [enlarged(p, factor=6) for p in val[::3]],
+                ("JPEG", "HEIF", "AVIF"),
+            ),
             "camera (8 MP, 3 MP EXIF 6, 3 MP)": [
                 p.read_bytes() for p in sorted((SHARED / "photos" / "camera").glob("*.jpg"))
             ],
             "48 MP (the phone photo enlarged)": [enlarged(SHARED / "photos" / "camera" / "jolla.jpg", (8064, 6048))],
         }
-        rows = [row for name, jpegs in sets.items() for row in run_set(bundle, name, jpegs, args.repeats)]
+        sets = {name: item if isinstance(item, tuple) else (item, FORMATS) for name, item in sets.items()}
+        rows = [row for name, (jpegs, fmts) in sets.items() for row in run_set(bundle, name, jpegs, args.repeats, fmts)]
         table(rows)
         if args.baseline:
             table(held_memory(str(args.bundle), args.baseline, Path(tmp)))

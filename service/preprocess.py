@@ -101,7 +101,7 @@ EXIF_ORIENTATION = 0x0112
 #: side is still this many times the spec's ``resize``: an 8 MP photo for a 256 px resize decodes at 1/4 (816 x 612)
 #: instead of whole, about 3x faster, and the resize that follows starts from twice the pixels it keeps. Training
 #: augmentation shrinks photos to the same twice anyway. The other formats have no reduced decoding in Pillow (nor
-#: libheif, libavif): they are reduced to as much once decoded (``Image.reduce``).
+#: libheif, libavif): they are reduced once decoded (``Image.reduce``) to twice as much (:func:`decode_image`).
 DECODE_MARGIN = 2
 
 
@@ -208,7 +208,8 @@ def decode_image(
     Palette, grayscale, RGBA (composited on white), CMYK and 16-bit images are converted; animated images give their
     first frame. With ``min_side`` a JPEG is decoded at the smallest DCT scale
     whose shorter side is at least ``min_side`` (:func:`decode_for` says how much a model needs), and any other
-    image, decoded whole, is reduced by the largest whole factor that keeps it so (box averages: ``Image.reduce``);
+    image, decoded whole, is reduced by the largest whole factor that keeps twice that (box averages:
+    ``Image.reduce``; a box is a blunter filter than libjpeg's scaling, hence the wider margin);
     the image's size before that reduction, after EXIF rotation, is :func:`original_size`. Raises
     :class:`ImageError`, and nothing else, for any input that cannot be used: empty, another format, corrupt,
     truncated, too large or degenerate.
@@ -236,8 +237,8 @@ def decode_image(
             quarter_turn = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # these swap width and height
             ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to rotate
             img = to_rgb(img)
-            if min_side is not None and not jpeg and min(img.size) >= 2 * min_side:  # no reduced decoding: reduced
-                img = img.reduce(min(img.size) // min_side)  # now, box averages as libjpeg's DCT scaling, to hold less
+            if min_side is not None and not jpeg and min(img.size) >= 4 * min_side:  # no reduced decoding: reduced
+                img = img.reduce(min(img.size) // (2 * min_side))  # now (box averages), to twice the JPEG's margin
             img.info["original_size"] = full[::-1] if quarter_turn else full
             return img
     except ImageError:
@@ -259,8 +260,9 @@ def decode_image(
 
 def decode_for(source: bytes | str | Path, spec: PreprocessSpec) -> Image.Image:
     """Decode an image for a model with ``spec``: a JPEG at the smallest DCT scale that still leaves
-    :data:`DECODE_MARGIN` times the pixels its preprocessing keeps, any other format reduced to as much after its
-    decoding (what is held after decoding, and the resize that follows, bounded by the output). Training,
+    :data:`DECODE_MARGIN` times the pixels its preprocessing keeps, a large image of any other format reduced to
+    twice that after its decoding (what is held after decoding, and the resize that follows, bounded by the
+    output). Training,
     evaluation, the export's checks, serving and batch prediction all decode this way, so a model is trained on
     exactly what it is served."""
     return decode_image(source, min_side=DECODE_MARGIN * spec.resize)

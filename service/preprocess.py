@@ -206,13 +206,12 @@ def decode_image(
     where installed: their own rotation applied too); the work is bounded before decoding (pixels, aspect ratio,
     JPEG scans, the memory it takes by format and mode, PNG chunks, Netpbm headers, no decoder written in Python).
     Palette, grayscale, RGBA (composited on white), CMYK and 16-bit images are converted; animated images give their
-    first frame. With ``min_side`` a JPEG is decoded at the smallest DCT scale
-    whose shorter side is at least ``min_side`` (:func:`decode_for` says how much a model needs), and any other
-    image, decoded whole, is reduced by the largest whole factor that keeps twice that (box averages:
-    ``Image.reduce``; a box is a blunter filter than libjpeg's scaling, hence the wider margin);
-    the image's size before that reduction, after EXIF rotation, is :func:`original_size`. Raises
-    :class:`ImageError`, and nothing else, for any input that cannot be used: empty, another format, corrupt,
-    truncated, too large or degenerate.
+    first frame. With ``min_side`` a JPEG is decoded at the smallest DCT scale whose shorter side is at least
+    ``min_side`` (:func:`decode_for` says how much a model needs), and any other image, decoded whole, is reduced by
+    the largest whole factor that keeps twice that (box averages: ``Image.reduce``; a box is a blunter filter than
+    libjpeg's scaling, hence the wider margin); the image's size before that reduction, after EXIF rotation, is
+    :func:`original_size`. Raises :class:`ImageError`, and nothing else, for any input that cannot be used: empty,
+    another format, corrupt, truncated, too large or degenerate.
     """
     fp = _open(source)
     try:
@@ -262,9 +261,8 @@ def decode_for(source: bytes | str | Path, spec: PreprocessSpec) -> Image.Image:
     """Decode an image for a model with ``spec``: a JPEG at the smallest DCT scale that still leaves
     :data:`DECODE_MARGIN` times the pixels its preprocessing keeps, a large image of any other format reduced to
     twice that after its decoding (what is held after decoding, and the resize that follows, bounded by the
-    output). Training,
-    evaluation, the export's checks, serving and batch prediction all decode this way, so a model is trained on
-    exactly what it is served."""
+    output). Training, evaluation, the export's checks, serving and batch prediction all decode this way, so a
+    model is trained on exactly what it is served."""
     return decode_image(source, min_side=DECODE_MARGIN * spec.resize)
 
 

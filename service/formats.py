@@ -213,8 +213,10 @@ def check_heif_main_item(fp: BinaryIO) -> None:
         fp.seek(0)
     primary, types = None, {}
     for kind, (a, b) in _boxes(io.BytesIO(data), 4, len(data)):  # meta is a full box: version and flags first
-        if kind == b"pitm" and b - a >= 6 and b - a >= (6 if data[a] == 0 else 8):
-            primary = int.from_bytes(data[a + 4 : a + (6 if data[a] == 0 else 8)], "big")
+        if kind == b"pitm" and b - a >= 6:
+            width = 2 if data[a] == 0 else 4  # of the item's number: version 0 or 1
+            if b - a >= 4 + width:
+                primary = int.from_bytes(data[a + 4 : a + 4 + width], "big")
         elif kind == b"iinf" and b - a >= 6:
             first = a + (6 if data[a] == 0 else 8)
             for entry, (c, d) in _boxes(io.BytesIO(data), first, b):

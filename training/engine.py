@@ -28,7 +28,7 @@ from headstart.extractor import Extractor, OpenVINORefused, resolve_device, use_
 from headstart.features import DecodedImages, FeatureCache, cache_namespace, default_cache_dir, extract_features
 from headstart.models import Backbone, PixelNormalize, build_backbone
 from headstart.service.contract import BackboneRecord, RunRecord
-from headstart.service.preprocess import DECODE_MARGIN
+from headstart.service.preprocess import DECODE_MARGIN, REDUCED_MARGIN
 from headstart.tasks.base import FeatureLayout, Features, Job, Task
 
 log = logging.getLogger("headstart")
@@ -165,8 +165,8 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
     log.info("features: %.2f GiB in memory (%s), as much in the cache", need / 2**30, np.dtype(layout.dtype).name)
     job.cache = FeatureCache(None if cfg.no_cache else (cfg.cache_dir or default_cache_dir()))
     # the decoding is part of what features depend on: a JPEG is decoded at a scale set by the spec (DECODE_MARGIN),
-    # a large image of another format reduced to as much
-    decoding = f"dct-scaled x{DECODE_MARGIN}, others reduced"
+    # a large image of another format reduced after decoding to REDUCED_MARGIN times as much
+    decoding = f"dct-scaled x{DECODE_MARGIN}, others reduced x{DECODE_MARGIN * REDUCED_MARGIN}"
     ns = dict(task=task.name, backbone=b.name, weights=b.weights_sha256, spec=job.spec.to_dict(), decoding=decoding)
     if task.feature_key(cfg):  # what the task's feature net computes, where its options change it (every split)
         ns["features"] = task.feature_key(cfg)

@@ -84,7 +84,10 @@ class Predictor:
     def __init__(self, model: str, options: dict) -> None:
         import ray
 
+        from . import usage_reports
         from .bundle import load_bundle
+
+        usage_reports.turn_off(openvino_converter=True)  # a Ray worker of a cluster joined keeps its own environment
 
         self.options = options
         self.not_utf8 = set(options.get("not_utf8", ()))

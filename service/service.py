@@ -24,7 +24,7 @@ from bentoml.validators import ContentType
 from PIL import Image
 from pydantic import ValidationError
 
-from . import connections
+from . import connections, usage_reports
 from .answers import (
     BatchItem,
     ClassifyResponse,
@@ -48,9 +48,9 @@ from .webpage import WebPage
 
 # under "bentoml" so that BentoML's logging configuration (its handler, its format) prints the start line
 log = logging.getLogger("bentoml.headstart")
-# BentoML's usage tracking sends events to t.bentoml.com unless this is set; off unless the operator turns it on
-# (BENTOML_DO_NOT_TRACK=False). Uvicorn's connections get header deadlines (service/connections.py).
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+# BentoML's, ONNX Runtime's and OpenVINO's usage reports off unless the operator turns them on (e.g.
+# BENTOML_DO_NOT_TRACK=False; service/usage_reports.py). Uvicorn's connections get header deadlines (connections.py).
+usage_reports.turn_off(openvino_converter=True)
 connections.install()
 T = TypeVar("T")
 #: The CPU /info reports beside the runtime and precision: they decide which kernels run, and so the speed.

@@ -16,15 +16,15 @@ def objects() -> dict[str, dict]:
     return {d["kind"]: d for d in docs}
 
 
-#: Variables of BentoML's own the manifests may set: usage tracking off.
-BENTOML_VARIABLES = {"BENTOML_DO_NOT_TRACK"}
+#: Variables of the libraries' own the manifests may set: their usage reports off (service/usage_reports.py).
+LIBRARY_VARIABLES = {"BENTOML_DO_NOT_TRACK", "ORT_DISABLE_TELEMETRY"}
 
 
 def service_variables() -> set[str]:
-    """Every HEADSTART_* variable the service reads (its settings: service/settings.py), and BentoML's it sets."""
+    """Every HEADSTART_* variable the service reads (its settings: service/settings.py), and the libraries' it sets."""
     from headstart.service.settings import Settings
 
-    return {variable for variable, _, _ in Settings.describe()} | BENTOML_VARIABLES
+    return {variable for variable, _, _ in Settings.describe()} | LIBRARY_VARIABLES
 
 
 def test_the_manifests_hold_a_deployment_a_service_and_an_autoscaler():

@@ -313,10 +313,13 @@ def test_pages_carry_security_headers_and_no_third_party_script(server):
     assert "googletagmanager" not in index.text and "https://" not in index.text.split("<body")[0]
 
 
-def test_usage_tracking_is_off_in_the_bento_and_the_kubernetes_manifest():
-    assert "BENTOML_DO_NOT_TRACK" in (ROOT / "bentofile.yaml").read_text()
-    manifests = (ROOT / "service" / "kubernetes").glob("*.yaml")
-    assert any("BENTOML_DO_NOT_TRACK" in p.read_text() for p in manifests)
+def test_usage_reports_are_off_in_the_bentos_and_the_kubernetes_manifest():
+    """The service turns them off itself (tests/test_usage_reports.py); the images and the manifest say so too."""
+    manifests = [p.read_text() for p in (ROOT / "service" / "kubernetes").glob("*.yaml")]
+    for variable in ("BENTOML_DO_NOT_TRACK", "ORT_DISABLE_TELEMETRY"):
+        for bentofile in ("bentofile.yaml", "bentofile.gpu.yaml"):
+            assert variable in (ROOT / bentofile).read_text(), (bentofile, variable)
+        assert any(variable in text for text in manifests), variable
 
 
 # ---------------------------------------------------------------- files a data check or a batch job meets

@@ -15,13 +15,13 @@ Importing ``headstart`` imports nothing heavy: torch comes with training, a runt
 from __future__ import annotations
 
 import importlib
-import os
 from typing import TYPE_CHECKING, Any
 
-# albumentations (the training augmentations) asks pypi.org for a newer version of itself each time it is imported
-# (a 2 s timeout), and prints a warning on every offline run (`Error fetching version info ... name resolution`).
-# headstart pins it (pyproject.toml); set NO_ALBUMENTATIONS_UPDATE=0 to have the check.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from headstart.service import usage_reports
+
+# the libraries' usage reports and albumentations' check for a newer version of itself (a request to pypi.org at each
+# import, a warning on every offline run) off unless the user turns them on: service/usage_reports.py
+usage_reports.turn_off()
 
 if TYPE_CHECKING:
     from headstart.api import Answer, Bundle, LoadedModel, Run, Server, evaluate, export, load, serve, train

@@ -1,8 +1,14 @@
-"""What every task's data check shares: the error a data set gets, and the check of one file."""
+"""What every task's data check shares: the error a data set gets, the check of one file, and the images checked
+by an earlier run."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
+import re
+import threading
 from pathlib import Path
 
 from headstart.service.errors import HeadstartError
@@ -10,22 +16,29 @@ from headstart.service.files import FileProblem, read_image_file
 from headstart.service.formats import IMAGE_SUFFIXES
 from headstart.service.preprocess import ImageError, decode_image
 
+log = logging.getLogger(__name__)
+
 
 class DatasetError(HeadstartError, ValueError):
     """The data set cannot be trained on as it is; the message names the problem and the fix."""
 
 
-def check_file(path: Path) -> tuple[str, str]:
+def check_file(path: Path, verified: VerifiedImages | None = None) -> tuple[str, str]:
     """Decode a file fully. Returns ("ok", sha256), ("ignored", reason) or ("corrupt", reason).
 
     What the file is comes first (service/files.py): FIFOs, devices, dangling links, loops, unreadable files and
     names that are not UTF-8 are skipped with the reason, a file over the size limit is not read at all (and is
-    "ignored" when its name does not say it is an image, e.g. a video).
+    "ignored" when its name does not say it is an image, e.g. a video). Bytes that ``verified`` holds (read whole
+    by an earlier check, with the same decoding) are not decoded again; those read whole now are added to it.
     """
     looks_like_image = path.suffix.lower() in IMAGE_SUFFIXES
     try:
         data = read_image_file(path)
-        decode_image(data, min_side=1)  # a JPEG at 1/8 scale: every byte is still decoded (truncation shows)
+        sha256 = hashlib.sha256(data).hexdigest()
+        if verified is None or sha256 not in verified:
+            decode_image(data, min_side=1)  # a JPEG at 1/8 scale: every byte is still decoded (truncation shows)
+            if verified is not None:
+                verified.add(sha256)
     except FileProblem as exc:
         if not looks_like_image and exc.too_large:
             return "ignored", "not an image (not read: too large)"
@@ -34,7 +47,102 @@ def check_file(path: Path) -> tuple[str, str]:
         if not looks_like_image and "not an image format" in str(exc):
             return "ignored", "not an image"
         return "corrupt", str(exc)
-    return "ok", hashlib.sha256(data).hexdigest()
+    return "ok", sha256
+
+
+class VerifiedImages:
+    """The images (by the sha256 of their bytes) that this decoding has read in an earlier data check. The check
+    decodes every file (an 8 MP JPEG: 10-15 ms, even at 1/8 scale); a run on the same photos again with other options,
+    its features in the cache, decoded most of them for nothing else: now it decodes none that were read before.
+
+    One line per image in ``ROOT/verified-KEY.txt`` (ROOT: the feature cache), KEY naming what decides whether a file
+    can be read: headstart's decoding code (the source of ``service/preprocess.py`` and ``service/formats.py``),
+    Pillow's and pillow-heif's versions, the formats read and the limits (:func:`decoding_key`); a change of any gives
+    another file, so every image is checked again. Only images that were read are kept: a file that failed is checked
+    every time. Lines are appended (runs may share the cache); a line that is not a sha256 is passed over, and a cache
+    that cannot be read or written only costs the decoding."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.path = Path(root) / f"verified-{decoding_key()}.txt"
+        self._known: set[str] = set()
+        self._new: list[str] = []
+        self._lock = threading.Lock()
+        try:
+            with self.path.open(encoding="ascii", errors="replace") as f:
+                self._known = {line.strip() for line in f if _SHA256.fullmatch(line.strip())}
+        except OSError:  # none yet, or unreadable: every image is decoded
+            pass
+
+    def __contains__(self, sha256: str) -> bool:
+        return sha256 in self._known
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def add(self, sha256: str) -> None:
+        with self._lock:
+            if sha256 not in self._known:
+                self._known.add(sha256)
+                self._new.append(sha256)
+
+    def save(self) -> None:
+        """Append the images added since the last save (one write, so that runs sharing the cache do not mix their
+        lines)."""
+        with self._lock:
+            new, self._new = self._new, []
+        if not new:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, "".join(f"{sha}\n" for sha in new).encode("ascii"))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("could not note the checked images in %s (%s): the next run checks them again", self.path, exc)
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def decoding_key() -> str:
+    """What decides whether an image can be read, as a short hash (:class:`VerifiedImages`)."""
+    from importlib import metadata
+
+    import PIL
+
+    from headstart.service import formats, preprocess
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    def source(module) -> str:
+        try:
+            return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()
+        except (OSError, TypeError):  # no source beside it (an unusual installation): its name stands for it
+            return module.__name__
+
+    parts = {
+        "code": [source(m) for m in (preprocess, formats)],
+        "pillow": PIL.__version__,
+        "pillow_heif": version("pillow-heif"),
+        "formats": list(formats.allowed_formats()),
+        "limits": [preprocess.MAX_IMAGE_PIXELS, formats.MAX_DECODE_BYTES],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def verified_images(cfg) -> VerifiedImages | None:
+    """The images checked earlier, in the run's feature cache (``--cache-dir``); None with ``--no-cache``."""
+    if cfg.no_cache:
+        return None
+    from headstart.features import default_cache_dir
+
+    return VerifiedImages(cfg.cache_dir or default_cache_dir())
 
 
 def listed(entries: list, limit: int = 20) -> list:

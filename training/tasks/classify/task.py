@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from headstart.data import DatasetError
+from headstart.data import DatasetError, verified_images
 from headstart.models import Classifier, ClassifierHead, HeadConfig, PixelNormalize
 from headstart.open_set import OPEN_SET, build_open_set, load_open_set, novelty_of, save_open_set
 from headstart.runs import write_json
@@ -43,7 +43,9 @@ class ClassifyTask(Task):
     clean_train = True  # the novelty bank and the data audit compare the training images as they are
 
     def scan(self, cfg: ClassifyConfig, report=None):
-        report = report or scan_image_folder(cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        report = report or scan_image_folder(
+            cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, verified=verified_images(cfg)
+        )
         if not report.splits.get("val"):
             raise DatasetError(
                 f"{report.root} has no validation images. Add a val/ folder next to train/, or put the class "

@@ -6,6 +6,7 @@ medium / large objects (COCO's areas), the held-out boxes and the kept epoch.
 from __future__ import annotations
 
 from headstart import crossval
+from headstart.data import verified_images
 from headstart.tasks.detect.config import DetectConfig
 from headstart.tasks.detect.data import DetectionReport, keep_classes, scan_yolo_dataset
 
@@ -19,7 +20,9 @@ def cross_validate(cfg: DetectConfig, folds: int = 4, report: DetectionReport | 
     from headstart.tasks.detect.metrics import evaluate_detector
 
     cfg.validate()
-    report = report or scan_yolo_dataset(cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    report = report or scan_yolo_dataset(
+        cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, verified=verified_images(cfg)
+    )
     if cfg.class_names():
         report = keep_classes(report, cfg.class_names())
 

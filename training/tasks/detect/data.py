@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from headstart.data import DatasetError, check_file, listed, more_line
+from headstart.data import DatasetError, VerifiedImages, check_file, listed, more_line
 from headstart.service.files import shown
 from headstart.service.formats import IMAGE_SUFFIXES
 
@@ -227,12 +227,15 @@ def _read_yaml(data: str | Path) -> tuple[Path, dict, list[str], Path]:
     return yaml_path, spec, labels, (yaml_path.parent / str(spec.get("path") or ".")).resolve()
 
 
-def _scan_splits(report: DetectionReport, split_files: dict[str, list[Path]], workers: int) -> None:
-    """Check every image and label file of ``split_files`` into ``report`` (corrupt, background, orphans, ...)."""
+def _scan_splits(
+    report: DetectionReport, split_files: dict[str, list[Path]], workers: int, verified: VerifiedImages | None = None
+) -> None:
+    """Check every image and label file of ``split_files`` into ``report`` (corrupt, background, orphans, ...); images
+    ``verified`` holds are not decoded again."""
     n_labels = len(report.labels)
 
     def load(path: Path) -> tuple[Path, str, str, DetSample | None, list[str]]:
-        status, info = check_file(path)
+        status, info = check_file(path, verified)
         if status != "ok":
             return path, status, info, None, []
         lpath = label_path(path)
@@ -261,6 +264,8 @@ def _scan_splits(report: DetectionReport, split_files: dict[str, list[Path]], wo
                         report.background.append(str(path))
                     samples.append(sample)
             report.splits[split] = samples
+    if verified is not None:
+        verified.save()
     label_dirs = {label_path(f).parent for files in split_files.values() for f in files}
     for folder in sorted(label_dirs):
         if folder.is_dir():
@@ -282,9 +287,15 @@ def scan_yolo_eval_split(data: str | Path, *, workers: int = 4) -> DetectionRepo
 
 
 def scan_yolo_dataset(
-    data: str | Path, *, val_fraction: float = 0.2, seed: int = 0, workers: int = 4
+    data: str | Path,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    workers: int = 4,
+    verified: VerifiedImages | None = None,
 ) -> DetectionReport:
-    """Read and check a YOLO-format data set for training: its train/val splits and everything that was skipped."""
+    """Read and check a YOLO-format data set for training: its train/val splits and everything that was skipped
+    (images ``verified`` holds are not decoded again)."""
     yaml_path, spec, labels, base = _read_yaml(data)
     if "train" not in spec:
         raise DatasetError(f"{yaml_path} needs 'train' (an image folder) and 'names' to train on.")
@@ -292,7 +303,7 @@ def scan_yolo_dataset(
     split_files = {"train": _image_files(spec["train"], base, yaml_path)}
     if spec.get("val") and spec["val"] != spec["train"]:
         split_files["val"] = _image_files(spec["val"], base, yaml_path)
-    _scan_splits(report, split_files, workers)
+    _scan_splits(report, split_files, workers, verified)
 
     if "val" not in report.splits:
         if not 0.0 < val_fraction < 1.0:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from headstart.data import verified_images
 from headstart.models.wrapper import Detector, PixelNormalize
 from headstart.service.preprocess import PreprocessSpec, decode_for
 from headstart.tasks.base import FeatureLayout, Job, Task
@@ -42,7 +43,9 @@ class DetectTask(Task):
     export = DetectExport()
 
     def scan(self, cfg: DetectConfig, report=None):
-        report = report or scan_yolo_dataset(cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        report = report or scan_yolo_dataset(
+            cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, verified=verified_images(cfg)
+        )
         names = cfg.class_names()
         return keep_classes(report, names) if names and names != report.labels else report
 

@@ -20,7 +20,7 @@ def cross_validate(cfg: MultiLabelConfig, folds: int = 4) -> dict:
     from headstart.tasks.multilabel.metrics import evaluation
 
     cfg.validate()
-    report = scan_data(cfg.data_dir, cfg.val_fraction, cfg.seed)
+    report = scan_data(cfg.data_dir, cfg.val_fraction, cfg.seed, run=cfg)
 
     def score(run_dir, test) -> dict:
         model = RunModel(load_run(run_dir))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.data import DatasetError, check_file, listed, more_line
+from headstart.data import DatasetError, VerifiedImages, check_file, listed, more_line, verified_images
 from headstart.service.files import shown
 from headstart.tasks.multilabel.config import find_csv
 
@@ -169,10 +169,16 @@ def read_csv(csv_path: Path) -> tuple[list[_Row], list[str] | None, list[tuple[s
 
 
 def scan_csv(
-    data: str | Path, *, val_fraction: float = 0.2, seed: int = 0, labels: list[str] | None = None, workers: int = 4
+    data: str | Path,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    labels: list[str] | None = None,
+    workers: int = 4,
+    verified: VerifiedImages | None = None,
 ) -> MultiLabelReport:
     """Read, check and split a labels CSV. ``labels`` fixes the labels (a trained model's: names outside them are
-    reported and ignored)."""
+    reported and ignored); images ``verified`` holds are not decoded again."""
     csv_path = find_csv(str(data))
     if csv_path is None:
         raise DatasetError(f"{data} is not a labels CSV, nor a folder holding labels.csv.")
@@ -187,7 +193,9 @@ def scan_csv(
             seen[key] = row
     rows = list(seen.values())
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        checked = list(pool.map(lambda r: check_file(r.path), rows))
+        checked = list(pool.map(lambda r: check_file(r.path, verified), rows))
+    if verified is not None:
+        verified.save()
     corrupt = [(str(r.path), reason) for r, (status, reason) in zip(rows, checked, strict=True) if status != "ok"]
     good = [(r, sha) for r, (status, sha) in zip(rows, checked, strict=True) if status == "ok"]
     if not good:
@@ -284,22 +292,25 @@ def from_detection(report, labels: list[str] | None = None) -> MultiLabelReport:
     return out
 
 
-def _scan_detection(data_dir: str, val_fraction: float, seed: int):
-    """A YOLO data set scanned by the detect task (through the registry)."""
+def _scan_detection(data_dir: str, val_fraction: float, seed: int, run=None):
+    """A YOLO data set scanned by the detect task (through the registry), with ``run``'s feature cache."""
     from headstart.tasks import CONFIGS, task_named
 
-    detect = CONFIGS["detect"](data_dir=data_dir, out="", val_fraction=val_fraction, seed=seed)
+    cache = {"cache_dir": run.cache_dir, "no_cache": run.no_cache} if run is not None else {"no_cache": True}
+    detect = CONFIGS["detect"](data_dir=data_dir, out="", val_fraction=val_fraction, seed=seed, **cache)
     return task_named("detect").scan(detect)
 
 
-def scan_data(data_dir: str, val_fraction: float, seed: int, labels: list[str] | None = None):
-    """A labels CSV, or a YOLO data set read as image-level labels."""
+def scan_data(data_dir: str, val_fraction: float, seed: int, labels: list[str] | None = None, run=None):
+    """A labels CSV, or a YOLO data set read as image-level labels; for a training ``run`` (a RunConfig), the images
+    its feature cache knows were read are not decoded again (:class:`headstart.data.VerifiedImages`)."""
     if find_csv(data_dir) is not None:
-        return scan_csv(data_dir, val_fraction=val_fraction, seed=seed, labels=labels)
+        verified = verified_images(run) if run is not None else None
+        return scan_csv(data_dir, val_fraction=val_fraction, seed=seed, labels=labels, verified=verified)
     from headstart.tasks import CONFIGS
 
     if CONFIGS["detect"].claims(data_dir):
-        return from_detection(_scan_detection(data_dir, val_fraction, seed), labels)
+        return from_detection(_scan_detection(data_dir, val_fraction, seed, run), labels)
     raise ValueError(
         f"{data_dir} is not a multi-label data set: give a labels CSV (image,labels), a folder holding labels.csv, "
         "or a YOLO data set (a folder with data.yaml)."

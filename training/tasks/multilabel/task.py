@@ -52,7 +52,7 @@ class MultiLabelTask(Task):
     clean_train = True  # the novelty bank compares the training images as they are
 
     def scan(self, cfg: MultiLabelConfig, report=None):
-        return report or scan_data(cfg.data_dir, cfg.val_fraction, cfg.seed)
+        return report or scan_data(cfg.data_dir, cfg.val_fraction, cfg.seed, run=cfg)
 
     def data_record(self, cfg, report) -> dict:
         return {"root": str(report.root), "source": str(report.source), "split": report.split_source}

@@ -75,6 +75,57 @@ def test_cache_invalidation_on_changed_image_and_recipe(tiny_folder, tmp_path, c
     assert len({f.name for f in cache_dir.rglob("*.npy")} - after) == 24  # new recipe: train views only
 
 
+def test_the_cache_command_shows_and_prunes_the_least_recently_used_and_nothing_else(
+    tiny_folder, tmp_path, cache_dir, capsys
+):
+    """`headstart cache`: where the cache is and how large; --keep-gb removes the least recently used files (a read
+    counts as a use), --clear every file of the cache, and nothing else in the folder; a run after either computes
+    what it needs again, with the same result."""
+    import os
+    import time
+
+    a = train(tiny_config(tiny_folder, tmp_path / "a", cache_dir))
+    of_a = {p for p, _ in FeatureCache(cache_dir).files()}  # its 56 features and the note of the checked images
+    train(tiny_config(tiny_folder, tmp_path / "b", cache_dir, augment="light"))  # 24 more files: other views
+    own = FeatureCache(cache_dir).files()
+    assert len(own) == 56 + 24 + 1  # and the note of the checked images
+    assert main(["cache", "--cache-dir", str(cache_dir), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["files"] == 81 and shown["bytes"] == sum(st.st_size for _, st in own) and shown["removed"] is None
+    old = {p for p, _ in own}
+    hour = 3600 * 10**9
+    for path in old:  # all written 2 h and used 1 h ago (where the kernel itself would not note a read: relatime)
+        os.utime(path, ns=(time.time_ns() - hour, time.time_ns() - 2 * hour))
+    # then a run of `a`'s options reads its 56 files
+    again = train(tiny_config(tiny_folder, tmp_path / "a2", cache_dir))
+    used = of_a
+    foreign = cache_dir / "notes.txt"
+    foreign.write_text("mine")
+    (cache_dir / "ab").mkdir(exist_ok=True)
+    (cache_dir / "ab" / "mine.json").write_text("{}")
+    keep = sum(p.stat().st_size for p in used)
+    assert main(["cache", "--cache-dir", str(cache_dir), "--keep-gb", str(keep / 2**30), "--json"]) == 0
+    pruned = json.loads(capsys.readouterr().out)
+    assert pruned["removed"]["files"] == 24 and pruned["files"] == 57
+    assert {p for p, _ in FeatureCache(cache_dir).files()} == used
+    assert main(["cache", "--cache-dir", str(cache_dir), "--clear"]) == 0
+    assert "removed 57 files" in capsys.readouterr().out
+    assert FeatureCache(cache_dir).files() == [] and foreign.read_text() == "mine"
+    assert (cache_dir / "ab" / "mine.json").is_file()
+    c = train(tiny_config(tiny_folder, tmp_path / "c", cache_dir))  # everything computed again
+    for key, value in head_tensors(a).items():
+        assert torch.equal(value, head_tensors(c)[key]) and torch.equal(value, head_tensors(again)[key])
+    assert main(["cache", "--cache-dir", str(cache_dir), "--keep-gb", "-1"]) == 2
+    assert "--keep-gb must be 0 or more" in capsys.readouterr().err
+    # a read from the cache notes the use itself (the kernel may not: noatime; relatime after a day); an access
+    # time in the future, which the kernel leaves as it is, shows it
+    path = next(p for p, _ in FeatureCache(cache_dir).files() if p.suffix == ".npy")
+    written, future = path.stat().st_mtime_ns, time.time_ns() + 86400 * 10**9
+    os.utime(path, ns=(future, written))
+    assert FeatureCache(cache_dir).get(path.stem, None) is not None
+    assert path.stat().st_atime_ns < future and path.stat().st_mtime_ns == written
+
+
 def test_truncated_cache_file_is_recomputed(tiny_folder, tmp_path, cache_dir):
     a = train(tiny_config(tiny_folder, tmp_path / "a", cache_dir))
     for f in sorted(cache_dir.rglob("*.npy"))[:3]:

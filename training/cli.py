@@ -381,12 +381,53 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _add_cache(sub) -> None:
+    p = sub.add_parser(
+        "cache",
+        help="the feature cache: where it is and how large; --keep-gb N removes the least recently used features",
+        description="The feature cache every run reads and fills (features of each image's views, and the notes of "
+        "the images a data check read). It only grows: remove what you no longer use with --keep-gb or --clear "
+        "(a run that needs a removed feature computes it again). Nothing else in the folder is touched.",
+    )
+    p.add_argument("--cache-dir", help="the cache (default $HEADSTART_CACHE or ~/.cache/headstart)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--keep-gb", type=float, help="remove the least recently used files beyond this many GiB")
+    what.add_argument("--clear", action="store_true", help="remove every file of the cache")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a line")
+
+
+def _cmd_cache(args) -> int:
+    import time
+
+    from headstart.features import FeatureCache, default_cache_dir
+
+    if args.keep_gb is not None and args.keep_gb < 0:
+        raise ValueError(f"--keep-gb must be 0 or more, not {args.keep_gb}.")
+    cache = FeatureCache(args.cache_dir or default_cache_dir())
+    removed = None
+    if args.clear or args.keep_gb is not None:
+        files, freed = cache.prune(0 if args.clear else int(args.keep_gb * 2**30))
+        removed = {"files": files, "bytes": freed}
+    usage = cache.usage()
+
+    def day(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d", time.localtime(t)) if t else "-"
+
+    line = f"feature cache {usage['root']}: {usage['files']} files, {usage['bytes'] / 2**30:.2f} GiB"
+    if usage["files"]:
+        line += f" (least recently used {day(usage['oldest'])}, most recently {day(usage['newest'])})"
+    if removed is not None:
+        line = f"removed {removed['files']} files ({removed['bytes'] / 2**30:.2f} GiB); {line}"
+    _print(args, {**usage, "removed": removed}, line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headstart", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     verbs = (_add_train, _add_crossval, _add_evaluate, _add_predict, _add_predict_batch, _add_export, _add_serve)
-    for add in (*verbs, _add_compare):
+    for add in (*verbs, _add_compare, _add_cache):
         add(sub)
     return parser
 
@@ -447,6 +488,7 @@ COMMANDS = {
     "crossval": _cmd_crossval,
     "serve": _cmd_serve,
     "compare": _cmd_compare,
+    "cache": _cmd_cache,
 }
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 from headstart.service.errors import HeadstartError
@@ -70,6 +71,7 @@ class VerifiedImages:
         try:
             with self.path.open(encoding="ascii", errors="replace") as f:
                 self._known = {line.strip() for line in f if _SHA256.fullmatch(line.strip())}
+            os.utime(self.path, ns=(time.time_ns(), self.path.stat().st_mtime_ns))  # used: `headstart cache` keeps it
         except OSError:  # none yet, or unreadable: every image is decoded
             pass
 

@@ -9,6 +9,7 @@ detected and recomputed. Runs may share a cache directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -78,6 +79,7 @@ class FeatureCache:
             arr = np.load(path, allow_pickle=False)
             if (shape is not None and arr.shape != shape) or arr.dtype != dtype or not np.isfinite(arr).all():
                 raise ValueError(f"shape {arr.shape} dtype {arr.dtype}, expected {shape} {np.dtype(dtype)}")
+            _used(path)  # the last to go when the cache is pruned (:meth:`prune`)
             return arr
         except (OSError, ValueError, EOFError) as exc:
             log.warning("feature cache file %s is unreadable (%s); recomputing it", path, exc)
@@ -91,6 +93,59 @@ class FeatureCache:
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(arr, dtype=dtype), allow_pickle=False)
         atomic_write_bytes(self._path(key), buf.getvalue())
+
+    # ------------------------------------------------ what `headstart cache` shows and removes
+
+    def files(self) -> list[tuple[Path, os.stat_result]]:
+        """The cache's own files (features, their extras, the notes of checked images), least recently used first
+        (by their access time, which a read from the cache sets). Nothing else in the folder is counted or ever
+        removed: ``--cache-dir`` may name a folder that holds more."""
+        if self.root is None or not self.root.is_dir():
+            return []
+        found = [*self.root.glob("[0-9a-f][0-9a-f]/*.npy"), *self.root.glob("verified-*.txt")]
+        out = []
+        for path in found:
+            with contextlib.suppress(OSError):  # removed meanwhile (another run, another prune)
+                out.append((path, path.stat()))
+        return sorted(out, key=lambda item: item[1].st_atime)
+
+    def usage(self) -> dict:
+        """Files, bytes, and when the least and the most recently used feature were last used (Unix time)."""
+        files = self.files()
+        return {
+            "root": str(self.root),
+            "files": len(files),
+            "bytes": sum(st.st_size for _, st in files),
+            "oldest": files[0][1].st_atime if files else None,
+            "newest": files[-1][1].st_atime if files else None,
+        }
+
+    def prune(self, keep_bytes: int) -> tuple[int, int]:
+        """Remove the least recently used files until the cache holds at most ``keep_bytes``; returns how many files
+        and bytes went. A run that later needs a removed feature computes it again; one running now loses nothing
+        (a file it is writing is not one of these, and a feature removed under it is computed again)."""
+        files = self.files()
+        total, removed, freed = sum(st.st_size for _, st in files), 0, 0
+        for path, st in files:
+            if total - freed <= keep_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed, freed = removed + 1, freed + st.st_size
+        self._remove_empty_folders()
+        return removed, freed
+
+    def _remove_empty_folders(self) -> None:
+        for folder in self.root.glob("[0-9a-f][0-9a-f]") if self.root is not None else ():
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only where empty
+
+
+def _used(path: Path) -> None:
+    """Its access time set to now, its modification time (when it was computed) kept: the kernel may not set the
+    access time on a read (``noatime``, ``relatime``)."""
+    with contextlib.suppress(OSError):  # a cache on a read-only disk is still read
+        os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
 
 
 def cache_namespace(**parts) -> str:

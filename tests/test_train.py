@@ -126,6 +126,25 @@ def test_the_cache_command_shows_and_prunes_the_least_recently_used_and_nothing_
     assert path.stat().st_atime_ns < future and path.stat().st_mtime_ns == written
 
 
+def test_a_prune_that_cannot_remove_a_file_removes_the_others_and_says_so(tmp_path, monkeypatch, caplog):
+    from pathlib import Path
+
+    cache = FeatureCache(tmp_path)
+    for i in range(3):
+        cache.put(f"{i:02x}" * 32, np.zeros(256, np.float32))
+    stuck, real = cache._path("01" * 32), Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self == stuck:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with caplog.at_level(logging.WARNING):
+        assert cache.prune(0)[0] == 2
+    assert [p for p, _ in cache.files()] == [stuck] and "could not remove 1 files" in caplog.text
+
+
 def test_truncated_cache_file_is_recomputed(tiny_folder, tmp_path, cache_dir):
     a = train(tiny_config(tiny_folder, tmp_path / "a", cache_dir))
     for f in sorted(cache_dir.rglob("*.npy"))[:3]:

@@ -125,13 +125,18 @@ class FeatureCache:
         and bytes went. A run that later needs a removed feature computes it again; one running now loses nothing
         (a file it is writing is not one of these, and a feature removed under it is computed again)."""
         files = self.files()
-        total, removed, freed = sum(st.st_size for _, st in files), 0, 0
+        total, removed, freed, kept = sum(st.st_size for _, st in files), 0, 0, []
         for path, st in files:
             if total - freed <= keep_bytes:
                 break
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            try:
+                path.unlink(missing_ok=True)  # missing: another prune took it
+            except OSError as exc:  # a read-only cache, a file of another user: the others still go
+                kept.append(exc)
+                continue
             removed, freed = removed + 1, freed + st.st_size
+        if kept:
+            log.warning("could not remove %d files of the feature cache (%s)", len(kept), kept[0])
         self._remove_empty_folders()
         return removed, freed
 

@@ -1,4 +1,4 @@
-"""The `headstart` command: train, crossval, evaluate, predict, predict-batch, export."""
+"""The `headstart` command: train, crossval, evaluate, predict, predict-batch, export, serve, compare, cache."""
 
 from __future__ import annotations
 
@@ -413,11 +413,14 @@ def _cmd_cache(args) -> int:
     def day(t: float | None) -> str:
         return time.strftime("%Y-%m-%d", time.localtime(t)) if t else "-"
 
-    line = f"feature cache {usage['root']}: {usage['files']} files, {usage['bytes'] / 2**30:.2f} GiB"
+    def size(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    line = f"feature cache {usage['root']}: {usage['files']} files, {size(usage['bytes'])}"
     if usage["files"]:
         line += f" (least recently used {day(usage['oldest'])}, most recently {day(usage['newest'])})"
     if removed is not None:
-        line = f"removed {removed['files']} files ({removed['bytes'] / 2**30:.2f} GiB); {line}"
+        line = f"removed {removed['files']} files ({size(removed['bytes'])}); {line}"
     _print(args, {**usage, "removed": removed}, line)
     return 0
 

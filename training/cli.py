@@ -393,7 +393,7 @@ def _add_cache(sub) -> None:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--keep-gb", type=float, help="remove the least recently used files beyond this many GiB")
     what.add_argument("--clear", action="store_true", help="remove every file of the cache")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a line")
+    _add_json(p)
 
 
 def _cmd_cache(args) -> int:

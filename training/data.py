@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import threading
-import time
 from pathlib import Path
 
 from headstart.service.errors import HeadstartError
@@ -64,16 +63,18 @@ class VerifiedImages:
     that cannot be read or written only costs the decoding."""
 
     def __init__(self, root: str | Path) -> None:
-        self.path = Path(root) / f"verified-{decoding_key()}.txt"
+        from headstart.features import VERIFIED_NOTES, mark_used  # the feature cache's (torch comes with it)
+
+        self.path = Path(root) / VERIFIED_NOTES.format(key=decoding_key())
         self._known: set[str] = set()
         self._new: list[str] = []
         self._lock = threading.Lock()
         try:
             with self.path.open(encoding="ascii", errors="replace") as f:
                 self._known = {line.strip() for line in f if _SHA256.fullmatch(line.strip())}
-            os.utime(self.path, ns=(time.time_ns(), self.path.stat().st_mtime_ns))  # used: `headstart cache` keeps it
         except OSError:  # none yet, or unreadable: every image is decoded
-            pass
+            return
+        mark_used(self.path)  # `headstart cache` keeps it as long as the features read with it
 
     def __contains__(self, sha256: str) -> bool:
         return sha256 in self._known

@@ -32,6 +32,12 @@ from headstart.service.preprocess import PreprocessSpec, decode_for
 log = logging.getLogger(__name__)
 
 
+#: The cache's notes of the images a data check read (``headstart.data.VerifiedImages``), one file per decoding.
+VERIFIED_NOTES = "verified-{key}.txt"
+#: The folders of the features: the first two hex digits of their keys.
+_SHARDS = "[0-9a-f][0-9a-f]"
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("HEADSTART_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "headstart"
@@ -79,7 +85,7 @@ class FeatureCache:
             arr = np.load(path, allow_pickle=False)
             if (shape is not None and arr.shape != shape) or arr.dtype != dtype or not np.isfinite(arr).all():
                 raise ValueError(f"shape {arr.shape} dtype {arr.dtype}, expected {shape} {np.dtype(dtype)}")
-            _used(path)  # the last to go when the cache is pruned (:meth:`prune`)
+            mark_used(path)  # the last to go when the cache is pruned (:meth:`prune`)
             return arr
         except (OSError, ValueError, EOFError) as exc:
             log.warning("feature cache file %s is unreadable (%s); recomputing it", path, exc)
@@ -102,7 +108,7 @@ class FeatureCache:
         removed: ``--cache-dir`` may name a folder that holds more."""
         if self.root is None or not self.root.is_dir():
             return []
-        found = [*self.root.glob("[0-9a-f][0-9a-f]/*.npy"), *self.root.glob("verified-*.txt")]
+        found = [*self.root.glob(f"{_SHARDS}/*.npy"), *self.root.glob(VERIFIED_NOTES.format(key="*"))]
         out = []
         for path in found:
             with contextlib.suppress(OSError):  # removed meanwhile (another run, another prune)
@@ -141,12 +147,12 @@ class FeatureCache:
         return removed, freed
 
     def _remove_empty_folders(self) -> None:
-        for folder in self.root.glob("[0-9a-f][0-9a-f]") if self.root is not None else ():
+        for folder in self.root.glob(_SHARDS) if self.root is not None else ():
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only where empty
 
 
-def _used(path: Path) -> None:
+def mark_used(path: Path) -> None:
     """Its access time set to now, its modification time (when it was computed) kept: the kernel may not set the
     access time on a read (``noatime``, ``relatime``)."""
     with contextlib.suppress(OSError):  # a cache on a read-only disk is still read

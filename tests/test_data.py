@@ -87,6 +87,30 @@ def test_duplicate_across_train_and_val_is_a_warning(tmp_path):
     assert any("leak" in w for w in report.warnings)
 
 
+def test_one_picture_under_two_classes_is_a_warning_naming_both(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"a": 6, "b": 6, "c": 3}, splits={"train": 0.5, "val": 0.5})
+    shutil.copy(root / "train" / "a" / "a_000.jpg", root / "train" / "b" / "also_a.jpg")  # both in train
+    shutil.copy(root / "train" / "a" / "a_001.jpg", root / "val" / "a" / "copy.jpg")  # the same class: a leak only
+    report = scan_image_folder(root)
+    assert report.conflicts == [[(f"{root}/train/a/a_000.jpg", "a"), (f"{root}/train/b/also_a.jpg", "b")]]
+    (warning,) = [w for w in report.warnings if "more than one class" in w]
+    assert "train/a/a_000.jpg (a) == " in warning and "train/b/also_a.jpg (b)" in warning and "copy.jpg" not in warning
+    assert report.to_dict()["conflicts"] == [
+        [{"path": f"{root}/train/a/a_000.jpg", "label": "a"}, {"path": f"{root}/train/b/also_a.jpg", "label": "b"}]
+    ]
+    # an evaluation folder: one of the copies is always counted wrong
+    evaluation = root / "val"
+    shutil.copy(evaluation / "a" / "copy.jpg", evaluation / "c" / "copy.jpg")
+    report = scan_eval_folder(evaluation, ["a", "b", "c"])
+    assert [[c for _, c in group] for group in report.conflicts] == [["a", "c"]]
+    assert any("more than one class" in w and "right on only one" in w for w in report.warnings)
+    # none where every copy is in one class
+    (root / "train" / "b" / "also_a.jpg").unlink()
+    (evaluation / "c" / "copy.jpg").unlink()
+    assert scan_image_folder(root).conflicts == []
+    assert not any("more than one class" in w for w in scan_eval_folder(evaluation, ["a", "b", "c"]).warnings)
+
+
 def test_class_only_in_val_is_an_error(tmp_path):
     root = make_image_folder(tmp_path / "d", {"a": 6, "b": 6}, splits={"train": 0.5, "val": 0.5})
     make_image_folder(tmp_path / "extra", {"c": 2})

@@ -98,6 +98,25 @@ def test_the_csv_layouts_and_what_the_data_check_reports(tmp_path):
     assert config_for_data(str(multi)).task == "multilabel" and config_for_data(str(tmp_path)).task == "multilabel"
 
 
+def test_one_picture_under_two_names_is_reported_as_a_leak_or_a_label_conflict(tmp_path):
+    path, truth = make_csv_set(tmp_path, 16, split=True)
+    names = list(truth)  # scene_000 is in val (i % 4 == 0), the others in train
+    shutil.copy(tmp_path / names[0], tmp_path / "images" / "val_copy.jpg")
+    shutil.copy(tmp_path / names[1], tmp_path / "images" / "relabelled.jpg")
+    other = "green" if "green" not in truth[names[1]] else "red"
+    rows = path.read_text().splitlines()
+    rows += [f"images/val_copy.jpg,{' '.join(sorted(truth[names[0]]))},train", f"images/relabelled.jpg,{other},train"]
+    path.write_text("\n".join(rows) + "\n")
+    warnings = scan_csv(path).warnings
+    (leak,) = [w for w in warnings if "leak" in w]
+    assert "scene_000.jpg (val:" in leak and "val_copy.jpg (train:" in leak and "relabelled" not in leak
+    (conflict,) = [w for w in warnings if "different labels" in w]
+    assert f"{Path(names[1]).name} (train: {' '.join(sorted(truth[names[1]])) or '(none)'})" in conflict
+    assert f"relabelled.jpg (train: {other})" in conflict and "val_copy" not in conflict
+    path.write_text("\n".join(rows[:-2]) + "\n")
+    assert not [w for w in scan_csv(path).warnings if "identical" in w]
+
+
 def test_a_label_seen_only_in_validation_and_an_unreadable_csv_are_refused(tmp_path):
     path, _ = make_csv_set(tmp_path, 12, split=True)
     rows = path.read_text().splitlines()

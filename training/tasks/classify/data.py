@@ -42,6 +42,7 @@ class DatasetReport:
     corrupt: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): skipped
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (train path, val/test path)
     warnings: list[str] = field(default_factory=list)
+    conflicts: list[list[tuple[str, str]]] = field(default_factory=list)  # identical images: (path, class) each
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {
@@ -58,6 +59,7 @@ class DatasetReport:
             "ignored": [{"path": p, "reason": r} for p, r in self.ignored],
             "corrupt": [{"path": p, "reason": r} for p, r in self.corrupt],
             "duplicates": [{"train": a, "other": b} for a, b in self.duplicates],
+            "conflicts": [[{"path": p, "label": c} for p, c in group] for group in self.conflicts],
             "warnings": self.warnings,
         }
 
@@ -148,8 +150,9 @@ def scan_image_folder(
     labels = _labels(good, root, labels)
     splits, split_source, warnings = _split(good, labels, val_fraction, seed)
     duplicates = _leaks(splits)
-    warnings += _warnings(splits, labels, duplicates, corrupt)
-    return DatasetReport(root, list(labels), splits, split_source, ignored, corrupt, duplicates, warnings)
+    conflicts = _conflicts(splits, labels)
+    warnings += _warnings(splits, labels, duplicates, corrupt, conflicts)
+    return DatasetReport(root, list(labels), splits, split_source, ignored, corrupt, duplicates, warnings, conflicts)
 
 
 Checked = dict[str, dict[str, list[tuple[Path, str]]]]  # split → class → (path, sha256) of readable images
@@ -225,12 +228,37 @@ def _leaks(splits: dict[str, list[Sample]]) -> list[tuple[str, str]]:
     ]
 
 
+def _conflicts(splits: dict[str, list[Sample]], labels: list[str]) -> list[list[tuple[str, str]]]:
+    """The images with identical bytes filed under more than one class, in any split: each a list of (path, class).
+    Training would be taught both labels for one picture (and validation would count one of them wrong)."""
+    seen: dict[str, list[Sample]] = {}
+    for samples in splits.values():
+        for s in samples:
+            seen.setdefault(s.sha256, []).append(s)
+    return [
+        [(shown(s.path), labels[s.label]) for s in group]
+        for group in seen.values()
+        if len({s.label for s in group}) > 1
+    ]
+
+
+def _conflict_warning(conflicts: list[list[tuple[str, str]]], harm: str) -> str:
+    return (
+        f"images filed under more than one class (identical bytes; {len(conflicts)}): {harm}. Keep each in the one "
+        "class folder it belongs to: "
+        + "; ".join(" == ".join(f"{p} ({c})" for p, c in group) for group in conflicts[:5])
+        + (f"; and {len(conflicts) - 5} more (the JSON report lists them all)" if len(conflicts) > 5 else "")
+    )
+
+
 #: A class with fewer validation images than this gets a warning: its metrics rest on them.
 FEW_VALIDATION_IMAGES = 5
 
 
-def _warnings(splits, labels: list[str], duplicates: list, corrupt: list) -> list[str]:
+def _warnings(splits, labels: list[str], duplicates: list, corrupt: list, conflicts: list) -> list[str]:
     warnings = []
+    if conflicts:
+        warnings.append(_conflict_warning(conflicts, "the model is taught both labels for one picture"))
     if duplicates:
         warnings.append(
             f"{len(duplicates)} images appear in train and in val/test (identical bytes): a leak that inflates "
@@ -274,8 +302,12 @@ def scan_eval_folder(root: str | Path, labels: list[str], workers: int = 4) -> D
     samples = [Sample(p, index[c], h) for c, items in good["eval"].items() for p, h in items]
     if not samples:
         raise DatasetError(f"{root} has no readable images.")
-    warnings = [f"{len(corrupt)} corrupt images were skipped (listed above)."] if corrupt else []
-    return DatasetReport(root, list(labels), {"eval": samples}, "evaluation folder", ignored, corrupt, [], warnings)
+    conflicts = _conflicts({"eval": samples}, labels)
+    warnings = [_conflict_warning(conflicts, "the model can be right on only one of the copies")] if conflicts else []
+    warnings += [f"{len(corrupt)} corrupt images were skipped (listed above)."] if corrupt else []
+    return DatasetReport(
+        root, list(labels), {"eval": samples}, "evaluation folder", ignored, corrupt, [], warnings, conflicts
+    )
 
 
 def scan_other_images(root: str | Path, workers: int = 4) -> DatasetReport:

@@ -253,6 +253,7 @@ def check_splits(report: MultiLabelReport) -> None:
             f"{', '.join(only_val)} appear in validation images but in no training image: the model cannot learn "
             "them. Move some of those images to the training split, or drop the label."
         )
+    report.warnings += same_pictures(report)
     never = [label for label in report.labels if not train.get(label, 0)]
     if never:
         report.warnings.append(f"labels in no image, ignored by the metrics: {', '.join(never)}")
@@ -261,6 +262,45 @@ def check_splits(report: MultiLabelReport) -> None:
         report.warnings.append(
             f"labels with fewer than 5 training images (their metrics rest on little): {', '.join(rare)}"
         )
+
+
+def _names(report: MultiLabelReport, sample: Sample) -> str:
+    return " ".join(report.labels[k] for k in sample.labels) or "(none)"
+
+
+def same_pictures(report: MultiLabelReport) -> list[str]:
+    """Warnings for identical images (the same bytes under other names): in training and in validation or test (a
+    leak that flatters the metrics), or given different labels (the model is taught both)."""
+    by_bytes: dict[str, list[tuple[str, Sample]]] = {}
+    for split, samples in report.splits.items():
+        for s in samples:
+            by_bytes.setdefault(s.sha256, []).append((split, s))
+    leaks, conflicts = [], []
+    for group in by_bytes.values():
+        splits = {split for split, _ in group}
+        if "train" in splits and len(splits) > 1:
+            leaks.append(group)
+        if len({s.labels for _, s in group}) > 1:
+            conflicts.append(group)
+
+    def named(groups: list[list[tuple[str, Sample]]]) -> str:
+        text = "; ".join(
+            " == ".join(f"{shown(s.path)} ({split}: {_names(report, s)})" for split, s in g) for g in groups[:5]
+        )
+        return text + (f"; and {len(groups) - 5} more" if len(groups) > 5 else "")
+
+    warnings = []
+    if leaks:
+        warnings.append(
+            f"images in training and in validation or test (identical bytes; {len(leaks)}): a leak that flatters the "
+            f"metrics. Remove them from one side: {named(leaks)}"
+        )
+    if conflicts:
+        warnings.append(
+            f"identical images given different labels ({len(conflicts)}): the model is taught both. Label the "
+            f"picture once: {named(conflicts)}"
+        )
+    return warnings
 
 
 def from_detection(report, labels: list[str] | None = None) -> MultiLabelReport:

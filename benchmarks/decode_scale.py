@@ -11,7 +11,9 @@ camera), the hymenoptera photos whose shorter side is at least 1024 (native), an
 hymenoptera validation images and the coco128 images enlarged 4x (Lanczos; at most 12 MP) and saved as JPEG quality
 92: no camera
 detail in them, but every decoder path of a large JPEG, EXIF-rotated ones included (a copy of each set with
-orientation 6 written into the EXIF).
+orientation 6 written into the EXIF). Last, the camera photos saved again as progressive JPEGs (quality 92, EXIF
+kept), as web exports and some editors write them: libjpeg decodes every scan of a progressive file into the whole
+coefficient buffer before any scaling, so the reduced scale saves much less there.
 
     .venv/bin/python benchmarks/decode_scale.py [--bundle BUNDLE] [--repeats 5]
 """
@@ -46,6 +48,17 @@ def enlarged(paths: list[Path], factor: int, rotate: bool, most: float = 12e6) -
             exif[0x0112] = 6
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=92, exif=exif.tobytes())
+        out.append(buf.getvalue())
+    return out
+
+
+def progressive(paths: list[Path]) -> list[bytes]:
+    """Each photo saved again as a progressive JPEG (quality 92), its EXIF kept."""
+    out = []
+    for p in paths:
+        img = Image.open(p)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=92, progressive=True, exif=img.info.get("exif", b""))
         out.append(buf.getvalue())
     return out
 
@@ -123,6 +136,10 @@ def main() -> None:
             "hymenoptera val x4": enlarged(val, 4, rotate=False),
             "hymenoptera val x4, EXIF 6": enlarged(val[::3], 4, rotate=True),
             "coco128 x4": enlarged(coco, 4, rotate=False),
+            **{
+                f"camera: {p.name}, saved progressive": progressive([p])
+                for p in sorted((SHARED / "photos" / "camera").glob("*.jpg"))
+            },
         }
         rows = [compare(bundle, name, photos, args.repeats) for name, photos in sets.items()]
     keys = list(rows[0])

@@ -21,7 +21,15 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
-from .formats import MAX_DECODE_BYTES, PYTHON_DECODERS, allowed_formats, decode_cost, refuse_before_open, unread_format
+from .formats import (
+    MAX_DECODE_BYTES,
+    PYTHON_DECODERS,
+    allowed_formats,
+    decode_cost,
+    is_progressive_jpeg,
+    refuse_before_open,
+    unread_format,
+)
 from .settings import SETTINGS
 
 #: Largest image (in pixels) that is decoded. Larger images are refused rather than risking memory exhaustion
@@ -228,12 +236,18 @@ def decode_image(
             if min_side is not None and jpeg and min(full) >= 2 * min_side:
                 scale = min_side / min(full)
                 img.draft(img.mode, (max(1, math.ceil(full[0] * scale)), max(1, math.ceil(full[1] * scale))))
-            cost = decode_cost(img, img.size[0] * img.size[1])
+            cost = decode_cost(img, img.size[0] * img.size[1], full)
             if cost > max_bytes:
+                progressive = is_progressive_jpeg(img)  # libjpeg holds all its coefficients, whatever the scale
                 raise ImageError(
-                    f"Decoding this {full[0]}x{full[1]} {img.format} ({img.mode}) image would take about "
-                    f"{cost >> 20} MiB, more than the {max_bytes >> 20} MiB allowed. Downscale it, or send it as "
-                    "JPEG or as PNG without transparency."
+                    f"Decoding this {full[0]}x{full[1]} {'progressive JPEG' if progressive else img.format} "
+                    f"({img.mode}) image would take about {cost >> 20} MiB, more than the {max_bytes >> 20} MiB "
+                    "allowed. "
+                    + (
+                        "Save it again as a baseline (not progressive) JPEG, or downscale it."
+                        if progressive
+                        else "Downscale it, or send it as JPEG or as PNG without transparency."
+                    )
                 )
             img.load()
             quarter_turn = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # these swap width and height

@@ -156,7 +156,8 @@ class Settings:
         "HEADSTART_MAX_DECODE_BYTES",
         512 << 20,
         "largest memory one image's decoding may take, estimated by format and mode before decoding (400 beyond): "
-        "a 64 MP RGB image takes 256 MB, a lossless WebP or an RGBA PNG about 1 GB",
+        "a 64 MP RGB image takes 256 MB, a 64 MP progressive JPEG 200-500 MB at any scale, a lossless WebP or an "
+        "RGBA PNG about 1 GB",
         minimum=1 << 20,
     )
     max_file_bytes: int = setting(

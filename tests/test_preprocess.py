@@ -299,6 +299,62 @@ def test_the_decode_memory_estimate_bounds_the_real_peak(fmt, mode):
     assert peak <= 1.05 * estimate <= max(2 * peak, 16_000_000 * 5), (fmt, mode, estimate >> 20, peak >> 20)
 
 
+MEASURE_AS_DECODED = """
+import sys
+sys.path.insert(0, ".")
+import headstart.service.preprocess as pp
+estimates, real = [], pp.decode_cost
+pp.decode_cost = lambda *args: estimates.append(real(*args)) or estimates[-1]  # the estimate decode_image makes
+data = sys.stdin.buffer.read()
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from here
+base = status("VmRSS:")
+pp.decode_image(data, min_side=int(sys.argv[1]) or None)
+print(estimates[0], status("VmHWM:") - base)
+"""
+
+
+def jpeg_16mp(mode: str = "RGB", **options) -> bytes:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (250, 250, 3), np.uint8)).resize((4000, 4000), Image.Resampling.BILINEAR)
+    return encode(img.convert(mode), "JPEG", quality=90, **options)
+
+
+@pytest.mark.parametrize(
+    "kind, mode, options",
+    [
+        ("progressive 4:4:4", "RGB", {"progressive": True, "subsampling": 0}),
+        ("progressive 4:2:0", "RGB", {"progressive": True}),
+        ("progressive CMYK", "CMYK", {"progressive": True}),
+        ("progressive grey", "L", {"progressive": True}),
+        ("baseline 4:2:0", "RGB", {}),
+    ],
+)
+@pytest.mark.parametrize("min_side", [0, 512])  # decoded whole; at 1/4 scale, as a 224 px model decodes it
+def test_the_decode_memory_estimate_bounds_a_jpegs_real_peak_at_any_scale(kind, mode, options, min_side):
+    """libjpeg reads every scan of a progressive JPEG into a coefficient buffer of the stored size (2 bytes per
+    coefficient) before it scales anything: a 64 MP one decoded at 1/8 scale takes 190-500 MB, not the 8 MB of its
+    baseline twin. The estimate by which decode_image refuses an image counts them: at least the peak measured in a
+    fresh process (within 5%), at most twice it, whole and at a reduced scale."""
+    data = jpeg_16mp(mode, **options)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE_AS_DECODED, str(min_side)], input=data, capture_output=True, check=True
+    ).stdout
+    estimate, peak = map(int, out.split())
+    assert peak <= 1.05 * estimate <= max(2 * peak, 16_000_000 * 5), (kind, min_side, estimate >> 20, peak >> 20)
+
+
+def test_a_progressive_jpeg_over_the_memory_limit_is_refused_with_what_to_do():
+    progressive, baseline = jpeg_16mp(progressive=True, subsampling=0), jpeg_16mp(subsampling=0)
+    limit = 64 << 20  # 16 MP of 4:4:4 coefficients: 92 MiB at any scale; its baseline twin at 1/4 scale: 16 MiB
+    assert decode_image(baseline, min_side=512, max_bytes=limit).size == (1000, 1000)
+    with pytest.raises(ImageError, match=r"4000x4000 progressive JPEG \(RGB\).*about \d+ MiB.*baseline"):
+        decode_image(progressive, min_side=512, max_bytes=limit)
+    assert decode_image(progressive, min_side=512, max_bytes=128 << 20).size == (1000, 1000)
+
+
 def test_a_normal_progressive_jpeg_is_within_the_scan_budget():
     data = encode(photo(), "JPEG", progressive=True)
     assert 2 <= count_jpeg_scans(io.BytesIO(data)) <= 12

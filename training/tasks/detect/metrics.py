@@ -14,7 +14,7 @@ from headstart.plots import image_grid, pyplot, save_figure
 from headstart.service.contract import Model
 from headstart.service.inference import outputs_of_files
 from headstart.service.localize import DEFAULTS, LocalizeParams, geometry, nms, trained_boxes
-from headstart.service.preprocess import PreprocessSpec, decode_image
+from headstart.service.preprocess import PreprocessSpec, decode_image, original_size
 from headstart.tasks.detect.data import DetSample
 
 #: Settings of the mAP evaluation (as Ultralytics and the COCO tools use them): keep nearly every box.
@@ -148,6 +148,10 @@ def plot_detection_curves(history: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=100)
 
 
+#: Shorter side a plotted image is decoded at, at least (a JPEG at a reduced DCT scale, any other reduced after).
+PLOT_SIDE = 512
+
+
 def plot_detections(
     paths: Sequence[Path],
     preds: Sequence[dict],
@@ -165,7 +169,9 @@ def plot_detections(
     from matplotlib.patches import Rectangle
 
     for ax, p, pred, gt in zip(axes.ravel(), paths[:n], preds[:n], truth[:n], strict=False):
-        ax.imshow(decode_image(p))
+        img = decode_image(p, min_side=PLOT_SIDE)  # a cell is about 320 px: a large photo need not be held whole
+        width, height = original_size(img)
+        ax.imshow(img, extent=(-0.5, width - 0.5, height - 0.5, -0.5))  # the boxes are in the stored pixels
         for x1, y1, x2, y2 in gt["boxes"]:
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="white", linestyle="--", lw=1.2))
         for (x1, y1, x2, y2), s, k in zip(pred["boxes"], pred["scores"], pred["labels"], strict=True):

@@ -72,6 +72,8 @@ CASES += [
     "webp-lossless-64mp",
     "png-rgba-64mp",
 ]
+# round 4 (issue 28): what Pillow walks in Python before a JPEG's image data
+CASES += ["jpeg-4mb-of-fill-bytes", "jpeg-4mb-between-segments", "jpeg-1m-empty-comments"]
 
 
 def run(case: str, how: str) -> dict:

@@ -128,6 +128,8 @@ def work_bombs() -> dict[str, tuple[bytes, str, str]]:
     decoding costs seconds of Python or a gigabyte (issue 24); each must be a 400 answered at once."""
     iccp = png_chunk(b"iCCP", b"icc\0\0" + __import__("zlib").compress(b"\0" * 4000))
     png = encode(Image.new("RGB", (64, 64)), "PNG")
+    jpeg = encode(Image.new("RGB", (64, 64)), "JPEG")
+    after_app0 = 4 + int.from_bytes(jpeg[4:6], "big")  # SOI, then the JFIF segment: its length counts its 2 bytes
     return {
         "bmp-rle8": (rle8_bmp(), "image/bmp", "RLE"),
         "pgm-plain-300k-comment-lines": (
@@ -147,6 +149,13 @@ def work_bombs() -> dict[str, tuple[bytes, str, str]]:
         ),
         "png-1900-icc-profiles": (png[:33] + iccp * 1900 + png[33:], "image/png", "ICC profile"),
         "png-60000-tiny-chunks": (png[:33] + png_chunk(b"tEXt", b"k\0v") * 60000 + png[33:], "image/png", "chunks"),
+        "jpeg-4mb-of-fill-bytes": (jpeg[:2] + b"\xff" * (4 << 20) + jpeg[2:], "image/jpeg", "fill bytes"),
+        "jpeg-4mb-between-segments": (
+            jpeg[:after_app0] + b"A" * (4 << 20) + jpeg[after_app0:],
+            "image/jpeg",
+            "stray",
+        ),
+        "jpeg-1m-empty-comments": (jpeg[:2] + b"\xff\xfe\x00\x02" * 1_000_000 + jpeg[2:], "image/jpeg", "segments"),
         "webp-lossless-64mp": (encode(Image.new("RGB", (8000, 8000)), "WEBP", lossless=True), "image/webp", "MiB"),
         "png-rgba-64mp": (encode(Image.new("RGBA", (8000, 8000)), "PNG"), "image/png", "MiB"),
     }

@@ -72,8 +72,9 @@ CASES += [
     "webp-lossless-64mp",
     "png-rgba-64mp",
 ]
-# round 4 (issue 28): what Pillow walks in Python before a JPEG's image data
+# round 4 (issue 28): what Pillow walks in Python before a JPEG's image data, or to a GIF's second frame
 CASES += ["jpeg-4mb-of-fill-bytes", "jpeg-4mb-between-segments", "jpeg-1m-empty-comments"]
+CASES += ["gif-200k-empty-comments", "gif-1mb-between-blocks"]
 
 
 def run(case: str, how: str) -> dict:

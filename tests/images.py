@@ -130,6 +130,8 @@ def work_bombs() -> dict[str, tuple[bytes, str, str]]:
     png = encode(Image.new("RGB", (64, 64)), "PNG")
     jpeg = encode(Image.new("RGB", (64, 64)), "JPEG")
     after_app0 = 4 + int.from_bytes(jpeg[4:6], "big")  # SOI, then the JFIF segment: its length counts its 2 bytes
+    gif = encode(Image.new("P", (64, 64)), "GIF")
+    first_block = 13 + (3 << ((gif[10] & 7) + 1) if gif[10] & 0x80 else 0)  # after the header and its palette
     return {
         "bmp-rle8": (rle8_bmp(), "image/bmp", "RLE"),
         "pgm-plain-300k-comment-lines": (
@@ -156,6 +158,12 @@ def work_bombs() -> dict[str, tuple[bytes, str, str]]:
             "stray",
         ),
         "jpeg-1m-empty-comments": (jpeg[:2] + b"\xff\xfe\x00\x02" * 1_000_000 + jpeg[2:], "image/jpeg", "segments"),
+        "gif-200k-empty-comments": (
+            gif[:first_block] + b"\x21\xfe\x01x\x00" * 200_000 + gif[first_block:],
+            "image/gif",
+            "extension blocks",
+        ),
+        "gif-1mb-between-blocks": (gif[:first_block] + b"A" * (1 << 20) + gif[first_block:], "image/gif", "stray"),
         "webp-lossless-64mp": (encode(Image.new("RGB", (8000, 8000)), "WEBP", lossless=True), "image/webp", "MiB"),
         "png-rgba-64mp": (encode(Image.new("RGBA", (8000, 8000)), "PNG"), "image/png", "MiB"),
     }

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headstart.service.formats import BASE_FORMATS, allowed_formats, isobmff_brands
+from headstart.service.formats import BASE_FORMATS, allowed_formats, isobmff_brands, refuse_before_open
 from headstart.service.preprocess import (
     ImageError,
     PreprocessSpec,
@@ -26,7 +26,7 @@ from headstart.service.preprocess import (
     to_rgb,
 )
 
-from .conftest import HYMENOPTERA, PHOTOS
+from .conftest import HYMENOPTERA, PHOTOS, SHARED
 from .images import hostile_images, mutants, phone_formats, photo, png_chunk, seed_images, work_bombs
 
 
@@ -201,6 +201,26 @@ def test_hostile_images_are_refused_before_decoding(name, monkeypatch):
     assert decoded == [], f"{name} was decoded ({decoded}) before it was refused"
     decode_image(normal)
     assert "PNG" in decoded  # the count sees a decode
+
+
+def test_the_header_walks_pass_what_cameras_and_encoders_write():
+    """The JPEG marker and GIF block walks refuse only what no encoder writes: every JPEG and GIF in ../shared/
+    (camera photos with EXIF, ICC profiles, progressive files), an animated GIF with a comment and a loop count, a 12 MP
+    GIF, JPEGs with an ICC profile, EXIF and a comment."""
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).convert("P") for _ in range(4)]
+    made = [
+        encode(frames[0], "GIF", save_all=True, append_images=frames[1:], loop=0, duration=80, comment=b"made here"),
+        encode(Image.fromarray(rng.integers(0, 255, (3000, 4000), dtype=np.uint8), "L").convert("P"), "GIF"),
+        encode(gradient(), "JPEG", icc_profile=b"\0" * 200_000, exif=Image.Exif().tobytes(), comment=b"made here"),
+        encode(gradient(), "JPEG", progressive=True, icc_profile=b"\0" * 100_000),
+    ]
+    for data in made:
+        assert min(decode_image(data).size) >= 30
+    shared = [p for p in SHARED.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".gif")]
+    assert len(shared) > 500
+    for path in shared:  # one is over the pixel limit: the walks alone
+        refuse_before_open(io.BytesIO(path.read_bytes()))
 
 
 @pytest.mark.parametrize("name", list(work_bombs()))

@@ -388,7 +388,7 @@ def progressive_jpeg_coefficients(img: Image.Image, stored_size: tuple[int, int]
     """Bytes of the coefficient buffer libjpeg fills before the first pixel of a progressive JPEG (``img`` opened,
     not loaded; 0 for any other image): 64 coefficients of 2 bytes per 8 x 8 block of each component, every scan read
     into it, at the stored size whatever the scale decoded (a 64 MP progressive JPEG: 192 MB with 4:2:0 chroma, 384
-    MB with 4:4:4, 512 MB in CMYK; its baseline twin decoded at 1/8 scale takes 8 MB)."""
+    MB with 4:4:4, 512 MB in CMYK; its baseline twin decoded at 1/8 scale took 12 MiB in all)."""
     if not is_progressive_jpeg(img):
         return 0
     layers = getattr(img, "layer", None) or []

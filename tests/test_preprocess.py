@@ -355,8 +355,8 @@ def jpeg_16mp(mode: str = "RGB", **options) -> bytes:
 @pytest.mark.parametrize("min_side", [0, 512])  # decoded whole; at 1/4 scale, as a 224 px model decodes it
 def test_the_decode_memory_estimate_bounds_a_jpegs_real_peak_at_any_scale(kind, mode, options, min_side):
     """libjpeg reads every scan of a progressive JPEG into a coefficient buffer of the stored size (2 bytes per
-    coefficient) before it scales anything: a 64 MP one decoded at 1/8 scale takes 190-500 MB, not the 8 MB of its
-    baseline twin. The estimate by which decode_image refuses an image counts them: at least the peak measured in a
+    coefficient) before it scales anything: a 64 MP one decoded at 1/8 scale takes 195-500 MiB, not the 12 MiB of
+    its baseline twin. The estimate by which decode_image refuses an image counts them: at least the peak measured in a
     fresh process (within 5%), at most twice it, whole and at a reduced scale."""
     data = jpeg_16mp(mode, **options)
     out = subprocess.run(

@@ -196,14 +196,16 @@ def check_png_chunks(fp: BinaryIO) -> None:
 #: and no bytes between them.
 MAX_JPEG_SEGMENTS = 1024
 MAX_JPEG_STRAY_BYTES = 4096
+#: The markers Pillow's parser knows (``PIL.JpegImagePlugin.MARKER``: 0xFFC0-0xFFFE), and those it reads no length
+#: for (restarts, SOI, EOI, and the JPG extensions it does not parse); tests/test_preprocess.py checks both still are.
+JPEG_MARKERS = (0xFFC0, 0xFFFE)
+JPEG_MARKERS_WITHOUT_LENGTH = frozenset({0xFFC8, *range(0xFFD0, 0xFFDA), *range(0xFFF0, 0xFFFE)})
 
 
 def check_jpeg_markers(fp: BinaryIO) -> None:
     """Walk a JPEG's markers up to its first scan as Pillow's parser walks them (``JpegImageFile._open``: each
     segment read by its length, fill bytes and bytes between markers one at a time) and refuse the file whose walk
     would be slow. Where the walk cannot go on (a marker Pillow does not know), Pillow stops too, with an error."""
-    from PIL.JpegImagePlugin import MARKER  # which markers have a length (a handler reads it) and which stand alone
-
     segments = stray = 0
     try:
         fp.seek(3)  # after SOI and the 0xFF of the first marker, as Pillow starts
@@ -214,11 +216,11 @@ def check_jpeg_markers(fp: BinaryIO) -> None:
                 s = fp.read(1)
             elif not (second := fp.read(1)):
                 break
-            elif (code := 0xFF00 | second[0]) in MARKER:
+            elif JPEG_MARKERS[0] <= (code := 0xFF00 | second[0]) <= JPEG_MARKERS[1]:
                 segments += 1
                 if code == 0xFFDA:  # the first scan: libjpeg reads the rest
                     break
-                if MARKER[code][2] is not None:  # a segment: its length counts its two bytes
+                if code not in JPEG_MARKERS_WITHOUT_LENGTH:  # a segment: its length counts its two bytes
                     length = fp.read(2)
                     if len(length) < 2:
                         break

@@ -223,6 +223,17 @@ def test_the_header_walks_pass_what_cameras_and_encoders_write():
         refuse_before_open(io.BytesIO(path.read_bytes()))
 
 
+def test_the_jpeg_walk_knows_the_markers_pillows_parser_knows():
+    """check_jpeg_markers walks as Pillow's parser does: a marker it reads a length for must be one Pillow reads a
+    length for (else the two walks part, and the bound holds for the wrong one)."""
+    from PIL.JpegImagePlugin import MARKER
+
+    from headstart.service.formats import JPEG_MARKERS, JPEG_MARKERS_WITHOUT_LENGTH
+
+    assert set(MARKER) == set(range(JPEG_MARKERS[0], JPEG_MARKERS[1] + 1))
+    assert {code for code, (_, _, handler) in MARKER.items() if handler is None} == JPEG_MARKERS_WITHOUT_LENGTH
+
+
 @pytest.mark.parametrize("name", list(work_bombs()))
 def test_decode_work_bombs_are_refused_before_decoding(name, monkeypatch):
     """Small files inside the allowed formats that cost seconds of Python decoding (RLE BMP, plain or 10-bit Netpbm,

@@ -381,9 +381,10 @@ def decode_cost(img: Image.Image, pixels: int, stored_size: tuple[int, int] | No
     """Bytes of memory decoding ``pixels`` of ``img`` (opened, not loaded) to RGB takes at its peak, estimated.
     ``stored_size``: the image's size in the file, where a JPEG is decoded at a reduced scale (``img.size`` is then
     the reduced one): a progressive JPEG holds every coefficient of the stored image whatever the scale."""
-    if img.format not in ("JPEG", "MPO"):
-        return _pixels_cost(img, pixels)
-    return _pixels_cost(img, pixels) + progressive_jpeg_coefficients(img, stored_size or img.size) + JPEG_DECODER_BYTES
+    cost = _pixels_cost(img, pixels)
+    if img.format in ("JPEG", "MPO"):
+        cost += progressive_jpeg_coefficients(img, stored_size or img.size) + JPEG_DECODER_BYTES
+    return cost
 
 
 def progressive_jpeg_coefficients(img: Image.Image, stored_size: tuple[int, int]) -> int:

@@ -10,6 +10,7 @@ import os
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 from headstart.service.errors import HeadstartError
 from headstart.service.files import FileProblem, read_image_file
@@ -48,6 +49,16 @@ def check_file(path: Path, verified: VerifiedImages | None = None) -> tuple[str,
             return "ignored", "not an image"
         return "corrupt", str(exc)
     return "ok", sha256
+
+
+def same_bytes(splits: dict[str, list]) -> list[list[tuple[str, Any]]]:
+    """The samples (of any task: each with a ``sha256`` of its image) whose images are identical, across all splits:
+    groups of two or more, each (split, sample) in the order read."""
+    by_bytes: dict[str, list[tuple[str, Any]]] = {}
+    for split, samples in splits.items():
+        for sample in samples:
+            by_bytes.setdefault(sample.sha256, []).append((split, sample))
+    return [group for group in by_bytes.values() if len(group) > 1]
 
 
 class VerifiedImages:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from headstart.data import DatasetError, VerifiedImages, check_file, listed, more_line
+from headstart.data import DatasetError, VerifiedImages, check_file, listed, more_line, same_bytes
 from headstart.service.files import shown, utf8_name
 
 SPLITS = ("train", "val", "test")
@@ -231,14 +231,10 @@ def _leaks(splits: dict[str, list[Sample]]) -> list[tuple[str, str]]:
 def _conflicts(splits: dict[str, list[Sample]], labels: list[str]) -> list[list[tuple[str, str]]]:
     """The images with identical bytes filed under more than one class, in any split: each a list of (path, class).
     Training would be taught both labels for one picture (and validation would count one of them wrong)."""
-    seen: dict[str, list[Sample]] = {}
-    for samples in splits.values():
-        for s in samples:
-            seen.setdefault(s.sha256, []).append(s)
     return [
-        [(shown(s.path), labels[s.label]) for s in group]
-        for group in seen.values()
-        if len({s.label for s in group}) > 1
+        [(shown(s.path), labels[s.label]) for _, s in group]
+        for group in same_bytes(splits)
+        if len({s.label for _, s in group}) > 1
     ]
 
 

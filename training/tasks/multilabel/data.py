@@ -22,7 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.data import DatasetError, VerifiedImages, check_file, listed, more_line, verified_images
+from headstart.data import (
+    DatasetError,
+    VerifiedImages,
+    check_file,
+    listed,
+    more_line,
+    same_bytes,
+    verified_images,
+)
 from headstart.service.files import shown
 from headstart.tasks.multilabel.config import find_csv
 
@@ -271,12 +279,8 @@ def _names(report: MultiLabelReport, sample: Sample) -> str:
 def same_pictures(report: MultiLabelReport) -> list[str]:
     """Warnings for identical images (the same bytes under other names): in training and in validation or test (a
     leak that flatters the metrics), or given different labels (the model is taught both)."""
-    by_bytes: dict[str, list[tuple[str, Sample]]] = {}
-    for split, samples in report.splits.items():
-        for s in samples:
-            by_bytes.setdefault(s.sha256, []).append((split, s))
     leaks, conflicts = [], []
-    for group in by_bytes.values():
+    for group in same_bytes(report.splits):
         splits = {split for split, _ in group}
         if "train" in splits and len(splits) > 1:
             leaks.append(group)

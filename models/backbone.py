@@ -215,6 +215,72 @@ def _sidecar_preprocess(weights: Path | None) -> dict | None:
     }
 
 
+def _torchvision_preprocess(weights_enum) -> dict:
+    """A torchvision model's preprocessing, from its default weights' transforms (known without any download)."""
+    transforms = weights_enum.transforms()
+    return {
+        "input_size": int(transforms.crop_size[0]),
+        "resize": int(transforms.resize_size[0]),
+        "interpolation": transforms.interpolation.value,
+        "mean": tuple(transforms.mean),
+        "std": tuple(transforms.std),
+    }
+
+
+def _timm_preprocess(data_cfg: dict) -> dict:
+    """A timm model's preprocessing, from its resolved data config."""
+    size = int(data_cfg["input_size"][-1])
+    return {
+        "input_size": size,
+        "resize": math.floor(size / float(data_cfg.get("crop_pct", 0.875))),
+        "interpolation": data_cfg.get("interpolation", "bilinear"),
+        "mean": tuple(data_cfg["mean"]),
+        "std": tuple(data_cfg["std"]),
+    }
+
+
+def _spec(pre: dict) -> PreprocessSpec:
+    interpolation = (
+        pre["interpolation"] if pre["interpolation"] in ("nearest", "bilinear", "bicubic", "lanczos") else "bilinear"
+    )
+    return PreprocessSpec(
+        input_size=pre["input_size"],
+        resize=max(pre["resize"], pre["input_size"]),
+        interpolation=interpolation,
+        mean=tuple(float(v) for v in pre["mean"]),
+        std=tuple(float(v) for v in pre["std"]),
+    )
+
+
+def backbone_preprocess(name: str, weights: str | Path | None = None) -> PreprocessSpec | None:
+    """The preprocessing :func:`build_backbone` will give ``name`` with ``weights``, read without building it or
+    downloading anything: from the JSON beside the weights file, torchvision's weights table or timm's pretrained
+    config. None where it cannot be read so (an unknown name: :func:`build_backbone` says what is wrong). What it
+    serves is a head start only (the data check decoding at the model's scale before the backbone is built): the
+    built backbone's own preprocessing is what counts."""
+    weights_path = Path(weights) if weights else None
+    try:
+        pre = _sidecar_preprocess(weights_path)
+        if pre is None and name.startswith(TORCHVISION_PREFIX):
+            import torchvision
+
+            short = name[len(TORCHVISION_PREFIX) :]
+            if short not in torchvision.models.list_models(module=torchvision.models):
+                return None
+            pre = _torchvision_preprocess(torchvision.models.get_model_weights(short).DEFAULT)
+        elif pre is None:
+            import timm
+            from timm.data import resolve_data_config
+
+            pretrained_cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+            if pretrained_cfg is None:
+                return None
+            pre = _timm_preprocess(resolve_data_config({}, pretrained_cfg=pretrained_cfg.to_dict()))
+        return _spec(pre)
+    except Exception:  # a name or an installation this cannot read: the build reads it (or says why not)
+        return None
+
+
 def _build_torchvision(name: str, pretrained: bool, weights: Path | None):
     import torchvision
 
@@ -238,14 +304,7 @@ def _build_torchvision(name: str, pretrained: bool, weights: Path | None):
             raise BackboneError(_offline_message(f"torchvision:{name}", exc)) from exc
         source, trained_classifier = f"pretrained:torchvision:{default}", True
 
-    transforms = default.transforms()
-    pre = _sidecar_preprocess(weights) or {
-        "input_size": int(transforms.crop_size[0]),
-        "resize": int(transforms.resize_size[0]),
-        "interpolation": transforms.interpolation.value,
-        "mean": tuple(transforms.mean),
-        "std": tuple(transforms.std),
-    }
+    pre = _sidecar_preprocess(weights) or _torchvision_preprocess(default)
 
     if isinstance(getattr(model, "features", None), nn.Sequential):
         body = model.features
@@ -295,15 +354,7 @@ def _build_timm(name: str, pretrained: bool, weights: Path | None):
     if trained_classifier:
         linear = _pooled_linear(model.get_classifier(), model, model.forward_features)
     model.reset_classifier(0, "")
-    cfg = resolve_data_config({}, model=model)
-    size = int(cfg["input_size"][-1])
-    pre = _sidecar_preprocess(weights) or {
-        "input_size": size,
-        "resize": math.floor(size / float(cfg.get("crop_pct", 0.875))),
-        "interpolation": cfg.get("interpolation", "bilinear"),
-        "mean": tuple(cfg["mean"]),
-        "std": tuple(cfg["std"]),
-    }
+    pre = _sidecar_preprocess(weights) or _timm_preprocess(resolve_data_config({}, model=model))
     stage_names = [info["module"] for info in getattr(model, "feature_info", [])]
     stages = [(n, model.get_submodule(n)) for n in stage_names if n]
     if not stages:
@@ -349,15 +400,7 @@ def build_backbone(name: str = "resnet50", *, pretrained: bool = True, weights: 
     else:
         built = _build_timm(name, pretrained, weights_path)
     features, stages, pre, source, classifier = built
-    if pre["interpolation"] not in ("nearest", "bilinear", "bicubic", "lanczos"):
-        pre["interpolation"] = "bilinear"
-    spec = PreprocessSpec(
-        input_size=pre["input_size"],
-        resize=max(pre["resize"], pre["input_size"]),
-        interpolation=pre["interpolation"],
-        mean=tuple(float(v) for v in pre["mean"]),
-        std=tuple(float(v) for v in pre["std"]),
-    )
+    spec = _spec(pre)
     features.eval()
     with torch.no_grad():
         probe = features(torch.zeros(1, 3, spec.input_size, spec.input_size))

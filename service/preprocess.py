@@ -281,7 +281,13 @@ def decode_for(source: bytes | str | Path, spec: PreprocessSpec) -> Image.Image:
     twice that after its decoding (what is held after decoding, and the resize that follows, bounded by the
     output). Training, evaluation, the export's checks, serving and batch prediction all decode this way, so a
     model is trained on exactly what it is served."""
-    return decode_image(source, min_side=DECODE_MARGIN * spec.resize)
+    return decode_image(source, min_side=decode_side(spec))
+
+
+def decode_side(spec: PreprocessSpec) -> int:
+    """The shorter side :func:`decode_for` keeps at least for ``spec``: all of the spec its decoding depends on (two
+    specs with the same decode an image alike)."""
+    return DECODE_MARGIN * spec.resize
 
 
 def original_size(img: Image.Image) -> tuple[int, int]:

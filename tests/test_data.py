@@ -221,6 +221,46 @@ def test_images_an_earlier_check_read_are_not_decoded_again(tmp_path, monkeypatc
     assert "checks them again" in caplog.text
 
 
+def test_the_check_keeps_what_it_decodes_for_the_training_as_the_model_reads_it(tmp_path, monkeypatch):
+    """Given the training's ``DecodedImages``, the data check decodes each image as the model will read it
+    (``decode_for``; a large JPEG at a reduced DCT scale) and keeps it there while it has room, instead of decoding
+    it at 1/8 scale for nothing else; a corrupt file is still reported, an image an earlier check read is not
+    decoded at all, and what does not fit is decoded at 1/8 scale as before."""
+    from headstart import data
+    from headstart.features import DecodedImages
+    from headstart.service.preprocess import PreprocessSpec, decode_for
+
+    root = make_image_folder(tmp_path / "d", {"a": 3, "b": 3})
+    large = root / "a" / "large.jpg"
+    Image.new("RGB", (2400, 1800), (40, 90, 160)).save(large, quality=90)
+    (root / "b" / "broken.jpg").write_bytes(large.read_bytes()[:2000])
+    spec = PreprocessSpec()  # resize 256: a JPEG decoded at the scale that keeps a 512 px shorter side
+    eighths = counting_decodes(monkeypatch)
+    kept = DecodedImages(spec)
+    report = scan_image_folder(root, decoded=kept)
+    assert eighths == [] and len(report.corrupt) == 1
+    paths = [s.path for split in report.splits.values() for s in split]
+    assert len(paths) == 7 and kept.bytes > 0
+    for path in paths:
+        img = kept.take(path)
+        assert np.array_equal(np.asarray(img), np.asarray(decode_for(path, spec)))
+    assert kept.bytes == 0 and kept.take(large).size == (1200, 900)  # 1/2 scale: a shorter side of 512 or more
+
+    cache = tmp_path / "cache"
+    scan_image_folder(root, verified=data.VerifiedImages(cache))  # notes every readable image
+    eighths.clear()
+    again = DecodedImages(spec)
+    scan_image_folder(root, verified=data.VerifiedImages(cache), decoded=again)
+    assert again.bytes == 0 and len(eighths) == 0  # only the broken file was decoded (kept nowhere)
+
+    small = DecodedImages(spec, max_bytes=96 * 96 * 3)  # room for one synthetic image
+    eighths.clear()
+    scan_image_folder(root, decoded=small, workers=4)
+    assert small.bytes == small.max_bytes and len(eighths) >= 4  # once full, decoded at 1/8 scale (4 at a time)
+    small.only([])
+    assert small.bytes == 0
+
+
 def test_the_decoding_key_names_the_decoding_code_pillow_and_the_limits(monkeypatch):
     from headstart import data
     from headstart.service import preprocess

@@ -608,6 +608,70 @@ def test_a_decoded_image_is_kept_for_the_next_pass_once_and_within_its_bound(tmp
     assert decoded.take(paths[2]) is not images[2] and decoded.bytes == 0
 
 
+def test_what_decoded_images_may_hold_follows_the_memory_available(monkeypatch):
+    """An eighth of the memory available (a container's limit counted), between 256 MiB and 1 GiB."""
+    from headstart import features
+
+    assert 0 < features.memory_available() < 2**50  # read on Linux (CI, the machines here)
+    for available, budget in ((None, 256), (2**30, 256), (4 * 2**30, 512), (64 * 2**30, 1024)):
+        monkeypatch.setattr(features, "memory_available", lambda _a=available: _a)
+        assert features.decoded_budget() == budget * 2**20
+        assert features.DecodedImages(None).max_bytes == budget * 2**20
+
+
+def test_a_first_run_decodes_each_image_once_and_a_rerun_none(tiny_folder, tmp_path, cache_dir, monkeypatch):
+    """The data check decodes each image as the model reads it and hands it to the feature extraction: a first run
+    decodes every image once (it decoded each twice: at 1/8 scale for the check, then for the features), a rerun
+    on the same cache none. Where the preprocessing read before the backbone is built is not the backbone's, the
+    kept images are let go and each is decoded again: the same features, the same head."""
+    from headstart import data, engine, features
+    from headstart.service.preprocess import PreprocessSpec
+
+    calls = {"model": 0, "eighth": 0}
+    for module, name, key in ((features, "decode_for", "model"), (data, "decode_image", "eighth")):
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module,
+            name,
+            lambda *a, _real=real, _key=key, **k: calls.__setitem__(_key, calls[_key] + 1) or _real(*a, **k),
+        )
+    first = train(tiny_config(tiny_folder, tmp_path / "first", cache_dir))
+    assert calls == {"model": 32, "eighth": 0}  # 24 training and 8 validation images, each decoded once
+    calls.update(model=0)
+    train(tiny_config(tiny_folder, tmp_path / "rerun", cache_dir))
+    assert calls == {"model": 0, "eighth": 0}
+
+    monkeypatch.setattr(engine, "backbone_preprocess", lambda *a: PreprocessSpec(resize=512))  # not test_resnet's
+    other = train(tiny_config(tiny_folder, tmp_path / "other", tmp_path / "other-cache"))
+    assert calls == {"model": 64, "eighth": 0}  # the check's decoding did not serve: each decoded again
+    for key, value in head_tensors(first).items():
+        assert torch.equal(value, head_tensors(other)[key])
+
+
+@pytest.mark.parametrize(
+    "name, weights",
+    [
+        ("test_resnet", None),
+        ("resnet18", None),
+        ("torchvision:resnet18", None),
+        ("torchvision:mobilenet_v2", "weights/mobilenet_v2_imagenet.pth"),  # its preprocessing in the JSON beside it
+    ],
+)
+def test_the_preprocessing_read_before_the_build_is_the_builds(name, weights):
+    """What the data check decodes for is read before the backbone is built (without building or downloading it):
+    it must be what the built backbone gives; an unknown name gives none (the build says what is wrong)."""
+    from headstart.models.backbone import backbone_preprocess
+
+    from .conftest import SHARED, require_shared
+
+    if weights:
+        require_shared()
+        weights = SHARED / weights
+    built = build_backbone(name, pretrained=False, weights=weights).preprocess
+    assert backbone_preprocess(name, weights) == built
+    assert backbone_preprocess(name.replace("resnet", "resnett").replace("mobilenet", "mobilenett")) is None
+
+
 def test_the_extractor_is_chosen_recorded_and_kept_apart_in_the_cache(tiny_folder, tmp_path, cache_dir):
     from headstart.service.runtime import openvino_available
 

@@ -10,12 +10,15 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from headstart.service.errors import HeadstartError
 from headstart.service.files import FileProblem, read_image_file
 from headstart.service.formats import IMAGE_SUFFIXES
 from headstart.service.preprocess import ImageError, decode_image
+
+if TYPE_CHECKING:
+    from headstart.features import DecodedImages
 
 log = logging.getLogger(__name__)
 
@@ -24,20 +27,28 @@ class DatasetError(HeadstartError, ValueError):
     """The data set cannot be trained on as it is; the message names the problem and the fix."""
 
 
-def check_file(path: Path, verified: VerifiedImages | None = None) -> tuple[str, str]:
+def check_file(
+    path: Path, verified: VerifiedImages | None = None, decoded: DecodedImages | None = None
+) -> tuple[str, str]:
     """Decode a file fully. Returns ("ok", sha256), ("ignored", reason) or ("corrupt", reason).
 
     What the file is comes first (service/files.py): FIFOs, devices, dangling links, loops, unreadable files and
     names that are not UTF-8 are skipped with the reason, a file over the size limit is not read at all (and is
     "ignored" when its name does not say it is an image, e.g. a video). Bytes that ``verified`` holds (read whole
     by an earlier check, with the same decoding) are not decoded again; those read whole now are added to it.
+    With ``decoded`` (the training's, while it has room) an image is decoded as the model will read it and kept
+    there for the feature extraction, which then does not decode it again; otherwise a JPEG is decoded at 1/8
+    scale, the cheapest (every byte is still decoded either way: a truncation shows).
     """
     looks_like_image = path.suffix.lower() in IMAGE_SUFFIXES
     try:
         data = read_image_file(path)
         sha256 = hashlib.sha256(data).hexdigest()
         if verified is None or sha256 not in verified:
-            decode_image(data, min_side=1)  # a JPEG at 1/8 scale: every byte is still decoded (truncation shows)
+            if decoded is not None and not decoded.full:
+                decoded.keep(path, decoded.decode(data))
+            else:
+                decode_image(data, min_side=1)
             if verified is not None:
                 verified.add(sha256)
     except FileProblem as exc:

@@ -27,6 +27,7 @@ from headstart.config import RunConfig
 from headstart.extractor import Extractor, OpenVINORefused, resolve_device, use_bf16
 from headstart.features import DecodedImages, FeatureCache, cache_namespace, default_cache_dir, extract_features
 from headstart.models import Backbone, PixelNormalize, build_backbone
+from headstart.models.backbone import backbone_preprocess
 from headstart.service.contract import BackboneRecord, RunRecord
 from headstart.service.preprocess import DECODE_MARGIN, REDUCED_MARGIN
 from headstart.tasks.base import FeatureLayout, Features, Job, Task
@@ -57,18 +58,20 @@ def train(task: Task, cfg: RunConfig, report=None) -> Path:
     runs.prepare_run_dir(run_dir, cfg.result_options(), resume=cfg.resume, overwrite=cfg.overwrite)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    report = task.scan(cfg, report)
+    decoded = _check_decoding(task, cfg)
+    report = task.scan(cfg, report, decoded=decoded)
     log.info("%s", report.format())
 
     backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights)
     backbone.freeze(0)
-    spec = task.input_spec(cfg, backbone)
+    spec = task.input_spec(cfg, backbone.preprocess)
     net = nn.Sequential(PixelNormalize(spec.mean, spec.std), task.feature_net(cfg, backbone)).eval()
     pipeline = task.augmentation(cfg.augment, spec)
     views = 1 if pipeline is None else cfg.views
     job = Job(
         cfg, run_dir, report, backbone, spec, net, pipeline, views, device, use_bf16(cfg.precision, device), started
     )
+    job.decoded = _kept_for(decoded, spec, report)
     layout = task.layout(cfg, backbone, net, spec)
     head_cfg = task.head_config(cfg, layout, report.labels, backbone)
     aug = {**recipe(task.name, cfg.augment, pipeline, spec), **task.view_recipe(cfg, report)}
@@ -77,12 +80,33 @@ def train(task: Task, cfg: RunConfig, report=None) -> Path:
     with tracking.tracking(tracking.parse(cfg.log), run_dir, cfg.options(), task.name):
         t_features = time.perf_counter()
         _extract(task, job, layout, recipe_key(aug))
+        job.decoded = None  # what no pass took (features in the cache) is let go
         t_head = time.perf_counter()
         head = task.fit(job, head_cfg)
         head.eval()
         seconds = {"features": t_head - t_features, "head": time.perf_counter() - t_head}
         _finish(task, job, head, task.evaluate(job, head), seconds)
     return run_dir
+
+
+def _check_decoding(task: Task, cfg: RunConfig) -> DecodedImages | None:
+    """Where the data check keeps the images it decodes for the feature extraction (a first run then decodes each
+    image once, not twice): decoded at the model's scale as the backbone's preprocessing will ask, read before the
+    backbone is built (the data check runs first, so that a bad data set fails before any download). None where
+    that preprocessing cannot be read so: the check then decodes at its cheapest."""
+    preprocess = backbone_preprocess(cfg.backbone, cfg.weights)
+    return None if preprocess is None else DecodedImages(task.input_spec(cfg, preprocess))
+
+
+def _kept_for(decoded: DecodedImages | None, spec, report) -> DecodedImages | None:
+    """The images the data check kept, where they are those ``spec`` decodes (else none: each is decoded again),
+    but for the files no pass reads."""
+    if decoded is None or not decoded.serves(spec):
+        if decoded is not None:
+            log.debug("the data check decoded for another preprocessing than the backbone's: decoding again")
+        return None
+    decoded.only(s.path for split in ("train", "val") for s in report.splits.get(split, ()))
+    return decoded
 
 
 def _finish(task: Task, job: Job, head: nn.Module, evaluation: dict, seconds: dict) -> None:
@@ -202,7 +226,7 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
 def _extract_passes(
     task: Task, job: Job, passes: list, extractor: Extractor, ns: dict, aug_key: str, common: dict
 ) -> None:
-    decoded = DecodedImages(job.spec)
+    decoded = job.decoded if job.decoded is not None else DecodedImages(job.spec)  # the data check's: a first run
     if extractor.runtime != "torch":  # OpenVINO's features differ from torch's in their last bits (bf16: more)
         ns = {**ns, "runtime": extractor.runtime}
     for name, split, train in passes:

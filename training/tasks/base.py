@@ -20,7 +20,7 @@ from torch import nn
 
 from headstart import runs
 from headstart.config import RunConfig
-from headstart.features import FeatureCache, ViewsFn
+from headstart.features import DecodedImages, FeatureCache, ViewsFn
 from headstart.models import Backbone
 from headstart.service.contract import RunRecord
 from headstart.service.preprocess import PreprocessSpec
@@ -74,6 +74,8 @@ class Job:
     training_report: dict = field(default_factory=dict)
     #: what a task's fit leaves for its evaluate (e.g. features of the finished model)
     scratch: dict = field(default_factory=dict)
+    #: the images the data check decoded, kept for the feature extraction (:class:`headstart.features.DecodedImages`)
+    decoded: DecodedImages | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -130,10 +132,11 @@ class Task:
 
     # ---------------------------------------------------------------- the data
 
-    def scan(self, cfg: RunConfig, report=None) -> Any:
+    def scan(self, cfg: RunConfig, report=None, decoded: DecodedImages | None = None) -> Any:
         """The checked data set (``report``, when given, is a scan already made; the task may restrict it):
         ``labels``, ``splits`` (``train`` and ``val``: samples with ``path``, ``sha256`` and ``identity``),
-        ``split_source``, ``format()`` and ``to_dict()``."""
+        ``split_source``, ``format()`` and ``to_dict()``. The images the check decodes go to ``decoded`` while it has
+        room (:func:`headstart.data.check_file`), for the feature extraction to take."""
         raise NotImplementedError(f"{type(self).__name__} must scan its data")
 
     def data_record(self, cfg: RunConfig, report) -> dict:
@@ -147,9 +150,9 @@ class Task:
 
     # ---------------------------------------------------------------- the input and its views
 
-    def input_spec(self, cfg: RunConfig, backbone: Backbone) -> PreprocessSpec:
-        """How an image becomes model input: the backbone's own preprocessing."""
-        return backbone.preprocess
+    def input_spec(self, cfg: RunConfig, preprocess: PreprocessSpec) -> PreprocessSpec:
+        """How an image becomes model input, given the backbone's own ``preprocess``: that, by default."""
+        return preprocess
 
     def augmentation(self, preset: str, spec: PreprocessSpec) -> Any:
         """The training augmentation for ``preset`` (``None``: the views are the eval preprocessing)."""

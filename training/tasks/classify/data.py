@@ -13,9 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from headstart.data import DatasetError, VerifiedImages, check_file, listed, more_line, same_bytes
 from headstart.service.files import shown, utf8_name
+
+if TYPE_CHECKING:
+    from headstart.features import DecodedImages
 
 SPLITS = ("train", "val", "test")
 
@@ -100,13 +104,18 @@ def _list_files(class_dir: Path) -> list[Path]:
 
 
 def _check_tree(
-    files: dict[str, dict[str, list[Path]]], workers: int, verified: VerifiedImages | None = None
+    files: dict[str, dict[str, list[Path]]],
+    workers: int,
+    verified: VerifiedImages | None = None,
+    decoded: DecodedImages | None = None,
 ) -> tuple[dict[str, dict[str, list[tuple[Path, str]]]], list[tuple[str, str]], list[tuple[str, str]]]:
-    """Decode every file in parallel (but those ``verified`` holds); return the good (path, sha256) per split and
-    class, the ignored, the corrupt."""
+    """Decode every file in parallel (but those ``verified`` holds; into ``decoded`` while it has room); return the
+    good (path, sha256) per split and class, the ignored, the corrupt."""
     all_paths = [p for per_class in files.values() for paths in per_class.values() for p in paths]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = dict(zip(all_paths, pool.map(partial(check_file, verified=verified), all_paths), strict=True))
+        results = dict(
+            zip(all_paths, pool.map(partial(check_file, verified=verified, decoded=decoded), all_paths), strict=True)
+        )
     if verified is not None:
         verified.save()
     ignored = [(shown(p), r) for p, (status, r) in results.items() if status == "ignored"]
@@ -126,9 +135,11 @@ def scan_image_folder(
     labels: list[str] | None = None,
     workers: int = 4,
     verified: VerifiedImages | None = None,
+    decoded: DecodedImages | None = None,
 ) -> DatasetReport:
     """Discover, check and split an image-folder data set. ``labels`` fixes the label order (e.g. a trained run's);
-    images ``verified`` holds are not decoded again (:class:`headstart.data.VerifiedImages`)."""
+    images ``verified`` holds are not decoded again (:class:`headstart.data.VerifiedImages`); those decoded are
+    kept in ``decoded`` while it has room (:func:`headstart.data.check_file`)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"Data folder {root} does not exist or is not a folder.")
@@ -146,7 +157,7 @@ def scan_image_folder(
             f"No class folders found in {root}. Put one subfolder per class (e.g. {root}/cats/*.jpg), "
             "optionally inside train/ and val/."
         )
-    good, ignored, corrupt = _check_tree(files, workers, verified)
+    good, ignored, corrupt = _check_tree(files, workers, verified, decoded)
     labels = _labels(good, root, labels)
     splits, split_source, warnings = _split(good, labels, val_fraction, seed)
     duplicates = _leaks(splits)

@@ -42,9 +42,9 @@ class ClassifyTask(Task):
     export = ClassifyExport()
     clean_train = True  # the novelty bank and the data audit compare the training images as they are
 
-    def scan(self, cfg: ClassifyConfig, report=None):
+    def scan(self, cfg: ClassifyConfig, report=None, decoded=None):
         report = report or scan_image_folder(
-            cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, verified=verified_images(cfg)
+            cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, verified=verified_images(cfg), decoded=decoded
         )
         if not report.splits.get("val"):
             raise DatasetError(

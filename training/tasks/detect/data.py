@@ -16,6 +16,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
@@ -23,6 +24,9 @@ import yaml
 from headstart.data import DatasetError, VerifiedImages, check_file, listed, more_line
 from headstart.service.files import shown
 from headstart.service.formats import IMAGE_SUFFIXES
+
+if TYPE_CHECKING:
+    from headstart.features import DecodedImages
 
 
 @dataclass
@@ -228,14 +232,18 @@ def _read_yaml(data: str | Path) -> tuple[Path, dict, list[str], Path]:
 
 
 def _scan_splits(
-    report: DetectionReport, split_files: dict[str, list[Path]], workers: int, verified: VerifiedImages | None = None
+    report: DetectionReport,
+    split_files: dict[str, list[Path]],
+    workers: int,
+    verified: VerifiedImages | None = None,
+    decoded: DecodedImages | None = None,
 ) -> None:
     """Check every image and label file of ``split_files`` into ``report`` (corrupt, background, orphans, ...); images
     ``verified`` holds are not decoded again."""
     n_labels = len(report.labels)
 
     def load(path: Path) -> tuple[Path, str, str, DetSample | None, list[str]]:
-        status, info = check_file(path, verified)
+        status, info = check_file(path, verified, decoded)
         if status != "ok":
             return path, status, info, None, []
         lpath = label_path(path)
@@ -293,9 +301,10 @@ def scan_yolo_dataset(
     seed: int = 0,
     workers: int = 4,
     verified: VerifiedImages | None = None,
+    decoded: DecodedImages | None = None,
 ) -> DetectionReport:
     """Read and check a YOLO-format data set for training: its train/val splits and everything that was skipped
-    (images ``verified`` holds are not decoded again)."""
+    (images ``verified`` holds are not decoded again; those decoded are kept in ``decoded`` while it has room)."""
     yaml_path, spec, labels, base = _read_yaml(data)
     if "train" not in spec:
         raise DatasetError(f"{yaml_path} needs 'train' (an image folder) and 'names' to train on.")
@@ -303,7 +312,7 @@ def scan_yolo_dataset(
     split_files = {"train": _image_files(spec["train"], base, yaml_path)}
     if spec.get("val") and spec["val"] != spec["train"]:
         split_files["val"] = _image_files(spec["val"], base, yaml_path)
-    _scan_splits(report, split_files, workers, verified)
+    _scan_splits(report, split_files, workers, verified, decoded)
 
     if "val" not in report.splits:
         if not 0.0 < val_fraction < 1.0:

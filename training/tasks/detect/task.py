@@ -42,9 +42,9 @@ class DetectTask(Task):
     headline = ("map50", "map50_95")
     export = DetectExport()
 
-    def scan(self, cfg: DetectConfig, report=None):
+    def scan(self, cfg: DetectConfig, report=None, decoded=None):
         report = report or scan_yolo_dataset(
-            cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, verified=verified_images(cfg)
+            cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, verified=verified_images(cfg), decoded=decoded
         )
         names = cfg.class_names()
         return keep_classes(report, names) if names and names != report.labels else report
@@ -55,8 +55,8 @@ class DetectTask(Task):
     def split_row(self, sample) -> list:
         return [len(sample.classes)]
 
-    def input_spec(self, cfg, backbone) -> PreprocessSpec:
-        base = backbone.preprocess
+    def input_spec(self, cfg, preprocess) -> PreprocessSpec:
+        base = preprocess
         return PreprocessSpec(
             input_size=cfg.input_size,
             resize=cfg.input_size,

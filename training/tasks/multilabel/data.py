@@ -19,6 +19,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from headstart.data import (
 )
 from headstart.service.files import shown
 from headstart.tasks.multilabel.config import find_csv
+
+if TYPE_CHECKING:
+    from headstart.features import DecodedImages
 
 SPLITS = ("train", "val", "test")
 
@@ -184,9 +188,11 @@ def scan_csv(
     labels: list[str] | None = None,
     workers: int = 4,
     verified: VerifiedImages | None = None,
+    decoded: DecodedImages | None = None,
 ) -> MultiLabelReport:
     """Read, check and split a labels CSV. ``labels`` fixes the labels (a trained model's: names outside them are
-    reported and ignored); images ``verified`` holds are not decoded again."""
+    reported and ignored); images ``verified`` holds are not decoded again; those decoded are kept in ``decoded``
+    while it has room."""
     csv_path = find_csv(str(data))
     if csv_path is None:
         raise DatasetError(f"{data} is not a labels CSV, nor a folder holding labels.csv.")
@@ -201,7 +207,7 @@ def scan_csv(
             seen[key] = row
     rows = list(seen.values())
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        checked = list(pool.map(lambda r: check_file(r.path, verified), rows))
+        checked = list(pool.map(lambda r: check_file(r.path, verified, decoded), rows))
     if verified is not None:
         verified.save()
     corrupt = [(str(r.path), reason) for r, (status, reason) in zip(rows, checked, strict=True) if status != "ok"]
@@ -336,25 +342,28 @@ def from_detection(report, labels: list[str] | None = None) -> MultiLabelReport:
     return out
 
 
-def _scan_detection(data_dir: str, val_fraction: float, seed: int, run=None):
+def _scan_detection(data_dir: str, val_fraction: float, seed: int, run=None, decoded=None):
     """A YOLO data set scanned by the detect task (through the registry), with ``run``'s feature cache."""
     from headstart.tasks import CONFIGS, task_named
 
     cache = {"cache_dir": run.cache_dir, "no_cache": run.no_cache} if run is not None else {"no_cache": True}
     detect = CONFIGS["detect"](data_dir=data_dir, out="", val_fraction=val_fraction, seed=seed, **cache)
-    return task_named("detect").scan(detect)
+    return task_named("detect").scan(detect, decoded=decoded)
 
 
-def scan_data(data_dir: str, val_fraction: float, seed: int, labels: list[str] | None = None, run=None):
+def scan_data(data_dir: str, val_fraction: float, seed: int, labels: list[str] | None = None, run=None, decoded=None):
     """A labels CSV, or a YOLO data set read as image-level labels; for a training ``run`` (a RunConfig), the images
-    its feature cache knows were read are not decoded again (:class:`headstart.data.VerifiedImages`)."""
+    its feature cache knows were read are not decoded again (:class:`headstart.data.VerifiedImages`), and those
+    decoded are kept in ``decoded`` while it has room."""
     if find_csv(data_dir) is not None:
         verified = verified_images(run) if run is not None else None
-        return scan_csv(data_dir, val_fraction=val_fraction, seed=seed, labels=labels, verified=verified)
+        return scan_csv(
+            data_dir, val_fraction=val_fraction, seed=seed, labels=labels, verified=verified, decoded=decoded
+        )
     from headstart.tasks import CONFIGS
 
     if CONFIGS["detect"].claims(data_dir):
-        return from_detection(_scan_detection(data_dir, val_fraction, seed, run), labels)
+        return from_detection(_scan_detection(data_dir, val_fraction, seed, run, decoded), labels)
     raise ValueError(
         f"{data_dir} is not a multi-label data set: give a labels CSV (image,labels), a folder holding labels.csv, "
         "or a YOLO data set (a folder with data.yaml)."

@@ -51,8 +51,8 @@ class MultiLabelTask(Task):
     export = MultiLabelExport()
     clean_train = True  # the novelty bank compares the training images as they are
 
-    def scan(self, cfg: MultiLabelConfig, report=None):
-        return report or scan_data(cfg.data_dir, cfg.val_fraction, cfg.seed, run=cfg)
+    def scan(self, cfg: MultiLabelConfig, report=None, decoded=None):
+        return report or scan_data(cfg.data_dir, cfg.val_fraction, cfg.seed, run=cfg, decoded=decoded)
 
     def data_record(self, cfg, report) -> dict:
         return {"root": str(report.root), "source": str(report.source), "split": report.split_source}

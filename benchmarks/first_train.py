@@ -1,0 +1,131 @@
+"""A first `headstart train` on a data set (nothing in the feature cache, nothing noted by an earlier data check),
+with today's code and with the code of commit REV, alternated: what a user's first run costs, and what a change
+to it saves.
+
+The data sets (``--sets``, all by default):
+
+- ``hymenoptera``: the shared photos as they are (245 train / 153 val, about 500 x 375);
+- ``jpeg-9mp``: 200 of them enlarged 7x to about 9 MP (Lanczos, JPEG quality 92; 120 train / 80 val, ants and
+  bees; ``benchmarks/data_check.py``'s set);
+- ``heic-6mp``: 40 of them enlarged 6x to about 6 MP (3000 x 2004 and the like; bilinear) and saved as HEIC (512 px
+  tiles, quality 90, as iPhones write; ``benchmarks/phone_formats.py``'s encoding; 24 train / 16 val). Needs
+  pillow-heif.
+
+Each run is `headstart train SET` as the README runs it (MobileNetV2 with the shared weights), in a new process with
+an empty ``--cache-dir``; printed per set: each run's wall time and its "done in" (in process), the medians, the
+ratio, and whether both codes gave the same validation metrics (they must: the images are decoded alike).
+
+    .venv/bin/python benchmarks/first_train.py --baseline REV [--sets hymenoptera,jpeg-9mp,heic-6mp] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import SHARED, check_idle, code_of, machine_line
+
+HYMENOPTERA = SHARED / "data" / "hymenoptera"
+WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet.pth"
+SETS = ("hymenoptera", "jpeg-9mp", "heic-6mp")
+
+
+def heic_folder(tmp: Path, per_class: dict[str, int]) -> Path:
+    from phone_formats import enlarged, reencoded
+
+    from headstart.service.formats import allowed_formats
+
+    if "HEIF" not in allowed_formats():  # registers pillow-heif's plugin where installed
+        raise SystemExit("heic-6mp needs pillow-heif: pip install pillow-heif (or leave the set out: --sets)")
+    root = tmp / "heic"
+    for split, count in per_class.items():
+        for label in ("ants", "bees"):
+            (root / split / label).mkdir(parents=True)
+            for path in sorted((HYMENOPTERA / split / label).glob("*.jpg"))[:count]:
+                heic = reencoded(enlarged(path, factor=6), "HEIF")
+                (root / split / label / f"{path.stem}.heic").write_bytes(heic)
+    return root
+
+
+def data_set(name: str, tmp: Path) -> Path:
+    if name == "hymenoptera":
+        return HYMENOPTERA
+    if name == "jpeg-9mp":
+        from data_check import photo_folder
+
+        return photo_folder("enlarged", 100, tmp)
+    return heic_folder(tmp, {"train": 12, "val": 8})
+
+
+def first_run(data: Path, where: dict | None) -> tuple[float, dict]:
+    """Wall seconds of `headstart train` in a new process with an empty feature cache, and its metrics.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "headstart", "train", str(data), "--out", f"{tmp}/run"]
+        cmd += ["--backbone", "torchvision:mobilenet_v2", "--weights", str(WEIGHTS), "--cache-dir", f"{tmp}/cache"]
+        cmd += ["--no-progress"]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, **(where or {}))
+        wall = time.perf_counter() - start
+        if done.returncode:
+            raise RuntimeError(f"headstart train failed: {done.stderr[-3000:]}")
+        return wall, json.loads(Path(f"{tmp}/run/metrics.json").read_text())
+
+
+def scores(metrics: dict) -> dict:
+    """The validation metrics, without the run's timings."""
+    return {k: v for k, v in metrics.items() if k != "training"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", metavar="REV", required=True, help="the commit to compare with")
+    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)}")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each code per set, alternated")
+    args = parser.parse_args()
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = sorted(set(sets) - set(SETS))
+    if unknown:
+        parser.error(f"unknown set(s) {unknown}: choose from {', '.join(SETS)}")
+    print(machine_line())
+    with tempfile.TemporaryDirectory() as tmp:
+        where = code_of(args.baseline, Path(tmp))
+        for name in sets:
+            data = data_set(name, Path(tmp) / name)
+            files = [p for p in data.rglob("*") if p.is_file()]
+            print(
+                f"\n{name}: {len(files)} files, {sum(p.stat().st_size for p in files) / len(files) / 1e6:.2f} MB each"
+            )
+            load = check_idle()
+            walls: dict[str, list[float]] = {"today": [], args.baseline: []}
+            inside: dict[str, list[float]] = {"today": [], args.baseline: []}
+            seen: dict[str, dict] = {}
+            for repeat in range(args.repeats):
+                for code, env in (("today", None), (args.baseline, where)):
+                    wall, metrics = first_run(data, env)
+                    walls[code].append(wall)
+                    inside[code].append(metrics["training"]["seconds"]["total"])
+                    seen.setdefault(code, scores(metrics))
+                    print(
+                        f"  {code:>10} run {repeat}: {wall:.2f} s wall, done in {inside[code][-1]:.2f} s, "
+                        f"val accuracy {metrics['accuracy']:.4f}",
+                        flush=True,
+                    )
+            load = max(load, check_idle())
+            now, then = statistics.median(walls["today"]), statistics.median(walls[args.baseline])
+            same = seen["today"] == seen[args.baseline]
+            print(
+                f"  median wall: today {now:.2f} s, {args.baseline} {then:.2f} s: today's code {then / now:.2f}x as "
+                f"fast (in process {statistics.median(inside[args.baseline]) / statistics.median(inside['today']):.2f}"
+                f"x); the same validation metrics: {'yes' if same else 'NO'}"
+                + (f"; the CPU was {load:.0%} busy with other work" if load > 0.15 else "")
+            )
+
+
+if __name__ == "__main__":
+    main()

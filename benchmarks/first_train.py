@@ -1,6 +1,6 @@
 """A first `headstart train` on a data set (nothing in the feature cache, nothing noted by an earlier data check),
 with today's code and with the code of commit REV, alternated: what a user's first run costs, and what a change
-to it saves.
+to it saves; then `headstart evaluate` of a run on the set's validation folder, both codes alternated.
 
 The data sets (``--sets``, all by default):
 
@@ -13,7 +13,8 @@ The data sets (``--sets``, all by default):
 
 Each run is `headstart train SET` as the README runs it (MobileNetV2 with the shared weights), in a new process with
 an empty ``--cache-dir``; printed per set: each run's wall time and its "done in" (in process), the medians, the
-ratio, and whether both codes gave the same validation metrics (they must: the images are decoded alike).
+ratio, and whether both codes gave the same validation metrics (they must: the images are decoded alike); the
+same for `headstart evaluate RUN SET/val` (a run trained here with today's code; each evaluation a new process).
 
     .venv/bin/python benchmarks/first_train.py --baseline REV [--sets hymenoptera,jpeg-9mp,heic-6mp] [--repeats 2]
 """
@@ -63,18 +64,44 @@ def data_set(name: str, tmp: Path) -> Path:
     return heic_folder(tmp, {"train": 12, "val": 8})
 
 
+def train_command(data: Path, out: str | Path, cache: str | Path) -> list[str]:
+    """`headstart train` as the README's main job runs it."""
+    cmd = [sys.executable, "-m", "headstart", "train", str(data), "--out", str(out), "--cache-dir", str(cache)]
+    return [*cmd, "--backbone", "torchvision:mobilenet_v2", "--weights", str(WEIGHTS), "--no-progress"]
+
+
 def first_run(data: Path, where: dict | None) -> tuple[float, dict]:
     """Wall seconds of `headstart train` in a new process with an empty feature cache, and its metrics.json."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "headstart", "train", str(data), "--out", f"{tmp}/run"]
-        cmd += ["--backbone", "torchvision:mobilenet_v2", "--weights", str(WEIGHTS), "--cache-dir", f"{tmp}/cache"]
-        cmd += ["--no-progress"]
         start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, **(where or {}))
+        done = subprocess.run(
+            train_command(data, f"{tmp}/run", f"{tmp}/cache"), capture_output=True, text=True, **(where or {})
+        )
         wall = time.perf_counter() - start
         if done.returncode:
             raise RuntimeError(f"headstart train failed: {done.stderr[-3000:]}")
         return wall, json.loads(Path(f"{tmp}/run/metrics.json").read_text())
+
+
+def evaluation(run: Path, folder: Path, where: dict | None) -> tuple[float, dict]:
+    """Wall seconds of `headstart evaluate RUN FOLDER` in a new process, and the metrics.json it wrote."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "headstart", "evaluate", str(run), str(folder), "--out", f"{tmp}/eval"]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, **(where or {}))
+        wall = time.perf_counter() - start
+        if done.returncode:
+            raise RuntimeError(f"headstart evaluate failed: {done.stderr[-3000:]}")
+        return wall, json.loads(Path(f"{tmp}/eval/metrics.json").read_text())
+
+
+def compare(label: str, baseline: str, walls: dict[str, list[float]], same: bool, load: float) -> None:
+    now, then = statistics.median(walls["today"]), statistics.median(walls[baseline])
+    print(
+        f"  {label} median wall: today {now:.2f} s, {baseline} {then:.2f} s: today's code {then / now:.2f}x as fast; "
+        f"the same metrics: {'yes' if same else 'NO'}"
+        + (f"; the CPU was {load:.0%} busy with other work" if load > 0.15 else "")
+    )
 
 
 def scores(metrics: dict) -> dict:
@@ -117,14 +144,23 @@ def main() -> None:
                         flush=True,
                     )
             load = max(load, check_idle())
-            now, then = statistics.median(walls["today"]), statistics.median(walls[args.baseline])
-            same = seen["today"] == seen[args.baseline]
-            print(
-                f"  median wall: today {now:.2f} s, {args.baseline} {then:.2f} s: today's code {then / now:.2f}x as "
-                f"fast (in process {statistics.median(inside[args.baseline]) / statistics.median(inside['today']):.2f}"
-                f"x); the same validation metrics: {'yes' if same else 'NO'}"
-                + (f"; the CPU was {load:.0%} busy with other work" if load > 0.15 else "")
-            )
+            compare("train", args.baseline, walls, seen["today"] == seen[args.baseline], load)
+            ratio = statistics.median(inside[args.baseline]) / statistics.median(inside["today"])
+            print(f"  train in process: today's code {ratio:.2f}x as fast")
+
+            run = Path(tmp) / f"{name}-run"
+            subprocess.run(train_command(data, run, Path(tmp) / f"{name}-cache"), check=True, capture_output=True)
+            walls = {"today": [], args.baseline: []}
+            seen = {}
+            load = check_idle()
+            for repeat in range(args.repeats):
+                for code, env in (("today", None), (args.baseline, where)):
+                    wall, metrics = evaluation(run, data / "val", env)
+                    walls[code].append(wall)
+                    seen.setdefault(code, {k: v for k, v in metrics.items() if k != "out"})
+                    print(f"  {code:>10} evaluate {repeat}: {wall:.2f} s wall", flush=True)
+            load = max(load, check_idle())
+            compare("evaluate", args.baseline, walls, seen["today"] == seen[args.baseline], load)
 
 
 if __name__ == "__main__":

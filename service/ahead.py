@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+from PIL import Image
 
 from .cpu import usable_cpus
 from .preprocess import PreprocessSpec, decode_for, original_size, preprocess
@@ -68,14 +69,19 @@ def in_order(
 
 
 def load_batches(
-    paths: Sequence[str | Path], spec: PreprocessSpec, batch_size: int, sizes: list | None = None
+    paths: Sequence[str | Path],
+    spec: PreprocessSpec,
+    batch_size: int,
+    sizes: list | None = None,
+    decode: Callable[[str | Path], Image.Image] | None = None,
 ) -> Iterator[np.ndarray]:
     """Image files → model input, ``batch_size`` images at a time (decoded with :func:`decode_for` on threads ahead
     of the caller: :func:`in_order`); each image's (width, height) as stored, after EXIF rotation
-    (:func:`original_size`), is appended to ``sizes`` when given."""
+    (:func:`original_size`), is appended to ``sizes`` when given. ``decode`` (path → image, safe on threads; e.g.
+    one that hands out the images a data check decoded) must decode as :func:`decode_for` does at ``spec``."""
 
     def load(path: str | Path) -> tuple[np.ndarray, tuple[int, int]]:
-        img = decode_for(path, spec)
+        img = decode(path) if decode is not None else decode_for(path, spec)
         return preprocess(img, spec), original_size(img)
 
     batch: list[np.ndarray] = []

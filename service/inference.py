@@ -25,21 +25,29 @@ def outputs_of_batches(run: RunFn, batches: Iterable[np.ndarray]) -> list[np.nda
 
 
 def outputs_of_files(
-    run: RunFn, paths: Sequence[str | Path], spec: PreprocessSpec, batch_size: int = 32, sizes: list | None = None
+    run: RunFn,
+    paths: Sequence[str | Path],
+    spec: PreprocessSpec,
+    batch_size: int = 32,
+    sizes: list | None = None,
+    decode: Callable[[str | Path], Image.Image] | None = None,
 ) -> list[np.ndarray]:
     """Every output of ``run`` (a :class:`Model`'s ``run``, an ONNX session's, a torch model's) over image files,
-    decoded and preprocessed as the service does, ``batch_size`` at a time; ``sizes`` as :func:`load_batches`."""
-    return outputs_of_batches(run, load_batches(paths, spec, batch_size, sizes))
+    decoded and preprocessed as the service does, ``batch_size`` at a time; ``sizes`` and ``decode`` as
+    :func:`load_batches`."""
+    return outputs_of_batches(run, load_batches(paths, spec, batch_size, sizes, decode))
 
 
-def scores_of_files(model: Model, paths: Sequence[str | Path]) -> tuple[np.ndarray, np.ndarray | None]:
+def scores_of_files(
+    model: Model, paths: Sequence[str | Path], decode: Callable[[str | Path], Image.Image] | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """A classifier's probabilities (N, K) on image files and, where it has a novelty score, each image's novelty
-    (N,), else None: :func:`scores_and_novelty` over files."""
+    (N,), else None: :func:`scores_and_novelty` over files (``decode`` as :func:`load_batches`)."""
 
     def run(pixels: np.ndarray) -> list[np.ndarray]:
         return [out for out in scores_and_novelty(model, pixels) if out is not None]
 
-    outputs = outputs_of_files(run, paths, model.spec)
+    outputs = outputs_of_files(run, paths, model.spec, decode=decode)
     return outputs[0], outputs[1] if len(outputs) > 1 else None
 
 

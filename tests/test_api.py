@@ -112,6 +112,40 @@ def test_evaluate_takes_what_predict_takes(tiny_run, tiny_bundle, tmp_path, caps
     assert line.startswith("num_images 8, accuracy ") and line.endswith(str(beside))
 
 
+def test_evaluate_decodes_each_image_once(tiny_bundle, tmp_path, capsys, monkeypatch):
+    """`headstart evaluate` checks every file (decoding it) before the model reads it: the check's decoding is the
+    model's (each image decoded once, the images of --other too), and the answers are those of decoding again."""
+    from headstart import data, features
+    from headstart.service import ahead
+
+    folder = make_image_folder(tmp_path / "data", {"red": 4, "blue": 4})
+    other = make_image_folder(tmp_path / "other", {"grey": 3})
+    calls = {"kept": 0, "eighth": 0, "again": 0}
+    for module, name, key in (
+        (features, "decode_for", "kept"),
+        (data, "decode_image", "eighth"),
+        (ahead, "decode_for", "again"),
+    ):
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _r=real, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1) or _r(*a, **k)
+        )
+    command = ["evaluate", str(tiny_bundle.bundle_dir), str(folder), "--other", str(other), "--json"]
+    assert main([*command, "--out", str(tmp_path / "once")]) == 0
+    assert calls == {"kept": 11, "eighth": 0, "again": 0}
+    once = json.loads((tmp_path / "once" / "metrics.json").read_text())
+    monkeypatch.setattr(features, "decoded_budget", lambda: 0)  # nothing kept: the check at 1/8 scale, as before
+    assert main([*command, "--out", str(tmp_path / "twice")]) == 0
+    assert calls == {"kept": 22, "eighth": 11, "again": 0}  # the model's decoding done anew: each decoded twice
+    assert json.loads((tmp_path / "twice" / "metrics.json").read_text()) == once
+    assert (
+        "open_set" in once
+        and (tmp_path / "once" / "other_predictions.csv").read_text()
+        == (tmp_path / "twice" / "other_predictions.csv").read_text()
+    )
+    capsys.readouterr()
+
+
 def test_every_verb_prints_a_human_line_and_json_when_asked(tiny_run, tiny_bundle, tmp_path, capsys):
     red = tmp_path / "red.jpg"
     synthetic_image(0, np.random.default_rng(1)).save(red)

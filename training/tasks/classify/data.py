@@ -290,8 +290,11 @@ def _warnings(splits, labels: list[str], duplicates: list, corrupt: list, confli
     return warnings
 
 
-def scan_eval_folder(root: str | Path, labels: list[str], workers: int = 4) -> DatasetReport:
-    """Check a labelled folder (class subfolders directly inside) for evaluation against a trained run's labels."""
+def scan_eval_folder(
+    root: str | Path, labels: list[str], workers: int = 4, decoded: DecodedImages | None = None
+) -> DatasetReport:
+    """Check a labelled folder (class subfolders directly inside) for evaluation against a trained run's labels;
+    the images decoded are kept in ``decoded`` while it has room (the evaluation takes them)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"Data folder {root} does not exist or is not a folder.")
@@ -304,7 +307,7 @@ def scan_eval_folder(root: str | Path, labels: list[str], workers: int = 4) -> D
         )
     if not class_dirs:
         raise DatasetError(f"{root} has no class folders; expected subfolders named after {labels}.")
-    good, ignored, corrupt = _check_tree({"eval": {d.name: _list_files(d) for d in class_dirs}}, workers)
+    good, ignored, corrupt = _check_tree({"eval": {d.name: _list_files(d) for d in class_dirs}}, workers, None, decoded)
     index = {name: i for i, name in enumerate(labels)}
     samples = [Sample(p, index[c], h) for c, items in good["eval"].items() for p, h in items]
     if not samples:
@@ -317,13 +320,14 @@ def scan_eval_folder(root: str | Path, labels: list[str], workers: int = 4) -> D
     )
 
 
-def scan_other_images(root: str | Path, workers: int = 4) -> DatasetReport:
+def scan_other_images(root: str | Path, workers: int = 4, decoded: DecodedImages | None = None) -> DatasetReport:
     """Check a folder of images of other things (`headstart evaluate --other`): every image in it, at any depth,
-    with no labels; files that are not images are ignored, corrupt ones skipped and listed."""
+    with no labels; files that are not images are ignored, corrupt ones skipped and listed; the images decoded are
+    kept in ``decoded`` while it has room."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"--other {root} does not exist or is not a folder of images.")
-    good, ignored, corrupt = _check_tree({"other": {"": _list_files(root)}}, workers)
+    good, ignored, corrupt = _check_tree({"other": {"": _list_files(root)}}, workers, None, decoded)
     samples = [Sample(p, -1, h) for p, h in good["other"][""]]
     if not samples:
         raise DatasetError(f"--other {root} holds no readable images.")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from headstart.data import DatasetError, verified_images
+from headstart.features import DecodedImages
 from headstart.models import Classifier, ClassifierHead, HeadConfig, PixelNormalize
 from headstart.open_set import OPEN_SET, build_open_set, load_open_set, novelty_of, save_open_set
 from headstart.runs import write_json
@@ -115,11 +116,13 @@ class ClassifyTask(Task):
         """Accuracy, F1, calibration, confusion matrix, worst predictions and predictions.csv of a classifier (a
         run's or a bundle's) on a labelled folder (class subfolders named after its labels); with ``other`` (a
         folder of images of other things) also how well the novelty score tells them apart."""
-        report = scan_eval_folder(data_dir, model.labels)
+        decoded = DecodedImages(model.spec)  # each image decoded once: by the check, for the model
+        report = scan_eval_folder(data_dir, model.labels, decoded=decoded)
         log.info("%s", report.format())
         samples = report.splits["eval"]
         paths, targets = [s.path for s in samples], _targets_of(samples)
-        probs, scores = scores_of_files(model, paths)
+        probs, scores = scores_of_files(model, paths, decoded.take)
+        del decoded
         metrics = write_evaluation(out, probs, targets, model.labels, paths, model.spec)
         threshold = None if scores is None else model.open_set["threshold"]
         write_predictions(out / PREDICTIONS, paths, probs, targets, model.labels, scores, threshold)
@@ -186,14 +189,15 @@ def _audit(job: Job) -> dict:
 
 def _other_novelty(model, other: str, out: Path, threshold: float) -> np.ndarray:
     """The novelty of every image in the folder ``other``, written to ``other_predictions.csv``."""
-    report = scan_other_images(other)
+    decoded = DecodedImages(model.spec)
+    report = scan_other_images(other, decoded=decoded)
     paths = [s.path for s in report.splits["other"]]
     log.info(
         "%s: %d images of other things, %d files that are not images ignored", other, len(paths), len(report.ignored)
     )
     for path, reason in report.corrupt:
         log.warning("skipped %s: %s", path, reason)
-    probs, scores = scores_of_files(model, paths)
+    probs, scores = scores_of_files(model, paths, decoded.take)
     write_predictions(out / "other_predictions.csv", paths, probs, None, model.labels, scores, threshold)
     return scores
 

@@ -280,15 +280,18 @@ def _scan_splits(
             report.orphan_labels += sorted(str(p) for p in folder.glob("*.txt") if p not in image_stems)
 
 
-def scan_yolo_eval_split(data: str | Path, *, workers: int = 4) -> DetectionReport:
+def scan_yolo_eval_split(
+    data: str | Path, *, workers: int = 4, decoded: DecodedImages | None = None
+) -> DetectionReport:
     """The images to evaluate on: data.yaml's 'test' split, else 'val', else 'train' (as Ultralytics data sets for
-    evaluation often define only one); the report's only split is named after the one used."""
+    evaluation often define only one); the report's only split is named after the one used. The images decoded are
+    kept in ``decoded`` while it has room."""
     yaml_path, spec, labels, base = _read_yaml(data)
     split = next((s for s in ("test", "val", "train") if spec.get(s)), None)
     if split is None:
         raise DatasetError(f"{yaml_path} names no images: give 'test', 'val' or 'train' (an image folder or list).")
     report = DetectionReport(root=base, yaml_path=yaml_path, labels=labels, split_source=f"'{split}' of data.yaml")
-    _scan_splits(report, {split: _image_files(spec[split], base, yaml_path)}, workers)
+    _scan_splits(report, {split: _image_files(spec[split], base, yaml_path)}, workers, None, decoded)
     if not report.splits[split]:
         raise DatasetError(f"{yaml_path}: the '{split}' split has no readable image.")
     return report

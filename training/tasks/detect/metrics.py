@@ -109,12 +109,13 @@ def decode_head(
 
 @torch.inference_mode()
 def evaluate_detector(
-    model: Model, samples: list[DetSample], batch_size: int = 16
+    model: Model, samples: list[DetSample], batch_size: int = 16, decode=None
 ) -> tuple[dict, list[dict], list[dict]]:
     """mAP of a detector (a run's, :class:`training.predict.RunModel`, or a bundle's on its runtime) on samples
-    (images preprocessed as the service does); returns metrics, predictions, truth."""
+    (images preprocessed as the service does; ``decode`` as :func:`service.ahead.load_batches`); returns metrics,
+    predictions, truth."""
     sizes: list[tuple[int, int]] = []
-    outputs = outputs_of_files(model.run, [s.path for s in samples], model.spec, batch_size, sizes)
+    outputs = outputs_of_files(model.run, [s.path for s in samples], model.spec, batch_size, sizes, decode)
     named = dict(zip(model.output_names, outputs, strict=True))
     preds = predictions_in_pixels(named["boxes"], named["scores"], sizes, model.spec)
     truth = ground_truth_in_pixels(samples, sizes)

@@ -17,6 +17,7 @@ import numpy as np
 from torch import nn
 
 from headstart.data import verified_images
+from headstart.features import DecodedImages
 from headstart.models.wrapper import Detector, PixelNormalize
 from headstart.service.preprocess import PreprocessSpec, decode_for
 from headstart.tasks.base import FeatureLayout, Job, Task
@@ -143,14 +144,16 @@ class DetectTask(Task):
         if other:
             raise ValueError("--other measures a classifier's novelty score; a detector has none. Leave it out.")
 
-        report = scan_yolo_eval_split(data_dir)
+        decoded = DecodedImages(model.spec)  # each image decoded once: by the check, for the model
+        report = scan_yolo_eval_split(data_dir, decoded=decoded)
         (split,) = report.splits
         log.info("%s", report.format())
         log.info("evaluating on the %s", report.split_source)
         if report.labels != model.labels:
             raise ValueError(f"{report.yaml_path} names other classes than the model was trained on; cannot evaluate.")
         samples = report.splits[split]
-        metrics, preds, truth = evaluate_detector(model, samples)
+        metrics, preds, truth = evaluate_detector(model, samples, decode=decoded.take)
+        del decoded
         plot_detections([s.path for s in samples], preds, truth, model.labels, out / "predictions.png")
         write_json(out / "metrics.json", {"split": str(Path(data_dir).resolve()), **metrics, "data": report.to_dict()})
         return {"split": split, **{k: metrics[k] for k in ("num_images", "num_boxes", "map50", "map50_95")}}

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from headstart.features import DecodedImages
 from headstart.models import ClassifierHead, HeadConfig, MeanMaxPool, MultiLabelClassifier, PixelNormalize
 from headstart.open_set import OPEN_SET, build_open_set, load_open_set, novelty_of, save_open_set
 from headstart.runs import write_json
@@ -155,7 +156,8 @@ class MultiLabelTask(Task):
         set (its test images, else val, else all), at the model's own thresholds."""
         if other:
             raise ValueError("--other measures a single-label classifier's novelty score; leave it out.")
-        report = scan_data(data_dir, 0.0, 0, labels=list(model.labels))
+        decoded = DecodedImages(model.spec)  # each image decoded once: by the check, for the model
+        report = scan_data(data_dir, 0.0, 0, labels=list(model.labels), decoded=decoded)
         log.info("%s", report.format())
         if report.split_source.startswith("random"):  # no split of its own: every image is an evaluation image
             split, samples = "all", [s for items in report.splits.values() for s in items]
@@ -163,7 +165,9 @@ class MultiLabelTask(Task):
             split = next(s for s in ("test", "val", "train") if report.splits.get(s))
             samples = report.splits[split]
         paths = [s.path for s in samples]
-        probs, scores = scores_of_files(model, paths)
+        decoded.only(paths)
+        probs, scores = scores_of_files(model, paths, decoded.take)
+        del decoded
         truth = multi_hot([s.labels for s in samples], len(model.labels))
         limit = None if scores is None else model.open_set["threshold"]
         metrics = _write_evaluation(

@@ -258,6 +258,24 @@ def test_int8_refused_when_accuracy_drops_too_much_keeps_the_fp32_bundle(tiny_ru
     assert (forced.bundle_dir / "model.int8.onnx").is_file()
 
 
+def test_export_decodes_each_validation_image_once_for_every_check(tiny_run, tmp_path, monkeypatch):
+    """The PyTorch reference, ONNX Runtime against it, the int8 file's quality and every runtime and precision read
+    the validation images decoded once (each check decoded them again: 4 decodes of each with --int8); the
+    calibration decodes the training images once. The figures are those of decoding for each check."""
+    from headstart.service import ahead
+
+    decoded: list[str] = []
+    real = ahead.decode_for
+    monkeypatch.setattr(ahead, "decode_for", lambda path, spec: decoded.append(Path(path).name) or real(path, spec))
+    bundle = export_bundle(tiny_run, tmp_path / "b", int8=True, store=False, force=True)
+    splits = json.loads((tiny_run / "splits.json").read_text())
+    val, train = ([Path(p).name for p, *_ in splits[s]] for s in ("val", "train"))
+    assert sorted(decoded) == sorted(val + train)  # each once: the validation images, then the calibration's
+    manifest = json.loads((bundle.bundle_dir / "manifest.json").read_text())
+    assert manifest["verification"]["images"] == len(val) and manifest["verification"]["top1_agreement"] == 1.0
+    assert manifest["int8"]["calibration_images"] == len(train)
+
+
 @pytest.mark.slow
 def test_int8_on_shared_mobilenet_keeps_accuracy(hymenoptera_bundle, hymenoptera_run):
     result = hymenoptera_bundle

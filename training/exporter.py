@@ -27,6 +27,7 @@ from headstart import runs, tracking
 from headstart.loaded_run import LoadedRun, load_run
 from headstart.onnx_io import (
     INPUT_NAME,
+    CheckImages,
     ExportError,
     embed_manifest,
     export_onnx,
@@ -84,7 +85,7 @@ def _int8_model(
     fp32: Path,
     path: Path,
     reference,
-    val_paths: list[Path],
+    images: CheckImages,
     val_targets,
     max_drop: float | None,
 ) -> dict:
@@ -96,7 +97,7 @@ def _int8_model(
     train_paths, _ = _split_paths(run, "train", MAX_CALIBRATION_IMAGES)
     quantize_int8(fp32, path, train_paths, run.spec, keep_fp32=KEEP_FP32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    quality = task.int8_quality(run, reference, session, val_paths, val_targets)
+    quality = task.int8_quality(run, reference, session, images, val_targets)
     metric, drop = quality["metric"], quality["drop"]
     info = {
         "calibration_images": len(train_paths),
@@ -106,8 +107,8 @@ def _int8_model(
     before, after = quality[f"{metric}_fp32"], quality[f"{metric}_int8"]
     log.info("int8: %s %.4f vs fp32 %.4f (drop %.2f points)", metric, after, before, 100 * drop)
     if max_drop is not None and drop > max_drop:
-        changed = round(drop * len(val_paths)) if metric == "accuracy" else None
-        what = f"{changed} of {len(val_paths)} validation images" if changed is not None else "the validation images"
+        changed = round(drop * len(images)) if metric == "accuracy" else None
+        what = f"{changed} of {len(images)} validation images" if changed is not None else "the validation images"
         log.warning(
             "int8 not kept: it loses %.1f %s points on %s (%.4f -> %.4f), more than the %.0f-point limit; the fp32 "
             "bundle is written. Pass --force to keep int8 anyway.",
@@ -211,12 +212,13 @@ def _write_bundle(
     exported = sorted(o.name for o in session.get_outputs())
     if exported != sorted(output_names):
         raise ExportError(f"exported outputs {exported} are not {output_names}")
-    verification, reference = task.verify(run.model, session, val_paths, val_targets, run.spec)
+    images = CheckImages.load(val_paths, run.spec)  # decoded once for every check
+    verification, reference = task.verify(run.model, session, images, val_targets)
     int8_info = None
     if int8:
-        int8_info = _int8_model(run, task, fp32, tmp / MODEL_INT8, reference, val_paths, val_targets, max_int8_drop)
+        int8_info = _int8_model(run, task, fp32, tmp / MODEL_INT8, reference, images, val_targets, max_int8_drop)
     files = {"fp32": fp32, **({"int8": tmp / MODEL_INT8} if int8_info is not None else {})}
-    runtimes = runtime_checks(task, files, output_names, val_paths, val_targets, run.spec)
+    runtimes = runtime_checks(task, files, output_names, images, val_targets)
     manifest = _manifest(run, name, version, verification, int8_info, runtimes)
     for path in files.values():
         embed_manifest(path, manifest)

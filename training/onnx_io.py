@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,8 @@ from headstart.service.ahead import load_batches
 from headstart.service.bundle import METADATA_KEY
 from headstart.service.contract import Manifest
 from headstart.service.errors import HeadstartError
-from headstart.service.inference import outputs_of_files
+from headstart.service.inference import outputs_of_batches
+from headstart.service.preprocess import PreprocessSpec
 
 log = logging.getLogger("headstart")
 
@@ -117,14 +120,41 @@ def embed_manifest(path: Path, manifest: Manifest) -> None:
     onnx.save(model, str(path))
 
 
-def ort_outputs(session, paths: list[Path], spec, batch_size: int = 32) -> list[np.ndarray]:
-    """Every output of an ONNX Runtime session on image files, concatenated."""
-    return outputs_of_files(lambda px: session.run(None, {INPUT_NAME: px}), paths, spec, batch_size)
+@dataclass
+class CheckImages:
+    """The images an export checks on, decoded and preprocessed once for every check that reads them (the PyTorch
+    reference, ONNX Runtime against it, the int8 file's quality, each runtime and precision the service may use):
+    each had decoded them again (4 decodes of every validation image with --int8, a 6 MP HEIC 0.2 s each).
+    ``pixels`` (N, 3, S, S) float32 as the service feeds the model; ``sizes`` each image's (width, height) as
+    stored, after EXIF rotation."""
+
+    paths: list[Path]
+    pixels: np.ndarray
+    sizes: list[tuple[int, int]]
+
+    @classmethod
+    def load(cls, paths: Sequence[Path], spec: PreprocessSpec) -> CheckImages:
+        """``paths`` decoded and preprocessed as the service does (on threads ahead: :func:`load_batches`)."""
+        pixels = np.empty((len(paths), 3, spec.input_size, spec.input_size), np.float32)
+        sizes: list[tuple[int, int]] = []
+        done = 0
+        for batch in load_batches(paths, spec, 32, sizes):
+            pixels[done : done + len(batch)] = batch
+            done += len(batch)
+        return cls(list(paths), pixels, sizes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batches(self, size: int) -> Iterator[np.ndarray]:
+        """The pixels ``size`` images at a time (views, no copies)."""
+        for start in range(0, len(self.pixels), size):
+            yield self.pixels[start : start + size]
 
 
-def ort_probs(session, paths: list[Path], spec, batch_size: int = 32) -> np.ndarray:
-    """The first output (class probabilities) of an ONNX Runtime session on image files."""
-    return outputs_of_files(lambda px: session.run([OUTPUT_NAMES[0]], {INPUT_NAME: px}), paths, spec, batch_size)[0]
+def ort_outputs(session, images: CheckImages, batch_size: int = 32) -> list[np.ndarray]:
+    """Every output of an ONNX Runtime session on the images, concatenated."""
+    return outputs_of_batches(lambda px: session.run(None, {INPUT_NAME: px}), images.batches(batch_size))
 
 
 class Calibration:

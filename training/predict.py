@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from headstart.models import Classifier
-from headstart.service.inference import outputs_of_files
+from headstart.service.inference import outputs_of_batches, outputs_of_files
 from headstart.service.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:
+    from headstart.onnx_io import CheckImages
 
 #: images per forward pass of a torch model on CPU: the MobileNetV2 classifier computes 79.5 images/s at 8 and 31.4 at
 #: 32 (2-core AMD EPYC: at 32 its activations outgrow the caches), the same bits (benchmarks/RESULTS.md, "Export")
@@ -34,17 +38,11 @@ def predict_paths(
 
 
 @torch.inference_mode()
-def torch_outputs(
-    model: torch.nn.Module,
-    paths: Sequence[Path],
-    spec: PreprocessSpec,
-    batch_size: int = CPU_BATCH,
-    sizes: list | None = None,
-) -> list[np.ndarray]:
-    """Every output of a torch model on image files (preprocessed as the service does), concatenated; ``sizes``
-    as :func:`service.ahead.load_batches`."""
+def torch_outputs(model: torch.nn.Module, images: CheckImages, batch_size: int = CPU_BATCH) -> list[np.ndarray]:
+    """Every output of a torch model on an export's check images (preprocessed as the service does),
+    concatenated."""
     model.eval()
-    return outputs_of_files(lambda px: [o.numpy() for o in model(torch.from_numpy(px))], paths, spec, batch_size, sizes)
+    return outputs_of_batches(lambda px: [o.numpy() for o in model(torch.from_numpy(px))], images.batches(batch_size))
 
 
 class RunModel:

@@ -11,20 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.service.ahead import load_batches
+from headstart.onnx_io import CheckImages
 from headstart.service.inference import outputs_of_batches
 from headstart.service.runtime import cpu_computes_bf16, open_session, openvino_available
 
 log = logging.getLogger("headstart")
 
 
-def runtime_checks(
-    task, files: dict[str, Path], names: list[str], paths: list[Path], targets: np.ndarray, spec
-) -> dict:
+def runtime_checks(task, files: dict[str, Path], names: list[str], images: CheckImages, targets: np.ndarray) -> dict:
     """``{variant: {"onnxruntime" | "openvino" | "openvino-bf16": check}}``; each check from ``task.precision_gate``
     with the precision and whether it may be served. OpenVINO rows only where OpenVINO is installed, bf16 only on
     CPUs where OpenVINO would compute in bf16."""
-    batches = list(load_batches(paths, spec, 32))  # decoded once for every file, runtime and precision
+    batches = list(images.batches(32))
     variants = [("openvino", "fp32"), ("openvino-bf16", "bf16")] if openvino_available() else []
     if variants and not cpu_computes_bf16():
         variants = variants[:1]

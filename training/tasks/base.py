@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from headstart.features import DecodedImages, FeatureCache, ViewsFn
 from headstart.models import Backbone
 from headstart.service.contract import RunRecord
 from headstart.service.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:
+    from headstart.onnx_io import CheckImages
 
 
 @dataclass
@@ -104,12 +107,13 @@ class TaskExport:
         for the images checked. Default: nothing (the checks compare runtimes with each other only)."""
         return None
 
-    def verify(self, model: nn.Module, session, paths: list[Path], targets, spec: PreprocessSpec) -> tuple[dict, Any]:
-        """ONNX Runtime against PyTorch on validation images: (the record for the manifest, ONNX Runtime's
-        outputs as the reference of the later checks); raises ``ExportError`` when they disagree."""
+    def verify(self, model: nn.Module, session, images: CheckImages, targets) -> tuple[dict, Any]:
+        """ONNX Runtime against PyTorch on the validation images (decoded once for every check): (the record for
+        the manifest, ONNX Runtime's outputs as the reference of the later checks); raises ``ExportError`` when
+        they disagree."""
         raise NotImplementedError(f"{type(self).__name__} must verify its exported graph")
 
-    def int8_quality(self, run, reference, session, paths: list[Path], targets) -> dict:
+    def int8_quality(self, run, reference, session, images: CheckImages, targets) -> dict:
         """The int8 file (an ONNX Runtime ``session``) against the fp32 one (``reference``, from :meth:`verify`) on
         the validation images: ``metric``, ``<metric>_fp32``, ``<metric>_int8`` and ``drop``."""
         raise NotImplementedError(f"{type(self).__name__} offers --int8 but does not measure it")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headstart.onnx_io import ExportError, ort_outputs
+from headstart.onnx_io import CheckImages, ExportError, ort_outputs
 from headstart.open_set import NOVELTY_TOLERANCE
 from headstart.predict import torch_outputs
 from headstart.tasks.base import TaskExport
@@ -70,18 +70,18 @@ class ClassifyExport(TaskExport):
         novelty = getattr(run.model, "novelty", None)
         return Expected(np.asarray(column, dtype=np.int64), None if novelty is None else novelty.config.threshold)
 
-    def verify(self, model, session, paths, targets: Expected, spec) -> tuple[dict, list[np.ndarray]]:
+    def verify(self, model, session, images: CheckImages, targets: Expected) -> tuple[dict, list[np.ndarray]]:
         """ONNX Runtime against PyTorch on the run's validation images: 100% top-1 agreement, |Δp| at most 1e-3, and
         the novelty within 1e-3. Returns the record for the manifest and ONNX Runtime's outputs."""
-        torch_out, onnx_out = torch_outputs(model, paths, spec), ort_outputs(session, paths, spec)
+        torch_out, onnx_out = torch_outputs(model, images), ort_outputs(session, images)
         max_diff = float(np.abs(torch_out[0] - onnx_out[0]).max())
         agreement = float((torch_out[0].argmax(1) == onnx_out[0].argmax(1)).mean())
-        record = {"images": len(paths), "max_abs_prob_diff": max_diff, "top1_agreement": agreement}
+        record = {"images": len(images), "max_abs_prob_diff": max_diff, "top1_agreement": agreement}
         if targets.novelty_threshold is not None:
             record |= _novelty_agreement(_novelty(torch_out), _novelty(onnx_out), targets.novelty_threshold)
         log.info(
             "ONNX Runtime vs PyTorch on %d validation images: max |Δp| %.2e, top-1 agreement %.2f%%%s",
-            len(paths),
+            len(images),
             max_diff,
             100 * agreement,
             f", max |Δ novelty| {record['novelty_max_abs_diff']:.2e}" if "novelty_max_abs_diff" in record else "",
@@ -93,10 +93,10 @@ class ClassifyExport(TaskExport):
         record["onnx_accuracy"] = float((onnx_out[0].argmax(1) == targets.labels).mean())
         return record, onnx_out
 
-    def int8_quality(self, run, reference: list[np.ndarray], session, paths, targets: Expected) -> dict:
+    def int8_quality(self, run, reference: list[np.ndarray], session, images: CheckImages, targets: Expected) -> dict:
         """The int8 model against the fp32 one (``reference``: its outputs) on the validation images: accuracy (the
         gate), and how far the novelty moved and how often "none of these" changed (reported)."""
-        got = ort_outputs(session, paths, run.spec)
+        got = ort_outputs(session, images)
         ref_probs, q_probs, truth = reference[0], got[0], targets.labels
         fp32, int8 = float((ref_probs.argmax(1) == truth).mean()), float((q_probs.argmax(1) == truth).mean())
         quality = {

@@ -6,9 +6,8 @@ import logging
 
 import numpy as np
 
-from headstart.onnx_io import ExportError, ort_outputs
+from headstart.onnx_io import CheckImages, ExportError, ort_outputs
 from headstart.predict import torch_outputs
-from headstart.service.preprocess import decode_for, original_size
 from headstart.tasks.base import TaskExport
 from headstart.tasks.detect.data import labelled_samples
 from headstart.tasks.detect.heads import recorded_head
@@ -42,16 +41,16 @@ class DetectExport(TaskExport):
             {"name": "scores", "shape": ["batch", predictors, num_classes], "what": f"{score} per predictor and class"},
         ]
 
-    def verify(self, model, session, paths, targets, spec) -> tuple[dict, list[np.ndarray]]:
+    def verify(self, model, session, images: CheckImages, targets) -> tuple[dict, list[np.ndarray]]:
         """ONNX Runtime against PyTorch on the run's validation images: every output of every predictor. Returns the
         record for the manifest and ONNX Runtime's outputs."""
-        ref, got = torch_outputs(model, paths, spec), ort_outputs(session, paths, spec)
+        ref, got = torch_outputs(model, images), ort_outputs(session, images)
         names = ("probabilities", "boxes", "scores")
         diffs = {name: float(np.abs(a - b).max()) for name, a, b in zip(names, ref, got, strict=True)}
         agreement = float((ref[0].argmax(1) == got[0].argmax(1)).mean())
         log.info(
             "ONNX Runtime vs PyTorch on %d validation images: max |Δ| %s, top-1 agreement %.2f%%",
-            len(paths),
+            len(images),
             {k: f"{v:.2e}" for k, v in diffs.items()},
             100 * agreement,
         )
@@ -61,16 +60,16 @@ class DetectExport(TaskExport):
                 f"ONNX Runtime disagrees with PyTorch (max differences {diffs}, top-1 agreement {agreement:.2%}); "
                 "the export is not trustworthy and was not written."
             )
-        return {"images": len(paths), "max_abs_diff": diffs, "top1_agreement": agreement}, got
+        return {"images": len(images), "max_abs_diff": diffs, "top1_agreement": agreement}, got
 
-    def int8_quality(self, run, reference: list[np.ndarray], session, paths, targets) -> dict:
+    def int8_quality(self, run, reference: list[np.ndarray], session, images: CheckImages, targets) -> dict:
         """AP50 and AP50:95 of the int8 model against the fp32 one (``reference``: its outputs) on the validation
         images, with their labels read again from the data set."""
-        truth_samples = labelled_samples(run.record.data["yaml"], paths, run.labels)
-        sizes = [original_size(decode_for(p, run.spec)) for p in paths]
+        truth_samples = labelled_samples(run.record.data["yaml"], images.paths, run.labels)
+        sizes = images.sizes
         truth = ground_truth_in_pixels(truth_samples, sizes)
-        got = ort_outputs(session, paths, run.spec)
-        out: dict = {"metric": "map50", "images": len(paths)}
+        got = ort_outputs(session, images)
+        out: dict = {"metric": "map50", "images": len(images)}
         for name, outputs in (("fp32", reference), ("int8", got)):
             preds = predictions_in_pixels(outputs[1], outputs[2], sizes, run.spec)
             m = mean_average_precision(preds, truth, run.labels)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headstart.onnx_io import ExportError, ort_outputs
+from headstart.onnx_io import CheckImages, ExportError, ort_outputs
 from headstart.open_set import NOVELTY_TOLERANCE
 from headstart.predict import torch_outputs
 from headstart.tasks.base import TaskExport
@@ -80,21 +80,21 @@ class MultiLabelExport(TaskExport):
     def targets(self, run, column: list) -> Expected:
         return Expected(multi_hot(column, len(run.labels)), threshold_vector(run.metrics["thresholds"], run.labels))
 
-    def verify(self, model, session, paths, targets: Expected, spec) -> tuple[dict, list[np.ndarray]]:
+    def verify(self, model, session, images: CheckImages, targets: Expected) -> tuple[dict, list[np.ndarray]]:
         """ONNX Runtime against PyTorch on the validation images: every image the same label set at the thresholds,
         |Δp| at most 1e-3."""
-        torch_out, onnx_out = torch_outputs(model, paths, spec), ort_outputs(session, paths, spec)
+        torch_out, onnx_out = torch_outputs(model, images), ort_outputs(session, images)
         max_diff = float(np.abs(torch_out[0] - onnx_out[0]).max())
         agreement = _set_agreement(torch_out[0], onnx_out[0], targets.limits)
         record = {
-            "images": len(paths),
+            "images": len(images),
             "max_abs_prob_diff": max_diff,
             "label_set_agreement": agreement,
             **_novelty_diff(torch_out, onnx_out),
         }
         log.info(
             "ONNX Runtime vs PyTorch on %d validation images: max |Δp| %.2e, the same label sets on %.2f%%",
-            len(paths),
+            len(images),
             max_diff,
             100 * agreement,
         )
@@ -105,8 +105,8 @@ class MultiLabelExport(TaskExport):
         record["onnx_map_macro"] = _map(onnx_out[0], targets.truth)
         return record, onnx_out
 
-    def int8_quality(self, run, reference: list[np.ndarray], session, paths, targets: Expected) -> dict:
-        got = ort_outputs(session, paths, run.spec)
+    def int8_quality(self, run, reference: list[np.ndarray], session, images: CheckImages, targets: Expected) -> dict:
+        got = ort_outputs(session, images)
         fp32, int8 = _map(reference[0], targets.truth), _map(got[0], targets.truth)
         return {
             "metric": "map_macro",

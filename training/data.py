@@ -36,9 +36,9 @@ def check_file(
     names that are not UTF-8 are skipped with the reason, a file over the size limit is not read at all (and is
     "ignored" when its name does not say it is an image, e.g. a video). Bytes that ``verified`` holds (read whole
     by an earlier check, with the same decoding) are not decoded again; those read whole now are added to it.
-    With ``decoded`` (the training's, while it has room) an image is decoded as the model will read it and kept
-    there for the feature extraction, which then does not decode it again; otherwise a JPEG is decoded at 1/8
-    scale, the cheapest (every byte is still decoded either way: a truncation shows).
+    With ``decoded`` (a training's or an evaluation's, while it has room) an image is decoded as the model will
+    read it and kept there for the model's pass, which then does not decode it again; otherwise a JPEG is decoded at
+    1/8 scale, the cheapest (every byte is still decoded either way: a truncation shows).
     """
     looks_like_image = path.suffix.lower() in IMAGE_SUFFIXES
     try:

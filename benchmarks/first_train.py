@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from _common import SHARED, check_idle, code_of, machine_line
@@ -64,48 +65,60 @@ def data_set(name: str, tmp: Path) -> Path:
     return heic_folder(tmp, {"train": 12, "val": 8})
 
 
-def train_command(data: Path, out: str | Path, cache: str | Path) -> list[str]:
-    """`headstart train` as the README's main job runs it."""
-    cmd = [sys.executable, "-m", "headstart", "train", str(data), "--out", str(out), "--cache-dir", str(cache)]
-    return [*cmd, "--backbone", "torchvision:mobilenet_v2", "--weights", str(WEIGHTS), "--no-progress"]
+def train_args(data: Path, out: str | Path, cache: str | Path) -> list[str]:
+    """`headstart train`'s arguments as the README's main job gives them."""
+    args = ["train", str(data), "--out", str(out), "--cache-dir", str(cache)]
+    return [*args, "--backbone", "torchvision:mobilenet_v2", "--weights", str(WEIGHTS), "--no-progress"]
+
+
+def timed(args: list[str], out: Path, where: dict | None) -> tuple[float, dict]:
+    """Wall seconds of `headstart ARGS` in a new process (``where``: the code of another commit), and the
+    metrics.json it wrote into ``out``."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "headstart", *args], capture_output=True, text=True, **(where or {}))
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"headstart {args[0]} failed: {done.stderr[-3000:]}")
+    return wall, json.loads((out / "metrics.json").read_text())
 
 
 def first_run(data: Path, where: dict | None) -> tuple[float, dict]:
-    """Wall seconds of `headstart train` in a new process with an empty feature cache, and its metrics.json."""
+    """`headstart train` in a new process with an empty feature cache."""
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        done = subprocess.run(
-            train_command(data, f"{tmp}/run", f"{tmp}/cache"), capture_output=True, text=True, **(where or {})
-        )
-        wall = time.perf_counter() - start
-        if done.returncode:
-            raise RuntimeError(f"headstart train failed: {done.stderr[-3000:]}")
-        return wall, json.loads(Path(f"{tmp}/run/metrics.json").read_text())
+        return timed(train_args(data, f"{tmp}/run", f"{tmp}/cache"), Path(tmp) / "run", where)
 
 
 def evaluation(run: Path, folder: Path, where: dict | None) -> tuple[float, dict]:
-    """Wall seconds of `headstart evaluate RUN FOLDER` in a new process, and the metrics.json it wrote."""
+    """`headstart evaluate RUN FOLDER` in a new process."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "headstart", "evaluate", str(run), str(folder), "--out", f"{tmp}/eval"]
-        start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, **(where or {}))
-        wall = time.perf_counter() - start
-        if done.returncode:
-            raise RuntimeError(f"headstart evaluate failed: {done.stderr[-3000:]}")
-        return wall, json.loads(Path(f"{tmp}/eval/metrics.json").read_text())
+        return timed(["evaluate", str(run), str(folder), "--out", f"{tmp}/eval"], Path(tmp) / "eval", where)
 
 
-def compare(label: str, baseline: str, walls: dict[str, list[float]], same: bool, load: float) -> None:
-    now, then = statistics.median(walls["today"]), statistics.median(walls[baseline])
+def alternated(label: str, once, repeats: int, baseline: str, where: dict) -> dict[str, list[tuple[float, dict]]]:
+    """``once(where)`` with today's code and the baseline's in turn, ``repeats`` times each: every run printed,
+    then the median walls and whether both codes gave the same metrics (timings aside)."""
+    load = check_idle()
+    runs: dict[str, list[tuple[float, dict]]] = {"today": [], baseline: []}
+    for repeat in range(repeats):
+        for code, env in (("today", None), (baseline, where)):
+            wall, metrics = once(env)
+            runs[code].append((wall, metrics))
+            seconds = metrics.get("training", {}).get("seconds")
+            what = f", done in {seconds['total']:.2f} s, val accuracy {metrics['accuracy']:.4f}" if seconds else ""
+            print(f"  {code:>10} {label} {repeat}: {wall:.2f} s wall{what}", flush=True)
+    load = max(load, check_idle())
+    now, then = (statistics.median(wall for wall, _ in runs[code]) for code in ("today", baseline))
+    same = scores(runs["today"][0][1]) == scores(runs[baseline][0][1])
     print(
         f"  {label} median wall: today {now:.2f} s, {baseline} {then:.2f} s: today's code {then / now:.2f}x as fast; "
         f"the same metrics: {'yes' if same else 'NO'}"
         + (f"; the CPU was {load:.0%} busy with other work" if load > 0.15 else "")
     )
+    return runs
 
 
 def scores(metrics: dict) -> dict:
-    """The validation metrics, without the run's timings."""
+    """The metrics, without the run's timings."""
     return {k: v for k, v in metrics.items() if k != "training"}
 
 
@@ -128,39 +141,19 @@ def main() -> None:
             print(
                 f"\n{name}: {len(files)} files, {sum(p.stat().st_size for p in files) / len(files) / 1e6:.2f} MB each"
             )
-            load = check_idle()
-            walls: dict[str, list[float]] = {"today": [], args.baseline: []}
-            inside: dict[str, list[float]] = {"today": [], args.baseline: []}
-            seen: dict[str, dict] = {}
-            for repeat in range(args.repeats):
-                for code, env in (("today", None), (args.baseline, where)):
-                    wall, metrics = first_run(data, env)
-                    walls[code].append(wall)
-                    inside[code].append(metrics["training"]["seconds"]["total"])
-                    seen.setdefault(code, scores(metrics))
-                    print(
-                        f"  {code:>10} run {repeat}: {wall:.2f} s wall, done in {inside[code][-1]:.2f} s, "
-                        f"val accuracy {metrics['accuracy']:.4f}",
-                        flush=True,
-                    )
-            load = max(load, check_idle())
-            compare("train", args.baseline, walls, seen["today"] == seen[args.baseline], load)
-            ratio = statistics.median(inside[args.baseline]) / statistics.median(inside["today"])
-            print(f"  train in process: today's code {ratio:.2f}x as fast")
+            runs = alternated("train", partial(first_run, data), args.repeats, args.baseline, where)
+            inside = {
+                code: statistics.median(m["training"]["seconds"]["total"] for _, m in r) for code, r in runs.items()
+            }
+            print(f"  train in process: today's code {inside[args.baseline] / inside['today']:.2f}x as fast")
 
             run = Path(tmp) / f"{name}-run"
-            subprocess.run(train_command(data, run, Path(tmp) / f"{name}-cache"), check=True, capture_output=True)
-            walls = {"today": [], args.baseline: []}
-            seen = {}
-            load = check_idle()
-            for repeat in range(args.repeats):
-                for code, env in (("today", None), (args.baseline, where)):
-                    wall, metrics = evaluation(run, data / "val", env)
-                    walls[code].append(wall)
-                    seen.setdefault(code, {k: v for k, v in metrics.items() if k != "out"})
-                    print(f"  {code:>10} evaluate {repeat}: {wall:.2f} s wall", flush=True)
-            load = max(load, check_idle())
-            compare("evaluate", args.baseline, walls, seen["today"] == seen[args.baseline], load)
+            subprocess.run(
+                [sys.executable, "-m", "headstart", *train_args(data, run, Path(tmp) / f"{name}-cache")],
+                check=True,
+                capture_output=True,
+            )
+            alternated("evaluate", partial(evaluation, run, data / "val"), args.repeats, args.baseline, where)
 
 
 if __name__ == "__main__":

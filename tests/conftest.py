@@ -50,6 +50,20 @@ def synthetic_image(label: int, rng: np.random.Generator, size: int = 96) -> Ima
     return Image.fromarray(img)
 
 
+def counting_calls(monkeypatch, **targets: tuple) -> dict[str, int]:
+    """How often each of ``targets`` (a name: (module, function name)) is called from now on, by name."""
+    calls = dict.fromkeys(targets, 0)
+    for key, (module, name) in targets.items():
+        real = getattr(module, name)
+
+        def counted(*args, _real=real, _key=key, **kwargs):
+            calls[_key] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 def make_image_folder(
     root: Path, per_class: dict[str, int], seed: int = 0, splits: dict[str, float] | None = None
 ) -> Path:

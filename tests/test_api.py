@@ -18,7 +18,7 @@ import headstart
 from headstart.cli import main
 from headstart.service.errors import HeadstartError
 
-from .conftest import HYMENOPTERA, make_image_folder, synthetic_image
+from .conftest import HYMENOPTERA, counting_calls, make_image_folder, synthetic_image
 
 REAL_IMAGES = sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:2]
 
@@ -120,16 +120,9 @@ def test_evaluate_decodes_each_image_once(tiny_bundle, tmp_path, capsys, monkeyp
 
     folder = make_image_folder(tmp_path / "data", {"red": 4, "blue": 4})
     other = make_image_folder(tmp_path / "other", {"grey": 3})
-    calls = {"kept": 0, "eighth": 0, "again": 0}
-    for module, name, key in (
-        (features, "decode_for", "kept"),
-        (data, "decode_image", "eighth"),
-        (ahead, "decode_for", "again"),
-    ):
-        real = getattr(module, name)
-        monkeypatch.setattr(
-            module, name, lambda *a, _r=real, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1) or _r(*a, **k)
-        )
+    calls = counting_calls(
+        monkeypatch, kept=(features, "decode_for"), eighth=(data, "decode_image"), again=(ahead, "decode_for")
+    )
     command = ["evaluate", str(tiny_bundle.bundle_dir), str(folder), "--other", str(other), "--json"]
     assert main([*command, "--out", str(tmp_path / "once")]) == 0
     assert calls == {"kept": 11, "eighth": 0, "again": 0}

@@ -20,7 +20,7 @@ from headstart.models.backbone import BackboneError
 from headstart.runs import RunError
 from headstart.tasks import ClassifyConfig, train
 
-from .conftest import PHOTOS, make_image_folder
+from .conftest import PHOTOS, counting_calls, make_image_folder
 
 
 def tiny_config(data, out, cache, **kw) -> ClassifyConfig:
@@ -627,14 +627,7 @@ def test_a_first_run_decodes_each_image_once_and_a_rerun_none(tiny_folder, tmp_p
     from headstart import data, engine, features
     from headstart.service.preprocess import PreprocessSpec
 
-    calls = {"model": 0, "eighth": 0}
-    for module, name, key in ((features, "decode_for", "model"), (data, "decode_image", "eighth")):
-        real = getattr(module, name)
-        monkeypatch.setattr(
-            module,
-            name,
-            lambda *a, _real=real, _key=key, **k: calls.__setitem__(_key, calls[_key] + 1) or _real(*a, **k),
-        )
+    calls = counting_calls(monkeypatch, model=(features, "decode_for"), eighth=(data, "decode_image"))
     first = train(tiny_config(tiny_folder, tmp_path / "first", cache_dir))
     assert calls == {"model": 32, "eighth": 0}  # 24 training and 8 validation images, each decoded once
     calls.update(model=0)

@@ -101,9 +101,10 @@ def _check_decoding(task: Task, cfg: RunConfig) -> DecodedImages | None:
 def _kept_for(decoded: DecodedImages | None, spec, report) -> DecodedImages | None:
     """The images the data check kept, where they are those ``spec`` decodes (else none: each is decoded again),
     but for the files no pass reads."""
-    if decoded is None or not decoded.serves(spec):
-        if decoded is not None:
-            log.debug("the data check decoded for another preprocessing than the backbone's: decoding again")
+    if decoded is None:
+        return None
+    if not decoded.serves(spec):
+        log.debug("the data check decoded for another preprocessing than the backbone's: decoding again")
         return None
     decoded.only(s.path for split in ("train", "val") for s in report.splits.get(split, ()))
     return decoded

@@ -1,5 +1,6 @@
 """`headstart export` as a user runs it (a new process, `--no-store`), today's code against a baseline commit's in
-the same run, alternating: the wall time of each and whether both bundles verified with the same figures.
+the same run, alternating: the wall time and the peak resident memory of each, and whether both bundles verified with
+the same figures.
 
 The run exported is the hymenoptera MobileNetV2 (trained here first, unless ``--run`` names one); ``--int8`` adds
 the int8 twin. ``--baseline REV`` runs the export with the code of commit REV as well (``_common.code_of``).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -21,15 +23,20 @@ from pathlib import Path
 from _common import check_idle, code_of, machine_line, train_hymenoptera
 
 
-def export_once(run: str, out: Path, int8: bool, where: dict | None) -> tuple[float, dict]:
-    """(wall seconds, the printed JSON) of one `headstart export` in a new process."""
+def export_once(run: str, out: Path, int8: bool, where: dict | None) -> tuple[float, float, dict]:
+    """(wall seconds, peak resident MB, the printed JSON) of one `headstart export` in a new process: the peak is
+    that process's own (``os.wait4``'s ``ru_maxrss``), not the largest of every child so far."""
     command = [sys.executable, "-m", "headstart", "export", run, "--out", str(out), "--no-store", "--json"]
-    started = time.perf_counter()
-    done = subprocess.run(command + (["--int8"] if int8 else []), **(where or {}), capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode:
-        raise RuntimeError(f"export failed: {done.stderr[-2000:]}")
-    return seconds, json.loads(done.stdout)
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        started = time.perf_counter()
+        child = subprocess.Popen(command + (["--int8"] if int8 else []), **(where or {}), stdout=stdout, stderr=stderr)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0), stderr.seek(0)
+        if child.returncode:
+            raise RuntimeError(f"export failed: {stderr.read().decode()[-2000:]}")
+        return seconds, usage.ru_maxrss / 1024, json.loads(stdout.read())
 
 
 def main() -> None:
@@ -46,13 +53,15 @@ def main() -> None:
         run = args.run or str(train_hymenoptera(tmp / "run"))
         who = {"today": None, **({args.baseline: code_of(args.baseline, tmp)} if args.baseline else {})}
         walls: dict[str, list[float]] = {name: [] for name in who}
+        peaks: dict[str, list[float]] = {name: [] for name in who}
         figures: dict[str, dict] = {}
         for r in range(args.rounds):
             for name, where in who.items():
-                seconds, printed = export_once(run, tmp / f"bundle-{name}-{r}", args.int8, where)
+                seconds, peak, printed = export_once(run, tmp / f"bundle-{name}-{r}", args.int8, where)
                 walls[name].append(seconds)
+                peaks[name].append(peak)
                 figures[name] = {"verification": printed["verification"], "int8": printed["int8"]}
-                print(f"round {r + 1}, {name}: {seconds:.1f} s", flush=True)
+                print(f"round {r + 1}, {name}: {seconds:.1f} s, peak {peak:.0f} MB", flush=True)
     result = {name: round(statistics.median(w), 2) for name, w in walls.items()}
     line = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.items())
     if args.baseline:
@@ -60,7 +69,9 @@ def main() -> None:
         same = figures["today"] == figures[args.baseline]
         line += f": today's code {ratio:.2f}x as fast; the same verification figures: {same}"
     print(f"`headstart export{' --int8' if args.int8 else ''}` median wall over {args.rounds} rounds: {line}")
-    print(json.dumps({"walls": walls, **figures["today"]}))
+    peak = {name: statistics.median(p) for name, p in peaks.items()}
+    print("peak resident memory (median): " + ", ".join(f"{name} {mb:.0f} MB" for name, mb in peak.items()))
+    print(json.dumps({"walls": walls, "peak_mb": peaks, **figures["today"]}))
     print(f"other CPU use before the run: {busy:.0%}")
 
 

@@ -276,6 +276,32 @@ def test_export_decodes_each_validation_image_once_for_every_check(tiny_run, tmp
     assert manifest["int8"]["calibration_images"] == len(train)
 
 
+@pytest.mark.parametrize("fit", ["crop", "pad"])
+def test_the_check_images_hold_a_quarter_of_the_memory_and_give_the_models_input_exactly(fit):
+    """An export's check images are held as uint8 (the preprocessing gives whole values in [0, 255]) and each batch
+    is the float32 input the service feeds the model, bit for bit, whatever the format (a BMP, a JPEG, a
+    sideways photo) and the fit (a classifier's crop, a detector's letterbox); the batches hold as many pixels
+    whatever the input size."""
+    from headstart.onnx_io import CALIBRATION_BATCH_PIXELS, CHECK_BATCH_PIXELS, CheckImages, batch_for
+    from headstart.service.ahead import load_batches
+    from headstart.service.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(input_size=96, resize=110, fit=fit)
+    paths = [*REAL_IMAGES, PHOTOS / "camera" / "canon_hdr_NO.jpg"]
+    images = CheckImages.load(paths, spec)
+    assert images.pixels.dtype == np.uint8 and images.pixels.nbytes == len(paths) * 3 * 96 * 96
+    assert images.batch_size == (8 * 224 * 224) // (96 * 96) == 43  # the pixels of 8 images of 224 px
+    detector = PreprocessSpec(input_size=512, resize=512, fit="pad")  # its activations bound the export's memory
+    assert batch_for(detector, CHECK_BATCH_PIXELS) == 1 and batch_for(detector, CALIBRATION_BATCH_PIXELS) == 3
+    images.batch_size = 4
+    sizes: list = []
+    expected = list(load_batches(paths, spec, 4, sizes))
+    got = list(images.batches())
+    assert [b.dtype for b in got] == [np.float32] * 3 and len(got) == len(expected)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert images.sizes == sizes and sizes[-1] == (1536, 2048)  # the EXIF rotation counted
+
+
 @pytest.mark.slow
 def test_int8_on_shared_mobilenet_keeps_accuracy(hymenoptera_bundle, hymenoptera_run):
     result = hymenoptera_bundle

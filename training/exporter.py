@@ -214,6 +214,7 @@ def _write_bundle(
         raise ExportError(f"exported outputs {exported} are not {output_names}")
     images = CheckImages.load(val_paths, run.spec)  # decoded once for every check
     verification, reference = task.verify(run.model, session, images, val_targets)
+    del session  # its arena of activations, before the next sessions open theirs
     int8_info = None
     if int8:
         int8_info = _int8_model(run, task, fp32, tmp / MODEL_INT8, reference, images, val_targets, max_int8_drop)

@@ -27,6 +27,19 @@ class ExportError(HeadstartError, RuntimeError):
 
 
 INPUT_NAME = "pixels"
+#: The pixels an export's check runs through a model at once: 8 images of 224 px, 1 of 512 px (a detector's). The
+#: activations, and the arena ONNX Runtime keeps for them, grow with the batch; the throughput on a CPU does not: at
+#: 32 images of 512 px a detector's export peaked at 8 GB (benchmarks/RESULTS.md, "Export's memory").
+CHECK_BATCH_PIXELS = 8 * 224 * 224
+#: The same for the int8 calibration's batches (16 images of 224 px, 3 of 512 px).
+CALIBRATION_BATCH_PIXELS = 16 * 224 * 224
+
+
+def batch_for(spec: PreprocessSpec, pixels: int) -> int:
+    """How many of ``spec``'s inputs make ``pixels`` (at least one)."""
+    return max(1, pixels // spec.input_size**2)
+
+
 OUTPUT_NAMES = ("probabilities", "class_map")
 
 
@@ -120,48 +133,62 @@ def embed_manifest(path: Path, manifest: Manifest) -> None:
     onnx.save(model, str(path))
 
 
+def max_abs_diff(a: np.ndarray, b: np.ndarray, rows: int = 16) -> float:
+    """``max |a - b|`` over two models' outputs for the same images, ``rows`` images at a time: a detector's scores
+    for 200 images of 512 px are 344 MB, and ``np.abs(a - b)`` would allocate twice that again."""
+    if a.shape != b.shape:
+        raise ValueError(f"outputs of different shapes: {a.shape} and {b.shape}")
+    return max((float(np.abs(a[i : i + rows] - b[i : i + rows]).max()) for i in range(0, len(a), rows)), default=0.0)
+
+
 @dataclass
 class CheckImages:
     """The images an export checks on, decoded and preprocessed once for every check that reads them (the PyTorch
     reference, ONNX Runtime against it, the int8 file's quality, each runtime and precision the service may use):
     each had decoded them again (4 decodes of every validation image with --int8, a 6 MP HEIC 0.2 s each).
-    ``pixels`` (N, 3, S, S) float32 as the service feeds the model; ``sizes`` each image's (width, height) as
-    stored, after EXIF rotation."""
+    ``pixels`` (N, 3, S, S) uint8, the model's input without its float32 cast: the preprocessing gives whole values
+    in [0, 255] (:func:`service.preprocess.preprocess`), so a quarter of the memory holds them exactly (200 images
+    of a 640 px detector: 246 MB, not 983); ``sizes`` each image's (width, height) as stored, after EXIF
+    rotation."""
 
     paths: list[Path]
     pixels: np.ndarray
     sizes: list[tuple[int, int]]
+    batch_size: int = 8
 
     @classmethod
     def load(cls, paths: Sequence[Path], spec: PreprocessSpec) -> CheckImages:
         """``paths`` decoded and preprocessed as the service does (on threads ahead: :func:`load_batches`)."""
-        pixels = np.empty((len(paths), 3, spec.input_size, spec.input_size), np.float32)
+        pixels = np.empty((len(paths), 3, spec.input_size, spec.input_size), np.uint8)
         sizes: list[tuple[int, int]] = []
         done = 0
         for batch in load_batches(paths, spec, 32, sizes):
             pixels[done : done + len(batch)] = batch
+            if not np.array_equal(pixels[done : done + len(batch)], batch):  # the contract, not assumed
+                raise ValueError("the preprocessing gave pixels that are not whole values in [0, 255]")
             done += len(batch)
-        return cls(list(paths), pixels, sizes)
+        return cls(list(paths), pixels, sizes, batch_for(spec, CHECK_BATCH_PIXELS))
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def batches(self, size: int) -> Iterator[np.ndarray]:
-        """The pixels ``size`` images at a time (views, no copies)."""
-        for start in range(0, len(self.pixels), size):
-            yield self.pixels[start : start + size]
+    def batches(self) -> Iterator[np.ndarray]:
+        """The model's input, ``batch_size`` images at a time (:data:`CHECK_BATCH_PIXELS`): float32, one batch made
+        at a time."""
+        for start in range(0, len(self.pixels), self.batch_size):
+            yield self.pixels[start : start + self.batch_size].astype(np.float32)
 
 
-def ort_outputs(session, images: CheckImages, batch_size: int = 32) -> list[np.ndarray]:
+def ort_outputs(session, images: CheckImages) -> list[np.ndarray]:
     """Every output of an ONNX Runtime session on the images, concatenated."""
-    return outputs_of_batches(lambda px: session.run(None, {INPUT_NAME: px}), images.batches(batch_size))
+    return outputs_of_batches(lambda px: session.run(None, {INPUT_NAME: px}), images.batches())
 
 
 class Calibration:
     """ONNX Runtime CalibrationDataReader over preprocessed training images."""
 
-    def __init__(self, paths: list[Path], spec, batch_size: int = 16) -> None:
-        self.batches = load_batches(paths, spec, batch_size)
+    def __init__(self, paths: list[Path], spec: PreprocessSpec) -> None:
+        self.batches = load_batches(paths, spec, batch_for(spec, CALIBRATION_BATCH_PIXELS))
 
     def get_next(self):
         batch = next(self.batches, None)

@@ -38,11 +38,11 @@ def predict_paths(
 
 
 @torch.inference_mode()
-def torch_outputs(model: torch.nn.Module, images: CheckImages, batch_size: int = CPU_BATCH) -> list[np.ndarray]:
+def torch_outputs(model: torch.nn.Module, images: CheckImages) -> list[np.ndarray]:
     """Every output of a torch model on an export's check images (preprocessed as the service does),
     concatenated."""
     model.eval()
-    return outputs_of_batches(lambda px: [o.numpy() for o in model(torch.from_numpy(px))], images.batches(batch_size))
+    return outputs_of_batches(lambda px: [o.numpy() for o in model(torch.from_numpy(px))], images.batches())
 
 
 class RunModel:

@@ -22,17 +22,16 @@ def runtime_checks(task, files: dict[str, Path], names: list[str], images: Check
     """``{variant: {"onnxruntime" | "openvino" | "openvino-bf16": check}}``; each check from ``task.precision_gate``
     with the precision and whether it may be served. OpenVINO rows only where OpenVINO is installed, bf16 only on
     CPUs where OpenVINO would compute in bf16."""
-    batches = list(images.batches(32))
     variants = [("openvino", "fp32"), ("openvino-bf16", "bf16")] if openvino_available() else []
     if variants and not cpu_computes_bf16():
         variants = variants[:1]
     result = {}
     for variant, path in files.items():
-        reference = outputs_of_batches(partial(open_session(path, "onnxruntime", "cpu").run, names), batches)
+        reference = outputs_of_batches(partial(open_session(path, "onnxruntime", "cpu").run, names), images.batches())
         rows = {"onnxruntime": {"precision": variant, **task.precision_gate(reference, reference, targets)}}
         for key, precision in variants:
             got = outputs_of_batches(
-                partial(open_session(path, "openvino", "cpu", precision=precision).run, names), batches
+                partial(open_session(path, "openvino", "cpu", precision=precision).run, names), images.batches()
             )
             rows[key] = {"precision": precision, **task.precision_gate(reference, got, targets)}
             agreement = next(k for k in rows[key] if k.endswith("_agreement"))  # top1_, label_set_: the task's

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headstart.onnx_io import CheckImages, ExportError, ort_outputs
+from headstart.onnx_io import CheckImages, ExportError, max_abs_diff, ort_outputs
 from headstart.open_set import NOVELTY_TOLERANCE
 from headstart.predict import torch_outputs
 from headstart.tasks.base import TaskExport
@@ -34,7 +34,7 @@ def _novelty(outputs: list[np.ndarray]) -> np.ndarray | None:
 
 def _novelty_agreement(reference: np.ndarray, got: np.ndarray, threshold: float) -> dict:
     return {
-        "novelty_max_abs_diff": float(np.abs(reference - got).max()),
+        "novelty_max_abs_diff": max_abs_diff(reference, got),
         "unknown_agreement": float(((reference > threshold) == (got > threshold)).mean()),
     }
 
@@ -74,7 +74,7 @@ class ClassifyExport(TaskExport):
         """ONNX Runtime against PyTorch on the run's validation images: 100% top-1 agreement, |Δp| at most 1e-3, and
         the novelty within 1e-3. Returns the record for the manifest and ONNX Runtime's outputs."""
         torch_out, onnx_out = torch_outputs(model, images), ort_outputs(session, images)
-        max_diff = float(np.abs(torch_out[0] - onnx_out[0]).max())
+        max_diff = max_abs_diff(torch_out[0], onnx_out[0])
         agreement = float((torch_out[0].argmax(1) == onnx_out[0].argmax(1)).mean())
         record = {"images": len(images), "max_abs_prob_diff": max_diff, "top1_agreement": agreement}
         if targets.novelty_threshold is not None:
@@ -105,7 +105,7 @@ class ClassifyExport(TaskExport):
             "accuracy_int8": int8,
             "drop": fp32 - int8,
             "top1_agreement": float((q_probs.argmax(1) == ref_probs.argmax(1)).mean()),
-            "max_abs_prob_diff": float(np.abs(q_probs - ref_probs).max()),
+            "max_abs_prob_diff": max_abs_diff(q_probs, ref_probs),
         }
         if targets.novelty_threshold is not None:
             quality |= _novelty_agreement(_novelty(reference), _novelty(got), targets.novelty_threshold)
@@ -134,7 +134,7 @@ class ClassifyExport(TaskExport):
             "top1_agreement": agreement,
             "accuracy": accuracy,
             "accuracy_drop": drop,
-            "max_abs_prob_diff": float(np.abs(ref - probs).max()),
+            "max_abs_prob_diff": max_abs_diff(ref, probs),
         }
         allowed = agreement >= 0.99 and drop <= 0.01
         if targets.novelty_threshold is not None and _novelty(reference) is not None:

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from headstart.onnx_io import CheckImages, ExportError, ort_outputs
+from headstart.onnx_io import CheckImages, ExportError, max_abs_diff, ort_outputs
 from headstart.predict import torch_outputs
 from headstart.tasks.base import TaskExport
 from headstart.tasks.detect.data import labelled_samples
@@ -46,7 +46,7 @@ class DetectExport(TaskExport):
         record for the manifest and ONNX Runtime's outputs."""
         ref, got = torch_outputs(model, images), ort_outputs(session, images)
         names = ("probabilities", "boxes", "scores")
-        diffs = {name: float(np.abs(a - b).max()) for name, a, b in zip(names, ref, got, strict=True)}
+        diffs = {name: max_abs_diff(a, b) for name, a, b in zip(names, ref, got, strict=True)}
         agreement = float((ref[0].argmax(1) == got[0].argmax(1)).mean())
         log.info(
             "ONNX Runtime vs PyTorch on %d validation images: max |Δ| %s, top-1 agreement %.2f%%",
@@ -75,7 +75,7 @@ class DetectExport(TaskExport):
             m = mean_average_precision(preds, truth, run.labels)
             out.update({f"map50_{name}": m["map50"], f"map50_95_{name}": m["map50_95"]})
         out["drop"] = out["map50_fp32"] - out["map50_int8"]
-        out["max_abs_score_diff"] = float(np.abs(got[2] - reference[2]).max())
+        out["max_abs_score_diff"] = max_abs_diff(got[2], reference[2])
         return out
 
     def precision_gate(self, reference: list[np.ndarray], got: list[np.ndarray], targets: np.ndarray) -> dict:
@@ -83,8 +83,7 @@ class DetectExport(TaskExport):
         box score moves by more than 0.05."""
         agreement = float((reference[0].argmax(1) == got[0].argmax(1)).mean())
         diffs = {
-            n: float(np.abs(a - b).max())
-            for n, a, b in zip(("probabilities", "boxes", "scores"), reference, got, strict=True)
+            n: max_abs_diff(a, b) for n, a, b in zip(("probabilities", "boxes", "scores"), reference, got, strict=True)
         }
         return {
             "images": len(reference[0]),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headstart.onnx_io import CheckImages, ExportError, ort_outputs
+from headstart.onnx_io import CheckImages, ExportError, max_abs_diff, ort_outputs
 from headstart.open_set import NOVELTY_TOLERANCE
 from headstart.predict import torch_outputs
 from headstart.tasks.base import TaskExport
@@ -54,7 +54,7 @@ def _novelty_output(run) -> list[dict]:
 
 def _novelty_diff(a: list[np.ndarray], b: list[np.ndarray]) -> dict:
     """How far the novelty moved between two runs of the model (nothing for a model without one)."""
-    return {"novelty_max_abs_diff": float(np.abs(a[2] - b[2]).max())} if len(a) > 2 and len(b) > 2 else {}
+    return {"novelty_max_abs_diff": max_abs_diff(a[2], b[2])} if len(a) > 2 and len(b) > 2 else {}
 
 
 def _map(probs: np.ndarray, truth: np.ndarray) -> float:
@@ -84,7 +84,7 @@ class MultiLabelExport(TaskExport):
         """ONNX Runtime against PyTorch on the validation images: every image the same label set at the thresholds,
         |Δp| at most 1e-3."""
         torch_out, onnx_out = torch_outputs(model, images), ort_outputs(session, images)
-        max_diff = float(np.abs(torch_out[0] - onnx_out[0]).max())
+        max_diff = max_abs_diff(torch_out[0], onnx_out[0])
         agreement = _set_agreement(torch_out[0], onnx_out[0], targets.limits)
         record = {
             "images": len(images),
@@ -115,7 +115,7 @@ class MultiLabelExport(TaskExport):
             "drop": fp32 - int8,
             "decision_agreement": _decision_agreement(reference[0], got[0], targets.limits),
             "label_set_agreement": _set_agreement(reference[0], got[0], targets.limits),
-            "max_abs_prob_diff": float(np.abs(got[0] - reference[0]).max()),
+            "max_abs_prob_diff": max_abs_diff(got[0], reference[0]),
             **_novelty_diff(reference, got),
         }
 
@@ -131,7 +131,7 @@ class MultiLabelExport(TaskExport):
             "decision_agreement": agreement,
             "label_set_agreement": _set_agreement(reference[0], got[0], targets.limits),
             "map_drop": drop,
-            "max_abs_prob_diff": float(np.abs(reference[0] - got[0]).max()),
+            "max_abs_prob_diff": max_abs_diff(reference[0], got[0]),
             **_novelty_diff(reference, got),
         }
         novelty_ok = gate.get("novelty_max_abs_diff", 0.0) <= NOVELTY_TOLERANCE

@@ -292,7 +292,7 @@ def test_the_check_images_hold_a_quarter_of_the_memory_and_give_the_models_input
     assert images.pixels.dtype == np.uint8 and images.pixels.nbytes == len(paths) * 3 * 96 * 96
     assert images.batch_size == (8 * 224 * 224) // (96 * 96) == 43  # the pixels of 8 images of 224 px
     detector = PreprocessSpec(input_size=512, resize=512, fit="pad")  # its activations bound the export's memory
-    assert batch_for(detector, CHECK_BATCH_PIXELS) == 1 and batch_for(detector, CALIBRATION_BATCH_PIXELS) == 3
+    assert batch_for(detector, CHECK_BATCH_PIXELS) == 1 and batch_for(detector, CALIBRATION_BATCH_PIXELS) == 1
     images.batch_size = 4
     sizes: list = []
     expected = list(load_batches(paths, spec, 4, sizes))
@@ -300,6 +300,32 @@ def test_the_check_images_hold_a_quarter_of_the_memory_and_give_the_models_input
     assert [b.dtype for b in got] == [np.float32] * 3 and len(got) == len(expected)
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
     assert images.sizes == sizes and sizes[-1] == (1536, 2048)  # the EXIF rotation counted
+
+
+def test_the_int8_file_is_the_same_whatever_the_calibrations_batches(tiny_bundle, tiny_run, tmp_path, monkeypatch):
+    """The calibration runs a few images at a time to bound its memory (CALIBRATION_BATCH_PIXELS): its ranges, the
+    minimum and maximum of each activation over all the images, and so every scale and zero point of the int8 file,
+    are those of one batch of all of them, but for the last bit a convolution kernel may round differently with
+    the batch (here: one scale of the tiny network by one ulp; on the hymenoptera MobileNetV2, none)."""
+    from onnx import numpy_helper
+
+    from headstart import onnx_io
+
+    run = load_run(tiny_run)
+    train = [Path(p) for p, *_ in json.loads((tiny_run / "splits.json").read_text())["train"]]
+    fp32, files = tiny_bundle.bundle_dir / "model.onnx", []
+    for images in (1, len(train)):
+        monkeypatch.setattr(onnx_io, "CALIBRATION_BATCH_PIXELS", images * run.spec.input_size**2)
+        files.append(tmp_path / f"int8-{images}.onnx")
+        onnx_io.quantize_int8(fp32, files[-1], train, run.spec)
+    one, all_at_once = ({i.name: numpy_helper.to_array(i) for i in onnx.load(f).graph.initializer} for f in files)
+    assert one.keys() == all_at_once.keys() and any(k.endswith("_scale") for k in one)
+    for name, a in one.items():
+        b = all_at_once[name]
+        if np.issubdtype(a.dtype, np.floating):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=0, err_msg=name)
+        else:  # zero points, int8 weights: the same; an int32 bias (scaled by the input's scale) within one step
+            assert np.abs(a.astype(np.int64) - b).max(initial=0) <= (1 if a.dtype == np.int32 else 0), name
 
 
 @pytest.mark.slow

@@ -3,11 +3,12 @@ original-image pixels, with the service's own decoding and NMS; and the detector
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from headstart.plots import image_grid, pyplot, save_figure
@@ -109,13 +110,20 @@ def decode_head(
 
 @torch.inference_mode()
 def evaluate_detector(
-    model: Model, samples: list[DetSample], batch_size: int = 16, decode=None
+    model: Model,
+    samples: list[DetSample],
+    batch_size: int | None = None,
+    decode: Callable[[str | Path], Image.Image] | None = None,
 ) -> tuple[dict, list[dict], list[dict]]:
     """mAP of a detector (a run's, :class:`training.predict.RunModel`, or a bundle's on its runtime) on samples
     (images preprocessed as the service does; ``decode`` as :func:`service.ahead.load_batches`); returns metrics,
-    predictions, truth."""
+    predictions, truth. ``batch_size`` images go through the model at once; by default as many pixels as an export's
+    checks run (:data:`training.onnx_io.CHECK_BATCH_PIXELS`: one image of 512 px; 16 had taken 0.3 GB more)."""
+    from headstart.onnx_io import CHECK_BATCH_PIXELS, batch_for
+
     sizes: list[tuple[int, int]] = []
-    outputs = outputs_of_files(model.run, [s.path for s in samples], model.spec, batch_size, sizes, decode)
+    batch = batch_size or batch_for(model.spec, CHECK_BATCH_PIXELS)
+    outputs = outputs_of_files(model.run, [s.path for s in samples], model.spec, batch, sizes, decode)
     named = dict(zip(model.output_names, outputs, strict=True))
     preds = predictions_in_pixels(named["boxes"], named["scores"], sizes, model.spec)
     truth = ground_truth_in_pixels(samples, sizes)

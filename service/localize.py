@@ -113,25 +113,59 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, limit: int | None = None) -> np.ndarray:
-    """Indices kept by per-class non-maximum suppression, best score first; at most ``limit`` (the same first
-    ``limit`` as without it, found without comparing the rest: an untrained detector's 400,000 candidates at
-    conf 0.001 would otherwise take minutes)."""
-    order = np.argsort(-scores, kind="stable")
+    """Indices kept by per-class non-maximum suppression, best score first (ties: the lower index first); at most
+    ``limit``, the same first ``limit`` as without it.
+
+    Greedy, in score order: a candidate not suppressed is kept and suppresses the later ones of its class that
+    overlap it by more than ``iou``. A candidate's fate depends only on the boxes kept before it, so with a
+    ``limit`` the candidates are taken best first a few times ``limit`` at a time (a partition, not a sort of them
+    all: an untrained detector has 400,000 candidates at conf 0.001), each group first held against the boxes kept
+    so far. Each kept box is compared with the rest of its own class only."""
+    if limit is None:
+        return np.asarray(_greedy(np.argsort(-scores, kind="stable"), boxes, classes, iou, None), dtype=np.int64)
     keep: list[int] = []
-    suppressed = np.zeros(len(order), bool)
-    for rank, i in enumerate(order):
-        if suppressed[rank]:
+    remaining = np.arange(len(scores))
+    group = 8 * limit
+    while len(remaining) and len(keep) < limit:
+        if len(remaining) > group:
+            left = scores[remaining]
+            cut = np.partition(left, len(left) - group)[len(left) - group]  # the group-th best score
+            taken = left >= cut  # ties with it too: every later candidate scores less
+            best, remaining = remaining[taken], remaining[~taken]
+        else:
+            best, remaining = remaining, remaining[:0]
+        best = best[np.argsort(-scores[best], kind="stable")]
+        alive = np.ones(len(best), bool)
+        for k in keep:
+            same = alive & (classes[best] == classes[k])
+            if same.any():
+                alive[same] = box_iou(boxes[k], boxes[best[same]]) <= iou
+        keep += _greedy(best[alive], boxes, classes, iou, limit - len(keep))
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _greedy(order: np.ndarray, boxes: np.ndarray, classes: np.ndarray, iou: float, limit: int | None) -> list[int]:
+    """:func:`nms` over the candidates ``order`` (best first): each kept box compared with the rest of its own class
+    only (each class's candidates held together, in ``order``'s order); with 80 classes, about 80 times fewer
+    comparisons than with every remaining candidate."""
+    grouping = np.argsort(classes[order], kind="stable")
+    by_class = order[grouping]
+    sorted_classes = classes[by_class]
+    class_end = np.searchsorted(sorted_classes, sorted_classes, side="right")  # where each one's class ends
+    place = np.empty(len(order), np.int64)
+    place[grouping] = np.arange(len(order))  # order[j] is by_class[place[j]]
+    keep: list[int] = []
+    suppressed = np.zeros(len(order), bool)  # by place in by_class
+    for at, i in zip(place, order, strict=True):
+        if suppressed[at]:
             continue
         keep.append(int(i))
         if limit is not None and len(keep) >= limit:
             break
-        rest = order[rank + 1 :]
-        same = classes[rest] == classes[i]
-        overlap = np.zeros(len(rest), bool)
-        if same.any():
-            overlap[same] = box_iou(boxes[i], boxes[rest[same]]) > iou
-        suppressed[rank + 1 :] |= overlap
-    return np.asarray(keep, dtype=np.int64)
+        end = class_end[at]
+        if end > at + 1:
+            suppressed[at + 1 : end] |= box_iou(boxes[i], boxes[by_class[at + 1 : end]]) > iou
+    return keep
 
 
 def _upsample(grid: np.ndarray, factor: int) -> np.ndarray:

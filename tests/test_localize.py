@@ -85,6 +85,51 @@ def test_nms_with_a_limit_keeps_the_same_first_boxes():
         assert nms(boxes, scores, classes, iou=0.5, limit=limit).tolist() == full[:limit].tolist()
 
 
+def _greedy_nms(boxes, scores, classes, iou):
+    """Non-maximum suppression as defined: in score order, keep what is not suppressed, suppress the later boxes
+    of the same class that overlap it by more than ``iou``."""
+    order, keep, suppressed = np.argsort(-scores, kind="stable"), [], np.zeros(len(scores), bool)
+    for rank, i in enumerate(order):
+        if suppressed[i]:
+            continue
+        keep.append(int(i))
+        later = order[rank + 1 :]
+        suppressed[later] |= (classes[later] == classes[i]) & (box_iou(boxes[i], boxes[later]) > iou)
+    return keep
+
+
+@pytest.mark.parametrize("num_classes", [1, 3, 80])
+def test_nms_keeps_what_greedy_suppression_by_definition_keeps(num_classes):
+    """Comparing each kept box with its own class only, and with a limit taking the candidates best first a group at
+    a time (the evaluation's NMS took 63% of `headstart evaluate` on a coco128 detector), keeps the same boxes in the
+    same order as the definition, ties in score included."""
+    rng = np.random.default_rng(num_classes)
+    xy = rng.uniform(0, 300, (1500, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 80, (1500, 2))], 1)
+    scores = rng.choice(np.linspace(0.01, 1, 200), 1500)  # ties
+    classes = rng.integers(0, num_classes, 1500)
+    for iou in (0.3, 0.6):
+        expected = _greedy_nms(boxes, scores, classes, iou)
+        assert nms(boxes, scores, classes, iou).tolist() == expected
+        for limit in (1, 5, 50, 10**6):  # taken a few times the limit at a time: one group, several, all
+            assert nms(boxes, scores, classes, iou, limit=limit).tolist() == expected[:limit]
+    assert nms(boxes[:0], scores[:0], classes[:0], 0.5).tolist() == []
+
+
+def test_nms_with_a_limit_looks_past_groups_of_suppressed_candidates():
+    """15 clusters of 200 near-identical boxes, each cluster's scores above the next's: a group of the best
+    candidates keeps one box, and the next groups are held against the boxes kept before them."""
+    rng = np.random.default_rng(0)
+    corners = np.repeat(rng.uniform(0, 1000, (15, 2)), 200, axis=0) + rng.uniform(0, 2, (3000, 2))
+    boxes = np.concatenate([corners, corners + 50], 1)
+    scores = np.linspace(1, 0.01, 3000)
+    classes = np.repeat(rng.integers(0, 2, 15), 200)
+    expected = _greedy_nms(boxes, scores, classes, 0.5)
+    assert len(expected) == 15
+    for limit in (1, 5, 15, 20):
+        assert nms(boxes, scores, classes, 0.5, limit=limit).tolist() == expected[:limit]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -328,6 +328,36 @@ def test_the_int8_file_is_the_same_whatever_the_calibrations_batches(tiny_bundle
             assert np.abs(a.astype(np.int64) - b).max(initial=0) <= (1 if a.dtype == np.int32 else 0), name
 
 
+def test_max_abs_diff_is_numpys_taken_a_few_images_at_a_time():
+    from headstart.onnx_io import max_abs_diff
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(37, 5, 3)).astype(np.float32), rng.normal(size=(37, 5, 3)).astype(np.float32)
+    assert max_abs_diff(a, b, rows=4) == float(np.abs(a - b).max()) and max_abs_diff(a[:0], b[:0]) == 0.0
+    b[-1, 0, 0] = np.nan  # in the last group: still NaN, which no tolerance passes
+    assert np.isnan(max_abs_diff(a, b, rows=4))
+    with pytest.raises(ValueError, match="different shapes"):
+        max_abs_diff(a, b[:, :4])
+
+
+def test_an_export_whose_onnx_file_gives_nan_is_refused(tiny_run, tmp_path, monkeypatch):
+    """A NaN in ONNX Runtime's outputs (here the novelty score of one image) is no difference within a tolerance:
+    the export fails and writes nothing."""
+    from headstart.tasks.classify import export as classify_export
+
+    real = classify_export.ort_outputs
+
+    def with_nan(session, images):
+        outputs = real(session, images)
+        outputs[-1][0] = np.nan
+        return outputs
+
+    monkeypatch.setattr(classify_export, "ort_outputs", with_nan)
+    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+        export_bundle(tiny_run, tmp_path / "b", store=False)
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.slow
 def test_int8_on_shared_mobilenet_keeps_accuracy(hymenoptera_bundle, hymenoptera_run):
     result = hymenoptera_bundle

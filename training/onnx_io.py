@@ -141,7 +141,8 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray, rows: int = 16) -> float:
     for 200 images of 512 px are 344 MB, and ``np.abs(a - b)`` would allocate twice that again."""
     if a.shape != b.shape:
         raise ValueError(f"outputs of different shapes: {a.shape} and {b.shape}")
-    return max((float(np.abs(a[i : i + rows] - b[i : i + rows]).max()) for i in range(0, len(a), rows)), default=0.0)
+    parts = [np.abs(a[i : i + rows] - b[i : i + rows]).max(initial=0.0) for i in range(0, len(a), rows)]
+    return float(np.max(parts, initial=0.0))  # a NaN anywhere stays NaN, as np.abs(a - b).max() gives
 
 
 @dataclass

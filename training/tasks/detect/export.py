@@ -54,8 +54,10 @@ class DetectExport(TaskExport):
             {k: f"{v:.2e}" for k, v in diffs.items()},
             100 * agreement,
         )
-        # boxes are in input pixels (0.05 px is invisible); scores and probabilities are probabilities
-        if agreement < 1.0 or diffs["scores"] > 1e-3 or diffs["probabilities"] > 1e-3 or diffs["boxes"] > 0.05:
+        # boxes are in input pixels (0.05 px is invisible); scores and probabilities are probabilities; NaN fails
+        if not (
+            agreement == 1.0 and diffs["scores"] <= 1e-3 and diffs["probabilities"] <= 1e-3 and diffs["boxes"] <= 0.05
+        ):
             raise ExportError(
                 f"ONNX Runtime disagrees with PyTorch (max differences {diffs}, top-1 agreement {agreement:.2%}); "
                 "the export is not trustworthy and was not written."

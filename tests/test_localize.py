@@ -111,7 +111,7 @@ def test_nms_keeps_what_greedy_suppression_by_definition_keeps(num_classes):
     for iou in (0.3, 0.6):
         expected = _greedy_nms(boxes, scores, classes, iou)
         assert nms(boxes, scores, classes, iou).tolist() == expected
-        for limit in (1, 5, 50, 10**6):  # taken a few times the limit at a time: one group, several, all
+        for limit in (1, 5, 50, 10**6):  # one group of the best (ties at the cut too), or all of them
             assert nms(boxes, scores, classes, iou, limit=limit).tolist() == expected[:limit]
     assert nms(boxes[:0], scores[:0], classes[:0], 0.5).tolist() == []
 

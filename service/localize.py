@@ -135,9 +135,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, 
         else:
             best, remaining = remaining, remaining[:0]
         best = best[np.argsort(-scores[best], kind="stable")]
-        alive = np.ones(len(best), bool)
+        alive, best_classes = np.ones(len(best), bool), classes[best]
         for k in keep:
-            same = alive & (classes[best] == classes[k])
+            same = alive & (best_classes == classes[k])
             if same.any():
                 alive[same] = box_iou(boxes[k], boxes[best[same]]) <= iou
         keep += _greedy(best[alive], boxes, classes, iou, limit - len(keep))

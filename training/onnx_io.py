@@ -158,20 +158,21 @@ class CheckImages:
     paths: list[Path]
     pixels: np.ndarray
     sizes: list[tuple[int, int]]
-    batch_size: int = 8
+    batch_size: int  # images a check runs at once: :data:`CHECK_BATCH_PIXELS`
 
     @classmethod
     def load(cls, paths: Sequence[Path], spec: PreprocessSpec) -> CheckImages:
-        """``paths`` decoded and preprocessed as the service does (on threads ahead: :func:`load_batches`)."""
+        """``paths`` decoded and preprocessed as the service does (on threads ahead: :func:`load_batches`), as many
+        at a time as a check runs."""
         pixels = np.empty((len(paths), 3, spec.input_size, spec.input_size), np.uint8)
         sizes: list[tuple[int, int]] = []
-        done = 0
-        for batch in load_batches(paths, spec, 32, sizes):
+        batch_size, done = batch_for(spec, CHECK_BATCH_PIXELS), 0
+        for batch in load_batches(paths, spec, batch_size, sizes):
             pixels[done : done + len(batch)] = batch
             if not np.array_equal(pixels[done : done + len(batch)], batch):  # the contract, not assumed
                 raise ValueError("the preprocessing gave pixels that are not whole values in [0, 255]")
             done += len(batch)
-        return cls(list(paths), pixels, sizes, batch_for(spec, CHECK_BATCH_PIXELS))
+        return cls(list(paths), pixels, sizes, batch_size)
 
     def __len__(self) -> int:
         return len(self.paths)

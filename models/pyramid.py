@@ -169,7 +169,8 @@ class PyramidHead(nn.Module):
     def forward(self, maps: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
         if isinstance(maps, torch.Tensor):
             maps = self.split(maps)
-        x = [lat(m.float()) for lat, m in zip(self.lateral, maps, strict=True)]
+        # bf16 maps come from training under autocast, which would cast float32 ones to bf16 anyway
+        x = [lat(m if m.dtype == torch.bfloat16 else m.float()) for lat, m in zip(self.lateral, maps, strict=True)]
         for i in range(len(x) - 2, -1, -1):  # top-down: coarse semantics into fine maps
             x[i] = self.top_down[i](x[i] + F.interpolate(x[i + 1], size=x[i].shape[-2:], mode="nearest"))
         for i in range(1, len(x)):  # bottom-up: fine localisation into coarse maps
@@ -200,8 +201,9 @@ class PyramidHead(nn.Module):
         size = self.cfg.input_size
         if input_size is not None and input_size != size:
             raise ValueError(f"This head was trained at input size {size}, not {input_size}.")
-        centres, strides = self.points(raw[0].device, raw[0].dtype)
-        flat = torch.cat(raw, 1)
-        dist = F.softplus(flat[..., :4]) * strides[None, :, None]
+        flat = torch.cat(raw, 1)  # in the head's dtype (bf16 under autocast), then float32 split, not sliced
+        distances, scores = (part.float() for part in flat.split([4, flat.shape[-1] - 4], -1))
+        centres, strides = self.points(flat.device)
+        dist = F.softplus(distances) * strides[None, :, None]
         boxes = torch.cat([centres - dist[..., :2], centres + dist[..., 2:]], -1).clamp(0, size)
-        return boxes, flat[..., 4:] if logits else torch.sigmoid(flat[..., 4:])
+        return boxes, scores if logits else torch.sigmoid(scores)

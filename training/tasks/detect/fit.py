@@ -121,11 +121,14 @@ def fit_pyramid(job: Job, head_cfg: PyramidHeadConfig) -> PyramidHead:
     head = PyramidHead(head_cfg).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+    # the cached float16 maps go straight to what the first convolutions take (bf16 under autocast): one copy
+    dtype = torch.bfloat16 if job.bf16 else torch.float32
+
     def step(idx: torch.Tensor, epoch: int) -> dict:
         idx = idx.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16) if job.bf16 else contextlib.nullcontext():
-            raw = head([m.contiguous(memory_format=torch.channels_last) for m in head.split(flat[idx].float())])
-        boxes, logits = head.decode([r.float() for r in raw], logits=True)
+            raw = head([m.to(dtype, memory_format=torch.channels_last) for m in head.split(flat[idx])])
+        boxes, logits = head.decode(raw, logits=True)
         loss, parts = pyramid_loss(boxes, logits, tcls[idx], tbox[idx])
         return {"train_loss": optimizer_step(opt, loss) * len(idx), **{k: v * len(idx) for k, v in parts.items()}}
 

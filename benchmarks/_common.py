@@ -8,11 +8,36 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HEADSTART_SHARED", ROOT.parent / "shared"))
+MOBILENET = SHARED / "weights" / "mobilenet_v2_imagenet.pth"
+
+
+def train_args(data: str | Path, out: str | Path, cache: str | Path) -> list[str]:
+    """`headstart train`'s arguments as the README's main jobs give them (the shared MobileNetV2)."""
+    args = ["train", str(data), "--out", str(out), "--cache-dir", str(cache)]
+    return [*args, "--backbone", "torchvision:mobilenet_v2", "--weights", str(MOBILENET), "--no-progress"]
+
+
+def run_headstart(args: list[str], where: dict | None = None) -> tuple[float, float, bytes]:
+    """`headstart ARGS` in a new process (``where``: :func:`code_of`'s, the code of another commit): wall seconds,
+    peak resident MB and its stdout. The peak is that process's own (``os.wait4``'s ``ru_maxrss``), not the largest
+    of every child so far. A failure raises with the end of its stderr."""
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        started = time.perf_counter()
+        child = subprocess.Popen(
+            [sys.executable, "-m", "headstart", *args], **(where or {}), stdout=stdout, stderr=stderr
+        )
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - started
+        stdout.seek(0), stderr.seek(0)
+        if os.waitstatus_to_exitcode(status):
+            raise RuntimeError(f"headstart {args[0]} failed: {stderr.read().decode(errors='replace')[-3000:]}")
+        return seconds, usage.ru_maxrss / 1024, stdout.read()
 
 
 def train_hymenoptera(out: str | Path, **options) -> Path:
@@ -24,7 +49,7 @@ def train_hymenoptera(out: str | Path, **options) -> Path:
         data_dir=str(SHARED / "data" / "hymenoptera"),
         out=str(out),
         backbone="torchvision:mobilenet_v2",
-        weights=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"),
+        weights=str(MOBILENET),
         progress=False,
         **options,
     )

@@ -19,41 +19,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import SHARED, check_idle, code_of, machine_line
+from _common import SHARED, check_idle, code_of, machine_line, run_headstart, train_args
 
 COCO128 = SHARED / "data" / "coco128"
-WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet.pth"
 
 
 def train(out: Path, cache: Path, extra: list[str], where: dict | None) -> dict:
     """One `headstart train` in a new process: wall seconds, peak resident MB and what metrics.json reports."""
-    args = [str(COCO128), "--out", str(out), "--cache-dir", str(cache), "--backbone", "torchvision:mobilenet_v2"]
-    args += ["--weights", str(WEIGHTS), "--no-progress", *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "headstart", "train", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        **(where or {}),
-    )
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"headstart train failed: {stderr.decode()[-2000:]}")
+    wall, peak, _ = run_headstart([*train_args(COCO128, out, cache), *extra], where)
     metrics = json.loads((out / "metrics.json").read_text())
     return {
         "wall": wall,
         "head": metrics["training"]["seconds"]["head"],
-        "peak_mb": usage.ru_maxrss / 1024,
+        "peak_mb": peak,
         "map50": metrics["map50"],
         "map50_95": metrics["map50_95"],
     }

@@ -12,31 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import check_idle, code_of, machine_line, train_hymenoptera
+from _common import check_idle, code_of, machine_line, run_headstart, train_hymenoptera
 
 
 def export_once(run: str, out: Path, int8: bool, where: dict | None) -> tuple[float, float, dict]:
-    """(wall seconds, peak resident MB, the printed JSON) of one `headstart export` in a new process: the peak is
-    that process's own (``os.wait4``'s ``ru_maxrss``), not the largest of every child so far."""
-    command = [sys.executable, "-m", "headstart", "export", run, "--out", str(out), "--no-store", "--json"]
-    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-        started = time.perf_counter()
-        child = subprocess.Popen(command + (["--int8"] if int8 else []), **(where or {}), stdout=stdout, stderr=stderr)
-        _, status, usage = os.wait4(child.pid, 0)
-        seconds = time.perf_counter() - started
-        child.returncode = os.waitstatus_to_exitcode(status)
-        stdout.seek(0), stderr.seek(0)
-        if child.returncode:
-            raise RuntimeError(f"export failed: {stderr.read().decode()[-2000:]}")
-        return seconds, usage.ru_maxrss / 1024, json.loads(stdout.read())
+    """(wall seconds, peak resident MB, the printed JSON) of one `headstart export` in a new process."""
+    args = ["export", run, "--out", str(out), "--no-store", "--json"] + (["--int8"] if int8 else [])
+    seconds, peak, stdout = run_headstart(args, where)
+    return seconds, peak, json.loads(stdout)
 
 
 def main() -> None:

@@ -27,14 +27,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
-from _common import SHARED, check_idle, code_of, machine_line
+from _common import SHARED, check_idle, code_of, machine_line, run_headstart, train_args
 
 HYMENOPTERA = SHARED / "data" / "hymenoptera"
-WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet.pth"
 SETS = ("hymenoptera", "jpeg-9mp", "heic-6mp")
 
 
@@ -65,20 +63,10 @@ def data_set(name: str, tmp: Path) -> Path:
     return heic_folder(tmp, {"train": 12, "val": 8})
 
 
-def train_args(data: Path, out: str | Path, cache: str | Path) -> list[str]:
-    """`headstart train`'s arguments as the README's main job gives them."""
-    args = ["train", str(data), "--out", str(out), "--cache-dir", str(cache)]
-    return [*args, "--backbone", "torchvision:mobilenet_v2", "--weights", str(WEIGHTS), "--no-progress"]
-
-
 def timed(args: list[str], out: Path, where: dict | None) -> tuple[float, dict]:
     """Wall seconds of `headstart ARGS` in a new process (``where``: the code of another commit), and the
     metrics.json it wrote into ``out``."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "headstart", *args], capture_output=True, text=True, **(where or {}))
-    wall = time.perf_counter() - start
-    if done.returncode:
-        raise RuntimeError(f"headstart {args[0]} failed: {done.stderr[-3000:]}")
+    wall, _, _ = run_headstart(args, where)
     return wall, json.loads((out / "metrics.json").read_text())
 
 

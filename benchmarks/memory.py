@@ -10,7 +10,9 @@ throughput, so the ratios are measured in one run on one machine:
   either each running the work itself under a lock (as BentoML's thread pool did) or handing it to one inference
   thread (what the service does now).
 
-    .venv/bin/python benchmarks/memory.py --model BUNDLE [--seconds 40]
+``--baseline REV`` runs each case with the code of commit REV as well, right after today's (``_common.code_of``).
+
+    .venv/bin/python benchmarks/memory.py --model BUNDLE [--seconds 40] [--cases arena,...] [--baseline REV]
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ import json
 import random
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import SHARED, check_idle, machine_line
+from _common import SHARED, check_idle, code_of, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg"))
+CASES = ("arena", "no-arena", "spread", "one-thread")
 
 
 def child(case: str, model: str, seconds: float) -> None:
@@ -102,32 +106,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="bundle directory or model-store tag")
     parser.add_argument("--seconds", type=float, default=40)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--baseline", metavar="REV", help="also run each case with the code of this commit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.model, args.seconds)
         return
+    cases = args.cases.split(",")
+    if not set(cases) <= set(CASES):
+        parser.error(f"--cases: choose from {', '.join(CASES)}")
     print(machine_line(torch=False))
     busy = check_idle()
     print(f"other CPU use before: {busy:.0%}; {args.seconds:.0f} s per case, RSS in MiB")
-    results = {}
-    for case in ("arena", "no-arena", "spread", "one-thread"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--model", args.model, "--seconds", str(args.seconds), "--child", case],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        results[case] = json.loads(out.strip().splitlines()[-1])
-        r = results[case]
-        curve = ", ".join(f"{t}s {m}" for t, m in r["samples"])
-        print(f"{case:<11} {r['images_per_s']:6.1f} img/s  RSS at start {r['start']}, then {curve}")
-    for a, b in (("arena", "no-arena"), ("one-thread", "spread")):
-        ra, rb = results[a], results[b]
-        print(
-            f"{a} / {b}: throughput {ra['images_per_s'] / rb['images_per_s']:.2f}x, final RSS "
-            f"{ra['samples'][-1][1] / rb['samples'][-1][1]:.2f}x"
-        )
+    model = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
+    with tempfile.TemporaryDirectory() as tmp:
+        who = {"": None, **({args.baseline: code_of(args.baseline, Path(tmp))} if args.baseline else {})}
+        results = {}
+        for case in cases:
+            for name, where in who.items():
+                command = [sys.executable, __file__, "--model", model, "--seconds", str(args.seconds), "--child", case]
+                out = subprocess.run(command, capture_output=True, text=True, check=True, **(where or {})).stdout
+                results[case, name] = r = json.loads(out.strip().splitlines()[-1])
+                curve = ", ".join(f"{t}s {m}" for t, m in r["samples"])
+                label = f"{case} ({name})" if name else case
+                print(f"{label:<11} {r['images_per_s']:6.1f} img/s  RSS at start {r['start']}, then {curve}")
+    pairs = [((a, ""), (b, "")) for a, b in (("arena", "no-arena"), ("one-thread", "spread"))]
+    pairs += [((case, ""), (case, args.baseline)) for case in dict.fromkeys(cases) if args.baseline]
+    for (a, name_a), (b, name_b) in pairs:
+        if (a, name_a) in results and (b, name_b) in results:
+            ra, rb = results[a, name_a], results[b, name_b]
+            print(
+                f"{a} / {b + (f' ({name_b})' if name_b else '')}: throughput "
+                f"{ra['images_per_s'] / rb['images_per_s']:.2f}x, final RSS "
+                f"{ra['samples'][-1][1] / rb['samples'][-1][1]:.2f}x"
+            )
 
 
 if __name__ == "__main__":

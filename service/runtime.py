@@ -32,6 +32,11 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32")
 #: a bundle's files: model.onnx, model.int8.onnx (export --int8)
 VARIANTS = ("fp32", "int8")
+#: The pixels a CPU runs through a model at once: 16 images of 224 px, 3 of 512 px (a detector's); a larger batch
+#: is run in even parts within it. On a CPU the throughput does not follow the batch past that, but the activations, and
+#: the arena ONNX Runtime keeps for the largest batch it saw, do: `headstart predict` of a 512 px detector peaked at
+#: 1.3 GB with 16 images at a time (benchmarks/RESULTS.md, "Prediction's memory"). A GPU takes the batch whole.
+RUN_PIXELS = 16 * 224 * 224
 
 
 class RuntimeUnavailable(HeadstartError, RuntimeError):
@@ -98,6 +103,23 @@ class Session:
     IN_FLIGHT = 2
 
     def run(self, names: list[str], pixels: np.ndarray) -> list[np.ndarray]:
+        """The outputs ``names`` for ``pixels`` (N, 3, S, S): on a CPU in as few parts as keep each within
+        :data:`RUN_PIXELS`, of even sizes (17 images of 224 px: 9 and 8, not 16 and 1), each output concatenated over
+        the parts."""
+        step = self.images_per_run(pixels)
+        if step >= len(pixels):
+            return self._run(names, pixels)
+        parts = [self._run(names, part) for part in np.array_split(pixels, -(-len(pixels) // step))]
+        return [np.concatenate(output) for output in zip(*parts, strict=True)]
+
+    def images_per_run(self, pixels: np.ndarray) -> int:
+        """How many of ``pixels``' images one run takes: :data:`RUN_PIXELS`' worth on a CPU (at least one), all of
+        them on a GPU or for an input that is not a batch of images (the runtime says what is wrong with it)."""
+        if self.device != "cpu" or pixels.ndim != 4:
+            return len(pixels)
+        return max(1, RUN_PIXELS // max(1, pixels.shape[2] * pixels.shape[3]))
+
+    def _run(self, names: list[str], pixels: np.ndarray) -> list[np.ndarray]:
         if self.runtime == "onnxruntime":
             return self.handle.run(names, {self.input_name: pixels})
         request, compiled = self.handle

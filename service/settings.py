@@ -96,7 +96,8 @@ class Settings:
     max_batch_size: int = setting(
         "HEADSTART_MAX_BATCH_SIZE",
         32,
-        "images BentoML's adaptive batching merges into one /classify_batch run",
+        "images BentoML's adaptive batching merges into one /classify_batch call (a CPU runs the model on at "
+        "most 16 images of 224 px at a time)",
         minimum=1,
     )
     max_latency_ms: int = setting(

@@ -257,6 +257,27 @@ def test_a_bundle_and_a_run_are_both_models(tiny_run, tiny_bundle):
     )
 
 
+def test_a_runs_model_computes_cpu_batch_pixels_at_a_time(tiny_run, monkeypatch):
+    """`predict RUN_DIR` runs the PyTorch model `CPU_BATCH_PIXELS` at a time (8 images of 224 px, 1 of a detector's
+    512), each output the parts' in order."""
+    import numpy as np
+
+    import headstart.predict as predict
+    from headstart.loaded_run import load_run
+
+    model = predict.RunModel(load_run(tiny_run))
+    size = model.spec.input_size
+    pixels = np.random.default_rng(0).random((5, 3, size, size), dtype=np.float32) * 255
+    whole = model.run(pixels)
+    seen, forward = [], model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda x: seen.append(len(x)) or forward(x))
+    monkeypatch.setattr(predict, "CPU_BATCH_PIXELS", 2 * size * size)
+    parts = model.run(pixels)
+    assert seen == [2, 2, 1]
+    for a, b in zip(parts, whole, strict=True):
+        assert a.shape == b.shape and np.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_help_and_the_train_command_line_import_no_torch():
     code = (
         "import sys\nfrom headstart.cli import build_parser\nbuild_parser().parse_args(['train', 'd', '--out', "

@@ -488,6 +488,35 @@ def test_started_inputs_give_what_run_gives_whatever_the_order_they_are_taken_in
         assert len(session._idle) == Session.IN_FLIGHT and not session._started
 
 
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_a_large_batch_runs_on_a_cpu_in_parts_of_run_pixels_and_whole_on_a_gpu(tiny_bundle, runtime, monkeypatch):
+    """A batch larger than `RUN_PIXELS` goes through the model in even parts (the activations, and ONNX Runtime's arena,
+    bounded by the pixels of a part), each output the parts' outputs in order; a GPU's session takes it whole."""
+    from headstart.service import runtime as runtimes
+
+    session = runtimes.open_session(tiny_bundle.bundle_dir / "model.onnx", runtime, "cpu")
+    names, size = session.output_names, tiny_bundle.manifest.preprocess.input_size
+    pixels = np.random.default_rng(0).random((7, 3, size, size), dtype=np.float32) * 255
+    whole = session.run(names, pixels)
+    calls, run = [], session._run
+    monkeypatch.setattr(session, "_run", lambda n, p: calls.append(len(p)) or run(n, p))
+    monkeypatch.setattr(runtimes, "RUN_PIXELS", 3 * size * size + size)  # three images and a bit: three at most
+    parts = session.run(names, pixels)
+    assert calls == [3, 2, 2]  # as few parts as fit, even
+    for k, output in enumerate(parts):
+        expected = np.concatenate([run(names, pixels[i:j])[k] for i, j in ((0, 3), (3, 5), (5, 7))])
+        assert output.shape == whole[k].shape and np.array_equal(output, expected)
+        assert np.allclose(output, whole[k], rtol=1e-4, atol=1e-5)  # the kernels may round a batch's last bits
+    calls.clear()
+    monkeypatch.setattr(runtimes, "RUN_PIXELS", 1)  # smaller than one image: one at a time, never none
+    session.run(names, pixels[:2])
+    assert calls == [1, 1]
+    calls.clear()
+    session.device = "cuda"
+    session.run(names, pixels)
+    assert calls == [7]
+
+
 def test_bf16_is_served_only_where_the_export_allowed_it(hymenoptera_bundle):
     import dataclasses
 

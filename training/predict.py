@@ -10,20 +10,22 @@ import numpy as np
 import torch
 
 from headstart.models import Classifier
+from headstart.onnx_io import batch_for
 from headstart.service.inference import outputs_of_batches, outputs_of_files
 from headstart.service.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
     from headstart.onnx_io import CheckImages
 
-#: images per forward pass of a torch model on CPU: the MobileNetV2 classifier computes 79.5 images/s at 8 and 31.4 at
-#: 32 (2-core AMD EPYC: at 32 its activations outgrow the caches), the same bits (benchmarks/RESULTS.md, "Export")
-CPU_BATCH = 8
+#: pixels per forward pass of a torch model on CPU, 8 images of 224 px (1 of 512 px, a detector's): the MobileNetV2
+#: classifier computes 79.5 images/s at 8 and 31.4 at 32 (2-core AMD EPYC: at 32 its activations outgrow the
+#: caches), the same bits (benchmarks/RESULTS.md, "Export")
+CPU_BATCH_PIXELS = 8 * 224 * 224
 
 
 @torch.inference_mode()
 def predict_paths(
-    model: Classifier, paths: Sequence[Path], spec: PreprocessSpec, batch_size: int = CPU_BATCH
+    model: Classifier, paths: Sequence[Path], spec: PreprocessSpec, batch_size: int | None = None
 ) -> np.ndarray:
     """Class probabilities (N, K) in fp32 for image files, preprocessed exactly as the service does."""
     model.eval()
@@ -34,7 +36,7 @@ def predict_paths(
     def probabilities(pixels: np.ndarray) -> list[np.ndarray]:
         return [torch.softmax(model.logits(torch.from_numpy(pixels).to(device)), dim=1).cpu().numpy()]
 
-    return outputs_of_files(probabilities, paths, spec, batch_size)[0]
+    return outputs_of_files(probabilities, paths, spec, batch_size or batch_for(spec, CPU_BATCH_PIXELS))[0]
 
 
 @torch.inference_mode()
@@ -65,7 +67,8 @@ class RunModel:
 
     @torch.inference_mode()
     def run(self, pixels: np.ndarray, names: Sequence[str] | None = None) -> list[np.ndarray]:
-        chunks = [pixels[i : i + CPU_BATCH] for i in range(0, len(pixels), CPU_BATCH)] or [pixels]
+        step = batch_for(self.spec, CPU_BATCH_PIXELS)
+        chunks = [pixels[i : i + step] for i in range(0, len(pixels), step)] or [pixels]
         parts = [self.model(torch.from_numpy(chunk)) for chunk in chunks]
         outputs = {name: torch.cat(part) for name, *part in zip(self.output_names, *parts, strict=True)}
         return [outputs[name].numpy() for name in names or self.output_names]

@@ -1,0 +1,90 @@
+"""`headstart predict` as a user runs it (a new process, `--json`), today's code against a baseline commit's in the
+same run, alternating: the wall time and the peak resident memory of each, and how far their answers differ.
+
+MODEL is what `headstart predict` takes (a bundle, a run directory or a model-store tag), IMAGES its images (files,
+folders, quoted globs); ``--localize`` asks for boxes as well (a detector's answers), ``--runtime`` names the runtime.
+``--baseline REV`` runs the same command with the code of commit REV (``_common.code_of``).
+
+    .venv/bin/python benchmarks/predict_memory.py MODEL IMAGES... [--localize] [--runtime R] [--baseline REV]
+        [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from _common import check_idle, code_of, machine_line, run_headstart
+
+
+def answers_of(stdout: bytes) -> dict[str, dict]:
+    """Each image's answer, by image name."""
+    lines = [json.loads(line) for line in stdout.decode().splitlines() if line.strip()]
+    return {a["image"]: a for a in lines}
+
+
+def differences(a: dict[str, dict], b: dict[str, dict]) -> str:
+    """How two runs' answers differ: the top labels that are not the same, the largest score difference, and the
+    detections' counts."""
+    if a.keys() != b.keys():
+        return f"different images answered ({len(a)} and {len(b)})"
+    top, score, boxes = 0, 0.0, 0
+    for name, x in a.items():
+        y = b[name]
+        px, py = x.get("predictions") or [], y.get("predictions") or []
+        top += bool(px and py and px[0]["label"] != py[0]["label"])
+        score = max([score, *(abs(p["score"] - q["score"]) for p, q in zip(px, py, strict=False))])
+        dx, dy = x.get("detections") or [], y.get("detections") or []
+        boxes += len(dx) != len(dy)
+        for p, q in zip(dx, dy, strict=False):
+            score = max(score, abs(p["confidence"] - q["confidence"]))
+    return f"{top} top labels differ, scores by at most {score:.2e}, {boxes} images with another number of boxes"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("images", nargs="+")
+    parser.add_argument("--localize", action="store_true")
+    parser.add_argument("--runtime", choices=("auto", "openvino", "onnxruntime"), default="auto")
+    parser.add_argument("--baseline", metavar="REV", help="also predict with the code of this commit")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(machine_line(torch=False))
+    check_idle()
+    # absolute paths: a baseline's process runs in the folder of its commit's files
+    model = args.model if not Path(args.model).exists() else os.path.abspath(args.model)
+    flags = ["--json", "--runtime", args.runtime] + (["--localize"] if args.localize else [])
+    command = ["predict", model, *map(os.path.abspath, args.images), *flags]
+    with tempfile.TemporaryDirectory() as tmp:
+        who = {"today": None, **({args.baseline: code_of(args.baseline, Path(tmp))} if args.baseline else {})}
+        walls: dict[str, list[float]] = {name: [] for name in who}
+        peaks: dict[str, list[float]] = {name: [] for name in who}
+        answers: dict[str, dict] = {}
+        for r in range(args.rounds):
+            for name, where in who.items():
+                seconds, peak, stdout = run_headstart(command, where)
+                walls[name].append(seconds)
+                peaks[name].append(peak)
+                answers[name] = answers_of(stdout)
+                print(f"round {r + 1}, {name}: {seconds:.1f} s, peak {peak:.0f} MB", flush=True)
+    images = len(answers["today"])
+    wall = {name: statistics.median(w) for name, w in walls.items()}
+    peak = {name: statistics.median(p) for name, p in peaks.items()}
+    print(f"`headstart predict MODEL IMAGES {' '.join(flags)}` on {images} images, medians over {args.rounds} rounds:")
+    for name in who:
+        print(f"  {name}: {wall[name]:.1f} s wall, peak resident memory {peak[name]:.0f} MB")
+    if args.baseline:
+        base = args.baseline
+        print(
+            f"today's code: {wall[base] / wall['today']:.2f}x as fast, {peak[base] / peak['today']:.2f}x less memory; "
+            f"answers against {base}: {differences(answers['today'], answers[base])}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -33,9 +33,10 @@ PRECISIONS = ("auto", "fp32")
 #: a bundle's files: model.onnx, model.int8.onnx (export --int8)
 VARIANTS = ("fp32", "int8")
 #: The pixels a CPU runs through a model at once: 16 images of 224 px, 3 of 512 px (a detector's); a larger batch
-#: is run in even parts within it. On a CPU the throughput does not follow the batch past that, but the activations, and
-#: the arena ONNX Runtime keeps for the largest batch it saw, do: `headstart predict` of a 512 px detector peaked at
-#: 1.3 GB with 16 images at a time (benchmarks/RESULTS.md, "Prediction's memory"). A GPU takes the batch whole.
+#: is run in even parts within it. On a CPU the throughput does not follow the batch past that, but the activations,
+#: and the arena ONNX Runtime keeps for the largest batch it ran, do: `headstart predict` of a 512 px detector, 16
+#: images a run, peaked at 0.92 GB on OpenVINO and 1.77 GB on ONNX Runtime, and at 0.44-0.47 GB so
+#: (benchmarks/RESULTS.md, "Prediction's memory"). A GPU takes the batch whole.
 RUN_PIXELS = 16 * 224 * 224
 
 

@@ -10,6 +10,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,26 @@ def code_of(rev: str, tmp: Path) -> dict:
     if any(not f.startswith(str(pkg)) for f in loaded.stdout.split()):
         raise RuntimeError(f"the code of {rev} is not what a process loads: {loaded.stdout.strip()}")
     return where
+
+
+def codes(baseline: str | None, tmp: Path) -> dict[str, dict | None]:
+    """The codes a benchmark compares, by name: "today" (this checkout, ``None``) and, given ``baseline``, that
+    commit's (:func:`code_of`'s subprocess arguments)."""
+    return {"today": None, **({baseline: code_of(baseline, Path(tmp))} if baseline else {})}
+
+
+def alternate_headstart(
+    rounds: int, who: dict[str, dict | None], args_of: Callable[[str, int], list[str]]
+) -> dict[str, list[tuple[float, float, bytes]]]:
+    """`headstart ARGS` with each code of ``who`` (:func:`codes`) in turn, ``rounds`` times (``args_of(name,
+    round)``: ARGS): each code's runs, :func:`run_headstart`'s (wall seconds, peak MB, stdout), a line printed each."""
+    runs: dict[str, list[tuple[float, float, bytes]]] = {name: [] for name in who}
+    for r in range(rounds):
+        for name, where in who.items():
+            seconds, peak, stdout = run_headstart(args_of(name, r), where)
+            runs[name].append((seconds, peak, stdout))
+            print(f"round {r + 1}, {name}: {seconds:.1f} s, peak {peak:.0f} MB", flush=True)
+    return runs
 
 
 def machine_line(torch: bool = True) -> str:

@@ -16,14 +16,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import check_idle, code_of, machine_line, run_headstart, train_hymenoptera
+from _common import alternate_headstart, check_idle, codes, machine_line, train_hymenoptera
 
 
-def export_once(run: str, out: Path, int8: bool, where: dict | None) -> tuple[float, float, dict]:
-    """(wall seconds, peak resident MB, the printed JSON) of one `headstart export` in a new process."""
-    args = ["export", run, "--out", str(out), "--no-store", "--json"] + (["--int8"] if int8 else [])
-    seconds, peak, stdout = run_headstart(args, where)
-    return seconds, peak, json.loads(stdout)
+def export_args(run: str, out: Path, int8: bool) -> list[str]:
+    """One `headstart export` of ``run`` into ``out``, printing its JSON."""
+    return ["export", run, "--out", str(out), "--no-store", "--json"] + (["--int8"] if int8 else [])
 
 
 def main() -> None:
@@ -38,17 +36,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         run = args.run or str(train_hymenoptera(tmp / "run"))
-        who = {"today": None, **({args.baseline: code_of(args.baseline, tmp)} if args.baseline else {})}
-        walls: dict[str, list[float]] = {name: [] for name in who}
-        peaks: dict[str, list[float]] = {name: [] for name in who}
-        figures: dict[str, dict] = {}
-        for r in range(args.rounds):
-            for name, where in who.items():
-                seconds, peak, printed = export_once(run, tmp / f"bundle-{name}-{r}", args.int8, where)
-                walls[name].append(seconds)
-                peaks[name].append(peak)
-                figures[name] = {"verification": printed["verification"], "int8": printed["int8"]}
-                print(f"round {r + 1}, {name}: {seconds:.1f} s, peak {peak:.0f} MB", flush=True)
+        runs = alternate_headstart(
+            args.rounds,
+            codes(args.baseline, tmp),
+            lambda name, r: export_args(run, tmp / f"bundle-{name}-{r}", args.int8),
+        )
+    walls = {name: [seconds for seconds, _, _ in done] for name, done in runs.items()}
+    peaks = {name: [peak for _, peak, _ in done] for name, done in runs.items()}
+    printed = {name: json.loads(done[-1][2]) for name, done in runs.items()}
+    figures = {name: {"verification": p["verification"], "int8": p["int8"]} for name, p in printed.items()}
     result = {name: round(statistics.median(w), 2) for name, w in walls.items()}
     line = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.items())
     if args.baseline:

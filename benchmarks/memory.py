@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import SHARED, check_idle, code_of, machine_line
+from _common import SHARED, check_idle, codes, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = sorted((SHARED / "data" / "hymenoptera" / "val").rglob("*.jpg"))
@@ -121,7 +121,7 @@ def main() -> None:
     print(f"other CPU use before: {busy:.0%}; {args.seconds:.0f} s per case, RSS in MiB")
     model = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
     with tempfile.TemporaryDirectory() as tmp:
-        who = {"": None, **({args.baseline: code_of(args.baseline, Path(tmp))} if args.baseline else {})}
+        who = codes(args.baseline, Path(tmp))
         results = {}
         for case in cases:
             for name, where in who.items():
@@ -129,15 +129,15 @@ def main() -> None:
                 out = subprocess.run(command, capture_output=True, text=True, check=True, **(where or {})).stdout
                 results[case, name] = r = json.loads(out.strip().splitlines()[-1])
                 curve = ", ".join(f"{t}s {m}" for t, m in r["samples"])
-                label = f"{case} ({name})" if name else case
+                label = f"{case} ({name})" if where else case
                 print(f"{label:<11} {r['images_per_s']:6.1f} img/s  RSS at start {r['start']}, then {curve}")
-    pairs = [((a, ""), (b, "")) for a, b in (("arena", "no-arena"), ("one-thread", "spread"))]
-    pairs += [((case, ""), (case, args.baseline)) for case in dict.fromkeys(cases) if args.baseline]
+    pairs = [((a, "today"), (b, "today")) for a, b in (("arena", "no-arena"), ("one-thread", "spread"))]
+    pairs += [((case, "today"), (case, args.baseline)) for case in dict.fromkeys(cases) if args.baseline]
     for (a, name_a), (b, name_b) in pairs:
         if (a, name_a) in results and (b, name_b) in results:
             ra, rb = results[a, name_a], results[b, name_b]
             print(
-                f"{a} / {b + (f' ({name_b})' if name_b else '')}: throughput "
+                f"{a} / {b + (f' ({name_b})' if name_b != 'today' else '')}: throughput "
                 f"{ra['images_per_s'] / rb['images_per_s']:.2f}x, final RSS "
                 f"{ra['samples'][-1][1] / rb['samples'][-1][1]:.2f}x"
             )

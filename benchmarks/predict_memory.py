@@ -18,7 +18,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import check_idle, code_of, machine_line, run_headstart
+from _common import alternate_headstart, check_idle, codes, machine_line
 
 
 def answers_of(stdout: bytes) -> dict[str, dict]:
@@ -61,22 +61,13 @@ def main() -> None:
     flags = ["--json", "--runtime", args.runtime] + (["--localize"] if args.localize else [])
     command = ["predict", model, *map(os.path.abspath, args.images), *flags]
     with tempfile.TemporaryDirectory() as tmp:
-        who = {"today": None, **({args.baseline: code_of(args.baseline, Path(tmp))} if args.baseline else {})}
-        walls: dict[str, list[float]] = {name: [] for name in who}
-        peaks: dict[str, list[float]] = {name: [] for name in who}
-        answers: dict[str, dict] = {}
-        for r in range(args.rounds):
-            for name, where in who.items():
-                seconds, peak, stdout = run_headstart(command, where)
-                walls[name].append(seconds)
-                peaks[name].append(peak)
-                answers[name] = answers_of(stdout)
-                print(f"round {r + 1}, {name}: {seconds:.1f} s, peak {peak:.0f} MB", flush=True)
+        runs = alternate_headstart(args.rounds, codes(args.baseline, Path(tmp)), lambda name, r: command)
+    wall = {name: statistics.median(seconds for seconds, _, _ in done) for name, done in runs.items()}
+    peak = {name: statistics.median(peak for _, peak, _ in done) for name, done in runs.items()}
+    answers = {name: answers_of(done[-1][2]) for name, done in runs.items()}
     images = len(answers["today"])
-    wall = {name: statistics.median(w) for name, w in walls.items()}
-    peak = {name: statistics.median(p) for name, p in peaks.items()}
     print(f"`headstart predict MODEL IMAGES {' '.join(flags)}` on {images} images, medians over {args.rounds} rounds:")
-    for name in who:
+    for name in runs:
         print(f"  {name}: {wall[name]:.1f} s wall, peak resident memory {peak[name]:.0f} MB")
     if args.baseline:
         base = args.baseline

@@ -589,6 +589,38 @@ def test_the_cli_prints_its_own_lines_not_the_libraries_chatter(tiny_run, tmp_pa
     assert any("unused nodes" in line for line in verbose) and len(quiet) < 20 < len(verbose)
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_verbose_shows_our_debug_and_the_libraries_info_by_name_never_their_debug(tmp_path, verbose):
+    """`headstart -v train` printed 400 lines, none of them headstart's: PIL's EXIF tags of every photo it decoded
+    and matplotlib's score of every font. With --verbose: our DEBUG lines, the libraries' INFO with their names."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: PIL reads the EXIF block (and logs each tag at DEBUG)
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "photo.jpg", exif=exif)
+    code = (
+        "import logging, sys\n"
+        "from headstart.cli import configure_logging\n"
+        "from headstart.service.preprocess import decode_image\n"
+        f"configure_logging({verbose})\n"
+        "img = decode_image(sys.argv[1])\n"
+        "logging.getLogger('headstart').debug('our phase took 1.0s')\n"
+        "logging.getLogger('headstart').info('our line %dx%d', *img.size)\n"
+        "logging.getLogger('onnxscript.rewriter').info('Applied 107 rules')\n"
+        "logging.getLogger('onnxscript.rewriter').warning('a warning')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "photo.jpg")], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    expected = ["our line 48x64"] + (["our phase took 1.0s", "[onnxscript.rewriter] Applied 107 rules"] * verbose)
+    expected += ["[onnxscript.rewriter] a warning" if verbose else "a warning"]
+    assert sorted(out.stderr.splitlines()) == sorted(expected)
+
+
 class _ScaledByBatch(torch.nn.Module):
     """Outputs that depend on the batch's size through a Python number: a trace would bake in its example's."""
 

@@ -427,7 +427,9 @@ def _cmd_cache(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headstart", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="headstart's debug lines and the libraries' INFO lines (named)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     verbs = (_add_train, _add_crossval, _add_evaluate, _add_predict, _add_predict_batch, _add_export, _add_serve)
     for add in (*verbs, _add_compare, _add_cache):
@@ -495,7 +497,9 @@ COMMANDS = {
 }
 
 
-#: Loggers whose INFO lines the CLI prints; other libraries' only from WARNING up (all of them with --verbose).
+#: Loggers whose INFO lines the CLI prints; other libraries' only from WARNING up. With --verbose: these from DEBUG,
+#: the others from INFO, named (the libraries' DEBUG lines stay out: a `headstart -v train` printed 400 of them, PIL's
+#: EXIF tags of every photo and matplotlib's scores of every font, and none of its own).
 OWN_LOGGERS = ("headstart", "training", "service", "models", "bentoml.headstart", "__main__")
 
 
@@ -503,17 +507,34 @@ def ours_or_warnings(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or record.name.startswith(OWN_LOGGERS)
 
 
+class NamingOthers(logging.Formatter):
+    """Our lines as they are; another library's with its logger's name in front (``[onnxscript] ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return line if record.name.startswith(OWN_LOGGERS) else f"[{record.name}] {line}"
+
+
+def configure_logging(verbose: bool) -> None:
+    """INFO up to stderr, other libraries' only from WARNING up; with ``verbose`` see :data:`OWN_LOGGERS`."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if verbose:
+            handler.setFormatter(NamingOthers("%(message)s"))
+        else:  # the libraries' INFO chatter (80 lines of ONNX rewriting per export) only with --verbose
+            handler.addFilter(ours_or_warnings)
+    for name in OWN_LOGGERS:  # NOTSET: the root's INFO (also where an earlier call in this process was verbose)
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.NOTSET)
+
+
 def main(argv: list[str] | None = None) -> int:
     from headstart.service import usage_reports
 
     usage_reports.turn_off(openvino_converter=True)  # a process of headstart's own: OpenVINO without its converter
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    configure_logging(args.verbose)
     if args.command in ("train", "crossval", "predict-batch") and not sys.stderr.isatty():
         args.progress = False  # bars redraw a terminal; in a log or a pipe each update would be a line of its own
-    if not args.verbose:  # the libraries' INFO chatter (80 lines of ONNX rewriting per export) only with --verbose
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(ours_or_warnings)
     from headstart.service.errors import HeadstartError  # torch-free: `headstart predict BUNDLE` never imports torch
 
     try:

@@ -61,8 +61,11 @@ def train(task: Task, cfg: RunConfig, report=None) -> Path:
     decoded = _check_decoding(task, cfg)
     report = task.scan(cfg, report, decoded=decoded)
     log.info("%s", report.format())
+    log.debug("data check and split: %.1fs since the start", time.perf_counter() - started)
 
+    t_backbone = time.perf_counter()
     backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights)
+    log.debug("backbone %s built in %.1fs", backbone.name, time.perf_counter() - t_backbone)
     backbone.freeze(0)
     spec = task.input_spec(cfg, backbone.preprocess)
     net = nn.Sequential(PixelNormalize(spec.mean, spec.std), task.feature_net(cfg, backbone)).eval()
@@ -82,11 +85,28 @@ def train(task: Task, cfg: RunConfig, report=None) -> Path:
         _extract(task, job, layout, recipe_key(aug))
         job.decoded = None  # what no pass took (features in the cache) is let go
         t_head = time.perf_counter()
+        log.debug(
+            "features of %d training images x %d views and %d validation images in %.1fs (%s)",
+            len(report.splits["train"]),
+            views,
+            len(report.splits["val"]),
+            t_head - t_features,
+            job.training_report.get("extractor", "torch"),
+        )
         head = task.fit(job, head_cfg)
         head.eval()
         seconds = {"features": t_head - t_features, "head": time.perf_counter() - t_head}
-        _finish(task, job, head, task.evaluate(job, head), seconds)
+        summary = job.training_report.get("head") or {}
+        log.debug("head in %.1fs: %s", seconds["head"], ", ".join(f"{k} {_brief(v)}" for k, v in summary.items()))
+        t_evaluate = time.perf_counter()
+        evaluation = task.evaluate(job, head)
+        log.debug("evaluation, plots and audit in %.1fs", time.perf_counter() - t_evaluate)
+        _finish(task, job, head, evaluation, seconds)
     return run_dir
+
+
+def _brief(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _check_decoding(task: Task, cfg: RunConfig) -> DecodedImages | None:

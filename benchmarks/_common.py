@@ -24,21 +24,44 @@ def train_args(data: str | Path, out: str | Path, cache: str | Path) -> list[str
     return [*args, "--backbone", "torchvision:mobilenet_v2", "--weights", str(MOBILENET), "--no-progress"]
 
 
-def run_headstart(args: list[str], where: dict | None = None) -> tuple[float, float, bytes]:
+def run_headstart(args: list[str], where: dict | None = None, tree: bool = False) -> tuple[float, float, bytes]:
     """`headstart ARGS` in a new process (``where``: :func:`code_of`'s, the code of another commit): wall seconds,
     peak resident MB and its stdout. The peak is that process's own (``os.wait4``'s ``ru_maxrss``), not the largest
-    of every child so far. A failure raises with the end of its stderr."""
+    of every child so far; with ``tree``, the largest sum of the resident memory of the process and all its
+    descendants (Ray's raylet and workers for `predict-batch`), read every 0.1 s (psutil). A failure raises with
+    the end of its stderr."""
     with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
         started = time.perf_counter()
         child = subprocess.Popen(
             [sys.executable, "-m", "headstart", *args], **(where or {}), stdout=stdout, stderr=stderr
         )
+        together = _tree_peak(child) if tree else 0
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - started
         stdout.seek(0), stderr.seek(0)
         if os.waitstatus_to_exitcode(status):
             raise RuntimeError(f"headstart {args[0]} failed: {stderr.read().decode(errors='replace')[-3000:]}")
-        return seconds, usage.ru_maxrss / 1024, stdout.read()
+        return seconds, max(usage.ru_maxrss * 1024, together) / 2**20, stdout.read()
+
+
+def _tree_peak(child: subprocess.Popen) -> int:
+    """The largest sum of resident bytes of ``child`` and its descendants, polled until it exits (not reaped)."""
+    import psutil
+
+    peak, root = 0, psutil.Process(child.pid)
+    while True:
+        try:
+            if root.status() == psutil.STATUS_ZOMBIE:
+                return peak
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return peak
+        total = 0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):  # gone meanwhile
+                total += proc.memory_info().rss
+        peak = max(peak, total)
+        time.sleep(0.1)
 
 
 def train_hymenoptera(out: str | Path, **options) -> Path:
@@ -90,14 +113,15 @@ def codes(baseline: str | None, tmp: Path) -> dict[str, dict | None]:
 
 
 def alternate_headstart(
-    rounds: int, who: dict[str, dict | None], args_of: Callable[[str, int], list[str]]
+    rounds: int, who: dict[str, dict | None], args_of: Callable[[str, int], list[str]], tree: bool = False
 ) -> dict[str, list[tuple[float, float, bytes]]]:
     """`headstart ARGS` with each code of ``who`` (:func:`codes`) in turn, ``rounds`` times (``args_of(name,
-    round)``: ARGS): each code's runs, :func:`run_headstart`'s (wall seconds, peak MB, stdout), a line printed each."""
+    round)``: ARGS): each code's runs, :func:`run_headstart`'s (wall seconds, peak MB, stdout; ``tree``: its
+    peak of all the processes together), a line printed each."""
     runs: dict[str, list[tuple[float, float, bytes]]] = {name: [] for name in who}
     for r in range(rounds):
         for name, where in who.items():
-            seconds, peak, stdout = run_headstart(args_of(name, r), where)
+            seconds, peak, stdout = run_headstart(args_of(name, r), where, tree)
             runs[name].append((seconds, peak, stdout))
             print(f"round {r + 1}, {name}: {seconds:.1f} s, peak {peak:.0f} MB", flush=True)
     return runs

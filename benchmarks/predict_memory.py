@@ -3,10 +3,13 @@ same run, alternating: the wall time and the peak resident memory of each, and h
 
 MODEL is what `headstart predict` takes (a bundle, a run directory or a model-store tag), IMAGES its images (files,
 folders, quoted globs); ``--localize`` asks for boxes as well (a detector's answers), ``--runtime`` names the runtime.
-``--baseline REV`` runs the same command with the code of commit REV (``_common.code_of``).
+``--baseline REV`` runs the same command with the code of commit REV (``_common.code_of``). ``--batch`` runs
+`headstart predict-batch MODEL IMAGE` instead (one folder, a glob or a list; a local Ray instance, its parquet
+parts read back for the answers), and the peak is that of all its processes together (the driver, Ray's own and
+its actors, polled every 0.1 s).
 
     .venv/bin/python benchmarks/predict_memory.py MODEL IMAGES... [--localize] [--runtime R] [--baseline REV]
-        [--rounds N]
+        [--rounds N] [--batch]
 """
 
 from __future__ import annotations
@@ -25,6 +28,20 @@ def answers_of(stdout: bytes) -> dict[str, dict]:
     """Each image's answer, by image name."""
     lines = [json.loads(line) for line in stdout.decode().splitlines() if line.strip()]
     return {a["image"]: a for a in lines}
+
+
+def batch_answers(out: Path) -> dict[str, dict]:
+    """Each image's answer in predict-batch's parquet parts, by image name, as `predict --json` gives it."""
+    import pyarrow.parquet as pq
+
+    answers = {}
+    for row in pq.read_table(out).to_pylist():
+        scores = zip(row["labels"] or [], row["scores"] or [], strict=True)
+        answers[Path(row["path"]).name] = {
+            "predictions": [{"label": label, "score": score} for label, score in scores],
+            "detections": json.loads(row["boxes"]) if row["boxes"] else [],
+        }
+    return answers
 
 
 def differences(a: dict[str, dict], b: dict[str, dict]) -> str:
@@ -53,22 +70,36 @@ def main() -> None:
     parser.add_argument("--runtime", choices=("auto", "openvino", "onnxruntime"), default="auto")
     parser.add_argument("--baseline", metavar="REV", help="also predict with the code of this commit")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", action="store_true", help="headstart predict-batch (one IMAGES source)")
     args = parser.parse_args()
+    if args.batch and len(args.images) != 1:
+        parser.error("--batch takes one IMAGES source (a folder, a quoted glob or a list)")
     print(machine_line(torch=False))
     check_idle()
     # absolute paths: a baseline's process runs in the folder of its commit's files
     model = args.model if not Path(args.model).exists() else os.path.abspath(args.model)
     flags = ["--json", "--runtime", args.runtime] + (["--localize"] if args.localize else [])
-    command = ["predict", model, *map(os.path.abspath, args.images), *flags]
+    verb = "predict-batch" if args.batch else "predict"
+    command = [verb, model, *map(os.path.abspath, args.images), *flags]
     with tempfile.TemporaryDirectory() as tmp:
-        runs = alternate_headstart(args.rounds, codes(args.baseline, Path(tmp)), lambda name, r: command)
+        tmp = Path(tmp)
+
+        def args_of(name: str, r: int) -> list[str]:
+            return [*command, "--out", str(tmp / f"out-{name}-{r}"), "--no-progress"] if args.batch else command
+
+        runs = alternate_headstart(args.rounds, codes(args.baseline, tmp), args_of, tree=args.batch)
+        last = args.rounds - 1
+        if args.batch:
+            answers = {name: batch_answers(tmp / f"out-{name}-{last}") for name in runs}
+        else:
+            answers = {name: answers_of(done[-1][2]) for name, done in runs.items()}
     wall = {name: statistics.median(seconds for seconds, _, _ in done) for name, done in runs.items()}
     peak = {name: statistics.median(peak for _, peak, _ in done) for name, done in runs.items()}
-    answers = {name: answers_of(done[-1][2]) for name, done in runs.items()}
     images = len(answers["today"])
-    print(f"`headstart predict MODEL IMAGES {' '.join(flags)}` on {images} images, medians over {args.rounds} rounds:")
+    what = "peak resident memory of all its processes together" if args.batch else "peak resident memory"
+    print(f"`headstart {verb} MODEL IMAGES {' '.join(flags)}` on {images} images, medians over {args.rounds} rounds:")
     for name in runs:
-        print(f"  {name}: {wall[name]:.1f} s wall, peak resident memory {peak[name]:.0f} MB")
+        print(f"  {name}: {wall[name]:.1f} s wall, {what} {peak[name]:.0f} MB")
     if args.baseline:
         base = args.baseline
         print(

@@ -31,13 +31,13 @@ def answers_of(stdout: bytes) -> dict[str, dict]:
 
 
 def batch_answers(out: Path) -> dict[str, dict]:
-    """Each image's answer in predict-batch's parquet parts, by image name, as `predict --json` gives it."""
+    """Each image's answer in predict-batch's parquet parts, by its path, as `predict --json` gives it."""
     import pyarrow.parquet as pq
 
     answers = {}
     for row in pq.read_table(out).to_pylist():
         scores = zip(row["labels"] or [], row["scores"] or [], strict=True)
-        answers[Path(row["path"]).name] = {
+        answers[row["path"]] = {
             "predictions": [{"label": label, "score": score} for label, score in scores],
             "detections": json.loads(row["boxes"]) if row["boxes"] else [],
         }

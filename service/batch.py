@@ -109,10 +109,13 @@ class Predictor:
         return type(cls.__name__, (cls,), {"__init__": lambda self: cls.__init__(self, model, options)})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        """One row per path of ``batch``. The images are answered as they are decoded, as many at a time as the
+        model runs at once (:attr:`Bundle.images_per_run`: 16 of 224 px, 3 of a detector's 512 px; a GPU's batch
+        whole), so an actor holds that many images' pixels whatever ``--batch-size`` asks: a 512 px detector's
+        actor held all 32 (656 MB; 785 MB at 64 a call), now 483 MB (474 at 64; benchmarks/RESULTS.md,
+        "Prediction's memory")."""
         from .ahead import in_order
-        from .inference import classify_arrays, top_k
-        from .localize import LocalizeParams, localize_images
-        from .preprocess import decode_for, preprocess
+        from .preprocess import decode_for
 
         def decoded(path):
             if str(path) in self.not_utf8:
@@ -120,6 +123,7 @@ class Predictor:
             return decode_for(read_bytes(str(path)), self.bundle.spec)
 
         rows, images, good = [], [], []
+        at_once = self.bundle.images_per_run or len(batch["path"])
         # decoded on as many threads as the actor has CPUs (PIL releases the GIL): one, in turn, by default here
         ahead = in_order(decoded, batch["path"], threads=self.options["threads"])
         for path, part, index, image in zip(batch["path"], batch["part"], batch["index"], ahead, strict=True):
@@ -139,26 +143,38 @@ class Predictor:
             }
             try:
                 images.append(image.result())
-                good.append(len(rows))
+                good.append(row)
             except Exception as exc:  # unreadable or not an image: the row says so, the job goes on
                 row["error"] = f"{type(exc).__name__}: {exc}"
             rows.append(row)
-        k, threshold = self.options["top_k"], self.options["novelty_threshold"]
-        if self.options["localize"] and images:
-            params = LocalizeParams(conf=self.options["conf"])
-            for i, result in zip(good, localize_images(self.bundle, images, params, threshold), strict=True):
-                preds = top_k(result["scores"], self.bundle.labels, k)
-                rows[i].update(boxes=json.dumps(result["detections"]), **_answer_columns(preds, result))
-        elif images:
-            answers = classify_arrays(self.bundle, [preprocess(img, self.bundle.spec) for img in images], k, threshold)
-            for i, answer in zip(good, answers, strict=True):
-                rows[i].update(_answer_columns(answer["predictions"], answer))
+            if len(images) == at_once:
+                self._answer(good, images)
+                images, good = [], []
+        if images:
+            self._answer(good, images)
         name, version, node = self.bundle.name, self.bundle.version, self.node
         return {key: [r[key] for r in rows] for key in rows[0]} | {
             "model": [name] * len(rows),
             "version": [version] * len(rows),
             "node": [node] * len(rows),
         }
+
+    def _answer(self, rows: list[dict], images: list) -> None:
+        """The answers of ``images`` into their ``rows``."""
+        from .inference import classify_arrays, top_k
+        from .localize import LocalizeParams, localize_images
+        from .preprocess import preprocess
+
+        k, threshold = self.options["top_k"], self.options["novelty_threshold"]
+        if self.options["localize"]:
+            params = LocalizeParams(conf=self.options["conf"])
+            for row, result in zip(rows, localize_images(self.bundle, images, params, threshold), strict=True):
+                preds = top_k(result["scores"], self.bundle.labels, k)
+                row.update(boxes=json.dumps(result["detections"]), **_answer_columns(preds, result))
+        else:
+            answers = classify_arrays(self.bundle, [preprocess(img, self.bundle.spec) for img in images], k, threshold)
+            for row, answer in zip(rows, answers, strict=True):
+                row.update(_answer_columns(answer["predictions"], answer))
 
 
 def _answer_columns(predictions: list[dict], answer: dict) -> dict:

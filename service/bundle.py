@@ -119,6 +119,12 @@ class Bundle:
     def providers(self) -> list[str]:
         return self.session.providers if self.session.runtime == "onnxruntime" else ["OpenVINO CPU"]
 
+    @property
+    def images_per_run(self) -> int | None:
+        """How many of its input images the model runs at once on a CPU (16 of 224 px, 3 of 512 px); None on a GPU,
+        which takes a batch whole (:meth:`Session.images_at <headstart.service.runtime.Session.images_at>`)."""
+        return self.session.images_at(self.spec.input_size**2)
+
     def run(self, pixels: np.ndarray, names: Sequence[str] | None = None) -> list[np.ndarray]:
         """pixels (N, 3, S, S) float32 in [0, 255] → the outputs ``names`` (default every output, in the manifest's
         order)."""

@@ -114,11 +114,18 @@ class Session:
         return [np.concatenate(output) for output in zip(*parts, strict=True)]
 
     def images_per_run(self, pixels: np.ndarray) -> int:
-        """How many of ``pixels``' images one run takes: :data:`RUN_PIXELS`' worth on a CPU (at least one), all of
-        them on a GPU or for an input that is not a batch of images (the runtime says what is wrong with it)."""
-        if self.device != "cpu" or pixels.ndim != 4:
+        """How many of ``pixels``' images one run takes: :meth:`images_at` their size, all of them on a GPU or for
+        an input that is not a batch of images (the runtime says what is wrong with it)."""
+        if pixels.ndim != 4:
             return len(pixels)
-        return max(1, RUN_PIXELS // max(1, pixels.shape[2] * pixels.shape[3]))
+        return self.images_at(pixels.shape[2] * pixels.shape[3]) or len(pixels)
+
+    def images_at(self, pixels_per_image: int) -> int | None:
+        """How many images of ``pixels_per_image`` one run takes on a CPU: :data:`RUN_PIXELS`' worth, at least one;
+        None on a GPU (a batch whole)."""
+        if self.device != "cpu":
+            return None
+        return max(1, RUN_PIXELS // max(1, pixels_per_image))
 
     def _run(self, names: list[str], pixels: np.ndarray) -> list[np.ndarray]:
         if self.runtime == "onnxruntime":

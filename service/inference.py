@@ -131,10 +131,17 @@ def classify_arrays(
     probs, novelty = scores_and_novelty(model, np.stack(arrays))
     limit = threshold_of(model, threshold)
     return [
-        {
-            "predictions": top_k(p, model.labels, k),
-            **(answer := open_set_answer(None if novelty is None else novelty[i], limit)),
-            "labels": present_labels(model, p, label_threshold, answer["unknown"]),
-        }
+        classified(model, p, open_set_answer(None if novelty is None else novelty[i], limit), k, label_threshold)
         for i, p in enumerate(probs)
     ]
+
+
+def classified(model: Model, probs: np.ndarray, answer: dict, k: int = 5, label_threshold: float | None = None) -> dict:
+    """One image's answer from its class probabilities and its open-set ``answer`` (:func:`open_set_answer`'s):
+    what :func:`classify_images` gives, also from a run that computed more (:func:`service.localize.localize_images`'
+    ``scores``)."""
+    return {
+        "predictions": top_k(probs, model.labels, k),
+        **{key: answer[key] for key in ("novelty", "novelty_threshold", "unknown")},
+        "labels": present_labels(model, probs, label_threshold, answer["unknown"]),
+    }

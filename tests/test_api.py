@@ -216,6 +216,28 @@ def test_answers_come_batch_by_batch_in_order_with_heatmaps_and_errors_in_their_
     assert not (tmp_path / "detector-maps").exists()
 
 
+def test_localize_runs_the_model_once_per_batch_for_the_boxes_and_the_classes(tiny_bundle, tmp_path):
+    """`headstart predict --localize` ran the model twice per image, once for the classes and once for the boxes
+    (4.65 s without, 7.75 s with, the coco128 detector): the run that gives the boxes gives the scores."""
+    rng = np.random.default_rng(5)
+    paths = [tmp_path / f"{k}.jpg" for k in range(5)]
+    for k, path in enumerate(paths):
+        synthetic_image(k % 2, rng).save(path)
+    model = headstart.load(tiny_bundle.bundle_dir)
+    runs, run = [], model.model.run
+    model.model.run = lambda pixels, names=None: runs.append(len(pixels)) or run(pixels, names)
+    located = model.predict(paths, top_k=2, localize=True, batch_size=2, label_threshold=0.3)
+    assert runs == [2, 2, 1]
+    runs.clear()
+    plain = model.predict(paths, top_k=2, batch_size=2, label_threshold=0.3)
+    assert runs == [2, 2, 1]
+    for a, b in zip(located, plain, strict=True):  # the same batches: the same scores, open-set answer, labels
+        assert a.detections is not None and b.detections is None
+        assert a.model_dump(include={"predictions", "novelty", "novelty_threshold", "unknown", "labels"}) == (
+            b.model_dump(include={"predictions", "novelty", "novelty_threshold", "unknown", "labels"})
+        )
+
+
 def test_importing_headstart_is_light_and_a_users_own_packages_do_not_shadow_it(tmp_path):
     """In a project folder with its own models/, service/ and training.py (on sys.path first, as `python` puts the
     working directory), headstart still imports its own; and `import headstart` alone imports no torch."""

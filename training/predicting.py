@@ -109,7 +109,7 @@ class LoadedModel:
         as it is decoded (ahead, on threads), so a long list of images is never held whole (`headstart predict`
         prints each line so)."""
         from headstart.service.ahead import in_order
-        from headstart.service.inference import classify_images
+        from headstart.service.inference import classified, classify_images
         from headstart.service.localize import DEFAULTS, LocalizeParams, localize_images
 
         params = LocalizeParams(conf=DEFAULTS.conf if conf is None else conf) if localize else None
@@ -119,10 +119,13 @@ class LoadedModel:
 
         def answered() -> Iterator[Answer]:
             pictures = [img for _, _, img in waiting if not isinstance(img, str)]
-            results = iter(classify_images(self.model, pictures, top_k, novelty_threshold, label_threshold))
-            boxes = iter(
-                localize_images(self.model, pictures, params, novelty_threshold) if params else [{}] * len(pictures)
-            )
+            if params:  # one run gives both the boxes and the class scores (it ran the model twice)
+                located = localize_images(self.model, pictures, params, novelty_threshold)
+                results = iter([classified(self.model, r["scores"], r, top_k, label_threshold) for r in located])
+                boxes = iter(located)
+            else:
+                results = iter(classify_images(self.model, pictures, top_k, novelty_threshold, label_threshold))
+                boxes = iter([{}] * len(pictures))
             for i, name, img in waiting:
                 if isinstance(img, str):
                     yield Answer(image=name, error=img)

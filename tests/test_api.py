@@ -263,6 +263,35 @@ def test_importing_headstart_is_light_and_a_users_own_packages_do_not_shadow_it(
     assert help_text.returncode == 0 and "predict-batch" in help_text.stdout, help_text.stderr[-2000:]
 
 
+def test_training_imports_albumentations_without_the_hugging_face_hub_and_the_recipes_stay_the_same():
+    """albumentations imports huggingface_hub (with httpx and trio: 0.4 s of each training run's start) only for
+    pushing pipelines to the Hub: headstart imports it without, and huggingface_hub stays importable (timm's weights).
+    The recipes (part of the feature cache's keys) are those of an albumentations that has the Hub."""
+    recipes = (
+        "from headstart.augment import recipe_key, recipe\n"
+        "from headstart.service.preprocess import PreprocessSpec\n"
+        "from headstart.tasks.classify.augment import build_augmentation as classify\n"
+        "from headstart.tasks.detect.augment import build_detection_augmentation as detect\n"
+        "spec = PreprocessSpec()\n"
+        "print(recipe_key(recipe('classify', 'heavy', classify('heavy', spec), spec)))\n"
+        "print(recipe_key(recipe('detect', 'heavy', detect('heavy', spec), spec)))\n"
+    )
+    without = (
+        "import sys\n"
+        "import headstart.engine\n"
+        "import albumentations.core.hub_mixin as hub\n"
+        "assert 'huggingface_hub' not in sys.modules and not hub.is_huggingface_hub_available\n"
+        "import huggingface_hub\n"
+        "assert huggingface_hub.hf_hub_download\n"
+    )
+    outs = [
+        subprocess.run([sys.executable, "-c", first + recipes], capture_output=True, text=True, timeout=300)
+        for first in (without, "import huggingface_hub\n")
+    ]
+    assert all(out.returncode == 0 for out in outs), [out.stderr[-3000:] for out in outs]
+    assert outs[0].stdout == outs[1].stdout and len(outs[0].stdout.splitlines()) == 2
+
+
 @pytest.mark.slow
 def test_serve_from_python_answers_over_http_and_stops(tiny_bundle, tmp_path):
     from headstart.service.devserver import free_port

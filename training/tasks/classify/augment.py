@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import albumentations as A
 import numpy as np
 from PIL import Image
 
-from headstart.augment import CV2_INTERPOLATION, check_preset, shrink_for_augmentation
+from headstart.augment import CV2_INTERPOLATION, A, check_preset, shrink_for_augmentation
 from headstart.service.preprocess import PreprocessSpec, preprocess
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import albumentations as A
 import cv2
 import numpy as np
 from PIL import Image
 
-from headstart.augment import CV2_INTERPOLATION, check_preset
+from headstart.augment import CV2_INTERPOLATION, A, check_preset
 from headstart.service.localize import geometry
 from headstart.service.preprocess import PAD_VALUE, PreprocessSpec, preprocess
 from headstart.tasks.detect.data import DetSample

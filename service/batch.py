@@ -161,25 +161,26 @@ class Predictor:
 
     def _answer(self, rows: list[dict], images: list) -> None:
         """The answers of ``images`` into their ``rows``."""
-        from .inference import classify_arrays, top_k
+        from .inference import classified, classify_arrays
         from .localize import LocalizeParams, localize_images
         from .preprocess import preprocess
 
         k, threshold = self.options["top_k"], self.options["novelty_threshold"]
-        if self.options["localize"]:
-            params = LocalizeParams(conf=self.options["conf"])
-            for row, result in zip(rows, localize_images(self.bundle, images, params, threshold), strict=True):
-                preds = top_k(result["scores"], self.bundle.labels, k)
-                row.update(boxes=json.dumps(result["detections"]), **_answer_columns(preds, result))
+        if self.options["localize"]:  # the run that gives the boxes gives the class scores
+            located = localize_images(self.bundle, images, LocalizeParams(conf=self.options["conf"]), threshold)
+            answers = [classified(self.bundle, result["scores"], result, k) for result in located]
+            for row, result in zip(rows, located, strict=True):
+                row["boxes"] = json.dumps(result["detections"])
         else:
             answers = classify_arrays(self.bundle, [preprocess(img, self.bundle.spec) for img in images], k, threshold)
-            for row, answer in zip(rows, answers, strict=True):
-                row.update(_answer_columns(answer["predictions"], answer))
+        for row, answer in zip(rows, answers, strict=True):
+            row.update(_answer_columns(answer))
 
 
-def _answer_columns(predictions: list[dict], answer: dict) -> dict:
-    """The columns of one answered image: its top-k labels and scores, a multi-label model's labels present,
-    novelty and "none of these"."""
+def _answer_columns(answer: dict) -> dict:
+    """The columns of one answered image (:func:`service.inference.classified`'s answer): its top-k labels and
+    scores, a multi-label model's labels present, novelty and "none of these"."""
+    predictions = answer["predictions"]
     return {
         "labels": [p["label"] for p in predictions],
         "scores": [p["score"] for p in predictions],

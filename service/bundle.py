@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .contract import ContractError, Manifest
+from .cpu import CpuInfo, cpu_info
 from .errors import HeadstartError
 from .preprocess import PreprocessSpec
 from .runtime import (
@@ -221,13 +222,19 @@ def verify_bundle(ref: str | Path) -> tuple[Path, Manifest]:
     return bundle_dir, manifest
 
 
-def served_precision(manifest: Manifest, variant: str, runtime: str, precision: str = "auto") -> tuple[str, str]:
+def served_precision(
+    manifest: Manifest, variant: str, runtime: str, precision: str = "auto", cpu: CpuInfo | None = None
+) -> tuple[str, str]:
     """(precision, why) a bundle's file is served in. OpenVINO's bf16 only where the export measured it on the
-    run's validation images and it passed (``manifest.runtimes``); ``precision="fp32"`` forces full precision."""
+    run's validation images and it passed (``manifest.runtimes``) and this CPU (``cpu``, default this machine's) has
+    bf16 units; ``precision="fp32"`` forces full precision."""
     if runtime != "openvino":
         return "fp32", "ONNX Runtime computes as the file says"
     if precision == "fp32":
         return "fp32", "fp32 asked for (HEADSTART_PRECISION=fp32)"
+    cpu = cpu or cpu_info()
+    if not cpu.has_bf16:
+        return "fp32", f"this CPU ({cpu.kind}) has no bf16 units (AMX or AVX-512 BF16); serving fp32"
     check = ((manifest.runtimes or {}).get(variant) or {}).get("openvino-bf16")
     if check is None:
         return "fp32", "bf16 was not measured for this bundle at export (re-export to measure it); serving fp32"
@@ -244,6 +251,18 @@ def served_precision(manifest: Manifest, variant: str, runtime: str, precision: 
             lost = f"{check.get('accuracy_drop', 0) * 100:.1f} accuracy points lost"
         return "fp32", f"bf16 failed the export's check ({agreement}, {lost}); serving fp32"
     return "bf16", f"bf16 passed the export's check ({agreement})"
+
+
+def int8_note(manifest: Manifest, cpu: CpuInfo | None = None) -> str:
+    """A warning where this CPU's int8 kernels saturate on the bundle's int8 file: one exported before int8 weights
+    were held to 7 bits (``manifest.int8["weight_bits"]``), served on an x86 CPU without VNNI; else ""."""
+    cpu = cpu or cpu_info()
+    if (manifest.int8 or {}).get("weight_bits", 8) <= 7 or not cpu.int8_saturates:
+        return ""
+    return (
+        f"this CPU ({cpu.kind}, no VNNI) saturates int8 sums on this file's 8-bit weights: its answers drift "
+        "further from the fp32 model's than on CPUs with VNNI; re-export with --int8 (7-bit weights) or serve fp32"
+    )
 
 
 def variant_file(bundle_dir: Path, manifest: Manifest, variant: str) -> str:
@@ -281,6 +300,9 @@ def load_bundle(
     try:
         runtime, device = choose_runtime(runtime, device)
         served, why = served_precision(manifest, variant, runtime, precision)
+        if variant == "int8" and (saturates := int8_note(manifest)):
+            log.warning("%s:%s: %s", manifest.name, manifest.version, saturates)
+            why = f"{why}; {saturates}"
         session = open_session(
             bundle_dir / filename,
             runtime,

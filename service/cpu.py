@@ -48,6 +48,13 @@ class CpuInfo:
         """Native bf16 units (AMX tiles or AVX-512 BF16), where bf16 convolutions pay."""
         return "AMX-BF16" in self.extensions or "AVX-512 BF16" in self.extensions
 
+    @property
+    def int8_saturates(self) -> bool:
+        """An x86 CPU without VNNI (AVX-512 VNNI, AVX-VNNI) or AMX-INT8: its int8 kernels sum uint8 x int8 products
+        pairwise in 16 bits (``vpmaddubsw``), which saturates on 8-bit weights; 7-bit weights never reach it."""
+        x86 = self.architecture in ("x86_64", "AMD64", "i686", "i386")
+        return x86 and not {"AMX-INT8", "AVX-512 VNNI", "AVX-VNNI"} & set(self.extensions)
+
     def summary(self) -> str:
         """One line for logs and benchmark headers: model, cores and the extensions that matter."""
         ids = f" (family {self.family} model {self.model} stepping {self.stepping})" if self.family else ""

@@ -27,6 +27,7 @@ from headstart import runs, tracking
 from headstart.loaded_run import LoadedRun, load_run
 from headstart.onnx_io import (
     INPUT_NAME,
+    INT8_WEIGHT_BITS,
     CheckImages,
     ExportError,
     embed_manifest,
@@ -102,7 +103,8 @@ def _int8_model(
     info = {
         "calibration_images": len(train_paths),
         **quality,
-        "scheme": "static QDQ, per-channel int8 weights, uint8 activations (MinMax calibration)",
+        "scheme": "static QDQ, per-channel int8 weights in 7 bits, uint8 activations (MinMax calibration)",
+        "weight_bits": INT8_WEIGHT_BITS,
     }
     before, after = quality[f"{metric}_fp32"], quality[f"{metric}_int8"]
     log.info("int8: %s %.4f vs fp32 %.4f (drop %.2f points)", metric, after, before, 100 * drop)

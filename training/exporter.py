@@ -103,7 +103,8 @@ def _int8_model(
     info = {
         "calibration_images": len(train_paths),
         **quality,
-        "scheme": "static QDQ, per-channel int8 weights in 7 bits, uint8 activations (MinMax calibration)",
+        "scheme": f"static QDQ, per-channel int8 weights in {INT8_WEIGHT_BITS} bits, uint8 activations (MinMax "
+        "calibration)",
         "weight_bits": INT8_WEIGHT_BITS,
     }
     before, after = quality[f"{metric}_fp32"], quality[f"{metric}_int8"]

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .contract import Model
 from .errors import HeadstartError
-from .inference import open_set_answer, present_labels, threshold_of
+from .inference import open_set_answer, threshold_of
 from .preprocess import PreprocessSpec, original_size, preprocess_batch, resized_size, to_rgb
 
 #: Upsampling of the CAM grid before thresholding: 4 sub-cells per feature cell and axis.
@@ -333,7 +333,6 @@ def localize_images(
                 "method": method,
                 "scores": per_image[model.output_names[0]],  # the image-level class probabilities come first
                 **answer,
-                "labels": present_labels(model, per_image[model.output_names[0]], None, answer["unknown"]),
             }
         )
     return results

@@ -31,15 +31,13 @@ from .answers import (
     InfoResponse,
     LocalizeResponse,
     ModelInfo,
-    OpenSetAnswer,
-    Prediction,
 )
 from .bundle import Bundle, BundleError, load_bundle, variant_file, verify_bundle
 from .cpu import cpu_info
 from .errors import HeadstartError
 from .guard import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, RequestGuard, current_request
 from .heatmap import heatmap as class_heatmap
-from .inference import classify_arrays, classify_images, top_k
+from .inference import classified, classify_arrays, classify_images
 from .localize import DEFAULTS, LocalizeError, LocalizeParams, draw_detections, localize_images
 from .preprocess import ImageError, decode_for, preprocess
 from .runtime import choose_runtime
@@ -323,9 +321,8 @@ class Headstart:
         limit = _threshold(novelty_threshold)
         result = self._on_worker(lambda: localize_images(self.bundle, [self._decode(image)], params, limit)[0])
         return LocalizeResponse(
-            **{k: result[k] for k in ("detections", "grid", "image_size", "method", *OpenSetAnswer.model_fields)},
-            labels=result["labels"],
-            predictions=[Prediction(**p) for p in top_k(result["scores"], self.bundle.labels, 5)],
+            **{k: result[k] for k in ("detections", "grid", "image_size", "method")},
+            **classified(self.bundle, result["scores"], result, 5),  # the classes, as /classify gives them
             model=self.model,
         )
 

@@ -35,8 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    import onnx
-
     from headstart.exporter import KEEP_FP32, MAX_CALIBRATION_IMAGES, _split_paths
     from headstart.loaded_run import load_run
     from headstart.onnx_io import quantize_int8
@@ -51,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     val, targets = _split_paths(run, "val", 10_000)
     pixels = np.stack([preprocess(decode_image(p), manifest.preprocess) for p in val])
     fp32_path = args.bundle / MODEL_FP32
-    names = [o.name for o in onnx.load(str(fp32_path)).graph.output]  # probabilities, class_map[, novelty]
-    reference = open_session(fp32_path, "onnxruntime", "cpu").run(names, pixels)
+    fp32 = open_session(fp32_path, "onnxruntime", "cpu")
+    names = fp32.output_names  # probabilities, class_map[, novelty]
+    reference = fp32.run(names, pixels)
     labels = np.asarray(targets)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

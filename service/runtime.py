@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cpu import cpu_info
 from .errors import HeadstartError
 
 log = logging.getLogger(__name__)
@@ -182,10 +183,11 @@ class _Started:
 
 
 def cpu_computes_bf16() -> bool:
-    """Whether OpenVINO's CPU plugin computes fp32 models in bf16 by default here (AMX or AVX-512 BF16)."""
-    import openvino as ov
-
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    """Whether this CPU computes in bf16 (AMX or AVX-512 BF16: :attr:`CpuInfo.has_bf16`), the one answer for every
+    decision: the export's ``openvino-bf16`` check, the service's precision (``served_precision``), OpenVINO's
+    precision hint and training's bf16 views. OpenVINO's CPU plugin reports bf16 (``OPTIMIZATION_CAPABILITIES``) on
+    exactly these CPUs: tests/test_export.py checks that the two agree on the machine the suite runs on."""
+    return cpu_info().has_bf16
 
 
 def open_session(

@@ -383,6 +383,7 @@ def test_int8_weights_hold_seven_bits_so_no_cpu_saturates_and_old_files_are_flag
     import onnx
     from onnx import numpy_helper
 
+    from headstart.onnx_io import quantize_int8
     from headstart.service import bundle
 
     model = onnx.load(str(hymenoptera_bundle.bundle_dir / "model.int8.onnx"))
@@ -397,6 +398,8 @@ def test_int8_weights_hold_seven_bits_so_no_cpu_saturates_and_old_files_are_flag
     assert bundle.int8_note(old, cpu=AVX512_BF16) == "" and bundle.int8_note(old, cpu=cpu_with("", "aarch64")) == ""
     note = bundle.int8_note(old, cpu=AVX2)
     assert "no VNNI" in note and "8-bit weights" in note and "re-export with --int8" in note
+    with pytest.raises(ValueError, match="weight_bits must be 7 or 8"):  # before any file is read or written
+        quantize_int8(Path("missing.onnx"), Path("never.onnx"), [], m.preprocess, weight_bits=6)
 
 
 def test_help_and_predicting_with_a_bundle_import_no_torch(tiny_bundle):
@@ -561,6 +564,22 @@ def cpu_with(flags: str, architecture: str = "x86_64"):
 
 AVX512_BF16 = cpu_with("avx2 avx512f avx512_vnni avx512_bf16")  # AMD EPYC Zen 4
 AVX2 = cpu_with("avx2 fma")  # AMD EPYC Zen 3: no bf16 units, no VNNI
+
+
+def test_openvino_computes_bf16_exactly_where_headstart_says_the_cpu_has_bf16_units():
+    """One answer to "does this CPU compute bf16" (``cpu_computes_bf16``: AMX or AVX-512 BF16 in /proc/cpuinfo) decides
+    the export's bf16 check, the served precision and training's bf16 views; OpenVINO's CPU plugin must agree with it
+    on this machine, or the service would promise a precision OpenVINO does not compute."""
+    pytest.importorskip("openvino")
+    import openvino as ov
+
+    from headstart.service.cpu import cpu_info
+    from headstart.service.runtime import cpu_computes_bf16
+
+    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert cpu_computes_bf16() == ("BF16" in capabilities), (cpu_info().summary(), capabilities)
+    assert cpu_computes_bf16() == cpu_info().has_bf16
+    assert not AVX2.has_bf16 and AVX512_BF16.has_bf16 and cpu_with("amx_bf16 amx_int8 avx512f").has_bf16
 
 
 def test_bf16_is_served_only_where_the_export_allowed_it(hymenoptera_bundle):

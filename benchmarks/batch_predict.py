@@ -62,18 +62,26 @@ print(len(paths) / (time.perf_counter() - started), sum(a.error is not None for 
 """
 
 
-def single_process(model: str, listing: str, where: dict | None = None) -> tuple[float, int]:
+def single_process(model: str, listing: str, where: dict | None = None) -> tuple[float, int] | None:
     """(images/s, errors) of `headstart predict`'s loop in a new process (:data:`SINGLE_JOB`): read, decode (ahead,
-    on threads, since this change), preprocess, classify; ``where``: :func:`code_of`'s, for a baseline commit."""
-    out = subprocess.run(
-        [sys.executable, "-c", SINGLE_JOB, model, listing], **(where or {}), check=True, capture_output=True, text=True
-    ).stdout.split()
+    on threads, since this change), preprocess, classify; ``where``: :func:`code_of`'s, for a baseline commit.
+    ``None`` for a baseline older than ``headstart.load`` (before 03e6b77), which has no such loop to time."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SINGLE_JOB, model, listing], **(where or {}), capture_output=True, text=True
+    )
+    if proc.returncode:
+        if where and "module 'headstart' has no attribute 'load'" in proc.stderr:
+            return None
+        raise RuntimeError(f"the single process failed: {proc.stderr[-2000:]}")
+    out = proc.stdout.split()
     return float(out[-2]), int(out[-1])
 
 
-def command(model: str, paths: list[str], where: dict | None = None) -> tuple[float, list[str]]:
+def command(model: str, paths: list[str], where: dict | None = None) -> tuple[float, list[str]] | None:
     """(images/s, each image's best label or error) of `headstart predict MODEL PATHS...` as a user runs it: a new
-    process, its whole wall time (start, imports, loading the model included); ``where``: a baseline commit's."""
+    process, its whole wall time (start, imports, loading the model included); ``where``: a baseline commit's.
+    ``None`` for a baseline whose `python -m headstart predict` does not start (3940dc3's package has no
+    ``__main__``; the editable install then finds this checkout's, which imports what that code lacks)."""
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "headstart", "predict", model, *paths, "--json"],
@@ -82,10 +90,14 @@ def command(model: str, paths: list[str], where: dict | None = None) -> tuple[fl
         text=True,
     )
     seconds = time.perf_counter() - started
-    if proc.returncode not in (0, 1):  # 1: some image could not be read (its line says so)
-        raise RuntimeError(f"headstart predict failed: {proc.stderr[-2000:]}")
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    return len(paths) / seconds, [a.get("error") or a["predictions"][0]["label"] for a in lines]
+    lines = proc.stdout.splitlines()
+    if where and proc.returncode and not lines:
+        return None
+    # exit status 1: some image could not be read (its line says so); a crash exits 1 too, with no line per image
+    if proc.returncode not in (0, 1) or len(lines) != len(paths):
+        raise RuntimeError(f"headstart predict failed (status {proc.returncode}): {proc.stderr[-2000:]}")
+    answers = [json.loads(line) for line in lines]
+    return len(paths) / seconds, [a.get("error") or a["predictions"][0]["label"] for a in answers]
 
 
 def ray_job(model: str, listing: str, probe: str, out: Path, **kw) -> tuple[float, float, dict]:
@@ -160,8 +172,11 @@ def main() -> None:
         base, errors = single_process(model, str(listing))
         print(f"single process (`headstart predict`): {base:.1f} img/s over {len(paths)} images, errors {errors}")
         result = {"photos": args.photos, "single_process_ips": round(base, 1)}
-        if where:
-            before, errors0 = single_process(model, str(listing), where)
+        timed = single_process(model, str(listing), where) if where else None
+        if where and timed is None:
+            print(f"single process with the code of {args.baseline}: none (it has no `headstart.load`)", flush=True)
+        elif where:
+            before, errors0 = timed
             result |= {"baseline_single_process_ips": round(before, 1), "single_vs_baseline": round(base / before, 2)}
             print(
                 f"single process with the code of {args.baseline}: {before:.1f} img/s, errors {errors0}; now "
@@ -171,8 +186,14 @@ def main() -> None:
         cli, said = command(model, paths)
         print(f"`headstart predict` command (new process, start included): {cli:.1f} img/s", flush=True)
         result["command_ips"] = round(cli, 1)
-        if where:
-            cli0, said0 = command(model, paths, where)
+        ran = command(model, paths, where) if where else None
+        if where and ran is None:
+            print(
+                f"`headstart predict` command with the code of {args.baseline}: none (its `python -m headstart "
+                "predict` does not start)"
+            )
+        elif where:
+            cli0, said0 = ran
             same = sum(a == b for a, b in zip(said, said0, strict=True))
             result |= {"baseline_command_ips": round(cli0, 1), "command_vs_baseline": round(cli / cli0, 2)}
             print(

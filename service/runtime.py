@@ -41,6 +41,16 @@ VARIANTS = ("fp32", "int8")
 RUN_PIXELS = 16 * 224 * 224
 
 
+def in_even_parts(run: Callable[[np.ndarray], list[np.ndarray]], pixels: np.ndarray, step: int) -> list[np.ndarray]:
+    """``run``'s outputs for ``pixels``, run in as few parts of at most ``step`` images as it takes, of even sizes
+    (17 images at 16: 9 and 8, not 16 and 1), each output concatenated over the parts; whole where it fits. A
+    bundle's :class:`Session` and a run directory's model (`headstart predict RUN_DIR`) split alike."""
+    if step >= len(pixels):
+        return run(pixels)
+    parts = [run(part) for part in np.array_split(pixels, -(-len(pixels) // step))]
+    return [np.concatenate(output) for output in zip(*parts, strict=True)]
+
+
 class RuntimeUnavailable(HeadstartError, RuntimeError):
     """The runtime or device asked for cannot be used here; the message says what to install or choose."""
 
@@ -108,11 +118,7 @@ class Session:
         """The outputs ``names`` for ``pixels`` (N, 3, S, S): on a CPU in as few parts as keep each within
         :data:`RUN_PIXELS`, of even sizes (17 images of 224 px: 9 and 8, not 16 and 1), each output concatenated over
         the parts."""
-        step = self.images_per_run(pixels)
-        if step >= len(pixels):
-            return self._run(names, pixels)
-        parts = [self._run(names, part) for part in np.array_split(pixels, -(-len(pixels) // step))]
-        return [np.concatenate(output) for output in zip(*parts, strict=True)]
+        return in_even_parts(lambda part: self._run(names, part), pixels, self.images_per_run(pixels))
 
     def images_per_run(self, pixels: np.ndarray) -> int:
         """How many of ``pixels``' images one run takes: :meth:`images_at` their size, all of them on a GPU or for

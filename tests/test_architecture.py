@@ -259,7 +259,7 @@ def test_a_bundle_and_a_run_are_both_models(tiny_run, tiny_bundle):
 
 def test_a_runs_model_computes_cpu_batch_pixels_at_a_time(tiny_run, monkeypatch):
     """`predict RUN_DIR` runs the PyTorch model `CPU_BATCH_PIXELS` at a time (8 images of 224 px, 1 of a detector's
-    512), each output the parts' in order."""
+    512) in even parts, as a bundle's session does, each output the parts' in order."""
     import numpy as np
 
     import headstart.predict as predict
@@ -274,6 +274,10 @@ def test_a_runs_model_computes_cpu_batch_pixels_at_a_time(tiny_run, monkeypatch)
     monkeypatch.setattr(predict, "CPU_BATCH_PIXELS", 2 * size * size)
     parts = model.run(pixels)
     assert seen == [2, 2, 1]
+    seen.clear()
+    monkeypatch.setattr(predict, "CPU_BATCH_PIXELS", 4 * size * size)
+    assert [o.shape for o in model.run(pixels, model.output_names[:1])] == [parts[0].shape]
+    assert seen == [3, 2]  # even parts: not 4 and 1
     for a, b in zip(parts, whole, strict=True):
         assert a.shape == b.shape and np.allclose(a, b, rtol=1e-4, atol=1e-5)
 

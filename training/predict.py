@@ -13,6 +13,7 @@ from headstart.models import Classifier
 from headstart.onnx_io import batch_for
 from headstart.service.inference import outputs_of_batches, outputs_of_files
 from headstart.service.preprocess import PreprocessSpec
+from headstart.service.runtime import in_even_parts
 
 if TYPE_CHECKING:
     from headstart.onnx_io import CheckImages
@@ -67,11 +68,15 @@ class RunModel:
 
     @torch.inference_mode()
     def run(self, pixels: np.ndarray, names: Sequence[str] | None = None) -> list[np.ndarray]:
-        step = batch_for(self.spec, CPU_BATCH_PIXELS)
-        chunks = [pixels[i : i + step] for i in range(0, len(pixels), step)] or [pixels]
-        parts = [self.model(torch.from_numpy(chunk)) for chunk in chunks]
-        outputs = {name: torch.cat(part) for name, *part in zip(self.output_names, *parts, strict=True)}
-        return [outputs[name].numpy() for name in names or self.output_names]
+        """The outputs ``names`` (default all), :data:`CPU_BATCH_PIXELS` at a time in even parts, as a bundle's
+        session splits a batch (:func:`service.runtime.in_even_parts`)."""
+
+        def forward(part: np.ndarray) -> list[np.ndarray]:
+            return [output.numpy() for output in self.model(torch.from_numpy(part))]
+
+        outputs = in_even_parts(forward, pixels, batch_for(self.spec, CPU_BATCH_PIXELS))
+        named = dict(zip(self.output_names, outputs, strict=True))
+        return [named[name] for name in names or self.output_names]
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         return self.run(pixels)[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from headstart.service.cpu import cpu_info
+from headstart.service.runtime import cpu_computes_bf16
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
         return precision == "bf16"
     # on CPUs: native bf16 units (AMX tiles or AVX-512 BF16), where bf16 convolutions run several times faster than
     # fp32 (benchmarks/feature_extraction.py)
-    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_info().has_bf16
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_computes_bf16()
 
 
 def features_fn(

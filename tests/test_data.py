@@ -82,8 +82,9 @@ def test_corrupt_non_image_and_odd_modes(tmp_path):
 def test_duplicate_across_train_and_val_is_a_warning(tmp_path):
     root = make_image_folder(tmp_path / "d", {"a": 6, "b": 6}, splits={"train": 0.5, "val": 0.5})
     shutil.copy(root / "train" / "a" / "a_000.jpg", root / "val" / "a" / "copy.jpg")
+    shutil.copy(root / "train" / "b" / "b_000.jpg", root / "train" / "b" / "again.jpg")  # within train: no leak
     report = scan_image_folder(root)
-    assert len(report.duplicates) == 1
+    assert report.duplicates == [(str(root / "train" / "a" / "a_000.jpg"), str(root / "val" / "a" / "copy.jpg"))]
     assert any("leak" in w for w in report.warnings)
 
 

@@ -229,14 +229,13 @@ def _split(
 
 
 def _leaks(splits: dict[str, list[Sample]]) -> list[tuple[str, str]]:
-    """(train path, val/test path) of images with identical bytes on both sides."""
-    train_hashes = {s.sha256: s.path for s in splits["train"]}
-    return [
-        (str(train_hashes[s.sha256]), str(s.path))
-        for split in ("val", "test")
-        for s in splits.get(split, [])
-        if s.sha256 in train_hashes
-    ]
+    """(train path, val/test path) of images with identical bytes on both sides (:func:`headstart.data.same_bytes`'s
+    groups, as the multi-label task finds its leaks): each val/test image with the first training image like it."""
+    pairs = []
+    for group in same_bytes(splits):
+        train = [s.path for split, s in group if split == "train"]
+        pairs += [(str(train[0]), str(s.path)) for split, s in group if train and split != "train"]
+    return pairs
 
 
 def _conflicts(splits: dict[str, list[Sample]], labels: list[str]) -> list[list[tuple[str, str]]]:

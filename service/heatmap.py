@@ -73,21 +73,31 @@ def require_class_map(model: Model) -> None:
         )
 
 
-def heatmap(model: Model, img: Image.Image, index: int | None = None, threshold: float | None = None) -> Heatmap:
-    """The heatmap of class ``index`` (None: the top class) over the decoded image ``img``."""
+def heatmap(
+    model: Model,
+    img: Image.Image,
+    index: int | None = None,
+    threshold: float | None = None,
+    outputs: dict[str, np.ndarray] | None = None,
+) -> Heatmap:
+    """The heatmap of class ``index`` (None: the top class) over the decoded image ``img``. ``outputs``: the image's
+    outputs by name (without the batch axis) where a run over its batch computed them (`headstart predict
+    --heatmap`: the answer and its heatmap from one run); else the model runs on the image."""
     require_class_map(model)
     rgb = to_rgb(img)
-    outputs = dict(zip(model.output_names, model.run(preprocess_batch([rgb], model.spec)), strict=True))
-    probs = outputs[model.output_names[0]][0]
+    if outputs is None:
+        batch = model.run(preprocess_batch([rgb], model.spec))
+        outputs = {name: output[0] for name, output in zip(model.output_names, batch, strict=True)}
+    probs = outputs[model.output_names[0]]
     if index is None or index < 0:
         index = int(probs.argmax())
     if index >= len(model.labels):
         raise LocalizeError(f"index must be below {len(model.labels)} (the model's classes), got {index}.")
     limit = threshold_of(model, threshold)
-    answer = open_set_answer(outputs["novelty"][0] if limit is not None else None, limit)
+    answer = open_set_answer(outputs["novelty"] if limit is not None else None, limit)
     scale = min(1.0, MAX_SIDE / max(rgb.size))
     canvas = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BILINEAR)
-    _overlay(canvas, class_contrast(outputs["class_map"][0], index), geometry(rgb.size, model.spec), scale, model)
+    _overlay(canvas, class_contrast(outputs["class_map"], index), geometry(rgb.size, model.spec), scale, model)
     result = Heatmap(canvas, index, model.labels[index], float(probs[index]), answer)
     _caption(result)
     return result

@@ -129,6 +129,19 @@ def classify_arrays(
     if not len(arrays):
         return []
     probs, novelty = scores_and_novelty(model, np.stack(arrays))
+    return classify_scores(model, probs, novelty, k, threshold, label_threshold)
+
+
+def classify_scores(
+    model: Model,
+    probs: np.ndarray,
+    novelty: np.ndarray | None,
+    k: int = 5,
+    threshold: float | None = None,
+    label_threshold: float | None = None,
+) -> list[dict]:
+    """:func:`classify_arrays`' answers from the class probabilities (N, K) and novelty scores (N,) of a run that
+    computed them (with more outputs: `headstart predict --heatmap` draws the class maps of the same run)."""
     limit = threshold_of(model, threshold)
     return [
         classified(model, p, open_set_answer(None if novelty is None else novelty[i], limit), k, label_threshold)

@@ -238,6 +238,36 @@ def test_localize_runs_the_model_once_per_batch_for_the_boxes_and_the_classes(ti
         )
 
 
+def test_heatmaps_come_from_the_run_that_answered_once_per_batch(tiny_bundle, tmp_path):
+    """`headstart predict --heatmap` ran the model again for each image's heatmap: the batch's run now gives the
+    answers and the class maps drawn, so the answers are those without heatmaps and each heatmap is the one the
+    image's own outputs give."""
+    from headstart.service.heatmap import heatmap
+
+    rng = np.random.default_rng(6)
+    paths = [tmp_path / f"{k}.jpg" for k in range(5)]
+    for k, path in enumerate(paths):
+        synthetic_image(k % 2, rng).save(path)
+    model = headstart.load(tiny_bundle.bundle_dir)
+    runs, run = [], model.model.run
+    model.model.run = lambda pixels, names=None: runs.append(len(pixels)) or run(pixels, names)
+    mapped = model.predict(paths, top_k=2, batch_size=2, heatmaps=tmp_path / "maps")
+    assert runs == [2, 2, 1]
+    runs.clear()
+    plain = model.predict(paths, top_k=2, batch_size=2)
+    assert runs == [2, 2, 1]
+    for a, b in zip(mapped, plain, strict=True):  # the same batches: the same answers
+        assert a.heatmap is not None and b.heatmap is None
+        assert a.model_dump(exclude={"heatmap"}) == b.model_dump(exclude={"heatmap"})
+    # the heatmap of the batch's outputs is the one a run of the image alone draws (within the runtime's last bits)
+    heatmap(model.model, Image.open(paths[1]).convert("RGB")).image.save(tmp_path / "alone.jpg", quality=90)
+    alone, written, other = (
+        np.asarray(Image.open(f).convert("RGB"), dtype=np.int16)
+        for f in (tmp_path / "alone.jpg", mapped[1].heatmap, mapped[0].heatmap)  # other: another image's heatmap
+    )
+    assert written.shape == alone.shape and np.abs(written - alone).mean() < 0.5 < np.abs(written - other).mean()
+
+
 def test_importing_headstart_is_light_and_a_users_own_packages_do_not_shadow_it(tmp_path):
     """In a project folder with its own models/, service/ and training.py (on sys.path first, as `python` puts the
     working directory), headstart still imports its own; and `import headstart` alone imports no torch."""

@@ -119,10 +119,14 @@ class LoadedModel:
 
         def answered() -> Iterator[Answer]:
             pictures = [img for _, _, img in waiting if not isinstance(img, str)]
+            maps = iter([None] * len(pictures))  # each image's outputs for its heatmap, where the run gave them
             if params:  # one run gives both the boxes and the class scores (it ran the model twice)
                 located = localize_images(self.model, pictures, params, novelty_threshold)
                 results = iter([classified(self.model, r["scores"], r, top_k, label_threshold) for r in located])
                 boxes = iter(located)
+            elif folder is not None:  # one run gives the answers and their heatmaps (it ran the model twice)
+                answers, outputs = self._with_outputs(pictures, top_k, novelty_threshold, label_threshold)
+                results, boxes, maps = iter(answers), iter([{}] * len(pictures)), iter(outputs)
             else:
                 results = iter(classify_images(self.model, pictures, top_k, novelty_threshold, label_threshold))
                 boxes = iter([{}] * len(pictures))
@@ -132,10 +136,10 @@ class LoadedModel:
                     continue
                 extra = {k: v for k, v in next(boxes).items() if k in ("detections", "method", "image_size")}
                 answer = Answer(image=name, **next(results), **extra)
+                outputs = next(maps)
                 if folder is not None:
-                    answer = self._with_heatmap(
-                        answer, img, folder / f"{_heatmap_name(items[i], i, named)}.heatmap.jpg", novelty_threshold
-                    )
+                    target = folder / f"{_heatmap_name(items[i], i, named)}.heatmap.jpg"
+                    answer = self._with_heatmap(answer, img, target, novelty_threshold, outputs)
                 yield answer
             waiting.clear()
 
@@ -162,12 +166,34 @@ class LoadedModel:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def _with_heatmap(self, answer: Answer, img: Image.Image, target: Path, novelty_threshold: float | None) -> Answer:
-        """``answer`` with its heatmap written to ``target`` (or, where the file cannot be written, the error)."""
+    def _with_outputs(
+        self, pictures: list[Image.Image], top_k: int, novelty_threshold: float | None, label_threshold: float | None
+    ) -> tuple[list[dict], list[dict[str, np.ndarray]]]:
+        """``classify_images``' answers for ``pictures`` and each picture's outputs by name (its class map for the
+        heatmap), from one run of the model over them."""
+        from headstart.service.inference import classify_scores
+        from headstart.service.preprocess import preprocess_batch
+
+        names = list(self.model.output_names)
+        outputs = dict(zip(names, self.model.run(preprocess_batch(pictures, self.model.spec)), strict=True))
+        novelty = outputs.get("novelty") if self.model.open_set is not None else None  # as scores_and_novelty
+        answers = classify_scores(self.model, outputs[names[0]], novelty, top_k, novelty_threshold, label_threshold)
+        return answers, [{name: output[i] for name, output in outputs.items()} for i in range(len(pictures))]
+
+    def _with_heatmap(
+        self,
+        answer: Answer,
+        img: Image.Image,
+        target: Path,
+        novelty_threshold: float | None,
+        outputs: dict[str, np.ndarray] | None = None,
+    ) -> Answer:
+        """``answer`` with its heatmap written to ``target`` (or, where the file cannot be written, the error);
+        ``outputs``: the image's from the run that answered it (else the heatmap runs the model again)."""
         from headstart.service.heatmap import heatmap
 
         try:
-            heatmap(self.model, img, threshold=novelty_threshold).image.save(target, quality=90)
+            heatmap(self.model, img, threshold=novelty_threshold, outputs=outputs).image.save(target, quality=90)
         except OSError as exc:
             return Answer(image=answer.image, error=f"The heatmap could not be written to {target}: {exc}")
         return answer.model_copy(update={"heatmap": str(target)})

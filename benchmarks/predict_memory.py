@@ -2,14 +2,15 @@
 same run, alternating: the wall time and the peak resident memory of each, and how far their answers differ.
 
 MODEL is what `headstart predict` takes (a bundle, a run directory or a model-store tag), IMAGES its images (files,
-folders, quoted globs); ``--localize`` asks for boxes as well (a detector's answers), ``--runtime`` names the runtime.
+folders, quoted globs); ``--localize`` asks for boxes as well (a detector's answers), ``--heatmap`` for each image's
+heatmap (written to a folder of each run's own), ``--runtime`` names the runtime.
 ``--baseline REV`` runs the same command with the code of commit REV (``_common.code_of``). ``--batch`` runs
 `headstart predict-batch MODEL IMAGE` instead (one folder, a glob or a list; a local Ray instance, its parquet
 parts read back for the answers), and the peak is that of all its processes together (the driver, Ray's own and
 its actors, polled every 0.1 s).
 
-    .venv/bin/python benchmarks/predict_memory.py MODEL IMAGES... [--localize] [--runtime R] [--baseline REV]
-        [--rounds N] [--batch]
+    .venv/bin/python benchmarks/predict_memory.py MODEL IMAGES... [--localize] [--heatmap] [--runtime R]
+        [--baseline REV] [--rounds N] [--batch]
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("images", nargs="+")
     parser.add_argument("--localize", action="store_true")
+    parser.add_argument("--heatmap", action="store_true", help="also write each image's heatmap (predict only)")
     parser.add_argument("--runtime", choices=("auto", "openvino", "onnxruntime"), default="auto")
     parser.add_argument("--baseline", metavar="REV", help="also predict with the code of this commit")
     parser.add_argument("--rounds", type=int, default=3)
@@ -74,6 +76,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.batch and len(args.images) != 1:
         parser.error("--batch takes one IMAGES source (a folder, a quoted glob or a list)")
+    if args.batch and args.heatmap:
+        parser.error("--heatmap is `headstart predict`'s; predict-batch writes no heatmaps")
     print(machine_line(torch=False))
     check_idle()
     # absolute paths: a baseline's process runs in the folder of its commit's files
@@ -85,7 +89,9 @@ def main() -> None:
         tmp = Path(tmp)
 
         def args_of(name: str, r: int) -> list[str]:
-            return [*command, "--out", str(tmp / f"out-{name}-{r}"), "--no-progress"] if args.batch else command
+            if args.batch:
+                return [*command, "--out", str(tmp / f"out-{name}-{r}"), "--no-progress"]
+            return [*command, "--heatmap", str(tmp / f"heatmaps-{name}-{r}")] if args.heatmap else command
 
         runs = alternate_headstart(args.rounds, codes(args.baseline, tmp), args_of, tree=args.batch)
         last = args.rounds - 1
@@ -97,7 +103,8 @@ def main() -> None:
     peak = {name: statistics.median(peak for _, peak, _ in done) for name, done in runs.items()}
     images = len(answers["today"])
     what = "peak resident memory of all its processes together" if args.batch else "peak resident memory"
-    print(f"`headstart {verb} MODEL IMAGES {' '.join(flags)}` on {images} images, medians over {args.rounds} rounds:")
+    shown = " ".join(flags + (["--heatmap DIR"] if args.heatmap else []))
+    print(f"`headstart {verb} MODEL IMAGES {shown}` on {images} images, medians over {args.rounds} rounds:")
     for name in runs:
         print(f"  {name}: {wall[name]:.1f} s wall, {what} {peak[name]:.0f} MB")
     if args.baseline:

@@ -11,7 +11,9 @@ same run), e.g. the commit before a change of the decoding. The `headstart predi
 a user runs it (a new process, its start and the model's loading included): today's code and the baseline's.
 
     .venv/bin/python benchmarks/batch_predict.py [--model BUNDLE] [--photos hymenoptera|camera] [--repeat N]
-        [--baseline REV] [--no-two-nodes]
+        [--baseline REV] [--no-two-nodes] [--variant fp32|int8]
+
+``--variant int8`` runs the bundle's int8 file (exported with ``--int8``) in every job, the baseline's too.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ import sys, time
 from pathlib import Path
 import ray
 from headstart.service.batch import predict_batch
-model, listing, probe, out = sys.argv[1:5]
+model, listing, probe, out, variant = sys.argv[1:6]
 started = time.perf_counter()
-predict_batch(model, probe, Path(out) / "probe", part_size=8, progress=False)
+predict_batch(model, probe, Path(out) / "probe", part_size=8, progress=False, variant=variant)
 startup = time.perf_counter() - started
 t0 = time.perf_counter()
-summary = predict_batch(model, listing, Path(out) / "job", part_size=500, progress=False)
+summary = predict_batch(model, listing, Path(out) / "job", part_size=500, progress=False, variant=variant)
 print(time.perf_counter() - t0, startup, summary["errors"])
 ray.shutdown()
 """
@@ -52,9 +54,9 @@ ray.shutdown()
 SINGLE_JOB = """
 import sys, time
 import headstart
-model, listing = sys.argv[1:3]
+model, listing, variant = sys.argv[1:4]
 paths = open(listing).read().splitlines()
-loaded = headstart.load(model)
+loaded = headstart.load(model, variant=variant)
 loaded.predict(paths[:8])  # the runtime warm, as a server's
 started = time.perf_counter()
 answers = loaded.predict(paths)
@@ -62,12 +64,14 @@ print(len(paths) / (time.perf_counter() - started), sum(a.error is not None for 
 """
 
 
-def single_process(model: str, listing: str, where: dict | None = None) -> tuple[float, int] | None:
+def single_process(
+    model: str, listing: str, where: dict | None = None, variant: str = "fp32"
+) -> tuple[float, int] | None:
     """(images/s, errors) of `headstart predict`'s loop in a new process (:data:`SINGLE_JOB`): read, decode (ahead,
     on threads, since this change), preprocess, classify; ``where``: :func:`code_of`'s, for a baseline commit.
     ``None`` for a baseline older than ``headstart.load`` (before 03e6b77), which has no such loop to time."""
     proc = subprocess.run(
-        [sys.executable, "-c", SINGLE_JOB, model, listing], **(where or {}), capture_output=True, text=True
+        [sys.executable, "-c", SINGLE_JOB, model, listing, variant], **(where or {}), capture_output=True, text=True
     )
     if proc.returncode:
         if where and "module 'headstart' has no attribute 'load'" in proc.stderr:
@@ -77,14 +81,16 @@ def single_process(model: str, listing: str, where: dict | None = None) -> tuple
     return float(out[-2]), int(out[-1])
 
 
-def command(model: str, paths: list[str], where: dict | None = None) -> tuple[float, list[str]] | None:
+def command(
+    model: str, paths: list[str], where: dict | None = None, variant: str = "fp32"
+) -> tuple[float, list[str]] | None:
     """(images/s, each image's best label or error) of `headstart predict MODEL PATHS...` as a user runs it: a new
     process, its whole wall time (start, imports, loading the model included); ``where``: a baseline commit's.
     ``None`` for a baseline whose `python -m headstart predict` does not start (3940dc3's package has no
     ``__main__``; the editable install then finds this checkout's, which imports what that code lacks)."""
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "headstart", "predict", model, *paths, "--json"],
+        [sys.executable, "-m", "headstart", "predict", model, *paths, "--json", "--variant", variant],
         **(where or {}),
         capture_output=True,
         text=True,
@@ -116,7 +122,9 @@ def ray_job(model: str, listing: str, probe: str, out: Path, **kw) -> tuple[floa
     return seconds, startup, {**summary, "probe_images": probe["images"]}
 
 
-def two_nodes(model: str, listing: str, probe: str, tmp: Path, images: int) -> tuple[float, float, dict]:
+def two_nodes(
+    model: str, listing: str, probe: str, tmp: Path, images: int, variant: str = "fp32"
+) -> tuple[float, float, dict]:
     """The job on a two-node cluster simulated on this machine (one CPU per node): (img/s, startup, summary)."""
     from ray.cluster_utils import Cluster
 
@@ -125,18 +133,27 @@ def two_nodes(model: str, listing: str, probe: str, tmp: Path, images: int) -> t
     cluster.wait_for_nodes()
     try:
         seconds, startup, summary = ray_job(
-            model, listing, probe, tmp / "two", actors=2, cpus_per_actor=0.5, ray_address=cluster.address
+            model,
+            listing,
+            probe,
+            tmp / "two",
+            actors=2,
+            cpus_per_actor=0.5,
+            ray_address=cluster.address,
+            variant=variant,
         )
     finally:
         cluster.shutdown()
     return images / seconds, startup, summary
 
 
-def baseline(where: dict, model: str, listing: str, probe: str, tmp: Path) -> tuple[float, float, int]:
+def baseline(
+    where: dict, model: str, listing: str, probe: str, tmp: Path, variant: str = "fp32"
+) -> tuple[float, float, int]:
     """(seconds, startup seconds, errors) of the local Ray job run by a commit's code (``where``: :func:`code_of`'s;
     Ray's workers inherit the environment)."""
     out = subprocess.run(
-        [sys.executable, "-c", BASELINE_JOB, model, listing, probe, str(tmp / "baseline-out")],
+        [sys.executable, "-c", BASELINE_JOB, model, listing, probe, str(tmp / "baseline-out"), variant],
         **where,
         check=True,
         capture_output=True,
@@ -152,6 +169,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, help="times each photo is listed (default: 20 hymenoptera, 100 camera)")
     parser.add_argument("--baseline", metavar="REV", help="also run the local job with the code of this commit")
     parser.add_argument("--no-two-nodes", dest="two_nodes", action="store_false")
+    parser.add_argument("--variant", choices=("fp32", "int8"), default="fp32", help="the bundle's file to run")
     args = parser.parse_args()
     repeat = args.repeat or (20 if args.photos == "hymenoptera" else 100)
     print(machine_line())
@@ -169,10 +187,10 @@ def main() -> None:
         listing.write_text("\n".join(paths) + "\n")
         (Path(tmp) / "probe.txt").write_text("\n".join((photos * 8)[:8]) + "\n")
         where = code_of(args.baseline, Path(tmp)) if args.baseline else None
-        base, errors = single_process(model, str(listing))
+        base, errors = single_process(model, str(listing), variant=args.variant)
         print(f"single process (`headstart predict`): {base:.1f} img/s over {len(paths)} images, errors {errors}")
-        result = {"photos": args.photos, "single_process_ips": round(base, 1)}
-        timed = single_process(model, str(listing), where) if where else None
+        result = {"photos": args.photos, "variant": args.variant, "single_process_ips": round(base, 1)}
+        timed = single_process(model, str(listing), where, args.variant) if where else None
         if where and timed is None:
             print(f"single process with the code of {args.baseline}: none (it has no `headstart.load`)", flush=True)
         elif where:
@@ -183,10 +201,10 @@ def main() -> None:
                 f"{base / before:.2f}x that",
                 flush=True,
             )
-        cli, said = command(model, paths)
+        cli, said = command(model, paths, variant=args.variant)
         print(f"`headstart predict` command (new process, start included): {cli:.1f} img/s", flush=True)
         result["command_ips"] = round(cli, 1)
-        ran = command(model, paths, where) if where else None
+        ran = command(model, paths, where, args.variant) if where else None
         if where and ran is None:
             print(
                 f"`headstart predict` command with the code of {args.baseline}: none (its `python -m headstart "
@@ -201,7 +219,9 @@ def main() -> None:
                 f"{cli / cli0:.2f}x that; the same best label (or error) for {same} of {len(said)} images",
                 flush=True,
             )
-        seconds, startup, summary = ray_job(model, str(listing), str(Path(tmp) / "probe.txt"), Path(tmp) / "local")
+        seconds, startup, summary = ray_job(
+            model, str(listing), str(Path(tmp) / "probe.txt"), Path(tmp) / "local", variant=args.variant
+        )
         local = len(paths) / seconds
         print(
             f"Ray, local ({summary['actors']} actor(s)): {local:.1f} img/s ({local / base:.2f}x single process), "
@@ -210,7 +230,9 @@ def main() -> None:
         )
         result["ray_local_ips"] = round(local, 1)
         if where:
-            seconds0, startup0, errors0 = baseline(where, model, str(listing), str(Path(tmp) / "probe.txt"), Path(tmp))
+            seconds0, startup0, errors0 = baseline(
+                where, model, str(listing), str(Path(tmp) / "probe.txt"), Path(tmp), args.variant
+            )
             before = len(paths) / seconds0
             result |= {
                 "baseline": args.baseline,
@@ -224,7 +246,7 @@ def main() -> None:
             )
         if args.two_nodes:
             two, startup2, summary2 = two_nodes(
-                model, str(listing), str(Path(tmp) / "probe.txt"), Path(tmp), len(paths)
+                model, str(listing), str(Path(tmp) / "probe.txt"), Path(tmp), len(paths, args.variant)
             )
             result["ray_two_node_ips"] = round(two, 1)
             print(

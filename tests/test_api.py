@@ -254,6 +254,9 @@ def test_heatmaps_come_from_the_run_that_answered_once_per_batch(tiny_bundle, tm
     mapped = model.predict(paths, top_k=2, batch_size=2, heatmaps=tmp_path / "maps")
     assert runs == [2, 2, 1]
     runs.clear()
+    assert len(model.predict([*paths[:4], tmp_path / "missing.jpg"], batch_size=2, heatmaps=tmp_path / "m2")) == 5
+    assert runs == [2, 2]  # no run for a batch without a readable image
+    runs.clear()
     plain = model.predict(paths, top_k=2, batch_size=2)
     assert runs == [2, 2, 1]
     for a, b in zip(mapped, plain, strict=True):  # the same batches: the same answers

@@ -174,6 +174,8 @@ class LoadedModel:
         from headstart.service.inference import classify_scores
         from headstart.service.preprocess import preprocess_batch
 
+        if not pictures:  # a batch of unreadable files only, or nothing left at the end: no run
+            return [], []
         names = list(self.model.output_names)
         outputs = dict(zip(names, self.model.run(preprocess_batch(pictures, self.model.spec)), strict=True))
         novelty = outputs.get("novelty") if self.model.open_set is not None else None  # as scores_and_novelty

@@ -69,7 +69,7 @@ def single_process(
 ) -> tuple[float, int] | None:
     """(images/s, errors) of `headstart predict`'s loop in a new process (:data:`SINGLE_JOB`): read, decode (ahead,
     on threads, since this change), preprocess, classify; ``where``: :func:`code_of`'s, for a baseline commit.
-    ``None`` for a baseline older than ``headstart.load`` (before 03e6b77), which has no such loop to time."""
+    ``None`` for a baseline older than ``headstart.load`` (3940dc3, for one), which has no such loop to time."""
     proc = subprocess.run(
         [sys.executable, "-c", SINGLE_JOB, model, listing, variant], **(where or {}), capture_output=True, text=True
     )

@@ -96,9 +96,14 @@ def open_set_answer(novelty: float | None, threshold: float | None) -> dict:
     return {"novelty": float(novelty), "novelty_threshold": threshold, "unknown": bool(novelty > threshold)}
 
 
+def gives_novelty(model: Model) -> bool:
+    """Whether a run of ``model`` gives a novelty score to answer with: an open set and a ``novelty`` output."""
+    return model.open_set is not None and "novelty" in model.output_names
+
+
 def scores_and_novelty(model: Model, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Class probabilities (N, K) and, for a model with a novelty score, each image's novelty (N,)."""
-    if model.open_set is None or "novelty" not in model.output_names:
+    if not gives_novelty(model):
         return model.predict(pixels), None
     probs, novelty = model.run(pixels, [model.output_names[0], "novelty"])
     return probs, novelty

@@ -171,14 +171,14 @@ class LoadedModel:
     ) -> tuple[list[dict], list[dict[str, np.ndarray]]]:
         """``classify_images``' answers for ``pictures`` and each picture's outputs by name (its class map for the
         heatmap), from one run of the model over them."""
-        from headstart.service.inference import classify_scores
+        from headstart.service.inference import classify_scores, gives_novelty
         from headstart.service.preprocess import preprocess_batch
 
         if not pictures:  # a batch of unreadable files only, or nothing left at the end: no run
             return [], []
         names = list(self.model.output_names)
         outputs = dict(zip(names, self.model.run(preprocess_batch(pictures, self.model.spec)), strict=True))
-        novelty = outputs.get("novelty") if self.model.open_set is not None else None  # as scores_and_novelty
+        novelty = outputs["novelty"] if gives_novelty(self.model) else None
         answers = classify_scores(self.model, outputs[names[0]], novelty, top_k, novelty_threshold, label_threshold)
         return answers, [{name: output[i] for name, output in outputs.items()} for i in range(len(pictures))]
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -216,16 +217,22 @@ def test_answers_come_batch_by_batch_in_order_with_heatmaps_and_errors_in_their_
     assert not (tmp_path / "detector-maps").exists()
 
 
-def test_localize_runs_the_model_once_per_batch_for_the_boxes_and_the_classes(tiny_bundle, tmp_path):
-    """`headstart predict --localize` ran the model twice per image, once for the classes and once for the boxes
-    (4.65 s without, 7.75 s with, the coco128 detector): the run that gives the boxes gives the scores."""
-    rng = np.random.default_rng(5)
+def counting_runs(bundle, tmp_path: Path, seed: int):
+    """(the bundle loaded, five synthetic JPEGs, the batch sizes of each run of its model from now on)."""
+    rng = np.random.default_rng(seed)
     paths = [tmp_path / f"{k}.jpg" for k in range(5)]
     for k, path in enumerate(paths):
         synthetic_image(k % 2, rng).save(path)
-    model = headstart.load(tiny_bundle.bundle_dir)
+    model = headstart.load(bundle.bundle_dir)
     runs, run = [], model.model.run
     model.model.run = lambda pixels, names=None: runs.append(len(pixels)) or run(pixels, names)
+    return model, paths, runs
+
+
+def test_localize_runs_the_model_once_per_batch_for_the_boxes_and_the_classes(tiny_bundle, tmp_path):
+    """`headstart predict --localize` ran the model twice per image, once for the classes and once for the boxes
+    (4.65 s without, 7.75 s with, the coco128 detector): the run that gives the boxes gives the scores."""
+    model, paths, runs = counting_runs(tiny_bundle, tmp_path, seed=5)
     located = model.predict(paths, top_k=2, localize=True, batch_size=2, label_threshold=0.3)
     assert runs == [2, 2, 1]
     runs.clear()
@@ -244,13 +251,7 @@ def test_heatmaps_come_from_the_run_that_answered_once_per_batch(tiny_bundle, tm
     image's own outputs give."""
     from headstart.service.heatmap import heatmap
 
-    rng = np.random.default_rng(6)
-    paths = [tmp_path / f"{k}.jpg" for k in range(5)]
-    for k, path in enumerate(paths):
-        synthetic_image(k % 2, rng).save(path)
-    model = headstart.load(tiny_bundle.bundle_dir)
-    runs, run = [], model.model.run
-    model.model.run = lambda pixels, names=None: runs.append(len(pixels)) or run(pixels, names)
+    model, paths, runs = counting_runs(tiny_bundle, tmp_path, seed=6)
     mapped = model.predict(paths, top_k=2, batch_size=2, heatmaps=tmp_path / "maps")
     assert runs == [2, 2, 1]
     runs.clear()

@@ -300,9 +300,10 @@ def detections_of(
 def localize_images(
     model: Model, images: Sequence[Image.Image], params: LocalizeParams | None = None, threshold: float | None = None
 ) -> list[dict]:
-    """Decoded images → one ``{"detections", "grid", "image_size", "method", "scores"}`` per image, with the open-set
-    answer (``novelty``, ``novelty_threshold``, ``unknown``: :func:`service.inference.open_set_answer`; ``threshold``
-    overrides the model's).
+    """Decoded images → one ``{"detections", "grid", "image_size", "method", "scores", "outputs"}`` per image, with the
+    open-set answer (``novelty``, ``novelty_threshold``, ``unknown``: :func:`service.inference.open_set_answer`;
+    ``threshold`` overrides the model's). ``outputs``: the image's outputs by name (`headstart predict --localize
+    --heatmap` draws its heatmap from them; not for JSON).
 
     ``scores`` are the image-level class scores of the same run (what `classify` answers), so a client needs one
     request for both what and where. The outputs the model has decide how (:func:`method_of`). An image judged
@@ -332,6 +333,7 @@ def localize_images(
                 "image_size": list(original_size(img)),
                 "method": method,
                 "scores": per_image[model.output_names[0]],  # the image-level class probabilities come first
+                "outputs": per_image,
                 **answer,
             }
         )

@@ -246,9 +246,9 @@ def test_localize_runs_the_model_once_per_batch_for_the_boxes_and_the_classes(ti
 
 
 def test_heatmaps_come_from_the_run_that_answered_once_per_batch(tiny_bundle, tmp_path):
-    """`headstart predict --heatmap` ran the model again for each image's heatmap: the batch's run now gives the
-    answers and the class maps drawn, so the answers are those without heatmaps and each heatmap is the one the
-    image's own outputs give."""
+    """`headstart predict --heatmap` (with --localize too) ran the model again for each image's heatmap: the batch's
+    run now gives the answers (and boxes) and the class maps drawn, so the answers are those without heatmaps and each
+    heatmap is the one the image's own outputs give."""
     from headstart.service.heatmap import heatmap
 
     model, paths, runs = counting_runs(tiny_bundle, tmp_path, seed=6)
@@ -258,11 +258,18 @@ def test_heatmaps_come_from_the_run_that_answered_once_per_batch(tiny_bundle, tm
     assert len(model.predict([*paths[:4], tmp_path / "missing.jpg"], batch_size=2, heatmaps=tmp_path / "m2")) == 5
     assert runs == [2, 2]  # no run for a batch without a readable image
     runs.clear()
+    located = model.predict(paths, top_k=2, batch_size=2, localize=True, heatmaps=tmp_path / "m3")
+    assert runs == [2, 2, 1]  # the run that gives the boxes gives the heatmaps
+    runs.clear()
     plain = model.predict(paths, top_k=2, batch_size=2)
     assert runs == [2, 2, 1]
-    for a, b in zip(mapped, plain, strict=True):  # the same batches: the same answers
-        assert a.heatmap is not None and b.heatmap is None
+    for a, b, c in zip(mapped, plain, located, strict=True):  # the same batches: the same answers
+        assert a.heatmap is not None and b.heatmap is None and c.detections is not None
         assert a.model_dump(exclude={"heatmap"}) == b.model_dump(exclude={"heatmap"})
+        assert c.model_dump(exclude={"heatmap", "detections", "method", "image_size"}) == b.model_dump(
+            exclude={"heatmap", "detections", "method", "image_size"}
+        )
+        assert Path(c.heatmap).read_bytes() == Path(a.heatmap).read_bytes()  # the same outputs draw the same map
     # the heatmap of the batch's outputs is the one a run of the image alone draws (within the runtime's last bits)
     heatmap(model.model, Image.open(paths[1]).convert("RGB")).image.save(tmp_path / "alone.jpg", quality=90)
     alone, written, other = (

@@ -120,10 +120,10 @@ class LoadedModel:
         def answered() -> Iterator[Answer]:
             pictures = [img for _, _, img in waiting if not isinstance(img, str)]
             maps = iter([None] * len(pictures))  # each image's outputs for its heatmap, where the run gave them
-            if params:  # one run gives both the boxes and the class scores (it ran the model twice)
+            if params:  # one run gives the boxes, the class scores and the heatmaps
                 located = localize_images(self.model, pictures, params, novelty_threshold)
                 results = iter([classified(self.model, r["scores"], r, top_k, label_threshold) for r in located])
-                boxes = iter(located)
+                boxes, maps = iter(located), iter([r["outputs"] for r in located])
             elif folder is not None:  # one run gives the answers and their heatmaps (it ran the model twice)
                 answers, outputs = self._with_outputs(pictures, top_k, novelty_threshold, label_threshold)
                 results, boxes, maps = iter(answers), iter([{}] * len(pictures)), iter(outputs)

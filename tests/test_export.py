@@ -466,12 +466,10 @@ def test_openvino_and_onnxruntime_agree_on_real_photos(hymenoptera_bundle):
     assert (fp32["onnxruntime"][0].argmax(1) == fp32["openvino"][0].argmax(1)).all()
     for x, y in zip(fp32["onnxruntime"], fp32["openvino"], strict=True):
         assert x.shape == y.shape and np.abs(x - y).max() <= 1e-4, float(np.abs(x - y).max())
-    # int8: each runtime's int8 kernels round in their own way, so each is held to the fp32 model, OpenVINO no
-    # further from it than ONNX Runtime (measured with VNNI: class map mean |d| 0.024 vs 0.026); on a CPU without
-    # VNNI, OpenVINO's int8 kernels round further (AVX2 AMD EPYC, 7-bit weights: probabilities 0.042 vs 0.025)
-    from headstart.service.cpu import cpu_info
-
-    further = 2.0 if cpu_info().int8_saturates else 1.25
+    # int8: each runtime's int8 kernels round in their own way, so each is held to the fp32 model, OpenVINO at most
+    # twice as far from it as ONNX Runtime. On these photos with the 7-bit weights the export writes, mean |d| of
+    # the probabilities, OpenVINO against ONNX Runtime: 0.042 vs 0.025 on an AVX2 AMD EPYC (no VNNI), 0.044 vs
+    # 0.024 on an AVX-512 VNNI AMD EPYC (with 8-bit weights there: 0.015 vs 0.028; benchmarks/RESULTS.md)
     ref = fp32["onnxruntime"]
     int8 = {
         rt: load_bundle(hymenoptera_bundle.bundle_dir, variant="int8", runtime=rt, precision="fp32").run(pixels)
@@ -479,7 +477,7 @@ def test_openvino_and_onnxruntime_agree_on_real_photos(hymenoptera_bundle):
     }
     errors = {rt: [float(np.abs(o - r).mean()) for o, r in zip(out, ref, strict=True)] for rt, out in int8.items()}
     for k in range(2):
-        assert errors["openvino"][k] <= further * errors["onnxruntime"][k] + 1e-3, errors
+        assert errors["openvino"][k] <= 2.0 * errors["onnxruntime"][k] + 1e-3, errors
     assert (int8["openvino"][0].argmax(1) == int8["onnxruntime"][0].argmax(1)).all()
     # and as served by default (bf16 only if the export allowed it): fp32's answers; int8's where fp32 decides (a
     # photo of neither ants nor bees may be a coin flip: the dragonfly, ants 0.553, came out bees 0.6 in int8 on an

@@ -7,8 +7,10 @@ calibrated as the export does (up to 128 of the run's training images), and runs
 the run's validation images on ONNX Runtime and OpenVINO (fp32 precision): per file and runtime, the top-1 agreement
 with fp32 (ONNX Runtime), the mean and largest probability difference, the class map's mean difference, the largest
 move of the "none of these" score, the accuracy and the images per second (median of --rounds runs over all images).
+``--other`` adds the mean probability difference on photos of other things (files or folders; e.g. the shared
+``photos/`` and ``photos/camera/``), where a classifier's scores are least settled.
 
-    .venv/bin/python benchmarks/int8_weights.py BUNDLE_DIR RUN_DIR [--rounds 3] [--json OUT.json]
+    .venv/bin/python benchmarks/int8_weights.py BUNDLE_DIR RUN_DIR [--rounds 3] [--other PATH...] [--json OUT.json]
 
 On a CPU with VNNI (AVX-512 VNNI, AVX-VNNI, AMX) the 8-bit file does not saturate, and the two files differ only by
 the weights' last bit.
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="the run it was exported from (its splits: calibration, validation)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--other", type=Path, nargs="+", default=[], help="photos of other things: files, folders")
     args = parser.parse_args(argv)
 
     from headstart.exporter import KEEP_FP32, MAX_CALIBRATION_IMAGES, _split_paths
@@ -48,10 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     calibration, _ = _split_paths(run, "train", MAX_CALIBRATION_IMAGES)
     val, targets = _split_paths(run, "val", 10_000)
     pixels = np.stack([preprocess(decode_image(p), manifest.preprocess) for p in val])
+    others = [q for p in args.other for q in (sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p])]
+    others = [p for p in others if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp")]
+    other_pixels = np.stack([preprocess(decode_image(p), manifest.preprocess) for p in others]) if others else None
     fp32_path = args.bundle / MODEL_FP32
     fp32 = open_session(fp32_path, "onnxruntime", "cpu")
     names = fp32.output_names  # probabilities, class_map[, novelty]
     reference = fp32.run(names, pixels)
+    other_reference = fp32.run(names, other_pixels)[0] if others else None
     labels = np.asarray(targets)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                     else None,
                     "images_per_s": len(val) / statistics.median(seconds),
                 }
+                if others:
+                    row["other_images"] = len(others)
+                    row["other_mean_abs_prob_diff"] = float(
+                        np.abs(session.run(names, other_pixels)[0] - other_reference).mean()
+                    )
                 rows.append(row)
                 cam = row["class_map_mean_abs_diff"]
                 novelty = row["novelty_max_abs_diff"]
@@ -91,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['max_abs_prob_diff']:.3f}"
                     + (f", class map |d| {cam:.4f}" if cam is not None else "")
                     + (f", novelty max |d| {novelty:.3f}" if novelty is not None else "")
-                    + f", {row['images_per_s']:.0f} img/s",
+                    + f", {row['images_per_s']:.0f} img/s"
+                    + (
+                        f"; {len(others)} other photos |dp| mean {row['other_mean_abs_prob_diff']:.4f}"
+                        if others
+                        else ""
+                    ),
                     flush=True,
                 )
     if args.json:

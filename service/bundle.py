@@ -254,14 +254,16 @@ def served_precision(
 
 
 def int8_note(manifest: Manifest, cpu: CpuInfo | None = None) -> str:
-    """A warning where this CPU's int8 kernels saturate on the bundle's int8 file: one exported before int8 weights
-    were held to 7 bits (``manifest.int8["weight_bits"]``), served on an x86 CPU without VNNI; else ""."""
+    """A warning where this CPU's int8 kernels saturate on the bundle's int8 file: one of 8-bit weights
+    (``manifest.int8["weight_bits"]``: exported before they were held to 7 bits, or with --int8-weight-bits 8),
+    served on an x86 CPU without VNNI; else ""."""
     cpu = cpu or cpu_info()
     if (manifest.int8 or {}).get("weight_bits", 8) <= 7 or not cpu.int8_saturates:
         return ""
     return (
         f"this CPU ({cpu.kind}, no VNNI) saturates int8 sums on this file's 8-bit weights: its answers drift "
-        "further from the fp32 model's than on CPUs with VNNI; re-export with --int8 (7-bit weights) or serve fp32"
+        "further from the fp32 model's than on CPUs with VNNI; re-export with --int8 (7-bit weights, the default) "
+        "or serve fp32"
     )
 
 

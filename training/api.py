@@ -102,9 +102,20 @@ class Run:
         name: str | None = None,
         store: bool = True,
         weights: str | os.PathLike | None = None,
+        int8_weight_bits: int = 7,
     ) -> Bundle:
-        """`headstart export RUN`: a verified bundle in ``out`` (default RUN/bundle)."""
-        return export(self.dir, out, int8=int8, force=force, name=name, store=store, weights=weights)
+        """`headstart export RUN`: a verified bundle in ``out`` (default RUN/bundle). ``int8_weight_bits`` 8: int8
+        weights closer to fp32, for CPUs with VNNI or AMX only (`headstart export --help`)."""
+        return export(
+            self.dir,
+            out,
+            int8=int8,
+            force=force,
+            name=name,
+            store=store,
+            weights=weights,
+            int8_weight_bits=int8_weight_bits,
+        )
 
     def evaluate(
         self, data: str | os.PathLike, out: str | os.PathLike | None = None, *, other: str | None = None
@@ -147,12 +158,22 @@ def export(
     name: str | None = None,
     store: bool = True,
     weights: str | os.PathLike | None = None,
+    int8_weight_bits: int = 7,
 ) -> Bundle:
     """`headstart export RUN`: see :meth:`Run.export`."""
     from headstart.exporter import export_bundle
 
     run_dir = run.dir if isinstance(run, Run) else Path(run)
-    result = export_bundle(run_dir, out, int8=int8, force=force, name=name, store=store, weights=weights)
+    result = export_bundle(
+        run_dir,
+        out,
+        int8=int8,
+        force=force,
+        name=name,
+        store=store,
+        weights=weights,
+        int8_weight_bits=int8_weight_bits,
+    )
     return Bundle(Path(result.bundle_dir), result.tag, result.manifest)
 
 

@@ -89,23 +89,32 @@ def _int8_model(
     images: CheckImages,
     val_targets,
     max_drop: float | None,
+    weight_bits: int = INT8_WEIGHT_BITS,
 ) -> dict:
-    """Quantize to ``path``, calibrated on training images; the task measures it on the validation images against
-    the fp32 model (classifier: accuracy; detector: AP50). Losing more than ``max_drop`` (None: no limit) removes the
-    int8 file and returns None: the verified fp32 bundle is still written, and the log says why int8 was not kept."""
+    """Quantize to ``path`` (weights in ``weight_bits``), calibrated on training images; the task measures it on the
+    validation images against the fp32 model (classifier: accuracy; detector: AP50). Losing more than ``max_drop``
+    (None: no limit) removes the int8 file and returns None: the verified fp32 bundle is still written, and the log
+    says why int8 was not kept."""
     import onnxruntime as ort
 
+    from headstart.service.cpu import cpu_info
+
+    if weight_bits == 8 and cpu_info().int8_saturates:
+        log.warning(
+            "int8 weights in 8 bits saturate on this CPU (x86 without VNNI): the int8 checks here measure that, and "
+            "the service warns where it serves the file on such a CPU. Serve it on CPUs with VNNI or AMX, or export "
+            "with 7-bit weights (the default)."
+        )
     train_paths, _ = _split_paths(run, "train", MAX_CALIBRATION_IMAGES)
-    quantize_int8(fp32, path, train_paths, run.spec, keep_fp32=KEEP_FP32)
+    quantize_int8(fp32, path, train_paths, run.spec, keep_fp32=KEEP_FP32, weight_bits=weight_bits)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     quality = task.int8_quality(run, reference, session, images, val_targets)
     metric, drop = quality["metric"], quality["drop"]
     info = {
         "calibration_images": len(train_paths),
         **quality,
-        "scheme": f"static QDQ, per-channel int8 weights in {INT8_WEIGHT_BITS} bits, uint8 activations (MinMax "
-        "calibration)",
-        "weight_bits": INT8_WEIGHT_BITS,
+        "scheme": f"static QDQ, per-channel int8 weights in {weight_bits} bits, uint8 activations (MinMax calibration)",
+        "weight_bits": weight_bits,
     }
     before, after = quality[f"{metric}_fp32"], quality[f"{metric}_int8"]
     log.info("int8: %s %.4f vs fp32 %.4f (drop %.2f points)", metric, after, before, 100 * drop)
@@ -172,8 +181,15 @@ def export_bundle(
     store: bool = True,
     weights: str | None = None,
     max_int8_drop: float = 0.01,
+    int8_weight_bits: int = INT8_WEIGHT_BITS,
 ) -> ExportResult:
-    """Export, verify and (optionally) import a run into the BentoML model store. Returns the bundle."""
+    """Export, verify and (optionally) import a run into the BentoML model store. Returns the bundle.
+    ``int8_weight_bits``: 7 (the default: no CPU saturates on the file) or 8 (closer to fp32, for CPUs with VNNI or
+    AMX only)."""
+    if int8_weight_bits not in (7, 8):
+        raise ExportError(f"--int8-weight-bits must be 7 or 8, not {int8_weight_bits!r}.")
+    if int8_weight_bits != INT8_WEIGHT_BITS and not int8:
+        raise ExportError("--int8-weight-bits is for the int8 model: add --int8.")
     run = load_run(run_dir, weights=weights)
     task = task_named(run.task).export
     if int8 and not task.int8:
@@ -187,7 +203,8 @@ def export_bundle(
     # mkdtemp creates 0700; give the mode mkdir would, as the user's umask says
     tmp.chmod(0o777 & ~runs.umask())
     try:
-        manifest = _write_bundle(tmp, run, task, name, version, int8, None if force else max_int8_drop)
+        drop = None if force else max_int8_drop
+        manifest = _write_bundle(tmp, run, task, name, version, int8, drop, int8_weight_bits)
         tag = import_to_store(tmp, manifest) if store else None
         _replace_dir(tmp, out)
     except BaseException:
@@ -199,7 +216,14 @@ def export_bundle(
 
 
 def _write_bundle(
-    tmp: Path, run: LoadedRun, task: TaskExport, name: str, version: str, int8: bool, max_int8_drop: float | None
+    tmp: Path,
+    run: LoadedRun,
+    task: TaskExport,
+    name: str,
+    version: str,
+    int8: bool,
+    max_int8_drop: float | None,
+    int8_weight_bits: int = INT8_WEIGHT_BITS,
 ) -> Manifest:
     """The bundle in ``tmp``, each check passed: the ONNX file (and its int8 twin) against PyTorch and on every
     runtime and precision the service may use, the manifest embedded and beside them, loaded by the serving code."""
@@ -220,7 +244,9 @@ def _write_bundle(
     del session  # its arena of activations, before the next sessions open theirs
     int8_info = None
     if int8:
-        int8_info = _int8_model(run, task, fp32, tmp / MODEL_INT8, reference, images, val_targets, max_int8_drop)
+        int8_info = _int8_model(
+            run, task, fp32, tmp / MODEL_INT8, reference, images, val_targets, max_int8_drop, int8_weight_bits
+        )
     files = {"fp32": fp32, **({"int8": tmp / MODEL_INT8} if int8_info is not None else {})}
     runtimes = runtime_checks(task, files, output_names, images, val_targets)
     manifest = _manifest(run, name, version, verification, int8_info, runtimes)

@@ -231,16 +231,17 @@ def quantize_int8(
     keep_fp32: tuple[str, ...] = (),
     weight_bits: int = INT8_WEIGHT_BITS,
 ) -> None:
-    """Static QDQ int8: per-channel int8 weights in ``weight_bits`` (7: ``reduce_range``; 8 only to compare, as
-    ``benchmarks/int8_weights.py`` does), uint8 activations (the fast path on x86 VNNI/AMX). The nodes that compute
-    only the outputs named in ``keep_fp32`` stay in fp32.
+    """Static QDQ int8: per-channel int8 weights in ``weight_bits`` (7: ``reduce_range``; 8 for CPUs with VNNI or
+    AMX only: `headstart export --int8-weight-bits 8`), uint8 activations (the fast path on x86 VNNI/AMX). The
+    nodes that compute only the outputs named in ``keep_fp32`` stay in fp32.
 
     Seven bits because the file is served on CPUs the export never saw: without VNNI (AVX2, AVX-512 without VNNI)
     both runtimes multiply uint8 activations by int8 weights with ``vpmaddubsw``, whose pairwise sums saturate at 16
     bits; weights within [-64, 64] cannot reach that (2 x 255 x 64 < 32767), so no CPU saturates on the file.
     Measured on an AVX2-only AMD EPYC (Zen 3; hymenoptera MobileNetV2, 153 validation images, against fp32): 8-bit
     weights 98.0% top-1 agreement on ONNX Runtime and 96.1% on OpenVINO, "none of these" score moved by up to 0.155;
-    7-bit weights 99.3% on both, 0.024."""
+    7-bit weights 99.3% on both, 0.024. Where nothing saturates (AVX-512 VNNI AMD EPYC) the seventh bit costs: 8-bit
+    100% on both, 7-bit 99.3% (``benchmarks/int8_weights.py``)."""
     if weight_bits not in (7, 8):  # ONNX Runtime's quantizer knows these two (reduce_range or not)
         raise ValueError(f"weight_bits must be 7 or 8 (ONNX Runtime's int8 weights), not {weight_bits!r}")
     import onnx

@@ -436,6 +436,8 @@ def test_int8_weights_in_eight_bits_on_request_for_cpus_with_vnni(tiny_run, tmp_
         export_bundle(tiny_run, tmp_path / "d", int8=True, store=False, int8_weight_bits=6)
     assert main(["export", str(tiny_run), "--out", str(tmp_path / "e"), "--int8-weight-bits", "8", "--no-store"]) != 0
     assert "add --int8" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    args = ["export", str(tiny_run), "--out", str(tmp_path / "e"), "--int8", "--int8-weight-bits", "8", "--no-store"]
+    assert main([*args, "--force"]) == 0 and "int8 kept (8-bit weights)" in capsys.readouterr().out
 
 
 def test_help_and_predicting_with_a_bundle_import_no_torch(tiny_bundle):

@@ -218,7 +218,8 @@ def _cmd_export(args) -> int:
     )
     m = result.manifest
     data = {"bundle": str(result.bundle_dir), "tag": result.tag, "verification": m.verification, "int8": m.int8}
-    int8 = "" if not args.int8 else "; int8 kept" if m.int8 else "; int8 not kept (the log above says why)"
+    kept = f"; int8 kept ({(m.int8 or {}).get('weight_bits')}-bit weights)"
+    int8 = "" if not args.int8 else kept if m.int8 else "; int8 not kept (the log above says why)"
     line = f"{result.bundle_dir}{f' (model store: {result.tag})' if result.tag else ''}: verified"
     _print(args, data, f"{line}, {_figures(m.verification)}{int8}")
     return 0

@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 
+import headstart
 from headstart.cli import main
 from headstart.exporter import ExportError, export_bundle
 from headstart.loaded_run import load_run
@@ -429,9 +430,9 @@ def test_int8_weights_in_eight_bits_on_request_for_cpus_with_vnni(tiny_run, tmp_
     assert largest == {0, 127} or largest == {127}, largest  # (the tiny random model has all-zero layers)
     caplog.clear()
     monkeypatch.setattr(cpu, "cpu_info", lambda: AVX512_BF16)
-    with caplog.at_level(logging.WARNING, logger="headstart"):
-        export_bundle(tiny_run, tmp_path / "c", int8=True, store=False, force=True, int8_weight_bits=8)
-    assert "saturate" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="headstart"):  # and from Python
+        bundle = headstart.export(tiny_run, tmp_path / "c", int8=True, store=False, force=True, int8_weight_bits=8)
+    assert "saturate" not in caplog.text and bundle.manifest.int8["weight_bits"] == 8
     with pytest.raises(ExportError, match="must be 7 or 8"):
         export_bundle(tiny_run, tmp_path / "d", int8=True, store=False, int8_weight_bits=6)
     assert main(["export", str(tiny_run), "--out", str(tmp_path / "e"), "--int8-weight-bits", "8", "--no-store"]) != 0

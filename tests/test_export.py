@@ -409,7 +409,6 @@ def test_int8_weights_in_eight_bits_on_request_for_cpus_with_vnni(tiny_run, tmp_
     EPYC: 100% top-1 agreement against 99.35% with 7 bits): `export --int8 --int8-weight-bits 8` writes them and
     says so in the manifest (the service warns where it serves them on a CPU without VNNI, the test above); the
     export warns on such a CPU; the option without --int8, or another number of bits, is refused before any work."""
-    import onnx
     from onnx import numpy_helper
 
     from headstart.service import cpu
@@ -508,7 +507,7 @@ def test_openvino_and_onnxruntime_agree_on_real_photos(hymenoptera_bundle):
     # int8: each runtime's int8 kernels round in their own way, so each is held to the fp32 model, OpenVINO at most
     # twice as far from it as ONNX Runtime. On these photos with the 7-bit weights the export writes, mean |d| of
     # the probabilities, OpenVINO against ONNX Runtime: 0.042 vs 0.025 on an AVX2 AMD EPYC (no VNNI), 0.044 vs
-    # 0.024 on an AVX-512 VNNI AMD EPYC (with 8-bit weights there: 0.015 vs 0.028; benchmarks/RESULTS.md)
+    # 0.024 on an AVX-512 VNNI AMD EPYC (with 8-bit weights there: 0.015 vs 0.028)
     ref = fp32["onnxruntime"]
     int8 = {
         rt: load_bundle(hymenoptera_bundle.bundle_dir, variant="int8", runtime=rt, precision="fp32").run(pixels)

@@ -124,7 +124,7 @@ class LoadedModel:
                 located = localize_images(self.model, pictures, params, novelty_threshold)
                 results = iter([classified(self.model, r["scores"], r, top_k, label_threshold) for r in located])
                 boxes, maps = iter(located), iter([r["outputs"] for r in located])
-            elif folder is not None:  # one run gives the answers and their heatmaps (it ran the model twice)
+            elif folder is not None:  # one run gives the answers and their heatmaps
                 answers, outputs = self._with_outputs(pictures, top_k, novelty_threshold, label_threshold)
                 results, boxes, maps = iter(answers), iter([{}] * len(pictures)), iter(outputs)
             else:

@@ -95,3 +95,6 @@ class InfoResponse(BaseModel):
     open_set_note: str
     #: a multi-label model's thresholds (global, per label, how they were chosen); null for a single-label model
     thresholds: dict | None = None
+    #: how the bundle's int8 file was made and measured at export (``weight_bits``: 7, or 8 for CPUs with VNNI or
+    #: AMX; the calibration; the accuracy against fp32), whichever variant is served; null for a bundle without one
+    int8: dict | None = None

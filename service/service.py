@@ -396,6 +396,7 @@ class Headstart:
             open_set=self.open_set_info[0],
             open_set_note=self.open_set_info[1],
             thresholds=m.thresholds,
+            int8=m.int8,
         )
 
 

@@ -269,6 +269,8 @@ def test_asgi_info_health_and_openapi(client):
     # the CPU beside them: its kind decides the kernels (AMX, AVX-512 BF16, ...), and whether bf16 is possible at all
     assert info["cpu"]["kind"] == cpu_info().kind and info["cpu"]["cores"] >= 1
     assert info["precision"] == "fp32" or info["cpu"]["kind"] in ("AMX", "AVX-512 BF16")
+    # the bundle's int8 file as the export made it (served or not): its weight bits, say
+    assert info["variant"] == "fp32" and info["int8"]["weight_bits"] == 7 and info["int8"]["metric"] == "accuracy"
     assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
     spec = client.get("/docs.json").json()
     for route in ("/classify", "/classify_batch", "/info"):

@@ -28,6 +28,7 @@ from headstart.loaded_run import LoadedRun, load_run
 from headstart.onnx_io import (
     INPUT_NAME,
     INT8_WEIGHT_BITS,
+    INT8_WEIGHT_BITS_CHOICES,
     CheckImages,
     ExportError,
     embed_manifest,
@@ -89,7 +90,7 @@ def _int8_model(
     images: CheckImages,
     val_targets,
     max_drop: float | None,
-    weight_bits: int = INT8_WEIGHT_BITS,
+    weight_bits: int,
 ) -> dict:
     """Quantize to ``path`` (weights in ``weight_bits``), calibrated on training images; the task measures it on the
     validation images against the fp32 model (classifier: accuracy; detector: AP50). Losing more than ``max_drop``
@@ -186,7 +187,7 @@ def export_bundle(
     """Export, verify and (optionally) import a run into the BentoML model store. Returns the bundle.
     ``int8_weight_bits``: 7 (the default: no CPU saturates on the file) or 8 (closer to fp32, for CPUs with VNNI or
     AMX only)."""
-    if int8_weight_bits not in (7, 8):
+    if int8_weight_bits not in INT8_WEIGHT_BITS_CHOICES:
         raise ExportError(f"--int8-weight-bits must be 7 or 8, not {int8_weight_bits!r}.")
     if int8_weight_bits != INT8_WEIGHT_BITS and not int8:
         raise ExportError("--int8-weight-bits is for the int8 model: add --int8.")
@@ -223,7 +224,7 @@ def _write_bundle(
     version: str,
     int8: bool,
     max_int8_drop: float | None,
-    int8_weight_bits: int = INT8_WEIGHT_BITS,
+    int8_weight_bits: int,
 ) -> Manifest:
     """The bundle in ``tmp``, each check passed: the ONNX file (and its int8 twin) against PyTorch and on every
     runtime and precision the service may use, the manifest embedded and beside them, loaded by the serving code."""

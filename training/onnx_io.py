@@ -38,6 +38,8 @@ CHECK_BATCH_PIXELS = 8 * 224 * 224
 CALIBRATION_BATCH_PIXELS = 4 * 224 * 224
 #: int8 weights are quantized to 7 bits (:func:`quantize_int8`: ``reduce_range``); the manifest records it
 INT8_WEIGHT_BITS = 7
+#: the weight bits ONNX Runtime's quantizer knows (reduce_range or not); 8 for CPUs with VNNI or AMX only
+INT8_WEIGHT_BITS_CHOICES = (7, 8)
 
 
 def batch_for(spec: PreprocessSpec, pixels: int) -> int:
@@ -242,7 +244,7 @@ def quantize_int8(
     weights 98.0% top-1 agreement on ONNX Runtime and 96.1% on OpenVINO, "none of these" score moved by up to 0.155;
     7-bit weights 99.3% on both, 0.024. Where nothing saturates (AVX-512 VNNI AMD EPYC) the seventh bit costs: 8-bit
     100% on both, 7-bit 99.3% (``benchmarks/int8_weights.py``)."""
-    if weight_bits not in (7, 8):  # ONNX Runtime's quantizer knows these two (reduce_range or not)
+    if weight_bits not in INT8_WEIGHT_BITS_CHOICES:
         raise ValueError(f"weight_bits must be 7 or 8 (ONNX Runtime's int8 weights), not {weight_bits!r}")
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static

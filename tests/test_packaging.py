@@ -6,7 +6,9 @@ project folder holding its own ``models/``, ``service/`` and ``training.py`` (us
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,3 +121,81 @@ def test_a_built_wheel_installs_whole_and_trains_and_exports_outside_the_checkou
     assert run([python, "-c", code], elsewhere, env).strip() in ("red", "blue")
     kubernetes = site / "headstart" / "service" / "kubernetes" / "headstart.yaml"
     assert kubernetes.is_file(), "the Kubernetes manifests are not installed"
+
+
+def _requirement_name(requirement: str) -> str:
+    """ "torch==2.14.1" → "torch", "ray[data]==2.60.0" → "ray" (as pip compares names: lower case, - for _)."""
+    name = re.split(r"[\[<>=!~;\s]", requirement, maxsplit=1)[0]
+    return name.lower().replace("_", "-")
+
+
+def test_every_library_of_an_extra_is_known_to_the_missing_extra_message():
+    tomllib = pytest.importorskip("tomllib")
+    from headstart.extras import EXTRAS, USES
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra, requirements in extras.items():
+        if extra in ("dev", "all"):  # the tests' tools; every other extra
+            continue
+        assert extra in EXTRAS and extra in USES, f"extras.py does not know the {extra!r} extra"
+        listed = {_requirement_name(d) for d in EXTRAS[extra]}
+        assert listed == {_requirement_name(r) for r in requirements}, extra
+    assert set(EXTRAS) <= set(extras)
+    for modules in EXTRAS.values():  # the development environment has every extra: each module name is right
+        for module in modules.values():
+            assert importlib.util.find_spec(module) is not None, module
+
+
+MISSING = [
+    ("torch", ["train", "{data}", "--out", "{tmp}/run"], "train"),
+    ("torch", ["export", "{run}", "--out", "{tmp}/bundle"], "train"),
+    ("torch", ["predict", "{run}", "{image}"], "train"),
+    ("torch", ["evaluate", "{tmp}/some-bundle", "{data}", "--out", "{tmp}/eval"], "train"),
+    ("bentoml", ["serve", "{tmp}/some-bundle"], "serve"),
+    ("bentoml", ["export", "{run}", "--out", "{tmp}/bundle"], "serve"),  # the model store: before the work
+    ("ray", ["predict-batch", "{tmp}/some-bundle", "{data}", "--out", "{tmp}/out"], "scale"),
+]
+
+
+@pytest.mark.parametrize(("module", "argv", "extra"), MISSING, ids=[f"{a[0]}-without-{m}" for m, a, _ in MISSING])
+def test_a_command_whose_extra_is_missing_says_which_extra_to_install(tmp_path, module, argv, extra):
+    """`pip install headstart` installs the serving code alone: `headstart train` there ended in a traceback ending
+    "No module named 'torch'", `headstart serve` printed "serving ..." before its child failed on bentoml."""
+    data = make_image_folder(tmp_path / "data", {"red": 2, "blue": 2})
+    run_dir = tmp_path / "a-run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("task: classify\n")  # a run directory to the verbs: its PyTorch model
+    image = next(data.rglob("*.jpg"))
+    args = [a.format(data=data, tmp=tmp_path, run=run_dir, image=image) for a in argv]
+    code = (  # the library as if not installed: `import torch` raises ModuleNotFoundError
+        f"import sys\nsys.modules[{module!r}] = None\nfrom headstart.cli import main\nsys.exit(main({args!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "http://" not in out.stderr, out.stderr  # no "serving ... on http://"
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"headstart {argv[0]}: error: {module} is not installed in this Python"), line
+    assert f'pip install "headstart[{extra}]"' in line and f'pip install -e ".[{extra}]"' in line, line
+    assert ("--no-store" in line) == (argv[0] == "export" and module == "bentoml"), line
+
+
+def test_the_python_api_says_which_extra_is_missing_too(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"red": 2, "blue": 2})
+    code = (
+        "import sys\nsys.modules['torch'] = None\nimport headstart\nfrom headstart.extras import MissingExtra\n"
+        f"try:\n    headstart.train({str(data)!r}, out={str(tmp_path / 'run')!r})\n"
+        "except MissingExtra as exc:\n    assert isinstance(exc, ModuleNotFoundError) and exc.name == 'torch'\n"
+        "    print(exc)\nelse:\n    raise SystemExit('trained without torch')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("torch is not installed") and 'pip install "headstart[train]"' in out.stdout
+
+
+def test_a_broken_install_or_another_module_is_not_called_a_missing_extra():
+    from headstart.extras import missing_extra
+
+    # torch is installed here: a part of it missing is a broken install, whose own error says more
+    assert missing_extra(ModuleNotFoundError("No module named 'torch._C'", name="torch._C")) is None
+    assert missing_extra(ModuleNotFoundError("No module named 'my_models'", name="my_models")) is None
+    assert missing_extra(ModuleNotFoundError("no name")) is None

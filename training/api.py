@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from headstart.extras import explained, require
 from headstart.predicting import Answer, ImageInput, LoadedModel
 from headstart.service.contract import Manifest, Model
 
@@ -71,6 +72,7 @@ class Run:
     labels: list[str] = field(repr=False)
 
     @classmethod
+    @explained
     def open(cls, run_dir: str | os.PathLike) -> Run:
         """A finished run directory (refused with a message when it is not one)."""
         import yaml
@@ -128,6 +130,7 @@ class Run:
         return load(self.dir, **options)
 
 
+@explained
 def train(data: str | os.PathLike, out: str | os.PathLike, task: str | None = None, **options: Any) -> Run:
     """`headstart train DATA --out OUT`: the options are the command line's, with underscores
     (``backbone="mobilenet_v2"``, ``epochs=30``, ``resume=True``...; `headstart train --help` lists them and their
@@ -149,6 +152,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, task: str | None = No
     return Run.open(train_task(config(data_dir=os.fspath(data), out=os.fspath(out), **options)))
 
 
+@explained
 def export(
     run: str | os.PathLike | Run,
     out: str | os.PathLike | None = None,
@@ -177,6 +181,7 @@ def export(
     return Bundle(Path(result.bundle_dir), result.tag, result.manifest)
 
 
+@explained
 def resolve_model(
     ref: str | os.PathLike,
     *,
@@ -233,6 +238,7 @@ def default_eval_dir(model: str | os.PathLike) -> Path:
     raise ValueError(f"{os.fspath(model)} is a model-store tag: say where the evaluation goes with --out (out=).")
 
 
+@explained
 def evaluate(
     model: str | os.PathLike | Run | Bundle,
     data: str | os.PathLike,
@@ -247,6 +253,7 @@ def evaluate(
     returns the summary. ``other``: images of things the model never learned (classifiers: the novelty score)."""
     from headstart.tasks import task_named
 
+    require("torch")  # every task's metrics: before a bundle is loaded for nothing
     ref = model.dir if isinstance(model, Run | Bundle) else model
     found = resolve_model(ref, weights=weights, **options)
     target = Path(out) if out else default_eval_dir(ref)
@@ -276,6 +283,7 @@ class Server:
         self.stop()
 
 
+@explained
 def serve_settings(
     model: str | os.PathLike,
     *,
@@ -293,6 +301,7 @@ def serve_settings(
     from headstart.service.bundle import variant_file, verify_bundle
     from headstart.service.runtime import choose_runtime
 
+    require("bentoml", "python_multipart")  # before the model's checks: without them nothing can serve it
     model = os.fspath(model)
     if (Path(model) / "bundle" / "manifest.json").is_file():  # a run directory: its exported bundle
         model = str(Path(model) / "bundle")
@@ -308,6 +317,7 @@ def serve_settings(
     return served, {f"HEADSTART_{k}": str(v) for k, v in settings.items()}
 
 
+@explained
 def serve(
     model: str | os.PathLike | Run | Bundle,
     *,

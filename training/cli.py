@@ -449,10 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_predict_batch(args) -> int:
     """Predict a whole image collection on Ray Data (torch-free workers); prints the summary as JSON."""
-    try:
-        import ray  # noqa: F401
-    except ImportError as exc:
-        raise ValueError('predict-batch needs Ray Data: pip install -e ".[scale]" (or "ray[data]").') from exc
+    from headstart.extras import require
+
+    require("ray")
     from headstart.service.batch import predict_batch
 
     summary = predict_batch(
@@ -545,12 +544,19 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     if args.command in ("train", "crossval", "predict-batch") and not sys.stderr.isatty():
         args.progress = False  # bars redraw a terminal; in a log or a pipe each update would be a line of its own
+    from headstart.extras import missing_extra
     from headstart.service.errors import HeadstartError  # torch-free: `headstart predict BUNDLE` never imports torch
 
     try:
         return COMMANDS[args.command](args)
     except (HeadstartError, ValueError) as exc:
         print(f"headstart {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a library of one of headstart's extras not installed: which extra
+        missing = missing_extra(exc)
+        if missing is None:
+            raise
+        print(f"headstart {args.command}: error: {missing}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"headstart {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from headstart import runs, tracking
+from headstart.extras import require
 from headstart.loaded_run import LoadedRun, load_run
 from headstart.onnx_io import (
     INPUT_NAME,
@@ -191,6 +192,8 @@ def export_bundle(
         raise ExportError(f"--int8-weight-bits must be 7 or 8, not {int8_weight_bits!r}.")
     if int8_weight_bits != INT8_WEIGHT_BITS and not int8:
         raise ExportError("--int8-weight-bits is for the int8 model: add --int8.")
+    if store:  # before the work: the bundle was written and verified, then thrown away for want of the store
+        require("bentoml", otherwise="Or export with --no-store (store=False): the bundle alone, served by its folder.")
     run = load_run(run_dir, weights=weights)
     task = task_named(run.task).export
     if int8 and not task.int8:

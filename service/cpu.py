@@ -25,6 +25,12 @@ EXTENSIONS = {
     "avx2": "AVX2",
 }
 
+#: The bits of the int8 weights an export writes unless asked: 7, on which no CPU saturates
+#: (:attr:`CpuInfo.int8_saturates`); the manifest records them (``int8["weight_bits"]``)
+INT8_WEIGHT_BITS = 7
+#: the weight bits ONNX Runtime's quantizer knows (``reduce_range`` or not); 8 for CPUs with VNNI or AMX only
+INT8_WEIGHT_BITS_CHOICES = (7, 8)
+
 
 @dataclass(frozen=True)
 class CpuInfo:

@@ -31,6 +31,7 @@ from typing import Any
 from headstart.extras import explained, require
 from headstart.predicting import Answer, ImageInput, LoadedModel
 from headstart.service.contract import Manifest, Model
+from headstart.service.cpu import INT8_WEIGHT_BITS
 
 __all__ = [  # Answer, ImageInput and LoadedModel live in headstart/predicting.py
     "Answer",
@@ -104,7 +105,7 @@ class Run:
         name: str | None = None,
         store: bool = True,
         weights: str | os.PathLike | None = None,
-        int8_weight_bits: int = 7,
+        int8_weight_bits: int = INT8_WEIGHT_BITS,
     ) -> Bundle:
         """`headstart export RUN`: a verified bundle in ``out`` (default RUN/bundle). ``int8_weight_bits`` 8: int8
         weights closer to fp32, for CPUs with VNNI or AMX only (`headstart export --help`)."""
@@ -162,7 +163,7 @@ def export(
     name: str | None = None,
     store: bool = True,
     weights: str | os.PathLike | None = None,
-    int8_weight_bits: int = 7,
+    int8_weight_bits: int = INT8_WEIGHT_BITS,
 ) -> Bundle:
     """`headstart export RUN`: see :meth:`Run.export`."""
     from headstart.exporter import export_bundle

@@ -337,6 +337,8 @@ def _add_predict_batch(sub) -> None:
 
 
 def _add_export(sub) -> None:
+    from headstart.service.cpu import INT8_WEIGHT_BITS, INT8_WEIGHT_BITS_CHOICES
+
     p = sub.add_parser("export", help="verified ONNX bundle (+ int8), imported into the BentoML model store")
     p.add_argument("run_dir")
     p.add_argument("--out", help="bundle directory (default RUN_DIR/bundle)")
@@ -344,8 +346,8 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--int8-weight-bits",
         type=int,
-        choices=(7, 8),
-        default=7,
+        choices=INT8_WEIGHT_BITS_CHOICES,
+        default=INT8_WEIGHT_BITS,
         help="the int8 model's weights in 7 bits (default: right on every CPU) or 8 (closer to fp32, but x86 CPUs "
         "without VNNI or AMX saturate on them: only for servers known to have them)",
     )

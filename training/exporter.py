@@ -28,8 +28,6 @@ from headstart.extras import require
 from headstart.loaded_run import LoadedRun, load_run
 from headstart.onnx_io import (
     INPUT_NAME,
-    INT8_WEIGHT_BITS,
-    INT8_WEIGHT_BITS_CHOICES,
     CheckImages,
     ExportError,
     embed_manifest,
@@ -39,6 +37,7 @@ from headstart.onnx_io import (
 from headstart.runtime_checks import runtime_checks
 from headstart.service.bundle import MANIFEST, MODEL_FP32, MODEL_INT8, load_bundle, sha256_file
 from headstart.service.contract import Manifest
+from headstart.service.cpu import INT8_WEIGHT_BITS, INT8_WEIGHT_BITS_CHOICES
 from headstart.service.runtime import openvino_available
 from headstart.tasks import task_named
 from headstart.tasks.base import TaskExport
@@ -99,7 +98,7 @@ def _int8_model(
     says why int8 was not kept."""
     import onnxruntime as ort
 
-    from headstart.service.cpu import cpu_info
+    from headstart.service.cpu import cpu_info  # at call time: tests stand in another CPU
 
     if weight_bits == 8 and cpu_info().int8_saturates:
         log.warning(

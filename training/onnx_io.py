@@ -15,6 +15,7 @@ import torch
 from headstart.service.ahead import load_batches
 from headstart.service.bundle import METADATA_KEY
 from headstart.service.contract import Manifest
+from headstart.service.cpu import INT8_WEIGHT_BITS, INT8_WEIGHT_BITS_CHOICES
 from headstart.service.errors import HeadstartError
 from headstart.service.inference import outputs_of_batches
 from headstart.service.preprocess import PreprocessSpec
@@ -36,10 +37,6 @@ CHECK_BATCH_PIXELS = 8 * 224 * 224
 #: ranges, the minimum and maximum over all the images, do not depend on the batches but for the last bit of an
 #: activation a kernel may round differently (the hymenoptera MobileNetV2's int8 file: the same, every scale).
 CALIBRATION_BATCH_PIXELS = 4 * 224 * 224
-#: int8 weights are quantized to 7 bits (:func:`quantize_int8`: ``reduce_range``); the manifest records it
-INT8_WEIGHT_BITS = 7
-#: the weight bits ONNX Runtime's quantizer knows (reduce_range or not); 8 for CPUs with VNNI or AMX only
-INT8_WEIGHT_BITS_CHOICES = (7, 8)
 
 
 def batch_for(spec: PreprocessSpec, pixels: int) -> int:

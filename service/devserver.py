@@ -4,6 +4,7 @@ and benchmarks (in a child process, :func:`serving`) start it the same way."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import subprocess
@@ -12,9 +13,49 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import HeadstartError
+
 
 class ServerFailed(RuntimeError):
     """The server exited or did not become ready; the message ends with its log."""
+
+
+class PortUnavailable(HeadstartError):
+    """The server could not listen where it was asked to; the message says why and what to do."""
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse at once an address the server could not listen on: bentoml would end in a traceback of its own
+    (``OSError: [Errno 98] Address already in use``), and a caller waiting for ``/readyz`` could be answered by the
+    other server on that port. Bound as the server binds (``SO_REUSEADDR``: a port a stopped server left in
+    TIME_WAIT is free), and let go at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortUnavailable(
+                    f"Port {port} on {host} is in use by another process (another headstart serve?): stop it, or "
+                    "serve on another port (--port, port=)."
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise PortUnavailable(
+                    f"Listening on port {port} is not allowed to this user (ports below 1024 need root): use a "
+                    "port of 1024 or more (--port, port=)."
+                ) from None
+            if isinstance(exc, socket.gaierror):
+                raise PortUnavailable(
+                    f"--host {host} is not a name this machine can resolve ({exc.strerror}): give an address, "
+                    "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)."
+                ) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise PortUnavailable(
+                    f"--host {host} is not an address of this machine: use 127.0.0.1 (this machine only), 0.0.0.0 "
+                    "(every interface) or one of its own addresses."
+                ) from None
+            raise PortUnavailable(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.") from None
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -47,14 +48,27 @@ def test_headstart_serve_binds_loopback_logs_one_start_line_and_answers(tiny_bun
         (["no-such-model:v1"], "no-such-model"),
         (["TINY", "--variant", "int8"], "no int8 model"),
         (["TINY", "--runtime", "onnxruntime", "--device", "cuda"], "CUDA"),
+        # bentoml ended these in its traceback ("OSError: [Errno 98] Address already in use"), after "serving ..."
+        (["TINY", "--port", "BUSY"], "is in use by another process"),
+        (["TINY", "--host", "203.0.113.7"], "is not an address of this machine"),  # TEST-NET-3: no machine's
+        (["TINY", "--host", "no-such-host.invalid"], "is not a name this machine can resolve"),
+        (["TINY", "--port", "70000"], "a port is at most 65535"),
     ],
-    ids=["model", "variant", "device"],
+    ids=["model", "variant", "device", "port-in-use", "host-elsewhere", "host-unknown", "port-range"],
 )
 def test_headstart_serve_refuses_a_wrong_start_with_one_line(tiny_bundle, args, words):
     args = [str(tiny_bundle.bundle_dir) if a == "TINY" else a for a in args]
-    out = subprocess.run(
-        [sys.executable, "-m", "headstart.cli", "serve", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    with socket.socket() as busy:  # another process's server, listening
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = [str(busy.getsockname()[1]) if a == "BUSY" else a for a in args]
+        out = subprocess.run(
+            [sys.executable, "-m", "headstart.cli", "serve", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(lines) == 1 and words in lines[0], out.stderr[-2000:]
 

@@ -288,6 +288,7 @@ class Server:
 def serve_settings(
     model: str | os.PathLike,
     *,
+    host: str = "127.0.0.1",
     port: int = 3000,
     workers: int | None = None,
     threads: int | None = None,
@@ -297,9 +298,10 @@ def serve_settings(
     precision: str | None = None,
 ) -> tuple[str, dict[str, str]]:
     """Check what `headstart serve` is asked to serve, at once (a wrong tag, a missing variant, an unusable
-    runtime: one error), and return the model to serve and its HEADSTART_* settings. An option not given leaves the
-    environment's HEADSTART_* variable in force, else the default."""
+    runtime, a port in use: one error), and return the model to serve and its HEADSTART_* settings. An option not
+    given leaves the environment's HEADSTART_* variable in force, else the default."""
     from headstart.service.bundle import variant_file, verify_bundle
+    from headstart.service.devserver import check_port
     from headstart.service.runtime import choose_runtime
 
     require("bentoml", "python_multipart")  # before the model's checks: without them nothing can serve it
@@ -313,6 +315,9 @@ def serve_settings(
     choose_runtime(settings["RUNTIME"], settings["DEVICE"])
     if port < 1 or (workers is not None and workers < 1) or (threads is not None and threads < 1):
         raise ValueError("--port, --workers and --threads must be at least 1.")
+    if port > 65535:
+        raise ValueError(f"--port {port}: a port is at most 65535.")
+    check_port(host, port)
     settings |= {k: v for k, v in (("WORKERS", workers), ("THREADS", threads)) if v is not None}
     served = str(Path(model).resolve()) if Path(model).is_dir() else model
     return served, {f"HEADSTART_{k}": str(v) for k, v in settings.items()}
@@ -337,7 +342,7 @@ def serve(
     from headstart.service.devserver import start, stop, wait_ready
 
     ref = model.dir if isinstance(model, Run | Bundle) else model
-    served, env = serve_settings(ref, port=port, **options)
+    served, env = serve_settings(ref, host=host, port=port, **options)
     log_path = Path(log) if log else Path(tempfile.mkstemp(prefix="headstart-serve-", suffix=".log")[1])
     process = start(served, port, log_path, host=host, **env)
     server = Server(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", process, log_path)

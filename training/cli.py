@@ -489,7 +489,7 @@ def _cmd_serve(args) -> int:
     from headstart.service.devserver import serve
 
     options = {k: getattr(args, k) for k in ("port", "workers", "threads", "variant", "device", "runtime", "precision")}
-    model, env = serve_settings(args.model, **options)
+    model, env = serve_settings(args.model, host=args.host, **options)
     log.info("serving %s on http://%s:%d (Ctrl-C stops it)", model, args.host, args.port)
     serve(model, args.host, args.port, **env)
     return 0  # not reached: the process is now bentoml serve

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -28,6 +29,10 @@ _KINDS = {
     stat.S_IFSOCK: "a socket",
     stat.S_IFDIR: "a folder",
 }
+
+
+#: a URL (https://, s3://, ...) given where a file is read: the message says so rather than "does not exist"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class FileProblem(ImageError):
@@ -58,6 +63,11 @@ def read_image_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     try:
         info = os.stat(path)
     except FileNotFoundError:
+        if _URL.match(os.fspath(path)):
+            raise FileProblem(
+                "This is a URL, not a file: headstart reads image files on this machine. Download it first (for "
+                "example curl -LO URL) and give the file."
+            ) from None
         raise FileProblem("The file does not exist (deleted, or a link to nothing).") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:

@@ -513,3 +513,19 @@ def test_absolute_form_targets_and_header_bytes_are_normalised_before_the_app():
     assert scope["headers"][0] == (b"content-type", b"multipart/form-data\\xff; boundary=x")
     assert scope["headers"][1] == (b"x-other", b"\xff")  # only the headers the access log decodes
     assert scope["headstart.bad_header"] == "Content-Type"
+
+
+def test_a_url_given_for_a_file_is_named_a_url(tmp_path):
+    """`headstart predict MODEL https://.../cat.jpg` said "The file does not exist": a user reads that as a broken
+    link on the server, not as "download it first"."""
+    from headstart.service.files import FileProblem, read_image_file
+
+    for url in ("https://example.com/cat.jpg", "http://127.0.0.1:3000/x.png", "s3://bucket/photo.jpg"):
+        with pytest.raises(FileProblem, match=r"This is a URL, not a file.*Download it first"):
+            read_image_file(url)
+    folder = tmp_path / "https:"  # a file that exists is read, whatever its path looks like
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "x.png")
+    assert read_image_file(folder / "x.png").startswith(b"\x89PNG")
+    with pytest.raises(FileProblem, match="does not exist"):
+        read_image_file(tmp_path / "missing.jpg")

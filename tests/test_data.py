@@ -300,3 +300,30 @@ def test_every_task_s_scan_keeps_the_checked_images_in_the_run_s_feature_cache(t
     assert verified_images(off) is None
     task_named(task).scan(off)
     assert decoded and not (tmp_path / "c2").exists()
+
+
+def test_headstarts_own_outputs_in_the_data_folder_are_not_classes(tmp_path):
+    """`headstart train DATA --out DATA/run`: the next training read run/ as a class of its plots, and `headstart
+    evaluate RUN DATA --out DATA/eval` failed on "class folders ['eval', 'run'] that the model does not know"."""
+    root = make_image_folder(tmp_path / "d", {"a": 6, "b": 6})
+    plot = Image.new("RGB", (64, 48), (200, 30, 30))
+    for name, marker in (("run", "config.yaml"), ("bundle", "manifest.json"), ("eval", "metrics.json")):
+        (root / name).mkdir()
+        (root / name / marker).write_text("{}\n")
+        plot.save(root / name / "confusion_matrix.png")
+    (root / "fresh-eval").mkdir()  # what `evaluate --out` makes before it scans
+    report = scan_image_folder(root)
+    assert report.labels == ["a", "b"] and sum(len(s) for s in report.splits.values()) == 12
+    left_out = [w for w in report.warnings if "of headstart's, not a class" in w]
+    assert [w.split()[0] for w in left_out] == [str(root / n) for n in ("bundle", "eval", "run")], report.warnings
+    assert "a run directory" in left_out[2] and "--out runs/NAME" in left_out[2]
+
+    evaluation = scan_eval_folder(root, ["a", "b"])
+    assert len(evaluation.splits["eval"]) == 12 and len(evaluation.warnings) == 3
+    plot.save(root / "fresh-eval" / "cat.png")  # a folder of images the model does not know is still refused
+    with pytest.raises(DatasetError, match=r"class folders \['fresh-eval'\]"):
+        scan_eval_folder(root, ["a", "b"])
+
+    split = make_image_folder(tmp_path / "s", {"a": 4, "b": 4}, splits={"train": 0.5, "val": 0.5})
+    shutil.copytree(root / "run", split / "train" / "run")
+    assert scan_image_folder(split).labels == ["a", "b"]

@@ -86,14 +86,40 @@ class DatasetReport:
         return "\n".join(lines)
 
 
-def _list_class_dirs(folder: Path) -> list[Path]:
-    dirs = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
-    for d in dirs:
+#: The files that make a folder headstart's own output, never a class: a run, an evaluation or a bundle written inside
+#: the data folder (`headstart train DATA --out DATA/run`) was read as a class of its plots by the next training, and
+#: made `headstart evaluate RUN DATA` fail on "class folders ['run'] that the model does not know"
+OUTPUT_MARKERS = {
+    "config.yaml": "a run directory",  # the run's record (training/runs.py: CONFIG)
+    "manifest.json": "a bundle",  # service/bundle.py: MANIFEST
+    "crossval.json": "a cross-validation",  # training/crossval.py: SUMMARY
+    "metrics.json": "an evaluation",  # `headstart evaluate --out`
+}
+
+
+def _output_kind(folder: Path) -> str | None:
+    return next((kind for name, kind in OUTPUT_MARKERS.items() if (folder / name).is_file()), None)
+
+
+def _list_class_dirs(folder: Path, warnings: list[str] | None = None) -> list[Path]:
+    """The class folders in ``folder``: its subfolders but hidden ones and headstart's own outputs (named in
+    ``warnings``)."""
+    dirs = []
+    for d in sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name):
+        kind = _output_kind(d)
+        if kind is not None:
+            if warnings is not None:
+                warnings.append(
+                    f"{shown(d)} is {kind} of headstart's, not a class: left out (keep runs and evaluations outside "
+                    "the data folder, e.g. --out runs/NAME)."
+                )
+            continue
         if not utf8_name(d.name):
             raise DatasetError(
                 f"The class folder {shown(d)!r} has a name that is not UTF-8. A class name becomes a label in the "
                 "model and its answers (JSON): rename the folder."
             )
+        dirs.append(d)
     return dirs
 
 
@@ -149,8 +175,10 @@ def scan_image_folder(
     if not split_dirs:
         split_dirs = {"all": root}
 
+    outputs: list[str] = []  # headstart's own outputs found among the class folders
     files: dict[str, dict[str, list[Path]]] = {
-        split: {d.name: _list_files(d) for d in _list_class_dirs(folder)} for split, folder in split_dirs.items()
+        split: {d.name: _list_files(d) for d in _list_class_dirs(folder, outputs)}
+        for split, folder in split_dirs.items()
     }
     if not any(files.values()):
         raise DatasetError(
@@ -162,7 +190,7 @@ def scan_image_folder(
     splits, split_source, warnings = _split(good, labels, val_fraction, seed)
     duplicates = _leaks(splits)
     conflicts = _conflicts(splits, labels)
-    warnings += _warnings(splits, labels, duplicates, corrupt, conflicts)
+    warnings += _warnings(splits, labels, duplicates, corrupt, conflicts) + outputs
     return DatasetReport(root, list(labels), splits, split_source, ignored, corrupt, duplicates, warnings, conflicts)
 
 
@@ -297,7 +325,9 @@ def scan_eval_folder(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"Data folder {root} does not exist or is not a folder.")
-    class_dirs = _list_class_dirs(root)
+    outputs: list[str] = []
+    # an empty folder holds nothing to evaluate: `evaluate --out DATA/eval` makes its own before this scan
+    class_dirs = [d for d in _list_class_dirs(root, outputs) if d.name in labels or _list_files(d)]
     unknown = sorted(d.name for d in class_dirs if d.name not in labels)
     if unknown:
         raise DatasetError(
@@ -314,6 +344,7 @@ def scan_eval_folder(
     conflicts = _conflicts({"eval": samples}, labels)
     warnings = [_conflict_warning(conflicts, "the model can be right on only one of the copies")] if conflicts else []
     warnings += [f"{len(corrupt)} corrupt images were skipped (listed above)."] if corrupt else []
+    warnings += outputs
     return DatasetReport(
         root, list(labels), {"eval": samples}, "evaluation folder", ignored, corrupt, [], warnings, conflicts
     )

@@ -53,11 +53,13 @@ def test_headstart_serve_binds_loopback_logs_one_start_line_and_answers(tiny_bun
         (["TINY", "--host", "203.0.113.7"], "is not an address of this machine"),  # TEST-NET-3: no machine's
         (["TINY", "--host", "no-such-host.invalid"], "is not a name this machine can resolve"),
         (["TINY", "--port", "70000"], "a port is at most 65535"),
+        (["RUN"], "is a run directory with no exported bundle in it"),  # was "not a headstart bundle"
     ],
-    ids=["model", "variant", "device", "port-in-use", "host-elsewhere", "host-unknown", "port-range"],
+    ids=["model", "variant", "device", "port-in-use", "host-elsewhere", "host-unknown", "port-range", "run"],
 )
-def test_headstart_serve_refuses_a_wrong_start_with_one_line(tiny_bundle, args, words):
-    args = [str(tiny_bundle.bundle_dir) if a == "TINY" else a for a in args]
+def test_headstart_serve_refuses_a_wrong_start_with_one_line(tiny_bundle, tmp_path, args, words):
+    (tmp_path / "config.yaml").write_text("task: classify\n")  # a run directory, never exported
+    args = [{"TINY": str(tiny_bundle.bundle_dir), "RUN": str(tmp_path)}.get(a, a) for a in args]
     with socket.socket() as busy:  # another process's server, listening
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -308,6 +308,12 @@ def serve_settings(
     model = os.fspath(model)
     if (Path(model) / "bundle" / "manifest.json").is_file():  # a run directory: its exported bundle
         model = str(Path(model) / "bundle")
+    elif (Path(model) / "config.yaml").is_file():
+        raise ValueError(
+            f"{model} is a run directory with no exported bundle in it ({Path(model) / 'bundle'}): the service serves "
+            f"bundles. Export it first (headstart export {model}), or serve a bundle exported elsewhere by its folder "
+            "or model-store tag."
+        )
     chosen = {"VARIANT": variant, "DEVICE": device, "RUNTIME": runtime, "PRECISION": precision}
     defaults = {"VARIANT": "fp32", "DEVICE": "auto", "RUNTIME": "auto", "PRECISION": "auto"}
     settings = {k: v or os.environ.get(f"HEADSTART_{k}") or defaults[k] for k, v in chosen.items()}

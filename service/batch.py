@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import HeadstartError
 from .files import FileProblem, image_paths, read_image_file, shown, utf8_name
+from .inference import check_answer_options
 from .localize import DEFAULTS
 
 log = logging.getLogger("headstart")
@@ -306,6 +307,10 @@ def predict_batch(
 
     if min(top_k, batch_size, part_size) < 1 or (actors is not None and actors < 1):
         raise BatchError("--top-k, --batch-size, --part-size and --actors must be at least 1.")
+    try:
+        check_answer_options(top_k, novelty_threshold)  # a typo would have made every row "none of these"
+    except ValueError as exc:
+        raise BatchError(str(exc)) from None
     started = time.perf_counter()
     out = Path(out)
     bundle_dir, manifest = verify_bundle(model)

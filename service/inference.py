@@ -18,6 +18,26 @@ from .preprocess import PreprocessSpec, preprocess
 RunFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 
 
+#: the most classes an answer lists (more than a model's labels: all of them)
+MAX_TOP_K = 1000
+#: novelty is a cosine distance: 0 to 2
+MAX_NOVELTY = 2.0
+
+
+def check_answer_options(
+    top_k: int = 5, novelty_threshold: float | None = None, label_threshold: float | None = None
+) -> None:
+    """ValueError naming the first answer option out of its range (the service answers it with a 400, `headstart
+    predict` and the Python API say it before any image is read): ``top_k`` 1 to :data:`MAX_TOP_K`,
+    ``novelty_threshold`` 0 to :data:`MAX_NOVELTY`, ``label_threshold`` 0 to 1; NaN is out of every range."""
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}.")
+    if novelty_threshold is not None and not 0.0 <= novelty_threshold <= MAX_NOVELTY:
+        raise ValueError(f"novelty_threshold must be between 0 and {MAX_NOVELTY:g}, got {novelty_threshold}.")
+    if label_threshold is not None and not 0.0 <= label_threshold <= 1.0:
+        raise ValueError(f"label_threshold must be between 0 and 1, got {label_threshold}.")
+
+
 def outputs_of_batches(run: RunFn, batches: Iterable[np.ndarray]) -> list[np.ndarray]:
     """Every output of ``run`` over batches of model input, each output concatenated over the batches."""
     parts = [list(run(pixels)) for pixels in batches]

@@ -37,7 +37,7 @@ from .cpu import cpu_info
 from .errors import HeadstartError
 from .guard import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, RequestGuard, current_request
 from .heatmap import heatmap as class_heatmap
-from .inference import classified, classify_arrays, classify_images
+from .inference import check_answer_options, classified, classify_arrays, classify_images
 from .localize import DEFAULTS, LocalizeError, LocalizeParams, draw_detections, localize_images
 from .preprocess import ImageError, decode_for, preprocess
 from .runtime import choose_runtime
@@ -86,12 +86,9 @@ try:
 except HeadstartError as exc:
     sys.exit(f"headstart cannot start: {exc}")
 MODEL_IS_PATH = os.sep in MODEL_REF or Path(MODEL_REF).is_dir()
-MAX_TOP_K = 1000
 #: Pixels a merged /classify_batch batch may decode in all (four of the largest images allowed; JPEGs count at the
 #: scale they are decoded at, so 32 camera photos take about 16 MP).
 MAX_BATCH_DECODE_PIXELS = 4 * SETTINGS.max_image_pixels
-#: novelty is a cosine distance: 0 to 2
-MAX_NOVELTY = 2.0
 #: CPU serving: one worker process per core, so request handling (Python, GIL-bound) runs on every core, with the
 #: cores shared among the workers' inference threads. Measured on 2 cores at concurrency 32: 2 workers x 1 thread
 #: served 1.9x (Intel AMX) and 1.65x (AMD EPYC) the requests of 1 worker x 2 threads (benchmarks/RESULTS.md). One
@@ -142,9 +139,16 @@ def _threshold(value: float | None) -> float | None:
     model's own)."""
     if value is None:
         return SETTINGS.novelty_threshold
-    if not 0.0 <= value <= MAX_NOVELTY:  # NaN fails too
-        raise InvalidArgument(f"novelty_threshold must be between 0 and {MAX_NOVELTY:g}, got {value}.")
+    _checked(novelty_threshold=value)
     return float(value)
+
+
+def _checked(**options) -> None:
+    """A request's answer options in range, else a 400 naming the first that is not (check_answer_options)."""
+    try:
+        check_answer_options(**options)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def _open_set_info(bundle: Bundle) -> tuple[dict | None, str]:
@@ -244,10 +248,7 @@ class Headstart:
         none for "none of these"; for a multi-label model every label at or above its threshold (the model's, chosen
         on validation; ``label_threshold``, 0 to 1, for one threshold for every label).
         """
-        if not 1 <= top_k <= MAX_TOP_K:
-            raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}.")
-        if label_threshold is not None and not 0.0 <= label_threshold <= 1.0:  # NaN fails too
-            raise InvalidArgument(f"label_threshold must be between 0 and 1, got {label_threshold}.")
+        _checked(top_k=top_k, label_threshold=label_threshold)
         limit = _threshold(novelty_threshold)
         answer = self._on_worker(
             lambda: classify_images(self.bundle, [self._decode(image)], top_k, limit, label_threshold)[0]

@@ -96,6 +96,34 @@ def test_options_are_checked_as_the_command_line_checks_them(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"top_k": 0}, "top_k must be between 1 and 1000, got 0"),
+        ({"top_k": -3}, "top_k must be between 1 and 1000, got -3"),
+        ({"novelty_threshold": -1.0}, "novelty_threshold must be between 0 and 2, got -1.0"),
+        ({"novelty_threshold": float("nan")}, "novelty_threshold must be between 0 and 2, got nan"),
+        ({"label_threshold": 3.0}, "label_threshold must be between 0 and 1, got 3.0"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+    ],
+)
+def test_answer_options_out_of_range_are_refused_as_the_service_refuses_them(tiny_bundle, tmp_path, options, words):
+    """`headstart predict --novelty-threshold -1` answered "none of these" for every image, `--top-k 0` one class:
+    the service's 400s for the same values now hold for the command line, the Python API and predict-batch."""
+    image = next(make_image_folder(tmp_path / "d", {"red": 1}).rglob("*.jpg"))
+    model = headstart.load(tiny_bundle.bundle_dir)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        model.predict(image, **options)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "batch_size"]
+    if flags:
+        assert main(["predict", str(tiny_bundle.bundle_dir), str(image), *flags]) == 2
+    if "novelty_threshold" in options:  # predict-batch too, before Ray starts
+        from headstart.service.batch import predict_batch
+
+        with pytest.raises(HeadstartError, match=re.escape(words)):
+            predict_batch(tiny_bundle.bundle_dir, str(image), tmp_path / "out", **options)
+
+
 def test_evaluate_takes_what_predict_takes(tiny_run, tiny_bundle, tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", {"red": 4, "blue": 4})
     results = []

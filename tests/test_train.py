@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import urllib.error
 
 import numpy as np
@@ -782,3 +783,33 @@ def test_openvino_compiles_only_for_a_missing_feature_and_a_late_refusal_starts_
         assert torch.equal(value, head_tensors(torch_run)[key])
     with pytest.raises(ValueError, match="OpenVINO cannot compute this backbone's features .*--extractor torch"):
         train(tiny_config(tiny_folder, tmp_path / "named", cache_dir, views=4, extractor="openvino"))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("lr", -1.0, "--lr must be a finite number above 0, got -1.0"),
+        ("lr", 0.0, "--lr must be a finite number above 0"),
+        ("lr", float("nan"), "--lr must be a finite number above 0, got nan"),
+        ("lr", float("inf"), "--lr must be a finite number above 0, got inf"),
+        ("weight_decay", -1e-4, "--weight-decay must be a finite number at least 0"),
+        ("dropout", 1.0, "--dropout must be a finite number at least 0 and below 1, got 1.0"),
+        ("label_smoothing", 1.5, "--label-smoothing must be a finite number at least 0 and below 1"),
+        ("finetune_lr", 0.0, "--finetune-lr must be a finite number above 0"),
+    ],
+)
+def test_a_number_out_of_range_is_refused_before_any_work(tiny_folder, tmp_path, cache_dir, option, value, words):
+    """torch refused these only when it built the head or its optimizer, after the data check and the backbone,
+    and the run directory it left was in the way of the corrected command ("already exists")."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        train(tiny_config(tiny_folder, tmp_path / "run", cache_dir, **{option: value}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_detectors_loss_weights_are_checked_before_any_work():
+    from headstart.tasks import DetectConfig
+
+    for option in ("lambda_coord", "lambda_noobj"):
+        with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} must be a finite number at least 0"):
+            DetectConfig(data_dir="data.yaml", out="run", **{option: -1.0}).validate()
+        DetectConfig(data_dir="data.yaml", out="run", **{option: 0.0}).validate()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,6 +177,11 @@ class RunConfig:
             raise ValueError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}.")
         if self.hidden < 0:
             raise ValueError(f"--hidden must be >= 0, got {self.hidden}.")
+        # torch refused these only when the head was built or its optimizer made, after the data check and the
+        # backbone, leaving a run directory that the corrected command then found in its way
+        check_number("--lr", self.lr, low=0.0, low_ok=False)
+        check_number("--weight-decay", self.weight_decay, low=0.0)
+        check_number("--dropout", self.dropout, low=0.0, high=1.0)
         if not self.max_feature_gb > 0:
             raise ValueError(f"--max-feature-gb must be positive, got {self.max_feature_gb}.")
         if self.resume and self.overwrite:
@@ -192,6 +198,15 @@ class RunConfig:
 
     def result_options(self) -> dict:
         return {k: getattr(self, k) for k in self.RESULT_KEYS}
+
+
+def check_number(flag: str, value: float, *, low: float, low_ok: bool = True, high: float | None = None) -> None:
+    """ValueError unless ``value`` is a finite number of at least ``low`` (above it without ``low_ok``) and below
+    ``high``: the message names the option and its range."""
+    bounds = f"{'at least' if low_ok else 'above'} {low:g}" + (f" and below {high:g}" if high is not None else "")
+    ok = math.isfinite(value) and (value >= low if low_ok else value > low) and (high is None or value < high)
+    if not ok:
+        raise ValueError(f"{flag} must be a finite number {bounds}, got {value}.")
 
 
 def task_default(name: str, value: Any) -> Any:

@@ -109,9 +109,12 @@ class LoadedModel:
         as it is decoded (ahead, on threads), so a long list of images is never held whole (`headstart predict`
         prints each line so)."""
         from headstart.service.ahead import in_order
-        from headstart.service.inference import classified, classify_images
+        from headstart.service.inference import check_answer_options, classified, classify_images
         from headstart.service.localize import DEFAULTS, LocalizeParams, localize_images
 
+        check_answer_options(top_k, novelty_threshold, label_threshold)  # a typo is said, not answered in every line
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
         params = LocalizeParams(conf=DEFAULTS.conf if conf is None else conf) if localize else None
         folder, named = self._heatmap_folder(heatmaps), set()
         items = _expand(images)

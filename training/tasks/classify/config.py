@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from headstart.config import OpenSetOptions, RunConfig, option
+from headstart.config import OpenSetOptions, RunConfig, check_number, option
 
 
 @dataclass
@@ -42,4 +42,6 @@ class ClassifyConfig(RunConfig, OpenSetOptions):
             raise ValueError(f"Invalid --class-weights {self.class_weights!r}. Use auto, on or off.")
         if self.unfreeze < 0 or self.finetune_epochs < 0:
             raise ValueError("--unfreeze and --finetune-epochs must be >= 0.")
+        check_number("--label-smoothing", self.label_smoothing, low=0.0, high=1.0)
+        check_number("--finetune-lr", self.finetune_lr, low=0.0, low_ok=False)
         self.validate_open_set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from headstart.config import RunConfig, option, task_default
+from headstart.config import RunConfig, check_number, option, task_default
 from headstart.tasks.detect.data import find_data_yaml
 
 
@@ -69,6 +69,8 @@ class DetectConfig(RunConfig):
             raise ValueError(f"--input-size must be a multiple of 32, at least 64; got {self.input_size}.")
         if self.eval_every < 1:
             raise ValueError(f"--eval-every must be at least 1, got {self.eval_every}.")
+        check_number("--lambda-coord", self.lambda_coord, low=0.0)
+        check_number("--lambda-noobj", self.lambda_noobj, low=0.0)
         if self.select not in ("best", "last"):
             raise ValueError(f"Invalid --select {self.select!r}: best or last.")
         if self.head not in ("pyramid", "grid"):

@@ -10,8 +10,10 @@ import contextlib
 import difflib
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ from torch import nn
 
 from headstart.service.errors import HeadstartError
 from headstart.service.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -54,18 +58,61 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # SafetensorError: a file of another kind, or cut short
+            raise BackboneError(
+                f"Cannot read weights from {path}: not a safetensors file, or a damaged one ({exc}). Give the "
+                "backbone's weights as a .safetensors file or a state dict saved with torch.save."
+            ) from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BackboneError(
-            f"Cannot read weights from {path}: {exc}. Give a state dict saved with torch.save or safetensors."
+            f"Cannot read weights from {path}: {_unreadable(path, exc)} Give a state dict: "
+            "torch.save(model.state_dict(), PATH), or a .safetensors file."
         ) from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BackboneError(f"{path} does not hold a state dict (a mapping of names to tensors).")
-    return state
+    if _tensors(state):
+        return state
+    # a training checkpoint: the model's state dict under one of the keys the usual trainers write
+    if isinstance(state, dict):
+        for key in CHECKPOINT_KEYS:
+            if _tensors(state.get(key)):
+                log.info("weights: %s holds a checkpoint; its %r loaded", path, key)
+                return state[key]
+    keys = f" with keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else ""
+    held = f" (it holds a {type(state).__name__}{keys})"
+    raise BackboneError(
+        f"{path} does not hold a state dict (a mapping of names to tensors){held}, nor a checkpoint with one under "
+        f"{', '.join(CHECKPOINT_KEYS)}. Save model.state_dict() with torch.save."
+    )
+
+
+#: where training checkpoints keep the model's state dict (PyTorch Lightning, timm, the usual training scripts), in
+#: the order looked at: the model's own weights before an EMA copy
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "state_dict_ema", "model_ema")
+
+
+def _tensors(state) -> bool:
+    return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why torch.load(weights_only=True) refused ``path``, in a sentence (torch's own message suggests
+    ``weights_only=False``, which would run code from the file, and filing an issue with PyTorch)."""
+    import zipfile
+
+    with path.open("rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head != b"\x80\x02":  # torch.save writes a zip, or before 1.6 a pickle
+        return "it is not a file torch.save writes."
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if pickled:
+        return (
+            f"it holds a pickled Python object ({pickled.group(1)}: the whole model?), not only tensors, and "
+            "headstart does not unpickle objects (that runs code from the file)."
+        )
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0]}."
 
 
 def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], classifier_prefixes: tuple[str, ...], path) -> bool:

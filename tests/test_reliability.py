@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from headstart import runs
 
 from .bad_requests import BOUNDARY, corpus, raw_multipart
-from .conftest import ROOT, make_image_folder
+from .conftest import MOBILENET, ROOT, make_image_folder
 from .images import ANT, BEE, hostile_images, large_16bit_png, mutants
 
 SOAK_SECONDS = float(os.environ.get("HEADSTART_SOAK_SECONDS", "20"))
@@ -517,6 +518,44 @@ def test_pickled_weights_file_is_refused(tmp_path):
     with pytest.raises(BackboneError, match="Cannot read weights"):
         build_backbone("test_resnet", weights=path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_weights_from_a_checkpoint_load_and_every_other_file_is_named_for_what_it_is(tmp_path):
+    """A training checkpoint ({"model": state_dict, "epoch": 3}) was refused as "not a state dict"; a whole pickled
+    model, an image or a damaged .safetensors file got torch's advice to load with weights_only=False (running the
+    file's code) and to file an issue with PyTorch, or a safetensors traceback."""
+    from safetensors.torch import save_file
+
+    from headstart.models import build_backbone
+    from headstart.models.backbone import BackboneError, load_state_dict_file
+
+    state = torch.load(MOBILENET, map_location="cpu", weights_only=True)  # the real ImageNet MobileNetV2
+    for key in ("state_dict", "model_state_dict", "model", "net", "state_dict_ema", "model_ema"):
+        torch.save({key: state, "epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "ckpt.pth")
+        loaded = load_state_dict_file(tmp_path / "ckpt.pth")
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state), key
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save({"model_ema": ema, "model": state}, tmp_path / "both.pth")
+    assert all(torch.equal(load_state_dict_file(tmp_path / "both.pth")[k], state[k]) for k in state)  # not the EMA
+    built = build_backbone("torchvision:mobilenet_v2", weights=tmp_path / "ckpt.pth")
+    assert built.weights_sha256 == build_backbone("torchvision:mobilenet_v2", weights=MOBILENET).weights_sha256
+
+    torch.save(nn.Sequential(nn.Linear(2, 2)), tmp_path / "whole.pth")
+    torch.save({"epoch": 3}, tmp_path / "no-weights.pth")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.pth", "JPEG")
+    save_file(state, tmp_path / "good.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "good.safetensors").read_bytes()[:100])
+    for name, words in (
+        ("whole.pth", r"holds a pickled Python object \(.*: the whole model\?\).*does not unpickle"),
+        ("no-weights.pth", r"does not hold a state dict .*\(it holds a dict with keys \['epoch'\]\)"),
+        ("photo.pth", "it is not a file torch.save writes"),
+        ("cut.safetensors", "not a safetensors file, or a damaged one"),
+    ):
+        with pytest.raises(BackboneError, match=words) as caught:
+            load_state_dict_file(tmp_path / name)
+        assert "weights_only" not in str(caught.value) and "file an issue" not in str(caught.value), name
 
 
 def test_manifest_cannot_point_outside_the_bundle(tiny_bundle, tmp_path):

@@ -247,6 +247,64 @@ def test_yolo_reader_errors_name_the_problem(tmp_path):
         scan_yolo_dataset(root)
 
 
+def test_segmentation_and_pose_labels_train_a_detector_on_their_boxes(tmp_path):
+    """An Ultralytics segmentation data set's polygon lines were each "malformed" (not 5 values), leaving a detector
+    no box to learn; a pose data set's lines too. Read as Ultralytics reads them: the polygon's bounding box, the pose
+    line's box (data.yaml's kpt_shape)."""
+    require_shared()
+    from headstart.tasks.detect.data import scan_yolo_dataset
+
+    plain = scan_yolo_dataset(COCO128, val_fraction=0.2, seed=0)
+    sets = {}
+    for kind in ("segment", "pose"):
+        root = tmp_path / kind
+        (root / "images" / "train2017").mkdir(parents=True)
+        for image in (COCO128 / "images" / "train2017").iterdir():  # links to the shared photos, one by one (a
+            (root / "images" / "train2017" / image.name).symlink_to(image)  # linked folder resolves to theirs)
+        (root / "labels" / "train2017").mkdir(parents=True)
+        for source in (COCO128 / "labels" / "train2017").glob("*.txt"):
+            lines = []
+            for line in source.read_text().splitlines():
+                cls, cx, cy, w, h = line.split()
+                x1, y1 = float(cx) - float(w) / 2, float(cy) - float(h) / 2
+                x2, y2 = float(cx) + float(w) / 2, float(cy) + float(h) / 2
+                if kind == "segment":  # the box's corners and edge midpoints, in an order of their own
+                    points = [(x1, float(cy)), (x1, y1), (x2, y2), (float(cx), y1), (x2, y1), (x1, y2)]
+                    lines.append(" ".join([cls, *(f"{v:.6f}" for p in points for v in p)]))
+                else:  # 17 keypoints (x, y, visibility) after the box
+                    lines.append(" ".join([cls, cx, cy, w, h, *(["0.5", "0.5", "2"] * 17)]))
+            (root / "labels" / "train2017" / source.name).write_text("\n".join(lines) + "\n")
+        yaml_text = (COCO128 / "data.yaml").read_text()
+        (root / "data.yaml").write_text(yaml_text + ("kpt_shape: [17, 3]\n" if kind == "pose" else ""))
+        sets[kind] = scan_yolo_dataset(root, val_fraction=0.2, seed=0)
+
+    lines = sum(len(s.classes) for split in plain.splits.values() for s in split)
+    assert sets["segment"].polygons == lines and sets["pose"].polygons == 0 and lines > 900
+    assert "label line(s) are polygons" in sets["segment"].format()
+    for report in sets.values():
+        assert not report.malformed
+        for split, samples in plain.splits.items():
+            for a, b in zip(samples, report.splits[split], strict=True):
+                assert a.path.name == b.path.name and np.array_equal(a.classes, b.classes)
+                np.testing.assert_allclose(a.boxes, b.boxes, atol=2e-6)
+
+    bad = tmp_path / "bad" / "x.txt"
+    bad.parent.mkdir()
+    bad.write_text("0 0.1 0.1 0.2 0.1 0.3\n0 0.1 0.1 0.1 0.1 0.1 0.1\n0 0.1 nan 0.2 0.2 0.3 0.3\n")
+    from headstart.tasks.detect.data import parse_labels
+
+    got = parse_labels(bad, 1)
+    assert len(got.classes) == 0 and got.polygons == 0
+    assert [p.split(": ", 1)[1][:30] for p in got.problems] == [
+        "expected 'class cx cy w h' (5 ",  # 6 values: neither a box nor a polygon
+        "width and height must be posit",  # a polygon with no area
+        "the polygon's points must be n",
+    ]
+    pose_line = tmp_path / "bad" / "pose.txt"  # a pose data set's line of another length is malformed
+    pose_line.write_text("0 0.5 0.5 0.2 0.2 0.1 0.1\n")
+    assert "expected 'class cx cy w h' (56 values" in parse_labels(pose_line, 1, pose=56).problems[0]
+
+
 def test_evaluation_reads_the_test_split_else_val_else_train(tmp_path):
     """Ultralytics data sets for evaluation often define only 'val' or 'test'; evaluation says which it used."""
     from headstart.data import DatasetError

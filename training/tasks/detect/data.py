@@ -2,7 +2,10 @@
 
 ``data.yaml`` names the classes (``names``: a list, or a mapping index → name) and the image folders (``train``,
 optionally ``val``; relative to ``path``, itself relative to the yaml file). Each image ``.../images/.../x.jpg`` has
-its labels in ``.../labels/.../x.txt``, one ``class cx cy w h`` line per object, normalised to [0, 1].
+its labels in ``.../labels/.../x.txt``, one ``class cx cy w h`` line per object, normalised to [0, 1]. The labels of
+Ultralytics' other tasks train a detector too, as Ultralytics reads them: a segmentation data set's polygon lines
+(``class x1 y1 x2 y2 x3 y3 ...``) give their bounding boxes, a pose data set's lines (``data.yaml``'s ``kpt_shape``:
+``class cx cy w h`` and its keypoints) their boxes.
 
 Everything that is not usable is reported, never fatal: images without a label file are background images (kept:
 they teach the model where nothing is), label files without an image are listed, malformed label lines are
@@ -16,7 +19,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import yaml
@@ -58,6 +61,7 @@ class DetectionReport:
     orphan_labels: list[str] = field(default_factory=list)
     malformed: list[str] = field(default_factory=list)
     corrupt: list[tuple[str, str]] = field(default_factory=list)
+    polygons: int = 0  # label lines that were polygons (a segmentation data set): their bounding boxes used
 
     def box_counts(self, split: str) -> list[int]:
         counts = [0] * len(self.labels)
@@ -86,6 +90,10 @@ class DetectionReport:
                 + ", ".join(self.orphan_labels[:5])
                 + (" ..." if len(self.orphan_labels) > 5 else "")
             )
+        if self.polygons:
+            lines.append(
+                f"  {self.polygons} label line(s) are polygons (segmentation labels): trained on their bounding boxes"
+            )
         for line in self.malformed[:20]:
             lines.append(f"  malformed label skipped: {line}")
         if len(self.malformed) > 20:
@@ -112,6 +120,7 @@ class DetectionReport:
             "background_images": self.background,
             "orphan_label_files": self.orphan_labels,
             "malformed_label_lines": self.malformed,
+            "polygon_label_lines": self.polygons,
             "corrupt": [{"path": p, "reason": r} for p, r in self.corrupt],
         }
 
@@ -153,30 +162,59 @@ def label_path(image: Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
-def parse_labels(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A label file → (classes (M,), boxes (M, 4) cx cy w h, problems as ``file:line: reason``)."""
-    classes, boxes, problems = [], [], []
+class Labels(NamedTuple):
+    classes: np.ndarray  # (M,) int64
+    boxes: np.ndarray  # (M, 4) cx cy w h, normalised
+    problems: list[str]  # "file:line: reason", each line skipped
+    polygons: int = 0  # lines that were polygons, read as their bounding boxes
+
+
+def pose_values(spec: dict) -> int | None:
+    """The values on a label line of a pose data set (``kpt_shape: [K, D]``: class, box and K keypoints of D
+    values), else None."""
+    shape = spec.get("kpt_shape")
+    try:
+        k, d = (int(v) for v in shape)
+    except (TypeError, ValueError):
+        return None
+    return 5 + k * d if k > 0 and d in (2, 3) else None
+
+
+def parse_labels(path: Path, num_classes: int, pose: int | None = None) -> Labels:
+    """A label file → its boxes; a polygon line (``class`` and 3 or more ``x y`` points) gives its bounding box; with
+    ``pose`` (:func:`pose_values`) a line of that many values gives its box (the keypoints after it left aside)."""
+    classes, boxes, problems, polygons = [], [], [], 0
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return np.zeros(0, np.int64), np.zeros((0, 4), np.float32), [f"{path}: unreadable ({exc})"]
+        return Labels(np.zeros(0, np.int64), np.zeros((0, 4), np.float32), [f"{path}: unreadable ({exc})"])
     for n, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
         where = f"{path}:{n}"
-        if len(fields) != 5:
-            problems.append(f"{where}: expected 'class cx cy w h' (5 values), got {len(fields)}")
+        polygon = pose is None and len(fields) >= 7 and len(fields) % 2 == 1
+        if len(fields) != 5 and not polygon and len(fields) != pose:
+            expected = f"{pose} values (class, box, keypoints: kpt_shape)" if pose else "5 values, or a polygon"
+            problems.append(f"{where}: expected 'class cx cy w h' ({expected}), got {len(fields)}")
             continue
         try:
             cls = int(fields[0])
-            cx, cy, w, h = (float(v) for v in fields[1:])
+            values = np.asarray([float(v) for v in fields[1:]], np.float64)
         except ValueError:
             problems.append(f"{where}: not numbers: {line.strip()[:60]!r}")
             continue
         if not 0 <= cls < num_classes:
             problems.append(f"{where}: class {cls} is not in 0..{num_classes - 1}")
             continue
+        if polygon:
+            if not np.isfinite(values).all():
+                problems.append(f"{where}: the polygon's points must be numbers")
+                continue
+            xs, ys = values[0::2], values[1::2]
+            cx, cy, w, h = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, np.ptp(xs), np.ptp(ys)
+        else:
+            cx, cy, w, h = values[:4]
         if not all(np.isfinite([cx, cy, w, h])) or w <= 0 or h <= 0:
             problems.append(f"{where}: width and height must be positive numbers")
             continue
@@ -188,7 +226,8 @@ def parse_labels(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray, 
         x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(1.0, x2), min(1.0, y2)
         classes.append(cls)
         boxes.append([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
-    return np.asarray(classes, np.int64), np.asarray(boxes, np.float32).reshape(-1, 4), problems
+        polygons += polygon
+    return Labels(np.asarray(classes, np.int64), np.asarray(boxes, np.float32).reshape(-1, 4), problems, polygons)
 
 
 def _resolved(path: Path) -> Path:
@@ -237,15 +276,16 @@ def _scan_splits(
     workers: int,
     verified: VerifiedImages | None = None,
     decoded: DecodedImages | None = None,
+    pose: int | None = None,
 ) -> None:
     """Check every image and label file of ``split_files`` into ``report`` (corrupt, background, orphans, ...); images
-    ``verified`` holds are not decoded again."""
+    ``verified`` holds are not decoded again; ``pose``: see :func:`parse_labels`."""
     n_labels = len(report.labels)
 
-    def load(path: Path) -> tuple[Path, str, str, DetSample | None, list[str]]:
+    def load(path: Path) -> tuple[Path, str, str, DetSample | None, Labels | None]:
         status, info = check_file(path, verified, decoded)
         if status != "ok":
-            return path, status, info, None, []
+            return path, status, info, None, None
         lpath = label_path(path)
         if not lpath.is_file():
             return (
@@ -253,18 +293,20 @@ def _scan_splits(
                 "background",
                 "",
                 DetSample(path, info, np.zeros(0, np.int64), np.zeros((0, 4), np.float32)),
-                [],
+                None,
             )
-        classes, boxes, problems = parse_labels(lpath, n_labels)
-        return path, "ok", "", DetSample(path, info, classes, boxes), problems
+        labels = parse_labels(lpath, n_labels, pose)
+        return path, "ok", "", DetSample(path, info, labels.classes, labels.boxes), labels
 
     image_stems: set[Path] = set()
     with ThreadPoolExecutor(workers) as pool:
         for split, files in split_files.items():
             samples = []
-            for path, status, info, sample, problems in pool.map(load, files):
+            for path, status, info, sample, labels in pool.map(load, files):
                 image_stems.add(label_path(path))
-                report.malformed += problems
+                if labels is not None:
+                    report.malformed += labels.problems
+                    report.polygons += labels.polygons
                 if status == "corrupt":
                     report.corrupt.append((shown(path), info))
                 elif sample is not None:
@@ -291,7 +333,7 @@ def scan_yolo_eval_split(
     if split is None:
         raise DatasetError(f"{yaml_path} names no images: give 'test', 'val' or 'train' (an image folder or list).")
     report = DetectionReport(root=base, yaml_path=yaml_path, labels=labels, split_source=f"'{split}' of data.yaml")
-    _scan_splits(report, {split: _image_files(spec[split], base, yaml_path)}, workers, None, decoded)
+    _scan_splits(report, {split: _image_files(spec[split], base, yaml_path)}, workers, None, decoded, pose_values(spec))
     if not report.splits[split]:
         raise DatasetError(f"{yaml_path}: the '{split}' split has no readable image.")
     return report
@@ -315,7 +357,7 @@ def scan_yolo_dataset(
     split_files = {"train": _image_files(spec["train"], base, yaml_path)}
     if spec.get("val") and spec["val"] != spec["train"]:
         split_files["val"] = _image_files(spec["val"], base, yaml_path)
-    _scan_splits(report, split_files, workers, verified, decoded)
+    _scan_splits(report, split_files, workers, verified, decoded, pose_values(spec))
 
     if "val" not in report.splits:
         if not 0.0 < val_fraction < 1.0:
@@ -360,6 +402,7 @@ def keep_classes(report: DetectionReport, names: list[str]) -> DetectionReport:
         orphan_labels=report.orphan_labels,
         malformed=report.malformed,
         corrupt=report.corrupt,
+        polygons=report.polygons,
     )
     if not any(len(s.classes) for s in out.splits.get("train", [])):
         raise DatasetError(f"No training image has a box of {', '.join(names)}.")
@@ -369,15 +412,15 @@ def keep_classes(report: DetectionReport, names: list[str]) -> DetectionReport:
 def labelled_samples(data: str | Path, images: list[Path], labels: list[str]) -> list[DetSample]:
     """The samples of ``images`` with their boxes read from the data set's label files, classes numbered as in
     ``labels`` (a run trained on some classes only: the others' boxes dropped)."""
-    _, _, names, _ = _read_yaml(data)
+    _, spec, names, _ = _read_yaml(data)
     ids = {i: labels.index(n) for i, n in enumerate(names) if n in labels}
     out = []
     for image in images:
         lpath = label_path(image)
-        classes, boxes, _ = (
-            parse_labels(lpath, len(names))
+        classes, boxes = (
+            parse_labels(lpath, len(names), pose_values(spec))[:2]
             if lpath.is_file()
-            else (np.zeros(0, np.int64), np.zeros((0, 4), np.float32), [])
+            else (np.zeros(0, np.int64), np.zeros((0, 4), np.float32))
         )
         keep = np.isin(classes, list(ids))
         out.append(

@@ -327,3 +327,26 @@ def test_headstarts_own_outputs_in_the_data_folder_are_not_classes(tmp_path):
     split = make_image_folder(tmp_path / "s", {"a": 4, "b": 4}, splits={"train": 0.5, "val": 0.5})
     shutil.copytree(root / "run", split / "train" / "run")
     assert scan_image_folder(split).labels == ["a", "b"]
+
+
+def test_a_roboflow_valid_folder_is_the_validation_split_and_other_folders_are_named(tmp_path):
+    """Roboflow exports a classification set as train/, valid/ and test/: valid/ was passed over in silence (the
+    validation images were then a random fifth of train/), as any folder beside train/ that is not a split."""
+    root = tmp_path / "d"
+    for split, seed in (("train", 0), ("valid", 1), ("test", 2)):
+        make_image_folder(root / split, {"a": 3, "b": 3}, seed=seed)
+    report = scan_image_folder(root)
+    assert report.split_source == "train/val folders" and {s: len(v) for s, v in report.splits.items()} == {
+        "train": 6,
+        "val": 6,
+        "test": 6,
+    }
+    assert all(s.path.parent.parent.name == "valid" for s in report.splits["val"])
+    (root / "validation").mkdir()
+    with pytest.raises(DatasetError, match=r"has valid/ and validation/: which is the validation split"):
+        scan_image_folder(root)
+    (root / "validation").rmdir()
+    make_image_folder(root / "extra", {"a": 2})
+    warnings = scan_image_folder(root).warnings
+    expected = "extra/ beside train/: not a split folder (train/, val/ or valid/ or validation/, test/), left out."
+    assert expected in warnings

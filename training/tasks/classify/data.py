@@ -1,8 +1,9 @@
 """Image-folder data sets: discovery, splitting and the pre-training data report.
 
 Layout: one subfolder per class. If the folder has ``train/`` and ``val/`` (optionally ``test/``) subfolders they are
-the splits; otherwise a stratified split is made with a fixed seed. Every file is checked before training: files
-that are not images are ignored, corrupt or truncated images are skipped and listed, never a crash.
+the splits (``valid/`` or ``validation/`` for ``val/``: Roboflow exports ``valid/``); otherwise a stratified split
+is made with a fixed seed. Every file is checked before training: files that are not images are ignored, corrupt or
+truncated images are skipped and listed, never a crash.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from headstart.features import DecodedImages
 
 SPLITS = ("train", "val", "test")
+#: the folder names the validation split goes by (Roboflow's exports: valid/)
+VAL_FOLDERS = ("val", "valid", "validation")
 
 
 @dataclass(frozen=True)
@@ -169,13 +172,21 @@ def scan_image_folder(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"Data folder {root} does not exist or is not a folder.")
-    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    split_dirs = _split_dirs(root)
+    outputs: list[str] = []  # headstart's own outputs found among the class folders, and folders left out
     if split_dirs and "train" not in split_dirs:
         raise DatasetError(f"{root} has {sorted(split_dirs)} folders but no train/ folder. Add train/.")
     if not split_dirs:
         split_dirs = {"all": root}
+    else:
+        kept = {d.name for d in split_dirs.values()}
+        others = [d for d in _list_class_dirs(root, outputs) if d.name not in kept]
+        if others:
+            outputs.append(
+                f"{', '.join(shown(d.name) + '/' for d in others)} beside train/: not a split folder (train/, "
+                f"{' or '.join(v + '/' for v in VAL_FOLDERS)}, test/), left out."
+            )
 
-    outputs: list[str] = []  # headstart's own outputs found among the class folders
     files: dict[str, dict[str, list[Path]]] = {
         split: {d.name: _list_files(d) for d in _list_class_dirs(folder, outputs)}
         for split, folder in split_dirs.items()
@@ -192,6 +203,17 @@ def scan_image_folder(
     conflicts = _conflicts(splits, labels)
     warnings += _warnings(splits, labels, duplicates, corrupt, conflicts) + outputs
     return DatasetReport(root, list(labels), splits, split_source, ignored, corrupt, duplicates, warnings, conflicts)
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    """The split folders of ``root`` by split name, in the order train, val, test; none where it has none."""
+    vals = [name for name in VAL_FOLDERS if (root / name).is_dir()]
+    if len(vals) > 1:
+        raise DatasetError(
+            f"{root} has {' and '.join(v + '/' for v in vals)}: which is the validation split? Keep one of them."
+        )
+    names = {"train": "train", "val": vals[0] if vals else "val", "test": "test"}
+    return {split: root / name for split, name in names.items() if (root / name).is_dir()}
 
 
 Checked = dict[str, dict[str, list[tuple[Path, str]]]]  # split → class → (path, sha256) of readable images

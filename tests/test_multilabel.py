@@ -91,9 +91,10 @@ def test_the_csv_layouts_and_what_the_data_check_reports(tmp_path):
         writer = csv.writer(f)
         writer.writerow(["image", *SHAPES, "split"])
         for i, (name, present) in enumerate(truth.items()):
-            writer.writerow([name, *(int(s in present) for s in SHAPES), "val" if i % 4 == 0 else "train"])
-    again = scan_csv(multi)
+            writer.writerow([name, *(int(s in present) for s in SHAPES), "Valid" if i % 4 == 0 else "train"])
+    again = scan_csv(multi)  # "valid", as Roboflow names the split, is val
     assert again.labels == list(SHAPES)
+    assert {k: len(v) for k, v in again.splits.items()} == {k: len(v) for k, v in report.splits.items()}
     assert {s.path.name: {again.labels[k] for k in s.labels} for ss in again.splits.values() for s in ss} == by_name
     assert config_for_data(str(multi)).task == "multilabel" and config_for_data(str(tmp_path)).task == "multilabel"
 

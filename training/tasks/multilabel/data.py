@@ -165,8 +165,9 @@ def read_csv(csv_path: Path) -> tuple[list[_Row], list[str] | None, list[tuple[s
             skipped.append((where, "no image named"))
             continue
         split = cells[split_col].strip().lower() if split_col is not None else None
+        split = "val" if split in ("valid", "validation") else split  # as an image folder's valid/ (Roboflow)
         if split is not None and split not in SPLITS:
-            skipped.append((where, f"split {split!r} is not train, val or test"))
+            skipped.append((where, f"split {split!r} is not train, val (valid, validation) or test"))
             continue
         if multi:
             values = [cells[i].strip() for i in label_cols]

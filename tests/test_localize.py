@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -244,6 +245,30 @@ def test_yolo_reader_errors_name_the_problem(tmp_path):
         scan_yolo_dataset(root)
     (root / "data.yaml").write_text("train: images/nowhere\nnames: [cat, dog]\n")
     with pytest.raises(DatasetError, match="does not exist"):
+        scan_yolo_dataset(root)
+
+
+def test_a_roboflow_yolo_export_reads_as_ultralytics_reads_it(tmp_path):
+    """Roboflow's data.yaml says train: ../train/images for the folder beside it; Ultralytics falls back to
+    train/images, headstart said the folder does not exist."""
+    from headstart.data import DatasetError
+    from headstart.tasks.detect.data import scan_yolo_dataset
+
+    source = _yolo_set(tmp_path / "source")
+    root = tmp_path / "export"
+    for split, names in (("train", ("im0", "im1", "im2", "im5")), ("valid", ("im3",))):
+        for kind, suffix in (("images", ".jpg"), ("labels", ".txt")):
+            (root / split / kind).mkdir(parents=True)
+            for name in names:
+                if (source / kind / "train" / f"{name}{suffix}").exists():
+                    shutil.copy(source / kind / "train" / f"{name}{suffix}", root / split / kind)
+    (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\nnc: 2\nnames: ['cat', 'dog']\n")
+    report = scan_yolo_dataset(root)
+    assert {k: len(v) for k, v in report.splits.items()} == {"train": 4, "val": 1}
+    assert report.split_source == "data.yaml"
+    assert [p.rsplit("/", 1)[-1] for p in report.background] == ["im5.jpg"]
+    (root / "data.yaml").write_text("train: ../elsewhere/images\nnames: ['cat', 'dog']\n")  # neither exists
+    with pytest.raises(DatasetError, match="elsewhere/images does not exist"):
         scan_yolo_dataset(root)
 
 

@@ -1,7 +1,8 @@
 """YOLO-format detection data sets (Ultralytics / Roboflow exports): ``data.yaml`` plus image and label folders.
 
 ``data.yaml`` names the classes (``names``: a list, or a mapping index → name) and the image folders (``train``,
-optionally ``val``; relative to ``path``, itself relative to the yaml file). Each image ``.../images/.../x.jpg`` has
+optionally ``val``; relative to ``path``, itself relative to the yaml file; a ``../x`` that does not exist is read
+as ``x``, as Ultralytics reads Roboflow's exports). Each image ``.../images/.../x.jpg`` has
 its labels in ``.../labels/.../x.txt``, one ``class cx cy w h`` line per object, normalised to [0, 1]. The labels of
 Ultralytics' other tasks train a detector too, as Ultralytics reads them: a segmentation data set's polygon lines
 (``class x1 y1 x2 y2 x3 y3 ...``) give their bounding boxes, a pose data set's lines (``data.yaml``'s ``kpt_shape``:
@@ -243,6 +244,8 @@ def _image_files(entry, base: Path, yaml_path: Path) -> list[Path]:
     files: list[Path] = []
     for item in entries:
         path = (base / str(item)).resolve() if not Path(str(item)).is_absolute() else Path(str(item))
+        if not path.exists() and str(item).startswith("../"):  # Roboflow's exports: train: ../train/images, beside
+            path = (base / str(item)[3:]).resolve()  # the yaml; Ultralytics reads them so
         if path.is_dir():
             files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
         elif path.is_file() and path.suffix == ".txt":  # a list of image paths

@@ -105,5 +105,9 @@ def test_headstart_serve_keeps_the_environments_settings_unless_an_option_is_giv
     monkeypatch.setattr("headstart.service.devserver.serve", lambda model, host, port, **env: served.append(env))
     monkeypatch.setenv("HEADSTART_VARIANT", "int8")
     assert main(["serve", str(tiny_bundle.bundle_dir)]) == 2 and not served
-    assert main(["serve", str(tiny_bundle.bundle_dir), "--variant", "fp32", "--runtime", "onnxruntime"]) == 0
+    port = str(free_port())  # the start checks that the port is free: not 3000, which something here may hold
+    assert (
+        main(["serve", str(tiny_bundle.bundle_dir), "--variant", "fp32", "--runtime", "onnxruntime", "--port", port])
+        == 0
+    )
     assert served[0]["HEADSTART_VARIANT"] == "fp32" and served[0]["HEADSTART_RUNTIME"] == "onnxruntime"

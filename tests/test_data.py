@@ -350,3 +350,27 @@ def test_a_roboflow_valid_folder_is_the_validation_split_and_other_folders_are_n
     warnings = scan_image_folder(root).warnings
     expected = "extra/ beside train/: not a split folder (train/, val/ or valid/ or validation/, test/), left out."
     assert expected in warnings
+
+
+@pytest.mark.parametrize(
+    ("files", "words"),
+    [
+        (["annotations/instances_train2017.json", "train2017/a.jpg", "train2017/b.jpg"], "COCO JSON"),
+        (["train/_annotations.coco.json", "train/a.jpg", "valid/_annotations.coco.json", "valid/b.jpg"], "COCO JSON"),
+        (["Annotations/a.xml", "JPEGImages/a.jpg", "JPEGImages/b.jpg"], "Pascal VOC"),
+    ],
+    ids=["coco", "roboflow-coco", "voc"],
+)
+def test_a_detection_set_in_a_format_headstart_does_not_read_is_named_with_what_to_do(tmp_path, files, words):
+    """COCO's annotations/ and train2017/ were read as two classes ("Found 1 class(es) with images"), a Roboflow
+    COCO export's train/ as a split without class folders: the message named neither the format nor a way on."""
+    root = tmp_path / "d"
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".jpg"):
+            Image.new("RGB", (16, 16)).save(root / name)
+        else:
+            (root / name).write_text("{}\n")
+    with pytest.raises(DatasetError, match=f"holds a {words} detection data set") as caught:
+        scan_image_folder(root)
+    assert "YOLO" in str(caught.value) and "one subfolder of images per class" in str(caught.value)

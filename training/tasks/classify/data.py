@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from headstart.data import DatasetError, VerifiedImages, check_file, listed, more_line, same_bytes
+from headstart.data import DatasetError, VerifiedImages, check_file, foreign_layout, listed, more_line, same_bytes
 from headstart.service.files import shown, utf8_name
 
 if TYPE_CHECKING:
@@ -206,27 +206,6 @@ def scan_image_folder(
     conflicts = _conflicts(splits, labels)
     warnings += _warnings(splits, labels, duplicates, corrupt, conflicts) + outputs
     return DatasetReport(root, list(labels), splits, split_source, ignored, corrupt, duplicates, warnings, conflicts)
-
-
-def foreign_layout(root: Path) -> str | None:
-    """What to do where ``root`` is a detection data set in a format headstart does not read, which the class-folder
-    scan would take for classes (COCO's annotations/ and train2017/ as two "classes", one of them empty; a
-    Roboflow COCO export's train/ as images without classes): COCO JSON or Pascal VOC. None otherwise."""
-    patterns = ("annotations/instances_*.json", "_annotations.coco.json", "*/_annotations.coco.json")
-    coco = sorted(p for pattern in patterns for p in root.glob(pattern))
-    if coco:
-        kind, found = "COCO JSON", coco[0]
-        how = "from ultralytics.data.converter import convert_coco; Roboflow exports YOLO too"
-    elif (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir():
-        kind, found, how = "Pascal VOC", root / "Annotations", "Roboflow and most labelling tools export YOLO"
-    else:
-        return None
-    return (
-        f"{root} holds a {kind} detection data set ({shown(found)}), a format headstart does not read: it reads "
-        f"detection data as YOLO (a data.yaml naming the classes and the image folders, a labels/*.txt per image). "
-        f"Convert it ({how}), then train on the folder holding the data.yaml. To classify images instead, give a "
-        "folder with one subfolder of images per class."
-    )
 
 
 def _split_dirs(root: Path) -> dict[str, Path]:

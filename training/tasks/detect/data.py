@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import yaml
 
-from headstart.data import DatasetError, VerifiedImages, check_file, listed, more_line
+from headstart.data import DatasetError, VerifiedImages, check_file, foreign_layout, listed, more_line
 from headstart.service.files import shown
 from headstart.service.formats import IMAGE_SUFFIXES
 
@@ -262,7 +262,10 @@ def _read_yaml(data: str | Path) -> tuple[Path, dict, list[str], Path]:
     """(data.yaml path, its contents, class names, the folder its paths are relative to)."""
     yaml_path = find_data_yaml(data)
     if yaml_path is None:
-        raise DatasetError(f"{data} has no data.yaml; a YOLO-format data set needs one with 'names' and 'train'.")
+        foreign = foreign_layout(Path(data)) if Path(data).is_dir() else None
+        raise DatasetError(
+            foreign or f"{data} has no data.yaml; a YOLO-format data set needs one with 'names' and 'train'."
+        )
     try:
         spec = yaml.safe_load(yaml_path.read_text())
     except yaml.YAMLError as exc:

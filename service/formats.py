@@ -31,6 +31,7 @@ BASE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 #: is still judged by its bytes; the suffix only decides whether a file that is not an image is worth reporting (a
 #: HEIC photo is, also where it cannot be read).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".mpo", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+IMAGE_SUFFIXES |= {".jfif", ".jpe", ".jfi"}  # JPEG too: what browsers on Windows save web images as
 IMAGE_SUFFIXES |= {".avif", ".heic", ".heif"}
 #: ISO base media files (``ftyp`` box) by brand: AVIF (AV1 pictures) and HEIF (HEVC pictures, iPhones' HEIC).
 AVIF_BRANDS = frozenset({b"avif", b"avis"})

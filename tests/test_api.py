@@ -404,3 +404,15 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     assert answers[0][1] is None and answers[0][3] is True  # the cat: none of these
     assert answers[1][1] == "bees" and answers[1][3] is False
     assert (work / "eval" / "metrics.json").is_file() and url[0].startswith("http://127.0.0.1:")
+
+
+def test_a_folder_of_jfif_photos_is_predicted(tiny_bundle, tmp_path):
+    """Browsers on Windows save web images as .jfif (JPEG): a folder of them was skipped, no image and no word."""
+    image = next(make_image_folder(tmp_path / "d", {"red": 1}).rglob("*.jpg"))
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    for suffix in (".jfif", ".JPE", ".jpg"):
+        shutil.copy(image, folder / f"photo{suffix}")
+    answers = headstart.load(tiny_bundle.bundle_dir).predict(folder)
+    assert sorted(Path(a.image).name for a in answers) == ["photo.JPE", "photo.jfif", "photo.jpg"]
+    assert all(a.error is None and a.predictions for a in answers)

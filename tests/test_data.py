@@ -312,14 +312,15 @@ def test_headstarts_own_outputs_in_the_data_folder_are_not_classes(tmp_path):
         (root / name / marker).write_text("{}\n")
         plot.save(root / name / "confusion_matrix.png")
     (root / "fresh-eval").mkdir()  # what `evaluate --out` makes before it scans
+    shutil.copytree(root / "run", root / "runs" / "exp1")  # --out runs/exp1 run from inside the data folder
     report = scan_image_folder(root)
     assert report.labels == ["a", "b"] and sum(len(s) for s in report.splits.values()) == 12
     left_out = [w for w in report.warnings if "of headstart's, not a class" in w]
-    assert [w.split()[0] for w in left_out] == [str(root / n) for n in ("bundle", "eval", "run")], report.warnings
-    assert "a run directory" in left_out[2] and "--out runs/NAME" in left_out[2]
+    assert [w.split()[0] for w in left_out] == [str(root / n) for n in ("bundle", "eval", "run", "runs")], left_out
+    assert "a run directory" in left_out[2] and "--out runs/NAME" in left_out[2] and "a folder of runs" in left_out[3]
 
     evaluation = scan_eval_folder(root, ["a", "b"])
-    assert len(evaluation.splits["eval"]) == 12 and len(evaluation.warnings) == 3
+    assert len(evaluation.splits["eval"]) == 12 and len(evaluation.warnings) == 4
     plot.save(root / "fresh-eval" / "cat.png")  # a folder of images the model does not know is still refused
     with pytest.raises(DatasetError, match=r"class folders \['fresh-eval'\]"):
         scan_eval_folder(root, ["a", "b"])

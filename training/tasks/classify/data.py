@@ -100,8 +100,14 @@ OUTPUT_MARKERS = {
 }
 
 
-def _output_kind(folder: Path) -> str | None:
-    return next((kind for name, kind in OUTPUT_MARKERS.items() if (folder / name).is_file()), None)
+def _output_kind(folder: Path, inside: bool = True) -> str | None:
+    """What of headstart's ``folder`` is: one of :data:`OUTPUT_MARKERS`' kinds or, with ``inside``, "a folder of
+    runs" (``--out DATA/runs/NAME``; a cross-validation not finished: its fold runs), else None."""
+    own = next((kind for name, kind in OUTPUT_MARKERS.items() if (folder / name).is_file()), None)
+    if own is not None or not inside:
+        return own
+    subfolders = (d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return "a folder of runs" if any(_output_kind(d, inside=False) for d in subfolders) else None
 
 
 def _list_class_dirs(folder: Path, warnings: list[str] | None = None) -> list[Path]:

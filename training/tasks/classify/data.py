@@ -8,6 +8,7 @@ truncated images are skipped and listed, never a crash.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -106,7 +107,8 @@ def _output_kind(folder: Path, inside: bool = True) -> str | None:
     own = next((kind for name, kind in OUTPUT_MARKERS.items() if (folder / name).is_file()), None)
     if own is not None or not inside:
         return own
-    subfolders = (d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    with os.scandir(folder) as entries:  # a class folder of many images: no stat of each (DirEntry's file type)
+        subfolders = [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
     return "a folder of runs" if any(_output_kind(d, inside=False) for d in subfolders) else None
 
 
@@ -188,8 +190,12 @@ def scan_image_folder(
     if not split_dirs:
         split_dirs = {"all": root}
     else:
-        kept = {d.name for d in split_dirs.values()}
-        others = [d for d in _list_class_dirs(root, outputs) if d.name not in kept]
+        kept = {d.name for d in split_dirs.values()}  # beside them: headstart's outputs pass unsaid, others are named
+        others = sorted(
+            d
+            for d in root.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and d.name not in kept and _output_kind(d) is None
+        )
         if others:
             outputs.append(
                 f"{', '.join(shown(d.name) + '/' for d in others)} beside train/: not a split folder (train/, "

@@ -108,8 +108,17 @@ def _output_kind(folder: Path, inside: bool = True) -> str | None:
     if own is not None or not inside:
         return own
     with os.scandir(folder) as entries:  # a class folder of many images: no stat of each (DirEntry's file type)
-        subfolders = [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
+        subfolders = [Path(e.path) for e in entries if not e.name.startswith(".") and _is_dir(e)]
     return "a folder of runs" if any(_output_kind(d, inside=False) for d in subfolders) else None
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is a folder, links followed; a link loop or an unreadable link is not (the data check
+    reports it as a file)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _list_class_dirs(folder: Path, warnings: list[str] | None = None) -> list[Path]:

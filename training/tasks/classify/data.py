@@ -17,7 +17,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from headstart import crossval, runs
 from headstart.data import DatasetError, VerifiedImages, check_file, foreign_layout, listed, more_line, same_bytes
+from headstart.service.bundle import MANIFEST
 from headstart.service.files import shown, utf8_name
 
 if TYPE_CHECKING:
@@ -94,10 +96,10 @@ class DatasetReport:
 #: the data folder (`headstart train DATA --out DATA/run`) was read as a class of its plots by the next training, and
 #: made `headstart evaluate RUN DATA` fail on "class folders ['run'] that the model does not know"
 OUTPUT_MARKERS = {
-    "config.yaml": "a run directory",  # the run's record (training/runs.py: CONFIG)
-    "manifest.json": "a bundle",  # service/bundle.py: MANIFEST
-    "crossval.json": "a cross-validation",  # training/crossval.py: SUMMARY
-    "metrics.json": "an evaluation",  # `headstart evaluate --out`
+    runs.CONFIG: "a run directory",  # the run's record
+    MANIFEST: "a bundle",
+    crossval.SUMMARY: "a cross-validation",
+    runs.METRICS: "an evaluation",  # `headstart evaluate --out` (a run holds one too: its CONFIG comes first)
 }
 
 

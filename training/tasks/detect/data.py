@@ -201,7 +201,7 @@ def parse_labels(path: Path, num_classes: int, pose: int | None = None) -> Label
             continue
         try:
             cls = int(fields[0])
-            values = np.asarray([float(v) for v in fields[1:]], np.float64)
+            values = [float(v) for v in fields[1:]]
         except ValueError:
             problems.append(f"{where}: not numbers: {line.strip()[:60]!r}")
             continue
@@ -209,11 +209,11 @@ def parse_labels(path: Path, num_classes: int, pose: int | None = None) -> Label
             problems.append(f"{where}: class {cls} is not in 0..{num_classes - 1}")
             continue
         if polygon:
-            if not np.isfinite(values).all():
+            if not all(np.isfinite(values)):
                 problems.append(f"{where}: the polygon's points must be numbers")
                 continue
-            xs, ys = values[0::2], values[1::2]
-            cx, cy, w, h = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, np.ptp(xs), np.ptp(ys)
+            left, right, top, bottom = min(values[0::2]), max(values[0::2]), min(values[1::2]), max(values[1::2])
+            cx, cy, w, h = (left + right) / 2, (top + bottom) / 2, right - left, bottom - top
         else:
             cx, cy, w, h = values[:4]
         if not all(np.isfinite([cx, cy, w, h])) or w <= 0 or h <= 0:

@@ -1,6 +1,7 @@
 """Batch prediction over many images on Ray Data: `headstart predict-batch MODEL SOURCE --out DEST`.
 
-The images are listed once (a folder tree, a glob, or a .txt/.csv/.parquet list of paths or URIs), cut into parts of
+The images are listed once (a folder tree, a glob, a folder URI of pyarrow's file systems, or a .txt/.csv/.parquet
+list of paths, URIs or http(s) URLs), cut into parts of
 ``part_size`` images in a fixed order, and predicted by a pool of Ray actors that each load the verified bundle once
 and run the service's own decoding, preprocessing and runtime (:mod:`service.inference`, :mod:`service.localize`;
 torch-free). Each finished part is written atomically as ``DEST/part-NNNNN.parquet``; rerunning the same command after
@@ -25,7 +26,17 @@ from pathlib import Path
 import numpy as np
 
 from .errors import HeadstartError
-from .files import FileProblem, image_paths, read_image_file, shown, utf8_name
+from .files import (
+    MAX_FILE_BYTES,
+    WEB,
+    FileProblem,
+    image_paths,
+    is_url,
+    read_image,
+    shown,
+    too_large_message,
+    utf8_name,
+)
 from .inference import check_answer_options
 from .localize import DEFAULTS
 
@@ -42,11 +53,14 @@ class BatchError(HeadstartError, ValueError):
 
 
 def list_sources(source: str) -> list[str]:
-    """Every image ``source`` names, in a fixed order: a folder (recursively, by image suffix), a glob, or a list
-    file (.txt: one path or URI per line; .csv and .parquet: a ``path`` column, else the first)."""
+    """Every image ``source`` names, in a fixed order: a folder (recursively, by image suffix), a glob, a folder URI
+    (``s3://bucket/photos/``), or a list file (.txt: one path or URI per line; .csv and .parquet: a ``path`` column,
+    else the first)."""
     found = image_paths(source)
     if found is not None:
         return found
+    if is_url(source) and not os.path.exists(source):
+        return _remote_sources(source)
     path = Path(source)
     if not path.is_file():
         raise BatchError(f"{source} is neither a folder, a glob, nor a .txt/.csv/.parquet list of images.")
@@ -64,15 +78,84 @@ def list_sources(source: str) -> list[str]:
     raise BatchError(f"{source}: a list of images must be .txt, .csv or .parquet (with a 'path' column).")
 
 
-def read_bytes(uri: str) -> bytes:
-    """A local path, or any URI pyarrow's file systems open (s3://, gs://, hdfs://, file://) where credentials allow."""
-    if "://" not in uri:
-        return read_image_file(uri)  # a regular file within the size limit, else FileProblem (service/files.py)
+def _remote_sources(uri: str) -> list[str]:
+    """The images under a folder URI of one of pyarrow's file systems (``s3://bucket/photos/``; recursively, by
+    image suffix, sorted), or the one file it names. An http(s) URL names one image: more go into a list file."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
     from pyarrow import fs
 
-    filesystem, path = fs.FileSystem.from_uri(uri)
+    from .formats import IMAGE_SUFFIXES
+
+    if uri.lower().startswith(WEB):
+        return [uri]
+    try:
+        filesystem, root = _open_uri(uri)
+        info = filesystem.get_file_info(root)
+        if info.type == fs.FileType.Directory:
+            found = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+    except Exception as exc:  # pyarrow.ArrowInvalid, OSError: a scheme it cannot open, no credentials, no bucket
+        raise BatchError(
+            f"{uri} cannot be listed: {exc}. Folders are read on the file systems pyarrow opens (s3://, gs://, "
+            "hdfs://, abfs://, file://) where credentials allow; or give a .txt/.csv/.parquet list of the images."
+        ) from None
+    if info.type == fs.FileType.File:
+        return [uri]
+    if info.type != fs.FileType.Directory:
+        raise BatchError(f"{uri}: no such file or folder.")
+    scheme, netloc, path, query, _ = urlsplit(uri)
+    base = path.rstrip("/")
+    names = sorted(
+        f.path[len(root.rstrip("/")) :].lstrip("/")
+        for f in found
+        if f.type == fs.FileType.File and Path(f.path).suffix.lower() in IMAGE_SUFFIXES
+    )
+    return [urlunsplit((scheme, netloc, f"{base}/{quote(name)}", query, "")) for name in names]
+
+
+def _open_uri(uri: str):
+    """pyarrow's file system and path for ``uri``; a path written unescaped (``s3://b/my photo.jpg``) is escaped
+    (pyarrow takes URIs only as RFC 3986 writes them)."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    from pyarrow import fs
+
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except Exception:  # pyarrow.ArrowInvalid
+        scheme, netloc, path, query, fragment = urlsplit(uri)
+        escaped = urlunsplit((scheme, netloc, quote(path, safe="/%"), query, fragment))
+        if escaped == uri:
+            raise
+        return fs.FileSystem.from_uri(escaped)
+
+
+def read_bytes(uri: str) -> bytes:
+    """A local path, an http(s) URL, or any URI pyarrow's file systems open (s3://, gs://, hdfs://, file://) where
+    credentials allow; each within HEADSTART_MAX_FILE_BYTES, else :class:`FileProblem`."""
+    if not is_url(uri) or uri.lower().startswith(WEB):
+        return read_image(uri)  # a regular file or a URL's body within the size limit (service/files.py)
+    from pyarrow import fs
+
+    try:
+        filesystem, path = _open_uri(uri)
+    except Exception as exc:  # pyarrow.ArrowInvalid: a scheme it has no file system for
+        raise FileProblem(
+            f"{exc}: headstart reads files, http(s) URLs and the URIs of pyarrow's file systems (s3://, gs://, "
+            "hdfs://, abfs://, file://)."
+        ) from None
+    info = filesystem.get_file_info(path)
+    if info.type == fs.FileType.NotFound:
+        raise FileProblem("The file does not exist.")
+    if info.type != fs.FileType.File:
+        raise FileProblem("The path is a folder, not a file.")
+    if info.size is not None and info.size > MAX_FILE_BYTES:
+        raise FileProblem(too_large_message(info.size, MAX_FILE_BYTES), too_large=True)
     with filesystem.open_input_stream(path) as stream:
-        return stream.read()
+        data = stream.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise FileProblem(too_large_message(len(data), MAX_FILE_BYTES), too_large=True)
+    return data
 
 
 # ---------------------------------------------------------------- the actors

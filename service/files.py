@@ -5,7 +5,8 @@ on a FIFO, reads a 1 GiB video whole, and raises a traceback on a dangling link,
 a file name that is not UTF-8 cannot be written to JSON or a Parquet string column. :func:`read_image_file` returns
 the bytes of a regular file within :data:`MAX_FILE_BYTES`, or raises :class:`FileProblem` saying what the file is and
 what to do; :func:`shown` writes any path as printable text. Training's data check, evaluation and ``predict-batch``
-all read through here.
+all read through here. :func:`read_image` also reads http(s) URLs (`headstart predict`, ``predict-batch``), within the
+same size and :data:`SETTINGS.url_timeout`; the HTTP service reads none.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ _KINDS = {
 
 #: a URL (https://, s3://, ...) given where a file is read: the message says so rather than "does not exist"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+#: the URLs :func:`read_image` fetches itself (``predict-batch`` opens the others with pyarrow's file systems)
+WEB = ("http://", "https://")
 
 
 class FileProblem(ImageError):
@@ -56,6 +59,75 @@ def utf8_name(path: str | Path) -> bool:
     return True
 
 
+def is_url(source: str | os.PathLike) -> bool:
+    """``source`` names a URL (a scheme and ``://``) rather than a file on this machine."""
+    return isinstance(source, str) and bool(_URL.match(source))
+
+
+def read_image(source: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of an image file on this machine or at an http(s) URL, or :class:`FileProblem`."""
+    if isinstance(source, str) and source.lower().startswith(WEB) and not os.path.exists(source):
+        return read_image_url(source, max_bytes)
+    return read_image_file(source, max_bytes)
+
+
+def read_image_url(url: str, max_bytes: int = MAX_FILE_BYTES, timeout: float | None = None) -> bytes:
+    """The body of an http(s) ``url`` (redirects followed), within ``max_bytes`` and ``timeout`` seconds for the whole
+    of it (HEADSTART_URL_TIMEOUT), or :class:`FileProblem` saying what the server did. A web page where an image
+    was expected is named as such: its address is usually the page's, not the image's."""
+    import http.client
+    import time
+    import urllib.error
+    import urllib.request
+
+    timeout = SETTINGS.url_timeout if timeout is None else timeout
+    if not url.lower().startswith(WEB):
+        raise FileProblem("Only http:// and https:// URLs are read here; download the file first.")
+    if not utf8_name(url):
+        raise FileProblem(f"The URL {shown(url)!r} is not UTF-8 text.")
+    deadline = time.monotonic() + timeout
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "headstart", "Accept": "image/*,*/*;q=0.5"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            kind = response.headers.get_content_type()
+            if kind.startswith("text/") or kind in ("application/json", "application/xhtml+xml"):
+                raise FileProblem(
+                    f"The URL gives {kind}, not an image: a web page's address rather than its image's? Give the "
+                    "image's own address (in a browser: right-click the image, Copy image address)."
+                )
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > max_bytes:
+                raise FileProblem(too_large_message(int(length), max_bytes), too_large=True)
+            chunks, size = [], 0
+            while chunk := response.read1(1 << 20):  # what has arrived (read() waits for all 1 MiB)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise FileProblem(too_large_message(size, max_bytes), too_large=True)
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except FileProblem:
+        raise
+    except urllib.error.HTTPError as exc:
+        raise FileProblem(f"The server answered {exc.code} {exc.reason} for this URL.") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason.strerror if isinstance(exc.reason, OSError) and exc.reason.strerror else exc.reason
+        if isinstance(exc.reason, TimeoutError):
+            reason = f"no answer within {timeout:g} s (HEADSTART_URL_TIMEOUT)"
+        raise FileProblem(
+            f"The URL cannot be read: {reason}. Check it, the network and any proxy (HTTPS_PROXY)."
+        ) from None
+    except TimeoutError:
+        raise FileProblem(
+            f"The URL's file did not arrive within {timeout:g} s (HEADSTART_URL_TIMEOUT); download it first, or raise "
+            "the timeout."
+        ) from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # reset, cut short, not a valid URL
+        said = f": {exc}" if str(exc) else ""
+        raise FileProblem(f"The URL cannot be read: {type(exc).__name__}{said}.") from None
+
+
 def read_image_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The bytes of the regular file ``path`` (links followed), or :class:`FileProblem`."""
     if not utf8_name(path):
@@ -65,8 +137,9 @@ def read_image_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     except FileNotFoundError:
         if _URL.match(os.fspath(path)):
             raise FileProblem(
-                "This is a URL, not a file: headstart reads image files on this machine. Download it first (for "
-                "example curl -LO URL) and give the file."
+                "This is a URL, not a file on this machine: headstart predict reads http(s) URLs, predict-batch "
+                "those and s3://, gs://, hdfs://; training and evaluation read files. Download it first (for example "
+                "curl -LO URL) and give the file."
             ) from None
         raise FileProblem("The file does not exist (deleted, or a link to nothing).") from None
     except OSError as exc:
@@ -84,7 +157,7 @@ def read_image_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         while chunk := os.read(fd, 1 << 20):
             size += len(chunk)
             if size > max_bytes:
-                raise FileProblem(_too_large(size, max_bytes), too_large=True)
+                raise FileProblem(too_large_message(size, max_bytes), too_large=True)
             chunks.append(chunk)
         return b"".join(chunks)
     except OSError as exc:
@@ -93,7 +166,7 @@ def read_image_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         os.close(fd)
 
 
-def _too_large(size: int, max_bytes: int) -> str:
+def too_large_message(size: int, max_bytes: int) -> str:
     return (
         f"The file is {size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB an image file may be "
         "(HEADSTART_MAX_FILE_BYTES). Downscale or re-compress it."
@@ -105,17 +178,20 @@ def _check_kind(info: os.stat_result, max_bytes: int) -> None:
         kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
         raise FileProblem(f"The path is {kind}, not a regular file.")
     if info.st_size > max_bytes:
-        raise FileProblem(_too_large(info.st_size, max_bytes), too_large=True)
+        raise FileProblem(too_large_message(info.st_size, max_bytes), too_large=True)
 
 
 def image_paths(source: str) -> list[str] | None:
     """The images a folder (recursively, by image suffix; FIFOs and links with an image's name included, to be
-    reported) or a glob names, in a fixed order; None when ``source`` is neither (a file, a list, a URI)."""
+    reported) or a glob names, in a fixed order; None when ``source`` is neither (a file, a list, a URI). A file
+    whose name holds ``[``, ``*`` or ``?`` (``photo [1].jpg``) is that file, not a glob."""
     from .formats import IMAGE_SUFFIXES
 
     path = Path(source)
     if path.is_dir():
         return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    if os.path.lexists(source) or is_url(source):
+        return None
     if any(ch in source for ch in "*?["):
         return sorted(p for p in glob.glob(source, recursive=True) if not Path(p).is_dir())
     return None

@@ -164,9 +164,16 @@ class Settings:
     max_file_bytes: int = setting(
         "HEADSTART_MAX_FILE_BYTES",
         256 << 20,
-        "largest image file read from disk (training data, evaluation, predict-batch): bigger files are skipped and "
-        "reported without being read",
+        "largest image file read from disk or a URL (training data, evaluation, predict, predict-batch): bigger "
+        "files are skipped and reported without being read",
         minimum=1,
+    )
+    url_timeout: float = setting(
+        "HEADSTART_URL_TIMEOUT",
+        30.0,
+        "seconds an image URL's server may take to send the whole file (headstart predict, predict-batch; the HTTP "
+        "service reads no URLs)",
+        minimum=0.1,
     )
     max_aspect_ratio: float = setting(
         "HEADSTART_MAX_ASPECT_RATIO", 100.0, "longest side over shortest side accepted", minimum=1.0

@@ -93,6 +93,61 @@ def coco128_report(first: int, last: int):
 
 
 @pytest.fixture
+def image_server():
+    """An HTTP server on 127.0.0.1 serving the hymenoptera photos under /photos/, and what the web does besides:
+    /moved (a redirect), /page (an HTML page), /huge (a Content-Length over any limit), /endless (a body without a
+    length that does not end), /slow (a byte a second). Yields its base URL."""
+    import http.server
+    import threading
+    import time
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(HYMENOPTERA), **kwargs)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_GET(self):
+            if self.path.startswith("/photos/"):
+                self.path = self.path[len("/photos") :]
+                return super().do_GET()
+            if self.path == "/moved":
+                self.send_response(302)
+                bee = sorted((HYMENOPTERA / "val" / "bees").iterdir())[0]
+                self.send_header("Location", f"/photos/val/bees/{bee.name}")
+                self.end_headers()
+                return
+            body = {"/page": b"<html><body>a page</body></html>"}.get(self.path)
+            self.send_response(200 if self.path in ("/page", "/huge", "/endless", "/slow") else 404)
+            self.send_header("Content-Type", "text/html" if body else "image/jpeg")
+            if self.path == "/huge":
+                self.send_header("Content-Length", str(1 << 40))
+            self.end_headers()
+            with contextlib.suppress(OSError):  # the client hangs up
+                if body:
+                    self.wfile.write(body)
+                elif self.path == "/huge":
+                    self.wfile.write(b"\xff" * 1000)
+                elif self.path == "/endless":
+                    for _ in range(64):
+                        self.wfile.write(b"\xff" * (1 << 20))
+                elif self.path == "/slow":
+                    for _ in range(30):
+                        self.wfile.write(b"\xff")
+                        self.wfile.flush()
+                        time.sleep(1)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data", {"red": 16, "blue": 16}, splits={"train": 0.75, "val": 0.25})
 

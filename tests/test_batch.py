@@ -261,3 +261,33 @@ def test_sources_are_a_folder_a_glob_or_a_list_file(tmp_path):
     (tmp_path / "list.json").write_text("[]")
     with pytest.raises(BatchError, match=r"must be \.txt, \.csv or \.parquet"):
         list_sources(str(tmp_path / "list.json"))
+
+
+def test_urls_and_folder_uris_are_predicted_as_their_files(tiny_bundle, image_server, tmp_path, local_ray):
+    """A list of http(s) URLs (a 404 and a web page among them: error rows) and a folder URI of pyarrow's file
+    systems (file:// here; s3:// and gs:// go through the same listing) answer as the same files do."""
+    import shutil
+
+    import headstart
+
+    ants = sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:3]
+    (tmp_path / "photos" / "my trip").mkdir(parents=True)
+    for i, ant in enumerate(ants):
+        shutil.copy(ant, tmp_path / "photos" / "my trip" / f"ant {i}.jpg")
+    urls = [f"{image_server}/photos/val/ants/{ant.name}" for ant in ants]
+    unescaped = f"file://{tmp_path}/photos/my trip/ant 0.jpg"
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join([*urls, f"{image_server}/missing.jpg", f"{image_server}/page", unescaped]) + "\n")
+    model = str(tiny_bundle.bundle_dir)
+    predict_batch(model, str(listing), tmp_path / "web", top_k=2, progress=False)
+    predict_batch(model, f"file://{tmp_path}/photos/", tmp_path / "uri", top_k=2, progress=False)
+    web, uri = read_output(tmp_path / "web"), read_output(tmp_path / "uri")
+    assert [r["path"] for r in web] == [*urls, f"{image_server}/missing.jpg", f"{image_server}/page", unescaped]
+    assert [r["path"] for r in uri] == [f"file://{tmp_path}/photos/my%20trip/ant%20{i}.jpg" for i in range(3)]
+    assert "The server answered 404" in web[3]["error"] and "text/html, not an image" in web[4]["error"]
+    expected = headstart.load(model).predict([str(a) for a in ants], top_k=2)
+    for answer, by_url, by_uri in zip(expected, web[:3], uri, strict=True):
+        for row in (by_url, by_uri):
+            assert row["error"] is None and row["labels"] == [p.label for p in answer.predictions]
+            assert row["scores"] == pytest.approx([p.score for p in answer.predictions], abs=1e-5)
+    assert web[5]["labels"] == uri[0]["labels"] and web[5]["scores"] == uri[0]["scores"]

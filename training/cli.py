@@ -279,7 +279,9 @@ def _add_predict(sub) -> None:
 
     p = sub.add_parser("predict", help="the answer for each image: one line a person reads, or JSON (--json)")
     p.add_argument("model", help="run directory, bundle directory, or model-store tag NAME[:VERSION]")
-    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or quoted globs")
+    p.add_argument(
+        "images", nargs="+", help="image files, folders (searched recursively), quoted globs or http(s) URLs"
+    )
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON line per image (the HTTP answer's fields)")
     p.add_argument(
@@ -305,12 +307,15 @@ def _add_predict_batch(sub) -> None:
     p = sub.add_parser(
         "predict-batch",
         help="predict a whole image collection on Ray Data into parquet parts",
-        description="Predict every image of SOURCE (a folder, a glob, or a .txt/.csv/.parquet list of "
-        "paths or URIs) with a bundle, on a local Ray instance or a cluster (--ray-address), into "
+        description="Predict every image of SOURCE (a folder, a glob, a folder URI such as s3://bucket/photos/, "
+        "or a .txt/.csv/.parquet list of paths, URIs or http(s) URLs) with a bundle, on a local Ray instance or a "
+        "cluster (--ray-address), into "
         "parquet parts under --out. Rerunning the same command resumes: finished parts are kept.",
     )
     p.add_argument("model", help="bundle directory or model-store tag NAME[:VERSION]")
-    p.add_argument("source", help="folder, glob, or .txt/.csv/.parquet list of image paths or URIs")
+    p.add_argument(
+        "source", help="folder, glob, folder URI (s3://, gs://, ...), or .txt/.csv/.parquet list of image paths or URIs"
+    )
     p.add_argument("--out", required=True, help="output folder of parquet parts")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--localize", action="store_true", help="also the boxes (JSON per row)")

@@ -74,7 +74,8 @@ class LoadedModel:
         batch_size: int = 16,
         heatmaps: str | os.PathLike | None = None,
     ) -> list[Answer]:
-        """One :class:`Answer` per image, in order (a folder or glob stands for the images it holds, sorted). A file
+        """One :class:`Answer` per image, in order (a folder or glob stands for the images it holds, sorted; an
+        http(s) URL for the image it gives, read within HEADSTART_MAX_FILE_BYTES and HEADSTART_URL_TIMEOUT). A file
         that cannot be read gets an answer with ``error`` set, as `headstart predict` prints an error line;
         ``localize`` adds boxes (class activation boxes for a classifier) kept from ``conf`` up. A multi-label model
         answers ``labels`` (those at or above their thresholds; ``label_threshold``: one threshold for all).
@@ -204,7 +205,7 @@ class LoadedModel:
         return answer.model_copy(update={"heatmap": str(target)})
 
     def _decode(self, item: ImageInput) -> Image.Image:
-        from headstart.service.files import read_image_file
+        from headstart.service.files import read_image
         from headstart.service.preprocess import decode_for
 
         if isinstance(item, Image.Image):  # as a file of it would be: EXIF orientation applied, RGB
@@ -215,7 +216,7 @@ class LoadedModel:
             return Image.fromarray(item)
         if isinstance(item, bytes):
             return decode_for(item, self.model.spec)
-        return decode_for(read_image_file(item), self.model.spec)
+        return decode_for(read_image(item), self.model.spec)  # a file, or an http(s) URL
 
 
 def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
@@ -237,7 +238,14 @@ def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 def _heatmap_name(item: ImageInput, index: int, named: set[str]) -> str:
     """A heatmap's file name: the image file's stem, else the image's place in the list; a name given before in
     this call (a.jpg in two folders) gets -2, -3, ... so that no heatmap overwrites another."""
-    stem = Path(item).stem if isinstance(item, str | os.PathLike) else f"image-{index}"
+    from headstart.service.files import is_url
+
+    if is_url(item):  # https://host/photos/cat.jpg?w=800: cat
+        from urllib.parse import unquote, urlsplit
+
+        item = unquote(urlsplit(item).path)
+    stem = Path(item).stem if isinstance(item, str | os.PathLike) else ""
+    stem = stem or f"image-{index}"
     name, n = stem, 1
     while name.casefold() in named:  # A.jpg and a.jpg: one file on a case-insensitive file system
         n += 1

@@ -1,0 +1,100 @@
+"""Where the images to predict come from: a file whose name looks like a glob, an http(s) URL (and what the web
+answers instead of an image), a folder URI of pyarrow's file systems."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from headstart.service.files import FileProblem, image_paths, read_image, read_image_url
+from tests.conftest import HYMENOPTERA
+
+ANT = sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[0]
+BEE = sorted((HYMENOPTERA / "val" / "bees").iterdir())[0]
+
+
+def test_a_file_named_like_a_glob_is_that_file(tmp_path):
+    """`headstart predict MODEL "photo [1].jpg"` said "names no images": the name was read as a glob (whose
+    [1] matches "photo 1.jpg"), and a URL with ?w=100 as one that matched nothing."""
+    for name in ("photo [1].jpg", "what?.jpg", "star*.jpg"):
+        shutil.copy(ANT, tmp_path / name)
+        assert image_paths(str(tmp_path / name)) is None  # a file: itself
+    assert image_paths("https://example.com/a.jpg?w=100") is None
+    assert image_paths(str(tmp_path / "photo [[]1].jpg")) == [str(tmp_path / "photo [1].jpg")]  # a glob still is one
+    assert image_paths(str(tmp_path / "*.jpg")) == sorted(str(p) for p in tmp_path.glob("*.jpg"))
+
+
+def test_an_image_url_is_read_and_what_the_web_gives_instead_is_named(image_server):
+    assert read_image(f"{image_server}/photos/val/ants/{ANT.name}") == ANT.read_bytes()
+    assert read_image_url(f"{image_server}/moved") == BEE.read_bytes()  # redirects followed
+    with pytest.raises(FileProblem, match="The server answered 404"):
+        read_image_url(f"{image_server}/photos/val/ants/missing.jpg")
+    with pytest.raises(FileProblem, match=r"gives text/html, not an image.*image's own address"):
+        read_image_url(f"{image_server}/page")
+    with pytest.raises(FileProblem, match=r"The file is 1048576 MiB, more than the 1 MiB") as caught:
+        read_image_url(f"{image_server}/huge", max_bytes=1 << 20)  # refused by its Content-Length
+    assert caught.value.too_large
+    with pytest.raises(FileProblem, match=r"more than the 8 MiB"):
+        read_image_url(f"{image_server}/endless", max_bytes=8 << 20)  # no length said: stopped past the limit
+    start = time.monotonic()
+    with pytest.raises(FileProblem, match=r"did not arrive within 2 s \(HEADSTART_URL_TIMEOUT\)"):
+        read_image_url(f"{image_server}/slow", timeout=2)  # a byte a second: each read in time, the whole not
+    assert time.monotonic() - start < 10
+    closed = image_server.rsplit(":", 1)[0] + ":1"  # nothing listens on port 1
+    with pytest.raises(FileProblem, match=r"The URL cannot be read: Connection refused\. Check it, the network"):
+        read_image_url(f"{closed}/x.jpg")
+    with pytest.raises(FileProblem, match="The URL cannot be read"):
+        read_image_url("http://[::1/x.jpg")  # not a valid URL
+    with pytest.raises(FileProblem, match=r"This is a URL, not a file on this machine.*Download it first"):
+        read_image("s3://bucket/photo.jpg")  # only predict-batch opens pyarrow's file systems
+
+
+def test_predict_answers_urls_as_it_answers_their_files(tiny_bundle, image_server, tmp_path, capsys):
+    import json
+
+    import headstart
+    from headstart.cli import main
+
+    shutil.copy(ANT, tmp_path / "ant [1].jpg")
+    url = f"{image_server}/photos/val/ants/{ANT.name}?size=large"
+    model = headstart.load(tiny_bundle.bundle_dir)
+    local, remote, bracketed, missing, page = model.predict(
+        [str(ANT), url, str(tmp_path / "ant [1].jpg"), f"{image_server}/photos/nothing.jpg", f"{image_server}/page"],
+        heatmaps=tmp_path / "maps",
+    )
+    assert remote.image == url and remote.error is None
+    assert remote.predictions == local.predictions == bracketed.predictions and remote.novelty == local.novelty
+    assert remote.heatmap == str(tmp_path / "maps" / f"{ANT.stem}-2.heatmap.jpg")  # named from the URL's path
+    assert "404" in missing.error and "text/html" in page.error
+    assert main(["predict", str(tiny_bundle.bundle_dir), url, str(tmp_path / "ant [1].jpg"), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["image"] for line in lines] == [url, str(tmp_path / "ant [1].jpg")]
+    assert lines[0]["predictions"] == lines[1]["predictions"]
+
+
+def test_a_folder_uri_is_listed_and_its_files_read(tmp_path):
+    pytest.importorskip("pyarrow")
+    from headstart.service.batch import BatchError, list_sources, read_bytes
+
+    (tmp_path / "photos" / "my trip").mkdir(parents=True)
+    shutil.copy(ANT, tmp_path / "photos" / "my trip" / "ant 1.jpg")
+    shutil.copy(BEE, tmp_path / "photos" / "bee.JPG")
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    listed = list_sources(f"file://{tmp_path}/photos/")
+    assert listed == [f"file://{tmp_path}/photos/bee.JPG", f"file://{tmp_path}/photos/my%20trip/ant%201.jpg"]
+    assert list_sources(f"file://{tmp_path}/photos") == listed
+    assert read_bytes(listed[1]) == ANT.read_bytes()
+    assert read_bytes(f"file://{tmp_path}/photos/my trip/ant 1.jpg") == ANT.read_bytes()  # written unescaped
+    assert list_sources(f"file://{tmp_path}/photos/bee.JPG") == [f"file://{tmp_path}/photos/bee.JPG"]
+    with pytest.raises(BatchError, match="no such file or folder"):
+        list_sources(f"file://{tmp_path}/elsewhere/")
+    with pytest.raises(BatchError, match=r"cannot be listed.*s3://, gs://"):
+        list_sources("nosuchfs://bucket/photos/")
+    with pytest.raises(FileProblem, match="folder, not a file"):
+        read_bytes(f"file://{tmp_path}/photos")
+    with pytest.raises(FileProblem, match="does not exist"):
+        read_bytes(f"file://{tmp_path}/photos/missing.jpg")
+    with pytest.raises(FileProblem, match="Unrecognized filesystem.*http\\(s\\) URLs"):
+        read_bytes("nosuchfs://bucket/x.jpg")

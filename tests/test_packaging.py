@@ -199,3 +199,26 @@ def test_a_broken_install_or_another_module_is_not_called_a_missing_extra():
     assert missing_extra(ModuleNotFoundError("No module named 'torch._C'", name="torch._C")) is None
     assert missing_extra(ModuleNotFoundError("No module named 'my_models'", name="my_models")) is None
     assert missing_extra(ModuleNotFoundError("no name")) is None
+
+
+def test_compare_needs_no_torch(tiny_run, tmp_path):
+    """`headstart compare` reads two folders of YAML and JSON: on a serving-only install it said to install the
+    train extra (each task's headline metrics were read from its torch-importing task module)."""
+    import json
+    import shutil
+
+    from headstart.compare import compare_runs
+
+    shutil.copytree(tiny_run, tmp_path / "a")
+    shutil.copytree(tiny_run, tmp_path / "b")
+    config = (tmp_path / "b" / "config.yaml").read_text()
+    (tmp_path / "b" / "config.yaml").write_text(config.replace("seed: 0", "seed: 1"))
+    expected = compare_runs([tmp_path / "a", tmp_path / "b"])
+    assert expected["options"] == {"seed": [0, 1]} and "accuracy" in expected["metrics"]
+    code = (
+        "import sys\nsys.modules['torch'] = None\nfrom headstart.cli import main\n"
+        f"sys.exit(main(['compare', {str(tmp_path / 'a')!r}, {str(tmp_path / 'b')!r}, '--json']))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == json.loads(json.dumps(expected, default=str))

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from headstart import runs
-from headstart.tasks import task_named
+from headstart.tasks import CONFIGS
 
 #: Options that only say where or how a run ran, not what it learned: left out of the comparison.
 NOT_COMPARED = ("out", "data_dir", "cache_dir", "resume", "overwrite", "progress", "log", "no_cache", "device")
@@ -32,7 +32,7 @@ def compare_runs(run_dirs: list[str | Path]) -> dict:
             options[key] = values
     if len({r.task for r in records}) > 1:
         options = {"task": [r.task for r in records], **options}
-    headline = list(dict.fromkeys(k for r in records for k in task_named(r.task).headline))
+    headline = list(dict.fromkeys(k for r in records if r.task in CONFIGS for k in CONFIGS[r.task].headline))
     table = {k: [m.get(k) for m in metrics] for k in headline}
     table["seconds"] = [m.get("training", {}).get("seconds", {}).get("total") for m in metrics]
     return {"runs": [str(d) for d in run_dirs], "options": options, "metrics": table}

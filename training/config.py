@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from headstart.service.runtime import DEVICES
 
@@ -76,6 +76,8 @@ class RunConfig:
     data_kind = "a data set"
     #: whether `headstart crossval` cross-validates this task (its task class then has ``cross_validate``)
     crossval = False
+    #: the metrics that sum a run up: the end-of-run log line, `headstart compare` (torch-free: read here)
+    headline: ClassVar[tuple[str, ...]] = ()
     #: options a ``--resume`` must not change: they determine the result
     RESULT_KEYS = (
         "backbone",

@@ -150,7 +150,7 @@ def _finish(task: Task, job: Job, head: nn.Module, evaluation: dict, seconds: di
     runs.finish_run(run_dir, {"split": "val", "task": task.name, **evaluation, "training": training})
     tracking.log_finish(run_dir, {**evaluation, "training": training})
     job.checkpoint.unlink(missing_ok=True)
-    summary = ", ".join(f"{k} {evaluation[k]:.4f}" for k in task.headline if k in evaluation)
+    summary = ", ".join(f"{k} {evaluation[k]:.4f}" for k in cfg.headline if k in evaluation)
     log.info("done in %.1fs: val %s (%d images) -> %s", seconds["total"], summary, len(report.splits["val"]), run_dir)
 
 

@@ -10,12 +10,15 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
 
 from headstart.service.contract import ContractError, RunRecord
 from headstart.service.errors import HeadstartError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ def write_yaml(path: Path, data) -> None:
 
 def save_torch(path: Path, obj) -> None:
     """torch.save atomically (checkpoints hold only tensors and plain values: loadable with weights_only=True)."""
+    import torch  # here: reading a run's record (`headstart compare`, the data scan) needs no torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())

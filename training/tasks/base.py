@@ -127,8 +127,6 @@ class Task:
     """The training side of a task. ``name`` is its registry name; ``export`` its :class:`TaskExport`."""
 
     name: str = ""
-    #: the metrics the end-of-run log line shows
-    headline: tuple[str, ...] = ()
     export: TaskExport = TaskExport()
     #: whether the engine also extracts the training images clean, as it does the validation images
     #: (``job.train_clean_features``): for what compares images as they are, e.g. a classifier's novelty bank

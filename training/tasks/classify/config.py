@@ -12,6 +12,7 @@ class ClassifyConfig(RunConfig, OpenSetOptions):
     """A classifier from an image folder: one subfolder per class, optionally inside train/, val/ and test/."""
 
     task = "classify"
+    headline = ("accuracy", "macro_f1", "calibration_error")
     data_kind = "an image folder for classification (one subfolder per class)"
     RESULT_KEYS = (
         *RunConfig.RESULT_KEYS,

@@ -39,7 +39,6 @@ AUDIT, AUDIT_PLOT, PREDICTIONS = "audit.json", "audit.png", "predictions.csv"
 
 class ClassifyTask(Task):
     name = "classify"
-    headline = ("accuracy", "macro_f1", "calibration_error")
     export = ClassifyExport()
     clean_train = True  # the novelty bank and the data audit compare the training images as they are
 

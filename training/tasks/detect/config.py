@@ -13,6 +13,7 @@ class DetectConfig(RunConfig):
     """A detector from a YOLO-format data set (a folder with data.yaml, or the yaml itself)."""
 
     task = "detect"
+    headline = ("map50", "map50_95")
     data_kind = "a YOLO detection data set (it has a data.yaml)"
     crossval = True
     RESULT_KEYS = (

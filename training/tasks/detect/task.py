@@ -40,7 +40,6 @@ log = logging.getLogger("headstart.detect")
 
 class DetectTask(Task):
     name = "detect"
-    headline = ("map50", "map50_95")
     export = DetectExport()
 
     def scan(self, cfg: DetectConfig, report=None, decoded=None):

@@ -28,6 +28,7 @@ class MultiLabelConfig(RunConfig, OpenSetOptions):
     present in each image (``--task multilabel``)."""
 
     task = "multilabel"
+    headline = ("map_macro", "micro_f1", "sample_f1")
     crossval = True
     data_kind = "a multi-label data set (a CSV of images and labels, or a YOLO data set with --task multilabel)"
     RESULT_KEYS = (

@@ -48,7 +48,6 @@ PREDICTIONS = "predictions.csv"
 
 class MultiLabelTask(Task):
     name = "multilabel"
-    headline = ("map_macro", "micro_f1", "sample_f1")
     export = MultiLabelExport()
     clean_train = True  # the novelty bank compares the training images as they are
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -784,3 +785,39 @@ def test_where_the_dynamo_exporter_fails_the_traced_file_is_written_and_said(tmp
     with pytest.raises(RuntimeError, match="no exporter"):  # neither can write it: the export fails, no file
         export_onnx(model, tmp_path / "n.onnx", 16, output_names=("probabilities", "scaled"))
     assert not (tmp_path / "n.onnx").exists()
+
+
+def test_export_finds_a_moved_data_set_with_data(tiny_run, tiny_bundle, tmp_path):
+    """A run's data set moved (or the run copied to another machine): export said "images of the run are gone ...
+    Restore the data set or retrain". `--data` says where it is now; the checks run on the same images there."""
+    from headstart.exporter import data_moved
+
+    record = load_run(tiny_run).record
+    old_root = record.data["root"]
+    shutil.copytree(old_root, tmp_path / "was")
+    shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("bundle"))
+    for name in ("splits.json", "config.yaml"):  # the copy trained on tmp/was, which then moved to tmp/now
+        text = (tmp_path / "run" / name).read_text()
+        (tmp_path / "run" / name).write_text(text.replace(old_root, str(tmp_path / "was")))
+    (tmp_path / "was").rename(tmp_path / "now")
+    with pytest.raises(ExportError, match=r"val images of the run are gone .*give its new place \(--data DIR\)"):
+        export_bundle(tmp_path / "run", tmp_path / "b", store=False)
+    with pytest.raises(ExportError, match=rf"not where --data puts them .*trained from \({tmp_path / 'was'}\)"):
+        export_bundle(tmp_path / "run", tmp_path / "b", store=False, data=tmp_path)
+    argv = ["export", str(tmp_path / "run"), "--out", str(tmp_path / "b"), "--no-store", "--int8"]
+    assert main([*argv, "--data", str(tmp_path / "now")]) == 0
+    exported = load_bundle(tmp_path / "b").manifest
+    assert exported.verification == tiny_bundle.manifest.verification  # the same images, the same checks
+    assert exported.int8 is not None and exported.int8["calibration_images"] > 0  # the training images, moved too
+
+    # a detector's data.yaml (its `path: ..` above it) and images move with the folder that holds the yaml
+    run = load_run(tiny_run)
+    run.record = dataclasses.replace(run.record, data={"root": "/old/set", "yaml": "/old/set/yolo/data.yaml"})
+    (tmp_path / "new" / "yolo").mkdir(parents=True)
+    (tmp_path / "new" / "yolo" / "data.yaml").write_text("names: [a]\n")
+    for given in (tmp_path / "new" / "yolo", tmp_path / "new" / "yolo" / "data.yaml"):
+        moved = data_moved(run, given)
+        assert moved.record.data == {"root": str(tmp_path / "new"), "yaml": str(tmp_path / "new/yolo/data.yaml")}
+        assert moved.data_moved == (Path("/old/set/yolo"), tmp_path / "new" / "yolo")
+    with pytest.raises(ExportError, match="--data /nowhere does not exist"):
+        data_moved(run, "/nowhere")

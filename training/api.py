@@ -106,9 +106,11 @@ class Run:
         store: bool = True,
         weights: str | os.PathLike | None = None,
         int8_weight_bits: int = INT8_WEIGHT_BITS,
+        data: str | os.PathLike | None = None,
     ) -> Bundle:
         """`headstart export RUN`: a verified bundle in ``out`` (default RUN/bundle). ``int8_weight_bits`` 8: int8
-        weights closer to fp32, for CPUs with VNNI or AMX only (`headstart export --help`)."""
+        weights closer to fp32, for CPUs with VNNI or AMX only (`headstart export --help`). ``data``: the data set's
+        folder (or data.yaml, labels CSV), if it moved since training: export checks on its validation images."""
         return export(
             self.dir,
             out,
@@ -118,6 +120,7 @@ class Run:
             store=store,
             weights=weights,
             int8_weight_bits=int8_weight_bits,
+            data=data,
         )
 
     def evaluate(
@@ -164,6 +167,7 @@ def export(
     store: bool = True,
     weights: str | os.PathLike | None = None,
     int8_weight_bits: int = INT8_WEIGHT_BITS,
+    data: str | os.PathLike | None = None,
 ) -> Bundle:
     """`headstart export RUN`: see :meth:`Run.export`."""
     from headstart.exporter import export_bundle
@@ -178,6 +182,7 @@ def export(
         store=store,
         weights=weights,
         int8_weight_bits=int8_weight_bits,
+        data=data,
     )
     return Bundle(Path(result.bundle_dir), result.tag, result.manifest)
 

@@ -215,6 +215,7 @@ def _cmd_export(args) -> int:
         store=args.store,
         weights=args.weights,
         int8_weight_bits=args.int8_weight_bits,
+        data=args.data,
     )
     m = result.manifest
     data = {"bundle": str(result.bundle_dir), "tag": result.tag, "verification": m.verification, "int8": m.int8}
@@ -365,6 +366,11 @@ def _add_export(sub) -> None:
     p.add_argument("--no-store", dest="store", action="store_false", help="do not import into the BentoML store")
     _add_json(p)
     p.add_argument("--weights", help="backbone weights file, if it moved since training")
+    p.add_argument(
+        "--data",
+        help="the data set's folder (or its data.yaml / labels CSV), if it moved since training: export checks the "
+        "model on its validation images",
+    )
 
 
 def _add_serve(sub) -> None:

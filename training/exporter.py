@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -67,18 +68,46 @@ def model_name(text: str) -> str:
 
 def _split_paths(run: LoadedRun, split: str, limit: int) -> tuple[list[Path], list]:
     """At most ``limit`` images of a split of the run (evenly spread), and the second column of splits.json for each
-    (what the task's :meth:`training.tasks.base.Task.split_row` wrote: a class index, a box count, ...)."""
+    (what the task's :meth:`training.tasks.base.Task.split_row` wrote: a class index, a box count, ...); each where
+    the data set is now (:func:`data_moved`)."""
     items = json.loads((run.run_dir / runs.SPLITS).read_text()).get(split, [])
     if len(items) > limit:
         items = [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
-    paths = [Path(p) for p, *_ in items]
+    moved = run.data_moved
+    paths = [Path(p) if moved is None else _moved(Path(p), *moved) for p, *_ in items]
     missing = [p for p in paths if not p.is_file()]
     if missing:
+        if moved is not None:
+            raise ExportError(
+                f"{len(missing)} {split} images of the run are not where --data puts them (e.g. {missing[0]}). Give "
+                f"the folder the run was trained from ({moved[0]}), wherever it is now."
+            )
         raise ExportError(
             f"{len(missing)} {split} images of the run are gone (e.g. {missing[0]}); export verifies on them. "
-            "Restore the data set or retrain."
+            "Restore the data set, give its new place (--data DIR), or retrain."
         )
     return paths, [row[1] if len(row) > 1 else None for row in items]
+
+
+def data_moved(run: LoadedRun, data: str | os.PathLike) -> LoadedRun:
+    """``run`` with its data set at ``data`` (`headstart export --data`: moved since training, or on another
+    machine): each image it recorded is looked for at the same place relative to the folder it was trained from
+    (that folder, or the one holding its data.yaml or labels CSV; ``data`` names the folder or that file), and the
+    record's data.yaml and CSV with them (a detector's boxes are read beside its images)."""
+    new = Path(data).resolve()
+    if not new.exists():
+        raise ExportError(f"--data {data} does not exist: give the data set's folder (or its data.yaml / labels CSV).")
+    recorded = run.record.data
+    named = recorded.get("yaml") or recorded.get("source")  # a detector's data.yaml, a multi-label CSV
+    old = Path(named).parent if named and Path(named).suffix else Path(named or recorded["root"])
+    anchors = (old, new.parent if new.is_file() else new)
+    moved = {k: str(_moved(Path(v), *anchors)) if k in ("root", "yaml", "source") else v for k, v in recorded.items()}
+    return dataclasses.replace(run, record=dataclasses.replace(run.record, data=moved), data_moved=anchors)
+
+
+def _moved(path: Path, old: Path, new: Path) -> Path:
+    """``path`` at the place under ``new`` that it had under ``old`` (``..`` allowed: a data.yaml's ``path: ..``)."""
+    return Path(os.path.normpath(new / os.path.relpath(path, old)))
 
 
 def _int8_model(
@@ -183,10 +212,12 @@ def export_bundle(
     weights: str | None = None,
     max_int8_drop: float = 0.01,
     int8_weight_bits: int = INT8_WEIGHT_BITS,
+    data: str | os.PathLike | None = None,
 ) -> ExportResult:
     """Export, verify and (optionally) import a run into the BentoML model store. Returns the bundle.
     ``int8_weight_bits``: 7 (the default: no CPU saturates on the file) or 8 (closer to fp32, for CPUs with VNNI or
-    AMX only)."""
+    AMX only). ``data``: where the run's data set is now, if it moved since training (the checks run on its
+    validation images, int8 is calibrated on its training images)."""
     if int8_weight_bits not in INT8_WEIGHT_BITS_CHOICES:
         raise ExportError(f"--int8-weight-bits must be 7 or 8, not {int8_weight_bits!r}.")
     if int8_weight_bits != INT8_WEIGHT_BITS and not int8:
@@ -194,6 +225,8 @@ def export_bundle(
     if store:  # before the work: the bundle was written and verified, then thrown away for want of the store
         require("bentoml", otherwise="Or export with --no-store (store=False): the bundle alone, served by its folder.")
     run = load_run(run_dir, weights=weights)
+    if data is not None:
+        run = data_moved(run, data)
     task = task_named(run.task).export
     if int8 and not task.int8:
         raise ExportError(f"--int8 is not available for {run.task} models; export without --int8.")

@@ -25,6 +25,8 @@ class LoadedRun:
     spec: PreprocessSpec
     model: torch.nn.Module  # the task's whole model: Classifier, or Detector
     metrics: dict
+    #: (the folder the data set was trained from, where it is now) when it moved (`headstart export --data`)
+    data_moved: tuple[Path, Path] | None = None
 
     @property
     def task(self) -> str:

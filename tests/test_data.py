@@ -375,6 +375,7 @@ def test_a_detection_set_in_a_format_headstart_does_not_read_is_named_with_what_
     with pytest.raises(DatasetError, match=f"holds a {words} detection data set") as caught:
         scan_image_folder(root)
     assert "YOLO" in str(caught.value) and "one subfolder of images per class" in str(caught.value)
+    assert f"headstart convert {root} --out {root}-yolo" in str(caught.value)
     from headstart.tasks.detect.data import scan_yolo_dataset  # --task detect: the same, not "no data.yaml"
 
     with pytest.raises(DatasetError, match=f"holds a {words} detection data set"):

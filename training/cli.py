@@ -1,4 +1,5 @@
-"""The `headstart` command: train, crossval, evaluate, predict, predict-batch, export, serve, compare, cache."""
+"""The `headstart` command: train, crossval, evaluate, predict, predict-batch, export, serve, convert, compare,
+cache."""
 
 from __future__ import annotations
 
@@ -404,6 +405,30 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="a COCO JSON or Pascal VOC detection data set as a YOLO one to train on",
+        description="Write a COCO JSON data set (annotations/instances_*.json, a Roboflow export's "
+        "SPLIT/_annotations.coco.json, or the JSON file) or a Pascal VOC one (Annotations/, JPEGImages/, "
+        "ImageSets/Main/) as a YOLO data set in OUT: data.yaml, images/SPLIT/ (links to the source's images, or "
+        "copies with --copy) and labels/SPLIT/*.txt. The source is not touched; what cannot be used (crowd regions, "
+        "boxes of no area, missing images) is left out and counted. Then: headstart train OUT --out RUN.",
+    )
+    p.add_argument("source", help="the COCO or VOC data set's folder (or a COCO JSON file)")
+    p.add_argument("--out", required=True, help="a new (or empty) folder for the YOLO data set")
+    p.add_argument("--copy", action="store_true", help="copy the images instead of linking to them")
+    _add_json(p)
+
+
+def _cmd_convert(args) -> int:
+    from headstart.convert import convert
+
+    result = convert(args.source, args.out, copy=args.copy)
+    _print(args, result.to_dict(), f"{result.format()}\nthen: headstart train {args.out} --out RUN")
+    return 0
+
+
 def _add_cache(sub) -> None:
     p = sub.add_parser(
         "cache",
@@ -455,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     verbs = (_add_train, _add_crossval, _add_evaluate, _add_predict, _add_predict_batch, _add_export, _add_serve)
-    for add in (*verbs, _add_compare, _add_cache):
+    for add in (*verbs, _add_convert, _add_compare, _add_cache):
         add(sub)
     return parser
 
@@ -515,6 +540,7 @@ COMMANDS = {
     "crossval": _cmd_crossval,
     "serve": _cmd_serve,
     "compare": _cmd_compare,
+    "convert": _cmd_convert,
     "cache": _cmd_cache,
 }
 

@@ -185,21 +185,21 @@ def more_line(entries: list, limit: int = 20, indent: str = "    ") -> list[str]
 
 
 def foreign_layout(root: Path) -> str | None:
-    """What to do where ``root`` is a detection data set in a format headstart does not read, which the class-folder
-    scan would take for classes (COCO's annotations/ and train2017/ as two "classes", one of them empty; a
-    Roboflow COCO export's train/ as images without classes): COCO JSON or Pascal VOC. None otherwise."""
+    """What to do where ``root`` is a detection data set in a format headstart trains on only once converted, which
+    the class-folder scan would take for classes (COCO's annotations/ and train2017/ as two "classes", one of them
+    empty; a Roboflow COCO export's train/ as images without classes): COCO JSON or Pascal VOC. None otherwise."""
     patterns = ("annotations/instances_*.json", "_annotations.coco.json", "*/_annotations.coco.json")
     coco = sorted(p for pattern in patterns for p in root.glob(pattern))
     if coco:
         kind, found = "COCO JSON", coco[0]
-        how = "from ultralytics.data.converter import convert_coco; Roboflow exports YOLO too"
     elif (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir():
-        kind, found, how = "Pascal VOC", root / "Annotations", "Roboflow and most labelling tools export YOLO"
+        kind, found = "Pascal VOC", root / "Annotations"
     else:
         return None
+    yolo = shown(root.with_name(f"{root.name}-yolo"))
     return (
-        f"{root} holds a {kind} detection data set ({shown(found)}), a format headstart does not read: it reads "
-        f"detection data as YOLO (a data.yaml naming the classes and the image folders, a labels/*.txt per image). "
-        f"Convert it ({how}), then train on the folder holding the data.yaml. To classify images instead, give a "
-        "folder with one subfolder of images per class."
+        f"{root} holds a {kind} detection data set ({shown(found)}): headstart trains a detector on YOLO data (a "
+        f"data.yaml naming the classes and the image folders, a labels/*.txt per image). Convert it: headstart "
+        f"convert {shown(root)} --out {yolo} (the images linked, not copied), then train on {yolo}. To classify "
+        "images instead, give a folder with one subfolder of images per class."
     )

@@ -117,8 +117,20 @@ def test_what_cannot_be_used_is_left_out_and_counted(tmp_path, capsys):
         {**first, "id": 902, "image_id": 12345},  # no such image
         {**first, "id": 903, "category_id": 999},  # no such category
         {**first, "id": 904, "bbox": "10 10 5 5"},  # not a list of numbers
+        {**first, "id": 905, "bbox": [float("nan"), 1, 2, 3]},  # not a number
+        {**first, "id": 906, "image_id": 78},  # on an image that is not one
+        {**first, "id": 907, "image_id": [1], "category_id": {"a": 1}},  # ids that cannot be ids
+        "a string",
     ]
-    doc["images"].append({"id": 77, "file_name": "gone.jpg", "width": 10, "height": 10})  # not on disk
+    (tmp_path / "src" / "train2017" / "broken.jpg").write_bytes(b"not a jpeg")
+    doc["images"] += [
+        {"id": 77, "file_name": "gone.jpg", "width": 10, "height": 10},  # not on disk
+        {"id": 78, "file_name": "broken.jpg", "width": None, "height": "?"},  # no size: the file is asked
+        7,
+    ]
+    for image in doc["images"][:2]:  # sizes missing: read from the images themselves
+        if isinstance(image, dict):
+            del image["width"], image["height"]
     path.write_text(json.dumps(doc))
     argv = ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "yolo")]
     assert main([*argv, "--json"]) == 0
@@ -127,14 +139,23 @@ def test_what_cannot_be_used_is_left_out_and_counted(tmp_path, capsys):
     assert left_out.pop("categories without a box") > 0
     assert left_out == {
         "images listed but not found": 1,
-        "annotations of an image not found": 1,
+        "entries of 'images' that are not objects": 1,
+        "annotations of an image not found": 2,
         "crowd regions (iscrowd)": 1,
-        "boxes of no area": 1,
+        "boxes of no area (or not numbers)": 2,
         "annotations of an unknown category": 1,
         "annotations without a [x, y, width, height] bbox": 1,
+        "boxes of an image that cannot be read": 1,
+        "entries of 'annotations' that are not objects": 1,
     }
-    assert summary["splits"]["train"]["images"] == 6 and summary["splits"]["val"]["images"] == 2
+    assert summary["splits"]["train"]["images"] == 7 and summary["splits"]["val"]["images"] == 2  # broken.jpg too
     assert summary["splits"]["train"]["boxes"] == sum(len(c) for *_, c, _ in images[:6])  # the added ones: none
+    original = boxes_by_name(COCO128 / "data.yaml")  # the images whose sizes were read: the same boxes
+    converted = boxes_by_name(tmp_path / "yolo" / "data.yaml")
+    for image, *_ in images[:2]:
+        ours, theirs = converted[f"train/{image.name}"], original[f"train/{image.name}"]
+        assert [a[0] for a in ours] == [b[0] for b in theirs]
+        assert np.allclose([a[1:] for a in ours], [b[1:] for b in theirs], atol=2e-4)
     with pytest.raises(ConvertError, match="exists and is not an empty folder"):
         convert(tmp_path / "src", tmp_path / "yolo")
     with pytest.raises(ConvertError, match="inside the source"):
@@ -150,8 +171,9 @@ def test_what_cannot_be_used_is_left_out_and_counted(tmp_path, capsys):
         convert(tmp_path / "src", tmp_path / "two")
 
 
-def written_as_voc(root, names, images, lists: bool) -> None:
-    """The images as Pascal VOC: one XML per image (corners counted from 1), JPEGImages/, and split lists."""
+def written_as_voc(root, names, images, lists: str) -> None:
+    """The images as Pascal VOC: one XML per image (corners counted from 1), JPEGImages/, and split lists (``lists``:
+    train.txt or trainval.txt for the training split, or none); an XML that is not one, an object without a name."""
     (root / "Annotations").mkdir(parents=True)
     (root / "JPEGImages").mkdir()
     for image, width, height, classes, corners in images:
@@ -162,25 +184,26 @@ def written_as_voc(root, names, images, lists: bool) -> None:
             for c, (x1, y1, x2, y2) in zip(classes, corners, strict=True)
         )
         difficult = "<object><name>zebra</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>1</ymin>"
-        difficult += "<xmax>9</xmax><ymax>9</ymax></bndbox></object>"
+        difficult += "<xmax>9</xmax><ymax>9</ymax></bndbox></object><object><name> </name></object>"
         (root / "Annotations" / f"{image.stem}.xml").write_text(
             f"<annotation><filename>{image.name}</filename><size><width>{width}</width><height>{height}</height>"
             f"<depth>3</depth></size>{objects}{difficult}</annotation>"
         )
-    if lists:
+    (root / "Annotations" / "broken.xml").write_text("<annotation><object>")
+    if lists != "none":
         (root / "ImageSets" / "Main").mkdir(parents=True)
         stems = [image.stem for image, *_ in images]
-        (root / "ImageSets" / "Main" / "train.txt").write_text("\n".join(stems[:6]) + "\n")
+        (root / "ImageSets" / "Main" / f"{lists}.txt").write_text("\n".join(stems[:6]) + "\n")
         (root / "ImageSets" / "Main" / "val.txt").write_text("\n".join([*stems[6:], "no_such_image"]) + "\n")
 
 
-@pytest.mark.parametrize("lists", [True, False], ids=["split-lists", "no-lists"])
+@pytest.mark.parametrize("lists", ["train", "trainval", "none"])
 def test_a_pascal_voc_data_set_becomes_the_yolo_one_it_was_written_from(tmp_path, lists):
     names, images = coco128(8)
     written_as_voc(tmp_path / "VOCdevkit" / "VOC2012", names, images, lists)
     result = convert(tmp_path, tmp_path.parent / f"{tmp_path.name}-yolo")  # VOCdevkit/VOC2012 found inside
     # without split lists every image is in train (training then validates on a random fifth of them)
-    splits = {"train": images[:6], "val": images[6:]} if lists else {"train": images}
+    splits = {"train": images[:6], "val": images[6:]} if lists != "none" else {"train": images}
     written = yaml.safe_load((result.out / "data.yaml").read_text())
     assert {s: sorted(p.name for p in (result.out / written[s]).iterdir()) for s in splits} == {
         s: sorted(image.name for image, *_ in chosen) for s, chosen in splits.items()
@@ -193,5 +216,9 @@ def test_a_pascal_voc_data_set_becomes_the_yolo_one_it_was_written_from(tmp_path
         for a, b in zip(got[image.name], expected, strict=True):
             assert a[0] == b[0] and np.allclose(a[1:], b[1:], atol=2e-4), (image.name, a, b)
     assert result.labels == sorted({names[c] for *_, classes, _ in images for c in classes})  # no zebra
-    assert len(result.left_out.pop("objects marked difficult")) == len(images)
-    assert result.left_out == ({"images of a split list without an annotation": ["val/no_such_image"]} if lists else {})
+    assert len(result.left_out.pop("objects marked difficult")) == len(result.left_out.pop("objects without a name"))
+    assert [line.split(" (")[0] for line in result.left_out.pop("annotation files that cannot be read")] == [
+        "broken.xml"
+    ]
+    missing = {"images of a split list without an annotation": ["val/no_such_image"]}
+    assert result.left_out == (missing if lists != "none" else {})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -38,6 +39,9 @@ log = logging.getLogger("headstart")
 
 #: a split's name as data sets write it → headstart's
 SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+NO_AREA = "boxes of no area (or not numbers)"
 
 
 class ConvertError(HeadstartError, ValueError):
@@ -161,6 +165,10 @@ def _read_coco(source: Path, out: Path) -> Conversion:
             raise ConvertError(f"{shown(path)} cannot be read as JSON: {exc}") from None
         if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in ("images", "categories")):
             raise ConvertError(f"{shown(path)} is not a COCO annotation file (it needs 'images' and 'categories').")
+        if not isinstance(doc.setdefault("annotations", []), list):
+            raise ConvertError(f"{shown(path)}: 'annotations' is not a list.")
+        if not all(isinstance(c, dict) and isinstance(c.get("id"), int | str) for c in doc["categories"]):
+            raise ConvertError(f"{shown(path)}: every entry of 'categories' needs an 'id' (and a 'name').")
         documents[split] = (path, doc)
     categories: dict[int, str] = {}
     for path, doc in documents.values():
@@ -168,10 +176,9 @@ def _read_coco(source: Path, out: Path) -> Conversion:
             cid, name = cat.get("id"), str(cat.get("name", ""))
             if categories.setdefault(cid, name) != name:
                 raise ConvertError(f"{shown(path)}: category {cid} is {name!r} here and {categories[cid]!r} elsewhere.")
-    used = {a.get("category_id") for _, doc in documents.values() for a in doc.get("annotations") or []}
-    ids = sorted(
-        (c for c in categories if c in used), key=lambda c: (0, c, "") if isinstance(c, int) else (1, 0, str(c))
-    )
+    annotations = [a for _, doc in documents.values() for a in doc["annotations"] if isinstance(a, dict)]
+    used = {_id(a.get("category_id")) for a in annotations}
+    ids = sorted((c for c in categories if c in used), key=_id_order)
     conversion = Conversion(source, "COCO JSON", out, [categories[c] for c in ids], {})
     for cid in sorted(set(categories) - used, key=str):
         conversion.skip("categories without a box", repr(categories[cid]))
@@ -181,18 +188,35 @@ def _read_coco(source: Path, out: Path) -> Conversion:
     return conversion
 
 
+def _id(value) -> int | str | None:
+    """An id as the file gives it, where it can be one (a list or an object cannot)."""
+    return value if isinstance(value, int | str) else None
+
+
+def _id_order(cid) -> tuple:
+    """Category ids in order: numbers by value, then any other id by its text."""
+    return (0, cid, "") if isinstance(cid, int) else (1, 0, str(cid))
+
+
 def _coco_split(conversion: Conversion, split: str, path: Path, doc: dict, index: dict) -> list[Item]:
     folders = _image_folders(path)
     items: dict = {}
     for image in doc["images"]:
+        if not isinstance(image, dict):
+            conversion.skip("entries of 'images' that are not objects", f"{split}: {str(image)[:40]}")
+            continue
         name = str(image.get("file_name", ""))
         found = next((f / name for f in folders if name and (f / name).is_file()), None)
         if found is None:
             conversion.skip("images listed but not found", f"{split}/{name}")
             continue
-        items[image.get("id")] = (Item(found, _safe_name(name)), image.get("width"), image.get("height"))
-    for ann in doc.get("annotations") or []:
-        entry = items.get(ann.get("image_id"))
+        width, height = _size(image.get("width")), _size(image.get("height"))
+        items[_id(image.get("id"))] = [Item(found, _safe_name(name)), width, height]
+    for ann in doc["annotations"]:
+        if not isinstance(ann, dict):
+            conversion.skip("entries of 'annotations' that are not objects", f"{split}: {str(ann)[:40]}")
+            continue
+        entry = items.get(_id(ann.get("image_id")))
         if entry is None:
             conversion.skip("annotations of an image not found", f"{split} image {ann.get('image_id')}")
             continue
@@ -200,12 +224,15 @@ def _coco_split(conversion: Conversion, split: str, path: Path, doc: dict, index
         if ann.get("iscrowd"):
             conversion.skip("crowd regions (iscrowd)", f"{split}/{item.name}")
             continue
-        if ann.get("category_id") not in index:
+        if _id(ann.get("category_id")) not in index:
             conversion.skip("annotations of an unknown category", f"{split}/{item.name}")
             continue
-        if not width or not height:
-            width, height = _image_size(item.path)
-            items[ann["image_id"]] = (item, width, height)
+        if not width or not height:  # not in the file: the image says
+            size = _image_size(item.path)
+            if size is None:
+                conversion.skip("boxes of an image that cannot be read", f"{split}/{item.name}")
+                continue
+            entry[1:] = width, height = size
         try:
             x, y, w, h = (float(v) for v in ann["bbox"])
         except (KeyError, TypeError, ValueError):
@@ -213,7 +240,7 @@ def _coco_split(conversion: Conversion, split: str, path: Path, doc: dict, index
             continue
         box = _normalised(x, y, x + w, y + h, width, height)
         if box is None:
-            conversion.skip("boxes of no area", f"{split}/{item.name}")
+            conversion.skip(NO_AREA, f"{split}/{item.name}")
             continue
         item.boxes.append((index[ann["category_id"]], *box))
     return _unique([item for item, _, _ in items.values()], conversion, split)
@@ -261,31 +288,37 @@ def _read_voc(root: Path, out: Path) -> Conversion:
                 conversion.skip("objects marked difficult", f"{image.name}")
                 continue
             corners = [obj.findtext(f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
+            name = (obj.findtext("name") or "").strip()
+            if not name:
+                conversion.skip("objects without a name", image.name)
+                continue
             try:
-                found.append((str(obj.findtext("name") or "").strip(), *(float(c) for c in corners)))
+                found.append((name, *(float(c) for c in corners)))
             except (TypeError, ValueError):
-                conversion.skip("objects without a bndbox", f"{image.name}")
+                conversion.skip("objects without a bndbox", image.name)
         size = [tree.findtext(f"size/{k}") for k in ("width", "height")]
         objects[xml.stem] = (image, found, size)
     conversion.labels = sorted({name for _, found, _ in objects.values() for name, *_ in found})
     index = {name: i for i, name in enumerate(conversion.labels)}
     items = {}
     for stem, (image, found, size) in objects.items():
-        try:
-            width, height = int(float(size[0])), int(float(size[1]))
-        except (TypeError, ValueError):
-            width = height = 0
-        if width <= 0 or height <= 0:  # some exports write 0: the image says
-            width, height = _image_size(image)
         item = Item(image, image.name)
+        width, height = _size(size[0]), _size(size[1])
+        if found and (not width or not height):  # some exports write 0: the image says
+            width, height = _image_size(image) or (None, None)
+            if width is None:
+                conversion.skip("boxes of an image that cannot be read", image.name)
+                found = []
         for name, x1, y1, x2, y2 in found:
             box = _normalised(x1 - 1, y1 - 1, x2 - 1, y2 - 1, width, height)  # VOC's pixels count from 1
             if box is None:
-                conversion.skip("boxes of no area", image.name)
+                conversion.skip(NO_AREA, image.name)
             else:
                 item.boxes.append((index[name], *box))
         items[stem] = item
     listed = {s: root / "ImageSets" / "Main" / f"{s}.txt" for s in ("train", "val", "test")}
+    if not listed["train"].is_file():  # VOC2007's test set beside trainval: trainval is the training split
+        listed["train"] = listed["train"].with_name("trainval.txt")
     if listed["train"].is_file():
         for split, path in listed.items():
             if path.is_file():
@@ -306,6 +339,8 @@ def _read_voc(root: Path, out: Path) -> Conversion:
 
 def _normalised(x1: float, y1: float, x2: float, y2: float, width, height) -> tuple[float, ...] | None:
     """Pixel corners → YOLO (cx, cy, w, h) in [0, 1], clipped to the image; None for a box of no area."""
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        return None
     x1, x2 = (min(max(v / width, 0.0), 1.0) for v in (x1, x2))
     y1, y2 = (min(max(v / height, 0.0), 1.0) for v in (y1, y2))
     if x2 <= x1 or y2 <= y1:
@@ -313,13 +348,25 @@ def _normalised(x1: float, y1: float, x2: float, y2: float, width, height) -> tu
     return ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1)
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """The image's width and height as annotation tools see it (EXIF orientation applied)."""
+def _size(value) -> float | None:
+    """A width or height from an annotation file: a positive number, else None (the image is asked)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """The image's width and height as annotation tools see it (EXIF orientation applied); None if unreadable."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        width, height = img.size
-        return (height, width) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            return (height, width) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+    except Exception:  # not an image, damaged, too large for PIL: training's data check will say which
+        return None
 
 
 def _safe_name(name: str) -> str:

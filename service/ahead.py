@@ -7,6 +7,7 @@ Torch-free.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,11 +25,22 @@ R = TypeVar("R")
 
 #: at most this many decoding threads, whatever the CPU count: beyond, the model, not the decoding, bounds a process
 MAX_THREADS = 8
+#: threads that read images when some are URLs: each waits on a server most of its time, not on a CPU
+URL_THREADS = 16
 
 
 def default_threads() -> int:
     """Decoding threads for one process: one per CPU it may use, at most :data:`MAX_THREADS`."""
     return max(1, min(usable_cpus(), MAX_THREADS))
+
+
+def reading_threads(items: Sequence, threads: int | None = None) -> int:
+    """Threads to read and decode ``items`` on: ``threads`` (default :func:`default_threads`), or
+    :data:`URL_THREADS` where some are URLs (read one at a time, a list of them took a round trip each)."""
+    from .files import is_url
+
+    threads = default_threads() if threads is None else threads
+    return max(threads, URL_THREADS) if any(is_url(os.fspath(i)) for i in items if isinstance(i, str)) else threads
 
 
 def in_order(

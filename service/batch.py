@@ -198,7 +198,7 @@ class Predictor:
         whole), so an actor holds that many images' pixels whatever ``--batch-size`` asks: a 512 px detector's
         actor held all 32 (656 MB; 785 MB at 64 a call), now 483 MB (474 at 64; benchmarks/RESULTS.md,
         "Prediction's memory")."""
-        from .ahead import in_order
+        from .ahead import in_order, reading_threads
         from .preprocess import decode_for
 
         def decoded(path):
@@ -209,7 +209,8 @@ class Predictor:
         rows, images, good = [], [], []
         at_once = self.bundle.images_per_run or len(batch["path"])
         # decoded on as many threads as the actor has CPUs (PIL releases the GIL): one, in turn, by default here
-        ahead = in_order(decoded, batch["path"], threads=self.options["threads"])
+        # URLs on more threads: reading them waits on their servers (service/ahead.py)
+        ahead = in_order(decoded, batch["path"], threads=reading_threads(list(batch["path"]), self.options["threads"]))
         for path, part, index, image in zip(batch["path"], batch["part"], batch["index"], ahead, strict=True):
             # "" rather than None inside Ray: every block then has the same column types
             row = {

@@ -96,10 +96,16 @@ def coco128_report(first: int, last: int):
 def image_server():
     """An HTTP server on 127.0.0.1 serving the hymenoptera photos under /photos/, and what the web does besides:
     /moved (a redirect), /page (an HTML page), /huge (a Content-Length over any limit), /endless (a body without a
-    length that does not end), /slow (a byte a second). Yields its base URL."""
+    length that does not end), /slow (a byte a second), /later/photos/... (a photo after 1 s). Yields its base
+    URL, whose ``most_at_once`` says how many requests it has answered at the same time at most."""
     import http.server
     import threading
     import time
+
+    class Base(str):
+        most_at_once = 0
+
+    lock, now = threading.Lock(), [0]
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
@@ -109,6 +115,19 @@ def image_server():
             pass
 
         def do_GET(self):
+            with lock:
+                now[0] += 1
+                base.most_at_once = max(base.most_at_once, now[0])
+            try:
+                self.answer()
+            finally:
+                with lock:
+                    now[0] -= 1
+
+        def answer(self):
+            if self.path.startswith("/later/"):
+                time.sleep(1.0)
+                self.path = self.path[len("/later") :]
             if self.path.startswith("/photos/"):
                 self.path = self.path[len("/photos") :]
                 return super().do_GET()
@@ -142,7 +161,8 @@ def image_server():
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    base = Base(f"http://127.0.0.1:{server.server_address[1]}")
+    yield base
     server.shutdown()
     server.server_close()
 

@@ -98,3 +98,20 @@ def test_a_folder_uri_is_listed_and_its_files_read(tmp_path):
         read_bytes(f"file://{tmp_path}/photos/missing.jpg")
     with pytest.raises(FileProblem, match="Unrecognized filesystem.*http\\(s\\) URLs"):
         read_bytes("nosuchfs://bucket/x.jpg")
+
+
+def test_urls_are_read_on_more_threads_than_files(tiny_bundle, image_server, monkeypatch):
+    """A list of URLs was read on one thread per CPU, each waiting on its server in turn (a round trip per image):
+    now on URL_THREADS, as many requests in flight (answers in order all the same)."""
+    import headstart
+    from headstart.service import ahead
+
+    monkeypatch.setattr(ahead, "default_threads", lambda: 2)
+    assert ahead.reading_threads(["a.jpg", "b.png"]) == 2 and ahead.reading_threads(["a.jpg"], threads=1) == 1
+    assert ahead.reading_threads(["a.jpg", "https://host/b.jpg"]) == ahead.URL_THREADS >= 8
+    assert ahead.reading_threads(["s3://bucket/b.jpg"], threads=1) == ahead.URL_THREADS
+    photos = sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:12]
+    urls = [f"{image_server}/later/photos/val/ants/{p.name}" for p in photos]
+    answers = headstart.load(tiny_bundle.bundle_dir).predict(urls)
+    assert [a.image for a in answers] == urls and not any(a.error for a in answers)
+    assert image_server.most_at_once >= 8  # 1 s each: read together, not one after another

@@ -109,7 +109,7 @@ class LoadedModel:
         """:meth:`predict`'s answers as they come, in order: each batch of ``batch_size`` images is answered as soon
         as it is decoded (ahead, on threads), so a long list of images is never held whole (`headstart predict`
         prints each line so)."""
-        from headstart.service.ahead import in_order
+        from headstart.service.ahead import in_order, reading_threads
         from headstart.service.inference import check_answer_options, classified, classify_images
         from headstart.service.localize import DEFAULTS, LocalizeParams, localize_images
 
@@ -148,7 +148,8 @@ class LoadedModel:
             waiting.clear()
 
         decoded = 0
-        for i, (item, image) in enumerate(zip(items, in_order(self._decode, items), strict=True)):  # decoded ahead
+        ahead = in_order(self._decode, items, threads=reading_threads(items))  # decoded ahead (URLs: more threads)
+        for i, (item, image) in enumerate(zip(items, ahead, strict=True)):
             try:
                 waiting.append((i, _name_of(item), image.result()))
                 decoded += 1

@@ -380,3 +380,44 @@ def test_a_detection_set_in_a_format_headstart_does_not_read_is_named_with_what_
 
     with pytest.raises(DatasetError, match=f"holds a {words} detection data set"):
         scan_yolo_dataset(root)
+
+
+def test_an_image_label_csv_is_a_classifiers_data_set(tmp_path):
+    """Kaggle's tables (image,label): `headstart train train.csv` went to the multi-label task, read `label` as a 0/1
+    column and said "names no readable image (0 skipped). Check the image paths"."""
+    from headstart.tasks import config_for_data
+
+    root = make_image_folder(tmp_path / "d", {"red": 6, "blue": 6})
+    images = sorted(root.rglob("*.jpg"))
+    lines = ["image,label", *(f"{p.relative_to(root)},{p.parent.name}" for p in images)]
+    lines += [f"{images[0].relative_to(root)},red", "red/none.jpg,red", f"{images[1].relative_to(root)},", "x,y,z"]
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    assert config_for_data(str(root / "train.csv")).task == "classify"
+    report = scan_image_folder(root / "train.csv", val_fraction=0.25, seed=1)
+    assert report.root == root / "train.csv" and report.labels == ["blue", "red"]
+    assert {s: sum(n.values()) for s, n in report.counts().items()} == {"train": 8, "val": 4}  # stratified: 6 each
+    assert {p.name for s in report.splits.values() for p in [x.path for x in s]} == {p.name for p in images}
+    assert [p for p, _ in report.corrupt] == [str(root / "red" / "none.jpg")]
+    said = " ".join(report.warnings)
+    assert "2 rows skipped: train.csv:16: no label; train.csv:17: 3 cells where the header has 2" in said
+    assert "1 rows name an image an earlier row names (the first kept): train.csv:14" in said
+
+    # a split column fixes the split; a folder holding labels.csv is the same; multi-label tables stay multi-label
+    rows = [f"{p.relative_to(root)},{p.parent.name},{'val' if i % 3 == 0 else 'train'}" for i, p in enumerate(images)]
+    (root / "labels.csv").write_text("image,label,split\n" + "\n".join(rows) + "\n")
+    report = scan_image_folder(root)
+    assert report.split_source == "train/val folders" and len(report.splits["val"]) == 4
+    assert config_for_data(str(root)).task == "classify"
+    (root / "multi.csv").write_text("image,labels\n" + "\n".join(f"{p.relative_to(root)},a b" for p in images))
+    assert config_for_data(str(root / "multi.csv")).task == "multilabel"
+    with pytest.raises(DatasetError, match="gives images several labels .* a multi-label data set"):
+        scan_image_folder(root / "multi.csv")  # --task classify on it
+
+    # evaluation on such a table: every row, whatever its split; a class the model does not know is named
+    report = scan_eval_folder(root / "labels.csv", ["blue", "red"])
+    assert list(report.splits) == ["eval"] and len(report.splits["eval"]) == 12
+    with pytest.raises(DatasetError, match=r"has classes \['blue'\] that the model does not know"):
+        scan_eval_folder(root / "labels.csv", ["red", "green"])
+    (root / "bad.csv").write_text("image,label\nred/none.jpg,red\nblue/none.jpg,blue\n")
+    with pytest.raises(DatasetError, match=r"holds no readable image \(2 could not be read, e.g. .*none.jpg: The file"):
+        scan_image_folder(root / "bad.csv")

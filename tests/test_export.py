@@ -819,5 +819,12 @@ def test_export_finds_a_moved_data_set_with_data(tiny_run, tiny_bundle, tmp_path
         moved = data_moved(run, given)
         assert moved.record.data == {"root": str(tmp_path / "new"), "yaml": str(tmp_path / "new/yolo/data.yaml")}
         assert moved.data_moved == (Path("/old/set/yolo"), tmp_path / "new" / "yolo")
+    run.record = dataclasses.replace(run.record, data={"root": "/old/kc/train.csv"})  # an image,label CSV's run
+    (tmp_path / "new" / "kc").mkdir()
+    (tmp_path / "new" / "kc" / "train.csv").write_text("image,label\n")
+    for given in (tmp_path / "new" / "kc", tmp_path / "new" / "kc" / "train.csv"):
+        moved = data_moved(run, given)
+        assert moved.record.data == {"root": str(tmp_path / "new" / "kc" / "train.csv")}
+        assert moved.data_moved == (Path("/old/kc"), tmp_path / "new" / "kc")
     with pytest.raises(ExportError, match="--data /nowhere does not exist"):
         data_moved(run, "/nowhere")

@@ -813,3 +813,25 @@ def test_a_detectors_loss_weights_are_checked_before_any_work():
         with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} must be a finite number at least 0"):
             DetectConfig(data_dir="data.yaml", out="run", **{option: -1.0}).validate()
         DetectConfig(data_dir="data.yaml", out="run", **{option: 0.0}).validate()
+
+
+def test_a_classifier_trains_on_an_image_label_csv_as_on_its_folders(tiny_folder, tmp_path, cache_dir, capsys):
+    """The same images with the same split, as class folders and as an image,label CSV: the same classifier. The
+    command line takes the CSV as a classifier's data, evaluates on it, and exports it moved (`--data`)."""
+    images = sorted(tiny_folder.rglob("*.jpg"))
+    rows = [f"{p.relative_to(tiny_folder)},{p.parent.name},{p.parent.parent.name}" for p in images]
+    (tiny_folder / "train.csv").write_text("image,label,split\n" + "\n".join(rows) + "\n")
+    by_folders = train(tiny_config(tiny_folder, tmp_path / "folders", cache_dir))
+    by_csv = train(tiny_config(tiny_folder / "train.csv", tmp_path / "csv", cache_dir))
+    assert json.loads((by_csv / "splits.json").read_text()) == json.loads((by_folders / "splits.json").read_text())
+    for name, tensor in head_tensors(by_folders).items():
+        assert torch.equal(tensor, head_tensors(by_csv)[name]), name
+    argv = ["train", str(tiny_folder / "train.csv"), "--out", str(tmp_path / "cli"), "--backbone", "test_resnet"]
+    assert main([*argv, "--no-pretrained", "--epochs", "2", "--views", "1", "--cache-dir", str(cache_dir)]) == 0
+    assert runs.read_record(tmp_path / "cli").task == "classify"
+    assert main(["evaluate", str(by_csv), str(tiny_folder / "train.csv"), "--out", str(tmp_path / "ev")]) == 0
+    assert "num_images 32" in capsys.readouterr().out  # every row: train and val
+    moved = tmp_path / "moved"
+    tiny_folder.rename(moved)
+    argv = ["export", str(by_csv), "--out", str(tmp_path / "b"), "--no-store"]
+    assert main([*argv, "--data", str(moved / "train.csv")]) == 0

@@ -66,14 +66,14 @@ def _add_train(sub) -> None:
         "train",
         help="train a new head on a frozen pretrained backbone",
         description="Train a head on a frozen pretrained backbone: a classifier from an image folder "
-        "(one subfolder per class, optionally inside train/ val/ test/), a detector from a "
+        "(one subfolder per class, optionally inside train/ val/ test/) or an image,label CSV, a detector from a "
         "YOLO-format data set (a folder with data.yaml, or the yaml itself), or a multi-label classifier from a "
         "labels CSV (image,labels; or a folder holding labels.csv; or a YOLO data set with --task multilabel).",
     )
     p.add_argument(
         "data_dir",
         help="image folder: one subfolder per class, optionally inside train/ and val/; a YOLO data set; or a labels "
-        "CSV",
+        "CSV (image,label: a classifier; image,labels or 0/1 columns: multi-label)",
     )
     p.add_argument("--out", required=True, help="run directory to write")
     _add_task(p)
@@ -256,7 +256,9 @@ def _add_evaluate(sub) -> None:
         "model), a bundle directory or a model-store tag (on the runtime the service would use, as predict runs it).",
     )
     p.add_argument("model", help="run directory, bundle directory, or model-store tag NAME[:VERSION]")
-    p.add_argument("data_dir", help="labelled data of the model's task: class subfolders, or a YOLO data set")
+    p.add_argument(
+        "data_dir", help="labelled data of the model's task: class subfolders or an image,label CSV, a YOLO data set"
+    )
     p.add_argument("--out", help="output folder (default RUN/eval, or BUNDLE-eval beside a bundle; needed for a tag)")
     p.add_argument("--weights", help="backbone weights file, if it moved since training (run directories)")
     _add_json(p)

@@ -98,8 +98,8 @@ def data_moved(run: LoadedRun, data: str | os.PathLike) -> LoadedRun:
     if not new.exists():
         raise ExportError(f"--data {data} does not exist: give the data set's folder (or its data.yaml / labels CSV).")
     recorded = run.record.data
-    named = recorded.get("yaml") or recorded.get("source")  # a detector's data.yaml, a multi-label CSV
-    old = Path(named).parent if named and Path(named).suffix else Path(named or recorded["root"])
+    named = Path(recorded.get("yaml") or recorded.get("source") or recorded["root"])  # a data.yaml, a CSV, a folder
+    old = named.parent if named.suffix.lower() in (".yaml", ".yml", ".csv") else named
     anchors = (old, new.parent if new.is_file() else new)
     moved = {k: str(_moved(Path(v), *anchors)) if k in ("root", "yaml", "source") else v for k, v in recorded.items()}
     return dataclasses.replace(run, record=dataclasses.replace(run.record, data=moved), data_moved=anchors)

@@ -1,19 +1,22 @@
-"""The classifier's options (`headstart train IMAGE_FOLDER`). Torch-free: the command line is built from them."""
+"""The classifier's options (`headstart train IMAGE_FOLDER` or `LABELS.csv`). Torch-free: the command line is built
+from them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from headstart.config import OpenSetOptions, RunConfig, check_number, option
+from headstart.labels_csv import find_csv, header_of, single_label
 
 
 @dataclass
 class ClassifyConfig(RunConfig, OpenSetOptions):
-    """A classifier from an image folder: one subfolder per class, optionally inside train/, val/ and test/."""
+    """A classifier from an image folder (one subfolder per class, optionally inside train/, val/ and test/) or from
+    a labels CSV with one class per image (``image,label``)."""
 
     task = "classify"
     headline = ("accuracy", "macro_f1", "calibration_error")
-    data_kind = "an image folder for classification (one subfolder per class)"
+    data_kind = "an image folder for classification (one subfolder per class) or an image,label CSV"
     RESULT_KEYS = (
         *RunConfig.RESULT_KEYS,
         "activation",
@@ -36,6 +39,11 @@ class ClassifyConfig(RunConfig, OpenSetOptions):
     audit: bool = option(
         True, "no data audit (likely label errors, near-duplicates, outliers)", group="open_set", flag="--no-audit"
     )
+
+    @classmethod
+    def claims(cls, data_dir: str) -> bool:
+        csv_path = find_csv(data_dir)  # image,label: one class per image (a folder is the default task's anyway)
+        return csv_path is not None and single_label(header_of(csv_path))
 
     def validate(self) -> None:
         super().validate()

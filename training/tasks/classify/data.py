@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from headstart import crossval, runs
 from headstart.data import DatasetError, VerifiedImages, check_file, foreign_layout, listed, more_line, same_bytes
+from headstart.labels_csv import Row, find_csv, header_of, read_csv, single_label
 from headstart.service.bundle import MANIFEST
 from headstart.service.files import shown, utf8_name
 
@@ -189,6 +190,72 @@ def scan_image_folder(
     images ``verified`` holds are not decoded again (:class:`headstart.data.VerifiedImages`); those decoded are
     kept in ``decoded`` while it has room (:func:`headstart.data.check_file`)."""
     root = Path(root)
+    csv_path = find_csv(str(root))
+    if csv_path is not None and (root.is_file() or single_label(header_of(csv_path))):
+        files, outputs = _csv_files(csv_path)
+        root = csv_path
+        if not files:
+            raise DatasetError(f"{csv_path} names no image with a class. {' '.join(outputs)}".strip())
+    else:
+        files, outputs = _folder_files(root)
+    if not any(files.values()):
+        raise DatasetError(
+            f"No class folders found in {root}. Put one subfolder per class (e.g. {root}/cats/*.jpg), "
+            "optionally inside train/ and val/."
+        )
+    good, ignored, corrupt = _check_tree(files, workers, verified, decoded)
+    if corrupt and not any(items for per_class in good.values() for items in per_class.values()):
+        path, why = corrupt[0]
+        raise DatasetError(
+            f"{root} holds no readable image ({len(corrupt)} could not be read, e.g. {path}: {why.rstrip('.')}). "
+            f"{' '.join(outputs)}".strip()
+        )
+    labels = _labels(good, root, labels)
+    splits, split_source, warnings = _split(good, labels, val_fraction, seed)
+    duplicates = _leaks(splits)
+    conflicts = _conflicts(splits, labels)
+    warnings += _warnings(splits, labels, duplicates, corrupt, conflicts) + outputs
+    return DatasetReport(root, list(labels), splits, split_source, ignored, corrupt, duplicates, warnings, conflicts)
+
+
+def _csv_files(csv_path: Path, known: list[str] | None = None) -> tuple[dict[str, dict[str, list[Path]]], list[str]]:
+    """The images of an ``image,label`` CSV by split and class, as :func:`_folder_files` gives a folder's, and what
+    the CSV held that is not used (rows skipped, an image named twice: the first row kept), in words. ``known``: the
+    classes of a trained model (a row of another class: an error naming it)."""
+    header = header_of(csv_path)
+    if not single_label(header):
+        raise DatasetError(
+            f"{csv_path} gives images several labels (a 'labels' column, or one 0/1 column per label): a multi-label "
+            "data set (`headstart train` without --task trains one on it). A classifier takes one class per image: "
+            "an image,label CSV, or a folder with one subfolder per class."
+        )
+    rows, _, skipped = read_csv(csv_path)
+    seen: dict[Path, Row] = {}
+    twice = []
+    for row in rows:
+        key = row.path.resolve()
+        if key in seen:
+            twice.append(row.where)
+        else:
+            seen[key] = row
+    by_split = any(row.split for row in seen.values())
+    files: dict[str, dict[str, list[Path]]] = {}
+    for row in seen.values():
+        split = (row.split or "train") if by_split else "all"
+        files.setdefault(split, {}).setdefault(row.names[0], []).append(row.path)
+    if known is not None:
+        unknown = sorted({c for per_class in files.values() for c in per_class} - set(known))
+        if unknown:
+            raise DatasetError(f"{csv_path} has classes {unknown} that the model does not know (it knows {known}).")
+    notes = [f"{csv_path.name}: {len(skipped)} rows skipped: " + "; ".join(f"{w}: {why}" for w, why in skipped[:5])]
+    notes = notes[: bool(skipped)]
+    if twice:
+        notes.append(f"{len(twice)} rows name an image an earlier row names (the first kept): {', '.join(twice[:5])}")
+    return files, notes
+
+
+def _folder_files(root: Path) -> tuple[dict[str, dict[str, list[Path]]], list[str]]:
+    """The image files of a class-folder data set by split (or "all") and class, and what was left out, in words."""
     if not root.is_dir():
         raise DatasetError(f"Data folder {root} does not exist or is not a folder.")
     foreign = foreign_layout(root)
@@ -217,18 +284,7 @@ def scan_image_folder(
         split: {d.name: _list_files(d) for d in _list_class_dirs(folder, outputs)}
         for split, folder in split_dirs.items()
     }
-    if not any(files.values()):
-        raise DatasetError(
-            f"No class folders found in {root}. Put one subfolder per class (e.g. {root}/cats/*.jpg), "
-            "optionally inside train/ and val/."
-        )
-    good, ignored, corrupt = _check_tree(files, workers, verified, decoded)
-    labels = _labels(good, root, labels)
-    splits, split_source, warnings = _split(good, labels, val_fraction, seed)
-    duplicates = _leaks(splits)
-    conflicts = _conflicts(splits, labels)
-    warnings += _warnings(splits, labels, duplicates, corrupt, conflicts) + outputs
-    return DatasetReport(root, list(labels), splits, split_source, ignored, corrupt, duplicates, warnings, conflicts)
+    return files, outputs
 
 
 def _split_dirs(root: Path) -> dict[str, Path]:
@@ -371,6 +427,32 @@ def scan_eval_folder(
     """Check a labelled folder (class subfolders directly inside) for evaluation against a trained run's labels;
     the images decoded are kept in ``decoded`` while it has room (the evaluation takes them)."""
     root = Path(root)
+    csv_path = find_csv(str(root))
+    if csv_path is not None and (root.is_file() or single_label(header_of(csv_path))):
+        files, outputs = _csv_files(csv_path, known=labels)  # every row, whatever its split: evaluated
+        root, files = csv_path, {"eval": {c: [p for per in files.values() for p in per.get(c, [])] for c in labels}}
+        if not any(files["eval"].values()):
+            raise DatasetError(f"{csv_path} names no image with a class. {' '.join(outputs)}".strip())
+    else:
+        per_class, outputs = _eval_class_files(root, labels)
+        files = {"eval": per_class}
+    good, ignored, corrupt = _check_tree(files, workers, None, decoded)
+    index = {name: i for i, name in enumerate(labels)}
+    samples = [Sample(p, index[c], h) for c, items in good["eval"].items() for p, h in items]
+    if not samples:
+        raise DatasetError(f"{root} has no readable images.")
+    conflicts = _conflicts({"eval": samples}, labels)
+    warnings = [_conflict_warning(conflicts, "the model can be right on only one of the copies")] if conflicts else []
+    warnings += [f"{len(corrupt)} corrupt images were skipped (listed above)."] if corrupt else []
+    warnings += outputs
+    return DatasetReport(
+        root, list(labels), {"eval": samples}, "evaluation folder", ignored, corrupt, [], warnings, conflicts
+    )
+
+
+def _eval_class_files(root: Path, labels: list[str]) -> tuple[dict[str, list[Path]], list[str]]:
+    """The image files of each class folder of ``root`` (every one of them a class of ``labels``), and what was left
+    out, in words."""
     if not root.is_dir():
         raise DatasetError(f"Data folder {root} does not exist or is not a folder.")
     outputs: list[str] = []
@@ -384,18 +466,7 @@ def scan_eval_folder(
         )
     if not class_dirs:
         raise DatasetError(f"{root} has no class folders; expected subfolders named after {labels}.")
-    good, ignored, corrupt = _check_tree({"eval": {d.name: _list_files(d) for d in class_dirs}}, workers, None, decoded)
-    index = {name: i for i, name in enumerate(labels)}
-    samples = [Sample(p, index[c], h) for c, items in good["eval"].items() for p, h in items]
-    if not samples:
-        raise DatasetError(f"{root} has no readable images.")
-    conflicts = _conflicts({"eval": samples}, labels)
-    warnings = [_conflict_warning(conflicts, "the model can be right on only one of the copies")] if conflicts else []
-    warnings += [f"{len(corrupt)} corrupt images were skipped (listed above)."] if corrupt else []
-    warnings += outputs
-    return DatasetReport(
-        root, list(labels), {"eval": samples}, "evaluation folder", ignored, corrupt, [], warnings, conflicts
-    )
+    return {d.name: _list_files(d) for d in class_dirs}, outputs
 
 
 def scan_other_images(root: str | Path, workers: int = 4, decoded: DecodedImages | None = None) -> DatasetReport:

@@ -3,22 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from headstart.config import OpenSetOptions, RunConfig, option, task_default
-
-#: the file a folder holds for `headstart train FOLDER` to be a multi-label data set
-CSV_NAME = "labels.csv"
-
-
-def find_csv(data_dir: str) -> Path | None:
-    """The labels CSV ``data_dir`` names: the file itself (``*.csv``), or ``labels.csv`` inside the folder."""
-    path = Path(data_dir)
-    if path.suffix.lower() == ".csv" and path.is_file():
-        return path
-    if path.is_dir() and (path / CSV_NAME).is_file():
-        return path / CSV_NAME
-    return None
+from headstart.labels_csv import find_csv, header_of, single_label
 
 
 @dataclass
@@ -104,4 +91,5 @@ class MultiLabelConfig(RunConfig, OpenSetOptions):
 
     @classmethod
     def claims(cls, data_dir: str) -> bool:
-        return find_csv(data_dir) is not None
+        csv_path = find_csv(data_dir)  # image,labels or 0/1 columns; image,label is a classifier's
+        return csv_path is not None and not single_label(header_of(csv_path))

@@ -13,7 +13,6 @@ named; a repeated image is kept once (the first row) and named; so is a label ce
 
 from __future__ import annotations
 
-import csv
 import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -32,13 +31,11 @@ from headstart.data import (
     same_bytes,
     verified_images,
 )
+from headstart.labels_csv import SPLITS, Row, find_csv, read_csv
 from headstart.service.files import shown
-from headstart.tasks.multilabel.config import find_csv
 
 if TYPE_CHECKING:
     from headstart.features import DecodedImages
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -124,63 +121,6 @@ def multi_hot(label_sets, num_labels: int) -> np.ndarray:
     return out
 
 
-@dataclass
-class _Row:
-    where: str  # "FILE.csv:LINE" for messages
-    path: Path
-    names: tuple[str, ...]
-    split: str | None
-
-
-def read_csv(csv_path: Path) -> tuple[list[_Row], list[str] | None, list[tuple[str, str]]]:
-    """The rows of a labels CSV, the label columns of a multi-hot layout (None for ``image,labels``), and the rows
-    skipped with the reason."""
-    try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"Cannot read {csv_path}: {exc}. Save it as UTF-8 text.") from exc
-    reader = csv.reader(text.splitlines())
-    header = [h.strip() for h in next(reader, [])]
-    if "image" not in header:
-        raise DatasetError(
-            f"{csv_path} has no 'image' column (its header is {','.join(header) or 'empty'}). The first row must "
-            "name the columns: image,labels (labels separated by spaces), or image and one 0/1 column per label; "
-            "optionally split (train, val or test)."
-        )
-    image_col, split_col = header.index("image"), header.index("split") if "split" in header else None
-    multi = "labels" not in header
-    label_cols = [i for i, h in enumerate(header) if i not in (image_col, split_col)] if multi else []
-    if multi and not label_cols:
-        raise DatasetError(f"{csv_path} names no labels: add a 'labels' column or one 0/1 column per label.")
-    rows, skipped = [], []
-    for line, cells in enumerate(reader, start=2):
-        where = f"{csv_path.name}:{line}"
-        if not any(c.strip() for c in cells):
-            continue
-        if len(cells) != len(header):
-            skipped.append((where, f"{len(cells)} cells where the header has {len(header)}"))
-            continue
-        image = cells[image_col].strip()
-        if not image:
-            skipped.append((where, "no image named"))
-            continue
-        split = cells[split_col].strip().lower() if split_col is not None else None
-        split = "val" if split in ("valid", "validation") else split  # as an image folder's valid/ (Roboflow)
-        if split is not None and split not in SPLITS:
-            skipped.append((where, f"split {split!r} is not train, val (valid, validation) or test"))
-            continue
-        if multi:
-            values = [cells[i].strip() for i in label_cols]
-            if any(v not in ("0", "1", "") for v in values):
-                skipped.append((where, "a label column holds something other than 0 or 1"))
-                continue
-            names = tuple(header[i] for i, v in zip(label_cols, values, strict=True) if v == "1")
-        else:
-            names = tuple(dict.fromkeys(cells[header.index("labels")].split()))
-        rows.append(_Row(where, (csv_path.parent / image), names, split))
-    return rows, ([header[i] for i in label_cols] if multi else None), skipped
-
-
 def scan_csv(
     data: str | Path,
     *,
@@ -198,7 +138,7 @@ def scan_csv(
     if csv_path is None:
         raise DatasetError(f"{data} is not a labels CSV, nor a folder holding labels.csv.")
     rows, columns, skipped = read_csv(csv_path)
-    seen: dict[Path, _Row] = {}
+    seen: dict[Path, Row] = {}
     duplicates = []
     for row in rows:
         key = row.path.resolve()
@@ -228,7 +168,7 @@ def scan_csv(
     return report
 
 
-def _split(samples: list[tuple[_Row, Sample]], val_fraction: float, seed: int) -> tuple[dict, str]:
+def _split(samples: list[tuple[Row, Sample]], val_fraction: float, seed: int) -> tuple[dict, str]:
     if any(r.split for r, _ in samples):
         splits = {s: [x for r, x in samples if (r.split or "train") == s] for s in SPLITS}
         return {s: v for s, v in splits.items() if v or s != "test"}, "split column"

@@ -130,6 +130,9 @@ def test_a_label_seen_only_in_validation_and_an_unreadable_csv_are_refused(tmp_p
     (tmp_path / "bad.csv").write_text("file,tags\na.jpg,x\n")
     with pytest.raises(DatasetError, match="no 'image' column"):
         scan_csv(tmp_path / "bad.csv")
+    (tmp_path / "yes.csv").write_text("image,a,b\nimages/scene_000.jpg,yes,no\n")  # said "(0 skipped)"
+    with pytest.raises(DatasetError, match=r"no readable image \(1 rows skipped, e.g. yes.csv:2: a label column holds"):
+        scan_csv(tmp_path / "yes.csv")
 
 
 def test_average_precision_and_thresholds():

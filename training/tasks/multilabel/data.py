@@ -154,7 +154,10 @@ def scan_csv(
     corrupt = [(str(r.path), reason) for r, (status, reason) in zip(rows, checked, strict=True) if status != "ok"]
     good = [(r, sha) for r, (status, sha) in zip(rows, checked, strict=True) if status == "ok"]
     if not good:
-        raise DatasetError(f"{csv_path} names no readable image ({len(corrupt)} skipped). Check the image paths.")
+        why = [f"{len(corrupt)} images could not be read, e.g. {corrupt[0][0]}: {corrupt[0][1]}"] if corrupt else []
+        why += [f"{len(skipped)} rows skipped, e.g. {skipped[0][0]}: {skipped[0][1]}"] if skipped else []
+        why = why or ["it has no rows"]
+        raise DatasetError(f"{csv_path} names no readable image ({'; '.join(why)}).")
     known = labels or columns or sorted({n for r, _ in good for n in r.names})
     unknown = sorted({n for r, _ in good for n in r.names} - set(known))
     index = {name: i for i, name in enumerate(known)}

@@ -413,6 +413,13 @@ def test_an_image_label_csv_is_a_classifiers_data_set(tmp_path):
     with pytest.raises(DatasetError, match="gives images several labels .* a multi-label data set"):
         scan_image_folder(root / "multi.csv")  # --task classify on it
 
+    # the names other tables give the columns
+    (root / "kaggle.csv").write_text(
+        "Filename,Class\n" + "\n".join(f"{p.relative_to(root)},{p.parent.name}" for p in images)
+    )
+    assert config_for_data(str(root / "kaggle.csv")).task == "classify"
+    assert scan_image_folder(root / "kaggle.csv").counts() == scan_image_folder(root / "train.csv").counts()
+
     # evaluation on such a table: every row, whatever its split; a class the model does not know is named
     report = scan_eval_folder(root / "labels.csv", ["blue", "red"])
     assert list(report.splits) == ["eval"] and len(report.splits["eval"]) == 12

@@ -127,7 +127,7 @@ def test_a_label_seen_only_in_validation_and_an_unreadable_csv_are_refused(tmp_p
     path.write_text("\n".join(rows) + "\n")
     with pytest.raises(DatasetError, match="unicorn appear in validation images but in no training image"):
         scan_csv(path)
-    (tmp_path / "bad.csv").write_text("file,tags\na.jpg,x\n")
+    (tmp_path / "bad.csv").write_text("picture,tags\na.jpg,x\n")
     with pytest.raises(DatasetError, match="no 'image' column"):
         scan_csv(tmp_path / "bad.csv")
     (tmp_path / "yes.csv").write_text("image,a,b\nimages/scene_000.jpg,yes,no\n")  # said "(0 skipped)"

@@ -2,7 +2,8 @@
 
 Paths are relative to the CSV; a header row names the columns:
 
-- ``image,label``: one class per image (the classifier: `headstart train labels.csv`, as Kaggle's tables give it);
+- ``image,label``: one class per image (the classifier: `headstart train labels.csv`, as Kaggle's tables give it;
+  the columns may be named ``filename``, ``file``, ``path`` or ``image_path`` and ``class`` too, in any case);
 - ``image,labels``: the labels of each image separated by spaces (the multi-label classifier; an empty cell: an
   image with none of them);
 - ``image,<label>,<label>,...``: one column per label holding 1 or 0 (multi-hot; the multi-label classifier);
@@ -43,9 +44,21 @@ def header_of(csv_path: Path) -> list[str]:
         return []
 
 
+#: the image column's name, as tables name it (``image``, or the first of the others a header holds)
+IMAGE_COLUMNS = ("image", "filename", "file_name", "file", "path", "image_path")
+#: a single-label table's class column (``label``, or ``class``)
+LABEL_COLUMNS = ("label", "class")
+
+
 def single_label(header: list[str]) -> bool:
     """The ``image,label`` layout: one class per image (a classifier's data), not a multi-label table."""
-    return "label" in header and "labels" not in header
+    return "labels" not in header and _column(header, LABEL_COLUMNS) is not None
+
+
+def _column(header: list[str], names: tuple[str, ...]) -> int | None:
+    """The index of the first of ``names`` the header holds (case and spaces aside), else None."""
+    folded = [h.strip().lower() for h in header]
+    return next((folded.index(n) for n in names if n in folded), None)
 
 
 @dataclass
@@ -65,14 +78,17 @@ def read_csv(csv_path: Path) -> tuple[list[Row], list[str] | None, list[tuple[st
         raise DatasetError(f"Cannot read {csv_path}: {exc}. Save it as UTF-8 text.") from exc
     reader = csv.reader(text.splitlines())
     header = [h.strip() for h in next(reader, [])]
-    if "image" not in header:
+    image_col = _column(header, IMAGE_COLUMNS)
+    if image_col is None:
         raise DatasetError(
-            f"{csv_path} has no 'image' column (its header is {','.join(header) or 'empty'}). The first row must "
-            "name the columns: image,label (one class per image), image,labels (labels separated by spaces), or "
-            "image and one 0/1 column per label; optionally split (train, val or test)."
+            f"{csv_path} has no 'image' column (its header is {','.join(header) or 'empty'}; filename, file, path "
+            "or image_path are read as it too). The first row must name the columns: image,label (one class per "
+            "image), image,labels (labels separated by spaces), or image and one 0/1 column per label; optionally "
+            "split (train, val or test)."
         )
-    image_col, split_col = header.index("image"), header.index("split") if "split" in header else None
+    split_col = _column(header, ("split",))
     single = single_label(header)
+    label_col = _column(header, LABEL_COLUMNS) if single else None
     multi = "labels" not in header and not single
     label_cols = [i for i, h in enumerate(header) if i not in (image_col, split_col)] if multi else []
     if multi and not label_cols:
@@ -101,7 +117,7 @@ def read_csv(csv_path: Path) -> tuple[list[Row], list[str] | None, list[tuple[st
                 continue
             names = tuple(header[i] for i, v in zip(label_cols, values, strict=True) if v == "1")
         elif single:
-            label = cells[header.index("label")].strip()
+            label = cells[label_col].strip()
             if not label:
                 skipped.append((where, "no label"))
                 continue

@@ -425,6 +425,11 @@ def test_an_image_label_csv_is_a_classifiers_data_set(tmp_path):
     assert list(report.splits) == ["eval"] and len(report.splits["eval"]) == 12
     with pytest.raises(DatasetError, match=r"has classes \['blue'\] that the model does not know"):
         scan_eval_folder(root / "labels.csv", ["red", "green"])
+    (root / "val.csv").write_text(
+        "image,label,split\n" + "\n".join(f"{p.relative_to(root)},{p.parent.name},val" for p in images)
+    )
+    with pytest.raises(DatasetError, match="no row is of the train split"):
+        scan_image_folder(root / "val.csv")
     (root / "bad.csv").write_text("image,label\nred/none.jpg,red\nblue/none.jpg,blue\n")
     with pytest.raises(DatasetError, match=r"holds no readable image \(2 could not be read, e.g. .*none.jpg: The file"):
         scan_image_folder(root / "bad.csv")

@@ -247,8 +247,11 @@ def _csv_files(csv_path: Path, known: list[str] | None = None) -> tuple[dict[str
         unknown = sorted({c for per_class in files.values() for c in per_class} - set(known))
         if unknown:
             raise DatasetError(f"{csv_path} has classes {unknown} that the model does not know (it knows {known}).")
-    notes = [f"{csv_path.name}: {len(skipped)} rows skipped: " + "; ".join(f"{w}: {why}" for w, why in skipped[:5])]
-    notes = notes[: bool(skipped)]
+    if by_split and "train" not in files:
+        raise DatasetError(f"{csv_path}: no row is of the train split; a classifier needs training images.")
+    notes = []
+    if skipped:
+        notes.append(f"{csv_path.name}: {len(skipped)} rows skipped: " + "; ".join(f"{w}: {r}" for w, r in skipped[:5]))
     if twice:
         notes.append(f"{len(twice)} rows name an image an earlier row names (the first kept): {', '.join(twice[:5])}")
     return files, notes

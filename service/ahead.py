@@ -7,7 +7,6 @@ Torch-free.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,7 +39,7 @@ def reading_threads(items: Sequence, threads: int | None = None) -> int:
     from .files import is_url
 
     threads = default_threads() if threads is None else threads
-    return max(threads, URL_THREADS) if any(is_url(os.fspath(i)) for i in items if isinstance(i, str)) else threads
+    return max(threads, URL_THREADS) if any(is_url(i) for i in items if isinstance(i, str)) else threads
 
 
 def in_order(

@@ -32,6 +32,7 @@ from .files import (
     FileProblem,
     image_paths,
     is_url,
+    listed_images,
     read_image,
     shown,
     too_large_message,
@@ -66,8 +67,7 @@ def list_sources(source: str) -> list[str]:
         raise BatchError(f"{source} is neither a folder, a glob, nor a .txt/.csv/.parquet list of images.")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        lines = path.read_text(errors="surrogateescape").splitlines()  # a name that is not UTF-8: an error row
-        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        return listed_images(path)  # a name that is not UTF-8: an error row
     if suffix in (".csv", ".parquet"):
         import pyarrow.csv
         import pyarrow.parquet

@@ -181,6 +181,13 @@ def _check_kind(info: os.stat_result, max_bytes: int) -> None:
         raise FileProblem(too_large_message(info.st_size, max_bytes), too_large=True)
 
 
+def listed_images(path: str | Path) -> list[str]:
+    """The images a .txt list names: one path or URL per line, blank lines and ``#`` comments left out (a name that
+    is not UTF-8 kept as its bytes: its image's error says so)."""
+    lines = Path(path).read_text(errors="surrogateescape").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
 def image_paths(source: str) -> list[str] | None:
     """The images a folder (recursively, by image suffix; FIFOs and links with an image's name included, to be
     reported) or a glob names, in a fixed order; None when ``source`` is neither (a file, a list, a URI). A file

@@ -3,6 +3,7 @@ answers instead of an image), a folder URI of pyarrow's file systems."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -115,3 +116,27 @@ def test_urls_are_read_on_more_threads_than_files(tiny_bundle, image_server, mon
     answers = headstart.load(tiny_bundle.bundle_dir).predict(urls)
     assert [a.image for a in answers] == urls and not any(a.error for a in answers)
     assert image_server.most_at_once >= 8  # 1 s each: read together, not one after another
+
+
+def test_predict_takes_a_txt_list_of_images_as_predict_batch_does(tiny_bundle, image_server, tmp_path, capsys):
+    """`headstart predict MODEL list.txt` answered "list.txt: error: not an image": a list of thousands of paths or
+    URLs had to go through the shell's command line."""
+    from headstart.cli import main
+
+    shutil.copy(ANT, tmp_path / "ant [1].jpg")
+    url = f"{image_server}/photos/val/ants/{ANT.name}"
+    listing = tmp_path / "list.txt"
+    listing.write_text(
+        f"# the photos to check\n{ANT}\n\n  {tmp_path / 'ant [1].jpg'}\n{url}\n{tmp_path / 'gone.jpg'}\n"
+    )
+    assert main(["predict", str(tiny_bundle.bundle_dir), str(listing), str(BEE), "--json"]) == 1  # 1: one failed
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["image"] for line in lines] == [
+        str(ANT),
+        str(tmp_path / "ant [1].jpg"),
+        url,
+        str(tmp_path / "gone.jpg"),
+        str(BEE),
+    ]
+    assert lines[0]["predictions"] == lines[1]["predictions"] == lines[2]["predictions"]
+    assert "does not exist" in lines[3]["error"] and "error" not in lines[4]

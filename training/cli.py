@@ -284,7 +284,9 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="the answer for each image: one line a person reads, or JSON (--json)")
     p.add_argument("model", help="run directory, bundle directory, or model-store tag NAME[:VERSION]")
     p.add_argument(
-        "images", nargs="+", help="image files, folders (searched recursively), quoted globs or http(s) URLs"
+        "images",
+        nargs="+",
+        help="image files, folders (searched recursively), quoted globs, http(s) URLs, or .txt lists of them",
     )
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON line per image (the HTTP answer's fields)")

@@ -221,8 +221,9 @@ class LoadedModel:
 
 
 def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
-    """Single inputs as a list of one; folders and globs as the images they hold."""
-    from headstart.service.files import image_paths
+    """Single inputs as a list of one; folders and globs as the images they hold; a .txt file as the images it lists
+    (a path or URL per line, as `headstart predict-batch` reads one)."""
+    from headstart.service.files import image_paths, listed_images
 
     items: Iterable[ImageInput]
     items = [images] if isinstance(images, str | os.PathLike | bytes | Image.Image | np.ndarray) else images
@@ -230,6 +231,8 @@ def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     for item in items:
         if isinstance(item, str | os.PathLike):
             found = image_paths(os.fspath(item))
+            if found is None and Path(item).suffix.lower() == ".txt" and Path(item).is_file():
+                found = listed_images(item)
             out += [item] if found is None else found
         else:
             out.append(item)

@@ -166,6 +166,13 @@ def test_what_cannot_be_used_is_left_out_and_counted(tmp_path, capsys):
     assert main(["convert", str(one), "--out", str(tmp_path / "one")]) == 0  # the JSON file itself: its split
     assert "then: headstart train" in capsys.readouterr().out
     assert yaml.safe_load((tmp_path / "one" / "data.yaml").read_text())["train"] == "images/train"
+    val = tmp_path / "src" / "annotations" / "instances_val2017.json"
+    doc = json.loads(val.read_text())
+    val.write_text(json.dumps({**doc, "images": [{**i, "file_name": f"x{i['file_name']}"} for i in doc["images"]]}))
+    assert main(["convert", str(tmp_path / "src"), "--out", str(tmp_path / "no-val"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)  # the val images gone: no val folder named in data.yaml
+    assert list(summary["splits"]) == ["train"] and summary["left_out"]["splits without an image left"] == 1
+    assert "val" not in yaml.safe_load((tmp_path / "no-val" / "data.yaml").read_text())
     (tmp_path / "src" / "annotations" / "instances_extra.json").write_text("{}")
     with pytest.raises(ConvertError, match="cannot tell which split 'extra' is"):
         convert(tmp_path / "src", tmp_path / "two")

@@ -118,6 +118,9 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, copy: bool = F
         )
     if not any(i.boxes for i in conversion.splits.get("train", [])):
         raise ConvertError(f"{source}: no training image has a usable box ({_said(conversion)}).")
+    for split in [s for s, items in conversion.splits.items() if not items]:  # every image of it left out
+        conversion.skip("splits without an image left", split)
+        del conversion.splits[split]
     _write(conversion, copy)
     return conversion
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -433,3 +434,28 @@ def test_an_image_label_csv_is_a_classifiers_data_set(tmp_path):
     (root / "bad.csv").write_text("image,label\nred/none.jpg,red\nblue/none.jpg,blue\n")
     with pytest.raises(DatasetError, match=r"holds no readable image \(2 could not be read, e.g. .*none.jpg: The file"):
         scan_image_folder(root / "bad.csv")
+
+
+@pytest.mark.parametrize(
+    ("name", "command"),
+    [("set.zip", "unzip {p} -d {d}"), ("set.tar.gz", "mkdir {d} && tar -xf {p} -C {d}"), ("set.7z", "7z x {p} -o{d}")],
+)
+def test_an_archive_given_as_the_data_set_says_to_unpack_it(tmp_path, name, command):
+    """Kaggle and Roboflow hand data sets out as archives: `headstart train set.zip` said "Data folder set.zip does
+    not exist or is not a folder"."""
+    from headstart.tasks.detect.data import scan_yolo_dataset
+    from headstart.tasks.multilabel.data import scan_data
+
+    archive = tmp_path / name
+    archive.write_bytes(b"PK\x03\x04")
+    said = f"is an archive ({name[3:]}): unpack it first ({command.format(p=archive, d=tmp_path / 'set')})"
+    for scan in (scan_image_folder, scan_yolo_dataset, lambda p: scan_data(str(p), 0.2, 0)):
+        with pytest.raises(DatasetError, match=re.escape(said)):
+            scan(archive)
+    with pytest.raises(DatasetError, match=re.escape(said)):
+        scan_eval_folder(archive, ["a", "b"])
+    with pytest.raises(DatasetError, match=f"Data folder {re.escape(str(tmp_path / 'none'))} does not exist"):
+        scan_image_folder(tmp_path / "none")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match="is a file, not a folder"):
+        scan_image_folder(tmp_path / "notes.txt")

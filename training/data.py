@@ -184,6 +184,29 @@ def more_line(entries: list, limit: int = 20, indent: str = "    ") -> list[str]
     )
 
 
+#: archives a data set is downloaded as (Kaggle, Roboflow, a colleague's mail), by how their names end
+ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".7z", ".rar")
+
+
+def not_a_folder(path: str | Path, what: str = "Data folder") -> str:
+    """Why ``path`` cannot be read as a data set's folder, and what to do: it does not exist, it is an archive to
+    unpack first (``unzip x.zip -d x``; headstart reads folders), or it is another file."""
+    path = Path(path)
+    name = path.name.lower()
+    archive = next((suffix for suffix in ARCHIVES if name.endswith(suffix)), None)
+    if not path.exists():
+        return f"{what} {shown(path)} does not exist."
+    if archive is not None and path.is_file():
+        folder, file = shown(path.with_name(path.name[: -len(archive)])), shown(path)
+        how = {".zip": f"unzip {file} -d {folder}", ".7z": f"7z x {file} -o{folder}", ".rar": f"7z x {file} -o{folder}"}
+        command = how.get(archive, f"mkdir {folder} && tar -xf {file} -C {folder}")
+        return (
+            f"{file} is an archive ({archive}): unpack it first ({command}) and give the folder of the data set it "
+            "holds."
+        )
+    return f"{what} {shown(path)} is a file, not a folder."
+
+
 def foreign_layout(root: Path) -> str | None:
     """What to do where ``root`` is a detection data set in a format headstart trains on only once converted, which
     the class-folder scan would take for classes (COCO's annotations/ and train2017/ as two "classes", one of them

@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from headstart import crossval, runs
-from headstart.data import DatasetError, VerifiedImages, check_file, foreign_layout, listed, more_line, same_bytes
+from headstart.data import (
+    DatasetError,
+    VerifiedImages,
+    check_file,
+    foreign_layout,
+    listed,
+    more_line,
+    not_a_folder,
+    same_bytes,
+)
 from headstart.labels_csv import Row, find_csv, header_of, read_csv, single_label
 from headstart.service.bundle import MANIFEST
 from headstart.service.files import shown, utf8_name
@@ -260,7 +269,7 @@ def _csv_files(csv_path: Path, known: list[str] | None = None) -> tuple[dict[str
 def _folder_files(root: Path) -> tuple[dict[str, dict[str, list[Path]]], list[str]]:
     """The image files of a class-folder data set by split (or "all") and class, and what was left out, in words."""
     if not root.is_dir():
-        raise DatasetError(f"Data folder {root} does not exist or is not a folder.")
+        raise DatasetError(not_a_folder(root))
     foreign = foreign_layout(root)
     if foreign is not None:
         raise DatasetError(foreign)
@@ -457,7 +466,7 @@ def _eval_class_files(root: Path, labels: list[str]) -> tuple[dict[str, list[Pat
     """The image files of each class folder of ``root`` (every one of them a class of ``labels``), and what was left
     out, in words."""
     if not root.is_dir():
-        raise DatasetError(f"Data folder {root} does not exist or is not a folder.")
+        raise DatasetError(not_a_folder(root))
     outputs: list[str] = []
     # an empty folder holds nothing to evaluate: `evaluate --out DATA/eval` makes its own before this scan
     class_dirs = [d for d in _list_class_dirs(root, outputs) if d.name in labels or _list_files(d)]
@@ -478,7 +487,7 @@ def scan_other_images(root: str | Path, workers: int = 4, decoded: DecodedImages
     kept in ``decoded`` while it has room."""
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"--other {root} does not exist or is not a folder of images.")
+        raise DatasetError(not_a_folder(root, "--other"))
     good, ignored, corrupt = _check_tree({"other": {"": _list_files(root)}}, workers, None, decoded)
     samples = [Sample(p, -1, h) for p, h in good["other"][""]]
     if not samples:

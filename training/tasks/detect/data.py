@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import yaml
 
-from headstart.data import DatasetError, VerifiedImages, check_file, foreign_layout, listed, more_line
+from headstart.data import DatasetError, VerifiedImages, check_file, foreign_layout, listed, more_line, not_a_folder
 from headstart.service.files import shown
 from headstart.service.formats import IMAGE_SUFFIXES
 
@@ -262,9 +262,11 @@ def _read_yaml(data: str | Path) -> tuple[Path, dict, list[str], Path]:
     """(data.yaml path, its contents, class names, the folder its paths are relative to)."""
     yaml_path = find_data_yaml(data)
     if yaml_path is None:
-        foreign = foreign_layout(Path(data)) if Path(data).is_dir() else None
+        if not Path(data).is_dir():
+            raise DatasetError(not_a_folder(data, "Data set"))
         raise DatasetError(
-            foreign or f"{data} has no data.yaml; a YOLO-format data set needs one with 'names' and 'train'."
+            foreign_layout(Path(data))
+            or f"{data} has no data.yaml; a YOLO-format data set needs one with 'names' and 'train'."
         )
     try:
         spec = yaml.safe_load(yaml_path.read_text())

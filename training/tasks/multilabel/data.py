@@ -28,6 +28,7 @@ from headstart.data import (
     check_file,
     listed,
     more_line,
+    not_a_folder,
     same_bytes,
     verified_images,
 )
@@ -308,6 +309,8 @@ def scan_data(data_dir: str, val_fraction: float, seed: int, labels: list[str] |
 
     if CONFIGS["detect"].claims(data_dir):
         return from_detection(_scan_detection(data_dir, val_fraction, seed, run, decoded), labels)
+    if not Path(data_dir).is_dir():  # missing, or an archive to unpack
+        raise DatasetError(not_a_folder(data_dir, "Data set"))
     raise ValueError(
         f"{data_dir} is not a multi-label data set: give a labels CSV (image,labels), a folder holding labels.csv, "
         "or a YOLO data set (a folder with data.yaml)."

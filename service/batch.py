@@ -44,6 +44,8 @@ from .localize import DEFAULTS
 log = logging.getLogger("headstart")
 
 JOB = "_job.json"
+#: the column of a .csv or .parquet list that names the images, by the names tables give it (else the first column)
+LIST_COLUMNS = ("path", "image", "url", "uri", "image_url", "image_path", "filename", "file_name", "file")
 
 
 class BatchError(HeadstartError, ValueError):
@@ -56,7 +58,7 @@ class BatchError(HeadstartError, ValueError):
 def list_sources(source: str) -> list[str]:
     """Every image ``source`` names, in a fixed order: a folder (recursively, by image suffix), a glob, a folder URI
     (``s3://bucket/photos/``), or a list file (.txt: one path or URI per line; .csv and .parquet: a ``path`` column,
-    else the first)."""
+    or one of :data:`LIST_COLUMNS`' other names, else the first)."""
     found = image_paths(source)
     if found is not None:
         return found
@@ -73,7 +75,8 @@ def list_sources(source: str) -> list[str]:
         import pyarrow.parquet
 
         table = pyarrow.csv.read_csv(path) if suffix == ".csv" else pyarrow.parquet.read_table(path)
-        column = "path" if "path" in table.column_names else table.column_names[0]
+        named = {name.strip().lower(): name for name in table.column_names}
+        column = next((named[c] for c in LIST_COLUMNS if c in named), table.column_names[0])
         return [str(v) for v in table.column(column).to_pylist() if v]
     raise BatchError(f"{source}: a list of images must be .txt, .csv or .parquet (with a 'path' column).")
 

@@ -254,6 +254,8 @@ def test_sources_are_a_folder_a_glob_or_a_list_file(tmp_path):
     assert list_sources(str(tmp_path / "list.txt")) == [*images, "s3://bucket/x.jpg"]
     (tmp_path / "list.csv").write_text("id,path\n1," + images[0] + "\n2," + images[1] + "\n")
     assert list_sources(str(tmp_path / "list.csv")) == images[:2]
+    (tmp_path / "urls.csv").write_text("id,URL\n1," + images[0] + "\n")  # a table of URLs: its url column
+    assert list_sources(str(tmp_path / "urls.csv")) == images[:1]
     pq.write_table(pa.table({"path": images}), tmp_path / "list.parquet")
     assert list_sources(str(tmp_path / "list.parquet")) == images
     with pytest.raises(BatchError, match="neither a folder, a glob"):

@@ -401,5 +401,16 @@ class Headstart:
         )
 
 
+if SETTINGS.cors_origins:  # outermost: the guard's refusals (413, 503, ...) carry the CORS headers too, or a
+    # browser page would see a network error instead of their message
+    from starlette.middleware.cors import CORSMiddleware
+
+    Headstart.add_asgi_middleware(
+        CORSMiddleware,
+        allow_origins=list(SETTINGS.cors_origins),
+        allow_methods=["GET", "POST"],
+        allow_headers=["*"],
+        max_age=600,
+    )
 Headstart.add_asgi_middleware(RequestGuard)
 Headstart.add_asgi_middleware(WebPage)

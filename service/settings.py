@@ -184,6 +184,14 @@ class Settings:
         "1: serve BentoML's / page as it ships, with its Google Tag Manager script; 0: without it (no request leaves "
         "the browser for another site)",
     )
+    cors_origins: tuple[str, ...] = setting(
+        "HEADSTART_CORS_ORIGINS",
+        (),
+        "the other sites whose pages may call the API from a browser (CORS), comma-separated: "
+        "https://app.example.com,http://localhost:5173, or * for any; unset: none (a page of the service's own "
+        "address, as /ui, always may)",
+        kind=lambda raw: cors_origins(raw),
+    )
     novelty_threshold: float | None = setting(
         "HEADSTART_NOVELTY_THRESHOLD",
         None,
@@ -218,6 +226,8 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
         return raw.lower() in ("1", "true", "yes")
     try:
         value = kind(raw)
+    except SettingsError:
+        raise
     except ValueError:
         what = {int: "a whole number", float: "a number"}.get(kind, "a value")
         raise SettingsError(f"{variable}={raw!r} is not {what}.") from None
@@ -233,7 +243,23 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
 def _shown(default: Any) -> str:
     if isinstance(default, bool):
         return "1" if default else "0"
-    return str(default) if default not in ("", None) else "(none)"
+    return "(none)" if default in ("", None, ()) else str(default)
+
+
+def cors_origins(raw: str) -> tuple[str, ...]:
+    """HEADSTART_CORS_ORIGINS as origins: ``*``, or each ``scheme://host[:port]`` as a browser sends it in
+    ``Origin`` (no path, no trailing slash: such an entry would never match, and the page would fail with no word
+    of why)."""
+    import re
+
+    origins = tuple(o.strip() for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?", origin):
+            raise SettingsError(
+                f"HEADSTART_CORS_ORIGINS: {origin!r} is not an origin; write each as a browser sends it, "
+                "scheme://host[:port] without a path (https://app.example.com), or * for any site."
+            )
+    return origins
 
 
 #: The settings of this process, read once at import (the service reads them when `bentoml serve` starts it).

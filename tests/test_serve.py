@@ -89,6 +89,10 @@ def test_every_4xx_answer_has_one_json_shape(server):
             "starlette: 404": (http.get("/no-such-page"), None),
             "page: 405": (http.post("/ui"), None),
         }
+        # no HEADSTART_CORS_ORIGINS: another site's page may not read the answers
+        assert (
+            "access-control-allow-origin" not in http.post("/classify", headers={"Origin": "https://x.example"}).headers
+        )
     for name, (resp, field) in answers.items():
         assert 400 <= resp.status_code < 500 and resp.headers["content-type"] == "application/json", name
         body = resp.json()
@@ -111,3 +115,35 @@ def test_headstart_serve_keeps_the_environments_settings_unless_an_option_is_giv
         == 0
     )
     assert served[0]["HEADSTART_VARIANT"] == "fp32" and served[0]["HEADSTART_RUNTIME"] == "onnxruntime"
+
+
+@pytest.mark.slow
+def test_cors_lets_the_named_sites_pages_call_the_api_and_read_its_refusals(tiny_bundle, tmp_path):
+    """A web app on another site calling /classify from the browser was blocked (no CORS headers, no way to add
+    them): HEADSTART_CORS_ORIGINS names the sites; the guard's refusals carry the headers too (else the page sees a
+    network error, not the 413's message). Unset, no site is let in (test_every_4xx_answer_has_one_json_shape)."""
+    from headstart.service.settings import Settings, SettingsError
+    from tests.conftest import serving
+    from tests.images import ANT
+
+    app, other = "https://app.example.com", "https://elsewhere.example.com"
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    image = {"image": ("ant.jpg", ANT.read_bytes(), "image/jpeg")}
+    env = {"HEADSTART_CORS_ORIGINS": f"{app}, http://localhost:5173", "HEADSTART_MAX_REQUEST_BYTES": "200000"}
+    with serving(str(tiny_bundle.bundle_dir), tmp_path / "server.log", **env) as (url, proc, log):
+        with httpx.Client(base_url=url, timeout=60) as http:
+            asked = http.options("/classify", headers={"Origin": app, **preflight})
+            assert asked.status_code == 200 and asked.headers["access-control-allow-origin"] == app
+            assert "POST" in asked.headers["access-control-allow-methods"]
+            answered = http.post("/classify", files=image, headers={"Origin": app})
+            assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == app
+            big = {"image": ("big.jpg", b"\xff" * 300_000, "image/jpeg")}
+            refused = http.post("/classify", files=big, headers={"Origin": app})
+            assert refused.status_code == 413 and refused.headers["access-control-allow-origin"] == app
+            assert set(refused.json()) == {"error", "field"}  # the guard's message, readable by the page
+            assert http.options("/classify", headers={"Origin": other, **preflight}).status_code == 400
+            stranger = http.post("/classify", files=image, headers={"Origin": other})
+            assert stranger.status_code == 200 and "access-control-allow-origin" not in stranger.headers
+        assert "Traceback" not in log.read_text()
+    with pytest.raises(SettingsError, match="'https://app.example.com/' is not an origin"):
+        Settings.from_env({"HEADSTART_CORS_ORIGINS": "https://app.example.com/"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -363,7 +364,9 @@ def test_a_roboflow_valid_folder_is_the_validation_split_and_other_folders_are_n
     ],
     ids=["coco", "roboflow-coco", "voc"],
 )
-def test_a_detection_set_in_a_format_headstart_does_not_read_is_named_with_what_to_do(tmp_path, files, words):
+def test_a_detection_set_in_a_format_headstart_does_not_read_is_named_with_what_to_do(
+    tmp_path, files, words, monkeypatch
+):
     """COCO's annotations/ and train2017/ were read as two classes ("Found 1 class(es) with images"), a Roboflow
     COCO export's train/ as a split without class folders: the message named neither the format nor a way on."""
     root = tmp_path / "d"
@@ -377,6 +380,9 @@ def test_a_detection_set_in_a_format_headstart_does_not_read_is_named_with_what_
         scan_image_folder(root)
     assert "YOLO" in str(caught.value) and "one subfolder of images per class" in str(caught.value)
     assert f"headstart convert {root} --out {root}-yolo" in str(caught.value)
+    with pytest.raises(DatasetError, match=f"headstart convert \\. --out {re.escape(str(root))}-yolo"):
+        monkeypatch.chdir(root)
+        scan_image_folder(Path("."))  # `headstart train .` inside it (its name had raised "has an empty name")
     from headstart.tasks.detect.data import scan_yolo_dataset  # --task detect: the same, not "no data.yaml"
 
     with pytest.raises(DatasetError, match=f"holds a {words} detection data set"):

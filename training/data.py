@@ -197,7 +197,7 @@ def not_a_folder(path: str | Path, what: str = "Data folder") -> str:
     if not path.exists():
         return f"{what} {shown(path)} does not exist."
     if archive is not None and path.is_file():
-        folder, file = shown(path.with_name(path.name[: -len(archive)])), shown(path)
+        folder, file = shown(path.with_name(path.name[: -len(archive)] or "data")), shown(path)
         how = {".zip": f"unzip {file} -d {folder}", ".7z": f"7z x {file} -o{folder}", ".rar": f"7z x {file} -o{folder}"}
         command = how.get(archive, f"mkdir {folder} && tar -xf {file} -C {folder}")
         return (
@@ -219,7 +219,8 @@ def foreign_layout(root: Path) -> str | None:
         kind, found = "Pascal VOC", root / "Annotations"
     else:
         return None
-    yolo = shown(root.with_name(f"{root.name}-yolo"))
+    named = root.absolute()  # `headstart train .` inside it: a name to put -yolo after
+    yolo = shown(named.with_name(f"{named.name}-yolo")) if named.name else "yolo-data"
     return (
         f"{root} holds a {kind} detection data set ({shown(found)}): headstart trains a detector on YOLO data (a "
         f"data.yaml naming the classes and the image folders, a labels/*.txt per image). Convert it: headstart "

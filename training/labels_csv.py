@@ -69,6 +69,19 @@ class Row:
     split: str | None
 
 
+def first_rows(rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    """The rows with each image once (its first row), and the later rows that name an image again."""
+    seen: dict[Path, Row] = {}
+    again = []
+    for row in rows:
+        key = row.path.resolve()
+        if key in seen:
+            again.append(row)
+        else:
+            seen[key] = row
+    return list(seen.values()), again
+
+
 def read_csv(csv_path: Path) -> tuple[list[Row], list[str] | None, list[tuple[str, str]]]:
     """The rows of a labels CSV, the label columns of a multi-hot layout (None for ``image,labels`` and
     ``image,label``), and the rows skipped with the reason."""

@@ -28,7 +28,7 @@ from headstart.data import (
     not_a_folder,
     same_bytes,
 )
-from headstart.labels_csv import Row, find_csv, header_of, read_csv, single_label
+from headstart.labels_csv import find_csv, first_rows, header_of, read_csv, single_label
 from headstart.service.bundle import MANIFEST
 from headstart.service.files import shown, utf8_name
 
@@ -239,17 +239,11 @@ def _csv_files(csv_path: Path, known: list[str] | None = None) -> tuple[dict[str
             "an image,label CSV, or a folder with one subfolder per class."
         )
     rows, _, skipped = read_csv(csv_path)
-    seen: dict[Path, Row] = {}
-    twice = []
-    for row in rows:
-        key = row.path.resolve()
-        if key in seen:
-            twice.append(row.where)
-        else:
-            seen[key] = row
-    by_split = any(row.split for row in seen.values())
+    rows, again = first_rows(rows)
+    twice = [row.where for row in again]
+    by_split = any(row.split for row in rows)
     files: dict[str, dict[str, list[Path]]] = {}
-    for row in seen.values():
+    for row in rows:
         split = (row.split or "train") if by_split else "all"
         files.setdefault(split, {}).setdefault(row.names[0], []).append(row.path)
     if known is not None:

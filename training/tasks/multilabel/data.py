@@ -32,7 +32,7 @@ from headstart.data import (
     same_bytes,
     verified_images,
 )
-from headstart.labels_csv import SPLITS, Row, find_csv, read_csv
+from headstart.labels_csv import SPLITS, Row, find_csv, first_rows, read_csv
 from headstart.service.files import shown
 
 if TYPE_CHECKING:
@@ -139,15 +139,8 @@ def scan_csv(
     if csv_path is None:
         raise DatasetError(f"{data} is not a labels CSV, nor a folder holding labels.csv.")
     rows, columns, skipped = read_csv(csv_path)
-    seen: dict[Path, Row] = {}
-    duplicates = []
-    for row in rows:
-        key = row.path.resolve()
-        if key in seen:
-            duplicates.append(str(row.path))
-        else:
-            seen[key] = row
-    rows = list(seen.values())
+    rows, again = first_rows(rows)
+    duplicates = [str(row.path) for row in again]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         checked = list(pool.map(lambda r: check_file(r.path, verified, decoded), rows))
     if verified is not None:

@@ -199,8 +199,8 @@ def scan_image_folder(
     images ``verified`` holds are not decoded again (:class:`headstart.data.VerifiedImages`); those decoded are
     kept in ``decoded`` while it has room (:func:`headstart.data.check_file`)."""
     root = Path(root)
-    csv_path = find_csv(str(root))
-    if csv_path is not None and (root.is_file() or single_label(header_of(csv_path))):
+    csv_path = _classifier_csv(root)
+    if csv_path is not None:
         files, outputs = _csv_files(csv_path)
         root = csv_path
         if not files:
@@ -225,6 +225,13 @@ def scan_image_folder(
     conflicts = _conflicts(splits, labels)
     warnings += _warnings(splits, labels, duplicates, corrupt, conflicts) + outputs
     return DatasetReport(root, list(labels), splits, split_source, ignored, corrupt, duplicates, warnings, conflicts)
+
+
+def _classifier_csv(root: Path) -> Path | None:
+    """The labels CSV a classifier reads from ``root``: a .csv file given (a multi-label one is refused by
+    :func:`_csv_files`, by name), or a folder's labels.csv in the image,label layout; None for a class-folder set."""
+    csv_path = find_csv(str(root))
+    return csv_path if csv_path is not None and (root.is_file() or single_label(header_of(csv_path))) else None
 
 
 def _csv_files(csv_path: Path, known: list[str] | None = None) -> tuple[dict[str, dict[str, list[Path]]], list[str]]:
@@ -433,8 +440,8 @@ def scan_eval_folder(
     """Check a labelled folder (class subfolders directly inside) for evaluation against a trained run's labels;
     the images decoded are kept in ``decoded`` while it has room (the evaluation takes them)."""
     root = Path(root)
-    csv_path = find_csv(str(root))
-    if csv_path is not None and (root.is_file() or single_label(header_of(csv_path))):
+    csv_path = _classifier_csv(root)
+    if csv_path is not None:
         files, outputs = _csv_files(csv_path, known=labels)  # every row, whatever its split: evaluated
         root, files = csv_path, {"eval": {c: [p for per in files.values() for p in per.get(c, [])] for c in labels}}
         if not any(files["eval"].values()):

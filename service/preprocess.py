@@ -250,7 +250,7 @@ def decode_image(
                     )
                 )
             img.load()
-            quarter_turn = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # these swap width and height
+            quarter_turn = quarter_turned(img)
             ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to rotate
             img = to_rgb(img)
             keep = None if min_side is None or jpeg else REDUCED_MARGIN * min_side  # no reduced decoding: reduced
@@ -288,6 +288,11 @@ def decode_side(spec: PreprocessSpec) -> int:
     """The shorter side :func:`decode_for` keeps at least for ``spec``: all of the spec its decoding depends on (two
     specs with the same decode an image alike)."""
     return DECODE_MARGIN * spec.resize
+
+
+def quarter_turned(img: Image.Image) -> bool:
+    """Whether the image's EXIF orientation turns it a quarter (5 to 8): upright, its width and height swap."""
+    return img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
 
 
 def original_size(img: Image.Image) -> tuple[int, int]:

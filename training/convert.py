@@ -364,10 +364,12 @@ def _image_size(path: Path) -> tuple[int, int] | None:
     """The image's width and height as annotation tools see it (EXIF orientation applied); None if unreadable."""
     from PIL import Image
 
+    from headstart.service.preprocess import quarter_turned
+
     try:
         with Image.open(path) as img:
             width, height = img.size
-            return (height, width) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+            return (height, width) if quarter_turned(img) else (width, height)
     except Exception:  # not an image, damaged, too large for PIL: training's data check will say which
         return None
 

@@ -442,6 +442,63 @@ def test_an_image_label_csv_is_a_classifiers_data_set(tmp_path):
         scan_image_folder(root / "bad.csv")
 
 
+def test_kaggles_tables_of_ids_and_classes_find_their_images_beside_them(tmp_path):
+    """Kaggle's tables name each image by id, the files in a folder beside (dog breeds: ``id,breed`` and
+    ``train/ID.jpg``; Cassava: ``image_id,label`` and ``train_images/ID.jpg``; HAM10000: two folders of images):
+    "has no 'image' column", then every image "could not be read: no such file"."""
+    from headstart.tasks import config_for_data
+    from headstart.tasks.multilabel.data import scan_csv
+
+    source = make_image_folder(tmp_path / "src", {"red": 6, "blue": 6})
+    root = tmp_path / "kaggle"
+    for i, path in enumerate(sorted(source.rglob("*.jpg"))):
+        folder = root / ("train" if i % 2 else "train_more")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / f"{i:08x}.jpg")
+        ids = (root / "ids.txt").open("a")
+        ids.write(f"{i:08x},{path.parent.name}\n")
+        ids.close()
+    shutil.copy(source / "red" / "red_000.jpg", root / "sample_submission.jpg")  # a stray image beside the table
+    (root / "test").mkdir()
+    shutil.copy(source / "red" / "red_001.jpg", root / "test" / "ffffffff.jpg")
+    table = (root / "ids.txt").read_text()
+    (root / "labels.csv").write_text("id,breed\n" + table + "deadbeef,red\n")  # no such image: named
+    assert config_for_data(str(root)).task == "classify"
+    report = scan_image_folder(root / "labels.csv")
+    assert report.labels == ["blue", "red"] and sum(len(s) for s in report.splits.values()) == 12
+    assert {x.path.parent.name for s in report.splits.values() for x in s} == {"train", "train_more"}
+    assert [p for p, _ in report.corrupt] == [str(root / "deadbeef")]
+    said = " ".join(report.warnings)
+    assert "the table names its images as NAME; read as train_more/NAME.jpg or train/NAME.jpg" in said  # tied: 6 each
+    for header in ("image_id,label", "Image,Id", "id_code,diagnosis"):  # Cassava, humpback whales, APTOS
+        (root / "labels.csv").write_text(f"{header}\n{table}")
+        assert scan_image_folder(root).counts() == report.counts(), header
+
+    # an id in two folders: which image the table means cannot be told
+    (root / "labels.csv").write_text("id,breed\n" + table)
+    shutil.copy(root / "train" / "00000001.jpg", root / "test" / "00000001.jpg")
+    with pytest.raises(
+        DatasetError, match=r"1 of them are in more than one folder \(e.g. 00000001: train/00000001.jpg and test/"
+    ):
+        scan_image_folder(root)
+    (root / "test" / "00000001.jpg").unlink()
+
+    # the same table with the ids' extension (aerial cactus: id,has_cactus), and with paths as they are: no note
+    (root / "labels.csv").write_text("id,has_cactus\n" + table.replace(",", ".jpg,"))
+    assert scan_image_folder(root).counts() == report.counts()
+    listed = [f"{p.relative_to(root)},{c}" for p, c in zip(sorted(root.glob("train*/*.jpg")), "ab" * 6, strict=True)]
+    (root / "labels.csv").write_text("file,label\n" + "\n".join(listed))
+    assert not [w for w in scan_image_folder(root).warnings if "NAME" in w]
+
+    # a table whose class column goes by another name among other columns: it says which to name 'label'
+    (root / "labels.csv").write_text(
+        "lesion_id,image_id,dx\n" + "".join(f"L{i},{line}\n" for i, line in enumerate(table.splitlines()))
+    )
+    assert config_for_data(str(root)).task == "multilabel"
+    with pytest.raises(DatasetError, match=r"names no labels \(its header is lesion_id,image_id,dx\): name the col"):
+        scan_csv(root)
+
+
 @pytest.mark.parametrize(
     ("name", "command"),
     [("set.zip", "unzip {p} -d {d}"), ("set.tar.gz", "mkdir {d} && tar -xf {p} -C {d}"), ("set.7z", "7z x {p} -o{d}")],

@@ -99,6 +99,43 @@ def test_the_csv_layouts_and_what_the_data_check_reports(tmp_path):
     assert config_for_data(str(multi)).task == "multilabel" and config_for_data(str(tmp_path)).task == "multilabel"
 
 
+def test_multi_label_tables_as_others_write_them(tmp_path):
+    """Planet's tables (``image_name,tags``, the ids' files in train-jpg/), NIH's labels separated by ``|``, 0/1
+    columns beside an id or a size column (its values had every row skipped: "holds something other than 0 or 1"),
+    and pandas' 1.0/0.0 or yes/no for the 0/1."""
+    path, truth = make_csv_set(tmp_path, 16)
+    expected = scan_csv(path)
+    by_name = {s.path.name: {expected.labels[k] for k in s.labels} for ss in expected.splits.values() for s in ss}
+    (tmp_path / "train-jpg").mkdir()
+    for name in truth:
+        shutil.move(tmp_path / name, tmp_path / "train-jpg" / Path(name).name)
+    stems = {Path(name).stem: present for name, present in truth.items()}
+
+    def read(header: str, rows: list[str]):
+        (tmp_path / "labels.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+        report = scan_csv(tmp_path)
+        got = {s.path.name: {report.labels[k] for k in s.labels} for ss in report.splits.values() for s in ss}
+        assert got == by_name and sorted(report.labels) == expected.labels, header
+        return " ".join(report.warnings)
+
+    said = read("image_name,tags", [f"{stem},{' '.join(sorted(p))}" for stem, p in stems.items()])
+    assert "labels.csv: the table names its images as NAME; read as train-jpg/NAME.jpg" in said
+    read("Image,Labels", [f"train-jpg/{stem}.jpg,{'|'.join(sorted(p))}" for stem, p in stems.items()])
+    read("image,labels", [f'train-jpg/{stem}.jpg," {"; ".join(sorted(p))}"' for stem, p in stems.items()])
+    said = read(
+        f"filename,id,{','.join(SHAPES)},width",
+        [f"{stem},{i},{','.join(str(int(s in p)) for s in SHAPES)},96" for i, (stem, p) in enumerate(stems.items())],
+    )
+    assert (
+        "columns left out (they hold other things than 1 and 0, so they are not labels): id (e.g. '2'), width" in said
+    )
+    words = {0: ("0.0", "no"), 1: ("1.0", "Yes")}
+    read(
+        f"image,{','.join(SHAPES)}",
+        [f"{stem},{','.join(words[int(s in p)][i % 2] for s in SHAPES)}" for i, (stem, p) in enumerate(stems.items())],
+    )
+
+
 def test_one_picture_under_two_names_is_reported_as_a_leak_or_a_label_conflict(tmp_path):
     path, truth = make_csv_set(tmp_path, 16, split=True)
     names = list(truth)  # scene_000 is in val (i % 4 == 0), the others in train
@@ -130,9 +167,9 @@ def test_a_label_seen_only_in_validation_and_an_unreadable_csv_are_refused(tmp_p
     (tmp_path / "bad.csv").write_text("picture,tags\na.jpg,x\n")
     with pytest.raises(DatasetError, match="no 'image' column"):
         scan_csv(tmp_path / "bad.csv")
-    (tmp_path / "yes.csv").write_text("image,a,b\nimages/scene_000.jpg,yes,no\n")  # said "(0 skipped)"
-    with pytest.raises(DatasetError, match=r"no readable image \(1 rows skipped, e.g. yes.csv:2: a label column holds"):
-        scan_csv(tmp_path / "yes.csv")
+    (tmp_path / "short.csv").write_text("image,a,b\nimages/scene_000.jpg,1\n")  # said "(0 skipped)"
+    with pytest.raises(DatasetError, match=r"no readable image \(1 rows skipped, e.g. short.csv:2: 2 cells where"):
+        scan_csv(tmp_path / "short.csv")
 
 
 def test_average_precision_and_thresholds():

@@ -245,9 +245,10 @@ def _csv_files(csv_path: Path, known: list[str] | None = None) -> tuple[dict[str
             "data set (`headstart train` without --task trains one on it). A classifier takes one class per image: "
             "an image,label CSV, or a folder with one subfolder per class."
         )
-    rows, _, skipped = read_csv(csv_path)
-    rows, again = first_rows(rows)
+    table = read_csv(csv_path)
+    rows, again = first_rows(table.rows)
     twice = [row.where for row in again]
+    skipped = table.skipped
     by_split = any(row.split for row in rows)
     files: dict[str, dict[str, list[Path]]] = {}
     for row in rows:
@@ -259,7 +260,7 @@ def _csv_files(csv_path: Path, known: list[str] | None = None) -> tuple[dict[str
             raise DatasetError(f"{csv_path} has classes {unknown} that the model does not know (it knows {known}).")
     if by_split and "train" not in files:
         raise DatasetError(f"{csv_path}: no row is of the train split; a classifier needs training images.")
-    notes = []
+    notes = list(table.notes)
     if skipped:
         notes.append(f"{csv_path.name}: {len(skipped)} rows skipped: " + "; ".join(f"{w}: {r}" for w, r in skipped[:5]))
     if twice:

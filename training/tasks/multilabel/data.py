@@ -138,8 +138,9 @@ def scan_csv(
     csv_path = find_csv(str(data))
     if csv_path is None:
         raise DatasetError(f"{data} is not a labels CSV, nor a folder holding labels.csv.")
-    rows, columns, skipped = read_csv(csv_path)
-    rows, again = first_rows(rows)
+    table = read_csv(csv_path)
+    columns, skipped = table.columns, table.skipped
+    rows, again = first_rows(table.rows)
     duplicates = [str(row.path) for row in again]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         checked = list(pool.map(lambda r: check_file(r.path, verified, decoded), rows))
@@ -160,6 +161,7 @@ def scan_csv(
     report = MultiLabelReport(
         csv_path.parent, csv_path, list(known), splits, split_source, corrupt, skipped, duplicates, unknown
     )
+    report.warnings += table.notes
     if labels is None:
         check_splits(report)
     return report

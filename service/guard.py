@@ -130,6 +130,33 @@ def _single_headers(scope) -> dict[bytes, bytes]:
 _FIELD_FIRST = re.compile(r"^(\w+) must be ")
 
 
+def cross_origin(origins: list[str]):
+    """Starlette's CORS middleware for ``origins`` (HEADSTART_CORS_ORIGINS), whose refused preflight is the service's
+    JSON 4xx (``{"error": ..., "field": null}``) naming what was refused, not Starlette's plain text "Disallowed CORS
+    origin". Outermost, so the guard's refusals carry the CORS headers too."""
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.responses import JSONResponse
+
+    class CrossOrigin(CORSMiddleware):
+        def preflight_response(self, request_headers):
+            answer = super().preflight_response(request_headers)
+            if answer.status_code < 400:
+                return answer
+            what = answer.body.decode("utf-8", "replace").removeprefix("Disallowed CORS ").split(", ")
+            why = {
+                "origin": f"the origin {request_headers.get('origin')} is not one HEADSTART_CORS_ORIGINS names",
+                "method": f"the method {request_headers.get('access-control-request-method')} is not GET or POST",
+                "headers": "a header asked for is not allowed",
+                "private-network": "requests from a public site to a private network are not allowed",
+            }
+            message = "Cross-origin request refused: " + "; ".join(why.get(w, w) for w in what) + "."
+            headers = {k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "content-type")}
+            return JSONResponse({"error": message, "field": None}, status_code=answer.status_code, headers=headers)
+
+    options = {"allow_origins": origins, "allow_methods": ["GET", "POST"], "allow_headers": ["*"], "max_age": 600}
+    return CrossOrigin, options
+
+
 def error_body(raw: bytes, content_type: bytes, endpoint: Endpoint | None) -> bytes:
     """Any 4xx body BentoML or Starlette writes, as ``{"error": message, "field": name or null}``.
 

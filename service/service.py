@@ -35,7 +35,7 @@ from .answers import (
 from .bundle import Bundle, BundleError, load_bundle, variant_file, verify_bundle
 from .cpu import cpu_info
 from .errors import HeadstartError
-from .guard import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, RequestGuard, current_request
+from .guard import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, RequestGuard, cross_origin, current_request
 from .heatmap import heatmap as class_heatmap
 from .inference import check_answer_options, classified, classify_arrays, classify_images
 from .localize import DEFAULTS, LocalizeError, LocalizeParams, draw_detections, localize_images
@@ -403,14 +403,7 @@ class Headstart:
 
 if SETTINGS.cors_origins:  # outermost: the guard's refusals (413, 503, ...) carry the CORS headers too, or a
     # browser page would see a network error instead of their message
-    from starlette.middleware.cors import CORSMiddleware
-
-    Headstart.add_asgi_middleware(
-        CORSMiddleware,
-        allow_origins=list(SETTINGS.cors_origins),
-        allow_methods=["GET", "POST"],
-        allow_headers=["*"],
-        max_age=600,
-    )
+    middleware, options = cross_origin(list(SETTINGS.cors_origins))
+    Headstart.add_asgi_middleware(middleware, **options)
 Headstart.add_asgi_middleware(RequestGuard)
 Headstart.add_asgi_middleware(WebPage)

@@ -141,7 +141,14 @@ def test_cors_lets_the_named_sites_pages_call_the_api_and_read_its_refusals(tiny
             refused = http.post("/classify", files=big, headers={"Origin": app})
             assert refused.status_code == 413 and refused.headers["access-control-allow-origin"] == app
             assert set(refused.json()) == {"error", "field"}  # the guard's message, readable by the page
-            assert http.options("/classify", headers={"Origin": other, **preflight}).status_code == 400
+            barred = http.options("/classify", headers={"Origin": other, **preflight})  # was Starlette's plain text
+            assert barred.status_code == 400 and "access-control-allow-origin" not in barred.headers
+            assert barred.json() == {
+                "error": f"Cross-origin request refused: the origin {other} is not one HEADSTART_CORS_ORIGINS names.",
+                "field": None,
+            }
+            put = http.options("/classify", headers={"Origin": app, "Access-Control-Request-Method": "PUT"})
+            assert put.status_code == 400 and "the method PUT is not GET or POST" in put.json()["error"]
             stranger = http.post("/classify", files=image, headers={"Origin": other})
             assert stranger.status_code == 200 and "access-control-allow-origin" not in stranger.headers
         assert "Traceback" not in log.read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -103,6 +104,29 @@ def test_a_coco_data_set_becomes_the_yolo_one_it_was_written_from(tmp_path, layo
     assert ("'coco-export'" in unused) == (layout == "roboflow")  # a Roboflow export's data set category
     assert os.path.islink(tmp_path / "yolo" / "images" / "train" / images[0][0].name)  # links, not copies
     assert (tmp_path / "src").is_dir() and not list((tmp_path / "src").rglob("*.txt"))  # the source untouched
+
+
+def test_a_conversion_that_fails_halfway_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """A disk filling up while the images are copied: the empty folder given as --out stays as it was, and no
+    temporary folder is left beside it; the next try writes the whole set."""
+    names, images = coco128(8)
+    written_as_coco(tmp_path / "src", names, images, "coco")
+    (tmp_path / "yolo").mkdir()
+    copied = []
+
+    def copy_then_fill_the_disk(src, dst, **kwargs):
+        if copied:
+            raise OSError(28, "No space left on device (simulated)")
+        copied.append(shutil.copyfile(src, dst))
+
+    monkeypatch.setattr(shutil, "copy2", copy_then_fill_the_disk)
+    with pytest.raises(OSError, match="simulated"):
+        convert(tmp_path / "src", tmp_path / "yolo", copy=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "yolo"] and not list((tmp_path / "yolo").iterdir())
+    monkeypatch.undo()
+    convert(tmp_path / "src", tmp_path / "yolo", copy=True)
+    assert len(boxes_by_name(tmp_path / "yolo" / "data.yaml")) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "yolo"]
 
 
 def test_what_cannot_be_used_is_left_out_and_counted(tmp_path, capsys):

@@ -467,11 +467,12 @@ def test_two_runs_sharing_a_cache_at_once(fault_data, tmp_path):
 # ---------------------------------------------------------------- export faults
 
 
-@pytest.mark.parametrize("where", ["embed_manifest", "quantize_int8", "_replace_dir"])
+@pytest.mark.parametrize("where", ["embed_manifest", "quantize_int8", "replace_dir"])
 def test_failed_export_leaves_previous_bundle_and_store(tiny_run, tmp_path, monkeypatch, where):
     import bentoml
 
     import headstart.exporter as export_mod
+    import headstart.runs
 
     export_mod.export_bundle(tiny_run, tmp_path / "b", name="fault-test", int8=where == "quantize_int8")
     before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
@@ -480,11 +481,11 @@ def test_failed_export_leaves_previous_bundle_and_store(tiny_run, tmp_path, monk
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device (simulated)")
 
-    monkeypatch.setattr(export_mod, where, fail)
+    monkeypatch.setattr(headstart.runs if where == "replace_dir" else export_mod, where, fail)
     with pytest.raises(OSError, match="simulated"):
         export_mod.export_bundle(tiny_run, tmp_path / "b", name="fault-test", int8=where == "quantize_int8")
     assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
-    if where != "_replace_dir":  # the store import happens before the final move
+    if where != "replace_dir":  # the store import happens before the final move
         assert sorted(str(m.tag) for m in bentoml.models.list()) == tags
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 

@@ -24,13 +24,12 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from headstart.runs import umask
+from headstart.runs import written_beside
 from headstart.service.errors import HeadstartError
 from headstart.service.files import shown
 from headstart.service.formats import IMAGE_SUFFIXES
@@ -396,10 +395,8 @@ def _unique(items: list[Item], conversion: Conversion, split: str) -> list[Item]
 
 
 def _write(conversion: Conversion, copy: bool) -> None:
-    out = conversion.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    out = conversion.out  # absent or empty (checked before): swapped out once the new one is written
+    with written_beside(out) as tmp:
         for split, items in conversion.splits.items():
             for item in items:
                 image = tmp / "images" / split / item.name
@@ -418,11 +415,4 @@ def _write(conversion: Conversion, copy: bool) -> None:
         }
         header = f"# written by `headstart convert` from {conversion.source} ({conversion.kind})\n"
         (tmp / "data.yaml").write_text(header + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
-        tmp.chmod(0o777 & ~umask())
-        if out.exists():
-            out.rmdir()  # empty (checked before)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.debug("converted %s -> %s", conversion.source, out)

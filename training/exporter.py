@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -234,18 +233,10 @@ def export_bundle(
     check_destination(out, run.run_dir, force)
     name = model_name(name or run.run_dir.resolve().name)
     version = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S") + secrets.token_hex(3)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    # mkdtemp creates 0700; give the mode mkdir would, as the user's umask says
-    tmp.chmod(0o777 & ~runs.umask())
-    try:
+    with runs.written_beside(out) as tmp:
         drop = None if force else max_int8_drop
         manifest = _write_bundle(tmp, run, task, name, version, int8, drop, int8_weight_bits)
         tag = import_to_store(tmp, manifest) if store else None
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s -> %s%s", run.run_dir, out, f" and model store tag {tag}" if tag else "")
     tracking.log_bundle(run.run_dir, out)  # into the MLflow run that trained it, if it was tracked
     return ExportResult(out, manifest, tag)
@@ -322,24 +313,6 @@ def check_destination(out: Path, run_dir: Path, force: bool) -> None:
         f"--out {out} exists and is not a headstart bundle; export would replace it. Choose another folder, or "
         "pass --force to replace it."
     )
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is swapped out only after the move succeeded."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{secrets.token_hex(3)}")
-        target.rename(old)
-        try:
-            new.rename(target)
-        except BaseException:
-            old.rename(target)
-            raise
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        new.rename(target)
 
 
 def import_to_store(bundle_dir: Path, manifest: Manifest) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +49,40 @@ def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def written_beside(out: Path) -> Iterator[Path]:
+    """A new folder beside ``out`` to write a whole output into (a bundle, a converted data set): on success it
+    becomes ``out`` (an existing ``out`` swapped out only after the move succeeded: :func:`replace_dir`), on failure
+    it is removed; ``out`` is never left half written. Its mode is the one mkdir would give (mkdtemp's is 0700)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tmp.chmod(0o777 & ~umask())
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is swapped out only after the move succeeded."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{secrets.token_hex(3)}")
+        target.rename(old)
+        try:
+            new.rename(target)
+        except BaseException:
+            old.rename(target)
+            raise
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        new.rename(target)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -473,6 +473,10 @@ def test_kaggles_tables_of_ids_and_classes_find_their_images_beside_them(tmp_pat
     for header in ("image_id,label", "Image,Id", "id_code,diagnosis"):  # Cassava, humpback whales, APTOS
         (root / "labels.csv").write_text(f"{header}\n{table}")
         assert scan_image_folder(root).counts() == report.counts(), header
+    for sep in (";", "\t"):  # Excel's CSV where the comma is the decimal mark (German, French, ...); tabs
+        (root / "labels.csv").write_text(f"image{sep}label\n{table.replace(',', sep)}")
+        assert config_for_data(str(root)).task == "classify"
+        assert scan_image_folder(root).counts() == report.counts(), sep
 
     # an id in two folders: which image the table means cannot be told
     (root / "labels.csv").write_text("id,breed\n" + table)

@@ -48,9 +48,16 @@ def header_of(csv_path: Path) -> list[str]:
     """The column names of a CSV's first row (empty where it cannot be read: :func:`read_csv` says why)."""
     try:
         with open(csv_path, encoding="utf-8-sig", newline="") as f:
-            return [h.strip() for h in next(csv.reader(f), [])]
-    except (OSError, UnicodeDecodeError, csv.Error):
+            first = f.readline()
+    except (OSError, UnicodeDecodeError):
         return []
+    return [h.strip() for h in next(csv.reader([first], delimiter=delimiter(first)), [])]
+
+
+def delimiter(header_line: str) -> str:
+    """What separates a CSV's cells, as its header row shows: a comma, else a semicolon (what Excel writes where the
+    comma is the decimal mark: German, French, ...), else a tab."""
+    return next((d for d in (",", ";", "\t") if d in header_line), ",")
 
 
 #: the image column's name, as tables name it (``image``, or the first of the others a header holds; Kaggle's tables
@@ -152,7 +159,8 @@ def read_csv(csv_path: Path) -> Table:
         text = csv_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"Cannot read {csv_path}: {exc}. Save it as UTF-8 text.") from exc
-    reader = csv.reader(text.splitlines())
+    lines = text.splitlines()
+    reader = csv.reader(lines, delimiter=delimiter(lines[0] if lines else ""))
     header = [h.strip() for h in next(reader, [])]
     layout = layout_of(header)
     if layout is None:

@@ -30,6 +30,7 @@ from .files import (
     MAX_FILE_BYTES,
     WEB,
     FileProblem,
+    delimiter,
     image_paths,
     is_url,
     listed_images,
@@ -74,7 +75,18 @@ def list_sources(source: str) -> list[str]:
         import pyarrow.csv
         import pyarrow.parquet
 
-        table = pyarrow.csv.read_csv(path) if suffix == ".csv" else pyarrow.parquet.read_table(path)
+        try:
+            if suffix == ".csv":
+                with open(path, encoding="utf-8-sig", errors="replace") as f:
+                    parse = pyarrow.csv.ParseOptions(delimiter=delimiter(f.readline()))
+                table = pyarrow.csv.read_csv(path, parse_options=parse)
+            else:
+                table = pyarrow.parquet.read_table(path)
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise BatchError(
+                f"{source} cannot be read as a list of images ({exc}). A {suffix} list has a header row and one "
+                f"image per row, in a column named {', '.join(LIST_COLUMNS[:3])}, ... (else the first column)."
+            ) from exc
         named = {name.strip().lower(): name for name in table.column_names}
         column = next((named[c] for c in LIST_COLUMNS if c in named), table.column_names[0])
         return [str(v) for v in table.column(column).to_pylist() if v]

@@ -181,6 +181,12 @@ def _check_kind(info: os.stat_result, max_bytes: int) -> None:
         raise FileProblem(too_large_message(info.st_size, max_bytes), too_large=True)
 
 
+def delimiter(header_line: str) -> str:
+    """What separates a CSV's cells, as its header row shows: a comma, else a semicolon (what Excel writes where the
+    comma is the decimal mark: German, French, ...), else a tab."""
+    return next((d for d in (",", ";", "\t") if d in header_line), ",")
+
+
 def listed_images(path: str | Path) -> list[str]:
     """The images a .txt list names: one path or URL per line, blank lines and ``#`` comments left out (a name that
     is not UTF-8 kept as its bytes: its image's error says so)."""

@@ -256,8 +256,16 @@ def test_sources_are_a_folder_a_glob_or_a_list_file(tmp_path):
     assert list_sources(str(tmp_path / "list.csv")) == images[:2]
     (tmp_path / "urls.csv").write_text("id,URL\n1," + images[0] + "\n")  # a table of URLs: its url column
     assert list_sources(str(tmp_path / "urls.csv")) == images[:1]
+    (tmp_path / "excel.csv").write_text("id;path\n1;" + images[0] + "\n")  # Excel's CSV where 1,5 is a number
+    assert list_sources(str(tmp_path / "excel.csv")) == images[:1]
+    (tmp_path / "ragged.csv").write_text("path,id\n" + images[0] + ",1\n" + images[1] + "\n")  # ArrowInvalid
+    with pytest.raises(BatchError, match=r"ragged.csv cannot be read as a list of images \(CSV parse error: Expected"):
+        list_sources(str(tmp_path / "ragged.csv"))
     pq.write_table(pa.table({"path": images}), tmp_path / "list.parquet")
     assert list_sources(str(tmp_path / "list.parquet")) == images
+    (tmp_path / "torn.parquet").write_bytes((tmp_path / "list.parquet").read_bytes()[:-40])
+    with pytest.raises(BatchError, match="torn.parquet cannot be read as a list of images"):
+        list_sources(str(tmp_path / "torn.parquet"))
     with pytest.raises(BatchError, match="neither a folder, a glob"):
         list_sources(str(tmp_path / "nowhere"))
     (tmp_path / "list.json").write_text("[]")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headstart.data import DatasetError
+from headstart.service.files import delimiter
 from headstart.service.formats import IMAGE_SUFFIXES
 
 #: the file a folder holds for `headstart train FOLDER` to be a labels CSV data set
@@ -52,12 +53,6 @@ def header_of(csv_path: Path) -> list[str]:
     except (OSError, UnicodeDecodeError):
         return []
     return [h.strip() for h in next(csv.reader([first], delimiter=delimiter(first)), [])]
-
-
-def delimiter(header_line: str) -> str:
-    """What separates a CSV's cells, as its header row shows: a comma, else a semicolon (what Excel writes where the
-    comma is the decimal mark: German, French, ...), else a tab."""
-    return next((d for d in (",", ";", "\t") if d in header_line), ",")
 
 
 #: the image column's name, as tables name it (``image``, or the first of the others a header holds; Kaggle's tables

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
+from pathlib import Path
 
 from headstart.config import add_options
 
@@ -49,6 +51,8 @@ def _answer_line(image: str, answer: dict, multilabel: bool = False) -> str:
         text += f"; {len(answer['detections'])} boxes"
     if answer.get("heatmap"):
         text += f"; heatmap {answer['heatmap']}"
+    if answer.get("sorted"):
+        text += f"; -> {', '.join(answer['sorted'])}"
     return f"{image}: {text}"
 
 
@@ -183,14 +187,21 @@ def _predict_files(model, args) -> int:
         novelty_threshold=args.novelty_threshold,
         label_threshold=args.label_threshold,
         heatmaps=args.heatmap,
+        sort_into=args.sort_into,
+        copy=args.copy,
     )
-    status, count, multilabel = 0, 0, model.thresholds is not None
+    status, count, multilabel, folders = 0, 0, model.thresholds is not None, Counter()
     for answer in answers:
         line = _predicted(answer)
         status, count = 1 if answer.error else status, count + 1
+        folders.update(Path(f).parent.name for f in answer.sorted or ())
         print(json.dumps(line) if args.json else _answer_line(line["image"], line, multilabel), flush=True)
     if not count:
         raise ValueError(f"{' '.join(args.images)} names no images (folders are searched for image file names).")
+    if args.sort_into:
+        how = "copies" if args.copy else "links to the files (--copy copies them)"
+        each = ", ".join(f"{name} {n}" for name, n in sorted(folders.items()))
+        print(f"sorted into {args.sort_into} as {how}: {each or 'nothing'}", file=sys.stderr)
     return status
 
 
@@ -199,7 +210,7 @@ def _predicted(answer) -> dict:
     an error alone)."""
     if answer.error:
         return {"image": answer.image, "error": answer.error}
-    optional = ("detections", "method", "image_size", "heatmap")
+    optional = ("detections", "method", "image_size", "heatmap", "sorted")
     fields = answer.model_dump(exclude={"image", "error"})
     return {"image": answer.image, **{k: v for k, v in fields.items() if k not in optional or v is not None}}
 
@@ -303,6 +314,14 @@ def _add_predict(sub) -> None:
         metavar="DIR",
         help="also write each image's class activation heatmap (the top class) as DIR/NAME.heatmap.jpg",
     )
+    p.add_argument(
+        "--sort-into",
+        metavar="DIR",
+        help="also sort the images into a folder per class: DIR/CLASS/ (DIR/none-of-these/; a multi-label model: "
+        "the folder of each label, DIR/no-label/), as links to the files (a class-folder data set to look "
+        "through, put right and train on)",
+    )
+    p.add_argument("--copy", action="store_true", help="with --sort-into: copy the images instead of linking them")
     _add_novelty_threshold(p)
     _add_bundle_options(p, device=True)
 

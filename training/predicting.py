@@ -32,6 +32,7 @@ class Answer(LabelsAnswer):
     method: str | None = None
     image_size: list[int] | None = None
     heatmap: str | None = None  # the heatmap file written (``heatmaps=``)
+    sorted: list[str] | None = None  # the files the image was sorted as (``sort_into=``)
     error: str | None = None
 
     @property
@@ -73,6 +74,8 @@ class LoadedModel:
         label_threshold: float | None = None,
         batch_size: int = 16,
         heatmaps: str | os.PathLike | None = None,
+        sort_into: str | os.PathLike | None = None,
+        copy: bool = False,
     ) -> list[Answer]:
         """One :class:`Answer` per image, in order (a folder or glob stands for the images it holds, sorted; an
         http(s) URL for the image it gives, read within HEADSTART_MAX_FILE_BYTES and HEADSTART_URL_TIMEOUT). A file
@@ -80,7 +83,11 @@ class LoadedModel:
         ``localize`` adds boxes (class activation boxes for a classifier) kept from ``conf`` up. A multi-label model
         answers ``labels`` (those at or above their thresholds; ``label_threshold``: one threshold for all).
         ``heatmaps``: a folder to write each image's class activation heatmap of its top class into (a classifier's;
-        ``NAME.heatmap.jpg``, the answer's ``heatmap``). :meth:`answers` gives the same answers one by one."""
+        ``NAME.heatmap.jpg``, the answer's ``heatmap``). ``sort_into``: a folder to sort the images into, a folder
+        per class (``none-of-these``; a multi-label model's image into each of its labels' folders, ``no-label``),
+        as links to the files (``copy``: copies; an image read from a URL: its bytes), the answer's ``sorted``
+        (:mod:`headstart.sorting`; images under that folder are left out of the images given).
+        :meth:`answers` gives the same answers one by one."""
         return list(
             self.answers(
                 images,
@@ -91,6 +98,8 @@ class LoadedModel:
                 label_threshold=label_threshold,
                 batch_size=batch_size,
                 heatmaps=heatmaps,
+                sort_into=sort_into,
+                copy=copy,
             )
         )
 
@@ -105,24 +114,33 @@ class LoadedModel:
         label_threshold: float | None = None,
         batch_size: int = 16,
         heatmaps: str | os.PathLike | None = None,
+        sort_into: str | os.PathLike | None = None,
+        copy: bool = False,
     ) -> Iterator[Answer]:
         """:meth:`predict`'s answers as they come, in order: each batch of ``batch_size`` images is answered as soon
         as it is decoded (ahead, on threads), so a long list of images is never held whole (`headstart predict`
         prints each line so)."""
         from headstart.service.ahead import in_order, reading_threads
+        from headstart.service.files import is_url, read_image
         from headstart.service.inference import check_answer_options, classified, classify_images
         from headstart.service.localize import DEFAULTS, LocalizeParams, localize_images
+        from headstart.service.preprocess import decode_for
+        from headstart.sorting import inside, sort_folder
 
         check_answer_options(top_k, novelty_threshold, label_threshold)  # a typo is said, not answered in every line
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
         params = LocalizeParams(conf=DEFAULTS.conf if conf is None else conf) if localize else None
         folder, named = self._heatmap_folder(heatmaps), set()
+        sort = sort_folder(self.task, self.labels, sort_into, copy)
         items = _expand(images)
-        waiting: list[tuple[int, str | None, Image.Image | str]] = []  # (index, name, image or its error), in order
+        if sort is not None:  # a rerun on the folder above: not the images the last sort put there
+            items = [item for item in items if not inside(item, sort)]
+        # (index, name, image or its error, the bytes of an image read from a URL where they are sorted), in order
+        waiting: list[tuple[int, str | None, Image.Image | str, bytes | None]] = []
 
         def answered() -> Iterator[Answer]:
-            pictures = [img for _, _, img in waiting if not isinstance(img, str)]
+            pictures = [img for _, _, img, _ in waiting if not isinstance(img, str)]
             maps = iter([None] * len(pictures))  # each image's outputs for its heatmap, where the run gave them
             if params:  # one run gives the boxes, the class scores and the heatmaps
                 located = localize_images(self.model, pictures, params, novelty_threshold)
@@ -134,7 +152,7 @@ class LoadedModel:
             else:
                 results = iter(classify_images(self.model, pictures, top_k, novelty_threshold, label_threshold))
                 boxes = iter([{}] * len(pictures))
-            for i, name, img in waiting:
+            for i, name, img, data in waiting:
                 if isinstance(img, str):
                     yield Answer(image=name, error=img)
                     continue
@@ -144,17 +162,26 @@ class LoadedModel:
                 if folder is not None:
                     target = folder / f"{_heatmap_name(items[i], i, named)}.heatmap.jpg"
                     answer = self._with_heatmap(answer, img, target, novelty_threshold, outputs)
+                if sort is not None and not answer.error:
+                    answer = _sorted(answer, items[i], data, sort, copy, i)
                 yield answer
             waiting.clear()
 
         decoded = 0
-        ahead = in_order(self._decode, items, threads=reading_threads(items))  # decoded ahead (URLs: more threads)
+
+        def decode(item: ImageInput) -> tuple[Image.Image, bytes | None]:
+            if sort is not None and isinstance(item, str) and is_url(item):  # its bytes are what is sorted
+                data = read_image(item)
+                return decode_for(data, self.model.spec), data
+            return self._decode(item), None
+
+        ahead = in_order(decode, items, threads=reading_threads(items))  # decoded ahead (URLs: more threads)
         for i, (item, image) in enumerate(zip(items, ahead, strict=True)):
             try:
-                waiting.append((i, _name_of(item), image.result()))
+                waiting.append((i, _name_of(item), *image.result()))
                 decoded += 1
             except (HeadstartError, OSError, ValueError) as exc:
-                waiting.append((i, _name_of(item), str(exc)))
+                waiting.append((i, _name_of(item), str(exc), None))
             if decoded >= batch_size:
                 yield from answered()
                 decoded = 0
@@ -256,6 +283,20 @@ def _heatmap_name(item: ImageInput, index: int, named: set[str]) -> str:
         name = f"{stem}-{n}"
     named.add(name.casefold())
     return name
+
+
+def _sorted(answer: Answer, item: ImageInput, data: bytes | None, folder: Path, copy: bool, index: int) -> Answer:
+    """``answer`` with its image sorted into ``folder`` (:func:`headstart.sorting.file_image`), or, where the file
+    cannot be written (a full disk), the error."""
+    from headstart.sorting import SortError, file_image
+
+    try:
+        written = file_image(answer, item, data, folder, copy, index)
+    except SortError:
+        raise  # the folder cannot take links: stop, the message says to add --copy
+    except OSError as exc:
+        return Answer(image=answer.image, error=f"The image could not be sorted into {folder}: {exc}")
+    return answer if written is None else answer.model_copy(update={"sorted": [str(p) for p in written]})
 
 
 def _name_of(item: ImageInput) -> str | None:

@@ -16,10 +16,11 @@ None of that reaches it. Here, before BentoML parses anything:
 - load is shed once a body is in: at most ``MAX_CONCURRENCY`` requests to the model routes per worker, holding at
   most ``MAX_INFLIGHT_BYTES`` of bodies, else 503 with ``Retry-After``;
 - every body is bounded (``MAX_REQUEST_BYTES``, chunked bodies included): 413;
-- a model route takes multipart/form-data only, with exactly the fields of :data:`ENDPOINTS`: files as uploaded files
+- a model route takes multipart/form-data, with exactly the fields of :data:`ENDPOINTS`: files as uploaded files
   (any declared type: the bytes decide what an image is), other fields as short text, each at most as often as the
-  endpoint takes it. What passes is rebuilt as a canonical body (our boundary, safe file names, no part headers but
-  ours), so BentoML only ever sees what was vouched for;
+  endpoint takes it; or an image as the body itself (``image/*``, application/octet-stream). The text fields may
+  come in the query string, within the same limits. What passes is rebuilt as a canonical body (our boundary, safe
+  file names, no part headers but ours, the query's fields in it), so BentoML only ever sees what was vouched for;
 - routes that take no input (``/info``) take an empty body (or ``{}``);
 - every 4xx answer, the guard's and BentoML's and Starlette's, is ``{"error": message, "field": name or null}``
   (:func:`error_body`);
@@ -340,8 +341,9 @@ class RequestGuard:
         """The scope (with the body under ``headstart.body``) that BentoML gets, or RequestRejected."""
         ctype = headers.get(b"content-type", b"")
         # (not an API route: the body goes on as it came, and BentoML answers 404/405 without reading it)
-        if endpoint is not None and endpoint.takes_input:
-            ctype, body = canonical_multipart(parse_upload(ctype, body, endpoint))
+        if endpoint is not None and endpoint.takes_input:  # the query's fields go into the body: BentoML reads those
+            query, scope = scope.get("query_string", b""), {**scope, "query_string": b""}
+            ctype, body = canonical_multipart(parse_upload(ctype, body, endpoint, query))
         elif endpoint is not None:
             if body.strip() not in (b"", b"{}"):
                 media = parse_options_header(ctype)[0].lower()

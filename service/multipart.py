@@ -129,13 +129,23 @@ class UploadParser:
         part.chunks.append(data[start:end])
 
 
-def parse_upload(content_type: bytes, body: bytes, endpoint: Endpoint) -> list[tuple[str, bytes | None, bytes]]:
-    """The parts of a multipart upload to ``endpoint`` as (field, filename or None, value); raises RequestRejected
-    for anything but well-formed multipart/form-data with the endpoint's fields, each within its limits."""
+def parse_upload(
+    content_type: bytes, body: bytes, endpoint: Endpoint, query: bytes = b""
+) -> list[tuple[str, bytes | None, bytes]]:
+    """The parts of an upload to ``endpoint`` as (field, filename or None, value); raises RequestRejected for
+    anything but well-formed multipart/form-data with the endpoint's fields, each within its limits, or an image
+    sent as the body itself (Content-Type ``image/*`` or application/octet-stream: ``curl --data-binary @photo.jpg``,
+    a browser's ``fetch(url, {body: file})``). The text fields may come in the query string too (``?top_k=3``)."""
     ctype, params = parse_options_header(content_type)
+    media = ctype.lower()
+    if media.startswith(b"image/") or media == b"application/octet-stream":
+        reject_if(not body, "The body is empty: send the image's bytes as the body, or upload it as a file.")
+        return [(endpoint.files[0], b"upload", body), *_query_fields(query, endpoint, {})]
     reject_if(
-        ctype.lower() != b"multipart/form-data",
-        "Send the image as multipart/form-data (a file upload), e.g. curl -F image=@photo.jpg",
+        media != b"multipart/form-data",
+        "Send the image as multipart/form-data (a file upload), e.g. curl -F image=@photo.jpg, or as the body itself "
+        "with its type (curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg'; options in the query string, "
+        "?top_k=3)",
         415,
     )
     boundary = params.get(b"boundary")
@@ -164,6 +174,38 @@ def parse_upload(content_type: bytes, body: bytes, endpoint: Endpoint) -> list[t
                     400, f"Field {part.name!r} is not UTF-8 text; it takes a number.", field=part.name
                 ) from None
         out.append((part.name, part.filename if part.name in endpoint.files else None, value))
+    return out + _query_fields(query, endpoint, upload.counts)
+
+
+def _query_fields(query: bytes, endpoint: Endpoint, given: dict[str, int]) -> list[tuple[str, None, bytes]]:
+    """The text fields of a query string (``?top_k=3&novelty_threshold=0.5``), within the same limits as in a form:
+    the endpoint's fields only, each once (in the query or the form, not both), short, UTF-8."""
+    from urllib.parse import unquote_to_bytes
+
+    out: list[tuple[str, None, bytes]] = []
+    for pair in (p for p in query.split(b"&") if p):
+        raw_name, _, raw_value = pair.partition(b"=")
+        try:
+            name = unquote_to_bytes(raw_name.replace(b"+", b" ")).decode("utf-8")
+            value = unquote_to_bytes(raw_value.replace(b"+", b" "))
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestRejected(400, "The query string is not UTF-8 text.") from None
+        reject_if(
+            name not in endpoint.fields,
+            f"Unknown query parameter {name[:40]!r}; {endpoint.route} takes "
+            + (", ".join(endpoint.fields) if endpoint.fields else "none")
+            + ".",
+            field=name[:40],
+        )
+        reject_if(
+            name in given or any(n == name for n, _, _ in out),
+            f"{name!r} is given more than once (in the query string and the form, or twice).",
+            field=name,
+        )
+        too_long = f"{name!r} is longer than {MAX_FIELD_BYTES} bytes; it takes a number."
+        reject_if(len(value) > MAX_FIELD_BYTES, too_long, field=name)
+        out.append((name, None, value))
     return out
 
 

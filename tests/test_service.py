@@ -237,6 +237,37 @@ def test_asgi_an_image_is_known_by_its_bytes_not_its_declared_type(client, ctype
     assert resp.json() == post_image(client, BEE.read_bytes(), top_k="2").json()
 
 
+def test_asgi_an_image_sent_as_the_body_itself_with_options_in_the_query(client):
+    """`curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg'` and a browser's `fetch(url, {body: file})` were
+    a 415 ("send multipart/form-data"): the body is the image, the options come in the query string, and the answer
+    is the upload's. A query option on a form upload counts too (it was silently ignored)."""
+    form = post_image(client, ANT.read_bytes(), top_k="1").json()
+    for ctype in ("image/jpeg", "application/octet-stream", "image/png"):  # the bytes decide, as for an upload
+        resp = client.post("/classify?top_k=1", content=ANT.read_bytes(), headers={"content-type": ctype})
+        assert resp.status_code == 200 and resp.json() == form, resp.text
+    resp = client.post("/classify", files={"image": ("a.jpg", ANT.read_bytes(), "image/jpeg")}, params={"top_k": "1"})
+    assert resp.json() == form
+    batch = client.post("/classify_batch", content=ANT.read_bytes(), headers={"content-type": "image/jpeg"}).json()
+    assert [r["predictions"][0]["label"] for r in batch] == [form["predictions"][0]["label"]]
+    boxes = client.post("/localize?conf=0.3", content=BEE.read_bytes(), headers={"content-type": "image/jpeg"})
+    assert boxes.status_code == 200 and "detections" in boxes.json()
+    for query, field, said in [
+        ("topk=1", "topk", "Unknown query parameter 'topk'; /classify takes top_k, novelty_threshold, label_threshold"),
+        ("top_k=0", "top_k", "top_k must be between 1"),
+        ("top_k=1&top_k=2", "top_k", "'top_k' is given more than once"),
+        ("top_k=%FF", None, "The query string is not UTF-8 text."),
+    ]:
+        resp = client.post(f"/classify?{query}", content=ANT.read_bytes(), headers={"content-type": "image/jpeg"})
+        assert resp.status_code == 400 and said in resp.json()["error"], (query, resp.text)
+        assert resp.json()["field"] == field, query
+    both = client.post("/classify?top_k=1", files={"image": ("a.jpg", ANT.read_bytes())}, data={"top_k": "2"})
+    assert both.status_code == 400 and "in the query string and the form" in both.json()["error"]
+    empty = client.post("/classify", content=b"", headers={"content-type": "image/jpeg"})
+    assert empty.status_code == 400 and "The body is empty" in empty.json()["error"]
+    text = client.post("/classify", content=b"hello", headers={"content-type": "application/octet-stream"})
+    assert text.status_code == 400 and "not an image format" in text.json()["error"]
+
+
 def test_asgi_top_k_above_label_count_returns_all_labels(client):
     resp = post_image(client, BEE.read_bytes(), top_k="50")
     assert [p["label"] for p in resp.json()["predictions"]] == ["bees", "ants"]

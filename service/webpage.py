@@ -1,4 +1,4 @@
-"""A one-page web UI served by the service at ``/ui``: drop or pick an image, see the top classes and the boxes,
+"""A one-page web UI served by the service at ``/ui``: drop, paste or pick an image, see the top classes and the boxes,
 "none of these" where the image is unlike every class, and the class activation heatmap on request.
 
 Plain HTML and JavaScript, no build step and nothing fetched from elsewhere (the page works offline and inside a
@@ -50,7 +50,7 @@ PAGE = """<!doctype html>
 <body>
 <h1>headstart</h1>
 <div id="model">loading model information…</div>
-<label id="drop" for="file">Drop an image here, or click to pick one
+<label id="drop" for="file">Drop an image here, paste one (Ctrl+V), or click to pick one
   <input id="file" type="file" accept="image/*" hidden>
 </label>
 <div id="controls">
@@ -181,6 +181,12 @@ drop.addEventListener("drop", (e) => {
   e.preventDefault();
   drop.classList.remove("over");
   if (e.dataTransfer.files.length) analyse(e.dataTransfer.files[0]);
+});
+document.addEventListener("paste", (e) => {  // a screenshot, or an image copied from another page
+  const item = [...(e.clipboardData ? e.clipboardData.items : [])].find((i) => i.kind === "file");
+  if (!item) return;
+  e.preventDefault();
+  analyse(item.getAsFile());
 });
 $("conf").addEventListener("input", () => { $("conf-value").textContent = $("conf").value; });
 $("conf").addEventListener("change", () => { if (current) analyse(current); });

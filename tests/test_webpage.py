@@ -86,6 +86,36 @@ def test_picking_an_image_shows_top_classes_and_boxes(server, browser):
     assert not severe, severe
 
 
+def test_an_image_pasted_into_the_page_is_analysed(server, browser):
+    """Ctrl+V of a screenshot or of an image copied from another page: the clipboard's file, as a picked one (text
+    pasted does nothing)."""
+    import base64
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _, _ = server
+    browser.get(f"{url}/ui")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: "ants-bees" in d.find_element(By.ID, "model").text)
+    paste = """
+        const [data, type] = arguments;
+        const clip = new DataTransfer();
+        if (type) clip.items.add(new File([Uint8Array.from(atob(data), (c) => c.charCodeAt(0))], "", {type}));
+        else clip.setData("text/plain", data);
+        document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: clip, bubbles: true}));
+    """
+    browser.execute_script(paste, "hello", None)
+    assert browser.find_element(By.ID, "status").text == "" and not browser.find_elements(By.CSS_SELECTOR, "li")
+    browser.execute_script(paste, base64.b64encode(BEE.read_bytes()).decode(), "image/jpeg")
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#predictions li.prediction")))
+    labels = [li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "li.prediction")]
+    assert labels[0] == "bees"
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe
+
+
 def test_a_file_that_is_not_an_image_shows_the_services_message(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -462,7 +462,7 @@ def test_kaggles_tables_of_ids_and_classes_find_their_images_beside_them(tmp_pat
     (root / "test").mkdir()
     shutil.copy(source / "red" / "red_001.jpg", root / "test" / "ffffffff.jpg")
     table = (root / "ids.txt").read_text()
-    (root / "labels.csv").write_text("id,breed\n" + table + "deadbeef,red\n")  # no such image: named
+    (root / "labels.csv").write_text("id,breed\n" + table + "deadbeef,red\nbad\0name,red\n")  # no such image: named
     assert config_for_data(str(root)).task == "classify"
     report = scan_image_folder(root / "labels.csv")
     assert report.labels == ["blue", "red"] and sum(len(s) for s in report.splits.values()) == 12
@@ -470,6 +470,7 @@ def test_kaggles_tables_of_ids_and_classes_find_their_images_beside_them(tmp_pat
     assert [p for p, _ in report.corrupt] == [str(root / "deadbeef")]
     said = " ".join(report.warnings)
     assert "the table names its images as NAME; read as train_more/NAME.jpg or train/NAME.jpg" in said  # tied: 6 each
+    assert "labels.csv:15: the image's name holds a NUL character" in said  # was ValueError: embedded null byte
     for header in ("image_id,label", "Image,Id", "id_code,diagnosis"):  # Cassava, humpback whales, APTOS
         (root / "labels.csv").write_text(f"{header}\n{table}")
         assert scan_image_folder(root).counts() == report.counts(), header

@@ -174,6 +174,8 @@ def read_csv(csv_path: Path) -> Table:
             skipped.append((where, f"{len(cells)} cells where the header has {len(header)}"))
         elif not cells[layout.image].strip():
             skipped.append((where, "no image named"))
+        elif "\0" in cells[layout.image]:
+            skipped.append((where, "the image's name holds a NUL character, which no file name can"))
         else:
             lines.append((where, [c.strip() for c in cells]))
     label_cols: list[int] = []

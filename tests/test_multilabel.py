@@ -247,6 +247,15 @@ def test_a_csv_set_trains_exports_predicts_and_serves(tmp_path, capsys):
         assert {p.label for p in answer.labels} == {k for k, v in scores.items() if v >= limits[k]}
     assert all(len(a.labels) == 3 for a in model.predict(images, label_threshold=0.0, novelty_threshold=1.0))
     assert all(a.labels == [] for a in model.predict(images, label_threshold=1.0))
+    # sorted: each scene into the folder of every label it holds (no-label/ for none), the cat into none-of-these/
+    sorted_ = model.predict(images, novelty_threshold=1.0, sort_into=tmp_path / "sorted")
+    sorted_ += model.predict(PHOTOS / "cat_720p.jpg", sort_into=tmp_path / "sorted")
+    assert sorted_[-1].sorted == [str(tmp_path / "sorted" / "none-of-these" / "cat_720p.jpg")]
+    for answer in sorted_[:-1]:
+        assert [Path(f).parent.name for f in answer.sorted] == [p.label for p in answer.labels] or ["no-label"]
+        assert all(Path(f).name == Path(answer.image).name for f in answer.sorted)
+    holds = {d.name: sorted(f.name for f in d.iterdir()) for d in (tmp_path / "sorted").iterdir()}
+    assert sum(map(len, holds.values())) == sum(len(a.sorted) for a in sorted_) > len(sorted_)  # some hold two
     # a real photo is unlike every scene the model learned: none of these, whatever its label scores
     other = model.predict(PHOTOS / "cat_720p.jpg", label_threshold=0.0)[0]
     assert other.unknown and other.novelty > novelty["threshold"] and other.labels == []

@@ -165,7 +165,7 @@ def read_csv(csv_path: Path) -> Table:
             "(one class per image), image,labels (labels separated by spaces), or image and one 0/1 column per "
             "label; optionally split (train, val or test)."
         )
-    lines, skipped, notes = [], [], []
+    entries, skipped, notes = [], [], []  # (where, cells) of the rows that name an image
     for line, cells in enumerate(reader, start=2):
         if not any(c.strip() for c in cells):
             continue
@@ -177,10 +177,10 @@ def read_csv(csv_path: Path) -> Table:
         elif "\0" in cells[layout.image]:
             skipped.append((where, "the image's name holds a NUL character, which no file name can"))
         else:
-            lines.append((where, [c.strip() for c in cells]))
+            entries.append((where, [c.strip() for c in cells]))
     label_cols: list[int] = []
     if layout.kind == "multihot":
-        label_cols, left_out = _multihot_columns(header, layout, [cells for _, cells in lines])
+        label_cols, left_out = _multihot_columns(header, layout, [cells for _, cells in entries])
         if left_out:
             notes.append(
                 f"{csv_path.name}: columns left out (they hold other things than 1 and 0, so they are not labels): "
@@ -192,9 +192,9 @@ def read_csv(csv_path: Path) -> Table:
                 "class 'label' (a classifier), or add a 'labels' column (labels separated by spaces) or one 0/1 "
                 "column per label (multi-label)."
             )
-    separator = _separator([cells[layout.label] for _, cells in lines]) if layout.kind == "list" else None
+    separator = _separator([cells[layout.label] for _, cells in entries]) if layout.kind == "list" else None
     kept = []
-    for where, cells in lines:
+    for where, cells in entries:
         split = cells[layout.split].lower() if layout.split is not None else None
         split = "val" if split in ("valid", "validation") else split  # as an image folder's valid/ (Roboflow)
         if split is not None and split not in SPLITS:
@@ -265,8 +265,9 @@ def _placed(base: Path, names: list[str], table: str) -> tuple[list[Path], str |
     suffixes = ("", *sorted(IMAGE_SUFFIXES), *sorted(s.upper() for s in IMAGE_SUFFIXES))
 
     def found(folder: Path, name: str, suffix: str) -> bool:
-        plain = "/" not in name and "\\" not in name
-        return name + suffix in files[folder] if plain else (folder / (name + suffix)).is_file()
+        if "/" not in name and "\\" not in name:
+            return name + suffix in files[folder]
+        return folder == base and (folder / (name + suffix)).is_file()  # a name with its folder: only the extension
 
     hits = Counter((d, s) for n in sample for d in folders for s in suffixes if found(d, n, s))
     places = [place for place, _ in hits.most_common()]

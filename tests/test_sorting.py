@@ -71,20 +71,18 @@ def test_images_are_linked_into_a_folder_per_class_and_a_rerun_adds_nothing(tiny
 
 
 def test_photos_of_other_things_go_to_none_of_these(hymenoptera_bundle, tmp_path):
-    """The hymenoptera model on its validation ants and bees and on the three camera shots (none shows an ant or a
-    bee): the camera shots in none-of-these/, nearly every ant in ants/ and bee in bees/."""
+    """The hymenoptera model on its 153 validation ants and bees and on the three camera shots (none shows an ant or
+    a bee): the camera shots in none-of-these/, most ants in ants/ and bees in bees/ (the model keeps 95% of its
+    validation images as a class, 96% right: some go to none-of-these/ or to the other class)."""
     from tests.conftest import HYMENOPTERA, PHOTOS
 
     model = headstart.load(hymenoptera_bundle.bundle_dir)
-    val = [
-        *sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:10],
-        *sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[:10],
-    ]
-    model.predict([*val, PHOTOS / "camera"], sort_into=tmp_path / "sorted")
+    model.predict([HYMENOPTERA / "val", PHOTOS / "camera"], sort_into=tmp_path / "sorted")
     got = tree(tmp_path / "sorted")
     assert set(got[NONE_OF_THESE]) >= {p.name for p in (PHOTOS / "camera").glob("*.jpg")}
     for kind in ("ants", "bees"):
-        assert len(set(got[kind]) & {p.name for p in val if p.parent.name == kind}) >= 8, got
+        truth = {p.name for p in (HYMENOPTERA / "val" / kind).iterdir()}
+        assert len(set(got[kind]) & truth) >= 0.85 * len(truth), (kind, len(set(got[kind]) & truth), len(truth))
 
 
 def test_urls_are_sorted_as_their_bytes_and_in_memory_images_are_answered_unsorted(tiny_bundle, image_server, tmp_path):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import hmac
 import json
 import re
 import time
@@ -70,6 +71,12 @@ MAX_BATCH_IMAGES = SETTINGS.max_batch_images
 BODY_TIMEOUT_S = SETTINGS.body_timeout
 RETRY_AFTER_S = 1
 CLOSE = ((b"connection", b"close"),)
+#: The keys a request must carry where HEADSTART_API_KEYS names any (Authorization: Bearer KEY, or X-API-Key: KEY).
+API_KEYS = SETTINGS.api_keys
+#: What answers without a key: the probes and metrics an orchestrator reads, the docs, and the /ui page itself (its
+#: calls to the model routes carry the key it asks for).
+OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/", "/docs", "/docs.json", "/schema.json", "/ui"})
+OPEN_PREFIXES = ("/static_content/",)  # the docs page's scripts and styles
 
 
 LOCALIZE_FIELDS = ("conf", "iou", "max_detections", "novelty_threshold", "boxes_if_unknown")
@@ -229,8 +236,10 @@ class RequestGuard:
         max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
         timeout: float = REQUEST_TIMEOUT_S,
         body_timeout: float = BODY_TIMEOUT_S,
+        api_keys: tuple[str, ...] = API_KEYS,
     ) -> None:
         self.app = app
+        self.api_keys = tuple(k.encode() for k in api_keys)
         self.body_timeout = body_timeout
         self.max_bytes = max_bytes
         self.max_concurrency = max_concurrency
@@ -249,6 +258,42 @@ class RequestGuard:
         ]
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    def _check_key(self, scope) -> None:
+        """RequestRejected (401) for a request without one of the API keys, where the service has any: before its
+        body is read. Preflights (OPTIONS: browsers send no credentials on them), the probes, the docs and the /ui
+        page pass. Every key is compared in constant time, whichever matches."""
+        path = scope.get("path", "")
+        if not self.api_keys or scope.get("method") == "OPTIONS":
+            return
+        if path.rstrip("/") in OPEN_PATHS or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            return
+        given = []
+        for name, value in scope.get("headers", []):
+            name = name.lower()
+            if name == b"authorization":
+                scheme, _, credential = value.strip().partition(b" ")
+                given.append(credential.strip() if scheme.lower() == b"bearer" else b"")
+            elif name == b"x-api-key":
+                given.append(value.strip())
+        challenge = ((b"www-authenticate", b'Bearer realm="headstart"'),)
+        if not given:
+            raise RequestRejected(
+                401,
+                "This service needs an API key: send it as Authorization: Bearer KEY (or X-API-Key: KEY).",
+                challenge,
+            )
+        if len(given) > 1:
+            raise RequestRejected(
+                401, "Send one API key (one Authorization or X-API-Key header), not several.", challenge
+            )
+        matched = False
+        for key in self.api_keys:  # all compared, so that the time taken tells nothing about which
+            matched |= hmac.compare_digest(given[0], key)
+        if not matched:
+            raise RequestRejected(
+                401, "The API key is not one this service accepts (or is not a Bearer key).", challenge
+            )
 
     def _too_large(self) -> RequestRejected:
         return RequestRejected(
@@ -305,6 +350,7 @@ class RequestGuard:
         if scope.get("method") != "HEAD":  # a HEAD answer has no body to rewrite
             send = one_error_shape(send, endpoint)
         try:
+            self._check_key(scope)
             headers = _single_headers(scope)
             length = headers.get(b"content-length")
             if length is not None and not length.isdigit():

@@ -192,6 +192,14 @@ class Settings:
         "address, as /ui, always may)",
         kind=lambda raw: cors_origins(raw),
     )
+    api_keys: tuple[str, ...] = setting(
+        "HEADSTART_API_KEYS",
+        (),
+        "the keys a request must carry (Authorization: Bearer KEY, or X-API-Key: KEY), comma-separated, each of 16 "
+        "or more characters (openssl rand -hex 16); unset: none asked. The health routes, /metrics, the docs and the "
+        "/ui page itself stay open (the page asks for a key)",
+        kind=lambda raw: api_keys(raw),
+    )
     novelty_threshold: float | None = setting(
         "HEADSTART_NOVELTY_THRESHOLD",
         None,
@@ -260,6 +268,30 @@ def cors_origins(raw: str) -> tuple[str, ...]:
                 "scheme://host[:port] without a path (https://app.example.com), or * for any site."
             )
     return origins
+
+
+#: the shortest API key taken: 16 characters of a random hex string are 64 bits, beyond guessing over HTTP
+MIN_API_KEY = 16
+
+
+def api_keys(raw: str) -> tuple[str, ...]:
+    """HEADSTART_API_KEYS as keys: printable ASCII without spaces (a header carries them), each at least
+    :data:`MIN_API_KEY` characters. A key is never repeated in a message: it is a secret."""
+    import re
+
+    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+    for n, key in enumerate(keys, start=1):
+        if not re.fullmatch(r"[!-~]+", key):
+            raise SettingsError(
+                f"HEADSTART_API_KEYS: key {n} of {len(keys)} holds a space or a character that is not printable ASCII; "
+                "a header cannot carry it. Use letters and digits (openssl rand -hex 16)."
+            )
+        if len(key) < MIN_API_KEY:
+            raise SettingsError(
+                f"HEADSTART_API_KEYS: key {n} of {len(keys)} has {len(key)} characters, too few to keep anyone out; "
+                f"use {MIN_API_KEY} or more (openssl rand -hex 16 gives 32)."
+            )
+    return keys
 
 
 #: The settings of this process, read once at import (the service reads them when `bentoml serve` starts it).

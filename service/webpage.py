@@ -28,6 +28,7 @@ PAGE = """<!doctype html>
   body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 60rem; padding: 1rem; color: #222; }
   h1 { font-size: 1.4rem; margin: 0 0 .25rem; }
   #model { color: #666; font-size: .9rem; margin-bottom: 1rem; }
+  #auth { margin-bottom: 1rem; }
   #drop { display: block; border: 2px dashed #999; border-radius: .5rem; padding: 1.5rem; text-align: center;
           cursor: pointer; }
   #drop.over { border-color: #0a7; background: #efffe9; }
@@ -50,6 +51,9 @@ PAGE = """<!doctype html>
 <body>
 <h1>headstart</h1>
 <div id="model">loading model information…</div>
+<div id="auth" hidden>This service asks for an API key:
+  <input id="key" type="password" autocomplete="off" aria-label="API key">
+  <button id="use-key" type="button">Use it</button></div>
 <label id="drop" for="file">Drop an image here, paste one (Ctrl+V), or click to pick one
   <input id="file" type="file" accept="image/*" hidden>
 </label>
@@ -73,13 +77,31 @@ const $ = (id) => document.getElementById(id);
 let current = null;
 let multilabel = false;  // /info's thresholds: every label at or above its own is in the answer
 
-fetch("info", { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" })
-  .then((r) => r.json()).then((info) => {
-  multilabel = info.thresholds != null;
-  const openSet = info.open_set ? ` · none of these above novelty ${info.open_set.threshold.toFixed(3)}` : "";
-  $("model").textContent = `${info.name}:${info.version} · ${info.task} · ${info.labels.length} classes · ` +
-    `${info.backbone} · ${info.providers.join(", ")}${openSet}`;
-}).catch(() => { $("model").textContent = "model information unavailable"; });
+// HEADSTART_API_KEYS: the service answers 401 without a key; the page asks for one and keeps it for the tab
+let key = sessionStorage.getItem("headstart-key") || "";
+const withKey = (options) =>
+  key ? { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${key}` } } : options;
+const keyAsked = (resp) => { if (resp.status === 401) $("auth").hidden = false; return resp; };
+
+function loadInfo() {
+  fetch("info", withKey({ method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" }))
+    .then(keyAsked).then(async (r) => {
+    const info = await r.json();
+    if (!r.ok) throw new Error(info.error || r.status);
+    $("auth").hidden = true;
+    multilabel = info.thresholds != null;
+    const openSet = info.open_set ? ` · none of these above novelty ${info.open_set.threshold.toFixed(3)}` : "";
+    $("model").textContent = `${info.name}:${info.version} · ${info.task} · ${info.labels.length} classes · ` +
+      `${info.backbone} · ${info.providers.join(", ")}${openSet}`;
+  }).catch((err) => { $("model").textContent = `model information unavailable: ${err.message}`; });
+}
+loadInfo();
+$("use-key").addEventListener("click", () => {
+  key = $("key").value.trim();
+  sessionStorage.setItem("headstart-key", key);
+  loadInfo();
+  if (current) analyse(current);
+});
 
 async function analyse(file) {
   current = file;
@@ -90,7 +112,7 @@ async function analyse(file) {
   form.append("conf", $("conf").value);
   let body;
   try {
-    const resp = await fetch("localize", { method: "POST", body: form });
+    const resp = keyAsked(await fetch("localize", withKey({ method: "POST", body: form })));
     body = await resp.json();
     if (!resp.ok) {
       const message = Array.isArray(body) ? body.map((e) => e.error || e.msg).join("; ") : (body.error || resp.status);
@@ -105,7 +127,7 @@ async function analyse(file) {
   if ($("heat").checked) {
     const heatForm = new FormData();
     heatForm.append("image", file, file.name || "image");
-    const resp = await fetch("heatmap", { method: "POST", body: heatForm });
+    const resp = keyAsked(await fetch("heatmap", withKey({ method: "POST", body: heatForm })));
     if (resp.ok) picture = await resp.blob();
     else $("error").textContent = "No heatmap for this model or image.";
   }

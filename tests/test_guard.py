@@ -387,3 +387,73 @@ def test_every_client_error_body_becomes_one_shape():
         body = json.loads(error_body(raw, ctype, endpoint))
         assert set(body) == {"error", "field"} and body["field"] == field and body["error"], (raw, body)
         assert "pydantic.dev" not in body["error"]
+
+
+# ---------------------------------------------------------------- API keys (HEADSTART_API_KEYS)
+
+KEY = "k" * 8 + "0123456789abcdef"
+
+
+def keyed(path: str, headers: list[tuple[bytes, bytes]], method: str = "POST", body: bytes | None = None):
+    """One request through a guard that asks for KEY; returns (status, headers, body, what reached the app)."""
+    app = Recorder()
+    guard = RequestGuard(app, api_keys=("another-key-0123456789", KEY))
+    body = raw_multipart([("image", "a.jpg", JPEG, None)]) if body is None else body
+    status, answer_headers, text = call(guard, path, body, [(b"content-type", MULTIPART), *headers], method=method)
+    return status, answer_headers, text, app.seen
+
+
+@pytest.mark.parametrize(
+    ("headers", "said"),
+    [
+        ([], "This service needs an API key: send it as Authorization: Bearer KEY (or X-API-Key: KEY)."),
+        ([(b"authorization", b"Bearer wrong-key-0123456789")], "The API key is not one this service accepts"),
+        ([(b"authorization", f"Basic {KEY}".encode())], "The API key is not one this service accepts"),
+        ([(b"x-api-key", KEY.encode()), (b"x-api-key", KEY.encode())], "Send one API key"),
+        ([(b"x-api-key", KEY[:-1].encode())], "The API key is not one this service accepts"),
+    ],
+    ids=["none", "wrong", "basic", "two", "short-by-one"],
+)
+def test_a_request_without_a_right_key_is_a_401_before_its_body_is_read(headers, said):
+    status, answer_headers, text, seen = keyed("/classify", headers)
+    assert status == 401 and json.loads(text) == {"error": json.loads(text)["error"], "field": None}
+    assert json.loads(text)["error"].startswith(said) and not seen
+    assert answer_headers[b"www-authenticate"] == b'Bearer realm="headstart"'
+    assert KEY not in text.decode()  # a key is never said back
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"authorization", f"Bearer {KEY}".encode())],
+        [(b"authorization", f"bearer  {KEY} ".encode())],
+        [(b"x-api-key", KEY.encode())],
+    ],
+    ids=["bearer", "bearer-case-and-spaces", "x-api-key"],
+)
+def test_either_header_with_any_of_the_keys_passes(headers):
+    status, _, _, seen = keyed("/classify", headers)
+    assert status == 200 and len(seen) == 1
+
+
+OPEN = ["/readyz", "/livez", "/healthz", "/metrics", "/ui", "/docs.json", "/", "/static_content/x.js"]
+
+
+@pytest.mark.parametrize("path", OPEN)
+def test_probes_metrics_docs_and_the_page_stay_open_with_keys(path):
+    status, _, _, seen = keyed(path, [], method="GET", body=b"")
+    assert status == 200 and len(seen) == 1
+    assert keyed("/info", [], method="GET", body=b"")[0] == 401  # the model's description is not
+    assert keyed("/classify", [], method="OPTIONS", body=b"")[0] == 200  # a browser's preflight carries no key
+
+
+def test_api_keys_too_short_or_unfit_for_a_header_stop_the_service():
+    from headstart.service.settings import Settings, SettingsError
+
+    assert Settings.from_env({"HEADSTART_API_KEYS": f" {KEY} , {KEY[::-1]} "}).api_keys == (KEY, KEY[::-1])
+    with pytest.raises(SettingsError, match="key 2 of 2 has 5 characters, too few") as caught:
+        Settings.from_env({"HEADSTART_API_KEYS": f"{KEY},short"})
+    assert "short" not in str(caught.value)
+    with pytest.raises(SettingsError, match="key 1 of 1 holds a space"):
+        Settings.from_env({"HEADSTART_API_KEYS": "a key with spaces in it"})
+    assert Settings.from_env({}).api_keys == ()

@@ -118,6 +118,38 @@ def test_headstart_serve_keeps_the_environments_settings_unless_an_option_is_giv
 
 
 @pytest.mark.slow
+def test_api_keys_keep_out_whoever_has_none_and_leave_the_probes_open(tiny_bundle, tmp_path):
+    """A service reachable from the internet answered anyone: HEADSTART_API_KEYS asks every model route and /info for
+    one of its keys (Authorization: Bearer, or X-API-Key), the probes, metrics, docs and /ui stay open, and the keys
+    appear in no answer and no log line."""
+    from tests.conftest import serving
+    from tests.images import ANT
+
+    keys = ["9f86d081884c7d659a2feaa0c55ad015", "second-key-for-rotation-0001"]
+    image = {"image": ("ant.jpg", ANT.read_bytes(), "image/jpeg")}
+    with serving(str(tiny_bundle.bundle_dir), tmp_path / "server.log", HEADSTART_API_KEYS=",".join(keys)) as (
+        url,
+        proc,
+        log,
+    ):
+        with httpx.Client(base_url=url, timeout=60) as http:
+            refused = http.post("/classify", files=image)
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == 'Bearer realm="headstart"'
+            assert refused.json()["error"].startswith("This service needs an API key")
+            assert http.post("/info", headers={"Authorization": "Bearer not-the-key-0123456"}).status_code == 401
+            for key in keys:  # two keys at once: one being replaced, its successor
+                answered = http.post("/classify", files=image, headers={"Authorization": f"Bearer {key}"})
+                assert answered.status_code == 200 and answered.json()["predictions"], answered.text
+            typed = {"X-API-Key": keys[0], "content-type": "image/jpeg"}
+            raw = http.post("/classify?top_k=1", content=ANT.read_bytes(), headers=typed)
+            assert raw.status_code == 200 and len(raw.json()["predictions"]) == 1
+            assert http.post("/info", headers={"X-API-Key": keys[1]}).json()["labels"]
+            for path in ("/readyz", "/livez", "/metrics", "/ui", "/docs.json"):
+                assert http.get(path).status_code == 200, path
+        said = log.read_text()
+        assert "Traceback" not in said and not any(key in said for key in keys)
+
+
 def test_cors_lets_the_named_sites_pages_call_the_api_and_read_its_refusals(tiny_bundle, tmp_path):
     """A web app on another site calling /classify from the browser was blocked (no CORS headers, no way to add
     them): HEADSTART_CORS_ORIGINS names the sites; the guard's refusals carry the headers too (else the page sees a

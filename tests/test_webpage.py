@@ -222,3 +222,36 @@ def test_a_multi_label_model_shows_the_labels_an_image_holds_or_none_of_these(mu
     assert not browser.find_elements(By.CSS_SELECTOR, "#stage .box")
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe
+
+
+def test_a_service_with_api_keys_asks_the_page_for_one(hymenoptera_bundle, browser, tmp_path):
+    """HEADSTART_API_KEYS: the page loads, says the service needs a key and asks for it; a wrong key is said so;
+    with the right one the model's line and the answers come as without keys."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from .conftest import serving
+
+    key = "0123456789abcdef-page-key"
+    with serving(hymenoptera_bundle.tag, tmp_path / "server.log", HEADSTART_API_KEYS=key) as (url, _, _):
+        browser.get(f"{url}/ui")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: d.find_element(By.ID, "auth").is_displayed())
+        assert "needs an API key" in browser.find_element(By.ID, "model").text
+        browser.find_element(By.ID, "file").send_keys(str(BEE))
+        wait.until(lambda d: "needs an API key" in d.find_element(By.ID, "error").text)
+        browser.find_element(By.ID, "key").send_keys("not-the-key-at-all-0000")
+        browser.find_element(By.ID, "use-key").click()
+        wait.until(lambda d: "not one this service accepts" in d.find_element(By.ID, "model").text)
+        field = browser.find_element(By.ID, "key")
+        field.clear()
+        field.send_keys(key)
+        browser.find_element(By.ID, "use-key").click()  # the picture picked before is analysed with the key
+        wait.until(lambda d: "ants-bees" in d.find_element(By.ID, "model").text)
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#predictions li.prediction")))
+        assert not browser.find_element(By.ID, "auth").is_displayed()
+        labels = [li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "li.prediction")]
+        assert labels[0] == "bees"
+        browser.execute_script("sessionStorage.clear()")  # the next tests' pages start without it
+        browser.get_log("browser")  # and their logs without the 401s asked for here

@@ -252,7 +252,7 @@ def test_a_csv_set_trains_exports_predicts_and_serves(tmp_path, capsys):
     sorted_ += model.predict(PHOTOS / "cat_720p.jpg", sort_into=tmp_path / "sorted")
     assert sorted_[-1].sorted == [str(tmp_path / "sorted" / "none-of-these" / "cat_720p.jpg")]
     for answer in sorted_[:-1]:
-        assert [Path(f).parent.name for f in answer.sorted] == [p.label for p in answer.labels] or ["no-label"]
+        assert [Path(f).parent.name for f in answer.sorted] == ([p.label for p in answer.labels] or ["no-label"])
         assert all(Path(f).name == Path(answer.image).name for f in answer.sorted)
     holds = {d.name: sorted(f.name for f in d.iterdir()) for d in (tmp_path / "sorted").iterdir()}
     assert sum(map(len, holds.values())) == sum(len(a.sorted) for a in sorted_) > len(sorted_)  # some hold two

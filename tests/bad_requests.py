@@ -76,7 +76,7 @@ def corpus() -> list[tuple[str, str, str, dict, int | None]]:
         ("urlencoded", "POST", "/classify", {"data": {"image": "x"}}, 415),
         ("octet-stream-not-an-image", "POST", "/classify", {"content": b"hello", "headers": {"content-type": "application/octet-stream"}}, 400),
         ("image-body-empty", "POST", "/classify", {"content": b"", "headers": {"content-type": "image/jpeg"}}, 400),
-        ("image-body-query-image", "POST", "/classify?image=/etc/passwd", {"content": b"", "headers": {"content-type": "image/jpeg"}}, 400),
+        ("image-body-query-image", "POST", "/classify?image=/etc/passwd", {"content": b"hello", "headers": {"content-type": "image/jpeg"}}, 400),
         ("image-body-query-long", "POST", "/classify?top_k=" + "9" * 5000, {"content": JPEG, "headers": {"content-type": "image/jpeg"}}, 400),
         ("image-body-query-not-utf8", "POST", "/classify?top_k=%C0%80", {"content": JPEG, "headers": {"content-type": "image/jpeg"}}, 400),
         ("image-body-hostile", "POST", "/classify", {"content": b"\xff\xd8\xff" + b"\0" * 5000, "headers": {"content-type": "image/jpeg"}}, 400),

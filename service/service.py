@@ -198,8 +198,9 @@ class Headstart:
         # spread over the pool, memory rose in steps for minutes. On one thread it stays flat, at the same throughput
         # (benchmarks/RESULTS.md, "Memory"): BentoML runs one request per worker at a time anyway.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="headstart-inference")
+        keys = len(SETTINGS.api_keys)
         log.info(
-            "headstart serving %s:%s (%s file) on %s: %s; CPU %s; %s",
+            "headstart serving %s:%s (%s file) on %s: %s; CPU %s; %s; %s",
             self.bundle.name,
             self.bundle.version,
             self.bundle.variant,
@@ -207,6 +208,7 @@ class Headstart:
             self.bundle.precision_note,
             cpu_info().summary(),
             self.open_set_info[1],
+            f"API keys asked ({keys} in HEADSTART_API_KEYS)" if keys else "no API key asked (HEADSTART_API_KEYS unset)",
         )
 
     def _decode(self, path: Path) -> Image.Image:

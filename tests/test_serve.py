@@ -38,6 +38,7 @@ def test_headstart_serve_binds_loopback_logs_one_start_line_and_answers(tiny_bun
     assert f"listening on http://127.0.0.1:{port}" in text, text[-2000:]
     starts = [line for line in text.splitlines() if "headstart serving tiny-test:" in line]
     assert len(starts) == 1 and "fp32 file" in starts[0] and "CPU" in starts[0], text[-2000:]
+    assert starts[0].endswith("no API key asked (HEADSTART_API_KEYS unset)")
     assert info.status_code == 200 and info.json()["name"] == "tiny-test"
     assert docs.status_code == 308 and index.status_code == 200 and "swagger" in index.text.lower()
 
@@ -148,6 +149,7 @@ def test_api_keys_keep_out_whoever_has_none_and_leave_the_probes_open(tiny_bundl
                 assert http.get(path).status_code == 200, path
         said = log.read_text()
         assert "Traceback" not in said and not any(key in said for key in keys)
+        assert "API keys asked (2 in HEADSTART_API_KEYS)" in said  # the start line says the door is locked
 
 
 def test_cors_lets_the_named_sites_pages_call_the_api_and_read_its_refusals(tiny_bundle, tmp_path):

@@ -254,13 +254,18 @@ def _shown(default: Any) -> str:
     return "(none)" if default in ("", None, ()) else str(default)
 
 
+def comma_separated(raw: str) -> tuple[str, ...]:
+    """The entries of a comma-separated setting, each stripped, empty ones left out."""
+    return tuple(entry.strip() for entry in raw.split(",") if entry.strip())
+
+
 def cors_origins(raw: str) -> tuple[str, ...]:
     """HEADSTART_CORS_ORIGINS as origins: ``*``, or each ``scheme://host[:port]`` as a browser sends it in
     ``Origin`` (no path, no trailing slash: such an entry would never match, and the page would fail with no word
     of why)."""
     import re
 
-    origins = tuple(o.strip() for o in raw.split(",") if o.strip())
+    origins = comma_separated(raw)
     for origin in origins:
         if origin != "*" and not re.fullmatch(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?", origin):
             raise SettingsError(
@@ -279,7 +284,7 @@ def api_keys(raw: str) -> tuple[str, ...]:
     :data:`MIN_API_KEY` characters. A key is never repeated in a message: it is a secret."""
     import re
 
-    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+    keys = comma_separated(raw)
     for n, key in enumerate(keys, start=1):
         if not re.fullmatch(r"[!-~]+", key):
             raise SettingsError(

@@ -12,6 +12,7 @@ import errno
 import filecmp
 import io
 import os
+import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -107,8 +108,6 @@ def _place(target: Path, name: str, source: Path | None, data: bytes | None, cop
         if data is not None:
             path.write_bytes(data)
         elif copy:
-            import shutil
-
             shutil.copy2(real, path)
         else:
             try:

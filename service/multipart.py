@@ -1,8 +1,12 @@
-"""Strict multipart/form-data for the request guard: parse an upload against what its endpoint takes, and rebuild
-what passed as a canonical body (see ``service/guard.py`` for why)."""
+"""What a model route's request may carry, for the request guard: a multipart/form-data upload, an image as the body
+itself, or JSON with the image in base64, each parsed strictly against what its endpoint takes; what passed is rebuilt
+as a canonical multipart body (see ``service/guard.py`` for why)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -135,17 +139,20 @@ def parse_upload(
     """The parts of an upload to ``endpoint`` as (field, filename or None, value); raises RequestRejected for
     anything but well-formed multipart/form-data with the endpoint's fields, each within its limits, or an image
     sent as the body itself (Content-Type ``image/*`` or application/octet-stream: ``curl --data-binary @photo.jpg``,
-    a browser's ``fetch(url, {body: file})``). The text fields may come in the query string too (``?top_k=3``)."""
+    a browser's ``fetch(url, {body: file})``), or JSON with the image in base64 (:func:`json_parts`). The text fields
+    may come in the query string too (``?top_k=3``)."""
     ctype, params = parse_options_header(content_type)
     media = ctype.lower()
     if media.startswith(b"image/") or media == b"application/octet-stream":
         reject_if(not body, "The body is empty: send the image's bytes as the body, or upload it as a file.")
         return [(endpoint.files[0], b"upload", body), *_query_fields(query, endpoint, {})]
+    if media == b"application/json" or media.endswith(b"+json"):
+        return json_parts(body, endpoint, query)
     reject_if(
         media != b"multipart/form-data",
-        "Send the image as multipart/form-data (a file upload), e.g. curl -F image=@photo.jpg, or as the body itself "
+        "Send the image as multipart/form-data (a file upload), e.g. curl -F image=@photo.jpg, as the body itself "
         "with its type (curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg'; options in the query string, "
-        "?top_k=3)",
+        f'?top_k=3), or as JSON with the file in base64 ({{"{(*endpoint.files, "image")[0]}": "/9j/4AAQ..."}})',
         415,
     )
     boundary = params.get(b"boundary")
@@ -177,6 +184,136 @@ def parse_upload(
     return out + _query_fields(query, endpoint, upload.counts)
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _no_repeats(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _RepeatedKey(key)
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> float:
+    raise RequestRejected(400, f"The JSON body holds {name}, which is not a number in JSON; send a number.")
+
+
+def json_parts(body: bytes, endpoint: Endpoint, query: bytes = b"") -> list[tuple[str, bytes | None, bytes]]:
+    """The parts of a JSON request: ``{"image": "<base64 of the file>", "top_k": 3}`` (a ``data:image/...;base64,``
+    URL as a browser's FileReader writes it, line breaks, the URL-safe alphabet and missing padding accepted), a list
+    of them for a route of several images (``{"images": [...]}``), the options as JSON numbers, booleans or strings
+    (null: the default), under the same limits as a form's fields. Paths and URLs are not read."""
+    file_field = endpoint.files[0]
+    example = f'{{"{file_field}": "/9j/4AAQ..."}} (the file in base64: base64 -w0 photo.jpg)'
+    try:
+        doc = json.loads(body, object_pairs_hook=_no_repeats, parse_constant=_no_constant)
+    except _RepeatedKey as exc:
+        raise RequestRejected(400, f"{exc.args[0][:40]!r} is given more than once in the JSON body.") from None
+    except RecursionError:
+        raise RequestRejected(400, "The JSON body is nested too deeply to read.") from None
+    except ValueError as exc:  # JSONDecodeError, or bytes in no UTF encoding
+        raise RequestRejected(400, f"The body is not valid JSON ({exc}). Send an object such as {example}.") from None
+    reject_if(not isinstance(doc, dict), f"The JSON body must be an object such as {example}.")
+    allowed = ", ".join((*endpoint.files, *endpoint.fields))
+    for name in doc:
+        reject_if(
+            name not in endpoint.files and name not in endpoint.fields,
+            f"Unknown field {name[:40]!r}; this endpoint takes {allowed}.",
+            field=name[:40],
+        )
+    reject_if(
+        doc.get(file_field) in (None, [], ""),
+        f"Field {file_field!r} is missing or empty: send {example}.",
+        field=file_field,
+    )
+    images = doc[file_field]
+    if isinstance(images, str):
+        images = [images]
+    reject_if(
+        not isinstance(images, list),
+        f"Field {file_field!r} must be a base64 string" + (" or a list of them." if endpoint.max_files > 1 else "."),
+        field=file_field,
+    )
+    reject_if(
+        len(images) > endpoint.max_files,
+        f"Field {file_field!r} holds {len(images)} images; send at most {endpoint.max_files} per request."
+        if endpoint.max_files > 1
+        else f"Field {file_field!r} takes one image, not a list.",
+        field=file_field,
+    )
+    out: list[tuple[str, bytes | None, bytes]] = [
+        (file_field, b"upload", _base64_image(image, file_field, i if len(images) > 1 else None))
+        for i, image in enumerate(images)
+    ]
+    for name in endpoint.fields:
+        value = doc.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = b"true" if value else b"false"
+        elif isinstance(value, int | float):
+            text = json.dumps(value).encode()
+        elif isinstance(value, str):
+            text = value.encode("utf-8", "surrogatepass")
+        else:
+            raise RequestRejected(400, f"Field {name!r} takes a number, not a JSON {type(value).__name__}.", field=name)
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestRejected(400, f"Field {name!r} is not UTF-8 text; it takes a number.", field=name) from None
+        reject_if(
+            len(text) > MAX_FIELD_BYTES,
+            f"Field {name!r} is longer than {MAX_FIELD_BYTES} bytes; it takes a number.",
+            field=name,
+        )
+        out.append((name, None, text))
+    given = {name: 1 for name in endpoint.fields if doc.get(name) is not None}
+    return out + _query_fields(query, endpoint, given)
+
+
+_BASE64_URLSAFE = str.maketrans("-_", "+/")
+
+
+def _base64_image(text: object, name: str, index: int | None) -> bytes:
+    """The bytes of one image sent in JSON as base64 text or a ``data:`` URL, or a 400 saying what was wrong."""
+    where = f"{name!r}" + (f" (image {index})" if index is not None else "")
+    reject_if(not isinstance(text, str), f"Field {where} must be the file's bytes as a base64 string.", field=name)
+    if text[:5].lower() == "data:":
+        head, comma, text = text.partition(",")
+        reject_if(
+            not comma or not head.lower().endswith(";base64"),
+            f"Field {where} is a data: URL without base64 data; send data:image/jpeg;base64,... .",
+            field=name,
+        )
+    reject_if(
+        text[:8].lower().startswith(("http://", "https://", "file:/", "s3://", "gs://")),
+        f"Field {where} is a URL: URLs are not fetched. Send the file's bytes in base64 (base64 -w0 photo.jpg).",
+        field=name,
+    )
+    reject_if(  # of the images' base64, only a JPEG's starts with a slash, and always with /9j/
+        len(text) <= 4096 and text.startswith(("/", "~", "./", "../")) and not text.startswith("/9j/"),
+        f"Field {where} looks like a path: paths are not read. Send the file's bytes in base64 (base64 -w0 photo.jpg).",
+        field=name,
+    )
+    compact = "".join(text.split())  # the line breaks of base64 without -w0 (a string without any: itself)
+    if "-" in compact or "_" in compact:
+        compact = compact.translate(_BASE64_URLSAFE)
+    compact += "=" * (-len(compact) % 4)
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestRejected(
+            400,
+            f"Field {where} is not base64 (of the file's bytes: base64 -w0 photo.jpg, or a data:image/...;base64, "
+            "URL); paths and URLs are not read.",
+            field=name,
+        ) from None
+    reject_if(not data, f"Field {where} is empty: send the file's bytes in base64.", field=name)
+    return data
+
+
 def _query_fields(query: bytes, endpoint: Endpoint, given: dict[str, int]) -> list[tuple[str, None, bytes]]:
     """The endpoint's text fields in a query string (``?top_k=3&novelty_threshold=0.5``), within the same limits as
     in a form: each once (in the query or the form, not both), short, UTF-8. Other parameters are not the service's
@@ -196,7 +333,7 @@ def _query_fields(query: bytes, endpoint: Endpoint, given: dict[str, int]) -> li
             continue
         reject_if(
             name in given or any(n == name for n, _, _ in out),
-            f"{name!r} is given more than once (in the query string and the form, or twice).",
+            f"{name!r} is given more than once (in the query string and the body, or twice).",
             field=name,
         )
         too_long = f"{name!r} is longer than {MAX_FIELD_BYTES} bytes; it takes a number."

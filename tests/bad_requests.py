@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 from .images import BEE, bad_images, hostile_images
 
 JPEG = BEE.read_bytes()
@@ -67,11 +69,23 @@ def corpus() -> list[tuple[str, str, str, dict, int | None]]:
     for name, (data, ctype, _) in hostile_images().items():
         for route in ("/classify", "/localize_image"):
             cases.append((f"hostile-{name}{route}", "POST", route, {"files": {"image": ("x", data, ctype)}}, 400))
+        cases.append(
+            (f"hostile-{name}-json", "POST", "/classify", {"json": {"image": base64.b64encode(data).decode()}}, 400)
+        )
     cases += field_tricks()
     cases += [
         ("no-body", "POST", "/classify", {}, 415),
-        ("json-body", "POST", "/classify", {"json": {"image": "photo.jpg"}}, 415),
-        ("json-server-path", "POST", "/classify", {"json": {"image": "/etc/passwd"}}, 415),
+        ("json-body", "POST", "/classify", {"json": {"image": "photo.jpg"}}, 400),
+        ("json-server-path", "POST", "/classify", {"json": {"image": "/etc/passwd"}}, 400),
+        ("json-url", "POST", "/classify", {"json": {"image": "http://169.254.169.254/latest/meta-data/"}}, 400),
+        ("json-file-url", "POST", "/classify", {"json": {"image": "file:///etc/passwd"}}, 400),
+        ("json-not-image", "POST", "/classify", {"json": {"image": "aGVsbG8="}}, 400),
+        ("json-number-image", "POST", "/classify", {"json": {"image": 7}}, 400),
+        ("json-object-option", "POST", "/classify", {"json": {"image": base64.b64encode(JPEG).decode(), "top_k": {"$gt": 1}}}, 400),
+        ("json-nan-option", "POST", "/classify", {"content": b'{"image": "' + base64.b64encode(JPEG) + b'", "top_k": NaN}', "headers": {"content-type": "application/json"}}, 400),
+        ("json-deep", "POST", "/classify", {"content": b'{"image": ' + b"[" * 100_000, "headers": {"content-type": "application/json"}}, 400),
+        ("json-repeated-key", "POST", "/classify", {"content": b'{"image": "aGVsbG8=", "image": "aGVsbG8="}', "headers": {"content-type": "application/json"}}, 400),
+        ("json-batch-too-many", "POST", "/classify_batch", {"json": {"images": ["aGVsbG8="] * 1000}}, 400),
         ("text-plain", "POST", "/classify", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415),
         ("urlencoded", "POST", "/classify", {"data": {"image": "x"}}, 415),
         ("octet-stream-not-an-image", "POST", "/classify", {"content": b"hello", "headers": {"content-type": "application/octet-stream"}}, 400),

@@ -352,10 +352,16 @@ def test_rejections_are_json_with_an_error_message():
     assert status == 400 and "error" in json.loads(text)
 
 
-def test_the_parser_refuses_anything_but_multipart_form_data():
+def test_the_parser_refuses_what_is_not_a_form_an_image_or_json():
+    for ctype in (b"text/plain", b"application/x-www-form-urlencoded", b"application/xml", b""):
+        with pytest.raises(RequestRejected) as err:
+            parse_upload(ctype, b"image=x", ENDPOINTS["/classify"])
+        assert err.value.status == 415 and 'as JSON with the file in base64 ({"image": ' in err.value.message
     with pytest.raises(RequestRejected) as err:
         parse_upload(b"application/json", b"{}", ENDPOINTS["/classify"])
-    assert err.value.status == 415
+    assert err.value.status == 400 and "Field 'image' is missing or empty" in err.value.message
+    parts = parse_upload(b"application/vnd.api+json", b'{"images": ["aGk=", "aGk"]}', ENDPOINTS["/classify_batch"])
+    assert parts == [("images", b"upload", b"hi"), ("images", b"upload", b"hi")]
     assert MAX_FIELD_BYTES == 64
 
 

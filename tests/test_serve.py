@@ -83,7 +83,8 @@ def test_every_4xx_answer_has_one_json_shape(server):
     with httpx.Client(base_url=url, timeout=60) as http:
         answers = {
             "guard: unknown field": (http.post("/classify", files=image, data={"colour": "red"}), "colour"),
-            "guard: not multipart": (http.post("/classify", json={}), None),
+            "guard: not a form, an image or JSON": (http.post("/classify", data={"image": "x"}), None),
+            "guard: JSON without the image": (http.post("/classify", json={}), "image"),
             "service: range": (http.post("/classify", files=image, data={"top_k": "0"}), "top_k"),
             "pydantic: type": (http.post("/classify", files=image, data={"top_k": "many"}), "top_k"),
             "service: image": (http.post("/classify", files=image), "image"),

@@ -189,8 +189,8 @@ def test_asgi_bad_images_are_400_with_a_message(client, name):
         ({"files": {"image": ("a.txt", b"hello", "text/plain")}}, 400, "not an image format"),
         (
             {"content": b"{not json", "headers": {"content-type": "application/json"}},
-            415,
-            "multipart/form-data",
+            400,
+            "The body is not valid JSON",
         ),
         (
             {"content": b"x" * (33 * 1024 * 1024), "headers": {"content-type": "image/jpeg"}},
@@ -262,11 +262,81 @@ def test_asgi_an_image_sent_as_the_body_itself_with_options_in_the_query(client)
     gateway = client.post("/classify?code=KEY&top_k=1", content=ANT.read_bytes(), headers={"content-type": "image/png"})
     assert gateway.json() == form  # another's parameter (Azure Functions' key, a cache-buster): not the service's
     both = client.post("/classify?top_k=1", files={"image": ("a.jpg", ANT.read_bytes())}, data={"top_k": "2"})
-    assert both.status_code == 400 and "in the query string and the form" in both.json()["error"]
+    assert both.status_code == 400 and "in the query string and the body" in both.json()["error"]
     empty = client.post("/classify", content=b"", headers={"content-type": "image/jpeg"})
     assert empty.status_code == 400 and "The body is empty" in empty.json()["error"]
     text = client.post("/classify", content=b"hello", headers={"content-type": "application/octet-stream"})
     assert text.status_code == 400 and "not an image format" in text.json()["error"]
+
+
+def test_asgi_an_image_sent_in_json_as_base64(client):
+    """A web or mobile app often holds the image as base64 (a FileReader's data: URL, a JSON API client): JSON was a
+    415. ``{"image": "<base64>", "top_k": 1}`` is answered as the upload of the same bytes; a data: URL, the line
+    breaks of ``base64`` without -w0, the URL-safe alphabet and missing padding too; /classify_batch takes a list;
+    the options are JSON numbers or booleans, within the form's limits; paths, URLs and the rest are a 400 naming
+    the field."""
+    import base64
+
+    ant, bee = ANT.read_bytes(), BEE.read_bytes()
+    b64 = base64.b64encode(ant).decode()
+    form = post_image(client, ant, top_k="1").json()
+    wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))
+    urlsafe = base64.urlsafe_b64encode(ant).decode().rstrip("=")
+    for image in (b64, "data:image/jpeg;base64," + b64, wrapped, urlsafe):
+        resp = client.post("/classify", json={"image": image, "top_k": 1})
+        assert resp.status_code == 200 and resp.json() == form, resp.text[:300]
+    typed = client.post(
+        "/classify?top_k=1",
+        content=json.dumps({"image": b64}),
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
+    assert typed.status_code == 200 and typed.json() == form
+    nulls = client.post(
+        "/classify", json={"image": b64, "top_k": 1, "novelty_threshold": None, "label_threshold": None}
+    )
+    assert nulls.json() == form
+    batch = client.post("/classify_batch", json={"images": [b64, base64.b64encode(bee).decode(), "aGVsbG8="]}).json()
+    assert [r["predictions"][0]["label"] for r in batch[:2]] == ["ants", "bees"], batch
+    assert "not an image format" in batch[2]["error"]
+    boxes = client.post("/localize", json={"image": b64, "conf": 0.3, "boxes_if_unknown": True})
+    assert boxes.status_code == 200 and "detections" in boxes.json(), boxes.text
+    cases = [
+        ({"image": "/home/me/ant.jpg"}, "image", "looks like a path: paths are not read"),
+        ({"image": "/etc/passwd"}, "image", "looks like a path: paths are not read"),
+        ({"image": "C:\\photos\\ant.jpg"}, "image", "is not base64"),
+        ({"image": "https://example.com/ant.jpg"}, "image", "URLs are not fetched"),
+        ({"image": "data:image/jpeg,%FF%D8"}, "image", "data: URL without base64"),
+        ({"image": ""}, "image", "is missing or empty"),
+        ({"top_k": 1}, "image", "is missing or empty"),
+        ({"image": [b64, b64]}, "image", "takes one image, not a list"),
+        ({"image": {"content": b64}}, "image", "must be a base64 string"),
+        ({"image": b64, "top_k": [1]}, "top_k", "takes a number, not a JSON list"),
+        ({"image": b64, "top_k": "9" * 100}, "top_k", "longer than 64 bytes"),
+        ({"image": b64, "top_k": 0}, "top_k", "top_k must be between 1"),
+        ({"image": b64, "topk": 1}, "topk", "Unknown field 'topk'; this endpoint takes image, top_k"),
+        ({"images": [b64]}, "images", "Unknown field 'images'"),
+    ]
+    for doc, field, said in cases:
+        resp = client.post("/classify", json=doc)
+        assert resp.status_code == 400 and said in resp.json()["error"], (
+            doc if len(str(doc)) < 99 else field,
+            resp.text,
+        )
+        assert resp.json()["field"] == field, resp.text
+    too_many = client.post("/classify_batch", json={"images": [b64] * 33})
+    assert too_many.status_code == 400 and "send at most 32 per request" in too_many.json()["error"]
+    for body, said in [
+        (b'{"image": "' + b64.encode() + b'", "top_k": 1, "top_k": 2}', "'top_k' is given more than once"),
+        (b'{"image": ', "The body is not valid JSON"),
+        (b'{"image": "' + b64.encode() + b'", "novelty_threshold": NaN}', "holds NaN, which is not a number in JSON"),
+        (b'["' + b64.encode() + b'"]', "The JSON body must be an object"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b"\xff\xfe\x00", "The body is not valid JSON"),
+    ]:
+        resp = client.post("/classify", content=body, headers={"content-type": "application/json"})
+        assert resp.status_code == 400 and said in resp.json()["error"], (said, resp.text[:300])
+    both = client.post("/classify?top_k=1", json={"image": b64, "top_k": 2})
+    assert both.status_code == 400 and "in the query string and the body" in both.json()["error"]
 
 
 def test_asgi_top_k_above_label_count_returns_all_labels(client):

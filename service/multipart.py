@@ -9,6 +9,7 @@ import binascii
 import json
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
@@ -361,3 +362,73 @@ def canonical_multipart(parts: list[tuple[str, bytes | None, bytes]]) -> tuple[b
         out += [b"\r\n\r\n", value, b"\r\n"]
     out.append(b"--" + boundary + b"--\r\n")
     return b"multipart/form-data; boundary=" + boundary, b"".join(out)
+
+
+_BASE64_FILE = {
+    "type": "string",
+    "format": "byte",
+    "description": "The file's bytes in base64 (base64 -w0 photo.jpg), or a data:image/...;base64, URL.",
+}
+_QUERY_NOTE = "With the image sent as the body (or in a form or JSON: give an option in one place only)."
+
+
+def _schema(option: dict, nullable: bool) -> dict:
+    """An option's schema as BentoML writes it, its ``default: None`` (not allowed for a type that is not nullable)
+    made ``nullable`` where null is accepted (JSON), left out where there is no null (a query string)."""
+    schema = {k: v for k, v in option.items() if k != "title" and not (k == "default" and v is None)}
+    if nullable and "default" in option and option["default"] is None:
+        schema["nullable"] = True
+    return schema
+
+
+def document_bodies(spec: dict, endpoints: Iterable[Endpoint]) -> dict:
+    """The service's OpenAPI document with the two other bodies :func:`parse_upload` reads (BentoML documents the
+    multipart form only): the image as the body (``image/*``, ``application/octet-stream``) with the options as
+    query parameters, and JSON with the image in base64. Client generators and the docs page's "Try it out" then
+    offer all three."""
+    for endpoint in endpoints:
+        operation = spec.get("paths", {}).get(endpoint.route, {}).get("post", {})
+        content = operation.get("requestBody", {}).get("content", {})
+        form = content.get("multipart/form-data", {}).get("schema", {})
+        properties = form.get("properties", {})
+        if not endpoint.files or endpoint.files[0] not in properties:
+            continue
+        name = endpoint.files[0]
+        several = properties[name].get("type") == "array"
+        image = {"type": "array", "items": _BASE64_FILE, "maxItems": endpoint.max_files} if several else _BASE64_FILE
+        options = {k: _schema(v, nullable=True) for k, v in properties.items() if k != name}
+        content["application/json"] = {
+            "schema": {"type": "object", "required": [name], "properties": {name: image, **options}}
+        }
+        body = {"schema": {"type": "string", "format": "binary"}}
+        content["image/*"] = content["application/octet-stream"] = body
+        known = {p.get("name") for p in operation.get("parameters", [])}
+        for option in (f for f in endpoint.fields if f in properties and f not in known):
+            schema = _schema(properties[option], nullable=False)
+            operation.setdefault("parameters", []).append(
+                {"name": option, "in": "query", "required": False, "schema": schema, "description": _QUERY_NOTE}
+            )
+    _as_openapi_30(spec)
+    return spec
+
+
+def _as_openapi_30(node: object) -> None:
+    """BentoML's schemas in the OpenAPI 3.0 the document declares: its ``type: file`` (OpenAPI 2) a binary string,
+    pydantic's ``anyOf [..., {type: null}]`` (3.1) and a ``default: None`` on a type that is not nullable made
+    ``nullable``; validators and client generators refused the document as it was."""
+    if isinstance(node, list):
+        for item in node:
+            _as_openapi_30(item)
+        return
+    if not isinstance(node, dict):
+        return
+    if node.get("type") == "file":
+        node.update(type="string", format="binary")
+    others = [s for s in node.get("anyOf", ()) if s != {"type": "null"}]
+    if len(others) < len(node.get("anyOf", ())):
+        node.pop("anyOf")
+        node.update(others[0] if len(others) == 1 else {"anyOf": others}, nullable=True)
+    if "type" in node and "default" in node and node["default"] is None:
+        node["nullable"] = True
+    for value in node.values():
+        _as_openapi_30(value)

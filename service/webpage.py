@@ -9,12 +9,15 @@ as the browser shows it (EXIF-rotated, like the boxes the service returns).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
 from pathlib import Path
 
+from .guard import ENDPOINTS
 from .localize import DEFAULTS
+from .multipart import document_bodies
 from .settings import SETTINGS
 
 PAGE = """<!doctype html>
@@ -295,6 +298,10 @@ class WebPage:
             await self._respond(send, 200, body, "text/html; charset=utf-8", [], length=len(page), csp=csp)
             return
 
+        if path == "/docs.json" and scope.get("method") in ("GET", "HEAD"):  # a HEAD's length is the GET's
+            send = _documented(send, head=scope["method"] == "HEAD")
+            scope = {**scope, "method": "GET"}
+
         async def secured(message) -> None:
             if message["type"] == "http.response.start":
                 names = {k.lower() for k, _ in message.get("headers", [])}
@@ -327,6 +334,32 @@ class WebPage:
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _documented(send, head: bool = False):
+    """``send`` for BentoML's OpenAPI document, which it completes with the bodies the guard reads besides the
+    multipart form (:func:`document_bodies`); any other answer (an error) goes on as it came."""
+    held: dict = {"chunks": []}
+
+    async def wrapped(message) -> None:
+        if message["type"] == "http.response.start":
+            held["start"] = message
+            return
+        if message["type"] != "http.response.body" or "start" not in held:
+            await send(message)
+            return
+        held["chunks"].append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        start, body = held.pop("start"), b"".join(held.pop("chunks"))
+        if start["status"] == 200:
+            with contextlib.suppress(ValueError):
+                body = json.dumps(document_bodies(json.loads(body), ENDPOINTS.values())).encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": b"" if head else body})
+
+    return wrapped
 
 
 def _security(csp: str) -> list[tuple[bytes, bytes]]:

@@ -4,7 +4,6 @@ as a canonical multipart body (see ``service/guard.py`` for why)."""
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import re
@@ -298,21 +297,25 @@ def _base64_image(text: object, name: str, index: int | None) -> bytes:
         f"Field {where} looks like a path: paths are not read. Send the file's bytes in base64 (base64 -w0 photo.jpg).",
         field=name,
     )
-    compact = "".join(text.split())  # the line breaks of base64 without -w0 (a string without any: itself)
-    if "-" in compact or "_" in compact:
-        compact = compact.translate(_BASE64_URLSAFE)
-    compact += "=" * (-len(compact) % 4)
-    try:
-        data = base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestRejected(
-            400,
-            f"Field {where} is not base64 (of the file's bytes: base64 -w0 photo.jpg, or a data:image/...;base64, "
-            "URL); paths and URLs are not read.",
-            field=name,
-        ) from None
+    try:  # base64 as btoa, FileReader and base64 -w0 write it, read in one pass
+        data = _unbase64(text)
+    except (binascii.Error, ValueError):  # else with line breaks (base64 without -w0) or the URL-safe alphabet
+        try:
+            data = _unbase64("".join(text.split()).translate(_BASE64_URLSAFE))
+        except (binascii.Error, ValueError):
+            raise RequestRejected(
+                400,
+                f"Field {where} is not base64 (of the file's bytes: base64 -w0 photo.jpg, or a data:image/...;base64, "
+                "URL); paths and URLs are not read.",
+                field=name,
+            ) from None
     reject_if(not data, f"Field {where} is empty: send the file's bytes in base64.", field=name)
     return data
+
+
+def _unbase64(text: str) -> bytes:
+    """Strict base64 (only its alphabet, nothing after the padding), the padding optional."""
+    return binascii.a2b_base64(text + "=" * (-len(text) % 4), strict_mode=True)  # b64decode's validate: a regex more
 
 
 def _query_fields(query: bytes, endpoint: Endpoint, given: dict[str, int]) -> list[tuple[str, None, bytes]]:

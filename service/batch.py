@@ -27,15 +27,16 @@ import numpy as np
 
 from .errors import HeadstartError
 from .files import (
+    LIST_COLUMNS,
     MAX_FILE_BYTES,
     WEB,
     FileProblem,
-    delimiter,
     image_paths,
     is_url,
     listed_images,
     read_image,
     shown,
+    table_images,
     too_large_message,
     utf8_name,
 )
@@ -45,8 +46,6 @@ from .localize import DEFAULTS
 log = logging.getLogger("headstart")
 
 JOB = "_job.json"
-#: the column of a .csv or .parquet list that names the images, by the names tables give it (else the first column)
-LIST_COLUMNS = ("path", "image", "url", "uri", "image_url", "image_path", "filename", "file_name", "file")
 
 
 class BatchError(HeadstartError, ValueError):
@@ -71,21 +70,21 @@ def list_sources(source: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return listed_images(path)  # a name that is not UTF-8: an error row
-    if suffix in (".csv", ".parquet"):
-        import pyarrow.csv
+    if suffix == ".csv":
+        try:
+            return table_images(path)
+        except (ValueError, OSError) as exc:
+            raise BatchError(f"{source} cannot be read as a list of images: {exc}") from exc
+    if suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet
 
         try:
-            if suffix == ".csv":
-                with open(path, encoding="utf-8-sig", errors="replace") as f:
-                    parse = pyarrow.csv.ParseOptions(delimiter=delimiter(f.readline()))
-                table = pyarrow.csv.read_csv(path, parse_options=parse)
-            else:
-                table = pyarrow.parquet.read_table(path)
+            table = pyarrow.parquet.read_table(path)
         except (pyarrow.ArrowException, OSError) as exc:
             raise BatchError(
-                f"{source} cannot be read as a list of images ({exc}). A {suffix} list has a header row and one "
-                f"image per row, in a column named {', '.join(LIST_COLUMNS[:3])}, ... (else the first column)."
+                f"{source} cannot be read as a list of images ({exc}). A .parquet list has one image per row, in a "
+                f"column named {', '.join(LIST_COLUMNS[:3])}, ... (else the first column)."
             ) from exc
         named = {name.strip().lower(): name for name in table.column_names}
         column = next((named[c] for c in LIST_COLUMNS if c in named), table.column_names[0])

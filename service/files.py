@@ -194,6 +194,43 @@ def listed_images(path: str | Path) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+#: the column of a .csv (or .parquet) list that names the images, by the names tables give it (else the first column)
+LIST_COLUMNS = ("path", "image", "url", "uri", "image_url", "image_path", "filename", "file_name", "file")
+
+
+def table_images(path: str | Path) -> list[str]:
+    """The images a .csv list names: a header row, then one image per row in the column named ``path`` (or another of
+    :data:`LIST_COLUMNS`' names, else the first), its cells separated by a comma, a semicolon or a tab
+    (:func:`delimiter`); rows with an empty cell there are left out. ValueError naming the line where a row has no
+    such cell or the file is not a CSV."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        separator = delimiter(f.readline())
+        f.seek(0)
+        reader = csv.reader(f, delimiter=separator)
+        try:
+            header = next(reader, None)
+            if not header or not any(cell.strip() for cell in header):
+                raise ValueError(f"{path} is empty: a .csv list has a header row (path, ...) and one image per row.")
+            named = [cell.strip().lower() for cell in header]
+            column = next((named.index(c) for c in LIST_COLUMNS if c in named), 0)
+            out = []
+            for row in reader:
+                if not any(cell.strip() for cell in row):
+                    continue  # a blank line
+                if len(row) <= column:
+                    raise ValueError(
+                        f"{path}, line {reader.line_num}: the row has no {header[column].strip()!r} cell (column "
+                        f"{column + 1}). Give each row its image there."
+                    )
+                if row[column].strip():
+                    out.append(row[column].strip())
+            return out
+        except csv.Error as exc:  # a NUL byte, a field over csv's size limit, an unterminated quote at the end
+            raise ValueError(f"{path}, line {reader.line_num}: not a CSV this list can be read from ({exc}).") from None
+
+
 def image_paths(source: str) -> list[str] | None:
     """The images a folder (recursively, by image suffix; FIFOs and links with an image's name included, to be
     reported) or a glob names, in a fixed order; None when ``source`` is neither (a file, a list, a URI). A file

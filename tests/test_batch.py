@@ -258,9 +258,19 @@ def test_sources_are_a_folder_a_glob_or_a_list_file(tmp_path):
     assert list_sources(str(tmp_path / "urls.csv")) == images[:1]
     (tmp_path / "excel.csv").write_text("id;path\n1;" + images[0] + "\n")  # Excel's CSV where 1,5 is a number
     assert list_sources(str(tmp_path / "excel.csv")) == images[:1]
-    (tmp_path / "ragged.csv").write_text("path,id\n" + images[0] + ",1\n" + images[1] + "\n")  # ArrowInvalid
-    with pytest.raises(BatchError, match=r"ragged.csv cannot be read as a list of images \(CSV parse error: Expected"):
-        list_sources(str(tmp_path / "ragged.csv"))
+    (tmp_path / "ragged.csv").write_text("path,id\n" + images[0] + ",1\n" + images[1] + "\n\n")  # short rows
+    assert list_sources(str(tmp_path / "ragged.csv")) == images[:2]
+    (tmp_path / "quoted.csv").write_text('"id","path"\n1,"' + images[0] + '"\n2,\n')  # quoted; an empty cell
+    assert list_sources(str(tmp_path / "quoted.csv")) == images[:1]
+    (tmp_path / "short.csv").write_text("id,path\n1," + images[0] + "\n2\n")
+    with pytest.raises(BatchError, match=r"short.csv, line 3: the row has no 'path' cell \(column 2\)"):
+        list_sources(str(tmp_path / "short.csv"))
+    (tmp_path / "binary.csv").write_bytes(b"path\n" + b"\x01" * 200_000 + b"\n")  # over csv's field size limit
+    with pytest.raises(BatchError, match=r"binary.csv, line 2: not a CSV this list can be read from"):
+        list_sources(str(tmp_path / "binary.csv"))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(BatchError, match=r"empty.csv is empty: a .csv list has a header row"):
+        list_sources(str(tmp_path / "empty.csv"))
     pq.write_table(pa.table({"path": images}), tmp_path / "list.parquet")
     assert list_sources(str(tmp_path / "list.parquet")) == images
     (tmp_path / "torn.parquet").write_bytes((tmp_path / "list.parquet").read_bytes()[:-40])

@@ -140,3 +140,27 @@ def test_predict_takes_a_txt_list_of_images_as_predict_batch_does(tiny_bundle, i
     ]
     assert lines[0]["predictions"] == lines[1]["predictions"] == lines[2]["predictions"]
     assert "does not exist" in lines[3]["error"] and "error" not in lines[4]
+
+
+def test_predict_takes_a_csv_list_of_images_as_predict_batch_does(tiny_bundle, tmp_path, capsys):
+    """`headstart predict MODEL photos.csv` answered "photos.csv: error: not an image format" while `predict-batch`
+    read the same table: its `path` column (or `image`, `url`, ..., else the first), quoted cells, Excel's
+    semicolons; a row without the cell stops with its line."""
+    import headstart
+    from headstart.cli import main
+
+    shutil.copy(ANT, tmp_path / "ant, the first.jpg")
+    table = tmp_path / "photos.csv"
+    table.write_text(f'id,image,note\n1,"{tmp_path / "ant, the first.jpg"}",x\n2,{BEE},\n3,,empty\n')
+    assert main(["predict", str(tiny_bundle.bundle_dir), str(table), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["image"] for line in lines] == [str(tmp_path / "ant, the first.jpg"), str(BEE)]
+    excel = tmp_path / "excel.csv"
+    excel.write_text(f"path;id\n{BEE};1\n", encoding="utf-8-sig")  # a semicolon table with a byte-order mark
+    answers = headstart.load(tiny_bundle.bundle_dir).predict(str(excel))
+    assert [a.image for a in answers] == [str(BEE)]
+    assert [p.model_dump() for p in answers[0].predictions] == lines[1]["predictions"]
+    short = tmp_path / "short.csv"
+    short.write_text(f"id,path\n1,{BEE}\n2\n")
+    assert main(["predict", str(tiny_bundle.bundle_dir), str(short)]) == 2
+    assert "short.csv, line 3: the row has no 'path' cell (column 2)" in capsys.readouterr().err

@@ -297,7 +297,7 @@ def _add_predict(sub) -> None:
     p.add_argument(
         "images",
         nargs="+",
-        help="image files, folders (searched recursively), quoted globs, http(s) URLs, or .txt lists of them",
+        help="image files, folders (searched recursively), quoted globs, http(s) URLs, or .txt/.csv lists of them",
     )
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON line per image (the HTTP answer's fields)")

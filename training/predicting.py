@@ -248,9 +248,9 @@ class LoadedModel:
 
 
 def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
-    """Single inputs as a list of one; folders and globs as the images they hold; a .txt file as the images it lists
-    (a path or URL per line, as `headstart predict-batch` reads one)."""
-    from headstart.service.files import image_paths, listed_images
+    """Single inputs as a list of one; folders and globs as the images they hold; a .txt or .csv file as the images
+    it lists (a path or URL per line; a .csv's ``path`` column or the like), as `headstart predict-batch` reads one."""
+    from headstart.service.files import image_paths, listed_images, table_images
 
     items: Iterable[ImageInput]
     items = [images] if isinstance(images, str | os.PathLike | bytes | Image.Image | np.ndarray) else images
@@ -258,8 +258,9 @@ def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     for item in items:
         if isinstance(item, str | os.PathLike):
             found = image_paths(os.fspath(item))
-            if found is None and Path(item).suffix.lower() == ".txt" and Path(item).is_file():
-                found = listed_images(item)
+            suffix = Path(item).suffix.lower()
+            if found is None and suffix in (".txt", ".csv") and Path(item).is_file():
+                found = listed_images(item) if suffix == ".txt" else table_images(item)
             out += [item] if found is None else found
         else:
             out.append(item)

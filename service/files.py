@@ -189,9 +189,25 @@ def delimiter(header_line: str) -> str:
 
 def listed_images(path: str | Path) -> list[str]:
     """The images a .txt list names: one path or URL per line, blank lines and ``#`` comments left out (a name that
-    is not UTF-8 kept as its bytes: its image's error says so)."""
+    is not UTF-8 kept as its bytes: its image's error says so); a relative path from here, else beside the list."""
     lines = Path(path).read_text(errors="surrogateescape").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return _beside(path, [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")])
+
+
+def _beside(listing: str | Path, names: list[str]) -> list[str]:
+    """``names`` from the list ``listing``, a relative path that names no file from here but one beside the list
+    (``train/1.jpg`` in ``data/labels.csv``, run from elsewhere) made that file's path; the others as written (a
+    path that works from here, an absolute path, a URL: what a job's output then shows)."""
+    folder = Path(listing).parent
+    if folder.resolve() == Path.cwd().resolve():
+        return names
+    out = []
+    for name in names:
+        if not is_url(name) and not os.path.isabs(name) and not os.path.lexists(name):
+            there = folder / name
+            name = str(there) if os.path.lexists(there) else name
+        out.append(name)
+    return out
 
 
 #: the column of a .csv (or .parquet) list that names the images, by the names tables give it (else the first column)
@@ -202,7 +218,7 @@ def table_images(path: str | Path) -> list[str]:
     """The images a .csv list names: a header row, then one image per row in the column named ``path`` (or another of
     :data:`LIST_COLUMNS`' names, else the first), its cells separated by a comma, a semicolon or a tab
     (:func:`delimiter`); rows with an empty cell there are left out. ValueError naming the line where a row has no
-    such cell or the file is not a CSV."""
+    such cell or the file is not a CSV. A relative path is read from here, else beside the list (:func:`_beside`)."""
     import csv
 
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -226,7 +242,7 @@ def table_images(path: str | Path) -> list[str]:
                     )
                 if row[column].strip():
                     out.append(row[column].strip())
-            return out
+            return _beside(path, out)
         except csv.Error as exc:  # a NUL byte, a field over csv's size limit, an unterminated quote at the end
             raise ValueError(f"{path}, line {reader.line_num}: not a CSV this list can be read from ({exc}).") from None
 

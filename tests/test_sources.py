@@ -164,3 +164,34 @@ def test_predict_takes_a_csv_list_of_images_as_predict_batch_does(tiny_bundle, t
     short.write_text(f"id,path\n1,{BEE}\n2\n")
     assert main(["predict", str(tiny_bundle.bundle_dir), str(short)]) == 2
     assert "short.csv, line 3: the row has no 'path' cell (column 2)" in capsys.readouterr().err
+
+
+def test_relative_paths_in_a_list_are_found_beside_it_when_not_from_here(tiny_bundle, tmp_path, monkeypatch):
+    """A list written next to its images (`test/1.jpg` in `data/list.csv`, as Kaggle's tables are) read from another
+    folder answered "does not exist" for every row. A relative path that names no file from here is read beside the
+    list; one that does is read as before (and shown as written), as are absolute paths and URLs."""
+    from headstart.service.batch import list_sources
+    from headstart.service.files import listed_images, table_images
+
+    (tmp_path / "data" / "test").mkdir(parents=True)
+    (tmp_path / "here").mkdir()
+    shutil.copy(ANT, tmp_path / "data" / "test" / "1.jpg")
+    shutil.copy(BEE, tmp_path / "here" / "2.jpg")
+    (tmp_path / "data" / "list.csv").write_text(f"path\ntest/1.jpg\n2.jpg\ngone.jpg\n{BEE}\nhttps://x.example/3.jpg\n")
+    (tmp_path / "data" / "list.txt").write_text("test/1.jpg\n2.jpg\ngone.jpg\n")
+    monkeypatch.chdir(tmp_path / "here")
+    beside = str(tmp_path / "data" / "test" / "1.jpg")
+    assert table_images(tmp_path / "data" / "list.csv") == [
+        beside,
+        "2.jpg",
+        "gone.jpg",
+        str(BEE),
+        "https://x.example/3.jpg",
+    ]
+    assert listed_images(tmp_path / "data" / "list.txt") == [beside, "2.jpg", "gone.jpg"]
+    assert list_sources(str(tmp_path / "data" / "list.txt")) == [beside, "2.jpg", "gone.jpg"]
+    import headstart
+
+    answers = headstart.load(tiny_bundle.bundle_dir).predict(str(tmp_path / "data" / "list.txt"))  # no URL read
+    assert [a.image for a in answers] == [beside, "2.jpg", "gone.jpg"]
+    assert [bool(a.error) for a in answers] == [False, False, True] and "does not exist" in answers[2].error

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 from python_multipart.multipart import parse_options_header
 
+from .inference import MAX_NOVELTY, MAX_TOP_K
+from .localize import MAX_DETECTIONS
 from .multipart import MAX_FIELD_BYTES, Endpoint, RequestRejected, canonical_multipart, parse_upload
 from .settings import SETTINGS
 
@@ -80,16 +82,21 @@ OPEN_PREFIXES = ("/static_content/",)  # the docs page's scripts and styles
 
 
 LOCALIZE_FIELDS = ("conf", "iou", "max_detections", "novelty_threshold", "boxes_if_unknown")
+#: The options' ranges as the service checks them (service/inference.py, service/localize.py), for the OpenAPI
+#: document; tests/test_service.py sends each bound and one step past it.
+NOVELTY = ("novelty_threshold", 0, MAX_NOVELTY)
+CLASSIFY_RANGES = (("top_k", 1, MAX_TOP_K), NOVELTY, ("label_threshold", 0, 1))
+LOCALIZE_RANGES = (("conf", 0, 1), ("iou", 0, 1), ("max_detections", 1, MAX_DETECTIONS), NOVELTY)
 #: Every API route of the service and its fields. tests/test_service.py checks that the service's own signatures
 #: match this table, so adding a parameter to an endpoint cannot silently make the guard reject it.
 ENDPOINTS: dict[str, Endpoint] = {
     e.route: e
     for e in (
-        Endpoint("/classify", files=("image",), fields=("top_k", "novelty_threshold", "label_threshold")),
+        Endpoint("/classify", ("image",), ("top_k", "novelty_threshold", "label_threshold"), ranges=CLASSIFY_RANGES),
         Endpoint("/classify_batch", files=("images",), max_files=MAX_BATCH_IMAGES),
-        Endpoint("/localize", files=("image",), fields=LOCALIZE_FIELDS),
-        Endpoint("/localize_image", files=("image",), fields=LOCALIZE_FIELDS),
-        Endpoint("/heatmap", files=("image",), fields=("index", "novelty_threshold")),
+        Endpoint("/localize", files=("image",), fields=LOCALIZE_FIELDS, ranges=LOCALIZE_RANGES),
+        Endpoint("/localize_image", files=("image",), fields=LOCALIZE_FIELDS, ranges=LOCALIZE_RANGES),
+        Endpoint("/heatmap", ("image",), ("index", "novelty_threshold"), ranges=(("index", -1, None), NOVELTY)),
         Endpoint("/info"),
     )
 }

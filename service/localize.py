@@ -38,6 +38,10 @@ class LocalizeError(HeadstartError, ValueError):
     """A localization parameter is out of range; the message names it and the valid range."""
 
 
+#: Most boxes one image's answer may hold (``max_detections``).
+MAX_DETECTIONS = 1000
+
+
 @dataclass(frozen=True)
 class LocalizeParams:
     """How boxes are kept: lowest ``conf``idence, NMS ``iou``, at most ``max_detections``, and the CAM ``region``
@@ -56,8 +60,8 @@ class LocalizeParams:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0.0 <= value <= 1.0) or value != value:
                 raise LocalizeError(f"{name} must be a number between 0 and 1, got {value!r}.")
-        if not 1 <= self.max_detections <= 1000:
-            raise LocalizeError(f"max_detections must be between 1 and 1000, got {self.max_detections}.")
+        if not 1 <= self.max_detections <= MAX_DETECTIONS:
+            raise LocalizeError(f"max_detections must be between 1 and {MAX_DETECTIONS}, got {self.max_detections}.")
 
 
 #: the default parameters (:class:`LocalizeParams`)

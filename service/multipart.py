@@ -26,6 +26,8 @@ class Endpoint:
     files: tuple[str, ...] = ()
     fields: tuple[str, ...] = ()
     max_files: int = 1
+    #: (field, lowest, highest) of the fields with a range, as the service checks them (for the OpenAPI document)
+    ranges: tuple[tuple[str, float, float | None], ...] = ()
 
     @property
     def takes_input(self) -> bool:
@@ -387,8 +389,8 @@ def _schema(option: dict, nullable: bool) -> dict:
 def document_bodies(spec: dict, endpoints: Iterable[Endpoint]) -> dict:
     """The service's OpenAPI document with the two other bodies :func:`parse_upload` reads (BentoML documents the
     multipart form only): the image as the body (``image/*``, ``application/octet-stream``) with the options as
-    query parameters, and JSON with the image in base64. Client generators and the docs page's "Try it out" then
-    offer all three."""
+    query parameters, and JSON with the image in base64; and each option's range (``Endpoint.ranges``). Client
+    generators and the docs page's "Try it out" then offer all three."""
     for endpoint in endpoints:
         operation = spec.get("paths", {}).get(endpoint.route, {}).get("post", {})
         content = operation.get("requestBody", {}).get("content", {})
@@ -396,6 +398,9 @@ def document_bodies(spec: dict, endpoints: Iterable[Endpoint]) -> dict:
         properties = form.get("properties", {})
         if not endpoint.files or endpoint.files[0] not in properties:
             continue
+        for option, lowest, highest in endpoint.ranges:
+            if option in properties:
+                properties[option].update(minimum=lowest, **({} if highest is None else {"maximum": highest}))
         name = endpoint.files[0]
         several = properties[name].get("type") == "array"
         image = {"type": "array", "items": _BASE64_FILE, "maxItems": endpoint.max_files} if several else _BASE64_FILE

@@ -396,20 +396,45 @@ def test_the_openapi_document_shows_every_body_the_service_reads(client):
     assert set(content) == {"multipart/form-data", "application/json", "image/*", "application/octet-stream"}
     body = content["application/json"]["schema"]
     assert body["required"] == ["image"] and body["properties"]["image"]["format"] == "byte"
-    assert body["properties"]["top_k"] == {"type": "integer", "default": 5}
-    assert body["properties"]["novelty_threshold"] == {"type": "number", "nullable": True}  # null: the default
+    assert body["properties"]["top_k"] == {"type": "integer", "default": 5, "minimum": 1, "maximum": 1000}
+    assert body["properties"]["novelty_threshold"]["nullable"]  # null: the default
     assert content["image/*"]["schema"] == {"type": "string", "format": "binary"}
     query = {p["name"]: p for p in classify["parameters"]}
     assert set(query) == {"top_k", "novelty_threshold", "label_threshold"}
     assert all(p["in"] == "query" and not p["required"] for p in query.values())
-    assert query["top_k"]["schema"] == {"type": "integer", "default": 5}
-    assert query["novelty_threshold"]["schema"] == {"type": "number"}  # absent: the default
+    assert query["top_k"]["schema"] == {"type": "integer", "default": 5, "minimum": 1, "maximum": 1000}
+    assert query["novelty_threshold"]["schema"] == {"type": "number", "minimum": 0, "maximum": 2.0}  # absent: default
     batch = spec["paths"]["/classify_batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert batch["properties"]["images"]["type"] == "array" and batch["properties"]["images"]["maxItems"] == 32
     assert "parameters" not in spec["paths"]["/classify_batch"]["post"]
     localize = {p["name"] for p in spec["paths"]["/localize"]["post"]["parameters"]}
     assert localize == {"conf", "iou", "max_detections", "novelty_threshold", "boxes_if_unknown"}
     assert set(spec["paths"]["/info"]["post"]["requestBody"]["content"]) == {"application/json"}  # untouched
+    # each option's range, in the form, JSON and the query alike, and the service's own: each bound is answered, one
+    # step past it is a 400 naming the option
+    ant64 = base64.b64encode(ANT.read_bytes()).decode()
+    checked = 0
+    for route, item in spec["paths"].items():
+        content = item.get("post", {}).get("requestBody", {}).get("content", {})
+        if "image/*" not in content:
+            continue
+        form = content["multipart/form-data"]["schema"]["properties"]
+        query = {p["name"]: p["schema"] for p in item["post"].get("parameters", [])}
+        for option, schema in form.items():
+            if "minimum" not in schema:
+                continue
+            assert content["application/json"]["schema"]["properties"][option]["minimum"] == schema["minimum"]
+            assert query[option].get("maximum") == schema.get("maximum"), (route, option)
+            step = 1 if schema["type"] == "integer" else 0.001
+            bounds = [(schema["minimum"], True), (schema["minimum"] - step, False)]
+            if "maximum" in schema:
+                bounds += [(schema["maximum"], True), (schema["maximum"] + step, False)]
+            for value, allowed in bounds:
+                resp = client.post(route, json={"image": ant64, option: value})
+                assert (resp.status_code == 200) == allowed, (route, option, value, resp.text[:200])
+                assert allowed or resp.json()["field"] == option, (route, option, resp.text)
+                checked += 1
+    assert checked >= 40
     # in the OpenAPI 3.0 it declares (BentoML's own schemas held 2.0's "file" and 3.1's null type)
     assert spec["openapi"].startswith("3.0")
 

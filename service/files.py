@@ -243,7 +243,7 @@ def table_images(path: str | Path) -> list[str]:
                 if row[column].strip():
                     out.append(row[column].strip())
             return _beside(path, out)
-        except csv.Error as exc:  # a NUL byte, a field over csv's size limit, an unterminated quote at the end
+        except csv.Error as exc:  # a cell over csv's size limit (131,072 characters)
             raise ValueError(f"{path}, line {reader.line_num}: not a CSV this list can be read from ({exc}).") from None
 
 

@@ -86,6 +86,7 @@ def corpus() -> list[tuple[str, str, str, dict, int | None]]:
         ("json-deep", "POST", "/classify", {"content": b'{"image": ' + b"[" * 100_000, "headers": {"content-type": "application/json"}}, 400),
         ("json-repeated-key", "POST", "/classify", {"content": b'{"image": "aGVsbG8=", "image": "aGVsbG8="}', "headers": {"content-type": "application/json"}}, 400),
         ("json-batch-too-many", "POST", "/classify_batch", {"json": {"images": ["aGVsbG8="] * 1000}}, 400),
+        ("json-million-keys", "POST", "/classify", {"content": b"{" + b",".join(b'"k%d":1' % i for i in range(1_000_000)) + b"}", "headers": {"content-type": "application/json"}}, 400),
         ("text-plain", "POST", "/classify", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415),
         ("urlencoded", "POST", "/classify", {"data": {"image": "x"}}, 415),
         ("octet-stream-not-an-image", "POST", "/classify", {"content": b"hello", "headers": {"content-type": "application/octet-stream"}}, 400),

@@ -331,6 +331,8 @@ def test_asgi_an_image_sent_in_json_as_base64(client):
         (b'{"image": "' + b64.encode() + b'", "novelty_threshold": NaN}', "holds NaN, which is not a number in JSON"),
         (b'["' + b64.encode() + b'"]', "The JSON body must be an object"),
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b"{" + b",".join(b'"k%d": 1' % i for i in range(1_000_000)) + b"}", "holds more entries than this endpoint"),
+        (b'{"image": "' + b64.encode() + b'", "top_k": [' + b"1," * 100 + b"1]}", "holds more entries than"),
         (b"\xff\xfe\x00", "The body is not valid JSON"),
     ]:
         resp = client.post("/classify", content=body, headers={"content-type": "application/json"})

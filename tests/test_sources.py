@@ -195,3 +195,41 @@ def test_relative_paths_in_a_list_are_found_beside_it_when_not_from_here(tiny_bu
     answers = headstart.load(tiny_bundle.bundle_dir).predict(str(tmp_path / "data" / "list.txt"))  # no URL read
     assert [a.image for a in answers] == [beside, "2.jpg", "gone.jpg"]
     assert [bool(a.error) for a in answers] == [False, False, True] and "does not exist" in answers[2].error
+
+
+def test_predict_reads_an_image_or_a_list_from_standard_input(tiny_bundle, tmp_path, monkeypatch, capsys):
+    """`curl -s URL | headstart predict MODEL -` and `find photos -name '*.jpg' | headstart predict MODEL -`: '-'
+    was a file that does not exist. Standard input is the image's bytes, or (text) a list of images; the answers are
+    the files' own."""
+    import io
+
+    from headstart.cli import main
+
+    def stdin(data: bytes):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+    model = str(tiny_bundle.bundle_dir)
+    assert main(["predict", model, str(ANT), str(BEE), "--json"]) == 0
+    files = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    stdin(ANT.read_bytes())
+    assert main(["predict", model, "-", str(BEE), "--json"]) == 0
+    piped = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert piped[0]["image"] == "-" and piped[0]["predictions"] == files[0]["predictions"]
+    assert piped[1] == files[1]
+    stdin(f"{ANT}\r\n\n# a comment\n{BEE}\n".encode())  # a list, with a Windows line end
+    assert main(["predict", model, "-", "--json"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == files
+    for data, said in [
+        (b"", "Standard input ('-') is empty"),
+        (b"\n\n", "Standard input ('-') is empty"),
+        (b"# nothing yet\n", "Standard input ('-') lists no images"),
+    ]:
+        stdin(data)
+        assert main(["predict", model, "-"]) == 2
+        assert said in capsys.readouterr().err
+    stdin(b"x")
+    assert main(["predict", model, "-", "-"]) == 2
+    assert "'-' (standard input) can be given once" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", type("Terminal", (), {"isatty": staticmethod(lambda: True)})())
+    assert main(["predict", model, "-"]) == 2
+    assert "nothing is piped into it" in capsys.readouterr().err

@@ -170,6 +170,7 @@ def _cmd_predict(args) -> int:
     from headstart.api import resolve_model
 
     options = {k: getattr(args, k) for k in ("variant", "device", "runtime", "precision", "weights")}
+    args.images = _with_stdin(args.images)  # read before the model loads: an empty pipe is said at once
     return _predict_files(resolve_model(args.model, **options), args)
 
 
@@ -205,14 +206,52 @@ def _predict_files(model, args) -> int:
     return status
 
 
+def _with_stdin(images: list[str]) -> list[str | bytes]:
+    """``images`` with ``-`` read from standard input: an image's bytes (``curl -s URL | headstart predict MODEL -``)
+    or, where it is text, a list of images, a path or URL per line as in a .txt list (``find photos -name '*.jpg' |
+    headstart predict MODEL -``)."""
+    from headstart.service.files import MAX_FILE_BYTES, too_large_message
+
+    if "-" not in images:
+        return images
+    if images.count("-") > 1:
+        raise ValueError("'-' (standard input) can be given once.")
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ValueError(
+            "'-' reads standard input, and nothing is piped into it: cat photo.jpg | headstart predict MODEL -, or "
+            "find photos -name '*.jpg' | headstart predict MODEL -"
+        )
+    chunks, size, text = [], 0, True
+    while chunk := sys.stdin.buffer.read(1 << 20):
+        text = text and b"\0" not in chunk  # every image format holds NUL bytes in its headers; a list never does
+        size += len(chunk)
+        if size > MAX_FILE_BYTES and not text:
+            raise ValueError(f"Standard input: {too_large_message(size, MAX_FILE_BYTES)}")
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    if not data.strip():
+        raise ValueError(
+            "Standard input ('-') is empty: pipe an image, or a list of images (a path per line), into it."
+        )
+    where = images.index("-")
+    if not text:
+        return [*images[:where], data, *images[where + 1 :]]
+    lines = data.decode("utf-8", "surrogateescape").splitlines()  # a name that is not UTF-8: its error line says so
+    read = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not read:
+        raise ValueError("Standard input ('-') lists no images: its lines are comments only.")
+    return [*images[:where], *read, *images[where + 1 :]]
+
+
 def _predicted(answer) -> dict:
-    """`headstart predict`'s line of one answer: the image, and the answer's fields (the optional ones where set;
-    an error alone)."""
+    """`headstart predict`'s line of one answer: the image (``-``: standard input's), and the answer's fields (the
+    optional ones where set; an error alone)."""
+    image = "-" if answer.image is None else answer.image
     if answer.error:
-        return {"image": answer.image, "error": answer.error}
+        return {"image": image, "error": answer.error}
     optional = ("detections", "method", "image_size", "heatmap", "sorted")
     fields = answer.model_dump(exclude={"image", "error"})
-    return {"image": answer.image, **{k: v for k, v in fields.items() if k not in optional or v is not None}}
+    return {"image": image, **{k: v for k, v in fields.items() if k not in optional or v is not None}}
 
 
 def _cmd_export(args) -> int:
@@ -297,7 +336,8 @@ def _add_predict(sub) -> None:
     p.add_argument(
         "images",
         nargs="+",
-        help="image files, folders (searched recursively), quoted globs, http(s) URLs, or .txt/.csv lists of them",
+        help="image files, folders (searched recursively), quoted globs, http(s) URLs, .txt/.csv lists of them, or "
+        "- for standard input (an image's bytes, or a list of images, one per line)",
     )
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON line per image (the HTTP answer's fields)")

@@ -148,6 +148,12 @@ def test_api_keys_keep_out_whoever_has_none_and_leave_the_probes_open(tiny_bundl
             assert http.post("/info", headers={"X-API-Key": keys[1]}).json()["labels"]
             for path in ("/readyz", "/livez", "/metrics", "/ui", "/docs.json"):
                 assert http.get(path).status_code == 200, path
+        import bentoml  # BentoML's own Python client, as the README shows it: token= is the Bearer key
+
+        with bentoml.SyncHTTPClient(url, token=keys[1]) as client:
+            assert client.classify(image=ANT, top_k=1)["predictions"][0]["label"]
+        with bentoml.SyncHTTPClient(url) as client, pytest.raises(bentoml.exceptions.BentoMLException, match="API key"):
+            client.classify(image=ANT)
         said = log.read_text()
         assert "Traceback" not in said and not any(key in said for key in keys)
         assert "API keys asked (2 in HEADSTART_API_KEYS)" in said  # the start line says the door is locked

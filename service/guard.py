@@ -102,6 +102,26 @@ ENDPOINTS: dict[str, Endpoint] = {
 }
 
 
+def document_api_keys(spec: dict) -> dict:
+    """The OpenAPI document of a service that asks for API keys: a bearer scheme, asked by every operation outside
+    :data:`OPEN_PATHS`, with its 401. The docs page then has an Authorize button whose key its "Try it out" sends,
+    and client generators take the key."""
+    scheme = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "One of the keys in HEADSTART_API_KEYS, as Authorization: Bearer KEY (or X-API-Key: KEY).",
+    }
+    spec.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = scheme
+    for path, item in spec.get("paths", {}).items():
+        if path.rstrip("/") in OPEN_PATHS or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            continue
+        for operation in item.values():
+            if isinstance(operation, dict) and "responses" in operation:
+                operation["security"] = [{"apiKey": []}]
+                operation["responses"].setdefault("401", {"description": "No API key, or not one of the service's."})
+    return spec
+
+
 @dataclass
 class RequestState:
     """One admitted request, as the code that serves it can see it (:func:`current_request`)."""

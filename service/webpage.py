@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from .guard import ENDPOINTS
+from .guard import API_KEYS, ENDPOINTS, document_api_keys
 from .localize import DEFAULTS
 from .multipart import document_bodies
 from .settings import SETTINGS
@@ -338,7 +338,8 @@ class WebPage:
 
 def _documented(send, head: bool = False):
     """``send`` for BentoML's OpenAPI document, which it completes with the bodies the guard reads besides the
-    multipart form (:func:`document_bodies`); any other answer (an error) goes on as it came."""
+    multipart form (:func:`document_bodies`) and, where the service asks for them, the API keys
+    (:func:`document_api_keys`); any other answer (an error) goes on as it came."""
     held: dict = {"chunks": []}
 
     async def wrapped(message) -> None:
@@ -354,7 +355,8 @@ def _documented(send, head: bool = False):
         start, body = held.pop("start"), b"".join(held.pop("chunks"))
         if start["status"] == 200:
             with contextlib.suppress(ValueError):
-                body = json.dumps(document_bodies(json.loads(body), ENDPOINTS.values())).encode()
+                spec = document_bodies(json.loads(body), ENDPOINTS.values())
+                body = json.dumps(document_api_keys(spec) if API_KEYS else spec).encode()
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": b"" if head else body})

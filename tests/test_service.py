@@ -412,6 +412,7 @@ def test_the_openapi_document_shows_every_body_the_service_reads(client):
     localize = {p["name"] for p in spec["paths"]["/localize"]["post"]["parameters"]}
     assert localize == {"conf", "iou", "max_detections", "novelty_threshold", "boxes_if_unknown"}
     assert set(spec["paths"]["/info"]["post"]["requestBody"]["content"]) == {"application/json"}  # untouched
+    assert "securitySchemes" not in spec.get("components", {}) and "security" not in classify  # no keys asked
     # each option's range, in the form, JSON and the query alike, and the service's own: each bound is answered, one
     # step past it is a 400 naming the option
     ant64 = base64.b64encode(ANT.read_bytes()).decode()

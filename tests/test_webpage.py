@@ -226,7 +226,8 @@ def test_a_multi_label_model_shows_the_labels_an_image_holds_or_none_of_these(mu
 
 def test_a_service_with_api_keys_asks_the_page_for_one(hymenoptera_bundle, browser, tmp_path):
     """HEADSTART_API_KEYS: the page loads, says the service needs a key and asks for it; a wrong key is said so;
-    with the right one the model's line and the answers come as without keys."""
+    with the right one the model's line and the answers come as without keys. The docs page's "Try it out" was a 401
+    with no way to give a key: its Authorize button now takes one."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -253,5 +254,42 @@ def test_a_service_with_api_keys_asks_the_page_for_one(hymenoptera_bundle, brows
         assert not browser.find_element(By.ID, "auth").is_displayed()
         labels = [li.get_attribute("data-label") for li in browser.find_elements(By.CSS_SELECTOR, "li.prediction")]
         assert labels[0] == "bees"
+        # the docs page (BentoML's Swagger UI at /): its Authorize button takes the key, and "Try it out" sends it
+        browser.get(f"{url}/")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "button.authorize"))
+        assert _try_info(browser, wait) == "401"
+        browser.find_element(By.CSS_SELECTOR, "button.authorize").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".modal-ux input"))
+        browser.find_element(By.CSS_SELECTOR, ".modal-ux input").send_keys(key)
+        browser.find_element(By.CSS_SELECTOR, ".modal-ux .auth-btn-wrapper button.authorize").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".modal-ux button.btn-done"))
+        browser.find_element(By.CSS_SELECTOR, ".modal-ux button.btn-done").click()
+        assert _try_info(browser, wait) == "200"
+        browser.get(f"{url}/ui")
         browser.execute_script("sessionStorage.clear()")  # the next tests' pages start without it
         browser.get_log("browser")  # and their logs without the 401s asked for here
+
+
+def _try_info(browser, wait) -> str:
+    """The docs page's "Try it out" of POST /info, executed: the status it shows."""
+    from selenium.webdriver.common.by import By
+
+    def block():
+        return next(
+            b
+            for b in browser.find_elements(By.CSS_SELECTOR, ".opblock")
+            if b.find_element(By.CSS_SELECTOR, ".opblock-summary-path").text == "/info"
+        )
+
+    if not block().find_elements(By.CSS_SELECTOR, ".try-out__btn"):
+        block().find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+        wait.until(lambda d: block().find_elements(By.CSS_SELECTOR, ".try-out__btn"))
+    button = block().find_element(By.CSS_SELECTOR, ".try-out__btn")
+    if button.text.strip() == "Try it out":
+        button.click()
+        wait.until(lambda d: block().find_elements(By.CSS_SELECTOR, ".execute"))
+    for old in block().find_elements(By.CSS_SELECTOR, ".btn-clear"):
+        old.click()  # the last answer's status gone, so that the wait below sees this one's
+    block().find_element(By.CSS_SELECTOR, ".execute").click()
+    wait.until(lambda d: block().find_elements(By.CSS_SELECTOR, ".live-responses-table .response-col_status"))
+    return block().find_elements(By.CSS_SELECTOR, ".live-responses-table .response-col_status")[-1].text.strip()

@@ -199,8 +199,8 @@ def test_relative_paths_in_a_list_are_found_beside_it_when_not_from_here(tiny_bu
 
 def test_predict_reads_an_image_or_a_list_from_standard_input(tiny_bundle, tmp_path, monkeypatch, capsys):
     """`curl -s URL | headstart predict MODEL -` and `find photos -name '*.jpg' | headstart predict MODEL -`: '-'
-    was a file that does not exist. Standard input is the image's bytes, or (text) a list of images; the answers are
-    the files' own."""
+    was a file that does not exist. Standard input is the image's bytes, or (text) a list of images, or names ended
+    by NUL bytes (find -print0); the answers are the files' own."""
     import io
 
     from headstart.cli import main
@@ -217,6 +217,9 @@ def test_predict_reads_an_image_or_a_list_from_standard_input(tiny_bundle, tmp_p
     assert piped[0]["image"] == "-" and piped[0]["predictions"] == files[0]["predictions"]
     assert piped[1] == files[1]
     stdin(f"{ANT}\r\n\n# a comment\n{BEE}\n".encode())  # a list, with a Windows line end
+    assert main(["predict", model, "-", "--json"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == files
+    stdin(f"{ANT}\0{BEE}\0".encode())  # find -print0
     assert main(["predict", model, "-", "--json"]) == 0
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == files
     for data, said in [

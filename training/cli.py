@@ -209,7 +209,7 @@ def _predict_files(model, args) -> int:
 def _with_stdin(images: list[str]) -> list[str | bytes]:
     """``images`` with ``-`` read from standard input: an image's bytes (``curl -s URL | headstart predict MODEL -``)
     or, where it is text, a list of images, a path or URL per line as in a .txt list (``find photos -name '*.jpg' |
-    headstart predict MODEL -``)."""
+    headstart predict MODEL -``), or paths ended by NUL bytes (``find ... -print0``)."""
     from headstart.service.files import MAX_FILE_BYTES, too_large_message
 
     if "-" not in images:
@@ -234,6 +234,10 @@ def _with_stdin(images: list[str]) -> list[str | bytes]:
             "Standard input ('-') is empty: pipe an image, or a list of images (a path per line), into it."
         )
     where = images.index("-")
+    first = data.split(b"\0", 1)[0]
+    if not text and 0 < len(first) < 4096 and os.path.lexists(first):  # find -print0: names ended by NUL bytes
+        read = [os.fsdecode(name) for name in data.split(b"\0") if name.strip()]
+        return [*images[:where], *read, *images[where + 1 :]]
     if not text:
         return [*images[:where], data, *images[where + 1 :]]
     lines = data.decode("utf-8", "surrogateescape").splitlines()  # a name that is not UTF-8: its error line says so

@@ -167,6 +167,14 @@ def _open_set_info(bundle: Bundle) -> tuple[dict | None, str]:
     return info, note
 
 
+def _keys_from(settings: Settings) -> str:
+    """Where the API keys asked come from, for the start line."""
+    named = bool(set(settings.api_keys) - set(settings.api_keys_file))
+    return " and ".join(
+        v for v, on in (("HEADSTART_API_KEYS", named), ("HEADSTART_API_KEYS_FILE", settings.api_keys_file)) if on
+    )
+
+
 def open_bundle() -> Bundle:
     try:
         return load_bundle(
@@ -208,7 +216,9 @@ class Headstart:
             self.bundle.precision_note,
             cpu_info().summary(),
             self.open_set_info[1],
-            f"API keys asked ({keys} in HEADSTART_API_KEYS)" if keys else "no API key asked (HEADSTART_API_KEYS unset)",
+            f"API keys asked ({keys} in {_keys_from(SETTINGS)})"
+            if keys
+            else "no API key asked (HEADSTART_API_KEYS unset)",
         )
 
     def _decode(self, path: Path) -> Image.Image:

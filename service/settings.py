@@ -200,6 +200,14 @@ class Settings:
         "/ui page itself stay open (the page asks for a key)",
         kind=lambda raw: api_keys(raw),
     )
+    api_keys_file: tuple[str, ...] = setting(
+        "HEADSTART_API_KEYS_FILE",
+        (),
+        "a file holding API keys (one per line, or comma-separated; # comments), asked as HEADSTART_API_KEYS's are "
+        "and with them: a Docker or Kubernetes secret mounted as a file (/run/secrets/headstart-keys), so that the "
+        "keys are in no environment listing",
+        kind=lambda raw: api_keys_from_file(raw),
+    )
     novelty_threshold: float | None = setting(
         "HEADSTART_NOVELTY_THRESHOLD",
         None,
@@ -218,6 +226,8 @@ class Settings:
             raw = environ.get(f.metadata["variable"], "").strip()
             if raw:
                 values[f.name] = _parse(f, raw)
+        if values.get("api_keys_file"):  # the keys asked: the variable's and the file's, each once
+            values["api_keys"] = tuple(dict.fromkeys((*values.get("api_keys", ()), *values["api_keys_file"])))
         return cls(**values)
 
     @classmethod
@@ -279,7 +289,7 @@ def cors_origins(raw: str) -> tuple[str, ...]:
 MIN_API_KEY = 16
 
 
-def api_keys(raw: str) -> tuple[str, ...]:
+def api_keys(raw: str, variable: str = "HEADSTART_API_KEYS") -> tuple[str, ...]:
     """HEADSTART_API_KEYS as keys: printable ASCII without spaces (a header carries them), each at least
     :data:`MIN_API_KEY` characters. A key is never repeated in a message: it is a secret."""
     import re
@@ -288,14 +298,32 @@ def api_keys(raw: str) -> tuple[str, ...]:
     for n, key in enumerate(keys, start=1):
         if not re.fullmatch(r"[!-~]+", key):
             raise SettingsError(
-                f"HEADSTART_API_KEYS: key {n} of {len(keys)} holds a space or a character that is not printable ASCII; "
+                f"{variable}: key {n} of {len(keys)} holds a space or a character that is not printable ASCII; "
                 "a header cannot carry it. Use letters and digits (openssl rand -hex 16)."
             )
         if len(key) < MIN_API_KEY:
             raise SettingsError(
-                f"HEADSTART_API_KEYS: key {n} of {len(keys)} has {len(key)} characters, too few to keep anyone out; "
+                f"{variable}: key {n} of {len(keys)} has {len(key)} characters, too few to keep anyone out; "
                 f"use {MIN_API_KEY} or more (openssl rand -hex 16 gives 32)."
             )
+    return keys
+
+
+def api_keys_from_file(raw: str) -> tuple[str, ...]:
+    """The keys in the file HEADSTART_API_KEYS_FILE names: one per line or comma-separated, ``#`` comments and blank
+    lines left out, each checked as :func:`api_keys` checks them. A file that cannot be read, or holds no key, stops
+    the service (an empty secret must not leave it open)."""
+    variable = "HEADSTART_API_KEYS_FILE"
+    try:
+        with open(raw, encoding="utf-8") as f:
+            text = f.read(1 << 20)
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise SettingsError(f"{variable}={raw!r} cannot be read ({why}).") from None
+    lines = [line.split("#", 1)[0] for line in text.splitlines()]
+    keys = api_keys(",".join(lines), variable)
+    if not keys:
+        raise SettingsError(f"{variable}={raw!r} holds no key: write one per line (openssl rand -hex 16).")
     return keys
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 
 import pytest
 
@@ -463,3 +464,32 @@ def test_api_keys_too_short_or_unfit_for_a_header_stop_the_service():
     with pytest.raises(SettingsError, match="key 1 of 1 holds a space"):
         Settings.from_env({"HEADSTART_API_KEYS": "a key with spaces in it"})
     assert Settings.from_env({}).api_keys == ()
+
+
+def test_api_keys_from_a_file_as_docker_and_kubernetes_mount_secrets(tmp_path):
+    """HEADSTART_API_KEYS_FILE: the keys of a secret mounted as a file (one per line, # comments), asked with those
+    of HEADSTART_API_KEYS, each once; a file missing, empty or holding a short key stops the service, saying which
+    file and never the key."""
+    from headstart.service.settings import Settings, SettingsError
+
+    secret = tmp_path / "headstart-keys"
+    secret.write_text(f"# rotated 2026-12\n{KEY}\n\n{KEY[::-1]}  # the next one\n")
+    assert Settings.from_env({"HEADSTART_API_KEYS_FILE": str(secret)}).api_keys == (KEY, KEY[::-1])
+    both = Settings.from_env({"HEADSTART_API_KEYS": f"{KEY},{'z' * 20}", "HEADSTART_API_KEYS_FILE": str(secret)})
+    assert both.api_keys == (KEY, "z" * 20, KEY[::-1])
+    guard = RequestGuard(None, api_keys=both.api_keys)
+    for key in both.api_keys:
+        guard._check_key({"path": "/classify", "method": "POST", "headers": [(b"x-api-key", key.encode())]})
+    cases = [
+        (tmp_path / "missing", None, "cannot be read (No such file or directory)"),
+        (tmp_path / "empty", "\n# nothing yet\n", "holds no key"),
+        (tmp_path / "short", "tooshort\n", "HEADSTART_API_KEYS_FILE: key 1 of 1 has 8 characters"),
+        (tmp_path / "latin1", None, "cannot be read (not UTF-8 text)"),
+    ]
+    (tmp_path / "latin1").write_bytes(b"caf\xe9-key-0123456789\n")
+    for path, text, said in cases:
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(SettingsError, match=re.escape(said)) as caught:
+            Settings.from_env({"HEADSTART_API_KEYS_FILE": str(path)})
+        assert "tooshort" not in str(caught.value)

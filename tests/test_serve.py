@@ -129,7 +129,10 @@ def test_api_keys_keep_out_whoever_has_none_and_leave_the_probes_open(tiny_bundl
 
     keys = ["9f86d081884c7d659a2feaa0c55ad015", "second-key-for-rotation-0001"]
     image = {"image": ("ant.jpg", ANT.read_bytes(), "image/jpeg")}
-    with serving(str(tiny_bundle.bundle_dir), tmp_path / "server.log", HEADSTART_API_KEYS=",".join(keys)) as (
+    secret = tmp_path / "headstart-keys"  # the second as a secret mounted as a file (HEADSTART_API_KEYS_FILE)
+    secret.write_text(f"{keys[1]}\n")
+    env = {"HEADSTART_API_KEYS": keys[0], "HEADSTART_API_KEYS_FILE": str(secret)}
+    with serving(str(tiny_bundle.bundle_dir), tmp_path / "server.log", **env) as (
         url,
         proc,
         log,
@@ -162,7 +165,7 @@ def test_api_keys_keep_out_whoever_has_none_and_leave_the_probes_open(tiny_bundl
             client.classify(image=ANT)
         said = log.read_text()
         assert "Traceback" not in said and not any(key in said for key in keys)
-        assert "API keys asked (2 in HEADSTART_API_KEYS)" in said  # the start line says the door is locked
+        assert "API keys asked (2 in HEADSTART_API_KEYS and HEADSTART_API_KEYS_FILE)" in said  # the door is locked
 
 
 def test_cors_lets_the_named_sites_pages_call_the_api_and_read_its_refusals(tiny_bundle, tmp_path):

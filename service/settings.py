@@ -310,9 +310,9 @@ def api_keys(raw: str, variable: str = "HEADSTART_API_KEYS") -> tuple[str, ...]:
 
 
 def api_keys_from_file(raw: str) -> tuple[str, ...]:
-    """The keys in the file HEADSTART_API_KEYS_FILE names: one per line or comma-separated, ``#`` comments and blank
-    lines left out, each checked as :func:`api_keys` checks them. A file that cannot be read, or holds no key, stops
-    the service (an empty secret must not leave it open)."""
+    """The keys in the file HEADSTART_API_KEYS_FILE names: one per line or comma-separated, ``#`` comments (at a line's
+    start or after a space) and blank lines left out, each checked as :func:`api_keys` checks them. A file that
+    cannot be read, or holds no key, stops the service (an empty secret must not leave it open)."""
     variable = "HEADSTART_API_KEYS_FILE"
     try:
         with open(raw, encoding="utf-8") as f:
@@ -320,7 +320,9 @@ def api_keys_from_file(raw: str) -> tuple[str, ...]:
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
         raise SettingsError(f"{variable}={raw!r} cannot be read ({why}).") from None
-    lines = [line.split("#", 1)[0] for line in text.splitlines()]
+    import re
+
+    lines = [re.sub(r"(^|\s)#.*", "", line) for line in text.splitlines()]  # a # inside a key is the key's
     keys = api_keys(",".join(lines), variable)
     if not keys:
         raise SettingsError(f"{variable}={raw!r} holds no key: write one per line (openssl rand -hex 16).")

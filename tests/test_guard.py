@@ -473,10 +473,11 @@ def test_api_keys_from_a_file_as_docker_and_kubernetes_mount_secrets(tmp_path):
     from headstart.service.settings import Settings, SettingsError
 
     secret = tmp_path / "headstart-keys"
-    secret.write_text(f"# rotated 2026-12\n{KEY}\n\n{KEY[::-1]}  # the next one\n")
-    assert Settings.from_env({"HEADSTART_API_KEYS_FILE": str(secret)}).api_keys == (KEY, KEY[::-1])
+    secret.write_text(f"# rotated 2026-12\n{KEY}\n\n{KEY[::-1]}  # the next one\nkey#with-a-hash-inside\n")
+    keys = (KEY, KEY[::-1], "key#with-a-hash-inside")  # a # in a key is part of it, not a comment
+    assert Settings.from_env({"HEADSTART_API_KEYS_FILE": str(secret)}).api_keys == keys
     both = Settings.from_env({"HEADSTART_API_KEYS": f"{KEY},{'z' * 20}", "HEADSTART_API_KEYS_FILE": str(secret)})
-    assert both.api_keys == (KEY, "z" * 20, KEY[::-1])
+    assert both.api_keys == (KEY, "z" * 20, KEY[::-1], "key#with-a-hash-inside")
     guard = RequestGuard(None, api_keys=both.api_keys)
     for key in both.api_keys:
         guard._check_key({"path": "/classify", "method": "POST", "headers": [(b"x-api-key", key.encode())]})

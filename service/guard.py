@@ -81,6 +81,11 @@ OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/", "/docs
 OPEN_PREFIXES = ("/static_content/",)  # the docs page's scripts and styles
 
 
+def is_open(path: str) -> bool:
+    """Whether ``path`` answers without an API key (:data:`OPEN_PATHS`, :data:`OPEN_PREFIXES`)."""
+    return path.rstrip("/") in OPEN_PATHS or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
 LOCALIZE_FIELDS = ("conf", "iou", "max_detections", "novelty_threshold", "boxes_if_unknown")
 #: The options' ranges as the service checks them (service/inference.py, service/localize.py), for the OpenAPI
 #: document; tests/test_service.py sends each bound and one step past it.
@@ -113,7 +118,7 @@ def document_api_keys(spec: dict) -> dict:
     }
     spec.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = scheme
     for path, item in spec.get("paths", {}).items():
-        if path.rstrip("/") in OPEN_PATHS or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        if is_open(path):
             continue
         for operation in item.values():
             if isinstance(operation, dict) and "responses" in operation:
@@ -290,10 +295,7 @@ class RequestGuard:
         """RequestRejected (401) for a request without one of the API keys, where the service has any: before its
         body is read. Preflights (OPTIONS: browsers send no credentials on them), the probes, the docs and the /ui
         page pass. Every key is compared in constant time, whichever matches."""
-        path = scope.get("path", "")
-        if not self.api_keys or scope.get("method") == "OPTIONS":
-            return
-        if path.rstrip("/") in OPEN_PATHS or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        if not self.api_keys or scope.get("method") == "OPTIONS" or is_open(scope.get("path", "")):
             return
         given = []
         for name, value in scope.get("headers", []):

@@ -176,14 +176,22 @@ def parse_upload(
     for part in upload.parts:
         value = b"".join(part.chunks)
         if part.name in endpoint.fields:
-            try:
-                value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise RequestRejected(
-                    400, f"Field {part.name!r} is not UTF-8 text; it takes a number.", field=part.name
-                ) from None
+            _check_text(part.name, value)
         out.append((part.name, part.filename if part.name in endpoint.files else None, value))
     return out + _query_fields(query, endpoint, upload.counts)
+
+
+def _check_text(name: str, value: bytes) -> None:
+    """A text field's value within its limits (a form's, or JSON's), else a 400 naming the field."""
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestRejected(400, f"Field {name!r} is not UTF-8 text; it takes a number.", field=name) from None
+    reject_if(
+        len(value) > MAX_FIELD_BYTES,
+        f"Field {name!r} is longer than {MAX_FIELD_BYTES} bytes; it takes a number.",
+        field=name,
+    )
 
 
 class _RepeatedKey(Exception):
@@ -269,18 +277,9 @@ def json_parts(body: bytes, endpoint: Endpoint, query: bytes = b"") -> list[tupl
             text = value.encode("utf-8", "surrogatepass")
         else:
             raise RequestRejected(400, f"Field {name!r} takes a number, not a JSON {type(value).__name__}.", field=name)
-        try:
-            text.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestRejected(400, f"Field {name!r} is not UTF-8 text; it takes a number.", field=name) from None
-        reject_if(
-            len(text) > MAX_FIELD_BYTES,
-            f"Field {name!r} is longer than {MAX_FIELD_BYTES} bytes; it takes a number.",
-            field=name,
-        )
+        _check_text(name, text)
         out.append((name, None, text))
-    given = {name: 1 for name in endpoint.fields if doc.get(name) is not None}
-    return out + _query_fields(query, endpoint, given)
+    return out + _query_fields(query, endpoint, {name: 1 for name, filename, _ in out if filename is None})
 
 
 _BASE64_URLSAFE = str.maketrans("-_", "+/")

@@ -212,6 +212,12 @@ def check(model: str, work: Path, keep: bool) -> dict:
             report["torch_installed"] = (
                 run(["podman", "exec", name, "python", "-c", probe], env).stdout.strip() == "True"
             )
+            # the font the labels are drawn in (service/fonts.py) ships in the bento: an accented label is not boxes
+            probe = (  # the bento's code is in $BENTO_PATH/src, the image's working folder is $BENTO_PATH
+                "import sys; sys.path.insert(0, 'src'); import service.fonts as f; "
+                "print(f.DEJAVU.is_file() and f.font_for('é') == str(f.DEJAVU))"
+            )
+            report["label_font"] = run(["podman", "exec", name, "python", "-c", probe], env).stdout.strip() == "True"
             started = time.perf_counter()
             run(["podman", "stop", "-t", "30", name], env)
             report["stop_seconds"] = round(time.perf_counter() - started, 2)
@@ -234,6 +240,8 @@ def check(model: str, work: Path, keep: bool) -> dict:
         problems.append("the service runs as root inside the container")
     if report["torch_installed"]:
         problems.append("torch is installed in the image")
+    if not report["label_font"]:
+        problems.append("the labels' font (service/fonts/DejaVuSans.ttf) is not in the image")
     if report["exit_code"] != 0 or report["stop_seconds"] > STOP_SECONDS:
         problems.append(
             f"SIGTERM: exit {report['exit_code']} after {report['stop_seconds']} s (at most {STOP_SECONDS})"

@@ -16,8 +16,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .contract import Model
+from .fonts import LTR, Label
 from .inference import open_set_answer, threshold_of
-from .localize import LocalizeError, geometry, label_font
+from .localize import LocalizeError, geometry
 from .preprocess import preprocess_batch, to_rgb
 
 #: the longest side of the heatmap picture, in pixels
@@ -121,11 +122,11 @@ def _overlay(canvas: Image.Image, values: np.ndarray, geom, scale: float, model:
 
 
 def _caption(result: Heatmap) -> None:
-    text = f"heatmap: {result.label} {result.score:.2f}"
+    text = f"heatmap: {result.label}{LTR} {result.score:.2f}"
     if result.answer["unknown"]:
         text += f" | none of these (novelty {result.answer['novelty']:.2f})"
     draw = ImageDraw.Draw(result.image)
-    font = label_font(max(12, round(max(result.image.size) / 40)))
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    label = Label(text, max(12, round(max(result.image.size) / 40)))
+    left, top, right, bottom = label.bbox(draw, (0, 0))
     draw.rectangle((0, 0, right - left + 8, bottom - top + 8), fill=(0, 0, 0))
-    draw.text((4 - left, 4 - top), text, fill=(255, 255, 255), font=font)
+    label.draw(draw, (4 - left, 4 - top), fill=(255, 255, 255))

@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from .contract import Model
 from .errors import HeadstartError
+from .fonts import LTR, Label
 from .inference import open_set_answer, threshold_of
 from .preprocess import PreprocessSpec, original_size, preprocess_batch, resized_size, to_rgb
 
@@ -344,13 +345,6 @@ def localize_images(
     return results
 
 
-def label_font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType
-        return ImageFont.load_default()
-
-
 PALETTE = [
     (230, 25, 75),
     (60, 180, 75),
@@ -386,14 +380,15 @@ def draw_detections(img: Image.Image, detections: Sequence[dict]) -> Image.Image
     detections = [{**d, "box": {k: v * (sx if k[0] == "x" else sy) for k, v in d["box"].items()}} for d in detections]
     draw = ImageDraw.Draw(canvas)
     width = max(2, round(max(canvas.size) / 300))
-    font = label_font(max(12, round(max(canvas.size) / 40)))
+    size = max(12, round(max(canvas.size) / 40))
     for det in reversed(detections):  # best drawn last, on top
         color = PALETTE[det["index"] % len(PALETTE)]
         b = det["box"]
         draw.rectangle((b["x1"], b["y1"], b["x2"], b["y2"]), outline=color, width=width)
-        text = f"{det['label']} {det['confidence']:.2f}"
-        left, top, right, bottom = draw.textbbox((b["x1"], b["y1"]), text, font=font)
+        text = Label(f"{det['label']}{LTR} {det['confidence']:.2f}", size)
+        left, top, right, bottom = text.bbox(draw, (b["x1"], b["y1"]))
         y = b["y1"] - (bottom - top) - 2 * width if b["y1"] - (bottom - top) - 2 * width >= 0 else b["y1"]
-        draw.rectangle((b["x1"], y, b["x1"] + (right - left) + 2 * width, y + (bottom - top) + 2 * width), fill=color)
-        draw.text((b["x1"] + width, y + width - (top - b["y1"])), text, fill=(255, 255, 255), font=font)
+        x = max(0, min(b["x1"], canvas.width - (right - left) - 2 * width))  # a box at the right edge: label inside
+        draw.rectangle((x, y, x + (right - left) + 2 * width, y + (bottom - top) + 2 * width), fill=color)
+        text.draw(draw, (x + width - (left - b["x1"]), y + width - (top - b["y1"])), fill=(255, 255, 255))
     return canvas

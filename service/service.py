@@ -24,7 +24,7 @@ from bentoml.validators import ContentType
 from PIL import Image
 from pydantic import ValidationError
 
-from . import connections, usage_reports
+from . import connections, fonts, usage_reports
 from .answers import (
     BatchItem,
     ClassifyResponse,
@@ -201,6 +201,7 @@ class Headstart:
         self.bundle = open_bundle()
         self.model = ModelInfo(name=self.bundle.name, version=self.bundle.version)
         self.open_set_info = _open_set_info(self.bundle)
+        fonts.check(self.bundle.labels)  # the fonts the drawn images' labels need, looked up now, not in a request
         # Decoding, inference and drawing all run on this one thread. BentoML hands each request to whichever thread
         # of its pool is free, and glibc keeps a heap per thread, each grown to the largest request it has handled:
         # spread over the pool, memory rose in steps for minutes. On one thread it stays flat, at the same throughput

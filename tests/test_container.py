@@ -72,7 +72,8 @@ def container_check_unavailable() -> str | None:
 def test_the_cpu_image_runs_and_answers_as_the_checkout(hymenoptera_bundle, tmp_path):
     """The whole container check (.ci/container_check.py): base image, build, run, the answers of /classify and
     /localize on the shared photos equal to `bentoml serve` from the checkout's, /info, a non-root user, no torch,
-    a clean stop on SIGTERM within 10 s, and nothing left behind; the image under 700 MB."""
+    a clean stop on SIGTERM within 10 s, the font the labels are drawn in, and nothing left behind; the image under
+    700 MB."""
     why = container_check_unavailable()
     if why:
         if os.environ.get("CI"):
@@ -95,7 +96,7 @@ def test_the_cpu_image_runs_and_answers_as_the_checkout(hymenoptera_bundle, tmp_
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     report = json.loads(report_path.read_text())
     assert report["problems"] == [] and report["differences"] == []
-    assert report["photos"] >= 9 and report["uid"] != 0 and not report["torch_installed"]
+    assert report["photos"] >= 9 and report["uid"] != 0 and not report["torch_installed"] and report["label_font"]
     assert report["exit_code"] == 0 and report["stop_seconds"] <= 10
     assert report["info"]["name"] == "ants-bees" and report["info"]["device"] == "cpu"
     assert report["image_mb"] < 700

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from headstart import runs
+from headstart.data import columns, ljust, rjust
 from headstart.tasks import CONFIGS
 
 #: Options that only say where or how a run ran, not what it learned: left out of the comparison.
@@ -47,9 +48,10 @@ def format_comparison(result: dict) -> str:
     if not result["options"]:
         rows.append(("(options)", ["same"] * len(names)))
     rows += [(k, [_shown(v, 1 if k == "seconds" else 4) for v in vals]) for k, vals in result["metrics"].items()]
-    width = [max(len(r[0]) for r in rows)] + [max(len(r[1][i]) for r in rows) for i in range(len(names))]
+    width = [max(columns(r[0]) for r in rows)] + [max(columns(r[1][i]) for r in rows) for i in range(len(names))]
     return "\n".join(
-        "  ".join([label.ljust(width[0]), *(v.rjust(width[i + 1]) for i, v in enumerate(vals))]) for label, vals in rows
+        "  ".join([ljust(label, width[0]), *(rjust(v, width[i + 1]) for i, v in enumerate(vals))])
+        for label, vals in rows
     )
 
 

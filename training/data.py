@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import threading
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,6 +183,21 @@ def more_line(entries: list, limit: int = 20, indent: str = "    ") -> list[str]
         if len(entries) > limit
         else []
     )
+
+
+def columns(text: str) -> int:
+    """The columns ``text`` takes in a terminal: a wide or full-width character (Chinese, Japanese, Korean) two, a
+    combining mark none (``len`` counted 蜜蜂 as 2 of its 4, and the counts after it stood two columns off)."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def ljust(text: str, width: int) -> str:
+    """``text`` padded with spaces to ``width`` terminal columns (:func:`columns`)."""
+    return text + " " * (width - columns(text))
+
+
+def rjust(text: str, width: int) -> str:
+    return " " * (width - columns(text)) + text
 
 
 #: archives a data set is downloaded as (Kaggle, Roboflow, a colleague's mail), by how their names end

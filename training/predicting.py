@@ -189,11 +189,13 @@ class LoadedModel:
 
     def _heatmap_folder(self, heatmaps: str | os.PathLike | None) -> Path | None:
         """The folder heatmaps go to, made; refused at once for a model without class activation maps."""
+        from headstart.service import fonts
         from headstart.service.heatmap import require_class_map
 
         if heatmaps is None:
             return None
         require_class_map(self.model)
+        fonts.check(self.model.labels)  # said before the first heatmap: a label no font here draws
         folder = Path(heatmaps)
         folder.mkdir(parents=True, exist_ok=True)
         return folder

@@ -22,8 +22,10 @@ from headstart.data import (
     DatasetError,
     VerifiedImages,
     check_file,
+    columns,
     foreign_layout,
     listed,
+    ljust,
     more_line,
     not_a_folder,
     same_bytes,
@@ -87,10 +89,10 @@ class DatasetReport:
         lines = [f"Data set {self.root} ({self.split_source})"]
         counts = self.counts()
         splits = list(self.splits)
-        width = max(len(x) for x in self.labels) + 2
+        width = max(columns(x) for x in self.labels) + 2
         lines.append("  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits))
         for label in self.labels:
-            lines.append("  " + label.ljust(width) + "".join(str(counts[s].get(label, 0)).rjust(8) for s in splits))
+            lines.append("  " + ljust(label, width) + "".join(str(counts[s].get(label, 0)).rjust(8) for s in splits))
         lines.append("  " + "total".ljust(width) + "".join(str(len(self.splits[s])).rjust(8) for s in splits))
         if self.ignored:
             lines.append(f"  ignored {len(self.ignored)} files that are not images:")

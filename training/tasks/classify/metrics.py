@@ -84,8 +84,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], labels: Sequence[str], pa
     thresh = cm.max() / 2 if cm.size else 0
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > thresh else "black")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+    save_figure(fig, path, dpi=100, tight=True)
 
 
 def plot_training_curves(history: list[dict], path: Path, kept_epoch: int | None = None) -> None:
@@ -109,8 +108,7 @@ def plot_training_curves(history: list[dict], path: Path, kept_epoch: int | None
         if kept_epoch is not None:
             ax.axvline(kept_epoch, color="green", linestyle=":", label=f"kept (epoch {kept_epoch})")
         ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+    save_figure(fig, path, dpi=100, tight=True)
 
 
 def plot_worst_predictions(

@@ -153,8 +153,7 @@ def plot_detection_curves(history: list[dict], path: Path) -> None:
     ax2.set_ylabel("validation")
     ax2.legend()
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+    save_figure(fig, path, dpi=100, tight=True)
 
 
 #: Shorter side a plotted image is decoded at, at least (a JPEG at a reduced DCT scale, any other reduced after).

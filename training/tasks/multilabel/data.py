@@ -26,7 +26,9 @@ from headstart.data import (
     DatasetError,
     VerifiedImages,
     check_file,
+    columns,
     listed,
+    ljust,
     more_line,
     not_a_folder,
     same_bytes,
@@ -95,10 +97,10 @@ class MultiLabelReport:
         lines = [f"Data set {self.source} ({self.split_source}; multi-label: images per label)"]
         counts = self.counts()
         splits = list(self.splits)
-        width = max([len(x) for x in self.labels] + [6]) + 2
+        width = max([columns(x) for x in self.labels] + [6]) + 2
         lines.append("  " + "label".ljust(width) + "".join(s.rjust(8) for s in splits))
         for label in [*self.labels, "(none)"]:
-            lines.append("  " + label.ljust(width) + "".join(str(counts[s][label]).rjust(8) for s in splits))
+            lines.append("  " + ljust(label, width) + "".join(str(counts[s][label]).rjust(8) for s in splits))
         lines.append("  " + "images".ljust(width) + "".join(str(len(self.splits[s])).rjust(8) for s in splits))
         if self.corrupt:
             lines.append(f"  skipped {len(self.corrupt)} missing, corrupt or unreadable images:")

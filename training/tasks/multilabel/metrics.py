@@ -140,8 +140,7 @@ def plot_precision_recall(probs: np.ndarray, truth: np.ndarray, labels: Sequence
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+    save_figure(fig, path, dpi=100, tight=True)
 
 
 def worst_images(probs: np.ndarray, truth: np.ndarray, limit: int = 12) -> np.ndarray:

@@ -221,8 +221,7 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     b.plot(epochs, [h.get("val_map_micro", np.nan) for h in history], label="val mAP (micro)")
     b.set_xlabel("epoch")
     b.legend()
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+    save_figure(fig, path, dpi=100, tight=True)
 
 
 TASK = MultiLabelTask()

@@ -546,6 +546,39 @@ def test_the_training_curves_mark_the_kept_epoch(tiny_run, monkeypatch, tmp_path
     assert lines == [(best, f"kept (epoch {best})")] * 2 and (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_the_confusion_matrix_of_many_classes_shows_the_most_confused_and_the_rest_summed(monkeypatch, tmp_path):
+    """120 classes were drawn whole: a 6200-pixel picture of 14,400 counts (300 classes: 137 s and 8.3 GB). Now the
+    30 most confused, and a row and a column for the others, whose counts add up to the whole matrix."""
+    from matplotlib.axes import Axes
+    from PIL import Image
+
+    from headstart.tasks.classify.metrics import MOST_CLASSES_PLOTTED, confused_classes, plot_confusion_matrix
+
+    n = 120
+    rng = np.random.default_rng(0)
+    cm = np.diag(rng.integers(5, 20, n))
+    for true, pred, count in ((7, 90, 6), (90, 7, 2), (33, 34, 4), (118, 0, 1)):
+        cm[true, pred] = count
+    picked = confused_classes(cm)
+    assert len(picked) == MOST_CLASSES_PLOTTED and {0, 7, 33, 34, 90, 118} <= set(picked.tolist())
+    assert picked.tolist() == sorted(picked.tolist())
+    assert confused_classes(cm[:10, :10]).tolist() == list(range(10))
+    drawn = []
+    imshow = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, x, **kw: drawn.append(np.asarray(x)) or imshow(self, x, **kw))
+    plot_confusion_matrix(cm, [f"class {i}" for i in range(n)], tmp_path / "cm.png")
+    (shown,) = drawn
+    assert shown.shape == (MOST_CLASSES_PLOTTED + 1,) * 2 and shown.sum() == cm.sum()
+    rest = np.setdiff1d(np.arange(n), picked)
+    assert shown[-1, -1] == cm[np.ix_(rest, rest)].sum()
+    row, column = picked.tolist().index(7), picked.tolist().index(90)
+    assert shown[row, column] == 6 and shown[column, row] == 2 and shown[row, row] == cm[7, 7]
+    with Image.open(tmp_path / "cm.png") as png:
+        assert max(png.size) <= 100 * (0.5 * (MOST_CLASSES_PLOTTED + 1) + 2)  # inches at 100 dpi
+    plot_confusion_matrix([[3, 1], [0, 4]], ["a", "b"], tmp_path / "small.png")
+    assert drawn[1].tolist() == [[3, 1], [0, 4]]  # a few classes: drawn whole, no "other classes"
+
+
 def test_openvino_features_match_torch_and_repeat_bit_for_bit():
     """The default extractor on CPUs: OpenVINO's fp32 features are torch's within float noise (the export check's
     |Δp| <= 1e-3 sees nothing of it), its bf16 features within a bf16 rounding step, and a second extractor built

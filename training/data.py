@@ -185,6 +185,42 @@ def more_line(entries: list, limit: int = 20, indent: str = "    ") -> list[str]
     )
 
 
+#: rows a data check's table prints at most: beyond, the rows with the fewest images of the first split (where a
+#: data set needs attention) and a line for the rest, whose counts are all in the run's data_report.json
+TABLE_ROWS = 30
+
+
+def count_table(
+    header: str, plural: str, rows: list[str], counts: dict[str, dict[str, int]], total: tuple[str, list[int]]
+) -> list[str]:
+    """A data check's table: a row per class (or label) with its count in each split (``counts[split][row]``), and
+    the ``total`` row (its name, a count per split); aligned in terminal columns (:func:`columns`). Of more than
+    :data:`TABLE_ROWS` rows, the :data:`TABLE_ROWS` - 10 with the fewest images in the first split are printed and
+    one line sums up the others (150 classes printed 150 lines before training started)."""
+    splits = list(counts)
+    shown = rows
+    if len(rows) > TABLE_ROWS:
+        first = counts[splits[0]]
+        fewest = set(sorted(rows, key=lambda r: first.get(r, 0))[: TABLE_ROWS - 10])
+        shown = [r for r in rows if r in fewest]
+    width = max([columns(x) for x in [*shown, header, total[0]]]) + 2
+    lines = ["  " + ljust(header, width) + "".join(s.rjust(8) for s in splits)]
+    lines += ["  " + ljust(r, width) + "".join(str(counts[s].get(r, 0)).rjust(8) for s in splits) for r in shown]
+    if len(shown) < len(rows):
+        rest = [r for r in rows if r not in set(shown)]
+        spans = {s: sorted({counts[s].get(r, 0) for r in rest}) for s in splits}
+        ranges = ", ".join(f"{s} {v[0]}" + (f"-{v[-1]}" if len(v) > 1 else "") for s, v in spans.items())
+        lines.append(f"  ... and {len(rest)} more {plural} ({ranges} each; all in the run's data_report.json)")
+    lines.append("  " + ljust(total[0], width) + "".join(str(n).rjust(8) for n in total[1]))
+    return lines
+
+
+def some(names: list[str], limit: int = 10) -> str:
+    """The first ``limit`` of ``names``, comma-separated, and how many more: a warning naming 150 classes ran to
+    2,400 characters on one line."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def columns(text: str) -> int:
     """The columns ``text`` takes in a terminal: a wide or full-width character (Chinese, Japanese, Korean) two, a
     combining mark none (``len`` counted 蜜蜂 as 2 of its 4, and the counts after it stood two columns off)."""

@@ -22,13 +22,13 @@ from headstart.data import (
     DatasetError,
     VerifiedImages,
     check_file,
-    columns,
+    count_table,
     foreign_layout,
     listed,
-    ljust,
     more_line,
     not_a_folder,
     same_bytes,
+    some,
 )
 from headstart.labels_csv import find_csv, first_rows, header_of, read_csv, single_label
 from headstart.service.bundle import MANIFEST
@@ -88,12 +88,7 @@ class DatasetReport:
     def format(self) -> str:
         lines = [f"Data set {self.root} ({self.split_source})"]
         counts = self.counts()
-        splits = list(self.splits)
-        width = max(columns(x) for x in self.labels) + 2
-        lines.append("  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits))
-        for label in self.labels:
-            lines.append("  " + ljust(label, width) + "".join(str(counts[s].get(label, 0)).rjust(8) for s in splits))
-        lines.append("  " + "total".ljust(width) + "".join(str(len(self.splits[s])).rjust(8) for s in splits))
+        lines += count_table("class", "classes", self.labels, counts, ("total", [len(v) for v in self.splits.values()]))
         if self.ignored:
             lines.append(f"  ignored {len(self.ignored)} files that are not images:")
             lines += [f"    {shown(p)} ({r})" for p, r in listed(self.ignored)] + more_line(self.ignored)
@@ -420,16 +415,19 @@ def _warnings(splits, labels: list[str], duplicates: list, corrupt: list, confli
         )
     counts = Counter(s.label for s in splits["train"])
     if counts and max(counts.values()) > 1.5 * min(counts.get(k, 0) for k in range(len(labels))):
-        warnings.append(
-            "classes are unbalanced in train: " + ", ".join(f"{labels[k]}={counts[k]}" for k in range(len(labels)))
-        )
+        by_size = sorted(range(len(labels)), key=lambda k: (counts.get(k, 0), k))
+        named = [f"{labels[k]}={counts.get(k, 0)}" for k in range(len(labels))]
+        if len(labels) > 10:  # the extremes: the whole table is above
+            named = [f"{labels[k]}={counts.get(k, 0)}" for k in by_size[:5]] + ["..."]
+            named += [f"{labels[k]}={counts.get(k, 0)}" for k in by_size[-5:]]
+        warnings.append("classes are unbalanced in train: " + ", ".join(named))
     val = Counter(s.label for s in splits.get("val", []))
     thin = [k for k in range(len(labels)) if val.get(k, 0) < FEW_VALIDATION_IMAGES]
     if splits.get("val") and thin:
         warnings.append(
-            "few validation images for "
-            + ", ".join(f"{labels[k]} ({val.get(k, 0)})" for k in thin)
-            + f": their precision, recall and F1 rest on fewer than {FEW_VALIDATION_IMAGES} images each (one image "
+            f"few validation images for {len(thin)} of {len(labels)} classes: "
+            + some([f"{labels[k]} ({val.get(k, 0)})" for k in thin])
+            + f"; their precision, recall and F1 rest on fewer than {FEW_VALIDATION_IMAGES} images each (one image "
             "moves them by 20 points or more); add validation images of these classes for figures you can trust."
         )
     if corrupt:

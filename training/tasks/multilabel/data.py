@@ -26,12 +26,12 @@ from headstart.data import (
     DatasetError,
     VerifiedImages,
     check_file,
-    columns,
+    count_table,
     listed,
-    ljust,
     more_line,
     not_a_folder,
     same_bytes,
+    some,
     verified_images,
 )
 from headstart.labels_csv import SPLITS, Row, find_csv, first_rows, read_csv
@@ -95,13 +95,8 @@ class MultiLabelReport:
 
     def format(self) -> str:
         lines = [f"Data set {self.source} ({self.split_source}; multi-label: images per label)"]
-        counts = self.counts()
-        splits = list(self.splits)
-        width = max([columns(x) for x in self.labels] + [6]) + 2
-        lines.append("  " + "label".ljust(width) + "".join(s.rjust(8) for s in splits))
-        for label in [*self.labels, "(none)"]:
-            lines.append("  " + ljust(label, width) + "".join(str(counts[s][label]).rjust(8) for s in splits))
-        lines.append("  " + "images".ljust(width) + "".join(str(len(self.splits[s])).rjust(8) for s in splits))
+        total = ("images", [len(v) for v in self.splits.values()])
+        lines += count_table("label", "labels", [*self.labels, "(none)"], self.counts(), total)
         if self.corrupt:
             lines.append(f"  skipped {len(self.corrupt)} missing, corrupt or unreadable images:")
             lines += [f"    {shown(p)}: {r}" for p, r in listed(self.corrupt)] + more_line(self.corrupt)
@@ -212,12 +207,10 @@ def check_splits(report: MultiLabelReport) -> None:
     report.warnings += same_pictures(report)
     never = [label for label in report.labels if not train.get(label, 0)]
     if never:
-        report.warnings.append(f"labels in no image, ignored by the metrics: {', '.join(never)}")
+        report.warnings.append(f"labels in no image, ignored by the metrics: {some(never)}")
     rare = [f"{label} ({train[label]})" for label in report.labels if 0 < train.get(label, 0) < 5]
     if rare:
-        report.warnings.append(
-            f"labels with fewer than 5 training images (their metrics rest on little): {', '.join(rare)}"
-        )
+        report.warnings.append(f"labels with fewer than 5 training images (their metrics rest on little): {some(rare)}")
 
 
 def _names(report: MultiLabelReport, sample: Sample) -> str:

@@ -130,15 +130,18 @@ def installed_fonts() -> list[str]:
 
 
 @lru_cache(maxsize=64)
-def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(path, size)
+def _font(path: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.truetype(path, size)
+    except ImportError:  # a Pillow built without FreeType: its bitmap font (ASCII), rather than no image
+        return ImageFont.load_default()
 
 
 @cache
 def _missing_glyph(path: str) -> bytes | None:
     try:
         return _mask(_font(path, 16), NO_GLYPH)
-    except OSError:  # not a font Pillow can read
+    except Exception:  # not a font Pillow can read (a broken file among the installed fonts)
         return None
 
 

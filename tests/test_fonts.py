@@ -58,8 +58,10 @@ def test_accented_cyrillic_greek_and_arabic_labels_are_drawn_with_their_letters_
     assert not np.array_equal(drawn_label("пчела"), drawn_label("оса"))
 
 
-def test_a_letter_dejavu_lacks_is_drawn_from_an_installed_font_on_the_same_baseline(installed):
-    installed([stix_general()])
+def test_a_letter_dejavu_lacks_is_drawn_from_an_installed_font_on_the_same_baseline(installed, tmp_path):
+    broken = tmp_path / "broken.ttf"  # a damaged file among the installed fonts is passed over
+    broken.write_bytes(b"\x00\x01\x00\x00" + b"junk" * 100)
+    installed([str(broken), stix_general()])
     assert fonts.runs(f"x{STIX_ONLY}y 0.50") == [
         ("x", str(fonts.DEJAVU)),
         (STIX_ONLY, stix_general()),

@@ -121,14 +121,14 @@ def _fallbacks(missing: frozenset[str]) -> tuple[list[str], str]:
     families, left = _covering(manager.ttflist, set(missing))
     if left:
         listed = {entry.fname for entry in manager.ttflist}
-        new = [path for path in font_manager.findSystemFonts() if path not in listed]
-        for path in new:
+        new = {path for path in font_manager.findSystemFonts() if path not in listed}
+        for path in sorted(new):
             try:
                 manager.addfont(path)
             except Exception:  # a font file matplotlib cannot read is no fallback
                 continue
         if new:
-            more, left = _covering([e for e in manager.ttflist if e.fname in set(new)], left)
+            more, left = _covering([e for e in manager.ttflist if e.fname in new], left)
             families += [f for f in more if f not in families]
     return families, "".join(sorted(left))
 

@@ -191,3 +191,17 @@ def test_the_data_table_keeps_its_columns_under_chinese_class_names(tmp_path):
     assert len({columns(line) for line in lines}) == 1, lines  # len() counted 蜜蜂 as 2 of its 4 columns
     assert columns("蜜蜂") == 4 and columns("été") == 3 and columns("e\u0301te\u0301") == 3
     assert Path(root).is_dir()
+
+
+def test_compare_keeps_its_columns_under_chinese_run_names():
+    from headstart.compare import format_comparison
+    from headstart.data import columns
+
+    result = {
+        "runs": ["runs/蜜蜂-小", "runs/ants-bees-large"],
+        "options": {"backbone": ["resnet18", "resnet50"]},
+        "metrics": {"accuracy": [0.9608, 0.9673], "seconds": [12.31, 40.02]},
+    }
+    lines = format_comparison(result).splitlines()
+    assert lines[0].split() == ["蜜蜂-小", "ants-bees-large"]
+    assert len({columns(line) for line in lines}) == 1, lines

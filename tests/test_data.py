@@ -165,13 +165,14 @@ def test_a_class_with_few_validation_images_is_named_in_a_warning(tmp_path):
 
 def test_warnings_about_many_classes_name_some_and_count_the_rest(tmp_path):
     """150 classes of 5 images: each warning named every class, one line of 2,400 characters."""
+    from headstart.data import WHOLE_REPORT
     from headstart.tasks.classify.data import scan_image_folder
 
     per_class = {f"c{i:02d}": 5 for i in range(40)} | {"big": 30}
     report = scan_image_folder(make_image_folder(tmp_path / "data", per_class), val_fraction=0.2)
     table = report.format().splitlines()[1:24]  # and the table: the 20 classes with the fewest, a line for the rest
     assert table[1].split() == ["c00", "4", "1"] and table[20].split() == ["c19", "4", "1"]
-    assert table[21] == "  ... and 21 more classes (train 4-24, val 1-6 each; all in the run's data_report.json)"
+    assert table[21] == f"  ... and 21 more classes (train 4-24, val 1-6 each; {WHOLE_REPORT})"
     assert table[22].split() == ["total", "184", "46"]
     warnings = report.warnings
     (thin,) = [w for w in warnings if w.startswith("few validation images")]

@@ -410,7 +410,7 @@ def test_ten_thousand_corrupt_files_print_a_bounded_report(tmp_path):
     report = scan_image_folder(root)
     text = report.format()
     assert len(report.corrupt) == 300 and len(text.splitlines()) < 40
-    assert "280 more (all in the run's data_report.json)" in text
+    assert "280 more (all in the run's data_report.json, or the evaluation's metrics.json)" in text
 
 
 def test_a_yolo_list_naming_devices_pipes_and_deleted_files_is_checked_to_the_end(tmp_path):

@@ -171,22 +171,22 @@ def verified_images(cfg) -> VerifiedImages | None:
     return VerifiedImages(cfg.cache_dir or default_cache_dir())
 
 
+#: where a data check's lists and counts are whole, for the lines that print some of them
+WHOLE_REPORT = "all in the run's data_report.json, or the evaluation's metrics.json"
+
+
 def listed(entries: list, limit: int = 20) -> list:
     """The first ``limit`` entries of a report's list (a data set can hold 10,000 corrupt files): the rest are
-    counted in the line that follows, and all of them are in the run's data_report.json."""
+    counted in the line that follows, and all of them are in the report written (:data:`WHOLE_REPORT`)."""
     return entries[:limit]
 
 
 def more_line(entries: list, limit: int = 20, indent: str = "    ") -> list[str]:
-    return (
-        [f"{indent}... and {len(entries) - limit} more (all in the run's data_report.json)"]
-        if len(entries) > limit
-        else []
-    )
+    return [f"{indent}... and {len(entries) - limit} more ({WHOLE_REPORT})"] if len(entries) > limit else []
 
 
 #: rows a data check's table prints at most: beyond, the rows with the fewest images of the first split (where a
-#: data set needs attention) and a line for the rest, whose counts are all in the run's data_report.json
+#: data set needs attention) and a line for the rest, whose counts are in the report written (:data:`WHOLE_REPORT`)
 TABLE_ROWS = 30
 
 
@@ -210,7 +210,7 @@ def count_table(
         rest = [r for r in rows if r not in set(shown)]
         spans = {s: sorted({counts[s].get(r, 0) for r in rest}) for s in splits}
         ranges = ", ".join(f"{s} {v[0]}" + (f"-{v[-1]}" if len(v) > 1 else "") for s, v in spans.items())
-        lines.append(f"  ... and {len(rest)} more {plural} ({ranges} each; all in the run's data_report.json)")
+        lines.append(f"  ... and {len(rest)} more {plural} ({ranges} each; {WHOLE_REPORT})")
     lines.append("  " + ljust(total[0], width) + "".join(str(n).rjust(8) for n in total[1]))
     return lines
 

@@ -70,6 +70,32 @@ def test_images_are_linked_into_a_folder_per_class_and_a_rerun_adds_nothing(tiny
     assert not os.path.islink(copied) and Path(copied).read_bytes() == images[1].read_bytes()
 
 
+def test_images_named_as_long_as_a_file_system_allows_get_their_heatmaps_and_places(tiny_bundle, tmp_path):
+    """A file named with 250 bytes (the limit is 255) got no heatmap, "File name too long" once .heatmap.jpg was
+    added, and a second one of the name no place in the sorted folder once -2 was: the names are cut to fit."""
+    from headstart.sorting import NAME_BYTES, fitted
+
+    long_stem = "蜜" * 80 + "b" * 8  # 248 bytes of UTF-8: a character is 3 of them
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / sub / f"{long_stem}.jpg" for sub in ("a", "b")]
+    for path in paths:  # two red squares: one class folder for both
+        path.parent.mkdir()
+        synthetic_image(0, rng).save(path)
+    model = headstart.load(tiny_bundle.bundle_dir)
+    answers = model.predict(
+        paths, heatmaps=tmp_path / "maps", sort_into=tmp_path / "sorted", novelty_threshold=MAX_NOVELTY
+    )
+    assert [a.error for a in answers] == [None, None]
+    names = [Path(a.heatmap).name for a in answers]
+    assert names[0].endswith(".heatmap.jpg") and names[1].endswith("-2.heatmap.jpg")
+    assert all(len(n.encode()) <= NAME_BYTES and n.startswith("蜜" * 70) for n in names)
+    assert all(Path(a.heatmap).is_file() for a in answers)
+    assert answers[0].label == answers[1].label  # one class folder: the second one's name gets -2
+    assert Path(answers[1].sorted[0]).name == fitted(long_stem, "-2.jpg")
+    assert all(Path(a.sorted[0]).resolve() == Path(a.image).resolve() for a in answers)
+    assert fitted("蜜" * 100, ".jpg") == "蜜" * 83 + ".jpg"  # cut at a character, not inside one
+
+
 def test_photos_of_other_things_go_to_none_of_these(hymenoptera_bundle, tmp_path):
     """The hymenoptera model on its 153 validation ants and bees and on the three camera shots (none shows an ant or
     a bee): the camera shots in none-of-these/, most ants in ants/ and bees in bees/ (the model keeps 95% of its

@@ -160,7 +160,7 @@ class LoadedModel:
                 answer = Answer(image=name, **next(results), **extra)
                 outputs = next(maps)
                 if folder is not None:
-                    target = folder / f"{_heatmap_name(items[i], i, named)}.heatmap.jpg"
+                    target = folder / _heatmap_name(items[i], i, named)
                     answer = self._with_heatmap(answer, img, target, novelty_threshold, outputs)
                 if sort is not None and not answer.error:
                     answer = _sorted(answer, items[i], data, sort, copy, i)
@@ -270,9 +270,11 @@ def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 
 
 def _heatmap_name(item: ImageInput, index: int, named: set[str]) -> str:
-    """A heatmap's file name: the image file's stem, else the image's place in the list; a name given before in
-    this call (a.jpg in two folders) gets -2, -3, ... so that no heatmap overwrites another."""
+    """A heatmap's file name, ``NAME.heatmap.jpg``: NAME the image file's stem, else the image's place in the list;
+    a name given before in this call (a.jpg in two folders) gets -2, -3, ... so that no heatmap overwrites another;
+    a stem too long for a file name with them is cut (:func:`headstart.sorting.fitted`)."""
     from headstart.service.files import is_url
+    from headstart.sorting import fitted
 
     if is_url(item):  # https://host/photos/cat.jpg?w=800: cat
         from urllib.parse import unquote, urlsplit
@@ -280,10 +282,10 @@ def _heatmap_name(item: ImageInput, index: int, named: set[str]) -> str:
         item = unquote(urlsplit(item).path)
     stem = Path(item).stem if isinstance(item, str | os.PathLike) else ""
     stem = stem or f"image-{index}"
-    name, n = stem, 1
+    name, n = fitted(stem, ".heatmap.jpg"), 1
     while name.casefold() in named:  # A.jpg and a.jpg: one file on a case-insensitive file system
         n += 1
-        name = f"{stem}-{n}"
+        name = fitted(stem, f"-{n}.heatmap.jpg")
     named.add(name.casefold())
     return name
 

@@ -95,12 +95,24 @@ def file_image(answer, item, data: bytes | None, folder: Path, copy: bool, index
     return written
 
 
+#: the longest file name (in bytes) most file systems take: ext4, XFS, APFS, NTFS (255 UTF-16 units)
+NAME_BYTES = 255
+
+
+def fitted(stem: str, tail: str) -> str:
+    """``stem + tail``, the stem cut (at a character) so that the name fits in :data:`NAME_BYTES` bytes of UTF-8:
+    an image named with 250 bytes got no heatmap ("File name too long") once ``.heatmap.jpg`` was added."""
+    room = NAME_BYTES - len(tail.encode())
+    return stem.encode()[:room].decode(errors="ignore") + tail
+
+
 def _place(target: Path, name: str, source: Path | None, data: bytes | None, copy: bool) -> Path:
-    """``source`` (or ``data``) as ``target/name``, or ``name`` with -2, -3, ... where another image has it."""
+    """``source`` (or ``data``) as ``target/name``, or ``name`` with -2, -3, ... where another image has it (the
+    stem cut where the number would make the name too long: :func:`fitted`)."""
     stem, suffix = Path(name).stem, Path(name).suffix
     real = source.resolve() if source is not None else None
     for n in range(1, 10_000):
-        path = target / (name if n == 1 else f"{stem}-{n}{suffix}")
+        path = target / (name if n == 1 else fitted(stem, f"-{n}{suffix}"))
         if path.is_symlink() or path.exists():
             if _same(path, real, data, copy):
                 return path

@@ -52,6 +52,43 @@ def test_train_writes_a_complete_run(tiny_folder, tmp_path, cache_dir):
     assert not (run_dir / runs.CHECKPOINT).exists()
 
 
+def test_a_cache_folder_that_cannot_be_written_is_said_before_any_work(tiny_folder, tmp_path, monkeypatch, caplog):
+    """HOME missing or read-only (a container's): the run stopped with NotADirectoryError at its first feature. The
+    default cache is passed over with one warning, the run keeps its features in memory; a --cache-dir or
+    HEADSTART_CACHE given that cannot be written is an error naming it; an empty XDG_CACHE_HOME is unset (the cache
+    went to ./headstart/ of the current folder)."""
+    from headstart.features import default_cache_dir
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.delenv("HEADSTART_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    monkeypatch.setenv("HOME", str(blocked))
+    assert default_cache_dir() == blocked / ".cache" / "headstart" / "features"
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tiny_folder, tmp_path / "run", cache="unused", views=1, epochs=2)
+    cfg.cache_dir = None
+    with caplog.at_level(logging.INFO):
+        run_dir = train(cfg)
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if "cannot be written" in m] == [
+        f"the feature cache {blocked}/.cache/headstart/features cannot be written (Not a directory): this run keeps "
+        "its features in memory only, and the next computes them again. Set HEADSTART_CACHE or --cache-dir to a "
+        "folder this user can write."
+    ]
+    assert any(m.endswith("(float32), not cached") for m in said)
+    assert (run_dir / runs.METRICS).is_file() and not (tmp_path / "headstart").exists()
+    for given in ("--cache-dir", "HEADSTART_CACHE"):
+        cfg = tiny_config(tiny_folder, tmp_path / f"run-{given}", cache=blocked / "cache", views=1, epochs=2)
+        if given == "HEADSTART_CACHE":
+            cfg.cache_dir = None
+            monkeypatch.setenv("HEADSTART_CACHE", str(blocked / "cache"))
+        with pytest.raises(ValueError, match=r"cannot be written: Not a directory\. .*--no-cache") as err:
+            train(cfg)
+        assert f"{blocked}/cache" in str(err.value) and f"({given})" in str(err.value)
+        assert not (tmp_path / f"run-{given}" / runs.METRICS).exists()
+
+
 def test_same_seed_same_result_and_cache_reuse(tiny_folder, tmp_path, cache_dir):
     a = train(tiny_config(tiny_folder, tmp_path / "a", cache_dir))
     files = sorted(cache_dir.rglob("*.npy"))

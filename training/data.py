@@ -163,12 +163,12 @@ def decoding_key() -> str:
 
 
 def verified_images(cfg) -> VerifiedImages | None:
-    """The images checked earlier, in the run's feature cache (``--cache-dir``); None with ``--no-cache``."""
-    if cfg.no_cache:
-        return None
-    from headstart.features import default_cache_dir
+    """The images checked earlier, in the run's feature cache (``--cache-dir``); None with ``--no-cache`` or where
+    no cache can be written (:func:`headstart.features.cache_root`)."""
+    from headstart.features import cache_root
 
-    return VerifiedImages(cfg.cache_dir or default_cache_dir())
+    root = cache_root(cfg)
+    return None if root is None else VerifiedImages(root)
 
 
 #: where a data check's lists and counts are whole, for the lines that print some of them

@@ -25,7 +25,7 @@ from headstart import runs, tracking
 from headstart.augment import recipe, recipe_key
 from headstart.config import RunConfig
 from headstart.extractor import Extractor, OpenVINORefused, resolve_device, use_bf16
-from headstart.features import DecodedImages, FeatureCache, cache_namespace, default_cache_dir, extract_features
+from headstart.features import DecodedImages, FeatureCache, cache_namespace, cache_root, extract_features
 from headstart.models import Backbone, PixelNormalize, build_backbone
 from headstart.models.backbone import backbone_preprocess
 from headstart.service.contract import BackboneRecord, RunRecord
@@ -207,8 +207,13 @@ def _extract(task: Task, job: Job, layout: FeatureLayout, aug_key: str) -> None:
             "--max-feature-gb if the machine has the memory."
         )
     job.training_report["feature_gib"] = round(need / 2**30, 6)
-    log.info("features: %.2f GiB in memory (%s), as much in the cache", need / 2**30, np.dtype(layout.dtype).name)
-    job.cache = FeatureCache(None if cfg.no_cache else (cfg.cache_dir or default_cache_dir()))
+    job.cache = FeatureCache(cache_root(cfg))
+    log.info(
+        "features: %.2f GiB in memory (%s), %s",
+        need / 2**30,
+        np.dtype(layout.dtype).name,
+        "as much in the cache" if job.cache.root is not None else "not cached",
+    )
     # the decoding is part of what features depend on: a JPEG is decoded at a scale set by the spec (DECODE_MARGIN),
     # a large image of another format reduced after decoding to REDUCED_MARGIN times as much
     decoding = f"dct-scaled x{DECODE_MARGIN}, others reduced x{DECODE_MARGIN * REDUCED_MARGIN}"

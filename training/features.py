@@ -40,10 +40,51 @@ _SHARDS = "[0-9a-f][0-9a-f]"
 
 
 def default_cache_dir() -> Path:
+    """``$HEADSTART_CACHE/features``, else ``$XDG_CACHE_HOME/headstart/features``, else ``~/.cache/...``; an empty
+    variable counts as unset (an empty XDG_CACHE_HOME put the cache in ./headstart/ of whatever folder a run
+    started in)."""
     base = os.environ.get("HEADSTART_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "headstart"
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "headstart"
     )
     return Path(base) / "features"
+
+
+_UNUSABLE: set[str] = set()  # default cache folders found unusable (said once)
+
+
+def cache_root(cfg) -> Path | None:
+    """The feature cache's folder for a run's options: ``--cache-dir``, else :func:`default_cache_dir`; None with
+    ``--no-cache``. Made and tried with a small write first: a folder given by the user (``--cache-dir``,
+    ``$HEADSTART_CACHE``) that cannot be written is an error saying so; the default one (under a home folder that is
+    missing or read-only, as in many containers) is passed over with one warning, and the run keeps its features in
+    memory only. Either way before any work (a run stopped with NotADirectoryError at its first feature)."""
+    if cfg.no_cache:
+        return None
+    given = cfg.cache_dir or os.environ.get("HEADSTART_CACHE")
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if given:
+            where = "--cache-dir" if cfg.cache_dir else "HEADSTART_CACHE"
+            raise ValueError(
+                f"The feature cache {root} ({where}) cannot be written: {why}. Give a folder this user can write, or "
+                "--no-cache to keep the features in memory only."
+            ) from exc
+        if str(root) not in _UNUSABLE:
+            _UNUSABLE.add(str(root))
+            log.warning(
+                "the feature cache %s cannot be written (%s): this run keeps its features in memory only, and the "
+                "next computes them again. Set HEADSTART_CACHE or --cache-dir to a folder this user can write.",
+                root,
+                why,
+            )
+        return None
+    return root
 
 
 class FeatureCache:

@@ -19,6 +19,7 @@ import numpy as np
 
 from .contract import ContractError, Manifest
 from .cpu import CpuInfo, cpu_info
+from .devserver import bentoml_home
 from .errors import HeadstartError
 from .preprocess import PreprocessSpec
 from .runtime import (
@@ -211,6 +212,11 @@ def resolve_bundle_path(ref: str | Path) -> Path:
         raise BundleError(
             f"No model {text!r} in the BentoML model store ({os.environ.get('BENTOML_HOME', '~/bentoml')}). "
             "List models with: bentoml models list"
+        ) from exc
+    except OSError as exc:  # BentoML makes its home's folders first: a missing or read-only home
+        raise BundleError(
+            f"{text!r} is looked up in BentoML's model store, and BentoML cannot use its home ({bentoml_home()}): "
+            f"{exc.strerror or exc}. Set BENTOML_HOME to the folder that holds the store, or give the bundle's folder."
         ) from exc
 
 

@@ -58,6 +58,13 @@ def check_port(host: str, port: int) -> None:
             raise PortUnavailable(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.") from None
 
 
+def bentoml_home() -> Path:
+    """BentoML's home (its model store is ``models/`` in it), where BentoML puts it: ``$BENTOML_HOME``, else
+    ``~/bentoml``; found without starting BentoML."""
+    home = os.environ.get("BENTOML_HOME", os.path.join(os.path.expanduser("~"), "bentoml"))
+    return Path(os.path.expandvars(home))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

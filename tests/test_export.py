@@ -6,6 +6,8 @@ import dataclasses
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +205,45 @@ def test_export_refuses_to_replace_the_run_or_what_is_not_a_bundle(tiny_run, tmp
     export_bundle(run, tmp_path / "empty", store=False)
     export_bundle(run, other, store=False, force=True)
     assert (other / "manifest.json").is_file() and not (other / "keep.jpg").exists()
+
+
+def test_a_home_bentoml_cannot_use_is_said_before_any_work(tiny_run, tiny_bundle, tmp_path, monkeypatch, caplog):
+    """HOME missing or read-only (a container's): export verified the bundle, then stopped with NotADirectoryError at
+    the store and threw the bundle away; `headstart serve BUNDLE_DIR` stopped the same way in BentoML's start, and a
+    tag a traceback. Now: export refuses at once naming --no-store; serving a folder takes a stand-in BENTOML_HOME
+    (a folder needs no store) and says so; a tag says the store cannot be read."""
+    from headstart.api import serve_settings
+    from headstart.service.devserver import free_port
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("HOME", str(blocked))
+    monkeypatch.delenv("BENTOML_HOME", raising=False)
+    with pytest.raises(ExportError, match=r"model store .*a-file/bentoml/models cannot be written: Not a directory"):
+        export_bundle(tiny_run, tmp_path / "b")
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.tmp*"))
+    assert export_bundle(tiny_run, tmp_path / "b", store=False).tag is None  # --no-store needs no store
+
+    with caplog.at_level(logging.WARNING, logger="headstart"):
+        served, env = serve_settings(tiny_bundle.bundle_dir, port=free_port())
+    assert served == str(Path(tiny_bundle.bundle_dir).resolve())
+    stand_in = Path(env["BENTOML_HOME"])
+    assert stand_in.is_dir() and not stand_in.is_relative_to(blocked)
+    assert any("cannot be written" in r.getMessage() and str(stand_in) in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="looked up in BentoML's model store.*give|serve the bundle by its folder"):
+        serve_settings(tiny_bundle.tag, port=free_port())
+    # a new process (this one's BentoML has its home already): one line, no traceback
+    image = next((Path(tiny_run).parent / "data").rglob("*.jpg"))
+    done = subprocess.run(
+        [sys.executable, "-m", "headstart.cli", "predict", tiny_bundle.tag, str(image)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "looked up in BentoML's model store" in done.stderr and "a-file/bentoml): Not a directory" in done.stderr
+    monkeypatch.setenv("BENTOML_HOME", str(stand_in))  # a usable home: nothing set for the server
+    assert "BENTOML_HOME" not in serve_settings(tiny_bundle.bundle_dir, port=free_port())[1]
 
 
 def test_written_files_follow_the_users_umask(tiny_run, tmp_path):

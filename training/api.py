@@ -23,6 +23,7 @@ line prints.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from headstart.extras import explained, require
 from headstart.predicting import Answer, ImageInput, LoadedModel
 from headstart.service.contract import Manifest, Model
 from headstart.service.cpu import INT8_WEIGHT_BITS
+
+log = logging.getLogger("headstart")
 
 __all__ = [  # Answer, ImageInput and LoadedModel live in headstart/predicting.py
     "Answer",
@@ -322,6 +325,7 @@ def serve_settings(
     chosen = {"VARIANT": variant, "DEVICE": device, "RUNTIME": runtime, "PRECISION": precision}
     defaults = {"VARIANT": "fp32", "DEVICE": "auto", "RUNTIME": "auto", "PRECISION": "auto"}
     settings = {k: v or os.environ.get(f"HEADSTART_{k}") or defaults[k] for k, v in chosen.items()}
+    home = _bentoml_home_for(model)  # before the model is looked up: a tag is looked up in BentoML's store
     variant_file(*verify_bundle(model), settings["VARIANT"])
     choose_runtime(settings["RUNTIME"], settings["DEVICE"])
     if port < 1 or (workers is not None and workers < 1) or (threads is not None and threads < 1):
@@ -331,7 +335,41 @@ def serve_settings(
     check_port(host, port)
     settings |= {k: v for k, v in (("WORKERS", workers), ("THREADS", threads)) if v is not None}
     served = str(Path(model).resolve()) if Path(model).is_dir() else model
-    return served, {f"HEADSTART_{k}": str(v) for k, v in settings.items()}
+    return served, {f"HEADSTART_{k}": str(v) for k, v in settings.items()} | home
+
+
+def _bentoml_home_for(model: str) -> dict[str, str]:
+    """BENTOML_HOME for serving ``model`` where BentoML's own cannot be written (a missing or read-only home: BentoML
+    makes its folders at start and stopped with NotADirectoryError): a bundle served by its folder reads no model
+    store, so a folder of this user's in the temporary folder serves; {} where BentoML's home is usable."""
+    import tempfile
+
+    from headstart.runs import unwritable
+    from headstart.service.devserver import bentoml_home
+
+    why = unwritable(bentoml_home())
+    if not why:
+        return {}
+    if not Path(model).is_dir():
+        raise ValueError(
+            f"{model} is looked up in BentoML's model store, and BentoML's home {bentoml_home()} cannot be written "
+            f"({why}): set BENTOML_HOME to the folder that holds the store, or serve the bundle by its folder."
+        )
+    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    stand_in = Path(tempfile.gettempdir()) / f"headstart-bentoml-{user}"
+    if unwritable(stand_in):
+        raise ValueError(
+            f"BentoML's home {bentoml_home()} cannot be written ({why}): set BENTOML_HOME to a folder this user can "
+            "write."
+        )
+    log.warning(
+        "BentoML's home %s cannot be written (%s): serving with BENTOML_HOME=%s (a bundle served by its folder needs "
+        "no model store; set BENTOML_HOME to choose)",
+        bentoml_home(),
+        why,
+        stand_in,
+    )
+    return {"BENTOML_HOME": str(stand_in)}
 
 
 @explained

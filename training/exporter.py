@@ -223,6 +223,15 @@ def export_bundle(
         raise ExportError("--int8-weight-bits is for the int8 model: add --int8.")
     if store:  # before the work: the bundle was written and verified, then thrown away for want of the store
         require("bentoml", otherwise="Or export with --no-store (store=False): the bundle alone, served by its folder.")
+        from headstart.service.devserver import bentoml_home
+
+        why = runs.unwritable(bentoml_home() / "models")
+        if why:
+            raise ExportError(
+                f"The BentoML model store {bentoml_home() / 'models'} cannot be written: {why}. Set BENTOML_HOME to a "
+                "folder this user can write, or export with --no-store (store=False): the bundle alone, served by its "
+                "folder."
+            )
     run = load_run(run_dir, weights=weights)
     if data is not None:
         run = data_moved(run, data)

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from headstart.runs import atomic_write_bytes
+from headstart.runs import atomic_write_bytes, unwritable
 from headstart.service.preprocess import PreprocessSpec, decode_for, decode_side
 
 log = logging.getLogger(__name__)
@@ -62,19 +62,14 @@ def cache_root(cfg) -> Path | None:
         return None
     given = cfg.cache_dir or os.environ.get("HEADSTART_CACHE")
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        why = exc.strerror or str(exc)
+    why = unwritable(root)
+    if why:
         if given:
             where = "--cache-dir" if cfg.cache_dir else "HEADSTART_CACHE"
             raise ValueError(
                 f"The feature cache {root} ({where}) cannot be written: {why}. Give a folder this user can write, or "
                 "--no-cache to keep the features in memory only."
-            ) from exc
+            )
         if str(root) not in _UNUSABLE:
             _UNUSABLE.add(str(root))
             log.warning(

@@ -85,6 +85,19 @@ def replace_dir(new: Path, target: Path) -> None:
         new.rename(target)
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why ``folder`` (made if missing) cannot take a file, or None when it can: tried with a small write, as a
+    home folder that is missing or read-only (a container's) stops a command only when it first writes there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

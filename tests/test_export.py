@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -244,6 +245,22 @@ def test_a_home_bentoml_cannot_use_is_said_before_any_work(tiny_run, tiny_bundle
     assert "looked up in BentoML's model store" in done.stderr and "a-file/bentoml): Not a directory" in done.stderr
     monkeypatch.setenv("BENTOML_HOME", str(stand_in))  # a usable home: nothing set for the server
     assert "BENTOML_HOME" not in serve_settings(tiny_bundle.bundle_dir, port=free_port())[1]
+
+
+def test_names_the_output_encoding_cannot_hold_are_escaped_not_fatal(tiny_bundle, tiny_run, tmp_path):
+    """Output to a file or pipe on Windows is cp1252: `headstart predict MODEL 蜜蜂.jpg > answers.txt` stopped at the
+    first name it could not encode. Now the name is written as escapes, and the answer stands."""
+    image = tmp_path / "蜜蜂.jpg"
+    shutil.copy(next((Path(tiny_run).parent / "data").rglob("*.jpg")), image)
+    done = subprocess.run(
+        [sys.executable, "-m", "headstart.cli", "predict", str(tiny_bundle.bundle_dir), str(image)],
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "PYTHONIOENCODING": "cp1252"},
+    )
+    assert done.returncode == 0, done.stderr.decode("cp1252")[-2000:]
+    line = done.stdout.decode("cp1252").strip()
+    assert line.startswith(f"{tmp_path}/\\u871c\\u8702.jpg: ") and ("red" in line or "blue" in line)
 
 
 def test_written_files_follow_the_users_umask(tiny_run, tmp_path):

@@ -646,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     from headstart.service import usage_reports
 
     usage_reports.turn_off(openvino_converter=True)  # a process of headstart's own: OpenVINO without its converter
+    escaping_streams()
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     if args.command in ("train", "crossval", "predict-batch") and not sys.stderr.isatty():
@@ -667,6 +668,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"headstart {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
+
+
+def escaping_streams() -> None:
+    """Standard output and error that cannot encode every character (a file or pipe on Windows, in cp1252;
+    PYTHONIOENCODING=ascii) write what they cannot as an escape (``\\u871c``): the first class name in another script
+    stopped `headstart predict > answers.txt` with "'charmap' codec can't encode characters"."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "utf-8").lower()
+        if not encoding.startswith("utf") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def run() -> None:

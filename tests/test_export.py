@@ -263,6 +263,36 @@ def test_names_the_output_encoding_cannot_hold_are_escaped_not_fatal(tiny_bundle
     assert line.startswith(f"{tmp_path}/\\u871c\\u8702.jpg: ") and ("red" in line or "blue" in line)
 
 
+def test_folders_the_file_system_refuses_are_one_line_each(tiny_bundle, tiny_folder, tmp_path, capsys, monkeypatch):
+    """--out, --heatmap, --sort-into and evaluate's --out under a file printed a NotADirectoryError traceback; a
+    reader that stops early (`| head`) a BrokenPipeError one. Now one line saying what to do, exit 1; a closed pipe
+    ends quietly (141, as SIGPIPE would)."""
+    from headstart import cli
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    bundle, image = str(tiny_bundle.bundle_dir), str(next(tiny_folder.rglob("*.jpg")))
+    for argv in (
+        ["train", str(tiny_folder), "--backbone", "test_resnet", "--no-pretrained", "--out", str(blocked / "run")],
+        ["predict", bundle, image, "--heatmap", str(blocked / "maps")],
+        ["predict", bundle, image, "--sort-into", str(blocked / "sorted")],
+        ["evaluate", bundle, str(tiny_folder / "val"), "--out", str(blocked / "eval")],
+    ):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == (
+            f"headstart {argv[0]}: error: Not a directory: {blocked}/{argv[-1].rsplit('/', 1)[1]} (a file stands "
+            "where a folder is needed: choose another path)"
+        ), err
+
+    def reader_gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(cli.COMMANDS, "predict", reader_gone)
+    assert main(["predict", bundle, image]) == 141
+    assert capsys.readouterr().err == ""
+
+
 def test_written_files_follow_the_users_umask(tiny_run, tmp_path):
     import os
     import stat

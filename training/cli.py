@@ -4,6 +4,8 @@ cache."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -668,6 +670,40 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"headstart {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `headstart predict ... | head`: the reader has all it wanted (a traceback before)
+        with contextlib.suppress(OSError):  # nothing more goes to the closed pipe, the final flush included
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a command ended by SIGPIPE
+    except OSError as exc:  # the file system refused: a folder that cannot be made or written, a full disk
+        if args.verbose:
+            raise
+        print(f"headstart {args.command}: error: {refused(exc)}", file=sys.stderr)
+        return 1
+
+
+#: what to do about the file system's refusals, by errno name (EDQUOT is not on every system)
+WHAT_TO_DO = {
+    getattr(errno, name): todo
+    for names, todo in (
+        (("ENOTDIR",), "a file stands where a folder is needed: choose another path"),
+        (("EEXIST",), "something of that name is in the way: choose another path"),
+        (("EACCES", "EPERM"), "this user may not write there: choose a folder it can write"),
+        (("EROFS",), "the file system is read-only: choose a folder on another"),
+        (("ENOSPC", "EDQUOT"), "the disk is full: free some space, or choose a folder on another disk"),
+        (("ENAMETOOLONG",), "the name is too long for the file system: choose a shorter path"),
+    )
+    for name in names
+    if hasattr(errno, name)
+}
+
+
+def refused(exc: OSError) -> str:
+    """An OSError as one line: what was refused, where, and what to do (``-v`` shows the traceback): `headstart
+    train --out` under a file, `--heatmap` on a read-only disk, a full disk printed a traceback."""
+    where = f": {exc.filename}" if exc.filename else ""
+    what = exc.strerror or str(exc)
+    todo = WHAT_TO_DO.get(exc.errno)
+    return f"{what}{where}" + (f" ({todo})" if todo else "")
 
 
 def escaping_streams() -> None:

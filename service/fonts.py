@@ -40,11 +40,12 @@ _SAID: set[str] = set()
 
 def font_folders() -> list[Path]:
     """Where installed fonts are: the system's and the user's folders on Linux, macOS and Windows."""
-    home = Path.home()
     folders = [Path(p) / "fonts" for p in os.environ.get("XDG_DATA_DIRS", "/usr/local/share:/usr/share").split(":")]
-    folders += [home / ".local/share/fonts", home / ".fonts"]
+    home = os.path.expanduser("~")  # left as "~" where there is none (a container's user without HOME or passwd line)
+    homes = [] if home == "~" else [Path(home)]
+    folders += [h / sub for h in homes for sub in (".local/share/fonts", ".fonts")]
     if sys.platform == "darwin":
-        folders += [Path("/System/Library/Fonts"), Path("/Library/Fonts"), home / "Library/Fonts"]
+        folders += [Path("/System/Library/Fonts"), Path("/Library/Fonts"), *(h / "Library/Fonts" for h in homes)]
     if sys.platform == "win32":
         folders += [Path(os.environ.get("WINDIR", r"C:\Windows")) / "Fonts"]
     return list(dict.fromkeys(folders))
@@ -76,7 +77,7 @@ class Label:
             draw.text(at, part, fill=fill, font=font, anchor="ls", **LAYOUT)
 
 
-def runs(text: str) -> list[tuple[str, str | None]]:
+def runs(text: str) -> list[tuple[str, str]]:
     """``text`` cut into runs of (characters, the font file that draws them): DejaVu Sans where it can, else the
     first installed font that has the character (None: no font here has it; drawn by DejaVu Sans as a box). Spaces,
     combining marks and format characters stay in the run they follow."""

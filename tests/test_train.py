@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -87,6 +88,14 @@ def test_a_cache_folder_that_cannot_be_written_is_said_before_any_work(tiny_fold
             train(cfg)
         assert f"{blocked}/cache" in str(err.value) and f"({given})" in str(err.value)
         assert not (tmp_path / f"run-{given}" / runs.METRICS).exists()
+    # no home at all (a container's user without HOME or a passwd line: "~" stays "~"): not ./~/.cache/ here
+    from headstart.features import cache_root
+
+    monkeypatch.delenv("HEADSTART_CACHE")
+    monkeypatch.setattr("os.path.expanduser", lambda path: path)
+    with caplog.at_level(logging.WARNING):
+        assert cache_root(dataclasses.replace(cfg, cache_dir=None)) is None
+    assert "(no home folder to hold it)" in caplog.records[-1].getMessage() and not (tmp_path / "~").exists()
 
 
 def test_same_seed_same_result_and_cache_reuse(tiny_folder, tmp_path, cache_dir):

@@ -62,7 +62,8 @@ def cache_root(cfg) -> Path | None:
         return None
     given = cfg.cache_dir or os.environ.get("HEADSTART_CACHE")
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    why = unwritable(root)
+    # "~" where no home can be found (a container's user without HOME or passwd line): not ./~/.cache/ of the run
+    why = "no home folder to hold it" if not given and not root.is_absolute() else unwritable(root)
     if why:
         if given:
             where = "--cache-dir" if cfg.cache_dir else "HEADSTART_CACHE"

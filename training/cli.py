@@ -651,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     escaping_streams()
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    if args.command in ("train", "crossval", "evaluate"):  # the commands that draw plots
+        matplotlib_folder()
     if args.command in ("train", "crossval", "predict-batch") and not sys.stderr.isatty():
         args.progress = False  # bars redraw a terminal; in a log or a pipe each update would be a line of its own
     from headstart.extras import missing_extra
@@ -704,6 +706,31 @@ def refused(exc: OSError) -> str:
     what = exc.strerror or str(exc)
     todo = WHAT_TO_DO.get(exc.errno)
     return f"{what}{where}" + (f" ({todo})" if todo else "")
+
+
+def matplotlib_folder() -> None:
+    """MPLCONFIGDIR in the temporary folder (``headstart-matplotlib-UID``, kept from run to run) where matplotlib's
+    own cannot be written (a missing or read-only home): matplotlib made a new temporary one at each run, listed
+    the system's fonts into it again (2.6 s of a small `headstart train` here) and said so in two lines of warning.
+    An MPLCONFIGDIR set is left as it is."""
+    import tempfile
+
+    from headstart.runs import unwritable
+
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    home = os.path.expanduser("~")
+    if sys.platform.startswith("linux") or sys.platform.startswith("freebsd"):  # matplotlib's own choice
+        folder = Path(os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")) / "matplotlib"
+    else:
+        folder = Path(home) / ".matplotlib"
+    if home != "~" and folder.is_absolute() and not unwritable(folder):
+        return
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    stand_in = Path(tempfile.gettempdir()) / f"headstart-matplotlib-{user}"
+    if not unwritable(stand_in):
+        os.environ["MPLCONFIGDIR"] = str(stand_in)
+        log.debug("matplotlib's folder %s cannot be written: MPLCONFIGDIR=%s", folder, stand_in)
 
 
 def escaping_streams() -> None:

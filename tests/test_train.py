@@ -191,6 +191,8 @@ def test_the_cache_command_shows_and_prunes_the_least_recently_used_and_nothing_
         assert torch.equal(value, head_tensors(c)[key]) and torch.equal(value, head_tensors(again)[key])
     assert main(["cache", "--cache-dir", str(cache_dir), "--keep-gb", "-1"]) == 2
     assert "--keep-gb must be 0 or more" in capsys.readouterr().err
+    assert main(["cache", "--cache-dir", str(foreign)]) == 2  # a file: was shown as an empty cache
+    assert f"{foreign} is a file, not a feature cache" in capsys.readouterr().err
     # a read from the cache notes the use itself (the kernel may not: noatime; relatime after a day); an access
     # time in the future, which the kernel leaves as it is, shows it
     path = next(p for p, _ in FeatureCache(cache_dir).files() if p.suffix == ".npy")

@@ -520,7 +520,10 @@ def _cmd_cache(args) -> int:
 
     if args.keep_gb is not None and args.keep_gb < 0:
         raise ValueError(f"--keep-gb must be 0 or more, not {args.keep_gb}.")
-    cache = FeatureCache(args.cache_dir or default_cache_dir())
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if root.exists() and not root.is_dir():  # read as an empty cache before
+        raise ValueError(f"{root} is a file, not a feature cache: give the cache's folder (--cache-dir).")
+    cache = FeatureCache(root)
     removed = None
     if args.clear or args.keep_gb is not None:
         files, freed = cache.prune(0 if args.clear else int(args.keep_gb * 2**30))

@@ -549,3 +549,22 @@ def test_an_archive_given_as_the_data_set_says_to_unpack_it(tmp_path, name, comm
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DatasetError, match="is a file, not a folder"):
         scan_image_folder(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize(
+    ("link", "fetch"),
+    [
+        ("https://example.com/sets/bees.zip?dl=1", "curl -L -o bees.zip 'https://example.com/sets/bees.zip?dl=1'"),
+        ("s3://bucket/sets/bees/", "aws s3 sync s3://bucket/sets/bees bees"),
+        ("gs://bucket/bees", "gcloud storage cp -r gs://bucket/bees ."),
+    ],
+)
+def test_a_url_given_as_the_data_set_says_to_download_it(link, fetch):
+    """A Kaggle or Roboflow link: "Data folder https:/example.com/... does not exist", its slashes joined."""
+    from headstart.tasks.detect.data import scan_yolo_dataset
+    from headstart.tasks.multilabel.data import scan_data
+
+    said = f"is a URL: headstart reads a folder on this machine. Download it first ({fetch}), unpack"
+    for scan in (scan_image_folder, scan_yolo_dataset, lambda p: scan_data(str(p), 0.2, 0)):
+        with pytest.raises(DatasetError, match=re.escape(said)):
+            scan(link)

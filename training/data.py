@@ -243,6 +243,17 @@ ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", "
 def not_a_folder(path: str | Path, what: str = "Data folder") -> str:
     """Why ``path`` cannot be read as a data set's folder, and what to do: it does not exist, it is an archive to
     unpack first (``unzip x.zip -d x``; headstart reads folders), or it is another file."""
+    url = re.match(r"([a-z][a-z0-9+.-]*):/+(.*)", os.fspath(path), re.IGNORECASE)
+    if url and url.group(1).lower() in ("http", "https", "s3", "gs", "ftp") and not Path(path).exists():
+        # a Kaggle or Roboflow link ("https:/..." once a Path joined its slashes): not a folder of this machine
+        scheme, link = url.group(1).lower(), f"{url.group(1)}://{url.group(2)}".rstrip("/")
+        name = link.rsplit("/", 1)[-1].split("?")[0] or "data"
+        curl = f"curl -L -o {name} '{link}'"
+        fetch = {"s3": f"aws s3 sync {link} {name}", "gs": f"gcloud storage cp -r {link} ."}.get(scheme, curl)
+        return (
+            f"{what} {link} is a URL: headstart reads a folder on this machine. Download it first ({fetch}), unpack "
+            "it if it is an archive, and give the folder."
+        )
     path = Path(path)
     name = path.name.lower()
     archive = next((suffix for suffix in ARCHIVES if name.endswith(suffix)), None)

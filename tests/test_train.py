@@ -904,6 +904,7 @@ def test_openvino_compiles_only_for_a_missing_feature_and_a_late_refusal_starts_
         ("dropout", 1.0, "--dropout must be a finite number at least 0 and below 1, got 1.0"),
         ("label_smoothing", 1.5, "--label-smoothing must be a finite number at least 0 and below 1"),
         ("finetune_lr", 0.0, "--finetune-lr must be a finite number above 0"),
+        ("seed", -5, "--seed must be 0 or more, got -5"),  # numpy's "expected non-negative integer" in the split
     ],
 )
 def test_a_number_out_of_range_is_refused_before_any_work(tiny_folder, tmp_path, cache_dir, option, value, words):

@@ -179,6 +179,8 @@ class RunConfig:
             raise ValueError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}.")
         if self.hidden < 0:
             raise ValueError(f"--hidden must be >= 0, got {self.hidden}.")
+        if self.seed < 0:  # numpy refused it in the data split: "expected non-negative integer", no option named
+            raise ValueError(f"--seed must be 0 or more, got {self.seed}.")
         # torch refused these only when the head was built or its optimizer made, after the data check and the
         # backbone, leaving a run directory that the corrected command then found in its way
         check_number("--lr", self.lr, low=0.0, low_ok=False)

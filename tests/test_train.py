@@ -102,7 +102,7 @@ def test_a_cache_folder_that_cannot_be_written_is_said_before_any_work(tiny_fold
 
 def test_matplotlib_gets_a_lasting_folder_where_its_own_cannot_be_written(tmp_path, monkeypatch):
     """Under a missing or read-only home matplotlib made a new temporary folder at each run, listed the fonts again
-    (2.6 s) and warned in two lines: the plotting commands give it one in the temporary folder, kept between runs."""
+    and warned in two lines: the plotting commands give it one in the temporary folder, kept between runs."""
     import tempfile
 
     from headstart.cli import matplotlib_folder

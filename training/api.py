@@ -355,7 +355,7 @@ def _bentoml_home_for(model: str) -> dict[str, str]:
             f"{model} is looked up in BentoML's model store, and BentoML's home {bentoml_home()} cannot be written "
             f"({why}): set BENTOML_HOME to the folder that holds the store, or serve the bundle by its folder."
         )
-    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
     stand_in = Path(tempfile.gettempdir()) / f"headstart-bentoml-{user}"
     if unwritable(stand_in):
         raise ValueError(

@@ -568,3 +568,27 @@ def test_a_url_given_as_the_data_set_says_to_download_it(link, fetch):
     for scan in (scan_image_folder, scan_yolo_dataset, lambda p: scan_data(str(p), 0.2, 0)):
         with pytest.raises(DatasetError, match=re.escape(said)):
             scan(link)
+
+
+def test_pictures_in_other_forms_are_named_with_what_to_do(tmp_path):
+    """A photographer's RAW files, a hospital's DICOM, videos: "not an image", and where they were all the data set
+    held, "Found 0 class(es) with images" and nothing more."""
+    root = tmp_path / "data"
+    for label, suffix in (("ants", ".NEF"), ("bees", ".cr2")):
+        (root / label).mkdir(parents=True)
+        for k in range(3):
+            (root / label / f"{k}{suffix}").write_bytes(b"II*\x00raw sensor data")
+    with pytest.raises(
+        DatasetError, match=re.escape("Of the files ignored, 6 are camera RAW photos: export them as JPEG")
+    ):
+        scan_image_folder(root)
+    good = make_image_folder(tmp_path / "good", {"ants": 4, "bees": 4})
+    (good / "ants" / "scan.dcm").write_bytes(b"DICM")
+    (good / "bees" / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    (good / "bees" / "notes.txt").write_text("x")
+    ignored = dict(scan_image_folder(good).ignored)
+    assert ignored[str(good / "ants" / "scan.dcm")] == (
+        "DICOM, not read: convert them to PNG first (pydicom, or dcmj2pnm from dcmtk)"
+    )
+    assert ignored[str(good / "bees" / "clip.mp4")].startswith("a video, not read: extract frames first (ffmpeg")
+    assert ignored[str(good / "bees" / "notes.txt")] == "not an image"

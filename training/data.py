@@ -58,9 +58,52 @@ def check_file(
         return "corrupt", str(exc)
     except ImageError as exc:
         if not looks_like_image and "not an image format" in str(exc):
-            return "ignored", "not an image"
+            return "ignored", not_an_image(path)
         return "corrupt", str(exc)
     return "ok", sha256
+
+
+#: pictures in forms headstart does not read, by how their names end: (what one is, what several are, how to make
+#: images of them)
+CONVERSIONS = {
+    (".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".dng", ".orf", ".rw2", ".raf", ".pef", ".srw",
+     ".x3f", ".3fr", ".iiq", ".erf", ".kdc", ".mrw", ".rwl"):
+        ("a camera RAW photo", "camera RAW photos", "export them as JPEG first (darktable, RawTherapee or Lightroom)"),
+    (".dcm", ".dicom"): ("DICOM", "DICOM", "convert them to PNG first (pydicom, or dcmj2pnm from dcmtk)"),
+    (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd"): ("a 3-D volume", "3-D volumes", "save their slices as PNG first"),
+    (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".wmv", ".mpg", ".mpeg"):
+        ("a video", "videos", "extract frames first (ffmpeg -i VIDEO -vf fps=1 frames/%05d.jpg)"),
+    (".svg", ".svgz", ".eps", ".ai"): ("a vector drawing", "vector drawings", "render them as PNG first"),
+    (".pdf",): ("a PDF", "PDFs", "render their pages as PNG first (pdftoppm -png FILE.pdf FILE)"),
+}  # fmt: skip
+
+
+def converted(path: Path) -> tuple[str, str, str] | None:
+    """(what ``path`` is, what several are, how to make images of them) where its name says it is a picture in a
+    form headstart does not read (a camera's RAW, DICOM, a video...); None otherwise."""
+    name = path.name.lower()
+    return next((kind for suffixes, kind in CONVERSIONS.items() if name.endswith(suffixes)), None)
+
+
+def not_an_image(path: Path) -> str:
+    """The reason a file that is not an image is ignored, with what to do where it is a picture in another form."""
+    kind = converted(path)
+    return "not an image" if kind is None else f"{kind[0]}, not read: {kind[2]}"
+
+
+def conversions_needed(ignored: list[tuple[str, str]]) -> str:
+    """For a data set with too few images: the ignored files that are pictures in another form, counted by kind,
+    with what to do ('' where there are none): 6 .NEF photos were "not an image" and the error said only "Found 0
+    class(es) with images"."""
+    kinds: dict[tuple[str, str, str], int] = {}
+    for path, _ in ignored:
+        kind = converted(Path(path))
+        if kind is not None:
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return " ".join(
+        f"Of the files ignored, {n} {f'are {many}' if n > 1 else f'is {one}'}: {how}."
+        for (one, many, how), n in kinds.items()
+    )
 
 
 def same_bytes(splits: dict[str, list]) -> list[list[tuple[str, Any]]]:

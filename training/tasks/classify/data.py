@@ -22,6 +22,7 @@ from headstart.data import (
     DatasetError,
     VerifiedImages,
     check_file,
+    conversions_needed,
     count_table,
     foreign_layout,
     listed,
@@ -216,7 +217,10 @@ def scan_image_folder(
             f"{root} holds no readable image ({len(corrupt)} could not be read, e.g. {path}: {why.rstrip('.')}). "
             f"{' '.join(outputs)}".strip()
         )
-    labels = _labels(good, root, labels)
+    try:
+        labels = _labels(good, root, labels)
+    except DatasetError as exc:  # too few images: say which files are pictures in another form
+        raise DatasetError(f"{exc} {conversions_needed(ignored)}".strip()) from None
     splits, split_source, warnings = _split(good, labels, val_fraction, seed)
     duplicates = _leaks(splits)
     conflicts = _conflicts(splits, labels)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
 import struct
 import threading
@@ -64,6 +65,28 @@ def allowed_formats() -> tuple[str, ...]:
                 found.append("HEIF")
             _formats = tuple(found)
         return _formats
+
+
+#: pictures in forms headstart does not read, by how their names end: (what one is, what several are, how to make
+#: images of them)
+CONVERSIONS = {
+    (".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".dng", ".orf", ".rw2", ".raf", ".pef", ".srw",
+     ".x3f", ".3fr", ".iiq", ".erf", ".kdc", ".mrw", ".rwl"):
+        ("a camera RAW photo", "camera RAW photos", "export them as JPEG first (darktable, RawTherapee or Lightroom)"),
+    (".dcm", ".dicom"): ("DICOM", "DICOM", "convert them to PNG first (pydicom, or dcmj2pnm from dcmtk)"),
+    (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd"): ("a 3-D volume", "3-D volumes", "save their slices as PNG first"),
+    (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".wmv", ".mpg", ".mpeg"):
+        ("a video", "videos", "extract frames first (ffmpeg -i VIDEO -vf fps=1 frames/%05d.jpg)"),
+    (".svg", ".svgz", ".eps", ".ai"): ("a vector drawing", "vector drawings", "render them as PNG first"),
+    (".pdf",): ("a PDF", "PDFs", "render their pages as PNG first (pdftoppm -png FILE.pdf FILE)"),
+}  # fmt: skip
+
+
+def converted(path: str | os.PathLike) -> tuple[str, str, str] | None:
+    """(what ``path`` is, what several are, how to make images of them) where its name says it is a picture in a
+    form headstart does not read (a camera's RAW, DICOM, a video...); None otherwise."""
+    name = os.path.basename(os.fspath(path)).lower()
+    return next((kind for suffixes, kind in CONVERSIONS.items() if name.endswith(suffixes)), None)
 
 
 def unread_format(head: bytes) -> str:

@@ -293,6 +293,16 @@ def test_folders_the_file_system_refuses_are_one_line_each(tiny_bundle, tiny_fol
     assert capsys.readouterr().err == ""
 
 
+def test_predict_names_a_picture_in_another_form_with_what_to_do(tiny_bundle, tmp_path):
+    raw = tmp_path / "DSC_0001.NEF"
+    raw.write_bytes(b"II*\x00raw sensor data")
+    (answer,) = headstart.load(tiny_bundle.bundle_dir).predict(raw)
+    assert answer.error.startswith("The data is not an image format that can be read (")
+    assert answer.error.endswith(
+        f"{raw} is a camera RAW photo: export them as JPEG first (darktable, RawTherapee or Lightroom)."
+    )
+
+
 def test_written_files_follow_the_users_umask(tiny_run, tmp_path):
     import os
     import stat

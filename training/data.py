@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from headstart.service.errors import HeadstartError
 from headstart.service.files import FileProblem, read_image_file, shown
-from headstart.service.formats import IMAGE_SUFFIXES
+from headstart.service.formats import IMAGE_SUFFIXES, converted
 from headstart.service.preprocess import ImageError, decode_image
 
 if TYPE_CHECKING:
@@ -61,28 +61,6 @@ def check_file(
             return "ignored", not_an_image(path)
         return "corrupt", str(exc)
     return "ok", sha256
-
-
-#: pictures in forms headstart does not read, by how their names end: (what one is, what several are, how to make
-#: images of them)
-CONVERSIONS = {
-    (".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".dng", ".orf", ".rw2", ".raf", ".pef", ".srw",
-     ".x3f", ".3fr", ".iiq", ".erf", ".kdc", ".mrw", ".rwl"):
-        ("a camera RAW photo", "camera RAW photos", "export them as JPEG first (darktable, RawTherapee or Lightroom)"),
-    (".dcm", ".dicom"): ("DICOM", "DICOM", "convert them to PNG first (pydicom, or dcmj2pnm from dcmtk)"),
-    (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd"): ("a 3-D volume", "3-D volumes", "save their slices as PNG first"),
-    (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".wmv", ".mpg", ".mpeg"):
-        ("a video", "videos", "extract frames first (ffmpeg -i VIDEO -vf fps=1 frames/%05d.jpg)"),
-    (".svg", ".svgz", ".eps", ".ai"): ("a vector drawing", "vector drawings", "render them as PNG first"),
-    (".pdf",): ("a PDF", "PDFs", "render their pages as PNG first (pdftoppm -png FILE.pdf FILE)"),
-}  # fmt: skip
-
-
-def converted(path: Path) -> tuple[str, str, str] | None:
-    """(what ``path`` is, what several are, how to make images of them) where its name says it is a picture in a
-    form headstart does not read (a camera's RAW, DICOM, a video...); None otherwise."""
-    name = path.name.lower()
-    return next((kind for suffixes, kind in CONVERSIONS.items() if name.endswith(suffixes)), None)
 
 
 def not_an_image(path: Path) -> str:

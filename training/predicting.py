@@ -235,7 +235,9 @@ class LoadedModel:
         return answer.model_copy(update={"heatmap": str(target)})
 
     def _decode(self, item: ImageInput) -> Image.Image:
+        from headstart.service.errors import ImageError
         from headstart.service.files import read_image
+        from headstart.service.formats import converted
         from headstart.service.preprocess import decode_for
 
         if isinstance(item, Image.Image):  # as a file of it would be: EXIF orientation applied, RGB
@@ -246,7 +248,11 @@ class LoadedModel:
             return Image.fromarray(item)
         if isinstance(item, bytes):
             return decode_for(item, self.model.spec)
-        return decode_for(read_image(item), self.model.spec)  # a file, or an http(s) URL
+        try:
+            return decode_for(read_image(item), self.model.spec)  # a file, or an http(s) URL
+        except ImageError as exc:  # a camera's RAW photo, a video...: said with what to do
+            kind = converted(item)
+            raise exc if kind is None else ImageError(f"{exc} {item} is {kind[0]}: {kind[2]}.") from None
 
 
 def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:

@@ -89,6 +89,20 @@ def converted(path: str | os.PathLike) -> tuple[str, str, str] | None:
     return next((kind for suffixes, kind in CONVERSIONS.items() if name.endswith(suffixes)), None)
 
 
+def conversion_suffix(name: str) -> str:
+    """The ending of ``name`` that says it is a picture in another form (``.cr2``), which an upload's renamed copy
+    keeps (:func:`headstart.service.multipart.canonical_multipart`); '' for any other name."""
+    lower = name.lower()
+    return next((suffix for suffixes in CONVERSIONS for suffix in suffixes if lower.endswith(suffix)), "")
+
+
+def conversion_hint(path: str | os.PathLike) -> str:
+    """What to do, for an unreadable file whose name says it is a picture in another form (:func:`converted`), as a
+    sentence to add to the error; '' otherwise. An upload's saved copy keeps the name's ending."""
+    kind = converted(path)
+    return "" if kind is None else f" Its name says it is {kind[0]}: {kind[2]}."
+
+
 def unread_format(head: bytes) -> str:
     """Why bytes no allowed format took are not read, and what to do: HEIC and AVIF, where this installation lacks
     their decoders, are named with the fix; anything else is not an image format that can be read."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from .formats import conversion_suffix
+
 #: Longest value of a text field: numbers need a few characters.
 MAX_FIELD_BYTES = 64
 
@@ -360,6 +362,8 @@ def canonical_multipart(parts: list[tuple[str, bytes | None, bytes]]) -> tuple[b
 
     Uploaded files are named ``upload`` (BentoML makes the client's file name part of a temporary file's name: 245
     bytes or more failed with a 500) and typed application/octet-stream: the decoder identifies images by content.
+    A name ending as a picture in another form does (``.cr2``, ``.dcm``: :func:`formats.conversion_suffix`) keeps
+    that ending, from a fixed list, so that the error can say what to do with it.
     """
     while True:  # a random 32-hex boundary that occurs in no value
         boundary = b"headstart-" + secrets.token_hex(16).encode()
@@ -367,7 +371,8 @@ def canonical_multipart(parts: list[tuple[str, bytes | None, bytes]]) -> tuple[b
             break
     out = []
     for name, filename, value in parts:
-        disposition = f'form-data; name="{name}"' + ('; filename="upload"' if filename is not None else "")
+        kept = "" if filename is None else conversion_suffix(filename.decode("utf-8", "replace"))
+        disposition = f'form-data; name="{name}"' + (f'; filename="upload{kept}"' if filename is not None else "")
         out.append(b"--" + boundary + b"\r\nContent-Disposition: " + disposition.encode())
         if filename is not None:
             out.append(b"\r\nContent-Type: application/octet-stream")

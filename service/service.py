@@ -35,6 +35,7 @@ from .answers import (
 from .bundle import Bundle, BundleError, load_bundle, variant_file, verify_bundle
 from .cpu import cpu_info
 from .errors import HeadstartError
+from .formats import conversion_hint
 from .guard import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, RequestGuard, cross_origin, current_request
 from .heatmap import heatmap as class_heatmap
 from .inference import check_answer_options, classified, classify_arrays, classify_images
@@ -226,8 +227,8 @@ class Headstart:
         """An upload decoded for the model (a JPEG at the scale its preprocessing needs), or a 400 saying why not."""
         try:
             return decode_for(Path(path), self.bundle.spec)
-        except ImageError as exc:
-            raise InvalidArgument(str(exc)) from exc
+        except ImageError as exc:  # the saved upload keeps its name's ending: a .NEF is said to be camera RAW
+            raise InvalidArgument(f"{exc}{conversion_hint(path)}") from exc
 
     def _on_worker(self, fn: Callable[..., T], *args, one_request: bool = True) -> T:
         """Run ``fn`` on the inference thread, unless by its turn the client has left or the time is up.
@@ -310,7 +311,7 @@ class Headstart:
                 del img  # not held while the next image decodes
                 errors.append(None)
             except ImageError as exc:
-                errors.append(str(exc))
+                errors.append(f"{exc}{conversion_hint(path)}")
         return classify_arrays(self.bundle, arrays, 5, SETTINGS.novelty_threshold), errors
 
     @bentoml.api(route="/localize")

@@ -299,7 +299,7 @@ def test_predict_names_a_picture_in_another_form_with_what_to_do(tiny_bundle, tm
     (answer,) = headstart.load(tiny_bundle.bundle_dir).predict(raw)
     assert answer.error.startswith("The data is not an image format that can be read (")
     assert answer.error.endswith(
-        f"{raw} is a camera RAW photo: export them as JPEG first (darktable, RawTherapee or Lightroom)."
+        "are). Its name says it is a camera RAW photo: export them as JPEG first (darktable, RawTherapee or Lightroom)."
     )
 
 

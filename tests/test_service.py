@@ -216,6 +216,21 @@ def test_asgi_bad_requests(client, kwargs, status, message):
     assert message in resp.text
 
 
+def test_asgi_an_upload_named_as_a_picture_in_another_form_says_what_to_do(client):
+    """BentoML saves an upload under a name ending as the client's (tmpXXXXIMG_0042.CR2): a camera RAW photo is a
+    400 saying to export it as JPEG, alone and in a batch."""
+    raw = b"II*\x00raw sensor data"
+    resp = client.post("/classify", files={"image": ("IMG_0042.CR2", raw, "image/x-canon-cr2")})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"].endswith(
+        "Its name says it is a camera RAW photo: export them as JPEG first (darktable, RawTherapee or Lightroom)."
+    )
+    batch = client.post(
+        "/classify_batch", files=[("images", ("IMG_0042.CR2", raw)), ("images", ("a.jpg", ANT.read_bytes()))]
+    )
+    assert "camera RAW photo" in batch.json()[0]["error"] and batch.json()[1]["error"] is None
+
+
 def test_the_guards_endpoint_table_matches_the_service(svc_module):
     """Adding a parameter to an endpoint without the guard knowing would make every request using it a 400."""
     from headstart.service.guard import ENDPOINTS

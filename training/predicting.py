@@ -237,7 +237,7 @@ class LoadedModel:
     def _decode(self, item: ImageInput) -> Image.Image:
         from headstart.service.errors import ImageError
         from headstart.service.files import read_image
-        from headstart.service.formats import converted
+        from headstart.service.formats import conversion_hint
         from headstart.service.preprocess import decode_for
 
         if isinstance(item, Image.Image):  # as a file of it would be: EXIF orientation applied, RGB
@@ -251,8 +251,7 @@ class LoadedModel:
         try:
             return decode_for(read_image(item), self.model.spec)  # a file, or an http(s) URL
         except ImageError as exc:  # a camera's RAW photo, a video...: said with what to do
-            kind = converted(item)
-            raise exc if kind is None else ImageError(f"{exc} {item} is {kind[0]}: {kind[2]}.") from None
+            raise ImageError(f"{exc}{conversion_hint(item)}") from None
 
 
 def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:

@@ -187,10 +187,22 @@ def delimiter(header_line: str) -> str:
     return next((d for d in (",", ";", "\t") if d in header_line), ",")
 
 
+def list_text(path: str | Path) -> str:
+    """A list's text: UTF-8, with or without a byte-order mark (Notepad's), or UTF-16 where it starts with one
+    (PowerShell 5's ``dir -Name > list.txt``); bytes that are not UTF-8 kept as surrogates (a name that is not UTF-8:
+    its image's error says so). A byte-order mark was read as part of the first path ("does not exist"), and UTF-16
+    as no path at all."""
+    data = Path(path).read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors="replace")
+    return data.decode("utf-8-sig", errors="surrogateescape")
+
+
 def listed_images(path: str | Path) -> list[str]:
     """The images a .txt list names: one path or URL per line, blank lines and ``#`` comments left out (a name that
-    is not UTF-8 kept as its bytes: its image's error says so); a relative path from here, else beside the list."""
-    lines = Path(path).read_text(errors="surrogateescape").splitlines()
+    is not UTF-8 kept as its bytes: its image's error says so); a relative path from here, else beside the list
+    (:func:`list_text` reads it)."""
+    lines = list_text(path).splitlines()
     return _beside(path, [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")])
 
 
@@ -220,8 +232,9 @@ def table_images(path: str | Path) -> list[str]:
     (:func:`delimiter`); rows with an empty cell there are left out. ValueError naming the line where a row has no
     such cell or the file is not a CSV. A relative path is read from here, else beside the list (:func:`_beside`)."""
     import csv
+    import io
 
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+    with io.StringIO(list_text(path), newline="") as f:
         separator = delimiter(f.readline())
         f.seek(0)
         reader = csv.reader(f, delimiter=separator)

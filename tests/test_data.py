@@ -592,3 +592,19 @@ def test_pictures_in_other_forms_are_named_with_what_to_do(tmp_path):
     )
     assert ignored[str(good / "bees" / "clip.mp4")].startswith("a video, not read: extract frames first (ffmpeg")
     assert ignored[str(good / "bees" / "notes.txt")] == "not an image"
+
+
+def test_a_labels_csv_saved_as_unicode_text_by_excel_is_read(tmp_path):
+    """Excel's "Unicode Text" is UTF-16 (tab-separated): "Cannot read ... Save it as UTF-8 text"."""
+    from headstart.tasks import config_for_data
+
+    root = make_image_folder(tmp_path / "d", {"red": 6, "blue": 6})
+    images = sorted(root.rglob("*.jpg"))
+    text = "image\tlabel\r\n" + "".join(f"{p.relative_to(root)}\t{p.parent.name}\r\n" for p in images)
+    (root / "train.csv").write_bytes(text.encode("utf-16"))
+    assert config_for_data(str(root / "train.csv")).task == "classify"
+    report = scan_image_folder(root / "train.csv", val_fraction=0.25, seed=1)
+    assert report.labels == ["blue", "red"] and sum(len(v) for v in report.splits.values()) == 12
+    (root / "train.csv").write_bytes(text.encode("cp1252").replace(b"red", b"r\xe9d"))  # neither: said
+    with pytest.raises(DatasetError, match="Save it as UTF-8 text"):
+        scan_image_folder(root / "train.csv")

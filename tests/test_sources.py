@@ -190,6 +190,14 @@ def test_relative_paths_in_a_list_are_found_beside_it_when_not_from_here(tiny_bu
     ]
     assert listed_images(tmp_path / "data" / "list.txt") == [beside, "2.jpg", "gone.jpg"]
     assert list_sources(str(tmp_path / "data" / "list.txt")) == [beside, "2.jpg", "gone.jpg"]
+    # Windows' lists: Notepad's byte-order mark was part of the first path ("does not exist"); PowerShell 5's
+    # `dir -Name > list.txt` is UTF-16, which gave no path at all
+    for encoding in ("utf-8-sig", "utf-16", "utf-16-be"):
+        mark = "\ufeff" if encoding == "utf-16-be" else ""  # the others write their own
+        (tmp_path / "data" / "win.txt").write_bytes(f"{mark}test/1.jpg\r\n2.jpg\r\n".encode(encoding))
+        assert listed_images(tmp_path / "data" / "win.txt") == [beside, "2.jpg"], encoding
+        (tmp_path / "data" / "win.csv").write_bytes(f"{mark}path;score\r\ntest/1.jpg;1\r\n2.jpg;2\r\n".encode(encoding))
+        assert table_images(tmp_path / "data" / "win.csv") == [beside, "2.jpg"], encoding
     import headstart
 
     answers = headstart.load(tiny_bundle.bundle_dir).predict(str(tmp_path / "data" / "list.txt"))  # no URL read

@@ -45,12 +45,23 @@ def find_csv(data_dir: str) -> Path | None:
     return None
 
 
+def csv_text(csv_path: Path, head: int = -1) -> str:
+    """A labels CSV's text (its first ``head`` bytes, the end of a cut character left out): UTF-8, with a byte-order
+    mark or none, or UTF-16 where it starts with one (Excel's "Unicode text", which was "Cannot read ... Save it as
+    UTF-8"); UnicodeDecodeError for anything else."""
+    with open(csv_path, "rb") as f:
+        data = f.read(head)
+    errors = "strict" if head < 0 else "ignore"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors)
+    return data.decode("utf-8-sig", errors)
+
+
 def header_of(csv_path: Path) -> list[str]:
     """The column names of a CSV's first row (empty where it cannot be read: :func:`read_csv` says why)."""
     try:
-        with open(csv_path, encoding="utf-8-sig", newline="") as f:
-            first = f.readline()
-    except (OSError, UnicodeDecodeError):
+        first = next(iter(csv_text(csv_path, head=65536).splitlines()), "")
+    except OSError:
         return []
     return [h.strip() for h in next(csv.reader([first], delimiter=delimiter(first)), [])]
 
@@ -151,7 +162,7 @@ def read_csv(csv_path: Path) -> Table:
     other things than 1 and 0 (ids, sizes, notes) left out; each image found where the CSV names it, or, where the
     table names images without their folder or extension (Kaggle's ids), where :func:`_placed` finds them."""
     try:
-        text = csv_path.read_text(encoding="utf-8-sig")
+        text = csv_text(csv_path)
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"Cannot read {csv_path}: {exc}. Save it as UTF-8 text.") from exc
     lines = text.splitlines()

@@ -251,6 +251,8 @@ class LoadedModel:
         try:
             return decode_for(read_image(item), self.model.spec)  # a file, or an http(s) URL
         except ImageError as exc:  # a camera's RAW photo, a video...: said with what to do
+            if not conversion_hint(item):
+                raise
             raise ImageError(f"{exc}{conversion_hint(item)}") from None
 
 

@@ -103,7 +103,9 @@ def fitted(stem: str, tail: str) -> str:
     """``stem + tail``, the stem cut (at a character) so that the name fits in :data:`NAME_BYTES` bytes of UTF-8:
     an image named with 250 bytes got no heatmap ("File name too long") once ``.heatmap.jpg`` was added."""
     room = NAME_BYTES - len(tail.encode())
-    return stem.encode()[:room].decode(errors="ignore") + tail
+    if len(stem.encode("utf-8", "surrogateescape")) <= room:
+        return stem + tail
+    return stem.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore") + tail
 
 
 def _place(target: Path, name: str, source: Path | None, data: bytes | None, copy: bool) -> Path:

@@ -219,16 +219,16 @@ def count_table(
     :data:`TABLE_ROWS` rows, the :data:`TABLE_ROWS` - 10 with the fewest images in the first split are printed and
     one line sums up the others (150 classes printed 150 lines before training started)."""
     splits = list(counts)
-    shown = rows
+    fewest = set(rows)
     if len(rows) > TABLE_ROWS:
         first = counts[splits[0]]
         fewest = set(sorted(rows, key=lambda r: first.get(r, 0))[: TABLE_ROWS - 10])
-        shown = [r for r in rows if r in fewest]
+    shown = [r for r in rows if r in fewest]
     width = max([columns(x) for x in [*shown, header, total[0]]]) + 2
     lines = ["  " + ljust(header, width) + "".join(s.rjust(8) for s in splits)]
     lines += ["  " + ljust(r, width) + "".join(str(counts[s].get(r, 0)).rjust(8) for s in splits) for r in shown]
     if len(shown) < len(rows):
-        rest = [r for r in rows if r not in set(shown)]
+        rest = [r for r in rows if r not in fewest]
         spans = {s: sorted({counts[s].get(r, 0) for r in rest}) for s in splits}
         ranges = ", ".join(f"{s} {v[0]}" + (f"-{v[-1]}" if len(v) > 1 else "") for s, v in spans.items())
         lines.append(f"  ... and {len(rest)} more {plural} ({ranges} each; {WHOLE_REPORT})")

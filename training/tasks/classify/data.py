@@ -419,12 +419,12 @@ def _warnings(splits, labels: list[str], duplicates: list, corrupt: list, confli
         )
     counts = Counter(s.label for s in splits["train"])
     if counts and max(counts.values()) > 1.5 * min(counts.get(k, 0) for k in range(len(labels))):
-        by_size = sorted(range(len(labels)), key=lambda k: (counts.get(k, 0), k))
-        named = [f"{labels[k]}={counts.get(k, 0)}" for k in range(len(labels))]
+        named: list[int | None] = list(range(len(labels)))
         if len(labels) > 10:  # the extremes: the whole table is above
-            named = [f"{labels[k]}={counts.get(k, 0)}" for k in by_size[:5]] + ["..."]
-            named += [f"{labels[k]}={counts.get(k, 0)}" for k in by_size[-5:]]
-        warnings.append("classes are unbalanced in train: " + ", ".join(named))
+            by_size = sorted(named, key=lambda k: (counts.get(k, 0), k))
+            named = [*by_size[:5], None, *by_size[-5:]]
+        shown = ("..." if k is None else f"{labels[k]}={counts.get(k, 0)}" for k in named)
+        warnings.append("classes are unbalanced in train: " + ", ".join(shown))
     val = Counter(s.label for s in splits.get("val", []))
     thin = [k for k in range(len(labels)) if val.get(k, 0) < FEW_VALIDATION_IMAGES]
     if splits.get("val") and thin:

@@ -342,9 +342,7 @@ def _bentoml_home_for(model: str) -> dict[str, str]:
     """BENTOML_HOME for serving ``model`` where BentoML's own cannot be written (a missing or read-only home: BentoML
     makes its folders at start and stopped with NotADirectoryError): a bundle served by its folder reads no model
     store, so a folder of this user's in the temporary folder serves; {} where BentoML's home is usable."""
-    import tempfile
-
-    from headstart.runs import unwritable
+    from headstart.runs import stand_in, unwritable
     from headstart.service.devserver import bentoml_home
 
     why = unwritable(bentoml_home())
@@ -355,9 +353,8 @@ def _bentoml_home_for(model: str) -> dict[str, str]:
             f"{model} is looked up in BentoML's model store, and BentoML's home {bentoml_home()} cannot be written "
             f"({why}): set BENTOML_HOME to the folder that holds the store, or serve the bundle by its folder."
         )
-    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-    stand_in = Path(tempfile.gettempdir()) / f"headstart-bentoml-{user}"
-    if unwritable(stand_in):
+    home = stand_in("bentoml")
+    if home is None:
         raise ValueError(
             f"BentoML's home {bentoml_home()} cannot be written ({why}): set BENTOML_HOME to a folder this user can "
             "write."
@@ -367,9 +364,9 @@ def _bentoml_home_for(model: str) -> dict[str, str]:
         "no model store; set BENTOML_HOME to choose)",
         bentoml_home(),
         why,
-        stand_in,
+        home,
     )
-    return {"BENTOML_HOME": str(stand_in)}
+    return {"BENTOML_HOME": str(home)}
 
 
 @explained

@@ -717,9 +717,7 @@ def matplotlib_folder() -> None:
     the system's fonts into it again (0.13 s with this machine's 39 font files, more with a desktop's hundreds) and
     said so in two lines of warning each time.
     An MPLCONFIGDIR set is left as it is."""
-    import tempfile
-
-    from headstart.runs import unwritable
+    from headstart.runs import stand_in, unwritable
 
     if os.environ.get("MPLCONFIGDIR"):
         return
@@ -730,11 +728,10 @@ def matplotlib_folder() -> None:
         folder = Path(home) / ".matplotlib"
     if home != "~" and folder.is_absolute() and not unwritable(folder):
         return
-    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-    stand_in = Path(tempfile.gettempdir()) / f"headstart-matplotlib-{user}"
-    if not unwritable(stand_in):
-        os.environ["MPLCONFIGDIR"] = str(stand_in)
-        log.debug("matplotlib's folder %s cannot be written: MPLCONFIGDIR=%s", folder, stand_in)
+    instead = stand_in("matplotlib")
+    if instead is not None:
+        os.environ["MPLCONFIGDIR"] = str(instead)
+        log.debug("matplotlib's folder %s cannot be written: MPLCONFIGDIR=%s", folder, instead)
 
 
 def escaping_streams() -> None:

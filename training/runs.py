@@ -98,6 +98,14 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
+def stand_in(kind: str) -> Path | None:
+    """A folder of this user's in the temporary folder (``headstart-KIND-UID``, the same from run to run), made, for
+    a library whose own folder cannot be written; None where it cannot be written either."""
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    folder = Path(tempfile.gettempdir()) / f"headstart-{kind}-{user}"
+    return None if unwritable(folder) else folder
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

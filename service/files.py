@@ -187,15 +187,20 @@ def delimiter(header_line: str) -> str:
     return next((d for d in (",", ";", "\t") if d in header_line), ",")
 
 
-def list_text(path: str | Path) -> str:
-    """A list's text: UTF-8, with or without a byte-order mark (Notepad's), or UTF-16 where it starts with one
-    (PowerShell 5's ``dir -Name > list.txt``); bytes that are not UTF-8 kept as surrogates (a name that is not UTF-8:
-    its image's error says so). A byte-order mark was read as part of the first path ("does not exist"), and UTF-16
-    as no path at all."""
-    data = Path(path).read_bytes()
+def text_of(data: bytes, errors: str = "strict", utf16_errors: str | None = None) -> str:
+    """Text as Windows and the rest save it: UTF-16 where it starts with a byte-order mark (PowerShell 5, Excel's
+    "Unicode Text"), else UTF-8 with or without one (Notepad's); ``errors`` as ``bytes.decode`` takes them, for UTF-16
+    ``utf16_errors`` where given (surrogateescape has nothing to keep there)."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16", errors="replace")
-    return data.decode("utf-8-sig", errors="surrogateescape")
+        return data.decode("utf-16", utf16_errors or errors)
+    return data.decode("utf-8-sig", errors)
+
+
+def list_text(path: str | Path) -> str:
+    """A list's text (:func:`text_of`), bytes that are not UTF-8 kept as surrogates (a name that is not UTF-8: its
+    image's error says so). A byte-order mark was read as part of the first path ("does not exist"), and UTF-16 as no
+    path at all."""
+    return text_of(Path(path).read_bytes(), "surrogateescape", utf16_errors="replace")
 
 
 def listed_images(path: str | Path) -> list[str]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headstart.data import DatasetError
-from headstart.service.files import delimiter
+from headstart.service.files import delimiter, text_of
 from headstart.service.formats import IMAGE_SUFFIXES
 
 #: the file a folder holds for `headstart train FOLDER` to be a labels CSV data set
@@ -51,10 +51,7 @@ def csv_text(csv_path: Path, head: int = -1) -> str:
     UTF-8"); UnicodeDecodeError for anything else."""
     with open(csv_path, "rb") as f:
         data = f.read(head)
-    errors = "strict" if head < 0 else "ignore"
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16", errors)
-    return data.decode("utf-8-sig", errors)
+    return text_of(data, "strict" if head < 0 else "ignore")
 
 
 def header_of(csv_path: Path) -> list[str]:

@@ -79,19 +79,18 @@ class Label:
 
 def runs(text: str) -> list[tuple[str, str]]:
     """``text`` cut into runs of (characters, the font file that draws them): DejaVu Sans where it can, else the
-    first installed font that has the character (None: no font here has it; drawn by DejaVu Sans as a box). Spaces,
+    first installed font that has the character, else DejaVu Sans (no font here has it: drawn as a box). Spaces,
     combining marks and format characters stay in the run they follow."""
-    out: list[tuple[str, str | None]] = []
+    out: list[tuple[str, str]] = []
     for char in text:
-        if out and (char.isspace() or unicodedata.category(char)[0] == "M" or unicodedata.category(char) == "Cf"):
-            out[-1] = (out[-1][0] + char, out[-1][1])
-            continue
-        path = font_for(char)
+        category = unicodedata.category(char)
+        joins = char.isspace() or category[0] == "M" or category == "Cf"
+        path = out[-1][1] if out and joins else font_for(char) or str(DEJAVU)
         if out and out[-1][1] == path:
             out[-1] = (out[-1][0] + char, path)
         else:
             out.append((char, path))
-    return [(part, path or str(DEJAVU)) for part, path in out]
+    return out
 
 
 def check(texts) -> str:

@@ -345,24 +345,24 @@ def _bentoml_home_for(model: str) -> dict[str, str]:
     from headstart.runs import stand_in, unwritable
     from headstart.service.devserver import bentoml_home
 
-    why = unwritable(bentoml_home())
+    own = bentoml_home()
+    why = unwritable(own)
     if not why:
         return {}
     if not Path(model).is_dir():
         raise ValueError(
-            f"{model} is looked up in BentoML's model store, and BentoML's home {bentoml_home()} cannot be written "
+            f"{model} is looked up in BentoML's model store, and BentoML's home {own} cannot be written "
             f"({why}): set BENTOML_HOME to the folder that holds the store, or serve the bundle by its folder."
         )
     home = stand_in("bentoml")
     if home is None:
         raise ValueError(
-            f"BentoML's home {bentoml_home()} cannot be written ({why}): set BENTOML_HOME to a folder this user can "
-            "write."
+            f"BentoML's home {own} cannot be written ({why}): set BENTOML_HOME to a folder this user can write."
         )
     log.warning(
         "BentoML's home %s cannot be written (%s): serving with BENTOML_HOME=%s (a bundle served by its folder needs "
         "no model store; set BENTOML_HOME to choose)",
-        bentoml_home(),
+        own,
         why,
         home,
     )

@@ -225,10 +225,11 @@ def export_bundle(
         require("bentoml", otherwise="Or export with --no-store (store=False): the bundle alone, served by its folder.")
         from headstart.service.devserver import bentoml_home
 
-        why = runs.unwritable(bentoml_home() / "models")
+        models = bentoml_home() / "models"
+        why = runs.unwritable(models)
         if why:
             raise ExportError(
-                f"The BentoML model store {bentoml_home() / 'models'} cannot be written: {why}. Set BENTOML_HOME to a "
+                f"The BentoML model store {models} cannot be written: {why}. Set BENTOML_HOME to a "
                 "folder this user can write, or export with --no-store (store=False): the bundle alone, served by its "
                 "folder."
             )

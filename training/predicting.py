@@ -251,9 +251,10 @@ class LoadedModel:
         try:
             return decode_for(read_image(item), self.model.spec)  # a file, or an http(s) URL
         except ImageError as exc:  # a camera's RAW photo, a video...: said with what to do
-            if not conversion_hint(item):
+            hint = conversion_hint(item)
+            if not hint:
                 raise
-            raise ImageError(f"{exc}{conversion_hint(item)}") from None
+            raise ImageError(f"{exc}{hint}") from None
 
 
 def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
